@@ -1,0 +1,1 @@
+//! llmq-cuda (being written)

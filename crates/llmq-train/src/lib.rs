@@ -1,0 +1,1 @@
+//! llmq-train
