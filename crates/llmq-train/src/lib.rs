@@ -1,1 +1,23 @@
-//! llmq-train
+//! llmq-train: the model written once against the op interface (forward, backward,
+//! recomputation, gradient accumulation), the optimizer step, learning-rate schedules, the
+//! embedded synthetic corpus and the training loop.
+//!
+//! Depends on llmq-core (ops, config, layout) and llmq-io (data and file formats); knows nothing
+//! about CUDA: backends are handed in as `Box<dyn Backend>`.
+
+pub mod acts;
+pub mod flops;
+pub mod init;
+pub mod log;
+pub mod model;
+pub mod params;
+pub mod precision;
+pub mod schedule;
+pub mod synthetic;
+pub mod trainer;
+
+pub use acts::RunShape;
+pub use model::Model;
+pub use precision::{Precision, Recompute};
+pub use schedule::{Decay, Schedule};
+pub use trainer::{OptimConfig, StepStats, TrainConfig, Trainer};

@@ -1,0 +1,159 @@
+//! Activation buffers, allocated once from the run's shape and recompute options.
+//!
+//! Each activation the backward pass needs is a `Slot`: either one buffer per layer (kept from
+//! the forward pass) or a single buffer shared by all layers (overwritten in the forward pass and
+//! recomputed by the backward pass). The residual stream is always kept.
+
+use crate::precision::Recompute;
+use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, ModelConfig, Result, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct Slot {
+    bufs: Vec<Tensor>,
+}
+
+impl Slot {
+    fn alloc(be: &mut dyn Backend, per_layer: bool, layers: usize, dtype: DType, dims: &[usize]) -> Result<Slot> {
+        let (n, cat) = if per_layer { (layers, MemCategory::Activations) } else { (1, MemCategory::Temporaries) };
+        let bufs = (0..n).map(|_| be.alloc(cat, Mem::Device, dtype, dims)).collect::<Result<_>>()?;
+        Ok(Slot { bufs })
+    }
+    /// The buffer holding layer l's value.
+    pub fn at(&self, l: usize) -> Tensor {
+        if self.bufs.len() == 1 {
+            self.bufs[0]
+        } else {
+            self.bufs[l]
+        }
+    }
+    /// True when every layer has its own buffer (the value survives until backward).
+    pub fn kept(&self) -> bool {
+        self.bufs.len() > 1
+    }
+}
+
+/// Shapes of one micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunShape {
+    pub b: usize,
+    pub t: usize,
+}
+
+pub struct Activations {
+    pub shape: RunShape,
+    pub attn: AttnShape,
+    /// Residual entering block l (l = 0..L; index L is the input of the final norm). [N, C]
+    pub res_att: Vec<Tensor>,
+    /// Residual after block l's attention. [N, C]
+    pub res_ffn: Vec<Tensor>,
+    pub rstd1: Vec<Tensor>,
+    pub rstd2: Vec<Tensor>,
+    /// qk-norm reciprocal std [N, Hq + Hkv] (Qwen3 only; empty otherwise).
+    pub qk_rstd: Vec<Tensor>,
+    pub ln1: Slot,
+    /// QKV before qk-norm (kept only when there is a qk-norm to differentiate).
+    pub qkv: Slot,
+    /// QKV after qk-norm and RoPE: the attention input.
+    pub qkv_r: Slot,
+    pub att: Slot,
+    pub lse: Slot,
+    pub ln2: Slot,
+    pub up_gate: Slot,
+    pub sw: Slot,
+    // ---- temporaries (one each) ----
+    pub qkv_n: Tensor,
+    pub proj: Tensor,
+    pub final_ln: Tensor,
+    pub final_rstd: Tensor,
+    pub losses: Tensor,
+    pub ids: Tensor,
+    pub targets: Tensor,
+    pub freqs: Tensor,
+    /// Logits of one LM-head chunk [rows, V].
+    pub logits: Tensor,
+    pub d_res: Tensor,
+    pub d_ln: Tensor,
+    pub d_att: Tensor,
+    pub d_qkv: Tensor,
+    pub d_qkv2: Tensor,
+    pub d_up_gate: Tensor,
+    pub d_sw: Tensor,
+    /// f32 scratch for per-group gradient sums of squares.
+    pub norms: Tensor,
+}
+
+impl Activations {
+    #[allow(clippy::too_many_arguments)]
+    pub fn alloc(
+        be: &mut dyn Backend,
+        cfg: &ModelConfig,
+        shape: RunShape,
+        dtype: DType,
+        rc: Recompute,
+        lmhead_rows: usize,
+        norm_slots: usize,
+    ) -> Result<Activations> {
+        let (l, c, d, v) = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let n = shape.b * shape.t;
+        let attn = AttnShape { b: shape.b, t: shape.t, hq: cfg.num_heads, hkv: cfg.num_kv_heads, hd: cfg.head_dim };
+        let q = attn.qkv_width();
+        let f32 = DType::F32;
+        let per_layer = |be: &mut dyn Backend, count: usize, dt: DType, dims: &[usize]| -> Result<Vec<Tensor>> {
+            (0..count).map(|_| be.alloc(MemCategory::Activations, Mem::Device, dt, dims)).collect()
+        };
+        let res_att = per_layer(be, l + 1, dtype, &[n, c])?;
+        let res_ffn = per_layer(be, l, dtype, &[n, c])?;
+        let rstd1 = per_layer(be, l, f32, &[n])?;
+        let rstd2 = per_layer(be, l, f32, &[n])?;
+        let qk_rstd = if cfg.qk_norm { per_layer(be, l, f32, &[n, attn.hq + attn.hkv])? } else { vec![] };
+        let keep_ln1 = !(rc.norm || rc.att || rc.block);
+        let keep_ln2 = !(rc.norm || rc.block);
+        let keep_qkv = !(rc.qkv || rc.att || rc.block);
+        let keep_att = !(rc.att || rc.block);
+        let keep_up = !(rc.ffn || rc.block);
+        let keep_sw = !(rc.swiglu || rc.ffn || rc.block);
+        let ln1 = Slot::alloc(be, keep_ln1, l, dtype, &[n, c])?;
+        let qkv = Slot::alloc(be, keep_qkv && cfg.qk_norm, l, dtype, &[n, q])?;
+        let qkv_r = Slot::alloc(be, keep_qkv, l, dtype, &[n, q])?;
+        let att = Slot::alloc(be, keep_att, l, dtype, &[n, attn.out_width()])?;
+        let lse = Slot::alloc(be, keep_att, l, f32, &[shape.b, attn.hq, shape.t])?;
+        let ln2 = Slot::alloc(be, keep_ln2, l, dtype, &[n, c])?;
+        let up_gate = Slot::alloc(be, keep_up, l, dtype, &[n, 2 * d])?;
+        let sw = Slot::alloc(be, keep_sw, l, dtype, &[n, d])?;
+        let mut tmp = |dt: DType, dims: &[usize]| be.alloc(MemCategory::Temporaries, Mem::Device, dt, dims);
+        Ok(Activations {
+            shape,
+            attn,
+            res_att,
+            res_ffn,
+            rstd1,
+            rstd2,
+            qk_rstd,
+            ln1,
+            qkv,
+            qkv_r,
+            att,
+            lse,
+            ln2,
+            up_gate,
+            sw,
+            qkv_n: tmp(dtype, &[n, q])?,
+            proj: tmp(dtype, &[n, c])?,
+            final_ln: tmp(dtype, &[n, c])?,
+            final_rstd: tmp(f32, &[n])?,
+            losses: tmp(f32, &[n])?,
+            ids: tmp(DType::I32, &[n])?,
+            targets: tmp(DType::I32, &[n])?,
+            freqs: tmp(f32, &[shape.t, cfg.head_dim / 2, 2])?,
+            logits: tmp(dtype, &[lmhead_rows, v])?,
+            d_res: tmp(dtype, &[n, c])?,
+            d_ln: tmp(dtype, &[n, c])?,
+            d_att: tmp(dtype, &[n, attn.out_width()])?,
+            d_qkv: tmp(dtype, &[n, q])?,
+            d_qkv2: tmp(dtype, &[n, q])?,
+            d_up_gate: tmp(dtype, &[n, 2 * d])?,
+            d_sw: tmp(dtype, &[n, d])?,
+            norms: tmp(f32, &[norm_slots])?,
+        })
+    }
+}

@@ -1,0 +1,219 @@
+//! The LLaMA-family decoder, written once against the op interface: forward, backward,
+//! recomputation and gradient accumulation for every backend.
+//!
+//! Block l (pre-norm):  h = x + Wo·attn(rope(qknorm(Wqkv·rms1(x) + b)))
+//!                      y = h + Wdown·swiglu(Wup_gate·rms2(h))
+//! The residual add and the following RMSNorm are one fused op. The LM head runs one sequence
+//! (T rows) at a time: its logits buffer is T×V, and because every launch has the same shape the
+//! numbers do not depend on the batch size chosen for memory reasons.
+
+use crate::acts::{Activations, RunShape};
+use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
+use crate::precision::{Precision, Recompute};
+use llmq_core::{Backend, Matmul, ModelConfig, Result, Tensor};
+use llmq_io::data::Batch;
+
+pub struct Model {
+    pub params: Params,
+    pub acts: Activations,
+    pub recompute: Recompute,
+    eps: f32,
+}
+
+impl Model {
+    pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, recompute: Recompute) -> Result<Model> {
+        cfg.validate()?;
+        precision.validate()?;
+        let params = Params::alloc(be, cfg, precision)?;
+        let norm_slots = params.layout.groups.len();
+        let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, shape.t, norm_slots)?;
+        upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
+        Ok(Model { params, acts, recompute, eps: cfg.rms_norm_eps as f32 })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.params.cfg
+    }
+
+    fn n(&self) -> usize {
+        self.acts.shape.b * self.acts.shape.t
+    }
+
+    /// Uploads a batch (inputs and targets, [B*T] each).
+    pub fn set_batch(&self, be: &dyn Backend, batch: &Batch) -> Result<()> {
+        let n = self.n();
+        if batch.inputs.len() != n || batch.targets.len() != n {
+            return Err(llmq_core::Error::Op(format!(
+                "batch has {} inputs and {} targets, the model was built for B*T = {n}",
+                batch.inputs.len(),
+                batch.targets.len()
+            )));
+        }
+        let v = self.cfg().vocab_size as i32;
+        if let Some(bad) = batch.inputs.iter().find(|&&t| t < 0 || t >= v) {
+            return Err(llmq_core::Error::Op(format!("input token {bad} is outside the vocabulary 0..{v}")));
+        }
+        upload_i32(be, &self.acts.ids, &batch.inputs)?;
+        upload_i32(be, &self.acts.targets, &batch.targets)
+    }
+
+    // ---- forward ------------------------------------------------------------------------
+
+    /// Forward pass over the uploaded batch, leaving per-row losses in `acts.losses`. With
+    /// `dloss = Some(s)`, also runs the LM head's backward (dlogits = s·(softmax − onehot)),
+    /// accumulating its weight gradient, so that `backward` can follow.
+    pub fn forward(&self, be: &dyn Backend, dloss: Option<f32>) -> Result<()> {
+        let a = &self.acts;
+        let head = self.params.head();
+        let l_count = self.cfg().num_layers;
+        be.embedding_fwd(&a.res_att[0], &a.ids, &head.embedding)?;
+        let w0 = self.params.block(0);
+        be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res_att[0], &w0.ln1, self.eps, None)?;
+        for l in 0..l_count {
+            let w = self.params.block(l);
+            self.attention_stages(be, l, &w, true)?;
+            be.matmul(&Matmul::linear(&a.proj, &a.att.at(l), &w.o_w))?;
+            be.residual_rmsnorm_fwd(&a.res_ffn[l], &a.ln2.at(l), &a.rstd2[l], &a.res_att[l], &a.proj, &w.ln2, self.eps, None)?;
+            self.mlp_stages(be, l, &w, true)?;
+            be.matmul(&Matmul::linear(&a.proj, &a.sw.at(l), &w.down_w))?;
+            // fused: next residual + the norm that consumes it
+            if l + 1 < l_count {
+                let next = self.params.block(l + 1);
+                be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.ln1.at(l + 1), &a.rstd1[l + 1], &a.res_ffn[l], &a.proj, &next.ln1, self.eps, None)?;
+                self.params.release(l + 1);
+            } else {
+                be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.final_ln, &a.final_rstd, &a.res_ffn[l], &a.proj, &head.final_norm, self.eps, None)?;
+            }
+            self.params.release(l);
+        }
+        self.lm_head(be, dloss)
+    }
+
+    /// ln1 (unless the forward pass just produced it), QKV, qk-norm, RoPE, attention for block l.
+    /// In the backward pass (`full = false`) only what was not kept is recomputed.
+    fn attention_stages(&self, be: &dyn Backend, l: usize, w: &BlockTensors, full: bool) -> Result<()> {
+        let a = &self.acts;
+        if !full && !a.ln1.kept() {
+            be.rmsnorm_fwd(&a.ln1.at(l), &a.rstd1[l], &a.res_att[l], &w.ln1, self.eps, None)?;
+        }
+        if full || !a.qkv_r.kept() || !a.att.kept() {
+            if full || !a.qkv_r.kept() {
+                be.matmul(&Matmul::linear(&a.qkv.at(l), &a.ln1.at(l), &w.qkv_w).with_bias(w.qkv_b.as_ref()))?;
+                let roped_from = match (&w.q_norm, &w.k_norm) {
+                    (Some(qn), Some(kn)) => {
+                        be.qk_norm_fwd(&a.qkv_n, &a.qk_rstd[l], &a.qkv.at(l), qn, kn, a.attn, self.eps)?;
+                        a.qkv_n
+                    }
+                    _ => a.qkv.at(l),
+                };
+                be.rope_fwd(&a.qkv_r.at(l), &roped_from, &a.freqs, a.attn)?;
+            }
+            if full || !a.att.kept() {
+                be.attention_fwd(&a.att.at(l), &a.lse.at(l), &a.qkv_r.at(l), a.attn)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ln2 (backward only), up+gate matmul and SwiGLU for block l; recomputes what was not kept.
+    fn mlp_stages(&self, be: &dyn Backend, l: usize, w: &BlockTensors, full: bool) -> Result<()> {
+        let a = &self.acts;
+        if !full && !a.ln2.kept() {
+            be.rmsnorm_fwd(&a.ln2.at(l), &a.rstd2[l], &a.res_ffn[l], &w.ln2, self.eps, None)?;
+        }
+        if full || !a.up_gate.kept() {
+            be.matmul(&Matmul::linear(&a.up_gate.at(l), &a.ln2.at(l), &w.up_gate_w))?;
+        }
+        if full || !a.sw.kept() {
+            be.swiglu_fwd(&a.sw.at(l), &a.up_gate.at(l), None)?;
+        }
+        Ok(())
+    }
+
+    /// Logits and fused cross-entropy one sequence at a time; with `dloss`, also the LM head's
+    /// input gradient (into `acts.d_ln`) and weight gradient.
+    fn lm_head(&self, be: &dyn Backend, dloss: Option<f32>) -> Result<()> {
+        let a = &self.acts;
+        let t = a.shape.t;
+        let head = self.params.head();
+        let ghead = self.params.grad_head();
+        for s in 0..a.shape.b {
+            let x = a.final_ln.rows(s * t, t);
+            be.matmul(&Matmul::linear(&a.logits, &x, &head.lm_head))?;
+            let rows = a.losses.slice(s * t, &[t]);
+            let tg = a.targets.slice(s * t, &[t]);
+            be.cross_entropy(&a.logits, &rows, &tg, dloss.unwrap_or(0.0))?;
+            if dloss.is_some() {
+                be.matmul(&Matmul::linear_dgrad(&a.d_ln.rows(s * t, t), &a.logits, &head.lm_head))?;
+                be.matmul(&Matmul::linear_wgrad(&ghead.lm_head, &a.logits, &x))?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- backward -----------------------------------------------------------------------
+
+    /// Backward pass after `forward(.., Some(dloss))`: accumulates every parameter gradient.
+    pub fn backward(&self, be: &dyn Backend) -> Result<()> {
+        let a = &self.acts;
+        let head = self.params.head();
+        let ghead = self.params.grad_head();
+        let l_count = self.cfg().num_layers;
+        // final norm: d_res = d(final residual)
+        be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res_att[l_count], &head.final_norm, &a.final_rstd, None, None)?;
+        for l in (0..l_count).rev() {
+            let w = self.params.block(l);
+            let g = self.params.grad_block(l);
+            self.block_backward(be, l, &w, &g)?;
+            self.params.release(l);
+        }
+        be.embedding_bwd(&ghead.embedding, &a.ids, &a.d_res)
+    }
+
+    /// On entry `d_res` holds the gradient of block l's output; on exit that of its input.
+    fn block_backward(&self, be: &dyn Backend, l: usize, w: &BlockTensors, g: &BlockTensors) -> Result<()> {
+        let a = &self.acts;
+        // MLP
+        self.mlp_stages(be, l, w, false)?;
+        be.matmul(&Matmul::linear_dgrad(&a.d_sw, &a.d_res, &w.down_w))?;
+        be.matmul(&Matmul::linear_wgrad(&g.down_w, &a.d_res, &a.sw.at(l)))?;
+        be.swiglu_bwd(&a.d_up_gate, &a.d_sw, &a.up_gate.at(l), None)?;
+        be.matmul(&Matmul::linear_dgrad(&a.d_ln, &a.d_up_gate, &w.up_gate_w))?;
+        be.matmul(&Matmul::linear_wgrad(&g.up_gate_w, &a.d_up_gate, &a.ln2.at(l)))?;
+        be.rmsnorm_bwd(&a.d_res, &g.ln2, &a.d_ln, &a.res_ffn[l], &w.ln2, &a.rstd2[l], Some(&a.d_res), None)?;
+        // attention
+        self.attention_stages(be, l, w, false)?;
+        be.matmul(&Matmul::linear_dgrad(&a.d_att, &a.d_res, &w.o_w))?;
+        be.matmul(&Matmul::linear_wgrad(&g.o_w, &a.d_res, &a.att.at(l)))?;
+        be.attention_bwd(&a.d_qkv, &a.d_att, &a.qkv_r.at(l), &a.att.at(l), &a.lse.at(l), a.attn)?;
+        be.rope_bwd(&a.d_qkv2, &a.d_qkv, &a.freqs, a.attn, None)?;
+        let d_qkv: Tensor = match (&w.q_norm, &w.k_norm, &g.q_norm, &g.k_norm) {
+            (Some(qn), Some(kn), Some(gq), Some(gk)) => {
+                be.qk_norm_bwd(&a.d_qkv, gq, gk, &a.d_qkv2, &a.qkv.at(l), qn, kn, &a.qk_rstd[l], a.attn)?;
+                a.d_qkv
+            }
+            _ => a.d_qkv2,
+        };
+        if let Some(gb) = &g.qkv_b {
+            be.colsum(gb, &d_qkv, true)?;
+        }
+        be.matmul(&Matmul::linear_dgrad(&a.d_ln, &d_qkv, &w.qkv_w))?;
+        be.matmul(&Matmul::linear_wgrad(&g.qkv_w, &d_qkv, &a.ln1.at(l)))?;
+        be.rmsnorm_bwd(&a.d_res, &g.ln1, &a.d_ln, &a.res_att[l], &w.ln1, &a.rstd1[l], Some(&a.d_res), None)
+    }
+
+    /// Sum of the per-row losses of the last forward pass (f64, in row order).
+    pub fn loss_sum(&self, be: &dyn Backend) -> Result<f64> {
+        let v = crate::params::download_f32(be, &self.acts.losses)?;
+        Ok(v.iter().map(|&x| x as f64).sum())
+    }
+
+    /// Per-group sums of squares of the gradients (computed on the device, summed on the host in
+    /// group order in f64, so the result does not depend on how groups are placed or sharded).
+    pub fn grad_norm_squares(&self, be: &dyn Backend) -> Result<Vec<f64>> {
+        for (i, t) in self.params.grads.groups.iter().enumerate() {
+            be.sum_squares(&self.acts.norms, i, t)?;
+        }
+        Ok(crate::params::download_f32(be, &self.acts.norms)?.iter().map(|&x| x as f64).collect())
+    }
+}

@@ -1,0 +1,89 @@
+//! Numeric formats of a run and memory options, validated together.
+
+use llmq_core::{DType, Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Which dtypes hold what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Precision {
+    /// Working weights and activations (matmul inputs): fp32 or bf16.
+    pub weights: DType,
+    /// Matmul operand dtype: fp32, bf16 or e4m3 (fp8 with per-tensor current scaling).
+    pub matmul: DType,
+    /// Master weights the optimizer updates: fp32 or bf16 (stochastic rounding).
+    pub master: DType,
+    /// Parameter gradients (accumulated over micro-batches): fp32 or bf16.
+    pub grads: DType,
+    pub opt_m: DType,
+    pub opt_v: DType,
+}
+
+impl Precision {
+    /// The all-fp32 reference numerics (CPU default, gradient checks).
+    pub fn fp32() -> Precision {
+        Precision { weights: DType::F32, matmul: DType::F32, master: DType::F32, grads: DType::F32, opt_m: DType::F32, opt_v: DType::F32 }
+    }
+    /// bf16 weights/activations with fp32 master weights, gradients and optimizer state.
+    pub fn bf16() -> Precision {
+        Precision { weights: DType::BF16, matmul: DType::BF16, ..Self::fp32() }
+    }
+    pub fn validate(&self) -> Result<()> {
+        let one_of = |what: &str, d: DType, ok: &[DType]| -> Result<()> {
+            if ok.contains(&d) {
+                Ok(())
+            } else {
+                let names: Vec<_> = ok.iter().map(|d| d.name()).collect();
+                Err(Error::Config(format!("{what}: expected one of {}, got {d}", names.join(", "))))
+            }
+        };
+        one_of("--matmul-dtype", self.matmul, &[DType::F32, DType::BF16, DType::E4M3])?;
+        one_of("--model-dtype", self.master, &[DType::F32, DType::BF16])?;
+        one_of("--grad-dtype", self.grads, &[DType::F32, DType::BF16])?;
+        one_of("--opt-m-dtype", self.opt_m, &[DType::F32, DType::BF16])?;
+        one_of("--opt-v-dtype", self.opt_v, &[DType::F32, DType::BF16])?;
+        one_of("working weights", self.weights, &[DType::F32, DType::BF16])?;
+        if self.master == DType::F32 && self.weights == DType::BF16 && self.matmul == DType::F32 {
+            return Err(Error::Config("fp32 matmuls need fp32 working weights".into()));
+        }
+        if self.matmul.is_fp8() {
+            return Err(Error::Config(
+                "--matmul-dtype e4m3: the FP8 pipeline is not implemented yet (issue: FP8 training); use bf16".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Activation recomputation: which activations are recomputed in the backward pass instead of
+/// being kept from the forward pass. None of these changes the numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recompute {
+    /// SwiGLU output.
+    pub swiglu: bool,
+    /// RMSNorm outputs (ln1, ln2).
+    pub norm: bool,
+    /// Up/gate matmul and SwiGLU.
+    pub ffn: bool,
+    /// QKV matmul, qk-norm and RoPE.
+    pub qkv: bool,
+    /// ln1, QKV, RoPE and attention.
+    pub att: bool,
+    /// Everything but the residual stream.
+    pub block: bool,
+}
+
+impl Recompute {
+    pub fn all_variants() -> Vec<(&'static str, Recompute)> {
+        let r = Recompute::default();
+        vec![
+            ("none", r),
+            ("swiglu", Recompute { swiglu: true, ..r }),
+            ("norm", Recompute { norm: true, ..r }),
+            ("ffn", Recompute { ffn: true, ..r }),
+            ("qkv", Recompute { qkv: true, ..r }),
+            ("att", Recompute { att: true, ..r }),
+            ("block", Recompute { block: true, ..r }),
+            ("att+ffn+norm", Recompute { att: true, ffn: true, norm: true, ..r }),
+        ]
+    }
+}

@@ -1,0 +1,252 @@
+//! The training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW,
+//! the learning-rate schedule, periodic evaluation, non-finite step handling and logging.
+
+use crate::acts::RunShape;
+use crate::log::JsonLog;
+use crate::model::Model;
+use crate::precision::{Precision, Recompute};
+use crate::schedule::Schedule;
+use llmq_core::{AdamW, Backend, Error, ModelConfig, Result};
+use llmq_io::data::BatchSource;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient L2 norm to this value (0 = no clipping).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 }
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::Config(format!("{name} must be in [0, 1), got {v}")));
+            }
+        }
+        if !(self.eps > 0.0) {
+            return Err(Error::Config(format!("--adam-eps must be positive, got {}", self.eps)));
+        }
+        if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+            return Err(Error::Config("--weight-decay and --grad-clip must be non-negative".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Everything that defines a run besides the model shape and the data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accumulation: usize,
+    pub steps: u64,
+    pub schedule: Schedule,
+    pub optim: OptimConfig,
+    pub precision: Precision,
+    pub recompute: Recompute,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// Abort after this many consecutive steps with a non-finite loss or gradient norm.
+    pub max_bad_steps: u32,
+}
+
+impl TrainConfig {
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        let pos = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::Config(format!("{name} must be positive, got 0")))
+            } else {
+                Ok(())
+            }
+        };
+        pos("--batch-size", self.batch_size)?;
+        pos("--seq-len", self.seq_len)?;
+        pos("--grad-accumulation", self.grad_accumulation)?;
+        if self.steps == 0 {
+            return Err(Error::Config("--steps must be positive, got 0".into()));
+        }
+        if self.seq_len > cfg.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "--seq-len {} exceeds the model's max_position_embeddings {}",
+                self.seq_len, cfg.max_position_embeddings
+            )));
+        }
+        if self.eval_every > 0 && self.eval_batches == 0 {
+            return Err(Error::Config("--eval-every needs --eval-batches > 0".into()));
+        }
+        self.schedule.validate()?;
+        self.optim.validate()?;
+        self.precision.validate()
+    }
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.seq_len * self.grad_accumulation
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+    /// The update was skipped because the loss or gradient norm was not finite.
+    pub skipped: bool,
+}
+
+pub struct Trainer {
+    pub be: Box<dyn Backend>,
+    pub model: Model,
+    pub tc: TrainConfig,
+    pub data: Box<dyn BatchSource>,
+    pub eval_data: Option<Box<dyn BatchSource>>,
+    /// Optimizer steps done so far (updates applied or skipped).
+    pub step: u64,
+    /// Optimizer updates applied (the Adam bias-correction counter).
+    pub updates: u64,
+    pub bad_in_a_row: u32,
+    pub log: Option<JsonLog>,
+}
+
+impl Trainer {
+    pub fn new(
+        mut be: Box<dyn Backend>,
+        cfg: &ModelConfig,
+        tc: TrainConfig,
+        data: Box<dyn BatchSource>,
+        eval_data: Option<Box<dyn BatchSource>>,
+    ) -> Result<Trainer> {
+        tc.validate(cfg)?;
+        let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
+        let model = Model::new(be.as_mut(), cfg, tc.precision, shape, tc.recompute)?;
+        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, log: None })
+    }
+
+    pub fn init_from_scratch(&mut self) -> Result<()> {
+        self.model.params.init_from_scratch(self.be.as_ref(), self.tc.seed)
+    }
+
+    /// Forward + backward over `grad_accumulation` micro-batches; returns (mean loss, valid
+    /// targets). Gradients are left in the gradient buffers.
+    pub fn accumulate_gradients(&mut self) -> Result<(f64, usize)> {
+        let (b, t) = (self.tc.batch_size, self.tc.seq_len);
+        let batches = (0..self.tc.grad_accumulation).map(|_| self.data.next_batch(b, t)).collect::<Result<Vec<_>>>()?;
+        // the loss is the mean over real targets of the whole step (the reference counts masked ones too)
+        let valid: usize = batches.iter().map(|b| b.valid_targets()).sum();
+        let dloss = if valid > 0 { 1.0 / valid as f32 } else { 0.0 };
+        let be = self.be.as_ref();
+        self.model.params.grads.zero(be)?;
+        let mut loss_sum = 0.0;
+        for batch in &batches {
+            self.model.set_batch(be, batch)?;
+            self.model.forward(be, Some(dloss))?;
+            self.model.backward(be)?;
+            loss_sum += self.model.loss_sum(be)?;
+        }
+        Ok((if valid > 0 { loss_sum / valid as f64 } else { 0.0 }, valid))
+    }
+
+    /// The global L2 norm of the accumulated gradients.
+    pub fn grad_norm(&self) -> Result<f64> {
+        Ok(self.model.grad_norm_squares(self.be.as_ref())?.iter().sum::<f64>().sqrt())
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let (loss, _) = self.accumulate_gradients()?;
+        let norm = self.grad_norm()?;
+        let lr = self.tc.schedule.lr_at(self.step);
+        let skipped = !loss.is_finite() || !norm.is_finite();
+        if skipped {
+            self.bad_in_a_row += 1;
+            let cause = if !loss.is_finite() { format!("loss is {loss}") } else { format!("gradient norm is {norm}") };
+            eprintln!("warning: step {}: {cause}; update skipped ({} in a row)", self.step + 1, self.bad_in_a_row);
+            if let Some(log) = &mut self.log {
+                log.write(&serde_json::json!({"type": "skip", "step": self.step + 1, "cause": cause}));
+            }
+            if self.bad_in_a_row >= self.tc.max_bad_steps {
+                return Err(Error::Backend(format!(
+                    "aborting: {} consecutive steps with a non-finite loss or gradient norm (last at step {})",
+                    self.bad_in_a_row,
+                    self.step + 1
+                )));
+            }
+        } else {
+            self.bad_in_a_row = 0;
+            let clip = self.tc.optim.grad_clip;
+            let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
+            self.apply_update(lr, scale as f32)?;
+        }
+        self.be.synchronize()?;
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            grad_norm: norm,
+            lr,
+            tokens: self.tc.tokens_per_step(),
+            seconds: t0.elapsed().as_secs_f64(),
+            skipped,
+        })
+    }
+
+    fn apply_update(&mut self, lr: f64, grad_scale: f32) -> Result<()> {
+        self.updates += 1;
+        let p = &self.model.params;
+        let o = &self.tc.optim;
+        for (gi, g) in p.layout.groups.iter().enumerate() {
+            let args = AdamW {
+                params: &p.weights.groups[gi],
+                master: &p.master.groups[gi],
+                grads: &p.grads.groups[gi],
+                m: &p.m.groups[gi],
+                v: &p.v.groups[gi],
+                lr: lr as f32,
+                beta1: o.beta1 as f32,
+                beta2: o.beta2 as f32,
+                eps: o.eps as f32,
+                weight_decay: o.weight_decay as f32,
+                step: self.updates,
+                grad_scale,
+                // distinct stochastic-rounding streams per step and group
+                seed: self.tc.seed ^ (self.updates << 20) ^ gi as u64,
+                absmax: None,
+            };
+            self.be.adamw(&args, &g.segments())?;
+        }
+        Ok(())
+    }
+
+    /// Mean loss over `eval_batches` batches of the eval source (restarted each time).
+    pub fn evaluate(&mut self) -> Result<Option<f64>> {
+        let Some(ev) = self.eval_data.as_mut() else { return Ok(None) };
+        let (b, t) = (self.tc.batch_size, self.tc.seq_len);
+        let be = self.be.as_ref();
+        let state = ev.state();
+        let (mut sum, mut count) = (0.0, 0usize);
+        for _ in 0..self.tc.eval_batches {
+            let batch = ev.next_batch(b, t)?;
+            self.model.set_batch(be, &batch)?;
+            self.model.forward(be, None)?;
+            sum += self.model.loss_sum(be)?;
+            count += batch.valid_targets();
+        }
+        ev.restore(&state)?;
+        Ok(Some(if count > 0 { sum / count as f64 } else { f64::NAN }))
+    }
+}
