@@ -1,0 +1,69 @@
+//! Memory options never change the numbers: every recompute setting gives bitwise-identical
+//! losses, gradient norms and weights to the plain run; gradient accumulation over k
+//! micro-batches matches one k-times-larger batch to float tolerance.
+
+mod common;
+use common::*;
+use llmq_core::{Arch, DType};
+use llmq_train::{Precision, Recompute};
+
+fn run(cfg: &llmq_core::ModelConfig, mut tc: llmq_train::TrainConfig, rc: Recompute) -> (Vec<(u64, u64)>, Vec<Vec<f32>>) {
+    tc.recompute = rc;
+    let mut tr = trainer(cfg, tc);
+    let mut hist = vec![];
+    for _ in 0..3 {
+        let s = tr.train_step().unwrap();
+        hist.push((s.loss.to_bits(), s.grad_norm.to_bits()));
+    }
+    let w = tr.model.params.master_f32(tr.be.as_ref()).unwrap();
+    (hist, w)
+}
+
+#[test]
+fn recompute_options_are_bitwise_identical() {
+    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
+        for precision in [Precision::fp32(), Precision::bf16()] {
+            let cfg = tiny(arch, arch != Arch::Llama);
+            let mut tc = train_config(2, 8, 2, 3);
+            tc.precision = precision;
+            let (base, wbase) = run(&cfg, tc.clone(), Recompute::default());
+            for (name, rc) in Recompute::all_variants() {
+                let (h, w) = run(&cfg, tc.clone(), rc);
+                assert_eq!(h, base, "{arch:?} {:?} recompute {name}: losses/norms differ", precision.weights);
+                assert!(w == wbase, "{arch:?} recompute {name}: weights differ");
+            }
+        }
+    }
+}
+
+#[test]
+fn gradient_accumulation_matches_a_larger_batch() {
+    let cfg = tiny(Arch::Qwen3, false);
+    let mut big = trainer(&cfg, train_config(4, 8, 1, 1));
+    let mut small = trainer(&cfg, train_config(2, 8, 2, 1));
+    let (lb, _) = big.accumulate_gradients().unwrap();
+    let (ls, _) = small.accumulate_gradients().unwrap();
+    assert!((lb - ls).abs() < 1e-5 * lb.abs(), "loss {lb} vs {ls}");
+    let gb = big.model.params.grads_f32(big.be.as_ref()).unwrap();
+    let gs = small.model.params.grads_f32(small.be.as_ref()).unwrap();
+    for (a, b) in gb.iter().flatten().zip(gs.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-5 + 1e-3 * a.abs().max(b.abs()), "{a} vs {b}");
+    }
+    let nb = big.grad_norm().unwrap();
+    assert!(nb > 0.0);
+    assert!((nb - small.grad_norm().unwrap()).abs() < 1e-4 * nb);
+}
+
+#[test]
+fn bf16_master_weights_train() {
+    let cfg = tiny(Arch::Qwen2, true);
+    let mut tc = train_config(2, 8, 1, 5);
+    tc.precision = Precision { master: DType::BF16, ..Precision::bf16() };
+    let mut tr = trainer(&cfg, tc);
+    let first = tr.train_step().unwrap().loss;
+    let mut last = first;
+    for _ in 0..4 {
+        last = tr.train_step().unwrap().loss;
+    }
+    assert!(last.is_finite() && last < first, "{first} -> {last}");
+}
