@@ -1,0 +1,44 @@
+//! Backend selection: a GPU when one is usable, otherwise the CPU reference backend.
+
+use llmq_core::cpu::CpuBackend;
+use llmq_core::{Backend, Error, Result};
+
+/// What we know about the GPU in use.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuInfo {
+    /// Datasheet peaks (fp8, bf16) in FLOP/s for SOL%, when the GPU is known.
+    pub peaks: Option<(f64, f64)>,
+}
+
+/// Dense tensor-core peaks by GPU name (datasheet, no sparsity).
+fn peaks_for(name: &str) -> Option<(f64, f64)> {
+    let n = name.to_ascii_uppercase();
+    if n.contains("H100") || n.contains("H200") || n.contains("H800") {
+        Some((1978.9e12, 989.4e12))
+    } else if n.contains("4090") {
+        Some((660.6e12, 165.2e12))
+    } else if n.contains("A100") {
+        Some((312e12, 312e12))
+    } else {
+        None
+    }
+}
+
+pub fn select(device: &str) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
+    match device {
+        "cpu" => Ok((Box::new(CpuBackend::new()), None)),
+        "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
+            Ok(()) => {
+                let be = llmq_cuda::CudaBackend::new(0)?;
+                let info = GpuInfo { peaks: peaks_for(&be.name()) };
+                Ok((Box::new(be), Some(info)))
+            }
+            Err(reason) if device == "auto" => {
+                println!("no usable GPU ({reason}); running on the CPU backend");
+                Ok((Box::new(CpuBackend::new()), None))
+            }
+            Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
+        },
+        other => Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {other:?}"))),
+    }
+}

@@ -1,0 +1,226 @@
+//! `llmq train` options, grouped by topic, and their validation into a `TrainConfig`.
+
+use clap::Args;
+use llmq_core::{DType, Error, Result};
+use llmq_train::{Decay, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    // ---- model ----
+    /// Model: a built-in shape (tiny, qwen2.5-0.5b, ..., llama-3.1-8b), a directory with
+    /// config.json (+ safetensors), or a name in the local Hugging Face cache. Default: the
+    /// embedded ~1M-parameter model.
+    #[arg(long, help_heading = "Model")]
+    pub model: Option<String>,
+    /// Initialise weights randomly instead of loading them (required for built-in shapes).
+    #[arg(long, help_heading = "Model")]
+    pub from_scratch: bool,
+
+    // ---- data ----
+    /// Training token files (glob). Default: the embedded synthetic Markov corpus.
+    #[arg(long, help_heading = "Data")]
+    pub train_file: Option<String>,
+    /// Held-out token file for evaluation.
+    #[arg(long, help_heading = "Data")]
+    pub eval_file: Option<String>,
+    /// Vocabulary of the synthetic corpus (when no --train-file is given).
+    #[arg(long, default_value_t = 256, help_heading = "Data")]
+    pub synthetic_vocab: usize,
+    /// Train on uniformly random tokens (throughput benchmarks only: nothing to learn).
+    #[arg(long, help_heading = "Data")]
+    pub random_data: bool,
+
+    // ---- batch ----
+    /// Sequences per micro-batch (B).
+    #[arg(long, default_value_t = 16, help_heading = "Batch")]
+    pub batch_size: usize,
+    /// Tokens per sequence (T).
+    #[arg(long, default_value_t = 128, help_heading = "Batch")]
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1, help_heading = "Batch")]
+    pub grad_accumulation: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 250, help_heading = "Batch")]
+    pub steps: u64,
+
+    // ---- optimizer ----
+    #[arg(long, default_value_t = 3e-3, help_heading = "Optimizer")]
+    pub learning_rate: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 25, help_heading = "Optimizer")]
+    pub warmup: u64,
+    /// cosine, linear, wsd or constant.
+    #[arg(long, default_value = "cosine", help_heading = "Optimizer")]
+    pub lr_schedule: String,
+    /// The schedule ends at learning_rate * this.
+    #[arg(long, default_value_t = 0.1, help_heading = "Optimizer")]
+    pub final_lr_fraction: f64,
+    /// Final steps of 1-sqrt cooldown (0: none; wsd defaults to 20% of the steps).
+    #[arg(long, default_value_t = 0, help_heading = "Optimizer")]
+    pub cooldown: u64,
+    #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95, help_heading = "Optimizer")]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8, help_heading = "Optimizer")]
+    pub adam_eps: f64,
+    /// Decoupled weight decay (matrices and embeddings only).
+    #[arg(long, default_value_t = 0.1, help_heading = "Optimizer")]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0: off).
+    #[arg(long, default_value_t = 1.0, help_heading = "Optimizer")]
+    pub grad_clip: f64,
+
+    // ---- precision ----
+    /// Master weights: fp32 or bf16 (bf16 is updated with stochastic rounding).
+    #[arg(long, default_value = "fp32", help_heading = "Precision")]
+    pub model_dtype: String,
+    /// Matmul operands: fp32, bf16 or e4m3. Default: bf16 on a GPU, fp32 on the CPU.
+    #[arg(long, help_heading = "Precision")]
+    pub matmul_dtype: Option<String>,
+    /// Activation-gradient fp8 format with --matmul-dtype e4m3: e4m3 or e5m2.
+    #[arg(long, help_heading = "Precision")]
+    pub gradient_dtype: Option<String>,
+    /// Parameter gradients: fp32 or bf16.
+    #[arg(long, default_value = "fp32", help_heading = "Precision")]
+    pub grad_dtype: String,
+    #[arg(long, default_value = "fp32", help_heading = "Precision")]
+    pub opt_m_dtype: String,
+    #[arg(long, default_value = "fp32", help_heading = "Precision")]
+    pub opt_v_dtype: String,
+
+    // ---- memory ----
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_swiglu: bool,
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_norm: bool,
+    /// Recompute the up/gate matmul and SwiGLU.
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_ffn: bool,
+    /// Recompute the QKV matmul, qk-norm and RoPE.
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_qkv: bool,
+    /// Recompute ln1, QKV, RoPE and attention.
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_att: bool,
+    /// Recompute everything but the residual stream.
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_block: bool,
+    /// Offload per-layer residuals to pinned host memory (not available yet).
+    #[arg(long, help_heading = "Memory")]
+    pub offload_residual: bool,
+    /// Keep master weights in pinned host memory (not available yet).
+    #[arg(long, help_heading = "Memory")]
+    pub offload_master: bool,
+    #[arg(long, help_heading = "Memory")]
+    pub offload_opt_m: bool,
+    #[arg(long, help_heading = "Memory")]
+    pub offload_opt_v: bool,
+
+    // ---- evaluation and logging ----
+    /// Evaluate every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50, help_heading = "Evaluation and logging")]
+    pub eval_every: u64,
+    #[arg(long, default_value_t = 4, help_heading = "Evaluation and logging")]
+    pub eval_batches: usize,
+    /// JSON-lines log file.
+    #[arg(long, help_heading = "Evaluation and logging")]
+    pub log_file: Option<PathBuf>,
+    /// Print a line every N steps.
+    #[arg(long, default_value_t = 10, help_heading = "Evaluation and logging")]
+    pub print_every: u64,
+    /// Seed for initialisation, data order and stochastic rounding.
+    #[arg(long, default_value_t = 42, help_heading = "Evaluation and logging")]
+    pub seed: u64,
+    /// Abort after this many consecutive non-finite steps.
+    #[arg(long, default_value_t = 5, help_heading = "Evaluation and logging")]
+    pub max_bad_steps: u32,
+
+    // ---- device ----
+    /// auto (a GPU when present, else the CPU), cpu or cuda.
+    #[arg(long, default_value = "auto", help_heading = "Device")]
+    pub device: String,
+}
+
+fn dtype(opt: &str, s: &str) -> Result<DType> {
+    DType::parse(s).ok_or_else(|| Error::Config(format!("{opt}: unknown dtype {s:?} (fp32, bf16, e4m3, e5m2)")))
+}
+
+impl TrainArgs {
+    pub fn recompute(&self) -> Recompute {
+        Recompute {
+            swiglu: self.recompute_swiglu,
+            norm: self.recompute_norm,
+            ffn: self.recompute_ffn,
+            qkv: self.recompute_qkv,
+            att: self.recompute_att,
+            block: self.recompute_block,
+        }
+    }
+
+    /// Validates the options that do not depend on the model and builds the run config.
+    pub fn train_config(&self, on_gpu: bool) -> Result<TrainConfig> {
+        for (flag, on) in [
+            ("--offload-residual", self.offload_residual),
+            ("--offload-master", self.offload_master),
+            ("--offload-opt-m", self.offload_opt_m),
+            ("--offload-opt-v", self.offload_opt_v),
+        ] {
+            if on {
+                return Err(Error::Config(format!("{flag}: host offloading is not implemented yet")));
+            }
+        }
+        if self.train_file.is_some() && self.random_data {
+            return Err(Error::Config("--random-data and --train-file exclude each other".into()));
+        }
+        let matmul = match &self.matmul_dtype {
+            Some(s) => dtype("--matmul-dtype", s)?,
+            None if on_gpu => DType::BF16,
+            None => DType::F32,
+        };
+        if self.gradient_dtype.is_some() && !matmul.is_fp8() {
+            return Err(Error::Config("--gradient-dtype only applies with --matmul-dtype e4m3".into()));
+        }
+        let weights = if matmul == DType::F32 { DType::F32 } else { DType::BF16 };
+        let precision = Precision {
+            weights,
+            matmul,
+            master: dtype("--model-dtype", &self.model_dtype)?,
+            grads: dtype("--grad-dtype", &self.grad_dtype)?,
+            opt_m: dtype("--opt-m-dtype", &self.opt_m_dtype)?,
+            opt_v: dtype("--opt-v-dtype", &self.opt_v_dtype)?,
+        };
+        if precision.master == DType::BF16 && weights == DType::F32 {
+            return Err(Error::Config("--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into()));
+        }
+        Ok(TrainConfig {
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            grad_accumulation: self.grad_accumulation,
+            steps: self.steps,
+            schedule: Schedule {
+                lr: self.learning_rate,
+                warmup: self.warmup,
+                total: self.steps,
+                decay: Decay::parse(&self.lr_schedule)?,
+                final_fraction: self.final_lr_fraction,
+                cooldown: self.cooldown,
+            },
+            optim: OptimConfig {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.adam_eps,
+                weight_decay: self.weight_decay,
+                grad_clip: self.grad_clip,
+            },
+            precision,
+            recompute: self.recompute(),
+            seed: self.seed,
+            eval_every: self.eval_every,
+            eval_batches: self.eval_batches,
+            max_bad_steps: self.max_bad_steps,
+        })
+    }
+}
