@@ -1,6 +1,7 @@
 //! The `llmq` command-line tool.
 
 mod device;
+mod plot;
 mod train_args;
 mod train_cmd;
 
@@ -17,12 +18,15 @@ struct Cli {
 enum Cmd {
     /// Train a model (with no options: a small model on the embedded synthetic corpus).
     Train(train_args::TrainArgs),
+    /// Draw the train/eval loss curves of a JSON-lines log into an SVG image.
+    Plot(plot::PlotArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Train(a) => train_cmd::run(a),
+        Cmd::Plot(a) => plot::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

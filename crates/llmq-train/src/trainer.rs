@@ -169,6 +169,12 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
         let (loss, _) = self.accumulate_gradients()?;
+        self.finish_step(loss, t0)
+    }
+
+    /// The second half of a step, after `accumulate_gradients`: norm, non-finite check, clipping,
+    /// update. (Separate so tests can inject faults into the gradients in between.)
+    pub fn finish_step(&mut self, loss: f64, t0: Instant) -> Result<StepStats> {
         let norm = self.grad_norm()?;
         let lr = self.tc.schedule.lr_at(self.step);
         let skipped = !loss.is_finite() || !norm.is_finite();

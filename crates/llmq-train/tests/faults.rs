@@ -1,0 +1,45 @@
+//! A non-finite gradient skips the update (weights and optimizer state untouched), is reported
+//! with its step and cause, and K consecutive ones abort the run.
+
+mod common;
+use common::*;
+use llmq_core::Arch;
+use llmq_train::params::{download_f32, upload_f32};
+use std::time::Instant;
+
+#[test]
+fn nan_gradient_skips_the_update_and_repeated_ones_abort() {
+    let cfg = tiny(Arch::Qwen2, true);
+    let mut tr = trainer(&cfg, train_config(2, 8, 1, 10));
+    tr.train_step().unwrap();
+    let before = tr.model.params.master_f32(tr.be.as_ref()).unwrap();
+    let m_before = download_f32(tr.be.as_ref(), &tr.model.params.m.groups[1]).unwrap();
+    for k in 1..=3u32 {
+        let t0 = Instant::now();
+        let (loss, _) = tr.accumulate_gradients().unwrap();
+        // poison one gradient element of block 0
+        let g = tr.model.params.grads.groups[1];
+        let mut vals = download_f32(tr.be.as_ref(), &g).unwrap();
+        vals[5] = f32::NAN;
+        upload_f32(tr.be.as_ref(), &g, &vals).unwrap();
+        let res = tr.finish_step(loss, t0);
+        if k < 3 {
+            let st = res.unwrap();
+            assert!(st.skipped && st.grad_norm.is_nan(), "step {k}: {st:?}");
+            assert_eq!(tr.model.params.master_f32(tr.be.as_ref()).unwrap(), before, "weights changed by a skipped step");
+            assert_eq!(download_f32(tr.be.as_ref(), &tr.model.params.m.groups[1]).unwrap(), m_before);
+        } else {
+            let err = res.unwrap_err().to_string();
+            assert!(err.contains("3 consecutive") && err.contains("step 4"), "{err}");
+        }
+    }
+    // a good step after a bad one resets the counter
+    let mut tr = trainer(&cfg, train_config(2, 8, 1, 10));
+    let t0 = Instant::now();
+    let (loss, _) = tr.accumulate_gradients().unwrap();
+    let st = tr.finish_step(f64::INFINITY.min(loss * f64::NAN), t0).unwrap();
+    assert!(st.skipped);
+    assert!(!tr.train_step().unwrap().skipped);
+    assert_eq!(tr.bad_in_a_row, 0);
+    assert_eq!(tr.updates, 1);
+}
