@@ -6,7 +6,16 @@
 //! conversions of `crate::dtype`, so low-precision numerics match what a GPU stores. Work is
 //! spread over rows with rayon; results never depend on the thread count.
 
-mod ops;
+mod attention;
+mod common;
+mod elementwise;
+mod loss;
+mod matmul;
+mod norm;
+mod optim;
+mod quant;
+
+pub use loss::IGNORE_INDEX;
 
 use crate::backend::{Backend, Event, MemCategory, Stream};
 use crate::dtype::{decode_into, encode_into, DType};
@@ -171,66 +180,66 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, args: &crate::backend::Matmul) -> Result<()> {
-        ops::matmul(args)
+        matmul::matmul(args)
     }
     fn embedding_fwd(&self, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {
-        ops::embedding_fwd(out, ids, table)
+        elementwise::embedding_fwd(out, ids, table)
     }
     fn embedding_bwd(&self, dtable: &Tensor, ids: &Tensor, dout: &Tensor) -> Result<()> {
-        ops::embedding_bwd(dtable, ids, dout)
+        elementwise::embedding_bwd(dtable, ids, dout)
     }
     fn rmsnorm_fwd(&self, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
-        ops::rmsnorm_fwd(out, rstd, x, w, eps, absmax)
+        norm::rmsnorm_fwd(out, rstd, x, w, eps, absmax)
     }
     fn residual_rmsnorm_fwd(&self, res_out: &Tensor, out: &Tensor, rstd: &Tensor, x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
-        ops::residual_rmsnorm_fwd(res_out, out, rstd, x, delta, w, eps, absmax)
+        norm::residual_rmsnorm_fwd(res_out, out, rstd, x, delta, w, eps, absmax)
     }
     fn rmsnorm_bwd(&self, dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
-        ops::rmsnorm_bwd(dx, dw, dout, x, w, rstd, dres, absmax)
+        norm::rmsnorm_bwd(dx, dw, dout, x, w, rstd, dres, absmax)
     }
     fn qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: crate::backend::AttnShape, eps: f32) -> Result<()> {
-        ops::qk_norm_fwd(out, rstd, qkv, qw, kw, shape, eps)
+        norm::qk_norm_fwd(out, rstd, qkv, qw, kw, shape, eps)
     }
     fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        ops::qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
+        norm::qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
     }
     fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        ops::rope(out, qkv, freqs, shape, false, None)
+        elementwise::rope(out, qkv, freqs, shape, false, None)
     }
     fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, shape: crate::backend::AttnShape, absmax: Option<&Tensor>) -> Result<()> {
-        ops::rope(dqkv, dout, freqs, shape, true, absmax)
+        elementwise::rope(dqkv, dout, freqs, shape, true, absmax)
     }
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        ops::attention_fwd(out, lse, qkv, shape)
+        attention::attention_fwd(out, lse, qkv, shape)
     }
     fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        ops::attention_bwd(dqkv, dout, qkv, out, lse, shape)
+        attention::attention_bwd(dqkv, dout, qkv, out, lse, shape)
     }
     fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
-        ops::swiglu_fwd(out, inp, absmax)
+        elementwise::swiglu_fwd(out, inp, absmax)
     }
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
-        ops::swiglu_bwd(dinp, dout, inp, absmax)
+        elementwise::swiglu_bwd(dinp, dout, inp, absmax)
     }
     fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
-        ops::cross_entropy(logits, losses, targets, dloss)
+        loss::cross_entropy(logits, losses, targets, dloss)
     }
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
-        ops::colsum(out, inp, accumulate)
+        elementwise::colsum(out, inp, accumulate)
     }
     fn absmax(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
-        ops::absmax(out, inp)
+        quant::absmax(out, inp)
     }
     fn quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<()> {
-        ops::quantize(out, descale, inp, absmax, transpose)
+        quant::quantize(out, descale, inp, absmax, transpose)
     }
     fn transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
-        ops::transpose(out, inp)
+        quant::transpose(out, inp)
     }
     fn adamw(&self, args: &crate::backend::AdamW, segments: &[crate::backend::Segment]) -> Result<()> {
-        ops::adamw(args, segments)
+        optim::adamw(args, segments)
     }
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
-        ops::sum_squares(out, slot, t)
+        optim::sum_squares(out, slot, t)
     }
 }

@@ -1,0 +1,207 @@
+//! Causal grouped-query attention over a fused qkv tensor, forward and backward.
+//!
+//! Layout: row n = b*T + t of qkv holds [Hq query heads | Hkv key heads | Hkv value heads], each
+//! Hd wide; query head h reads kv head g = h / (Hq / Hkv). Softmax scale = 1 / sqrt(Hd).
+//!
+//! Forward, per (b, h) and query t, all in f32 with sequential sums over j = 0..=t:
+//! s_j = (q_t · k_j) * scale, m = max s, p_j = exp(s_j - m), l = Σ p_j,
+//! o_t = (Σ p_j v_j) / l, lse_t = m + ln(l). Parallel over (b, h) pairs.
+//!
+//! Backward (the standard one, recomputing P from lse): p_j = exp(s_j - lse_t),
+//! D_t = dO_t · O_t (from the stored forward output), dP_j = dO_t · v_j, dS_j = p_j (dP_j - D_t),
+//! dq_t = scale Σ_j dS_j k_j, dk_j += scale dS_j q_t, dv_j += p_j dO_t.
+//! Parallel over (b, kv head): the query heads of a group are processed in increasing order and
+//! within a head queries in increasing t, so dK / dV sums have a fixed order and no races.
+//!
+//! Pitfalls: lse is f32 [B, Hq, T] (not [B, T, Hq]); the causal mask is j <= t within one
+//! sequence (rows of different b never interact); dqkv is fully overwritten.
+
+use super::common::{check_f32_n, check_rows, op_err, store_par};
+use super::load;
+use crate::backend::AttnShape;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = 0f32;
+    for (&x, &y) in a.iter().zip(b) {
+        s += x * y;
+    }
+    s
+}
+
+fn check_shape(op: &str, s: &AttnShape) -> Result<()> {
+    if s.hkv == 0 || s.hq % s.hkv != 0 {
+        return op_err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
+    }
+    if s.hd == 0 {
+        return op_err(format!("{op}: head size must be positive"));
+    }
+    Ok(())
+}
+
+/// Offsets into a qkv row of query head h, key head g and value head g.
+struct Heads {
+    q: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+}
+
+impl Heads {
+    fn new(s: &AttnShape) -> Heads {
+        Heads { q: s.qkv_width(), hq: s.hq, hkv: s.hkv, hd: s.hd }
+    }
+    fn q_at(&self, row: usize, h: usize) -> usize {
+        row * self.q + h * self.hd
+    }
+    fn k_at(&self, row: usize, g: usize) -> usize {
+        row * self.q + (self.hq + g) * self.hd
+    }
+    fn v_at(&self, row: usize, g: usize) -> usize {
+        row * self.q + (self.hq + self.hkv + g) * self.hd
+    }
+}
+
+pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    check_shape(OP, &shape)?;
+    let AttnShape { b, t, hq, hkv, hd } = shape;
+    let n = shape.n();
+    check_rows(OP, "qkv", qkv, n, shape.qkv_width())?;
+    check_rows(OP, "out", out, n, shape.out_width())?;
+    check_f32_n(OP, "lse", lse, b * hq * t)?;
+    let x = load(qkv);
+    let hs = Heads::new(&shape);
+    let rep = hq / hkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+
+    // One task per (b, h): returns o [T, Hd] and lse [T].
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..b * hq)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, h) = (bh / hq, bh % hq);
+            let g = h / rep;
+            let mut o = vec![0f32; t * hd];
+            let mut l_out = vec![0f32; t];
+            let mut p = vec![0f32; t];
+            for ti in 0..t {
+                let qr = &x[hs.q_at(bi * t + ti, h)..][..hd];
+                let mut m = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate().take(ti + 1) {
+                    *pj = dot(qr, &x[hs.k_at(bi * t + j, g)..][..hd]) * scale;
+                    m = m.max(*pj);
+                }
+                let mut l = 0f32;
+                for pj in &mut p[..=ti] {
+                    *pj = (*pj - m).exp();
+                    l += *pj;
+                }
+                let orow = &mut o[ti * hd..(ti + 1) * hd];
+                for (j, &pj) in p[..=ti].iter().enumerate() {
+                    let vr = &x[hs.v_at(bi * t + j, g)..][..hd];
+                    for (ov, &vv) in orow.iter_mut().zip(vr) {
+                        *ov += pj * vv;
+                    }
+                }
+                for ov in orow.iter_mut() {
+                    *ov /= l;
+                }
+                l_out[ti] = m + l.ln();
+            }
+            (o, l_out)
+        })
+        .collect();
+
+    let ow = shape.out_width();
+    let mut ov = vec![0f32; n * ow];
+    let mut lv = vec![0f32; b * hq * t];
+    for (bh, (o, l)) in parts.into_iter().enumerate() {
+        let (bi, h) = (bh / hq, bh % hq);
+        for ti in 0..t {
+            ov[(bi * t + ti) * ow + h * hd..][..hd].copy_from_slice(&o[ti * hd..(ti + 1) * hd]);
+        }
+        lv[bh * t..(bh + 1) * t].copy_from_slice(&l);
+    }
+    store_par(out, &ov);
+    store_par(lse, &lv);
+    Ok(())
+}
+
+pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    check_shape(OP, &shape)?;
+    let AttnShape { b, t, hq, hkv, hd } = shape;
+    let n = shape.n();
+    let (q, ow) = (shape.qkv_width(), shape.out_width());
+    check_rows(OP, "qkv", qkv, n, q)?;
+    check_rows(OP, "dqkv", dqkv, n, q)?;
+    check_rows(OP, "out", out, n, ow)?;
+    check_rows(OP, "dout", dout, n, ow)?;
+    check_f32_n(OP, "lse", lse, b * hq * t)?;
+    let x = load(qkv);
+    let ov = load(out);
+    let dov = load(dout);
+    let lv = load(lse);
+    let hs = Heads::new(&shape);
+    let rep = hq / hkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+
+    // One task per (b, kv head g): returns dq for the group's `rep` heads [rep, T, Hd], dk and
+    // dv [T, Hd].
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * hkv)
+        .into_par_iter()
+        .map(|bg| {
+            let (bi, g) = (bg / hkv, bg % hkv);
+            let mut dq = vec![0f32; rep * t * hd];
+            let mut dk = vec![0f32; t * hd];
+            let mut dv = vec![0f32; t * hd];
+            for r in 0..rep {
+                let h = g * rep + r;
+                for ti in 0..t {
+                    let row = bi * t + ti;
+                    let qr = &x[hs.q_at(row, h)..][..hd];
+                    let dor = &dov[row * ow + h * hd..][..hd];
+                    let orow = &ov[row * ow + h * hd..][..hd];
+                    let l = lv[(bi * hq + h) * t + ti];
+                    let dsum = dot(dor, orow);
+                    let dqr = &mut dq[(r * t + ti) * hd..][..hd];
+                    for j in 0..=ti {
+                        let kr = &x[hs.k_at(bi * t + j, g)..][..hd];
+                        let vr = &x[hs.v_at(bi * t + j, g)..][..hd];
+                        let p = (dot(qr, kr) * scale - l).exp();
+                        let dp = dot(dor, vr);
+                        let ds = p * (dp - dsum) * scale;
+                        for (a, &kv) in dqr.iter_mut().zip(kr) {
+                            *a += ds * kv;
+                        }
+                        for (a, &qv) in dk[j * hd..(j + 1) * hd].iter_mut().zip(qr) {
+                            *a += ds * qv;
+                        }
+                        for (a, &d) in dv[j * hd..(j + 1) * hd].iter_mut().zip(dor) {
+                            *a += p * d;
+                        }
+                    }
+                }
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+
+    let mut dx = vec![0f32; n * q];
+    for (bg, (dq, dk, dv)) in parts.into_iter().enumerate() {
+        let (bi, g) = (bg / hkv, bg % hkv);
+        for ti in 0..t {
+            let row = bi * t + ti;
+            for r in 0..rep {
+                dx[hs.q_at(row, g * rep + r)..][..hd].copy_from_slice(&dq[(r * t + ti) * hd..][..hd]);
+            }
+            dx[hs.k_at(row, g)..][..hd].copy_from_slice(&dk[ti * hd..][..hd]);
+            dx[hs.v_at(row, g)..][..hd].copy_from_slice(&dv[ti * hd..][..hd]);
+        }
+    }
+    store_par(dqkv, &dx);
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Row-wise and element-wise ops: embedding lookup and its gradient, RoPE, SwiGLU, column sums.
+//!
+//! - embedding_fwd gathers table rows (decoding only the rows it needs: the table can be large).
+//!   embedding_bwd groups the token positions by id with a counting sort (which keeps positions
+//!   in increasing order), then each vocabulary row adds its dout rows in that order in f32,
+//!   starting from its old value, and is rounded once. Rows of unused ids are not touched.
+//!   Parallel over vocabulary rows: no atomics, deterministic.
+//! - RoPE uses the rotate-half (HF / NeoX) pairing (i, i + Hd/2) with the table's (cos, sin) for
+//!   position n % T; the backward is the same code with sin negated (rotation by -angle), which
+//!   gives exactly the transpose. v heads are copied.
+//! - SwiGLU: row = [up | gate], out = up * (gate * sigmoid(gate)), sigmoid(g) = 1 / (1 + exp(-g))
+//!   (exp(-g) overflowing to inf for very negative g gives sigmoid 0, silu -0: no NaN).
+//!   d up = dout * silu(g); d gate = dout * up * sigmoid(g) * (1 + g * (1 - sigmoid(g))).
+//! - colsum: f64 column sums over rows in increasing order (`col_sums`).
+//! - ids out of range are reported as errors before anything is written.
+
+use super::common::{check_absmax, check_f32_n, check_float, check_float_n, check_rows, col_sums, for_rows, op_err, store_par, store_sums, write_absmax};
+use super::{bytes, bytes_mut, load, load_i32};
+use crate::backend::AttnShape;
+use crate::dtype::{decode_into, encode_into, DType};
+use crate::error::Result;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// Checks an i32 id tensor against 0..v and returns the ids.
+fn load_ids(op: &str, ids: &Tensor, v: usize) -> Result<Vec<i32>> {
+    if ids.dtype != DType::I32 {
+        return op_err(format!("{op}: ids must be i32, got {}", ids.dtype));
+    }
+    let idv = load_i32(ids);
+    if let Some((n, &id)) = idv.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= v) {
+        return op_err(format!("{op}: ids[{n}] = {id} is outside the vocabulary 0..{v}"));
+    }
+    Ok(idv)
+}
+
+pub fn embedding_fwd(out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {
+    const OP: &str = "embedding_fwd";
+    check_float(OP, "table", table)?;
+    let (v, c) = table.rows_cols();
+    let n = ids.numel();
+    check_rows(OP, "out", out, n, c)?;
+    let idv = load_ids(OP, ids, v)?;
+    if c == 0 {
+        return Ok(());
+    }
+    let (tdt, odt) = (table.dtype, out.dtype);
+    let (tsz, osz) = (tdt.size(), odt.size());
+    // SAFETY: table is an input, out the only output; they do not alias (op contract).
+    let tb = unsafe { bytes(table) };
+    let ob = unsafe { bytes_mut(out) };
+    ob.par_chunks_mut(c * osz).zip(idv.par_iter()).for_each(|(orow, &id)| {
+        let id = id as usize;
+        let src = &tb[id * c * tsz..(id + 1) * c * tsz];
+        if tdt == odt {
+            orow.copy_from_slice(src);
+        } else {
+            let mut row = vec![0f32; c];
+            decode_into(tdt, src, &mut row);
+            encode_into(odt, &row, orow);
+        }
+    });
+    Ok(())
+}
+
+pub fn embedding_bwd(dtable: &Tensor, ids: &Tensor, dout: &Tensor) -> Result<()> {
+    const OP: &str = "embedding_bwd";
+    check_float(OP, "dtable", dtable)?;
+    let (v, c) = dtable.rows_cols();
+    let n = ids.numel();
+    check_rows(OP, "dout", dout, n, c)?;
+    let idv = load_ids(OP, ids, v)?;
+    if c == 0 || n == 0 {
+        return Ok(());
+    }
+    // Counting sort of positions by id; positions of one id stay in increasing order.
+    let mut start = vec![0usize; v + 1];
+    for &id in &idv {
+        start[id as usize + 1] += 1;
+    }
+    for i in 0..v {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut order = vec![0usize; n];
+    for (pos, &id) in idv.iter().enumerate() {
+        order[fill[id as usize]] = pos;
+        fill[id as usize] += 1;
+    }
+    let dov = load(dout);
+    let dt = dtable.dtype;
+    let sz = dt.size();
+    // SAFETY: dout was copied; dtable is the only tensor written.
+    let tb = unsafe { bytes_mut(dtable) };
+    tb.par_chunks_mut(c * sz).enumerate().for_each(|(id, trow)| {
+        let positions = &order[start[id]..start[id + 1]];
+        if positions.is_empty() {
+            return;
+        }
+        let mut acc = vec![0f32; c];
+        decode_into(dt, trow, &mut acc);
+        for &p in positions {
+            for (a, &d) in acc.iter_mut().zip(&dov[p * c..(p + 1) * c]) {
+                *a += d;
+            }
+        }
+        encode_into(dt, &acc, trow);
+    });
+    Ok(())
+}
+
+/// RoPE forward (`backward == false`) or its transpose (`backward == true`).
+pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<()> {
+    let op = if backward { "rope_bwd" } else { "rope_fwd" };
+    let (n, q, hd, t) = (shape.n(), shape.qkv_width(), shape.hd, shape.t);
+    if hd % 2 != 0 {
+        return op_err(format!("{op}: head size {hd} must be even"));
+    }
+    let half = hd / 2;
+    check_rows(op, "input", inp, n, q)?;
+    check_rows(op, "output", out, n, q)?;
+    check_f32_n(op, "freqs", freqs, t * half * 2)?;
+    check_absmax(op, absmax)?;
+    let xv = load(inp);
+    let fv = load(freqs);
+    let sign = if backward { -1f32 } else { 1f32 };
+    let nrot = shape.hq + shape.hkv; // q and k heads; v heads follow and are copied
+    let mut ov = xv.clone();
+    for_rows(&mut ov, q, |r, row| {
+        let pos = r % t;
+        let f = &fv[pos * hd..(pos + 1) * hd];
+        let x = &xv[r * q..(r + 1) * q];
+        for h in 0..nrot {
+            let b = h * hd;
+            for i in 0..half {
+                let (cos, sin) = (f[2 * i], sign * f[2 * i + 1]);
+                let (x0, x1) = (x[b + i], x[b + i + half]);
+                row[b + i] = x0 * cos - x1 * sin;
+                row[b + i + half] = x1 * cos + x0 * sin;
+            }
+        }
+    });
+    store_par(out, &ov);
+    write_absmax(absmax, out.dtype, &ov);
+    Ok(())
+}
+
+/// (N, D) from inp [N, 2D] (its last dimension), checking `half` ([N, D] by element count).
+fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
+    check_float(op, "inp", full)?;
+    let (n, w) = full.rows_cols();
+    if w % 2 != 0 {
+        return op_err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
+    }
+    let d = w / 2;
+    check_rows(op, half_name, half, n, d)?;
+    Ok((n, d))
+}
+
+#[inline]
+fn sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + (-g).exp())
+}
+
+pub fn swiglu_fwd(out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "swiglu_fwd";
+    let (n, d) = swiglu_dims(OP, "out", out, inp)?;
+    check_absmax(OP, absmax)?;
+    let iv = load(inp);
+    let mut ov = vec![0f32; n * d];
+    for_rows(&mut ov, d, |r, row| {
+        let (up, gate) = iv[r * 2 * d..(r + 1) * 2 * d].split_at(d);
+        for ((o, &u), &g) in row.iter_mut().zip(up).zip(gate) {
+            *o = u * (g * sigmoid(g));
+        }
+    });
+    store_par(out, &ov);
+    write_absmax(absmax, out.dtype, &ov);
+    Ok(())
+}
+
+pub fn swiglu_bwd(dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
+    const OP: &str = "swiglu_bwd";
+    let (n, d) = swiglu_dims(OP, "dout", dout, inp)?;
+    check_rows(OP, "dinp", dinp, n, 2 * d)?;
+    check_absmax(OP, absmax)?;
+    let iv = load(inp);
+    let dov = load(dout);
+    let mut dv = vec![0f32; n * 2 * d];
+    for_rows(&mut dv, 2 * d, |r, row| {
+        let (up, gate) = iv[r * 2 * d..(r + 1) * 2 * d].split_at(d);
+        let dy = &dov[r * d..(r + 1) * d];
+        let (dup, dgate) = row.split_at_mut(d);
+        for i in 0..d {
+            let (u, g) = (up[i], gate[i]);
+            let s = sigmoid(g);
+            dup[i] = dy[i] * (g * s);
+            dgate[i] = dy[i] * u * (s * (1.0 + g * (1.0 - s)));
+        }
+    });
+    store_par(dinp, &dv);
+    write_absmax(absmax, dinp.dtype, &dv);
+    Ok(())
+}
+
+pub fn colsum(out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
+    const OP: &str = "colsum";
+    let c = out.numel();
+    check_float(OP, "inp", inp)?;
+    check_float_n(OP, "out", out, c)?;
+    if c == 0 {
+        return Ok(());
+    }
+    if inp.numel() % c != 0 {
+        return op_err(format!("colsum: inp {:?} is not a whole number of rows of {c} columns", inp.shape));
+    }
+    let rows = inp.numel() / c;
+    let iv = load(inp);
+    let sums = col_sums(rows, c, |r, j| iv[r * c + j]);
+    store_sums(out, &sums, accumulate);
+    Ok(())
+}
