@@ -10,7 +10,8 @@
 //! - Ops are enqueued on the backend's compute stream; `copy` may use the copy stream. The CPU
 //!   backend runs everything synchronously.
 //! - `absmax: Option<&Tensor>` outputs are f32[1] and receive max(|y|) over the op's output
-//!   (the value *after* rounding to the output dtype), overwriting the previous content.
+//!   (the value *after* rounding to the output dtype), overwriting the previous content; a NaN
+//!   anywhere in the output makes it NaN.
 //! - "accumulate" means `out += result`; otherwise `out = result`.
 //! - Outputs never alias inputs unless the op says so.
 //! - Ops are deterministic: the same inputs give the same bits on every call.
@@ -170,6 +171,8 @@ impl AttnShape {
 /// RNE, or bf16 with stochastic rounding from `hash_u32(seed, i)`), m and v in their dtypes (RNE),
 /// and, when `params` is a different buffer (bf16 working copy of f32 master), the new value rounded
 /// to the params dtype. `absmax` (f32[n_segments]) receives max |param| per segment, for fp8 scales.
+/// m and v used in p are the unrounded f32 values of this step. Segments must not overlap;
+/// elements outside every segment (padding) are neither read nor written. `step` 0 is an error.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW<'a> {
     pub params: &'a Tensor,
@@ -276,8 +279,8 @@ pub trait Backend {
     /// out f32[1] = max |inp|.
     fn absmax(&self, out: &Tensor, inp: &Tensor) -> Result<()>;
     /// fp8 quantisation with current scaling: scale = 448 / max(absmax, 1e-10) (57344 for
-    /// e5m2), out = sat_rne(inp * scale); descale f32[1] = 1 / scale. `transpose` writes the
-    /// [cols, rows] transpose of a 2-D inp instead.
+    /// e5m2; f32 arithmetic, max as fmaxf), out = sat_rne(inp * scale); descale f32[1] = 1 / scale.
+    /// `transpose` writes the [cols, rows] transpose of a 2-D inp instead.
     fn quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<()>;
     /// out [cols, rows] = inpᵀ (same dtype), bit-exact.
     fn transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()>;

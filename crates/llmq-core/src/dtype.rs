@@ -203,7 +203,7 @@ pub fn e5m2_to_f32(v: u8) -> f32 {
     small_float_to_f32(v, 5, 2, 0x7F)
 }
 
-/// Decodes `bytes` of type `dtype` into f32 values appended to `out` (i32 converts by value).
+/// Decodes `bytes` of type `dtype` into the f32 slice `out` (i32 converts by value).
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     match dtype {

@@ -23,6 +23,7 @@ struct Hyper {
 
 const HP: Hyper = Hyper { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, wd: 0.1, scale: 0.5 };
 
+#[allow(clippy::too_many_arguments)]
 fn args<'a>(p: &'a Tensor, master: &'a Tensor, g: &'a Tensor, m: &'a Tensor, v: &'a Tensor, step: u64, seed: u64, absmax: Option<&'a Tensor>) -> AdamW<'a> {
     AdamW {
         params: p,

@@ -33,7 +33,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check_shape(op: &str, s: &AttnShape) -> Result<()> {
-    if s.hkv == 0 || s.hq % s.hkv != 0 {
+    if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
         return op_err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
     }
     if s.hd == 0 {

@@ -113,7 +113,7 @@ pub fn embedding_bwd(dtable: &Tensor, ids: &Tensor, dout: &Tensor) -> Result<()>
 pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<()> {
     let op = if backward { "rope_bwd" } else { "rope_fwd" };
     let (n, q, hd, t) = (shape.n(), shape.qkv_width(), shape.hd, shape.t);
-    if hd % 2 != 0 {
+    if !hd.is_multiple_of(2) {
         return op_err(format!("{op}: head size {hd} must be even"));
     }
     let half = hd / 2;
@@ -149,7 +149,7 @@ pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backwa
 fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
     check_float(op, "inp", full)?;
     let (n, w) = full.rows_cols();
-    if w % 2 != 0 {
+    if !w.is_multiple_of(2) {
         return op_err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
     }
     let d = w / 2;
@@ -211,7 +211,7 @@ pub fn colsum(out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
     if c == 0 {
         return Ok(());
     }
-    if inp.numel() % c != 0 {
+    if !inp.numel().is_multiple_of(c) {
         return op_err(format!("colsum: inp {:?} is not a whole number of rows of {c} columns", inp.shape));
     }
     let rows = inp.numel() / c;

@@ -29,7 +29,7 @@ pub fn cross_entropy(logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: 
     if r == 0 {
         return Ok(());
     }
-    if logits.numel() % r != 0 {
+    if !logits.numel().is_multiple_of(r) {
         return op_err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
     }
     let v = logits.numel() / r;

@@ -5,6 +5,11 @@
 //! matter for determinism across chunkings), and encodes outputs into their dtype with the exact
 //! conversions of `crate::dtype`, so low-precision numerics match what a GPU stores. Work is
 //! spread over rows with rayon; results never depend on the thread count.
+//!
+//! Files: `matmul` (sgemm on fixed row blocks), `norm` (RMSNorm, fused residual, qk-norm),
+//! `attention` (causal GQA), `elementwise` (embedding, RoPE, SwiGLU, colsum), `loss`
+//! (cross-entropy), `quant` (absmax, fp8 quantisation, transpose), `optim` (AdamW, sum of
+//! squares), `common` (checks, parallel encode, deterministic column sums, absmax).
 
 mod attention;
 mod common;

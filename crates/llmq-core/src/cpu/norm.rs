@@ -148,7 +148,7 @@ pub fn rmsnorm_bwd(dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tens
         norm_bwd_row(&mut g, &dov[s.clone()], &xv[s], &wv, rv[r]);
         if has_res {
             for (o, gv) in row.iter_mut().zip(g) {
-                *o = gv + *o;
+                *o += gv;
             }
         } else {
             row.copy_from_slice(&g);
@@ -162,7 +162,7 @@ pub fn rmsnorm_bwd(dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tens
 }
 
 fn check_attn_shape(op: &str, s: &AttnShape) -> Result<()> {
-    if s.hkv == 0 || s.hq % s.hkv != 0 {
+    if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
         return op_err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
     }
     Ok(())
@@ -186,10 +186,10 @@ pub fn qk_norm_fwd(out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &
     if q > 0 && hd > 0 {
         ov.par_chunks_mut(q).zip(rv.par_chunks_mut(nh)).enumerate().for_each(|(r, (orow, rrow))| {
             let xrow = &xv[r * q..(r + 1) * q];
-            for h in 0..nh {
+            for (h, rs) in rrow.iter_mut().enumerate() {
                 let w = if h < shape.hq { &qwv } else { &kwv };
                 let s = h * hd..(h + 1) * hd;
-                rrow[h] = norm_row(&mut orow[s.clone()], &xrow[s], w, eps);
+                *rs = norm_row(&mut orow[s.clone()], &xrow[s], w, eps);
             }
         });
     }
