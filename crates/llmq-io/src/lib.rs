@@ -1,4 +1,20 @@
 //! llmq-io: file formats and data. Depends on llmq-core only.
 //! - `data`: the batch-source interface (token-file loader, synthetic corpus).
+//! - `safetensors`: hardened safetensors reader and atomic writer.
+//! - `hf`: HF model directories: resolve names in the local cache, import weights into llmq's
+//!   layout, export back (model.safetensors + config.json + tokenizer files).
+//! - `tokfile`: the reference's token file format (reader, writer, validation).
+//! - `loader`: `TokenLoader`, the token-file `BatchSource` with exact resume.
+//! - `ckpt`: crash-safe checkpoint store with manifest, checksums and retention.
+//! - `tokenize`: text/jsonl -> token files with a HF tokenizer.json.
 
+pub mod ckpt;
 pub mod data;
+pub mod hf;
+pub mod loader;
+pub mod safetensors;
+pub mod tokenize;
+pub mod tokfile;
+
+pub use data::{Batch, BatchSource};
+pub use loader::{LoaderOptions, TokenLoader};

@@ -1,0 +1,328 @@
+//! `llmq tokenize`: text -> token files (version 2) with a Hugging Face `tokenizer.json`.
+//!
+//! Inputs: `.txt` files (each file is one document) and `.jsonl` files (one JSON object per line,
+//! the document is the string in field `field`; blank lines are skipped). Every non-empty
+//! document is encoded and followed by the EOS id. Output files `{prefix}_000.bin`,
+//! `{prefix}_001.bin`, ... hold at most `max_tokens_per_file` tokens each; a file is cut exactly
+//! at that count (a document may continue in the next file, just as chunk boundaries cut
+//! documents during training). The header's vocab size is the tokenizer's size including added
+//! tokens, so every id written is below it.
+//!
+//! EOS id, in order of preference: `eos_id`; the `eos_token` of `tokenizer_config.json` next to
+//! the tokenizer; `eos_token_id` of `generation_config.json` / `config.json` there; a token
+//! named `<|endoftext|>`, `<|end_of_text|>`, `</s>`, `<eos>`, `[EOS]` or `<|eos|>`.
+
+use crate::tokfile::{TokenFileInfo, TokenFileWriter};
+use llmq_core::{Error, Result};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+#[derive(Clone, Debug)]
+pub struct TokenizeOptions {
+    /// `.txt` and `.jsonl` files.
+    pub inputs: Vec<PathBuf>,
+    /// A `tokenizer.json`, or a directory holding one.
+    pub tokenizer: PathBuf,
+    /// JSON field holding the text of a `.jsonl` line.
+    pub field: String,
+    pub eos_id: Option<u32>,
+    /// Apply the tokenizer's post-processor (e.g. Llama's BOS), as `transformers` does by default.
+    pub add_special_tokens: bool,
+    pub out_dir: PathBuf,
+    pub prefix: String,
+    pub max_tokens_per_file: u64,
+    /// Delete existing `{prefix}_NNN.bin` files in `out_dir` first; otherwise they are an error.
+    pub overwrite: bool,
+}
+
+impl TokenizeOptions {
+    pub fn new(inputs: Vec<PathBuf>, tokenizer: PathBuf, out_dir: PathBuf) -> TokenizeOptions {
+        TokenizeOptions {
+            inputs,
+            tokenizer,
+            field: "text".into(),
+            eos_id: None,
+            add_special_tokens: true,
+            out_dir,
+            prefix: "out".into(),
+            max_tokens_per_file: 100_000_000,
+            overwrite: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenizeReport {
+    pub files: Vec<TokenFileInfo>,
+    pub documents: u64,
+    pub tokens: u64,
+    pub vocab_size: u32,
+    pub eos_id: u32,
+}
+
+/// Finds `tokenizer.json` for a file or directory argument.
+pub fn tokenizer_json_path(p: &Path) -> Result<PathBuf> {
+    if p.is_dir() {
+        let j = p.join("tokenizer.json");
+        if j.is_file() {
+            return Ok(j);
+        }
+        return Err(Error::file(p, "directory has no tokenizer.json"));
+    }
+    if p.is_file() {
+        return Ok(p.to_path_buf());
+    }
+    Err(Error::file(p, "tokenizer not found (expected tokenizer.json or a directory holding it)"))
+}
+
+/// Loads a tokenizer with padding and truncation switched off (they would change the tokens).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let j = tokenizer_json_path(path)?;
+    let mut t = Tokenizer::from_file(&j).map_err(|e| Error::file(&j, format!("cannot load tokenizer: {e}")))?;
+    t.with_padding(None);
+    t.with_truncation(None).map_err(|e| Error::file(&j, format!("cannot disable truncation: {e}")))?;
+    Ok(t)
+}
+
+/// The EOS id per the module docs; `dir` is the directory of tokenizer.json.
+pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<u32> {
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    if let Some(c) = read("tokenizer_config.json") {
+        let name = match c.get("eos_token") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(o) => o.get("content").and_then(|x| x.as_str()).map(String::from),
+            None => None,
+        };
+        if let Some(n) = name {
+            if let Some(id) = tok.token_to_id(&n) {
+                return Ok(id);
+            }
+        }
+    }
+    for f in ["generation_config.json", "config.json"] {
+        if let Some(c) = read(f) {
+            let id = match c.get("eos_token_id") {
+                Some(serde_json::Value::Array(a)) => a.first().and_then(|x| x.as_u64()),
+                Some(x) => x.as_u64(),
+                None => None,
+            };
+            if let Some(id) = id {
+                return Ok(id as u32);
+            }
+        }
+    }
+    for n in ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eos|>"] {
+        if let Some(id) = tok.token_to_id(n) {
+            return Ok(id);
+        }
+    }
+    Err(Error::Config(format!(
+        "cannot tell the EOS token of the tokenizer in {}: pass the EOS id explicitly",
+        dir.display()
+    )))
+}
+
+/// Writes a token stream into size-limited files.
+struct SplitWriter<'a> {
+    opts: &'a TokenizeOptions,
+    vocab: u32,
+    cur: Option<TokenFileWriter>,
+    done: Vec<TokenFileInfo>,
+}
+
+impl SplitWriter<'_> {
+    fn path(&self, i: usize) -> PathBuf {
+        self.opts.out_dir.join(format!("{}_{i:03}.bin", self.opts.prefix))
+    }
+    fn push(&mut self, mut toks: &[i32]) -> Result<()> {
+        while !toks.is_empty() {
+            if self.cur.is_none() {
+                let p = self.path(self.done.len());
+                self.cur = Some(TokenFileWriter::create(&p, Some(self.vocab), false)?);
+            }
+            let w = self.cur.as_mut().unwrap();
+            let room = (self.opts.max_tokens_per_file - w.n_tokens()) as usize;
+            let n = room.min(toks.len());
+            w.push(&toks[..n], None)?;
+            toks = &toks[n..];
+            if w.n_tokens() >= self.opts.max_tokens_per_file {
+                self.done.push(self.cur.take().unwrap().finish()?);
+            }
+        }
+        Ok(())
+    }
+    fn finish(mut self) -> Result<Vec<TokenFileInfo>> {
+        if let Some(w) = self.cur.take() {
+            if w.n_tokens() > 0 {
+                self.done.push(w.finish()?);
+            }
+        }
+        Ok(self.done)
+    }
+}
+
+fn existing_outputs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = n.strip_prefix(&format!("{prefix}_")).and_then(|r| r.strip_suffix(".bin")) {
+                if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) {
+                    v.push(e.path());
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+const BATCH_DOCS: usize = 2048;
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Tokenizes `opts.inputs` into token files; `progress(bytes_done, bytes_total)` is called after
+/// every batch of documents.
+pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<TokenizeReport> {
+    if opts.inputs.is_empty() {
+        return Err(Error::Config("tokenize: no input files".into()));
+    }
+    if opts.max_tokens_per_file == 0 || opts.max_tokens_per_file > i32::MAX as u64 {
+        return Err(Error::Config(format!(
+            "tokenize: tokens per file must be in 1..={}, got {}",
+            i32::MAX,
+            opts.max_tokens_per_file
+        )));
+    }
+    let mut total_bytes = 0u64;
+    for p in &opts.inputs {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ext != "txt" && ext != "jsonl" {
+            return Err(Error::file(p, "unsupported input: expected a .txt or .jsonl file"));
+        }
+        total_bytes += std::fs::metadata(p).map_err(|e| Error::file(p, format!("cannot read input: {e}")))?.len();
+    }
+    let tj = tokenizer_json_path(&opts.tokenizer)?;
+    let tok = load_tokenizer(&tj)?;
+    let vocab = tok.get_vocab_size(true);
+    if vocab == 0 || vocab > i32::MAX as usize {
+        return Err(Error::file(&tj, format!("tokenizer vocabulary size {vocab} is not usable")));
+    }
+    let vocab = vocab as u32;
+    let eos = match opts.eos_id {
+        Some(e) => e,
+        None => find_eos(&tok, tj.parent().unwrap_or(Path::new(".")))?,
+    };
+    if eos >= vocab {
+        return Err(Error::Config(format!("EOS id {eos} is outside the tokenizer's vocabulary of {vocab}")));
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::file(&opts.out_dir, format!("cannot create: {e}")))?;
+    let old = existing_outputs(&opts.out_dir, &opts.prefix);
+    if !old.is_empty() {
+        if !opts.overwrite {
+            return Err(Error::file(
+                &old[0],
+                format!("output exists ({} file(s) named {}_NNN.bin); remove them or allow overwriting", old.len(), opts.prefix),
+            ));
+        }
+        for p in old {
+            std::fs::remove_file(&p).map_err(|e| Error::file(&p, format!("cannot remove: {e}")))?;
+        }
+    }
+
+    let mut out = SplitWriter { opts, vocab, cur: None, done: Vec::new() };
+    let mut docs: Vec<String> = Vec::new();
+    let mut doc_bytes = 0usize;
+    let mut done_bytes = 0u64;
+    let mut pending_bytes = 0u64;
+    let mut n_docs = 0u64;
+    let mut n_tokens = 0u64;
+    progress(0, total_bytes);
+
+    let mut flush = |docs: &mut Vec<String>, pending: &mut u64, out: &mut SplitWriter| -> Result<()> {
+        if !docs.is_empty() {
+            let encs = tok
+                .encode_batch(docs.iter().map(|s| s.as_str()).collect::<Vec<_>>(), opts.add_special_tokens)
+                .map_err(|e| Error::file(&tj, format!("tokenizer failed: {e}")))?;
+            let mut buf: Vec<i32> = Vec::new();
+            for enc in encs {
+                buf.clear();
+                for &id in enc.get_ids() {
+                    if id >= vocab {
+                        return Err(Error::file(&tj, format!("tokenizer produced id {id} outside its vocabulary of {vocab}")));
+                    }
+                    buf.push(id as i32);
+                }
+                buf.push(eos as i32);
+                n_tokens += buf.len() as u64;
+                n_docs += 1;
+                out.push(&buf)?;
+            }
+            docs.clear();
+        }
+        done_bytes += *pending;
+        *pending = 0;
+        progress(done_bytes, total_bytes);
+        Ok(())
+    };
+
+    for p in &opts.inputs {
+        let is_txt = p.extension().and_then(|e| e.to_str()) == Some("txt");
+        if is_txt {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read as UTF-8 text: {e}")))?;
+            pending_bytes += text.len() as u64;
+            if !text.is_empty() {
+                doc_bytes += text.len();
+                docs.push(text);
+            }
+        } else {
+            let f = std::fs::File::open(p).map_err(|e| Error::file(p, format!("cannot open: {e}")))?;
+            let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+            let mut line = String::new();
+            let mut lineno = 0u64;
+            loop {
+                line.clear();
+                let n = r.read_line(&mut line).map_err(|e| Error::file(p, format!("line {}: cannot read: {e}", lineno + 1)))?;
+                if n == 0 {
+                    break;
+                }
+                lineno += 1;
+                pending_bytes += n as u64;
+                let l = line.trim();
+                if l.is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value =
+                    serde_json::from_str(l).map_err(|e| Error::file(p, format!("line {lineno}: not valid JSON: {e}")))?;
+                let text = match v.get(&opts.field) {
+                    Some(serde_json::Value::String(s)) => s,
+                    Some(other) => {
+                        return Err(Error::file(p, format!("line {lineno}: field `{}` is not a string: {other}", opts.field)))
+                    }
+                    None => return Err(Error::file(p, format!("line {lineno}: no field `{}`", opts.field))),
+                };
+                if text.is_empty() {
+                    continue;
+                }
+                doc_bytes += text.len();
+                docs.push(text.clone());
+                if docs.len() >= BATCH_DOCS || doc_bytes >= BATCH_BYTES {
+                    flush(&mut docs, &mut pending_bytes, &mut out)?;
+                    doc_bytes = 0;
+                }
+            }
+        }
+        if docs.len() >= BATCH_DOCS || doc_bytes >= BATCH_BYTES {
+            flush(&mut docs, &mut pending_bytes, &mut out)?;
+            doc_bytes = 0;
+        }
+    }
+    flush(&mut docs, &mut pending_bytes, &mut out)?;
+    let files = out.finish()?;
+    if files.is_empty() {
+        return Err(Error::Config("tokenize: the inputs hold no text; nothing written".into()));
+    }
+    Ok(TokenizeReport { files, documents: n_docs, tokens: n_tokens, vocab_size: vocab, eos_id: eos })
+}

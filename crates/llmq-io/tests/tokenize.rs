@@ -1,0 +1,115 @@
+mod common;
+use common::*;
+use llmq_io::tokenize::*;
+use llmq_io::tokfile::read_token_file;
+use std::path::Path;
+
+const VOCAB: &[&str] = &["[UNK]", "[EOS]", "hello", "world", "foo", "bar"];
+
+fn write_tokenizer(dir: &Path) -> std::path::PathBuf {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        VOCAB.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::Value::from(i))).collect();
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 1, "content": "[EOS]", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let p = dir.join("tokenizer.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&tok).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn text_and_jsonl_with_eos_and_split() {
+    let d = tmpdir("tk_basic");
+    let tj = write_tokenizer(&d);
+    let a = d.join("a.txt");
+    std::fs::write(&a, "hello world\nfoo").unwrap();
+    let b = d.join("b.jsonl");
+    std::fs::write(&b, "{\"text\": \"bar hello\", \"id\": 1}\n{\"text\": \"world\"}\n\n{\"text\": \"zzz foo\"}\n").unwrap();
+    let out = d.join("out");
+    let mut opts = TokenizeOptions::new(vec![a.clone(), b.clone()], d.clone(), out.clone());
+    opts.max_tokens_per_file = 4;
+    let mut calls = Vec::new();
+    let rep = tokenize(&opts, &mut |done, total| calls.push((done, total))).unwrap();
+    // a.txt: hello world foo EOS | b: bar hello EOS | world EOS | [UNK] foo EOS
+    let want: Vec<i32> = vec![2, 3, 4, 1, 5, 2, 1, 3, 1, 0, 4, 1];
+    assert_eq!(rep.eos_id, 1);
+    assert_eq!(rep.vocab_size, 6);
+    assert_eq!(rep.documents, 4);
+    assert_eq!(rep.tokens, 12);
+    assert_eq!(rep.files.len(), 3);
+    let mut all = Vec::new();
+    for (i, f) in rep.files.iter().enumerate() {
+        assert_eq!(f.path, out.join(format!("out_{i:03}.bin")));
+        let data = read_token_file(&f.path, None).unwrap();
+        assert_eq!(data.info.version, 2);
+        assert_eq!(data.info.vocab_size, Some(6));
+        assert!(data.mask.is_none());
+        assert!(data.tokens.len() <= 4);
+        all.extend(data.tokens);
+    }
+    assert_eq!(all, want);
+    let total = std::fs::metadata(&a).unwrap().len() + std::fs::metadata(&b).unwrap().len();
+    assert_eq!(calls.first(), Some(&(0, total)));
+    assert_eq!(calls.last(), Some(&(total, total)));
+    assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
+
+    // running again refuses to clobber, unless asked
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &out.join("out_000.bin"), &["output exists"]);
+    opts.overwrite = true;
+    opts.max_tokens_per_file = 100;
+    opts.eos_id = Some(5); // explicit EOS id wins
+    opts.tokenizer = tj.clone();
+    let rep = tokenize(&opts, &mut |_, _| {}).unwrap();
+    assert_eq!(rep.files.len(), 1);
+    assert!(!out.join("out_001.bin").exists(), "stale outputs removed");
+    let data = read_token_file(&rep.files[0].path, None).unwrap();
+    assert_eq!(data.tokens, vec![2, 3, 4, 5, 5, 2, 5, 3, 5, 0, 4, 5]);
+}
+
+#[test]
+fn eos_from_tokenizer_config_and_errors() {
+    let d = tmpdir("tk_cfg");
+    write_tokenizer(&d);
+    // tokenizer_config.json names the EOS token
+    std::fs::write(d.join("tokenizer_config.json"), r#"{"eos_token": {"content": "bar"}}"#).unwrap();
+    let j = d.join("docs.jsonl");
+    std::fs::write(&j, "{\"body\": \"hello\"}\n").unwrap();
+    let mut opts = TokenizeOptions::new(vec![j.clone()], d.clone(), d.join("o"));
+    opts.field = "body".into();
+    let rep = tokenize(&opts, &mut |_, _| {}).unwrap();
+    assert_eq!(rep.eos_id, 5);
+    assert_eq!(read_token_file(&rep.files[0].path, None).unwrap().tokens, vec![2, 5]);
+
+    // a line without the field names file and line
+    std::fs::write(&j, "{\"body\": \"hello\"}\n{\"text\": \"x\"}\n").unwrap();
+    opts.overwrite = true;
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &j, &["line 2", "no field `body`"]);
+    std::fs::write(&j, "{\"body\": 3}\n").unwrap();
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &j, &["line 1", "not a string"]);
+    std::fs::write(&j, "not json\n").unwrap();
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &j, &["line 1", "not valid JSON"]);
+    // unsupported input and EOS outside the vocabulary
+    let csv = d.join("x.csv");
+    std::fs::write(&csv, "a,b").unwrap();
+    opts.inputs = vec![csv.clone()];
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &csv, &[".txt or .jsonl"]);
+    std::fs::write(&j, "{\"body\": \"hello\"}\n").unwrap();
+    opts.inputs = vec![j.clone()];
+    opts.eos_id = Some(6);
+    assert_err_contains(tokenize(&opts, &mut |_, _| {}), &["EOS id 6", "vocabulary of 6"]);
+    // a broken tokenizer file
+    let bad = tmpdir("tk_badtok");
+    std::fs::write(bad.join("tokenizer.json"), "{").unwrap();
+    opts.tokenizer = bad.clone();
+    opts.eos_id = None;
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &bad.join("tokenizer.json"), &["cannot load tokenizer"]);
+}
