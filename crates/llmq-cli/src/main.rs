@@ -1,7 +1,9 @@
 //! The `llmq` command-line tool.
 
 mod device;
+mod files_cmd;
 mod plot;
+mod signals;
 mod train_args;
 mod train_cmd;
 
@@ -20,6 +22,10 @@ enum Cmd {
     Train(train_args::TrainArgs),
     /// Draw the train/eval loss curves of a JSON-lines log into an SVG image.
     Plot(plot::PlotArgs),
+    /// Turn text or JSONL into token files with a Hugging Face tokenizer.json.
+    Tokenize(files_cmd::TokenizeArgs),
+    /// Export a checkpoint as a Hugging Face model directory.
+    Export(files_cmd::ExportArgs),
 }
 
 fn main() {
@@ -27,6 +33,8 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Train(a) => train_cmd::run(a),
         Cmd::Plot(a) => plot::run(a),
+        Cmd::Tokenize(a) => files_cmd::run_tokenize(a),
+        Cmd::Export(a) => files_cmd::run_export(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -82,8 +82,10 @@ pub fn render_svg(c: &Curves, title: &str) -> String {
     for i in 0..=5 {
         let y = y0 + (y1 - y0) * i as f64 / 5.0;
         let x = x0 + (x1 - x0) * i as f64 / 5.0;
-        let _ = writeln!(s, r##"<line x1="{ml}" x2="{}" y1="{2}" y2="{2}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{y:.3}</text>"##, w - mr, sy(y), ml - 6.0, sy(y) + 4.0);
-        let _ = writeln!(s, r##"<line y1="{mt}" y2="{}" x1="{2}" x2="{2}" stroke="#eee"/><text x="{2}" y="{}" text-anchor="middle">{x:.0}</text>"##, h - mb, sx(x), h - mb + 16.0);
+        let (xr, yy, lx, ly) = (w - mr, sy(y), ml - 6.0, sy(y) + 4.0);
+        let _ = writeln!(s, r##"<line x1="{ml}" x2="{xr}" y1="{yy}" y2="{yy}" stroke="#ddd"/><text x="{lx}" y="{ly}" text-anchor="end">{y:.3}</text>"##);
+        let (yb, xx, ty) = (h - mb, sx(x), h - mb + 16.0);
+        let _ = writeln!(s, r##"<line y1="{mt}" y2="{yb}" x1="{xx}" x2="{xx}" stroke="#eee"/><text x="{xx}" y="{ty}" text-anchor="middle">{x:.0}</text>"##);
     }
     let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#, w / 2.0, h - 12.0);
     let _ = writeln!(s, r#"<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">loss (nats/token)</text>"#, h / 2.0, h / 2.0);
@@ -98,7 +100,8 @@ pub fn render_svg(c: &Curves, title: &str) -> String {
     }
     let mut legend = vec![("#1f77b4", "train loss".to_string()), ("#d62728", "eval loss".to_string())];
     if let Some(f) = c.floor {
-        let _ = writeln!(s, r##"<line x1="{ml}" x2="{}" y1="{2}" y2="{2}" stroke="#2ca02c" stroke-dasharray="6 4"/>"##, w - mr, sy(f));
+        let (xr, yf) = (w - mr, sy(f));
+        let _ = writeln!(s, r##"<line x1="{ml}" x2="{xr}" y1="{yf}" y2="{yf}" stroke="#2ca02c" stroke-dasharray="6 4"/>"##);
         legend.push(("#2ca02c", format!("entropy floor {f:.3}")));
     }
     for (i, (color, label)) in legend.iter().enumerate() {

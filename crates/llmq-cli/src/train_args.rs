@@ -138,6 +138,33 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 5, help_heading = "Evaluation and logging")]
     pub max_bad_steps: u32,
 
+    // ---- checkpoints ----
+    /// Directory of checkpoints (step_NNNNNNNN/). Setting it enables the checkpoint at the end
+    /// and on SIGINT/SIGTERM.
+    #[arg(long, help_heading = "Checkpoints")]
+    pub ckpt_dir: Option<PathBuf>,
+    /// Write a checkpoint every N steps (0: only at the end and on a signal).
+    #[arg(long, default_value_t = 0, help_heading = "Checkpoints")]
+    pub ckpt_interval: u64,
+    /// Keep the newest N checkpoints (0: keep all).
+    #[arg(long, default_value_t = 3, help_heading = "Checkpoints")]
+    pub keep_last: usize,
+    /// Also keep every checkpoint whose step is a multiple of M ("major").
+    #[arg(long, help_heading = "Checkpoints")]
+    pub keep_major: Option<u64>,
+    /// Resume: the newest complete checkpoint (no value), a step number, or a checkpoint path.
+    #[arg(long = "continue", num_args = 0..=1, default_missing_value = "latest", value_name = "STEP|PATH", help_heading = "Checkpoints")]
+    pub continue_from: Option<String>,
+    /// Stop after this step (writing a checkpoint), as if interrupted; the schedule still spans --steps.
+    #[arg(long, help_heading = "Checkpoints")]
+    pub stop_at: Option<u64>,
+    /// Export the trained model (HF safetensors + config.json) into this directory at the end.
+    #[arg(long, help_heading = "Checkpoints")]
+    pub export: Option<PathBuf>,
+    /// dtype of the exported weights: bf16 or fp32.
+    #[arg(long, default_value = "bf16", help_heading = "Checkpoints")]
+    pub export_dtype: String,
+
     // ---- device ----
     /// auto (a GPU when present, else the CPU), cpu or cuda.
     #[arg(long, default_value = "auto", help_heading = "Device")]
@@ -171,6 +198,15 @@ impl TrainArgs {
             if on {
                 return Err(Error::Config(format!("{flag}: host offloading is not implemented yet")));
             }
+        }
+        if self.continue_from.is_some() && self.ckpt_dir.is_none() {
+            return Err(Error::Config("--continue needs --ckpt-dir (where to look for checkpoints)".into()));
+        }
+        if self.ckpt_interval > 0 && self.ckpt_dir.is_none() {
+            return Err(Error::Config("--ckpt-interval needs --ckpt-dir".into()));
+        }
+        if self.stop_at == Some(0) || self.stop_at.is_some_and(|s| s > self.steps) {
+            return Err(Error::Config(format!("--stop-at must be in 1..={} (--steps), got {:?}", self.steps, self.stop_at)));
         }
         if self.train_file.is_some() && self.random_data {
             return Err(Error::Config("--random-data and --train-file exclude each other".into()));

@@ -4,22 +4,28 @@
 use crate::device;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
+use crate::signals;
 use llmq_io::data::BatchSource;
+use llmq_io::loader::{self, LoaderOptions, TokenLoader};
+use llmq_io::{ckpt, hf};
 use llmq_train::log::JsonLog;
 use llmq_train::synthetic::{MarkovSource, RandomTokens};
-use llmq_train::{flops, Trainer};
-use std::path::Path;
+use llmq_train::{checkpoint, flops, Trainer};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 /// The model shape and where its weights come from.
 struct ModelChoice {
     cfg: ModelConfig,
     describe: String,
+    /// A Hugging Face directory to load weights (and tokenizer files for export) from.
+    dir: Option<PathBuf>,
 }
 
 fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
     let Some(name) = &args.model else {
         let cfg = ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab);
-        return Ok(ModelChoice { cfg, describe: "embedded default (tiny qwen2-style, from scratch)".into() });
+        return Ok(ModelChoice { cfg, describe: "embedded default (tiny qwen2-style, from scratch)".into(), dir: None });
     };
     if let Some(cfg) = ModelConfig::builtin(name) {
         if !args.from_scratch {
@@ -28,20 +34,49 @@ fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
             )));
         }
         let cfg = if name == "tiny" { ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab) } else { cfg };
-        return Ok(ModelChoice { cfg, describe: format!("built-in shape {name}, from scratch") });
+        return Ok(ModelChoice { cfg, describe: format!("built-in shape {name}, from scratch"), dir: None });
     }
-    let dir = Path::new(name);
-    if dir.join("config.json").is_file() {
-        let cfg = ModelConfig::from_hf_json(&dir.join("config.json"))?;
-        if !args.from_scratch {
-            return Err(Error::Config(format!(
-                "--model {name}: loading pretrained weights comes with the checkpoint/import issue; use --from-scratch to train this shape"
-            )));
+    let dir = hf::resolve_model_dir(name).map_err(|e| {
+        Error::Config(format!("--model {name}: not a built-in shape ({}) and {e}", ModelConfig::BUILTIN_NAMES.join(", ")))
+    })?;
+    let cfg = hf::load_config(&dir)?;
+    let how = if args.from_scratch { "config only, from scratch" } else { "pretrained weights" };
+    Ok(ModelChoice { cfg, describe: format!("{} ({how})", dir.display()), dir: Some(dir) })
+}
+
+type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>, Option<f64>);
+
+fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &llmq_train::TrainConfig) -> Result<Sources> {
+    let eval_file = |args: &TrainArgs| -> Result<Option<Box<dyn BatchSource>>> {
+        match &args.eval_file {
+            None => Ok(None),
+            Some(p) => {
+                let files = loader::expand_glob(p)?;
+                Ok(Some(Box::new(TokenLoader::eval(&files, tc.seq_len, 0, 1, Some(cfg.vocab_size))?)))
+            }
         }
-        return Ok(ModelChoice { cfg, describe: format!("{name}/config.json, from scratch") });
+    };
+    if let Some(pattern) = &args.train_file {
+        let opts = LoaderOptions { vocab_limit: Some(cfg.vocab_size), ..LoaderOptions::train(tc.seq_len, tc.seed) };
+        let train = TokenLoader::from_glob(pattern, opts)?;
+        return Ok((Box::new(train), eval_file(args)?, None));
     }
-    let names = ModelConfig::BUILTIN_NAMES.join(", ");
-    Err(Error::Config(format!("--model {name}: not a built-in shape ({names}) and not a directory with config.json")))
+    if args.random_data {
+        return Ok((Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)), eval_file(args)?, None));
+    }
+    if args.synthetic_vocab > cfg.vocab_size || args.synthetic_vocab < 2 {
+        return Err(Error::Config(format!(
+            "--synthetic-vocab must be in 2..={} (the model's vocab_size), got {}",
+            cfg.vocab_size, args.synthetic_vocab
+        )));
+    }
+    let src = MarkovSource::new(args.synthetic_vocab, tc.seed);
+    let floor = src.entropy_rate();
+    let eval: Box<dyn BatchSource> = match eval_file(args)? {
+        Some(e) => e,
+        None => Box::new(src.stream(u64::MAX).mark_start()),
+    };
+    Ok((Box::new(src.stream(0)), Some(eval), Some(floor)))
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -51,23 +86,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     tc.validate(&model.cfg)?;
     let cfg = model.cfg;
 
-    // data
-    let (data, eval, floor): (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>, Option<f64>) = if args.train_file.is_some() {
-        return Err(Error::Config("--train-file: token-file training comes with the data issue; not available in this build".into()));
-    } else if args.random_data {
-        (Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)), None, None)
-    } else {
-        if args.synthetic_vocab > cfg.vocab_size || args.synthetic_vocab < 2 {
-            return Err(Error::Config(format!(
-                "--synthetic-vocab must be in 2..={} (the model's vocab_size), got {}",
-                cfg.vocab_size, args.synthetic_vocab
-            )));
-        }
-        let src = MarkovSource::new(args.synthetic_vocab, tc.seed);
-        let floor = src.entropy_rate();
-        let eval: Box<dyn BatchSource> = Box::new(src.stream(u64::MAX).mark_start());
-        (Box::new(src.stream(0)), Some(eval), Some(floor))
-    };
+    let (data, eval, floor) = resolve_data(&args, &cfg, &tc)?;
 
     // resolved configuration
     println!("llmq train");
@@ -83,7 +102,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let mut trainer = Trainer::new(be, &cfg, tc.clone(), data, eval)?;
     print_memory(&trainer);
-    trainer.init_from_scratch()?;
+    match (&args.continue_from, &model.dir) {
+        (Some(which), _) => {
+            let root = args.ckpt_dir.as_ref().expect("validated");
+            let dir = ckpt::resolve_continue(root, Some(which))?;
+            checkpoint::load(&mut trainer, &dir)?;
+            println!("resumed from {} at step {}", dir.display(), trainer.step);
+        }
+        (None, Some(dir)) if !args.from_scratch => {
+            let groups = hf::load_weights(dir, &cfg)?;
+            trainer.model.params.set_master_f32(trainer.be.as_ref(), &groups)?;
+            println!("loaded weights from {}", dir.display());
+        }
+        _ => trainer.init_from_scratch()?,
+    }
+    let stop = signals::install();
     if let Some(path) = &args.log_file {
         let mut log = JsonLog::open(path)?;
         log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
@@ -95,7 +128,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let peaks = gpu.and_then(|g| g.peaks);
     let steps = tc.steps;
     let mut last_eval = None;
-    while trainer.step < steps {
+    let stop_at = args.stop_at.unwrap_or(steps);
+    let mut interrupted = false;
+    while trainer.step < stop_at {
         let st = trainer.train_step()?;
         let tps = st.tokens as f64 / st.seconds;
         if let Some(log) = &mut trainer.log {
@@ -132,9 +167,47 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 last_eval = Some(ev);
             }
         }
+        let periodic = args.ckpt_interval > 0 && st.step % args.ckpt_interval == 0;
+        if periodic && st.step < stop_at {
+            save_checkpoint(&mut trainer, &args)?;
+        }
+        if stop.load(Ordering::SeqCst) {
+            println!("signal received: stopping after step {}", st.step);
+            interrupted = true;
+            break;
+        }
+    }
+    if args.ckpt_dir.is_some() {
+        save_checkpoint(&mut trainer, &args)?;
+    } else if interrupted {
+        println!("no --ckpt-dir: stopping without a checkpoint");
+    }
+    if let Some(out) = &args.export {
+        let dtype = llmq_core::DType::parse(&args.export_dtype)
+            .filter(|d| matches!(d, llmq_core::DType::F32 | llmq_core::DType::BF16))
+            .ok_or_else(|| Error::Config(format!("--export-dtype: expected bf16 or fp32, got {:?}", args.export_dtype)))?;
+        let groups = trainer.model.params.master_f32(trainer.be.as_ref())?;
+        hf::export_model(out, &cfg, &groups, dtype, model.dir.as_deref())?;
+        println!("exported {} ({dtype}) to {}", cfg.arch.hf_name(), out.display());
     }
     if let (Some(ev), Some(f)) = (last_eval, floor) {
         println!("done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}", ev - f);
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint of the current state (skipping a poisoned state) and applies retention.
+fn save_checkpoint(tr: &mut Trainer, args: &TrainArgs) -> Result<()> {
+    let Some(root) = &args.ckpt_dir else { return Ok(()) };
+    if tr.bad_in_a_row > 0 {
+        println!("not writing a checkpoint at step {}: the last step was not finite", tr.step);
+        return Ok(());
+    }
+    let dir = checkpoint::save(tr, root)?;
+    let removed = ckpt::prune(root, args.keep_last, args.keep_major)?;
+    println!("checkpoint {} written{}", dir.display(), if removed.is_empty() { String::new() } else { format!(" ({} old removed)", removed.len()) });
+    if let Some(log) = &mut tr.log {
+        log.write(&serde_json::json!({"type": "checkpoint", "step": tr.step, "path": dir}));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! about CUDA: backends are handed in as `Box<dyn Backend>`.
 
 pub mod acts;
+pub mod checkpoint;
 pub mod flops;
 pub mod init;
 pub mod log;

@@ -1,0 +1,93 @@
+//! `llmq tokenize` (text/JSONL -> token files) and `llmq export` (checkpoint -> HF model).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use llmq_core::{DType, Error, Result};
+use llmq_io::tokenize::{tokenize, TokenizeOptions};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct TokenizeArgs {
+    /// Input .txt files (one document each) or .jsonl files (one document per line).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// tokenizer.json, or a model directory holding one.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Output directory for {prefix}_NNN.bin token files.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// JSON field with the text in .jsonl inputs.
+    #[arg(long, default_value = "text")]
+    pub field: String,
+    /// Token appended after each document (default: the tokenizer's EOS).
+    #[arg(long)]
+    pub eos_id: Option<u32>,
+    #[arg(long, default_value = "out")]
+    pub prefix: String,
+    /// Start a new file after this many tokens.
+    #[arg(long, default_value_t = 100_000_000)]
+    pub max_tokens_per_file: u64,
+    /// Do not add the tokenizer's special tokens (e.g. BOS) around documents.
+    #[arg(long)]
+    pub no_special_tokens: bool,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+pub fn run_tokenize(a: TokenizeArgs) -> Result<()> {
+    let mut opts = TokenizeOptions::new(a.inputs, a.tokenizer, a.output);
+    opts.field = a.field;
+    opts.eos_id = a.eos_id;
+    opts.prefix = a.prefix;
+    opts.max_tokens_per_file = a.max_tokens_per_file;
+    opts.add_special_tokens = !a.no_special_tokens;
+    opts.overwrite = a.overwrite;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let report = tokenize(&opts, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{} documents, {} tokens (vocab {}, EOS {}) -> {} file(s):",
+        report.documents,
+        report.tokens,
+        report.vocab_size,
+        report.eos_id,
+        report.files.len()
+    );
+    for f in &report.files {
+        println!("  {} ({} tokens)", f.path.display(), f.n_tokens);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A checkpoint directory (ckpt/step_NNNNNNNN).
+    pub checkpoint: PathBuf,
+    /// Output directory (model.safetensors + config.json).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// bf16 or fp32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Copy tokenizer files from this model directory.
+    #[arg(long)]
+    pub tokenizer_from: Option<PathBuf>,
+}
+
+pub fn run_export(a: ExportArgs) -> Result<()> {
+    let dtype = DType::parse(&a.dtype)
+        .filter(|d| matches!(d, DType::F32 | DType::BF16))
+        .ok_or_else(|| Error::Config(format!("--dtype: expected bf16 or fp32, got {:?}", a.dtype)))?;
+    let (cfg, groups) = llmq_train::checkpoint::model_config(&a.checkpoint)?;
+    llmq_io::hf::export_model(&a.output, &cfg, &groups, dtype, a.tokenizer_from.as_deref())?;
+    println!("exported {} ({dtype}) to {}", cfg.arch.hf_name(), a.output.display());
+    Ok(())
+}
