@@ -137,3 +137,32 @@ fn export_writes_a_loadable_hf_model() {
     assert!(o.contains("loaded weights from"), "{o}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    let d = tmpdir("sigterm");
+    let ck = d.join("ck");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "100000", "--batch-size", "2", "--seq-len", "16", "--print-every", "1", "--eval-every", "0"])
+        .args(["--ckpt-dir", ck.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // wait until training runs, then ask it to stop
+    for l in lines.by_ref() {
+        if l.unwrap().starts_with("step      3/") {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}; output: {rest:?}");
+    let text = rest.join("\n");
+    assert!(text.contains("signal received") && text.contains("checkpoint"), "{text}");
+    let (step, _) = llmq_io::ckpt::latest_complete(&ck).unwrap().expect("a complete checkpoint");
+    assert!((3..100000).contains(&step), "checkpoint at step {step}");
+    let _ = std::fs::remove_dir_all(&d);
+}
