@@ -1,1 +1,319 @@
-//! llmq-cuda (being written)
+//! llmq-cuda: the CUDA backend of the op interface (`llmq_core::Backend`).
+//!
+//! - Kernels: CUDA C++ in `kernels/`, compiled by build.rs into one fatbin that is embedded in the
+//!   library and loaded with the driver API at `CudaBackend::new`.
+//! - Matrix products: cuBLASLt (`blas.rs`), bf16/f32 and fp8 (e4m3/e5m2, TN layout).
+//! - The CUDA libraries are loaded at run time (cudarc's dynamic loading), so the crate builds and
+//!   its tests run (skipping) on machines without CUDA. `cuda_available()` checks for the driver,
+//!   cuBLASLt, the embedded kernels and a device before anything can panic in the loader.
+//!
+//! Streams: every op runs on the backend's compute stream; `copy` may use the copy stream;
+//! events order the two. Memory is allocated only by `alloc` (plus the fixed scratch and cuBLASLt
+//! workspace at construction), never inside ops.
+
+mod blas;
+mod device;
+mod kernels;
+mod ops;
+
+use device::{check, Device};
+use kernels::Kernels;
+use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, MemCategory, Result, Segment, Shape, Stream, Tensor};
+use std::cell::{Cell, RefCell};
+
+pub use kernels::KERNELS_BUILT;
+
+/// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
+/// attention backward's row statistics.
+pub const SCRATCH_BYTES: usize = 64 << 20;
+
+/// Which attention kernels to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnImpl {
+    /// Tensor-core kernels where they apply (bf16, Hd 64 or 128), the simple ones elsewhere.
+    Auto,
+    /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
+    Simple,
+}
+
+/// Ok when a CUDA device can be used: the kernels were built, the driver and cuBLASLt libraries
+/// load, and at least one device exists. Otherwise the reason.
+pub fn cuda_available() -> std::result::Result<(), String> {
+    if !KERNELS_BUILT {
+        return Err("llmq-cuda was built without CUDA kernels (nvcc not found at build time; run scripts/install-nvcc.sh)".into());
+    }
+    // SAFETY: these only try to dlopen the libraries.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) cannot be loaded".into());
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        return Err("the cuBLASLt library (libcublasLt.so) cannot be loaded (add its directory to LD_LIBRARY_PATH)".into());
+    }
+    // SAFETY: plain driver calls with out-pointers to locals, after the library check.
+    unsafe {
+        use cudarc::driver::sys;
+        let r = sys::cuInit(0);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuInit failed: {}", device::error_string(r)));
+        }
+        let mut n = 0;
+        let r = sys::cuDeviceGetCount(&mut n);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuDeviceGetCount failed: {}", device::error_string(r)));
+        }
+        if n == 0 {
+            return Err("no CUDA device".into());
+        }
+    }
+    Ok(())
+}
+
+/// Number of CUDA devices (0 when CUDA is unavailable).
+pub fn device_count() -> usize {
+    if cuda_available().is_err() {
+        return 0;
+    }
+    let mut n = 0;
+    // SAFETY: out-pointer to a local; the driver was initialised by cuda_available.
+    unsafe { cudarc::driver::sys::cuDeviceGetCount(&mut n) };
+    n.max(0) as usize
+}
+
+/// The CUDA backend for one device.
+pub struct CudaBackend {
+    // Field order matters for Drop: cuBLASLt and the module go before the context.
+    blas: RefCell<blas::Blas>,
+    k: Kernels,
+    dev: Device,
+    scratch: u64,
+    attn: Cell<AttnImpl>,
+}
+
+// SAFETY: the backend owns its context, streams and memory; every entry point makes the context
+// current on the calling thread first, so moving it to another thread is sound. It is not Sync
+// (RefCell/Cell): one thread uses it at a time.
+unsafe impl Send for CudaBackend {}
+
+impl CudaBackend {
+    /// Opens device `ordinal`: context, streams, kernel module, cuBLASLt handle, workspace and
+    /// scratch memory.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        if !KERNELS_BUILT {
+            return Err(Error::Backend("llmq-cuda was built without CUDA kernels (no nvcc at build time; run scripts/install-nvcc.sh and rebuild)".into()));
+        }
+        cuda_available().map_err(Error::Backend)?;
+        let mut dev = Device::new(ordinal)?;
+        let k = Kernels::load()?;
+        // Kernels whose dynamic shared memory may exceed the default 48 KiB.
+        let optin = dev.max_smem_optin.max(48 << 10) as u32;
+        for f in [k.rmsnorm_bwd, k.embedding_bwd, k.attn_bwd_dkv_mma128, k.attn_bwd_dkv_mma64, k.attn_bwd_dq_mma128, k.attn_bwd_dq_mma64, k.qknorm_bwd] {
+            kernels::set_max_dynamic_smem(f, optin)?;
+        }
+        let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;
+        let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
+        let blas = blas::Blas::new(ws)?;
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn: Cell::new(AttnImpl::Auto) })
+    }
+
+    /// Device name, e.g. "NVIDIA H200".
+    pub fn device_name(&self) -> &str {
+        &self.dev.name
+    }
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.dev.cc
+    }
+    pub fn sm_count(&self) -> u32 {
+        self.dev.sm_count
+    }
+    /// cuBLASLt version number (e.g. 130100).
+    pub fn cublaslt_version(&self) -> usize {
+        blas::Blas::version()
+    }
+    pub fn set_attention_impl(&self, imp: AttnImpl) {
+        self.attn.set(imp);
+    }
+    pub fn attention_impl(&self) -> AttnImpl {
+        self.attn.get()
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let _ = self.dev.synchronize();
+        self.k.unload();
+        // blas is dropped with the fields, before `dev` releases the context.
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{}", self.dev.ordinal)
+    }
+
+    fn alloc(&mut self, cat: MemCategory, mem: Mem, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+        let shape = Shape::new(dims);
+        let bytes = shape.numel().checked_mul(dtype.size()).ok_or_else(|| Error::OutOfMemory(format!("{dims:?}: size overflows")))?;
+        let addr = self.dev.alloc(cat, mem, bytes)?;
+        Ok(Tensor { addr, dtype, shape, mem })
+    }
+
+    fn memory_by_category(&self) -> Vec<(MemCategory, Mem, usize)> {
+        self.dev.memory_by_category()
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        self.dev.bind().ok()?;
+        self.dev.free_memory()
+    }
+
+    fn upload(&self, dst: &Tensor, src: &[u8]) -> Result<()> {
+        if src.len() != dst.bytes() {
+            return Err(Error::Op(format!("upload: {} bytes into {:?}", src.len(), dst)));
+        }
+        self.dev.synchronize()?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        match dst.mem {
+            // SAFETY: dst is a pinned host allocation of dst.bytes() bytes (mapped, host-visible);
+            // all device work was waited for, so nothing else touches it.
+            Mem::Host => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.addr as *mut u8, src.len()) },
+            // SAFETY: dst addresses dst.bytes() == src.len() device bytes; the copy is synchronous.
+            Mem::Device => check(
+                unsafe { cudarc::driver::sys::cuMemcpyHtoD_v2(dst.addr, src.as_ptr() as *const std::ffi::c_void, src.len()) },
+                "cuMemcpyHtoD",
+            )?,
+        }
+        Ok(())
+    }
+
+    fn download(&self, src: &Tensor) -> Result<Vec<u8>> {
+        self.dev.synchronize()?;
+        let mut out = vec![0u8; src.bytes()];
+        if out.is_empty() {
+            return Ok(out);
+        }
+        match src.mem {
+            // SAFETY: src is a pinned host allocation of src.bytes() bytes; device work is done.
+            Mem::Host => unsafe { std::ptr::copy_nonoverlapping(src.addr as *const u8, out.as_mut_ptr(), out.len()) },
+            // SAFETY: src addresses out.len() device bytes; the copy is synchronous.
+            Mem::Device => check(
+                unsafe { cudarc::driver::sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut std::ffi::c_void, src.addr, out.len()) },
+                "cuMemcpyDtoH",
+            )?,
+        }
+        Ok(out)
+    }
+
+    fn copy(&self, dst: &Tensor, src: &Tensor, stream: Stream) -> Result<()> {
+        if dst.dtype != src.dtype || dst.numel() != src.numel() {
+            return Err(Error::Op(format!("copy: {src:?} -> {dst:?}: dtype and size must match")));
+        }
+        if src.bytes() == 0 || dst.addr == src.addr {
+            return Ok(());
+        }
+        self.dev.bind()?;
+        // SAFETY: both addresses are device or mapped pinned host allocations (unified addressing)
+        // of at least src.bytes() bytes; the copy is ordered on `stream`.
+        check(unsafe { cudarc::driver::sys::cuMemcpyAsync(dst.addr, src.addr, src.bytes(), self.dev.stream(stream)) }, "cuMemcpyAsync")
+    }
+
+    fn zero(&self, t: &Tensor) -> Result<()> {
+        self.dev.bind()?;
+        if t.bytes() == 0 {
+            return Ok(());
+        }
+        // SAFETY: t addresses t.bytes() bytes of device or mapped pinned memory.
+        check(unsafe { cudarc::driver::sys::cuMemsetD8Async(t.addr, 0, t.bytes(), self.dev.compute) }, "cuMemsetD8Async")
+    }
+
+    fn convert(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        self.op_convert(dst, src)
+    }
+
+    fn create_event(&mut self) -> Result<Event> {
+        Ok(Event(self.dev.create_event()?))
+    }
+    fn record(&self, ev: Event, stream: Stream) -> Result<()> {
+        self.dev.bind()?;
+        let e = self.dev.event(ev.0)?;
+        // SAFETY: e and the stream are live handles of this context.
+        check(unsafe { cudarc::driver::sys::cuEventRecord(e, self.dev.stream(stream)) }, "cuEventRecord")
+    }
+    fn wait(&self, stream: Stream, ev: Event) -> Result<()> {
+        self.dev.bind()?;
+        let e = self.dev.event(ev.0)?;
+        // SAFETY: e and the stream are live handles of this context.
+        check(unsafe { cudarc::driver::sys::cuStreamWaitEvent(self.dev.stream(stream), e, 0) }, "cuStreamWaitEvent")
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    fn matmul(&self, args: &Matmul) -> Result<()> {
+        self.dev.bind()?;
+        self.blas.borrow_mut().matmul(args, self.dev.compute)
+    }
+    fn embedding_fwd(&self, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {
+        self.op_embedding_fwd(out, ids, table)
+    }
+    fn embedding_bwd(&self, dtable: &Tensor, ids: &Tensor, dout: &Tensor) -> Result<()> {
+        self.op_embedding_bwd(dtable, ids, dout)
+    }
+    fn rmsnorm_fwd(&self, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_rmsnorm_fwd(out, rstd, x, w, eps, absmax)
+    }
+    fn residual_rmsnorm_fwd(&self, res_out: &Tensor, out: &Tensor, rstd: &Tensor, x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_residual_rmsnorm_fwd(res_out, out, rstd, x, delta, w, eps, absmax)
+    }
+    fn rmsnorm_bwd(&self, dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_rmsnorm_bwd(dx, dw, dout, x, w, rstd, dres, absmax)
+    }
+    fn qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: AttnShape, eps: f32) -> Result<()> {
+        self.op_qk_norm_fwd(out, rstd, qkv, qw, kw, shape, eps)
+    }
+    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape) -> Result<()> {
+        self.op_qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
+    }
+    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: AttnShape) -> Result<()> {
+        self.op_rope(out, qkv, freqs, shape, false, None)
+    }
+    fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_rope(dqkv, dout, freqs, shape, true, absmax)
+    }
+    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape) -> Result<()> {
+        self.op_attention_fwd(out, lse, qkv, shape)
+    }
+    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape) -> Result<()> {
+        self.op_attention_bwd(dqkv, dout, qkv, out, lse, shape)
+    }
+    fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_swiglu_fwd(out, inp, absmax)
+    }
+    fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_swiglu_bwd(dinp, dout, inp, absmax)
+    }
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
+        self.op_cross_entropy(logits, losses, targets, dloss)
+    }
+    fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
+        self.op_colsum(out, inp, accumulate)
+    }
+    fn absmax(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        self.op_absmax(out, inp)
+    }
+    fn quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<()> {
+        self.op_quantize(out, descale, inp, absmax, transpose)
+    }
+    fn transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        self.op_transpose(out, inp)
+    }
+    fn adamw(&self, args: &AdamW, segments: &[Segment]) -> Result<()> {
+        self.op_adamw(args, segments)
+    }
+    fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
+        self.op_sum_squares(out, slot, t)
+    }
+}

@@ -1,0 +1,614 @@
+// attention.cu: causal grouped-query attention, forward and backward, never materialising the
+// T x T score matrix (flash-attention style online softmax).
+//
+// Layout: qkv [B*T, (Hq + 2 Hkv) Hd], per row Hq query heads, then Hkv key heads, then Hkv value
+// heads; query head h reads kv head h / (Hq / Hkv). out [B*T, Hq Hd], lse f32 [B, Hq, T] (natural
+// log-sum-exp of the scaled scores), softmax scale 1/sqrt(Hd).
+//
+// Two implementations:
+// * "simple" (any float dtype, Hd <= 256): one warp per query row (forward, dQ) or per key row
+//   (dK/dV); lane l holds dims l, l+32, ...; dot products by warp shuffles. Slow, obviously
+//   correct, used as the fallback and as a cross-check of the fast path.
+// * "mma" (bf16 qkv/out/dout/dqkv, Hd in {64, 128}, 16-byte aligned rows): tensor cores through
+//   mma.sync.m16n8k16 (bf16 in, f32 accumulate), FlashAttention-2 structure. Blocks of 4 warps,
+//   64 query rows (16 per warp) x 64-key tiles in padded shared memory (row pitch Hd+8 elements,
+//   so that 8 rows of 16 bytes hit distinct banks). Score and probability fragments stay in
+//   registers: the accumulator layout of S = Q K^T is converted in place into the A-operand
+//   layout of P V; the V (and, in the backward, K, Q, dO) operands that are needed "k-major" are
+//   read with ldmatrix.trans. Softmax runs in the log2 domain (exp2f), lse is converted back.
+//   Backward: D = rowsum(dO o O) first; then one kernel per 64-query block computes dQ looping
+//   over key tiles, and one kernel per 64-key block computes dK and dV looping over all query
+//   heads of its group and all later query tiles. No atomics: deterministic.
+// Pitfalls: causal masking is only needed on the diagonal tile (earlier tiles are entirely
+// visible, and keys past T only occur in the diagonal tile for valid rows); rows past T are
+// computed on zero-filled tiles but never stored; P and dS are rounded to bf16 before their mma,
+// as in FlashAttention.
+#include "common.cuh"
+
+// ------------------------------------------------------------------------------------------
+// simple implementation
+// ------------------------------------------------------------------------------------------
+
+template <int NPL>
+LLMQ_DEV void attn_fwd_simple(void* out, int dt_out, float* lse, const void* qkv, int dt, int B, int T, int Hq, int Hkv, int Hd) {
+    int nw = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int i = blockIdx.x * nw + w, h = blockIdx.y, b = blockIdx.z;
+    if (i >= T) return;
+    long long Qw = (long long)(Hq + 2 * Hkv) * Hd;
+    int g = h / (Hq / Hkv);
+    long long rowq = ((long long)b * T + i) * Qw;
+    float q[NPL], o[NPL];
+#pragma unroll
+    for (int k = 0; k < NPL; k++) {
+        int d = lane + 32 * k;
+        q[k] = d < Hd ? load_f(qkv, rowq + (long long)h * Hd + d, dt) : 0.f;
+        o[k] = 0.f;
+    }
+    float scale = 1.0f / sqrtf((float)Hd);
+    float m = -INFINITY, l = 0.f;
+    for (int j = 0; j <= i; j++) {
+        long long rowk = ((long long)b * T + j) * Qw;
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < NPL; k++) {
+            int d = lane + 32 * k;
+            if (d < Hd) s += q[k] * load_f(qkv, rowk + (long long)(Hq + g) * Hd + d, dt);
+        }
+        s = warp_sum(s) * scale;
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn), p = expf(s - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int k = 0; k < NPL; k++) {
+            int d = lane + 32 * k;
+            if (d < Hd) o[k] = o[k] * corr + p * load_f(qkv, rowk + (long long)(Hq + Hkv + g) * Hd + d, dt);
+        }
+        m = mn;
+    }
+    long long rowo = (((long long)b * T + i) * Hq + h) * Hd;
+#pragma unroll
+    for (int k = 0; k < NPL; k++) {
+        int d = lane + 32 * k;
+        if (d < Hd) store_f(out, rowo + d, dt_out, o[k] / l);
+    }
+    if (lane == 0) lse[((long long)b * Hq + h) * T + i] = m + logf(l);
+}
+
+extern "C" __global__ void llmq_attn_fwd_simple4(void* out, int dt_out, float* lse, const void* qkv, int dt, int B, int T, int Hq, int Hkv, int Hd) {
+    attn_fwd_simple<4>(out, dt_out, lse, qkv, dt, B, T, Hq, Hkv, Hd);
+}
+extern "C" __global__ void llmq_attn_fwd_simple8(void* out, int dt_out, float* lse, const void* qkv, int dt, int B, int T, int Hq, int Hkv, int Hd) {
+    attn_fwd_simple<8>(out, dt_out, lse, qkv, dt, B, T, Hq, Hkv, Hd);
+}
+
+// Dv[b, h, t] = sum_d dout[n, h, d] * out[n, h, d]; one warp per (n, h).
+extern "C" __global__ void llmq_attn_bwd_d(float* Dv, const void* dout, int dt_do, const void* out, int dt_o, int B, int T, int Hq, int Hd) {
+    long long gw = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (gw >= (long long)B * T * Hq) return;
+    int h = (int)(gw % Hq);
+    long long n = gw / Hq;
+    long long base = gw * Hd;
+    float s = 0.f;
+    for (int d = lane; d < Hd; d += 32) s += load_f(dout, base + d, dt_do) * load_f(out, base + d, dt_o);
+    s = warp_sum(s);
+    int b = (int)(n / T), t = (int)(n % T);
+    if (lane == 0) Dv[((long long)b * Hq + h) * T + t] = s;
+}
+
+template <int NPL>
+LLMQ_DEV void attn_bwd_dq_simple(void* dqkv, int dt_dx, const void* dout, int dt_do, const void* qkv, int dt, const float* lse,
+                                 const float* Dv, int B, int T, int Hq, int Hkv, int Hd) {
+    int nw = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int i = blockIdx.x * nw + w, h = blockIdx.y, b = blockIdx.z;
+    if (i >= T) return;
+    long long Qw = (long long)(Hq + 2 * Hkv) * Hd;
+    int g = h / (Hq / Hkv);
+    long long rowq = ((long long)b * T + i) * Qw;
+    long long rowo = (((long long)b * T + i) * Hq + h) * Hd;
+    float q[NPL], dO[NPL], dq[NPL];
+#pragma unroll
+    for (int k = 0; k < NPL; k++) {
+        int d = lane + 32 * k;
+        q[k] = d < Hd ? load_f(qkv, rowq + (long long)h * Hd + d, dt) : 0.f;
+        dO[k] = d < Hd ? load_f(dout, rowo + d, dt_do) : 0.f;
+        dq[k] = 0.f;
+    }
+    float scale = 1.0f / sqrtf((float)Hd);
+    long long li = ((long long)b * Hq + h) * T + i;
+    float L = lse[li], Di = Dv[li];
+    for (int j = 0; j <= i; j++) {
+        long long rowk = ((long long)b * T + j) * Qw;
+        float s = 0.f, dp = 0.f;
+#pragma unroll
+        for (int k = 0; k < NPL; k++) {
+            int d = lane + 32 * k;
+            if (d < Hd) {
+                s += q[k] * load_f(qkv, rowk + (long long)(Hq + g) * Hd + d, dt);
+                dp += dO[k] * load_f(qkv, rowk + (long long)(Hq + Hkv + g) * Hd + d, dt);
+            }
+        }
+        s = warp_sum(s) * scale;
+        dp = warp_sum(dp);
+        float p = expf(s - L);
+        float ds = p * (dp - Di);
+#pragma unroll
+        for (int k = 0; k < NPL; k++) {
+            int d = lane + 32 * k;
+            if (d < Hd) dq[k] += ds * load_f(qkv, rowk + (long long)(Hq + g) * Hd + d, dt);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NPL; k++) {
+        int d = lane + 32 * k;
+        if (d < Hd) store_f(dqkv, rowq + (long long)h * Hd + d, dt_dx, dq[k] * scale);
+    }
+}
+
+template <int NPL>
+LLMQ_DEV void attn_bwd_dkv_simple(void* dqkv, int dt_dx, const void* dout, int dt_do, const void* qkv, int dt, const float* lse,
+                                  const float* Dv, int B, int T, int Hq, int Hkv, int Hd) {
+    int nw = blockDim.x >> 5, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int j = blockIdx.x * nw + w, g = blockIdx.y, b = blockIdx.z;
+    if (j >= T) return;
+    long long Qw = (long long)(Hq + 2 * Hkv) * Hd;
+    int G = Hq / Hkv;
+    long long rowk = ((long long)b * T + j) * Qw;
+    float kk[NPL], vv[NPL], dk[NPL], dv[NPL];
+#pragma unroll
+    for (int k = 0; k < NPL; k++) {
+        int d = lane + 32 * k;
+        kk[k] = d < Hd ? load_f(qkv, rowk + (long long)(Hq + g) * Hd + d, dt) : 0.f;
+        vv[k] = d < Hd ? load_f(qkv, rowk + (long long)(Hq + Hkv + g) * Hd + d, dt) : 0.f;
+        dk[k] = 0.f;
+        dv[k] = 0.f;
+    }
+    float scale = 1.0f / sqrtf((float)Hd);
+    for (int h = g * G; h < (g + 1) * G; h++) {
+        for (int i = j; i < T; i++) {
+            long long rowq = ((long long)b * T + i) * Qw + (long long)h * Hd;
+            long long rowo = (((long long)b * T + i) * Hq + h) * Hd;
+            long long li = ((long long)b * Hq + h) * T + i;
+            float s = 0.f, dp = 0.f;
+#pragma unroll
+            for (int k = 0; k < NPL; k++) {
+                int d = lane + 32 * k;
+                if (d < Hd) {
+                    s += load_f(qkv, rowq + d, dt) * kk[k];
+                    dp += load_f(dout, rowo + d, dt_do) * vv[k];
+                }
+            }
+            s = warp_sum(s) * scale;
+            dp = warp_sum(dp);
+            float p = expf(s - lse[li]);
+            float ds = p * (dp - Dv[li]);
+#pragma unroll
+            for (int k = 0; k < NPL; k++) {
+                int d = lane + 32 * k;
+                if (d < Hd) {
+                    dv[k] += p * load_f(dout, rowo + d, dt_do);
+                    dk[k] += ds * load_f(qkv, rowq + d, dt);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NPL; k++) {
+        int d = lane + 32 * k;
+        if (d < Hd) {
+            store_f(dqkv, rowk + (long long)(Hq + g) * Hd + d, dt_dx, dk[k] * scale);
+            store_f(dqkv, rowk + (long long)(Hq + Hkv + g) * Hd + d, dt_dx, dv[k]);
+        }
+    }
+}
+
+#define SIMPLE_BWD_ENTRY(NPL)                                                                                                \
+    extern "C" __global__ void llmq_attn_bwd_dq_simple##NPL(void* dqkv, int dt_dx, const void* dout, int dt_do, const void* qkv, \
+                                                            int dt, const float* lse, const float* Dv, int B, int T, int Hq, int Hkv, \
+                                                            int Hd) {                                                        \
+        attn_bwd_dq_simple<NPL>(dqkv, dt_dx, dout, dt_do, qkv, dt, lse, Dv, B, T, Hq, Hkv, Hd);                              \
+    }                                                                                                                        \
+    extern "C" __global__ void llmq_attn_bwd_dkv_simple##NPL(void* dqkv, int dt_dx, const void* dout, int dt_do, const void* qkv, \
+                                                             int dt, const float* lse, const float* Dv, int B, int T, int Hq, int Hkv, \
+                                                             int Hd) {                                                       \
+        attn_bwd_dkv_simple<NPL>(dqkv, dt_dx, dout, dt_do, qkv, dt, lse, Dv, B, T, Hq, Hkv, Hd);                             \
+    }
+SIMPLE_BWD_ENTRY(4)
+SIMPLE_BWD_ENTRY(8)
+
+// ------------------------------------------------------------------------------------------
+// tensor-core implementation (bf16, Hd 64 or 128)
+// ------------------------------------------------------------------------------------------
+
+#define ATT_BQ 64
+#define ATT_BK 64
+#define ATT_THREADS 128
+#define LOG2E 1.4426950408889634f
+
+LLMQ_DEV unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f32_to_bf16_bits(lo) | ((unsigned)f32_to_bf16_bits(hi) << 16);
+}
+
+LLMQ_DEV void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8x8 b16 matrices, transposed; lanes 8i..8i+7 give the row addresses of matrix i.
+LLMQ_DEV void ldmatrix_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const uint16_t* p) {
+#if __CUDA_ARCH__ >= 800
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a));
+#endif
+}
+
+LLMQ_DEV unsigned lds32(const uint16_t* p) { return *(const unsigned*)p; }
+
+// Loads rows [r0, r0 + 64) of one head (column offset col, Hd wide) into smem tile [64][HD+8];
+// rows >= T are zero-filled. 16-byte vector loads.
+template <int HD>
+LLMQ_DEV void load_tile(uint16_t* tile, const uint16_t* base, long long row_stride, int r0, int T, int col) {
+    constexpr int CH = HD / 8;  // 16-byte chunks per row
+    for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+        int r = idx / CH, c = idx % CH;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < T) v = *(const uint4*)(base + (long long)(r0 + r) * row_stride + col + c * 8);
+        *(uint4*)(tile + r * (HD + 8) + c * 8) = v;
+    }
+}
+
+// S[16 x 64] (+)= A[16 x HD] * Bt^T where the warp's A fragments are in registers (af) and Bt is a
+// smem tile [64][HD+8] whose rows are the 64 output columns.
+template <int HD>
+LLMQ_DEV void mma_rows_x_tile(float (&s)[8][4], const unsigned (&af)[HD / 16][4], const uint16_t* bt, int lane) {
+    int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint16_t* p = bt + (nt * 8 + g) * (HD + 8) + kk * 16 + 2 * t;
+            mma_bf16(s[nt], af[kk][0], af[kk][1], af[kk][2], af[kk][3], lds32(p), lds32(p + 8));
+        }
+    }
+}
+
+// acc[16 x HD] += P[16 x 64] * Tile[64][HD] where P is given as C-layout fragments p[8][4] and
+// Tile is a smem tile [64 rows (k)][HD+8] read with ldmatrix.trans.
+template <int HD>
+LLMQ_DEV void mma_p_x_tile(float (&acc)[HD / 8][4], const float (&p)[8][4], const uint16_t* tile, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        unsigned a0 = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+        unsigned a1 = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+        unsigned a2 = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        unsigned a3 = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+        int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt += 2) {
+            unsigned b0, b1, b2, b3;
+            ldmatrix_x4_trans(b0, b1, b2, b3, tile + row * (HD + 8) + dt * 8 + (lane >> 4) * 8);
+            mma_bf16(acc[dt], a0, a1, a2, a3, b0, b1);
+            mma_bf16(acc[dt + 1], a0, a1, a2, a3, b2, b3);
+        }
+    }
+}
+
+// A fragments of 16 rows (r0 .. r0+15, rows >= T zero) x HD columns straight from global memory.
+template <int HD>
+LLMQ_DEV void load_afrag_global(unsigned (&af)[HD / 16][4], const uint16_t* base, long long row_stride, int r0, int T, int lane) {
+    int g = lane >> 2, t = lane & 3;
+    int ra = r0 + g, rb = r0 + g + 8;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        int c = kk * 16 + 2 * t;
+        af[kk][0] = ra < T ? *(const unsigned*)(base + (long long)ra * row_stride + c) : 0u;
+        af[kk][1] = rb < T ? *(const unsigned*)(base + (long long)rb * row_stride + c) : 0u;
+        af[kk][2] = ra < T ? *(const unsigned*)(base + (long long)ra * row_stride + c + 8) : 0u;
+        af[kk][3] = rb < T ? *(const unsigned*)(base + (long long)rb * row_stride + c + 8) : 0u;
+    }
+}
+
+template <int HD>
+LLMQ_DEV void attn_fwd_mma(uint16_t* out, float* lse, const uint16_t* qkv, int B, int T, int Hq, int Hkv) {
+    __shared__ __align__(16) uint16_t Ks[ATT_BK * (HD + 8)];
+    __shared__ __align__(16) uint16_t Vs[ATT_BK * (HD + 8)];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    int nqt = gridDim.x;
+    int qt = nqt - 1 - blockIdx.x;  // heavy (late) query tiles first
+    int h = blockIdx.y, b = blockIdx.z;
+    int kvh = h / (Hq / Hkv);
+    long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    const uint16_t* seq = qkv + (long long)b * T * Qw;
+    int q0 = qt * ATT_BQ + w * 16;
+    unsigned qa[HD / 16][4];
+    load_afrag_global<HD>(qa, seq + (long long)h * HD, Qw, q0, T, lane);
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g+8 (log2 domain)
+    int qi0 = q0 + g, qi1 = q0 + g + 8;
+    for (int kt = 0; kt <= qt; kt++) {
+        __syncthreads();
+        load_tile<HD>(Ks, seq, Qw, kt * ATT_BK, T, (Hq + kvh) * HD);
+        load_tile<HD>(Vs, seq, Qw, kt * ATT_BK, T, (Hq + Hkv + kvh) * HD);
+        __syncthreads();
+        float s[8][4];
+        mma_rows_x_tile<HD>(s, qa, Ks, lane);
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            int k0 = kt * ATT_BK + nt * 8 + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float v0 = s[nt][e] * sl2, v1 = s[nt][2 + e] * sl2;
+                if (kt == qt) {
+                    if (k0 + e > qi0) v0 = -INFINITY;
+                    if (k0 + e > qi1) v1 = -INFINITY;
+                }
+                s[nt][e] = v0;
+                s[nt][2 + e] = v1;
+                mx0 = fmaxf(mx0, v0);
+                mx1 = fmaxf(mx1, v1);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+        float c0 = exp2f(m0 - mu0), c1 = exp2f(m1 - mu1);
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= c0;
+            o[i][1] *= c0;
+            o[i][2] *= c1;
+            o[i][3] *= c1;
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - mu0);
+            s[nt][1] = exp2f(s[nt][1] - mu0);
+            s[nt][2] = exp2f(s[nt][2] - mu1);
+            s[nt][3] = exp2f(s[nt][3] - mu1);
+            l0 += s[nt][0] + s[nt][1];
+            l1 += s[nt][2] + s[nt][3];
+        }
+        m0 = mn0;
+        m1 = mn1;
+        mma_p_x_tile<HD>(o, s, Vs, lane);
+    }
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 1);
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 2);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 1);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 2);
+    float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    long long ostride = (long long)Hq * HD;
+    uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        int c = i * 8 + 2 * t;
+        if (qi0 < T) *(unsigned*)(obase + (long long)qi0 * ostride + c) = pack_bf16(o[i][0] * inv0, o[i][1] * inv0);
+        if (qi1 < T) *(unsigned*)(obase + (long long)qi1 * ostride + c) = pack_bf16(o[i][2] * inv1, o[i][3] * inv1);
+    }
+    if (t == 0) {
+        float* lrow = lse + ((long long)b * Hq + h) * T;
+        if (qi0 < T) lrow[qi0] = (m0 + log2f(l0)) / LOG2E;
+        if (qi1 < T) lrow[qi1] = (m1 + log2f(l1)) / LOG2E;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) llmq_attn_fwd_mma64(uint16_t* out, float* lse, const uint16_t* qkv, int B, int T, int Hq, int Hkv) {
+    attn_fwd_mma<64>(out, lse, qkv, B, T, Hq, Hkv);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) llmq_attn_fwd_mma128(uint16_t* out, float* lse, const uint16_t* qkv, int B, int T, int Hq, int Hkv) {
+    attn_fwd_mma<128>(out, lse, qkv, B, T, Hq, Hkv);
+}
+
+// dQ: one block per (64-query tile, q head, batch). dyn smem: 2 tiles [64][HD+8].
+template <int HD>
+LLMQ_DEV void attn_bwd_dq_mma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
+                              int B, int T, int Hq, int Hkv) {
+    uint16_t* smem = (uint16_t*)llmq_dyn_smem;
+    uint16_t* Ks = smem;
+    uint16_t* Vs = smem + ATT_BK * (HD + 8);
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    int nqt = gridDim.x;
+    int qt = nqt - 1 - blockIdx.x;
+    int h = blockIdx.y, b = blockIdx.z;
+    int kvh = h / (Hq / Hkv);
+    long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    long long Ow = (long long)Hq * HD;
+    const uint16_t* seq = qkv + (long long)b * T * Qw;
+    int q0 = qt * ATT_BQ + w * 16;
+    unsigned qa[HD / 16][4], da[HD / 16][4];
+    load_afrag_global<HD>(qa, seq + (long long)h * HD, Qw, q0, T, lane);
+    load_afrag_global<HD>(da, dout + (long long)b * T * Ow + (long long)h * HD, Ow, q0, T, lane);
+    int qi0 = q0 + g, qi1 = q0 + g + 8;
+    const float* lrow = lse + ((long long)b * Hq + h) * T;
+    const float* drow = Dv + ((long long)b * Hq + h) * T;
+    float L0 = qi0 < T ? lrow[qi0] * LOG2E : INFINITY, L1 = qi1 < T ? lrow[qi1] * LOG2E : INFINITY;
+    float D0 = qi0 < T ? drow[qi0] : 0.f, D1 = qi1 < T ? drow[qi1] : 0.f;
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    float dq[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+    for (int kt = 0; kt <= qt; kt++) {
+        __syncthreads();
+        load_tile<HD>(Ks, seq, Qw, kt * ATT_BK, T, (Hq + kvh) * HD);
+        load_tile<HD>(Vs, seq, Qw, kt * ATT_BK, T, (Hq + Hkv + kvh) * HD);
+        __syncthreads();
+        float s[8][4], dp[8][4];
+        mma_rows_x_tile<HD>(s, qa, Ks, lane);
+        mma_rows_x_tile<HD>(dp, da, Vs, lane);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            int k0 = kt * ATT_BK + nt * 8 + 2 * t;
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float p0 = exp2f(s[nt][e] * sl2 - L0), p1 = exp2f(s[nt][2 + e] * sl2 - L1);
+                if (kt == qt) {
+                    if (k0 + e > qi0) p0 = 0.f;
+                    if (k0 + e > qi1) p1 = 0.f;
+                }
+                s[nt][e] = p0 * (dp[nt][e] - D0);
+                s[nt][2 + e] = p1 * (dp[nt][2 + e] - D1);
+            }
+        }
+        mma_p_x_tile<HD>(dq, s, Ks, lane);
+    }
+    const float scale = 1.0f / sqrtf((float)HD);
+    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        int c = i * 8 + 2 * t;
+        if (qi0 < T) *(unsigned*)(qbase + (long long)qi0 * Qw + c) = pack_bf16(dq[i][0] * scale, dq[i][1] * scale);
+        if (qi1 < T) *(unsigned*)(qbase + (long long)qi1 * Qw + c) = pack_bf16(dq[i][2] * scale, dq[i][3] * scale);
+    }
+}
+
+// A fragments of 16 rows x HD columns from a smem tile [64][HD+8], rows r0..r0+15.
+template <int HD>
+LLMQ_DEV void load_afrag_smem(unsigned (&af)[HD / 16][4], const uint16_t* tile, int r0, int lane) {
+    int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        const uint16_t* pa = tile + (r0 + g) * (HD + 8) + kk * 16 + 2 * t;
+        const uint16_t* pb = pa + 8 * (HD + 8);
+        af[kk][0] = lds32(pa);
+        af[kk][1] = lds32(pb);
+        af[kk][2] = lds32(pa + 8);
+        af[kk][3] = lds32(pb + 8);
+    }
+}
+
+// S[16 x 64] = A[16 x HD] * Bt^T with A read from smem tile rows r0.. (not kept in registers).
+template <int HD>
+LLMQ_DEV void mma_smemrows_x_tile(float (&s)[8][4], const uint16_t* atile, int r0, const uint16_t* bt, int lane) {
+    int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        const uint16_t* pa = atile + (r0 + g) * (HD + 8) + kk * 16 + 2 * t;
+        const uint16_t* pb = pa + 8 * (HD + 8);
+        unsigned a0 = lds32(pa), a1 = lds32(pb), a2 = lds32(pa + 8), a3 = lds32(pb + 8);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            const uint16_t* p = bt + (nt * 8 + g) * (HD + 8) + kk * 16 + 2 * t;
+            mma_bf16(s[nt], a0, a1, a2, a3, lds32(p), lds32(p + 8));
+        }
+    }
+}
+
+// dK, dV: one block per (64-key tile, kv head, batch); loops over the q heads of the group and
+// the query tiles at or after the key tile. dyn smem: 4 tiles [64][HD+8] + 2 x 64 floats.
+template <int HD>
+LLMQ_DEV void attn_bwd_dkv_mma(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
+                               int B, int T, int Hq, int Hkv) {
+    uint16_t* smem = (uint16_t*)llmq_dyn_smem;
+    const int TS = ATT_BK * (HD + 8);
+    uint16_t* Ks = smem;
+    uint16_t* Vs = smem + TS;
+    uint16_t* Qs = smem + 2 * TS;
+    uint16_t* Os = smem + 3 * TS;  // dO tile
+    float* Ls = (float*)(smem + 4 * TS);
+    float* Ds = Ls + ATT_BQ;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    int nkt = gridDim.x;
+    int kt = blockIdx.x;  // early key tiles see the most queries; they come first
+    int kvh = blockIdx.y, b = blockIdx.z;
+    int G = Hq / Hkv;
+    long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    long long Ow = (long long)Hq * HD;
+    const uint16_t* seq = qkv + (long long)b * T * Qw;
+    const uint16_t* dseq = dout + (long long)b * T * Ow;
+    load_tile<HD>(Ks, seq, Qw, kt * ATT_BK, T, (Hq + kvh) * HD);
+    load_tile<HD>(Vs, seq, Qw, kt * ATT_BK, T, (Hq + Hkv + kvh) * HD);
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+        dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+    }
+    int r0 = w * 16;  // this warp's key rows within the tile
+    int kj0 = kt * ATT_BK + r0 + g, kj1 = kj0 + 8;
+    int nqt = (T + ATT_BQ - 1) / ATT_BQ;
+    (void)nkt;
+    for (int h = kvh * G; h < (kvh + 1) * G; h++) {
+        const float* lrow = lse + ((long long)b * Hq + h) * T;
+        const float* drow = Dv + ((long long)b * Hq + h) * T;
+        for (int qt = kt; qt < nqt; qt++) {
+            __syncthreads();
+            load_tile<HD>(Qs, seq, Qw, qt * ATT_BQ, T, h * HD);
+            load_tile<HD>(Os, dseq, Ow, qt * ATT_BQ, T, h * HD);
+            for (int i = threadIdx.x; i < ATT_BQ; i += blockDim.x) {
+                int q = qt * ATT_BQ + i;
+                Ls[i] = q < T ? lrow[q] * LOG2E : INFINITY;
+                Ds[i] = q < T ? drow[q] : 0.f;
+            }
+            __syncthreads();
+            float s[8][4], dp[8][4];
+            mma_smemrows_x_tile<HD>(s, Ks, r0, Qs, lane);   // S^T = K Q^T   [16 keys x 64 queries]
+            mma_smemrows_x_tile<HD>(dp, Vs, r0, Os, lane);  // dP^T = V dO^T
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    int qc = nt * 8 + 2 * t + e;  // query column within the tile
+                    int qi = qt * ATT_BQ + qc;
+                    float L = Ls[qc], Dq = Ds[qc];
+                    float p0 = exp2f(s[nt][e] * sl2 - L), p1 = exp2f(s[nt][2 + e] * sl2 - L);
+                    if (qt == kt) {
+                        if (kj0 > qi) p0 = 0.f;
+                        if (kj1 > qi) p1 = 0.f;
+                    }
+                    s[nt][e] = p0;
+                    s[nt][2 + e] = p1;
+                    dp[nt][e] = p0 * (dp[nt][e] - Dq);
+                    dp[nt][2 + e] = p1 * (dp[nt][2 + e] - Dq);
+                }
+            }
+            mma_p_x_tile<HD>(dv, s, Os, lane);   // dV += P^T dO
+            mma_p_x_tile<HD>(dk, dp, Qs, lane);  // dK += dS^T Q
+        }
+    }
+    const float scale = 1.0f / sqrtf((float)HD);
+    uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
+    uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        int c = i * 8 + 2 * t;
+        if (kj0 < T) {
+            *(unsigned*)(kbase + (long long)kj0 * Qw + c) = pack_bf16(dk[i][0] * scale, dk[i][1] * scale);
+            *(unsigned*)(vbase + (long long)kj0 * Qw + c) = pack_bf16(dv[i][0], dv[i][1]);
+        }
+        if (kj1 < T) {
+            *(unsigned*)(kbase + (long long)kj1 * Qw + c) = pack_bf16(dk[i][2] * scale, dk[i][3] * scale);
+            *(unsigned*)(vbase + (long long)kj1 * Qw + c) = pack_bf16(dv[i][2], dv[i][3]);
+        }
+    }
+}
+
+#define MMA_BWD_ENTRY(HD)                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) llmq_attn_bwd_dq_mma##HD(                                       \
+        uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv, int B, int T, int Hq, int Hkv) { \
+        attn_bwd_dq_mma<HD>(dqkv, dout, qkv, lse, Dv, B, T, Hq, Hkv);                                                         \
+    }                                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) llmq_attn_bwd_dkv_mma##HD(                                      \
+        uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv, int B, int T, int Hq, int Hkv) { \
+        attn_bwd_dkv_mma<HD>(dqkv, dout, qkv, lse, Dv, B, T, Hq, Hkv);                                                        \
+    }
+MMA_BWD_ENTRY(64)
+MMA_BWD_ENTRY(128)

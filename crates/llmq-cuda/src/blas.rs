@@ -1,0 +1,299 @@
+//! Matrix products through cuBLASLt.
+//!
+//! Row-major convention of the op interface: `out[M,N] = op(A)[M,K] · op(B)[K,N]`. cuBLASLt is
+//! column-major, and a row-major [r, c] matrix is the same memory as a column-major [c, r] one,
+//! so we compute `outᵀ = op(B)ᵀ · op(A)ᵀ`: cuBLASLt's "A" is our `b` and its "B" is our `a`,
+//! with m = N, n = M. Our `b` stored [K, N] is column-major [N, K] = op(B)ᵀ directly (no
+//! transpose); stored [N, K] (`trans_b`) it needs cuBLASLt's transpose. Likewise for `a`.
+//! The bias ([N], one value per output column) is a per-row vector of the column-major result,
+//! which is what CUBLASLT_EPILOGUE_BIAS adds. `accumulate` is beta = 1 with C = D = out.
+//!
+//! FP8 (e4m3/e5m2 operands, f32 accumulation, bf16 or f32 output, per-tensor descale factors
+//! passed as device pointers) needs cuBLASLt's "TN" layout on Hopper and Ada: its A transposed
+//! and its B not, i.e. our `trans_b && !trans_a` (the linear forward `x · Wᵀ`). Other fp8 layouts
+//! are refused with `Error::Op`: the caller transposes an operand first (`quantize` with
+//! `transpose`).
+//!
+//! Descriptors, layouts and the algorithm chosen by the heuristic are cached per shape,
+//! transposes, dtypes, bias/accumulate/scale flags and operand pointer alignment; the heuristic is
+//! asked with the very descriptors that the call then runs with. The workspace is allocated once.
+
+use cudarc::cublaslt::sys as lt;
+use cudarc::driver::sys;
+use llmq_core::{DType, Error, Matmul, Result};
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+pub(crate) const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn ck(s: lt::cublasStatus_t, what: &str) -> Result<()> {
+    if s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Backend(format!("cuBLASLt {what}: {s:?}")))
+    }
+}
+
+fn cuda_type(d: DType) -> Result<lt::cudaDataType> {
+    Ok(match d {
+        DType::F32 => lt::cudaDataType::CUDA_R_32F,
+        DType::BF16 => lt::cudaDataType::CUDA_R_16BF,
+        DType::E4M3 => lt::cudaDataType::CUDA_R_8F_E4M3,
+        DType::E5M2 => lt::cudaDataType::CUDA_R_8F_E5M2,
+        DType::I32 => return Err(Error::Op("matmul: i32 operands are not supported".into())),
+    })
+}
+
+/// Largest power of two (up to 256) dividing the address.
+fn alignment(addr: u64) -> u32 {
+    if addr == 0 {
+        return 256;
+    }
+    (1u64 << addr.trailing_zeros().min(8)) as u32
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    da: DType,
+    db: DType,
+    dout: DType,
+    bias: Option<DType>,
+    accumulate: bool,
+    scaled: bool,
+    align: [u32; 4],
+}
+
+struct Plan {
+    desc: lt::cublasLtMatmulDesc_t,
+    la: lt::cublasLtMatrixLayout_t,
+    lb: lt::cublasLtMatrixLayout_t,
+    lc: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+}
+
+pub(crate) struct Blas {
+    handle: lt::cublasLtHandle_t,
+    workspace: u64,
+    plans: HashMap<Key, Plan>,
+}
+
+unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
+    ck(lt::cublasLtMatmulDescSetAttribute(desc, attr, v as *const T as *const c_void, std::mem::size_of::<T>()), "MatmulDescSetAttribute")
+}
+
+impl Blas {
+    /// `workspace`: a device buffer of WORKSPACE_BYTES allocated by the caller.
+    pub fn new(workspace: u64) -> Result<Blas> {
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; the library's presence was checked before.
+        ck(unsafe { lt::cublasLtCreate(&mut handle) }, "cublasLtCreate")?;
+        Ok(Blas { handle, workspace, plans: HashMap::new() })
+    }
+
+    pub fn version() -> usize {
+        // SAFETY: no arguments.
+        unsafe { lt::cublasLtGetVersion() }
+    }
+
+    pub fn matmul(&mut self, args: &Matmul, stream: sys::CUstream) -> Result<()> {
+        let (m, n, k) = args.dims()?;
+        let (a, b, out) = (args.a, args.b, args.out);
+        let fp8 = a.dtype.is_fp8() || b.dtype.is_fp8();
+        if fp8 {
+            if !(a.dtype.is_fp8() && b.dtype.is_fp8()) {
+                return Err(Error::Op(format!("matmul: fp8 needs both operands in fp8, got {} and {}", a.dtype, b.dtype)));
+            }
+            if a.dtype == DType::E5M2 && b.dtype == DType::E5M2 {
+                return Err(Error::Op("matmul: e5m2 x e5m2 is not supported by cuBLASLt; one operand must be e4m3".into()));
+            }
+            if !(args.trans_b && !args.trans_a) {
+                return Err(Error::Op(format!(
+                    "matmul: fp8 operands need the TN layout (trans_b = true, trans_a = false), got trans_a = {}, trans_b = {}: transpose an operand first (quantize with transpose)",
+                    args.trans_a, args.trans_b
+                )));
+            }
+            if args.descale_a.is_none() || args.descale_b.is_none() {
+                return Err(Error::Op("matmul: fp8 operands need descale_a and descale_b".into()));
+            }
+            if !matches!(out.dtype, DType::BF16 | DType::F32) {
+                return Err(Error::Op(format!("matmul: fp8 output must be bf16 or fp32, got {}", out.dtype)));
+            }
+        } else {
+            if a.dtype != b.dtype {
+                return Err(Error::Op(format!("matmul: operand dtypes differ ({} and {})", a.dtype, b.dtype)));
+            }
+            match (a.dtype, out.dtype) {
+                (DType::BF16, DType::BF16 | DType::F32) | (DType::F32, DType::F32) => {}
+                (x, y) => return Err(Error::Op(format!("matmul: {x} operands with {y} output are not supported"))),
+            }
+        }
+        for (name, d) in [("descale_a", args.descale_a), ("descale_b", args.descale_b)] {
+            if let Some(d) = d {
+                d.expect("matmul", name, Some(DType::F32), &[1])?;
+            }
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return Err(Error::Op("matmul: K = 0".into()));
+        }
+        let key = Key {
+            m,
+            n,
+            k,
+            trans_a: args.trans_a,
+            trans_b: args.trans_b,
+            da: a.dtype,
+            db: b.dtype,
+            dout: out.dtype,
+            bias: args.bias.map(|t| t.dtype),
+            accumulate: args.accumulate,
+            scaled: fp8,
+            align: [alignment(a.addr), alignment(b.addr), alignment(out.addr), args.bias.map(|t| alignment(t.addr)).unwrap_or(256)],
+        };
+        if !self.plans.contains_key(&key) {
+            let plan = self.make_plan(&key)?;
+            self.plans.insert(key, plan);
+        }
+        let plan = &self.plans[&key];
+        // SAFETY: the plan's descriptors are alive (owned by self); pointers are device addresses
+        // of tensors whose shapes were checked by `dims()` against (m, n, k); the workspace has
+        // WORKSPACE_BYTES; alpha/beta are host scalars (default pointer mode).
+        unsafe {
+            use lt::cublasLtMatmulDescAttributes_t as A;
+            if let Some(bias) = args.bias {
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias.addr)?;
+            }
+            if fp8 {
+                // cuBLASLt's A is our b.
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &args.descale_b.unwrap().addr)?;
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &args.descale_a.unwrap().addr)?;
+            }
+            let alpha = 1.0f32;
+            let beta = if args.accumulate { 1.0f32 } else { 0.0f32 };
+            ck(
+                lt::cublasLtMatmul(
+                    self.handle,
+                    plan.desc,
+                    &alpha as *const f32 as *const c_void,
+                    b.addr as *const c_void,
+                    plan.la,
+                    a.addr as *const c_void,
+                    plan.lb,
+                    &beta as *const f32 as *const c_void,
+                    out.addr as *const c_void,
+                    plan.lc,
+                    out.addr as *mut c_void,
+                    plan.lc,
+                    &plan.algo,
+                    self.workspace as *mut c_void,
+                    WORKSPACE_BYTES,
+                    stream as lt::cudaStream_t,
+                ),
+                &format!("matmul {key:?}"),
+            )
+        }
+    }
+
+    fn make_plan(&self, key: &Key) -> Result<Plan> {
+        use lt::cublasLtMatmulDescAttributes_t as A;
+        let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
+        // SAFETY: descriptor/layout creation with out-pointers to locals; attributes are set with
+        // values of the documented types (i32 for enums, u64 for pointers/sizes).
+        unsafe {
+            let mut desc = std::ptr::null_mut();
+            ck(lt::cublasLtMatmulDescCreate(&mut desc, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType::CUDA_R_32F), "MatmulDescCreate")?;
+            // cuBLASLt A = our b; B = our a.
+            let op_a: i32 = if key.trans_b { 1 } else { 0 };
+            let op_b: i32 = if key.trans_a { 1 } else { 0 };
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op_a)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op_b)?;
+            if let Some(bd) = key.bias {
+                let epi: i32 = lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
+                let bt: i32 = cuda_type(bd)? as i32;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
+                // a placeholder pointer so that the heuristic sees a complete descriptor
+                let p: u64 = self.workspace;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
+            }
+            if key.scaled {
+                let p: u64 = self.workspace;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p)?;
+            }
+            // layouts (column-major): A_lt = b, B_lt = a, C = D = out
+            // b stored [K, N] row-major is column-major [N, K] (ld N); stored [N, K] (trans_b) it is
+            // column-major [K, N] (ld K) and gets cuBLASLt's transpose. Same for a with M.
+            let (ar, ac) = if key.trans_b { (k, n) } else { (n, k) };
+            let (br, bc) = if key.trans_a { (m, k) } else { (k, m) };
+            let mut la = std::ptr::null_mut();
+            let mut lb = std::ptr::null_mut();
+            let mut lc = std::ptr::null_mut();
+            ck(lt::cublasLtMatrixLayoutCreate(&mut la, cuda_type(key.db)?, ar, ac, ar as i64), "MatrixLayoutCreate(A)")?;
+            ck(lt::cublasLtMatrixLayoutCreate(&mut lb, cuda_type(key.da)?, br, bc, br as i64), "MatrixLayoutCreate(B)")?;
+            ck(lt::cublasLtMatrixLayoutCreate(&mut lc, cuda_type(key.dout)?, n, m, n as i64), "MatrixLayoutCreate(C)")?;
+
+            let mut pref = std::ptr::null_mut();
+            ck(lt::cublasLtMatmulPreferenceCreate(&mut pref), "MatmulPreferenceCreate")?;
+            use lt::cublasLtMatmulPreferenceAttributes_t as P;
+            let ws: u64 = WORKSPACE_BYTES as u64;
+            let setp = |attr: P, v: &u64| ck(lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, v as *const u64 as *const c_void, 8), "MatmulPreferenceSetAttribute");
+            setp(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws)?;
+            let al = |x: u32| -> u32 { x };
+            let setp32 = |attr: P, v: u32| ck(lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, &v as *const u32 as *const c_void, 4), "MatmulPreferenceSetAttribute");
+            // our a is cuBLASLt's B, our b its A
+            setp32(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al(key.align[1]))?;
+            setp32(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al(key.align[0]))?;
+            setp32(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al(key.align[2]))?;
+            setp32(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al(key.align[2]))?;
+
+            let mut result: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+            let mut count = 0i32;
+            let st = lt::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, 1, &mut result, &mut count);
+            lt::cublasLtMatmulPreferenceDestroy(pref);
+            if st != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || count == 0 {
+                lt::cublasLtMatmulDescDestroy(desc);
+                lt::cublasLtMatrixLayoutDestroy(la);
+                lt::cublasLtMatrixLayoutDestroy(lb);
+                lt::cublasLtMatrixLayoutDestroy(lc);
+                return Err(Error::Op(format!(
+                    "matmul: cuBLASLt has no algorithm for M={} N={} K={} a {}{} b {}{} out {} bias {:?} accumulate {} (pointer alignments a/b/out/bias {:?}): {st:?}",
+                    key.m,
+                    key.n,
+                    key.k,
+                    key.da,
+                    if key.trans_a { "ᵀ" } else { "" },
+                    key.db,
+                    if key.trans_b { "ᵀ" } else { "" },
+                    key.dout,
+                    key.bias,
+                    key.accumulate,
+                    key.align
+                )));
+            }
+            Ok(Plan { desc, la, lb, lc, algo: result.algo })
+        }
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: every handle was created by this object and is destroyed once.
+        unsafe {
+            for (_, p) in self.plans.drain() {
+                lt::cublasLtMatmulDescDestroy(p.desc);
+                lt::cublasLtMatrixLayoutDestroy(p.la);
+                lt::cublasLtMatrixLayoutDestroy(p.lb);
+                lt::cublasLtMatrixLayoutDestroy(p.lc);
+            }
+            lt::cublasLtDestroy(self.handle);
+        }
+    }
+}

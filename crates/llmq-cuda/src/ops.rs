@@ -1,0 +1,729 @@
+//! Typed launchers for the compute ops: every op checks dtypes and shapes (with the same rules as
+//! the CPU backend) before any unsafe launch, then enqueues its kernels on the compute stream.
+//!
+//! Kernel arguments are raw device addresses plus int dtype codes (`dt`), matching the
+//! `extern "C"` signatures in `kernels/*.cu` argument for argument.
+
+use crate::device::check;
+use crate::kernels::{self, Arg};
+use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
+use cudarc::driver::sys;
+use llmq_core::{AdamW, AttnShape, DType, Error, Result, Segment, Tensor};
+
+fn dt(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::E4M3 => 2,
+        DType::E5M2 => 3,
+        DType::I32 => 4,
+    }
+}
+fn p(t: &Tensor) -> Arg {
+    Arg::Ptr(t.addr)
+}
+fn popt(t: Option<&Tensor>) -> Arg {
+    Arg::Ptr(t.map_or(0, |t| t.addr))
+}
+fn i(v: usize) -> Arg {
+    Arg::I32(v as i32)
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Op(msg.into()))
+}
+fn check_float(op: &str, arg: &str, t: &Tensor) -> Result<()> {
+    if !t.dtype.is_float() {
+        return err(format!("{op}: {arg} must be a float tensor, got {}", t.dtype));
+    }
+    Ok(())
+}
+fn check_float_n(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
+    check_float(op, arg, t)?;
+    t.expect_numel(op, arg, n)
+}
+fn check_f32_n(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
+    t.expect(op, arg, Some(DType::F32), &[n])
+}
+fn check_rows(op: &str, arg: &str, t: &Tensor, rows: usize, cols: usize) -> Result<()> {
+    check_float(op, arg, t)?;
+    if t.numel() != rows * cols {
+        return err(format!("{op}: {arg} must have {rows} x {cols} = {} elements, got {:?}", rows * cols, t.shape));
+    }
+    Ok(())
+}
+fn check_absmax(op: &str, a: Option<&Tensor>) -> Result<()> {
+    match a {
+        Some(a) => check_f32_n(op, "absmax", a, 1),
+        None => Ok(()),
+    }
+}
+fn check_i32(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
+    t.expect(op, arg, Some(DType::I32), &[n])
+}
+fn check_attn(op: &str, s: &AttnShape) -> Result<()> {
+    if s.hkv == 0 || s.hq % s.hkv != 0 {
+        return err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
+    }
+    if s.hd == 0 || s.hd % 2 != 0 {
+        return err(format!("{op}: head size {} must be positive and even", s.hd));
+    }
+    if s.t == 0 {
+        return err(format!("{op}: T must be positive"));
+    }
+    Ok(())
+}
+/// int-sized dimension check (kernels index with 32-bit ints where noted).
+fn fits_i32(op: &str, v: usize) -> Result<()> {
+    if v > i32::MAX as usize {
+        return err(format!("{op}: dimension {v} exceeds the 32-bit range of the kernels"));
+    }
+    Ok(())
+}
+
+const THREADS: u32 = 256;
+
+impl CudaBackend {
+    fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<()> {
+        self.dev.bind()?;
+        // SAFETY: every caller checked the tensors' dtypes and element counts against the sizes the
+        // kernel derives from its integer arguments, and passes arguments in the kernel's order.
+        unsafe { kernels::launch(f, grid, block, smem, self.dev.compute, args) }
+    }
+
+    /// Blocks for a grid-stride loop over `n` items.
+    fn grid_for(&self, n: usize) -> u32 {
+        let want = n.div_ceil(THREADS as usize).max(1);
+        want.min(self.dev.sm_count as usize * 8) as u32
+    }
+
+    /// Zeroes `n` f32 abs-max slots (the kernels combine with atomicMax).
+    fn zero_f32(&self, t: Option<&Tensor>) -> Result<()> {
+        if let Some(t) = t {
+            self.dev.bind()?;
+            // SAFETY: t is an f32 tensor (checked by the caller) of t.bytes() bytes.
+            check(unsafe { sys::cuMemsetD8Async(t.addr, 0, t.bytes(), self.dev.compute) }, "cuMemsetD8Async")?;
+        }
+        Ok(())
+    }
+
+    /// Number of row blocks G for a two-pass column reduction with `cols` f64 partials per block.
+    fn partial_blocks(&self, rows: usize, cols: usize, max_g: usize) -> usize {
+        let cap = SCRATCH_BYTES / (8 * cols.max(1));
+        rows.clamp(1, max_g).min(cap.max(1))
+    }
+
+    fn colreduce(&self, out: &Tensor, partial: u64, g: usize, c: usize, ld: usize, accumulate: bool) -> Result<()> {
+        let grid = (c.div_ceil(THREADS as usize) as u32, 1, 1);
+        self.launch(self.k.colreduce, grid, (THREADS, 1, 1), 0, &[p(out), Arg::I32(dt(out.dtype)), Arg::Ptr(partial), i(g), i(c), i(ld), Arg::I32(accumulate as i32)])
+    }
+
+    pub(crate) fn op_convert(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
+        if dst.numel() != src.numel() {
+            return err(format!("convert: {src:?} -> {dst:?}: sizes differ"));
+        }
+        if dst.dtype == src.dtype {
+            return llmq_core::Backend::copy(self, dst, src, llmq_core::Stream::Compute);
+        }
+        let n = src.numel();
+        self.launch(self.k.convert, (self.grid_for(n), 1, 1), (THREADS, 1, 1), 0, &[p(dst), Arg::I32(dt(dst.dtype)), p(src), Arg::I32(dt(src.dtype)), Arg::I64(n as i64)])
+    }
+
+    pub(crate) fn op_embedding_fwd(&self, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {
+        const OP: &str = "embedding_fwd";
+        check_float(OP, "table", table)?;
+        let (v, c) = table.rows_cols();
+        let n = ids.numel();
+        check_i32(OP, "ids", ids, n)?;
+        check_rows(OP, "out", out, n, c)?;
+        fits_i32(OP, n.max(v).max(c))?;
+        self.launch(
+            self.k.embedding_fwd,
+            (n as u32, 1, 1),
+            (128, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(ids), p(table), Arg::I32(dt(table.dtype)), i(n), i(c), i(v)],
+        )
+    }
+
+    pub(crate) fn op_embedding_bwd(&self, dtable: &Tensor, ids: &Tensor, dout: &Tensor) -> Result<()> {
+        const OP: &str = "embedding_bwd";
+        check_float(OP, "dtable", dtable)?;
+        let (v, c) = dtable.rows_cols();
+        let n = ids.numel();
+        check_i32(OP, "ids", ids, n)?;
+        check_rows(OP, "dout", dout, n, c)?;
+        fits_i32(OP, n.max(v).max(c))?;
+        let smem = c * 4;
+        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+            return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
+        }
+        self.launch(
+            self.k.embedding_bwd,
+            (n as u32, 1, 1),
+            (THREADS, 1, 1),
+            smem as u32,
+            &[p(dtable), Arg::I32(dt(dtable.dtype)), p(ids), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
+        )
+    }
+
+    fn norm_dims(op: &str, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+        let n = rstd.numel();
+        let c = w.numel();
+        check_float_n(op, "w", w, c)?;
+        check_f32_n(op, "rstd", rstd, n)?;
+        check_rows(op, "x", x, n, c)?;
+        check_rows(op, "out", out, n, c)?;
+        fits_i32(op, n.max(c))?;
+        Ok((n, c))
+    }
+
+    fn check_eps(op: &str, eps: f32) -> Result<()> {
+        if !(eps >= 0.0 && eps.is_finite()) {
+            return err(format!("{op}: eps must be finite and >= 0, got {eps}"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn op_rmsnorm_fwd(&self, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
+        const OP: &str = "rmsnorm_fwd";
+        let (n, c) = Self::norm_dims(OP, out, rstd, x, w)?;
+        check_absmax(OP, absmax)?;
+        Self::check_eps(OP, eps)?;
+        self.zero_f32(absmax)?;
+        self.launch(
+            self.k.rmsnorm_fwd,
+            (n as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(rstd), p(x), Arg::I32(dt(x.dtype)), p(w), Arg::I32(dt(w.dtype)), i(n), i(c), Arg::F32(eps), popt(absmax)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn op_residual_rmsnorm_fwd(&self, res_out: &Tensor, out: &Tensor, rstd: &Tensor, x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
+        const OP: &str = "residual_rmsnorm_fwd";
+        let (n, c) = Self::norm_dims(OP, out, rstd, x, w)?;
+        check_rows(OP, "delta", delta, n, c)?;
+        check_rows(OP, "res_out", res_out, n, c)?;
+        check_absmax(OP, absmax)?;
+        Self::check_eps(OP, eps)?;
+        // the kernel keeps 8 values per thread in registers
+        let threads = (c.div_ceil(8).div_ceil(32) * 32).clamp(128, 1024);
+        if c > 8 * threads {
+            return err(format!("{OP}: C = {c} exceeds the kernel's limit of 8192"));
+        }
+        self.zero_f32(absmax)?;
+        self.launch(
+            self.k.residual_rmsnorm_fwd,
+            (n as u32, 1, 1),
+            (threads as u32, 1, 1),
+            0,
+            &[
+                p(res_out),
+                Arg::I32(dt(res_out.dtype)),
+                p(out),
+                Arg::I32(dt(out.dtype)),
+                p(rstd),
+                p(x),
+                Arg::I32(dt(x.dtype)),
+                p(delta),
+                Arg::I32(dt(delta.dtype)),
+                p(w),
+                Arg::I32(dt(w.dtype)),
+                i(n),
+                i(c),
+                Arg::F32(eps),
+                popt(absmax),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn op_rmsnorm_bwd(&self, dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
+        const OP: &str = "rmsnorm_bwd";
+        let (n, c) = Self::norm_dims(OP, dx, rstd, x, w)?;
+        check_float_n(OP, "dw", dw, c)?;
+        check_rows(OP, "dout", dout, n, c)?;
+        if let Some(d) = dres {
+            check_rows(OP, "dres", d, n, c)?;
+        }
+        check_absmax(OP, absmax)?;
+        let smem = c * 8;
+        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+            return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
+        }
+        let g = self.partial_blocks(n, c, 2 * self.dev.sm_count as usize);
+        self.zero_f32(absmax)?;
+        self.launch(
+            self.k.rmsnorm_bwd,
+            (g as u32, 1, 1),
+            (THREADS, 1, 1),
+            smem as u32,
+            &[
+                p(dx),
+                Arg::I32(dt(dx.dtype)),
+                Arg::Ptr(self.scratch),
+                p(dout),
+                Arg::I32(dt(dout.dtype)),
+                p(x),
+                Arg::I32(dt(x.dtype)),
+                p(w),
+                Arg::I32(dt(w.dtype)),
+                p(rstd),
+                popt(dres),
+                Arg::I32(dres.map_or(0, |d| dt(d.dtype))),
+                i(n),
+                i(c),
+                popt(absmax),
+            ],
+        )?;
+        self.colreduce(dw, self.scratch, g, c, c, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn op_qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, s: AttnShape, eps: f32) -> Result<()> {
+        const OP: &str = "qk_norm_fwd";
+        check_attn(OP, &s)?;
+        let (n, q, hd) = (s.n(), s.qkv_width(), s.hd);
+        check_rows(OP, "qkv", qkv, n, q)?;
+        check_rows(OP, "out", out, n, q)?;
+        check_f32_n(OP, "rstd", rstd, n * (s.hq + s.hkv))?;
+        check_float_n(OP, "qw", qw, hd)?;
+        check_float_n(OP, "kw", kw, hd)?;
+        Self::check_eps(OP, eps)?;
+        fits_i32(OP, n)?;
+        let warps = n * (s.hq + 2 * s.hkv);
+        let blocks = warps.div_ceil((THREADS / 32) as usize);
+        self.launch(
+            self.k.qknorm_fwd,
+            (blocks as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(rstd), p(qkv), Arg::I32(dt(qkv.dtype)), p(qw), Arg::I32(dt(qw.dtype)), p(kw), Arg::I32(dt(kw.dtype)), i(n), i(s.hq), i(s.hkv), i(hd), Arg::F32(eps)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn op_qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, s: AttnShape) -> Result<()> {
+        const OP: &str = "qk_norm_bwd";
+        check_attn(OP, &s)?;
+        let (n, q, hd) = (s.n(), s.qkv_width(), s.hd);
+        check_rows(OP, "qkv", qkv, n, q)?;
+        check_rows(OP, "dout", dout, n, q)?;
+        check_rows(OP, "dqkv", dqkv, n, q)?;
+        check_f32_n(OP, "rstd", rstd, n * (s.hq + s.hkv))?;
+        for (name, t) in [("qw", qw), ("kw", kw), ("dqw", dqw), ("dkw", dkw)] {
+            check_float_n(OP, name, t, hd)?;
+        }
+        fits_i32(OP, n)?;
+        let nw = (THREADS / 32) as usize;
+        let smem = nw * 2 * hd * 8;
+        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+            return err(format!("{OP}: head size {hd} too large"));
+        }
+        let g = self.partial_blocks(n, 2 * hd, 2 * self.dev.sm_count as usize);
+        self.launch(
+            self.k.qknorm_bwd,
+            (g as u32, 1, 1),
+            (THREADS, 1, 1),
+            smem as u32,
+            &[
+                p(dqkv),
+                Arg::I32(dt(dqkv.dtype)),
+                Arg::Ptr(self.scratch),
+                p(dout),
+                Arg::I32(dt(dout.dtype)),
+                p(qkv),
+                Arg::I32(dt(qkv.dtype)),
+                p(qw),
+                Arg::I32(dt(qw.dtype)),
+                p(kw),
+                Arg::I32(dt(kw.dtype)),
+                p(rstd),
+                i(n),
+                i(s.hq),
+                i(s.hkv),
+                i(hd),
+            ],
+        )?;
+        self.colreduce(dqw, self.scratch, g, hd, 2 * hd, true)?;
+        self.colreduce(dkw, self.scratch + (hd * 8) as u64, g, hd, 2 * hd, true)
+    }
+
+    pub(crate) fn op_rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<()> {
+        let op = if backward { "rope_bwd" } else { "rope_fwd" };
+        check_attn(op, &s)?;
+        let (n, q, hd, t) = (s.n(), s.qkv_width(), s.hd, s.t);
+        check_rows(op, "input", inp, n, q)?;
+        check_rows(op, "output", out, n, q)?;
+        check_f32_n(op, "freqs", freqs, t * hd)?;
+        check_absmax(op, absmax)?;
+        fits_i32(op, n)?;
+        self.zero_f32(absmax)?;
+        let total = n * (s.hq + 2 * s.hkv) * (hd / 2);
+        self.launch(
+            self.k.rope,
+            (self.grid_for(total), 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(inp), Arg::I32(dt(inp.dtype)), p(freqs), i(n), i(t), i(s.hq), i(s.hkv), i(hd), Arg::I32(backward as i32), popt(absmax)],
+        )
+    }
+
+    fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
+        check_float(op, "inp", full)?;
+        let (n, w) = full.rows_cols();
+        if w % 2 != 0 {
+            return err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
+        }
+        let d = w / 2;
+        check_rows(op, half_name, half, n, d)?;
+        fits_i32(op, d)?;
+        Ok((n, d))
+    }
+
+    pub(crate) fn op_swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
+        const OP: &str = "swiglu_fwd";
+        let (n, d) = Self::swiglu_dims(OP, "out", out, inp)?;
+        check_absmax(OP, absmax)?;
+        self.zero_f32(absmax)?;
+        self.launch(
+            self.k.swiglu_fwd,
+            (self.grid_for(n * d), 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(inp), Arg::I32(dt(inp.dtype)), Arg::I64(n as i64), i(d), popt(absmax)],
+        )
+    }
+
+    pub(crate) fn op_swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
+        const OP: &str = "swiglu_bwd";
+        let (n, d) = Self::swiglu_dims(OP, "dout", dout, inp)?;
+        check_rows(OP, "dinp", dinp, n, 2 * d)?;
+        check_absmax(OP, absmax)?;
+        self.zero_f32(absmax)?;
+        self.launch(
+            self.k.swiglu_bwd,
+            (self.grid_for(n * d), 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[p(dinp), Arg::I32(dt(dinp.dtype)), p(dout), Arg::I32(dt(dout.dtype)), p(inp), Arg::I32(dt(inp.dtype)), Arg::I64(n as i64), i(d), popt(absmax)],
+        )
+    }
+
+    pub(crate) fn op_cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
+        const OP: &str = "cross_entropy";
+        check_float(OP, "logits", logits)?;
+        let r = losses.numel();
+        check_f32_n(OP, "losses", losses, r)?;
+        check_i32(OP, "targets", targets, r)?;
+        if r == 0 {
+            return Ok(());
+        }
+        if logits.numel() % r != 0 {
+            return err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
+        }
+        let v = logits.numel() / r;
+        if v == 0 {
+            return err(format!("{OP}: empty vocabulary"));
+        }
+        fits_i32(OP, r.max(v))?;
+        self.launch(self.k.cross_entropy, (r as u32, 1, 1), (512, 1, 1), 0, &[p(logits), Arg::I32(dt(logits.dtype)), p(losses), p(targets), i(r), i(v), Arg::F32(dloss)])
+    }
+
+    pub(crate) fn op_colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
+        const OP: &str = "colsum";
+        let c = out.numel();
+        check_float(OP, "inp", inp)?;
+        check_float_n(OP, "out", out, c)?;
+        if c == 0 {
+            return Ok(());
+        }
+        if inp.numel() % c != 0 {
+            return err(format!("{OP}: inp {:?} is not a whole number of rows of {c} columns", inp.shape));
+        }
+        let rows = inp.numel() / c;
+        fits_i32(OP, rows.max(c))?;
+        let g = self.partial_blocks(rows, c, 256);
+        let grid = (c.div_ceil(THREADS as usize) as u32, g as u32, 1);
+        if g > 65535 {
+            return err(format!("{OP}: too many row blocks"));
+        }
+        self.launch(self.k.colsum_partial, grid, (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(inp), Arg::I32(dt(inp.dtype)), i(rows), i(c)])?;
+        self.colreduce(out, self.scratch, g, c, c, accumulate)
+    }
+
+    pub(crate) fn op_absmax(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        check_f32_n("absmax", "out", out, 1)?;
+        check_float("absmax", "inp", inp)?;
+        self.zero_f32(Some(out))?;
+        let n = inp.numel();
+        self.launch(self.k.absmax, (self.grid_for(n), 1, 1), (THREADS, 1, 1), 0, &[p(out), p(inp), Arg::I32(dt(inp.dtype)), Arg::I64(n as i64)])
+    }
+
+    fn transposed_dims(op: &str, out: &Tensor, inp: &Tensor) -> Result<(usize, usize)> {
+        let (r, c) = inp.rows_cols();
+        if out.numel() != inp.numel() || (out.shape.ndim() > 1 && out.rows_cols() != (c, r)) {
+            return err(format!("{op}: out {:?} is not the transpose of inp {:?} (want [{c}, {r}])", out.shape, inp.shape));
+        }
+        fits_i32(op, r.max(c))?;
+        if c.div_ceil(32) > u32::MAX as usize || r.div_ceil(32) > 65535 {
+            return err(format!("{op}: {r} rows is too many for the transpose grid"));
+        }
+        Ok((r, c))
+    }
+
+    pub(crate) fn op_quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<()> {
+        const OP: &str = "quantize";
+        check_float(OP, "inp", inp)?;
+        check_f32_n(OP, "descale", descale, 1)?;
+        check_f32_n(OP, "absmax", absmax, 1)?;
+        if !out.dtype.is_fp8() {
+            return err(format!("{OP}: out must be e4m3 or e5m2, got {}", out.dtype));
+        }
+        if transpose {
+            let (r, c) = Self::transposed_dims(OP, out, inp)?;
+            let grid = (c.div_ceil(32) as u32, r.div_ceil(32) as u32, 1);
+            self.launch(
+                self.k.quantize_t,
+                grid,
+                (32, 8, 1),
+                0,
+                &[p(out), Arg::I32(dt(out.dtype)), p(descale), p(inp), Arg::I32(dt(inp.dtype)), p(absmax), i(r), i(c)],
+            )?;
+            if r == 0 || c == 0 {
+                // the kernel did not run: still write descale
+                return self.launch(self.k.quantize, (1, 1, 1), (32, 1, 1), 0, &[p(out), Arg::I32(dt(out.dtype)), p(descale), p(inp), Arg::I32(dt(inp.dtype)), p(absmax), Arg::I64(0)]);
+            }
+            Ok(())
+        } else {
+            out.expect_numel(OP, "out", inp.numel())?;
+            let n = inp.numel();
+            self.launch(
+                self.k.quantize,
+                (self.grid_for(n), 1, 1),
+                (THREADS, 1, 1),
+                0,
+                &[p(out), Arg::I32(dt(out.dtype)), p(descale), p(inp), Arg::I32(dt(inp.dtype)), p(absmax), Arg::I64(n as i64)],
+            )
+        }
+    }
+
+    pub(crate) fn op_transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
+        const OP: &str = "transpose";
+        if out.dtype != inp.dtype {
+            return err(format!("{OP}: dtypes differ ({} -> {})", inp.dtype, out.dtype));
+        }
+        let (r, c) = Self::transposed_dims(OP, out, inp)?;
+        let f = match inp.dtype.size() {
+            1 => self.k.transpose8,
+            2 => self.k.transpose16,
+            _ => self.k.transpose32,
+        };
+        self.launch(f, (c.div_ceil(32) as u32, r.div_ceil(32) as u32, 1), (32, 8, 1), 0, &[p(out), p(inp), i(r), i(c)])
+    }
+
+    pub(crate) fn op_adamw(&self, a: &AdamW, segments: &[Segment]) -> Result<()> {
+        const OP: &str = "adamw";
+        let n = a.master.numel();
+        a.master.expect_dtype(OP, "master", &[DType::F32, DType::BF16])?;
+        a.m.expect_dtype(OP, "m", &[DType::F32, DType::BF16])?;
+        a.v.expect_dtype(OP, "v", &[DType::F32, DType::BF16])?;
+        check_float(OP, "grads", a.grads)?;
+        check_float(OP, "params", a.params)?;
+        for (name, t) in [("params", a.params), ("grads", a.grads), ("m", a.m), ("v", a.v)] {
+            t.expect_numel(OP, name, n)?;
+        }
+        let separate = a.params.addr != a.master.addr;
+        if !separate && a.params.dtype != a.master.dtype {
+            return err(format!("{OP}: params and master share memory but have dtypes {} and {}", a.params.dtype, a.master.dtype));
+        }
+        if a.step == 0 {
+            return err(format!("{OP}: step starts at 1 (bias correction divides by 1 - beta^step)"));
+        }
+        if let Some(am) = a.absmax {
+            check_f32_n(OP, "absmax", am, segments.len())?;
+        }
+        let mut segs = segments.to_vec();
+        segs.sort_by_key(|s| s.offset);
+        let mut end = 0;
+        for s in &segs {
+            if s.offset.checked_add(s.len).is_none_or(|e| e > n) {
+                return err(format!("{OP}: segment {s:?} outside the buffer of {n} elements"));
+            }
+            if s.offset < end {
+                return err(format!("{OP}: segment {s:?} overlaps the previous one (ending at {end})"));
+            }
+            end = s.offset + s.len;
+        }
+        // identical to the CPU backend: f64 power, rounded to f32
+        let bc1 = (1.0 - (a.beta1 as f64).powf(a.step as f64)) as f32;
+        let bc2 = (1.0 - (a.beta2 as f64).powf(a.step as f64)) as f32;
+        self.zero_f32(a.absmax)?;
+        const MAX_SEGS: usize = 16;
+        for (ci, chunk) in segments.chunks(MAX_SEGS).enumerate() {
+            // struct SegTable { long long off[16]; long long start[17]; int decay[16]; int n; int absmax_base; }
+            let mut off = [0i64; MAX_SEGS];
+            let mut start = [0i64; MAX_SEGS + 1];
+            let mut decay = [0i32; MAX_SEGS];
+            for (j, s) in chunk.iter().enumerate() {
+                off[j] = s.offset as i64;
+                start[j + 1] = start[j] + s.len as i64;
+                decay[j] = s.decay as i32;
+            }
+            for j in chunk.len()..MAX_SEGS {
+                start[j + 1] = start[j];
+            }
+            let total = start[chunk.len()] as usize;
+            if total == 0 {
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(8 * (2 * MAX_SEGS + 1) + 4 * MAX_SEGS + 8);
+            off.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+            start.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+            decay.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+            bytes.extend_from_slice(&(chunk.len() as i32).to_le_bytes());
+            bytes.extend_from_slice(&((ci * MAX_SEGS) as i32).to_le_bytes());
+            // the struct's alignment is 8: pad to a multiple of 8
+            while bytes.len() % 8 != 0 {
+                bytes.push(0);
+            }
+            self.launch(
+                self.k.adamw,
+                (self.grid_for(total), 1, 1),
+                (THREADS, 1, 1),
+                0,
+                &[
+                    p(a.params),
+                    Arg::I32(dt(a.params.dtype)),
+                    p(a.master),
+                    Arg::I32(dt(a.master.dtype)),
+                    p(a.grads),
+                    Arg::I32(dt(a.grads.dtype)),
+                    p(a.m),
+                    Arg::I32(dt(a.m.dtype)),
+                    p(a.v),
+                    Arg::I32(dt(a.v.dtype)),
+                    popt(a.absmax),
+                    Arg::Bytes(bytes),
+                    Arg::F32(a.lr),
+                    Arg::F32(a.beta1),
+                    Arg::F32(a.beta2),
+                    Arg::F32(a.eps),
+                    Arg::F32(a.weight_decay),
+                    Arg::F32(bc1),
+                    Arg::F32(bc2),
+                    Arg::F32(a.grad_scale),
+                    Arg::U64(a.seed),
+                    Arg::I32(separate as i32),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn op_sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
+        const OP: &str = "sum_squares";
+        out.expect_dtype(OP, "out", &[DType::F32])?;
+        if slot >= out.numel() {
+            return err(format!("{OP}: slot {slot} outside out {:?}", out.shape));
+        }
+        check_float(OP, "t", t)?;
+        const G: usize = 264;
+        let n = t.numel();
+        self.launch(self.k.sumsq_partial, (G as u32, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(t), Arg::I32(dt(t.dtype)), Arg::I64(n as i64)])?;
+        self.launch(self.k.sumsq_final, (1, 1, 1), (THREADS, 1, 1), 0, &[p(out), i(slot), Arg::Ptr(self.scratch), i(G)])
+    }
+
+    fn attn_checks(op: &str, s: &AttnShape) -> Result<()> {
+        check_attn(op, s)?;
+        if s.hd > 256 {
+            return err(format!("{op}: head size {} > 256 is not supported", s.hd));
+        }
+        fits_i32(op, s.n())?;
+        Ok(())
+    }
+
+    /// Whether the tensor-core kernels apply to these tensors.
+    fn attn_mma(&self, s: &AttnShape, ts: &[&Tensor]) -> bool {
+        self.attn.get() == AttnImpl::Auto
+            && self.dev.cc.0 >= 8
+            && (s.hd == 64 || s.hd == 128)
+            && ts.iter().all(|t| t.dtype == DType::BF16 && t.addr % 16 == 0)
+    }
+
+    pub(crate) fn op_attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
+        const OP: &str = "attention_fwd";
+        Self::attn_checks(OP, &s)?;
+        let n = s.n();
+        check_rows(OP, "qkv", qkv, n, s.qkv_width())?;
+        check_rows(OP, "out", out, n, s.out_width())?;
+        check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
+        if self.attn_mma(&s, &[out, qkv]) {
+            let f = if s.hd == 64 { self.k.attn_fwd_mma64 } else { self.k.attn_fwd_mma128 };
+            let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
+            return self.launch(f, grid, (128, 1, 1), 0, &[p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)]);
+        }
+        let f = if s.hd <= 128 { self.k.attn_fwd_simple4 } else { self.k.attn_fwd_simple8 };
+        let grid = (s.t.div_ceil(4) as u32, s.hq as u32, s.b as u32);
+        self.launch(
+            f,
+            grid,
+            (128, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(lse), p(qkv), Arg::I32(dt(qkv.dtype)), i(s.b), i(s.t), i(s.hq), i(s.hkv), i(s.hd)],
+        )
+    }
+
+    pub(crate) fn op_attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape) -> Result<()> {
+        const OP: &str = "attention_bwd";
+        Self::attn_checks(OP, &s)?;
+        let n = s.n();
+        check_rows(OP, "qkv", qkv, n, s.qkv_width())?;
+        check_rows(OP, "dqkv", dqkv, n, s.qkv_width())?;
+        check_rows(OP, "out", out, n, s.out_width())?;
+        check_rows(OP, "dout", dout, n, s.out_width())?;
+        check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
+        let rows = s.b * s.hq * s.t;
+        if rows * 4 > SCRATCH_BYTES {
+            return err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
+        }
+        let dbuf = self.scratch;
+        let warps = rows;
+        self.launch(
+            self.k.attn_bwd_d,
+            (warps.div_ceil(8) as u32, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[Arg::Ptr(dbuf), p(dout), Arg::I32(dt(dout.dtype)), p(out), Arg::I32(dt(out.dtype)), i(s.b), i(s.t), i(s.hq), i(s.hd)],
+        )?;
+        if self.attn_mma(&s, &[dqkv, dout, qkv]) {
+            let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma64, self.k.attn_bwd_dkv_mma64) } else { (self.k.attn_bwd_dq_mma128, self.k.attn_bwd_dkv_mma128) };
+            let tile = 64 * (s.hd + 8) * 2;
+            let nt = s.t.div_ceil(64) as u32;
+            let args = [p(dqkv), p(dout), p(qkv), p(lse), Arg::Ptr(dbuf), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
+            self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (2 * tile) as u32, &args)?;
+            return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (4 * tile + 512) as u32, &args);
+        }
+        let (fq, fkv) = if s.hd <= 128 { (self.k.attn_bwd_dq_simple4, self.k.attn_bwd_dkv_simple4) } else { (self.k.attn_bwd_dq_simple8, self.k.attn_bwd_dkv_simple8) };
+        let args = [
+            p(dqkv),
+            Arg::I32(dt(dqkv.dtype)),
+            p(dout),
+            Arg::I32(dt(dout.dtype)),
+            p(qkv),
+            Arg::I32(dt(qkv.dtype)),
+            p(lse),
+            Arg::Ptr(dbuf),
+            i(s.b),
+            i(s.t),
+            i(s.hq),
+            i(s.hkv),
+            i(s.hd),
+        ];
+        let nt = s.t.div_ceil(4) as u32;
+        self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), 0, &args)?;
+        self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), 0, &args)
+    }
+}

@@ -1,0 +1,586 @@
+//! Every CUDA op against the CPU reference backend on random inputs of awkward sizes.
+//! Data movement, conversions, transposes and fp8 quantisation must be bit-exact; the rest is
+//! held to the per-dtype tolerances of `common::tol` or to a relative-norm bound where the
+//! summation order differs (matmul, attention). Skips without a CUDA device.
+
+mod common;
+
+use common::{decode, encode, Pair};
+use llmq_core::{AdamW, AttnShape, Backend, DType, Matmul, Mem, MemCategory, Segment, Stream};
+
+const F32: DType = DType::F32;
+const BF16: DType = DType::BF16;
+const E4M3: DType = DType::E4M3;
+const E5M2: DType = DType::E5M2;
+
+#[test]
+fn convert_is_bit_exact() {
+    let Some(mut p) = Pair::new(1) else { return };
+    let n = 1000;
+    let mut v = p.rng.vec(n, 3.0);
+    // special values: saturation, subnormals of every target, ties, signed zero, inf, NaN
+    let specials = [
+        0.0, -0.0, 448.0, 449.0, 464.0, 465.0, -1e6, 57344.0, 61440.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, 1e-3,
+        -2e-3, 0.0009765625, 1.5e-5, 3.0e-8, 1e-40, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 2.5, 3.5,
+    ];
+    v[..specials.len()].copy_from_slice(&specials);
+    for (i, x) in v.iter_mut().enumerate().skip(specials.len()).take(200) {
+        *x *= 10f32.powi((i % 20) as i32 - 10); // a wide range of magnitudes
+    }
+    let src32 = p.vals(F32, &[n], &v);
+    let src16 = p.vals(BF16, &[n], &v);
+    for (name, src) in [("f32", src32), ("bf16", src16)] {
+        for d in [F32, BF16, E4M3, E5M2] {
+            if d == src.c.dtype {
+                continue;
+            }
+            let out = p.out(d, &[n]);
+            p.cpu.convert(&out.c, &src.c).unwrap();
+            p.gpu.convert(&out.g, &src.g).unwrap();
+            p.exact(&format!("convert {name}->{d}"), &out);
+        }
+    }
+    // fp8 -> wider: all 256 codes
+    let codes: Vec<u8> = (0..=255u8).collect();
+    for s in [E4M3, E5M2] {
+        let src = p.bytes(s, &[256], &codes);
+        for d in [F32, BF16] {
+            let out = p.out(d, &[256]);
+            p.cpu.convert(&out.c, &src.c).unwrap();
+            p.gpu.convert(&out.g, &src.g).unwrap();
+            p.exact(&format!("convert {s}->{d} (all codes)"), &out);
+        }
+    }
+}
+
+#[test]
+fn memory_copies_events_and_pinned_host() {
+    let Some(mut p) = Pair::new(2) else { return };
+    let g = &mut p.gpu;
+    let n = 12345;
+    let data: Vec<u8> = (0..n * 2).map(|i| (i * 7 + 3) as u8).collect();
+    let a = g.alloc(MemCategory::Activations, Mem::Device, BF16, &[n]).unwrap();
+    let h = g.alloc(MemCategory::Master, Mem::Host, BF16, &[n]).unwrap();
+    let b = g.alloc(MemCategory::Activations, Mem::Device, BF16, &[n]).unwrap();
+    // fresh allocations are zero
+    assert!(g.download(&h).unwrap().iter().all(|&x| x == 0));
+    assert!(g.download(&a).unwrap().iter().all(|&x| x == 0));
+    g.upload(&a, &data).unwrap();
+    let ev = g.create_event().unwrap();
+    g.record(ev, Stream::Compute).unwrap();
+    g.wait(Stream::Copy, ev).unwrap();
+    g.copy(&h, &a, Stream::Copy).unwrap(); // device -> pinned host on the copy stream
+    let ev2 = g.create_event().unwrap();
+    g.record(ev2, Stream::Copy).unwrap();
+    g.wait(Stream::Compute, ev2).unwrap();
+    g.copy(&b, &h, Stream::Compute).unwrap(); // pinned host -> device
+    assert_eq!(g.download(&b).unwrap(), data);
+    assert_eq!(g.download(&h).unwrap(), data);
+    // sub-slices
+    let s = b.slice(100, &[50]);
+    g.zero(&s).unwrap();
+    let back = g.download(&b).unwrap();
+    assert!(back[200..300].iter().all(|&x| x == 0));
+    assert_eq!(&back[..200], &data[..200]);
+    assert_eq!(&back[300..], &data[300..]);
+    // accounting
+    let acc = g.memory_by_category();
+    assert!(acc.iter().any(|&(c, m, bytes)| c == MemCategory::Master && m == Mem::Host && bytes == n * 2));
+    assert!(g.free_memory().unwrap() > 0);
+    // out of memory is a clean error naming the request
+    match g.alloc(MemCategory::Weights, Mem::Device, F32, &[1 << 40]) {
+        Err(llmq_core::Error::OutOfMemory(msg)) => println!("oom: {msg}"),
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // dtype mismatch in copy is an op error
+    let f = g.alloc(MemCategory::Other, Mem::Device, F32, &[n]).unwrap();
+    assert!(g.copy(&f, &a, Stream::Compute).is_err());
+    println!("device: {} cc {:?}, {} SMs, cuBLASLt {}", g.device_name(), g.compute_capability(), g.sm_count(), g.cublaslt_version());
+}
+
+#[test]
+fn transpose_and_quantize_are_bit_exact() {
+    let Some(mut p) = Pair::new(3) else { return };
+    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7)] {
+        for d in [F32, BF16, E4M3] {
+            let inp = p.rand(d, &[r, c], 2.0);
+            let out = p.out(d, &[c, r]);
+            p.cpu.transpose(&out.c, &inp.c).unwrap();
+            p.gpu.transpose(&out.g, &inp.g).unwrap();
+            p.exact(&format!("transpose {d} [{r},{c}]"), &out);
+        }
+        for src in [F32, BF16] {
+            let inp = p.rand(src, &[r, c], 5.0);
+            let am = p.out(F32, &[1]);
+            p.cpu.absmax(&am.c, &inp.c).unwrap();
+            p.gpu.absmax(&am.g, &inp.g).unwrap();
+            p.exact("absmax", &am);
+            for q in [E4M3, E5M2] {
+                for tr in [false, true] {
+                    let dims = if tr { [c, r] } else { [r, c] };
+                    let out = p.out(q, &dims);
+                    let ds = p.out(F32, &[1]);
+                    p.cpu.quantize(&out.c, &ds.c, &inp.c, &am.c, tr).unwrap();
+                    p.gpu.quantize(&out.g, &ds.g, &inp.g, &am.g, tr).unwrap();
+                    p.exact(&format!("quantize {src}->{q} transpose={tr} [{r},{c}]"), &out);
+                    p.exact("descale", &ds);
+                }
+            }
+            // an absmax smaller than the data saturates
+            let small = p.vals(F32, &[1], &[0.5]);
+            let out = p.out(E4M3, &[r, c]);
+            let ds = p.out(F32, &[1]);
+            p.cpu.quantize(&out.c, &ds.c, &inp.c, &small.c, false).unwrap();
+            p.gpu.quantize(&out.g, &ds.g, &inp.g, &small.g, false).unwrap();
+            p.exact("quantize saturating", &out);
+        }
+    }
+    // NaN propagates through absmax
+    let mut v = p.rng.vec(1000, 1.0);
+    v[517] = f32::NAN;
+    let t = p.vals(F32, &[1000], &v);
+    let am = p.out(F32, &[1]);
+    p.gpu.absmax(&am.g, &t.g).unwrap();
+    assert!(decode(F32, &p.gpu.download(&am.g).unwrap())[0].is_nan());
+}
+
+#[test]
+fn embedding_forward_and_backward() {
+    let Some(mut p) = Pair::new(4) else { return };
+    let (v, c, n) = (97, 100, 300);
+    let ids: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { 7 } else { p.rng.below(v) as i32 }).collect();
+    let idt = p.i32s(&[n], &ids);
+    for d in [F32, BF16] {
+        let table = p.rand(d, &[v, c], 1.0);
+        let out = p.out(d, &[n, c]);
+        p.cpu.embedding_fwd(&out.c, &idt.c, &table.c).unwrap();
+        p.gpu.embedding_fwd(&out.g, &idt.g, &table.g).unwrap();
+        p.exact(&format!("embedding_fwd {d}"), &out);
+        let dout = p.rand(d, &[n, c], 1.0);
+        let dtab = p.rand(d, &[v, c], 1.0);
+        p.cpu.embedding_bwd(&dtab.c, &idt.c, &dout.c).unwrap();
+        p.gpu.embedding_bwd(&dtab.g, &idt.g, &dout.g).unwrap();
+        p.exact(&format!("embedding_bwd {d} (rows added in order)"), &dtab);
+    }
+}
+
+#[test]
+fn rmsnorm_forward_residual_backward() {
+    let Some(mut p) = Pair::new(5) else { return };
+    for &(n, c) in &[(77, 100), (5, 896), (33, 1536)] {
+        for d in [F32, BF16] {
+            let x = p.rand(d, &[n, c], 1.5);
+            let w = p.rand(d, &[c], 1.0);
+            let out = p.out(d, &[n, c]);
+            let rstd = p.out(F32, &[n]);
+            let am = p.out(F32, &[1]);
+            p.cpu.rmsnorm_fwd(&out.c, &rstd.c, &x.c, &w.c, 1e-5, Some(&am.c)).unwrap();
+            p.gpu.rmsnorm_fwd(&out.g, &rstd.g, &x.g, &w.g, 1e-5, Some(&am.g)).unwrap();
+            p.close_dt(&format!("rmsnorm_fwd rstd {d} [{n},{c}]"), &rstd);
+            p.close_dt(&format!("rmsnorm_fwd out {d}"), &out);
+            p.close_dt("rmsnorm_fwd absmax", &am);
+
+            let delta = p.rand(d, &[n, c], 1.0);
+            let res = p.out(d, &[n, c]);
+            p.cpu.residual_rmsnorm_fwd(&res.c, &out.c, &rstd.c, &x.c, &delta.c, &w.c, 1e-6, Some(&am.c)).unwrap();
+            p.gpu.residual_rmsnorm_fwd(&res.g, &out.g, &rstd.g, &x.g, &delta.g, &w.g, 1e-6, Some(&am.g)).unwrap();
+            p.exact(&format!("residual {d}"), &res);
+            p.close_dt(&format!("residual_rmsnorm out {d}"), &out);
+            p.close_dt("residual_rmsnorm rstd", &rstd);
+
+            let dout = p.rand(d, &[n, c], 1.0);
+            for with_res in [false, true] {
+                let dx = p.out(d, &[n, c]);
+                let dw = p.rand(F32, &[c], 1.0);
+                let am = p.out(F32, &[1]);
+                if with_res {
+                    // in place: dx is dres
+                    p.cpu.rmsnorm_bwd(&dx.c, &dw.c, &dout.c, &x.c, &w.c, &rstd.c, Some(&dx.c), Some(&am.c)).unwrap();
+                    p.gpu.rmsnorm_bwd(&dx.g, &dw.g, &dout.g, &x.g, &w.g, &rstd.g, Some(&dx.g), Some(&am.g)).unwrap();
+                } else {
+                    p.cpu.rmsnorm_bwd(&dx.c, &dw.c, &dout.c, &x.c, &w.c, &rstd.c, None, Some(&am.c)).unwrap();
+                    p.gpu.rmsnorm_bwd(&dx.g, &dw.g, &dout.g, &x.g, &w.g, &rstd.g, None, Some(&am.g)).unwrap();
+                }
+                p.close(&format!("rmsnorm_bwd dx {d} dres={with_res}"), &dx, common::tol(d).0, 1e-5);
+                p.close("rmsnorm_bwd dw (f32, +=)", &dw, 1e-5, 1e-6);
+                p.close("rmsnorm_bwd absmax", &am, common::tol(d).0, 1e-6);
+            }
+        }
+    }
+}
+
+fn attn_shape(b: usize, t: usize, hq: usize, hkv: usize, hd: usize) -> AttnShape {
+    AttnShape { b, t, hq, hkv, hd }
+}
+
+#[test]
+fn qk_norm_forward_backward() {
+    let Some(mut p) = Pair::new(6) else { return };
+    for &(s, d) in &[(attn_shape(2, 37, 4, 2, 64), F32), (attn_shape(1, 19, 6, 2, 128), BF16), (attn_shape(3, 5, 2, 1, 48), F32)] {
+        let (n, q, hd) = (s.n(), s.qkv_width(), s.hd);
+        let qkv = p.rand(d, &[n, q], 1.0);
+        let qw = p.rand(d, &[hd], 1.0);
+        let kw = p.rand(d, &[hd], 1.0);
+        let out = p.out(d, &[n, q]);
+        let rstd = p.out(F32, &[n, s.hq + s.hkv]);
+        p.cpu.qk_norm_fwd(&out.c, &rstd.c, &qkv.c, &qw.c, &kw.c, s, 1e-6).unwrap();
+        p.gpu.qk_norm_fwd(&out.g, &rstd.g, &qkv.g, &qw.g, &kw.g, s, 1e-6).unwrap();
+        p.close_dt(&format!("qk_norm_fwd out {d} {s:?}"), &out);
+        p.close_dt("qk_norm_fwd rstd", &rstd);
+        let dout = p.rand(d, &[n, q], 1.0);
+        let dqkv = p.out(d, &[n, q]);
+        let dqw = p.rand(F32, &[hd], 1.0);
+        let dkw = p.rand(F32, &[hd], 1.0);
+        p.cpu.qk_norm_bwd(&dqkv.c, &dqw.c, &dkw.c, &dout.c, &qkv.c, &qw.c, &kw.c, &rstd.c, s).unwrap();
+        p.gpu.qk_norm_bwd(&dqkv.g, &dqw.g, &dkw.g, &dout.g, &qkv.g, &qw.g, &kw.g, &rstd.g, s).unwrap();
+        p.close(&format!("qk_norm_bwd dqkv {d}"), &dqkv, common::tol(d).0, 1e-5);
+        p.close("qk_norm_bwd dqw", &dqw, 1e-5, 1e-6);
+        p.close("qk_norm_bwd dkw", &dkw, 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn rope_forward_backward() {
+    let Some(mut p) = Pair::new(7) else { return };
+    for &(s, d) in &[(attn_shape(2, 37, 4, 2, 64), F32), (attn_shape(2, 37, 14, 2, 64), BF16), (attn_shape(1, 10, 3, 1, 128), BF16)] {
+        let (n, q, hd) = (s.n(), s.qkv_width(), s.hd);
+        let mut fr = vec![0f32; s.t * hd];
+        for t in 0..s.t {
+            for i in 0..hd / 2 {
+                let ang = t as f32 * (10000f32).powf(-((2 * i) as f32) / hd as f32);
+                fr[(t * hd / 2 + i) * 2] = ang.cos();
+                fr[(t * hd / 2 + i) * 2 + 1] = ang.sin();
+            }
+        }
+        let freqs = p.vals(F32, &[s.t, hd / 2, 2], &fr);
+        let x = p.rand(d, &[n, q], 1.0);
+        let out = p.out(d, &[n, q]);
+        p.cpu.rope_fwd(&out.c, &x.c, &freqs.c, s).unwrap();
+        p.gpu.rope_fwd(&out.g, &x.g, &freqs.g, s).unwrap();
+        p.exact(&format!("rope_fwd {d} {s:?}"), &out);
+        let am = p.out(F32, &[1]);
+        p.cpu.rope_bwd(&out.c, &x.c, &freqs.c, s, Some(&am.c)).unwrap();
+        p.gpu.rope_bwd(&out.g, &x.g, &freqs.g, s, Some(&am.g)).unwrap();
+        p.exact(&format!("rope_bwd {d}"), &out);
+        p.exact("rope_bwd absmax", &am);
+    }
+}
+
+#[test]
+fn swiglu_forward_backward() {
+    let Some(mut p) = Pair::new(8) else { return };
+    for &(n, dd) in &[(77, 100), (3, 4864)] {
+        for d in [F32, BF16] {
+            let inp = p.rand(d, &[n, 2 * dd], 2.0);
+            let out = p.out(d, &[n, dd]);
+            let am = p.out(F32, &[1]);
+            p.cpu.swiglu_fwd(&out.c, &inp.c, Some(&am.c)).unwrap();
+            p.gpu.swiglu_fwd(&out.g, &inp.g, Some(&am.g)).unwrap();
+            p.close_dt(&format!("swiglu_fwd {d} [{n},{dd}]"), &out);
+            p.close_dt("swiglu_fwd absmax", &am);
+            let dout = p.rand(d, &[n, dd], 1.0);
+            let dinp = p.out(d, &[n, 2 * dd]);
+            p.cpu.swiglu_bwd(&dinp.c, &dout.c, &inp.c, Some(&am.c)).unwrap();
+            p.gpu.swiglu_bwd(&dinp.g, &dout.g, &inp.g, Some(&am.g)).unwrap();
+            p.close_dt(&format!("swiglu_bwd {d}"), &dinp);
+            p.close_dt("swiglu_bwd absmax", &am);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_in_place() {
+    let Some(mut p) = Pair::new(9) else { return };
+    for &(r, v) in &[(37, 1000), (4, 151936)] {
+        for d in [F32, BF16] {
+            let logits = p.rand(d, &[r, v], 3.0);
+            let tg: Vec<i32> = (0..r).map(|i| if i % 7 == 3 { -100 } else { p.rng.below(v) as i32 }).collect();
+            let targets = p.i32s(&[r], &tg);
+            let losses = p.out(F32, &[r]);
+            p.cpu.cross_entropy(&logits.c, &losses.c, &targets.c, 1.0 / r as f32).unwrap();
+            p.gpu.cross_entropy(&logits.g, &losses.g, &targets.g, 1.0 / r as f32).unwrap();
+            p.close(&format!("cross_entropy losses {d} [{r},{v}]"), &losses, 1e-5, 1e-6);
+            let (rt, _) = common::tol(d);
+            p.close(&format!("cross_entropy dlogits {d}"), &logits, rt.max(1e-5), 1e-9);
+        }
+    }
+}
+
+#[test]
+fn colsum_absmax_sum_squares() {
+    let Some(mut p) = Pair::new(10) else { return };
+    for &(r, c) in &[(77, 100), (4096, 37), (1, 5)] {
+        for d in [F32, BF16] {
+            let inp = p.rand(d, &[r, c], 1.0);
+            for acc in [false, true] {
+                let out = p.rand(F32, &[c], 1.0);
+                p.cpu.colsum(&out.c, &inp.c, acc).unwrap();
+                p.gpu.colsum(&out.g, &inp.g, acc).unwrap();
+                p.close(&format!("colsum {d} [{r},{c}] accumulate={acc}"), &out, 1e-6, 1e-7);
+            }
+            let out = p.rand(BF16, &[c], 1.0);
+            p.cpu.colsum(&out.c, &inp.c, true).unwrap();
+            p.gpu.colsum(&out.g, &inp.g, true).unwrap();
+            p.close_dt("colsum into bf16", &out);
+            let am = p.out(F32, &[1]);
+            p.cpu.absmax(&am.c, &inp.c).unwrap();
+            p.gpu.absmax(&am.g, &inp.g).unwrap();
+            p.exact("absmax", &am);
+            let ss = p.rand(F32, &[4], 1.0);
+            p.cpu.sum_squares(&ss.c, 2, &inp.c).unwrap();
+            p.gpu.sum_squares(&ss.g, 2, &inp.g).unwrap();
+            p.close(&format!("sum_squares {d}"), &ss, 1e-6, 0.0);
+        }
+    }
+    // determinism: the same bits twice
+    let inp = p.rand(F32, &[1 << 20], 1.0);
+    let a = p.out(F32, &[2]);
+    p.gpu.sum_squares(&a.g, 0, &inp.g).unwrap();
+    p.gpu.sum_squares(&a.g, 1, &inp.g).unwrap();
+    let v = decode(F32, &p.gpu.download(&a.g).unwrap());
+    assert_eq!(v[0].to_bits(), v[1].to_bits());
+}
+
+fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: DType, nseg: usize) {
+    // segments with alignment gaps and alternating decay
+    let mut segs = Vec::new();
+    let mut off = 0;
+    for s in 0..nseg {
+        let len = 37 + 91 * (s % 5) + if s == 0 { 5000 } else { 0 };
+        segs.push(Segment { offset: off, len, decay: s % 2 == 0 });
+        off += len.div_ceil(64) * 64;
+    }
+    let n = off;
+    let master = p.rand(master_dt, &[n], 0.5);
+    let params = params_dt.map(|d| p.rand(d, &[n], 0.5));
+    let grads = p.rand(BF16, &[n], 0.1);
+    let m = p.rand(mv_dt, &[n], 0.01);
+    let vv: Vec<f32> = (0..n).map(|_| p.rng.uniform() * 1e-3).collect();
+    let v = p.vals(mv_dt, &[n], &vv);
+    let am = p.out(F32, &[nseg]);
+    for step in [1u64, 7] {
+        for (cpu, t) in [(true, 0), (false, 1)] {
+            let _ = t;
+            let pick = |x: &common::T2| if cpu { x.c } else { x.g };
+            let pm = pick(&master);
+            let pp = params.as_ref().map(pick).unwrap_or(pm);
+            let args = AdamW {
+                params: &pp,
+                master: &pm,
+                grads: &pick(&grads),
+                m: &pick(&m),
+                v: &pick(&v),
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                step,
+                grad_scale: 0.7,
+                seed: 1234 + step,
+                absmax: Some(&pick(&am)),
+            };
+            if cpu {
+                p.cpu.adamw(&args, &segs).unwrap();
+            } else {
+                p.gpu.adamw(&args, &segs).unwrap();
+            }
+        }
+    }
+    let tag = format!("adamw master {master_dt} params {params_dt:?} m/v {mv_dt} {nseg} segments");
+    p.exact(&format!("{tag}: master"), &master);
+    if let Some(pp) = &params {
+        p.exact(&format!("{tag}: params"), pp);
+    }
+    p.exact(&format!("{tag}: m"), &m);
+    p.exact(&format!("{tag}: v"), &v);
+    p.exact(&format!("{tag}: absmax"), &am);
+}
+
+#[test]
+fn adamw_matches_cpu_bitwise() {
+    let Some(mut p) = Pair::new(11) else { return };
+    adamw_case(&mut p, F32, None, F32, 5);
+    adamw_case(&mut p, BF16, None, BF16, 3);
+    adamw_case(&mut p, F32, Some(BF16), BF16, 9);
+    adamw_case(&mut p, F32, None, F32, 20); // more than one launch's segment table
+}
+
+fn mm_case(p: &mut Pair, m: usize, n: usize, k: usize, ta: bool, tb: bool, dt: DType, out_dt: DType, bias: bool, acc: bool, tol: f64) {
+    let a = p.rand(dt, &if ta { [k, m] } else { [m, k] }, 1.0);
+    let b = p.rand(dt, &if tb { [n, k] } else { [k, n] }, 1.0);
+    let bias_t = bias.then(|| p.rand(out_dt, &[n], 1.0));
+    let out = p.rand(out_dt, &[m, n], 1.0);
+    for cpu in [true, false] {
+        let pick = |x: &common::T2| if cpu { x.c } else { x.g };
+        let (oa, ob, oo) = (pick(&a), pick(&b), pick(&out));
+        let ob_bias = bias_t.as_ref().map(pick);
+        let args = Matmul { out: &oo, a: &oa, trans_a: ta, b: &ob, trans_b: tb, bias: ob_bias.as_ref(), accumulate: acc, descale_a: None, descale_b: None };
+        if cpu {
+            p.cpu.matmul(&args).unwrap();
+        } else {
+            p.gpu.matmul(&args).unwrap();
+        }
+    }
+    p.rel(&format!("matmul {dt}->{out_dt} M={m} N={n} K={k} ta={ta} tb={tb} bias={bias} acc={acc}"), &out, tol);
+}
+
+#[test]
+fn matmul_bf16_f32_all_transposes() {
+    let Some(mut p) = Pair::new(12) else { return };
+    for &(m, n, k) in &[(77, 48, 100), (130, 200, 64), (5, 8, 3)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                mm_case(&mut p, m, n, k, ta, tb, F32, F32, false, false, 1e-5);
+                mm_case(&mut p, m, n, k, ta, tb, BF16, BF16, false, false, 1e-2);
+                mm_case(&mut p, m, n, k, ta, tb, BF16, F32, false, true, 1e-5);
+            }
+        }
+        mm_case(&mut p, m, n, k, false, true, BF16, BF16, true, false, 1e-2);
+        mm_case(&mut p, m, n, k, false, true, F32, F32, true, true, 1e-5);
+        mm_case(&mut p, m, n, k, true, false, BF16, BF16, false, true, 1e-2);
+    }
+}
+
+fn fp8_case(p: &mut Pair, m: usize, n: usize, k: usize, da: DType, db: DType, out_dt: DType, bias_dt: Option<DType>, acc: bool) -> Result<f64, String> {
+    // quantize real operands on both backends (bit-exact, tested above), then multiply
+    let a32 = p.rand(F32, &[m, k], 1.0);
+    let b32 = p.rand(F32, &[n, k], 0.05);
+    let mut q = |src: &common::T2, d: DType, dims: [usize; 2]| {
+        let am = p.out(F32, &[1]);
+        let ds = p.out(F32, &[1]);
+        let out = p.out(d, &dims);
+        p.cpu.absmax(&am.c, &src.c).unwrap();
+        p.gpu.absmax(&am.g, &src.g).unwrap();
+        p.cpu.quantize(&out.c, &ds.c, &src.c, &am.c, false).unwrap();
+        p.gpu.quantize(&out.g, &ds.g, &src.g, &am.g, false).unwrap();
+        (out, ds)
+    };
+    let (a, da_s) = q(&a32, da, [m, k]);
+    let (b, db_s) = q(&b32, db, [n, k]);
+    let bias = bias_dt.map(|d| p.rand(d, &[n], 1.0));
+    let out = p.rand(out_dt, &[m, n], 1.0);
+    for cpu in [true, false] {
+        let pick = |x: &common::T2| if cpu { x.c } else { x.g };
+        let (oa, ob, oo, sa, sb) = (pick(&a), pick(&b), pick(&out), pick(&da_s), pick(&db_s));
+        let obias = bias.as_ref().map(pick);
+        let args = Matmul { out: &oo, a: &oa, trans_a: false, b: &ob, trans_b: true, bias: obias.as_ref(), accumulate: acc, descale_a: Some(&sa), descale_b: Some(&sb) };
+        if cpu {
+            p.cpu.matmul(&args).unwrap();
+        } else {
+            p.gpu.matmul(&args).map_err(|e| e.to_string())?;
+        }
+    }
+    let tol = if out_dt == F32 { 1e-4 } else { 1e-2 };
+    Ok(p.rel(&format!("fp8 matmul {da}x{db}->{out_dt} M={m} N={n} K={k} bias={bias_dt:?} acc={acc}"), &out, tol))
+}
+
+#[test]
+fn matmul_fp8_tn() {
+    let Some(mut p) = Pair::new(13) else { return };
+    let mut failures = Vec::new();
+    for &(m, n, k) in &[(128, 64, 96), (77, 48, 160), (256, 896, 128)] {
+        for (da, db) in [(E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2)] {
+            for out_dt in [BF16, F32] {
+                for bias in [None, Some(BF16)] {
+                    for acc in [false, true] {
+                        if let Err(e) = fp8_case(&mut p, m, n, k, da, db, out_dt, bias, acc) {
+                            println!("UNSUPPORTED fp8 {da}x{db}->{out_dt} M={m} N={n} K={k} bias={bias:?} acc={acc}: {e}");
+                            failures.push(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The configurations the model uses must work: e4m3 x e4m3 -> bf16 (no bias, with bias,
+    // accumulate) and e5m2 gradients x e4m3.
+    for (da, db, out_dt, bias, acc) in [(E4M3, E4M3, BF16, None, false), (E4M3, E4M3, BF16, Some(BF16), false), (E5M2, E4M3, BF16, None, false), (E4M3, E4M3, F32, None, true)] {
+        fp8_case(&mut p, 128, 64, 96, da, db, out_dt, bias, acc).unwrap();
+    }
+    println!("fp8 configurations refused: {}", failures.len());
+    // a non-TN fp8 layout is a clear op error
+    let a = p.rand(E4M3, &[32, 64], 1.0);
+    let b = p.rand(E4M3, &[64, 16], 1.0);
+    let o = p.out(BF16, &[32, 16]);
+    let s = p.vals(F32, &[1], &[1.0]);
+    let r = p.gpu.matmul(&Matmul { out: &o.g, a: &a.g, trans_a: false, b: &b.g, trans_b: false, bias: None, accumulate: false, descale_a: Some(&s.g), descale_b: Some(&s.g) });
+    assert!(matches!(r, Err(llmq_core::Error::Op(_))), "{r:?}");
+}
+
+fn attention_case(p: &mut Pair, s: AttnShape, d: DType, simple: bool) {
+    p.gpu.set_attention_impl(if simple { llmq_cuda::AttnImpl::Simple } else { llmq_cuda::AttnImpl::Auto });
+    let (n, q) = (s.n(), s.qkv_width());
+    let qkv = p.rand(d, &[n, q], 1.0);
+    let out = p.out(d, &[n, s.out_width()]);
+    let lse = p.out(F32, &[s.b, s.hq, s.t]);
+    p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s).unwrap();
+    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s).unwrap();
+    let kind = if simple { "simple" } else { "auto" };
+    let (tf, tb) = if d == F32 { (1e-5, 1e-4) } else { (1e-2, 2e-2) };
+    p.rel(&format!("attention_fwd {kind} {d} {s:?}: out"), &out, tf);
+    p.close(&format!("attention_fwd {kind} {d}: lse"), &lse, 1e-4, 1e-4);
+    // backward from the CPU's forward output (same inputs on both sides)
+    let (oc, _) = p.raw(&out);
+    p.gpu.upload(&out.g, &oc).unwrap();
+    let (lc, _) = p.raw(&lse);
+    p.gpu.upload(&lse.g, &lc).unwrap();
+    let dout = p.rand(d, &[n, s.out_width()], 1.0);
+    let dqkv = p.out(d, &[n, q]);
+    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    p.rel(&format!("attention_bwd {kind} {d} {s:?}: dqkv"), &dqkv, tb);
+    // deterministic
+    let first = p.gpu.download(&dqkv.g).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    assert_eq!(first, p.gpu.download(&dqkv.g).unwrap(), "attention_bwd is not deterministic");
+}
+
+#[test]
+fn attention_simple_kernels() {
+    let Some(mut p) = Pair::new(14) else { return };
+    attention_case(&mut p, attn_shape(2, 37, 4, 2, 64), F32, true);
+    attention_case(&mut p, attn_shape(1, 70, 3, 1, 48), F32, true);
+    attention_case(&mut p, attn_shape(2, 37, 4, 2, 128), BF16, true);
+    attention_case(&mut p, attn_shape(1, 20, 2, 2, 256), F32, true);
+}
+
+#[test]
+fn attention_tensor_core_kernels() {
+    let Some(mut p) = Pair::new(15) else { return };
+    for s in [attn_shape(2, 37, 4, 2, 64), attn_shape(1, 130, 14, 2, 64), attn_shape(2, 64, 4, 4, 128), attn_shape(1, 200, 12, 2, 128), attn_shape(1, 1, 2, 1, 64)] {
+        attention_case(&mut p, s, BF16, false);
+    }
+}
+
+#[test]
+fn attention_paths_agree_at_length_1024() {
+    // the tensor-core path against the simple path on a realistic size (no CPU: too slow)
+    let Some(mut p) = Pair::new(16) else { return };
+    for hd in [64, 128] {
+        let s = attn_shape(2, 1024, 8, 2, hd);
+        let (n, q) = (s.n(), s.qkv_width());
+        let vals = p.rng.vec(n * q, 1.0);
+        let qkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
+        p.gpu.upload(&qkv, &encode(BF16, &vals)).unwrap();
+        let mut run = |imp| {
+            p.gpu.set_attention_impl(imp);
+            let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
+            let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
+            p.gpu.attention_fwd(&out, &lse, &qkv, s).unwrap();
+            let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
+            p.gpu.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s).unwrap(); // dout = out
+            (decode(BF16, &p.gpu.download(&out).unwrap()), decode(BF16, &p.gpu.download(&dqkv).unwrap()))
+        };
+        let (o1, d1) = run(llmq_cuda::AttnImpl::Simple);
+        let (o2, d2) = run(llmq_cuda::AttnImpl::Auto);
+        let rel = |a: &[f32], b: &[f32]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+            (num / den).sqrt()
+        };
+        let (ro, rd) = (rel(&o1, &o2), rel(&d1, &d2));
+        println!("attention Hd={hd} T=1024: mma vs simple: out {ro:.2e}, dqkv {rd:.2e}");
+        assert!(ro < 1e-2 && rd < 3e-2);
+    }
+}
