@@ -9,8 +9,9 @@
 #
 # On the device machine (the `run` tool of this workplace): carry [".gpu"] and run
 #   bash .gpu/run.sh
-# It runs every executable in .gpu/bin (single-threaded test harness, output not captured) and
-# writes one log per executable plus summary.txt to $OUT (or .gpu/logs without $OUT). It needs
+# It runs every test of every executable in .gpu/bin, one process per test (output not captured), and
+# writes one log per executable plus summary.txt to $OUT (or .gpu/logs without $OUT); with
+# GPU_SANITIZE="<executable> [test filters]" it also runs compute-sanitizer's memcheck. It needs
 # libcuda and libcublasLt: LD_LIBRARY_PATH gets /usr/local/cuda/lib64 and the pip nvidia wheels.
 #
 # The kernels are compiled by llmq-cuda's build.rs with nvcc; scripts/install-nvcc.sh installs a
@@ -57,7 +58,9 @@ rm -f "$JSON" "$JSON.list"
 
 cat >.gpu/run.sh <<'EOF'
 #!/usr/bin/env bash
-# Runs every test executable in .gpu/bin; logs to $OUT (or .gpu/logs). Made by scripts/gpu-test.sh.
+# Runs every test executable in .gpu/bin, each test in its own process (a CUDA fault poisons the
+# process's context, so isolation keeps one bad kernel from failing every later test).
+# Logs to $OUT (or .gpu/logs). Made by scripts/gpu-test.sh.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LOGS="${OUT:-.gpu/logs}"
 mkdir -p "$LOGS"
@@ -69,20 +72,39 @@ export RUST_BACKTRACE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader 2>&1 | tee "$LOGS/gpu.txt"
 : >"$LOGS/summary.txt"
 status=0
+total_pass=0
+total_fail=0
 for exe in .gpu/bin/*; do
   [[ -x "$exe" ]] || continue
   name="$(basename "$exe")"
+  log="$LOGS/$name.log"
+  : >"$log"
+  tests="$("$exe" --list --format terse 2>/dev/null | sed -n 's/: test$//p')"
+  pass=0
+  fail=0
+  failed=""
   start=$(date +%s.%N)
-  timeout "${GPU_TEST_TIMEOUT:-480}" "$exe" --test-threads=1 --nocapture ${GPU_TEST_FILTER:-} >"$LOGS/$name.log" 2>&1
-  rc=$?
+  for t in $tests; do
+    if [[ -n "${GPU_TEST_FILTER:-}" && "$t" != *"$GPU_TEST_FILTER"* ]]; then continue; fi
+    echo "===== $t" >>"$log"
+    timeout "${GPU_TEST_TIMEOUT:-300}" "$exe" --exact "$t" --test-threads=1 --nocapture >>"$log" 2>&1
+    rc=$?
+    if [[ $rc -eq 0 ]]; then pass=$((pass + 1)); else fail=$((fail + 1)); failed="$failed $t(rc=$rc)"; fi
+  done
   end=$(date +%s.%N)
-  line="$(grep -E '^test result:' "$LOGS/$name.log" | tail -n1)"
-  printf '%-28s rc=%d %6.1fs %s\n' "$name" "$rc" "$(awk "BEGIN{print $end - $start}")" "$line" | tee -a "$LOGS/summary.txt"
-  if [[ $rc -ne 0 ]]; then
-    status=1
-    grep -E "panicked|FAILED|failed|error" "$LOGS/$name.log" | head -n 20 | tee -a "$LOGS/summary.txt"
-  fi
+  printf '%-24s %3d passed, %3d failed  %6.1fs%s\n' "$name" "$pass" "$fail" "$(awk "BEGIN{print $end - $start}")" "${failed:+  failed:$failed}" | tee -a "$LOGS/summary.txt"
+  total_pass=$((total_pass + pass))
+  total_fail=$((total_fail + fail))
+  [[ $fail -eq 0 ]] || status=1
 done
+# Optional memory checker pass: GPU_SANITIZE="<executable> [test name filters...]"
+if [[ -n "${GPU_SANITIZE:-}" ]]; then
+  set -- $GPU_SANITIZE
+  exe=".gpu/bin/$1"; shift
+  timeout "${GPU_SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --print-limit 20 "$exe" --test-threads=1 "$@" >"$LOGS/memcheck.log" 2>&1
+  echo "compute-sanitizer memcheck rc=$?: $(grep -E 'ERROR SUMMARY|^test result' "$LOGS/memcheck.log" | tr '\n' ' ')" | tee -a "$LOGS/summary.txt"
+fi
+echo "$total_pass passed, $total_fail failed" | tee -a "$LOGS/summary.txt"
 exit $status
 EOF
 chmod +x .gpu/run.sh

@@ -109,9 +109,17 @@ impl Kernels {
     }
 }
 
-/// Raises a kernel's dynamic shared-memory limit (needed above 48 KiB).
-pub(crate) fn set_max_dynamic_smem(f: sys::CUfunction, bytes: u32) -> Result<()> {
-    // SAFETY: f is a live function handle of the loaded module.
+/// Raises a kernel's dynamic shared-memory limit (needed above 48 KiB) to what the device allows
+/// per block (`optin`) minus the kernel's static shared memory.
+pub(crate) fn set_max_dynamic_smem(f: sys::CUfunction, optin: u32) -> Result<()> {
+    let mut stat = 0i32;
+    // SAFETY: f is a live function handle of the loaded module; out-pointer to a local.
+    check(
+        unsafe { sys::cuFuncGetAttribute(&mut stat, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f) },
+        "cuFuncGetAttribute(SHARED_SIZE_BYTES)",
+    )?;
+    let bytes = optin.saturating_sub(stat.max(0) as u32);
+    // SAFETY: as above.
     check(
         unsafe { sys::cuFuncSetAttribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32) },
         "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",

@@ -91,6 +91,12 @@ impl CudaBackend {
         unsafe { kernels::launch(f, grid, block, smem, self.dev.compute, args) }
     }
 
+    /// Dynamic shared memory a kernel may ask for (the per-block opt-in limit, less a margin for
+    /// the kernels' static shared memory).
+    fn smem_limit(&self) -> usize {
+        (self.dev.max_smem_optin.max(48 << 10) as usize).saturating_sub(8 << 10)
+    }
+
     /// Blocks for a grid-stride loop over `n` items.
     fn grid_for(&self, n: usize) -> u32 {
         let want = n.div_ceil(THREADS as usize).max(1);
@@ -155,7 +161,7 @@ impl CudaBackend {
         check_rows(OP, "dout", dout, n, c)?;
         fits_i32(OP, n.max(v).max(c))?;
         let smem = c * 4;
-        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if smem > self.smem_limit() {
             return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
         }
         self.launch(
@@ -250,7 +256,7 @@ impl CudaBackend {
         }
         check_absmax(OP, absmax)?;
         let smem = c * 8;
-        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if smem > self.smem_limit() {
             return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
         }
         let g = self.partial_blocks(n, c, 2 * self.dev.sm_count as usize);
@@ -319,7 +325,7 @@ impl CudaBackend {
         fits_i32(OP, n)?;
         let nw = (THREADS / 32) as usize;
         let smem = nw * 2 * hd * 8;
-        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if smem > self.smem_limit() {
             return err(format!("{OP}: head size {hd} too large"));
         }
         let g = self.partial_blocks(n, 2 * hd, 2 * self.dev.sm_count as usize);

@@ -418,8 +418,9 @@ fn mm_case(p: &mut Pair, m: usize, n: usize, k: usize, ta: bool, tb: bool, dt: D
         let args = Matmul { out: &oo, a: &oa, trans_a: ta, b: &ob, trans_b: tb, bias: ob_bias.as_ref(), accumulate: acc, descale_a: None, descale_b: None };
         if cpu {
             p.cpu.matmul(&args).unwrap();
-        } else {
-            p.gpu.matmul(&args).unwrap();
+        } else if let Err(e) = p.gpu.matmul(&args) {
+            p.fail(format!("matmul {dt}->{out_dt} M={m} N={n} K={k} ta={ta} tb={tb} bias={bias} acc={acc}: {e}"));
+            return;
         }
     }
     p.rel(&format!("matmul {dt}->{out_dt} M={m} N={n} K={k} ta={ta} tb={tb} bias={bias} acc={acc}"), &out, tol);
@@ -496,7 +497,9 @@ fn matmul_fp8_tn() {
     // The configurations the model uses must work: e4m3 x e4m3 -> bf16 (no bias, with bias,
     // accumulate) and e5m2 gradients x e4m3.
     for (da, db, out_dt, bias, acc) in [(E4M3, E4M3, BF16, None, false), (E4M3, E4M3, BF16, Some(BF16), false), (E5M2, E4M3, BF16, None, false), (E4M3, E4M3, F32, None, true)] {
-        fp8_case(&mut p, 128, 64, 96, da, db, out_dt, bias, acc).unwrap();
+        if let Err(e) = fp8_case(&mut p, 128, 64, 96, da, db, out_dt, bias, acc) {
+            p.fail(format!("required fp8 configuration {da}x{db}->{out_dt} bias {bias:?} acc {acc}: {e}"));
+        }
     }
     println!("fp8 configurations refused: {}", failures.len());
     // a non-TN fp8 layout is a clear op error
@@ -533,7 +536,9 @@ fn attention_case(p: &mut Pair, s: AttnShape, d: DType, simple: bool) {
     // deterministic
     let first = p.gpu.download(&dqkv.g).unwrap();
     p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
-    assert_eq!(first, p.gpu.download(&dqkv.g).unwrap(), "attention_bwd is not deterministic");
+    if first != p.gpu.download(&dqkv.g).unwrap() {
+        p.fail(format!("attention_bwd {kind} {d} {s:?} is not deterministic"));
+    }
 }
 
 #[test]
@@ -581,6 +586,8 @@ fn attention_paths_agree_at_length_1024() {
         };
         let (ro, rd) = (rel(&o1, &o2), rel(&d1, &d2));
         println!("attention Hd={hd} T=1024: mma vs simple: out {ro:.2e}, dqkv {rd:.2e}");
-        assert!(ro < 1e-2 && rd < 3e-2);
+        if !(ro < 1e-2 && rd < 3e-2) {
+            p.fail(format!("attention Hd={hd} T=1024: mma and simple paths differ: out {ro:.2e}, dqkv {rd:.2e}"));
+        }
     }
 }

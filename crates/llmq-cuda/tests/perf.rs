@@ -9,6 +9,19 @@ use llmq_core::{AttnShape, Backend, DType, Matmul, Mem, MemCategory, Tensor};
 use llmq_cuda::CudaBackend;
 use std::time::Instant;
 
+/// Reports an op error once per call site instead of aborting the whole table.
+fn ok(r: llmq_core::Result<()>) {
+    if let Err(e) = r {
+        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let msg = e.to_string();
+        let mut seen = SEEN.lock().unwrap();
+        if !seen.contains(&msg) {
+            println!("ERROR: {msg}");
+            seen.push(msg);
+        }
+    }
+}
+
 fn time<F: FnMut()>(g: &CudaBackend, mut f: F) -> f64 {
     f();
     g.synchronize().unwrap();
@@ -46,7 +59,7 @@ fn kernel_timings() {
         let a = rand_tensor(&mut g, &mut rng, bf, &[m, k], 1.0);
         let w = rand_tensor(&mut g, &mut rng, bf, &[nn, k], 0.05);
         let o = g.alloc(MemCategory::Other, Mem::Device, bf, &[m, nn]).unwrap();
-        let t = time(&g, || g.matmul(&Matmul::linear(&o, &a, &w)).unwrap());
+        let t = time(&g, || ok(g.matmul(&Matmul::linear(&o, &a, &w))));
         println!("| matmul bf16 {name} | {m}x{nn}x{k} | {:.3} | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * nn * k) as f64 / t / 1e12);
         if name != "lm_head" {
             let a8 = g.alloc(MemCategory::Other, Mem::Device, DType::E4M3, &[m, k]).unwrap();
@@ -61,12 +74,12 @@ fn kernel_timings() {
             let mut mm = Matmul::linear(&o, &a8, &w8);
             mm.descale_a = Some(&sa);
             mm.descale_b = Some(&sw);
-            let t = time(&g, || g.matmul(&mm).unwrap());
+            let t = time(&g, || ok(g.matmul(&mm)));
             println!("| matmul e4m3 {name} | {m}x{nn}x{k} | {:.3} | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * nn * k) as f64 / t / 1e12);
-            let tq = time(&g, || g.quantize(&a8, &sa, &a, &am, false).unwrap());
+            let tq = time(&g, || ok(g.quantize(&a8, &sa, &a, &am, false)));
             println!("| quantize bf16->e4m3 | {m}x{k} | {:.3} | {:.0} GB/s |", tq * 1e3, (m * k * 3) as f64 / tq / 1e9);
             let at = g.alloc(MemCategory::Other, Mem::Device, DType::E4M3, &[k, m]).unwrap();
-            let tq = time(&g, || g.quantize(&at, &sa, &a, &am, true).unwrap());
+            let tq = time(&g, || ok(g.quantize(&at, &sa, &a, &am, true)));
             println!("| quantize+transpose | {m}x{k} | {:.3} | {:.0} GB/s |", tq * 1e3, (m * k * 3) as f64 / tq / 1e9);
         }
     }
@@ -79,13 +92,13 @@ fn kernel_timings() {
         let lse = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[s.b * hq * s.t]).unwrap();
         let dqkv = g.alloc(MemCategory::Other, Mem::Device, bf, &[nn, q]).unwrap();
         let flops = 4.0 * (s.b * hq * hd) as f64 * (s.t * s.t) as f64 / 2.0; // causal
-        let tf = time(&g, || g.attention_fwd(&out, &lse, &qkv, s).unwrap());
+        let tf = time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
         println!("| attention fwd mma | B16 T1024 Hq{hq} Hkv{hkv} Hd{hd} | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
-        let tb = time(&g, || g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s).unwrap());
+        let tb = time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
         println!("| attention bwd mma | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Simple);
         let s1 = AttnShape { b: 2, ..s };
-        let tf = time(&g, || g.attention_fwd(&out, &lse, &qkv, s1).unwrap());
+        let tf = time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s1)));
         println!("| attention fwd simple | B2 T1024 Hq{hq} Hd{hd} | {:.3} | {:.1} TFLOP/s |", tf * 1e3, flops / 8.0 / tf / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Auto);
     }
@@ -96,34 +109,34 @@ fn kernel_timings() {
     let y = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, c]).unwrap();
     let rstd = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[n]).unwrap();
     let am = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[1]).unwrap();
-    let t = time(&g, || g.rmsnorm_fwd(&y, &rstd, &x, &w, 1e-6, Some(&am)).unwrap());
+    let t = time(&g, || ok(g.rmsnorm_fwd(&y, &rstd, &x, &w, 1e-6, Some(&am))));
     println!("| rmsnorm_fwd | {n}x{c} | {:.3} | {:.0} GB/s |", t * 1e3, (n * c * 4) as f64 / t / 1e9);
     let dw = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[c]).unwrap();
     let dx = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, c]).unwrap();
-    let t = time(&g, || g.rmsnorm_bwd(&dx, &dw, &y, &x, &w, &rstd, None, Some(&am)).unwrap());
+    let t = time(&g, || ok(g.rmsnorm_bwd(&dx, &dw, &y, &x, &w, &rstd, None, Some(&am))));
     println!("| rmsnorm_bwd | {n}x{c} | {:.3} | {:.0} GB/s |", t * 1e3, (n * c * 6) as f64 / t / 1e9);
     let ug = rand_tensor(&mut g, &mut rng, bf, &[n, 2 * d], 1.0);
     let h = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, d]).unwrap();
-    let t = time(&g, || g.swiglu_fwd(&h, &ug, Some(&am)).unwrap());
+    let t = time(&g, || ok(g.swiglu_fwd(&h, &ug, Some(&am))));
     println!("| swiglu_fwd | {n}x{d} | {:.3} | {:.0} GB/s |", t * 1e3, (n * d * 6) as f64 / t / 1e9);
     let dug = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, 2 * d]).unwrap();
-    let t = time(&g, || g.swiglu_bwd(&dug, &h, &ug, Some(&am)).unwrap());
+    let t = time(&g, || ok(g.swiglu_bwd(&dug, &h, &ug, Some(&am))));
     println!("| swiglu_bwd | {n}x{d} | {:.3} | {:.0} GB/s |", t * 1e3, (n * d * 10) as f64 / t / 1e9);
     let rows = 2048;
     let logits = rand_tensor(&mut g, &mut rng, bf, &[rows, 151936], 2.0);
     let losses = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[rows]).unwrap();
     let tg = g.alloc(MemCategory::Other, Mem::Device, DType::I32, &[rows]).unwrap();
-    let t = time(&g, || g.cross_entropy(&logits, &losses, &tg, 1.0).unwrap());
+    let t = time(&g, || ok(g.cross_entropy(&logits, &losses, &tg, 1.0)));
     println!("| cross_entropy | {rows}x151936 | {:.3} | {:.0} GB/s |", t * 1e3, (rows * 151936 * 4) as f64 / t / 1e9);
-    let t = time(&g, || g.sum_squares(&am, 0, &ug).unwrap());
+    let t = time(&g, || ok(g.sum_squares(&am, 0, &ug)));
     println!("| sum_squares bf16 | {}M | {:.3} | {:.0} GB/s |", n * 2 * d / 1_000_000, t * 1e3, (n * 2 * d * 2) as f64 / t / 1e9);
     let big = rand_tensor(&mut g, &mut rng, bf, &[n, 2 * d], 1.0);
-    let t = time(&g, || g.copy(&big, &ug, llmq_core::Stream::Compute).unwrap());
+    let t = time(&g, || ok(g.copy(&big, &ug, llmq_core::Stream::Compute)));
     println!("| copy d2d | {} MB | {:.3} | {:.0} GB/s |", n * 2 * d * 2 / 1_000_000, t * 1e3, (n * 2 * d * 4) as f64 / t / 1e9);
     let ids: Vec<i32> = (0..n as i32).map(|i| (i * 7919) % 151936).collect();
     let idt = g.alloc(MemCategory::Other, Mem::Device, DType::I32, &[n]).unwrap();
     g.upload(&idt, &ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
     let table = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[151936, c]).unwrap();
-    let t = time(&g, || g.embedding_bwd(&table, &idt, &x).unwrap());
+    let t = time(&g, || ok(g.embedding_bwd(&table, &idt, &x)));
     println!("| embedding_bwd | N={n} C={c} | {:.3} | |", t * 1e3);
 }
