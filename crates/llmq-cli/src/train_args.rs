@@ -90,6 +90,9 @@ pub struct TrainArgs {
     pub opt_m_dtype: String,
     #[arg(long, default_value = "fp32", help_heading = "Precision")]
     pub opt_v_dtype: String,
+    /// Keep fp8 weights between micro-batches, re-quantised once per optimizer step.
+    #[arg(long, help_heading = "Precision")]
+    pub persistent_quants: bool,
 
     // ---- memory ----
     #[arg(long, help_heading = "Memory")]
@@ -227,6 +230,11 @@ impl TrainArgs {
             grads: dtype("--grad-dtype", &self.grad_dtype)?,
             opt_m: dtype("--opt-m-dtype", &self.opt_m_dtype)?,
             opt_v: dtype("--opt-v-dtype", &self.opt_v_dtype)?,
+            act_grads: match &self.gradient_dtype {
+                Some(s) => dtype("--gradient-dtype", s)?,
+                None => DType::E4M3,
+            },
+            persistent_quants: self.persistent_quants,
         };
         if precision.master == DType::BF16 && weights == DType::F32 {
             return Err(Error::Config("--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into()));

@@ -95,7 +95,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     println!("  device     {}", be.name());
     println!("  batch      B={} T={} accumulation={} -> {} tokens/step, {} steps", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step(), tc.steps);
     let p = tc.precision;
-    println!("  precision  matmul {} | weights {} | master {} | grads {} | adam m {} v {}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
+    let fp8 = if p.matmul.is_fp8() { format!(" | activation grads {}{}", p.act_grads, if p.persistent_quants { " | persistent quants" } else { "" }) } else { String::new() };
+    println!("  precision  matmul {} | weights {} | master {} | grads {} | adam m {} v {}{fp8}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
     let s = tc.schedule;
     println!("  optimizer  AdamW lr {:e} ({:?}, warmup {}, final x{}, cooldown {}) betas ({}, {}) eps {:e} wd {} clip {}", s.lr, s.decay, s.warmup, s.final_fraction, s.cooldown, tc.optim.beta1, tc.optim.beta2, tc.optim.eps, tc.optim.weight_decay, tc.optim.grad_clip);
     println!("  recompute  {:?}", tc.recompute);
@@ -111,7 +112,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         (None, Some(dir)) if !args.from_scratch => {
             let groups = hf::load_weights(dir, &cfg)?;
-            trainer.model.params.set_master_f32(trainer.be.as_ref(), &groups)?;
+            trainer.set_weights(&groups)?;
             println!("loaded weights from {}", dir.display());
         }
         _ => trainer.init_from_scratch()?,

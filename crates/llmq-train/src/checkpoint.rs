@@ -117,6 +117,7 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<()> {
             tr.be.convert(w, m)?;
         }
     }
+    tr.model.weights_changed(tr.be.as_ref())?;
     let num = |k: &str| st.get(k).and_then(|v| v.as_u64()).ok_or_else(|| Error::file(dir, format!("state field `{k}` missing")));
     tr.step = num("step")?;
     tr.updates = num("updates")?;

@@ -8,6 +8,7 @@
 pub mod acts;
 pub mod checkpoint;
 pub mod flops;
+pub mod fp8;
 pub mod init;
 pub mod log;
 pub mod model;

@@ -8,6 +8,7 @@
 //! numbers do not depend on the batch size chosen for memory reasons.
 
 use crate::acts::{Activations, RunShape};
+use crate::fp8::{Act, Fp8};
 use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::precision::{Precision, Recompute};
 use llmq_core::{Backend, Matmul, ModelConfig, Result, Tensor};
@@ -17,8 +18,16 @@ pub struct Model {
     pub params: Params,
     pub acts: Activations,
     pub recompute: Recompute,
+    /// FP8 state when the matmul dtype is e4m3.
+    pub fp8: Option<Fp8>,
     eps: f32,
 }
+
+/// Index of each block matmul in `fp8::WEIGHTS`.
+const QKV: usize = 0;
+const OUT: usize = 1;
+const UP: usize = 2;
+const DOWN: usize = 3;
 
 impl Model {
     pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, recompute: Recompute) -> Result<Model> {
@@ -28,7 +37,59 @@ impl Model {
         let norm_slots = params.layout.groups.len();
         let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, shape.t, norm_slots)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
-        Ok(Model { params, acts, recompute, eps: cfg.rms_norm_eps as f32 })
+        let fp8 = if precision.matmul.is_fp8() {
+            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants)?)
+        } else {
+            None
+        };
+        Ok(Model { params, acts, recompute, fp8, eps: cfg.rms_norm_eps as f32 })
+    }
+
+    /// To be called whenever the weights change outside the optimizer (init, load): refreshes
+    /// the fp8 weight abs-maxes and persistent quants.
+    pub fn weights_changed(&self, be: &dyn Backend) -> Result<()> {
+        match &self.fp8 {
+            Some(f) => f.init_weight_amax(be, &self.params),
+            None => Ok(()),
+        }
+    }
+
+    /// After an optimizer update (whose AdamW wrote the weight abs-maxes).
+    pub fn weights_updated(&self, be: &dyn Backend) -> Result<()> {
+        match &self.fp8 {
+            Some(f) => f.refresh(be, &self.params),
+            None => Ok(()),
+        }
+    }
+
+    /// Abs-max output slot for activation `a` of layer l (fp8 runs only).
+    fn amax(&self, l: usize, a: Act) -> Option<Tensor> {
+        self.fp8.as_ref().map(|f| f.act_amax(l, a))
+    }
+    /// Abs-max output for the activation gradient a backward op produces (fp8 runs only).
+    fn gamax(&self) -> Option<Tensor> {
+        self.fp8.as_ref().map(|f| f.grad_amax)
+    }
+
+    /// Block matmul k of layer l: out = x · Wᵀ (+ bias), in fp8 when enabled.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(&self, be: &dyn Backend, l: usize, k: usize, out: &Tensor, x: &Tensor, act: Act, w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        match &self.fp8 {
+            Some(f) => f.forward(be, &self.params, l, k, out, x, &f.act_amax(l, act), bias),
+            None => be.matmul(&Matmul::linear(out, x, w).with_bias(bias)),
+        }
+    }
+
+    /// Backward of block matmul k: dx = dy · W, dW += dyᵀ · x.
+    #[allow(clippy::too_many_arguments)]
+    fn mm_bwd(&self, be: &dyn Backend, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, act: Act, w: &Tensor) -> Result<()> {
+        match &self.fp8 {
+            Some(f) => f.backward(be, &self.params, l, k, dx, dw, dy, x, &f.act_amax(l, act)),
+            None => {
+                be.matmul(&Matmul::linear_dgrad(dx, dy, w))?;
+                be.matmul(&Matmul::linear_wgrad(dw, dy, x))
+            }
+        }
     }
 
     pub fn cfg(&self) -> &ModelConfig {
@@ -68,18 +129,19 @@ impl Model {
         let l_count = self.cfg().num_layers;
         be.embedding_fwd(&a.res_att[0], &a.ids, &head.embedding)?;
         let w0 = self.params.block(0);
-        be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res_att[0], &w0.ln1, self.eps, None)?;
+        be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res_att[0], &w0.ln1, self.eps, self.amax(0, Act::Ln1).as_ref())?;
         for l in 0..l_count {
             let w = self.params.block(l);
             self.attention_stages(be, l, &w, true)?;
-            be.matmul(&Matmul::linear(&a.proj, &a.att.at(l), &w.o_w))?;
-            be.residual_rmsnorm_fwd(&a.res_ffn[l], &a.ln2.at(l), &a.rstd2[l], &a.res_att[l], &a.proj, &w.ln2, self.eps, None)?;
+            self.mm(be, l, OUT, &a.proj, &a.att.at(l), Act::Att, &w.o_w, None)?;
+            be.residual_rmsnorm_fwd(&a.res_ffn[l], &a.ln2.at(l), &a.rstd2[l], &a.res_att[l], &a.proj, &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
             self.mlp_stages(be, l, &w, true)?;
-            be.matmul(&Matmul::linear(&a.proj, &a.sw.at(l), &w.down_w))?;
+            self.mm(be, l, DOWN, &a.proj, &a.sw.at(l), Act::Sw, &w.down_w, None)?;
             // fused: next residual + the norm that consumes it
             if l + 1 < l_count {
                 let next = self.params.block(l + 1);
-                be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.ln1.at(l + 1), &a.rstd1[l + 1], &a.res_ffn[l], &a.proj, &next.ln1, self.eps, None)?;
+                let am = self.amax(l + 1, Act::Ln1);
+                be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.ln1.at(l + 1), &a.rstd1[l + 1], &a.res_ffn[l], &a.proj, &next.ln1, self.eps, am.as_ref())?;
                 self.params.release(l + 1);
             } else {
                 be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.final_ln, &a.final_rstd, &a.res_ffn[l], &a.proj, &head.final_norm, self.eps, None)?;
@@ -94,11 +156,11 @@ impl Model {
     fn attention_stages(&self, be: &dyn Backend, l: usize, w: &BlockTensors, full: bool) -> Result<()> {
         let a = &self.acts;
         if !full && !a.ln1.kept() {
-            be.rmsnorm_fwd(&a.ln1.at(l), &a.rstd1[l], &a.res_att[l], &w.ln1, self.eps, None)?;
+            be.rmsnorm_fwd(&a.ln1.at(l), &a.rstd1[l], &a.res_att[l], &w.ln1, self.eps, self.amax(l, Act::Ln1).as_ref())?;
         }
         if full || !a.qkv_r.kept() || !a.att.kept() {
             if full || !a.qkv_r.kept() {
-                be.matmul(&Matmul::linear(&a.qkv.at(l), &a.ln1.at(l), &w.qkv_w).with_bias(w.qkv_b.as_ref()))?;
+                self.mm(be, l, QKV, &a.qkv.at(l), &a.ln1.at(l), Act::Ln1, &w.qkv_w, w.qkv_b.as_ref())?;
                 let roped_from = match (&w.q_norm, &w.k_norm) {
                     (Some(qn), Some(kn)) => {
                         be.qk_norm_fwd(&a.qkv_n, &a.qk_rstd[l], &a.qkv.at(l), qn, kn, a.attn, self.eps)?;
@@ -110,6 +172,10 @@ impl Model {
             }
             if full || !a.att.kept() {
                 be.attention_fwd(&a.att.at(l), &a.lse.at(l), &a.qkv_r.at(l), a.attn)?;
+                // attention has no fused abs-max: one extra pass in fp8 runs
+                if let Some(am) = self.amax(l, Act::Att) {
+                    be.absmax(&am, &a.att.at(l))?;
+                }
             }
         }
         Ok(())
@@ -119,13 +185,13 @@ impl Model {
     fn mlp_stages(&self, be: &dyn Backend, l: usize, w: &BlockTensors, full: bool) -> Result<()> {
         let a = &self.acts;
         if !full && !a.ln2.kept() {
-            be.rmsnorm_fwd(&a.ln2.at(l), &a.rstd2[l], &a.res_ffn[l], &w.ln2, self.eps, None)?;
+            be.rmsnorm_fwd(&a.ln2.at(l), &a.rstd2[l], &a.res_ffn[l], &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
         }
         if full || !a.up_gate.kept() {
-            be.matmul(&Matmul::linear(&a.up_gate.at(l), &a.ln2.at(l), &w.up_gate_w))?;
+            self.mm(be, l, UP, &a.up_gate.at(l), &a.ln2.at(l), Act::Ln2, &w.up_gate_w, None)?;
         }
         if full || !a.sw.kept() {
-            be.swiglu_fwd(&a.sw.at(l), &a.up_gate.at(l), None)?;
+            be.swiglu_fwd(&a.sw.at(l), &a.up_gate.at(l), self.amax(l, Act::Sw).as_ref())?;
         }
         Ok(())
     }
@@ -160,7 +226,7 @@ impl Model {
         let ghead = self.params.grad_head();
         let l_count = self.cfg().num_layers;
         // final norm: d_res = d(final residual)
-        be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res_att[l_count], &head.final_norm, &a.final_rstd, None, None)?;
+        be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res_att[l_count], &head.final_norm, &a.final_rstd, None, self.gamax().as_ref())?;
         for l in (0..l_count).rev() {
             let w = self.params.block(l);
             let g = self.params.grad_block(l);
@@ -174,32 +240,38 @@ impl Model {
     fn block_backward(&self, be: &dyn Backend, l: usize, w: &BlockTensors, g: &BlockTensors) -> Result<()> {
         let a = &self.acts;
         // MLP
+        // (in fp8 runs, each op that produces an activation gradient also writes its abs-max,
+        // which the next block matmul backward consumes)
+        let gam = self.gamax();
+        let gam = gam.as_ref();
         self.mlp_stages(be, l, w, false)?;
-        be.matmul(&Matmul::linear_dgrad(&a.d_sw, &a.d_res, &w.down_w))?;
-        be.matmul(&Matmul::linear_wgrad(&g.down_w, &a.d_res, &a.sw.at(l)))?;
-        be.swiglu_bwd(&a.d_up_gate, &a.d_sw, &a.up_gate.at(l), None)?;
-        be.matmul(&Matmul::linear_dgrad(&a.d_ln, &a.d_up_gate, &w.up_gate_w))?;
-        be.matmul(&Matmul::linear_wgrad(&g.up_gate_w, &a.d_up_gate, &a.ln2.at(l)))?;
-        be.rmsnorm_bwd(&a.d_res, &g.ln2, &a.d_ln, &a.res_ffn[l], &w.ln2, &a.rstd2[l], Some(&a.d_res), None)?;
+        self.mm_bwd(be, l, DOWN, &a.d_sw, &g.down_w, &a.d_res, &a.sw.at(l), Act::Sw, &w.down_w)?;
+        be.swiglu_bwd(&a.d_up_gate, &a.d_sw, &a.up_gate.at(l), gam)?;
+        self.mm_bwd(be, l, UP, &a.d_ln, &g.up_gate_w, &a.d_up_gate, &a.ln2.at(l), Act::Ln2, &w.up_gate_w)?;
+        be.rmsnorm_bwd(&a.d_res, &g.ln2, &a.d_ln, &a.res_ffn[l], &w.ln2, &a.rstd2[l], Some(&a.d_res), gam)?;
         // attention
         self.attention_stages(be, l, w, false)?;
-        be.matmul(&Matmul::linear_dgrad(&a.d_att, &a.d_res, &w.o_w))?;
-        be.matmul(&Matmul::linear_wgrad(&g.o_w, &a.d_res, &a.att.at(l)))?;
+        self.mm_bwd(be, l, OUT, &a.d_att, &g.o_w, &a.d_res, &a.att.at(l), Act::Att, &w.o_w)?;
         be.attention_bwd(&a.d_qkv, &a.d_att, &a.qkv_r.at(l), &a.att.at(l), &a.lse.at(l), a.attn)?;
-        be.rope_bwd(&a.d_qkv2, &a.d_qkv, &a.freqs, a.attn, None)?;
         let d_qkv: Tensor = match (&w.q_norm, &w.k_norm, &g.q_norm, &g.k_norm) {
             (Some(qn), Some(kn), Some(gq), Some(gk)) => {
+                be.rope_bwd(&a.d_qkv2, &a.d_qkv, &a.freqs, a.attn, None)?;
                 be.qk_norm_bwd(&a.d_qkv, gq, gk, &a.d_qkv2, &a.qkv.at(l), qn, kn, &a.qk_rstd[l], a.attn)?;
+                if let Some(am) = gam {
+                    be.absmax(am, &a.d_qkv)?;
+                }
                 a.d_qkv
             }
-            _ => a.d_qkv2,
+            _ => {
+                be.rope_bwd(&a.d_qkv2, &a.d_qkv, &a.freqs, a.attn, gam)?;
+                a.d_qkv2
+            }
         };
         if let Some(gb) = &g.qkv_b {
             be.colsum(gb, &d_qkv, true)?;
         }
-        be.matmul(&Matmul::linear_dgrad(&a.d_ln, &d_qkv, &w.qkv_w))?;
-        be.matmul(&Matmul::linear_wgrad(&g.qkv_w, &d_qkv, &a.ln1.at(l)))?;
-        be.rmsnorm_bwd(&a.d_res, &g.ln1, &a.d_ln, &a.res_att[l], &w.ln1, &a.rstd1[l], Some(&a.d_res), None)
+        self.mm_bwd(be, l, QKV, &a.d_ln, &g.qkv_w, &d_qkv, &a.ln1.at(l), Act::Ln1, &w.qkv_w)?;
+        be.rmsnorm_bwd(&a.d_res, &g.ln1, &a.d_ln, &a.res_att[l], &w.ln1, &a.rstd1[l], Some(&a.d_res), gam)
     }
 
     /// Sum of the per-row losses of the last forward pass (f64, in row order).

@@ -16,16 +16,40 @@ pub struct Precision {
     pub grads: DType,
     pub opt_m: DType,
     pub opt_v: DType,
+    /// fp8 format of activation gradients in fp8 matmuls: e4m3 or e5m2.
+    #[serde(default = "default_act_grads")]
+    pub act_grads: DType,
+    /// Keep the fp8 weights (and transposes) between micro-batches, re-quantised once per
+    /// optimizer step (a memory/speed option: it does not change the numbers).
+    #[serde(default)]
+    pub persistent_quants: bool,
+}
+
+fn default_act_grads() -> DType {
+    DType::E4M3
 }
 
 impl Precision {
     /// The all-fp32 reference numerics (CPU default, gradient checks).
     pub fn fp32() -> Precision {
-        Precision { weights: DType::F32, matmul: DType::F32, master: DType::F32, grads: DType::F32, opt_m: DType::F32, opt_v: DType::F32 }
+        Precision {
+            weights: DType::F32,
+            matmul: DType::F32,
+            master: DType::F32,
+            grads: DType::F32,
+            opt_m: DType::F32,
+            opt_v: DType::F32,
+            act_grads: DType::E4M3,
+            persistent_quants: false,
+        }
     }
     /// bf16 weights/activations with fp32 master weights, gradients and optimizer state.
     pub fn bf16() -> Precision {
         Precision { weights: DType::BF16, matmul: DType::BF16, ..Self::fp32() }
+    }
+    /// fp8 (e4m3) block matmuls on bf16 weights and activations.
+    pub fn fp8() -> Precision {
+        Precision { weights: DType::BF16, matmul: DType::E4M3, ..Self::fp32() }
     }
     pub fn validate(&self) -> Result<()> {
         let one_of = |what: &str, d: DType, ok: &[DType]| -> Result<()> {
@@ -45,10 +69,12 @@ impl Precision {
         if self.master == DType::F32 && self.weights == DType::BF16 && self.matmul == DType::F32 {
             return Err(Error::Config("fp32 matmuls need fp32 working weights".into()));
         }
-        if self.matmul.is_fp8() {
-            return Err(Error::Config(
-                "--matmul-dtype e4m3: the FP8 pipeline is not implemented yet (issue: FP8 training); use bf16".into(),
-            ));
+        one_of("--gradient-dtype", self.act_grads, &[DType::E4M3, DType::E5M2])?;
+        if self.matmul.is_fp8() && self.weights != DType::BF16 {
+            return Err(Error::Config("--matmul-dtype e4m3 runs on bf16 weights and activations".into()));
+        }
+        if self.persistent_quants && !self.matmul.is_fp8() {
+            return Err(Error::Config("--persistent-quants only applies with --matmul-dtype e4m3".into()));
         }
         Ok(())
     }

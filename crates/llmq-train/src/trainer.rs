@@ -137,7 +137,14 @@ impl Trainer {
     }
 
     pub fn init_from_scratch(&mut self) -> Result<()> {
-        self.model.params.init_from_scratch(self.be.as_ref(), self.tc.seed)
+        self.model.params.init_from_scratch(self.be.as_ref(), self.tc.seed)?;
+        self.model.weights_changed(self.be.as_ref())
+    }
+
+    /// Sets the weights from f32 host values (one vector per layout group), e.g. HF weights.
+    pub fn set_weights(&mut self, groups: &[Vec<f32>]) -> Result<()> {
+        self.model.params.set_master_f32(self.be.as_ref(), groups)?;
+        self.model.weights_changed(self.be.as_ref())
     }
 
     /// Forward + backward over `grad_accumulation` micro-batches; returns (mean loss, valid
@@ -231,11 +238,11 @@ impl Trainer {
                 grad_scale,
                 // distinct stochastic-rounding streams per step and group
                 seed: self.tc.seed ^ (self.updates << 20) ^ gi as u64,
-                absmax: None,
+                absmax: self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]),
             };
             self.be.adamw(&args, &g.segments())?;
         }
-        Ok(())
+        self.model.weights_updated(self.be.as_ref())
     }
 
     /// Mean loss over `eval_batches` batches of the eval source (restarted each time).

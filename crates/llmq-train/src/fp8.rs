@@ -1,0 +1,201 @@
+//! FP8 (e4m3) block matmuls with just-in-time per-tensor scaling.
+//!
+//! The four block matmuls (QKV, attention-out, up+gate, down) and their input- and
+//! weight-gradient matmuls run with fp8 operands; everything else stays in bf16/fp32. Every fp8
+//! matmul has the "TN" shape cuBLASLt requires on Hopper: both operands contiguous along the
+//! contraction dimension, i.e. `a` [M, K], `b` [N, K] with `trans_b`:
+//!
+//! | matmul  | a (fp8)                  | b (fp8)                  |
+//! |---------|--------------------------|--------------------------|
+//! | forward | x  [N, in]     e4m3      | W  [out, in]   e4m3      |
+//! | dgrad   | dy [N, out]    grad type | Wᵀ [in, out]   e4m3      |
+//! | wgrad   | dyᵀ [out, N]   grad type | xᵀ [in, N]     e4m3      |
+//!
+//! Scales are "current": scale = max_fp8 / max(absmax, 1e-10) of the tensor being quantised.
+//! Activation and activation-gradient abs-maxes come out of the kernel that produced the tensor
+//! (RMSNorm, residual RMSNorm, SwiGLU, their backwards, RoPE backward); the attention output and
+//! the qk-norm gradient have no fused abs-max and take one `absmax` pass. Weight abs-maxes come
+//! out of the AdamW update (per segment = per weight matrix) and are computed once at start.
+//! Quantised activations are not kept from forward to backward: the backward pass re-quantises
+//! the kept bf16 tensors with the kept abs-maxes, which gives the same bytes.
+//!
+//! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
+//! optimizer step; without, they are re-quantised at each use. Both give the same bytes.
+
+use crate::params::Params;
+use llmq_core::layout::ParamKind;
+use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
+
+/// The block matmuls that run in fp8, in layout order.
+pub const WEIGHTS: [ParamKind; 4] = [ParamKind::QkvW, ParamKind::OutW, ParamKind::UpGateW, ParamKind::DownW];
+
+/// Activation abs-max slots per layer: inputs of the four matmuls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Ln1 = 0,
+    Att = 1,
+    Ln2 = 2,
+    Sw = 3,
+}
+
+/// A weight matrix in fp8 form: quantised [out, in], its transpose [in, out], and the descale.
+#[derive(Clone, Copy, Debug)]
+struct QuantWeight {
+    q: Tensor,
+    qt: Tensor,
+    descale: Tensor,
+}
+
+pub struct Fp8 {
+    pub grad_dtype: DType,
+    /// f32 [L, 4]: abs-max of ln1, att, ln2, sw per layer (kept for the backward pass).
+    act_amax: Tensor,
+    /// f32 [1]: abs-max of the activation gradient being consumed.
+    pub grad_amax: Tensor,
+    /// f32 per group: abs-max of each segment (entry) of each group, from the optimizer.
+    pub weight_amax: Vec<Tensor>,
+    // scratch (sized for the largest matmul)
+    xq: Tensor,
+    dyq: Tensor,
+    descales: Tensor,
+    /// Scratch for on-the-fly weight quantisation (no persistent quants).
+    scratch_w: QuantWeight,
+    /// Per layer, per matmul (persistent quants).
+    persistent: Option<Vec<[QuantWeight; 4]>>,
+}
+
+fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
+    t.slice(0, &[n]).reshape(dims)
+}
+
+impl Fp8 {
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool) -> Result<Fp8> {
+        let (c, d) = (cfg.hidden_size, cfg.intermediate_size);
+        let widest = [cfg.qkv_width(), cfg.attn_width(), 2 * d, c, d].into_iter().max().unwrap();
+        let biggest_w = [cfg.qkv_width() * c, c * cfg.attn_width(), 2 * d * c, c * d].into_iter().max().unwrap();
+        let f32 = DType::F32;
+        let tmp = MemCategory::Temporaries;
+        let act_amax = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers, 4])?;
+        let grad_amax = be.alloc(tmp, Mem::Device, f32, &[1])?;
+        let weight_amax = params
+            .layout
+            .groups
+            .iter()
+            .map(|g| be.alloc(MemCategory::Quants, Mem::Device, f32, &[g.entries.len()]))
+            .collect::<Result<Vec<_>>>()?;
+        let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest])?;
+        let dyq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest])?;
+        let descales = be.alloc(tmp, Mem::Device, f32, &[4])?;
+        let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
+            Ok(QuantWeight {
+                q: be.alloc(cat, Mem::Device, DType::E4M3, &[numel])?,
+                qt: be.alloc(cat, Mem::Device, DType::E4M3, &[numel])?,
+                descale: be.alloc(cat, Mem::Device, f32, &[1])?,
+            })
+        };
+        let scratch_w = quant(be, tmp, biggest_w)?;
+        let persistent = if persistent {
+            let mut layers = vec![];
+            for l in 0..cfg.num_layers {
+                let blk = params.block(l);
+                let sizes = [blk.qkv_w.numel(), blk.o_w.numel(), blk.up_gate_w.numel(), blk.down_w.numel()];
+                let mut arr = vec![];
+                for s in sizes {
+                    arr.push(quant(be, MemCategory::Quants, s)?);
+                }
+                layers.push([arr[0], arr[1], arr[2], arr[3]]);
+            }
+            Some(layers)
+        } else {
+            None
+        };
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, descales, scratch_w, persistent })
+    }
+
+    /// The abs-max slot of activation `a` of layer l.
+    pub fn act_amax(&self, l: usize, a: Act) -> Tensor {
+        self.act_amax.slice(l * 4 + a as usize, &[1])
+    }
+
+    /// Abs-maxes of every weight matrix from the current weights (at start and after loading;
+    /// afterwards the optimizer keeps them up to date), then refreshes persistent quants.
+    pub fn init_weight_amax(&self, be: &dyn Backend, params: &Params) -> Result<()> {
+        for (gi, g) in params.layout.groups.iter().enumerate() {
+            for (si, e) in g.entries.iter().enumerate() {
+                let w = params.weights.groups[gi].slice(e.offset, &[e.numel()]);
+                be.absmax(&self.weight_amax[gi].slice(si, &[1]), &w)?;
+            }
+        }
+        self.refresh(be, params)
+    }
+
+    /// Re-quantises the persistent fp8 weights (once per optimizer step).
+    pub fn refresh(&self, be: &dyn Backend, params: &Params) -> Result<()> {
+        if let Some(layers) = &self.persistent {
+            for (l, ws) in layers.iter().enumerate() {
+                for (k, qw) in ws.iter().enumerate() {
+                    self.quantize_weight(be, params, l, k, qw)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn quantize_weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, qw: &QuantWeight) -> Result<QuantWeight> {
+        let gi = params.layout.block_group(l);
+        let g = &params.layout.groups[gi];
+        let si = g.entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
+        let e = &g.entries[si];
+        let w = params.weights.groups[gi].slice(e.offset, &e.shape);
+        let (out, inp) = (e.shape[0], e.shape[1]);
+        let amax = self.weight_amax[gi].slice(si, &[1]);
+        let q = fp8_slot(&qw.q, out * inp, &[out, inp]);
+        let qt = fp8_slot(&qw.qt, out * inp, &[inp, out]);
+        be.quantize(&q, &qw.descale, &w, &amax, false)?;
+        be.quantize(&qt, &qw.descale, &w, &amax, true)?;
+        Ok(QuantWeight { q, qt, descale: qw.descale })
+    }
+
+    /// The fp8 form of block l's matmul k (0..4, see `WEIGHTS`).
+    fn weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize) -> Result<QuantWeight> {
+        match &self.persistent {
+            Some(layers) => {
+                let qw = layers[l][k];
+                let e = params.layout.block(l).entry(WEIGHTS[k]).unwrap();
+                let (out, inp) = (e.shape[0], e.shape[1]);
+                Ok(QuantWeight { q: fp8_slot(&qw.q, out * inp, &[out, inp]), qt: fp8_slot(&qw.qt, out * inp, &[inp, out]), descale: qw.descale })
+            }
+            None => self.quantize_weight(be, params, l, k, &self.scratch_w),
+        }
+    }
+
+    /// out = x · Wᵀ (+ bias) with x quantised by `x_amax`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, out: &Tensor, x: &Tensor, x_amax: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let (n, inp) = x.rows_cols();
+        let w = self.weight(be, params, l, k)?;
+        let xq = fp8_slot(&self.xq, n * inp, &[n, inp]);
+        let ds_x = self.descales.slice(0, &[1]);
+        be.quantize(&xq, &ds_x, x, x_amax, false)?;
+        be.matmul(&Matmul { descale_a: Some(&ds_x), descale_b: Some(&w.descale), ..Matmul::linear(out, &xq, &w.q).with_bias(bias) })
+    }
+
+    /// dx = dy · W and dW += dyᵀ · x, with dy quantised by `self.grad_amax`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, x_amax: &Tensor) -> Result<()> {
+        let (n, out) = dy.rows_cols();
+        let inp = x.rows_cols().1;
+        let w = self.weight(be, params, l, k)?;
+        let (ds_dy, ds_x) = (self.descales.slice(1, &[1]), self.descales.slice(2, &[1]));
+        // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
+        let dyq = fp8_slot(&self.dyq, n * out, &[n, out]);
+        be.quantize(&dyq, &ds_dy, dy, &self.grad_amax, false)?;
+        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), ..Matmul::linear(dx, &dyq, &w.qt) })?;
+        // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
+        let dytq = fp8_slot(&self.dyq, n * out, &[out, n]);
+        let xtq = fp8_slot(&self.xq, n * inp, &[inp, n]);
+        be.quantize(&dytq, &ds_dy, dy, &self.grad_amax, true)?;
+        be.quantize(&xtq, &ds_x, x, x_amax, true)?;
+        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, ..Matmul::linear(dw, &dytq, &xtq) })
+    }
+}
