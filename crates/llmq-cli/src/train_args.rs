@@ -48,9 +48,9 @@ pub struct TrainArgs {
     // ---- optimizer ----
     #[arg(long, default_value_t = 3e-3, help_heading = "Optimizer")]
     pub learning_rate: f64,
-    /// Linear warmup steps.
-    #[arg(long, default_value_t = 25, help_heading = "Optimizer")]
-    pub warmup: u64,
+    /// Linear warmup steps (default: 10% of --steps, capped at 25 for runs up to 1000 steps, else 1000).
+    #[arg(long, help_heading = "Optimizer")]
+    pub warmup: Option<u64>,
     /// cosine, linear, wsd or constant.
     #[arg(long, default_value = "cosine", help_heading = "Optimizer")]
     pub lr_schedule: String,
@@ -246,7 +246,7 @@ impl TrainArgs {
             steps: self.steps,
             schedule: Schedule {
                 lr: self.learning_rate,
-                warmup: self.warmup,
+                warmup: self.warmup.unwrap_or((self.steps / 10).min(if self.steps <= 1000 { 25 } else { 1000 })),
                 total: self.steps,
                 decay: Decay::parse(&self.lr_schedule)?,
                 final_fraction: self.final_lr_fraction,

@@ -103,6 +103,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let mut trainer = Trainer::new(be, &cfg, tc.clone(), data, eval)?;
     print_memory(&trainer);
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    spinner.set_message(if args.continue_from.is_some() { "loading checkpoint" } else if model.dir.is_some() && !args.from_scratch { "loading weights" } else { "initialising weights" });
     match (&args.continue_from, &model.dir) {
         (Some(which), _) => {
             let root = args.ckpt_dir.as_ref().expect("validated");
@@ -117,6 +120,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         _ => trainer.init_from_scratch()?,
     }
+    spinner.finish_and_clear();
     let stop = signals::install();
     if let Some(path) = &args.log_file {
         let mut log = JsonLog::open(path)?;
@@ -129,11 +133,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let peaks = gpu.and_then(|g| g.peaks);
     let steps = tc.steps;
     let mut last_eval = None;
+    let mut step_times = vec![];
     let stop_at = args.stop_at.unwrap_or(steps);
     let mut interrupted = false;
     while trainer.step < stop_at {
         let st = trainer.train_step()?;
         let tps = st.tokens as f64 / st.seconds;
+        step_times.push(st.seconds);
         if let Some(log) = &mut trainer.log {
             log.write(&serde_json::json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tps, "ms": st.seconds * 1e3, "skipped": st.skipped}));
         }
@@ -190,6 +196,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let groups = trainer.model.params.master_f32(trainer.be.as_ref())?;
         hf::export_model(out, &cfg, &groups, dtype, model.dir.as_deref())?;
         println!("exported {} ({dtype}) to {}", cfg.arch.hf_name(), out.display());
+    }
+    // throughput: median over the steps after warm-up (the first steps include one-time work)
+    let warm = (step_times.len() / 5).clamp(usize::from(step_times.len() > 1), 5);
+    let mut t: Vec<f64> = step_times[warm..].to_vec();
+    if !t.is_empty() {
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let med = t[t.len() / 2];
+        let tps = tc.tokens_per_step() as f64 / med;
+        let sol = peaks
+            .map(|(mm, bf)| {
+                let mm = if tc.precision.matmul.is_fp8() { mm } else { bf };
+                format!(", SOL {:.1}%", flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf))
+            })
+            .unwrap_or_default();
+        println!("throughput: median step {:.1} ms over {} steps after {warm} warm-up -> {:.0} tokens/s{sol}", med * 1e3, t.len(), tps);
+        if let Some(log) = &mut trainer.log {
+            log.write(&serde_json::json!({"type": "throughput", "median_step_ms": med * 1e3, "tokens_per_s": tps, "steps": t.len()}));
+        }
     }
     if let (Some(ev), Some(f)) = (last_eval, floor) {
         println!("done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}", ev - f);

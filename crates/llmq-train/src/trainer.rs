@@ -95,6 +95,32 @@ impl TrainConfig {
     }
 }
 
+/// An out-of-memory message with the plan so far, the free memory and what would help.
+fn oom_report(be: &dyn Backend, msg: &str, tc: &TrainConfig) -> String {
+    let mut s = format!("{msg}\n  allocated before the failure:");
+    for (cat, mem, bytes) in be.memory_by_category() {
+        s += &format!("\n    {:<16} {:>12} ({mem:?})", cat.name(), llmq_core::fmt_bytes(bytes));
+    }
+    if let Some(free) = be.free_memory() {
+        s += &format!("\n  free now: {}", llmq_core::fmt_bytes(free));
+    }
+    let mut hints = vec![];
+    if !tc.recompute.block {
+        hints.push("--recompute-block (or --recompute-ffn / --recompute-att)".to_string());
+    }
+    if tc.batch_size > 1 {
+        hints.push(format!("a smaller --batch-size with more --grad-accumulation (now {} x {})", tc.batch_size, tc.grad_accumulation));
+    }
+    if tc.precision.opt_m == llmq_core::DType::F32 || tc.precision.opt_v == llmq_core::DType::F32 {
+        hints.push("--opt-m-dtype bf16 --opt-v-dtype bf16".into());
+    }
+    if tc.precision.master == llmq_core::DType::F32 && tc.precision.weights == llmq_core::DType::BF16 {
+        hints.push("--model-dtype bf16".into());
+    }
+    s += &format!("\n  options that would help: {}", hints.join("; "));
+    s
+}
+
 /// What one optimizer step did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepStats {
@@ -132,7 +158,10 @@ impl Trainer {
     ) -> Result<Trainer> {
         tc.validate(cfg)?;
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let model = Model::new(be.as_mut(), cfg, tc.precision, shape, tc.recompute)?;
+        let model = Model::new(be.as_mut(), cfg, tc.precision, shape, tc.recompute).map_err(|e| match e {
+            Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
+            e => e,
+        })?;
         Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, log: None })
     }
 

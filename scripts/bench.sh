@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Throughput benchmarks on a GPU machine, from scratch on random tokens at T=1024.
+# Usage: bash scripts/bench.sh [LLMQ_BINARY] [OUT_DIR] [which...]
+#   which: 0.5b-bf16 1.5b-bf16 0.5b-fp8 1.5b-fp8 3b-fp8 7b-fp8 (default: all)
+# Each run prints per-step lines and a final "throughput: median ..." line (median step time
+# after warm-up); the summary table is written to OUT_DIR/bench.txt.
+set -uo pipefail
+BIN="${1:-./target/release/llmq}"
+OUT="${2:-bench-out}"
+shift 2 2>/dev/null || true
+WHICH=("$@")
+[ ${#WHICH[@]} -eq 0 ] && WHICH=(0.5b-bf16 1.5b-bf16 0.5b-fp8 1.5b-fp8 3b-fp8 7b-fp8)
+STEPS="${BENCH_STEPS:-12}"
+mkdir -p "$OUT"
+for w in "${WHICH[@]}"; do
+  size="${w%-*}"; prec="${w##*-}"
+  case "$size" in
+    0.5b) model=qwen2.5-0.5b; bs=16 ;;
+    1.5b) model=qwen2.5-1.5b; bs=8 ;;
+    3b) model=qwen2.5-3b; bs=8 ;;
+    7b) model=qwen2.5-7b; bs=4 ;;
+  esac
+  extra=()
+  [ "$prec" = fp8 ] && extra+=(--matmul-dtype e4m3 --persistent-quants) || extra+=(--matmul-dtype bf16)
+  # large models: bf16 master weights and optimizer state (as the reference's published runs)
+  case "$size" in 3b|7b) extra+=(--model-dtype bf16 --opt-m-dtype bf16 --opt-v-dtype bf16 --grad-dtype bf16) ;; esac
+  echo "=== $w: $model B=$bs T=1024 ${extra[*]}" | tee -a "$OUT/bench.txt"
+  "$BIN" train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --batch-size "$bs" \
+     --steps "$STEPS" --warmup 2 --eval-every 0 --print-every 1 "${extra[@]}" > "$OUT/bench-$w.log" 2>&1
+  rc=$?
+  tail -n 3 "$OUT/bench-$w.log" | tee -a "$OUT/bench.txt"
+  [ $rc -ne 0 ] && echo "exit $rc" | tee -a "$OUT/bench.txt"
+done
