@@ -22,6 +22,7 @@ extern "C" __global__ void llmq_sumsq_partial(double* partial, const void* inp, 
     __shared__ double red[32];
     long long stride = (long long)gridDim.x * blockDim.x;
     double s = 0.0;
+#pragma unroll 8
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         double v = (double)load_f(inp, i, dt);
         s += v * v;

@@ -67,6 +67,7 @@ kernel_table!(
     rmsnorm_fwd,
     residual_rmsnorm_fwd,
     rmsnorm_bwd,
+    rmsnorm_dw_partial,
     qknorm_fwd,
     qknorm_bwd,
     rope,
@@ -97,6 +98,12 @@ kernel_table!(
     attn_bwd_dkv_mma64,
     attn_bwd_dq_mma128,
     attn_bwd_dkv_mma128,
+    attn_fwd_mma2_64,
+    attn_fwd_mma2_128,
+    attn_bwd_dq_mma2_64,
+    attn_bwd_dkv_mma2_64,
+    attn_bwd_dq_mma2_128,
+    attn_bwd_dkv_mma2_128,
 );
 
 impl Kernels {

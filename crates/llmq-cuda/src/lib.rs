@@ -32,6 +32,8 @@ pub const SCRATCH_BYTES: usize = 64 << 20;
 pub enum AttnImpl {
     /// Tensor-core kernels where they apply (bf16, Hd 64 or 128), the simple ones elsewhere.
     Auto,
+    /// The first tensor-core version (synchronous tile loads), kept as a cross-check.
+    MmaV1,
     /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
     Simple,
 }
@@ -107,7 +109,20 @@ impl CudaBackend {
         let k = Kernels::load()?;
         // Kernels whose dynamic shared memory may exceed the default 48 KiB.
         let optin = dev.max_smem_optin.max(48 << 10) as u32;
-        for f in [k.rmsnorm_bwd, k.embedding_bwd, k.attn_bwd_dkv_mma128, k.attn_bwd_dkv_mma64, k.attn_bwd_dq_mma128, k.attn_bwd_dq_mma64, k.qknorm_bwd] {
+        for f in [
+            k.embedding_bwd,
+            k.attn_bwd_dkv_mma128,
+            k.attn_bwd_dkv_mma64,
+            k.attn_bwd_dq_mma128,
+            k.attn_bwd_dq_mma64,
+            k.attn_fwd_mma2_64,
+            k.attn_fwd_mma2_128,
+            k.attn_bwd_dq_mma2_64,
+            k.attn_bwd_dq_mma2_128,
+            k.attn_bwd_dkv_mma2_64,
+            k.attn_bwd_dkv_mma2_128,
+            k.qknorm_bwd,
+        ] {
             kernels::set_max_dynamic_smem(f, optin)?;
         }
         let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;

@@ -103,6 +103,13 @@ impl CudaBackend {
         want.min(self.dev.sm_count as usize * 8) as u32
     }
 
+    /// Grid (column blocks, row blocks) for kernels with a thread per column and a row loop.
+    fn rows_grid(&self, rows: usize, cols: usize) -> (u32, u32, u32) {
+        let cx = cols.div_ceil(THREADS as usize).max(1);
+        let want = (self.dev.sm_count as usize * 16).div_ceil(cx).max(1);
+        (cx as u32, rows.clamp(1, want.min(65535)) as u32, 1)
+    }
+
     /// Zeroes `n` f32 abs-max slots (the kernels combine with atomicMax).
     fn zero_f32(&self, t: Option<&Tensor>) -> Result<()> {
         if let Some(t) = t {
@@ -199,7 +206,7 @@ impl CudaBackend {
         self.zero_f32(absmax)?;
         self.launch(
             self.k.rmsnorm_fwd,
-            (n as u32, 1, 1),
+            (n.div_ceil(8) as u32, 1, 1),
             (THREADS, 1, 1),
             0,
             &[p(out), Arg::I32(dt(out.dtype)), p(rstd), p(x), Arg::I32(dt(x.dtype)), p(w), Arg::I32(dt(w.dtype)), i(n), i(c), Arg::F32(eps), popt(absmax)],
@@ -214,16 +221,11 @@ impl CudaBackend {
         check_rows(OP, "res_out", res_out, n, c)?;
         check_absmax(OP, absmax)?;
         Self::check_eps(OP, eps)?;
-        // the kernel keeps 8 values per thread in registers
-        let threads = (c.div_ceil(8).div_ceil(32) * 32).clamp(128, 1024);
-        if c > 8 * threads {
-            return err(format!("{OP}: C = {c} exceeds the kernel's limit of 8192"));
-        }
         self.zero_f32(absmax)?;
         self.launch(
             self.k.residual_rmsnorm_fwd,
-            (n as u32, 1, 1),
-            (threads as u32, 1, 1),
+            (n.div_ceil(8) as u32, 1, 1),
+            (THREADS, 1, 1),
             0,
             &[
                 p(res_out),
@@ -255,21 +257,15 @@ impl CudaBackend {
             check_rows(OP, "dres", d, n, c)?;
         }
         check_absmax(OP, absmax)?;
-        let smem = c * 8;
-        if smem > self.smem_limit() {
-            return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
-        }
-        let g = self.partial_blocks(n, c, 2 * self.dev.sm_count as usize);
         self.zero_f32(absmax)?;
         self.launch(
             self.k.rmsnorm_bwd,
-            (g as u32, 1, 1),
+            (n.div_ceil(8) as u32, 1, 1),
             (THREADS, 1, 1),
-            smem as u32,
+            0,
             &[
                 p(dx),
                 Arg::I32(dt(dx.dtype)),
-                Arg::Ptr(self.scratch),
                 p(dout),
                 Arg::I32(dt(dout.dtype)),
                 p(x),
@@ -283,6 +279,15 @@ impl CudaBackend {
                 i(c),
                 popt(absmax),
             ],
+        )?;
+        // dw: fixed row-block count (a function of N and C only), f64 partial sums
+        let g = self.partial_blocks(n, c, 256);
+        self.launch(
+            self.k.rmsnorm_dw_partial,
+            (c.div_ceil(THREADS as usize) as u32, g as u32, 1),
+            (THREADS, 1, 1),
+            0,
+            &[Arg::Ptr(self.scratch), p(dout), Arg::I32(dt(dout.dtype)), p(x), Arg::I32(dt(x.dtype)), p(rstd), i(n), i(c)],
         )?;
         self.colreduce(dw, self.scratch, g, c, c, true)
     }
@@ -396,7 +401,7 @@ impl CudaBackend {
         self.zero_f32(absmax)?;
         self.launch(
             self.k.swiglu_fwd,
-            (self.grid_for(n * d), 1, 1),
+            self.rows_grid(n, d),
             (THREADS, 1, 1),
             0,
             &[p(out), Arg::I32(dt(out.dtype)), p(inp), Arg::I32(dt(inp.dtype)), Arg::I64(n as i64), i(d), popt(absmax)],
@@ -411,7 +416,7 @@ impl CudaBackend {
         self.zero_f32(absmax)?;
         self.launch(
             self.k.swiglu_bwd,
-            (self.grid_for(n * d), 1, 1),
+            self.rows_grid(n, d),
             (THREADS, 1, 1),
             0,
             &[p(dinp), Arg::I32(dt(dinp.dtype)), p(dout), Arg::I32(dt(dout.dtype)), p(inp), Arg::I32(dt(inp.dtype)), Arg::I64(n as i64), i(d), popt(absmax)],
@@ -636,7 +641,7 @@ impl CudaBackend {
             return err(format!("{OP}: slot {slot} outside out {:?}", out.shape));
         }
         check_float(OP, "t", t)?;
-        const G: usize = 264;
+        const G: usize = 1024; // fixed: the summation order must not depend on the device
         let n = t.numel();
         self.launch(self.k.sumsq_partial, (G as u32, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(t), Arg::I32(dt(t.dtype)), Arg::I64(n as i64)])?;
         self.launch(self.k.sumsq_final, (1, 1, 1), (THREADS, 1, 1), 0, &[p(out), i(slot), Arg::Ptr(self.scratch), i(G)])
@@ -653,7 +658,7 @@ impl CudaBackend {
 
     /// Whether the tensor-core kernels apply to these tensors.
     fn attn_mma(&self, s: &AttnShape, ts: &[&Tensor]) -> bool {
-        self.attn.get() == AttnImpl::Auto
+        self.attn.get() != AttnImpl::Simple
             && self.dev.cc.0 >= 8
             && (s.hd == 64 || s.hd == 128)
             && ts.iter().all(|t| t.dtype == DType::BF16 && t.addr % 16 == 0)
@@ -667,9 +672,15 @@ impl CudaBackend {
         check_rows(OP, "out", out, n, s.out_width())?;
         check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
         if self.attn_mma(&s, &[out, qkv]) {
-            let f = if s.hd == 64 { self.k.attn_fwd_mma64 } else { self.k.attn_fwd_mma128 };
             let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
-            return self.launch(f, grid, (128, 1, 1), 0, &[p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)]);
+            let args = [p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
+            if self.attn.get() == AttnImpl::MmaV1 {
+                let f = if s.hd == 64 { self.k.attn_fwd_mma64 } else { self.k.attn_fwd_mma128 };
+                return self.launch(f, grid, (128, 1, 1), 0, &args);
+            }
+            let f = if s.hd == 64 { self.k.attn_fwd_mma2_64 } else { self.k.attn_fwd_mma2_128 };
+            let tile = 64 * (s.hd + 8) * 2;
+            return self.launch(f, grid, (128, 1, 1), (4 * tile) as u32, &args);
         }
         let f = if s.hd <= 128 { self.k.attn_fwd_simple4 } else { self.k.attn_fwd_simple8 };
         let grid = (s.t.div_ceil(4) as u32, s.hq as u32, s.b as u32);
@@ -705,12 +716,17 @@ impl CudaBackend {
             &[Arg::Ptr(dbuf), p(dout), Arg::I32(dt(dout.dtype)), p(out), Arg::I32(dt(out.dtype)), i(s.b), i(s.t), i(s.hq), i(s.hd)],
         )?;
         if self.attn_mma(&s, &[dqkv, dout, qkv]) {
-            let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma64, self.k.attn_bwd_dkv_mma64) } else { (self.k.attn_bwd_dq_mma128, self.k.attn_bwd_dkv_mma128) };
             let tile = 64 * (s.hd + 8) * 2;
             let nt = s.t.div_ceil(64) as u32;
             let args = [p(dqkv), p(dout), p(qkv), p(lse), Arg::Ptr(dbuf), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (2 * tile) as u32, &args)?;
-            return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (4 * tile + 512) as u32, &args);
+            if self.attn.get() == AttnImpl::MmaV1 {
+                let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma64, self.k.attn_bwd_dkv_mma64) } else { (self.k.attn_bwd_dq_mma128, self.k.attn_bwd_dkv_mma128) };
+                self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (2 * tile) as u32, &args)?;
+                return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (4 * tile + 512) as u32, &args);
+            }
+            let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma2_64, self.k.attn_bwd_dkv_mma2_64) } else { (self.k.attn_bwd_dq_mma2_128, self.k.attn_bwd_dkv_mma2_128) };
+            self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (4 * tile) as u32, &args)?;
+            return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (6 * tile + 1024) as u32, &args);
         }
         let (fq, fkv) = if s.hd <= 128 { (self.k.attn_bwd_dq_simple4, self.k.attn_bwd_dkv_simple4) } else { (self.k.attn_bwd_dq_simple8, self.k.attn_bwd_dkv_simple8) };
         let args = [

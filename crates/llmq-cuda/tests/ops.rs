@@ -187,6 +187,12 @@ fn rmsnorm_forward_residual_backward() {
             p.exact(&format!("residual {d}"), &res);
             p.close_dt(&format!("residual_rmsnorm out {d}"), &out);
             p.close_dt("residual_rmsnorm rstd", &rstd);
+            // in place: the residual stream updated where it lies (res_out == x)
+            let xr = p.rand(d, &[n, c], 1.5);
+            p.cpu.residual_rmsnorm_fwd(&xr.c, &out.c, &rstd.c, &xr.c, &delta.c, &w.c, 1e-6, None).unwrap();
+            p.gpu.residual_rmsnorm_fwd(&xr.g, &out.g, &rstd.g, &xr.g, &delta.g, &w.g, 1e-6, None).unwrap();
+            p.exact(&format!("residual in place {d}"), &xr);
+            p.close_dt(&format!("residual_rmsnorm in place out {d}"), &out);
 
             let dout = p.rand(d, &[n, c], 1.0);
             for with_res in [false, true] {
@@ -472,7 +478,9 @@ fn fp8_case(p: &mut Pair, m: usize, n: usize, k: usize, da: DType, db: DType, ou
             p.gpu.matmul(&args).map_err(|e| e.to_string())?;
         }
     }
-    let tol = if out_dt == F32 { 1e-4 } else { 1e-2 };
+    // Hopper's fp8 tensor cores add products with about 14 significant bits before the f32
+    // accumulator takes over, so an f32 output differs from the exact f32 product by ~1e-4.
+    let tol = if out_dt == F32 { 5e-4 } else { 1e-2 };
     Ok(p.rel(&format!("fp8 matmul {da}x{db}->{out_dt} M={m} N={n} K={k} bias={bias_dt:?} acc={acc}"), &out, tol))
 }
 
@@ -511,15 +519,15 @@ fn matmul_fp8_tn() {
     assert!(matches!(r, Err(llmq_core::Error::Op(_))), "{r:?}");
 }
 
-fn attention_case(p: &mut Pair, s: AttnShape, d: DType, simple: bool) {
-    p.gpu.set_attention_impl(if simple { llmq_cuda::AttnImpl::Simple } else { llmq_cuda::AttnImpl::Auto });
+fn attention_case(p: &mut Pair, s: AttnShape, d: DType, imp: llmq_cuda::AttnImpl) {
+    p.gpu.set_attention_impl(imp);
     let (n, q) = (s.n(), s.qkv_width());
     let qkv = p.rand(d, &[n, q], 1.0);
     let out = p.out(d, &[n, s.out_width()]);
     let lse = p.out(F32, &[s.b, s.hq, s.t]);
     p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s).unwrap();
     p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s).unwrap();
-    let kind = if simple { "simple" } else { "auto" };
+    let kind = format!("{imp:?}");
     let (tf, tb) = if d == F32 { (1e-5, 1e-4) } else { (1e-2, 2e-2) };
     p.rel(&format!("attention_fwd {kind} {d} {s:?}: out"), &out, tf);
     p.close(&format!("attention_fwd {kind} {d}: lse"), &lse, 1e-4, 1e-4);
@@ -544,17 +552,19 @@ fn attention_case(p: &mut Pair, s: AttnShape, d: DType, simple: bool) {
 #[test]
 fn attention_simple_kernels() {
     let Some(mut p) = Pair::new(14) else { return };
-    attention_case(&mut p, attn_shape(2, 37, 4, 2, 64), F32, true);
-    attention_case(&mut p, attn_shape(1, 70, 3, 1, 48), F32, true);
-    attention_case(&mut p, attn_shape(2, 37, 4, 2, 128), BF16, true);
-    attention_case(&mut p, attn_shape(1, 20, 2, 2, 256), F32, true);
+    use llmq_cuda::AttnImpl::Simple;
+    attention_case(&mut p, attn_shape(2, 37, 4, 2, 64), F32, Simple);
+    attention_case(&mut p, attn_shape(1, 70, 3, 1, 48), F32, Simple);
+    attention_case(&mut p, attn_shape(2, 37, 4, 2, 128), BF16, Simple);
+    attention_case(&mut p, attn_shape(1, 20, 2, 2, 256), F32, Simple);
 }
 
 #[test]
 fn attention_tensor_core_kernels() {
     let Some(mut p) = Pair::new(15) else { return };
     for s in [attn_shape(2, 37, 4, 2, 64), attn_shape(1, 130, 14, 2, 64), attn_shape(2, 64, 4, 4, 128), attn_shape(1, 200, 12, 2, 128), attn_shape(1, 1, 2, 1, 64)] {
-        attention_case(&mut p, s, BF16, false);
+        attention_case(&mut p, s, BF16, llmq_cuda::AttnImpl::Auto);
+        attention_case(&mut p, s, BF16, llmq_cuda::AttnImpl::MmaV1);
     }
 }
 
@@ -578,6 +588,7 @@ fn attention_paths_agree_at_length_1024() {
             (decode(BF16, &p.gpu.download(&out).unwrap()), decode(BF16, &p.gpu.download(&dqkv).unwrap()))
         };
         let (o1, d1) = run(llmq_cuda::AttnImpl::Simple);
+        let (o3, d3) = run(llmq_cuda::AttnImpl::MmaV1);
         let (o2, d2) = run(llmq_cuda::AttnImpl::Auto);
         let rel = |a: &[f32], b: &[f32]| {
             let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -585,7 +596,7 @@ fn attention_paths_agree_at_length_1024() {
             (num / den).sqrt()
         };
         let (ro, rd) = (rel(&o1, &o2), rel(&d1, &d2));
-        println!("attention Hd={hd} T=1024: mma vs simple: out {ro:.2e}, dqkv {rd:.2e}");
+        println!("attention Hd={hd} T=1024: mma vs simple: out {ro:.2e}, dqkv {rd:.2e}; mma vs mma v1: out {:.2e}, dqkv {:.2e}", rel(&o3, &o2), rel(&d3, &d2));
         if !(ro < 1e-2 && rd < 3e-2) {
             p.fail(format!("attention Hd={hd} T=1024: mma and simple paths differ: out {ro:.2e}, dqkv {rd:.2e}"));
         }
