@@ -111,7 +111,7 @@ impl Blas {
             if a.dtype == DType::E5M2 && b.dtype == DType::E5M2 {
                 return Err(Error::Op("matmul: e5m2 x e5m2 is not supported by cuBLASLt; one operand must be e4m3".into()));
             }
-            if !(args.trans_b && !args.trans_a) {
+            if !args.trans_b || args.trans_a {
                 return Err(Error::Op(format!(
                     "matmul: fp8 operands need the TN layout (trans_b = true, trans_a = false), got trans_a = {}, trans_b = {}: transpose an operand first (quantize with transpose)",
                     args.trans_a, args.trans_b

@@ -7,6 +7,10 @@
 //!   its tests run (skipping) on machines without CUDA. `cuda_available()` checks for the driver,
 //!   cuBLASLt, the embedded kernels and a device before anything can panic in the loader.
 //!
+//! Attention uses tensor-core kernels (mma.sync, cp.async pipelined) for bf16 with Hd 64/128 and
+//! simple warp-per-row kernels otherwise (`AttnImpl`). Verification results and timings on an
+//! H200: NOTES.md.
+//!
 //! Streams: every op runs on the backend's compute stream; `copy` may use the copy stream;
 //! events order the two. Memory is allocated only by `alloc` (plus the fixed scratch and cuBLASLt
 //! workspace at construction), never inside ops.

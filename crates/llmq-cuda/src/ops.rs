@@ -62,10 +62,10 @@ fn check_i32(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
     t.expect(op, arg, Some(DType::I32), &[n])
 }
 fn check_attn(op: &str, s: &AttnShape) -> Result<()> {
-    if s.hkv == 0 || s.hq % s.hkv != 0 {
+    if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
         return err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
     }
-    if s.hd == 0 || s.hd % 2 != 0 {
+    if s.hd == 0 || !s.hd.is_multiple_of(2) {
         return err(format!("{op}: head size {} must be positive and even", s.hd));
     }
     if s.t == 0 {
@@ -385,7 +385,7 @@ impl CudaBackend {
     fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
         check_float(op, "inp", full)?;
         let (n, w) = full.rows_cols();
-        if w % 2 != 0 {
+        if !w.is_multiple_of(2) {
             return err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
         }
         let d = w / 2;
@@ -432,7 +432,7 @@ impl CudaBackend {
         if r == 0 {
             return Ok(());
         }
-        if logits.numel() % r != 0 {
+        if !logits.numel().is_multiple_of(r) {
             return err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
         }
         let v = logits.numel() / r;
@@ -451,7 +451,7 @@ impl CudaBackend {
         if c == 0 {
             return Ok(());
         }
-        if inp.numel() % c != 0 {
+        if !inp.numel().is_multiple_of(c) {
             return err(format!("{OP}: inp {:?} is not a whole number of rows of {c} columns", inp.shape));
         }
         let rows = inp.numel() / c;
@@ -597,7 +597,7 @@ impl CudaBackend {
             bytes.extend_from_slice(&(chunk.len() as i32).to_le_bytes());
             bytes.extend_from_slice(&((ci * MAX_SEGS) as i32).to_le_bytes());
             // the struct's alignment is 8: pad to a multiple of 8
-            while bytes.len() % 8 != 0 {
+            while !bytes.len().is_multiple_of(8) {
                 bytes.push(0);
             }
             self.launch(

@@ -412,6 +412,7 @@ fn adamw_matches_cpu_bitwise() {
     adamw_case(&mut p, F32, None, F32, 20); // more than one launch's segment table
 }
 
+#[allow(clippy::too_many_arguments)]
 fn mm_case(p: &mut Pair, m: usize, n: usize, k: usize, ta: bool, tb: bool, dt: DType, out_dt: DType, bias: bool, acc: bool, tol: f64) {
     let a = p.rand(dt, &if ta { [k, m] } else { [m, k] }, 1.0);
     let b = p.rand(dt, &if tb { [n, k] } else { [k, n] }, 1.0);
@@ -449,6 +450,7 @@ fn matmul_bf16_f32_all_transposes() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fp8_case(p: &mut Pair, m: usize, n: usize, k: usize, da: DType, db: DType, out_dt: DType, bias_dt: Option<DType>, acc: bool) -> Result<f64, String> {
     // quantize real operands on both backends (bit-exact, tested above), then multiply
     let a32 = p.rand(F32, &[m, k], 1.0);

@@ -206,7 +206,7 @@ impl Pair {
         }
         let r = (num / den.max(1e-300)).sqrt();
         println!("{name}: relative error {r:.3e} (tolerance {tol:.0e})");
-        if nans > 0 || !(r <= tol) {
+        if nans > 0 || r.is_nan() || r > tol {
             self.fail(format!("{name}: relative error {r:.3e} > {tol:.0e} ({nans} NaN on the GPU only)"));
         }
         r
