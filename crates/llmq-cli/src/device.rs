@@ -30,7 +30,9 @@ pub fn select(device: &str) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
         "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
             Ok(()) => {
                 let be = llmq_cuda::CudaBackend::new(0)?;
-                let info = GpuInfo { peaks: peaks_for(&be.name()) };
+                let info = GpuInfo {
+                    peaks: peaks_for(&be.name()),
+                };
                 Ok((Box::new(be), Some(info)))
             }
             Err(reason) if device == "auto" => {
@@ -39,6 +41,8 @@ pub fn select(device: &str) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
             }
             Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
         },
-        other => Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {other:?}"))),
+        other => Err(Error::Config(format!(
+            "--device: expected auto, cpu or cuda, got {other:?}"
+        ))),
     }
 }

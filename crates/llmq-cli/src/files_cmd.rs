@@ -45,8 +45,10 @@ pub fn run_tokenize(a: TokenizeArgs) -> Result<()> {
     opts.overwrite = a.overwrite;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let report = tokenize(&opts, &mut |done, total| {
         bar.set_length(total);
@@ -85,9 +87,15 @@ pub struct ExportArgs {
 pub fn run_export(a: ExportArgs) -> Result<()> {
     let dtype = DType::parse(&a.dtype)
         .filter(|d| matches!(d, DType::F32 | DType::BF16))
-        .ok_or_else(|| Error::Config(format!("--dtype: expected bf16 or fp32, got {:?}", a.dtype)))?;
+        .ok_or_else(|| {
+            Error::Config(format!("--dtype: expected bf16 or fp32, got {:?}", a.dtype))
+        })?;
     let (cfg, groups) = llmq_train::checkpoint::model_config(&a.checkpoint)?;
     llmq_io::hf::export_model(&a.output, &cfg, &groups, dtype, a.tokenizer_from.as_deref())?;
-    println!("exported {} ({dtype}) to {}", cfg.arch.hf_name(), a.output.display());
+    println!(
+        "exported {} ({dtype}) to {}",
+        cfg.arch.hf_name(),
+        a.output.display()
+    );
     Ok(())
 }

@@ -10,7 +10,11 @@ mod train_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "llmq", version, about = "Pre-train and fine-tune LLaMA-family models on CPUs and NVIDIA GPUs")]
+#[command(
+    name = "llmq",
+    version,
+    about = "Pre-train and fine-tune LLaMA-family models on CPUs and NVIDIA GPUs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -134,6 +134,9 @@ pub struct TrainArgs {
     /// Print a line every N steps.
     #[arg(long, default_value_t = 10, help_heading = "Evaluation and logging")]
     pub print_every: u64,
+    /// Time every op (synchronising around each) and print a per-op breakdown of the steps.
+    #[arg(long, help_heading = "Evaluation and logging")]
+    pub profile: bool,
     /// Seed for initialisation, data order and stochastic rounding.
     #[arg(long, default_value_t = 42, help_heading = "Evaluation and logging")]
     pub seed: u64,
@@ -175,7 +178,11 @@ pub struct TrainArgs {
 }
 
 fn dtype(opt: &str, s: &str) -> Result<DType> {
-    DType::parse(s).ok_or_else(|| Error::Config(format!("{opt}: unknown dtype {s:?} (fp32, bf16, e4m3, e5m2)")))
+    DType::parse(s).ok_or_else(|| {
+        Error::Config(format!(
+            "{opt}: unknown dtype {s:?} (fp32, bf16, e4m3, e5m2)"
+        ))
+    })
 }
 
 impl TrainArgs {
@@ -199,20 +206,29 @@ impl TrainArgs {
             ("--offload-opt-v", self.offload_opt_v),
         ] {
             if on {
-                return Err(Error::Config(format!("{flag}: host offloading is not implemented yet")));
+                return Err(Error::Config(format!(
+                    "{flag}: host offloading is not implemented yet"
+                )));
             }
         }
         if self.continue_from.is_some() && self.ckpt_dir.is_none() {
-            return Err(Error::Config("--continue needs --ckpt-dir (where to look for checkpoints)".into()));
+            return Err(Error::Config(
+                "--continue needs --ckpt-dir (where to look for checkpoints)".into(),
+            ));
         }
         if self.ckpt_interval > 0 && self.ckpt_dir.is_none() {
             return Err(Error::Config("--ckpt-interval needs --ckpt-dir".into()));
         }
         if self.stop_at == Some(0) || self.stop_at.is_some_and(|s| s > self.steps) {
-            return Err(Error::Config(format!("--stop-at must be in 1..={} (--steps), got {:?}", self.steps, self.stop_at)));
+            return Err(Error::Config(format!(
+                "--stop-at must be in 1..={} (--steps), got {:?}",
+                self.steps, self.stop_at
+            )));
         }
         if self.train_file.is_some() && self.random_data {
-            return Err(Error::Config("--random-data and --train-file exclude each other".into()));
+            return Err(Error::Config(
+                "--random-data and --train-file exclude each other".into(),
+            ));
         }
         let matmul = match &self.matmul_dtype {
             Some(s) => dtype("--matmul-dtype", s)?,
@@ -220,9 +236,15 @@ impl TrainArgs {
             None => DType::F32,
         };
         if self.gradient_dtype.is_some() && !matmul.is_fp8() {
-            return Err(Error::Config("--gradient-dtype only applies with --matmul-dtype e4m3".into()));
+            return Err(Error::Config(
+                "--gradient-dtype only applies with --matmul-dtype e4m3".into(),
+            ));
         }
-        let weights = if matmul == DType::F32 { DType::F32 } else { DType::BF16 };
+        let weights = if matmul == DType::F32 {
+            DType::F32
+        } else {
+            DType::BF16
+        };
         let precision = Precision {
             weights,
             matmul,
@@ -237,7 +259,9 @@ impl TrainArgs {
             persistent_quants: self.persistent_quants,
         };
         if precision.master == DType::BF16 && weights == DType::F32 {
-            return Err(Error::Config("--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into()));
+            return Err(Error::Config(
+                "--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into(),
+            ));
         }
         Ok(TrainConfig {
             batch_size: self.batch_size,
@@ -246,7 +270,9 @@ impl TrainArgs {
             steps: self.steps,
             schedule: Schedule {
                 lr: self.learning_rate,
-                warmup: self.warmup.unwrap_or((self.steps / 10).min(if self.steps <= 1000 { 25 } else { 1000 })),
+                warmup: self
+                    .warmup
+                    .unwrap_or((self.steps / 10).min(if self.steps <= 1000 { 25 } else { 1000 })),
                 total: self.steps,
                 decay: Decay::parse(&self.lr_schedule)?,
                 final_fraction: self.final_lr_fraction,

@@ -2,9 +2,9 @@
 //! memory plan, then run the loop with a line per step.
 
 use crate::device;
+use crate::signals;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
-use crate::signals;
 use llmq_io::data::BatchSource;
 use llmq_io::loader::{self, LoaderOptions, TokenLoader};
 use llmq_io::{ckpt, hf};
@@ -25,7 +25,11 @@ struct ModelChoice {
 fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
     let Some(name) = &args.model else {
         let cfg = ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab);
-        return Ok(ModelChoice { cfg, describe: "embedded default (tiny qwen2-style, from scratch)".into(), dir: None });
+        return Ok(ModelChoice {
+            cfg,
+            describe: "embedded default (tiny qwen2-style, from scratch)".into(),
+            dir: None,
+        });
     };
     if let Some(cfg) = ModelConfig::builtin(name) {
         if !args.from_scratch {
@@ -33,36 +37,76 @@ fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
                 "--model {name} is a built-in shape without weights: add --from-scratch, or pass a directory with config.json and model.safetensors"
             )));
         }
-        let cfg = if name == "tiny" { ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab) } else { cfg };
-        return Ok(ModelChoice { cfg, describe: format!("built-in shape {name}, from scratch"), dir: None });
+        let cfg = if name == "tiny" {
+            ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab)
+        } else {
+            cfg
+        };
+        return Ok(ModelChoice {
+            cfg,
+            describe: format!("built-in shape {name}, from scratch"),
+            dir: None,
+        });
     }
     let dir = hf::resolve_model_dir(name).map_err(|e| {
-        Error::Config(format!("--model {name}: not a built-in shape ({}) and {e}", ModelConfig::BUILTIN_NAMES.join(", ")))
+        Error::Config(format!(
+            "--model {name}: not a built-in shape ({}) and {e}",
+            ModelConfig::BUILTIN_NAMES.join(", ")
+        ))
     })?;
     let cfg = hf::load_config(&dir)?;
-    let how = if args.from_scratch { "config only, from scratch" } else { "pretrained weights" };
-    Ok(ModelChoice { cfg, describe: format!("{} ({how})", dir.display()), dir: Some(dir) })
+    let how = if args.from_scratch {
+        "config only, from scratch"
+    } else {
+        "pretrained weights"
+    };
+    Ok(ModelChoice {
+        cfg,
+        describe: format!("{} ({how})", dir.display()),
+        dir: Some(dir),
+    })
 }
 
-type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>, Option<f64>);
+type Sources = (
+    Box<dyn BatchSource>,
+    Option<Box<dyn BatchSource>>,
+    Option<f64>,
+);
 
-fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &llmq_train::TrainConfig) -> Result<Sources> {
+fn resolve_data(
+    args: &TrainArgs,
+    cfg: &ModelConfig,
+    tc: &llmq_train::TrainConfig,
+) -> Result<Sources> {
     let eval_file = |args: &TrainArgs| -> Result<Option<Box<dyn BatchSource>>> {
         match &args.eval_file {
             None => Ok(None),
             Some(p) => {
                 let files = loader::expand_glob(p)?;
-                Ok(Some(Box::new(TokenLoader::eval(&files, tc.seq_len, 0, 1, Some(cfg.vocab_size))?)))
+                Ok(Some(Box::new(TokenLoader::eval(
+                    &files,
+                    tc.seq_len,
+                    0,
+                    1,
+                    Some(cfg.vocab_size),
+                )?)))
             }
         }
     };
     if let Some(pattern) = &args.train_file {
-        let opts = LoaderOptions { vocab_limit: Some(cfg.vocab_size), ..LoaderOptions::train(tc.seq_len, tc.seed) };
+        let opts = LoaderOptions {
+            vocab_limit: Some(cfg.vocab_size),
+            ..LoaderOptions::train(tc.seq_len, tc.seed)
+        };
         let train = TokenLoader::from_glob(pattern, opts)?;
         return Ok((Box::new(train), eval_file(args)?, None));
     }
     if args.random_data {
-        return Ok((Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)), eval_file(args)?, None));
+        return Ok((
+            Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)),
+            eval_file(args)?,
+            None,
+        ));
     }
     if args.synthetic_vocab > cfg.vocab_size || args.synthetic_vocab < 2 {
         return Err(Error::Config(format!(
@@ -82,6 +126,12 @@ fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &llmq_train::TrainConfi
 pub fn run(args: TrainArgs) -> Result<()> {
     let model = resolve_model(&args)?;
     let (be, gpu) = device::select(&args.device)?;
+    let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
+        let (p, h) = llmq_train::profile::Profiled::new(be);
+        (Box::new(p), Some(h))
+    } else {
+        (be, None)
+    };
     let tc = args.train_config(gpu.is_some())?;
     tc.validate(&model.cfg)?;
     let cfg = model.cfg;
@@ -90,13 +140,47 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     // resolved configuration
     println!("llmq train");
-    println!("  model      {} | {} | L={} C={} D={} Hq={} Hkv={} Hd={} V={} | {:.2}M parameters", model.describe, cfg.arch.hf_name(), cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.num_params() as f64 / 1e6);
+    println!(
+        "  model      {} | {} | L={} C={} D={} Hq={} Hkv={} Hd={} V={} | {:.2}M parameters",
+        model.describe,
+        cfg.arch.hf_name(),
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        cfg.num_params() as f64 / 1e6
+    );
     println!("  data       {}", data.describe());
     println!("  device     {}", be.name());
-    println!("  batch      B={} T={} accumulation={} -> {} tokens/step, {} steps", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step(), tc.steps);
+    println!(
+        "  batch      B={} T={} accumulation={} -> {} tokens/step, {} steps",
+        tc.batch_size,
+        tc.seq_len,
+        tc.grad_accumulation,
+        tc.tokens_per_step(),
+        tc.steps
+    );
     let p = tc.precision;
-    let fp8 = if p.matmul.is_fp8() { format!(" | activation grads {}{}", p.act_grads, if p.persistent_quants { " | persistent quants" } else { "" }) } else { String::new() };
-    println!("  precision  matmul {} | weights {} | master {} | grads {} | adam m {} v {}{fp8}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
+    let fp8 = if p.matmul.is_fp8() {
+        format!(
+            " | activation grads {}{}",
+            p.act_grads,
+            if p.persistent_quants {
+                " | persistent quants"
+            } else {
+                ""
+            }
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "  precision  matmul {} | weights {} | master {} | grads {} | adam m {} v {}{fp8}",
+        p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v
+    );
     let s = tc.schedule;
     println!("  optimizer  AdamW lr {:e} ({:?}, warmup {}, final x{}, cooldown {}) betas ({}, {}) eps {:e} wd {} clip {}", s.lr, s.decay, s.warmup, s.final_fraction, s.cooldown, tc.optim.beta1, tc.optim.beta2, tc.optim.eps, tc.optim.weight_decay, tc.optim.grad_clip);
     println!("  recompute  {:?}", tc.recompute);
@@ -105,7 +189,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     print_memory(&trainer);
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    spinner.set_message(if args.continue_from.is_some() { "loading checkpoint" } else if model.dir.is_some() && !args.from_scratch { "loading weights" } else { "initialising weights" });
+    spinner.set_message(if args.continue_from.is_some() {
+        "loading checkpoint"
+    } else if model.dir.is_some() && !args.from_scratch {
+        "loading weights"
+    } else {
+        "initialising weights"
+    });
     match (&args.continue_from, &model.dir) {
         (Some(which), _) => {
             let root = args.ckpt_dir.as_ref().expect("validated");
@@ -129,12 +219,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         log.write(&memory_record(&trainer));
         trainer.log = Some(log);
     }
-    let floor_txt = floor.map(|f| format!(" (floor {f:.3})")).unwrap_or_default();
+    let floor_txt = floor
+        .map(|f| format!(" (floor {f:.3})"))
+        .unwrap_or_default();
     let peaks = gpu.and_then(|g| g.peaks);
     let steps = tc.steps;
     let mut last_eval = None;
     let mut step_times = vec![];
     let stop_at = args.stop_at.unwrap_or(steps);
+    if let Some(p) = &profile {
+        p.take(); // setup is not part of a step
+    }
     let mut interrupted = false;
     while trainer.step < stop_at {
         let st = trainer.train_step()?;
@@ -147,7 +242,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let sol = peaks
                 .map(|(mm, bf)| {
                     let mm = if tc.precision.matmul.is_fp8() { mm } else { bf };
-                    format!(" | SOL {:.1}%", flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf))
+                    format!(
+                        " | SOL {:.1}%",
+                        flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf)
+                    )
                 })
                 .unwrap_or_default();
             println!(
@@ -164,7 +262,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 sol
             );
         }
-        let eval_now = (tc.eval_every > 0 && st.step % tc.eval_every == 0) || st.step == steps;
+        // (no evals while profiling: the breakdown is of training steps)
+        let eval_now = profile.is_none() && ((tc.eval_every > 0 && st.step % tc.eval_every == 0) || st.step == steps);
         if eval_now {
             if let Some(ev) = trainer.evaluate()? {
                 println!("eval   {:>6} | loss {:.4}{}", st.step, ev, floor_txt);
@@ -192,10 +291,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(out) = &args.export {
         let dtype = llmq_core::DType::parse(&args.export_dtype)
             .filter(|d| matches!(d, llmq_core::DType::F32 | llmq_core::DType::BF16))
-            .ok_or_else(|| Error::Config(format!("--export-dtype: expected bf16 or fp32, got {:?}", args.export_dtype)))?;
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "--export-dtype: expected bf16 or fp32, got {:?}",
+                    args.export_dtype
+                ))
+            })?;
         let groups = trainer.model.params.master_f32(trainer.be.as_ref())?;
         hf::export_model(out, &cfg, &groups, dtype, model.dir.as_deref())?;
-        println!("exported {} ({dtype}) to {}", cfg.arch.hf_name(), out.display());
+        println!(
+            "exported {} ({dtype}) to {}",
+            cfg.arch.hf_name(),
+            out.display()
+        );
+    }
+    if let Some(p) = &profile {
+        print_profile(&p.take(), step_times.len());
     }
     // throughput: median over the steps after warm-up (the first steps include one-time work)
     let warm = (step_times.len() / 5).clamp(usize::from(step_times.len() > 1), 5);
@@ -207,7 +318,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let sol = peaks
             .map(|(mm, bf)| {
                 let mm = if tc.precision.matmul.is_fp8() { mm } else { bf };
-                format!(", SOL {:.1}%", flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf))
+                format!(
+                    ", SOL {:.1}%",
+                    flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf)
+                )
             })
             .unwrap_or_default();
         println!("throughput: median step {:.1} ms over {} steps after {warm} warm-up -> {:.0} tokens/s{sol}", med * 1e3, t.len(), tps);
@@ -216,25 +330,51 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     if let (Some(ev), Some(f)) = (last_eval, floor) {
-        println!("done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}", ev - f);
+        println!(
+            "done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}",
+            ev - f
+        );
     }
     Ok(())
 }
 
 /// Writes a checkpoint of the current state (skipping a poisoned state) and applies retention.
 fn save_checkpoint(tr: &mut Trainer, args: &TrainArgs) -> Result<()> {
-    let Some(root) = &args.ckpt_dir else { return Ok(()) };
+    let Some(root) = &args.ckpt_dir else {
+        return Ok(());
+    };
     if tr.bad_in_a_row > 0 {
-        println!("not writing a checkpoint at step {}: the last step was not finite", tr.step);
+        println!(
+            "not writing a checkpoint at step {}: the last step was not finite",
+            tr.step
+        );
         return Ok(());
     }
     let dir = checkpoint::save(tr, root)?;
     let removed = ckpt::prune(root, args.keep_last, args.keep_major)?;
-    println!("checkpoint {} written{}", dir.display(), if removed.is_empty() { String::new() } else { format!(" ({} old removed)", removed.len()) });
+    println!(
+        "checkpoint {} written{}",
+        dir.display(),
+        if removed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} old removed)", removed.len())
+        }
+    );
     if let Some(log) = &mut tr.log {
         log.write(&serde_json::json!({"type": "checkpoint", "step": tr.step, "path": dir}));
     }
     Ok(())
+}
+
+/// The per-op breakdown: time per step, share, calls per step.
+fn print_profile(rows: &[(String, u64, f64)], steps: usize) {
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    let steps = steps.max(1) as f64;
+    println!("profile: {:.1} ms per step in ops (each synchronised), by op:", 1e3 * total / steps);
+    for (label, calls, secs) in rows.iter().take(40) {
+        println!("  {:>9.3} ms {:>5.1}%  {:>6.1}x  {label}", 1e3 * secs / steps, 100.0 * secs / total, *calls as f64 / steps);
+    }
 }
 
 fn print_memory(tr: &Trainer) {
@@ -251,7 +391,11 @@ fn print_memory(tr: &Trainer) {
 }
 
 fn memory_record(tr: &Trainer) -> serde_json::Value {
-    let cats: serde_json::Map<String, serde_json::Value> =
-        tr.be.memory_by_category().iter().map(|(c, l, b)| (format!("{} ({:?})", c.name(), l), (*b).into())).collect();
+    let cats: serde_json::Map<String, serde_json::Value> = tr
+        .be
+        .memory_by_category()
+        .iter()
+        .map(|(c, l, b)| (format!("{} ({:?})", c.name(), l), (*b).into()))
+        .collect();
     serde_json::json!({"type": "memory", "categories": cats, "free": tr.be.free_memory()})
 }

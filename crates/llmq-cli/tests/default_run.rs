@@ -12,9 +12,19 @@ fn default_run_approaches_the_entropy_floor() {
         .output()
         .expect("run llmq");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "llmq train failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("llmq train") && stdout.contains("memory (cpu)"), "resolved config / memory plan not printed:\n{stdout}");
-    let done = stdout.lines().find(|l| l.starts_with("done:")).expect("no final line");
+    assert!(
+        out.status.success(),
+        "llmq train failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("llmq train") && stdout.contains("memory (cpu)"),
+        "resolved config / memory plan not printed:\n{stdout}"
+    );
+    let done = stdout
+        .lines()
+        .find(|l| l.starts_with("done:"))
+        .expect("no final line");
     // "done: final eval loss 1.4272, 0.0712 nats above the entropy floor 1.3560"
     let nums: Vec<f64> = done
         .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
@@ -23,24 +33,44 @@ fn default_run_approaches_the_entropy_floor() {
     let (eval, gap, floor) = (nums[0], nums[1], nums[2]);
     assert!(floor > 0.5 && floor < 3.0, "implausible floor {floor}");
     assert!((eval - floor - gap).abs() < 1e-3);
-    assert!(gap < 0.15, "final eval loss {eval} is {gap} nats above the floor {floor}");
-    assert!(gap > -0.05, "eval loss {eval} below the entropy floor {floor}: the floor or the loss is wrong");
+    assert!(
+        gap < 0.15,
+        "final eval loss {eval} is {gap} nats above the floor {floor}"
+    );
+    assert!(
+        gap > -0.05,
+        "eval loss {eval} below the entropy floor {floor}: the floor or the loss is wrong"
+    );
     // the first logged loss is near ln(256) (uniform prediction)
-    let first = stdout.lines().find(|l| l.starts_with("step      1/")).unwrap();
-    assert!(first.contains("loss 5."), "first step should start near ln 256 = 5.55: {first}");
+    let first = stdout
+        .lines()
+        .find(|l| l.starts_with("step      1/"))
+        .unwrap();
+    assert!(
+        first.contains("loss 5."),
+        "first step should start near ln 256 = 5.55: {first}"
+    );
 }
 
 #[test]
 fn bad_options_are_refused_with_a_reason() {
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+            .args(args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     assert!(run(&["train", "--device", "cpu", "--batch-size", "0"]).contains("--batch-size"));
     assert!(run(&["train", "--device", "cpu", "--lr-schedule", "step"]).contains("--lr-schedule"));
-    assert!(run(&["train", "--device", "cpu", "--model", "qwen2.5-0.5b"]).contains("--from-scratch"));
-    assert!(run(&["train", "--device", "cpu", "--warmup", "500", "--steps", "100"]).contains("--warmup"));
+    assert!(
+        run(&["train", "--device", "cpu", "--model", "qwen2.5-0.5b"]).contains("--from-scratch")
+    );
+    assert!(
+        run(&["train", "--device", "cpu", "--warmup", "500", "--steps", "100"])
+            .contains("--warmup")
+    );
     assert!(run(&["train", "--device", "cpu", "--model-dtype", "e4m3"]).contains("--model-dtype"));
     assert!(run(&["train", "--device", "nope"]).contains("--device"));
 }

@@ -18,13 +18,15 @@ fn gpu() -> Option<Box<dyn Backend>> {
         eprintln!("skipping: no CUDA device: {reason}");
         return None;
     }
-    Some(Box::new(llmq_cuda::CudaBackend::new(0).expect("CUDA backend")))
+    Some(Box::new(
+        llmq_cuda::CudaBackend::new(0).expect("CUDA backend"),
+    ))
 }
 
 fn small(arch: Arch, tied: bool) -> ModelConfig {
     let mut c = ModelConfig::tiny(arch, 301);
     c.hidden_size = 96;
-    c.intermediate_size = 200;
+    c.intermediate_size = 208; // fp8 needs multiples of 16
     c.num_layers = 2;
     c.num_heads = 6;
     c.num_kv_heads = 2;
@@ -39,7 +41,14 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         seq_len: t,
         grad_accumulation: 1,
         steps,
-        schedule: Schedule { lr: 3e-3, warmup: 2, total: steps, decay: Decay::Cosine, final_fraction: 0.1, cooldown: 0 },
+        schedule: Schedule {
+            lr: 3e-3,
+            warmup: 2.min(steps),
+            total: steps,
+            decay: Decay::Cosine,
+            final_fraction: 0.1,
+            cooldown: 0,
+        },
         optim: OptimConfig::default(),
         precision,
         recompute: Recompute::default(),
@@ -66,7 +75,10 @@ fn cosine_and_rel(a: &[f32], b: &[f32]) -> (f64, f64) {
         bb += y * y;
         dd += (x - y) * (x - y);
     }
-    (ab / (aa.sqrt() * bb.sqrt()).max(1e-300), dd.sqrt() / aa.sqrt().max(1e-300))
+    (
+        ab / (aa.sqrt() * bb.sqrt()).max(1e-300),
+        dd.sqrt() / aa.sqrt().max(1e-300),
+    )
 }
 
 #[test]
@@ -79,15 +91,26 @@ fn gpu_loss_and_gradients_match_cpu_fp32() {
         let mut c = trainer(Box::new(CpuBackend::new()), &cfg, tc);
         let (lg, _) = g.accumulate_gradients().unwrap();
         let (lc, _) = c.accumulate_gradients().unwrap();
-        assert!((lg - lc).abs() < 1e-4 * lc.abs(), "{arch:?}: loss gpu {lg} cpu {lc}");
+        assert!(
+            (lg - lc).abs() < 1e-4 * lc.abs(),
+            "{arch:?}: loss gpu {lg} cpu {lc}"
+        );
         let gg = g.model.params.grads_f32(g.be.as_ref()).unwrap();
         let gc = c.model.params.grads_f32(c.be.as_ref()).unwrap();
         for (gi, grp) in c.model.params.layout.groups.iter().enumerate() {
             for e in &grp.entries {
                 let r = e.offset..e.offset + e.numel();
                 let (cos, rel) = cosine_and_rel(&gc[gi][r.clone()], &gg[gi][r]);
-                eprintln!("{arch:?} {} {:?}: cosine {cos:.6} rel {rel:.2e}", grp.name, e.kind);
-                assert!(cos >= 0.9999 && rel <= 1e-3, "{arch:?} {} {:?}: cosine {cos} rel {rel}", grp.name, e.kind);
+                eprintln!(
+                    "{arch:?} {} {:?}: cosine {cos:.6} rel {rel:.2e}",
+                    grp.name, e.kind
+                );
+                assert!(
+                    cos >= 0.9999 && rel <= 1e-3,
+                    "{arch:?} {} {:?}: cosine {cos} rel {rel}",
+                    grp.name,
+                    e.kind
+                );
             }
         }
         println!("{arch:?}: fp32 loss gpu {lg:.6} cpu {lc:.6}");
@@ -104,29 +127,73 @@ fn gpu_and_cpu_train_alike_for_20_steps_bf16() {
     for step in 1..=20 {
         let sg = g.train_step().unwrap();
         let sc = c.train_step().unwrap();
-        println!("step {step}: loss gpu {:.5} cpu {:.5} | norm gpu {:.4} cpu {:.4}", sg.loss, sc.loss, sg.grad_norm, sc.grad_norm);
-        assert!((sg.loss - sc.loss).abs() < 0.02 * sc.loss, "step {step}: gpu {} cpu {}", sg.loss, sc.loss);
+        println!(
+            "step {step}: loss gpu {:.5} cpu {:.5} | norm gpu {:.4} cpu {:.4}",
+            sg.loss, sc.loss, sg.grad_norm, sc.grad_norm
+        );
+        assert!(
+            (sg.loss - sc.loss).abs() < 0.02 * sc.loss,
+            "step {step}: gpu {} cpu {}",
+            sg.loss,
+            sc.loss
+        );
+    }
+}
+
+#[test]
+fn gpu_and_cpu_train_alike_for_20_steps_fp8() {
+    let Some(be) = gpu() else { return };
+    let cfg = small(Arch::Qwen3, true);
+    let tc = config(4, 64, 20, Precision::fp8());
+    let mut g = trainer(be, &cfg, tc.clone());
+    let mut c = trainer(Box::new(CpuBackend::new()), &cfg, tc);
+    for step in 1..=20 {
+        let sg = g.train_step().unwrap();
+        let sc = c.train_step().unwrap();
+        println!(
+            "fp8 step {step}: loss gpu {:.5} cpu {:.5} | norm gpu {:.4} cpu {:.4}",
+            sg.loss, sc.loss, sg.grad_norm, sc.grad_norm
+        );
+        assert!(
+            (sg.loss - sc.loss).abs() < 0.02 * sc.loss,
+            "step {step}: gpu {} cpu {}",
+            sg.loss,
+            sc.loss
+        );
     }
 }
 
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
-    let cfg = small(Arch::Qwen3, false);
-    let mut base: Option<Vec<(u64, u64)>> = None;
-    for (name, rc) in Recompute::all_variants() {
-        let Some(be) = gpu() else { return };
-        let mut tc = config(2, 64, 3, Precision::bf16());
-        tc.recompute = rc;
-        let mut tr = trainer(be, &cfg, tc);
-        let h: Vec<(u64, u64)> = (0..3)
-            .map(|_| {
-                let s = tr.train_step().unwrap();
-                (s.loss.to_bits(), s.grad_norm.to_bits())
-            })
-            .collect();
-        match &base {
-            None => base = Some(h),
-            Some(b) => assert_eq!(&h, b, "recompute {name} changed the numbers on the GPU"),
+    for precision in [
+        Precision::bf16(),
+        Precision::fp8(),
+        Precision {
+            persistent_quants: true,
+            ..Precision::fp8()
+        },
+    ] {
+        let cfg = small(Arch::Qwen3, false);
+        let mut base: Option<Vec<(u64, u64)>> = None;
+        for (name, rc) in Recompute::all_variants() {
+            let Some(be) = gpu() else { return };
+            let mut tc = config(2, 64, 3, precision);
+            tc.recompute = rc;
+            let mut tr = trainer(be, &cfg, tc);
+            let h: Vec<(u64, u64)> = (0..3)
+                .map(|_| {
+                    let s = tr.train_step().unwrap();
+                    (s.loss.to_bits(), s.grad_norm.to_bits())
+                })
+                .collect();
+            match &base {
+                None => base = Some(h),
+                Some(b) => assert_eq!(
+                    &h, b,
+                    "{:?} recompute {name} changed the numbers on the GPU",
+                    precision.matmul
+                ),
+            }
         }
     }
 }

@@ -17,9 +17,13 @@ use llmq_train::*;
 use std::path::Path;
 
 fn backends() -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn Backend>>)> {
-    let mut v: Vec<(&'static str, Box<dyn Fn() -> Box<dyn Backend>>)> = vec![("cpu", Box::new(|| Box::new(CpuBackend::new())))];
+    let mut v: Vec<(&'static str, Box<dyn Fn() -> Box<dyn Backend>>)> =
+        vec![("cpu", Box::new(|| Box::new(CpuBackend::new())))];
     match llmq_cuda::cuda_available() {
-        Ok(()) => v.push(("cuda", Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0).unwrap())))),
+        Ok(()) => v.push((
+            "cuda",
+            Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0).unwrap())),
+        )),
         Err(r) => eprintln!("no CUDA device ({r}): comparing the CPU backend only"),
     }
     v
@@ -28,10 +32,24 @@ fn backends() -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn Backend>>)> {
 fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, precision: Precision) {
     let cfg = llmq_io::hf::load_config(dir).unwrap();
     let weights = llmq_io::hf::load_weights(dir, &cfg).unwrap();
-    let batch: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("batch.json")).unwrap()).unwrap();
-    let (b, t) = (batch["b"].as_u64().unwrap() as usize, batch["t"].as_u64().unwrap() as usize);
-    let ints = |k: &str| batch[k].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect::<Vec<_>>();
-    let batch_data = Batch { inputs: ints("inputs"), targets: ints("targets") };
+    let batch: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("batch.json")).unwrap()).unwrap();
+    let (b, t) = (
+        batch["b"].as_u64().unwrap() as usize,
+        batch["t"].as_u64().unwrap() as usize,
+    );
+    let ints = |k: &str| {
+        batch[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as i32)
+            .collect::<Vec<_>>()
+    };
+    let batch_data = Batch {
+        inputs: ints("inputs"),
+        targets: ints("targets"),
+    };
     let hf_loss = batch["loss"].as_f64().unwrap();
 
     let shape = RunShape { b, t };
@@ -48,20 +66,37 @@ fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, preci
     let grads = model.params.grads_f32(be).unwrap();
 
     let fp32 = precision.weights == DType::F32;
-    let (min_cos, max_rel, loss_tol) = if fp32 { (0.999, 0.01, 1e-4) } else { (0.99, 0.15, 1e-2) };
-    let name = format!("{} {backend} {}", dir.file_name().unwrap().to_string_lossy(), precision.weights);
+    let (min_cos, max_rel, loss_tol) = if fp32 {
+        (0.999, 0.01, 1e-4)
+    } else {
+        (0.99, 0.15, 1e-2)
+    };
+    let name = format!(
+        "{} {backend} {}",
+        dir.file_name().unwrap().to_string_lossy(),
+        precision.weights
+    );
     println!("{name}: loss llmq {loss:.6} hf {hf_loss:.6}");
-    assert!((loss - hf_loss).abs() <= loss_tol * hf_loss, "{name}: loss {loss} vs {hf_loss}");
+    assert!(
+        (loss - hf_loss).abs() <= loss_tol * hf_loss,
+        "{name}: loss {loss} vs {hf_loss}"
+    );
 
     // our gradients under HF names: export them as if they were weights
-    let tmp = std::env::temp_dir().join(format!("llmq-hfcmp-{}-{backend}-{}", std::process::id(), precision.weights));
+    let tmp = std::env::temp_dir().join(format!(
+        "llmq-hfcmp-{}-{backend}-{}",
+        std::process::id(),
+        precision.weights
+    ));
     llmq_io::hf::export_model(&tmp, &cfg, &grads, DType::F32, None).unwrap();
     let ours = SafeTensorsFile::open(&tmp.join("model.safetensors")).unwrap();
     let theirs = SafeTensorsFile::open(&dir.join("grads.safetensors")).unwrap();
     let mut worst = (1.0f64, 0.0f64);
     for n in theirs.names() {
         let a = theirs.read_f32(n).unwrap();
-        let g = ours.read_f32(n).unwrap_or_else(|e| panic!("{name}: llmq has no gradient for {n}: {e}"));
+        let g = ours
+            .read_f32(n)
+            .unwrap_or_else(|e| panic!("{name}: llmq has no gradient for {n}: {e}"));
         let (mut ab, mut aa, mut gg, mut dd) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for (&x, &y) in a.iter().zip(&g) {
             let (x, y) = (x as f64, y as f64);
@@ -73,9 +108,17 @@ fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, preci
         let cos = ab / (aa.sqrt() * gg.sqrt()).max(1e-300);
         let rel = dd.sqrt() / aa.sqrt().max(1e-300);
         worst = (worst.0.min(cos), worst.1.max(rel));
-        assert!(cos >= min_cos && rel <= max_rel, "{name}: {n}: cosine {cos:.6}, relative error {rel:.3e}");
+        assert!(
+            cos >= min_cos && rel <= max_rel,
+            "{name}: {n}: cosine {cos:.6}, relative error {rel:.3e}"
+        );
     }
-    println!("{name}: {} gradients, worst cosine {:.6}, worst relative error {:.2e}", theirs.names().count(), worst.0, worst.1);
+    println!(
+        "{name}: {} gradients, worst cosine {:.6}, worst relative error {:.2e}",
+        theirs.names().count(),
+        worst.0,
+        worst.1
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
@@ -85,7 +128,11 @@ fn loss_and_gradients_match_transformers() {
         eprintln!("skipping: LLMQ_HF_REF is not set (run scripts/hf_reference.py where torch and transformers are installed)");
         return;
     };
-    let mut dirs: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("grads.safetensors").exists()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("grads.safetensors").exists())
+        .collect();
     dirs.sort();
     assert!(!dirs.is_empty(), "no reference models under {root}");
     for (backend, make) in backends() {

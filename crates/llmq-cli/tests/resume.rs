@@ -6,14 +6,24 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn llmq(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(args)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "llmq {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "llmq {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
 fn llmq_err(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(args)
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "llmq {args:?} should have failed");
     String::from_utf8_lossy(&out.stderr).to_string()
 }
@@ -35,11 +45,19 @@ fn dataset(dir: &Path) -> String {
     for f in 0..2 {
         let toks: Vec<i32> = (0..600 + 37 * f)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 33) % 256) as i32
             })
             .collect();
-        llmq_io::tokfile::write_token_file(&dir.join(format!("train_{f}.bin")), &toks, None, Some(256)).unwrap();
+        llmq_io::tokfile::write_token_file(
+            &dir.join(format!("train_{f}.bin")),
+            &toks,
+            None,
+            Some(256),
+        )
+        .unwrap();
     }
     format!("{}/train_*.bin", dir.display())
 }
@@ -52,7 +70,13 @@ fn steps(log: &Path) -> Vec<(u64, String, String)> {
         .lines()
         .filter_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["type"] == "step").then(|| (v["step"].as_u64().unwrap(), v["loss"].to_string(), v["norm"].to_string()))
+            (v["type"] == "step").then(|| {
+                (
+                    v["step"].as_u64().unwrap(),
+                    v["loss"].to_string(),
+                    v["norm"].to_string(),
+                )
+            })
         })
         .collect()
 }
@@ -63,9 +87,32 @@ fn stop_and_resume_is_bitwise_exact() {
     let data = dataset(&d);
     let common = |log: &Path, ck: &Path| -> Vec<String> {
         [
-            "train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--train-file", &data, "--batch-size", "4",
-            "--seq-len", "32", "--steps", "20", "--warmup", "3", "--eval-every", "0", "--print-every", "5",
-            "--log-file", log.to_str().unwrap(), "--ckpt-dir", ck.to_str().unwrap(), "--model-dtype", "fp32",
+            "train",
+            "--device",
+            "cpu",
+            "--model",
+            "tiny",
+            "--from-scratch",
+            "--train-file",
+            &data,
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--steps",
+            "20",
+            "--warmup",
+            "3",
+            "--eval-every",
+            "0",
+            "--print-every",
+            "5",
+            "--log-file",
+            log.to_str().unwrap(),
+            "--ckpt-dir",
+            ck.to_str().unwrap(),
+            "--model-dtype",
+            "fp32",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -76,25 +123,43 @@ fn stop_and_resume_is_bitwise_exact() {
     llmq(&as_refs(&straight));
     // stopped at 9 (mid-epoch) and resumed in a new process
     let mut first = common(&d.join("b.jsonl"), &d.join("ck_b"));
-    first.extend(["--stop-at".into(), "9".into(), "--ckpt-interval".into(), "4".into()]);
+    first.extend([
+        "--stop-at".into(),
+        "9".into(),
+        "--ckpt-interval".into(),
+        "4".into(),
+    ]);
     let out = llmq(&as_refs(&first));
     assert!(out.contains("step_00000009"), "{out}");
     let mut second = common(&d.join("b.jsonl"), &d.join("ck_b"));
     second.push("--continue".into());
     let out = llmq(&as_refs(&second));
-    assert!(out.contains("resumed from") && out.contains("at step 9"), "{out}");
+    assert!(
+        out.contains("resumed from") && out.contains("at step 9"),
+        "{out}"
+    );
     let a = steps(&d.join("a.jsonl"));
     let b = steps(&d.join("b.jsonl"));
     assert_eq!(a.len(), 20);
     assert_eq!(a, b, "resumed run differs from the straight run");
 
     // retention: interval 4 up to 9 wrote 4, 8, then 9 at the stop and 20 at the end; keep_last 3
-    let kept: Vec<String> = std::fs::read_dir(d.join("ck_b")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-    assert!(kept.contains(&"step_00000020".to_string()) && !kept.contains(&"step_00000004".to_string()), "{kept:?}");
+    let kept: Vec<String> = std::fs::read_dir(d.join("ck_b"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert!(
+        kept.contains(&"step_00000020".to_string()) && !kept.contains(&"step_00000004".to_string()),
+        "{kept:?}"
+    );
 
     // a damaged newest checkpoint is skipped by --continue, and refused when named explicitly
     let newest = d.join("ck_b/step_00000020");
-    let victim = std::fs::read_dir(&newest).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().contains("master")).unwrap();
+    let victim = std::fs::read_dir(&newest)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("master"))
+        .unwrap();
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[10] ^= 0xFF;
     std::fs::write(&victim, bytes).unwrap();
@@ -105,7 +170,10 @@ fn stop_and_resume_is_bitwise_exact() {
     let mut again = common(&d.join("c.jsonl"), &d.join("ck_b"));
     again.push("--continue".into());
     let out = llmq(&as_refs(&again));
-    assert!(out.contains("at step 9"), "should fall back to step 9: {out}");
+    assert!(
+        out.contains("at step 9"),
+        "should fall back to step 9: {out}"
+    );
     // incompatible run: names the field
     let mut other = common(&d.join("c.jsonl"), &d.join("ck_b"));
     let i = other.iter().position(|a| a == "--batch-size").unwrap();
@@ -120,7 +188,28 @@ fn stop_and_resume_is_bitwise_exact() {
 fn export_writes_a_loadable_hf_model() {
     let d = tmpdir("export");
     let out = d.join("hf");
-    llmq(&["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--warmup", "1", "--export", out.to_str().unwrap(), "--export-dtype", "fp32", "--ckpt-dir", d.join("ck").to_str().unwrap()]);
+    llmq(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--from-scratch",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--warmup",
+        "1",
+        "--export",
+        out.to_str().unwrap(),
+        "--export-dtype",
+        "fp32",
+        "--ckpt-dir",
+        d.join("ck").to_str().unwrap(),
+    ]);
     // the exported directory is a model llmq can load, with the same weights as the checkpoint
     let cfg = llmq_io::hf::load_config(&out).unwrap();
     let loaded = llmq_io::hf::load_weights(&out, &cfg).unwrap();
@@ -130,10 +219,34 @@ fn export_writes_a_loadable_hf_model() {
     assert_eq!(loaded, groups);
     // and `llmq export` from the checkpoint gives the same files
     let out2 = d.join("hf2");
-    llmq(&["export", ck.to_str().unwrap(), "-o", out2.to_str().unwrap(), "--dtype", "fp32"]);
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), std::fs::read(out2.join("model.safetensors")).unwrap());
+    llmq(&[
+        "export",
+        ck.to_str().unwrap(),
+        "-o",
+        out2.to_str().unwrap(),
+        "--dtype",
+        "fp32",
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(out2.join("model.safetensors")).unwrap()
+    );
     // training continues from the exported weights
-    let o = llmq(&["train", "--device", "cpu", "--model", out.to_str().unwrap(), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--warmup", "1"]);
+    let o = llmq(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--warmup",
+        "1",
+    ]);
     assert!(o.contains("loaded weights from"), "{o}");
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -144,7 +257,24 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
     let d = tmpdir("sigterm");
     let ck = d.join("ck");
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmq"))
-        .args(["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "100000", "--batch-size", "2", "--seq-len", "16", "--print-every", "1", "--eval-every", "0"])
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--model",
+            "tiny",
+            "--from-scratch",
+            "--steps",
+            "100000",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--print-every",
+            "1",
+            "--eval-every",
+            "0",
+        ])
         .args(["--ckpt-dir", ck.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -156,13 +286,21 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
             break;
         }
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}; output: {rest:?}");
     let text = rest.join("\n");
-    assert!(text.contains("signal received") && text.contains("checkpoint"), "{text}");
-    let (step, _) = llmq_io::ckpt::latest_complete(&ck).unwrap().expect("a complete checkpoint");
+    assert!(
+        text.contains("signal received") && text.contains("checkpoint"),
+        "{text}"
+    );
+    let (step, _) = llmq_io::ckpt::latest_complete(&ck)
+        .unwrap()
+        .expect("a complete checkpoint");
     assert!((3..100000).contains(&step), "checkpoint at step {step}");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -70,6 +70,18 @@ fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
 
 impl Fp8 {
     pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool) -> Result<Fp8> {
+        // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
+        for (what, v) in [
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_attention_heads * head_dim", cfg.attn_width()),
+            ("qkv width", cfg.qkv_width()),
+            ("tokens per micro-batch (batch size * seq len)", n),
+        ] {
+            if v % 16 != 0 {
+                return Err(llmq_core::Error::Config(format!("--matmul-dtype e4m3 needs {what} to be a multiple of 16, got {v}")));
+            }
+        }
         let (c, d) = (cfg.hidden_size, cfg.intermediate_size);
         let widest = [cfg.qkv_width(), cfg.attn_width(), 2 * d, c, d].into_iter().max().unwrap();
         let biggest_w = [cfg.qkv_width() * c, c * cfg.attn_width(), 2 * d * c, c * d].into_iter().max().unwrap();
@@ -85,7 +97,8 @@ impl Fp8 {
             .collect::<Result<Vec<_>>>()?;
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest])?;
         let dyq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest])?;
-        let descales = be.alloc(tmp, Mem::Device, f32, &[4])?;
+        // three scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
+        let descales = be.alloc(tmp, Mem::Device, f32, &[12])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
             Ok(QuantWeight {
                 q: be.alloc(cat, Mem::Device, DType::E4M3, &[numel])?,
@@ -186,7 +199,7 @@ impl Fp8 {
         let (n, out) = dy.rows_cols();
         let inp = x.rows_cols().1;
         let w = self.weight(be, params, l, k)?;
-        let (ds_dy, ds_x) = (self.descales.slice(1, &[1]), self.descales.slice(2, &[1]));
+        let (ds_dy, ds_x) = (self.descales.slice(4, &[1]), self.descales.slice(8, &[1]));
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
         let dyq = fp8_slot(&self.dyq, n * out, &[n, out]);
         be.quantize(&dyq, &ds_dy, dy, &self.grad_amax, false)?;

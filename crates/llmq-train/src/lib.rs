@@ -14,6 +14,7 @@ pub mod log;
 pub mod model;
 pub mod params;
 pub mod precision;
+pub mod profile;
 pub mod schedule;
 pub mod synthetic;
 pub mod trainer;

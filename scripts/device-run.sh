@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: GPU tests (incl. the HF transformers comparison), then benchmarks.
+# Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
+# Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [quality]
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+O="${OUT:-.gpu/out}"; mkdir -p "$O"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+what="${1:-tests}"; shift || true
+case "$what" in
+  tests)
+    (PYTHONUNBUFFERED=1 python3 .gpu/hf_reference.py /tmp/hf_ref 2>&1) > "$O/hf_reference.log"
+    export LLMQ_HF_REF=/tmp/hf_ref
+    OUT=/tmp/testlogs bash .gpu/run.sh > "$O/summary.txt" 2>&1
+    for f in /tmp/testlogs/*.log; do echo "######## $f"; cat "$f"; done > "$O/tests.log"
+    ;;
+  bench)
+    bash .gpu/bench.sh .gpu/llmq /tmp/bench "$@" > /dev/null 2>&1
+    cp /tmp/bench/bench.txt "$O/bench.txt"
+    for f in /tmp/bench/bench-*.log; do echo "######## $f"; cat "$f"; done > "$O/bench-logs.txt"
+    ;;
+  quality)
+    # FP8 vs bf16 on a Qwen2.5-0.5B-shaped model from scratch on the embedded Markov corpus
+    for p in bf16 e4m3; do
+      .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --seq-len 1024 --batch-size 8 \
+        --steps "${QUALITY_STEPS:-300}" --matmul-dtype $p --eval-every 50 --eval-batches 4 --print-every 10 \
+        --learning-rate 1e-3 --log-file "$O/quality-$p.jsonl" > "$O/quality-$p.txt" 2>&1
+    done
+    ;;
+esac
