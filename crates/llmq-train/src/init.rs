@@ -41,7 +41,7 @@ impl Rng {
 }
 
 /// Initial values of every group as f32 host vectors (padding zero). Each tensor has its own
-/// stream, seeded from (seed, group, entry), so the result does not depend on threads.
+/// streams, seeded from (seed, group, entry, chunk), so the result does not depend on threads.
 pub fn init_groups(cfg: &ModelConfig, layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
     let std = 0.02f64;
     let proj_scale = 1.0 / ((2 * cfg.num_layers) as f64).sqrt();
@@ -58,10 +58,13 @@ pub fn init_groups(cfg: &ModelConfig, layout: &ParamLayout, seed: u64) -> Vec<Ve
                     ParamKind::QkvB => {}
                     k => {
                         let scale = if matches!(k, ParamKind::OutW | ParamKind::DownW) { std * proj_scale } else { std };
-                        let mut rng = Rng::new(seed ^ ((gi as u64) << 32) ^ ((ei as u64) << 16) ^ 0x1111);
-                        for x in dst.iter_mut() {
-                            *x = (rng.normal() * scale) as f32;
-                        }
+                        // one stream per chunk of 2^20 values, so large embeddings fill in parallel
+                        dst.par_chunks_mut(1 << 20).enumerate().for_each(|(ci, chunk)| {
+                            let mut rng = Rng::new(seed ^ ((gi as u64) << 40) ^ ((ei as u64) << 32) ^ ((ci as u64) << 8) ^ 0x1111);
+                            for x in chunk.iter_mut() {
+                                *x = (rng.normal() * scale) as f32;
+                            }
+                        });
                     }
                 }
             }
