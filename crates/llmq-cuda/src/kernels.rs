@@ -107,6 +107,15 @@ kernel_table!(
 );
 
 impl Kernels {
+    /// Looks up another `extern "C"` kernel of the loaded module by its full name.
+    pub fn function(&self, name: &str) -> Result<sys::CUfunction> {
+        let c = CString::new(name).map_err(|_| Error::Backend(format!("bad kernel name {name:?}")))?;
+        let mut f = std::ptr::null_mut();
+        // SAFETY: the module is loaded; c is a valid C string; out-pointer to a local.
+        check(unsafe { sys::cuModuleGetFunction(&mut f, self.module, c.as_ptr()) }, &format!("cuModuleGetFunction({name})"))?;
+        Ok(f)
+    }
+
     pub fn unload(&mut self) {
         if !self.module.is_null() {
             // SAFETY: the module was loaded by `load` and is unloaded once.

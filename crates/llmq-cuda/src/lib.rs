@@ -15,6 +15,7 @@
 //! events order the two. Memory is allocated only by `alloc` (plus the fixed scratch and cuBLASLt
 //! workspace at construction), never inside ops.
 
+mod attention;
 mod blas;
 mod device;
 mod kernels;
@@ -25,6 +26,7 @@ use kernels::Kernels;
 use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, MemCategory, Result, Segment, Shape, Stream, Tensor};
 use std::cell::{Cell, RefCell};
 
+pub use attention::{attn3_configs, attn3_default, Attn3Cfg, ATTN3_CONFIGS};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -34,8 +36,14 @@ pub const SCRATCH_BYTES: usize = 64 << 20;
 /// Which attention kernels to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnImpl {
-    /// Tensor-core kernels where they apply (bf16, Hd 64 or 128), the simple ones elsewhere.
+    /// Tensor-core kernels where they apply (bf16, Hd 64 or 128: the v3 kernels in their default
+    /// configurations, `attn3_default`), the simple ones elsewhere.
     Auto,
+    /// The v3 tensor-core kernels with explicit configuration indices (< `ATTN3_CONFIGS`, see
+    /// `attn3_configs`), for tests and tuning.
+    V3 { fwd: u8, dq: u8, dkv: u8 },
+    /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
+    MmaV2,
     /// The first tensor-core version (synchronous tile loads), kept as a cross-check.
     MmaV1,
     /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
@@ -94,6 +102,7 @@ pub struct CudaBackend {
     dev: Device,
     scratch: u64,
     attn: Cell<AttnImpl>,
+    attn3: attention::Attn3Kernels,
 }
 
 // SAFETY: the backend owns its context, streams and memory; every entry point makes the context
@@ -129,10 +138,11 @@ impl CudaBackend {
         ] {
             kernels::set_max_dynamic_smem(f, optin)?;
         }
+        let attn3 = attention::Attn3Kernels::load(&k, optin)?;
         let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
         let blas = blas::Blas::new(ws)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn: Cell::new(AttnImpl::Auto) })
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn: Cell::new(AttnImpl::Auto), attn3 })
     }
 
     /// Device name, e.g. "NVIDIA H200".

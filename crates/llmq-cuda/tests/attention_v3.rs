@@ -1,0 +1,214 @@
+//! The v3 tensor-core attention kernels in every configuration: against the CPU backend on
+//! awkward shapes (per part of dqkv), determinism, agreement with the v2 kernels at T = 1024, and
+//! timings at Qwen shapes (B*T = 16384) for every configuration next to v2 and v1. Skips without
+//! a CUDA device.
+
+mod common;
+
+use common::{decode, encode, Pair};
+use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, Tensor};
+use llmq_cuda::{attn3_configs, attn3_default, AttnImpl, CudaBackend, ATTN3_CONFIGS};
+use std::time::Instant;
+
+const F32: DType = DType::F32;
+const BF16: DType = DType::BF16;
+
+fn shape(b: usize, t: usize, hq: usize, hkv: usize, hd: usize) -> AttnShape {
+    AttnShape { b, t, hq, hkv, hd }
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    if num.is_nan() {
+        return f64::INFINITY;
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Relative errors of the dQ, dK and dV columns of dqkv [N, (Hq + 2 Hkv) Hd]; a part whose
+/// reference is (near) zero, e.g. dQ and dK at T = 1, is measured against the norm of the whole.
+fn parts(s: AttnShape, c: &[f32], g: &[f32]) -> [f64; 3] {
+    let all = c.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let w = s.qkv_width();
+    let ranges = [(0, s.hq * s.hd), (s.hq * s.hd, (s.hq + s.hkv) * s.hd), ((s.hq + s.hkv) * s.hd, w)];
+    ranges.map(|(a, b)| {
+        let (mut cc, mut gg) = (Vec::new(), Vec::new());
+        for r in 0..s.n() {
+            cc.extend_from_slice(&c[r * w + a..r * w + b]);
+            gg.extend_from_slice(&g[r * w + a..r * w + b]);
+        }
+        let den = cc.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let num = cc.iter().zip(&gg).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        if num.is_nan() {
+            return f64::INFINITY;
+        }
+        num / den.max(1e-3 * all).max(1e-300)
+    })
+}
+
+fn case(p: &mut Pair, s: AttnShape, imp: AttnImpl) {
+    p.gpu.set_attention_impl(imp);
+    let (n, q) = (s.n(), s.qkv_width());
+    let qkv = p.rand(BF16, &[n, q], 1.0);
+    let out = p.out(BF16, &[n, s.out_width()]);
+    let lse = p.out(F32, &[s.b, s.hq, s.t]);
+    p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s).unwrap();
+    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s).unwrap();
+    let name = format!("{imp:?} {s:?}");
+    p.rel(&format!("fwd {name}: out"), &out, 1e-2);
+    p.close(&format!("fwd {name}: lse"), &lse, 1e-4, 1e-4);
+    // backward from the CPU's forward output (same inputs on both sides)
+    let (oc, _) = p.raw(&out);
+    p.gpu.upload(&out.g, &oc).unwrap();
+    let (lc, _) = p.raw(&lse);
+    p.gpu.upload(&lse.g, &lc).unwrap();
+    let dout = p.rand(BF16, &[n, s.out_width()], 1.0);
+    let dqkv = p.out(BF16, &[n, q]);
+    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    p.rel(&format!("bwd {name}: dqkv"), &dqkv, 2e-2);
+    let (c, g) = p.get(&dqkv);
+    let r = parts(s, &c, &g);
+    println!("bwd {name}: dq {:.2e} dk {:.2e} dv {:.2e}", r[0], r[1], r[2]);
+    if r.iter().any(|&x| x >= 2e-2) {
+        p.fail(format!("bwd {name}: part errors dq {:.2e} dk {:.2e} dv {:.2e}", r[0], r[1], r[2]));
+    }
+    let first = p.gpu.download(&dqkv.g).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    if first != p.gpu.download(&dqkv.g).unwrap() {
+        p.fail(format!("bwd {name} is not deterministic"));
+    }
+}
+
+#[test]
+fn attention_v3_configs_against_cpu() {
+    let Some(mut p) = Pair::new(31) else { return };
+    let shapes = [
+        shape(2, 37, 4, 2, 64),
+        shape(1, 130, 14, 2, 64),
+        shape(2, 70, 6, 3, 64),
+        shape(1, 1, 2, 1, 64),
+        shape(1, 300, 7, 1, 64),
+        shape(2, 64, 4, 4, 128),
+        shape(1, 200, 12, 2, 128),
+        shape(2, 37, 6, 2, 128),
+        shape(1, 257, 4, 1, 128),
+    ];
+    for i in 0..ATTN3_CONFIGS as u8 {
+        for &s in &shapes {
+            case(&mut p, s, AttnImpl::V3 { fwd: i, dq: i, dkv: i });
+        }
+    }
+    for &s in &shapes {
+        case(&mut p, s, AttnImpl::Auto);
+    }
+}
+
+/// Every configuration against v2 on a realistic length (GPU only), bf16 outputs.
+#[test]
+fn attention_v3_configs_agree_with_v2_at_length_1024() {
+    let Some(mut p) = Pair::new(32) else { return };
+    for hd in [64, 128] {
+        let s = shape(2, 1024, 8, 2, hd);
+        let (n, q) = (s.n(), s.qkv_width());
+        let vals = p.rng.vec(n * q, 1.0);
+        let qkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
+        p.gpu.upload(&qkv, &encode(BF16, &vals)).unwrap();
+        let dvals = p.rng.vec(n * s.out_width(), 1.0);
+        let dout = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
+        p.gpu.upload(&dout, &encode(BF16, &dvals)).unwrap();
+        let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
+        let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
+        let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
+        let run = |p: &mut Pair, imp| {
+            p.gpu.set_attention_impl(imp);
+            p.gpu.attention_fwd(&out, &lse, &qkv, s).unwrap();
+            let o = decode(BF16, &p.gpu.download(&out).unwrap());
+            let l = decode(F32, &p.gpu.download(&lse).unwrap());
+            // the backward from v2's forward results, so that only the backward differs
+            p.gpu.set_attention_impl(AttnImpl::MmaV2);
+            p.gpu.attention_fwd(&out, &lse, &qkv, s).unwrap();
+            p.gpu.set_attention_impl(imp);
+            p.gpu.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap();
+            (o, l, decode(BF16, &p.gpu.download(&dqkv).unwrap()))
+        };
+        let (o2, l2, d2) = run(&mut p, AttnImpl::MmaV2);
+        for i in 0..ATTN3_CONFIGS as u8 {
+            let imp = AttnImpl::V3 { fwd: i, dq: i, dkv: i };
+            let (o, l, d) = run(&mut p, imp);
+            let lerr = l.iter().zip(&l2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let r = parts(s, &d2, &d);
+            println!("Hd={hd} config {i} vs v2: out {:.2e}, lse max abs {lerr:.2e}, dq {:.2e} dk {:.2e} dv {:.2e}", rel(&o2, &o), r[0], r[1], r[2]);
+            if !(rel(&o2, &o) < 1e-2 && lerr < 1e-3 && r.iter().all(|&x| x < 2e-2)) {
+                p.fail(format!("Hd={hd} config {i} differs from v2: out {:.2e} lse {lerr:.2e} parts {r:?}", rel(&o2, &o)));
+            }
+        }
+    }
+}
+
+fn time<F: FnMut()>(g: &CudaBackend, mut f: F) -> f64 {
+    f();
+    g.synchronize().unwrap();
+    let mut ts = Vec::new();
+    for _ in 0..7 {
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            f();
+        }
+        g.synchronize().unwrap();
+        ts.push(t0.elapsed().as_secs_f64() / 5.0);
+    }
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ts[ts.len() / 2]
+}
+
+fn rand_tensor(g: &mut CudaBackend, rng: &mut common::Rng, dt: DType, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
+    g.upload(&t, &encode(dt, &rng.vec(n, scale))).unwrap();
+    t
+}
+
+/// Prints fwd / bwd times (median ms) of v1, v2, every v3 configuration and every dq x dkv
+/// combination, B16 T1024, Qwen2.5-0.5B (Hd 64) and -1.5B-like (Hd 128) head shapes.
+#[test]
+fn attention_v3_timings() {
+    let Some(mut g) = common::gpu_or_skip() else { return };
+    let mut rng = common::Rng::new(33);
+    for &(hq, hkv, hd) in &[(14, 2, 64), (12, 2, 128)] {
+        let s = AttnShape { b: 16, t: 1024, hq, hkv, hd };
+        let (n, q) = (s.n(), s.qkv_width());
+        let qkv = rand_tensor(&mut g, &mut rng, BF16, &[n, q], 1.0);
+        let dout = rand_tensor(&mut g, &mut rng, BF16, &[n, s.out_width()], 1.0);
+        let out = g.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
+        let lse = g.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * hq * s.t]).unwrap();
+        let dqkv = g.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
+        let flops = 4.0 * (s.b * hq * hd) as f64 * (s.t * s.t) as f64 / 2.0; // causal
+        println!("## B16 T1024 Hq{hq} Hkv{hkv} Hd{hd}: fwd / bwd ms (TFLOP/s, bwd counted as 2.5 x fwd)");
+        let line = |g: &CudaBackend, name: String, imp: AttnImpl| {
+            g.set_attention_impl(imp);
+            let tf = time(g, || g.attention_fwd(&out, &lse, &qkv, s).unwrap());
+            let tb = time(g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+            println!("| {name} | {:.3} ({:.0}) | {:.3} ({:.0}) |", tf * 1e3, flops / tf / 1e12, tb * 1e3, 2.5 * flops / tb / 1e12);
+        };
+        line(&g, "v1".into(), AttnImpl::MmaV1);
+        line(&g, "v2".into(), AttnImpl::MmaV2);
+        line(&g, format!("v3 default {:?}", attn3_default(hd)), AttnImpl::Auto);
+        for i in 0..ATTN3_CONFIGS {
+            let (f, dq, dkv) = attn3_configs(hd, i);
+            line(&g, format!("v3 {i}: fwd {f:?} dq {dq:?} dkv {dkv:?}"), AttnImpl::V3 { fwd: i as u8, dq: i as u8, dkv: i as u8 });
+        }
+        println!("bwd ms, dq config (rows) x dkv config (columns):");
+        for i in 0..ATTN3_CONFIGS as u8 {
+            let mut row = format!("dq {i}:");
+            for j in 0..ATTN3_CONFIGS as u8 {
+                g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: i, dkv: j });
+                let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                row.push_str(&format!(" {:.3}", tb * 1e3));
+            }
+            println!("{row}");
+        }
+        g.set_attention_impl(AttnImpl::Auto);
+    }
+}
