@@ -11,7 +11,14 @@
 // keeps a running max for its current segment and flushes it with one atomicMax when it moves on.
 // Pitfall: bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t are computed once on the host exactly
 // like the CPU backend does and passed in, so both backends use the same f32 constants.
+// Fast kernels adamw_v_<master><m/v><grads> (f32 or bf16 each; params f32 or bf16; every pointer
+// 16-byte aligned): no per-element segment search. The launch walks the segments in order; for
+// each, the grid strides over the 4-element chunks (aligned to the buffer) that overlap it: a
+// chunk wholly inside the segment uses vector loads/stores (16 bytes per f32 tensor, 8 per bf16
+// one), the (at most two) chunks at its ends go element by element. Same per-element arithmetic
+// as the generic kernel; the segment's abs-max is combined per block (one atomic per block).
 #include "common.cuh"
+#include "vec.cuh"
 
 // Skips the atomic when the slot already holds a larger value (cuts contention on one address).
 LLMQ_DEV void flush_absmax(float* slot, unsigned b) {
@@ -66,3 +73,136 @@ extern "C" __global__ void llmq_adamw(void* params, int dt_p, void* master, int 
     }
     if (absmax != nullptr && cur >= 0) flush_absmax(absmax + seg.absmax_base + cur, cur_max);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fast kernels
+
+template <class T>
+LLMQ_DEV void ld4(const void* p, long long i, float (&f)[4]);
+template <>
+LLMQ_DEV void ld4<F32T>(const void* p, long long i, float (&f)[4]) {
+    const float4 v = *(const float4*)((const float*)p + i);
+    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+}
+template <>
+LLMQ_DEV void ld4<BF16T>(const void* p, long long i, float (&f)[4]) {
+    const uint2 u = *(const uint2*)((const uint16_t*)p + i);
+    bf16x2_dec(u.x, f[0], f[1]);
+    bf16x2_dec(u.y, f[2], f[3]);
+}
+// Stores f rounded to T (RNE) and leaves the stored values in f.
+template <class T>
+LLMQ_DEV void st4(void* p, long long i, float (&f)[4]);
+template <>
+LLMQ_DEV void st4<F32T>(void* p, long long i, float (&f)[4]) {
+    *(float4*)((float*)p + i) = make_float4(f[0], f[1], f[2], f[3]);
+}
+template <>
+LLMQ_DEV void st4<BF16T>(void* p, long long i, float (&f)[4]) {
+    uint2 u;
+    u.x = bf16x2_enc(f[0], f[1]);
+    u.y = bf16x2_enc(f[2], f[3]);
+    *(uint2*)((uint16_t*)p + i) = u;
+}
+
+// The per-element update of the generic kernel (m, v updated in place, unrounded; returns p').
+LLMQ_DEV float adam_math(float graw, float& mm, float& vv, float p, float grad_scale, float b1, float b2, float lr, float eps, float w,
+                         float bc1, float bc2) {
+    const float g = graw * grad_scale;
+    mm = b1 * mm + (1.0f - b1) * g;
+    vv = b2 * vv + (1.0f - b2) * (g * g);
+    return p - lr * ((mm / bc1) / (sqrtf(vv / bc2) + eps) + w * p);
+}
+
+template <class TM, class TS, class TG>
+__device__ __forceinline__ void adamw_v(void* params, int dt_p, void* master, const void* grads, void* m, void* v, float* absmax,
+                                        const SegTable& seg, float lr, float b1, float b2, float eps, float wd, float bc1, float bc2,
+                                        float grad_scale, unsigned long long seed, int separate) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (int s = 0; s < seg.n; s++) {
+        const long long off = seg.off[s], end = off + (seg.start[s + 1] - seg.start[s]);
+        const float w = seg.decay[s] ? wd : 0.0f;
+        unsigned amax = 0u;
+        const long long qend = (end + 3) >> 2;
+        for (long long q = (off >> 2) + t0; q < qend; q += stride) {
+            const long long e0 = q * 4;
+            if (e0 >= off && e0 + 4 <= end) {
+                float g[4], mm[4], vv[4], p[4], np[4];
+                ld4<TG>(grads, e0, g);
+                ld4<TS>(m, e0, mm);
+                ld4<TS>(v, e0, vv);
+                ld4<TM>(master, e0, p);
+#pragma unroll
+                for (int j = 0; j < 4; j++) np[j] = adam_math(g[j], mm[j], vv[j], p[j], grad_scale, b1, b2, lr, eps, w, bc1, bc2);
+                st4<TS>(m, e0, mm);
+                st4<TS>(v, e0, vv);
+                float stored[4];
+                if (TM::DT == DT_BF16) {
+                    unsigned short h[4];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        h[j] = f32_to_bf16_sr(np[j], hash_u32(seed, (unsigned long long)(e0 + j)) >> 16);
+                        stored[j] = bf16_bits_to_f32(h[j]);
+                    }
+                    *(uint2*)((uint16_t*)master + e0) = make_uint2((unsigned)h[0] | ((unsigned)h[1] << 16), (unsigned)h[2] | ((unsigned)h[3] << 16));
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) stored[j] = np[j];
+                    st4<F32T>(master, e0, stored);
+                }
+                if (separate) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) stored[j] = np[j];
+                    if (dt_p == DT_BF16)
+                        st4<BF16T>(params, e0, stored);
+                    else if (dt_p == DT_F32)
+                        st4<F32T>(params, e0, stored);
+                    else {
+#pragma unroll
+                        for (int j = 0; j < 4; j++) stored[j] = store_f(params, e0 + j, dt_p, np[j]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) amax = max(amax, abs_bits(stored[j]));
+            } else {
+                for (int j = 0; j < 4; j++) {
+                    const long long e = e0 + j;
+                    if (e < off || e >= end) continue;
+                    float mm = load_f(m, e, TS::DT), vv = load_f(v, e, TS::DT);
+                    const float np = adam_math(load_f(grads, e, TG::DT), mm, vv, load_f(master, e, TM::DT), grad_scale, b1, b2, lr, eps, w,
+                                               bc1, bc2);
+                    store_f(m, e, TS::DT, mm);
+                    store_f(v, e, TS::DT, vv);
+                    float stored;
+                    if (TM::DT == DT_BF16) {
+                        const uint16_t h = f32_to_bf16_sr(np, hash_u32(seed, (unsigned long long)e) >> 16);
+                        ((uint16_t*)master)[e] = h;
+                        stored = bf16_bits_to_f32(h);
+                    } else {
+                        stored = store_f(master, e, DT_F32, np);
+                    }
+                    if (separate) stored = store_f(params, e, dt_p, np);
+                    amax = max(amax, abs_bits(stored));
+                }
+            }
+        }
+        block_absmax_commit(absmax != nullptr ? absmax + seg.absmax_base + s : nullptr, amax);
+    }
+}
+
+#define ADAMW_V(MN, TM, SN, TS, GN, TG)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) llmq_adamw_v_##MN##_##SN##_##GN(                                          \
+        void* params, int dt_p, void* master, const void* grads, void* m, void* v, float* absmax, SegTable seg, float lr, float b1, \
+        float b2, float eps, float wd, float bc1, float bc2, float grad_scale, unsigned long long seed, int separate) {          \
+        adamw_v<TM, TS, TG>(params, dt_p, master, grads, m, v, absmax, seg, lr, b1, b2, eps, wd, bc1, bc2, grad_scale, seed,       \
+                            separate);                                                                                           \
+    }
+ADAMW_V(f32, F32T, f32, F32T, f32, F32T)
+ADAMW_V(f32, F32T, f32, F32T, bf16, BF16T)
+ADAMW_V(f32, F32T, bf16, BF16T, f32, F32T)
+ADAMW_V(f32, F32T, bf16, BF16T, bf16, BF16T)
+ADAMW_V(bf16, BF16T, f32, F32T, f32, F32T)
+ADAMW_V(bf16, BF16T, f32, F32T, bf16, BF16T)
+ADAMW_V(bf16, BF16T, bf16, BF16T, f32, F32T)
+ADAMW_V(bf16, BF16T, bf16, BF16T, bf16, BF16T)

@@ -1,19 +1,30 @@
 // rmsnorm.cu: RMSNorm forward (optionally fused with the residual add) and backward.
-// Forward: one block per row; the sum of squares is accumulated in f64 (the CPU sums the row
+// Numerics (all paths): the row's sum of squares is accumulated in f64 (the CPU sums the row
 // sequentially in f64: the f32 mean then agrees except in rare rounding ties), rstd =
-// 1/sqrt(mean + eps) in f32, out = (x * rstd) * w rounded to out's dtype; the optional abs-max is taken over the rounded
-// outputs (one atomicMax per warp on the bit pattern, exact). The fused variant first writes
-// res = round(x + delta) and normalises the *rounded* residual so that a later rmsnorm_fwd(res)
-// reproduces it bit for bit.
-// Backward: one warp per row for dx;
-//   g = w*dout, xhat = x*rstd, c = mean(g*xhat) (f64 sum), dx = rstd * (g - xhat * c) (+ dres),
-// the same f32 operations as the CPU backend.
-// The weight gradient sum_n dout*xhat is a column reduction: block (cx, g) sums rows g, g+G, ...
-// of its columns in f64 into partial[g, C]; llmq_colreduce (reduce.cu) then sums the G partials
-// in a fixed order into dw. No atomics, so results are deterministic.
-// Pitfall: dx may alias dres (in place); each element is read before it is written by the same
-// thread.
+// 1/sqrt(mean + eps) in f32, out = (x * rstd) * w rounded to out's dtype; the optional abs-max is
+// taken over the rounded outputs. The fused variant first writes res = round(x + delta) and
+// normalises the *rounded* residual. Backward: g = w*dout, xhat = x*rstd, c = mean(g*xhat) (f64
+// sum), dx = rstd * (g - xhat * c) (+ dres): the same f32 operations as the CPU backend.
+//
+// Fast ("v") kernels, used for every shape: a team of W warps (W = 1, 2, 4, 8; 8 warps per
+// block) owns one row; lane l of the team owns the 8-element chunks l, l + 32W, ... (at most 4,
+// kept in registers between the two passes, so each row is read once). Row sums: warp shuffle
+// tree, then the W warp sums in fixed order through shared memory with a named barrier per team.
+// The summation order depends only on C (through W), never on dtypes or pointer alignment:
+// typed instantiations (f32, bf16: 16-byte vector access) and the AnyT one (runtime dtypes,
+// misaligned or partial chunks) give the same rstd, so residual_rmsnorm_fwd and a later
+// rmsnorm_fwd(res) agree bit for bit whichever instantiations they get.
+// Backward weight gradient, two stages, no atomics: each lane sums dout*xhat of its columns over
+// the rows its team handles (at most ~8: f32 registers), the teams of a block are added in fixed
+// order in f64 shared memory and written as partial[block, C]; llmq_colreduce8 then sums the G
+// partial rows in a fixed order (G depends on N and C only, so results are the same bits on
+// every call and every device).
+// Legacy kernels (the original warp-per-row, one element per lane kernels) stay for
+// CudaBackend::set_generic_kernels (before/after timings, cross-checks).
+// Pitfall: dx may alias dres and res_out may alias x (in place); every element is read before
+// the same thread writes it, so nothing here may be __restrict__.
 #include "common.cuh"
+#include "vec.cuh"
 
 // One warp per row (blockDim/32 rows per block): no block-wide barriers, the second pass over
 // the row hits L1.
@@ -119,3 +130,191 @@ extern "C" __global__ void llmq_rmsnorm_dw_partial(double* partial, const void* 
     }
     partial[(long long)g * C + c] = s;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fast kernels (see the top of the file)
+
+#define RMS_THREADS 256
+#define RMS_CPL 4  // chunks (of 8 elements) per lane
+
+LLMQ_DEV void team_sync(int team, int W) { asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(W * 32) : "memory"); }
+
+// f64 sum over a team of W warps: warp tree, then warps 0..W-1 in order. red: 64 doubles.
+LLMQ_DEV double team_sum_d(double v, double* red, int team, int W) {
+    v = warp_sum_d(v);
+    if (W == 1) return v;
+    int wt = (threadIdx.x >> 5) - team * W;
+    if ((threadIdx.x & 31) == 0) red[team * 8 + wt] = v;
+    team_sync(team, W);
+    double t = 0.0;
+    for (int k = 0; k < W; k++) t += red[team * 8 + k];
+    team_sync(team, W);  // all have read before the next call writes
+    return t;
+}
+
+template <class T, bool RES>
+__device__ __forceinline__ void rms_fwd_v(void* res_out, int dt_res, void* out, int dt_out, float* rstd_out, const void* x, int dt_x,
+                        const void* delta, int dt_d, const void* w, int dt_w, int N, int C, float eps, float* absmax, int W) {
+    __shared__ double red[64];
+    const int tw = 32 * W, team = threadIdx.x / tw, tl = threadIdx.x - team * tw;
+    const int n = blockIdx.x * (blockDim.x / tw) + team;
+    const int nc = (C + 7) >> 3;
+    unsigned amax = 0u;
+    if (n < N) {  // uniform per team: the team barriers stay inside
+        const long long base = (long long)n * C;
+        float v[RMS_CPL][8];
+        double ss = 0.0;
+#pragma unroll
+        for (int k = 0; k < RMS_CPL; k++) {
+            const int c8 = k * tw + tl;
+            if (c8 < nc) {
+                const int nv = min(8, C - c8 * 8);
+                ld8<T>(x, dt_x, base + c8 * 8, nv, v[k]);
+                if (RES) {
+                    float d[8];
+                    ld8<T>(delta, dt_d, base + c8 * 8, nv, d);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) v[k][j] = v[k][j] + d[j];
+                    st8<T>(res_out, dt_res, base + c8 * 8, nv, v[k]);  // v: the rounded residual
+                }
+#pragma unroll
+                for (int j = 0; j < 8; j++) ss += (double)v[k][j] * (double)v[k][j];
+            }
+        }
+        ss = team_sum_d(ss, red, team, W);
+        const float rs = 1.0f / sqrtf((float)(ss / (double)C) + eps);
+        if (tl == 0) rstd_out[n] = rs;
+#pragma unroll
+        for (int k = 0; k < RMS_CPL; k++) {
+            const int c8 = k * tw + tl;
+            if (c8 < nc) {
+                const int nv = min(8, C - c8 * 8);
+                float wv[8], y[8];
+                ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
+#pragma unroll
+                for (int j = 0; j < 8; j++) y[j] = v[k][j] * rs * wv[j];
+                amax = max(amax, st8<T>(out, dt_out, base + c8 * 8, nv, y));
+            }
+        }
+    }
+    block_absmax_commit(absmax, amax);
+}
+
+// Row cache of the backward: bf16 rows stay in registers as raw 16-byte vectors between the two
+// passes (4 registers per chunk); other types are loaded again in pass 2 (an L1 hit), which keeps
+// the f32 and AnyT instantiations within the register budget of two blocks per SM.
+template <class T>
+struct RowCache {
+    LLMQ_DEV void put(int, const void* p, int dt, long long i, int nv, float (&f)[8]) { ld8<T>(p, dt, i, nv, f); }
+    LLMQ_DEV void get(int, const void* p, int dt, long long i, int nv, float (&f)[8]) { ld8<T>(p, dt, i, nv, f); }
+};
+template <>
+struct RowCache<BF16T> {
+    uint4 u[RMS_CPL];
+    LLMQ_DEV void put(int k, const void* p, int, long long i, int, float (&f)[8]) {
+        u[k] = *(const uint4*)((const uint16_t*)p + i);
+        bf16x8_dec(u[k], f);
+    }
+    LLMQ_DEV void get(int k, const void*, int, long long, int, float (&f)[8]) { bf16x8_dec(u[k], f); }
+};
+
+template <class T>
+__device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout, int dt_dout, const void* x, int dt_x,
+                                          const void* w, int dt_w, const float* rstd, const void* dres, int dt_dres,
+                                          double* partial, int N, int C, float* absmax, int W) {
+    __shared__ double red[64];
+    double* sacc = (double*)llmq_dyn_smem;  // [C]
+    const int tw = 32 * W, teams = blockDim.x / tw, team = threadIdx.x / tw, tl = threadIdx.x - team * tw;
+    const int nc = (C + 7) >> 3;
+    float acc[RMS_CPL][8];
+#pragma unroll
+    for (int k = 0; k < RMS_CPL; k++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[k][j] = 0.f;
+    unsigned amax = 0u;
+    for (int n = blockIdx.x * teams + team; n < N; n += gridDim.x * teams) {
+        const long long base = (long long)n * C;
+        const float rs = rstd[n];
+        RowCache<T> cdy, cx;
+        double dot = 0.0;
+#pragma unroll
+        for (int k = 0; k < RMS_CPL; k++) {
+            const int c8 = k * tw + tl;
+            if (c8 < nc) {
+                const int nv = min(8, C - c8 * 8);
+                float dy[8], xv[8], wv[8];
+                cdy.put(k, dout, dt_dout, base + c8 * 8, nv, dy);
+                cx.put(k, x, dt_x, base + c8 * 8, nv, xv);
+                ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const float xh = xv[j] * rs;
+                    dot += (double)((wv[j] * dy[j]) * xh);
+                    acc[k][j] += dy[j] * xh;
+                }
+            }
+        }
+        const float cm = (float)(team_sum_d(dot, red, team, W) / (double)C);
+#pragma unroll
+        for (int k = 0; k < RMS_CPL; k++) {
+            const int c8 = k * tw + tl;
+            if (c8 < nc) {
+                const int nv = min(8, C - c8 * 8);
+                float dy[8], xv[8], wv[8], g[8];
+                cdy.get(k, dout, dt_dout, base + c8 * 8, nv, dy);
+                cx.get(k, x, dt_x, base + c8 * 8, nv, xv);
+                ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const float xh = xv[j] * rs;
+                    g[j] = rs * (wv[j] * dy[j] - xh * cm);
+                }
+                if (dres != nullptr) {
+                    float r[8];
+                    ld8<T>(dres, dt_dres, base + c8 * 8, nv, r);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) g[j] = r[j] + g[j];
+                }
+                amax = max(amax, st8<T>(dx, dt_dx, base + c8 * 8, nv, g));
+            }
+        }
+    }
+    // dw: teams of the block in order 0, 1, ... into f64 shared memory, then one partial row
+    for (int t = 0; t < teams; t++) {
+        if (team == t) {
+#pragma unroll
+            for (int k = 0; k < RMS_CPL; k++) {
+                const int c8 = k * tw + tl;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const int c = c8 * 8 + j;
+                    if (c8 < nc && c < C) sacc[c] = (t == 0 ? 0.0 : sacc[c]) + (double)acc[k][j];
+                }
+            }
+        }
+        __syncthreads();
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) partial[(long long)blockIdx.x * C + c] = sacc[c];
+    block_absmax_commit(absmax, amax);
+}
+
+#define RMS_V_ENTRIES(SUF, T)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS) llmq_rmsnorm_fwd_v_##SUF(                                    \
+        void* out, int dt_out, float* rstd, const void* x, int dt_x, const void* w, int dt_w, int N, int C, float eps,      \
+        float* absmax, int W) {                                                                                             \
+        rms_fwd_v<T, false>(nullptr, 0, out, dt_out, rstd, x, dt_x, nullptr, 0, w, dt_w, N, C, eps, absmax, W);            \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS) llmq_residual_rmsnorm_fwd_v_##SUF(                           \
+        void* res_out, int dt_res, void* out, int dt_out, float* rstd, const void* x, int dt_x, const void* delta, int dt_d, \
+        const void* w, int dt_w, int N, int C, float eps, float* absmax, int W) {                                          \
+        rms_fwd_v<T, true>(res_out, dt_res, out, dt_out, rstd, x, dt_x, delta, dt_d, w, dt_w, N, C, eps, absmax, W);       \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS, 2) llmq_rmsnorm_bwd_v_##SUF(                                    \
+        void* dx, int dt_dx, const void* dout, int dt_dout, const void* x, int dt_x, const void* w, int dt_w,               \
+        const float* rstd, const void* dres, int dt_dres, double* partial, int N, int C, float* absmax, int W) {           \
+        rms_bwd_v<T>(dx, dt_dx, dout, dt_dout, x, dt_x, w, dt_w, rstd, dres, dt_dres, partial, N, C, absmax, W);           \
+    }
+
+RMS_V_ENTRIES(f32, F32T)
+RMS_V_ENTRIES(bf16, BF16T)
+RMS_V_ENTRIES(any, AnyT)

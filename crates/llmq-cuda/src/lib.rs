@@ -18,6 +18,7 @@
 mod attention;
 mod blas;
 mod device;
+mod fast;
 mod kernels;
 mod ops;
 
@@ -103,6 +104,12 @@ pub struct CudaBackend {
     scratch: u64,
     attn: Cell<AttnImpl>,
     attn3: attention::Attn3Kernels,
+    fk: fast::FastKernels,
+    /// Generic (scalar, runtime-dtype) kernels instead of the fast ones: `set_generic_kernels`,
+    /// or LLMQ_CUDA_GENERIC_KERNELS=1 in the environment at construction.
+    generic: Cell<bool>,
+    /// (threads, blocks per SM; 0 = a block per row) of the fused cross-entropy.
+    ce_launch: Cell<(u32, u32)>,
 }
 
 // SAFETY: the backend owns its context, streams and memory; every entry point makes the context
@@ -139,10 +146,13 @@ impl CudaBackend {
             kernels::set_max_dynamic_smem(f, optin)?;
         }
         let attn3 = attention::Attn3Kernels::load(&k, optin)?;
+        let fk = fast::FastKernels::load(&k)?;
+        let generic = Cell::new(std::env::var("LLMQ_CUDA_GENERIC_KERNELS").is_ok_and(|v| v == "1"));
+        let ce_launch = Cell::new((1024, 0));
         let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
         let blas = blas::Blas::new(ws)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn: Cell::new(AttnImpl::Auto), attn3 })
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn: Cell::new(AttnImpl::Auto), attn3, fk, generic, ce_launch })
     }
 
     /// Device name, e.g. "NVIDIA H200".

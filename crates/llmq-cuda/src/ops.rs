@@ -138,6 +138,9 @@ impl CudaBackend {
         if dst.dtype == src.dtype {
             return llmq_core::Backend::copy(self, dst, src, llmq_core::Stream::Compute);
         }
+        if self.v_convert(dst, src)? {
+            return Ok(());
+        }
         let n = src.numel();
         self.launch(self.k.convert, (self.grid_for(n), 1, 1), (THREADS, 1, 1), 0, &[p(dst), Arg::I32(dt(dst.dtype)), p(src), Arg::I32(dt(src.dtype)), Arg::I64(n as i64)])
     }
@@ -204,6 +207,9 @@ impl CudaBackend {
         check_absmax(OP, absmax)?;
         Self::check_eps(OP, eps)?;
         self.zero_f32(absmax)?;
+        if self.v_rmsnorm_fwd(None, out, rstd, x, w, eps, absmax, n, c)? {
+            return Ok(());
+        }
         self.launch(
             self.k.rmsnorm_fwd,
             (n.div_ceil(8) as u32, 1, 1),
@@ -222,6 +228,9 @@ impl CudaBackend {
         check_absmax(OP, absmax)?;
         Self::check_eps(OP, eps)?;
         self.zero_f32(absmax)?;
+        if self.v_rmsnorm_fwd(Some((res_out, delta)), out, rstd, x, w, eps, absmax, n, c)? {
+            return Ok(());
+        }
         self.launch(
             self.k.residual_rmsnorm_fwd,
             (n.div_ceil(8) as u32, 1, 1),
@@ -258,6 +267,9 @@ impl CudaBackend {
         }
         check_absmax(OP, absmax)?;
         self.zero_f32(absmax)?;
+        if self.v_rmsnorm_bwd(dx, dw, dout, x, w, rstd, dres, absmax, n, c)? {
+            return Ok(());
+        }
         self.launch(
             self.k.rmsnorm_bwd,
             (n.div_ceil(8) as u32, 1, 1),
@@ -372,6 +384,9 @@ impl CudaBackend {
         check_absmax(op, absmax)?;
         fits_i32(op, n)?;
         self.zero_f32(absmax)?;
+        if self.v_rope(out, inp, freqs, &s, backward, absmax)? {
+            return Ok(());
+        }
         let total = n * (s.hq + 2 * s.hkv) * (hd / 2);
         self.launch(
             self.k.rope,
@@ -399,6 +414,9 @@ impl CudaBackend {
         let (n, d) = Self::swiglu_dims(OP, "out", out, inp)?;
         check_absmax(OP, absmax)?;
         self.zero_f32(absmax)?;
+        if self.v_swiglu(out, None, inp, absmax, n, d)? {
+            return Ok(());
+        }
         self.launch(
             self.k.swiglu_fwd,
             self.rows_grid(n, d),
@@ -414,6 +432,9 @@ impl CudaBackend {
         check_rows(OP, "dinp", dinp, n, 2 * d)?;
         check_absmax(OP, absmax)?;
         self.zero_f32(absmax)?;
+        if self.v_swiglu(dinp, Some(dout), inp, absmax, n, d)? {
+            return Ok(());
+        }
         self.launch(
             self.k.swiglu_bwd,
             self.rows_grid(n, d),
@@ -440,6 +461,9 @@ impl CudaBackend {
             return err(format!("{OP}: empty vocabulary"));
         }
         fits_i32(OP, r.max(v))?;
+        if self.v_cross_entropy(logits, losses, targets, r, v, dloss)? {
+            return Ok(());
+        }
         self.launch(self.k.cross_entropy, (r as u32, 1, 1), (512, 1, 1), 0, &[p(logits), Arg::I32(dt(logits.dtype)), p(losses), p(targets), i(r), i(v), Arg::F32(dloss)])
     }
 
@@ -456,6 +480,9 @@ impl CudaBackend {
         }
         let rows = inp.numel() / c;
         fits_i32(OP, rows.max(c))?;
+        if self.v_colsum(out, inp, rows, c, accumulate)? {
+            return Ok(());
+        }
         let g = self.partial_blocks(rows, c, 256);
         let grid = (c.div_ceil(THREADS as usize) as u32, g as u32, 1);
         if g > 65535 {
@@ -469,6 +496,9 @@ impl CudaBackend {
         check_f32_n("absmax", "out", out, 1)?;
         check_float("absmax", "inp", inp)?;
         self.zero_f32(Some(out))?;
+        if self.v_absmax(out, inp)? {
+            return Ok(());
+        }
         let n = inp.numel();
         self.launch(self.k.absmax, (self.grid_for(n), 1, 1), (THREADS, 1, 1), 0, &[p(out), p(inp), Arg::I32(dt(inp.dtype)), Arg::I64(n as i64)])
     }
@@ -495,6 +525,9 @@ impl CudaBackend {
         }
         if transpose {
             let (r, c) = Self::transposed_dims(OP, out, inp)?;
+            if self.v_quantize(out, descale, inp, absmax, true)? {
+                return Ok(());
+            }
             let grid = (c.div_ceil(32) as u32, r.div_ceil(32) as u32, 1);
             self.launch(
                 self.k.quantize_t,
@@ -510,6 +543,9 @@ impl CudaBackend {
             Ok(())
         } else {
             out.expect_numel(OP, "out", inp.numel())?;
+            if self.v_quantize(out, descale, inp, absmax, false)? {
+                return Ok(());
+            }
             let n = inp.numel();
             self.launch(
                 self.k.quantize,
@@ -600,6 +636,9 @@ impl CudaBackend {
             while !bytes.len().is_multiple_of(8) {
                 bytes.push(0);
             }
+            if self.v_adamw(a, &bytes, total, bc1, bc2, separate)? {
+                continue;
+            }
             self.launch(
                 self.k.adamw,
                 (self.grid_for(total), 1, 1),
@@ -643,7 +682,9 @@ impl CudaBackend {
         check_float(OP, "t", t)?;
         const G: usize = 1024; // fixed: the summation order must not depend on the device
         let n = t.numel();
-        self.launch(self.k.sumsq_partial, (G as u32, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(t), Arg::I32(dt(t.dtype)), Arg::I64(n as i64)])?;
+        if !self.v_sumsq_partial(t, G)? {
+            self.launch(self.k.sumsq_partial, (G as u32, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(t), Arg::I32(dt(t.dtype)), Arg::I64(n as i64)])?;
+        }
         self.launch(self.k.sumsq_final, (1, 1, 1), (THREADS, 1, 1), 0, &[p(out), i(slot), Arg::Ptr(self.scratch), i(G)])
     }
 

@@ -40,6 +40,28 @@ fn convert_is_bit_exact() {
             p.exact(&format!("convert {name}->{d}"), &out);
         }
     }
+    // sizes that are not a multiple of the 8-element chunks of the vector kernels
+    for n2 in [1003, 7] {
+        let v2 = p.rng.vec(n2, 3.0);
+        for sd in [F32, BF16] {
+            let src = p.vals(sd, &[n2], &v2);
+            for d in [F32, BF16, E4M3, E5M2] {
+                if d == sd {
+                    continue;
+                }
+                let out = p.out(d, &[n2]);
+                p.cpu.convert(&out.c, &src.c).unwrap();
+                p.gpu.convert(&out.g, &src.g).unwrap();
+                p.exact(&format!("convert {sd}->{d} n={n2}"), &out);
+                if d.is_fp8() {
+                    let back = p.out(sd, &[n2]);
+                    p.cpu.convert(&back.c, &out.c).unwrap();
+                    p.gpu.convert(&back.g, &out.g).unwrap();
+                    p.exact(&format!("convert {d}->{sd} n={n2}"), &back);
+                }
+            }
+        }
+    }
     // fp8 -> wider: all 256 codes
     let codes: Vec<u8> = (0..=255u8).collect();
     for s in [E4M3, E5M2] {
@@ -101,7 +123,7 @@ fn memory_copies_events_and_pinned_host() {
 #[test]
 fn transpose_and_quantize_are_bit_exact() {
     let Some(mut p) = Pair::new(3) else { return };
-    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7)] {
+    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7), (128, 192)] {
         for d in [F32, BF16, E4M3] {
             let inp = p.rand(d, &[r, c], 2.0);
             let out = p.out(d, &[c, r]);
@@ -167,7 +189,9 @@ fn embedding_forward_and_backward() {
 #[test]
 fn rmsnorm_forward_residual_backward() {
     let Some(mut p) = Pair::new(5) else { return };
-    for &(n, c) in &[(77, 100), (5, 896), (33, 1536)] {
+    // C = 100 and 2500: partial chunks (runtime-dtype kernels); 896, 1536, 3584, 5000: typed
+    // kernels with 1, 2, 4 and 8 warps per row (5000: generic backward)
+    for &(n, c) in &[(77, 100), (5, 896), (33, 1536), (9, 3584), (6, 2500), (4, 5000)] {
         for d in [F32, BF16] {
             let x = p.rand(d, &[n, c], 1.5);
             let w = p.rand(d, &[c], 1.0);
@@ -212,6 +236,46 @@ fn rmsnorm_forward_residual_backward() {
                 p.close("rmsnorm_bwd absmax", &am, common::tol(d).0, 1e-6);
             }
         }
+    }
+    // mixed dtypes (runtime-dtype kernels): bf16 activations, f32 weight and output
+    let (n, c) = (7, 896);
+    let x = p.rand(BF16, &[n, c], 1.5);
+    let w = p.rand(F32, &[c], 1.0);
+    let out = p.out(F32, &[n, c]);
+    let rstd = p.out(F32, &[n]);
+    p.cpu.rmsnorm_fwd(&out.c, &rstd.c, &x.c, &w.c, 1e-5, None).unwrap();
+    p.gpu.rmsnorm_fwd(&out.g, &rstd.g, &x.g, &w.g, 1e-5, None).unwrap();
+    p.close_dt("rmsnorm_fwd mixed dtypes out", &out);
+    p.close_dt("rmsnorm_fwd mixed dtypes rstd", &rstd);
+    // the GPU's own consistency: rmsnorm_fwd(res) reproduces residual_rmsnorm_fwd bit for bit, and
+    // the backward gives the same bits twice
+    let g = &mut p.gpu;
+    for (n, c) in [(300, 896), (40, 1536)] {
+        let mk = |g: &mut llmq_cuda::CudaBackend, dt: DType, dims: &[usize], seed: u64| {
+            let mut r = common::Rng::new(seed);
+            let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
+            g.upload(&t, &encode(dt, &r.vec(dims.iter().product(), 1.0))).unwrap();
+            t
+        };
+        let x = mk(g, BF16, &[n, c], 1);
+        let delta = mk(g, BF16, &[n, c], 2);
+        let w = mk(g, BF16, &[c], 3);
+        let res = mk(g, BF16, &[n, c], 4);
+        let out1 = mk(g, BF16, &[n, c], 5);
+        let out2 = mk(g, BF16, &[n, c], 6);
+        let r1 = mk(g, F32, &[n], 7);
+        let r2 = mk(g, F32, &[n], 8);
+        g.residual_rmsnorm_fwd(&res, &out1, &r1, &x, &delta, &w, 1e-6, None).unwrap();
+        g.rmsnorm_fwd(&out2, &r2, &res, &w, 1e-6, None).unwrap();
+        assert_eq!(g.download(&out1).unwrap(), g.download(&out2).unwrap(), "residual_rmsnorm_fwd vs rmsnorm_fwd(res) [{n},{c}]: out");
+        assert_eq!(g.download(&r1).unwrap(), g.download(&r2).unwrap(), "residual_rmsnorm_fwd vs rmsnorm_fwd(res) [{n},{c}]: rstd");
+        let dw1 = g.alloc(MemCategory::Other, Mem::Device, F32, &[c]).unwrap();
+        let dw2 = g.alloc(MemCategory::Other, Mem::Device, F32, &[c]).unwrap();
+        g.rmsnorm_bwd(&out2, &dw1, &delta, &res, &w, &r1, None, None).unwrap();
+        let dx1 = g.download(&out2).unwrap();
+        g.rmsnorm_bwd(&out2, &dw2, &delta, &res, &w, &r1, None, None).unwrap();
+        assert_eq!(dx1, g.download(&out2).unwrap(), "rmsnorm_bwd dx deterministic [{n},{c}]");
+        assert_eq!(g.download(&dw1).unwrap(), g.download(&dw2).unwrap(), "rmsnorm_bwd dw deterministic [{n},{c}]");
     }
 }
 
@@ -297,7 +361,8 @@ fn swiglu_forward_backward() {
 #[test]
 fn cross_entropy_in_place() {
     let Some(mut p) = Pair::new(9) else { return };
-    for &(r, v) in &[(37, 1000), (4, 151936)] {
+    // V = 1001 and 50257: rows start at every alignment (scalar head and tail of the vector kernel)
+    for &(r, v) in &[(37, 1000), (4, 151936), (9, 1001), (3, 50257)] {
         for d in [F32, BF16] {
             let logits = p.rand(d, &[r, v], 3.0);
             let tg: Vec<i32> = (0..r).map(|i| if i % 7 == 3 { -100 } else { p.rng.below(v) as i32 }).collect();
@@ -315,7 +380,7 @@ fn cross_entropy_in_place() {
 #[test]
 fn colsum_absmax_sum_squares() {
     let Some(mut p) = Pair::new(10) else { return };
-    for &(r, c) in &[(77, 100), (4096, 37), (1, 5)] {
+    for &(r, c) in &[(77, 100), (4096, 37), (1, 5), (4096, 128), (300, 1152), (3, 8)] {
         for d in [F32, BF16] {
             let inp = p.rand(d, &[r, c], 1.0);
             for acc in [false, true] {
@@ -347,14 +412,14 @@ fn colsum_absmax_sum_squares() {
     assert_eq!(v[0].to_bits(), v[1].to_bits());
 }
 
-fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: DType, nseg: usize) {
+fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: DType, nseg: usize, pad: usize) {
     // segments with alignment gaps and alternating decay
     let mut segs = Vec::new();
     let mut off = 0;
     for s in 0..nseg {
         let len = 37 + 91 * (s % 5) + if s == 0 { 5000 } else { 0 };
         segs.push(Segment { offset: off, len, decay: s % 2 == 0 });
-        off += len.div_ceil(64) * 64;
+        off += len.div_ceil(pad) * pad;
     }
     let n = off;
     let master = p.rand(master_dt, &[n], 0.5);
@@ -406,10 +471,14 @@ fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: D
 #[test]
 fn adamw_matches_cpu_bitwise() {
     let Some(mut p) = Pair::new(11) else { return };
-    adamw_case(&mut p, F32, None, F32, 5);
-    adamw_case(&mut p, BF16, None, BF16, 3);
-    adamw_case(&mut p, F32, Some(BF16), BF16, 9);
-    adamw_case(&mut p, F32, None, F32, 20); // more than one launch's segment table
+    adamw_case(&mut p, F32, None, F32, 5, 64);
+    adamw_case(&mut p, BF16, None, BF16, 3, 64);
+    adamw_case(&mut p, F32, Some(BF16), BF16, 9, 64);
+    adamw_case(&mut p, F32, None, F32, 20, 64); // more than one launch's segment table
+    // segments packed without gaps: starts at every alignment (partial vector chunks at both ends)
+    adamw_case(&mut p, F32, Some(BF16), F32, 6, 1);
+    adamw_case(&mut p, BF16, None, BF16, 4, 1);
+    adamw_case(&mut p, BF16, Some(F32), F32, 3, 3);
 }
 
 #[allow(clippy::too_many_arguments)]
