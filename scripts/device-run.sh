@@ -8,10 +8,10 @@ export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 what="${1:-tests}"; shift || true
 case "$what" in
   tests)
-    (PYTHONUNBUFFERED=1 python3 .gpu/hf_reference.py /tmp/hf_ref 2>&1) > "$O/hf_reference.log"
+    (PYTHONUNBUFFERED=1 python3 .gpu/hf_reference.py /tmp/hf_ref 2>&1) > /tmp/hf_reference.log
     export LLMQ_HF_REF=/tmp/hf_ref
     OUT=/tmp/testlogs bash .gpu/run.sh > "$O/summary.txt" 2>&1
-    for f in /tmp/testlogs/*.log; do echo "######## $f"; cat "$f"; done > "$O/tests.log"
+    for f in /tmp/hf_reference.log /tmp/testlogs/*.log; do echo "######## $f"; cat "$f"; done > "$O/tests.log"
     ;;
   bench)
     bash .gpu/bench.sh .gpu/llmq /tmp/bench "$@" > /dev/null 2>&1
@@ -23,7 +23,11 @@ case "$what" in
     for p in bf16 e4m3; do
       .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --seq-len 1024 --batch-size 8 \
         --steps "${QUALITY_STEPS:-300}" --matmul-dtype $p --eval-every 50 --eval-batches 4 --print-every 10 \
-        --learning-rate 1e-3 --log-file "$O/quality-$p.jsonl" > "$O/quality-$p.txt" 2>&1
+        --learning-rate 1e-3 --log-file "$O/quality-$p.jsonl" >> "$O/quality.txt" 2>&1
     done
+    ;;
+  profile)
+    .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
+      --steps 6 --warmup 1 --eval-every 0 --profile "$@" > "$O/profile.txt" 2>&1
     ;;
 esac
