@@ -16,9 +16,9 @@ for w in "${WHICH[@]}"; do
   size="${w%-*}"; prec="${w##*-}"
   case "$size" in
     0.5b) model=qwen2.5-0.5b; bs=16 ;;
-    1.5b) model=qwen2.5-1.5b; bs=8 ;;
-    3b) model=qwen2.5-3b; bs=8 ;;
-    7b) model=qwen2.5-7b; bs=4 ;;
+    1.5b) model=qwen2.5-1.5b; bs=16 ;;
+    3b) model=qwen2.5-3b; bs=16 ;;
+    7b) model=qwen2.5-7b; bs=8 ;;
   esac
   extra=()
   [ "$prec" = fp8 ] && extra+=(--matmul-dtype e4m3 --persistent-quants) || extra+=(--matmul-dtype bf16)

@@ -44,3 +44,16 @@ CONVERT_V(e4m3, E4M3T, e5m2, E5M2T)
 CONVERT_V(e5m2, E5M2T, f32, F32T)
 CONVERT_V(e5m2, E5M2T, bf16, BF16T)
 CONVERT_V(e5m2, E5M2T, e4m3, E4M3T)
+
+// Row bias for matmuls: out[r, c] = (accumulate ? out[r, c] : 0) + bias[c], rounded once.
+// cuBLASLt's BIAS epilogue picked algorithms 6x slower than plain ones for the QKV shapes on the
+// H200, so a matmul with a bias writes the bias here first and then runs with beta = 1; both
+// compute round(A·B + bias) with an f32 sum, so the numbers are those of the epilogue.
+extern "C" __global__ void llmq_bias_rows(void* out, int dt_out, const void* bias, int dt_bias, long long rows, int cols,
+                                          int accumulate) {
+    long long n = rows * cols, stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float b = load_f(bias, i % cols, dt_bias);
+        store_f(out, i, dt_out, accumulate ? load_f(out, i, dt_out) + b : b);
+    }
+}

@@ -62,6 +62,7 @@ macro_rules! kernel_table {
 
 kernel_table!(
     convert,
+    bias_rows,
     embedding_fwd,
     embedding_bwd,
     rmsnorm_fwd,

@@ -293,7 +293,15 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, args: &Matmul) -> Result<()> {
         self.dev.bind()?;
-        self.blas.borrow_mut().matmul(args, self.dev.compute)
+        match args.bias {
+            // bias first, then beta = 1 (see llmq_bias_rows in convert.cu for why)
+            Some(bias) => {
+                let (m, n, _) = args.dims()?;
+                self.op_bias_rows(args.out, bias, m, n, args.accumulate)?;
+                self.blas.borrow_mut().matmul(&Matmul { bias: None, accumulate: true, ..*args }, self.dev.compute)
+            }
+            None => self.blas.borrow_mut().matmul(args, self.dev.compute),
+        }
     }
     fn embedding_fwd(&self, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {
         self.op_embedding_fwd(out, ids, table)

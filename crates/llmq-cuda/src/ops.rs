@@ -145,6 +145,21 @@ impl CudaBackend {
         self.launch(self.k.convert, (self.grid_for(n), 1, 1), (THREADS, 1, 1), 0, &[p(dst), Arg::I32(dt(dst.dtype)), p(src), Arg::I32(dt(src.dtype)), Arg::I64(n as i64)])
     }
 
+    /// out [m, n] = (accumulate ? out : 0) + bias broadcast over rows.
+    pub(crate) fn op_bias_rows(&self, out: &Tensor, bias: &Tensor, m: usize, n: usize, accumulate: bool) -> Result<()> {
+        check_float("matmul", "bias", bias)?;
+        bias.expect_numel("matmul", "bias", n)?;
+        out.expect_numel("matmul", "out", m * n)?;
+        let total = m * n;
+        self.launch(
+            self.k.bias_rows,
+            (self.grid_for(total), 1, 1),
+            (THREADS, 1, 1),
+            0,
+            &[p(out), Arg::I32(dt(out.dtype)), p(bias), Arg::I32(dt(bias.dtype)), Arg::I64(m as i64), i(n), Arg::I32(accumulate as i32)],
+        )
+    }
+
     pub(crate) fn op_embedding_fwd(&self, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {
         const OP: &str = "embedding_fwd";
         check_float(OP, "table", table)?;

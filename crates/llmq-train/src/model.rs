@@ -3,9 +3,10 @@
 //!
 //! Block l (pre-norm):  h = x + Wo·attn(rope(qknorm(Wqkv·rms1(x) + b)))
 //!                      y = h + Wdown·swiglu(Wup_gate·rms2(h))
-//! The residual add and the following RMSNorm are one fused op. The LM head runs one sequence
-//! (T rows) at a time: its logits buffer is T×V, and because every launch has the same shape the
-//! numbers do not depend on the batch size chosen for memory reasons.
+//! The residual add and the following RMSNorm are one fused op. The LM head runs on groups of
+//! whole sequences (`lm_head_seqs`, up to LM_HEAD_ROWS rows, a function of B and T only): its
+//! logits buffer holds one group, and because every group has the same shape whatever the memory
+//! options, they cannot change the numbers.
 
 use crate::acts::{Activations, RunShape};
 use crate::fp8::{Act, Fp8};
@@ -13,6 +14,15 @@ use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::precision::{Precision, Recompute};
 use llmq_core::{Backend, Matmul, ModelConfig, Result, Tensor};
 use llmq_io::data::Batch;
+
+/// Rows of logits the LM head materialises at once (fewer, larger launches amortise the f32
+/// read-modify-write of the [V, C] weight gradient; more rows cost T·V·2 bytes each).
+pub const LM_HEAD_ROWS: usize = 4096;
+
+/// Sequences per LM-head group: the largest divisor of B with at most LM_HEAD_ROWS rows (≥ 1).
+pub fn lm_head_seqs(b: usize, t: usize) -> usize {
+    (1..=b).rev().find(|g| b % g == 0 && g * t <= LM_HEAD_ROWS).unwrap_or(1)
+}
 
 pub struct Model {
     pub params: Params,
@@ -35,7 +45,8 @@ impl Model {
         precision.validate()?;
         let params = Params::alloc(be, cfg, precision)?;
         let norm_slots = params.layout.groups.len();
-        let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, shape.t, norm_slots)?;
+        let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
+        let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, lm_rows, norm_slots)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
         let fp8 = if precision.matmul.is_fp8() {
             Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants)?)
@@ -196,21 +207,21 @@ impl Model {
         Ok(())
     }
 
-    /// Logits and fused cross-entropy one sequence at a time; with `dloss`, also the LM head's
-    /// input gradient (into `acts.d_ln`) and weight gradient.
+    /// Logits and fused cross-entropy one group of sequences at a time; with `dloss`, also the LM
+    /// head's input gradient (into `acts.d_ln`) and weight gradient.
     fn lm_head(&self, be: &dyn Backend, dloss: Option<f32>) -> Result<()> {
         let a = &self.acts;
-        let t = a.shape.t;
+        let rows = lm_head_seqs(a.shape.b, a.shape.t) * a.shape.t;
         let head = self.params.head();
         let ghead = self.params.grad_head();
-        for s in 0..a.shape.b {
-            let x = a.final_ln.rows(s * t, t);
+        for r0 in (0..a.shape.b * a.shape.t).step_by(rows) {
+            let x = a.final_ln.rows(r0, rows);
             be.matmul(&Matmul::linear(&a.logits, &x, &head.lm_head))?;
-            let rows = a.losses.slice(s * t, &[t]);
-            let tg = a.targets.slice(s * t, &[t]);
-            be.cross_entropy(&a.logits, &rows, &tg, dloss.unwrap_or(0.0))?;
+            let losses = a.losses.slice(r0, &[rows]);
+            let tg = a.targets.slice(r0, &[rows]);
+            be.cross_entropy(&a.logits, &losses, &tg, dloss.unwrap_or(0.0))?;
             if dloss.is_some() {
-                be.matmul(&Matmul::linear_dgrad(&a.d_ln.rows(s * t, t), &a.logits, &head.lm_head))?;
+                be.matmul(&Matmul::linear_dgrad(&a.d_ln.rows(r0, rows), &a.logits, &head.lm_head))?;
                 be.matmul(&Matmul::linear_wgrad(&ghead.lm_head, &a.logits, &x))?;
             }
         }
