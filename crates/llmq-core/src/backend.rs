@@ -194,6 +194,54 @@ pub struct AdamW<'a> {
     pub absmax: Option<&'a Tensor>,
 }
 
+impl AdamW<'_> {
+    /// Checks dtypes, sizes, the step and the segments (in range, not overlapping): the part of
+    /// the contract every backend enforces before touching memory.
+    pub fn validate(&self, segments: &[Segment]) -> Result<()> {
+        const OP: &str = "adamw";
+        let err = |m: String| Err(crate::Error::Op(format!("{OP}: {m}")));
+        let n = self.master.numel();
+        self.master.expect_dtype(OP, "master", &[DType::F32, DType::BF16])?;
+        self.m.expect_dtype(OP, "m", &[DType::F32, DType::BF16])?;
+        self.v.expect_dtype(OP, "v", &[DType::F32, DType::BF16])?;
+        for (name, t) in [("params", self.params), ("grads", self.grads), ("m", self.m), ("v", self.v)] {
+            if !t.dtype.is_float() {
+                return err(format!("{name} must be a float tensor, got {}", t.dtype));
+            }
+            t.expect_numel(OP, name, n)?;
+        }
+        if self.params.addr == self.master.addr && self.params.dtype != self.master.dtype {
+            return err(format!("params and master share memory but have dtypes {} and {}", self.params.dtype, self.master.dtype));
+        }
+        if self.step == 0 {
+            return err("step starts at 1 (bias correction divides by 1 - beta^step)".into());
+        }
+        if let Some(am) = self.absmax {
+            am.expect(OP, "absmax", Some(DType::F32), &[segments.len()])?;
+        }
+        let mut segs: Vec<Segment> = segments.to_vec();
+        segs.sort_by_key(|s| s.offset);
+        let mut end = 0;
+        for s in &segs {
+            if s.offset.checked_add(s.len).is_none_or(|e| e > n) {
+                return err(format!("segment {s:?} outside the buffer of {n} elements"));
+            }
+            if s.offset < end {
+                return err(format!("segment {s:?} overlaps the previous one (ending at {end})"));
+            }
+            end = s.offset + s.len;
+        }
+        Ok(())
+    }
+
+    /// Bias corrections (1 − β₁ᵗ, 1 − β₂ᵗ): computed in f64 and rounded to f32, identically on
+    /// every backend.
+    pub fn bias_corrections(&self) -> (f32, f32) {
+        let c = |b: f32| (1.0 - (b as f64).powf(self.step as f64)) as f32;
+        (c(self.beta1), c(self.beta2))
+    }
+}
+
 /// A contiguous run of elements in a flat parameter buffer, with its weight-decay flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {

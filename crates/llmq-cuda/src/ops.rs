@@ -587,41 +587,10 @@ impl CudaBackend {
     }
 
     pub(crate) fn op_adamw(&self, a: &AdamW, segments: &[Segment]) -> Result<()> {
-        const OP: &str = "adamw";
-        let n = a.master.numel();
-        a.master.expect_dtype(OP, "master", &[DType::F32, DType::BF16])?;
-        a.m.expect_dtype(OP, "m", &[DType::F32, DType::BF16])?;
-        a.v.expect_dtype(OP, "v", &[DType::F32, DType::BF16])?;
-        check_float(OP, "grads", a.grads)?;
-        check_float(OP, "params", a.params)?;
-        for (name, t) in [("params", a.params), ("grads", a.grads), ("m", a.m), ("v", a.v)] {
-            t.expect_numel(OP, name, n)?;
-        }
+        a.validate(segments)?;
         let separate = a.params.addr != a.master.addr;
-        if !separate && a.params.dtype != a.master.dtype {
-            return err(format!("{OP}: params and master share memory but have dtypes {} and {}", a.params.dtype, a.master.dtype));
-        }
-        if a.step == 0 {
-            return err(format!("{OP}: step starts at 1 (bias correction divides by 1 - beta^step)"));
-        }
-        if let Some(am) = a.absmax {
-            check_f32_n(OP, "absmax", am, segments.len())?;
-        }
-        let mut segs = segments.to_vec();
-        segs.sort_by_key(|s| s.offset);
-        let mut end = 0;
-        for s in &segs {
-            if s.offset.checked_add(s.len).is_none_or(|e| e > n) {
-                return err(format!("{OP}: segment {s:?} outside the buffer of {n} elements"));
-            }
-            if s.offset < end {
-                return err(format!("{OP}: segment {s:?} overlaps the previous one (ending at {end})"));
-            }
-            end = s.offset + s.len;
-        }
         // identical to the CPU backend: f64 power, rounded to f32
-        let bc1 = (1.0 - (a.beta1 as f64).powf(a.step as f64)) as f32;
-        let bc2 = (1.0 - (a.beta2 as f64).powf(a.step as f64)) as f32;
+        let (bc1, bc2) = a.bias_corrections();
         self.zero_f32(a.absmax)?;
         const MAX_SEGS: usize = 16;
         for (ci, chunk) in segments.chunks(MAX_SEGS).enumerate() {

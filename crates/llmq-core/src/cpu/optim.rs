@@ -18,7 +18,7 @@
 //! - sum_squares accumulates in f64 strictly in index order and rounds to f32 once: it is
 //!   sequential on purpose (exactly reproducible), and only out[slot] is written.
 
-use super::common::{abs_bits, check_f32_n, check_float, op_err};
+use super::common::{abs_bits, check_float, op_err};
 use super::{bytes, store};
 use crate::backend::{AdamW, Segment};
 use crate::dtype::{decode_into, encode_into, f32_to_bf16_stochastic, hash_u32, DType};
@@ -28,22 +28,6 @@ use rayon::prelude::*;
 
 /// Elements per AdamW task.
 const CHUNK: usize = 1 << 13;
-
-fn check_segments(n: usize, segments: &[Segment]) -> Result<()> {
-    let mut segs: Vec<Segment> = segments.to_vec();
-    segs.sort_by_key(|s| s.offset);
-    let mut end = 0;
-    for s in &segs {
-        if s.offset.checked_add(s.len).is_none_or(|e| e > n) {
-            return op_err(format!("adamw: segment {s:?} outside the buffer of {n} elements"));
-        }
-        if s.offset < end {
-            return op_err(format!("adamw: segment {s:?} overlaps the previous one (ending at {end})"));
-        }
-        end = s.offset + s.len;
-    }
-    Ok(())
-}
 
 /// Bytes of elements [o, o + len) of `t` (bounds checked by the caller's segment checks).
 /// SAFETY (callers): no other live reference overlaps the range while this one is used.
@@ -61,30 +45,9 @@ unsafe fn range<'a>(t: &Tensor, o: usize, len: usize) -> &'a [u8] {
 }
 
 pub fn adamw(a: &AdamW, segments: &[Segment]) -> Result<()> {
-    const OP: &str = "adamw";
-    let n = a.master.numel();
-    a.master.expect_dtype(OP, "master", &[DType::F32, DType::BF16])?;
-    a.m.expect_dtype(OP, "m", &[DType::F32, DType::BF16])?;
-    a.v.expect_dtype(OP, "v", &[DType::F32, DType::BF16])?;
-    check_float(OP, "grads", a.grads)?;
-    check_float(OP, "params", a.params)?;
-    for (name, t) in [("params", a.params), ("grads", a.grads), ("m", a.m), ("v", a.v)] {
-        t.expect_numel(OP, name, n)?;
-    }
+    a.validate(segments)?;
     let separate = a.params.addr != a.master.addr;
-    if !separate && a.params.dtype != a.master.dtype {
-        return op_err(format!("{OP}: params and master share memory but have dtypes {} and {}", a.params.dtype, a.master.dtype));
-    }
-    if a.step == 0 {
-        return op_err(format!("{OP}: step starts at 1 (bias correction divides by 1 - beta^step)"));
-    }
-    if let Some(am) = a.absmax {
-        check_f32_n(OP, "absmax", am, segments.len())?;
-    }
-    check_segments(n, segments)?;
-
-    let bc1 = (1.0 - (a.beta1 as f64).powf(a.step as f64)) as f32;
-    let bc2 = (1.0 - (a.beta2 as f64).powf(a.step as f64)) as f32;
+    let (bc1, bc2) = a.bias_corrections();
     let (b1, b2, lr, eps) = (a.beta1, a.beta2, a.lr, a.eps);
 
     // (segment index, first element, length) of every task.
