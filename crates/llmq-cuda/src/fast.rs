@@ -92,23 +92,9 @@ impl FastKernels {
     }
 }
 
+use crate::ops::{i, p, popt};
 fn dt(d: DType) -> Arg {
-    Arg::I32(match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::E4M3 => 2,
-        DType::E5M2 => 3,
-        DType::I32 => 4,
-    })
-}
-fn p(t: &Tensor) -> Arg {
-    Arg::Ptr(t.addr)
-}
-fn popt(t: Option<&Tensor>) -> Arg {
-    Arg::Ptr(t.map_or(0, |t| t.addr))
-}
-fn i(v: usize) -> Arg {
-    Arg::I32(v as i32)
+    Arg::I32(crate::ops::dt(d))
 }
 /// f32 -> 0, bf16 -> 1.
 fn ix(d: DType) -> Option<usize> {

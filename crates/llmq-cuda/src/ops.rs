@@ -10,7 +10,7 @@ use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
 use cudarc::driver::sys;
 use llmq_core::{AdamW, AttnShape, DType, Error, Result, Segment, Tensor};
 
-fn dt(d: DType) -> i32 {
+pub(crate) fn dt(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
         DType::BF16 => 1,
@@ -19,13 +19,13 @@ fn dt(d: DType) -> i32 {
         DType::I32 => 4,
     }
 }
-fn p(t: &Tensor) -> Arg {
+pub(crate) fn p(t: &Tensor) -> Arg {
     Arg::Ptr(t.addr)
 }
-fn popt(t: Option<&Tensor>) -> Arg {
+pub(crate) fn popt(t: Option<&Tensor>) -> Arg {
     Arg::Ptr(t.map_or(0, |t| t.addr))
 }
-fn i(v: usize) -> Arg {
+pub(crate) fn i(v: usize) -> Arg {
     Arg::I32(v as i32)
 }
 
