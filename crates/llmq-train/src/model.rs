@@ -126,6 +126,10 @@ impl Model {
         if let Some(bad) = batch.inputs.iter().find(|&&t| t < 0 || t >= v) {
             return Err(llmq_core::Error::Op(format!("input token {bad} is outside the vocabulary 0..{v}")));
         }
+        // checked here because a GPU kernel cannot report it (it would write NaN rows)
+        if let Some(bad) = batch.targets.iter().find(|&&t| t != -100 && (t < 0 || t >= v)) {
+            return Err(llmq_core::Error::Op(format!("target token {bad} is outside the vocabulary 0..{v} (and not -100)")));
+        }
         upload_i32(be, &self.acts.ids, &batch.inputs)?;
         upload_i32(be, &self.acts.targets, &batch.targets)
     }

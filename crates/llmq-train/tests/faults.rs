@@ -43,3 +43,18 @@ fn nan_gradient_skips_the_update_and_repeated_ones_abort() {
     assert_eq!(tr.bad_in_a_row, 0);
     assert_eq!(tr.updates, 1);
 }
+
+#[test]
+fn out_of_vocabulary_tokens_are_refused_before_upload() {
+    let cfg = tiny(Arch::Llama, true);
+    let tr = trainer(&cfg, train_config(1, 4, 1, 1));
+    let be = tr.be.as_ref();
+    let ok = llmq_io::data::Batch { inputs: vec![1, 2, 3, 4], targets: vec![2, 3, 4, -100] };
+    tr.model.set_batch(be, &ok).unwrap();
+    let bad_in = llmq_io::data::Batch { inputs: vec![1, 2, 37, 4], ..ok.clone() };
+    assert!(tr.model.set_batch(be, &bad_in).unwrap_err().to_string().contains("input token 37"));
+    let bad_tg = llmq_io::data::Batch { targets: vec![2, -5, 4, 5], ..ok.clone() };
+    assert!(tr.model.set_batch(be, &bad_tg).unwrap_err().to_string().contains("target token -5"));
+    let short = llmq_io::data::Batch { inputs: vec![1], targets: vec![2] };
+    assert!(tr.model.set_batch(be, &short).unwrap_err().to_string().contains("B*T = 4"));
+}
