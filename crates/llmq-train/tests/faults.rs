@@ -58,3 +58,17 @@ fn out_of_vocabulary_tokens_are_refused_before_upload() {
     let short = llmq_io::data::Batch { inputs: vec![1], targets: vec![2] };
     assert!(tr.model.set_batch(be, &short).unwrap_err().to_string().contains("B*T = 4"));
 }
+
+#[test]
+fn out_of_memory_reports_the_plan_and_what_would_help() {
+    let cfg = tiny(Arch::Qwen2, true);
+    let src = llmq_train::synthetic::MarkovSource::new(cfg.vocab_size, 1);
+    let be = Box::new(llmq_core::cpu::CpuBackend::with_limit(64 << 10));
+    let err = match llmq_train::Trainer::new(be, &cfg, train_config(8, 64, 1, 1), Box::new(src.stream(0)), None) {
+        Ok(_) => panic!("a 64 KiB budget cannot hold this model"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("out of memory"), "{err}");
+    assert!(err.contains("allocated before the failure") && err.contains("weights"), "{err}");
+    assert!(err.contains("free now") && err.contains("--recompute-block"), "{err}");
+}
