@@ -147,14 +147,17 @@ impl Fp8 {
         if let Some(layers) = &self.persistent {
             for (l, ws) in layers.iter().enumerate() {
                 for (k, qw) in ws.iter().enumerate() {
-                    self.quantize_weight(be, params, l, k, qw)?;
+                    self.quantize_weight(be, params, l, k, qw, true, true)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn quantize_weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, qw: &QuantWeight) -> Result<QuantWeight> {
+    /// Quantises block l's matmul-k weight into `qw`: the plain form, the transposed form, or both
+    /// (`plain`/`transposed`); the forward needs only the first, the backward only the second.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, qw: &QuantWeight, plain: bool, transposed: bool) -> Result<QuantWeight> {
         let gi = params.layout.block_group(l);
         let g = &params.layout.groups[gi];
         let si = g.entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
@@ -164,13 +167,18 @@ impl Fp8 {
         let amax = self.weight_amax[gi].slice(si, &[1]);
         let q = fp8_slot(&qw.q, out * inp, &[out, inp]);
         let qt = fp8_slot(&qw.qt, out * inp, &[inp, out]);
-        be.quantize(&q, &qw.descale, &w, &amax, false)?;
-        be.quantize(&qt, &qw.descale, &w, &amax, true)?;
+        if plain {
+            be.quantize(&q, &qw.descale, &w, &amax, false)?;
+        }
+        if transposed {
+            be.quantize(&qt, &qw.descale, &w, &amax, true)?;
+        }
         Ok(QuantWeight { q, qt, descale: qw.descale })
     }
 
-    /// The fp8 form of block l's matmul k (0..4, see `WEIGHTS`).
-    fn weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize) -> Result<QuantWeight> {
+    /// The fp8 form of block l's matmul k (0..4, see `WEIGHTS`); without persistent quants only
+    /// the form the caller uses is quantised (`transposed` for the backward, plain otherwise).
+    fn weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, transposed: bool) -> Result<QuantWeight> {
         match &self.persistent {
             Some(layers) => {
                 let qw = layers[l][k];
@@ -178,7 +186,7 @@ impl Fp8 {
                 let (out, inp) = (e.shape[0], e.shape[1]);
                 Ok(QuantWeight { q: fp8_slot(&qw.q, out * inp, &[out, inp]), qt: fp8_slot(&qw.qt, out * inp, &[inp, out]), descale: qw.descale })
             }
-            None => self.quantize_weight(be, params, l, k, &self.scratch_w),
+            None => self.quantize_weight(be, params, l, k, &self.scratch_w, !transposed, transposed),
         }
     }
 
@@ -186,7 +194,7 @@ impl Fp8 {
     #[allow(clippy::too_many_arguments)]
     pub fn forward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, out: &Tensor, x: &Tensor, x_amax: &Tensor, bias: Option<&Tensor>) -> Result<()> {
         let (n, inp) = x.rows_cols();
-        let w = self.weight(be, params, l, k)?;
+        let w = self.weight(be, params, l, k, false)?;
         let xq = fp8_slot(&self.xq, n * inp, &[n, inp]);
         let ds_x = self.descales.slice(0, &[1]);
         be.quantize(&xq, &ds_x, x, x_amax, false)?;
@@ -198,7 +206,7 @@ impl Fp8 {
     pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, x_amax: &Tensor) -> Result<()> {
         let (n, out) = dy.rows_cols();
         let inp = x.rows_cols().1;
-        let w = self.weight(be, params, l, k)?;
+        let w = self.weight(be, params, l, k, true)?;
         let (ds_dy, ds_x) = (self.descales.slice(4, &[1]), self.descales.slice(8, &[1]));
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
         let dyq = fp8_slot(&self.dyq, n * out, &[n, out]);
