@@ -14,9 +14,23 @@ case "$what" in
     for f in /tmp/hf_reference.log /tmp/testlogs/*.log; do echo "######## $f"; cat "$f"; done > "$O/tests.log"
     ;;
   bench)
-    bash .gpu/bench.sh .gpu/llmq /tmp/bench "$@" > /dev/null 2>&1
-    cp /tmp/bench/bench.txt "$O/bench.txt"
-    for f in /tmp/bench/bench-*.log; do echo "######## $f"; cat "$f"; done > "$O/bench-logs.txt"
+    # LLMQ=<binary> (default .gpu/llmq) TAG=<name>: results append to $O/bench.txt, logs to bench-logs.txt
+    tag="${TAG:-$(basename "${LLMQ:-.gpu/llmq}")}"
+    rm -rf /tmp/bench; bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench "$@" > /dev/null 2>&1
+    { echo "######## $tag"; cat /tmp/bench/bench.txt; } >> "$O/bench.txt"
+    for f in /tmp/bench/bench-*.log; do echo "######## $tag $f"; cat "$f"; done >> "$O/bench-logs.txt"
+    ;;
+  kernels)
+    # per-kernel GPU time of one training step under Nsight Compute (one 3-step run per config)
+    # usage: kernels WHICH... (0.5b-bf16, 0.5b-fp8, 1.5b-bf16 ...)
+    for w in "$@"; do
+      size="${w%-*}"; prec="${w##*-}"
+      extra=(--matmul-dtype bf16); [ "$prec" = fp8 ] && extra=(--matmul-dtype e4m3 --persistent-quants)
+      ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+        .gpu/llmq train --device cuda --model "qwen2.5-$size" --from-scratch --random-data --seq-len 1024 \
+        --batch-size "${KB:-16}" --steps 3 --warmup 1 --eval-every 0 "${extra[@]}" > "/tmp/ncu-$w.csv" 2> "/tmp/ncu-$w.err"
+      { echo "######## $w"; python3 .gpu/ncu_summary.py "/tmp/ncu-$w.csv" || tail -20 "/tmp/ncu-$w.err"; } >> "$O/kernels.txt" 2>&1
+    done
     ;;
   quality)
     # FP8 vs bf16 on a Qwen2.5-0.5B-shaped model from scratch on the embedded Markov corpus

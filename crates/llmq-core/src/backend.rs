@@ -330,6 +330,12 @@ pub trait Backend {
     /// e5m2; f32 arithmetic, max as fmaxf), out = sat_rne(inp * scale); descale f32[1] = 1 / scale.
     /// `transpose` writes the [cols, rows] transpose of a 2-D inp instead.
     fn quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<()>;
+    /// Both quantisations of a 2-D inp at once: `out` [rows, cols] and `out_t` [cols, rows], the
+    /// same bytes as two `quantize` calls (a backend may read inp once for both).
+    fn quantize_pair(&self, out: &Tensor, out_t: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor) -> Result<()> {
+        self.quantize(out, descale, inp, absmax, false)?;
+        self.quantize(out_t, descale, inp, absmax, true)
+    }
     /// out [cols, rows] = inpᵀ (same dtype), bit-exact.
     fn transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()>;
     fn adamw(&self, args: &AdamW, segments: &[Segment]) -> Result<()>;

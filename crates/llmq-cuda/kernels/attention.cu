@@ -1426,13 +1426,18 @@ LLMQ_DEV void attn3_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     }
 }
 
-// dK, dV. Block: BKV = NW*16*MT keys of one kv head; grid (ceil(T/BKV), Hkv, B), early (heavy) key
-// blocks first; loops over the G query heads of the group x the BQ-row query tiles at or after
-// the key block. dyn smem: K, V [BKV][HD+8] + 2 stages x (Q, dO) [BQ][HD+8] (bf16) + 2 stages x
-// (L, D) [BQ] (f32). Needs D from the dQ kernel.
+// dK, dV. Block: BKV = NW*16*MT keys of one kv head; grid (ceil(T/BKV) * S, Hkv, B), early (heavy)
+// key blocks first; the G query heads of the group x the BQ-row query tiles at or after the key
+// block form one iteration space, cut into S contiguous parts (blockIdx.x % S picks one).
+// dyn smem: K, V [BKV][HD+8] + 2 stages x (Q, dO) [BQ][HD+8] (bf16) + 2 stages x (L, D) [BQ]
+// (f32). Needs D from the dQ kernel.
+// S = 1 writes dK, dV (bf16) into dqkv. S > 1 writes each part's f32 sums into
+// part[S][B*T][2*Hkv*HD] (the column layout of dqkv's K|V columns) and attn3_dkv_reduce adds the
+// S parts in order: more, shorter blocks (GQA leaves only B*Hkv*T/BKV blocks, and the causal
+// mask makes early key blocks long), still deterministic.
 template <int HD, int NW, int MT, int BQ>
-LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv, int T, int Hq,
-                        int Hkv) {
+LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
+                        int T, int Hq, int Hkv) {
     constexpr int P = HD + 8, BKV = NW * 16 * MT, NT = BQ / 8, NTH = NW * 32;
     static_assert(NT % 2 == 0 && BKV % BQ == 0, "query tile must be a multiple of 16 dividing the key block");
     uint16_t* Ks = (uint16_t*)llmq_dyn_smem;
@@ -1440,7 +1445,7 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
     uint16_t* QO = Vs + BKV * P;                // [stage][Q | dO][BQ][P]
     float* LD = (float*)(QO + 4 * BQ * P);      // [stage][L | D][BQ]
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int kb = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int kb = blockIdx.x / S, split = blockIdx.x % S, kvh = blockIdx.y, b = blockIdx.z;
     const int G = Hq / Hkv;
     const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
     const long long Ow = (long long)Hq * HD;
@@ -1449,7 +1454,7 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
     const int qt0 = kb * (BKV / BQ);
     const int nqt = (T + BQ - 1) / BQ;
     const int per_head = nqt - qt0;
-    const int total = G * per_head;
+    const int lo = (int)((long long)G * per_head * split / S), hi = (int)((long long)G * per_head * (split + 1) / S);
     a3_cp_rows<HD, BKV, NTH>(Ks, seq, Qw, kb * BKV, T, (Hq + kvh) * HD);
     a3_cp_rows<HD, BKV, NTH>(Vs, seq, Qw, kb * BKV, T, (Hq + Hkv + kvh) * HD);
     auto load_q = [&](int it, int st) {
@@ -1466,7 +1471,12 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
         }
         cp_async_commit();
     };
-    load_q(0, 0);  // the K/V copies join the first group
+    if (lo < hi) {
+        load_q(lo, 0);  // the K/V copies join the first group
+    } else {
+        cp_async_commit();  // an empty part: nothing to wait for but the K/V copies
+        cp_async_wait<0>();
+    }
     const float sl2 = LOG2E / sqrtf((float)HD);
     const int r0 = w * 16 * MT;
     const int kw0 = kb * BKV + r0;
@@ -1478,10 +1488,10 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
             dk[m][i][0] = dk[m][i][1] = dk[m][i][2] = dk[m][i][3] = 0.f;
             dv[m][i][0] = dv[m][i][1] = dv[m][i][2] = dv[m][i][3] = 0.f;
         }
-    for (int it = 0; it < total; it++) {
-        const int st = it & 1;
+    for (int it = lo; it < hi; it++) {
+        const int st = (it - lo) & 1;
         const int q0 = (qt0 + it % per_head) * BQ;
-        if (it + 1 < total) {
+        if (it + 1 < hi) {
             load_q(it + 1, st ^ 1);
             cp_async_wait<1>();
         } else {
@@ -1525,6 +1535,27 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
         }
         __syncthreads();
     }
+    if (S > 1) {
+        const int pw = 2 * Hkv * HD;
+        float* pb = part + ((long long)split * gridDim.z + b) * T * pw + (long long)kvh * HD;
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const int kj0 = kw0 + 16 * m + g, kj1 = kj0 + 8;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                const int c = i * 8 + 2 * t;
+                if (kj0 < T) {
+                    *(float2*)(pb + (long long)kj0 * pw + c) = make_float2(dk[m][i][0], dk[m][i][1]);
+                    *(float2*)(pb + (long long)kj0 * pw + Hkv * HD + c) = make_float2(dv[m][i][0], dv[m][i][1]);
+                }
+                if (kj1 < T) {
+                    *(float2*)(pb + (long long)kj1 * pw + c) = make_float2(dk[m][i][2], dk[m][i][3]);
+                    *(float2*)(pb + (long long)kj1 * pw + Hkv * HD + c) = make_float2(dv[m][i][2], dv[m][i][3]);
+                }
+            }
+        }
+        return;
+    }
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
     uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
@@ -1546,6 +1577,24 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
     }
 }
 
+// dK|dV columns of dqkv from the S parts of attn3_dkv: dqkv[r][Hq*Hd + c] = bf16(sum_s part[s][r][c]
+// (* 1/sqrt(Hd) for the dK half)), s in order. A thread per 4 columns (block-stride), a block per
+// row (grid-stride). kv = Hkv * Hd (a multiple of 4).
+extern "C" __global__ void __launch_bounds__(128) llmq_attn3_dkv_reduce(uint16_t* dqkv, const float* part, int S, int rows, int kv,
+                                                                         int Qw, int col0, float scale) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        for (int c = threadIdx.x * 4; c < 2 * kv; c += blockDim.x * 4) {
+            float4 acc = *(const float4*)(part + (long long)r * 2 * kv + c);
+            for (int s = 1; s < S; s++) {
+                const float4 v = *(const float4*)(part + ((long long)s * rows + r) * 2 * kv + c);
+                acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+            }
+            const float f = c < kv ? scale : 1.0f;
+            *(uint2*)(dqkv + (long long)r * Qw + col0 + c) = make_uint2(pack_bf16(acc.x * f, acc.y * f), pack_bf16(acc.z * f, acc.w * f));
+        }
+    }
+}
+
 // Instantiations: llmq_attn3_{fwd,dq,dkv}_<HD>_<index>. Keep in sync with the tables in
 // src/attention.rs (same index: warps, m-tiles per warp, tile width, Q in registers).
 #define A3_FWD(HD, IDX, NW, MT, BK, QREG, MINB)                                                                             \
@@ -1561,9 +1610,9 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qk
     }
 #define A3_DKV(HD, IDX, NW, MT, BQ, MINB)                                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                              \
-        llmq_attn3_dkv_##HD##_##IDX(uint16_t* dqkv, const uint16_t* dout, const uint16_t* qkv, const float* lse,             \
-                                    const float* Dv, int T, int Hq, int Hkv) {                                               \
-        attn3_dkv<HD, NW, MT, BQ>(dqkv, dout, qkv, lse, Dv, T, Hq, Hkv);                                                     \
+        llmq_attn3_dkv_##HD##_##IDX(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv,          \
+                                    const float* lse, const float* Dv, int T, int Hq, int Hkv) {                             \
+        attn3_dkv<HD, NW, MT, BQ>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv);                                            \
     }
 
 // forward: (warps, m-tiles per warp, key tile, Q in registers, min blocks per SM)

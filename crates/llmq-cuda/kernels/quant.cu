@@ -12,6 +12,9 @@
 //   quantises in registers and writes the 16 bytes into a [col][row] byte tile (a warp writes 32
 //   consecutive bytes of one tile row per column: no bank conflicts); then each thread stores 16
 //   output bytes (4 threads per 64-byte output row segment) with one 16-byte store.
+// - quantize_tp_v: the same tile walk, also storing the plain [rows, cols] quantisation (each
+//   thread's 16 bytes with one 16-byte store): the fp8 backward needs both forms of each
+//   activation gradient, and one pass reads the bf16 data once instead of twice.
 #include "vec.cuh"
 #include "common.cuh"
 
@@ -96,9 +99,10 @@ __device__ __forceinline__ void quantize_v(uint8_t* __restrict__ out, float* des
 }
 
 // grid (cols / 64, rows / 64), block 256.
+// `plain` (may be null): also the untransposed [rows, cols] quantisation.
 template <class TI, class TO>
-__device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, float* descale, const void* __restrict__ inp, const float* absmax,
-                                             int rows, int cols) {
+__device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, uint8_t* __restrict__ plain, float* descale,
+                                             const void* __restrict__ inp, const float* absmax, int rows, int cols) {
     __shared__ __align__(16) uint8_t tile[64][64];  // [col][row]
     const float scale = fp8_scale(TO::DT, absmax);
     if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) descale[0] = 1.0f / scale;
@@ -109,11 +113,15 @@ __device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, float* d
     float f0[8], f1[8];
     ld8<TI>(inp, TI::DT, src, 8, f0);
     ld8<TI>(inp, TI::DT, src + 8, 8, f1);
+    unsigned packed[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int j = 0; j < 16; j++) {
         const float v = (j < 8 ? f0[j & 7] : f1[j & 7]) * scale;
-        tile[cg + j][rr] = TO::DT == DT_E5M2 ? f32_to_e5m2_bits(v) : f32_to_e4m3_bits(v);
+        const uint8_t q = TO::DT == DT_E5M2 ? f32_to_e5m2_bits(v) : f32_to_e4m3_bits(v);
+        tile[cg + j][rr] = q;
+        packed[j >> 2] |= (unsigned)q << (8 * (j & 3));
     }
+    if (plain != nullptr) *(uint4*)(plain + src) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     __syncthreads();
     const int cc = threadIdx.x >> 2, part = threadIdx.x & 3;
     const uint4 v = *(const uint4*)&tile[cc][part * 16];
@@ -127,7 +135,12 @@ __device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, float* d
     }                                                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) llmq_quantize_t_v_##IN##_##ON(uint8_t* out, float* descale, const void* inp, \
                                                                                      const float* absmax, int rows, int cols) {  \
-        quantize_t_v<TI, TO>(out, descale, inp, absmax, rows, cols);                                                            \
+        quantize_t_v<TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                   \
+    }                                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_tp_v_##IN##_##ON(uint8_t* out_t, uint8_t* out, float* descale,    \
+                                                                                      const void* inp, const float* absmax, int rows, \
+                                                                                      int cols) {                                 \
+        quantize_t_v<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                     \
     }
 QUANT_V(f32, F32T, e4m3, E4M3T)
 QUANT_V(f32, F32T, e5m2, E5M2T)

@@ -6,7 +6,7 @@
 //! the scratch buffer; the dK/dV kernel reads it. No atomics: deterministic.
 
 use crate::kernels::{self, Arg, Kernels};
-use crate::{AttnImpl, CudaBackend};
+use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
 use cudarc::driver::sys;
 use llmq_core::{AttnShape, Result, Tensor};
 
@@ -33,6 +33,8 @@ const FWD: [[Attn3Cfg; ATTN3_CONFIGS]; 2] = [[c(4, 2, 64), c(4, 1, 64), c(8, 1, 
 const DQ: [[Attn3Cfg; ATTN3_CONFIGS]; 2] = [[c(4, 2, 32), c(4, 1, 64), c(8, 1, 64), c(4, 1, 64)], [c(4, 2, 16), c(4, 1, 64), c(8, 1, 32), c(4, 1, 32)]];
 const DKV: [[Attn3Cfg; ATTN3_CONFIGS]; 2] = [[c(2, 2, 32), c(4, 1, 64), c(4, 2, 32), c(4, 1, 32)], [c(4, 1, 32), c(2, 1, 32), c(8, 1, 32), c(4, 1, 16)]];
 /// The configurations of `AttnImpl::Auto`: (fwd, dq, dkv) indices for [Hd 64, Hd 128].
+/// With the dK/dV work split (2026-11-29, same shapes, bwd ms for 1, 2, 3, 4, 6, 8 parts): Hd 64
+/// 0.675 0.624 0.608 0.601 0.606 0.610; Hd 128 1.166 1.060 1.034 1.035 1.037 1.035.
 /// Chosen from the H200 timings of tests/attention_v3.rs (B16 T1024; fwd / bwd ms): Hd 64
 /// (Hq 14, Hkv 2) 0.166 / 0.685 (v2 0.197 / 0.842); Hd 128 (Hq 12, Hkv 2) 0.273 / 1.167 (v2
 /// 0.335 / 1.292). The dK/dV kernel dominates the backward; dQ configurations differ by < 5 %.
@@ -49,12 +51,34 @@ pub fn attn3_default(hd: usize) -> (usize, usize, usize) {
     DEFAULT[usize::from(hd != 64)]
 }
 
+/// Blocks the dK/dV kernel should have at least (about 16 per SM of an H100/H200): below this the
+/// iteration space is split (a function of the shape only, so results never depend on the GPU).
+const DKV_MIN_BLOCKS: usize = 2048;
+
+/// Parts S of the dK/dV iteration space for configuration `dkv` (index) of head size s.hd: the
+/// smallest S with at least DKV_MIN_BLOCKS blocks, at most 8, and whose f32 parts
+/// (S x B*T x 2*Hkv*Hd) fit in the scratch beside D. S > 1 changes only the order in which the
+/// query heads' contributions are added (still fixed).
+pub fn attn3_dkv_split(s: &AttnShape, dkv: usize) -> usize {
+    let c = DKV[usize::from(s.hd != 64)][dkv.min(ATTN3_CONFIGS - 1)];
+    let blocks = s.t.div_ceil(c.warps * 16 * c.mt) * s.hkv * s.b;
+    let part = s.b * s.t * 2 * s.hkv * s.hd * 4;
+    let room = SCRATCH_BYTES.saturating_sub(dkv_part_offset(s)) / part.max(1);
+    DKV_MIN_BLOCKS.div_ceil(blocks.max(1)).clamp(1, 8).min(room.max(1))
+}
+
+/// Byte offset of the dK/dV parts in the scratch (after D, f32 [B*Hq*T]).
+fn dkv_part_offset(s: &AttnShape) -> usize {
+    (s.b * s.hq * s.t * 4).next_multiple_of(256)
+}
+
 type Table = [[sys::CUfunction; ATTN3_CONFIGS]; 2];
 
 pub(crate) struct Attn3Kernels {
     fwd: Table,
     dq: Table,
     dkv: Table,
+    dkv_reduce: sys::CUfunction,
 }
 
 impl Attn3Kernels {
@@ -71,7 +95,7 @@ impl Attn3Kernels {
             }
             Ok(t)
         };
-        Ok(Attn3Kernels { fwd: get("fwd")?, dq: get("dq")?, dkv: get("dkv")? })
+        Ok(Attn3Kernels { fwd: get("fwd")?, dq: get("dq")?, dkv: get("dkv")?, dkv_reduce: k.function("llmq_attn3_dkv_reduce")? })
     }
 }
 
@@ -91,11 +115,24 @@ fn dkv_smem(hd: usize, c: Attn3Cfg) -> usize {
 impl CudaBackend {
     fn attn3_indices(&self, hd: usize) -> (usize, usize, usize) {
         match self.attn.get() {
-            AttnImpl::V3 { fwd, dq, dkv } => {
+            AttnImpl::V3 { fwd, dq, dkv, .. } => {
                 let m = ATTN3_CONFIGS - 1;
                 ((fwd as usize).min(m), (dq as usize).min(m), (dkv as usize).min(m))
             }
             _ => attn3_default(hd),
+        }
+    }
+
+    /// Parts of the dK/dV iteration space: `AttnImpl::V3`'s `split` where set (limited by the
+    /// scratch), else `attn3_dkv_split`.
+    fn attn3_split(&self, s: &AttnShape, dkv: usize) -> usize {
+        let auto = attn3_dkv_split(s, dkv);
+        match self.attn.get() {
+            AttnImpl::V3 { split, .. } if split > 0 => {
+                let part = s.b * s.t * 2 * s.hkv * s.hd * 4;
+                (split as usize).min((SCRATCH_BYTES - dkv_part_offset(s)) / part.max(1)).max(1)
+            }
+            _ => auto,
         }
     }
 
@@ -125,8 +162,9 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// Backward with the v3 kernels; `dbuf` (scratch, B*Hq*T floats) receives D. Ok(false) as
-    /// for the forward.
+    /// Backward with the v3 kernels; `dbuf` (the scratch, SCRATCH_BYTES) receives D (B*Hq*T
+    /// floats) and, where the dK/dV work is split, the f32 parts after it. Ok(false) as for the
+    /// forward.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn3_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape) -> Result<bool> {
         let h = usize::from(s.hd != 64);
@@ -151,8 +189,24 @@ impl CudaBackend {
         ];
         self.attn3_launch(self.attn3.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), cq.warps * 32, sq, &args)?;
         let bkv = ck.warps * 16 * ck.mt;
-        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
-        self.attn3_launch(self.attn3.dkv[h][ki], (s.t.div_ceil(bkv) as u32, s.hkv as u32, s.b as u32), ck.warps * 32, sk, &args)?;
+        let split = self.attn3_split(&s, ki);
+        let part = dbuf + dkv_part_offset(&s) as u64;
+        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+        self.attn3_launch(self.attn3.dkv[h][ki], ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32), ck.warps * 32, sk, &args)?;
+        if split > 1 {
+            let rows = s.b * s.t;
+            let args = [
+                Arg::Ptr(dqkv.addr),
+                Arg::Ptr(part),
+                Arg::I32(split as i32),
+                Arg::I32(rows as i32),
+                Arg::I32((s.hkv * s.hd) as i32),
+                Arg::I32(s.qkv_width() as i32),
+                Arg::I32((s.hq * s.hd) as i32),
+                Arg::F32(1.0 / (s.hd as f32).sqrt()),
+            ];
+            self.attn3_launch(self.attn3.dkv_reduce, (rows.min(65535 * 16) as u32, 1, 1), 128, 0, &args)?;
+        }
         Ok(true)
     }
 }

@@ -35,6 +35,10 @@ pub(crate) struct FastKernels {
     /// [input][output e4m3, e5m2]
     quantize: [[F; 2]; 2],
     quantize_t: [[F; 2]; 2],
+    /// plain + transposed in one pass; [input][output e4m3, e5m2]
+    quantize_tp: [[F; 2]; 2],
+    /// [out f32, bf16]
+    bias_rows: [F; 2],
     /// [master][m and v][grads]
     adamw: [[[F; 2]; 2]; 2],
 }
@@ -87,6 +91,8 @@ impl FastKernels {
             convert,
             quantize: quant("quantize_v")?,
             quantize_t: quant("quantize_t_v")?,
+            quantize_tp: quant("quantize_tp_v")?,
+            bias_rows: two("bias_rows_v")?,
             adamw,
         })
     }
@@ -101,6 +107,14 @@ fn ix(d: DType) -> Option<usize> {
     match d {
         DType::F32 => Some(0),
         DType::BF16 => Some(1),
+        _ => None,
+    }
+}
+/// e4m3 -> 0, e5m2 -> 1.
+fn fp8_ix(d: DType) -> Option<usize> {
+    match d {
+        DType::E4M3 => Some(0),
+        DType::E5M2 => Some(1),
         _ => None,
     }
 }
@@ -382,10 +396,8 @@ impl CudaBackend {
         let Some(ii) = ix(inp.dtype) else {
             return Ok(false);
         };
-        let oi = match out.dtype {
-            DType::E4M3 => 0,
-            DType::E5M2 => 1,
-            _ => return Ok(false),
+        let Some(oi) = fp8_ix(out.dtype) else {
+            return Ok(false);
         };
         if transpose {
             let (r, c) = inp.rows_cols();
@@ -412,6 +424,44 @@ impl CudaBackend {
                 &[p(out), p(descale), p(inp), p(absmax), Arg::I64(n as i64)],
             )?;
         }
+        Ok(true)
+    }
+
+    /// Plain and transposed quantisation in one pass (64 x 64 tiles); `Ok(false)` where the
+    /// tiled kernel does not apply (the caller then quantises twice).
+    pub(crate) fn v_quantize_pair(&self, out: &Tensor, out_t: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor) -> Result<bool> {
+        if !self.fast() || !aligned(&[out, out_t, inp]) {
+            return Ok(false);
+        }
+        let (Some(ii), Some(oi)) = (ix(inp.dtype), fp8_ix(out.dtype)) else {
+            return Ok(false);
+        };
+        let (r, c) = inp.rows_cols();
+        if out_t.dtype != out.dtype || r == 0 || c == 0 || !r.is_multiple_of(64) || !c.is_multiple_of(64) || r / 64 > 65535 {
+            return Ok(false);
+        }
+        self.vlaunch(
+            self.fk.quantize_tp[ii][oi],
+            ((c / 64) as u32, (r / 64) as u32, 1),
+            (T, 1, 1),
+            0,
+            &[p(out_t), p(out), p(descale), p(inp), p(absmax), i(r), i(c)],
+        )?;
+        Ok(true)
+    }
+
+    /// out [rows, cols] = (accumulate ? out : 0) + bias (the matmul bias pass).
+    pub(crate) fn v_bias_rows(&self, out: &Tensor, bias: &Tensor, rows: usize, cols: usize, accumulate: bool) -> Result<bool> {
+        let Some(oi) = ix(out.dtype) else {
+            return Ok(false);
+        };
+        if !self.fast() || !aligned(&[out]) || !cols.is_multiple_of(8) || rows == 0 || rows > i32::MAX as usize || cols > i32::MAX as usize {
+            return Ok(false);
+        }
+        const BT: usize = 128;
+        let gx = (cols / 8).div_ceil(BT);
+        let gy = (self.dev.sm_count as usize * 16).div_ceil(gx).clamp(1, 65535).min(rows);
+        self.vlaunch(self.fk.bias_rows[oi], (gx as u32, gy as u32, 1), (BT as u32, 1, 1), 0, &[p(out), p(bias), dt(bias.dtype), i(rows), i(cols), Arg::I32(accumulate as i32)])?;
         Ok(true)
     }
 

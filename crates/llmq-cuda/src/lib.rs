@@ -27,12 +27,12 @@ use kernels::Kernels;
 use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, MemCategory, Result, Segment, Shape, Stream, Tensor};
 use std::cell::{Cell, RefCell};
 
-pub use attention::{attn3_configs, attn3_default, Attn3Cfg, ATTN3_CONFIGS};
+pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
-/// attention backward's row statistics.
-pub const SCRATCH_BYTES: usize = 64 << 20;
+/// attention backward's row statistics and dK/dV parts.
+pub const SCRATCH_BYTES: usize = 128 << 20;
 
 /// Which attention kernels to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,9 @@ pub enum AttnImpl {
     Auto,
     /// The v3 tensor-core kernels with explicit configuration indices (< `ATTN3_CONFIGS`, see
     /// `attn3_configs`), for tests and tuning.
-    V3 { fwd: u8, dq: u8, dkv: u8 },
+    /// `split`: parts of the dK/dV iteration space (0 = chosen from the shape, see
+    /// `attn3_dkv_split`).
+    V3 { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,
     /// The first tensor-core version (synchronous tile loads), kept as a cross-check.
@@ -353,6 +355,9 @@ impl Backend for CudaBackend {
     }
     fn quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<()> {
         self.op_quantize(out, descale, inp, absmax, transpose)
+    }
+    fn quantize_pair(&self, out: &Tensor, out_t: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor) -> Result<()> {
+        self.op_quantize_pair(out, out_t, descale, inp, absmax)
     }
     fn transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
         self.op_transpose(out, inp)

@@ -150,6 +150,9 @@ impl CudaBackend {
         check_float("matmul", "bias", bias)?;
         bias.expect_numel("matmul", "bias", n)?;
         out.expect_numel("matmul", "out", m * n)?;
+        if self.v_bias_rows(out, bias, m, n, accumulate)? {
+            return Ok(());
+        }
         let total = m * n;
         self.launch(
             self.k.bias_rows,
@@ -570,6 +573,25 @@ impl CudaBackend {
                 &[p(out), Arg::I32(dt(out.dtype)), p(descale), p(inp), Arg::I32(dt(inp.dtype)), p(absmax), Arg::I64(n as i64)],
             )
         }
+    }
+
+    pub(crate) fn op_quantize_pair(&self, out: &Tensor, out_t: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor) -> Result<()> {
+        const OP: &str = "quantize_pair";
+        check_float(OP, "inp", inp)?;
+        check_f32_n(OP, "descale", descale, 1)?;
+        check_f32_n(OP, "absmax", absmax, 1)?;
+        for (name, t) in [("out", out), ("out_t", out_t)] {
+            if !t.dtype.is_fp8() {
+                return err(format!("{OP}: {name} must be e4m3 or e5m2, got {}", t.dtype));
+            }
+        }
+        Self::transposed_dims(OP, out_t, inp)?;
+        out.expect_numel(OP, "out", inp.numel())?;
+        if self.v_quantize_pair(out, out_t, descale, inp, absmax)? {
+            return Ok(());
+        }
+        self.op_quantize(out, descale, inp, absmax, false)?;
+        self.op_quantize(out_t, descale, inp, absmax, true)
     }
 
     pub(crate) fn op_transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {

@@ -7,7 +7,7 @@ mod common;
 
 use common::{decode, encode, Pair};
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, Tensor};
-use llmq_cuda::{attn3_configs, attn3_default, AttnImpl, CudaBackend, ATTN3_CONFIGS};
+use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, AttnImpl, CudaBackend, ATTN3_CONFIGS};
 use std::time::Instant;
 
 const F32: DType = DType::F32;
@@ -97,7 +97,13 @@ fn attention_v3_configs_against_cpu() {
     ];
     for i in 0..ATTN3_CONFIGS as u8 {
         for &s in &shapes {
-            case(&mut p, s, AttnImpl::V3 { fwd: i, dq: i, dkv: i });
+            case(&mut p, s, AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 });
+        }
+    }
+    // the dK/dV iteration space cut into parts (more parts than iterations leaves some empty)
+    for split in [1, 2, 3, 8] {
+        for &s in &shapes {
+            case(&mut p, s, AttnImpl::V3 { fwd: 0, dq: 1, dkv: 1, split });
         }
     }
     for &s in &shapes {
@@ -135,7 +141,7 @@ fn attention_v3_configs_agree_with_v2_at_length_1024() {
         };
         let (o2, l2, d2) = run(&mut p, AttnImpl::MmaV2);
         for i in 0..ATTN3_CONFIGS as u8 {
-            let imp = AttnImpl::V3 { fwd: i, dq: i, dkv: i };
+            let imp = AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 };
             let (o, l, d) = run(&mut p, imp);
             let lerr = l.iter().zip(&l2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let r = parts(s, &d2, &d);
@@ -197,13 +203,23 @@ fn attention_v3_timings() {
         line(&g, format!("v3 default {:?}", attn3_default(hd)), AttnImpl::Auto);
         for i in 0..ATTN3_CONFIGS {
             let (f, dq, dkv) = attn3_configs(hd, i);
-            line(&g, format!("v3 {i}: fwd {f:?} dq {dq:?} dkv {dkv:?}"), AttnImpl::V3 { fwd: i as u8, dq: i as u8, dkv: i as u8 });
+            line(&g, format!("v3 {i}: fwd {f:?} dq {dq:?} dkv {dkv:?} split {}", attn3_dkv_split(&s, i)), AttnImpl::V3 { fwd: i as u8, dq: i as u8, dkv: i as u8, split: 0 });
+        }
+        println!("bwd ms, dkv config (rows) x dK/dV parts 1, 2, 3, 4, 6, 8 (columns), dq config {}:", attn3_default(hd).1);
+        for j in 0..ATTN3_CONFIGS as u8 {
+            let mut row = format!("dkv {j} (auto {}):", attn3_dkv_split(&s, j as usize));
+            for split in [1u8, 2, 3, 4, 6, 8] {
+                g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: attn3_default(hd).1 as u8, dkv: j, split });
+                let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                row.push_str(&format!(" {:.3}", tb * 1e3));
+            }
+            println!("{row}");
         }
         println!("bwd ms, dq config (rows) x dkv config (columns):");
         for i in 0..ATTN3_CONFIGS as u8 {
             let mut row = format!("dq {i}:");
             for j in 0..ATTN3_CONFIGS as u8 {
-                g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: i, dkv: j });
+                g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: i, dkv: j, split: 0 });
                 let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }

@@ -123,7 +123,7 @@ fn memory_copies_events_and_pinned_host() {
 #[test]
 fn transpose_and_quantize_are_bit_exact() {
     let Some(mut p) = Pair::new(3) else { return };
-    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7), (128, 192)] {
+    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7), (128, 192), (192, 1152)] {
         for d in [F32, BF16, E4M3] {
             let inp = p.rand(d, &[r, c], 2.0);
             let out = p.out(d, &[c, r]);
@@ -147,6 +147,13 @@ fn transpose_and_quantize_are_bit_exact() {
                     p.exact(&format!("quantize {src}->{q} transpose={tr} [{r},{c}]"), &out);
                     p.exact("descale", &ds);
                 }
+                // both forms in one pass (the fused kernel where rows and cols are multiples of 64)
+                let (out, out_t, ds) = (p.out(q, &[r, c]), p.out(q, &[c, r]), p.out(F32, &[1]));
+                p.cpu.quantize_pair(&out.c, &out_t.c, &ds.c, &inp.c, &am.c).unwrap();
+                p.gpu.quantize_pair(&out.g, &out_t.g, &ds.g, &inp.g, &am.g).unwrap();
+                p.exact(&format!("quantize_pair {src}->{q} plain [{r},{c}]"), &out);
+                p.exact(&format!("quantize_pair {src}->{q} transposed [{r},{c}]"), &out_t);
+                p.exact("quantize_pair descale", &ds);
             }
             // an absmax smaller than the data saturates
             let small = p.vals(F32, &[1], &[0.5]);
@@ -516,6 +523,13 @@ fn matmul_bf16_f32_all_transposes() {
         mm_case(&mut p, m, n, k, false, true, BF16, BF16, true, false, 1e-2);
         mm_case(&mut p, m, n, k, false, true, F32, F32, true, true, 1e-5);
         mm_case(&mut p, m, n, k, true, false, BF16, BF16, false, true, 1e-2);
+    }
+    // bias: the vector kernel (N a multiple of 8) and the generic one (N = 37)
+    for &(m, n, k) in &[(300, 1152, 96), (40, 37, 16)] {
+        for acc in [false, true] {
+            mm_case(&mut p, m, n, k, false, true, BF16, BF16, true, acc, 1e-2);
+            mm_case(&mut p, m, n, k, false, true, F32, F32, true, acc, 1e-5);
+        }
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Fp8 {
     // scratch (sized for the largest matmul)
     xq: Tensor,
     dyq: Tensor,
+    /// The transposed activation gradient (quantised together with `dyq`).
+    dytq: Tensor,
     descales: Tensor,
     /// Scratch for on-the-fly weight quantisation (no persistent quants).
     scratch_w: QuantWeight,
@@ -97,6 +99,7 @@ impl Fp8 {
             .collect::<Result<Vec<_>>>()?;
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest])?;
         let dyq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest])?;
+        let dytq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest])?;
         // three scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
         let descales = be.alloc(tmp, Mem::Device, f32, &[12])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
@@ -122,7 +125,7 @@ impl Fp8 {
         } else {
             None
         };
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, descales, scratch_w, persistent })
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -167,11 +170,11 @@ impl Fp8 {
         let amax = self.weight_amax[gi].slice(si, &[1]);
         let q = fp8_slot(&qw.q, out * inp, &[out, inp]);
         let qt = fp8_slot(&qw.qt, out * inp, &[inp, out]);
-        if plain {
-            be.quantize(&q, &qw.descale, &w, &amax, false)?;
-        }
-        if transposed {
-            be.quantize(&qt, &qw.descale, &w, &amax, true)?;
+        match (plain, transposed) {
+            (true, true) => be.quantize_pair(&q, &qt, &qw.descale, &w, &amax)?,
+            (true, false) => be.quantize(&q, &qw.descale, &w, &amax, false)?,
+            (false, true) => be.quantize(&qt, &qw.descale, &w, &amax, true)?,
+            (false, false) => {}
         }
         Ok(QuantWeight { q, qt, descale: qw.descale })
     }
@@ -208,14 +211,14 @@ impl Fp8 {
         let inp = x.rows_cols().1;
         let w = self.weight(be, params, l, k, true)?;
         let (ds_dy, ds_x) = (self.descales.slice(4, &[1]), self.descales.slice(8, &[1]));
-        // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
+        // dy in both forms at once (one read of dy)
         let dyq = fp8_slot(&self.dyq, n * out, &[n, out]);
-        be.quantize(&dyq, &ds_dy, dy, &self.grad_amax, false)?;
+        let dytq = fp8_slot(&self.dytq, n * out, &[out, n]);
+        be.quantize_pair(&dyq, &dytq, &ds_dy, dy, &self.grad_amax)?;
+        // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
         be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), ..Matmul::linear(dx, &dyq, &w.qt) })?;
         // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
-        let dytq = fp8_slot(&self.dyq, n * out, &[out, n]);
         let xtq = fp8_slot(&self.xq, n * inp, &[inp, n]);
-        be.quantize(&dytq, &ds_dy, dy, &self.grad_amax, true)?;
         be.quantize(&xtq, &ds_x, x, x_amax, true)?;
         be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, ..Matmul::linear(dw, &dytq, &xtq) })
     }

@@ -154,6 +154,9 @@ impl Backend for Profiled {
     fn absmax(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
         self.timed(|| "absmax".into(), |b| b.absmax(out, inp))
     }
+    fn quantize_pair(&self, out: &Tensor, out_t: &Tensor, ds: &Tensor, inp: &Tensor, am: &Tensor) -> Result<()> {
+        self.timed(|| "quantize pair".into(), |b| b.quantize_pair(out, out_t, ds, inp, am))
+    }
     fn quantize(&self, out: &Tensor, ds: &Tensor, inp: &Tensor, am: &Tensor, tr: bool) -> Result<()> {
         self.timed(|| format!("quantize{}", if tr { " transposed" } else { "" }), |b| b.quantize(out, ds, inp, am, tr))
     }
