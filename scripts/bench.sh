@@ -4,6 +4,10 @@
 #   which: 0.5b-bf16 1.5b-bf16 0.5b-fp8 1.5b-fp8 3b-fp8 7b-fp8 (default: all)
 # Each run prints per-step lines and a final "throughput: median ..." line (median step time
 # after warm-up); the summary table is written to OUT_DIR/bench.txt.
+# BENCH_TOKENS=524288 accumulates micro-batches up to that many tokens per optimizer step and keeps
+# Adam m/v in bf16: the setting of the reference system's published numbers (REFERENCE.md), where
+# the optimizer's cost is spread over 32 micro-batches. Unset: one micro-batch per step, fp32
+# optimizer state for 0.5B/1.5B (the optimizer's cost counts fully).
 set -uo pipefail
 BIN="${1:-./target/release/llmq}"
 OUT="${2:-bench-out}"
@@ -22,11 +26,16 @@ for w in "${WHICH[@]}"; do
   esac
   extra=()
   [ "$prec" = fp8 ] && extra+=(--matmul-dtype e4m3 --persistent-quants) || extra+=(--matmul-dtype bf16)
+  steps="$STEPS"
+  if [ -n "${BENCH_TOKENS:-}" ]; then
+    extra+=(--grad-accumulation $(( BENCH_TOKENS / (bs * 1024) )) --opt-m-dtype bf16 --opt-v-dtype bf16)
+    steps="${BENCH_STEPS:-4}"
+  fi
   # large models: bf16 master weights and optimizer state (as the reference's published runs)
-  case "$size" in 3b|7b) extra+=(--model-dtype bf16 --opt-m-dtype bf16 --opt-v-dtype bf16 --grad-dtype bf16) ;; esac
+  case "$size" in 3b|7b) extra+=(--model-dtype bf16 --grad-dtype bf16); [ -z "${BENCH_TOKENS:-}" ] && extra+=(--opt-m-dtype bf16 --opt-v-dtype bf16) ;; esac
   echo "=== $w: $model B=$bs T=1024 ${extra[*]}" | tee -a "$OUT/bench.txt"
   "$BIN" train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --batch-size "$bs" \
-     --steps "$STEPS" --warmup 2 --eval-every 0 --print-every 1 "${extra[@]}" > "$OUT/bench-$w.log" 2>&1
+     --steps "$steps" --warmup 2 --eval-every 0 --print-every 1 "${extra[@]}" > "$OUT/bench-$w.log" 2>&1
   rc=$?
   tail -n 3 "$OUT/bench-$w.log" | tee -a "$OUT/bench.txt"
   [ $rc -ne 0 ] && echo "exit $rc" | tee -a "$OUT/bench.txt"

@@ -40,6 +40,25 @@ case "$what" in
         --learning-rate 1e-3 --log-file "$O/quality-$p.jsonl" >> "$O/quality.txt" 2>&1
     done
     ;;
+  diag)
+    # is a step host-bound (issue time ~ step time) or clock-limited (SM clock, power, throttle
+    # reasons sampled every 250 ms during the run)? Then Nsight Compute's full analysis of the
+    # attention kernels of step 2.
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv -lms 250 > "$O/clocks.txt" &
+    smi=$!
+    for w in "${@:-0.5b-bf16}"; do
+      size="${w%-*}"; prec="${w##*-}"
+      extra=(--matmul-dtype bf16); [ "$prec" = fp8 ] && extra=(--matmul-dtype e4m3 --persistent-quants)
+      echo "=== $w" >> "$O/diag.txt"
+      .gpu/llmq train --device cuda --model "qwen2.5-$size" --from-scratch --random-data --seq-len 1024 --batch-size 16 \
+        --steps 12 --warmup 2 --eval-every 0 "${extra[@]}" --log-file "/tmp/diag-$w.jsonl" >> "$O/diag.txt" 2>&1
+      python3 -c 'import json,sys; [print("step %d: %.1f ms, host issue %.1f ms" % (r["step"], r["ms"], r["issue_ms"])) for r in map(json.loads, open(sys.argv[1])) if r.get("type") == "step"]' "/tmp/diag-$w.jsonl" >> "$O/diag.txt"
+    done
+    kill $smi
+    ncu --clock-control none --kernel-name regex:llmq_attn3 --launch-skip 119 --launch-count 4 --set full \
+      .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
+      --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 > "$O/ncu-attention.txt" 2>&1
+    ;;
   profile)
     .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
       --steps 6 --warmup 1 --eval-every 0 --profile "$@" > "$O/profile.txt" 2>&1

@@ -31,7 +31,7 @@ pub fn select(device: &str) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
             Ok(()) => {
                 let be = llmq_cuda::CudaBackend::new(0)?;
                 let info = GpuInfo {
-                    peaks: peaks_for(&be.name()),
+                    peaks: peaks_for(be.device_name()),
                 };
                 Ok((Box::new(be), Some(info)))
             }

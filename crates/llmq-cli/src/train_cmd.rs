@@ -236,7 +236,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let tps = st.tokens as f64 / st.seconds;
         step_times.push(st.seconds);
         if let Some(log) = &mut trainer.log {
-            log.write(&serde_json::json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tps, "ms": st.seconds * 1e3, "skipped": st.skipped}));
+            log.write(&serde_json::json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tps, "ms": st.seconds * 1e3, "issue_ms": st.issue_seconds * 1e3, "skipped": st.skipped}));
         }
         if st.step % args.print_every.max(1) == 0 || st.step == 1 || st.step == steps {
             let sol = peaks

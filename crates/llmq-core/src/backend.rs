@@ -252,7 +252,7 @@ pub struct Segment {
 
 /// The op interface. See the module documentation for conventions.
 pub trait Backend {
-    /// "cpu" or "cuda:0" etc.
+    /// "cpu" or "cuda:0 (NVIDIA H200)" etc.
     fn name(&self) -> String;
 
     // ---- memory: allocation happens at setup only, never inside the step loop ----

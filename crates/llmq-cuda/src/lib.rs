@@ -190,7 +190,7 @@ impl Drop for CudaBackend {
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        format!("cuda:{}", self.dev.ordinal)
+        format!("cuda:{} ({})", self.dev.ordinal, self.dev.name)
     }
 
     fn alloc(&mut self, cat: MemCategory, mem: Mem, dtype: DType, dims: &[usize]) -> Result<Tensor> {

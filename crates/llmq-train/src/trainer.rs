@@ -132,6 +132,10 @@ pub struct StepStats {
     pub seconds: f64,
     /// The update was skipped because the loss or gradient norm was not finite.
     pub skipped: bool,
+    /// Host seconds spent issuing the last micro-batch's forward and backward pass (up to the
+    /// loss read-back, which waits for the GPU): close to the step time when the host, not the
+    /// device, is the bottleneck.
+    pub issue_seconds: f64,
 }
 
 pub struct Trainer {
@@ -145,6 +149,7 @@ pub struct Trainer {
     /// Optimizer updates applied (the Adam bias-correction counter).
     pub updates: u64,
     pub bad_in_a_row: u32,
+    issue_seconds: f64,
     pub log: Option<JsonLog>,
 }
 
@@ -162,7 +167,7 @@ impl Trainer {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;
-        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, log: None })
+        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, issue_seconds: 0.0, log: None })
     }
 
     pub fn init_from_scratch(&mut self) -> Result<()> {
@@ -188,9 +193,11 @@ impl Trainer {
         self.model.params.grads.zero(be)?;
         let mut loss_sum = 0.0;
         for batch in &batches {
+            let t0 = Instant::now();
             self.model.set_batch(be, batch)?;
             self.model.forward(be, Some(dloss))?;
             self.model.backward(be)?;
+            self.issue_seconds = t0.elapsed().as_secs_f64();
             loss_sum += self.model.loss_sum(be)?;
         }
         Ok((if valid > 0 { loss_sum / valid as f64 } else { 0.0 }, valid))
@@ -244,6 +251,7 @@ impl Trainer {
             tokens: self.tc.tokens_per_step(),
             seconds: t0.elapsed().as_secs_f64(),
             skipped,
+            issue_seconds: self.issue_seconds,
         })
     }
 
