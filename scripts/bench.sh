@@ -24,6 +24,7 @@ for w in "${WHICH[@]}"; do
     3b) model=qwen2.5-3b; bs=16 ;;
     7b) model=qwen2.5-7b; bs=8 ;;
   esac
+  bs="${BENCH_BS:-$bs}"  # micro-batch override (e.g. 32, as in the reference's runs)
   extra=()
   [ "$prec" = fp8 ] && extra+=(--matmul-dtype e4m3 --persistent-quants) || extra+=(--matmul-dtype bf16)
   steps="$STEPS"

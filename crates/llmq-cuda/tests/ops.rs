@@ -123,7 +123,7 @@ fn memory_copies_events_and_pinned_host() {
 #[test]
 fn transpose_and_quantize_are_bit_exact() {
     let Some(mut p) = Pair::new(3) else { return };
-    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7), (128, 192), (192, 1152)] {
+    for &(r, c) in &[(77, 100), (1, 33), (64, 64), (130, 7), (128, 192), (192, 1152), (384, 320)] {
         for d in [F32, BF16, E4M3] {
             let inp = p.rand(d, &[r, c], 2.0);
             let out = p.out(d, &[c, r]);
