@@ -1304,6 +1304,22 @@ LLMQ_DEV float a3_dot8(uint4 x, uint4 y, float acc) {
     return acc;
 }
 
+// Calls f(row, column, a, b) for each pair of adjacent columns a thread holds of a 16 x HD (x MT)
+// accumulator in the mma C layout (rows r0 + 16 m + g and + 8, columns 8 i + 2 t), rows < T.
+template <int HD, int MT, class F>
+LLMQ_DEV void a3_each_pair(int r0, int g, int t, int T, const float (&acc)[MT][HD / 8][4], F f) {
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        const int ra = r0 + 16 * m + g, rb = ra + 8;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            const int c = i * 8 + 2 * t;
+            if (ra < T) f(ra, c, acc[m][i][0], acc[m][i][1]);
+            if (rb < T) f(rb, c, acc[m][i][2], acc[m][i][3]);
+        }
+    }
+}
+
 // dQ (and D). Block: BQ = NW*16*MT query rows of one head; grid (ceil(T/BQ), Hq, B).
 // dyn smem: Q, dO [BQ][HD+8] + 2 stages x (K, V) [BK][HD+8] (bf16) + L, D [BQ] (f32).
 template <int HD, int NW, int MT, int BK, bool QREG>
@@ -1414,16 +1430,9 @@ LLMQ_DEV void attn3_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     }
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-        const int qi0 = qw0 + 16 * m + g, qi1 = qi0 + 8;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            const int c = i * 8 + 2 * t;
-            if (qi0 < T) *(unsigned*)(qbase + (long long)qi0 * Qw + c) = pack_bf16(dq[m][i][0] * scale, dq[m][i][1] * scale);
-            if (qi1 < T) *(unsigned*)(qbase + (long long)qi1 * Qw + c) = pack_bf16(dq[m][i][2] * scale, dq[m][i][3] * scale);
-        }
-    }
+    a3_each_pair<HD, MT>(qw0, g, t, T, dq, [&](int q, int c, float x0, float x1) {
+        *(unsigned*)(qbase + (long long)q * Qw + c) = pack_bf16(x0 * scale, x1 * scale);
+    });
 }
 
 // dK, dV. Block: BKV = NW*16*MT keys of one kv head; grid (ceil(T/BKV) * S, Hkv, B), early (heavy)
@@ -1535,46 +1544,20 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
         }
         __syncthreads();
     }
-    if (S > 1) {
+    if (S > 1) {  // f32 part sums, in dqkv's K|V column layout
         const int pw = 2 * Hkv * HD;
         float* pb = part + ((long long)split * gridDim.z + b) * T * pw + (long long)kvh * HD;
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-            const int kj0 = kw0 + 16 * m + g, kj1 = kj0 + 8;
-#pragma unroll
-            for (int i = 0; i < HD / 8; i++) {
-                const int c = i * 8 + 2 * t;
-                if (kj0 < T) {
-                    *(float2*)(pb + (long long)kj0 * pw + c) = make_float2(dk[m][i][0], dk[m][i][1]);
-                    *(float2*)(pb + (long long)kj0 * pw + Hkv * HD + c) = make_float2(dv[m][i][0], dv[m][i][1]);
-                }
-                if (kj1 < T) {
-                    *(float2*)(pb + (long long)kj1 * pw + c) = make_float2(dk[m][i][2], dk[m][i][3]);
-                    *(float2*)(pb + (long long)kj1 * pw + Hkv * HD + c) = make_float2(dv[m][i][2], dv[m][i][3]);
-                }
-            }
-        }
+        a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(float2*)(pb + (long long)k * pw + c) = make_float2(x0, x1); });
+        a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) {
+            *(float2*)(pb + (long long)k * pw + Hkv * HD + c) = make_float2(x0, x1);
+        });
         return;
     }
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
     uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
-#pragma unroll
-    for (int m = 0; m < MT; m++) {
-        const int kj0 = kw0 + 16 * m + g, kj1 = kj0 + 8;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            const int c = i * 8 + 2 * t;
-            if (kj0 < T) {
-                *(unsigned*)(kbase + (long long)kj0 * Qw + c) = pack_bf16(dk[m][i][0] * scale, dk[m][i][1] * scale);
-                *(unsigned*)(vbase + (long long)kj0 * Qw + c) = pack_bf16(dv[m][i][0], dv[m][i][1]);
-            }
-            if (kj1 < T) {
-                *(unsigned*)(kbase + (long long)kj1 * Qw + c) = pack_bf16(dk[m][i][2] * scale, dk[m][i][3] * scale);
-                *(unsigned*)(vbase + (long long)kj1 * Qw + c) = pack_bf16(dv[m][i][2], dv[m][i][3]);
-            }
-        }
-    }
+    a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = pack_bf16(x0 * scale, x1 * scale); });
+    a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = pack_bf16(x0, x1); });
 }
 
 // dK|dV columns of dqkv from the S parts of attn3_dkv: dqkv[r][Hq*Hd + c] = bf16(sum_s part[s][r][c]
