@@ -85,18 +85,10 @@ struct Plan {
 /// longer be bitwise identical to an uninterrupted one).
 const CANDIDATES: usize = 8;
 
-/// Operand pointers that live in the matmul descriptor: (bias, cuBLASLt A scale, B scale).
-type DescPtrs = (u64, u64, u64);
-
 pub(crate) struct Blas {
     handle: lt::cublasLtHandle_t,
     workspace: u64,
     plans: HashMap<Key, Plan>,
-    /// Descriptors per plan and descriptor pointers (fp8 scales, bias), each set once: setting
-    /// a pointer attribute before every call cost ~50 us of host time per fp8 matmul (the fp8
-    /// step issued in 21 ms against 4.6 ms for bf16). Same attributes as the plan's descriptor,
-    /// so the plan's algorithm applies.
-    descs: HashMap<(Key, DescPtrs), lt::cublasLtMatmulDesc_t>,
 }
 
 unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
@@ -109,7 +101,7 @@ impl Blas {
         let mut handle = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; the library's presence was checked before.
         ck(unsafe { lt::cublasLtCreate(&mut handle) }, "cublasLtCreate")?;
-        Ok(Blas { handle, workspace, plans: HashMap::new(), descs: HashMap::new() })
+        Ok(Blas { handle, workspace, plans: HashMap::new() })
     }
 
     pub fn version() -> usize {
@@ -178,31 +170,22 @@ impl Blas {
             let plan = self.make_plan(&key)?;
             self.plans.insert(key, plan);
         }
-        // cuBLASLt's A is our b: its A scale is our descale_b
-        let ptrs: DescPtrs = (args.bias.map_or(0, |t| t.addr), args.descale_b.map_or(0, |t| t.addr), args.descale_a.map_or(0, |t| t.addr));
-        if ptrs != (0, 0, 0) && !self.descs.contains_key(&(key, ptrs)) {
-            let desc = self.make_desc(&key)?;
-            // SAFETY: desc was just created; the values are device addresses (u64).
-            unsafe {
-                use lt::cublasLtMatmulDescAttributes_t as A;
-                let set = [(A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, ptrs.0), (A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ptrs.1), (A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, ptrs.2)];
-                for (attr, v) in set.into_iter().filter(|&(_, v)| v != 0) {
-                    if let Err(e) = set_desc(desc, attr, &v) {
-                        lt::cublasLtMatmulDescDestroy(desc);
-                        return Err(e);
-                    }
-                }
-            }
-            self.descs.insert((key, ptrs), desc);
-        }
-        let desc = if ptrs == (0, 0, 0) { self.plans[&key].desc } else { self.descs[&(key, ptrs)] };
         // SAFETY: the plan's descriptors are alive (owned by self); pointers are device addresses
         // of tensors whose shapes were checked by `dims()` against (m, n, k); the workspace has
         // WORKSPACE_BYTES; alpha/beta are host scalars (default pointer mode).
         unsafe {
+            use lt::cublasLtMatmulDescAttributes_t as A;
             let plan = &self.plans[&key];
+            if let Some(bias) = args.bias {
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias.addr)?;
+            }
+            if fp8 {
+                // cuBLASLt's A is our b.
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &args.descale_b.unwrap().addr)?;
+                set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &args.descale_a.unwrap().addr)?;
+            }
             if !plan.candidates.is_empty() {
-                let best = self.tune(plan, desc, args, stream)?;
+                let best = self.tune(plan, args, stream)?;
                 let plan = self.plans.get_mut(&key).unwrap();
                 plan.algo = best;
                 plan.candidates.clear();
@@ -213,7 +196,7 @@ impl Blas {
             ck(
                 lt::cublasLtMatmul(
                     self.handle,
-                    desc,
+                    plan.desc,
                     &alpha as *const f32 as *const c_void,
                     b.addr as *const c_void,
                     plan.la,
@@ -234,49 +217,33 @@ impl Blas {
         }
     }
 
-    /// A matmul descriptor with the key's attributes; pointer attributes (bias, fp8 scales) hold
-    /// placeholders, so that the heuristic sees a complete descriptor.
-    fn make_desc(&self, key: &Key) -> Result<lt::cublasLtMatmulDesc_t> {
+    fn make_plan(&self, key: &Key) -> Result<Plan> {
         use lt::cublasLtMatmulDescAttributes_t as A;
-        // SAFETY: descriptor creation with an out-pointer to a local; attributes are set with
-        // values of the documented types (i32 for enums, u64 for pointers); destroyed on error.
+        let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
+        // SAFETY: descriptor/layout creation with out-pointers to locals; attributes are set with
+        // values of the documented types (i32 for enums, u64 for pointers/sizes).
         unsafe {
             let mut desc = std::ptr::null_mut();
             ck(lt::cublasLtMatmulDescCreate(&mut desc, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType::CUDA_R_32F), "MatmulDescCreate")?;
-            let fill = || -> Result<()> {
-                // cuBLASLt A = our b; B = our a.
-                let op_a: i32 = if key.trans_b { 1 } else { 0 };
-                let op_b: i32 = if key.trans_a { 1 } else { 0 };
-                set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op_a)?;
-                set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op_b)?;
+            // cuBLASLt A = our b; B = our a.
+            let op_a: i32 = if key.trans_b { 1 } else { 0 };
+            let op_b: i32 = if key.trans_a { 1 } else { 0 };
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op_a)?;
+            set_desc(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op_b)?;
+            if let Some(bd) = key.bias {
+                let epi: i32 = lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
+                let bt: i32 = cuda_type(bd)? as i32;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
+                // a placeholder pointer so that the heuristic sees a complete descriptor
                 let p: u64 = self.workspace;
-                if let Some(bd) = key.bias {
-                    let epi: i32 = lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as i32;
-                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
-                    let bt: i32 = cuda_type(bd)? as i32;
-                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
-                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
-                }
-                if key.scaled {
-                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p)?;
-                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p)?;
-                }
-                Ok(())
-            };
-            if let Err(e) = fill() {
-                lt::cublasLtMatmulDescDestroy(desc);
-                return Err(e);
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
             }
-            Ok(desc)
-        }
-    }
-
-    fn make_plan(&self, key: &Key) -> Result<Plan> {
-        let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
-        let desc = self.make_desc(key)?;
-        // SAFETY: layout creation with out-pointers to locals; preference attributes are set
-        // with values of the documented types (u64 sizes, u32 alignments).
-        unsafe {
+            if key.scaled {
+                let p: u64 = self.workspace;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p)?;
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p)?;
+            }
             // layouts (column-major): A_lt = b, B_lt = a, C = D = out
             // b stored [K, N] row-major is column-major [N, K] (ld N); stored [N, K] (trans_b) it is
             // column-major [K, N] (ld K) and gets cuBLASLt's transpose. Same for a with M.
@@ -344,8 +311,8 @@ impl Blas {
     /// afterwards. Every candidate computes the same product; only speed differs, and the choice
     /// is per shape, so a shape always runs with the same algorithm within a process.
     ///
-    /// SAFETY: as for `matmul`; `desc` (the plan's attributes) holds this call's pointers.
-    unsafe fn tune(&self, plan: &Plan, desc: lt::cublasLtMatmulDesc_t, args: &Matmul, stream: sys::CUstream) -> Result<lt::cublasLtMatmulAlgo_t> {
+    /// SAFETY: as for `matmul`; `plan`'s descriptor already holds this call's pointers.
+    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream) -> Result<lt::cublasLtMatmulAlgo_t> {
         let out_bytes = args.out.bytes().max(1);
         let mut scratch: sys::CUdeviceptr = 0;
         if sys::cuMemAlloc_v2(&mut scratch, out_bytes) != sys::CUresult::CUDA_SUCCESS {
@@ -359,7 +326,7 @@ impl Blas {
         let run = |algo: &lt::cublasLtMatmulAlgo_t| {
             lt::cublasLtMatmul(
                 self.handle,
-                desc,
+                plan.desc,
                 &alpha as *const f32 as *const c_void,
                 args.b.addr as *const c_void,
                 plan.la,
@@ -405,9 +372,6 @@ impl Drop for Blas {
     fn drop(&mut self) {
         // SAFETY: every handle was created by this object and is destroyed once.
         unsafe {
-            for (_, d) in self.descs.drain() {
-                lt::cublasLtMatmulDescDestroy(d);
-            }
             for (_, p) in self.plans.drain() {
                 lt::cublasLtMatmulDescDestroy(p.desc);
                 lt::cublasLtMatrixLayoutDestroy(p.la);
