@@ -269,7 +269,8 @@ pub trait Backend {
     /// Asynchronous copy between any two tensors of the same dtype and element count
     /// (device<->device, device<->pinned host), on `stream`. Bit-exact.
     fn copy(&self, dst: &Tensor, src: &Tensor, stream: Stream) -> Result<()>;
-    fn zero(&self, t: &Tensor) -> Result<()>;
+    /// Zeroes t, queued on `stream`.
+    fn zero(&self, t: &Tensor, stream: Stream) -> Result<()>;
     /// dst = src converted to dst's dtype (RNE, saturating for fp8); same element count.
     fn convert(&self, dst: &Tensor, src: &Tensor) -> Result<()>;
 

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, dot64, max_abs, rounded, Ctx, Rng};
 use llmq_core::dtype::{bf16_to_f32, f32_to_bf16, round_through};
-use llmq_core::{AttnShape, Backend, DType, Matmul, Tensor};
+use llmq_core::{AttnShape, Backend, DType, Matmul, Stream, Tensor};
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -177,7 +177,7 @@ fn matmul_rows_independent_of_m_and_threads() {
         // same bits on a second run and with 1 or 3 threads
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            cx.be.zero(&out).unwrap();
+            cx.be.zero(&out, Stream::Compute).unwrap();
             pool.install(|| cx.be.matmul(&mm(&out, &a, ta, &b, true)).unwrap());
             assert_eq!(cx.raw(&out), full, "ta={ta}: {threads} threads");
         }
@@ -214,7 +214,7 @@ fn reductions_are_deterministic() {
     let dw = cx.zeros(F32, &[c]);
     let am = cx.zeros(F32, &[1]);
     same_across_threads("rmsnorm_bwd", &cx, &[dx, dw, am], || {
-        cx.be.zero(&dw).unwrap();
+        cx.be.zero(&dw, Stream::Compute).unwrap();
         cx.be.rmsnorm_bwd(&dx, &dw, &dout, &x, &w, &rstd, None, Some(&am)).unwrap();
     });
     // embedding_bwd with many repeats
@@ -224,7 +224,7 @@ fn reductions_are_deterministic() {
     let g = cx.f32(&[n2, c], &rng.vec(n2 * c, 1.0));
     let dt = cx.zeros(F32, &[v, c]);
     same_across_threads("embedding_bwd", &cx, &[dt], || {
-        cx.be.zero(&dt).unwrap();
+        cx.be.zero(&dt, Stream::Compute).unwrap();
         cx.be.embedding_bwd(&dt, &ids, &g).unwrap();
     });
     // attention backward (dK/dV sums over the group's heads)

@@ -261,13 +261,13 @@ impl Backend for CudaBackend {
         check(unsafe { cudarc::driver::sys::cuMemcpyAsync(dst.addr, src.addr, src.bytes(), self.dev.stream(stream)) }, "cuMemcpyAsync")
     }
 
-    fn zero(&self, t: &Tensor) -> Result<()> {
+    fn zero(&self, t: &Tensor, stream: llmq_core::Stream) -> Result<()> {
         self.dev.bind()?;
         if t.bytes() == 0 {
             return Ok(());
         }
         // SAFETY: t addresses t.bytes() bytes of device or mapped pinned memory.
-        check(unsafe { cudarc::driver::sys::cuMemsetD8Async(t.addr, 0, t.bytes(), self.dev.compute) }, "cuMemsetD8Async")
+        check(unsafe { cudarc::driver::sys::cuMemsetD8Async(t.addr, 0, t.bytes(), self.dev.stream(stream)) }, "cuMemsetD8Async")
     }
 
     fn convert(&self, dst: &Tensor, src: &Tensor) -> Result<()> {

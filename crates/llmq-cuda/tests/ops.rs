@@ -100,7 +100,7 @@ fn memory_copies_events_and_pinned_host() {
     assert_eq!(g.download(&h).unwrap(), data);
     // sub-slices
     let s = b.slice(100, &[50]);
-    g.zero(&s).unwrap();
+    g.zero(&s, Stream::Compute).unwrap();
     let back = g.download(&b).unwrap();
     assert!(back[200..300].iter().all(|&x| x == 0));
     assert_eq!(&back[..200], &data[..200]);

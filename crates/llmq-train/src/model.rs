@@ -12,7 +12,7 @@ use crate::acts::{Activations, RunShape};
 use crate::fp8::{Act, Fp8};
 use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::precision::{Precision, Recompute};
-use llmq_core::{Backend, Matmul, ModelConfig, Result, Tensor};
+use llmq_core::{Backend, Event, Matmul, ModelConfig, Result, Stream, Tensor};
 use llmq_io::data::Batch;
 
 /// Rows of logits the LM head materialises at once (one group): cross-entropy, the input
@@ -36,6 +36,10 @@ pub struct Model {
     /// FP8 state when the matmul dtype is e4m3.
     pub fp8: Option<Fp8>,
     eps: f32,
+    /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
+    /// the copy stream after; the first gradient write (the LM head's) waits for the second.
+    compute_idle: Event,
+    grads_zeroed: Event,
 }
 
 /// Index of each block matmul in `fp8::WEIGHTS`.
@@ -46,6 +50,7 @@ const DOWN: usize = 3;
 
 impl Model {
     pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, recompute: Recompute) -> Result<Model> {
+        let (compute_idle, grads_zeroed) = (be.create_event()?, be.create_event()?);
         cfg.validate()?;
         precision.validate()?;
         let params = Params::alloc(be, cfg, precision)?;
@@ -58,7 +63,7 @@ impl Model {
         } else {
             None
         };
-        Ok(Model { params, acts, recompute, fp8, eps: cfg.rms_norm_eps as f32 })
+        Ok(Model { params, acts, recompute, fp8, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -114,6 +119,15 @@ impl Model {
 
     fn n(&self) -> usize {
         self.acts.shape.b * self.acts.shape.t
+    }
+
+    /// Zeroes the gradients on the copy stream, beside the next forward pass (which writes no
+    /// gradient before the LM head, and that waits for this). Ordered after all work queued so far.
+    pub fn zero_grads(&self, be: &dyn Backend) -> Result<()> {
+        be.record(self.compute_idle, Stream::Compute)?;
+        be.wait(Stream::Copy, self.compute_idle)?;
+        self.params.grads.zero_on(be, Stream::Copy)?;
+        be.record(self.grads_zeroed, Stream::Copy)
     }
 
     /// Uploads a batch (inputs and targets, [B*T] each).
@@ -223,6 +237,9 @@ impl Model {
         let rows = lm_head_seqs(a.shape.b, a.shape.t) * a.shape.t;
         let head = self.params.head();
         let ghead = self.params.grad_head();
+        if dloss.is_some() {
+            be.wait(Stream::Compute, self.grads_zeroed)?; // see zero_grads
+        }
         for r0 in (0..a.shape.b * a.shape.t).step_by(rows) {
             let x = a.final_ln.rows(r0, rows);
             for s0 in (0..rows).step_by(LOGITS_ROWS) {

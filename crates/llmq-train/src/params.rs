@@ -8,7 +8,7 @@
 use crate::init;
 use crate::precision::Precision;
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
-use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Tensor};
+use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 
 /// Typed views of one block's tensors inside a flat group buffer.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +83,10 @@ impl GroupBuffers {
         HeadTensors { embedding, final_norm, lm_head }
     }
     pub fn zero(&self, be: &dyn Backend) -> Result<()> {
-        self.groups.iter().try_for_each(|t| be.zero(t))
+        self.zero_on(be, Stream::Compute)
+    }
+    pub fn zero_on(&self, be: &dyn Backend, stream: Stream) -> Result<()> {
+        self.groups.iter().try_for_each(|t| be.zero(t, stream))
     }
 }
 

@@ -85,8 +85,8 @@ impl Backend for Profiled {
     fn copy(&self, dst: &Tensor, src: &Tensor, stream: Stream) -> Result<()> {
         self.timed(|| "copy".into(), |b| b.copy(dst, src, stream))
     }
-    fn zero(&self, t: &Tensor) -> Result<()> {
-        self.timed(|| "zero".into(), |b| b.zero(t))
+    fn zero(&self, t: &Tensor, stream: Stream) -> Result<()> {
+        self.timed(|| "zero".into(), |b| b.zero(t, stream))
     }
     fn convert(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
         self.timed(|| format!("convert {}->{}", src.dtype, dst.dtype), |b| b.convert(dst, src))

@@ -190,7 +190,7 @@ impl Trainer {
         let valid: usize = batches.iter().map(|b| b.valid_targets()).sum();
         let dloss = if valid > 0 { 1.0 / valid as f32 } else { 0.0 };
         let be = self.be.as_ref();
-        self.model.params.grads.zero(be)?;
+        self.model.zero_grads(be)?;
         let mut loss_sum = 0.0;
         for batch in &batches {
             let t0 = Instant::now();

@@ -153,7 +153,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn zero(&self, t: &Tensor) -> Result<()> {
+    fn zero(&self, t: &Tensor, _stream: Stream) -> Result<()> {
         // SAFETY: exclusive write to a live allocation.
         unsafe { bytes_mut(t) }.fill(0);
         Ok(())
