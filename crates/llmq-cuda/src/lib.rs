@@ -47,8 +47,6 @@ pub enum AttnImpl {
     V3 { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,
-    /// The first tensor-core version (synchronous tile loads), kept as a cross-check.
-    MmaV1,
     /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
     Simple,
 }
@@ -133,10 +131,6 @@ impl CudaBackend {
         let optin = dev.max_smem_optin.max(48 << 10) as u32;
         for f in [
             k.embedding_bwd,
-            k.attn_bwd_dkv_mma128,
-            k.attn_bwd_dkv_mma64,
-            k.attn_bwd_dq_mma128,
-            k.attn_bwd_dq_mma64,
             k.attn_fwd_mma2_64,
             k.attn_fwd_mma2_128,
             k.attn_bwd_dq_mma2_64,

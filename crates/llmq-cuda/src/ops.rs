@@ -724,10 +724,6 @@ impl CudaBackend {
             }
             let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
             let args = [p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            if self.attn.get() == AttnImpl::MmaV1 {
-                let f = if s.hd == 64 { self.k.attn_fwd_mma64 } else { self.k.attn_fwd_mma128 };
-                return self.launch(f, grid, (128, 1, 1), 0, &args);
-            }
             let f = if s.hd == 64 { self.k.attn_fwd_mma2_64 } else { self.k.attn_fwd_mma2_128 };
             let tile = 64 * (s.hd + 8) * 2;
             return self.launch(f, grid, (128, 1, 1), (4 * tile) as u32, &args);
@@ -775,11 +771,6 @@ impl CudaBackend {
             let tile = 64 * (s.hd + 8) * 2;
             let nt = s.t.div_ceil(64) as u32;
             let args = [p(dqkv), p(dout), p(qkv), p(lse), Arg::Ptr(dbuf), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            if self.attn.get() == AttnImpl::MmaV1 {
-                let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma64, self.k.attn_bwd_dkv_mma64) } else { (self.k.attn_bwd_dq_mma128, self.k.attn_bwd_dkv_mma128) };
-                self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (2 * tile) as u32, &args)?;
-                return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (4 * tile + 512) as u32, &args);
-            }
             let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma2_64, self.k.attn_bwd_dkv_mma2_64) } else { (self.k.attn_bwd_dq_mma2_128, self.k.attn_bwd_dkv_mma2_128) };
             self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (4 * tile) as u32, &args)?;
             return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (6 * tile + 1024) as u32, &args);

@@ -1,6 +1,6 @@
 //! The v3 tensor-core attention kernels in every configuration: against the CPU backend on
 //! awkward shapes (per part of dqkv), determinism, agreement with the v2 kernels at T = 1024, and
-//! timings at Qwen shapes (B*T = 16384) for every configuration next to v2 and v1. Skips without
+//! timings at Qwen shapes (B*T = 16384) for every configuration next to v2. Skips without
 //! a CUDA device.
 
 mod common;
@@ -176,7 +176,7 @@ fn rand_tensor(g: &mut CudaBackend, rng: &mut common::Rng, dt: DType, dims: &[us
     t
 }
 
-/// Prints fwd / bwd times (median ms) of v1, v2, every v3 configuration and every dq x dkv
+/// Prints fwd / bwd times (median ms) of v2, every v3 configuration and every dq x dkv
 /// combination, B16 T1024, Qwen2.5-0.5B (Hd 64) and -1.5B-like (Hd 128) head shapes.
 #[test]
 fn attention_v3_timings() {
@@ -198,7 +198,6 @@ fn attention_v3_timings() {
             let tb = time(g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
             println!("| {name} | {:.3} ({:.0}) | {:.3} ({:.0}) |", tf * 1e3, flops / tf / 1e12, tb * 1e3, 2.5 * flops / tb / 1e12);
         };
-        line(&g, "v1".into(), AttnImpl::MmaV1);
         line(&g, "v2".into(), AttnImpl::MmaV2);
         line(&g, format!("v3 default {:?}", attn3_default(hd)), AttnImpl::Auto);
         for i in 0..ATTN3_CONFIGS {

@@ -649,7 +649,7 @@ fn attention_tensor_core_kernels() {
     let Some(mut p) = Pair::new(15) else { return };
     for s in [attn_shape(2, 37, 4, 2, 64), attn_shape(1, 130, 14, 2, 64), attn_shape(2, 64, 4, 4, 128), attn_shape(1, 200, 12, 2, 128), attn_shape(1, 1, 2, 1, 64)] {
         attention_case(&mut p, s, BF16, llmq_cuda::AttnImpl::Auto);
-        attention_case(&mut p, s, BF16, llmq_cuda::AttnImpl::MmaV1);
+        attention_case(&mut p, s, BF16, llmq_cuda::AttnImpl::MmaV2);
     }
 }
 
@@ -673,7 +673,7 @@ fn attention_paths_agree_at_length_1024() {
             (decode(BF16, &p.gpu.download(&out).unwrap()), decode(BF16, &p.gpu.download(&dqkv).unwrap()))
         };
         let (o1, d1) = run(llmq_cuda::AttnImpl::Simple);
-        let (o3, d3) = run(llmq_cuda::AttnImpl::MmaV1);
+        let (o3, d3) = run(llmq_cuda::AttnImpl::MmaV2);
         let (o2, d2) = run(llmq_cuda::AttnImpl::Auto);
         let rel = |a: &[f32], b: &[f32]| {
             let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -681,7 +681,7 @@ fn attention_paths_agree_at_length_1024() {
             (num / den).sqrt()
         };
         let (ro, rd) = (rel(&o1, &o2), rel(&d1, &d2));
-        println!("attention Hd={hd} T=1024: mma vs simple: out {ro:.2e}, dqkv {rd:.2e}; mma vs mma v1: out {:.2e}, dqkv {:.2e}", rel(&o3, &o2), rel(&d3, &d2));
+        println!("attention Hd={hd} T=1024: mma vs simple: out {ro:.2e}, dqkv {rd:.2e}; mma vs mma v2: out {:.2e}, dqkv {:.2e}", rel(&o3, &o2), rel(&d3, &d2));
         if !(ro < 1e-2 && rd < 3e-2) {
             p.fail(format!("attention Hd={hd} T=1024: mma and simple paths differ: out {ro:.2e}, dqkv {rd:.2e}"));
         }

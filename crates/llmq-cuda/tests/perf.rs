@@ -96,11 +96,11 @@ fn kernel_timings() {
         println!("| attention fwd mma | B16 T1024 Hq{hq} Hkv{hkv} Hd{hd} | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
         let tb = time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
         println!("| attention bwd mma | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
-        g.set_attention_impl(llmq_cuda::AttnImpl::MmaV1);
+        g.set_attention_impl(llmq_cuda::AttnImpl::MmaV2);
         let tf = time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
-        println!("| attention fwd mma v1 | same | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
+        println!("| attention fwd mma v2 | same | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
         let tb = time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
-        println!("| attention bwd mma v1 | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
+        println!("| attention bwd mma v2 | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Simple);
         let s1 = AttnShape { b: 2, ..s };
         let (q1, o1, l1) = (qkv.rows(0, 2048), out.rows(0, 2048), lse.slice(0, &[2 * hq * 1024]));
