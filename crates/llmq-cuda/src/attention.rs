@@ -62,9 +62,14 @@ const DKV_MIN_BLOCKS: usize = 2048;
 pub fn attn3_dkv_split(s: &AttnShape, dkv: usize) -> usize {
     let c = DKV[usize::from(s.hd != 64)][dkv.min(ATTN3_CONFIGS - 1)];
     let blocks = s.t.div_ceil(c.warps * 16 * c.mt) * s.hkv * s.b;
+    DKV_MIN_BLOCKS.div_ceil(blocks.max(1)).clamp(1, 8).min(dkv_parts_room(s))
+}
+
+/// How many f32 dK/dV parts (B*T x 2*Hkv*Hd each) fit in the scratch beside D (at least 1: one
+/// part is written straight into dqkv).
+fn dkv_parts_room(s: &AttnShape) -> usize {
     let part = s.b * s.t * 2 * s.hkv * s.hd * 4;
-    let room = SCRATCH_BYTES.saturating_sub(dkv_part_offset(s)) / part.max(1);
-    DKV_MIN_BLOCKS.div_ceil(blocks.max(1)).clamp(1, 8).min(room.max(1))
+    (SCRATCH_BYTES.saturating_sub(dkv_part_offset(s)) / part.max(1)).max(1)
 }
 
 /// Byte offset of the dK/dV parts in the scratch (after D, f32 [B*Hq*T]).
@@ -126,13 +131,9 @@ impl CudaBackend {
     /// Parts of the dK/dV iteration space: `AttnImpl::V3`'s `split` where set (limited by the
     /// scratch), else `attn3_dkv_split`.
     fn attn3_split(&self, s: &AttnShape, dkv: usize) -> usize {
-        let auto = attn3_dkv_split(s, dkv);
         match self.attn.get() {
-            AttnImpl::V3 { split, .. } if split > 0 => {
-                let part = s.b * s.t * 2 * s.hkv * s.hd * 4;
-                (split as usize).min((SCRATCH_BYTES - dkv_part_offset(s)) / part.max(1)).max(1)
-            }
-            _ => auto,
+            AttnImpl::V3 { split, .. } if split > 0 => (split as usize).min(dkv_parts_room(s)),
+            _ => attn3_dkv_split(s, dkv),
         }
     }
 

@@ -98,7 +98,7 @@ impl FastKernels {
     }
 }
 
-use crate::ops::{i, p, popt};
+use crate::ops::{adamw_tail, i, p, popt};
 fn dt(d: DType) -> Arg {
     Arg::I32(crate::ops::dt(d))
 }
@@ -503,32 +503,9 @@ impl CudaBackend {
         let (Some(mi), Some(si), Some(gi)) = (ix(a.master.dtype), ix(a.m.dtype), ix(a.grads.dtype)) else {
             return Ok(false);
         };
-        self.vlaunch(
-            self.fk.adamw[mi][si][gi],
-            (self.vgrid(total.div_ceil(4).max(1)), 1, 1),
-            (T, 1, 1),
-            0,
-            &[
-                p(a.params),
-                dt(a.params.dtype),
-                p(a.master),
-                p(a.grads),
-                p(a.m),
-                p(a.v),
-                popt(a.absmax),
-                Arg::Bytes(seg.to_vec()),
-                Arg::F32(a.lr),
-                Arg::F32(a.beta1),
-                Arg::F32(a.beta2),
-                Arg::F32(a.eps),
-                Arg::F32(a.weight_decay),
-                Arg::F32(bc1),
-                Arg::F32(bc2),
-                Arg::F32(a.grad_scale),
-                Arg::U64(a.seed),
-                Arg::I32(separate as i32),
-            ],
-        )?;
+        let tensors = [p(a.params), dt(a.params.dtype), p(a.master), p(a.grads), p(a.m), p(a.v)];
+        let args: Vec<Arg> = tensors.into_iter().chain(adamw_tail(a, seg.to_vec(), bc1, bc2, separate)).collect();
+        self.vlaunch(self.fk.adamw[mi][si][gi], (self.vgrid(total.div_ceil(4).max(1)), 1, 1), (T, 1, 1), 0, &args)?;
         Ok(true)
     }
 }

@@ -645,36 +645,20 @@ impl CudaBackend {
             if self.v_adamw(a, &bytes, total, bc1, bc2, separate)? {
                 continue;
             }
-            self.launch(
-                self.k.adamw,
-                (self.grid_for(total), 1, 1),
-                (THREADS, 1, 1),
-                0,
-                &[
-                    p(a.params),
-                    Arg::I32(dt(a.params.dtype)),
-                    p(a.master),
-                    Arg::I32(dt(a.master.dtype)),
-                    p(a.grads),
-                    Arg::I32(dt(a.grads.dtype)),
-                    p(a.m),
-                    Arg::I32(dt(a.m.dtype)),
-                    p(a.v),
-                    Arg::I32(dt(a.v.dtype)),
-                    popt(a.absmax),
-                    Arg::Bytes(bytes),
-                    Arg::F32(a.lr),
-                    Arg::F32(a.beta1),
-                    Arg::F32(a.beta2),
-                    Arg::F32(a.eps),
-                    Arg::F32(a.weight_decay),
-                    Arg::F32(bc1),
-                    Arg::F32(bc2),
-                    Arg::F32(a.grad_scale),
-                    Arg::U64(a.seed),
-                    Arg::I32(separate as i32),
-                ],
-            )?;
+            let tensors = [
+                p(a.params),
+                Arg::I32(dt(a.params.dtype)),
+                p(a.master),
+                Arg::I32(dt(a.master.dtype)),
+                p(a.grads),
+                Arg::I32(dt(a.grads.dtype)),
+                p(a.m),
+                Arg::I32(dt(a.m.dtype)),
+                p(a.v),
+                Arg::I32(dt(a.v.dtype)),
+            ];
+            let args: Vec<Arg> = tensors.into_iter().chain(adamw_tail(a, bytes, bc1, bc2, separate)).collect();
+            self.launch(self.k.adamw, (self.grid_for(total), 1, 1), (THREADS, 1, 1), 0, &args)?;
         }
         Ok(())
     }
@@ -795,4 +779,24 @@ impl CudaBackend {
         self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), 0, &args)?;
         self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), 0, &args)
     }
+}
+
+/// The AdamW kernels' arguments after their tensors (generic and typed kernels alike): abs-max
+/// slots, the segment table (`seg`, optim.cu's SegTable bytes), hyper-parameters, bias
+/// corrections, seed and whether params and master weights are separate buffers.
+pub(crate) fn adamw_tail(a: &AdamW, seg: Vec<u8>, bc1: f32, bc2: f32, separate: bool) -> [Arg; 12] {
+    [
+        popt(a.absmax),
+        Arg::Bytes(seg),
+        Arg::F32(a.lr),
+        Arg::F32(a.beta1),
+        Arg::F32(a.beta2),
+        Arg::F32(a.eps),
+        Arg::F32(a.weight_decay),
+        Arg::F32(bc1),
+        Arg::F32(bc2),
+        Arg::F32(a.grad_scale),
+        Arg::U64(a.seed),
+        Arg::I32(separate as i32),
+    ]
 }
