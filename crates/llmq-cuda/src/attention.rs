@@ -61,19 +61,24 @@ const DKV_MIN_BLOCKS: usize = 2048;
 /// query heads' contributions are added (still fixed).
 pub fn attn3_dkv_split(s: &AttnShape, dkv: usize) -> usize {
     let c = DKV[usize::from(s.hd != 64)][dkv.min(ATTN3_CONFIGS - 1)];
-    let blocks = s.t.div_ceil(c.warps * 16 * c.mt) * s.hkv * s.b;
+    dkv_split_for(s, c.warps * 16 * c.mt)
+}
+
+/// The dK/dV split for kernels whose blocks own `rows` keys (see `attn3_dkv_split`).
+pub(crate) fn dkv_split_for(s: &AttnShape, rows: usize) -> usize {
+    let blocks = s.t.div_ceil(rows) * s.hkv * s.b;
     DKV_MIN_BLOCKS.div_ceil(blocks.max(1)).clamp(1, 8).min(dkv_parts_room(s))
 }
 
 /// How many f32 dK/dV parts (B*T x 2*Hkv*Hd each) fit in the scratch beside D (at least 1: one
 /// part is written straight into dqkv).
-fn dkv_parts_room(s: &AttnShape) -> usize {
+pub(crate) fn dkv_parts_room(s: &AttnShape) -> usize {
     let part = s.b * s.t * 2 * s.hkv * s.hd * 4;
     (SCRATCH_BYTES.saturating_sub(dkv_part_offset(s)) / part.max(1)).max(1)
 }
 
 /// Byte offset of the dK/dV parts in the scratch (after D, f32 [B*Hq*T]).
-fn dkv_part_offset(s: &AttnShape) -> usize {
+pub(crate) fn dkv_part_offset(s: &AttnShape) -> usize {
     (s.b * s.hq * s.t * 4).next_multiple_of(256)
 }
 
@@ -83,7 +88,7 @@ pub(crate) struct Attn3Kernels {
     fwd: Table,
     dq: Table,
     dkv: Table,
-    dkv_reduce: sys::CUfunction,
+    pub(crate) dkv_reduce: sys::CUfunction,
 }
 
 impl Attn3Kernels {
@@ -121,8 +126,9 @@ impl CudaBackend {
     fn attn3_indices(&self, hd: usize) -> (usize, usize, usize) {
         match self.attn.get() {
             AttnImpl::V3 { fwd, dq, dkv, .. } => {
-                let m = ATTN3_CONFIGS - 1;
-                ((fwd as usize).min(m), (dq as usize).min(m), (dkv as usize).min(m))
+                let d = attn3_default(hd);
+                let pick = |i: u8, d: usize| if (i as usize) < ATTN3_CONFIGS { i as usize } else { d };
+                (pick(fwd, d.0), pick(dq, d.1), pick(dkv, d.2))
             }
             _ => attn3_default(hd),
         }
@@ -132,12 +138,12 @@ impl CudaBackend {
     /// scratch), else `attn3_dkv_split`.
     fn attn3_split(&self, s: &AttnShape, dkv: usize) -> usize {
         match self.attn.get() {
-            AttnImpl::V3 { split, .. } if split > 0 => (split as usize).min(dkv_parts_room(s)),
+            AttnImpl::V3 { split, .. } | AttnImpl::Wg { split, .. } if split > 0 => (split as usize).min(dkv_parts_room(s)),
             _ => attn3_dkv_split(s, dkv),
         }
     }
 
-    fn attn3_launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), threads: usize, smem: usize, args: &[Arg]) -> Result<()> {
+    pub(crate) fn attn3_launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), threads: usize, smem: usize, args: &[Arg]) -> Result<()> {
         self.dev.bind()?;
         // SAFETY: the callers (op_attention_fwd/bwd) checked dtypes (bf16), alignment (16 bytes)
         // and element counts of every tensor against the shape the kernel derives from B, T, Hq,
@@ -168,6 +174,9 @@ impl CudaBackend {
     /// forward.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn3_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape) -> Result<bool> {
+        if let Some((dq, dkv)) = self.attn4_choice() {
+            return self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, dq, dkv);
+        }
         let h = usize::from(s.hd != 64);
         let (_, qi, ki) = self.attn3_indices(s.hd);
         let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
@@ -194,6 +203,12 @@ impl CudaBackend {
         let part = dbuf + dkv_part_offset(&s) as u64;
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
         self.attn3_launch(self.attn3.dkv[h][ki], ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32), ck.warps * 32, sk, &args)?;
+        self.attn3_dkv_reduce(dqkv, part, split, &s)?;
+        Ok(true)
+    }
+
+    /// Adds the `split` f32 dK/dV parts at `part` into dqkv's K|V columns (nothing for 1 part).
+    pub(crate) fn attn3_dkv_reduce(&self, dqkv: &Tensor, part: u64, split: usize, s: &AttnShape) -> Result<()> {
         if split > 1 {
             let rows = s.b * s.t;
             let args = [
@@ -208,6 +223,6 @@ impl CudaBackend {
             ];
             self.attn3_launch(self.attn3.dkv_reduce, (rows.min(65535 * 16) as u32, 1, 1), 128, 0, &args)?;
         }
-        Ok(true)
+        Ok(())
     }
 }

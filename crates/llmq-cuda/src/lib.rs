@@ -16,6 +16,7 @@
 //! workspace at construction), never inside ops.
 
 mod attention;
+mod attention_wg;
 mod blas;
 mod device;
 mod fast;
@@ -28,6 +29,7 @@ use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, Mem
 use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
+pub use attention_wg::{attn4_configs, attn4_default, ATTN4_CONFIGS};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -41,14 +43,32 @@ pub enum AttnImpl {
     /// configurations, `attn3_default`), the simple ones elsewhere.
     Auto,
     /// The v3 tensor-core kernels with explicit configuration indices (< `ATTN3_CONFIGS`, see
-    /// `attn3_configs`), for tests and tuning.
+    /// `attn3_configs`; larger: the default one of the head size), for tests and tuning.
     /// `split`: parts of the dK/dV iteration space (0 = chosen from the shape, see
     /// `attn3_dkv_split`).
     V3 { fwd: u8, dq: u8, dkv: u8, split: u8 },
+    /// The backward with warpgroup MMAs (wgmma, compute capability 9.0 only; elsewhere the v3
+    /// default), forward as `Auto`: configuration indices (< `ATTN4_CONFIGS`, see
+    /// `attn4_configs`) of the dQ and dK/dV kernels, `split` as for `V3`.
+    Wg { dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,
     /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
     Simple,
+}
+
+/// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, v2, simple; unset: auto), for
+/// before/after comparisons of whole training runs.
+fn attn_from_env() -> Result<AttnImpl> {
+    let v = std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default();
+    Ok(match v.as_str() {
+        "" | "auto" => AttnImpl::Auto,
+        "v3" => AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
+        "wg" => AttnImpl::Wg { dq: 0, dkv: 0, split: 0 },
+        "v2" => AttnImpl::MmaV2,
+        "simple" => AttnImpl::Simple,
+        _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, v2 or simple, got {v:?}"))),
+    })
 }
 
 /// Ok when a CUDA device can be used: the kernels were built, the driver and cuBLASLt libraries
@@ -104,6 +124,7 @@ pub struct CudaBackend {
     scratch: u64,
     attn: Cell<AttnImpl>,
     attn3: attention::Attn3Kernels,
+    attn4: attention_wg::Attn4Kernels,
     fk: fast::FastKernels,
     /// Generic (scalar, runtime-dtype) kernels instead of the fast ones: `set_generic_kernels`,
     /// or LLMQ_CUDA_GENERIC_KERNELS=1 in the environment at construction.
@@ -142,13 +163,15 @@ impl CudaBackend {
             kernels::set_max_dynamic_smem(f, optin)?;
         }
         let attn3 = attention::Attn3Kernels::load(&k, optin)?;
+        let attn4 = attention_wg::Attn4Kernels::load(&k, optin)?;
         let fk = fast::FastKernels::load(&k)?;
         let generic = Cell::new(std::env::var("LLMQ_CUDA_GENERIC_KERNELS").is_ok_and(|v| v == "1"));
         let ce_launch = Cell::new((1024, 0));
+        let attn = Cell::new(attn_from_env()?);
         let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
         let blas = blas::Blas::new(ws)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn: Cell::new(AttnImpl::Auto), attn3, fk, generic, ce_launch })
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, attn3, attn4, fk, generic, ce_launch })
     }
 
     /// Device name, e.g. "NVIDIA H200".

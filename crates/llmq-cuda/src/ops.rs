@@ -703,7 +703,7 @@ impl CudaBackend {
         check_rows(OP, "out", out, n, s.out_width())?;
         check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
         if self.attn_mma(&s, &[out, qkv]) {
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. }) && self.attn3_fwd(out, lse, qkv, s)? {
+            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_fwd(out, lse, qkv, s)? {
                 return Ok(());
             }
             let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
@@ -737,7 +737,7 @@ impl CudaBackend {
             return err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
         }
         let dbuf = self.scratch;
-        if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. })
+        if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. })
             && self.attn_mma(&s, &[dqkv, dout, qkv, out])
             && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s)?
         {

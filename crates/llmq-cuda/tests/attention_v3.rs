@@ -1,13 +1,14 @@
-//! The v3 tensor-core attention kernels in every configuration: against the CPU backend on
-//! awkward shapes (per part of dqkv), determinism, agreement with the v2 kernels at T = 1024, and
-//! timings at Qwen shapes (B*T = 16384) for every configuration next to v2. Skips without
-//! a CUDA device.
+//! The v3 tensor-core attention kernels in every configuration, and the wgmma backward (Hopper
+//! only): against the CPU backend on awkward shapes (per part of dqkv), determinism, agreement
+//! with the v2 kernels at T = 1024, and timings at Qwen shapes (B*T = 16384) for every
+//! configuration next to v2. The wgmma operand forms are checked one by one first
+//! (`wgmma_operand_forms`). Skips without a CUDA device (or without compute capability 9.0).
 
 mod common;
 
 use common::{decode, encode, Pair};
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, Tensor};
-use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, AttnImpl, CudaBackend, ATTN3_CONFIGS};
+use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS};
 use std::time::Instant;
 
 const F32: DType = DType::F32;
@@ -111,6 +112,83 @@ fn attention_v3_configs_against_cpu() {
     }
 }
 
+/// Each wgmma operand form (A from shared memory or registers, B K-major or MN-major) on one
+/// 64 x 64 x 64 product against the CPU, with the descriptor strides the kernels use
+/// (kernels/wgmma.cuh); where they fail, the swapped (LBO, SBO) order is tried and reported.
+#[test]
+fn wgmma_operand_forms() {
+    let Some(mut g) = common::gpu_or_skip() else { return };
+    if !g.has_wgmma() {
+        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", g.compute_capability());
+        return;
+    }
+    let mut rng = common::Rng::new(34);
+    let round = |v: Vec<f32>| decode(BF16, &encode(BF16, &v));
+    let (av, bv) = (round(rng.vec(64 * 64, 1.0)), round(rng.vec(64 * 64, 1.0)));
+    let mut want = vec![0f32; 64 * 64];
+    for i in 0..64 {
+        for j in 0..64 {
+            want[i * 64 + j] = (0..64).map(|k| av[i * 64 + k] as f64 * bv[k * 64 + j] as f64).sum::<f64>() as f32;
+        }
+    }
+    let a = rand_tensor(&mut g, &mut rng, BF16, &[64, 64], 1.0);
+    let b = rand_tensor(&mut g, &mut rng, BF16, &[64, 64], 1.0);
+    g.upload(&a, &encode(BF16, &av)).unwrap();
+    g.upload(&b, &encode(BF16, &bv)).unwrap();
+    let c = g.alloc(MemCategory::Other, Mem::Device, F32, &[64, 64]).unwrap();
+    let mut failed = Vec::new();
+    for mode in 0..4 {
+        let a_ls = (1024, 128); // K-major, 64 rows: LBO = 64 * 16, SBO = 128
+        let b_ls = if mode & 1 == 1 { (128, 1024) } else { (1024, 128) };
+        let run = |g: &CudaBackend, a_ls: (i32, i32), b_ls: (i32, i32)| {
+            g.zero(&c, llmq_core::Stream::Compute).unwrap();
+            g.wgmma_selftest(&c, &a, &b, mode, a_ls, b_ls).unwrap();
+            rel(&want, &decode(F32, &g.download(&c).unwrap()))
+        };
+        let e = run(&g, a_ls, b_ls);
+        let form = format!("A {}, B {}", if mode & 2 == 2 { "registers" } else { "smem K-major" }, if mode & 1 == 1 { "MN-major" } else { "K-major" });
+        println!("wgmma {form}: A (LBO, SBO) {a_ls:?}, B {b_ls:?}: rel err {e:.2e}");
+        if !(e < 1e-5) {
+            for (al, bl) in [((a_ls.1, a_ls.0), b_ls), (a_ls, (b_ls.1, b_ls.0)), ((a_ls.1, a_ls.0), (b_ls.1, b_ls.0))] {
+                println!("  with A {al:?}, B {bl:?}: rel err {:.2e}", run(&g, al, bl));
+            }
+            failed.push(form);
+        }
+    }
+    assert!(failed.is_empty(), "wgmma forms wrong: {failed:?}");
+}
+
+/// The wgmma backward in every configuration and with split dK/dV work, against the CPU.
+#[test]
+fn attention_wg_against_cpu() {
+    let Some(mut p) = Pair::new(35) else { return };
+    if !p.gpu.has_wgmma() {
+        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
+        return;
+    }
+    let shapes = [
+        shape(2, 37, 4, 2, 64),
+        shape(1, 130, 14, 2, 64),
+        shape(2, 70, 6, 3, 64),
+        shape(1, 1, 2, 1, 64),
+        shape(1, 300, 7, 1, 64),
+        shape(2, 64, 4, 4, 128),
+        shape(1, 200, 12, 2, 128),
+        shape(2, 37, 6, 2, 128),
+        shape(1, 257, 4, 1, 128),
+    ];
+    for i in 0..ATTN4_CONFIGS as u8 {
+        for &s in &shapes {
+            case(&mut p, s, AttnImpl::Wg { dq: i, dkv: i, split: 0 });
+        }
+    }
+    for split in [1, 2, 3, 8] {
+        for &s in &shapes {
+            case(&mut p, s, AttnImpl::Wg { dq: 0, dkv: 1, split });
+        }
+    }
+}
+
 /// Every configuration against v2 on a realistic length (GPU only), bf16 outputs.
 #[test]
 fn attention_v3_configs_agree_with_v2_at_length_1024() {
@@ -140,12 +218,15 @@ fn attention_v3_configs_agree_with_v2_at_length_1024() {
             (o, l, decode(BF16, &p.gpu.download(&dqkv).unwrap()))
         };
         let (o2, l2, d2) = run(&mut p, AttnImpl::MmaV2);
-        for i in 0..ATTN3_CONFIGS as u8 {
-            let imp = AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 };
+        let mut imps: Vec<AttnImpl> = (0..ATTN3_CONFIGS as u8).map(|i| AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 }).collect();
+        if p.gpu.has_wgmma() {
+            imps.extend((0..ATTN4_CONFIGS as u8).map(|i| AttnImpl::Wg { dq: i, dkv: i, split: 0 }));
+        }
+        for (i, imp) in imps.into_iter().enumerate() {
             let (o, l, d) = run(&mut p, imp);
             let lerr = l.iter().zip(&l2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             let r = parts(s, &d2, &d);
-            println!("Hd={hd} config {i} vs v2: out {:.2e}, lse max abs {lerr:.2e}, dq {:.2e} dk {:.2e} dv {:.2e}", rel(&o2, &o), r[0], r[1], r[2]);
+            println!("Hd={hd} config {i} {imp:?} vs v2: out {:.2e}, lse max abs {lerr:.2e}, dq {:.2e} dk {:.2e} dv {:.2e}", rel(&o2, &o), r[0], r[1], r[2]);
             if !(rel(&o2, &o) < 1e-2 && lerr < 1e-3 && r.iter().all(|&x| x < 2e-2)) {
                 p.fail(format!("Hd={hd} config {i} differs from v2: out {:.2e} lse {lerr:.2e} parts {r:?}", rel(&o2, &o)));
             }
@@ -203,6 +284,22 @@ fn attention_v3_timings() {
         for i in 0..ATTN3_CONFIGS {
             let (f, dq, dkv) = attn3_configs(hd, i);
             line(&g, format!("v3 {i}: fwd {f:?} dq {dq:?} dkv {dkv:?} split {}", attn3_dkv_split(&s, i)), AttnImpl::V3 { fwd: i as u8, dq: i as u8, dkv: i as u8, split: 0 });
+        }
+        if g.has_wgmma() {
+            for i in 0..ATTN4_CONFIGS {
+                for j in 0..ATTN4_CONFIGS {
+                    let (bk, _) = attn4_configs(hd, i);
+                    let (_, bq) = attn4_configs(hd, j);
+                    line(&g, format!("wgmma bwd: dq {i} (key tile {bk}), dkv {j} (query tile {bq})"), AttnImpl::Wg { dq: i as u8, dkv: j as u8, split: 0 });
+                }
+            }
+            let mut row = "wgmma bwd ms, dq 0 dkv 0, dK/dV parts 1, 2, 3, 4, 6, 8:".to_string();
+            for split in [1u8, 2, 3, 4, 6, 8] {
+                g.set_attention_impl(AttnImpl::Wg { dq: 0, dkv: 0, split });
+                let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                row.push_str(&format!(" {:.3}", tb * 1e3));
+            }
+            println!("{row}");
         }
         println!("bwd ms, dkv config (rows) x dK/dV parts 1, 2, 3, 4, 6, 8 (columns), dq config {}:", attn3_default(hd).1);
         for j in 0..ATTN3_CONFIGS as u8 {

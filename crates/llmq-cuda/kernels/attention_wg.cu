@@ -1,0 +1,342 @@
+// attention_wg.cu: the attention backward with Hopper warpgroup MMAs (wgmma, sm_90a only).
+//
+// Same algorithm and contracts as the v3 backward in attention.cu (which stays the path on other
+// GPUs and the cross-check): the dQ kernel also writes D = rowsum(dO o O); the dK/dV kernel
+// reads it, loops over the query heads of its kv group x the query tiles at or after its key
+// block, optionally cut into S parts whose f32 sums attn3_dkv_reduce adds in order. No atomics:
+// deterministic. Differences: one warpgroup (128 threads) per block owns 64 rows (queries for
+// dQ, keys for dK/dV) and computes every product with wgmma on shared-memory tiles in the ct
+// layout of wgmma.cuh; P and dS stay in registers and feed the second products as A fragments.
+// The next tile is fetched by cp.async while the current one is computed (one barrier per
+// iteration: the prefetch is issued after it, when every warp is done with the other stage).
+// Pitfall: all four warps of a warpgroup must execute every wgmma, so masking is per element
+// (no warp-level skipping as in v3).
+#include "common.cuh"
+#include "wgmma.cuh"
+
+// C[64][64] (f32, row-major) = A[64][64] (row-major, M x K) * B[64][64] (row-major, K x N)
+// through one wgmma form: mode bit 0 = B MN-major (else K-major), bit 1 = A from registers
+// (else from shared memory). The (LBO, SBO) pairs are arguments so that a test can tell which
+// order the hardware wants.
+extern "C" __global__ void __launch_bounds__(128) llmq_wg_selftest(float* c, const uint16_t* a, const uint16_t* b, int mode, int lbo_a, int sbo_a,
+                                                                    int lbo_b, int sbo_b) {
+#ifdef LLMQ_WGMMA
+    __shared__ __align__(128) uint16_t As[64 * 64], Bs[64 * 64];
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
+    const bool bmn = mode & 1, areg = mode & 2;
+    for (int i = tid; i < 64 * 64; i += 128) {
+        const int r = i / 64, col = i % 64;
+        As[((col / 8) * 64 + r) * 8 + col % 8] = a[i];
+        if (bmn) Bs[((col / 8) * 64 + r) * 8 + col % 8] = b[i];  // rows = k
+        else Bs[((r / 8) * 64 + col) * 8 + r % 8] = b[i];        // rows = n
+    }
+    wg_proxy_fence();
+    __syncthreads();
+    float d[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) d[i] = 0.f;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const unsigned long long db = wg_desc(bmn ? Bs + kk * 16 * 8 : Bs + kk * 2 * 64 * 8, lbo_b, sbo_b);
+        if (areg) {
+            const int ra = 16 * w + g, c0 = 16 * kk + 2 * t;
+            const unsigned af[4] = {*(const unsigned*)(a + ra * 64 + c0), *(const unsigned*)(a + (ra + 8) * 64 + c0),
+                                    *(const unsigned*)(a + ra * 64 + c0 + 8), *(const unsigned*)(a + (ra + 8) * 64 + c0 + 8)};
+            if (bmn) wg_rs<64, 1>(d, af, db, 1);
+            else wg_rs<64, 0>(d, af, db, 1);
+        } else {
+            const unsigned long long da = wg_desc(As + kk * 2 * 64 * 8, lbo_a, sbo_a);
+            if (bmn) wg_ss<64, 1>(d, da, db, 1);
+            else wg_ss<64, 0>(d, da, db, 1);
+        }
+    }
+    wg_commit();
+    wg_wait<0>();
+    wg_keep(d);
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            c[(16 * w + g) * 64 + 8 * j + 2 * t + e] = d[4 * j + e];
+            c[(16 * w + g + 8) * 64 + 8 * j + 2 * t + e] = d[4 * j + 2 + e];
+        }
+#else
+    __trap();
+#endif
+}
+
+#ifdef LLMQ_WGMMA
+// dQ (and D). Block: 64 query rows of one head; grid (ceil(T/64), Hq, B), late (heavy) tiles
+// first. dyn smem: Q, dO ct [64][HD] + 2 stages x (K, V) ct [BK][HD] (bf16) + L, D [64] (f32).
+template <int HD, int BK>
+LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, const float* lse, int T,
+                       int Hq, int Hkv) {
+    constexpr int BQ = 64, NTH = 128, NS = BK / 2, NO = HD / 2;
+    uint16_t* Qs = (uint16_t*)llmq_dyn_smem;
+    uint16_t* Os = Qs + BQ * HD;
+    uint16_t* KV = Os + BQ * HD;  // [stage][K | V][BK * HD]
+    float* Ls = (float*)(KV + 4 * BK * HD);
+    float* Ds = Ls + BQ;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (Hq / Hkv);
+    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    const long long Ow = (long long)Hq * HD;
+    const uint16_t* seq = qkv + (long long)b * T * Qw;
+    const uint16_t* dseq = dout + (long long)b * T * Ow;
+    const int qb0 = qt * BQ;
+    const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
+    wg_cp_rows<HD, BQ, NTH>(Qs, seq, Qw, qb0, T, h * HD);
+    wg_cp_rows<HD, BQ, NTH>(Os, dseq, Ow, qb0, T, h * HD);
+    auto load_kv = [&](int kt, int st) {
+        wg_cp_rows<HD, BK, NTH>(KV + (2 * st) * BK * HD, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
+        wg_cp_rows<HD, BK, NTH>(KV + (2 * st + 1) * BK * HD, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
+        cp_async_commit();
+    };
+    load_kv(0, 0);
+    // D = rowsum(dO o O) and L (log2 domain) of the block's rows, while the copies run.
+    for (int r = threadIdx.x; r < BQ; r += NTH) {
+        const int q = qb0 + r;
+        float dsum = 0.f, L = INFINITY;
+        if (q < T) {
+            const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
+            const uint4* x = (const uint4*)(dout + off);
+            const uint4* y = (const uint4*)(out + off);
+#pragma unroll 4
+            for (int j = 0; j < HD / 8; j++) dsum = a3_dot8(x[j], y[j], dsum);
+            const long long li = ((long long)b * Hq + h) * T + q;
+            Dv[li] = dsum;
+            L = lse[li] * LOG2E;
+        }
+        Ls[r] = L;
+        Ds[r] = dsum;
+    }
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int ra = 16 * w + g;  // this thread's rows: ra, ra + 8
+    const int q0 = qb0 + ra, q1 = q0 + 8;
+    float dq[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) dq[i] = 0.f;
+    for (int kt = 0; kt < nkt; kt++) {
+        const int st = kt & 1;
+        cp_async_wait<0>();
+        wg_proxy_fence();
+        __syncthreads();
+        if (kt + 1 < nkt) load_kv(kt + 1, st ^ 1);
+        const uint16_t* Ks = KV + (2 * st) * BK * HD;
+        const uint16_t* Vs = Ks + BK * HD;
+        const int k0 = kt * BK;
+        float s[NS], dp[NS];
+#pragma unroll
+        for (int i = 0; i < NS; i++) s[i] = dp[i] = 0.f;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 0), wg_desc_k(Ks, BK, kk, 0), kk > 0);
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(dp, wg_desc_k(Os, BQ, kk, 0), wg_desc_k(Vs, BK, kk, 0), kk > 0);
+        wg_commit();
+        const float L0 = Ls[ra], L1 = Ls[ra + 8], D0 = Ds[ra], D1 = Ds[ra + 8];
+        wg_wait<1>();
+        wg_keep(s);
+        const bool diag = k0 + BK - 1 > qb0 + 16 * w;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L0)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L1));
+                if (diag) {
+                    const int key = k0 + nt * 8 + 2 * t + e;
+                    if (key > q0) p0 = 0.f;
+                    if (key > q1) p1 = 0.f;
+                }
+                s[4 * nt + e] = p0;
+                s[4 * nt + 2 + e] = p1;
+            }
+        wg_wait<0>();
+        wg_keep(dp);
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                s[4 * nt + e] *= dp[4 * nt + e] - D0;
+                s[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
+            }
+        unsigned af[BK / 16][4];
+#pragma unroll
+        for (int c = 0; c < BK / 16; c++) wg_pack_a(af[c], s, c);
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < BK / 16; c++) wg_rs<HD, 1>(dq, af[c], wg_desc_mn(Ks, BK, c), 1);  // dQ += dS K
+        wg_commit();
+        wg_wait<0>();
+        wg_keep(dq);
+    }
+    const float scale = 1.0f / sqrtf((float)HD);
+    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
+    a3_each_pair<HD, 1>(qb0 + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
+        *(unsigned*)(qbase + (long long)q * Qw + c) = pack_bf16(x0 * scale, x1 * scale);
+    });
+}
+
+// dK, dV. Block: 64 keys of one kv head; grid (ceil(T/64) * S, Hkv, B), early (heavy) key blocks
+// first; iteration space and parts as attn3_dkv. dyn smem: K, V ct [64][HD] + 2 stages x (Q, dO)
+// ct [BQ][HD] (bf16) + 2 stages x (L, D) [BQ] (f32). Needs D from the dQ kernel.
+template <int HD, int BQ>
+LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
+                        int T, int Hq, int Hkv) {
+    constexpr int BKV = 64, NTH = 128, NS = BQ / 2, NO = HD / 2;
+    static_assert(BKV % BQ == 0, "query tile must divide the key block");
+    uint16_t* Ks = (uint16_t*)llmq_dyn_smem;
+    uint16_t* Vs = Ks + BKV * HD;
+    uint16_t* QO = Vs + BKV * HD;           // [stage][Q | dO][BQ * HD]
+    float* LD = (float*)(QO + 4 * BQ * HD);  // [stage][L | D][BQ]
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int kb = blockIdx.x / S, split = blockIdx.x % S, kvh = blockIdx.y, b = blockIdx.z;
+    const int G = Hq / Hkv;
+    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    const long long Ow = (long long)Hq * HD;
+    const uint16_t* seq = qkv + (long long)b * T * Qw;
+    const uint16_t* dseq = dout + (long long)b * T * Ow;
+    const int qt0 = kb * (BKV / BQ);
+    const int nqt = (T + BQ - 1) / BQ;
+    const int per_head = nqt - qt0;
+    const int lo = (int)((long long)G * per_head * split / S), hi = (int)((long long)G * per_head * (split + 1) / S);
+    wg_cp_rows<HD, BKV, NTH>(Ks, seq, Qw, kb * BKV, T, (Hq + kvh) * HD);
+    wg_cp_rows<HD, BKV, NTH>(Vs, seq, Qw, kb * BKV, T, (Hq + Hkv + kvh) * HD);
+    auto load_q = [&](int it, int st) {
+        const int h = kvh * G + it / per_head, qt = qt0 + it % per_head;
+        wg_cp_rows<HD, BQ, NTH>(QO + (2 * st) * BQ * HD, seq, Qw, qt * BQ, T, h * HD);
+        wg_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * BQ * HD, dseq, Ow, qt * BQ, T, h * HD);
+        const float* lrow = lse + ((long long)b * Hq + h) * T;
+        const float* drow = Dv + ((long long)b * Hq + h) * T;
+        float* ld = LD + st * 2 * BQ;
+        for (int i = threadIdx.x; i < BQ; i += NTH) {
+            const int q = qt * BQ + i;
+            ld[i] = q < T ? lrow[q] * LOG2E : INFINITY;
+            ld[BQ + i] = q < T ? drow[q] : 0.f;
+        }
+        cp_async_commit();
+    };
+    if (lo < hi) load_q(lo, 0);  // the K/V copies join the first group
+    else cp_async_commit();
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int kw0 = kb * BKV + 16 * w;  // this warp's keys; this thread's: kw0 + g, kw0 + g + 8
+    float dk[NO], dv[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) dk[i] = dv[i] = 0.f;
+    for (int it = lo; it < hi; it++) {
+        const int st = (it - lo) & 1;
+        const int q0 = (qt0 + it % per_head) * BQ;
+        cp_async_wait<0>();
+        wg_proxy_fence();
+        __syncthreads();
+        if (it + 1 < hi) load_q(it + 1, st ^ 1);
+        const uint16_t* Qs = QO + (2 * st) * BQ * HD;
+        const uint16_t* Os = Qs + BQ * HD;
+        const float* Lq = LD + st * 2 * BQ;
+        const float* Dq = Lq + BQ;
+        float s[NS], dp[NS];
+#pragma unroll
+        for (int i = 0; i < NS; i++) s[i] = dp[i] = 0.f;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 0), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(dp, wg_desc_k(Vs, BKV, kk, 0), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
+        wg_commit();
+        wg_wait<1>();
+        wg_keep(s);
+        const bool diag = q0 < kw0 + 15;
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; nt++) {
+            const int qc = nt * 8 + 2 * t;
+            const float2 Lv = *(const float2*)(Lq + qc);
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const float L = e ? Lv.y : Lv.x;
+                const int qi = q0 + qc + e;
+                float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L));
+                if (diag) {
+                    if (kw0 + g > qi) p0 = 0.f;
+                    if (kw0 + g + 8 > qi) p1 = 0.f;
+                }
+                s[4 * nt + e] = p0;
+                s[4 * nt + 2 + e] = p1;
+            }
+        }
+        wg_wait<0>();
+        wg_keep(dp);
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; nt++) {
+            const float2 Dw = *(const float2*)(Dq + nt * 8 + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const float D = e ? Dw.y : Dw.x;
+                dp[4 * nt + e] = s[4 * nt + e] * (dp[4 * nt + e] - D);
+                dp[4 * nt + 2 + e] = s[4 * nt + 2 + e] * (dp[4 * nt + 2 + e] - D);
+            }
+        }
+        unsigned pa[BQ / 16][4], sa[BQ / 16][4];
+#pragma unroll
+        for (int c = 0; c < BQ / 16; c++) {
+            wg_pack_a(pa[c], s, c);
+            wg_pack_a(sa[c], dp, c);
+        }
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < BQ / 16; c++) wg_rs<HD, 1>(dv, pa[c], wg_desc_mn(Os, BQ, c), 1);  // dV += P^T dO
+#pragma unroll
+        for (int c = 0; c < BQ / 16; c++) wg_rs<HD, 1>(dk, sa[c], wg_desc_mn(Qs, BQ, c), 1);  // dK += dS^T Q
+        wg_commit();
+        wg_wait<0>();
+        wg_keep(dv);
+        wg_keep(dk);
+    }
+    const auto& dk4 = *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk);
+    const auto& dv4 = *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv);
+    if (S > 1) {  // f32 part sums, in dqkv's K|V column layout
+        const int pw = 2 * Hkv * HD;
+        float* pb = part + ((long long)split * gridDim.z + b) * T * pw + (long long)kvh * HD;
+        a3_each_pair<HD, 1>(kw0, g, t, T, dk4, [&](int k, int c, float x0, float x1) { *(float2*)(pb + (long long)k * pw + c) = make_float2(x0, x1); });
+        a3_each_pair<HD, 1>(kw0, g, t, T, dv4, [&](int k, int c, float x0, float x1) {
+            *(float2*)(pb + (long long)k * pw + Hkv * HD + c) = make_float2(x0, x1);
+        });
+        return;
+    }
+    const float scale = 1.0f / sqrtf((float)HD);
+    uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
+    uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
+    a3_each_pair<HD, 1>(kw0, g, t, T, dk4, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = pack_bf16(x0 * scale, x1 * scale); });
+    a3_each_pair<HD, 1>(kw0, g, t, T, dv4, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = pack_bf16(x0, x1); });
+}
+#define A4_BODY(call) call
+#else
+#define A4_BODY(call) __trap()
+#endif
+
+// Instantiations: llmq_attn4_{dq,dkv}_<HD>_<index>. Keep in sync with the tables in
+// src/attention_wg.rs (same index: key tile for dQ, query tile for dK/dV; min blocks per SM).
+#define A4_DQ(HD, IDX, BK, MINB)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                                                \
+        llmq_attn4_dq_##HD##_##IDX(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, \
+                                   const float* lse, int T, int Hq, int Hkv) {                                              \
+        A4_BODY((attn4_dq<HD, BK>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv)));                                              \
+    }
+#define A4_DKV(HD, IDX, BQ, MINB)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                                                \
+        llmq_attn4_dkv_##HD##_##IDX(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv,         \
+                                    const float* lse, const float* Dv, int T, int Hq, int Hkv) {                            \
+        A4_BODY((attn4_dkv<HD, BQ>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv)));                                         \
+    }
+
+A4_DQ(64, 0, 64, 3)
+A4_DQ(64, 1, 128, 2)
+A4_DQ(128, 0, 64, 2)
+A4_DQ(128, 1, 32, 2)
+A4_DKV(64, 0, 64, 3)
+A4_DKV(64, 1, 32, 3)
+A4_DKV(128, 0, 32, 2)
+A4_DKV(128, 1, 64, 1)

@@ -1,0 +1,117 @@
+// wgmma.cuh: Hopper warpgroup matrix multiply (sm_90a) for the attention kernels.
+//
+// One warpgroup (4 warps, 128 threads) computes D[64][N] (+)= A[64][16] * B[16][N] per
+// instruction, asynchronously: issue (wg_fence first), commit a group, wait for groups. A comes
+// from shared memory (descriptor) or from registers; B always from shared memory.
+//
+// Shared-memory tiles ("ct" tiles, no swizzle): a tile of R rows x W bf16 columns is stored as
+// 16-byte chunks, chunk (r, c) (columns 8c..8c+7 of row r) at byte (c * R + r) * 16. Eight
+// consecutive rows of one chunk column form one 128-byte "core matrix", the unit wgmma reads.
+// The same tile serves both operand forms:
+//   K-major (rows = M or N, columns = K): k-step kk starts at byte kk * 2 * R * 16;
+//     LBO (next core matrix along K) = R * 16, SBO (next 8 rows along M/N) = 128.
+//   MN-major (rows = K, columns = N; transpose bit set, bf16 only): k-step kk starts at byte
+//     kk * 256; LBO (next 8 rows along K) = 128, SBO (next 8 columns along N) = R * 16.
+// tests/attention_v3.rs checks every form against the CPU with `llmq_wg_selftest` and reports the
+// (LBO, SBO) order that works if these ever disagree with the hardware.
+//
+// Register fragments (per warp w of the warpgroup, lane = 4 g + t): the accumulator of
+// m64nN has N/2 floats, d[4 j + 0, 1] at row 16 w + g, columns 8 j + 2 t + {0, 1}, and
+// d[4 j + 2, 3] at row 16 w + g + 8; an A fragment (k16) is four bf16x2 registers in the
+// mma.sync m16n8k16 order, so accumulator columns 16 c .. 16 c + 15 convert to the A fragment of
+// k-step c by packing d[8 c .. 8 c + 7] pairwise (wg_pack_a).
+// Pitfalls: smem written by ordinary stores or cp.async must be fenced into the async proxy
+// (wg_proxy_fence) before the barrier that precedes the wgmma; registers read by an in-flight
+// wgmma must not be touched until wg_wait, and the compiler must not move accesses across it
+// (wg_keep on the accumulators).
+#pragma once
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LLMQ_WGMMA 1
+#endif
+
+LLMQ_DEV unsigned long long wg_desc(const void* smem, unsigned lbo, unsigned sbo) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    return (unsigned long long)((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
+}
+// Descriptor of k-step kk of a ct tile (R rows) used K-major, from row r0 (a multiple of 8).
+LLMQ_DEV unsigned long long wg_desc_k(const uint16_t* tile, int R, int kk, int r0) {
+    return wg_desc(tile + (kk * 2 * R + r0) * 8, R * 16, 128);
+}
+// Descriptor of k-step kk (rows 16 kk ..) of a ct tile (R rows) used MN-major.
+LLMQ_DEV unsigned long long wg_desc_mn(const uint16_t* tile, int R, int kk) {
+    return wg_desc(tile + kk * 16 * 8, 128, R * 16);
+}
+
+LLMQ_DEV void wg_fence() {
+#ifdef LLMQ_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+LLMQ_DEV void wg_commit() {
+#ifdef LLMQ_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+LLMQ_DEV void wg_wait() {
+#ifdef LLMQ_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+LLMQ_DEV void wg_proxy_fence() {
+#ifdef LLMQ_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Pins the accumulator registers at this point of the program (after wg_wait).
+template <int N>
+LLMQ_DEV void wg_keep(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// A fragment of k-step c from accumulator columns 16 c .. 16 c + 15 (bf16, round to nearest).
+template <int N>
+LLMQ_DEV void wg_pack_a(unsigned (&a)[4], const float (&d)[N], int c) {
+    a[0] = pack_bf16_hw(d[8 * c + 0], d[8 * c + 1]);
+    a[1] = pack_bf16_hw(d[8 * c + 2], d[8 * c + 3]);
+    a[2] = pack_bf16_hw(d[8 * c + 4], d[8 * c + 5]);
+    a[3] = pack_bf16_hw(d[8 * c + 6], d[8 * c + 7]);
+}
+
+// ROWS rows [r0, r0 + ROWS) of one head (column offset col, HD wide) into a ct tile by cp.async;
+// rows >= T are zero-filled. Each warp copies 8 rows x 4 chunks per step: 64 contiguous bytes
+// per row from global memory, four whole core matrices into shared memory.
+template <int HD, int ROWS, int NTH>
+LLMQ_DEV void wg_cp_rows(uint16_t* tile, const uint16_t* base, long long row_stride, int r0, int T, int col) {
+    constexpr int CH = HD / 8, STEPS = ROWS * CH / 32;
+    static_assert(ROWS % 8 == 0 && CH % 4 == 0, "ct tile copies need 8-row groups and 4-chunk groups");
+    const int lane = threadIdx.x & 31;
+    for (int s = threadIdx.x >> 5; s < STEPS; s += NTH / 32) {
+        const int rg = s % (ROWS / 8), cg = s / (ROWS / 8);
+        const int r = rg * 8 + (lane & 7), c = cg * 4 + (lane >> 3);
+        const bool ok = r0 + r < T;
+        const uint16_t* src = ok ? base + (long long)(r0 + r) * row_stride + col + c * 8 : base;
+        cp_async16(tile + (c * ROWS + r) * 8, src, ok);
+    }
+}
+
+#include "wgmma_ops.cuh"
+
+// D (+)= A * B with N chosen at compile time; TB: B is MN-major (transpose bit).
+template <int N, int TB>
+LLMQ_DEV void wg_ss(float* d, unsigned long long da, unsigned long long db, int acc) {
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma N");
+    if constexpr (N == 32) wg_ss_n32<TB>(d, da, db, acc);
+    else if constexpr (N == 64) wg_ss_n64<TB>(d, da, db, acc);
+    else wg_ss_n128<TB>(d, da, db, acc);
+}
+template <int N, int TB>
+LLMQ_DEV void wg_rs(float* d, const unsigned (&a)[4], unsigned long long db, int acc) {
+    static_assert(N == 32 || N == 64 || N == 128, "wgmma N");
+    if constexpr (N == 32) wg_rs_n32<TB>(d, a, db, acc);
+    else if constexpr (N == 64) wg_rs_n64<TB>(d, a, db, acc);
+    else wg_rs_n128<TB>(d, a, db, acc);
+}
