@@ -59,6 +59,13 @@ case "$what" in
       .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
       --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 > "$O/ncu-attention.txt" 2>&1
     ;;
+  attnprof)
+    # Nsight Compute's full analysis of COUNT attention kernels matching ATTN_RE after SKIP of
+    # them, in a 0.5B bf16 run (LLMQ_CUDA_ATTN picks the kernels: v3 or wg)
+    ncu --clock-control none --kernel-name regex:"${ATTN_RE:-llmq_attn4}" --launch-skip "${SKIP:-48}" --launch-count "${COUNT:-2}" --set full \
+      .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
+      --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 > "$O/ncu-${TAG:-attn}.txt" 2>&1
+    ;;
   profile)
     .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
       --steps 6 --warmup 1 --eval-every 0 --profile "$@" > "$O/profile.txt" 2>&1

@@ -1,7 +1,7 @@
-// attention_wg.cu: the attention backward with Hopper warpgroup MMAs (wgmma, sm_90a only).
+// attention_wg.cu: attention with Hopper warpgroup MMAs (wgmma, sm_90a only).
 //
-// Same algorithm and contracts as the v3 backward in attention.cu (which stays the path on other
-// GPUs and the cross-check): the dQ kernel also writes D = rowsum(dO o O); the dK/dV kernel
+// Same algorithms and contracts as the v3 kernels in attention.cu (which stay the path on other
+// GPUs and the cross-check); the forward writes lse. Backward: the dQ kernel also writes D = rowsum(dO o O); the dK/dV kernel
 // reads it, loops over the query heads of its kv group x the query tiles at or after its key
 // block, optionally cut into S parts whose f32 sums attn3_dkv_reduce adds in order. No atomics:
 // deterministic. Differences: one warpgroup (128 threads) per block owns 64 rows (queries for
@@ -9,6 +9,12 @@
 // layout of wgmma.cuh; P and dS stay in registers and feed the second products as A fragments.
 // The next tile is fetched by cp.async while the current one is computed (one barrier per
 // iteration: the prefetch is issued after it, when every warp is done with the other stage).
+// Pipelining: ST shared-memory stages, PD tiles fetched ahead. With ST = 2 (PD = 1) each warp
+// waits for its iteration's last wgmma before the next barrier, after which the prefetch
+// refills the previous iteration's stage. With ST >= 3 that last product (P V, dQ, or dV/dK)
+// completes under the next iteration's first products (deferred wait), so the prefetch may only
+// refill the stage of two iterations back (PD = ST - 2); a warpgroup that skips an iteration
+// waits for its deferred product there.
 // Pitfall: all four warps of a warpgroup must execute every wgmma, so masking is per element
 // (no warp-level skipping as in v3).
 #include "common.cuh"
@@ -21,14 +27,14 @@
 extern "C" __global__ void __launch_bounds__(128) llmq_wg_selftest(float* c, const uint16_t* a, const uint16_t* b, int mode, int lbo_a, int sbo_a,
                                                                     int lbo_b, int sbo_b) {
 #ifdef LLMQ_WGMMA
-    __shared__ __align__(128) uint16_t As[64 * 64], Bs[64 * 64];
+    __shared__ __align__(1024) uint16_t As[ct_elems(64, 64)], Bs[ct_elems(64, 64)];
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const bool bmn = mode & 1, areg = mode & 2;
     for (int i = tid; i < 64 * 64; i += 128) {
         const int r = i / 64, col = i % 64;
-        As[((col / 8) * 64 + r) * 8 + col % 8] = a[i];
-        if (bmn) Bs[((col / 8) * 64 + r) * 8 + col % 8] = b[i];  // rows = k
-        else Bs[((r / 8) * 64 + col) * 8 + r % 8] = b[i];        // rows = n
+        As[ct_off(64, r, col)] = a[i];
+        if (bmn) Bs[ct_off(64, r, col)] = b[i];  // rows = k
+        else Bs[ct_off(64, col, r)] = b[i];      // rows = n
     }
     wg_proxy_fence();
     __syncthreads();
@@ -38,7 +44,7 @@ extern "C" __global__ void __launch_bounds__(128) llmq_wg_selftest(float* c, con
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        const unsigned long long db = wg_desc(bmn ? Bs + kk * 16 * 8 : Bs + kk * 2 * 64 * 8, lbo_b, sbo_b);
+        const unsigned long long db = wg_desc(bmn ? Bs + kk * 16 * 64 : Bs + kk * 16, lbo_b, sbo_b);
         if (areg) {
             const int ra = 16 * w + g, c0 = 16 * kk + 2 * t;
             const unsigned af[4] = {*(const unsigned*)(a + ra * 64 + c0), *(const unsigned*)(a + (ra + 8) * 64 + c0),
@@ -46,7 +52,7 @@ extern "C" __global__ void __launch_bounds__(128) llmq_wg_selftest(float* c, con
             if (bmn) wg_rs<64, 1>(d, af, db, 1);
             else wg_rs<64, 0>(d, af, db, 1);
         } else {
-            const unsigned long long da = wg_desc(As + kk * 2 * 64 * 8, lbo_a, sbo_a);
+            const unsigned long long da = wg_desc(As + kk * 16, lbo_a, sbo_a);
             if (bmn) wg_ss<64, 1>(d, da, db, 1);
             else wg_ss<64, 0>(d, da, db, 1);
         }
@@ -67,18 +73,24 @@ extern "C" __global__ void __launch_bounds__(128) llmq_wg_selftest(float* c, con
 }
 
 #ifdef LLMQ_WGMMA
-// dQ (and D). Block: 64 query rows of one head; grid (ceil(T/64), Hq, B), late (heavy) tiles
-// first. dyn smem: Q, dO ct [64][HD] + 2 stages x (K, V) ct [BK][HD] (bf16) + L, D [64] (f32).
-template <int HD, int BK>
+// dQ (and D). Block: NWG warpgroups x 64 query rows of one head (BQ); grid (ceil(T/BQ), Hq, B),
+// late (heavy) tiles first; the K/V tiles are shared by the warpgroups. ST stages of K/V tiles
+// in flight. dyn smem (from a 1024-byte boundary): Q, dO ct [BQ][HD] + ST x (K, V) ct [BK][HD] (bf16) + L,
+// D [BQ] (f32).
+template <int HD, int BK, int NWG, int ST>
 LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, const float* lse, int T,
                        int Hq, int Hkv) {
-    constexpr int BQ = 64, NTH = 128, NS = BK / 2, NO = HD / 2;
-    uint16_t* Qs = (uint16_t*)llmq_dyn_smem;
-    uint16_t* Os = Qs + BQ * HD;
-    uint16_t* KV = Os + BQ * HD;  // [stage][K | V][BK * HD]
-    float* Ls = (float*)(KV + 4 * BK * HD);
+    constexpr int BQ = 64 * NWG, NTH = 128 * NWG, NS = BK / 2, NO = HD / 2;
+    static_assert(ST >= 2, "at least two stages");
+    constexpr bool DEFER = ST >= 3;
+    constexpr int PD = DEFER ? ST - 2 : ST - 1;
+    constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
+    uint16_t* Qs = ct_align(llmq_dyn_smem);
+    uint16_t* Os = Qs + QT;
+    uint16_t* KV = Os + QT;  // [stage][K | V][KT]
+    float* Ls = (float*)(KV + 2 * ST * KT);
     float* Ds = Ls + BQ;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, wg = threadIdx.x >> 7, g = lane >> 2, t = lane & 3;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int kvh = h / (Hq / Hkv);
     const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
@@ -89,12 +101,16 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
     wg_cp_rows<HD, BQ, NTH>(Qs, seq, Qw, qb0, T, h * HD);
     wg_cp_rows<HD, BQ, NTH>(Os, dseq, Ow, qb0, T, h * HD);
-    auto load_kv = [&](int kt, int st) {
-        wg_cp_rows<HD, BK, NTH>(KV + (2 * st) * BK * HD, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
-        wg_cp_rows<HD, BK, NTH>(KV + (2 * st + 1) * BK * HD, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
+    auto load_kv = [&](int kt) {  // always commits a group (maybe empty) to keep the counting uniform
+        if (kt < nkt) {
+            uint16_t* dst = KV + 2 * (kt % ST) * KT;
+            wg_cp_rows<HD, BK, NTH>(dst, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
+            wg_cp_rows<HD, BK, NTH>(dst + KT, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
+        }
         cp_async_commit();
     };
-    load_kv(0, 0);
+#pragma unroll
+    for (int i = 0; i < PD; i++) load_kv(i);  // the Q/dO copies join the first group
     // D = rowsum(dO o O) and L (log2 domain) of the block's rows, while the copies run.
     for (int r = threadIdx.x; r < BQ; r += NTH) {
         const int q = qb0 + r;
@@ -113,34 +129,39 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
         Ds[r] = dsum;
     }
     const float sl2 = LOG2E / sqrtf((float)HD);
-    const int ra = 16 * w + g;  // this thread's rows: ra, ra + 8
+    const int ra = 64 * wg + 16 * w + g;  // this thread's rows: ra, ra + 8
     const int q0 = qb0 + ra, q1 = q0 + 8;
+    const int wq_last = qb0 + 64 * wg + 63;  // the warpgroup's last query
     float dq[NO];
 #pragma unroll
     for (int i = 0; i < NO; i++) dq[i] = 0.f;
     for (int kt = 0; kt < nkt; kt++) {
-        const int st = kt & 1;
-        cp_async_wait<0>();
+        cp_async_wait<PD - 1>();
         wg_proxy_fence();
         __syncthreads();
-        if (kt + 1 < nkt) load_kv(kt + 1, st ^ 1);
-        const uint16_t* Ks = KV + (2 * st) * BK * HD;
-        const uint16_t* Vs = Ks + BK * HD;
+        const uint16_t* Ks = KV + 2 * (kt % ST) * KT;
+        const uint16_t* Vs = Ks + KT;
         const int k0 = kt * BK;
+        const bool active = k0 <= wq_last;  // warpgroup-uniform: all four warps issue or skip together
         float s[NS], dp[NS];
+        if (active) {
+            wg_fence();
 #pragma unroll
-        for (int i = 0; i < NS; i++) s[i] = dp[i] = 0.f;
-        wg_fence();
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * wg), wg_desc_k(Ks, BK, kk, 0), kk > 0);
+            wg_commit();
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 0), wg_desc_k(Ks, BK, kk, 0), kk > 0);
-        wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(dp, wg_desc_k(Os, BQ, kk, 0), wg_desc_k(Vs, BK, kk, 0), kk > 0);
-        wg_commit();
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(dp, wg_desc_k(Os, BQ, kk, 64 * wg), wg_desc_k(Vs, BK, kk, 0), kk > 0);
+            wg_commit();
+        }
+        load_kv(kt + PD);  // into a stage every warp has finished with (see PD)
+        if (!active) {
+            wg_wait<0>();
+            continue;
+        }
         const float L0 = Ls[ra], L1 = Ls[ra + 8], D0 = Ds[ra], D1 = Ds[ra + 8];
         wg_wait<1>();
         wg_keep(s);
-        const bool diag = k0 + BK - 1 > qb0 + 16 * w;
+        const bool diag = k0 + BK - 1 > qb0 + 64 * wg + 16 * w;
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
@@ -156,6 +177,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
             }
         wg_wait<0>();
         wg_keep(dp);
+        unsigned af[BK / 16][4];
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
@@ -163,36 +185,185 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
                 s[4 * nt + e] *= dp[4 * nt + e] - D0;
                 s[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
             }
-        unsigned af[BK / 16][4];
 #pragma unroll
         for (int c = 0; c < BK / 16; c++) wg_pack_a(af[c], s, c);
         wg_fence();
 #pragma unroll
         for (int c = 0; c < BK / 16; c++) wg_rs<HD, 1>(dq, af[c], wg_desc_mn(Ks, BK, c), 1);  // dQ += dS K
         wg_commit();
-        wg_wait<0>();
-        wg_keep(dq);
+        if constexpr (!DEFER) {
+            wg_wait<0>();
+            wg_keep(dq);
+        }  // else it completes under the next iteration's S and dP (wg_wait<1> there)
     }
+    wg_wait<0>();
+    wg_keep(dq);
+    cp_async_wait<0>();
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
-    a3_each_pair<HD, 1>(qb0 + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
+    a3_each_pair<HD, 1>(qb0 + 64 * wg + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
         *(unsigned*)(qbase + (long long)q * Qw + c) = pack_bf16(x0 * scale, x1 * scale);
     });
 }
 
-// dK, dV. Block: 64 keys of one kv head; grid (ceil(T/64) * S, Hkv, B), early (heavy) key blocks
-// first; iteration space and parts as attn3_dkv. dyn smem: K, V ct [64][HD] + 2 stages x (Q, dO)
-// ct [BQ][HD] (bf16) + 2 stages x (L, D) [BQ] (f32). Needs D from the dQ kernel.
-template <int HD, int BQ>
+// Forward (online softmax, as attn3_fwd). Block: NWG warpgroups x 64 query rows of one head;
+// grid (ceil(T/BQ), Hq, B), late (heavy) tiles first; K/V tiles shared by the warpgroups, ST
+// stages in flight. dyn smem (from a 1024-byte boundary): Q ct [BQ][HD] + ST x (K, V) ct
+// [BK][HD]. The P V product of iteration kt completes under the next S = Q K^T (wg_wait<0>
+// there, before O is rescaled).
+template <int HD, int BK, int NWG, int ST>
+LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv) {
+    constexpr int BQ = 64 * NWG, NTH = 128 * NWG, NS = BK / 2, NO = HD / 2;
+    static_assert(ST >= 2, "at least two stages");
+    constexpr bool DEFER = ST >= 3;
+    constexpr int PD = DEFER ? ST - 2 : ST - 1;
+    constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
+    uint16_t* Qs = ct_align(llmq_dyn_smem);
+    uint16_t* KV = Qs + QT;  // [stage][K | V][KT]
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, wg = threadIdx.x >> 7, g = lane >> 2, t = lane & 3;
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (Hq / Hkv);
+    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    const uint16_t* seq = qkv + (long long)b * T * Qw;
+    const int qb0 = qt * BQ;
+    const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
+    wg_cp_rows<HD, BQ, NTH>(Qs, seq, Qw, qb0, T, h * HD);
+    auto load_kv = [&](int kt) {
+        if (kt < nkt) {
+            uint16_t* dst = KV + 2 * (kt % ST) * KT;
+            wg_cp_rows<HD, BK, NTH>(dst, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
+            wg_cp_rows<HD, BK, NTH>(dst + KT, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < PD; i++) load_kv(i);
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int qw0 = qb0 + 64 * wg + 16 * w;  // this warp's rows; this thread's: qw0 + g, qw0 + g + 8
+    const int q0 = qw0 + g, q1 = q0 + 8;
+    const int wq_last = qb0 + 64 * wg + 63;
+    float o[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) o[i] = 0.f;
+    float mx0 = -INFINITY, mx1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    for (int kt = 0; kt < nkt; kt++) {
+        cp_async_wait<PD - 1>();
+        wg_proxy_fence();
+        __syncthreads();
+        const uint16_t* Ks = KV + 2 * (kt % ST) * KT;
+        const uint16_t* Vs = Ks + KT;
+        const int k0 = kt * BK;
+        const bool active = k0 <= wq_last;
+        float s[NS];
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * wg), wg_desc_k(Ks, BK, kk, 0), kk > 0);
+            wg_commit();
+        }
+        load_kv(kt + PD);
+        if (!active) {
+            wg_wait<0>();
+            continue;
+        }
+        wg_wait<0>();
+        wg_keep(s);
+        wg_keep(o);
+        if (k0 + BK - 1 > qw0) {  // diagonal tile: keys after the query are masked
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int key = k0 + nt * 8 + 2 * t + e;
+                    if (key > q0) s[4 * nt + e] = -INFINITY;
+                    if (key > q1) s[4 * nt + 2 + e] = -INFINITY;
+                }
+        }
+        float n0 = mx0, n1 = mx1;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            n0 = fmaxf(n0, fmaxf(s[4 * nt], s[4 * nt + 1]));
+            n1 = fmaxf(n1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+        }
+        n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 1));
+        n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 2));
+        n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 1));
+        n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 2));
+        const float mu0 = n0 == -INFINITY ? 0.f : n0 * sl2, mu1 = n1 == -INFINITY ? 0.f : n1 * sl2;
+        const float c0 = ex2_ftz(fmaf(mx0, sl2, -mu0)), c1 = ex2_ftz(fmaf(mx1, sl2, -mu1));
+        mx0 = n0;
+        mx1 = n1;
+        float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            s[4 * nt] = ex2_ftz(fmaf(s[4 * nt], sl2, -mu0));
+            s[4 * nt + 1] = ex2_ftz(fmaf(s[4 * nt + 1], sl2, -mu0));
+            s[4 * nt + 2] = ex2_ftz(fmaf(s[4 * nt + 2], sl2, -mu1));
+            s[4 * nt + 3] = ex2_ftz(fmaf(s[4 * nt + 3], sl2, -mu1));
+            ls0 += s[4 * nt] + s[4 * nt + 1];
+            ls1 += s[4 * nt + 2] + s[4 * nt + 3];
+        }
+        l0 = fmaf(l0, c0, ls0);
+        l1 = fmaf(l1, c1, ls1);
+#pragma unroll
+        for (int i = 0; i < NO / 4; i++) {
+            o[4 * i] *= c0;
+            o[4 * i + 1] *= c0;
+            o[4 * i + 2] *= c1;
+            o[4 * i + 3] *= c1;
+        }
+        unsigned af[BK / 16][4];
+#pragma unroll
+        for (int c = 0; c < BK / 16; c++) wg_pack_a(af[c], s, c);
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < BK / 16; c++) wg_rs<HD, 1>(o, af[c], wg_desc_mn(Vs, BK, c), 1);  // O += P V
+        wg_commit();
+        if constexpr (!DEFER) {
+            wg_wait<0>();
+            wg_keep(o);
+        }
+    }
+    wg_wait<0>();
+    wg_keep(o);
+    cp_async_wait<0>();
+    const long long ostride = (long long)Hq * HD;
+    uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
+    float* lrow = lse + ((long long)b * Hq + h) * T;
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 1);
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 2);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 1);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 2);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        const int c = i * 8 + 2 * t;
+        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + c) = pack_bf16(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + c) = pack_bf16(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+    }
+    if (t == 0) {
+        if (q0 < T) lrow[q0] = (mx0 * sl2 + log2f(l0)) / LOG2E;
+        if (q1 < T) lrow[q1] = (mx1 * sl2 + log2f(l1)) / LOG2E;
+    }
+}
+
+// dK, dV. Block: NWG warpgroups x 64 keys of one kv head (BKV); grid (ceil(T/BKV) * S, Hkv, B),
+// early (heavy) key blocks first; iteration space and parts as attn3_dkv; the Q/dO tiles are
+// shared by the warpgroups, ST stages in flight. dyn smem (from a 1024-byte boundary): K, V ct
+// [BKV][HD] + ST x (Q, dO) ct [BQ][HD] (bf16) + ST x (L, D) [BQ] (f32). Needs D from the dQ kernel.
+template <int HD, int BQ, int NWG, int ST>
 LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
                         int T, int Hq, int Hkv) {
-    constexpr int BKV = 64, NTH = 128, NS = BQ / 2, NO = HD / 2;
-    static_assert(BKV % BQ == 0, "query tile must divide the key block");
-    uint16_t* Ks = (uint16_t*)llmq_dyn_smem;
-    uint16_t* Vs = Ks + BKV * HD;
-    uint16_t* QO = Vs + BKV * HD;           // [stage][Q | dO][BQ * HD]
-    float* LD = (float*)(QO + 4 * BQ * HD);  // [stage][L | D][BQ]
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    constexpr int BKV = 64 * NWG, NTH = 128 * NWG, NS = BQ / 2, NO = HD / 2;
+    static_assert(BKV % BQ == 0 && ST >= 2, "query tile must divide the key block; at least two stages");
+    constexpr bool DEFER = ST >= 3;
+    constexpr int PD = DEFER ? ST - 2 : ST - 1;
+    constexpr int KT = ct_elems(BKV, HD), QT = ct_elems(BQ, HD);
+    uint16_t* Ks = ct_align(llmq_dyn_smem);
+    uint16_t* Vs = Ks + KT;
+    uint16_t* QO = Vs + KT;                  // [stage][Q | dO][QT]
+    float* LD = (float*)(QO + 2 * ST * QT);  // [stage][L | D][BQ]
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, wg = threadIdx.x >> 7, g = lane >> 2, t = lane & 3;
     const int kb = blockIdx.x / S, split = blockIdx.x % S, kvh = blockIdx.y, b = blockIdx.z;
     const int G = Hq / Hkv;
     const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
@@ -205,48 +376,56 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
     const int lo = (int)((long long)G * per_head * split / S), hi = (int)((long long)G * per_head * (split + 1) / S);
     wg_cp_rows<HD, BKV, NTH>(Ks, seq, Qw, kb * BKV, T, (Hq + kvh) * HD);
     wg_cp_rows<HD, BKV, NTH>(Vs, seq, Qw, kb * BKV, T, (Hq + Hkv + kvh) * HD);
-    auto load_q = [&](int it, int st) {
-        const int h = kvh * G + it / per_head, qt = qt0 + it % per_head;
-        wg_cp_rows<HD, BQ, NTH>(QO + (2 * st) * BQ * HD, seq, Qw, qt * BQ, T, h * HD);
-        wg_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * BQ * HD, dseq, Ow, qt * BQ, T, h * HD);
-        const float* lrow = lse + ((long long)b * Hq + h) * T;
-        const float* drow = Dv + ((long long)b * Hq + h) * T;
-        float* ld = LD + st * 2 * BQ;
-        for (int i = threadIdx.x; i < BQ; i += NTH) {
-            const int q = qt * BQ + i;
-            ld[i] = q < T ? lrow[q] * LOG2E : INFINITY;
-            ld[BQ + i] = q < T ? drow[q] : 0.f;
+    auto load_q = [&](int it) {  // always commits a group (maybe empty)
+        if (it < hi) {
+            const int h = kvh * G + it / per_head, qt = qt0 + it % per_head, st = (it - lo) % ST;
+            wg_cp_rows<HD, BQ, NTH>(QO + (2 * st) * QT, seq, Qw, qt * BQ, T, h * HD);
+            wg_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * QT, dseq, Ow, qt * BQ, T, h * HD);
+            const float* lrow = lse + ((long long)b * Hq + h) * T;
+            const float* drow = Dv + ((long long)b * Hq + h) * T;
+            float* ld = LD + st * 2 * BQ;
+            for (int i = threadIdx.x; i < BQ; i += NTH) {
+                const int q = qt * BQ + i;
+                ld[i] = q < T ? lrow[q] * LOG2E : INFINITY;
+                ld[BQ + i] = q < T ? drow[q] : 0.f;
+            }
         }
         cp_async_commit();
     };
-    if (lo < hi) load_q(lo, 0);  // the K/V copies join the first group
-    else cp_async_commit();
+#pragma unroll
+    for (int i = 0; i < PD; i++) load_q(lo + i);  // the K/V copies join the first group
     const float sl2 = LOG2E / sqrtf((float)HD);
-    const int kw0 = kb * BKV + 16 * w;  // this warp's keys; this thread's: kw0 + g, kw0 + g + 8
+    const int kwg0 = kb * BKV + 64 * wg;  // the warpgroup's first key
+    const int kw0 = kwg0 + 16 * w;        // this warp's keys; this thread's: kw0 + g, kw0 + g + 8
     float dk[NO], dv[NO];
 #pragma unroll
     for (int i = 0; i < NO; i++) dk[i] = dv[i] = 0.f;
     for (int it = lo; it < hi; it++) {
-        const int st = (it - lo) & 1;
+        const int st = (it - lo) % ST;
         const int q0 = (qt0 + it % per_head) * BQ;
-        cp_async_wait<0>();
+        cp_async_wait<PD - 1>();
         wg_proxy_fence();
         __syncthreads();
-        if (it + 1 < hi) load_q(it + 1, st ^ 1);
-        const uint16_t* Qs = QO + (2 * st) * BQ * HD;
-        const uint16_t* Os = Qs + BQ * HD;
+        const uint16_t* Qs = QO + (2 * st) * QT;
+        const uint16_t* Os = Qs + QT;
         const float* Lq = LD + st * 2 * BQ;
         const float* Dq = Lq + BQ;
+        const bool active = q0 + BQ - 1 >= kwg0;  // warpgroup-uniform
         float s[NS], dp[NS];
+        if (active) {
+            wg_fence();
 #pragma unroll
-        for (int i = 0; i < NS; i++) s[i] = dp[i] = 0.f;
-        wg_fence();
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 64 * wg), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
+            wg_commit();
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 0), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
-        wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(dp, wg_desc_k(Vs, BKV, kk, 0), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
-        wg_commit();
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(dp, wg_desc_k(Vs, BKV, kk, 64 * wg), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
+            wg_commit();
+        }
+        load_q(it + PD);  // into a stage every warp has finished with (see PD)
+        if (!active) {
+            wg_wait<0>();
+            continue;
+        }
         wg_wait<1>();
         wg_keep(s);
         const bool diag = q0 < kw0 + 15;
@@ -291,10 +470,16 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
 #pragma unroll
         for (int c = 0; c < BQ / 16; c++) wg_rs<HD, 1>(dk, sa[c], wg_desc_mn(Qs, BQ, c), 1);  // dK += dS^T Q
         wg_commit();
-        wg_wait<0>();
-        wg_keep(dv);
-        wg_keep(dk);
+        if constexpr (!DEFER) {
+            wg_wait<0>();
+            wg_keep(dv);
+            wg_keep(dk);
+        }  // else as in attn4_dq: completes under the next iteration's S^T and dP^T
     }
+    wg_wait<0>();
+    wg_keep(dv);
+    wg_keep(dk);
+    cp_async_wait<0>();
     const auto& dk4 = *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk);
     const auto& dv4 = *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv);
     if (S > 1) {  // f32 part sums, in dqkv's K|V column layout
@@ -318,25 +503,47 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
 #endif
 
 // Instantiations: llmq_attn4_{dq,dkv}_<HD>_<index>. Keep in sync with the tables in
-// src/attention_wg.rs (same index: key tile for dQ, query tile for dK/dV; min blocks per SM).
-#define A4_DQ(HD, IDX, BK, MINB)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128, MINB)                                                                \
+// src/attention_wg.rs (same index: tile (keys for dQ, queries for dK/dV), warpgroups, stages).
+#define A4_FWD(HD, IDX, BK, NWG, ST, MINB)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
+        llmq_attn4_fwd_##HD##_##IDX(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv) {              \
+        A4_BODY((attn4_fwd<HD, BK, NWG, ST>(out, lse, qkv, T, Hq, Hkv)));                                                    \
+    }
+#define A4_DQ(HD, IDX, BK, NWG, ST, MINB)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
         llmq_attn4_dq_##HD##_##IDX(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, \
                                    const float* lse, int T, int Hq, int Hkv) {                                              \
-        A4_BODY((attn4_dq<HD, BK>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv)));                                              \
+        A4_BODY((attn4_dq<HD, BK, NWG, ST>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv)));                                     \
     }
-#define A4_DKV(HD, IDX, BQ, MINB)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128, MINB)                                                                \
+#define A4_DKV(HD, IDX, BQ, NWG, ST, MINB)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
         llmq_attn4_dkv_##HD##_##IDX(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv,         \
                                     const float* lse, const float* Dv, int T, int Hq, int Hkv) {                            \
-        A4_BODY((attn4_dkv<HD, BQ>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv)));                                         \
+        A4_BODY((attn4_dkv<HD, BQ, NWG, ST>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv)));                                \
     }
 
-A4_DQ(64, 0, 64, 3)
-A4_DQ(64, 1, 128, 2)
-A4_DQ(128, 0, 64, 2)
-A4_DQ(128, 1, 32, 2)
-A4_DKV(64, 0, 64, 3)
-A4_DKV(64, 1, 32, 3)
-A4_DKV(128, 0, 32, 2)
-A4_DKV(128, 1, 64, 1)
+// (tile, warpgroups, stages, min blocks per SM)
+A4_FWD(64, 0, 64, 1, 2, 3)
+A4_FWD(64, 1, 64, 1, 3, 3)
+A4_FWD(64, 2, 128, 2, 2, 1)
+A4_FWD(64, 3, 64, 2, 3, 2)
+A4_FWD(128, 0, 64, 1, 2, 2)
+A4_FWD(128, 1, 64, 1, 3, 2)
+A4_FWD(128, 2, 64, 2, 2, 1)
+A4_FWD(128, 3, 128, 2, 2, 1)
+A4_DQ(64, 0, 64, 1, 2, 3)
+A4_DQ(64, 1, 64, 1, 3, 3)
+A4_DQ(64, 2, 64, 2, 2, 1)
+A4_DQ(64, 3, 64, 2, 3, 1)
+A4_DQ(128, 0, 64, 1, 2, 2)
+A4_DQ(128, 1, 64, 1, 3, 1)
+A4_DQ(128, 2, 64, 2, 2, 1)
+A4_DQ(128, 3, 32, 2, 3, 1)
+A4_DKV(64, 0, 64, 1, 2, 3)
+A4_DKV(64, 1, 64, 1, 3, 3)
+A4_DKV(64, 2, 64, 2, 2, 1)
+A4_DKV(64, 3, 64, 2, 3, 1)
+A4_DKV(128, 0, 64, 1, 2, 1)
+A4_DKV(128, 1, 64, 1, 3, 1)
+A4_DKV(128, 2, 32, 2, 2, 1)
+A4_DKV(128, 3, 64, 2, 2, 1)

@@ -4,16 +4,20 @@
 // instruction, asynchronously: issue (wg_fence first), commit a group, wait for groups. A comes
 // from shared memory (descriptor) or from registers; B always from shared memory.
 //
-// Shared-memory tiles ("ct" tiles, no swizzle): a tile of R rows x W bf16 columns is stored as
-// 16-byte chunks, chunk (r, c) (columns 8c..8c+7 of row r) at byte (c * R + r) * 16. Eight
-// consecutive rows of one chunk column form one 128-byte "core matrix", the unit wgmma reads.
-// The same tile serves both operand forms:
-//   K-major (rows = M or N, columns = K): k-step kk starts at byte kk * 2 * R * 16;
-//     LBO (next core matrix along K) = R * 16, SBO (next 8 rows along M/N) = 128.
-//   MN-major (rows = K, columns = N; transpose bit set, bf16 only): k-step kk starts at byte
-//     kk * 256; LBO (next 8 rows along K) = 128, SBO (next 8 columns along N) = R * 16.
-// tests/attention_v3.rs checks every form against the CPU with `llmq_wg_selftest` and reports the
-// (LBO, SBO) order that works if these ever disagree with the hardware.
+// Shared-memory tiles ("ct" tiles, 128-byte swizzle): a tile of R rows x W bf16 columns (W a
+// multiple of 64) is stored as W/64 sub-tiles of R rows x 128 bytes; the 16-byte chunk c
+// (columns 8c..8c+7 of the sub-tile) of row r sits at chunk position c ^ (r % 8) of its row.
+// Eight rows form a 1024-byte swizzle atom; tiles start 1024-byte aligned (ct_align). The same
+// tile serves both operand forms:
+//   K-major (rows = M or N, columns = K): k-step kk starts in sub-tile kk / 4, 32 * (kk % 4)
+//     bytes into the row (the hardware applies the XOR to the final address); SBO (next 8 rows)
+//     = 1024; LBO unused.
+//   MN-major (rows = K, columns = N; transpose bit set, bf16 only): k-step kk starts at row
+//     16 kk; SBO (next 8 rows along K) = 1024, LBO (next 64 columns along N) = R * 128.
+// Why swizzled: Nsight Compute showed the unswizzled canonical layout ("interleaved" 8 x 16-byte
+// core matrices) at 3x the ideal shared-memory wavefronts for the wgmma operand reads; the
+// swizzle also makes a quarter-warp's 16-byte cp.async stores of one row hit all 32 banks.
+// tests/attention_v3.rs checks every form against the CPU with `llmq_wg_selftest`.
 //
 // Register fragments (per warp w of the warpgroup, lane = 4 g + t): the accumulator of
 // m64nN has N/2 floats, d[4 j + 0, 1] at row 16 w + g, columns 8 j + 2 t + {0, 1}, and
@@ -30,18 +34,28 @@
 #define LLMQ_WGMMA 1
 #endif
 
+// Descriptor of a 128-byte-swizzled operand at smem (LBO, SBO in bytes).
 LLMQ_DEV unsigned long long wg_desc(const void* smem, unsigned lbo, unsigned sbo) {
     const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
     return (unsigned long long)((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
-           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);
+           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+// bf16 elements of a ct tile of R rows x W columns (a multiple of 1024 bytes when R % 8 == 0).
+__host__ __device__ constexpr int ct_elems(int R, int W) { return R * W; }
+// Element offset of (row r, column col) in a ct tile with R rows.
+LLMQ_DEV int ct_off(int R, int r, int col) { return (col / 64) * R * 64 + r * 64 + ((((col % 64) / 8) ^ (r & 7)) * 8) + col % 8; }
+// The dynamic shared memory rounded up to 1024 bytes (the launch adds 1024 bytes of room).
+LLMQ_DEV uint16_t* ct_align(unsigned char* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    return (uint16_t*)(p + ((1024 - (a & 1023)) & 1023));
 }
 // Descriptor of k-step kk of a ct tile (R rows) used K-major, from row r0 (a multiple of 8).
 LLMQ_DEV unsigned long long wg_desc_k(const uint16_t* tile, int R, int kk, int r0) {
-    return wg_desc(tile + (kk * 2 * R + r0) * 8, R * 16, 128);
+    return wg_desc(tile + (kk / 4) * R * 64 + r0 * 64 + (kk % 4) * 16, 16, 1024);
 }
 // Descriptor of k-step kk (rows 16 kk ..) of a ct tile (R rows) used MN-major.
 LLMQ_DEV unsigned long long wg_desc_mn(const uint16_t* tile, int R, int kk) {
-    return wg_desc(tile + kk * 16 * 8, 128, R * 16);
+    return wg_desc(tile + kk * 16 * 64, R * 128, 1024);
 }
 
 LLMQ_DEV void wg_fence() {
@@ -82,19 +96,19 @@ LLMQ_DEV void wg_pack_a(unsigned (&a)[4], const float (&d)[N], int c) {
 }
 
 // ROWS rows [r0, r0 + ROWS) of one head (column offset col, HD wide) into a ct tile by cp.async;
-// rows >= T are zero-filled. Each warp copies 8 rows x 4 chunks per step: 64 contiguous bytes
-// per row from global memory, four whole core matrices into shared memory.
+// rows >= T are zero-filled. Consecutive threads copy consecutive chunks of a row: each
+// quarter-warp reads 128 contiguous bytes and writes one swizzled 128-byte row (all banks).
 template <int HD, int ROWS, int NTH>
 LLMQ_DEV void wg_cp_rows(uint16_t* tile, const uint16_t* base, long long row_stride, int r0, int T, int col) {
-    constexpr int CH = HD / 8, STEPS = ROWS * CH / 32;
-    static_assert(ROWS % 8 == 0 && CH % 4 == 0, "ct tile copies need 8-row groups and 4-chunk groups");
-    const int lane = threadIdx.x & 31;
-    for (int s = threadIdx.x >> 5; s < STEPS; s += NTH / 32) {
-        const int rg = s % (ROWS / 8), cg = s / (ROWS / 8);
-        const int r = rg * 8 + (lane & 7), c = cg * 4 + (lane >> 3);
+    constexpr int CH = HD / 8;
+    static_assert(ROWS % 8 == 0 && HD % 64 == 0, "ct tiles need 8-row groups and 64-column sub-tiles");
+    static_assert(ROWS * CH % NTH == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int i = 0; i < ROWS * CH / NTH; i++) {  // unrolled: the index maths folds into constants
+        const int idx = threadIdx.x + i * NTH, r = idx / CH, c = idx % CH;
         const bool ok = r0 + r < T;
         const uint16_t* src = ok ? base + (long long)(r0 + r) * row_stride + col + c * 8 : base;
-        cp_async16(tile + (c * ROWS + r) * 8, src, ok);
+        cp_async16(tile + (c / 8) * ROWS * 64 + r * 64 + (((c % 8) ^ (r & 7)) * 8), src, ok);
     }
 }
 

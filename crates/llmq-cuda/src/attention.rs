@@ -1,6 +1,8 @@
 //! Tensor-core attention, version 3 (`attn3_*` in kernels/attention.cu): the configuration
 //! tables, kernel handles and launches. The default path for bf16 tensors with Hd 64 or 128
-//! (`AttnImpl::Auto`); `AttnImpl::V3 { fwd, dq, dkv }` picks other configurations (tests, tuning).
+//! (`AttnImpl::Auto`) except on compute capability 9.0, where the wgmma kernels of
+//! attention_wg.rs take over (the entry points here dispatch to them); `AttnImpl::V3 { fwd, dq,
+//! dkv }` picks v3 configurations (tests, tuning).
 //!
 //! Backward: the dQ kernel runs first and also writes D = rowsum(dO o O) (f32 [B, Hq, T]) into
 //! the scratch buffer; the dK/dV kernel reads it. No atomics: deterministic.
@@ -155,6 +157,11 @@ impl CudaBackend {
     /// Forward with the v3 kernels. Ok(false) when the configuration does not fit this device
     /// (shared memory); the caller then uses an older path. Tensors are checked by the caller.
     pub(crate) fn attn3_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<bool> {
+        if let Some((fi, _, _)) = self.attn4_choice(s.hd) {
+            if self.attn4_fwd(out, lse, qkv, s, fi)? {
+                return Ok(true);
+            }
+        }
         let h = usize::from(s.hd != 64);
         let (fi, _, _) = self.attn3_indices(s.hd);
         let cfg = FWD[h][fi];
@@ -174,8 +181,10 @@ impl CudaBackend {
     /// forward.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn3_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape) -> Result<bool> {
-        if let Some((dq, dkv)) = self.attn4_choice() {
-            return self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, dq, dkv);
+        if let Some((_, dq, dkv)) = self.attn4_choice(s.hd) {
+            if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, dq, dkv)? {
+                return Ok(true);
+            }
         }
         let h = usize::from(s.hd != 64);
         let (_, qi, ki) = self.attn3_indices(s.hd);

@@ -10,27 +10,47 @@ use cudarc::driver::sys;
 use llmq_core::{AttnShape, Result, Tensor};
 
 /// Configurations per kernel kind and head size.
-pub const ATTN4_CONFIGS: usize = 2;
+pub const ATTN4_CONFIGS: usize = 4;
 
-/// Rows (queries for dQ, keys for dK/dV) per block: one warpgroup of 128 threads.
+/// Rows (queries for dQ, keys for dK/dV) per warpgroup (128 threads).
 const ROWS: usize = 64;
 
-/// Key tile of the dQ kernel and query tile of the dK/dV kernel, [Hd 64, Hd 128][index]; must
-/// match the instantiations at the end of kernels/attention_wg.cu.
-const DQ_TILE: [[usize; ATTN4_CONFIGS]; 2] = [[64, 128], [64, 32]];
-const DKV_TILE: [[usize; ATTN4_CONFIGS]; 2] = [[64, 32], [32, 64]];
-/// (dq, dkv) indices `AttnImpl::Auto` uses on compute capability 9.0.
-const DEFAULT: [(usize, usize); 2] = [(0, 0), (0, 0)];
+/// One kernel configuration: `tile` (keys per tile for dQ, queries per tile for dK/dV), `wgs`
+/// warpgroups per block (each owns 64 rows: queries for dQ, keys for dK/dV) and `stages` tiles
+/// in flight. Must match the instantiations at the end of kernels/attention_wg.cu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attn4Cfg {
+    pub tile: usize,
+    pub wgs: usize,
+    pub stages: usize,
+}
 
-/// (dQ key tile, dK/dV query tile) of configuration `i` for head size `hd` (64 or 128).
-pub fn attn4_configs(hd: usize, i: usize) -> (usize, usize) {
+const fn c(tile: usize, wgs: usize, stages: usize) -> Attn4Cfg {
+    Attn4Cfg { tile, wgs, stages }
+}
+
+/// [Hd 64, Hd 128][index]
+const FWD: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(128, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(128, 2, 2)]];
+const DQ: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(32, 2, 3)]];
+const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(32, 2, 2), c(64, 2, 2)]];
+/// (fwd, dq, dkv) indices `AttnImpl::Auto` uses on compute capability 9.0, [Hd 64, Hd 128].
+/// From tests/attention_v3.rs on the H200 (2026-11-29, B16 T1024, ms per layer, fwd / bwd):
+/// Hd 64 (Hq 14, Hkv 2): fwd 0.139 0.141 0.155 0.131 for configurations 0-3, bwd 0.445 for
+/// dq 0 + dkv 0 (v3: 0.168 / 0.606); Hd 128 (Hq 12, Hkv 2): fwd 0.222 0.223 0.214 0.200, bwd
+/// 0.698 for dq 2 + dkv 3 (v3: 0.273 / 1.015). Deferring the last wgmma of an iteration (3
+/// stages) did not pay; neither did two warpgroups per block for Hd 64.
+const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (3, 2, 3)];
+
+/// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
+pub fn attn4_configs(hd: usize, i: usize) -> (Attn4Cfg, Attn4Cfg, Attn4Cfg) {
     let h = usize::from(hd != 64);
-    (DQ_TILE[h][i], DKV_TILE[h][i])
+    (FWD[h][i], DQ[h][i], DKV[h][i])
 }
 
 type Table = [[sys::CUfunction; ATTN4_CONFIGS]; 2];
 
 pub(crate) struct Attn4Kernels {
+    fwd: Table,
     dq: Table,
     dkv: Table,
     selftest: sys::CUfunction,
@@ -49,15 +69,22 @@ impl Attn4Kernels {
             }
             Ok(t)
         };
-        Ok(Attn4Kernels { dq: get("dq")?, dkv: get("dkv")?, selftest: k.function("llmq_wg_selftest")? })
+        Ok(Attn4Kernels { fwd: get("fwd")?, dq: get("dq")?, dkv: get("dkv")?, selftest: k.function("llmq_wg_selftest")? })
     }
 }
 
-fn dq_smem(hd: usize, bk: usize) -> usize {
-    (2 * ROWS + 4 * bk) * hd * 2 + 2 * ROWS * 4
+/// Dynamic shared memory: the tiles (bf16, kernels/wgmma.cuh: R x Hd each) and row statistics
+/// (f32), plus 1024 bytes of room to align the tiles to the 128-byte-swizzle atom.
+fn fwd_smem(hd: usize, c: Attn4Cfg) -> usize {
+    (ROWS * c.wgs + 2 * c.stages * c.tile) * hd * 2 + 1024
 }
-fn dkv_smem(hd: usize, bq: usize) -> usize {
-    (2 * ROWS + 4 * bq) * hd * 2 + 4 * bq * 4
+fn dq_smem(hd: usize, c: Attn4Cfg) -> usize {
+    let bq = ROWS * c.wgs;
+    (2 * bq + 2 * c.stages * c.tile) * hd * 2 + 2 * bq * 4 + 1024
+}
+fn dkv_smem(hd: usize, c: Attn4Cfg) -> usize {
+    let bkv = ROWS * c.wgs;
+    (2 * bkv + 2 * c.stages * c.tile) * hd * 2 + 2 * c.stages * c.tile * 4 + 1024
 }
 
 impl CudaBackend {
@@ -66,38 +93,61 @@ impl CudaBackend {
         self.dev.cc == (9, 0)
     }
 
-    /// The (dq, dkv) configuration indices of the wgmma backward, or None for the v3 kernels.
-    pub(crate) fn attn4_choice(&self) -> Option<(usize, usize)> {
+    /// The (fwd, dq, dkv) configuration indices of the wgmma kernels for head size `hd`, or None
+    /// for the v3 kernels: `Wg` (indices >= ATTN4_CONFIGS pick the default) and `Auto` on
+    /// compute capability 9.0.
+    pub(crate) fn attn4_choice(&self, hd: usize) -> Option<(usize, usize, usize)> {
         if !self.has_wgmma() {
             return None;
         }
+        let d = attn4_default(hd);
         match self.attn.get() {
-            AttnImpl::Wg { dq, dkv, .. } => Some(((dq as usize).min(ATTN4_CONFIGS - 1), (dkv as usize).min(ATTN4_CONFIGS - 1))),
+            AttnImpl::Wg { fwd, dq, dkv, .. } => {
+                let pick = |i: u8, d: usize| if (i as usize) < ATTN4_CONFIGS { i as usize } else { d };
+                Some((pick(fwd, d.0), pick(dq, d.1), pick(dkv, d.2)))
+            }
+            AttnImpl::Auto => Some(d),
             _ => None,
         }
+    }
+
+    /// The forward with the wgmma kernel `fi`; arguments as `attn3_fwd` (tensors checked there).
+    pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, fi: usize) -> Result<bool> {
+        let h = usize::from(s.hd != 64);
+        let cfg = FWD[h][fi];
+        let smem = fwd_smem(s.hd, cfg);
+        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+            return Ok(false);
+        }
+        let bq = ROWS * cfg.wgs;
+        let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
+        self.attn3_launch(self.attn4.fwd[h][fi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cfg.wgs, smem, &args)?;
+        Ok(true)
     }
 
     /// The backward with the wgmma kernels; arguments as `attn3_bwd` (tensors checked there).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, qi: usize, ki: usize) -> Result<bool> {
         let h = usize::from(s.hd != 64);
-        let (sq, sk) = (dq_smem(s.hd, DQ_TILE[h][qi]), dkv_smem(s.hd, DKV_TILE[h][ki]));
+        let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
+        let (sq, sk) = (dq_smem(s.hd, cq), dkv_smem(s.hd, ck));
         if sq.max(sk) > self.dev.max_smem_optin.max(48 << 10) as usize {
             return Ok(false);
         }
         let dims = || [Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
         let [t, hq, hkv] = dims();
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv];
-        let blocks = s.t.div_ceil(ROWS);
-        self.attn3_launch(self.attn4.dq[h][qi], (blocks as u32, s.hq as u32, s.b as u32), 128, sq, &args)?;
+        let bq = ROWS * cq.wgs;
+        self.attn3_launch(self.attn4.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cq.wgs, sq, &args)?;
+        let bkv = ROWS * ck.wgs;
         let split = match self.attn.get() {
             AttnImpl::Wg { split, .. } if split > 0 => (split as usize).min(crate::attention::dkv_parts_room(&s)),
-            _ => dkv_split_for(&s, ROWS),
+            _ => dkv_split_for(&s, bkv),
         };
         let part = dbuf + dkv_part_offset(&s) as u64;
         let [t, hq, hkv] = dims();
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
-        self.attn3_launch(self.attn4.dkv[h][ki], ((blocks * split) as u32, s.hkv as u32, s.b as u32), 128, sk, &args)?;
+        self.attn3_launch(self.attn4.dkv[h][ki], ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32), 128 * ck.wgs, sk, &args)?;
         self.attn3_dkv_reduce(dqkv, part, split, &s)?;
         Ok(true)
     }
@@ -122,7 +172,7 @@ impl CudaBackend {
     }
 }
 
-/// The (dq, dkv) indices `AttnImpl::Auto` would use for head size `hd` on compute capability 9.0.
-pub fn attn4_default(hd: usize) -> (usize, usize) {
+/// The (fwd, dq, dkv) indices `AttnImpl::Auto` uses for head size `hd` on compute capability 9.0.
+pub fn attn4_default(hd: usize) -> (usize, usize, usize) {
     DEFAULT[usize::from(hd != 64)]
 }

@@ -29,7 +29,7 @@ use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, Mem
 use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
-pub use attention_wg::{attn4_configs, attn4_default, ATTN4_CONFIGS};
+pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -39,18 +39,19 @@ pub const SCRATCH_BYTES: usize = 128 << 20;
 /// Which attention kernels to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnImpl {
-    /// Tensor-core kernels where they apply (bf16, Hd 64 or 128: the v3 kernels in their default
-    /// configurations, `attn3_default`), the simple ones elsewhere.
+    /// Tensor-core kernels where they apply (bf16, Hd 64 or 128): on compute capability 9.0 the
+    /// wgmma kernels (`attn4_default`), elsewhere the v3 kernels (`attn3_default`); the simple
+    /// ones otherwise.
     Auto,
     /// The v3 tensor-core kernels with explicit configuration indices (< `ATTN3_CONFIGS`, see
     /// `attn3_configs`; larger: the default one of the head size), for tests and tuning.
     /// `split`: parts of the dK/dV iteration space (0 = chosen from the shape, see
     /// `attn3_dkv_split`).
     V3 { fwd: u8, dq: u8, dkv: u8, split: u8 },
-    /// The backward with warpgroup MMAs (wgmma, compute capability 9.0 only; elsewhere the v3
-    /// default), forward as `Auto`: configuration indices (< `ATTN4_CONFIGS`, see
-    /// `attn4_configs`) of the dQ and dK/dV kernels, `split` as for `V3`.
-    Wg { dq: u8, dkv: u8, split: u8 },
+    /// The kernels with warpgroup MMAs (wgmma; compute capability 9.0 only, elsewhere the v3
+    /// defaults): configuration indices of the forward, dQ and dK/dV kernels (< `ATTN4_CONFIGS`,
+    /// see `attn4_configs`; larger: the default of the head size), `split` as for `V3`.
+    Wg { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,
     /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
@@ -58,13 +59,13 @@ pub enum AttnImpl {
 }
 
 /// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, v2, simple; unset: auto), for
-/// before/after comparisons of whole training runs.
+/// before/after comparisons of whole training runs (v3 and wg: their default configurations).
 fn attn_from_env() -> Result<AttnImpl> {
     let v = std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default();
     Ok(match v.as_str() {
         "" | "auto" => AttnImpl::Auto,
         "v3" => AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
-        "wg" => AttnImpl::Wg { dq: 0, dkv: 0, split: 0 },
+        "wg" => AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
         "v2" => AttnImpl::MmaV2,
         "simple" => AttnImpl::Simple,
         _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, v2 or simple, got {v:?}"))),

@@ -8,7 +8,7 @@ mod common;
 
 use common::{decode, encode, Pair};
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, Tensor};
-use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS};
+use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS};
 use std::time::Instant;
 
 const F32: DType = DType::F32;
@@ -138,8 +138,10 @@ fn wgmma_operand_forms() {
     let c = g.alloc(MemCategory::Other, Mem::Device, F32, &[64, 64]).unwrap();
     let mut failed = Vec::new();
     for mode in 0..4 {
-        let a_ls = (1024, 128); // K-major, 64 rows: LBO = 64 * 16, SBO = 128
-        let b_ls = if mode & 1 == 1 { (128, 1024) } else { (1024, 128) };
+        // 128-byte swizzle (kernels/wgmma.cuh): K-major SBO = 1024, LBO unused; MN-major SBO =
+        // 1024, LBO = the next 64 columns (64 rows x 128 bytes)
+        let a_ls = (16, 1024);
+        let b_ls = if mode & 1 == 1 { (64 * 128, 1024) } else { (16, 1024) };
         let run = |g: &CudaBackend, a_ls: (i32, i32), b_ls: (i32, i32)| {
             g.zero(&c, llmq_core::Stream::Compute).unwrap();
             g.wgmma_selftest(&c, &a, &b, mode, a_ls, b_ls).unwrap();
@@ -158,7 +160,7 @@ fn wgmma_operand_forms() {
     assert!(failed.is_empty(), "wgmma forms wrong: {failed:?}");
 }
 
-/// The wgmma backward in every configuration and with split dK/dV work, against the CPU.
+/// The wgmma kernels in every configuration and with split dK/dV work, against the CPU.
 #[test]
 fn attention_wg_against_cpu() {
     let Some(mut p) = Pair::new(35) else { return };
@@ -179,12 +181,12 @@ fn attention_wg_against_cpu() {
     ];
     for i in 0..ATTN4_CONFIGS as u8 {
         for &s in &shapes {
-            case(&mut p, s, AttnImpl::Wg { dq: i, dkv: i, split: 0 });
+            case(&mut p, s, AttnImpl::Wg { fwd: i, dq: i, dkv: i, split: 0 });
         }
     }
     for split in [1, 2, 3, 8] {
         for &s in &shapes {
-            case(&mut p, s, AttnImpl::Wg { dq: 0, dkv: 1, split });
+            case(&mut p, s, AttnImpl::Wg { fwd: 0, dq: 0, dkv: 1, split });
         }
     }
 }
@@ -220,7 +222,7 @@ fn attention_v3_configs_agree_with_v2_at_length_1024() {
         let (o2, l2, d2) = run(&mut p, AttnImpl::MmaV2);
         let mut imps: Vec<AttnImpl> = (0..ATTN3_CONFIGS as u8).map(|i| AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 }).collect();
         if p.gpu.has_wgmma() {
-            imps.extend((0..ATTN4_CONFIGS as u8).map(|i| AttnImpl::Wg { dq: i, dkv: i, split: 0 }));
+            imps.extend((0..ATTN4_CONFIGS as u8).map(|i| AttnImpl::Wg { fwd: i, dq: i, dkv: i, split: 0 }));
         }
         for (i, imp) in imps.into_iter().enumerate() {
             let (o, l, d) = run(&mut p, imp);
@@ -280,22 +282,31 @@ fn attention_v3_timings() {
             println!("| {name} | {:.3} ({:.0}) | {:.3} ({:.0}) |", tf * 1e3, flops / tf / 1e12, tb * 1e3, 2.5 * flops / tb / 1e12);
         };
         line(&g, "v2".into(), AttnImpl::MmaV2);
-        line(&g, format!("v3 default {:?}", attn3_default(hd)), AttnImpl::Auto);
+        line(&g, format!("v3 default {:?}", attn3_default(hd)), AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 });
         for i in 0..ATTN3_CONFIGS {
             let (f, dq, dkv) = attn3_configs(hd, i);
             line(&g, format!("v3 {i}: fwd {f:?} dq {dq:?} dkv {dkv:?} split {}", attn3_dkv_split(&s, i)), AttnImpl::V3 { fwd: i as u8, dq: i as u8, dkv: i as u8, split: 0 });
         }
         if g.has_wgmma() {
             for i in 0..ATTN4_CONFIGS {
-                for j in 0..ATTN4_CONFIGS {
-                    let (bk, _) = attn4_configs(hd, i);
-                    let (_, bq) = attn4_configs(hd, j);
-                    line(&g, format!("wgmma bwd: dq {i} (key tile {bk}), dkv {j} (query tile {bq})"), AttnImpl::Wg { dq: i as u8, dkv: j as u8, split: 0 });
-                }
+                let (f, dq, dkv) = attn4_configs(hd, i);
+                line(&g, format!("wgmma {i}: fwd {f:?} dq {dq:?} dkv {dkv:?}"), AttnImpl::Wg { fwd: i as u8, dq: i as u8, dkv: i as u8, split: 0 });
             }
-            let mut row = "wgmma bwd ms, dq 0 dkv 0, dK/dV parts 1, 2, 3, 4, 6, 8:".to_string();
+            line(&g, format!("wgmma default {:?}", attn4_default(hd)), AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+            println!("wgmma bwd ms, dq config (rows) x dkv config (columns):");
+            for i in 0..ATTN4_CONFIGS as u8 {
+                let mut row = format!("dq {i}:");
+                for j in 0..ATTN4_CONFIGS as u8 {
+                    g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: i, dkv: j, split: 0 });
+                    let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    row.push_str(&format!(" {:.3}", tb * 1e3));
+                }
+                println!("{row}");
+            }
+            let (_, dq, dkv) = attn4_default(hd);
+            let mut row = format!("wgmma bwd ms, dq {dq} dkv {dkv}, dK/dV parts 1, 2, 3, 4, 6, 8:");
             for split in [1u8, 2, 3, 4, 6, 8] {
-                g.set_attention_impl(AttnImpl::Wg { dq: 0, dkv: 0, split });
+                g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: dq as u8, dkv: dkv as u8, split });
                 let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
