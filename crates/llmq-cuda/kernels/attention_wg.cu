@@ -111,22 +111,32 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     };
 #pragma unroll
     for (int i = 0; i < PD; i++) load_kv(i);  // the Q/dO copies join the first group
-    // D = rowsum(dO o O) and L (log2 domain) of the block's rows, while the copies run.
-    for (int r = threadIdx.x; r < BQ; r += NTH) {
-        const int q = qb0 + r;
-        float dsum = 0.f, L = INFINITY;
-        if (q < T) {
-            const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
-            const uint4* x = (const uint4*)(dout + off);
-            const uint4* y = (const uint4*)(out + off);
-#pragma unroll 4
-            for (int j = 0; j < HD / 8; j++) dsum = a3_dot8(x[j], y[j], dsum);
-            const long long li = ((long long)b * Hq + h) * T + q;
-            Dv[li] = dsum;
-            L = lse[li] * LOG2E;
+    // D = rowsum(dO o O) and L (log2 domain) of the block's rows, while the copies run: LPR
+    // lanes per row read its 16-byte chunks side by side (coalesced) and add their partial dots
+    // in a fixed butterfly order.
+    {
+        constexpr int LPR = HD / 8, RPW = 32 / LPR;
+        const int j = lane % LPR;
+        for (int r = (threadIdx.x >> 5) * RPW + lane / LPR; r < BQ; r += (NTH / 32) * RPW) {
+            const int q = qb0 + r;
+            float dsum = 0.f;
+            if (q < T) {
+                const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
+                dsum = a3_dot8(((const uint4*)(dout + off))[j], ((const uint4*)(out + off))[j], 0.f);
+            }
+#pragma unroll
+            for (int m = LPR / 2; m > 0; m >>= 1) dsum += __shfl_xor_sync(0xFFFFFFFFu, dsum, m);
+            if (j == 0) {
+                float L = INFINITY;
+                if (q < T) {
+                    const long long li = ((long long)b * Hq + h) * T + q;
+                    Dv[li] = dsum;
+                    L = lse[li] * LOG2E;
+                }
+                Ls[r] = L;
+                Ds[r] = dsum;
+            }
         }
-        Ls[r] = L;
-        Ds[r] = dsum;
     }
     const float sl2 = LOG2E / sqrtf((float)HD);
     const int ra = 64 * wg + 16 * w + g;  // this thread's rows: ra, ra + 8
@@ -350,7 +360,8 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
 // dK, dV. Block: NWG warpgroups x 64 keys of one kv head (BKV); grid (ceil(T/BKV) * S, Hkv, B),
 // early (heavy) key blocks first; iteration space and parts as attn3_dkv; the Q/dO tiles are
 // shared by the warpgroups, ST stages in flight. dyn smem (from a 1024-byte boundary): K, V ct
-// [BKV][HD] + ST x (Q, dO) ct [BQ][HD] (bf16) + ST x (L, D) [BQ] (f32). Needs D from the dQ kernel.
+// [BKV][HD] + ST x (Q, dO) ct [BQ][HD] (bf16) + ST x (lse, D) [BQ] (f32). Needs D from the dQ
+// kernel.
 template <int HD, int BQ, int NWG, int ST>
 LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
                         int T, int Hq, int Hkv) {
@@ -381,13 +392,16 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
             const int h = kvh * G + it / per_head, qt = qt0 + it % per_head, st = (it - lo) % ST;
             wg_cp_rows<HD, BQ, NTH>(QO + (2 * st) * QT, seq, Qw, qt * BQ, T, h * HD);
             wg_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * QT, dseq, Ow, qt * BQ, T, h * HD);
+            // L and D by cp.async too (a plain load would stall the thread under its wgmmas);
+            // rows past T get L = D = 0: their Q and dO rows are zero, so P = 1 meets dP = D = 0
+            // and dO = 0 and contributes exactly nothing.
             const float* lrow = lse + ((long long)b * Hq + h) * T;
             const float* drow = Dv + ((long long)b * Hq + h) * T;
             float* ld = LD + st * 2 * BQ;
             for (int i = threadIdx.x; i < BQ; i += NTH) {
                 const int q = qt * BQ + i;
-                ld[i] = q < T ? lrow[q] * LOG2E : INFINITY;
-                ld[BQ + i] = q < T ? drow[q] : 0.f;
+                cp_async4(ld + i, lrow + min(q, T - 1), q < T);
+                cp_async4(ld + BQ + i, drow + min(q, T - 1), q < T);
             }
         }
         cp_async_commit();
@@ -435,7 +449,7 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
             const float2 Lv = *(const float2*)(Lq + qc);
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const float L = e ? Lv.y : Lv.x;
+                const float L = (e ? Lv.y : Lv.x) * LOG2E;
                 const int qi = q0 + qc + e;
                 float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L));
                 if (diag) {

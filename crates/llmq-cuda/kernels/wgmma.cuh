@@ -95,6 +95,14 @@ LLMQ_DEV void wg_pack_a(unsigned (&a)[4], const float (&d)[N], int c) {
     a[3] = pack_bf16_hw(d[8 * c + 6], d[8 * c + 7]);
 }
 
+// One f32 by cp.async (zero-filled where !valid).
+LLMQ_DEV void cp_async4(void* sptr, const void* gptr, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(sptr);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gptr), "r"(valid ? 4 : 0));
+#endif
+}
+
 // ROWS rows [r0, r0 + ROWS) of one head (column offset col, HD wide) into a ct tile by cp.async;
 // rows >= T are zero-filled. Consecutive threads copy consecutive chunks of a row: each
 // quarter-warp reads 128 contiguous bytes and writes one swizzled 128-byte row (all banks).
