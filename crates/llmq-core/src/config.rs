@@ -97,16 +97,16 @@ impl ModelConfig {
                 return bad(f, format!("implausibly large: {v}"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!("must divide num_attention_heads = {}, got {}", self.num_heads, self.num_kv_heads),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad("head_dim", format!("must be even for RoPE, got {}", self.head_dim));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad("rope_theta", format!("must be positive, got {}", self.rope_theta));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
