@@ -16,8 +16,11 @@
 //! (RMSNorm, residual RMSNorm, SwiGLU, their backwards, RoPE backward); the attention output and
 //! the qk-norm gradient have no fused abs-max and take one `absmax` pass. Weight abs-maxes come
 //! out of the AdamW update (per segment = per weight matrix) and are computed once at start.
-//! Quantised activations are not kept from forward to backward: the backward pass re-quantises
-//! the kept bf16 tensors with the kept abs-maxes, which gives the same bytes.
+//! The weight gradient needs each matmul input transposed (xᵀ). Where the bf16 input is kept
+//! for the backward pass (its activation slot is per layer), the forward quantises it plain and
+//! transposed in one pass and keeps xᵀ and its descale (`act_t`); where the input is recomputed,
+//! the backward quantises the recomputed tensor with the kept abs-max. Both give the same bytes,
+//! so the recompute options still cannot change the numbers.
 //!
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
 //! optimizer step; without, they are re-quantised at each use. Both give the same bytes.
@@ -64,6 +67,11 @@ pub struct Fp8 {
     scratch_w: QuantWeight,
     /// Per layer, per matmul (persistent quants).
     persistent: Option<Vec<[QuantWeight; 4]>>,
+    /// Per activation (`Act`), where it is kept for the backward pass: per layer, its fp8
+    /// transpose [in, N] from the forward pass.
+    act_t: [Option<Vec<Tensor>>; 4],
+    /// f32, 16 bytes per (layer, activation): the descale of each kept transpose.
+    act_descale: Tensor,
 }
 
 fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
@@ -71,7 +79,9 @@ fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
 }
 
 impl Fp8 {
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool) -> Result<Fp8> {
+    /// `keep[a]`: activation `a` (`Act`) is kept per layer for the backward pass (so its fp8
+    /// transpose is kept too).
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool, keep: [bool; 4]) -> Result<Fp8> {
         // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
         for (what, v) in [
             ("hidden_size", cfg.hidden_size),
@@ -125,7 +135,16 @@ impl Fp8 {
         } else {
             None
         };
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent })
+        let widths = [c, cfg.attn_width(), c, d]; // inputs of QKV, out, up+gate, down
+        let mut act_t: [Option<Vec<Tensor>>; 4] = [None, None, None, None];
+        for (a, slot) in act_t.iter_mut().enumerate() {
+            if keep[a] {
+                let per_layer = (0..cfg.num_layers).map(|_| be.alloc(MemCategory::Activations, Mem::Device, DType::E4M3, &[widths[a], n]));
+                *slot = Some(per_layer.collect::<Result<Vec<_>>>()?);
+            }
+        }
+        let act_descale = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers * 4 * 4])?;
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, act_t, act_descale })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -193,20 +212,37 @@ impl Fp8 {
         }
     }
 
-    /// out = x · Wᵀ (+ bias) with x quantised by `x_amax`.
+    /// The kept fp8 transpose of activation `a` of layer l and its descale, if it is kept.
+    fn kept_t(&self, l: usize, a: Act) -> Option<(Tensor, Tensor)> {
+        let t = self.act_t[a as usize].as_ref()?[l];
+        Some((t, self.act_descale.slice((l * 4 + a as usize) * 4, &[1])))
+    }
+
+    /// out = x · Wᵀ (+ bias) with x (activation `a` of layer l) quantised by `x_amax`; where `a`
+    /// is kept, its transpose for the backward pass comes out of the same pass.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, out: &Tensor, x: &Tensor, x_amax: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    pub fn forward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, out: &Tensor, x: &Tensor, a: Act, x_amax: &Tensor, bias: Option<&Tensor>) -> Result<()> {
         let (n, inp) = x.rows_cols();
         let w = self.weight(be, params, l, k, false)?;
         let xq = fp8_slot(&self.xq, n * inp, &[n, inp]);
-        let ds_x = self.descales.slice(0, &[1]);
-        be.quantize(&xq, &ds_x, x, x_amax, false)?;
+        let ds_x = match self.kept_t(l, a) {
+            Some((xt, ds)) => {
+                be.quantize_pair(&xq, &xt, &ds, x, x_amax)?;
+                ds
+            }
+            None => {
+                let ds = self.descales.slice(0, &[1]);
+                be.quantize(&xq, &ds, x, x_amax, false)?;
+                ds
+            }
+        };
         be.matmul(&Matmul { descale_a: Some(&ds_x), descale_b: Some(&w.descale), ..Matmul::linear(out, &xq, &w.q).with_bias(bias) })
     }
 
-    /// dx = dy · W and dW += dyᵀ · x, with dy quantised by `self.grad_amax`.
+    /// dx = dy · W and dW += dyᵀ · x (x: activation `a` of layer l), with dy quantised by
+    /// `self.grad_amax`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, x_amax: &Tensor) -> Result<()> {
+    pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, a: Act, x_amax: &Tensor) -> Result<()> {
         let (n, out) = dy.rows_cols();
         let inp = x.rows_cols().1;
         let w = self.weight(be, params, l, k, true)?;
@@ -218,8 +254,14 @@ impl Fp8 {
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
         be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), ..Matmul::linear(dx, &dyq, &w.qt) })?;
         // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
-        let xtq = fp8_slot(&self.xq, n * inp, &[inp, n]);
-        be.quantize(&xtq, &ds_x, x, x_amax, true)?;
+        let (xtq, ds_x) = match self.kept_t(l, a) {
+            Some(kept) => kept,
+            None => {
+                let xtq = fp8_slot(&self.xq, n * inp, &[inp, n]);
+                be.quantize(&xtq, &ds_x, x, x_amax, true)?;
+                (xtq, ds_x)
+            }
+        };
         be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, ..Matmul::linear(dw, &dytq, &xtq) })
     }
 }

@@ -59,7 +59,8 @@ impl Model {
         let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, lm_rows, norm_slots)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
         let fp8 = if precision.matmul.is_fp8() {
-            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants)?)
+            let keep = [acts.ln1.kept(), acts.att.kept(), acts.ln2.kept(), acts.sw.kept()]; // Act order
+            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants, keep)?)
         } else {
             None
         };
@@ -96,7 +97,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn mm(&self, be: &dyn Backend, l: usize, k: usize, out: &Tensor, x: &Tensor, act: Act, w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
         match &self.fp8 {
-            Some(f) => f.forward(be, &self.params, l, k, out, x, &f.act_amax(l, act), bias),
+            Some(f) => f.forward(be, &self.params, l, k, out, x, act, &f.act_amax(l, act), bias),
             None => be.matmul(&Matmul::linear(out, x, w).with_bias(bias)),
         }
     }
@@ -105,7 +106,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn mm_bwd(&self, be: &dyn Backend, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, act: Act, w: &Tensor) -> Result<()> {
         match &self.fp8 {
-            Some(f) => f.backward(be, &self.params, l, k, dx, dw, dy, x, &f.act_amax(l, act)),
+            Some(f) => f.backward(be, &self.params, l, k, dx, dw, dy, x, act, &f.act_amax(l, act)),
             None => {
                 be.matmul(&Matmul::linear_dgrad(dx, dy, w))?;
                 be.matmul(&Matmul::linear_wgrad(dw, dy, x))
