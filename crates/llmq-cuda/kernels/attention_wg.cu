@@ -1,22 +1,23 @@
 // attention_wg.cu: attention with Hopper warpgroup MMAs (wgmma, sm_90a only).
 //
-// Same algorithms and contracts as the v3 kernels in attention.cu (which stay the path on other
-// GPUs and the cross-check); the forward writes lse. Backward: the dQ kernel also writes D = rowsum(dO o O); the dK/dV kernel
-// reads it, loops over the query heads of its kv group x the query tiles at or after its key
-// block, optionally cut into S parts whose f32 sums attn3_dkv_reduce adds in order. No atomics:
-// deterministic. Differences: one warpgroup (128 threads) per block owns 64 rows (queries for
-// dQ, keys for dK/dV) and computes every product with wgmma on shared-memory tiles in the ct
-// layout of wgmma.cuh; P and dS stay in registers and feed the second products as A fragments.
-// The next tile is fetched by cp.async while the current one is computed (one barrier per
-// iteration: the prefetch is issued after it, when every warp is done with the other stage).
-// Pipelining: ST shared-memory stages, PD tiles fetched ahead. With ST = 2 (PD = 1) each warp
-// waits for its iteration's last wgmma before the next barrier, after which the prefetch
-// refills the previous iteration's stage. With ST >= 3 that last product (P V, dQ, or dV/dK)
-// completes under the next iteration's first products (deferred wait), so the prefetch may only
-// refill the stage of two iterations back (PD = ST - 2); a warpgroup that skips an iteration
-// waits for its deferred product there.
+// Same algorithms and contracts as the v3 kernels in attention.cu, which stay the path on other
+// GPUs and the cross-check: the forward writes lse; the dQ kernel also writes D = rowsum(dO o O);
+// the dK/dV kernel reads it and loops over the query heads of its kv group x the query tiles at
+// or after its key block, optionally cut into S parts whose f32 sums attn3_dkv_reduce adds in
+// order. No atomics: deterministic.
+// Structure: each warpgroup (128 threads; NWG = 1 or 2 per block) owns 64 rows (queries for the
+// forward and dQ, keys for dK/dV) and computes every product with wgmma on shared-memory tiles
+// in the swizzled ct layout of wgmma.cuh; P and dS stay in registers and feed the second
+// products as A fragments; the warpgroups of a block share the tiles they loop over.
+// Pipelining: ST shared-memory stages filled by cp.async, PD tiles fetched ahead, one barrier
+// per iteration with the prefetch issued after it. With ST = 2 (PD = 1) each warp waits for its
+// iteration's last wgmma before the next barrier, after which the prefetch refills the previous
+// iteration's stage. With ST >= 3 that last product (P V, dQ, or dV/dK) completes under the next
+// iteration's first products (deferred wait), so the prefetch may only refill the stage of two
+// iterations back (PD = ST - 2); a warpgroup that skips an iteration waits for its deferred
+// product there.
 // Pitfall: all four warps of a warpgroup must execute every wgmma, so masking is per element
-// (no warp-level skipping as in v3).
+// and skipping is per warpgroup (v3 skips per warp).
 #include "common.cuh"
 #include "wgmma.cuh"
 

@@ -7,9 +7,10 @@
 //!   its tests run (skipping) on machines without CUDA. `cuda_available()` checks for the driver,
 //!   cuBLASLt, the embedded kernels and a device before anything can panic in the loader.
 //!
-//! Attention uses tensor-core kernels (mma.sync, cp.async pipelined) for bf16 with Hd 64/128 and
-//! simple warp-per-row kernels otherwise (`AttnImpl`). Verification results and timings on an
-//! H200: NOTES.md.
+//! Attention uses tensor-core kernels for bf16 with Hd 64/128 — wgmma kernels on compute
+//! capability 9.0 (`attention_wg.rs`), mma.sync kernels elsewhere (`attention.rs`) — and simple
+//! warp-per-row kernels otherwise (`AttnImpl`; `LLMQ_CUDA_ATTN` overrides the choice).
+//! Verification results and timings on an H200: NOTES.md.
 //!
 //! Streams: every op runs on the backend's compute stream; `copy` may use the copy stream;
 //! events order the two. Memory is allocated only by `alloc` (plus the fixed scratch and cuBLASLt
