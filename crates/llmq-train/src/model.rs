@@ -26,7 +26,7 @@ pub const LOGITS_ROWS: usize = 1024;
 
 /// Sequences per LM-head group: the largest divisor of B with at most LM_HEAD_ROWS rows (≥ 1).
 pub fn lm_head_seqs(b: usize, t: usize) -> usize {
-    (1..=b).rev().find(|g| b % g == 0 && g * t <= LM_HEAD_ROWS).unwrap_or(1)
+    (1..=b).rev().find(|&g| b.is_multiple_of(g) && g * t <= LM_HEAD_ROWS).unwrap_or(1)
 }
 
 pub struct Model {

@@ -34,10 +34,10 @@ impl OptimConfig {
                 return Err(Error::Config(format!("{name} must be in [0, 1), got {v}")));
             }
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return Err(Error::Config(format!("--adam-eps must be positive, got {}", self.eps)));
         }
-        if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 || self.grad_clip.is_nan() || self.grad_clip < 0.0 {
             return Err(Error::Config("--weight-decay and --grad-clip must be non-negative".into()));
         }
         Ok(())
