@@ -62,8 +62,11 @@ pub enum AttnImpl {
 /// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, v2, simple; unset: auto), for
 /// before/after comparisons of whole training runs (v3 and wg: their default configurations).
 fn attn_from_env() -> Result<AttnImpl> {
-    let v = std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default();
-    Ok(match v.as_str() {
+    parse_attn(&std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default())
+}
+
+fn parse_attn(v: &str) -> Result<AttnImpl> {
+    Ok(match v {
         "" | "auto" => AttnImpl::Auto,
         "v3" => AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
         "wg" => AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
@@ -386,5 +389,23 @@ impl Backend for CudaBackend {
     }
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
         self.op_sum_squares(out, slot, t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_choice_from_the_environment() {
+        assert_eq!(parse_attn("").unwrap(), AttnImpl::Auto);
+        assert_eq!(parse_attn("auto").unwrap(), AttnImpl::Auto);
+        assert_eq!(parse_attn("v2").unwrap(), AttnImpl::MmaV2);
+        assert_eq!(parse_attn("simple").unwrap(), AttnImpl::Simple);
+        // v3 / wg: indices past the tables select each head size's default configuration
+        assert!(matches!(parse_attn("v3").unwrap(), AttnImpl::V3 { fwd, dq, dkv, split: 0 } if [fwd, dq, dkv].iter().all(|&i| i as usize >= ATTN3_CONFIGS)));
+        assert!(matches!(parse_attn("wg").unwrap(), AttnImpl::Wg { fwd, dq, dkv, split: 0 } if [fwd, dq, dkv].iter().all(|&i| i as usize >= ATTN4_CONFIGS)));
+        let e = parse_attn("flash").unwrap_err().to_string();
+        assert!(e.contains("LLMQ_CUDA_ATTN") && e.contains("\"flash\""), "{e}");
     }
 }
