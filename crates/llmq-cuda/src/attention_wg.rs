@@ -1,7 +1,9 @@
-//! The attention backward with warpgroup MMAs (`attn4_*` in kernels/attention_wg.cu): Hopper
-//! (compute capability 9.0) only, since the kernels are compiled into the sm_90a cubin alone.
-//! Same contracts as the v3 backward (D written by the dQ kernel, dK/dV in ordered parts), so
-//! the v3 kernels remain the path elsewhere and its cross-check; the forward is v3's.
+//! Attention with warpgroup MMAs (`attn4_*` in kernels/attention_wg.cu): forward, dQ and dK/dV
+//! for Hopper (compute capability 9.0) only, since the kernels are compiled into the sm_90a
+//! cubin alone. Same contracts as the v3 kernels (lse from the forward, D written by the dQ
+//! kernel, dK/dV in ordered parts), so `AttnImpl::Auto` uses them on 9.0 and the v3 kernels
+//! remain the path elsewhere and their cross-check. The entry points in attention.rs dispatch
+//! here (`attn4_choice`).
 
 use crate::attention::{dkv_part_offset, dkv_split_for};
 use crate::kernels::{self, Arg, Kernels};
@@ -12,12 +14,13 @@ use llmq_core::{AttnShape, Result, Tensor};
 /// Configurations per kernel kind and head size.
 pub const ATTN4_CONFIGS: usize = 4;
 
-/// Rows (queries for dQ, keys for dK/dV) per warpgroup (128 threads).
+/// Rows (queries for the forward and dQ, keys for dK/dV) per warpgroup (128 threads).
 const ROWS: usize = 64;
 
-/// One kernel configuration: `tile` (keys per tile for dQ, queries per tile for dK/dV), `wgs`
-/// warpgroups per block (each owns 64 rows: queries for dQ, keys for dK/dV) and `stages` tiles
-/// in flight. Must match the instantiations at the end of kernels/attention_wg.cu.
+/// One kernel configuration: `tile` (keys per tile for the forward and dQ, queries per tile for
+/// dK/dV), `wgs` warpgroups per block (each owns 64 rows: queries for the forward and dQ, keys
+/// for dK/dV) and `stages` shared-memory stages (3 or more: deferred waits, see the kernel file).
+/// Must match the instantiations at the end of kernels/attention_wg.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attn4Cfg {
     pub tile: usize,
