@@ -95,6 +95,10 @@ pub struct TrainArgs {
     pub persistent_quants: bool,
 
     // ---- memory ----
+    /// fp8: re-quantise each matmul input transposed in the backward pass instead of keeping the
+    /// forward's transpose (less activation memory, slightly slower; same numbers).
+    #[arg(long, help_heading = "Memory")]
+    pub recompute_fp8_inputs: bool,
     #[arg(long, help_heading = "Memory")]
     pub recompute_swiglu: bool,
     #[arg(long, help_heading = "Memory")]
@@ -194,6 +198,7 @@ impl TrainArgs {
             qkv: self.recompute_qkv,
             att: self.recompute_att,
             block: self.recompute_block,
+            fp8_inputs: self.recompute_fp8_inputs,
         }
     }
 

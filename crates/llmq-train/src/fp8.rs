@@ -18,8 +18,9 @@
 //! out of the AdamW update (per segment = per weight matrix) and are computed once at start.
 //! The weight gradient needs each matmul input transposed (xᵀ). Where the bf16 input is kept
 //! for the backward pass (its activation slot is per layer), the forward quantises it plain and
-//! transposed in one pass and keeps xᵀ and its descale (`act_t`); where the input is recomputed,
-//! the backward quantises the recomputed tensor with the kept abs-max. Both give the same bytes,
+//! transposed in one pass and keeps xᵀ and its descale (`act_t`); where the input is recomputed
+//! (or with `Recompute::fp8_inputs`, `--recompute-fp8-inputs`, to save that memory), the
+//! backward quantises the bf16 tensor transposed with the kept abs-max. Both give the same bytes,
 //! so the recompute options still cannot change the numbers.
 //!
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per

@@ -59,7 +59,9 @@ impl Model {
         let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, lm_rows, norm_slots)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
         let fp8 = if precision.matmul.is_fp8() {
-            let keep = [acts.ln1.kept(), acts.att.kept(), acts.ln2.kept(), acts.sw.kept()]; // Act order
+            // Act order; an input recomputed in the backward pass has no kept transpose
+            let kept = [acts.ln1.kept(), acts.att.kept(), acts.ln2.kept(), acts.sw.kept()];
+            let keep = kept.map(|k| k && !recompute.fp8_inputs);
             Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants, keep)?)
         } else {
             None

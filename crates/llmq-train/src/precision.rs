@@ -96,6 +96,11 @@ pub struct Recompute {
     pub att: bool,
     /// Everything but the residual stream.
     pub block: bool,
+    /// fp8 runs: re-quantise each block matmul input transposed in the backward pass instead of
+    /// keeping the transpose the forward pass wrote beside the plain form (less activation
+    /// memory, one more pass over the inputs). No effect in other runs.
+    #[serde(default)]
+    pub fp8_inputs: bool,
 }
 
 impl Recompute {
@@ -109,6 +114,7 @@ impl Recompute {
             ("qkv", Recompute { qkv: true, ..r }),
             ("att", Recompute { att: true, ..r }),
             ("block", Recompute { block: true, ..r }),
+            ("fp8_inputs", Recompute { fp8_inputs: true, ..r }),
             ("att+ffn+norm", Recompute { att: true, ffn: true, norm: true, ..r }),
         ]
     }
