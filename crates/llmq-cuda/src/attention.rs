@@ -1,8 +1,8 @@
 //! Tensor-core attention, version 3 (`attn3_*` in kernels/attention.cu): the configuration
 //! tables, kernel handles and launches. The default path for bf16 tensors with Hd 64 or 128
 //! (`AttnImpl::Auto`) except on compute capability 9.0, where the wgmma kernels of
-//! attention_wg.rs take over (the entry points here dispatch to them); `AttnImpl::V3 { fwd, dq,
-//! dkv }` picks v3 configurations (tests, tuning).
+//! attention_wg.rs take over (ops.rs tries them first); `AttnImpl::V3 { fwd, dq, dkv }` picks
+//! v3 configurations (tests, tuning).
 //!
 //! Backward: the dQ kernel runs first and also writes D = rowsum(dO o O) (f32 [B, Hq, T]) into
 //! the scratch buffer; the dK/dV kernel reads it. No atomics: deterministic.
@@ -136,12 +136,12 @@ impl CudaBackend {
         }
     }
 
-    /// Parts of the dK/dV iteration space: `AttnImpl::V3`'s `split` where set (limited by the
-    /// scratch), else `attn3_dkv_split`.
-    fn attn3_split(&self, s: &AttnShape, dkv: usize) -> usize {
+    /// Parts of the dK/dV iteration space for kernels whose blocks own `rows` keys: the `split`
+    /// of `AttnImpl::V3`/`Wg` where set (limited by the scratch), else `dkv_split_for`.
+    pub(crate) fn dkv_split(&self, s: &AttnShape, rows: usize) -> usize {
         match self.attn.get() {
             AttnImpl::V3 { split, .. } | AttnImpl::Wg { split, .. } if split > 0 => (split as usize).min(dkv_parts_room(s)),
-            _ => attn3_dkv_split(s, dkv),
+            _ => dkv_split_for(s, rows),
         }
     }
 
@@ -157,11 +157,6 @@ impl CudaBackend {
     /// Forward with the v3 kernels. Ok(false) when the configuration does not fit this device
     /// (shared memory); the caller then uses an older path. Tensors are checked by the caller.
     pub(crate) fn attn3_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<bool> {
-        if let Some((fi, _, _)) = self.attn4_choice(s.hd) {
-            if self.attn4_fwd(out, lse, qkv, s, fi)? {
-                return Ok(true);
-            }
-        }
         let h = usize::from(s.hd != 64);
         let (fi, _, _) = self.attn3_indices(s.hd);
         let cfg = FWD[h][fi];
@@ -181,11 +176,6 @@ impl CudaBackend {
     /// forward.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn3_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape) -> Result<bool> {
-        if let Some((_, dq, dkv)) = self.attn4_choice(s.hd) {
-            if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, dq, dkv)? {
-                return Ok(true);
-            }
-        }
         let h = usize::from(s.hd != 64);
         let (_, qi, ki) = self.attn3_indices(s.hd);
         let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
@@ -208,7 +198,7 @@ impl CudaBackend {
         ];
         self.attn3_launch(self.attn3.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), cq.warps * 32, sq, &args)?;
         let bkv = ck.warps * 16 * ck.mt;
-        let split = self.attn3_split(&s, ki);
+        let split = self.dkv_split(&s, bkv);
         let part = dbuf + dkv_part_offset(&s) as u64;
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
         self.attn3_launch(self.attn3.dkv[h][ki], ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32), ck.warps * 32, sk, &args)?;

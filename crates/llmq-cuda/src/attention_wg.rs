@@ -2,10 +2,9 @@
 //! for Hopper (compute capability 9.0) only, since the kernels are compiled into the sm_90a
 //! cubin alone. Same contracts as the v3 kernels (lse from the forward, D written by the dQ
 //! kernel, dK/dV in ordered parts), so `AttnImpl::Auto` uses them on 9.0 and the v3 kernels
-//! remain the path elsewhere and their cross-check. The entry points in attention.rs dispatch
-//! here (`attn4_choice`).
+//! remain the path elsewhere and their cross-check; ops.rs tries these first (`attn4_choice`).
 
-use crate::attention::{dkv_part_offset, dkv_split_for};
+use crate::attention::dkv_part_offset;
 use crate::kernels::{self, Arg, Kernels};
 use crate::{AttnImpl, CudaBackend};
 use cudarc::driver::sys;
@@ -114,7 +113,8 @@ impl CudaBackend {
         }
     }
 
-    /// The forward with the wgmma kernel `fi`; arguments as `attn3_fwd` (tensors checked there).
+    /// The forward with the wgmma kernel `fi`; arguments as `attn3_fwd` (tensors checked by the
+    /// caller). Ok(false) when the configuration does not fit this device.
     pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, fi: usize) -> Result<bool> {
         let h = usize::from(s.hd != 64);
         let cfg = FWD[h][fi];
@@ -128,7 +128,8 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// The backward with the wgmma kernels; arguments as `attn3_bwd` (tensors checked there).
+    /// The backward with the wgmma kernels; arguments as `attn3_bwd` (tensors checked by the
+    /// caller). Ok(false) when the configuration does not fit this device.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, qi: usize, ki: usize) -> Result<bool> {
         let h = usize::from(s.hd != 64);
@@ -143,10 +144,7 @@ impl CudaBackend {
         let bq = ROWS * cq.wgs;
         self.attn3_launch(self.attn4.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cq.wgs, sq, &args)?;
         let bkv = ROWS * ck.wgs;
-        let split = match self.attn.get() {
-            AttnImpl::Wg { split, .. } if split > 0 => (split as usize).min(crate::attention::dkv_parts_room(&s)),
-            _ => dkv_split_for(&s, bkv),
-        };
+        let split = self.dkv_split(&s, bkv);
         let part = dbuf + dkv_part_offset(&s) as u64;
         let [t, hq, hkv] = dims();
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];

@@ -703,6 +703,11 @@ impl CudaBackend {
         check_rows(OP, "out", out, n, s.out_width())?;
         check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
         if self.attn_mma(&s, &[out, qkv]) {
+            if let Some((fi, _, _)) = self.attn4_choice(s.hd) {
+                if self.attn4_fwd(out, lse, qkv, s, fi)? {
+                    return Ok(());
+                }
+            }
             if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_fwd(out, lse, qkv, s)? {
                 return Ok(());
             }
@@ -737,11 +742,16 @@ impl CudaBackend {
             return err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
         }
         let dbuf = self.scratch;
-        if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. })
-            && self.attn_mma(&s, &[dqkv, dout, qkv, out])
-            && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s)?
-        {
-            return Ok(()); // the v3 dQ kernel computes D itself
+        if self.attn_mma(&s, &[dqkv, dout, qkv, out]) {
+            // the wgmma and v3 dQ kernels compute D themselves
+            if let Some((_, dq, dkv)) = self.attn4_choice(s.hd) {
+                if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, dq, dkv)? {
+                    return Ok(());
+                }
+            }
+            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s)? {
+                return Ok(());
+            }
         }
         let warps = rows;
         self.launch(

@@ -14,7 +14,7 @@ use std::time::Instant;
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
 
-fn shape(b: usize, t: usize, hq: usize, hkv: usize, hd: usize) -> AttnShape {
+const fn shape(b: usize, t: usize, hq: usize, hkv: usize, hd: usize) -> AttnShape {
     AttnShape { b, t, hq, hkv, hd }
 }
 
@@ -47,6 +47,20 @@ fn parts(s: AttnShape, c: &[f32], g: &[f32]) -> [f64; 3] {
         num / den.max(1e-3 * all).max(1e-300)
     })
 }
+
+/// Shapes not multiples of the tiles (T = 1, 37, 70, 130, 200, 257, 300), both head sizes, GQA
+/// groups of 1 to 12.
+const AWKWARD: [AttnShape; 9] = [
+    shape(2, 37, 4, 2, 64),
+    shape(1, 130, 14, 2, 64),
+    shape(2, 70, 6, 3, 64),
+    shape(1, 1, 2, 1, 64),
+    shape(1, 300, 7, 1, 64),
+    shape(2, 64, 4, 4, 128),
+    shape(1, 200, 12, 2, 128),
+    shape(2, 37, 6, 2, 128),
+    shape(1, 257, 4, 1, 128),
+];
 
 fn case(p: &mut Pair, s: AttnShape, imp: AttnImpl) {
     p.gpu.set_attention_impl(imp);
@@ -85,17 +99,7 @@ fn case(p: &mut Pair, s: AttnShape, imp: AttnImpl) {
 #[test]
 fn attention_v3_configs_against_cpu() {
     let Some(mut p) = Pair::new(31) else { return };
-    let shapes = [
-        shape(2, 37, 4, 2, 64),
-        shape(1, 130, 14, 2, 64),
-        shape(2, 70, 6, 3, 64),
-        shape(1, 1, 2, 1, 64),
-        shape(1, 300, 7, 1, 64),
-        shape(2, 64, 4, 4, 128),
-        shape(1, 200, 12, 2, 128),
-        shape(2, 37, 6, 2, 128),
-        shape(1, 257, 4, 1, 128),
-    ];
+    let shapes = AWKWARD;
     for i in 0..ATTN3_CONFIGS as u8 {
         for &s in &shapes {
             case(&mut p, s, AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 });
@@ -168,17 +172,7 @@ fn attention_wg_against_cpu() {
         println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
         return;
     }
-    let shapes = [
-        shape(2, 37, 4, 2, 64),
-        shape(1, 130, 14, 2, 64),
-        shape(2, 70, 6, 3, 64),
-        shape(1, 1, 2, 1, 64),
-        shape(1, 300, 7, 1, 64),
-        shape(2, 64, 4, 4, 128),
-        shape(1, 200, 12, 2, 128),
-        shape(2, 37, 6, 2, 128),
-        shape(1, 257, 4, 1, 128),
-    ];
+    let shapes = AWKWARD;
     for i in 0..ATTN4_CONFIGS as u8 {
         for &s in &shapes {
             case(&mut p, s, AttnImpl::Wg { fwd: i, dq: i, dkv: i, split: 0 });
