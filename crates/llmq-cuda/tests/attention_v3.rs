@@ -306,6 +306,11 @@ fn attention_v3_timings() {
             }
             println!("{row}");
         }
+        if std::env::var("LLMQ_TIMINGS_V3").is_err() {
+            println!("(v3 sweeps skipped: LLMQ_TIMINGS_V3=1 runs them)");
+            g.set_attention_impl(AttnImpl::Auto);
+            continue;
+        }
         println!("bwd ms, dkv config (rows) x dK/dV parts 1, 2, 3, 4, 6, 8 (columns), dq config {}:", attn3_default(hd).1);
         for j in 0..ATTN3_CONFIGS as u8 {
             let mut row = format!("dkv {j} (auto {}):", attn3_dkv_split(&s, j as usize));
