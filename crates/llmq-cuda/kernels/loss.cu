@@ -6,7 +6,7 @@
 // (the CPU divides by S in f64: last-bit differences).
 // Rows with target -100 get loss 0 and a zero row. A target outside 0..V cannot be reported as
 // an error from the device: the row's loss and gradient become NaN so that it cannot go unseen.
-// Fast kernel (cross_entropy_v_{f32,bf16}): a block (1024 threads by default) per row, rows in a
+// Fast kernel (cross_entropy_v_{f32,bf16}): a block (512 threads by default) per row, rows in a
 // grid-stride loop. The row splits into a scalar head up to the first 16-byte boundary, 16-byte
 // chunks of 8 elements, and a scalar tail, so any V and row alignment works. Pass 1 takes the
 // chunk's max first and rescales once per chunk. Nothing is kept in shared memory: the row is
