@@ -972,6 +972,47 @@ LLMQ_DEV void a3_each_pair(int r0, int g, int t, int T, const float (&acc)[MT][H
     }
 }
 
+// Iteration space of the dK/dV kernels (v3 and wgmma): block (kb * S + split, kvh, b) owns
+// the BKV keys of key block kb of kv head kvh and loops over the query tiles (BQ rows) at or
+// after its key block of each of the G query heads of the group, numbered it = head in group *
+// per_head + tile; part `split` of S takes it in [lo, hi).
+struct A3DkvSpace {
+    int kb, kvh, G, qt0, per_head, lo, hi;
+    LLMQ_DEV A3DkvSpace(int BKV, int BQ, int S, int T, int Hq, int Hkv)
+        : kb(blockIdx.x / S), kvh(blockIdx.y), G(Hq / Hkv), qt0(kb * (BKV / BQ)) {
+        const int split = blockIdx.x % S;
+        per_head = (T + BQ - 1) / BQ - qt0;
+        lo = (int)((long long)G * per_head * split / S);
+        hi = (int)((long long)G * per_head * (split + 1) / S);
+    }
+    LLMQ_DEV int head(int it) const { return kvh * G + it / per_head; }
+    LLMQ_DEV int qtile(int it) const { return qt0 + it % per_head; }
+};
+
+// Epilogue of the dK/dV kernels: this thread's dK, dV accumulators (MT m-tiles of 16 keys from
+// key kw0) either as f32 part sums (S > 1, in dqkv's K|V column layout, for
+// llmq_attn3_dkv_reduce) or as bf16 into dqkv (dK scaled by 1/sqrt(Hd)).
+template <int HD, int MT>
+LLMQ_DEV void a3_dkv_store(uint16_t* dqkv, float* part, const A3DkvSpace& sp, int S, int kw0, int g, int t, int T, int Hq, int Hkv,
+                           const float (&dk)[MT][HD / 8][4], const float (&dv)[MT][HD / 8][4]) {
+    const int kvh = sp.kvh, b = blockIdx.z;
+    if (S > 1) {
+        const int pw = 2 * Hkv * HD;
+        float* pb = part + ((long long)(blockIdx.x % S) * gridDim.z + b) * T * pw + (long long)kvh * HD;
+        a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(float2*)(pb + (long long)k * pw + c) = make_float2(x0, x1); });
+        a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) {
+            *(float2*)(pb + (long long)k * pw + Hkv * HD + c) = make_float2(x0, x1);
+        });
+        return;
+    }
+    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    const float scale = 1.0f / sqrtf((float)HD);
+    uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
+    uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
+    a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = pack_bf16(x0 * scale, x1 * scale); });
+    a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = pack_bf16(x0, x1); });
+}
+
 // dQ (and D). Block: BQ = NW*16*MT query rows of one head; grid (ceil(T/BQ), Hq, B).
 // dyn smem: Q, dO [BQ][HD+8] + 2 stages x (K, V) [BK][HD+8] (bf16) + L, D [BQ] (f32).
 template <int HD, int NW, int MT, int BK, bool QREG>
@@ -1106,20 +1147,16 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
     uint16_t* QO = Vs + BKV * P;                // [stage][Q | dO][BQ][P]
     float* LD = (float*)(QO + 4 * BQ * P);      // [stage][L | D][BQ]
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int kb = blockIdx.x / S, split = blockIdx.x % S, kvh = blockIdx.y, b = blockIdx.z;
-    const int G = Hq / Hkv;
+    const A3DkvSpace sp(BKV, BQ, S, T, Hq, Hkv);
+    const int kb = sp.kb, kvh = sp.kvh, b = blockIdx.z, lo = sp.lo, hi = sp.hi;
     const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
     const long long Ow = (long long)Hq * HD;
     const uint16_t* seq = qkv + (long long)b * T * Qw;
     const uint16_t* dseq = dout + (long long)b * T * Ow;
-    const int qt0 = kb * (BKV / BQ);
-    const int nqt = (T + BQ - 1) / BQ;
-    const int per_head = nqt - qt0;
-    const int lo = (int)((long long)G * per_head * split / S), hi = (int)((long long)G * per_head * (split + 1) / S);
     a3_cp_rows<HD, BKV, NTH>(Ks, seq, Qw, kb * BKV, T, (Hq + kvh) * HD);
     a3_cp_rows<HD, BKV, NTH>(Vs, seq, Qw, kb * BKV, T, (Hq + Hkv + kvh) * HD);
     auto load_q = [&](int it, int st) {
-        const int h = kvh * G + it / per_head, qt = qt0 + it % per_head;
+        const int h = sp.head(it), qt = sp.qtile(it);
         a3_cp_rows<HD, BQ, NTH>(QO + (2 * st) * BQ * P, seq, Qw, qt * BQ, T, h * HD);
         a3_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * BQ * P, dseq, Ow, qt * BQ, T, h * HD);
         const float* lrow = lse + ((long long)b * Hq + h) * T;
@@ -1151,7 +1188,7 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
         }
     for (int it = lo; it < hi; it++) {
         const int st = (it - lo) & 1;
-        const int q0 = (qt0 + it % per_head) * BQ;
+        const int q0 = sp.qtile(it) * BQ;
         if (it + 1 < hi) {
             load_q(it + 1, st ^ 1);
             cp_async_wait<1>();
@@ -1196,20 +1233,7 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
         }
         __syncthreads();
     }
-    if (S > 1) {  // f32 part sums, in dqkv's K|V column layout
-        const int pw = 2 * Hkv * HD;
-        float* pb = part + ((long long)split * gridDim.z + b) * T * pw + (long long)kvh * HD;
-        a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(float2*)(pb + (long long)k * pw + c) = make_float2(x0, x1); });
-        a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) {
-            *(float2*)(pb + (long long)k * pw + Hkv * HD + c) = make_float2(x0, x1);
-        });
-        return;
-    }
-    const float scale = 1.0f / sqrtf((float)HD);
-    uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
-    uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
-    a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = pack_bf16(x0 * scale, x1 * scale); });
-    a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = pack_bf16(x0, x1); });
+    a3_dkv_store<HD, MT>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, dk, dv);
 }
 
 // dK|dV columns of dqkv from the S parts of attn3_dkv: dqkv[r][Hq*Hd + c] = bf16(sum_s part[s][r][c]

@@ -384,21 +384,17 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
     uint16_t* QO = Vs + KT;                  // [stage][Q | dO][QT]
     float* LD = (float*)(QO + 2 * ST * QT);  // [stage][L | D][BQ]
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, wg = threadIdx.x >> 7, g = lane >> 2, t = lane & 3;
-    const int kb = blockIdx.x / S, split = blockIdx.x % S, kvh = blockIdx.y, b = blockIdx.z;
-    const int G = Hq / Hkv;
+    const A3DkvSpace sp(BKV, BQ, S, T, Hq, Hkv);
+    const int kb = sp.kb, kvh = sp.kvh, b = blockIdx.z, lo = sp.lo, hi = sp.hi;
     const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
     const long long Ow = (long long)Hq * HD;
     const uint16_t* seq = qkv + (long long)b * T * Qw;
     const uint16_t* dseq = dout + (long long)b * T * Ow;
-    const int qt0 = kb * (BKV / BQ);
-    const int nqt = (T + BQ - 1) / BQ;
-    const int per_head = nqt - qt0;
-    const int lo = (int)((long long)G * per_head * split / S), hi = (int)((long long)G * per_head * (split + 1) / S);
     wg_cp_rows<HD, BKV, NTH>(Ks, seq, Qw, kb * BKV, T, (Hq + kvh) * HD);
     wg_cp_rows<HD, BKV, NTH>(Vs, seq, Qw, kb * BKV, T, (Hq + Hkv + kvh) * HD);
     auto load_q = [&](int it) {  // always commits a group (maybe empty)
         if (it < hi) {
-            const int h = kvh * G + it / per_head, qt = qt0 + it % per_head, st = (it - lo) % ST;
+            const int h = sp.head(it), qt = sp.qtile(it), st = (it - lo) % ST;
             wg_cp_rows<HD, BQ, NTH>(QO + (2 * st) * QT, seq, Qw, qt * BQ, T, h * HD);
             wg_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * QT, dseq, Ow, qt * BQ, T, h * HD);
             // L and D by cp.async too (a plain load would stall the thread under its wgmmas);
@@ -425,7 +421,7 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
     for (int i = 0; i < NO; i++) dk[i] = dv[i] = 0.f;
     for (int it = lo; it < hi; it++) {
         const int st = (it - lo) % ST;
-        const int q0 = (qt0 + it % per_head) * BQ;
+        const int q0 = sp.qtile(it) * BQ;
         cp_async_wait<PD - 1>();
         wg_proxy_fence();
         __syncthreads();
@@ -505,22 +501,8 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
     wg_keep(dv);
     wg_keep(dk);
     cp_async_wait<0>();
-    const auto& dk4 = *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk);
-    const auto& dv4 = *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv);
-    if (S > 1) {  // f32 part sums, in dqkv's K|V column layout
-        const int pw = 2 * Hkv * HD;
-        float* pb = part + ((long long)split * gridDim.z + b) * T * pw + (long long)kvh * HD;
-        a3_each_pair<HD, 1>(kw0, g, t, T, dk4, [&](int k, int c, float x0, float x1) { *(float2*)(pb + (long long)k * pw + c) = make_float2(x0, x1); });
-        a3_each_pair<HD, 1>(kw0, g, t, T, dv4, [&](int k, int c, float x0, float x1) {
-            *(float2*)(pb + (long long)k * pw + Hkv * HD + c) = make_float2(x0, x1);
-        });
-        return;
-    }
-    const float scale = 1.0f / sqrtf((float)HD);
-    uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
-    uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
-    a3_each_pair<HD, 1>(kw0, g, t, T, dk4, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = pack_bf16(x0 * scale, x1 * scale); });
-    a3_each_pair<HD, 1>(kw0, g, t, T, dv4, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = pack_bf16(x0, x1); });
+    a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
+                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv));
 }
 #define A4_BODY(call) call
 #else
