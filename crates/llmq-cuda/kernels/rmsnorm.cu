@@ -7,7 +7,7 @@
 // sum), dx = rstd * (g - xhat * c) (+ dres): the same f32 operations as the CPU backend.
 //
 // Fast ("v") kernels, used for every shape: a team of W warps (W = 1, 2, 4, 8; 8 warps per
-// block; the forward's "v1" instantiations for W = 1 have no named barriers) owns one row; lane l of the team owns the 8-element chunks l, l + 32W, ... (at most 4,
+// block) owns one row; lane l of the team owns the 8-element chunks l, l + 32W, ... (at most 4,
 // kept in registers between the two passes, so each row is read once). Row sums: warp shuffle
 // tree, then the W warp sums in fixed order through shared memory with a named barrier per team.
 // The summation order depends only on C (through W), never on dtypes or pointer alignment:
@@ -152,64 +152,36 @@ LLMQ_DEV double team_sum_d(double v, double* red, int team, int W) {
     return t;
 }
 
-// Row cache of the forward: the row (the rounded residual in the fused variant) between the sum
-// of squares and the output; bf16 rows as raw 16-byte vectors (exact: the values are bf16), so
-// that the W = 1 kernels fit six blocks per SM.
-template <class T>
-struct FwdCache {
-    float f[RMS_CPL][8];
-    LLMQ_DEV void put(int k, float (&v)[8]) {
-#pragma unroll
-        for (int j = 0; j < 8; j++) f[k][j] = v[j];
-    }
-    LLMQ_DEV void get(int k, float (&v)[8]) const {
-#pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = f[k][j];
-    }
-};
-template <>
-struct FwdCache<BF16T> {
-    uint4 u[RMS_CPL];
-    LLMQ_DEV void put(int k, float (&v)[8]) { u[k] = bf16x8_enc(v); }
-    LLMQ_DEV void get(int k, float (&v)[8]) const { bf16x8_dec(u[k], v); }
-};
-
-// W1: the team is one warp, known at compile time (C <= 1024): no named barriers, which the
-// runtime-W kernels reserve all 16 of (ptxas cannot bound a register barrier id), capping them
-// at four blocks per SM.
-template <class T, bool RES, bool W1>
+template <class T, bool RES>
 __device__ __forceinline__ void rms_fwd_v(void* res_out, int dt_res, void* out, int dt_out, float* rstd_out, const void* x, int dt_x,
-                        const void* delta, int dt_d, const void* w, int dt_w, int N, int C, float eps, float* absmax, int Wrt) {
+                        const void* delta, int dt_d, const void* w, int dt_w, int N, int C, float eps, float* absmax, int W) {
     __shared__ double red[64];
-    const int W = W1 ? 1 : Wrt;
     const int tw = 32 * W, team = threadIdx.x / tw, tl = threadIdx.x - team * tw;
     const int n = blockIdx.x * (blockDim.x / tw) + team;
     const int nc = (C + 7) >> 3;
     unsigned amax = 0u;
     if (n < N) {  // uniform per team: the team barriers stay inside
         const long long base = (long long)n * C;
-        FwdCache<T> cache;
+        float v[RMS_CPL][8];
         double ss = 0.0;
 #pragma unroll
         for (int k = 0; k < RMS_CPL; k++) {
             const int c8 = k * tw + tl;
             if (c8 < nc) {
                 const int nv = min(8, C - c8 * 8);
-                float v[8];
-                ld8<T>(x, dt_x, base + c8 * 8, nv, v);
+                ld8<T>(x, dt_x, base + c8 * 8, nv, v[k]);
                 if (RES) {
                     float d[8];
                     ld8<T>(delta, dt_d, base + c8 * 8, nv, d);
 #pragma unroll
-                    for (int j = 0; j < 8; j++) v[j] = v[j] + d[j];
-                    st8<T>(res_out, dt_res, base + c8 * 8, nv, v);  // v: the rounded residual
+                    for (int j = 0; j < 8; j++) v[k][j] = v[k][j] + d[j];
+                    st8<T>(res_out, dt_res, base + c8 * 8, nv, v[k]);  // v: the rounded residual
                 }
 #pragma unroll
-                for (int j = 0; j < 8; j++) ss += (double)v[j] * (double)v[j];
-                cache.put(k, v);
+                for (int j = 0; j < 8; j++) ss += (double)v[k][j] * (double)v[k][j];
             }
         }
-        ss = W1 ? warp_sum_d(ss) : team_sum_d(ss, red, team, W);
+        ss = team_sum_d(ss, red, team, W);
         const float rs = 1.0f / sqrtf((float)(ss / (double)C) + eps);
         if (tl == 0) rstd_out[n] = rs;
 #pragma unroll
@@ -217,11 +189,10 @@ __device__ __forceinline__ void rms_fwd_v(void* res_out, int dt_res, void* out, 
             const int c8 = k * tw + tl;
             if (c8 < nc) {
                 const int nv = min(8, C - c8 * 8);
-                float v[8], wv[8], y[8];
-                cache.get(k, v);
+                float wv[8], y[8];
                 ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
 #pragma unroll
-                for (int j = 0; j < 8; j++) y[j] = v[j] * rs * wv[j];
+                for (int j = 0; j < 8; j++) y[j] = v[k][j] * rs * wv[j];
                 amax = max(amax, st8<T>(out, dt_out, base + c8 * 8, nv, y));
             }
         }
@@ -327,20 +298,17 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
     block_absmax_commit(absmax, amax);
 }
 
-#define RMS_FWD_ENTRIES(SUF, T, V, W1)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(RMS_THREADS) llmq_rmsnorm_fwd_##V##_##SUF(                                \
+#define RMS_V_ENTRIES(SUF, T)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS) llmq_rmsnorm_fwd_v_##SUF(                                    \
         void* out, int dt_out, float* rstd, const void* x, int dt_x, const void* w, int dt_w, int N, int C, float eps,      \
         float* absmax, int W) {                                                                                             \
-        rms_fwd_v<T, false, W1>(nullptr, 0, out, dt_out, rstd, x, dt_x, nullptr, 0, w, dt_w, N, C, eps, absmax, W);        \
+        rms_fwd_v<T, false>(nullptr, 0, out, dt_out, rstd, x, dt_x, nullptr, 0, w, dt_w, N, C, eps, absmax, W);            \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(RMS_THREADS) llmq_residual_rmsnorm_fwd_##V##_##SUF(                       \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS) llmq_residual_rmsnorm_fwd_v_##SUF(                           \
         void* res_out, int dt_res, void* out, int dt_out, float* rstd, const void* x, int dt_x, const void* delta, int dt_d, \
         const void* w, int dt_w, int N, int C, float eps, float* absmax, int W) {                                          \
-        rms_fwd_v<T, true, W1>(res_out, dt_res, out, dt_out, rstd, x, dt_x, delta, dt_d, w, dt_w, N, C, eps, absmax, W);   \
-    }
-#define RMS_V_ENTRIES(SUF, T)                                                                                              \
-    RMS_FWD_ENTRIES(SUF, T, v, false)                                                                                      \
-    RMS_FWD_ENTRIES(SUF, T, v1, true)                                                                                      \
+        rms_fwd_v<T, true>(res_out, dt_res, out, dt_out, rstd, x, dt_x, delta, dt_d, w, dt_w, N, C, eps, absmax, W);       \
+    }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(RMS_THREADS, 2) llmq_rmsnorm_bwd_v_##SUF(                                    \
         void* dx, int dt_dx, const void* dout, int dt_dout, const void* x, int dt_x, const void* w, int dt_w,               \
         const float* rstd, const void* dres, int dt_dres, double* partial, int N, int C, float* absmax, int W) {           \

@@ -21,9 +21,6 @@ type F = CUfunction;
 pub(crate) struct FastKernels {
     rms_fwd: [F; 3],
     rms_res: [F; 3],
-    /// the same for one-warp row teams (C <= 1024): no named barriers
-    rms_fwd1: [F; 3],
-    rms_res1: [F; 3],
     rms_bwd: [F; 3],
     colreduce8: F,
     absmax: [F; 2],
@@ -82,8 +79,6 @@ impl FastKernels {
         Ok(FastKernels {
             rms_fwd: three("rmsnorm_fwd_v")?,
             rms_res: three("residual_rmsnorm_fwd_v")?,
-            rms_fwd1: three("rmsnorm_fwd_v1")?,
-            rms_res1: three("residual_rmsnorm_fwd_v1")?,
             rms_bwd: three("rmsnorm_bwd_v")?,
             colreduce8: f("colreduce8".into())?,
             absmax: two("absmax_v")?,
@@ -240,14 +235,12 @@ impl CudaBackend {
             Some((r, d)) => {
                 let mut args = vec![p(r), dt(r.dtype), p(out), dt(out.dtype), p(rstd), p(x), dt(x.dtype), p(d), dt(d.dtype)];
                 args.extend(tail);
-                let f = if wt == 1 { self.fk.rms_res1[var] } else { self.fk.rms_res[var] };
-                self.vlaunch(f, grid, (T, 1, 1), 0, &args)?;
+                self.vlaunch(self.fk.rms_res[var], grid, (T, 1, 1), 0, &args)?;
             }
             None => {
                 let mut args = vec![p(out), dt(out.dtype), p(rstd), p(x), dt(x.dtype)];
                 args.extend(tail);
-                let f = if wt == 1 { self.fk.rms_fwd1[var] } else { self.fk.rms_fwd[var] };
-                self.vlaunch(f, grid, (T, 1, 1), 0, &args)?;
+                self.vlaunch(self.fk.rms_fwd[var], grid, (T, 1, 1), 0, &args)?;
             }
         }
         Ok(true)
