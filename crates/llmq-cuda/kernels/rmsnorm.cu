@@ -15,10 +15,10 @@
 // misaligned or partial chunks) give the same rstd, so residual_rmsnorm_fwd and a later
 // rmsnorm_fwd(res) agree bit for bit whichever instantiations they get.
 // Backward weight gradient, two stages, no atomics: each lane sums dout*xhat of its columns over
-// the rows its team handles (at most ~8: f32 registers), the teams of a block are added in fixed
-// order in f64 shared memory and written as partial[block, C]; llmq_colreduce8 then sums the G
-// partial rows in a fixed order (G depends on N and C only, so results are the same bits on
-// every call and every device).
+// the rows its team handles (about 4, f32, in shared memory), the teams of a block are added in
+// fixed order in f64 and written as partial[block, C]; llmq_colreduce8 then sums the G partial
+// rows in a fixed order (G depends on N and C only, so results are the same bits on every call
+// and every device).
 // Legacy kernels (the original warp-per-row, one element per lane kernels) stay for
 // CudaBackend::set_generic_kernels (before/after timings, cross-checks).
 // Pitfall: dx may alias dres and res_out may alias x (in place); every element is read before
@@ -200,42 +200,24 @@ __device__ __forceinline__ void rms_fwd_v(void* res_out, int dt_res, void* out, 
     block_absmax_commit(absmax, amax);
 }
 
-// Row cache of the backward: bf16 rows stay in registers as raw 16-byte vectors between the two
-// passes (4 registers per chunk); other types are loaded again in pass 2 (an L1 hit), which keeps
-// the f32 and AnyT instantiations within the register budget of two blocks per SM.
-template <class T>
-struct RowCache {
-    LLMQ_DEV void put(int, const void* p, int dt, long long i, int nv, float (&f)[8]) { ld8<T>(p, dt, i, nv, f); }
-    LLMQ_DEV void get(int, const void* p, int dt, long long i, int nv, float (&f)[8]) { ld8<T>(p, dt, i, nv, f); }
-};
-template <>
-struct RowCache<BF16T> {
-    uint4 u[RMS_CPL];
-    LLMQ_DEV void put(int k, const void* p, int, long long i, int, float (&f)[8]) {
-        u[k] = *(const uint4*)((const uint16_t*)p + i);
-        bf16x8_dec(u[k], f);
-    }
-    LLMQ_DEV void get(int k, const void*, int, long long, int, float (&f)[8]) { bf16x8_dec(u[k], f); }
-};
-
+// Backward: lane l of the team owns the chunks l, l + 32W, ... of its rows; pass 2 reads dout and
+// x again (L1/L2 hits: the team read them a moment before). The lane's dw sums (f32, rows in
+// order) live in shared memory, not registers, so that four blocks fit per SM: at 128 registers
+// (row cache and sums in registers) two did, and the kernel was latency-bound at 24% occupancy.
 template <class T>
 __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout, int dt_dout, const void* x, int dt_x,
                                           const void* w, int dt_w, const float* rstd, const void* dres, int dt_dres,
                                           double* partial, int N, int C, float* absmax, int W) {
     __shared__ double red[64];
-    double* sacc = (double*)llmq_dyn_smem;  // [C]
     const int tw = 32 * W, teams = blockDim.x / tw, team = threadIdx.x / tw, tl = threadIdx.x - team * tw;
+    float* acc = (float*)llmq_dyn_smem + (long long)team * C;  // this team's dw sums [C] (dyn smem: teams x C)
     const int nc = (C + 7) >> 3;
-    float acc[RMS_CPL][8];
-#pragma unroll
-    for (int k = 0; k < RMS_CPL; k++)
-#pragma unroll
-        for (int j = 0; j < 8; j++) acc[k][j] = 0.f;
+    for (int c8 = tl; c8 < nc; c8 += tw)
+        for (int c = c8 * 8; c < min(C, c8 * 8 + 8); c++) acc[c] = 0.f;
     unsigned amax = 0u;
     for (int n = blockIdx.x * teams + team; n < N; n += gridDim.x * teams) {
         const long long base = (long long)n * C;
         const float rs = rstd[n];
-        RowCache<T> cdy, cx;
         double dot = 0.0;
 #pragma unroll
         for (int k = 0; k < RMS_CPL; k++) {
@@ -243,14 +225,14 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
             if (c8 < nc) {
                 const int nv = min(8, C - c8 * 8);
                 float dy[8], xv[8], wv[8];
-                cdy.put(k, dout, dt_dout, base + c8 * 8, nv, dy);
-                cx.put(k, x, dt_x, base + c8 * 8, nv, xv);
+                ld8<T>(dout, dt_dout, base + c8 * 8, nv, dy);
+                ld8<T>(x, dt_x, base + c8 * 8, nv, xv);
                 ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
 #pragma unroll
                 for (int j = 0; j < 8; j++) {
                     const float xh = xv[j] * rs;
                     dot += (double)((wv[j] * dy[j]) * xh);
-                    acc[k][j] += dy[j] * xh;
+                    if (j < nv) acc[c8 * 8 + j] += dy[j] * xh;
                 }
             }
         }
@@ -261,8 +243,8 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
             if (c8 < nc) {
                 const int nv = min(8, C - c8 * 8);
                 float dy[8], xv[8], wv[8], g[8];
-                cdy.get(k, dout, dt_dout, base + c8 * 8, nv, dy);
-                cx.get(k, x, dt_x, base + c8 * 8, nv, xv);
+                ld8<T>(dout, dt_dout, base + c8 * 8, nv, dy);
+                ld8<T>(x, dt_x, base + c8 * 8, nv, xv);
                 ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
 #pragma unroll
                 for (int j = 0; j < 8; j++) {
@@ -280,21 +262,13 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
         }
     }
     // dw: teams of the block in order 0, 1, ... into f64 shared memory, then one partial row
-    for (int t = 0; t < teams; t++) {
-        if (team == t) {
-#pragma unroll
-            for (int k = 0; k < RMS_CPL; k++) {
-                const int c8 = k * tw + tl;
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    const int c = c8 * 8 + j;
-                    if (c8 < nc && c < C) sacc[c] = (t == 0 ? 0.0 : sacc[c]) + (double)acc[k][j];
-                }
-            }
-        }
-        __syncthreads();
+    __syncthreads();
+    const float* acc0 = (const float*)llmq_dyn_smem;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        double v = 0.0;
+        for (int t = 0; t < teams; t++) v += (double)acc0[(long long)t * C + c];
+        partial[(long long)blockIdx.x * C + c] = v;
     }
-    for (int c = threadIdx.x; c < C; c += blockDim.x) partial[(long long)blockIdx.x * C + c] = sacc[c];
     block_absmax_commit(absmax, amax);
 }
 
@@ -309,7 +283,7 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
         const void* w, int dt_w, int N, int C, float eps, float* absmax, int W) {                                          \
         rms_fwd_v<T, true>(res_out, dt_res, out, dt_out, rstd, x, dt_x, delta, dt_d, w, dt_w, N, C, eps, absmax, W);       \
     }                                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(RMS_THREADS, 2) llmq_rmsnorm_bwd_v_##SUF(                                    \
+    extern "C" __global__ void __launch_bounds__(RMS_THREADS, 4) llmq_rmsnorm_bwd_v_##SUF(                                    \
         void* dx, int dt_dx, const void* dout, int dt_dout, const void* x, int dt_x, const void* w, int dt_w,               \
         const float* rstd, const void* dres, int dt_dres, double* partial, int N, int C, float* absmax, int W) {           \
         rms_bwd_v<T>(dx, dt_dx, dout, dt_dout, x, dt_x, w, dt_w, rstd, dres, dt_dres, partial, N, C, absmax, W);           \

@@ -143,7 +143,7 @@ fn same(ts: &[&Tensor]) -> Option<usize> {
 
 /// Threads per block of the fast kernels (the rmsnorm kernels assume 8 warps).
 const T: u32 = 256;
-/// Largest row width of the rmsnorm backward (f64 shared-memory row of C doubles, 32 KiB).
+/// Largest row width of the rmsnorm backward (its teams' f32 dw rows in shared memory: 32 KiB).
 const RMS_BWD_MAX_C: usize = 4096;
 
 impl CudaBackend {
@@ -272,15 +272,16 @@ impl CudaBackend {
             Some(t) if c.is_multiple_of(8) && aligned(&acts) => t,
             _ => 2,
         };
-        // about 8 rows per team, so that the per-lane f32 sums stay short (a function of N, C only)
+        // about 4 rows per team: short per-lane f32 sums and enough blocks for four per SM (a
+        // function of N and C only, so the sums are the same on every device)
         let teams = 8 / wt;
         let cap = (SCRATCH_BYTES / (8 * c)).min(65535);
-        let g = n.div_ceil(teams * 8).clamp(1, cap);
+        let g = n.div_ceil(teams * 4).clamp(1, cap);
         self.vlaunch(
             self.fk.rms_bwd[var],
             (g as u32, 1, 1),
             (T, 1, 1),
-            (c * 8) as u32,
+            (teams * c * 4) as u32,
             &[
                 p(dx),
                 dt(dx.dtype),
