@@ -16,8 +16,10 @@ use llmq_io::safetensors::SafeTensorsFile;
 use llmq_train::*;
 use std::path::Path;
 
-fn backends() -> Vec<(&'static str, Box<dyn Fn() -> Box<dyn Backend>>)> {
-    let mut v: Vec<(&'static str, Box<dyn Fn() -> Box<dyn Backend>>)> =
+type MakeBackend = Box<dyn Fn() -> Box<dyn Backend>>;
+
+fn backends() -> Vec<(&'static str, MakeBackend)> {
+    let mut v: Vec<(&'static str, MakeBackend)> =
         vec![("cpu", Box::new(|| Box::new(CpuBackend::new())))];
     match llmq_cuda::cuda_available() {
         Ok(()) => v.push((

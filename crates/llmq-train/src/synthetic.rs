@@ -203,6 +203,39 @@ impl BatchSource for MarkovStream {
     }
 }
 
+/// Uniformly random tokens, for throughput benchmarks (nothing to learn: the floor is ln V).
+pub struct RandomTokens {
+    rng: Rng,
+    vocab: usize,
+}
+
+impl RandomTokens {
+    pub fn new(vocab: usize, seed: u64) -> RandomTokens {
+        RandomTokens { rng: Rng::new(seed ^ 0xBADC0DE), vocab }
+    }
+}
+
+impl BatchSource for RandomTokens {
+    fn next_batch(&mut self, b: usize, t: usize) -> Result<Batch> {
+        let n = b * t;
+        let toks: Vec<i32> = (0..=n).map(|_| self.rng.below(self.vocab as u64) as i32).collect();
+        Ok(Batch { inputs: toks[..n].to_vec(), targets: toks[1..].to_vec() })
+    }
+    fn state(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "random", "rng": self.rng.state})
+    }
+    fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        self.rng.state = s.get("rng").and_then(|v| v.as_u64()).ok_or_else(|| Error::Config("data state: missing field `rng`".into()))?;
+        Ok(())
+    }
+    fn epoch(&self) -> f64 {
+        0.0
+    }
+    fn describe(&self) -> String {
+        format!("uniformly random tokens over {} (benchmark data)", self.vocab)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,38 +276,5 @@ mod tests {
         assert_eq!(b.next_batch(3, 7).unwrap(), want);
         let mut other = src.stream(6);
         assert!(other.restore(&st).unwrap_err().to_string().contains("stream_seed"));
-    }
-}
-
-/// Uniformly random tokens, for throughput benchmarks (nothing to learn: the floor is ln V).
-pub struct RandomTokens {
-    rng: Rng,
-    vocab: usize,
-}
-
-impl RandomTokens {
-    pub fn new(vocab: usize, seed: u64) -> RandomTokens {
-        RandomTokens { rng: Rng::new(seed ^ 0xBADC0DE), vocab }
-    }
-}
-
-impl BatchSource for RandomTokens {
-    fn next_batch(&mut self, b: usize, t: usize) -> Result<Batch> {
-        let n = b * t;
-        let toks: Vec<i32> = (0..=n).map(|_| self.rng.below(self.vocab as u64) as i32).collect();
-        Ok(Batch { inputs: toks[..n].to_vec(), targets: toks[1..].to_vec() })
-    }
-    fn state(&self) -> serde_json::Value {
-        serde_json::json!({"kind": "random", "rng": self.rng.state})
-    }
-    fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.rng.state = s.get("rng").and_then(|v| v.as_u64()).ok_or_else(|| Error::Config("data state: missing field `rng`".into()))?;
-        Ok(())
-    }
-    fn epoch(&self) -> f64 {
-        0.0
-    }
-    fn describe(&self) -> String {
-        format!("uniformly random tokens over {} (benchmark data)", self.vocab)
     }
 }

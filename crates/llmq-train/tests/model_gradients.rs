@@ -52,8 +52,8 @@ fn model_gradients_match_finite_differences() {
         let grads = tr.model.params.grads_f32(be).unwrap();
         let h = 1e-2f32;
         let mut checked = 0;
-        for gi in 0..tr.model.params.layout.groups.len() {
-            let g = tr.model.params.layout.groups[gi].clone();
+        let groups = tr.model.params.layout.groups.clone();
+        for (gi, g) in groups.iter().enumerate() {
             let w_t = tr.model.params.master.groups[gi];
             let w0 = download_f32(tr.be.as_ref(), &w_t).unwrap();
             for e in &g.entries {
