@@ -161,7 +161,7 @@ impl CudaBackend {
         let (fi, _, _) = self.attn3_indices(s.hd);
         let cfg = FWD[h][fi];
         let smem = fwd_smem(s.hd, cfg);
-        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if smem > self.dev.smem_optin() {
             return Ok(false);
         }
         let bq = cfg.warps * 16 * cfg.mt;
@@ -180,7 +180,7 @@ impl CudaBackend {
         let (_, qi, ki) = self.attn3_indices(s.hd);
         let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
         let (sq, sk) = (dq_smem(s.hd, cq), dkv_smem(s.hd, ck));
-        if sq.max(sk) > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if sq.max(sk) > self.dev.smem_optin() {
             return Ok(false);
         }
         let (t, hq, hkv) = (Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32));

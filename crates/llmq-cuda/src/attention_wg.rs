@@ -35,16 +35,14 @@ const fn c(tile: usize, wgs: usize, stages: usize) -> Attn4Cfg {
 const FWD: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(128, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(128, 2, 2)]];
 const DQ: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(32, 2, 3)]];
 const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(32, 2, 2), c(64, 2, 2)]];
-/// (fwd, dq, dkv) indices `AttnImpl::Auto` uses on compute capability 9.0, [Hd 64, Hd 128].
-/// Backward re-measured after the backward kernels stopped writing into their accumulators
-/// (H200, 2026-11-29, fourth session; the dq x dkv grid of tests/attention_v3.rs): Hd 64 dq 0 +
-/// dkv 0 0.417 ms (0.414-0.442 for the others with dq 0); Hd 128 dq 0 + dkv 3 0.645 ms (dq 2 +
-/// dkv 3: 0.671). Older numbers below.
-/// From tests/attention_v3.rs on the H200 (2026-11-29, B16 T1024, ms per layer, fwd / bwd):
-/// Hd 64 (Hq 14, Hkv 2): fwd 0.139 0.141 0.155 0.131 for configurations 0-3, bwd 0.445 for
-/// dq 0 + dkv 0 (v3: 0.168 / 0.606); Hd 128 (Hq 12, Hkv 2): fwd 0.222 0.223 0.214 0.200, bwd
-/// 0.698 for dq 2 + dkv 3 (v3: 0.273 / 1.015). Deferring the last wgmma of an iteration (3
-/// stages) did not pay; neither did two warpgroups per block for Hd 64.
+/// (fwd, dq, dkv) indices `AttnImpl::Auto` uses on compute capability 9.0, [Hd 64, Hd 128],
+/// from tests/attention_v3.rs on the H200 (2026-11-29, B16 T1024, ms per layer, fwd / bwd):
+/// Hd 64 (Hq 14, Hkv 2): fwd 0.139 0.141 0.155 0.131 for configurations 0-3, bwd 0.412 for
+/// dq 0 with dkv 0 (0.414-0.442 with the other dkv; v3: 0.168 / 0.606). Hd 128 (Hq 12, Hkv 2):
+/// fwd 0.222 0.223 0.214 0.200, bwd 0.640 for dq 0 with dkv 3 (dq 2 with dkv 3: 0.667; v3:
+/// 0.273 / 1.015). The backward numbers are those after the kernels stopped writing into their
+/// wgmma accumulators (fourth session). Deferring the last wgmma of an iteration (3 stages) did
+/// not pay; neither did two warpgroups per block for Hd 64.
 const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (3, 0, 3)];
 
 /// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
@@ -123,7 +121,7 @@ impl CudaBackend {
         let h = usize::from(s.hd != 64);
         let cfg = FWD[h][fi];
         let smem = fwd_smem(s.hd, cfg);
-        if smem > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if smem > self.dev.smem_optin() {
             return Ok(false);
         }
         let bq = ROWS * cfg.wgs;
@@ -139,7 +137,7 @@ impl CudaBackend {
         let h = usize::from(s.hd != 64);
         let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
         let (sq, sk) = (dq_smem(s.hd, cq), dkv_smem(s.hd, ck));
-        if sq.max(sk) > self.dev.max_smem_optin.max(48 << 10) as usize {
+        if sq.max(sk) > self.dev.smem_optin() {
             return Ok(false);
         }
         let dims = || [Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];

@@ -53,6 +53,11 @@ pub(crate) struct Device {
 }
 
 impl Device {
+    /// Shared memory one block may use after opting in (at least the 48 KiB every device gives).
+    pub fn smem_optin(&self) -> usize {
+        self.max_smem_optin.max(48 << 10) as usize
+    }
+
     pub fn new(ordinal: usize) -> Result<Device> {
         // SAFETY: plain driver calls with out-pointers to locals; the library presence was
         // checked by the caller (cuda_available) before any symbol is resolved.

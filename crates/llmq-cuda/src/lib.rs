@@ -154,7 +154,7 @@ impl CudaBackend {
         let mut dev = Device::new(ordinal)?;
         let k = Kernels::load()?;
         // Kernels whose dynamic shared memory may exceed the default 48 KiB.
-        let optin = dev.max_smem_optin.max(48 << 10) as u32;
+        let optin = dev.smem_optin() as u32;
         for f in [
             k.embedding_bwd,
             k.attn_fwd_mma2_64,

@@ -94,7 +94,7 @@ impl CudaBackend {
     /// Dynamic shared memory a kernel may ask for (the per-block opt-in limit, less a margin for
     /// the kernels' static shared memory).
     fn smem_limit(&self) -> usize {
-        (self.dev.max_smem_optin.max(48 << 10) as usize).saturating_sub(8 << 10)
+        self.dev.smem_optin().saturating_sub(8 << 10)
     }
 
     /// Blocks for a grid-stride loop over `n` items.
