@@ -81,6 +81,38 @@ extern "C" __global__ void __launch_bounds__(128) llmq_wg_selftest(float* c, con
 }
 
 #ifdef LLMQ_WGMMA
+// Shared by the forward and dQ kernels, which loop over the key blocks of one query tile.
+// The K and V tiles of key block kt into stage kt % ST where kt < nkt. Always commits a cp.async
+// group (maybe empty), which keeps the wait counts uniform.
+template <int HD, int BK, int NTH, int ST>
+LLMQ_DEV void a4_load_kv(uint16_t* KV, const uint16_t* seq, long long Qw, int kt, int nkt, int T, int Hq, int Hkv, int kvh) {
+    constexpr int KT = ct_elems(BK, HD);
+    if (kt < nkt) {
+        uint16_t* dst = KV + 2 * (kt % ST) * KT;
+        wg_cp_rows<HD, BK, NTH>(dst, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
+        wg_cp_rows<HD, BK, NTH>(dst + KT, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
+    }
+    cp_async_commit();
+}
+
+// acc (64 x HD per warpgroup) += A Bs: A is the f32 64 x BK tile in p (P or dS), packed to bf16
+// A fragments in registers; Bs is the ct [BK][HD] tile read MN-major (V, or K for dQ). Without
+// DEFER the product is complete on return; with DEFER the caller's next wg_wait completes it.
+template <int HD, int BK, bool DEFER, int NA, int NP>
+LLMQ_DEV void a4_acc_rs(float (&acc)[NA], const float (&p)[NP], const uint16_t* Bs) {
+    unsigned af[BK / 16][4];
+#pragma unroll
+    for (int c = 0; c < BK / 16; c++) wg_pack_a(af[c], p, c);
+    wg_fence();
+#pragma unroll
+    for (int c = 0; c < BK / 16; c++) wg_rs<HD, 1>(acc, af[c], wg_desc_mn(Bs, BK, c), 1);
+    wg_commit();
+    if constexpr (!DEFER) {
+        wg_wait<0>();
+        wg_keep(acc);
+    }
+}
+
 // dQ (and D). Block: NWG warpgroups x 64 query rows of one head (BQ); grid (ceil(T/BQ), Hq, B),
 // late (heavy) tiles first; the K/V tiles are shared by the warpgroups. ST stages of K/V tiles
 // in flight. dyn smem (from a 1024-byte boundary): Q, dO ct [BQ][HD] + ST x (K, V) ct [BK][HD] (bf16) + L,
@@ -109,14 +141,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
     wg_cp_rows<HD, BQ, NTH>(Qs, seq, Qw, qb0, T, h * HD);
     wg_cp_rows<HD, BQ, NTH>(Os, dseq, Ow, qb0, T, h * HD);
-    auto load_kv = [&](int kt) {  // always commits a group (maybe empty) to keep the counting uniform
-        if (kt < nkt) {
-            uint16_t* dst = KV + 2 * (kt % ST) * KT;
-            wg_cp_rows<HD, BK, NTH>(dst, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
-            wg_cp_rows<HD, BK, NTH>(dst + KT, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
-        }
-        cp_async_commit();
-    };
+    auto load_kv = [&](int kt) { a4_load_kv<HD, BK, NTH, ST>(KV, seq, Qw, kt, nkt, T, Hq, Hkv, kvh); };
 #pragma unroll
     for (int i = 0; i < PD; i++) load_kv(i);  // the Q/dO copies join the first group
     // D = rowsum(dO o O) and L (log2 domain) of the block's rows, while the copies run: LPR
@@ -196,7 +221,6 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
             }
         wg_wait<0>();
         wg_keep(dp);
-        unsigned af[BK / 16][4];
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
@@ -204,16 +228,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
                 pd[4 * nt + e] *= dp[4 * nt + e] - D0;
                 pd[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
             }
-#pragma unroll
-        for (int c = 0; c < BK / 16; c++) wg_pack_a(af[c], pd, c);
-        wg_fence();
-#pragma unroll
-        for (int c = 0; c < BK / 16; c++) wg_rs<HD, 1>(dq, af[c], wg_desc_mn(Ks, BK, c), 1);  // dQ += dS K
-        wg_commit();
-        if constexpr (!DEFER) {
-            wg_wait<0>();
-            wg_keep(dq);
-        }  // else it completes under the next iteration's S and dP (wg_wait<1> there)
+        a4_acc_rs<HD, BK, DEFER>(dq, pd, Ks);  // dQ += dS K (deferred: completes under the next S and dP, wg_wait<1> there)
     }
     wg_wait<0>();
     wg_keep(dq);
@@ -247,14 +262,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
     const int qb0 = qt * BQ;
     const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
     wg_cp_rows<HD, BQ, NTH>(Qs, seq, Qw, qb0, T, h * HD);
-    auto load_kv = [&](int kt) {
-        if (kt < nkt) {
-            uint16_t* dst = KV + 2 * (kt % ST) * KT;
-            wg_cp_rows<HD, BK, NTH>(dst, seq, Qw, kt * BK, T, (Hq + kvh) * HD);
-            wg_cp_rows<HD, BK, NTH>(dst + KT, seq, Qw, kt * BK, T, (Hq + Hkv + kvh) * HD);
-        }
-        cp_async_commit();
-    };
+    auto load_kv = [&](int kt) { a4_load_kv<HD, BK, NTH, ST>(KV, seq, Qw, kt, nkt, T, Hq, Hkv, kvh); };
 #pragma unroll
     for (int i = 0; i < PD; i++) load_kv(i);
     const float sl2 = LOG2E / sqrtf((float)HD);
@@ -331,17 +339,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
             o[4 * i + 2] *= c1;
             o[4 * i + 3] *= c1;
         }
-        unsigned af[BK / 16][4];
-#pragma unroll
-        for (int c = 0; c < BK / 16; c++) wg_pack_a(af[c], s, c);
-        wg_fence();
-#pragma unroll
-        for (int c = 0; c < BK / 16; c++) wg_rs<HD, 1>(o, af[c], wg_desc_mn(Vs, BK, c), 1);  // O += P V
-        wg_commit();
-        if constexpr (!DEFER) {
-            wg_wait<0>();
-            wg_keep(o);
-        }
+        a4_acc_rs<HD, BK, DEFER>(o, s, Vs);  // O += P V
     }
     wg_wait<0>();
     wg_keep(o);
