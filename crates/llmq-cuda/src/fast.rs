@@ -277,11 +277,12 @@ impl CudaBackend {
         let teams = 8 / wt;
         let cap = (SCRATCH_BYTES / (8 * c)).min(65535);
         let g = n.div_ceil(teams * 4).clamp(1, cap);
+        let smem = teams * c.div_ceil(8) * 8 * 4; // per team: the f32 dw sums, padded to whole chunks
         self.vlaunch(
             self.fk.rms_bwd[var],
             (g as u32, 1, 1),
             (T, 1, 1),
-            (teams * c * 4) as u32,
+            smem as u32,
             &[
                 p(dx),
                 dt(dx.dtype),
