@@ -65,6 +65,8 @@ kernel_table!(
     bias_rows,
     embedding_fwd,
     embedding_bwd,
+    embedding_sort,
+    embedding_bwd_sorted,
     rmsnorm_fwd,
     residual_rmsnorm_fwd,
     rmsnorm_bwd,

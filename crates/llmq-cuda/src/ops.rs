@@ -188,6 +188,19 @@ impl CudaBackend {
         check_i32(OP, "ids", ids, n)?;
         check_rows(OP, "dout", dout, n, c)?;
         fits_i32(OP, n.max(v).max(c))?;
+        // sorted path: the keys (8 bytes per row, padded to a power of two) sort in one block's
+        // shared memory, and go to the scratch buffer
+        let sort_smem = n.next_power_of_two() * 8;
+        if !self.generic.get() && n > 0 && sort_smem <= self.smem_limit() && n * 8 <= SCRATCH_BYTES {
+            self.launch(self.k.embedding_sort, (1, 1, 1), (1024, 1, 1), sort_smem as u32, &[Arg::Ptr(self.scratch), p(ids), i(n), i(v)])?;
+            return self.launch(
+                self.k.embedding_bwd_sorted,
+                (n as u32, 1, 1),
+                (THREADS, 1, 1),
+                0,
+                &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(self.scratch), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
+            );
+        }
         let smem = c * 4;
         if smem > self.smem_limit() {
             return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));

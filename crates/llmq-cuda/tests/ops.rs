@@ -191,6 +191,32 @@ fn embedding_forward_and_backward() {
         p.gpu.embedding_bwd(&dtab.g, &idt.g, &dout.g).unwrap();
         p.exact(&format!("embedding_bwd {d} (rows added in order)"), &dtab);
     }
+    // Sizes around the sorted path's limit (one block sorts up to 16384 keys; above that the
+    // O(N^2) kernel runs): a power of two, just above it, and skewed ids (one id on every 3rd row).
+    for &(v, c, n) in &[(151_936, 64, 16_384), (1000, 24, 16_385), (50, 40, 4000)] {
+        let ids: Vec<i32> = (0..n).map(|i| if i % 3 == 0 { 11 } else { p.rng.below(v) as i32 }).collect();
+        let idt = p.i32s(&[n], &ids);
+        let dout = p.rand(BF16, &[n, c], 1.0);
+        let dtab = p.rand(F32, &[v, c], 1.0);
+        p.cpu.embedding_bwd(&dtab.c, &idt.c, &dout.c).unwrap();
+        p.gpu.embedding_bwd(&dtab.g, &idt.g, &dout.g).unwrap();
+        p.exact(&format!("embedding_bwd [{n} rows, V {v}, C {c}]"), &dtab);
+    }
+    // Out-of-range ids (the forward wrote NaN rows for them) add nothing on the GPU: the same
+    // table as with those rows left out.
+    let (v, c, n) = (40, 16, 600);
+    let ids: Vec<i32> = (0..n).map(|i| if i % 7 == 0 { -1 } else if i % 11 == 0 { v as i32 } else { p.rng.below(v) as i32 }).collect();
+    let dout = p.rng.vec(n * c, 1.0);
+    let keep: Vec<usize> = (0..n).filter(|&i| ids[i] >= 0 && ids[i] < v as i32).collect();
+    let kept_ids: Vec<i32> = keep.iter().map(|&i| ids[i]).collect();
+    let kept_dout: Vec<f32> = keep.iter().flat_map(|&i| dout[i * c..(i + 1) * c].to_vec()).collect();
+    let table = p.rng.vec(v * c, 1.0);
+    let (a, b) = (p.vals(F32, &[v, c], &table), p.vals(F32, &[v, c], &table));
+    let (ia, da) = (p.i32s(&[n], &ids), p.vals(F32, &[n, c], &dout));
+    let (ib, db) = (p.i32s(&[keep.len()], &kept_ids), p.vals(F32, &[keep.len(), c], &kept_dout));
+    p.gpu.embedding_bwd(&a.g, &ia.g, &da.g).unwrap();
+    p.gpu.embedding_bwd(&b.g, &ib.g, &db.g).unwrap();
+    assert_eq!(p.gpu.download(&a.g).unwrap(), p.gpu.download(&b.g).unwrap(), "embedding_bwd: out-of-range ids must add nothing");
 }
 
 #[test]
