@@ -217,56 +217,55 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
     float4* acc = (float4*)llmq_dyn_smem + (long long)team * 2 * nc;  // this team's dw sums (dyn smem: teams x 2 x nc float4)
     for (int i = tl; i < 2 * nc; i += tw) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     unsigned amax = 0u;
+    // f(c8, nv, dy, xv, wv) for each chunk c8 of the row at `base` that this lane owns
+    auto each_chunk = [&](long long base, auto&& f) {
+#pragma unroll
+        for (int k = 0; k < RMS_CPL; k++) {
+            const int c8 = k * tw + tl;
+            if (c8 < nc) {
+                const int nv = min(8, C - c8 * 8);
+                float dy[8], xv[8], wv[8];
+                ld8<T>(dout, dt_dout, base + c8 * 8, nv, dy);
+                ld8<T>(x, dt_x, base + c8 * 8, nv, xv);
+                ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
+                f(c8, nv, dy, xv, wv);
+            }
+        }
+    };
     for (int n = blockIdx.x * teams + team; n < N; n += gridDim.x * teams) {
         const long long base = (long long)n * C;
         const float rs = rstd[n];
         double dot = 0.0;
+        each_chunk(base, [&](int c8, int, const float(&dy)[8], const float(&xv)[8], const float(&wv)[8]) {
+            float dw[8];
 #pragma unroll
-        for (int k = 0; k < RMS_CPL; k++) {
-            const int c8 = k * tw + tl;
-            if (c8 < nc) {
-                const int nv = min(8, C - c8 * 8);
-                float dy[8], xv[8], wv[8], dw[8];
-                ld8<T>(dout, dt_dout, base + c8 * 8, nv, dy);
-                ld8<T>(x, dt_x, base + c8 * 8, nv, xv);
-                ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    const float xh = xv[j] * rs;
-                    dot += (double)((wv[j] * dy[j]) * xh);
-                    dw[j] = dy[j] * xh;  // 0 past C (ld8 fills zeros there); never read back
-                }
-                float4 lo = acc[c8], hi = acc[nc + c8];
-                lo.x += dw[0], lo.y += dw[1], lo.z += dw[2], lo.w += dw[3];
-                hi.x += dw[4], hi.y += dw[5], hi.z += dw[6], hi.w += dw[7];
-                acc[c8] = lo;
-                acc[nc + c8] = hi;
+            for (int j = 0; j < 8; j++) {
+                const float xh = xv[j] * rs;
+                dot += (double)((wv[j] * dy[j]) * xh);
+                dw[j] = dy[j] * xh;  // 0 past C (ld8 fills zeros there); never read back
             }
-        }
+            float4 lo = acc[c8], hi = acc[nc + c8];
+            lo.x += dw[0], lo.y += dw[1], lo.z += dw[2], lo.w += dw[3];
+            hi.x += dw[4], hi.y += dw[5], hi.z += dw[6], hi.w += dw[7];
+            acc[c8] = lo;
+            acc[nc + c8] = hi;
+        });
         const float cm = (float)(team_sum_d(dot, red, team, W) / (double)C);
+        each_chunk(base, [&](int c8, int nv, const float(&dy)[8], const float(&xv)[8], const float(&wv)[8]) {
+            float g[8];
 #pragma unroll
-        for (int k = 0; k < RMS_CPL; k++) {
-            const int c8 = k * tw + tl;
-            if (c8 < nc) {
-                const int nv = min(8, C - c8 * 8);
-                float dy[8], xv[8], wv[8], g[8];
-                ld8<T>(dout, dt_dout, base + c8 * 8, nv, dy);
-                ld8<T>(x, dt_x, base + c8 * 8, nv, xv);
-                ld8<AnyT>(w, dt_w, c8 * 8, nv, wv);
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    const float xh = xv[j] * rs;
-                    g[j] = rs * (wv[j] * dy[j] - xh * cm);
-                }
-                if (dres != nullptr) {
-                    float r[8];
-                    ld8<T>(dres, dt_dres, base + c8 * 8, nv, r);
-#pragma unroll
-                    for (int j = 0; j < 8; j++) g[j] = r[j] + g[j];
-                }
-                amax = max(amax, st8<T>(dx, dt_dx, base + c8 * 8, nv, g));
+            for (int j = 0; j < 8; j++) {
+                const float xh = xv[j] * rs;
+                g[j] = rs * (wv[j] * dy[j] - xh * cm);
             }
-        }
+            if (dres != nullptr) {
+                float r[8];
+                ld8<T>(dres, dt_dres, base + c8 * 8, nv, r);
+#pragma unroll
+                for (int j = 0; j < 8; j++) g[j] = r[j] + g[j];
+            }
+            amax = max(amax, st8<T>(dx, dt_dx, base + c8 * 8, nv, g));
+        });
     }
     // dw: teams of the block in order 0, 1, ... into f64 shared memory, then one partial row
     __syncthreads();
