@@ -13,7 +13,7 @@
 // The "v" kernels are the dtype-specialised versions (8 elements per 16-byte access, scalar tail
 // for sizes not a multiple of 8; the host checks alignment): absmax_v, sumsq_partial_v,
 // colsum_partial_v (thread = 8 columns x every 8th row of its block's row set, f64 registers,
-// fixed-order combine of the 8 row slots in shared memory) and colreduce8 (32 columns x 8 row
+// fixed-order combine of the 8 row slots in shared memory) and colreduce32 (32 columns x 32 row
 // slots per block instead of one thread walking all G partials). The scalar originals stay as
 // the fallback for other dtypes/alignments and for CudaBackend::set_generic_kernels.
 #include "common.cuh"
@@ -86,24 +86,26 @@ extern "C" __global__ void llmq_colreduce(void* out, int dt_out, const double* p
 // ---------------------------------------------------------------------------------------------
 // Fast kernels
 
-// out[c] (+)= sum_{g < G} partial[g * ld + c]. Block (32, 8) per 32 columns: thread (x, y) sums
-// rows y, y + 8, ... in order (f64), then y = 0 adds the 8 slot sums in order 0..7; the sum
+// out[c] (+)= sum_{g < G} partial[g * ld + c]. Block (32, 32) per 32 columns: thread (x, y) sums
+// rows y, y + 32, ... in order (f64), then y = 0 adds the 32 slot sums in order 0..31; the sum
 // (plus the old value when accumulating) is rounded once to f32, then to out's dtype.
-extern "C" __global__ void __launch_bounds__(256) llmq_colreduce8(void* out, int dt_out, const double* partial, int G, int C, int ld,
-                                                                  int accumulate) {
-    __shared__ double s[8][33];
+// (With 8 slots, C / 32 blocks of 8 warps left most SMs idle: 6.5-10 us per call for G = 512 to
+// 1024 partial rows, latency-bound.)
+extern "C" __global__ void __launch_bounds__(1024) llmq_colreduce32(void* out, int dt_out, const double* partial, int G, int C, int ld,
+                                                                    int accumulate) {
+    __shared__ double s[32][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     double v = 0.0;
     if (c < C) {
 #pragma unroll 8
-        for (int g = threadIdx.y; g < G; g += 8) v += partial[(long long)g * ld + c];
+        for (int g = threadIdx.y; g < G; g += 32) v += partial[(long long)g * ld + c];
     }
     s[threadIdx.y][threadIdx.x] = v;
     __syncthreads();
     if (threadIdx.y == 0 && c < C) {
         double t = 0.0;
 #pragma unroll
-        for (int k = 0; k < 8; k++) t += s[k][threadIdx.x];
+        for (int k = 0; k < 32; k++) t += s[k][threadIdx.x];
         if (accumulate) t = (double)load_f(out, c, dt_out) + t;
         store_f(out, c, dt_out, (float)t);
     }

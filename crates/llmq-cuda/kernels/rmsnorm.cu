@@ -16,7 +16,7 @@
 // rmsnorm_fwd(res) agree bit for bit whichever instantiations they get.
 // Backward weight gradient, two stages, no atomics: each lane sums dout*xhat of its columns over
 // the rows its team handles (about 4, f32, in shared memory), the teams of a block are added in
-// fixed order in f64 and written as partial[block, C]; llmq_colreduce8 then sums the G partial
+// fixed order in f64 and written as partial[block, C]; llmq_colreduce32 then sums the G partial
 // rows in a fixed order (G depends on N and C only, so results are the same bits on every call
 // and every device).
 // Legacy kernels (the original warp-per-row, one element per lane kernels) stay for

@@ -22,7 +22,7 @@ pub(crate) struct FastKernels {
     rms_fwd: [F; 3],
     rms_res: [F; 3],
     rms_bwd: [F; 3],
-    colreduce8: F,
+    colreduce32: F,
     absmax: [F; 2],
     sumsq: [F; 2],
     colsum: [F; 2],
@@ -80,7 +80,7 @@ impl FastKernels {
             rms_fwd: three("rmsnorm_fwd_v")?,
             rms_res: three("residual_rmsnorm_fwd_v")?,
             rms_bwd: three("rmsnorm_bwd_v")?,
-            colreduce8: f("colreduce8".into())?,
+            colreduce32: f("colreduce32".into())?,
             absmax: two("absmax_v")?,
             sumsq: two("sumsq_partial_v")?,
             colsum: two("colsum_partial_v")?,
@@ -189,11 +189,11 @@ impl CudaBackend {
     }
 
     /// out[c] (+)= sum of the `g` partial f64 rows at `partial` (row stride `ld`), fixed order.
-    pub(crate) fn colreduce8(&self, out: &Tensor, partial: u64, g: usize, c: usize, ld: usize, accumulate: bool) -> Result<()> {
+    pub(crate) fn colreduce32(&self, out: &Tensor, partial: u64, g: usize, c: usize, ld: usize, accumulate: bool) -> Result<()> {
         self.vlaunch(
-            self.fk.colreduce8,
+            self.fk.colreduce32,
             (c.div_ceil(32) as u32, 1, 1),
-            (32, 8, 1),
+            (32, 32, 1),
             0,
             &[p(out), dt(out.dtype), Arg::Ptr(partial), i(g), i(c), i(ld), Arg::I32(accumulate as i32)],
         )
@@ -302,7 +302,7 @@ impl CudaBackend {
                 i(wt),
             ],
         )?;
-        self.colreduce8(dw, self.scratch, g, c, c, true)?;
+        self.colreduce32(dw, self.scratch, g, c, c, true)?;
         Ok(true)
     }
 
@@ -478,7 +478,7 @@ impl CudaBackend {
         let cap = (SCRATCH_BYTES / (8 * c)).min(65535);
         let g = rows.div_ceil(64).clamp(1, cap);
         self.vlaunch(self.fk.colsum[var], ((c / 8).div_ceil(32) as u32, g as u32, 1), (32, 8, 1), 0, &[Arg::Ptr(self.scratch), p(inp), i(rows), i(c)])?;
-        self.colreduce8(out, self.scratch, g, c, c, accumulate)?;
+        self.colreduce32(out, self.scratch, g, c, c, accumulate)?;
         Ok(true)
     }
 
