@@ -6,10 +6,9 @@
 
 mod common;
 
-use common::{decode, encode, Pair};
-use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, Tensor};
+use common::{decode, encode, median_time, rand_tensor, Pair};
+use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory};
 use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS};
-use std::time::Instant;
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -230,29 +229,6 @@ fn attention_v3_configs_agree_with_v2_at_length_1024() {
     }
 }
 
-fn time<F: FnMut()>(g: &CudaBackend, mut f: F) -> f64 {
-    f();
-    g.synchronize().unwrap();
-    let mut ts = Vec::new();
-    for _ in 0..7 {
-        let t0 = Instant::now();
-        for _ in 0..5 {
-            f();
-        }
-        g.synchronize().unwrap();
-        ts.push(t0.elapsed().as_secs_f64() / 5.0);
-    }
-    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    ts[ts.len() / 2]
-}
-
-fn rand_tensor(g: &mut CudaBackend, rng: &mut common::Rng, dt: DType, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
-    g.upload(&t, &encode(dt, &rng.vec(n, scale))).unwrap();
-    t
-}
-
 /// Prints fwd / bwd times (median ms) of v2, every v3 configuration and every dq x dkv
 /// combination, B16 T1024, Qwen2.5-0.5B (Hd 64) and -1.5B-like (Hd 128) head shapes.
 #[test]
@@ -271,8 +247,8 @@ fn attention_v3_timings() {
         println!("## B16 T1024 Hq{hq} Hkv{hkv} Hd{hd}: fwd / bwd ms (TFLOP/s, bwd counted as 2.5 x fwd)");
         let line = |g: &CudaBackend, name: String, imp: AttnImpl| {
             g.set_attention_impl(imp);
-            let tf = time(g, || g.attention_fwd(&out, &lse, &qkv, s).unwrap());
-            let tb = time(g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+            let tf = median_time(g, || g.attention_fwd(&out, &lse, &qkv, s).unwrap());
+            let tb = median_time(g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
             println!("| {name} | {:.3} ({:.0}) | {:.3} ({:.0}) |", tf * 1e3, flops / tf / 1e12, tb * 1e3, 2.5 * flops / tb / 1e12);
         };
         line(&g, "v2".into(), AttnImpl::MmaV2);
@@ -292,7 +268,7 @@ fn attention_v3_timings() {
                 let mut row = format!("dq {i}:");
                 for j in 0..ATTN4_CONFIGS as u8 {
                     g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: i, dkv: j, split: 0 });
-                    let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
                     row.push_str(&format!(" {:.3}", tb * 1e3));
                 }
                 println!("{row}");
@@ -301,7 +277,7 @@ fn attention_v3_timings() {
             let mut row = format!("wgmma bwd ms, dq {dq} dkv {dkv}, dK/dV parts 1, 2, 3, 4, 6, 8:");
             for split in [1u8, 2, 3, 4, 6, 8] {
                 g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: dq as u8, dkv: dkv as u8, split });
-                let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
             println!("{row}");
@@ -316,7 +292,7 @@ fn attention_v3_timings() {
             let mut row = format!("dkv {j} (auto {}):", attn3_dkv_split(&s, j as usize));
             for split in [1u8, 2, 3, 4, 6, 8] {
                 g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: attn3_default(hd).1 as u8, dkv: j, split });
-                let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
             println!("{row}");
@@ -326,7 +302,7 @@ fn attention_v3_timings() {
             let mut row = format!("dq {i}:");
             for j in 0..ATTN3_CONFIGS as u8 {
                 g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: i, dkv: j, split: 0 });
-                let tb = time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
             println!("{row}");

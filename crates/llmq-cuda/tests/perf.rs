@@ -4,10 +4,8 @@
 
 mod common;
 
-use common::encode;
-use llmq_core::{AttnShape, Backend, DType, Matmul, Mem, MemCategory, Tensor};
-use llmq_cuda::CudaBackend;
-use std::time::Instant;
+use common::{median_time, rand_tensor};
+use llmq_core::{AttnShape, Backend, DType, Matmul, Mem, MemCategory};
 
 /// Reports an op error once per call site instead of aborting the whole table.
 fn ok(r: llmq_core::Result<()>) {
@@ -20,30 +18,6 @@ fn ok(r: llmq_core::Result<()>) {
             seen.push(msg);
         }
     }
-}
-
-fn time<F: FnMut()>(g: &CudaBackend, mut f: F) -> f64 {
-    f();
-    g.synchronize().unwrap();
-    let mut ts = Vec::new();
-    for _ in 0..7 {
-        let t0 = Instant::now();
-        for _ in 0..5 {
-            f();
-        }
-        g.synchronize().unwrap();
-        ts.push(t0.elapsed().as_secs_f64() / 5.0);
-    }
-    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    ts[ts.len() / 2]
-}
-
-fn rand_tensor(g: &mut CudaBackend, rng: &mut common::Rng, dt: DType, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
-    let v = rng.vec(n, scale);
-    g.upload(&t, &encode(dt, &v)).unwrap();
-    t
 }
 
 #[test]
@@ -59,7 +33,7 @@ fn kernel_timings() {
         let a = rand_tensor(&mut g, &mut rng, bf, &[m, k], 1.0);
         let w = rand_tensor(&mut g, &mut rng, bf, &[nn, k], 0.05);
         let o = g.alloc(MemCategory::Other, Mem::Device, bf, &[m, nn]).unwrap();
-        let t = time(&g, || ok(g.matmul(&Matmul::linear(&o, &a, &w))));
+        let t = median_time(&g, || ok(g.matmul(&Matmul::linear(&o, &a, &w))));
         println!("| matmul bf16 {name} | {m}x{nn}x{k} | {:.3} | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * nn * k) as f64 / t / 1e12);
         if name != "lm_head" {
             let a8 = g.alloc(MemCategory::Other, Mem::Device, DType::E4M3, &[m, k]).unwrap();
@@ -74,12 +48,12 @@ fn kernel_timings() {
             let mut mm = Matmul::linear(&o, &a8, &w8);
             mm.descale_a = Some(&sa);
             mm.descale_b = Some(&sw);
-            let t = time(&g, || ok(g.matmul(&mm)));
+            let t = median_time(&g, || ok(g.matmul(&mm)));
             println!("| matmul e4m3 {name} | {m}x{nn}x{k} | {:.3} | {:.0} TFLOP/s |", t * 1e3, 2.0 * (m * nn * k) as f64 / t / 1e12);
-            let tq = time(&g, || ok(g.quantize(&a8, &sa, &a, &am, false)));
+            let tq = median_time(&g, || ok(g.quantize(&a8, &sa, &a, &am, false)));
             println!("| quantize bf16->e4m3 | {m}x{k} | {:.3} | {:.0} GB/s |", tq * 1e3, (m * k * 3) as f64 / tq / 1e9);
             let at = g.alloc(MemCategory::Other, Mem::Device, DType::E4M3, &[k, m]).unwrap();
-            let tq = time(&g, || ok(g.quantize(&at, &sa, &a, &am, true)));
+            let tq = median_time(&g, || ok(g.quantize(&at, &sa, &a, &am, true)));
             println!("| quantize+transpose | {m}x{k} | {:.3} | {:.0} GB/s |", tq * 1e3, (m * k * 3) as f64 / tq / 1e9);
         }
     }
@@ -92,19 +66,19 @@ fn kernel_timings() {
         let lse = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[s.b * hq * s.t]).unwrap();
         let dqkv = g.alloc(MemCategory::Other, Mem::Device, bf, &[nn, q]).unwrap();
         let flops = 4.0 * (s.b * hq * hd) as f64 * (s.t * s.t) as f64 / 2.0; // causal
-        let tf = time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
+        let tf = median_time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
         println!("| attention fwd mma | B16 T1024 Hq{hq} Hkv{hkv} Hd{hd} | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
-        let tb = time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
+        let tb = median_time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
         println!("| attention bwd mma | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::MmaV2);
-        let tf = time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
+        let tf = median_time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
         println!("| attention fwd mma v2 | same | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
-        let tb = time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
+        let tb = median_time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
         println!("| attention bwd mma v2 | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Simple);
         let s1 = AttnShape { b: 2, ..s };
         let (q1, o1, l1) = (qkv.rows(0, 2048), out.rows(0, 2048), lse.slice(0, &[2 * hq * 1024]));
-        let tf = time(&g, || ok(g.attention_fwd(&o1, &l1, &q1, s1)));
+        let tf = median_time(&g, || ok(g.attention_fwd(&o1, &l1, &q1, s1)));
         println!("| attention fwd simple | B2 T1024 Hq{hq} Hd{hd} | {:.3} | {:.1} TFLOP/s |", tf * 1e3, flops / 8.0 / tf / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Auto);
     }
@@ -115,34 +89,34 @@ fn kernel_timings() {
     let y = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, c]).unwrap();
     let rstd = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[n]).unwrap();
     let am = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[1]).unwrap();
-    let t = time(&g, || ok(g.rmsnorm_fwd(&y, &rstd, &x, &w, 1e-6, Some(&am))));
+    let t = median_time(&g, || ok(g.rmsnorm_fwd(&y, &rstd, &x, &w, 1e-6, Some(&am))));
     println!("| rmsnorm_fwd | {n}x{c} | {:.3} | {:.0} GB/s |", t * 1e3, (n * c * 4) as f64 / t / 1e9);
     let dw = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[c]).unwrap();
     let dx = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, c]).unwrap();
-    let t = time(&g, || ok(g.rmsnorm_bwd(&dx, &dw, &y, &x, &w, &rstd, None, Some(&am))));
+    let t = median_time(&g, || ok(g.rmsnorm_bwd(&dx, &dw, &y, &x, &w, &rstd, None, Some(&am))));
     println!("| rmsnorm_bwd | {n}x{c} | {:.3} | {:.0} GB/s |", t * 1e3, (n * c * 6) as f64 / t / 1e9);
     let ug = rand_tensor(&mut g, &mut rng, bf, &[n, 2 * d], 1.0);
     let h = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, d]).unwrap();
-    let t = time(&g, || ok(g.swiglu_fwd(&h, &ug, Some(&am))));
+    let t = median_time(&g, || ok(g.swiglu_fwd(&h, &ug, Some(&am))));
     println!("| swiglu_fwd | {n}x{d} | {:.3} | {:.0} GB/s |", t * 1e3, (n * d * 6) as f64 / t / 1e9);
     let dug = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, 2 * d]).unwrap();
-    let t = time(&g, || ok(g.swiglu_bwd(&dug, &h, &ug, Some(&am))));
+    let t = median_time(&g, || ok(g.swiglu_bwd(&dug, &h, &ug, Some(&am))));
     println!("| swiglu_bwd | {n}x{d} | {:.3} | {:.0} GB/s |", t * 1e3, (n * d * 10) as f64 / t / 1e9);
     let rows = 2048;
     let logits = rand_tensor(&mut g, &mut rng, bf, &[rows, 151936], 2.0);
     let losses = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[rows]).unwrap();
     let tg = g.alloc(MemCategory::Other, Mem::Device, DType::I32, &[rows]).unwrap();
-    let t = time(&g, || ok(g.cross_entropy(&logits, &losses, &tg, 1.0)));
+    let t = median_time(&g, || ok(g.cross_entropy(&logits, &losses, &tg, 1.0)));
     println!("| cross_entropy | {rows}x151936 | {:.3} | {:.0} GB/s |", t * 1e3, (rows * 151936 * 4) as f64 / t / 1e9);
-    let t = time(&g, || ok(g.sum_squares(&am, 0, &ug)));
+    let t = median_time(&g, || ok(g.sum_squares(&am, 0, &ug)));
     println!("| sum_squares bf16 | {}M | {:.3} | {:.0} GB/s |", n * 2 * d / 1_000_000, t * 1e3, (n * 2 * d * 2) as f64 / t / 1e9);
     let big = rand_tensor(&mut g, &mut rng, bf, &[n, 2 * d], 1.0);
-    let t = time(&g, || ok(g.copy(&big, &ug, llmq_core::Stream::Compute)));
+    let t = median_time(&g, || ok(g.copy(&big, &ug, llmq_core::Stream::Compute)));
     println!("| copy d2d | {} MB | {:.3} | {:.0} GB/s |", n * 2 * d * 2 / 1_000_000, t * 1e3, (n * 2 * d * 4) as f64 / t / 1e9);
     let ids: Vec<i32> = (0..n as i32).map(|i| (i * 7919) % 151936).collect();
     let idt = g.alloc(MemCategory::Other, Mem::Device, DType::I32, &[n]).unwrap();
     g.upload(&idt, &ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
     let table = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[151936, c]).unwrap();
-    let t = time(&g, || ok(g.embedding_bwd(&table, &idt, &x)));
+    let t = median_time(&g, || ok(g.embedding_bwd(&table, &idt, &x)));
     println!("| embedding_bwd | N={n} C={c} | {:.3} | |", t * 1e3);
 }

@@ -7,10 +7,9 @@
 
 mod common;
 
-use common::encode;
+use common::{median_time, rand_tensor};
 use llmq_core::{AdamW, AttnShape, Backend, DType, Mem, MemCategory, Segment, Tensor};
 use llmq_cuda::CudaBackend;
-use std::time::Instant;
 
 fn ok(r: llmq_core::Result<()>) {
     if let Err(e) = r {
@@ -18,35 +17,6 @@ fn ok(r: llmq_core::Result<()>) {
     }
 }
 
-/// Median seconds per call; repetitions per sample chosen so a sample takes >= ~3 ms (launch and
-/// synchronisation latency amortised).
-fn time<F: FnMut()>(g: &CudaBackend, mut f: F) -> f64 {
-    f();
-    g.synchronize().unwrap();
-    let t0 = Instant::now();
-    f();
-    g.synchronize().unwrap();
-    let once = t0.elapsed().as_secs_f64();
-    let reps = ((3e-3 / once.max(1e-6)) as usize).clamp(3, 200);
-    let mut ts = Vec::new();
-    for _ in 0..7 {
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        g.synchronize().unwrap();
-        ts.push(t0.elapsed().as_secs_f64() / reps as f64);
-    }
-    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    ts[ts.len() / 2]
-}
-
-fn rand_tensor(g: &mut CudaBackend, rng: &mut common::Rng, dt: DType, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
-    g.upload(&t, &encode(dt, &rng.vec(n, scale))).unwrap();
-    t
-}
 fn out(g: &mut CudaBackend, dt: DType, dims: &[usize]) -> Tensor {
     g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap()
 }
@@ -54,9 +24,9 @@ fn out(g: &mut CudaBackend, dt: DType, dims: &[usize]) -> Tensor {
 /// Times `f` with the generic and with the fast kernels and prints one table row.
 fn ab<F: FnMut()>(g: &CudaBackend, name: &str, shape: &str, bytes: usize, mut f: F) {
     g.set_generic_kernels(true);
-    let tg = time(g, &mut f);
+    let tg = median_time(g, &mut f);
     g.set_generic_kernels(false);
-    let tf = time(g, &mut f);
+    let tf = median_time(g, &mut f);
     let bw = |t: f64| bytes as f64 / t / 1e12;
     println!("| {name} | {shape} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1}x |", tg * 1e6, tf * 1e6, bw(tg), bw(tf), tg / tf);
 }
@@ -154,7 +124,7 @@ fn perf_cross_entropy() {
     ab(&g, "cross_entropy (2R+1W)", &format!("{rows}x{v} bf16"), rows * v * 2 * 3, || ok(g.cross_entropy(&logits, &losses, &tgt, 1.0 / 2048.0)));
     for (threads, per_sm) in [(1024, 1), (1024, 2), (512, 0), (512, 2), (512, 4), (256, 0), (1024, 0)] {
         g.set_cross_entropy_launch(threads, per_sm);
-        let t = time(&g, || ok(g.cross_entropy(&logits, &losses, &tgt, 1.0 / 2048.0)));
+        let t = median_time(&g, || ok(g.cross_entropy(&logits, &losses, &tgt, 1.0 / 2048.0)));
         println!(
             "| cross_entropy sweep: {threads} threads, {} | {rows}x{v} bf16 | | {:.1} | | {:.2} | |",
             if per_sm == 0 { "a block per row".to_string() } else { format!("{per_sm} rows/SM") },
@@ -172,7 +142,7 @@ fn perf_cross_entropy() {
     let tg16: Vec<i32> = (0..rows16 as i32).map(|i| (i * 7919) % v as i32).collect();
     let tgt16 = out(&mut g, DType::I32, &[rows16]);
     g.upload(&tgt16, &tg16.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-    let t = time(&g, || ok(g.cross_entropy(&big, &losses16, &tgt16, 1.0 / 16384.0)));
+    let t = median_time(&g, || ok(g.cross_entropy(&big, &losses16, &tgt16, 1.0 / 16384.0)));
     println!("| cross_entropy (fast, default launch) | {rows16}x{v} bf16 | | {:.1} | | {:.2} | |", t * 1e6, (rows16 * v * 6) as f64 / t / 1e12);
 }
 

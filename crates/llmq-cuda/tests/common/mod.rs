@@ -10,6 +10,7 @@ use llmq_core::cpu::CpuBackend;
 use llmq_core::dtype::{decode_into, encode_into};
 use llmq_core::{Backend, DType, Mem, MemCategory, Tensor};
 use llmq_cuda::{cuda_available, CudaBackend};
+use std::time::Instant;
 
 /// splitmix64-based generator (deterministic per test).
 pub struct Rng(u64);
@@ -222,4 +223,35 @@ pub fn tol(d: DType) -> (f32, f32) {
         DType::E5M2 => (1.0 / 4.0, 1.0 / 65536.0),
         DType::I32 => (0.0, 0.0),
     }
+}
+
+/// Median seconds per call of `f` on `g` (host-timed, synchronised); repetitions per sample are
+/// chosen so that a sample takes >= ~3 ms (launch and synchronisation latency amortised).
+pub fn median_time<F: FnMut()>(g: &CudaBackend, mut f: F) -> f64 {
+    f();
+    g.synchronize().unwrap();
+    let t0 = Instant::now();
+    f();
+    g.synchronize().unwrap();
+    let once = t0.elapsed().as_secs_f64();
+    let reps = ((3e-3 / once.max(1e-6)) as usize).clamp(3, 200);
+    let mut ts = Vec::new();
+    for _ in 0..7 {
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        g.synchronize().unwrap();
+        ts.push(t0.elapsed().as_secs_f64() / reps as f64);
+    }
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ts[ts.len() / 2]
+}
+
+/// A device tensor of random normal values (never all zero) times `scale`.
+pub fn rand_tensor(g: &mut CudaBackend, rng: &mut Rng, dt: DType, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
+    g.upload(&t, &encode(dt, &rng.vec(n, scale))).unwrap();
+    t
 }
