@@ -95,6 +95,16 @@ LLMQ_DEV void a4_load_kv(uint16_t* KV, const uint16_t* seq, long long Qw, int kt
     cp_async_commit();
 }
 
+// Waits for key block kt's stage (the PD - 1 younger cp.async groups may stay in flight), makes
+// it visible to every warp's wgmma (async proxy) and returns its K tile (V follows at + KT).
+template <int HD, int BK, int ST, int PD>
+LLMQ_DEV const uint16_t* a4_kv_ready(const uint16_t* KV, int kt) {
+    cp_async_wait<PD - 1>();
+    wg_proxy_fence();
+    __syncthreads();
+    return KV + 2 * (kt % ST) * ct_elems(BK, HD);
+}
+
 // acc (64 x HD per warpgroup) += A Bs: A is the f32 64 x BK tile in p (P or dS), packed to bf16
 // A fragments in registers; Bs is the ct [BK][HD] tile read MN-major (V, or K for dQ). Without
 // DEFER the product is complete on return; with DEFER the caller's next wg_wait completes it.
@@ -179,10 +189,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
 #pragma unroll
     for (int i = 0; i < NO; i++) dq[i] = 0.f;
     for (int kt = 0; kt < nkt; kt++) {
-        cp_async_wait<PD - 1>();
-        wg_proxy_fence();
-        __syncthreads();
-        const uint16_t* Ks = KV + 2 * (kt % ST) * KT;
+        const uint16_t* Ks = a4_kv_ready<HD, BK, ST, PD>(KV, kt);
         const uint16_t* Vs = Ks + KT;
         const int k0 = kt * BK;
         const bool active = k0 <= wq_last;  // warpgroup-uniform: all four warps issue or skip together
@@ -274,10 +281,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
     for (int i = 0; i < NO; i++) o[i] = 0.f;
     float mx0 = -INFINITY, mx1 = -INFINITY, l0 = 0.f, l1 = 0.f;
     for (int kt = 0; kt < nkt; kt++) {
-        cp_async_wait<PD - 1>();
-        wg_proxy_fence();
-        __syncthreads();
-        const uint16_t* Ks = KV + 2 * (kt % ST) * KT;
+        const uint16_t* Ks = a4_kv_ready<HD, BK, ST, PD>(KV, kt);
         const uint16_t* Vs = Ks + KT;
         const int k0 = kt * BK;
         const bool active = k0 <= wq_last;

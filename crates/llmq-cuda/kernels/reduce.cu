@@ -35,15 +35,8 @@ extern "C" __global__ void llmq_sumsq_partial(double* partial, const void* inp, 
         double v = (double)load_f(inp, i, dt);
         s += v * v;
     }
-    s = warp_sum_d(s);
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) red[w] = s;
-    __syncthreads();
-    if (w == 0) {
-        double t = lane < nw ? red[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) partial[blockIdx.x] = t;
-    }
+    s = block_sum_d(s, red);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
 // One block of 32 * k threads.
@@ -51,15 +44,8 @@ extern "C" __global__ void llmq_sumsq_final(float* out, int slot, const double* 
     __shared__ double red[32];
     double s = 0.0;
     for (int i = threadIdx.x; i < G; i += blockDim.x) s += partial[i];
-    s = warp_sum_d(s);
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) red[w] = s;
-    __syncthreads();
-    if (w == 0) {
-        double t = lane < nw ? red[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) out[slot] = (float)t;
-    }
+    s = block_sum_d(s, red);
+    if (threadIdx.x == 0) out[slot] = (float)s;
 }
 
 // grid (ceil(C / blockDim), G)
@@ -146,15 +132,8 @@ __device__ __forceinline__ void sumsq_partial_v(double* partial, const void* inp
         double v = (double)load_f(inp, i, T::DT);
         s += v * v;
     }
-    s = warp_sum_d(s);
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) red[w] = s;
-    __syncthreads();
-    if (w == 0) {
-        double t = lane < nw ? red[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) partial[blockIdx.x] = t;
-    }
+    s = block_sum_d(s, red);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 extern "C" __global__ void __launch_bounds__(256) llmq_sumsq_partial_v_f32(double* partial, const void* inp, long long n) {
     sumsq_partial_v<F32T>(partial, inp, n);
