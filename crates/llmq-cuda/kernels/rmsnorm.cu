@@ -267,7 +267,7 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
             amax = max(amax, st8<T>(dx, dt_dx, base + c8 * 8, nv, g));
         });
     }
-    // dw: teams of the block in order 0, 1, ... into f64 shared memory, then one partial row
+    // dw: each column's team sums added in team order 0, 1, ... in f64, one partial row per block
     __syncthreads();
     const float* acc0 = (const float*)llmq_dyn_smem;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {

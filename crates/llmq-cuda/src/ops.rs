@@ -189,9 +189,9 @@ impl CudaBackend {
         check_rows(OP, "dout", dout, n, c)?;
         fits_i32(OP, n.max(v).max(c))?;
         // sorted path: the keys (8 bytes per row, padded to a power of two) sort in one block's
-        // shared memory, and go to the scratch buffer
+        // shared memory, then go to the scratch buffer (at most that many bytes, far below it)
         let sort_smem = n.next_power_of_two() * 8;
-        if !self.generic.get() && n > 0 && sort_smem <= self.smem_limit() && n * 8 <= SCRATCH_BYTES {
+        if !self.generic.get() && n > 0 && sort_smem <= self.smem_limit() {
             self.launch(self.k.embedding_sort, (1, 1, 1), (1024, 1, 1), sort_smem as u32, &[Arg::Ptr(self.scratch), p(ids), i(n), i(v)])?;
             return self.launch(
                 self.k.embedding_bwd_sorted,
