@@ -227,9 +227,7 @@ SIMPLE_BWD_ENTRY(8)
 #define ATT_THREADS 128
 #define LOG2E 1.4426950408889634f
 
-LLMQ_DEV unsigned pack_bf16(float lo, float hi) {
-    return (unsigned)f32_to_bf16_bits(lo) | ((unsigned)f32_to_bf16_bits(hi) << 16);
-}
+LLMQ_DEV unsigned pack_bf16(float lo, float hi) { return bf16x2_bits(lo, hi); }
 
 LLMQ_DEV void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
 #if __CUDA_ARCH__ >= 800

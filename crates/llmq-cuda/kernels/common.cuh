@@ -26,11 +26,42 @@ extern __shared__ __align__(16) unsigned char llmq_dyn_smem[];
 
 LLMQ_DEV float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(((unsigned)h) << 16); }
 
-LLMQ_DEV uint16_t f32_to_bf16_bits(float x) {
+// The reference encoder: integer round-to-nearest-even, a transliteration of
+// llmq_core::dtype::f32_to_bf16 (a NaN keeps its sign and high payload bits, quiet bit set).
+// llmq_bf16_encode_selftest (convert.cu) checks the hardware encoders below against it on all
+// 2^32 inputs.
+LLMQ_DEV uint16_t f32_to_bf16_bits_ref(float x) {
     unsigned b = __float_as_uint(x);
     if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((b >> 16) | 0x40u);
     unsigned lsb = (b >> 16) & 1u;
     return (uint16_t)((b + 0x7FFFu + lsb) >> 16);
+}
+
+// Hardware encoders (cvt.rn, sm_80+): one instruction per value pair instead of ~8 integer
+// operations per value, which matters in the elementwise kernels whose math is close to their
+// memory time. The cvt rounds finite values and infinities like the reference but returns the
+// canonical NaN 0x7FFF, so NaN inputs (rare) take the reference path.
+LLMQ_DEV uint16_t f32_to_bf16_bits(float x) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    if (isnan(x)) h = f32_to_bf16_bits_ref(x);
+    return h;
+}
+// lo in bits 0..15, hi in bits 16..31.
+LLMQ_DEV unsigned bf16x2_bits(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    if (isnan(lo) || isnan(hi)) r = (unsigned)f32_to_bf16_bits_ref(lo) | ((unsigned)f32_to_bf16_bits_ref(hi) << 16);
+    return r;
+}
+
+// The IEEE reciprocal (rcp.rn) of x in [1, 2^126) without the slow-path branch that `1.0f / x`
+// carries: MUFU.RCP and one Newton step, the compiler's own fast path. Outside that range the
+// result is wrong; llmq_encode_selftest checks it against 1.0f / x on every float of the range.
+LLMQ_DEV float rcp_rn_fast(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return fmaf(r, -fmaf(x, r, -1.0f), r);
 }
 
 LLMQ_DEV unsigned hash_u32(unsigned long long seed, unsigned long long index) {

@@ -90,3 +90,27 @@ extern "C" __global__ void __launch_bounds__(128) llmq_bias_rows_v_f32(void* out
 extern "C" __global__ void __launch_bounds__(128) llmq_bias_rows_v_bf16(void* out, const void* bias, int dt_bias, int rows, int cols, int acc) {
     bias_rows_v<BF16T>(out, bias, dt_bias, rows, cols, acc);
 }
+
+// Exhaustive selftest of the hardware encoders against their references (tests/ops.rs): every
+// f32 bit pattern b through f32_to_bf16_bits and bf16x2_bits (x paired with ~x, so NaN halves
+// meet non-NaN ones), and rcp_rn_fast(x) against 1.0f / x for every x in [1, 2^126).
+// res[0] counts mismatches, res[1] keeps the smallest mismatching pattern (host sets ~0).
+extern "C" __global__ void llmq_encode_selftest(unsigned* res) {
+    unsigned bad = 0u, first = 0xFFFFFFFFu;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < (1ull << 32); i += stride) {
+        const unsigned b = (unsigned)i;
+        const float x = __uint_as_float(b), y = __uint_as_float(~b);
+        const unsigned want = (unsigned)f32_to_bf16_bits_ref(x) | ((unsigned)f32_to_bf16_bits_ref(y) << 16);
+        bool ok = f32_to_bf16_bits(x) == (want & 0xFFFFu) && bf16x2_bits(x, y) == want;
+        if (b >= 0x3F800000u && b < 0x7E800000u) ok = ok && __float_as_uint(rcp_rn_fast(x)) == __float_as_uint(1.0f / x);
+        if (!ok) {
+            bad++;
+            first = min(first, b);
+        }
+    }
+    if (bad != 0u) {
+        atomicAdd(&res[0], bad);
+        atomicMin(&res[1], first);
+    }
+}

@@ -67,7 +67,26 @@ struct ChunkWalk {
     }
 };
 
-LLMQ_DEV float sigmoid_f(float g) { return 1.0f / (1.0f + expf(-g)); }
+// sig[k] = 1 / (1 + expf(-g[k])) with the IEEE reciprocal, bit for bit. `1.0f / x` compiles to a
+// fast path behind a per-value branch to a slow path (x >= 2^126, inf, NaN); eight such branches
+// per chunk serialised the kernel (each a convergence region). Here the branch is taken once per
+// chunk: x = 1 + e >= 1 always, and below 2^126 rcp_rn_fast (common.cuh) is the whole computation.
+LLMQ_DEV void sigmoid8(const float (&g)[8], float (&sig)[8]) {
+    float x[8];
+    bool fast = true;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        x[k] = 1.0f + expf(-g[k]);
+        fast = fast && x[k] < 0x1p126f;
+    }
+    if (fast) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) sig[k] = rcp_rn_fast(x[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) sig[k] = 1.0f / x[k];
+    }
+}
 
 template <class T>
 __device__ __forceinline__ void swiglu_fwd_v(void* __restrict__ out, const void* __restrict__ inp, long long N, int D, float* absmax) {
@@ -79,14 +98,12 @@ __device__ __forceinline__ void swiglu_fwd_v(void* __restrict__ out, const void*
         ChunkWalk cw(q, stride, dc);
         for (; cw.n < N; cw.step()) {
             const long long ib = cw.n * 2 * D + (long long)cw.j * 8;
-            float up[8], g[8], y[8];
+            float up[8], g[8], sig[8], y[8];
             ld8<T>(inp, T::DT, ib, 8, up);
             ld8<T>(inp, T::DT, ib + D, 8, g);
+            sigmoid8(g, sig);
 #pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const float sig = sigmoid_f(g[k]);
-                y[k] = up[k] * (g[k] * sig);
-            }
+            for (int k = 0; k < 8; k++) y[k] = up[k] * (g[k] * sig[k]);
             amax = max(amax, st8<T>(out, T::DT, cw.n * D + (long long)cw.j * 8, 8, y));
         }
     }
@@ -104,15 +121,15 @@ __device__ __forceinline__ void swiglu_bwd_v(void* __restrict__ dinp, const void
         ChunkWalk cw(q, stride, dc);
         for (; cw.n < N; cw.step()) {
             const long long ib = cw.n * 2 * D + (long long)cw.j * 8;
-            float up[8], g[8], dy[8], a[8], b[8];
+            float up[8], g[8], dy[8], sig[8], a[8], b[8];
             ld8<T>(inp, T::DT, ib, 8, up);
             ld8<T>(inp, T::DT, ib + D, 8, g);
             ld8<T>(dout, T::DT, cw.n * D + (long long)cw.j * 8, 8, dy);
+            sigmoid8(g, sig);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
-                const float sig = sigmoid_f(g[k]);
-                const float silu = g[k] * sig;
-                const float dsilu = sig * (1.0f + g[k] * (1.0f - sig));
+                const float silu = g[k] * sig[k];
+                const float dsilu = sig[k] * (1.0f + g[k] * (1.0f - sig[k]));
                 a[k] = dy[k] * silu;
                 b[k] = dy[k] * up[k] * dsilu;
             }

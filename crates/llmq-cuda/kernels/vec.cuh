@@ -67,10 +67,10 @@ LLMQ_DEV void bf16x2_dec(unsigned u, float& a, float& b) {
 }
 // Packs two values rounded to bf16 (RNE) and writes the rounded values back.
 LLMQ_DEV unsigned bf16x2_enc(float& a, float& b) {
-    unsigned lo = f32_to_bf16_bits(a), hi = f32_to_bf16_bits(b);
-    a = __uint_as_float(lo << 16);
-    b = __uint_as_float(hi << 16);
-    return lo | (hi << 16);
+    unsigned u = bf16x2_bits(a, b);
+    a = __uint_as_float(u << 16);
+    b = __uint_as_float(u & 0xFFFF0000u);
+    return u;
 }
 LLMQ_DEV unsigned absmax8(const float (&f)[8]) {
     unsigned m = 0u;

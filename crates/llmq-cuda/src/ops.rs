@@ -145,6 +145,25 @@ impl CudaBackend {
         self.launch(self.k.convert, (self.grid_for(n), 1, 1), (THREADS, 1, 1), 0, &[p(dst), Arg::I32(dt(dst.dtype)), p(src), Arg::I32(dt(src.dtype)), Arg::I64(n as i64)])
     }
 
+    /// Runs `llmq_encode_selftest` (kernels/convert.cu): the hardware bf16 encoders against the
+    /// integer reference on all 2^32 f32 bit patterns, and the branch-free IEEE reciprocal against
+    /// `1.0f / x` on every float in [1, 2^126). Returns (mismatches, smallest mismatching bit
+    /// pattern or u32::MAX). For tests; takes a few milliseconds on an H200.
+    pub fn encode_selftest(&self) -> Result<(u32, u32)> {
+        let res = self.scratch; // 8 bytes of it; the stream is idle after the synchronize
+        self.dev.synchronize()?;
+        let init = [0u32, u32::MAX];
+        // SAFETY: scratch holds SCRATCH_BYTES >= 8 bytes; init is 8 bytes on the host.
+        check(unsafe { sys::cuMemcpyHtoD_v2(res, init.as_ptr() as *const std::ffi::c_void, 8) }, "cuMemcpyHtoD")?;
+        let f = self.k.function("llmq_encode_selftest")?;
+        self.launch(f, (self.dev.sm_count * 8, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(res)])?;
+        self.dev.synchronize()?;
+        let mut out = [0u32; 2];
+        // SAFETY: as above, device to host.
+        check(unsafe { sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut std::ffi::c_void, res, 8) }, "cuMemcpyDtoH")?;
+        Ok((out[0], out[1]))
+    }
+
     /// out [m, n] = (accumulate ? out : 0) + bias broadcast over rows.
     pub(crate) fn op_bias_rows(&self, out: &Tensor, bias: &Tensor, m: usize, n: usize, accumulate: bool) -> Result<()> {
         check_float("matmul", "bias", bias)?;

@@ -13,6 +13,18 @@ const BF16: DType = DType::BF16;
 const E4M3: DType = DType::E4M3;
 const E5M2: DType = DType::E5M2;
 
+/// The hardware bf16 encoders (cvt.rn with a NaN fallback) and the branch-free IEEE reciprocal
+/// of the SwiGLU kernels, exhaustively against their references on the GPU. The references are
+/// the integer encoder that `convert_is_bit_exact` holds to the CPU's bytes, and `1.0f / x`.
+#[test]
+fn hardware_encoders_match_references_on_all_inputs() {
+    let Some(g) = common::gpu_or_skip() else { return };
+    let t = std::time::Instant::now();
+    let (bad, first) = g.encode_selftest().unwrap();
+    println!("encode selftest: {bad} mismatches in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(bad, 0, "{bad} mismatches; the first at f32 bits {first:#010x} ({:e})", f32::from_bits(first));
+}
+
 #[test]
 fn convert_is_bit_exact() {
     let Some(mut p) = Pair::new(1) else { return };
