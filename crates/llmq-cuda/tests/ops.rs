@@ -420,6 +420,19 @@ fn cross_entropy_in_place() {
             p.close(&format!("cross_entropy dlogits {d}"), &logits, rt.max(1e-5), 1e-9);
         }
     }
+    // a target outside 0..V cannot be an error from the device: its row becomes NaN, loss too
+    for d in [F32, BF16] {
+        let logits = p.rand(d, &[3, 1000], 3.0);
+        let targets = p.i32s(&[3], &[5, 1000, 7]);
+        let losses = p.out(F32, &[3]);
+        p.gpu.cross_entropy(&logits.g, &losses.g, &targets.g, 1.0).unwrap();
+        let l = decode(F32, &p.gpu.download(&losses.g).unwrap());
+        let g = decode(d, &p.gpu.download(&logits.g).unwrap());
+        let ok = l[0].is_finite() && l[1].is_nan() && l[2].is_finite() && g[1000..2000].iter().all(|x| x.is_nan()) && g[..1000].iter().chain(&g[2000..]).all(|x| x.is_finite());
+        if !ok {
+            p.failures.borrow_mut().push(format!("cross_entropy {d} with target 1000 of V 1000: losses {l:?}"));
+        }
+    }
 }
 
 #[test]
