@@ -14,6 +14,8 @@
 // - quantize_tp_v: the same tile walk, also storing the plain [rows, cols] quantisation (each
 //   thread's 16 bytes with one 16-byte store): the fp8 backward needs both forms of each
 //   activation gradient, and one pass reads the bf16 data once instead of twice.
+// - quantize_t128_v / quantize_tp128_v: the same for rows % 128 == 0 with 128 x 64 tiles and
+//   16-byte loads (see there); the 64 x 64 kernels cover the other shapes.
 #include "vec.cuh"
 #include "common.cuh"
 
@@ -118,6 +120,23 @@ LLMQ_DEV void ld4q<BF16T>(const void* p, long long i, float (&f)[4]) {
 // [row / 4] word tile (65 words per column: at most 2-way bank conflicts); then each thread
 // stores 16 output bytes (4 threads per 64-byte output row segment).
 // `plain` (may be null): also the untransposed [rows, cols] quantisation (a 32-bit store per row).
+// f[0..4) * scale quantised, packed little-endian into a word.
+template <class TO>
+LLMQ_DEV unsigned quant4(const float* f, float scale) {
+    unsigned w = 0u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float v = f[j] * scale;
+        w |= (unsigned)(TO::DT == DT_E5M2 ? f32_to_e5m2_bits(v) : f32_to_e4m3_bits(v)) << (8 * j);
+    }
+    return w;
+}
+// Byte j of each of q0..q3 (four rows of one column), as one word.
+LLMQ_DEV unsigned column_word(unsigned q0, unsigned q1, unsigned q2, unsigned q3, int j) {
+    const unsigned sel = j | ((4 + j) << 4);
+    return __byte_perm(__byte_perm(q0, q1, sel), __byte_perm(q2, q3, sel), 0x5410);
+}
+
 template <class TI, class TO>
 __device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, uint8_t* __restrict__ plain, float* descale,
                                              const void* __restrict__ inp, const float* absmax, int rows, int cols) {
@@ -132,24 +151,52 @@ __device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, uint8_t*
         const long long at = (long long)(r0 + 4 * rq + i) * cols + c0 + c4;
         float f[4];
         ld4q<TI>(inp, at, f);
-        unsigned w = 0u;
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float v = f[j] * scale;
-            w |= (unsigned)(TO::DT == DT_E5M2 ? f32_to_e5m2_bits(v) : f32_to_e4m3_bits(v)) << (8 * j);
-        }
-        q[i] = w;
-        if (plain != nullptr) *(unsigned*)(plain + at) = w;
+        q[i] = quant4<TO>(f, scale);
+        if (plain != nullptr) *(unsigned*)(plain + at) = q[i];
     }
 #pragma unroll
-    for (int j = 0; j < 4; j++) {  // column c4 + j: byte j of q[0..3]
-        const unsigned sel = j | ((4 + j) << 4);
-        tile[(c4 + j) * 65 + rq] = __byte_perm(__byte_perm(q[0], q[1], sel), __byte_perm(q[2], q[3], sel), 0x5410);
-    }
+    for (int j = 0; j < 4; j++) tile[(c4 + j) * 65 + rq] = column_word(q[0], q[1], q[2], q[3], j);  // column c4 + j
     __syncthreads();
     const int cc = threadIdx.x >> 2, part = threadIdx.x & 3;
     const unsigned* src = tile + cc * 65 + part * 4;
     *(uint4*)(out + (long long)(c0 + cc) * rows + r0 + part * 16) = make_uint4(src[0], src[1], src[2], src[3]);
+}
+
+// grid (cols / 64, rows / 128), block 256: a 128 x 64 tile per block, for rows % 128 == 0.
+// Thread t loads columns 8 (t % 8) .. + 7 of rows 4 (t / 8) .. + 3 with four 16-byte loads
+// issued together (a warp reads four whole 128-byte row segments per load), stores its 8 plain
+// bytes per row, and puts one word (4 rows of one column) per column into a [col][33] word tile
+// (2-way conflicts on the writes, none on the reads); then each thread stores 16 bytes of two
+// 128-byte output rows. Against the 64 x 64 kernel: twice the bytes in flight per thread and
+// whole 128-byte lines for the transposed output.
+template <class TI, class TO>
+__device__ __forceinline__ void quantize_t128_v(uint8_t* __restrict__ out, uint8_t* __restrict__ plain, float* descale,
+                                                const void* __restrict__ inp, const float* absmax, int rows, int cols) {
+    __shared__ unsigned tile[64 * 33];  // [col][row / 4]
+    const float scale = fp8_scale(TO::DT, absmax);
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) descale[0] = 1.0f / scale;
+    const int c0 = blockIdx.x * 64, r0 = blockIdx.y * 128;
+    const int c8 = (threadIdx.x & 7) * 8, rq = threadIdx.x >> 3;
+    float f[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) ld8<TI>(inp, TI::DT, (long long)(r0 + 4 * rq + i) * cols + c0 + c8, 8, f[i]);
+    unsigned q[4][2];  // q[i][h]: columns c8 + 4h .. + 3 of row 4 rq + i
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        q[i][0] = quant4<TO>(f[i], scale);
+        q[i][1] = quant4<TO>(f[i] + 4, scale);
+        if (plain != nullptr) *(uint2*)(plain + (long long)(r0 + 4 * rq + i) * cols + c0 + c8) = make_uint2(q[i][0], q[i][1]);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) tile[(c8 + j) * 33 + rq] = column_word(q[0][j >> 2], q[1][j >> 2], q[2][j >> 2], q[3][j >> 2], j & 3);
+    __syncthreads();
+    const int cc = threadIdx.x >> 3, part = threadIdx.x & 7;
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        const int col = cc + 32 * k;
+        const unsigned* src = tile + col * 33 + part * 4;
+        *(uint4*)(out + (long long)(c0 + col) * rows + r0 + part * 16) = make_uint4(src[0], src[1], src[2], src[3]);
+    }
 }
 
 #define QUANT_V(IN, TI, ON, TO)                                                                                                 \
@@ -165,6 +212,15 @@ __device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, uint8_t*
                                                                                       const void* inp, const float* absmax, int rows, \
                                                                                       int cols) {                                 \
         quantize_t_v<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                     \
+    }                                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_t128_v_##IN##_##ON(uint8_t* out, float* descale, const void* inp, \
+                                                                                        const float* absmax, int rows, int cols) { \
+        quantize_t128_v<TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                \
+    }                                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_tp128_v_##IN##_##ON(uint8_t* out_t, uint8_t* out, float* descale, \
+                                                                                         const void* inp, const float* absmax, int rows, \
+                                                                                         int cols) {                                \
+        quantize_t128_v<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                  \
     }
 QUANT_V(f32, F32T, e4m3, E4M3T)
 QUANT_V(f32, F32T, e5m2, E5M2T)

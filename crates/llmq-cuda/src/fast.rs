@@ -37,6 +37,9 @@ pub(crate) struct FastKernels {
     quantize_t: [[F; 2]; 2],
     /// plain + transposed in one pass; [input][output e4m3, e5m2]
     quantize_tp: [[F; 2]; 2],
+    /// the same two with 128 x 64 tiles (rows % 128 == 0)
+    quantize_t128: [[F; 2]; 2],
+    quantize_tp128: [[F; 2]; 2],
     /// [out f32, bf16]
     bias_rows: [F; 2],
     /// [master][m and v][grads]
@@ -92,6 +95,8 @@ impl FastKernels {
             quantize: quant("quantize_v")?,
             quantize_t: quant("quantize_t_v")?,
             quantize_tp: quant("quantize_tp_v")?,
+            quantize_t128: quant("quantize_t128_v")?,
+            quantize_tp128: quant("quantize_tp128_v")?,
             bias_rows: two("bias_rows_v")?,
             adamw,
         })
@@ -391,6 +396,16 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// The tiled transposing quantiser for [r, c]: the 128 x 64 kernel `k128` where r % 128 ==
+    /// 0, else the 64 x 64 kernel `k64`; with the tile height. None where neither applies.
+    fn transpose_tiles(&self, r: usize, c: usize, k128: F, k64: F) -> Option<(F, usize)> {
+        if r == 0 || c == 0 || !c.is_multiple_of(64) {
+            return None;
+        }
+        let pick = if r.is_multiple_of(128) { (k128, 128) } else { (k64, 64) };
+        (r.is_multiple_of(pick.1) && r / pick.1 <= 65535).then_some(pick)
+    }
+
     pub(crate) fn v_quantize(&self, out: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor, transpose: bool) -> Result<bool> {
         if !self.fast() || !aligned(&[out, inp]) {
             return Ok(false);
@@ -403,16 +418,10 @@ impl CudaBackend {
         };
         if transpose {
             let (r, c) = inp.rows_cols();
-            if r == 0 || c == 0 || !r.is_multiple_of(64) || !c.is_multiple_of(64) || r / 64 > 65535 {
+            let Some((f, tile_rows)) = self.transpose_tiles(r, c, self.fk.quantize_t128[ii][oi], self.fk.quantize_t[ii][oi]) else {
                 return Ok(false);
-            }
-            self.vlaunch(
-                self.fk.quantize_t[ii][oi],
-                ((c / 64) as u32, (r / 64) as u32, 1),
-                (T, 1, 1),
-                0,
-                &[p(out), p(descale), p(inp), p(absmax), i(r), i(c)],
-            )?;
+            };
+            self.vlaunch(f, ((c / 64) as u32, (r / tile_rows) as u32, 1), (T, 1, 1), 0, &[p(out), p(descale), p(inp), p(absmax), i(r), i(c)])?;
         } else {
             let n = inp.numel();
             if n == 0 {
@@ -429,7 +438,7 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// Plain and transposed quantisation in one pass (64 x 64 tiles); `Ok(false)` where the
+    /// Plain and transposed quantisation in one pass (128 x 64 or 64 x 64 tiles); `Ok(false)` where the
     /// tiled kernel does not apply (the caller then quantises twice).
     pub(crate) fn v_quantize_pair(&self, out: &Tensor, out_t: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor) -> Result<bool> {
         if !self.fast() || !aligned(&[out, out_t, inp]) {
@@ -439,12 +448,15 @@ impl CudaBackend {
             return Ok(false);
         };
         let (r, c) = inp.rows_cols();
-        if out_t.dtype != out.dtype || r == 0 || c == 0 || !r.is_multiple_of(64) || !c.is_multiple_of(64) || r / 64 > 65535 {
+        if out_t.dtype != out.dtype {
             return Ok(false);
         }
+        let Some((f, tile_rows)) = self.transpose_tiles(r, c, self.fk.quantize_tp128[ii][oi], self.fk.quantize_tp[ii][oi]) else {
+            return Ok(false);
+        };
         self.vlaunch(
-            self.fk.quantize_tp[ii][oi],
-            ((c / 64) as u32, (r / 64) as u32, 1),
+            f,
+            ((c / 64) as u32, (r / tile_rows) as u32, 1),
             (T, 1, 1),
             0,
             &[p(out_t), p(out), p(descale), p(inp), p(absmax), i(r), i(c)],
