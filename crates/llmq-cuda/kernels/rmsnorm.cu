@@ -163,20 +163,28 @@ __device__ __forceinline__ void rms_fwd_v(void* res_out, int dt_res, void* out, 
     if (n < N) {  // uniform per team: the team barriers stay inside
         const long long base = (long long)n * C;
         float v[RMS_CPL][8];
+        // Every load of the row first, without a branch per chunk (a lane past the row's end
+        // re-reads the last chunk and ignores it): behind a branch each, a chunk's loads waited
+        // for the previous chunk's arithmetic, and the residual store (which may alias x) kept
+        // the compiler from hoisting them.
+#pragma unroll
+        for (int k = 0; k < RMS_CPL; k++) {
+            const int c8 = min(k * tw + tl, nc - 1);
+            const int nv = min(8, C - c8 * 8);
+            ld8<T>(x, dt_x, base + c8 * 8, nv, v[k]);
+            if (RES) {
+                float d[8];
+                ld8<T>(delta, dt_d, base + c8 * 8, nv, d);
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[k][j] = v[k][j] + d[j];
+            }
+        }
         double ss = 0.0;
 #pragma unroll
         for (int k = 0; k < RMS_CPL; k++) {
             const int c8 = k * tw + tl;
             if (c8 < nc) {
-                const int nv = min(8, C - c8 * 8);
-                ld8<T>(x, dt_x, base + c8 * 8, nv, v[k]);
-                if (RES) {
-                    float d[8];
-                    ld8<T>(delta, dt_d, base + c8 * 8, nv, d);
-#pragma unroll
-                    for (int j = 0; j < 8; j++) v[k][j] = v[k][j] + d[j];
-                    st8<T>(res_out, dt_res, base + c8 * 8, nv, v[k]);  // v: the rounded residual
-                }
+                if (RES) st8<T>(res_out, dt_res, base + c8 * 8, min(8, C - c8 * 8), v[k]);  // v: the rounded residual
 #pragma unroll
                 for (int j = 0; j < 8; j++) ss += (double)v[k][j] * (double)v[k][j];
             }
@@ -217,7 +225,9 @@ __device__ __forceinline__ void rms_bwd_v(void* dx, int dt_dx, const void* dout,
     float4* acc = (float4*)llmq_dyn_smem + (long long)team * 2 * nc;  // this team's dw sums (dyn smem: teams x 2 x nc float4)
     for (int i = tl; i < 2 * nc; i += tw) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     unsigned amax = 0u;
-    // f(c8, nv, dy, xv, wv) for each chunk c8 of the row at `base` that this lane owns
+    // f(c8, nv, dy, xv, wv) for each chunk c8 of the row at `base` that this lane owns. (Loading
+    // two or four chunks ahead, as the forward does, spills at the 64-register bound of four
+    // blocks per SM.)
     auto each_chunk = [&](long long base, auto&& f) {
 #pragma unroll
         for (int k = 0; k < RMS_CPL; k++) {
