@@ -199,29 +199,24 @@ __device__ __forceinline__ void quantize_t128_v(uint8_t* __restrict__ out, uint8
     }
 }
 
+// The transposed-only and the plain + transposed entry points of one tiled kernel body FN.
+#define QUANT_T_ENTRIES(SUF, FN, IN, TI, ON, TO)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_t##SUF##_v_##IN##_##ON(                                    \
+        uint8_t* out, float* descale, const void* inp, const float* absmax, int rows, int cols) {                              \
+        FN<TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                             \
+    }                                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_tp##SUF##_v_##IN##_##ON(                                   \
+        uint8_t* out_t, uint8_t* out, float* descale, const void* inp, const float* absmax, int rows, int cols) {              \
+        FN<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                               \
+    }
+
 #define QUANT_V(IN, TI, ON, TO)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) llmq_quantize_v_##IN##_##ON(uint8_t* out, float* descale, const void* inp, \
                                                                                    const float* absmax, long long n) {           \
         quantize_v<TI, TO>(out, descale, inp, absmax, n);                                                                       \
     }                                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_t_v_##IN##_##ON(uint8_t* out, float* descale, const void* inp, \
-                                                                                     const float* absmax, int rows, int cols) {  \
-        quantize_t_v<TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                   \
-    }                                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_tp_v_##IN##_##ON(uint8_t* out_t, uint8_t* out, float* descale,    \
-                                                                                      const void* inp, const float* absmax, int rows, \
-                                                                                      int cols) {                                 \
-        quantize_t_v<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                     \
-    }                                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_t128_v_##IN##_##ON(uint8_t* out, float* descale, const void* inp, \
-                                                                                        const float* absmax, int rows, int cols) { \
-        quantize_t128_v<TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                \
-    }                                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_tp128_v_##IN##_##ON(uint8_t* out_t, uint8_t* out, float* descale, \
-                                                                                         const void* inp, const float* absmax, int rows, \
-                                                                                         int cols) {                                \
-        quantize_t128_v<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                  \
-    }
+    QUANT_T_ENTRIES(, quantize_t_v, IN, TI, ON, TO)                                                                             \
+    QUANT_T_ENTRIES(128, quantize_t128_v, IN, TI, ON, TO)
 QUANT_V(f32, F32T, e4m3, E4M3T)
 QUANT_V(f32, F32T, e5m2, E5M2T)
 QUANT_V(bf16, BF16T, e4m3, E4M3T)
