@@ -7,15 +7,12 @@
 // multiples of 32.
 // Fast kernels (f32/bf16 in, e4m3/e5m2 out, 16-byte aligned):
 // - quantize_v: 8 elements per step (16-byte load, 8-byte store), scalar tail.
-// - quantize_t_v: 64x64 tiles, rows and cols multiples of 64; 4 x 4 elements per thread,
-//   transposed in registers (byte permutes) and passed through a padded word tile (see there).
-//   The first version (16 one-byte shared stores and 16-byte half-sector loads per thread) ran
-//   at ~2.7 TB/s.
-// - quantize_tp_v: the same tile walk, also storing the plain [rows, cols] quantisation (each
-//   thread's 16 bytes with one 16-byte store): the fp8 backward needs both forms of each
-//   activation gradient, and one pass reads the bf16 data once instead of twice.
-// - quantize_t128_v / quantize_tp128_v: the same for rows % 128 == 0 with 128 x 64 tiles and
-//   16-byte loads (see there); the 64 x 64 kernels cover the other shapes.
+// - quantize_t<R>_v (R = 64, 128): R x 64 tiles, rows % R == 0 and cols % 64 == 0 (see there);
+//   quantize_tp<R>_v also stores the plain [rows, cols] quantisation in the same pass: the fp8
+//   backward needs both forms of each activation gradient, and one pass reads the bf16 data once
+//   instead of twice. Earlier versions: 16 one-byte shared stores per thread (~2.7 TB/s); then
+//   64 x 64 tiles of 4 x 4 elements per thread whose 8-byte loads waited one by one behind the
+//   plain stores (3.26 TB/s at 16k x 4864; the 128-row form of this one: 3.75).
 #include "vec.cuh"
 #include "common.cuh"
 
@@ -99,27 +96,6 @@ __device__ __forceinline__ void quantize_v(uint8_t* __restrict__ out, float* des
     }
 }
 
-// Four consecutive elements (16-byte aligned for f32, 8-byte for bf16).
-template <class TI>
-LLMQ_DEV void ld4q(const void* p, long long i, float (&f)[4]);
-template <>
-LLMQ_DEV void ld4q<F32T>(const void* p, long long i, float (&f)[4]) {
-    const float4 v = *(const float4*)((const float*)p + i);
-    f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
-}
-template <>
-LLMQ_DEV void ld4q<BF16T>(const void* p, long long i, float (&f)[4]) {
-    const uint2 u = *(const uint2*)((const uint16_t*)p + i);
-    bf16x2_dec(u.x, f[0], f[1]);
-    bf16x2_dec(u.y, f[2], f[3]);
-}
-
-// grid (cols / 64, rows / 64), block 256: one 64 x 64 tile per block; thread t quantises rows
-// 4 (t / 16) .. + 3 x columns 4 (t % 16) .. + 3 (a warp reads two whole 128-byte rows per load),
-// transposes its 4 x 4 bytes in registers and stores one 32-bit word per column into a [col]
-// [row / 4] word tile (65 words per column: at most 2-way bank conflicts); then each thread
-// stores 16 output bytes (4 threads per 64-byte output row segment).
-// `plain` (may be null): also the untransposed [rows, cols] quantisation (a 32-bit store per row).
 // f[0..4) * scale quantised, packed little-endian into a word.
 template <class TO>
 LLMQ_DEV unsigned quant4(const float* f, float scale) {
@@ -137,45 +113,23 @@ LLMQ_DEV unsigned column_word(unsigned q0, unsigned q1, unsigned q2, unsigned q3
     return __byte_perm(__byte_perm(q0, q1, sel), __byte_perm(q2, q3, sel), 0x5410);
 }
 
-template <class TI, class TO>
-__device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, uint8_t* __restrict__ plain, float* descale,
-                                             const void* __restrict__ inp, const float* absmax, int rows, int cols) {
-    __shared__ unsigned tile[64 * 65];  // [col][row / 4]
-    const float scale = fp8_scale(TO::DT, absmax);
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) descale[0] = 1.0f / scale;
-    const int c0 = blockIdx.x * 64, r0 = blockIdx.y * 64;
-    const int c4 = (threadIdx.x & 15) * 4, rq = threadIdx.x >> 4;
-    unsigned q[4];  // q[i]: columns c4 .. c4 + 3 of row 4 rq + i, one byte each
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const long long at = (long long)(r0 + 4 * rq + i) * cols + c0 + c4;
-        float f[4];
-        ld4q<TI>(inp, at, f);
-        q[i] = quant4<TO>(f, scale);
-        if (plain != nullptr) *(unsigned*)(plain + at) = q[i];
-    }
-#pragma unroll
-    for (int j = 0; j < 4; j++) tile[(c4 + j) * 65 + rq] = column_word(q[0], q[1], q[2], q[3], j);  // column c4 + j
-    __syncthreads();
-    const int cc = threadIdx.x >> 2, part = threadIdx.x & 3;
-    const unsigned* src = tile + cc * 65 + part * 4;
-    *(uint4*)(out + (long long)(c0 + cc) * rows + r0 + part * 16) = make_uint4(src[0], src[1], src[2], src[3]);
-}
-
-// grid (cols / 64, rows / 128), block 256: a 128 x 64 tile per block, for rows % 128 == 0.
+// grid (cols / 64, rows / R), block 2R threads: an R x 64 tile per block (R = 64 or 128).
 // Thread t loads columns 8 (t % 8) .. + 7 of rows 4 (t / 8) .. + 3 with four 16-byte loads
 // issued together (a warp reads four whole 128-byte row segments per load), stores its 8 plain
-// bytes per row, and puts one word (4 rows of one column) per column into a [col][33] word tile
-// (2-way conflicts on the writes, none on the reads); then each thread stores 16 bytes of two
-// 128-byte output rows. Against the 64 x 64 kernel: twice the bytes in flight per thread and
-// whole 128-byte lines for the transposed output.
-template <class TI, class TO>
-__device__ __forceinline__ void quantize_t128_v(uint8_t* __restrict__ out, uint8_t* __restrict__ plain, float* descale,
-                                                const void* __restrict__ inp, const float* absmax, int rows, int cols) {
-    __shared__ unsigned tile[64 * 33];  // [col][row / 4]
+// bytes per row when `plain` is set, and puts one word (4 rows of one column) per column into
+// a [col][R / 4 + 1] word tile (odd stride: 2-way conflicts on the writes, none on the reads);
+// then each output row (a column, R bytes) is stored by R / 16 threads with 16-byte stores, in
+// two rounds of 32 columns. All loads come before any store: a plain store may alias a later
+// load for all the compiler knows, and the first version, storing between its loads, waited
+// for each load in turn.
+template <int R, class TI, class TO>
+__device__ __forceinline__ void quantize_t_v(uint8_t* __restrict__ out, uint8_t* __restrict__ plain, float* descale,
+                                             const void* __restrict__ inp, const float* absmax, int rows, int cols) {
+    constexpr int WS = R / 4 + 1;  // words per column in the tile
+    __shared__ unsigned tile[64 * WS];
     const float scale = fp8_scale(TO::DT, absmax);
     if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) descale[0] = 1.0f / scale;
-    const int c0 = blockIdx.x * 64, r0 = blockIdx.y * 128;
+    const int c0 = blockIdx.x * 64, r0 = blockIdx.y * R;
     const int c8 = (threadIdx.x & 7) * 8, rq = threadIdx.x >> 3;
     float f[4][8];
 #pragma unroll
@@ -188,26 +142,27 @@ __device__ __forceinline__ void quantize_t128_v(uint8_t* __restrict__ out, uint8
         if (plain != nullptr) *(uint2*)(plain + (long long)(r0 + 4 * rq + i) * cols + c0 + c8) = make_uint2(q[i][0], q[i][1]);
     }
 #pragma unroll
-    for (int j = 0; j < 8; j++) tile[(c8 + j) * 33 + rq] = column_word(q[0][j >> 2], q[1][j >> 2], q[2][j >> 2], q[3][j >> 2], j & 3);
+    for (int j = 0; j < 8; j++) tile[(c8 + j) * WS + rq] = column_word(q[0][j >> 2], q[1][j >> 2], q[2][j >> 2], q[3][j >> 2], j & 3);
     __syncthreads();
-    const int cc = threadIdx.x >> 3, part = threadIdx.x & 7;
+    constexpr int TPR = R / 16;  // threads per output row
+    const int cc = threadIdx.x / TPR, part = threadIdx.x % TPR;
 #pragma unroll
     for (int k = 0; k < 2; k++) {
         const int col = cc + 32 * k;
-        const unsigned* src = tile + col * 33 + part * 4;
+        const unsigned* src = tile + col * WS + part * 4;
         *(uint4*)(out + (long long)(c0 + col) * rows + r0 + part * 16) = make_uint4(src[0], src[1], src[2], src[3]);
     }
 }
 
-// The transposed-only and the plain + transposed entry points of one tiled kernel body FN.
-#define QUANT_T_ENTRIES(SUF, FN, IN, TI, ON, TO)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_t##SUF##_v_##IN##_##ON(                                    \
+// The transposed-only and the plain + transposed entry points for R-row tiles (2R threads).
+#define QUANT_T_ENTRIES(R, IN, TI, ON, TO)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(2 * R) llmq_quantize_t##R##_v_##IN##_##ON(                                    \
         uint8_t* out, float* descale, const void* inp, const float* absmax, int rows, int cols) {                              \
-        FN<TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                             \
+        quantize_t_v<R, TI, TO>(out, nullptr, descale, inp, absmax, rows, cols);                                                \
     }                                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) llmq_quantize_tp##SUF##_v_##IN##_##ON(                                   \
+    extern "C" __global__ void __launch_bounds__(2 * R) llmq_quantize_tp##R##_v_##IN##_##ON(                                   \
         uint8_t* out_t, uint8_t* out, float* descale, const void* inp, const float* absmax, int rows, int cols) {              \
-        FN<TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                               \
+        quantize_t_v<R, TI, TO>(out_t, out, descale, inp, absmax, rows, cols);                                                  \
     }
 
 #define QUANT_V(IN, TI, ON, TO)                                                                                                 \
@@ -215,8 +170,8 @@ __device__ __forceinline__ void quantize_t128_v(uint8_t* __restrict__ out, uint8
                                                                                    const float* absmax, long long n) {           \
         quantize_v<TI, TO>(out, descale, inp, absmax, n);                                                                       \
     }                                                                                                                           \
-    QUANT_T_ENTRIES(, quantize_t_v, IN, TI, ON, TO)                                                                             \
-    QUANT_T_ENTRIES(128, quantize_t128_v, IN, TI, ON, TO)
+    QUANT_T_ENTRIES(64, IN, TI, ON, TO)                                                                                         \
+    QUANT_T_ENTRIES(128, IN, TI, ON, TO)
 QUANT_V(f32, F32T, e4m3, E4M3T)
 QUANT_V(f32, F32T, e5m2, E5M2T)
 QUANT_V(bf16, BF16T, e4m3, E4M3T)

@@ -34,11 +34,11 @@ pub(crate) struct FastKernels {
     convert: [[F; 4]; 4],
     /// [input][output e4m3, e5m2]
     quantize: [[F; 2]; 2],
-    quantize_t: [[F; 2]; 2],
-    /// plain + transposed in one pass; [input][output e4m3, e5m2]
-    quantize_tp: [[F; 2]; 2],
-    /// the same two with 128 x 64 tiles (rows % 128 == 0)
+    /// transposed, in 64- and 128-row tiles; [input][output e4m3, e5m2]
+    quantize_t64: [[F; 2]; 2],
     quantize_t128: [[F; 2]; 2],
+    /// plain + transposed in one pass, likewise
+    quantize_tp64: [[F; 2]; 2],
     quantize_tp128: [[F; 2]; 2],
     /// [out f32, bf16]
     bias_rows: [F; 2],
@@ -93,9 +93,9 @@ impl FastKernels {
             rope: two("rope_v")?,
             convert,
             quantize: quant("quantize_v")?,
-            quantize_t: quant("quantize_t_v")?,
-            quantize_tp: quant("quantize_tp_v")?,
+            quantize_t64: quant("quantize_t64_v")?,
             quantize_t128: quant("quantize_t128_v")?,
+            quantize_tp64: quant("quantize_tp64_v")?,
             quantize_tp128: quant("quantize_tp128_v")?,
             bias_rows: two("bias_rows_v")?,
             adamw,
@@ -396,8 +396,9 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// The tiled transposing quantiser for [r, c]: the 128 x 64 kernel `k128` where r % 128 ==
-    /// 0, else the 64 x 64 kernel `k64`; with the tile height. None where neither applies.
+    /// The tiled transposing quantiser for [r, c] (kernels/quant.cu): the 128-row kernel `k128`
+    /// where r % 128 == 0, else the 64-row kernel `k64`; with the tile height (the block has
+    /// twice as many threads). None where neither applies.
     fn transpose_tiles(&self, r: usize, c: usize, k128: F, k64: F) -> Option<(F, usize)> {
         if r == 0 || c == 0 || !c.is_multiple_of(64) {
             return None;
@@ -418,10 +419,11 @@ impl CudaBackend {
         };
         if transpose {
             let (r, c) = inp.rows_cols();
-            let Some((f, tile_rows)) = self.transpose_tiles(r, c, self.fk.quantize_t128[ii][oi], self.fk.quantize_t[ii][oi]) else {
+            let Some((f, tile_rows)) = self.transpose_tiles(r, c, self.fk.quantize_t128[ii][oi], self.fk.quantize_t64[ii][oi]) else {
                 return Ok(false);
             };
-            self.vlaunch(f, ((c / 64) as u32, (r / tile_rows) as u32, 1), (T, 1, 1), 0, &[p(out), p(descale), p(inp), p(absmax), i(r), i(c)])?;
+            let grid = ((c / 64) as u32, (r / tile_rows) as u32, 1);
+            self.vlaunch(f, grid, (2 * tile_rows as u32, 1, 1), 0, &[p(out), p(descale), p(inp), p(absmax), i(r), i(c)])?;
         } else {
             let n = inp.numel();
             if n == 0 {
@@ -438,7 +440,7 @@ impl CudaBackend {
         Ok(true)
     }
 
-    /// Plain and transposed quantisation in one pass (128 x 64 or 64 x 64 tiles); `Ok(false)` where the
+    /// Plain and transposed quantisation in one pass (128- or 64-row tiles); `Ok(false)` where the
     /// tiled kernel does not apply (the caller then quantises twice).
     pub(crate) fn v_quantize_pair(&self, out: &Tensor, out_t: &Tensor, descale: &Tensor, inp: &Tensor, absmax: &Tensor) -> Result<bool> {
         if !self.fast() || !aligned(&[out, out_t, inp]) {
@@ -451,13 +453,13 @@ impl CudaBackend {
         if out_t.dtype != out.dtype {
             return Ok(false);
         }
-        let Some((f, tile_rows)) = self.transpose_tiles(r, c, self.fk.quantize_tp128[ii][oi], self.fk.quantize_tp[ii][oi]) else {
+        let Some((f, tile_rows)) = self.transpose_tiles(r, c, self.fk.quantize_tp128[ii][oi], self.fk.quantize_tp64[ii][oi]) else {
             return Ok(false);
         };
         self.vlaunch(
             f,
             ((c / 64) as u32, (r / tile_rows) as u32, 1),
-            (T, 1, 1),
+            (2 * tile_rows as u32, 1, 1),
             0,
             &[p(out_t), p(out), p(descale), p(inp), p(absmax), i(r), i(c)],
         )?;

@@ -173,13 +173,13 @@ fn perf_convert_absmax_quantize() {
     let x8t = out(&mut g, DType::E4M3, &[c, n]);
     ab(&g, "quantize bf16->e4m3 transposed", &format!("{n}x{c}"), n * c * 3, || ok(g.quantize(&x8t, &ds, &x, &am, true)));
     // plain + transposed in one pass (the fp8 backward's activation gradients): 16384 rows take
-    // the 128 x 64 tiles, 16320 (= 255 x 64) the 64 x 64 ones
+    // the 128-row tiles, 16320 (= 255 x 64) the 64-row ones
     for rows in [16384, 16320] {
         for cols in [c, d] {
             let src = a.rows(0, rows);
             let src = if cols == c { x.rows(0, rows) } else { src };
             let (p8, p8t) = (out(&mut g, DType::E4M3, &[rows, cols]), out(&mut g, DType::E4M3, &[cols, rows]));
-            ab(&g, &format!("quantize_pair bf16->e4m3, {} tiles", if rows % 128 == 0 { "128x64" } else { "64x64" }), &format!("{rows}x{cols}"), rows * cols * 4, || {
+            ab(&g, &format!("quantize_pair bf16->e4m3, {} tiles", if rows % 128 == 0 { "128-row" } else { "64-row" }), &format!("{rows}x{cols}"), rows * cols * 4, || {
                 ok(g.quantize_pair(&p8, &p8t, &ds, &src, &am))
             });
         }
