@@ -227,8 +227,6 @@ SIMPLE_BWD_ENTRY(8)
 #define ATT_THREADS 128
 #define LOG2E 1.4426950408889634f
 
-LLMQ_DEV unsigned pack_bf16(float lo, float hi) { return bf16x2_bits(lo, hi); }
-
 LLMQ_DEV void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
 #if __CUDA_ARCH__ >= 800
     asm volatile(
@@ -298,13 +296,6 @@ LLMQ_DEV void ldmatrix_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3
 #endif
 }
 
-// Hardware round-to-nearest-even pack of two floats (lo in the low half). Values are finite here.
-LLMQ_DEV unsigned pack_bf16_hw(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 template <int HD>
 LLMQ_DEV void load_tile_async(uint16_t* tile, const uint16_t* base, long long row_stride, int r0, int T, int col) {
     constexpr int CH = HD / 8;
@@ -358,10 +349,10 @@ template <int HD>
 LLMQ_DEV void mma_p_x_tile2(float (&acc)[HD / 8][4], const float (&p)[8][4], const uint16_t* tile, int lane) {
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        unsigned a0 = pack_bf16_hw(p[2 * kk][0], p[2 * kk][1]);
-        unsigned a1 = pack_bf16_hw(p[2 * kk][2], p[2 * kk][3]);
-        unsigned a2 = pack_bf16_hw(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-        unsigned a3 = pack_bf16_hw(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+        unsigned a0 = bf16x2_bits_finite(p[2 * kk][0], p[2 * kk][1]);
+        unsigned a1 = bf16x2_bits_finite(p[2 * kk][2], p[2 * kk][3]);
+        unsigned a2 = bf16x2_bits_finite(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        unsigned a3 = bf16x2_bits_finite(p[2 * kk + 1][2], p[2 * kk + 1][3]);
         int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
         for (int dt = 0; dt < HD / 8; dt += 2) {
@@ -470,8 +461,8 @@ LLMQ_DEV void attn_fwd_mma2(uint16_t* out, float* lse, const uint16_t* qkv, int 
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) {
         int c = i * 8 + 2 * t;
-        if (qi0 < T) *(unsigned*)(obase + (long long)qi0 * ostride + c) = pack_bf16(o[i][0] * inv0, o[i][1] * inv0);
-        if (qi1 < T) *(unsigned*)(obase + (long long)qi1 * ostride + c) = pack_bf16(o[i][2] * inv1, o[i][3] * inv1);
+        if (qi0 < T) *(unsigned*)(obase + (long long)qi0 * ostride + c) = bf16x2_bits(o[i][0] * inv0, o[i][1] * inv0);
+        if (qi1 < T) *(unsigned*)(obase + (long long)qi1 * ostride + c) = bf16x2_bits(o[i][2] * inv1, o[i][3] * inv1);
     }
     if (t == 0) {
         float* lrow = lse + ((long long)b * Hq + h) * T;
@@ -549,8 +540,8 @@ LLMQ_DEV void attn_bwd_dq_mma2(uint16_t* dqkv, const uint16_t* dout, const uint1
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) {
         int c = i * 8 + 2 * t;
-        if (qi0 < T) *(unsigned*)(qbase + (long long)qi0 * Qw + c) = pack_bf16(dq[i][0] * scale, dq[i][1] * scale);
-        if (qi1 < T) *(unsigned*)(qbase + (long long)qi1 * Qw + c) = pack_bf16(dq[i][2] * scale, dq[i][3] * scale);
+        if (qi0 < T) *(unsigned*)(qbase + (long long)qi0 * Qw + c) = bf16x2_bits(dq[i][0] * scale, dq[i][1] * scale);
+        if (qi1 < T) *(unsigned*)(qbase + (long long)qi1 * Qw + c) = bf16x2_bits(dq[i][2] * scale, dq[i][3] * scale);
     }
 }
 
@@ -646,12 +637,12 @@ LLMQ_DEV void attn_bwd_dkv_mma2(uint16_t* dqkv, const uint16_t* dout, const uint
     for (int i = 0; i < HD / 8; i++) {
         int c = i * 8 + 2 * t;
         if (kj0 < T) {
-            *(unsigned*)(kbase + (long long)kj0 * Qw + c) = pack_bf16(dk[i][0] * scale, dk[i][1] * scale);
-            *(unsigned*)(vbase + (long long)kj0 * Qw + c) = pack_bf16(dv[i][0], dv[i][1]);
+            *(unsigned*)(kbase + (long long)kj0 * Qw + c) = bf16x2_bits(dk[i][0] * scale, dk[i][1] * scale);
+            *(unsigned*)(vbase + (long long)kj0 * Qw + c) = bf16x2_bits(dv[i][0], dv[i][1]);
         }
         if (kj1 < T) {
-            *(unsigned*)(kbase + (long long)kj1 * Qw + c) = pack_bf16(dk[i][2] * scale, dk[i][3] * scale);
-            *(unsigned*)(vbase + (long long)kj1 * Qw + c) = pack_bf16(dv[i][2], dv[i][3]);
+            *(unsigned*)(kbase + (long long)kj1 * Qw + c) = bf16x2_bits(dk[i][2] * scale, dk[i][3] * scale);
+            *(unsigned*)(vbase + (long long)kj1 * Qw + c) = bf16x2_bits(dv[i][2], dv[i][3]);
         }
     }
 }
@@ -788,10 +779,10 @@ LLMQ_DEV void a3_mma_pv(float (&acc)[MT][HD / 8][4], const float (&p)[MT][NT][4]
         unsigned a[MT][4];
 #pragma unroll
         for (int m = 0; m < MT; m++) {
-            a[m][0] = pack_bf16_hw(p[m][2 * kk][0], p[m][2 * kk][1]);
-            a[m][1] = pack_bf16_hw(p[m][2 * kk][2], p[m][2 * kk][3]);
-            a[m][2] = pack_bf16_hw(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
-            a[m][3] = pack_bf16_hw(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
+            a[m][0] = bf16x2_bits_finite(p[m][2 * kk][0], p[m][2 * kk][1]);
+            a[m][1] = bf16x2_bits_finite(p[m][2 * kk][2], p[m][2 * kk][3]);
+            a[m][2] = bf16x2_bits_finite(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
+            a[m][3] = bf16x2_bits_finite(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
         }
 #pragma unroll
         for (int dt = 0; dt < HD / 8; dt += 2) {
@@ -933,8 +924,8 @@ LLMQ_DEV void attn3_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
 #pragma unroll
         for (int i = 0; i < HD / 8; i++) {
             const int c = i * 8 + 2 * t;
-            if (qi0 < T) *(unsigned*)(obase + (long long)qi0 * ostride + c) = pack_bf16(o[m][i][0] * inv0, o[m][i][1] * inv0);
-            if (qi1 < T) *(unsigned*)(obase + (long long)qi1 * ostride + c) = pack_bf16(o[m][i][2] * inv1, o[m][i][3] * inv1);
+            if (qi0 < T) *(unsigned*)(obase + (long long)qi0 * ostride + c) = bf16x2_bits(o[m][i][0] * inv0, o[m][i][1] * inv0);
+            if (qi1 < T) *(unsigned*)(obase + (long long)qi1 * ostride + c) = bf16x2_bits(o[m][i][2] * inv1, o[m][i][3] * inv1);
         }
         if (t == 0) {
             if (qi0 < T) lrow[qi0] = (mx[m][0] * sl2 + log2f(l0)) / LOG2E;
@@ -1007,8 +998,8 @@ LLMQ_DEV void a3_dkv_store(uint16_t* dqkv, float* part, const A3DkvSpace& sp, in
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
     uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
-    a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = pack_bf16(x0 * scale, x1 * scale); });
-    a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = pack_bf16(x0, x1); });
+    a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale); });
+    a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = bf16x2_bits(x0, x1); });
 }
 
 // dQ (and D). Block: BQ = NW*16*MT query rows of one head; grid (ceil(T/BQ), Hq, B).
@@ -1122,7 +1113,7 @@ LLMQ_DEV void attn3_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
     a3_each_pair<HD, MT>(qw0, g, t, T, dq, [&](int q, int c, float x0, float x1) {
-        *(unsigned*)(qbase + (long long)q * Qw + c) = pack_bf16(x0 * scale, x1 * scale);
+        *(unsigned*)(qbase + (long long)q * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale);
     });
 }
 
@@ -1247,7 +1238,7 @@ extern "C" __global__ void __launch_bounds__(128) llmq_attn3_dkv_reduce(uint16_t
                 acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
             }
             const float f = c < kv ? scale : 1.0f;
-            *(uint2*)(dqkv + (long long)r * Qw + col0 + c) = make_uint2(pack_bf16(acc.x * f, acc.y * f), pack_bf16(acc.z * f, acc.w * f));
+            *(uint2*)(dqkv + (long long)r * Qw + col0 + c) = make_uint2(bf16x2_bits(acc.x * f, acc.y * f), bf16x2_bits(acc.z * f, acc.w * f));
         }
     }
 }

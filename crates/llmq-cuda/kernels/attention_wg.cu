@@ -243,7 +243,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
     a3_each_pair<HD, 1>(qb0 + 64 * wg + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
-        *(unsigned*)(qbase + (long long)q * Qw + c) = pack_bf16(x0 * scale, x1 * scale);
+        *(unsigned*)(qbase + (long long)q * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale);
     });
 }
 
@@ -359,8 +359,8 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) {
         const int c = i * 8 + 2 * t;
-        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + c) = pack_bf16(o[4 * i] * inv0, o[4 * i + 1] * inv0);
-        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + c) = pack_bf16(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + c) = bf16x2_bits(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + c) = bf16x2_bits(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
     }
     if (t == 0) {
         if (q0 < T) lrow[q0] = (mx0 * sl2 + log2f(l0)) / LOG2E;

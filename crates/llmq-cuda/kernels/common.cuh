@@ -28,8 +28,8 @@ LLMQ_DEV float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(((unsigned)
 
 // The reference encoder: integer round-to-nearest-even, a transliteration of
 // llmq_core::dtype::f32_to_bf16 (a NaN keeps its sign and high payload bits, quiet bit set).
-// llmq_bf16_encode_selftest (convert.cu) checks the hardware encoders below against it on all
-// 2^32 inputs.
+// llmq_encode_selftest (convert.cu) checks the hardware encoders below against it on all 2^32
+// inputs.
 LLMQ_DEV uint16_t f32_to_bf16_bits_ref(float x) {
     unsigned b = __float_as_uint(x);
     if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((b >> 16) | 0x40u);
@@ -47,10 +47,16 @@ LLMQ_DEV uint16_t f32_to_bf16_bits(float x) {
     if (isnan(x)) h = f32_to_bf16_bits_ref(x);
     return h;
 }
-// lo in bits 0..15, hi in bits 16..31.
-LLMQ_DEV unsigned bf16x2_bits(float lo, float hi) {
+// lo in bits 0..15, hi in bits 16..31. For values known not to be NaN (attention's P and dS
+// fragments); a NaN becomes 0x7FFF.
+LLMQ_DEV unsigned bf16x2_bits_finite(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// lo in bits 0..15, hi in bits 16..31, NaNs as the CPU encodes them.
+LLMQ_DEV unsigned bf16x2_bits(float lo, float hi) {
+    unsigned r = bf16x2_bits_finite(lo, hi);
     if (isnan(lo) || isnan(hi)) r = (unsigned)f32_to_bf16_bits_ref(lo) | ((unsigned)f32_to_bf16_bits_ref(hi) << 16);
     return r;
 }

@@ -89,10 +89,10 @@ LLMQ_DEV void wg_keep(float (&d)[N]) {
 // A fragment of k-step c from accumulator columns 16 c .. 16 c + 15 (bf16, round to nearest).
 template <int N>
 LLMQ_DEV void wg_pack_a(unsigned (&a)[4], const float (&d)[N], int c) {
-    a[0] = pack_bf16_hw(d[8 * c + 0], d[8 * c + 1]);
-    a[1] = pack_bf16_hw(d[8 * c + 2], d[8 * c + 3]);
-    a[2] = pack_bf16_hw(d[8 * c + 4], d[8 * c + 5]);
-    a[3] = pack_bf16_hw(d[8 * c + 6], d[8 * c + 7]);
+    a[0] = bf16x2_bits_finite(d[8 * c + 0], d[8 * c + 1]);
+    a[1] = bf16x2_bits_finite(d[8 * c + 2], d[8 * c + 3]);
+    a[2] = bf16x2_bits_finite(d[8 * c + 4], d[8 * c + 5]);
+    a[3] = bf16x2_bits_finite(d[8 * c + 6], d[8 * c + 7]);
 }
 
 // One f32 by cp.async (zero-filled where !valid).
