@@ -7,12 +7,14 @@
 // the matches of each chunk in order (warp ballots + per-warp prefix counts) and adds their rows
 // into an f32 accumulator row kept in shared memory (thread t owns columns t, t+blockDim, ...),
 // started from dtable's value and stored once at the end. Cost O(N^2 / blockDim) id compares:
-// 0.58 ms for N = 16384 on the H200, more than the adds themselves.
-// Sorted backward (used where N <= 16384): embedding_sort sorts the keys (id << 32 | n) in one
-// block (bitonic, in shared memory; an invalid id sorts last and is skipped), so that each id's
-// rows stand together in increasing n; embedding_bwd_sorted then gives each run of equal ids to
-// one block, whose threads own columns and add the run's rows in order from dtable's value: the
-// same f32 operations in the same order as above, so the same bits, in O(N log^2 N) on one SM.
+// 0.58 ms for N = 16384 on the H200, more than the adds themselves. Kept as the generic kernel
+// (set_generic_kernels) and the cross-check of the sorted path.
+// Sorted backward (used for every N the scratch buffer holds): the keys (id << 32 | n) are sorted
+// (bitonic; in one block's shared memory up to 16384 keys, tiles plus global steps above; an
+// invalid id sorts last and is skipped), so that each id's rows stand together in increasing n;
+// embedding_bwd_sorted then gives each run of equal ids to one block, whose threads own columns
+// and add the run's rows in order from dtable's value: the same f32 operations in the same order
+// as above, so the same bits, in O(N log^2 N).
 #include "common.cuh"
 
 extern "C" __global__ void llmq_embedding_fwd(void* out, int dt_out, const int* ids, const void* table, int dt_tab,
@@ -67,35 +69,68 @@ extern "C" __global__ void llmq_embedding_bwd(void* dtable, int dt_tab, const in
     for (int c = threadIdx.x; c < C; c += blockDim.x) store_f(dtable, (long long)id * C + c, dt_tab, acc[c]);
 }
 
-// One block of 1024 threads; dyn smem: P x 8 bytes with P the power of two >= N.
-extern "C" __global__ void __launch_bounds__(1024) llmq_embedding_sort(unsigned long long* keys, const int* ids, int N, int V) {
+// Bitonic sort of P keys (P the power of two >= N; keys past N are padding ~0, after every real
+// key) in two kernels, so that neither N nor the speed is limited by one block:
+// - embedding_sort_tile: one block of 1024 threads per tile of L keys (a power of two <= P; dyn
+//   smem L x 8 bytes). With fill = 1 it builds the tile's keys from ids and runs the stages of
+//   sizes 2 .. L; with fill = 0 it reads the tile and runs the strides L/2 .. 1 of the one stage
+//   of size `size` (> L) whose longer strides embedding_sort_step did. Directions come from the
+//   global index, so the tiles are pieces of the one network over all P keys.
+// - embedding_sort_step: one compare-exchange step (stride >= L) over all P keys in global memory.
+// The network, hence the sorted keys, does not depend on L. (One block sorting all 16384 keys of
+// a 16 x 1024 micro-batch took 180-200 us; 2048-key tiles spread the work over the GPU.)
+
+LLMQ_DEV void bitonic_stage(unsigned long long* k, int L, int base, int size, int stride0) {
+    for (int stride = stride0; stride > 0; stride >>= 1) {
+        for (int t = threadIdx.x; t < L / 2; t += blockDim.x) {
+            const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;  // pair t of this step
+            const bool up = ((base + lo) & size) == 0;
+            const unsigned long long a = k[lo], b = k[hi];
+            if ((a > b) == up) {
+                k[lo] = b;
+                k[hi] = a;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) llmq_embedding_sort_tile(unsigned long long* keys, const int* ids, int N, int V, int L,
+                                                                            int fill, int size) {
     unsigned long long* k = (unsigned long long*)llmq_dyn_smem;
-    int P = 1;
-    while (P < N) P <<= 1;
-    for (int i = threadIdx.x; i < P; i += blockDim.x) {
+    const int base = blockIdx.x * L;
+    for (int i = threadIdx.x; i < L; i += blockDim.x) {
         unsigned long long key = ~0ull;  // padding: after every real key
-        if (i < N) {
-            const int id = ids[i];
+        const int g = base + i;
+        if (!fill) {
+            key = keys[g];
+        } else if (g < N) {
+            const int id = ids[g];
             const unsigned hi = (id >= 0 && id < V) ? (unsigned)id : 0xFFFFFFFFu;
-            key = ((unsigned long long)hi << 32) | (unsigned)i;
+            key = ((unsigned long long)hi << 32) | (unsigned)g;
         }
         k[i] = key;
     }
     __syncthreads();
-    for (int size = 2; size <= P; size <<= 1)
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int t = threadIdx.x; t < P / 2; t += blockDim.x) {
-                const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;  // pair t of this stage
-                const bool up = (lo & size) == 0;
-                const unsigned long long a = k[lo], b = k[hi];
-                if ((a > b) == up) {
-                    k[lo] = b;
-                    k[hi] = a;
-                }
-            }
-            __syncthreads();
-        }
-    for (int i = threadIdx.x; i < N; i += blockDim.x) keys[i] = k[i];
+    if (fill) {
+        for (int sz = 2; sz <= L; sz <<= 1) bitonic_stage(k, L, base, sz, sz >> 1);
+    } else {
+        bitonic_stage(k, L, base, size, L >> 1);
+    }
+    for (int i = threadIdx.x; i < L; i += blockDim.x) keys[base + i] = k[i];
+}
+
+// One thread per pair of the step (size, stride) over all P keys.
+extern "C" __global__ void llmq_embedding_sort_step(unsigned long long* keys, int P, int size, int stride) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= P / 2) return;
+    const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
+    const bool up = (lo & size) == 0;
+    const unsigned long long a = keys[lo], b = keys[hi];
+    if ((a > b) == up) {
+        keys[lo] = b;
+        keys[hi] = a;
+    }
 }
 
 // grid N: block i works only if sorted key i starts a run of its id.

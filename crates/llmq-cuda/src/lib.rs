@@ -157,7 +157,6 @@ impl CudaBackend {
         let optin = dev.smem_optin() as u32;
         for f in [
             k.embedding_bwd,
-            k.embedding_sort,
             k.attn_fwd_mma2_64,
             k.attn_fwd_mma2_128,
             k.attn_bwd_dq_mma2_64,

@@ -82,6 +82,8 @@ fn fits_i32(op: &str, v: usize) -> Result<()> {
 }
 
 const THREADS: u32 = 256;
+/// Keys per shared-memory tile of the embedding backward's sort (kernels/embedding.cu; 16 KiB).
+const EMB_SORT_TILE: usize = 2048;
 
 impl CudaBackend {
     fn launch(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32, args: &[Arg]) -> Result<()> {
@@ -207,11 +209,29 @@ impl CudaBackend {
         check_i32(OP, "ids", ids, n)?;
         check_rows(OP, "dout", dout, n, c)?;
         fits_i32(OP, n.max(v).max(c))?;
-        // sorted path: the keys (8 bytes per row, padded to a power of two) sort in one block's
-        // shared memory, then go to the scratch buffer (at most that many bytes, far below it)
-        let sort_smem = n.next_power_of_two() * 8;
-        if !self.generic.get() && n > 0 && sort_smem <= self.smem_limit() {
-            self.launch(self.k.embedding_sort, (1, 1, 1), (1024, 1, 1), sort_smem as u32, &[Arg::Ptr(self.scratch), p(ids), i(n), i(v)])?;
+        // sorted path: the keys (8 bytes per row, padded to a power of two) sort in the scratch
+        // buffer, in tiles of EMB_SORT_TILE keys in shared memory plus global steps for the longer
+        // strides (kernels/embedding.cu)
+        let pk = n.next_power_of_two();
+        let tile = pk.min(EMB_SORT_TILE);
+        if !self.generic.get() && n > 0 && pk * 8 <= SCRATCH_BYTES && tile * 8 <= self.smem_limit() {
+            let keys = self.scratch;
+            let sort_tiles = |fill: bool, size: usize| {
+                let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];
+                self.launch(self.k.embedding_sort_tile, ((pk / tile) as u32, 1, 1), (1024, 1, 1), (tile * 8) as u32, &args)
+            };
+            sort_tiles(true, tile)?;
+            let mut size = 2 * tile;
+            while size <= pk {
+                let mut stride = size / 2;
+                while stride >= tile {
+                    let args = [Arg::Ptr(keys), i(pk), i(size), i(stride)];
+                    self.launch(self.k.embedding_sort_step, ((pk / 2).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &args)?;
+                    stride /= 2;
+                }
+                sort_tiles(false, size)?;
+                size *= 2;
+            }
             return self.launch(
                 self.k.embedding_bwd_sorted,
                 (n as u32, 1, 1),

@@ -203,9 +203,11 @@ fn embedding_forward_and_backward() {
         p.gpu.embedding_bwd(&dtab.g, &idt.g, &dout.g).unwrap();
         p.exact(&format!("embedding_bwd {d} (rows added in order)"), &dtab);
     }
-    // Sizes around the sorted path's limit (one block sorts up to 16384 keys; above that the
-    // O(N^2) kernel runs): a power of two, just above it, and skewed ids (one id on every 3rd row).
-    for &(v, c, n) in &[(151_936, 64, 16_384), (1000, 24, 16_385), (50, 40, 4000)] {
+    // The sort runs in 2048-key tiles plus global steps: 16384 rows (a 16 x 1024 micro-batch),
+    // just above a power of two (padding), 4000 rows, 40000 (padding to 65536), 65536 (64 x 1024),
+    // skewed ids (one id on every 3rd row). Above 16384 rows the O(N^2) generic kernel must give
+    // the same bytes too.
+    for &(v, c, n) in &[(151_936, 64, 16_384), (1000, 24, 16_385), (50, 40, 4000), (3000, 16, 40_000), (151_936, 8, 65_536)] {
         let ids: Vec<i32> = (0..n).map(|i| if i % 3 == 0 { 11 } else { p.rng.below(v) as i32 }).collect();
         let idt = p.i32s(&[n], &ids);
         let dout = p.rand(BF16, &[n, c], 1.0);
@@ -213,6 +215,15 @@ fn embedding_forward_and_backward() {
         p.cpu.embedding_bwd(&dtab.c, &idt.c, &dout.c).unwrap();
         p.gpu.embedding_bwd(&dtab.g, &idt.g, &dout.g).unwrap();
         p.exact(&format!("embedding_bwd [{n} rows, V {v}, C {c}]"), &dtab);
+        if n > 16_384 {
+            let again = p.rand(F32, &[v, c], 1.0);
+            p.gpu.copy(&again.g, &dtab.g, Stream::Compute).unwrap();
+            p.gpu.set_generic_kernels(true);
+            p.gpu.embedding_bwd(&again.g, &idt.g, &dout.g).unwrap();
+            p.gpu.set_generic_kernels(false);
+            p.gpu.embedding_bwd(&dtab.g, &idt.g, &dout.g).unwrap();
+            assert_eq!(p.gpu.download(&dtab.g).unwrap(), p.gpu.download(&again.g).unwrap(), "embedding_bwd {n} rows: sorted and generic kernels differ");
+        }
     }
     // Out-of-range ids (the forward wrote NaN rows for them) add nothing on the GPU: the same
     // table as with those rows left out.

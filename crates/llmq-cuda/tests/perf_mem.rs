@@ -77,6 +77,8 @@ fn perf_rmsnorm() {
         let eb = n * cc * 2;
         ab(&g, "rmsnorm_fwd", &format!("{n}x{cc} bf16"), 2 * eb, || ok(g.rmsnorm_fwd(&yb, &rstd, &xb, &wb, 1e-6, None)));
         ab(&g, "rmsnorm_bwd", &format!("{n}x{cc} bf16"), 3 * eb, || ok(g.rmsnorm_bwd(&yb, &dwb, &xb, &xb, &wb, &rstd, None, None)));
+        // as in training: dres in place, abs-max for the fp8 matmuls
+        ab(&g, "rmsnorm_bwd + dres in place (+absmax)", &format!("{n}x{cc} bf16"), 4 * eb, || ok(g.rmsnorm_bwd(&yb, &dwb, &xb, &xb, &wb, &rstd, Some(&yb), Some(&am))));
     }
     let xf = rand_tensor(&mut g, &mut rng, f32_, &[n, c], 1.0);
     let yf = out(&mut g, f32_, &[n, c]);
