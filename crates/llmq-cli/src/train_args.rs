@@ -41,6 +41,12 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1, help_heading = "Batch")]
     pub grad_accumulation: usize,
+    /// Keep the tokens per optimizer step and use the largest micro-batch that fits the GPU:
+    /// doubles --batch-size while --grad-accumulation halves evenly (larger micro-batches run
+    /// faster). The choice is printed; pass it explicitly to repeat a run bit for bit. The CPU
+    /// backend keeps the configured micro-batch.
+    #[arg(long, help_heading = "Batch")]
+    pub fit_batch: bool,
     /// Optimizer steps.
     #[arg(long, default_value_t = 250, help_heading = "Batch")]
     pub steps: u64,

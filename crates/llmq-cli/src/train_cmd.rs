@@ -123,18 +123,49 @@ fn resolve_data(
     Ok((Box::new(src.stream(0)), Some(eval), Some(floor)))
 }
 
+/// Free device memory `--fit-batch` leaves beside the model (driver, library workspaces).
+const FIT_HEADROOM: usize = 2 << 30;
+
+/// `--fit-batch`: probes micro-batches on fresh backends (the selected one is dropped first so
+/// that its memory is free) and returns the backend for the run, with `tc` updated, and the
+/// line to print.
+fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cfg: &llmq_core::ModelConfig, tc: &mut llmq_train::TrainConfig) -> Result<(Box<dyn llmq_core::Backend>, String)> {
+    if !on_gpu {
+        return Ok((be, "not applied: the CPU backend has no device memory budget".into()));
+    }
+    drop(be);
+    let mut make = || device::select(&args.device).map(|(b, _)| b);
+    let fit = llmq_train::fit::fit_micro_batch(&mut make, cfg, tc, FIT_HEADROOM)?;
+    let line = match fit.free_after {
+        Some(free) => format!(
+            "micro-batch {} x {} accumulation (configured {} x {}), {} free with it allocated",
+            fit.batch_size,
+            fit.grad_accumulation,
+            tc.batch_size,
+            tc.grad_accumulation,
+            llmq_core::fmt_bytes(free)
+        ),
+        None => format!("kept {} x {}: nothing larger fits with {} free", tc.batch_size, tc.grad_accumulation, llmq_core::fmt_bytes(FIT_HEADROOM)),
+    };
+    tc.batch_size = fit.batch_size;
+    tc.grad_accumulation = fit.grad_accumulation;
+    tc.validate(cfg)?;
+    Ok((make()?, line))
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let model = resolve_model(&args)?;
+    let cfg = model.cfg;
     let (be, gpu) = device::select(&args.device)?;
+    let mut tc = args.train_config(gpu.is_some())?;
+    tc.validate(&cfg)?;
+    let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
         let (p, h) = llmq_train::profile::Profiled::new(be);
         (Box::new(p), Some(h))
     } else {
         (be, None)
     };
-    let tc = args.train_config(gpu.is_some())?;
-    tc.validate(&model.cfg)?;
-    let cfg = model.cfg;
 
     let (data, eval, floor) = resolve_data(&args, &cfg, &tc)?;
 
@@ -163,6 +194,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         tc.tokens_per_step(),
         tc.steps
     );
+    if let Some(line) = fit_line {
+        println!("  fit-batch  {line}");
+    }
     let p = tc.precision;
     let fp8 = if p.matmul.is_fp8() {
         format!(

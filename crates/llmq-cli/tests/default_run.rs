@@ -74,3 +74,16 @@ fn bad_options_are_refused_with_a_reason() {
     assert!(run(&["train", "--device", "cpu", "--model-dtype", "e4m3"]).contains("--model-dtype"));
     assert!(run(&["train", "--device", "nope"]).contains("--device"));
 }
+
+#[test]
+fn fit_batch_on_the_cpu_keeps_the_configured_micro_batch_and_says_so() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(["train", "--device", "cpu", "--fit-batch", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "32"])
+        .args(["--grad-accumulation", "4", "--eval-every", "0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("fit-batch  not applied: the CPU backend"), "{stdout}");
+    assert!(stdout.contains("B=2 T=32 accumulation=4 -> 256 tokens/step"), "{stdout}");
+}

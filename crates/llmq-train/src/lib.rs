@@ -7,6 +7,7 @@
 
 pub mod acts;
 pub mod checkpoint;
+pub mod fit;
 pub mod flops;
 pub mod fp8;
 pub mod init;

@@ -72,3 +72,37 @@ fn out_of_memory_reports_the_plan_and_what_would_help() {
     assert!(err.contains("allocated before the failure") && err.contains("weights"), "{err}");
     assert!(err.contains("free now") && err.contains("--recompute-block"), "{err}");
 }
+
+/// Bytes a model of micro-batch `b` allocates on the CPU backend.
+fn model_bytes(cfg: &llmq_core::ModelConfig, tc: &llmq_train::TrainConfig, b: usize) -> usize {
+    let mut be = llmq_core::cpu::CpuBackend::new();
+    llmq_train::Model::new(&mut be, cfg, tc.precision, llmq_train::RunShape { b, t: tc.seq_len }, tc.recompute).unwrap();
+    llmq_core::Backend::memory_by_category(&be).iter().map(|&(_, _, bytes)| bytes).sum()
+}
+
+#[test]
+fn fit_batch_takes_the_largest_micro_batch_that_fits_at_the_same_tokens_per_step() {
+    use llmq_train::fit::{fit_micro_batch, Fit};
+    let cfg = tiny(Arch::Qwen2, true);
+    let tc = train_config(2, 16, 12, 1); // candidates 2 x 12, 4 x 6, 8 x 3
+    let (m2, m4, m8) = (model_bytes(&cfg, &tc, 2), model_bytes(&cfg, &tc, 4), model_bytes(&cfg, &tc, 8));
+    assert!(m2 < m4 && m4 < m8, "activations grow with the micro-batch: {m2} {m4} {m8}");
+    let headroom = 1000;
+    let fit = |limit: usize| {
+        let mut make = || -> llmq_core::Result<Box<dyn llmq_core::Backend>> { Ok(Box::new(llmq_core::cpu::CpuBackend::with_limit(limit))) };
+        fit_micro_batch(&mut make, &cfg, &tc, headroom).unwrap()
+    };
+    // room for 8 (with the headroom): 8 x 3
+    assert_eq!(fit(m8 + headroom), Fit { batch_size: 8, grad_accumulation: 3, free_after: Some(headroom) });
+    // 8 fits, but not with the headroom; 4 does: 4 x 6
+    let f = fit(m8 + headroom - 1);
+    assert_eq!((f.batch_size, f.grad_accumulation), (4, 6));
+    assert_eq!(f.free_after, Some(m8 + headroom - 1 - m4));
+    // only 2 fits: the configured setting
+    assert_eq!((fit(m4).batch_size, fit(m4).grad_accumulation), (2, 12));
+    // nothing fits: the configured setting, unprobed (the real allocation reports the failure)
+    assert_eq!(fit(m2 / 2), Fit { batch_size: 2, grad_accumulation: 12, free_after: None });
+    // a backend without a memory budget keeps the configured micro-batch
+    let mut unlimited = || -> llmq_core::Result<Box<dyn llmq_core::Backend>> { Ok(Box::new(llmq_core::cpu::CpuBackend::new())) };
+    assert_eq!(fit_micro_batch(&mut unlimited, &cfg, &tc, 0).unwrap(), Fit { batch_size: 2, grad_accumulation: 12, free_after: None });
+}
