@@ -10,8 +10,8 @@
 // 0.58 ms for N = 16384 on the H200, more than the adds themselves. Kept as the generic kernel
 // (set_generic_kernels) and the cross-check of the sorted path.
 // Sorted backward (used for every N the scratch buffer holds): the keys (id << 32 | n) are sorted
-// (bitonic; in one block's shared memory up to 16384 keys, tiles plus global steps above; an
-// invalid id sorts last and is skipped), so that each id's rows stand together in increasing n;
+// (bitonic: shared-memory tiles plus global steps for the long strides, see below; an invalid id
+// sorts last and is skipped), so that each id's rows stand together in increasing n;
 // embedding_bwd_sorted then gives each run of equal ids to one block, whose threads own columns
 // and add the run's rows in order from dtable's value: the same f32 operations in the same order
 // as above, so the same bits, in O(N log^2 N).
@@ -80,17 +80,21 @@ extern "C" __global__ void llmq_embedding_bwd(void* dtable, int dt_tab, const in
 // The network, hence the sorted keys, does not depend on L. (One block sorting all 16384 keys of
 // a 16 x 1024 micro-batch took 180-200 us; 2048-key tiles spread the work over the GPU.)
 
+// Compare-exchange of pair t of the step (size, stride) on keys k, whose first key has the global
+// index base (the direction comes from the global index).
+LLMQ_DEV void bitonic_pair(unsigned long long* k, int base, int t, int size, int stride) {
+    const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
+    const bool up = ((base + lo) & size) == 0;
+    const unsigned long long a = k[lo], b = k[hi];
+    if ((a > b) == up) {
+        k[lo] = b;
+        k[hi] = a;
+    }
+}
+
 LLMQ_DEV void bitonic_stage(unsigned long long* k, int L, int base, int size, int stride0) {
     for (int stride = stride0; stride > 0; stride >>= 1) {
-        for (int t = threadIdx.x; t < L / 2; t += blockDim.x) {
-            const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;  // pair t of this step
-            const bool up = ((base + lo) & size) == 0;
-            const unsigned long long a = k[lo], b = k[hi];
-            if ((a > b) == up) {
-                k[lo] = b;
-                k[hi] = a;
-            }
-        }
+        for (int t = threadIdx.x; t < L / 2; t += blockDim.x) bitonic_pair(k, base, t, size, stride);
         __syncthreads();
     }
 }
@@ -123,14 +127,7 @@ extern "C" __global__ void __launch_bounds__(1024) llmq_embedding_sort_tile(unsi
 // One thread per pair of the step (size, stride) over all P keys.
 extern "C" __global__ void llmq_embedding_sort_step(unsigned long long* keys, int P, int size, int stride) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= P / 2) return;
-    const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;
-    const bool up = (lo & size) == 0;
-    const unsigned long long a = keys[lo], b = keys[hi];
-    if ((a > b) == up) {
-        keys[lo] = b;
-        keys[hi] = a;
-    }
+    if (t < P / 2) bitonic_pair(keys, 0, t, size, stride);
 }
 
 // grid N: block i works only if sorted key i starts a run of its id.

@@ -214,7 +214,7 @@ impl CudaBackend {
         // strides (kernels/embedding.cu)
         let pk = n.next_power_of_two();
         let tile = pk.min(EMB_SORT_TILE);
-        if !self.generic.get() && n > 0 && pk * 8 <= SCRATCH_BYTES && tile * 8 <= self.smem_limit() {
+        if !self.generic.get() && n > 0 && pk * 8 <= SCRATCH_BYTES {
             let keys = self.scratch;
             let sort_tiles = |fill: bool, size: usize| {
                 let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];

@@ -27,9 +27,6 @@ pub struct Fit {
 /// Probes the candidates on backends from `make` (each dropped after its probe).
 pub fn fit_micro_batch(make: &mut dyn FnMut() -> Result<Box<dyn Backend>>, cfg: &ModelConfig, tc: &TrainConfig, headroom: usize) -> Result<Fit> {
     let configured = Fit { batch_size: tc.batch_size, grad_accumulation: tc.grad_accumulation, free_after: None };
-    if make()?.free_memory().is_none() {
-        return Ok(configured);
-    }
     let mut doublings = 0;
     while tc.grad_accumulation.is_multiple_of(2 << doublings) {
         doublings += 1;
@@ -37,6 +34,9 @@ pub fn fit_micro_batch(make: &mut dyn FnMut() -> Result<Box<dyn Backend>>, cfg: 
     for j in (0..=doublings).rev() {
         let (b, accumulation) = (tc.batch_size << j, tc.grad_accumulation >> j);
         let mut be = make()?;
+        if be.free_memory().is_none() {
+            return Ok(configured);
+        }
         match Model::new(be.as_mut(), cfg, tc.precision, RunShape { b, t: tc.seq_len }, tc.recompute) {
             Ok(_) => {
                 let free = be.free_memory().unwrap_or(0);
