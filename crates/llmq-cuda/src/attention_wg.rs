@@ -13,6 +13,18 @@ use llmq_core::{AttnShape, Result, Tensor};
 /// Configurations per kernel kind and head size.
 pub const ATTN4_CONFIGS: usize = 4;
 
+/// Configurations of the warp-specialised forward (`attn5_fwd` in kernels/attention_ws.cu) per
+/// head size; `AttnImpl::Wg` forward indices ATTN4_CONFIGS .. ATTN4_CONFIGS + ATTN_WS_CONFIGS
+/// pick them.
+pub const ATTN_WS_CONFIGS: usize = 3;
+
+/// (keys per tile, stages) of each warp-specialised forward configuration, the same for both head
+/// sizes; must match the instantiations at the end of kernels/attention_ws.cu.
+pub const WS_FWD: [(usize, usize); ATTN_WS_CONFIGS] = [(128, 2), (64, 3), (64, 2)];
+
+/// Query rows per warp-specialised block (two consumer warpgroups of 64).
+const WS_BQ: usize = 128;
+
 /// Rows (queries for the forward and dQ, keys for dK/dV) per warpgroup (128 threads).
 const ROWS: usize = 64;
 
@@ -43,7 +55,10 @@ const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2,
 /// 0.273 / 1.015). The backward numbers are those after the kernels stopped writing into their
 /// wgmma accumulators (fourth session). Deferring the last wgmma of an iteration (3 stages) did
 /// not pay; neither did two warpgroups per block for Hd 64.
-const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (3, 0, 3)];
+/// Warp-specialised forward (index 4 + i, eighth session, 2026-11-30, same test): Hd 64 0.132
+/// 0.143 0.143 against 0.127 for wgmma 3, which stays; Hd 128 0.155 0.162 0.161 against 0.199
+/// for wgmma 3: index 4 (128 keys per tile, 2 stages) is the Hd 128 default.
+const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (ATTN4_CONFIGS, 0, 3)];
 
 /// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
 pub fn attn4_configs(hd: usize, i: usize) -> (Attn4Cfg, Attn4Cfg, Attn4Cfg) {
@@ -57,6 +72,7 @@ pub(crate) struct Attn4Kernels {
     fwd: Table,
     dq: Table,
     dkv: Table,
+    ws_fwd: [[sys::CUfunction; ATTN_WS_CONFIGS]; 2],
     selftest: sys::CUfunction,
 }
 
@@ -73,7 +89,15 @@ impl Attn4Kernels {
             }
             Ok(t)
         };
-        Ok(Attn4Kernels { fwd: get("fwd")?, dq: get("dq")?, dkv: get("dkv")?, selftest: k.function("llmq_wg_selftest")? })
+        let mut ws_fwd = [[std::ptr::null_mut(); ATTN_WS_CONFIGS]; 2];
+        for (h, hd) in [64, 128].into_iter().enumerate() {
+            for (i, slot) in ws_fwd[h].iter_mut().enumerate() {
+                let f = k.function(&format!("llmq_attn5_fwd_{hd}_{i}"))?;
+                kernels::set_max_dynamic_smem(f, optin)?;
+                *slot = f;
+            }
+        }
+        Ok(Attn4Kernels { fwd: get("fwd")?, dq: get("dq")?, dkv: get("dkv")?, ws_fwd, selftest: k.function("llmq_wg_selftest")? })
     }
 }
 
@@ -81,6 +105,10 @@ impl Attn4Kernels {
 /// (f32), plus 1024 bytes of room to align the tiles to the 128-byte-swizzle atom.
 fn fwd_smem(hd: usize, c: Attn4Cfg) -> usize {
     (ROWS * c.wgs + 2 * c.stages * c.tile) * hd * 2 + 1024
+}
+/// Q tile, ST x (K, V) tiles, the mbarriers (1 + 2 ST of 8 bytes, in 64) and the alignment room.
+fn ws_fwd_smem(hd: usize, (bk, st): (usize, usize)) -> usize {
+    (WS_BQ + 2 * st * bk) * hd * 2 + 64 + 1024
 }
 fn dq_smem(hd: usize, c: Attn4Cfg) -> usize {
     let bq = ROWS * c.wgs;
@@ -107,8 +135,8 @@ impl CudaBackend {
         let d = attn4_default(hd);
         match self.attn.get() {
             AttnImpl::Wg { fwd, dq, dkv, .. } => {
-                let pick = |i: u8, d: usize| if (i as usize) < ATTN4_CONFIGS { i as usize } else { d };
-                Some((pick(fwd, d.0), pick(dq, d.1), pick(dkv, d.2)))
+                let pick = |i: u8, n: usize, d: usize| if (i as usize) < n { i as usize } else { d };
+                Some((pick(fwd, ATTN4_CONFIGS + ATTN_WS_CONFIGS, d.0), pick(dq, ATTN4_CONFIGS, d.1), pick(dkv, ATTN4_CONFIGS, d.2)))
             }
             AttnImpl::Auto => Some(d),
             _ => None,
@@ -118,6 +146,9 @@ impl CudaBackend {
     /// The forward with the wgmma kernel `fi`; arguments as `attn3_fwd` (tensors checked by the
     /// caller). Ok(false) when the configuration does not fit this device.
     pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, fi: usize) -> Result<bool> {
+        if fi >= ATTN4_CONFIGS {
+            return self.attn5_fwd(out, lse, qkv, s, fi - ATTN4_CONFIGS);
+        }
         let h = usize::from(s.hd != 64);
         let cfg = FWD[h][fi];
         let smem = fwd_smem(s.hd, cfg);
@@ -127,6 +158,23 @@ impl CudaBackend {
         let bq = ROWS * cfg.wgs;
         let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
         self.attn3_launch(self.attn4.fwd[h][fi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cfg.wgs, smem, &args)?;
+        Ok(true)
+    }
+
+    /// The warp-specialised forward `llmq_attn5_fwd_<hd>_<wi>`: TMA loads through two tensor maps
+    /// over qkv viewed as [B][T][(Hq + 2 Hkv) Hd] (rows past T read as zeros), 384 threads per
+    /// block of 128 queries. Ok(false) when it does not fit this device.
+    fn attn5_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, wi: usize) -> Result<bool> {
+        let h = usize::from(s.hd != 64);
+        let cfg = WS_FWD[wi];
+        let smem = ws_fwd_smem(s.hd, cfg);
+        if smem > self.dev.smem_optin() {
+            return Ok(false);
+        }
+        let mq = qkv_tensor_map(qkv.addr, &s, WS_BQ)?;
+        let mkv = qkv_tensor_map(qkv.addr, &s, cfg.0)?;
+        let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
+        self.attn3_launch(self.attn4.ws_fwd[h][wi], (s.t.div_ceil(WS_BQ) as u32, s.hq as u32, s.b as u32), 3 * 128, smem, &args)?;
         Ok(true)
     }
 
@@ -173,6 +221,41 @@ impl CudaBackend {
         self.attn3_launch(self.attn4.selftest, (1, 1, 1), 128, 0, &args)?;
         self.dev.synchronize()
     }
+}
+
+/// A TMA tensor map (bf16, 128-byte swizzle, boxes of 64 columns x `box_rows` rows) over the qkv
+/// activations at `addr` viewed as [B][T][(Hq + 2 Hkv) Hd]: a box's rows past T (in its own
+/// sequence) read as zeros. Returns the map's 128 bytes, to be passed by value.
+fn qkv_tensor_map(addr: u64, s: &AttnShape, box_rows: usize) -> Result<Vec<u8>> {
+    let w = s.qkv_width() as u64;
+    let dims = [w, s.t as u64, s.b as u64];
+    let strides = [w * 2, w * 2 * s.t as u64]; // bytes, dimensions 1 and 2
+    let boxes = [64u32, box_rows.min(256) as u32, 1];
+    let elem = [1u32; 3];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every pointer refers to a live local array of the rank (3) the call is given; the
+    // caller checked that addr is a 16-byte-aligned device allocation of B*T*W bf16 elements;
+    // the row strides are multiples of 16 bytes (Hd is 64 or 128).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    crate::device::check(r, &format!("cuTensorMapEncodeTiled (qkv [{} x {} x {w}], box 64 x {box_rows})", s.b, s.t))?;
+    // SAFETY: initialised by the successful call above; CUtensorMap is 128 plain bytes.
+    let map = unsafe { map.assume_init() };
+    Ok(map.opaque.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 /// The (fwd, dq, dkv) indices `AttnImpl::Auto` uses for head size `hd` on compute capability 9.0.

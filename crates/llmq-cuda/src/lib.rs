@@ -30,7 +30,7 @@ use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, Mem
 use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
-pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS};
+pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS, ATTN_WS_CONFIGS, WS_FWD};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -51,7 +51,8 @@ pub enum AttnImpl {
     V3 { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The kernels with warpgroup MMAs (wgmma; compute capability 9.0 only, elsewhere the v3
     /// defaults): configuration indices of the forward, dQ and dK/dV kernels (< `ATTN4_CONFIGS`,
-    /// see `attn4_configs`; larger: the default of the head size), `split` as for `V3`.
+    /// see `attn4_configs`; forward indices ATTN4_CONFIGS + i: the warp-specialised forward
+    /// `WS_FWD[i]`; larger: the default of the head size), `split` as for `V3`.
     Wg { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,
@@ -59,8 +60,9 @@ pub enum AttnImpl {
     Simple,
 }
 
-/// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, v2, simple; unset: auto), for
-/// before/after comparisons of whole training runs (v3 and wg: their default configurations).
+/// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, ws, v2, simple; unset: auto), for
+/// before/after comparisons of whole training runs (v3 and wg: their default configurations; ws:
+/// wg with the first warp-specialised forward).
 fn attn_from_env() -> Result<AttnImpl> {
     parse_attn(&std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default())
 }
@@ -70,9 +72,10 @@ fn parse_attn(v: &str) -> Result<AttnImpl> {
         "" | "auto" => AttnImpl::Auto,
         "v3" => AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
         "wg" => AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
+        "ws" => AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 },
         "v2" => AttnImpl::MmaV2,
         "simple" => AttnImpl::Simple,
-        _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, v2 or simple, got {v:?}"))),
+        _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, ws, v2 or simple, got {v:?}"))),
     })
 }
 

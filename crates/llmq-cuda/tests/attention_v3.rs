@@ -8,7 +8,7 @@ mod common;
 
 use common::{decode, encode, median_time, rand_tensor, Pair};
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory};
-use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS};
+use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS, ATTN_WS_CONFIGS, WS_FWD};
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -182,6 +182,52 @@ fn attention_wg_against_cpu() {
             case(&mut p, s, AttnImpl::Wg { fwd: 0, dq: 0, dkv: 1, split });
         }
     }
+    // the warp-specialised forward (TMA, producer/consumer warpgroups)
+    for i in 0..ATTN_WS_CONFIGS as u8 {
+        for &s in &shapes {
+            case(&mut p, s, AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8 + i, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+        }
+    }
+}
+
+/// The warp-specialised forward does the wgmma forward's arithmetic in the same order, so for the
+/// same keys per tile its outputs must be bit-identical (only the loads and the scheduling differ).
+#[test]
+fn attention_ws_forward_bitwise_equal_to_wg() {
+    let Some(mut p) = Pair::new(36) else { return };
+    if !p.gpu.has_wgmma() {
+        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
+        return;
+    }
+    let mut shapes = AWKWARD.to_vec();
+    shapes.extend([shape(2, 1024, 14, 2, 64), shape(2, 1024, 12, 2, 128), shape(3, 1000, 8, 8, 128)]);
+    let mut checked = 0;
+    for &s in &shapes {
+        let (n, q) = (s.n(), s.qkv_width());
+        let qkv = p.rand(BF16, &[n, q], 2.0);
+        let run = |p: &mut Pair, fwd: usize| {
+            let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
+            let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
+            p.gpu.set_attention_impl(AttnImpl::Wg { fwd: fwd as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+            p.gpu.attention_fwd(&out, &lse, &qkv.g, s).unwrap();
+            (p.gpu.download(&out).unwrap(), p.gpu.download(&lse).unwrap())
+        };
+        for (wi, &(bk, _)) in WS_FWD.iter().enumerate() {
+            // a wgmma forward configuration with the same keys per tile
+            let Some(fi) = (0..ATTN4_CONFIGS).find(|&i| attn4_configs(s.hd, i).0.tile == bk) else { continue };
+            let want = run(&mut p, fi);
+            let got = run(&mut p, ATTN4_CONFIGS + wi);
+            checked += 1;
+            if got != want {
+                let (o, l) = (decode(BF16, &got.0), decode(F32, &got.1));
+                let (ow, lw) = (decode(BF16, &want.0), decode(F32, &want.1));
+                let od = o.iter().zip(&ow).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                let ld = l.iter().zip(&lw).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                p.fail(format!("{s:?}: warp-specialised forward {wi} differs from wgmma forward {fi}: {od} outputs, {ld} lse values"));
+            }
+        }
+    }
+    assert!(checked > 0, "no configuration pair with equal tiles");
 }
 
 /// Every configuration against v2 on a realistic length (GPU only), bf16 outputs.
@@ -216,6 +262,7 @@ fn attention_v3_configs_agree_with_v2_at_length_1024() {
         let mut imps: Vec<AttnImpl> = (0..ATTN3_CONFIGS as u8).map(|i| AttnImpl::V3 { fwd: i, dq: i, dkv: i, split: 0 }).collect();
         if p.gpu.has_wgmma() {
             imps.extend((0..ATTN4_CONFIGS as u8).map(|i| AttnImpl::Wg { fwd: i, dq: i, dkv: i, split: 0 }));
+            imps.extend((0..ATTN_WS_CONFIGS as u8).map(|i| AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8 + i, dq: 0, dkv: 0, split: 0 }));
         }
         for (i, imp) in imps.into_iter().enumerate() {
             let (o, l, d) = run(&mut p, imp);
@@ -263,6 +310,9 @@ fn attention_v3_timings() {
                 line(&g, format!("wgmma {i}: fwd {f:?} dq {dq:?} dkv {dkv:?}"), AttnImpl::Wg { fwd: i as u8, dq: i as u8, dkv: i as u8, split: 0 });
             }
             line(&g, format!("wgmma default {:?}", attn4_default(hd)), AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+            for (i, (bk, st)) in WS_FWD.iter().enumerate() {
+                line(&g, format!("warp-specialised fwd {i}: {bk} keys per tile, {st} stages"), AttnImpl::Wg { fwd: (ATTN4_CONFIGS + i) as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+            }
             println!("wgmma bwd ms, dq config (rows) x dkv config (columns):");
             for i in 0..ATTN4_CONFIGS as u8 {
                 let mut row = format!("dq {i}:");

@@ -1,0 +1,218 @@
+// attention_ws.cu: warp-specialised causal GQA attention forward for Hopper (sm_90a only),
+// FlashAttention-3's structure.
+//
+// Same contract and arithmetic as attn4_fwd in attention_wg.cu (out in bf16, lse; online softmax
+// in the log2 domain, P rounded to bf16 for the P V product), which stays as the cross-check.
+// Block: 384 threads = one producer warpgroup + two consumer warpgroups, 128 query rows of one
+// head (64 per consumer); grid (ceil(T/128), Hq, B), late (heavy) query tiles first.
+// Producer: its first thread loads the Q tile once and the K and V tiles of each key block into
+// ST shared-memory stages with TMA (tensor maps over qkv viewed as [B][T][W], so rows past T
+// arrive as zeros), each stage announced by its "full" mbarrier; it refills a stage after its
+// "empty" mbarrier has seen all eight consumer warps. setmaxnreg hands registers from the
+// producer (40 per thread) to the consumers (232).
+// Consumers: per key block, S = Q K^T (wgmma, operands in shared memory), masked online softmax
+// with P packed to bf16 A fragments in registers of their own, O rescaled, O += P V. The two
+// consumers take turns issuing their products (named barriers 1 and 2): while one warpgroup's
+// GEMM runs on the tensor cores, the other computes its softmax. In attn4_fwd one block-wide
+// barrier per key block kept both warpgroups in step, so both ran their softmax at the same time
+// and the tensor pipe idled (Nsight Compute: ~30% busy, no eligible warp in 63% of cycles).
+// Pitfalls: every named-barrier sync must meet exactly one arrival of the other warpgroup (the
+// second consumer makes the first arrival up front and skips its last one); a consumer that has
+// nothing to do for a key block (all its keys masked) still takes its turns and releases the
+// stage; setmaxnreg needs the block launched at 168 registers per thread (__launch_bounds__(384,
+// 1)) and 128 x 40 + 256 x 232 <= 65536.
+#include "common.cuh"
+#include "wgmma.cuh"
+#include "pipeline.cuh"
+
+#ifdef LLMQ_WGMMA
+constexpr int WS_PRODUCER_REGS = 40, WS_CONSUMER_REGS = 232;
+
+// One ct tile (R rows x HD columns, kernels/wgmma.cuh) of head column `col` from rows [row, row
+// + R) of sequence b: HD / 64 TMA boxes of R rows x 64 columns (128-byte swizzle = the ct layout).
+template <int HD, int R>
+LLMQ_DEV void ws_load_tile(uint16_t* dst, const TmaDesc* map, int col, int row, int b, unsigned long long* bar) {
+#pragma unroll
+    for (int c = 0; c < HD / 64; c++) tma_load_3d(dst + c * R * 64, map, col + 64 * c, row, b, bar);
+}
+
+template <int HD, int BK, int ST>
+LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, float* lse, int T, int Hq, int Hkv) {
+    constexpr int BQ = 128, NS = BK / 2, NO = HD / 2, NC = BK / 16;
+    constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
+    uint16_t* Qs = ct_align(llmq_dyn_smem);
+    uint16_t* KV = Qs + QT;  // [stage][K | V][KT]
+    unsigned long long* bars = (unsigned long long*)(KV + 2 * ST * KT);
+    unsigned long long* qfull = bars;
+    unsigned long long* full = bars + 1;
+    unsigned long long* empty = bars + 1 + ST;
+    // through a shuffle, so that ptxas knows it is warp-uniform (else it treats the consumer path
+    // as divergent and serialises every wgmma: advisory C7518)
+    const int wg = __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0);
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (Hq / Hkv);
+    const int qb0 = qt * BQ;
+    const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
+    if (threadIdx.x == 0) {
+        mbar_init(qfull, 1);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {  // producer
+        regs_dec<WS_PRODUCER_REGS>();
+        if (threadIdx.x != 0) return;
+        tma_prefetch_desc(mq);
+        tma_prefetch_desc(mkv);
+        mbar_expect_tx(qfull, QT * 2);
+        ws_load_tile<HD, BQ>(Qs, mq, h * HD, qb0, b, qfull);
+        for (int kt = 0; kt < nkt; kt++) {
+            const int st = kt % ST;
+            if (kt >= ST) mbar_wait(empty + st, (kt / ST - 1) & 1);
+            mbar_expect_tx(full + st, 2 * KT * 2);
+            uint16_t* Ks = KV + 2 * st * KT;
+            ws_load_tile<HD, BK>(Ks, mkv, (Hq + kvh) * HD, kt * BK, b, full + st);
+            ws_load_tile<HD, BK>(Ks + KT, mkv, (Hq + Hkv + kvh) * HD, kt * BK, b, full + st);
+        }
+        return;
+    }
+    regs_inc<WS_CONSUMER_REGS>();
+    const int c = wg - 1;  // consumer index: query rows 64 c .. 64 c + 63 of the tile
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int qw0 = qb0 + 64 * c + 16 * w;  // this warp's rows; this thread's: qw0 + g, qw0 + g + 8
+    const int q0 = qw0 + g, q1 = q0 + 8;
+    const int wq_last = qb0 + 64 * c + 63;
+    const int my_turn = 1 + c, their_turn = 2 - c;
+    float o[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) o[i] = 0.f;
+    float mx0 = -INFINITY, mx1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    mbar_wait(qfull, 0);
+    if (c == 1) named_arrive(1, 256);  // the first consumer issues first
+    for (int kt = 0; kt < nkt; kt++) {
+        const int st = kt % ST;
+        const uint16_t* Ks = KV + 2 * st * KT;
+        const uint16_t* Vs = Ks + KT;
+        const int k0 = kt * BK;
+        const bool active = k0 <= wq_last;  // warpgroup-uniform
+        mbar_wait(full + st, (kt / ST) & 1);
+        float s[NS];
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * c), wg_desc_k(Ks, BK, kk, 0), kk > 0);
+            wg_commit();
+        }
+        named_arrive(their_turn, 256);
+        unsigned pa[NC][4];
+        wg_wait<0>();  // outside the branch: ptxas must see every GEMM result waited for
+        if (active) {
+            wg_keep(s);
+            if (k0 + BK - 1 > qw0) {  // diagonal tile: keys after the query are masked
+#pragma unroll
+                for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int key = k0 + nt * 8 + 2 * t + e;
+                        if (key > q0) s[4 * nt + e] = -INFINITY;
+                        if (key > q1) s[4 * nt + 2 + e] = -INFINITY;
+                    }
+            }
+            float n0 = mx0, n1 = mx1;
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+                n0 = fmaxf(n0, fmaxf(s[4 * nt], s[4 * nt + 1]));
+                n1 = fmaxf(n1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+            }
+            n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 1));
+            n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 2));
+            n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 1));
+            n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 2));
+            const float mu0 = n0 == -INFINITY ? 0.f : n0 * sl2, mu1 = n1 == -INFINITY ? 0.f : n1 * sl2;
+            const float c0 = ex2_ftz(fmaf(mx0, sl2, -mu0)), c1 = ex2_ftz(fmaf(mx1, sl2, -mu1));
+            mx0 = n0;
+            mx1 = n1;
+            float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+            for (int cc = 0; cc < NC; cc++) {  // keys 16 cc .. 16 cc + 15: one A fragment
+                float p[8];
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const int nt = 2 * cc + j;
+                    p[4 * j] = ex2_ftz(fmaf(s[4 * nt], sl2, -mu0));
+                    p[4 * j + 1] = ex2_ftz(fmaf(s[4 * nt + 1], sl2, -mu0));
+                    p[4 * j + 2] = ex2_ftz(fmaf(s[4 * nt + 2], sl2, -mu1));
+                    p[4 * j + 3] = ex2_ftz(fmaf(s[4 * nt + 3], sl2, -mu1));
+                    ls0 += p[4 * j] + p[4 * j + 1];
+                    ls1 += p[4 * j + 2] + p[4 * j + 3];
+                }
+                wg_pack_a(pa[cc], p, 0);
+            }
+            l0 = fmaf(l0, c0, ls0);
+            l1 = fmaf(l1, c1, ls1);
+#pragma unroll
+            for (int i = 0; i < NO / 4; i++) {
+                o[4 * i] *= c0;
+                o[4 * i + 1] *= c0;
+                o[4 * i + 2] *= c1;
+                o[4 * i + 3] *= c1;
+            }
+        }
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int cc = 0; cc < NC; cc++) wg_rs<HD, 1>(o, pa[cc], wg_desc_mn(Vs, BK, cc), 1);  // O += P V
+            wg_commit();
+        }
+        if (c == 0 || kt + 1 < nkt) named_arrive(their_turn, 256);
+        wg_wait<0>();
+        wg_keep(o);
+        if (active) wg_keep_frags(pa);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + st);
+    }
+    const long long ostride = (long long)Hq * HD;
+    uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
+    float* lrow = lse + ((long long)b * Hq + h) * T;
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 1);
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 2);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 1);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 2);
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        const int col = i * 8 + 2 * t;
+        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + col) = bf16x2_bits(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + col) = bf16x2_bits(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+    }
+    if (t == 0) {
+        if (q0 < T) lrow[q0] = (mx0 * sl2 + log2f(l0)) / LOG2E;
+        if (q1 < T) lrow[q1] = (mx1 * sl2 + log2f(l1)) / LOG2E;
+    }
+}
+#define A5_BODY(call) call
+#else
+#define A5_BODY(call) __trap()
+#endif
+
+// Instantiations llmq_attn5_fwd_<HD>_<index>: keep in sync with WS in src/attention_wg.rs
+// (same index: keys per tile, stages). mq: Q boxes (64 columns x 128 rows), mkv: K/V boxes
+// (64 columns x BK rows), both over qkv as [B][T][(Hq + 2 Hkv) HD] bf16.
+#define A5_FWD(HD, IDX, BK, ST)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
+        llmq_attn5_fwd_##HD##_##IDX(const __grid_constant__ TmaDesc mq, const __grid_constant__ TmaDesc mkv, uint16_t* out, \
+                                    float* lse, int T, int Hq, int Hkv) {                                                    \
+        A5_BODY((attn5_fwd<HD, BK, ST>(&mq, &mkv, out, lse, T, Hq, Hkv)));                                                   \
+    }
+A5_FWD(64, 0, 128, 2)
+A5_FWD(64, 1, 64, 3)
+A5_FWD(64, 2, 64, 2)
+A5_FWD(128, 0, 128, 2)
+A5_FWD(128, 1, 64, 3)
+A5_FWD(128, 2, 64, 2)
