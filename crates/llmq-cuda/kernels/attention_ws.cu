@@ -16,6 +16,7 @@
 // GEMM runs on the tensor cores, the other computes its softmax. In attn4_fwd one block-wide
 // barrier per key block kept both warpgroups in step, so both ran their softmax at the same time
 // and the tensor pipe idled (Nsight Compute: ~30% busy, no eligible warp in 63% of cycles).
+// The dK/dV kernel (attn5_dkv, further down) is built the same way.
 // Pitfalls: every named-barrier sync must meet exactly one arrival of the other warpgroup (the
 // second consumer makes the first arrival up front and skips its last one); a consumer that has
 // nothing to do for a key block (all its keys masked) still takes its turns and releases the
@@ -27,6 +28,9 @@
 
 #ifdef LLMQ_WGMMA
 constexpr int WS_PRODUCER_REGS = 40, WS_CONSUMER_REGS = 232;
+// the dK/dV kernel's consumers hold dK and dV (Hd floats per thread) besides S^T, dP^T and P^T:
+// at 232 registers Hd 128 spilled (and ptxas serialised its wgmmas, C7512)
+constexpr int WS_DKV_PRODUCER_REGS = 24, WS_DKV_CONSUMER_REGS = 240;
 
 // One ct tile (R rows x HD columns, kernels/wgmma.cuh) of head column `col` from rows [row, row
 // + R) of sequence b: HD / 64 TMA boxes of R rows x 64 columns (128-byte swizzle = the ct layout).
@@ -196,6 +200,194 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
         if (q1 < T) lrow[q1] = (mx1 * sl2 + log2f(l1)) / LOG2E;
     }
 }
+
+// dK, dV: the structure of attn4_dkv (its iteration space, parts and epilogue, so the results are
+// bit-identical to attn4_dkv with two warpgroups and 64-query tiles) with a producer warp and
+// turn-taking consumers as in attn5_fwd. Block: 384 threads; the two consumers own 64 keys each
+// (128 per block, BKV); grid (ceil(T/BKV) * S, Hkv, B). The producer warp loads the block's K and
+// V once, then per iteration the Q and dO tiles (TMA) and the lse and D rows (plain loads by its
+// 32 lanes, zero past T, each lane one of the 32 arrivals on the stage's "full" barrier).
+// dyn smem (from a 1024-byte boundary): K, V ct [BKV][HD] + ST x (Q, dO) ct [64][HD] + ST x
+// (lse, D) [64] f32 + mbarriers. Needs D from the dQ kernel.
+template <int HD, int ST>
+LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, float* part, int S, const float* lse, const float* Dv, int T,
+                        int Hq, int Hkv) {
+    constexpr int BQ = 64, BKV = 128, NS = BQ / 2, NO = HD / 2, NC = BQ / 16;
+    constexpr int KT = ct_elems(BKV, HD), QT = ct_elems(BQ, HD);
+    uint16_t* Ks = ct_align(llmq_dyn_smem);
+    uint16_t* Vs = Ks + KT;
+    uint16_t* QO = Vs + KT;                  // [stage][Q | dO][QT]
+    float* LD = (float*)(QO + 2 * ST * QT);  // [stage][L | D][BQ]
+    unsigned long long* bars = (unsigned long long*)(LD + 2 * ST * BQ);
+    unsigned long long* kvfull = bars;
+    unsigned long long* full = bars + 1;
+    unsigned long long* empty = bars + 1 + ST;
+    const int wg = __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0);  // warp-uniform for ptxas (C7518)
+    const int lane = threadIdx.x & 31;
+    const A3DkvSpace sp(BKV, BQ, S, T, Hq, Hkv);
+    const int kb = sp.kb, kvh = sp.kvh, b = blockIdx.z, lo = sp.lo, hi = sp.hi;
+    if (threadIdx.x == 0) {
+        mbar_init(kvfull, 1);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(full + s, 32);
+            mbar_init(empty + s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {  // producer: warp 0
+        regs_dec<WS_DKV_PRODUCER_REGS>();
+        if (threadIdx.x >= 32) return;
+        if (lane == 0) {
+            tma_prefetch_desc(mqkv);
+            tma_prefetch_desc(mdo);
+            mbar_expect_tx(kvfull, 2 * KT * 2);
+#pragma unroll
+            for (int c = 0; c < HD / 64; c++)
+#pragma unroll
+                for (int r = 0; r < BKV / 64; r++) {
+                    tma_load_3d(Ks + c * BKV * 64 + r * 64 * 64, mqkv, (Hq + kvh) * HD + 64 * c, kb * BKV + 64 * r, b, kvfull);
+                    tma_load_3d(Vs + c * BKV * 64 + r * 64 * 64, mqkv, (Hq + Hkv + kvh) * HD + 64 * c, kb * BKV + 64 * r, b, kvfull);
+                }
+        }
+        for (int it = lo; it < hi; it++) {
+            const int st = (it - lo) % ST, n = (it - lo) / ST;
+            if (n > 0) mbar_wait(empty + st, (n - 1) & 1);
+            const int h = sp.head(it), qt = sp.qtile(it);
+            // rows past T get L = D = 0: their Q and dO rows arrive as zeros, so P = 1 meets dP =
+            // D = 0 and dO = 0 and contributes exactly nothing (as in attn4_dkv)
+            const float* lrow = lse + ((long long)b * Hq + h) * T;
+            const float* drow = Dv + ((long long)b * Hq + h) * T;
+            float* ld = LD + st * 2 * BQ;
+            for (int i = lane; i < BQ; i += 32) {
+                const int q = qt * BQ + i;
+                ld[i] = q < T ? lrow[q] : 0.f;
+                ld[BQ + i] = q < T ? drow[q] : 0.f;
+            }
+            __syncwarp();
+            if (lane == 0) {
+                mbar_expect_tx(full + st, 2 * QT * 2);
+                ws_load_tile<HD, BQ>(QO + (2 * st) * QT, mqkv, h * HD, qt * BQ, b, full + st);
+                ws_load_tile<HD, BQ>(QO + (2 * st + 1) * QT, mdo, h * HD, qt * BQ, b, full + st);
+            } else {
+                mbar_arrive(full + st);
+            }
+        }
+        return;
+    }
+    regs_inc<WS_DKV_CONSUMER_REGS>();
+    const int c = wg - 1;
+    const int w = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const int my_turn = 1 + c, their_turn = 2 - c;
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int kwg0 = kb * BKV + 64 * c;  // the warpgroup's first key
+    const int kw0 = kwg0 + 16 * w;       // this warp's keys; this thread's: kw0 + g, kw0 + g + 8
+    float dk[NO], dv[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) dk[i] = dv[i] = 0.f;
+    mbar_wait(kvfull, 0);
+    if (c == 1 && hi > lo) named_arrive(1, 256);  // the first consumer issues first
+    for (int it = lo; it < hi; it++) {
+        const int st = (it - lo) % ST;
+        const int q0 = sp.qtile(it) * BQ;
+        const uint16_t* Qs = QO + (2 * st) * QT;
+        const uint16_t* Os = Qs + QT;
+        const float* Lq = LD + st * 2 * BQ;
+        const float* Dq = Lq + BQ;
+        const bool active = q0 + BQ - 1 >= kwg0;  // warpgroup-uniform
+        mbar_wait(full + st, ((it - lo) / ST) & 1);
+        // three turns per iteration: S^T; dP^T; dV and dK. Issuing dP^T only after P^T is
+        // computed keeps S^T, dP^T and P^T from being live at once, and dP^T reuses S^T's
+        // accumulator array (as separate arrays ptxas kept both allocated: Hd 128 spilled at 240
+        // registers and its wgmmas were serialised, C7512); the other warpgroup's products fill
+        // the tensor pipe meanwhile.
+        float s[NS];  // S^T, then dP^T
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 64 * c), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
+            wg_commit();
+        }
+        named_arrive(their_turn, 256);
+        const bool diag = q0 < kw0 + 15;
+        float pt[NS];  // P^T (not in s: C7515)
+        wg_wait<0>();
+        if (active) {
+            wg_keep(s);
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+                const int qc = nt * 8 + 2 * t;
+                const float2 Lv = *(const float2*)(Lq + qc);
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float L = (e ? Lv.y : Lv.x) * LOG2E;
+                    const int qi = q0 + qc + e;
+                    float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L));
+                    if (diag) {
+                        if (kw0 + g > qi) p0 = 0.f;
+                        if (kw0 + g + 8 > qi) p1 = 0.f;
+                    }
+                    pt[4 * nt + e] = p0;
+                    pt[4 * nt + 2 + e] = p1;
+                }
+            }
+        }
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Vs, BKV, kk, 64 * c), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
+            wg_commit();
+        }
+        named_arrive(their_turn, 256);
+        wg_wait<0>();
+        unsigned pa[NC][4], sa[NC][4];
+        if (active) {
+            wg_keep(s);
+            // dS^T = P^T o (dP^T - D), packed 16 queries at a time with P^T so that P^T, dP^T
+            // and dS^T die chunk by chunk (all three whole arrays spill Hd 128 at 240 registers)
+#pragma unroll
+            for (int cc = 0; cc < NC; cc++) {
+                float p8[8], d8[8];
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    const int nt = 2 * cc + j;
+                    const float2 Dw = *(const float2*)(Dq + nt * 8 + 2 * t);
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        const float D = (k & 1) ? Dw.y : Dw.x;
+                        p8[4 * j + k] = pt[4 * nt + k];
+                        d8[4 * j + k] = pt[4 * nt + k] * (s[4 * nt + k] - D);
+                    }
+                }
+                wg_pack_a(pa[cc], p8, 0);
+                wg_pack_a(sa[cc], d8, 0);
+            }
+        }
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int cc = 0; cc < NC; cc++) wg_rs<HD, 1>(dv, pa[cc], wg_desc_mn(Os, BQ, cc), 1);  // dV += P^T dO
+#pragma unroll
+            for (int cc = 0; cc < NC; cc++) wg_rs<HD, 1>(dk, sa[cc], wg_desc_mn(Qs, BQ, cc), 1);  // dK += dS^T Q
+            wg_commit();
+        }
+        if (c == 0 || it + 1 < hi) named_arrive(their_turn, 256);
+        wg_wait<0>();
+        wg_keep(dv);
+        wg_keep(dk);
+        if (active) {
+            wg_keep_frags(pa);
+            wg_keep_frags(sa);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + st);
+    }
+    a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
+                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv));
+}
 #define A5_BODY(call) call
 #else
 #define A5_BODY(call) __trap()
@@ -216,3 +408,16 @@ A5_FWD(64, 2, 64, 2)
 A5_FWD(128, 0, 128, 2)
 A5_FWD(128, 1, 64, 3)
 A5_FWD(128, 2, 64, 2)
+
+// llmq_attn5_dkv_<HD>_<index>: keep in sync with WS_DKV in src/attention_wg.rs (index: stages).
+// mqkv: boxes of 64 columns x 64 rows over qkv, mdo: the same over dout [B][T][Hq HD].
+#define A5_DKV(HD, IDX, ST)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
+        llmq_attn5_dkv_##HD##_##IDX(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv, \
+                                    float* part, int S, const float* lse, const float* Dv, int T, int Hq, int Hkv) {           \
+        A5_BODY((attn5_dkv<HD, ST>(&mqkv, &mdo, dqkv, part, S, lse, Dv, T, Hq, Hkv)));                                         \
+    }
+A5_DKV(64, 0, 2)
+A5_DKV(64, 1, 3)
+A5_DKV(128, 0, 2)
+A5_DKV(128, 1, 3)

@@ -22,8 +22,17 @@ pub const ATTN_WS_CONFIGS: usize = 3;
 /// sizes; must match the instantiations at the end of kernels/attention_ws.cu.
 pub const WS_FWD: [(usize, usize); ATTN_WS_CONFIGS] = [(128, 2), (64, 3), (64, 2)];
 
-/// Query rows per warp-specialised block (two consumer warpgroups of 64).
+/// Query rows per warp-specialised forward block (two consumer warpgroups of 64).
 const WS_BQ: usize = 128;
+
+/// Configurations of the warp-specialised dK/dV kernel (`attn5_dkv`) per head size; `AttnImpl::Wg`
+/// dK/dV indices ATTN4_CONFIGS .. ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS pick them.
+pub const ATTN_WS_DKV_CONFIGS: usize = 2;
+/// Stages of (Q, dO) tiles of each warp-specialised dK/dV configuration (64 queries per tile,
+/// 128 keys per block); must match kernels/attention_ws.cu.
+pub const WS_DKV: [usize; ATTN_WS_DKV_CONFIGS] = [2, 3];
+const WS_DKV_BQ: usize = 64;
+const WS_DKV_BKV: usize = 128;
 
 /// Rows (queries for the forward and dQ, keys for dK/dV) per warpgroup (128 threads).
 const ROWS: usize = 64;
@@ -57,8 +66,11 @@ const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2,
 /// not pay; neither did two warpgroups per block for Hd 64.
 /// Warp-specialised forward (index 4 + i, eighth session, 2026-11-30, same test): Hd 64 0.132
 /// 0.143 0.143 against 0.127 for wgmma 3, which stays; Hd 128 0.155 0.162 0.161 against 0.199
-/// for wgmma 3: index 4 (128 keys per tile, 2 stages) is the Hd 128 default.
-const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (ATTN4_CONFIGS, 0, 3)];
+/// for wgmma 3: index 4 (128 keys per tile, 2 stages) is the Hd 128 default. Warp-specialised
+/// dK/dV (index 4 + i) with dq 0: Hd 64 0.425 0.423 against 0.410 for wgmma dkv 0, which stays;
+/// Hd 128 0.567 0.563 against 0.638: index 5 (3 stages) is the Hd 128 default. Whole 1.5B runs
+/// (B32, one micro-batch, alternating, same call): +1.0% bf16, +0.9% e4m3 against (3, 0, 3).
+const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (ATTN4_CONFIGS, 0, ATTN4_CONFIGS + 1)];
 
 /// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
 pub fn attn4_configs(hd: usize, i: usize) -> (Attn4Cfg, Attn4Cfg, Attn4Cfg) {
@@ -73,6 +85,7 @@ pub(crate) struct Attn4Kernels {
     dq: Table,
     dkv: Table,
     ws_fwd: [[sys::CUfunction; ATTN_WS_CONFIGS]; 2],
+    ws_dkv: [[sys::CUfunction; ATTN_WS_DKV_CONFIGS]; 2],
     selftest: sys::CUfunction,
 }
 
@@ -89,16 +102,28 @@ impl Attn4Kernels {
             }
             Ok(t)
         };
-        let mut ws_fwd = [[std::ptr::null_mut(); ATTN_WS_CONFIGS]; 2];
-        for (h, hd) in [64, 128].into_iter().enumerate() {
-            for (i, slot) in ws_fwd[h].iter_mut().enumerate() {
-                let f = k.function(&format!("llmq_attn5_fwd_{hd}_{i}"))?;
-                kernels::set_max_dynamic_smem(f, optin)?;
-                *slot = f;
-            }
-        }
-        Ok(Attn4Kernels { fwd: get("fwd")?, dq: get("dq")?, dkv: get("dkv")?, ws_fwd, selftest: k.function("llmq_wg_selftest")? })
+        Ok(Attn4Kernels {
+            fwd: get("fwd")?,
+            dq: get("dq")?,
+            dkv: get("dkv")?,
+            ws_fwd: load_ws(k, optin, "fwd")?,
+            ws_dkv: load_ws(k, optin, "dkv")?,
+            selftest: k.function("llmq_wg_selftest")?,
+        })
     }
+}
+
+/// `llmq_attn5_<kind>_<hd>_<i>` for both head sizes and i < N, with their shared-memory limit raised.
+fn load_ws<const N: usize>(k: &Kernels, optin: u32, kind: &str) -> Result<[[sys::CUfunction; N]; 2]> {
+    let mut t = [[std::ptr::null_mut(); N]; 2];
+    for (h, hd) in [64, 128].into_iter().enumerate() {
+        for (i, slot) in t[h].iter_mut().enumerate() {
+            let f = k.function(&format!("llmq_attn5_{kind}_{hd}_{i}"))?;
+            kernels::set_max_dynamic_smem(f, optin)?;
+            *slot = f;
+        }
+    }
+    Ok(t)
 }
 
 /// Dynamic shared memory: the tiles (bf16, kernels/wgmma.cuh: R x Hd each) and row statistics
@@ -109,6 +134,10 @@ fn fwd_smem(hd: usize, c: Attn4Cfg) -> usize {
 /// Q tile, ST x (K, V) tiles, the mbarriers (1 + 2 ST of 8 bytes, in 64) and the alignment room.
 fn ws_fwd_smem(hd: usize, (bk, st): (usize, usize)) -> usize {
     (WS_BQ + 2 * st * bk) * hd * 2 + 64 + 1024
+}
+/// K, V tiles, ST x (Q, dO) tiles, ST x (lse, D) rows, the mbarriers and the alignment room.
+fn ws_dkv_smem(hd: usize, st: usize) -> usize {
+    (2 * WS_DKV_BKV + 2 * st * WS_DKV_BQ) * hd * 2 + 2 * st * WS_DKV_BQ * 4 + 64 + 1024
 }
 fn dq_smem(hd: usize, c: Attn4Cfg) -> usize {
     let bq = ROWS * c.wgs;
@@ -136,7 +165,7 @@ impl CudaBackend {
         match self.attn.get() {
             AttnImpl::Wg { fwd, dq, dkv, .. } => {
                 let pick = |i: u8, n: usize, d: usize| if (i as usize) < n { i as usize } else { d };
-                Some((pick(fwd, ATTN4_CONFIGS + ATTN_WS_CONFIGS, d.0), pick(dq, ATTN4_CONFIGS, d.1), pick(dkv, ATTN4_CONFIGS, d.2)))
+                Some((pick(fwd, ATTN4_CONFIGS + ATTN_WS_CONFIGS, d.0), pick(dq, ATTN4_CONFIGS, d.1), pick(dkv, ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS, d.2)))
             }
             AttnImpl::Auto => Some(d),
             _ => None,
@@ -171,8 +200,8 @@ impl CudaBackend {
         if smem > self.dev.smem_optin() {
             return Ok(false);
         }
-        let mq = qkv_tensor_map(qkv.addr, &s, WS_BQ)?;
-        let mkv = qkv_tensor_map(qkv.addr, &s, cfg.0)?;
+        let mq = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_BQ)?;
+        let mkv = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), cfg.0)?;
         let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
         self.attn3_launch(self.attn4.ws_fwd[h][wi], (s.t.div_ceil(WS_BQ) as u32, s.hq as u32, s.b as u32), 3 * 128, smem, &args)?;
         Ok(true)
@@ -183,8 +212,13 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, qi: usize, ki: usize) -> Result<bool> {
         let h = usize::from(s.hd != 64);
-        let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
-        let (sq, sk) = (dq_smem(s.hd, cq), dkv_smem(s.hd, ck));
+        let cq = DQ[h][qi];
+        let sq = dq_smem(s.hd, cq);
+        // the dK/dV kernel: wgmma (ki < ATTN4_CONFIGS) or warp-specialised
+        let (bkv, threads, sk) = match ki.checked_sub(ATTN4_CONFIGS) {
+            Some(wi) => (WS_DKV_BKV, 384, ws_dkv_smem(s.hd, WS_DKV[wi])),
+            None => (ROWS * DKV[h][ki].wgs, 128 * DKV[h][ki].wgs, dkv_smem(s.hd, DKV[h][ki])),
+        };
         if sq.max(sk) > self.dev.smem_optin() {
             return Ok(false);
         }
@@ -193,12 +227,19 @@ impl CudaBackend {
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv];
         let bq = ROWS * cq.wgs;
         self.attn3_launch(self.attn4.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cq.wgs, sq, &args)?;
-        let bkv = ROWS * ck.wgs;
         let split = self.dkv_split(&s, bkv);
         let part = dbuf + dkv_part_offset(&s) as u64;
+        let grid = ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32);
         let [t, hq, hkv] = dims();
-        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
-        self.attn3_launch(self.attn4.dkv[h][ki], ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32), 128 * ck.wgs, sk, &args)?;
+        if let Some(wi) = ki.checked_sub(ATTN4_CONFIGS) {
+            let mqkv = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_DKV_BQ)?;
+            let mdo = tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), WS_DKV_BQ)?;
+            let args = [Arg::Bytes(mqkv), Arg::Bytes(mdo), Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+            self.attn3_launch(self.attn4.ws_dkv[h][wi], grid, threads, sk, &args)?;
+        } else {
+            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+            self.attn3_launch(self.attn4.dkv[h][ki], grid, threads, sk, &args)?;
+        }
         self.attn3_dkv_reduce(dqkv, part, split, &s)?;
         Ok(true)
     }
@@ -223,19 +264,19 @@ impl CudaBackend {
     }
 }
 
-/// A TMA tensor map (bf16, 128-byte swizzle, boxes of 64 columns x `box_rows` rows) over the qkv
-/// activations at `addr` viewed as [B][T][(Hq + 2 Hkv) Hd]: a box's rows past T (in its own
-/// sequence) read as zeros. Returns the map's 128 bytes, to be passed by value.
-fn qkv_tensor_map(addr: u64, s: &AttnShape, box_rows: usize) -> Result<Vec<u8>> {
-    let w = s.qkv_width() as u64;
-    let dims = [w, s.t as u64, s.b as u64];
-    let strides = [w * 2, w * 2 * s.t as u64]; // bytes, dimensions 1 and 2
+/// A TMA tensor map (bf16, 128-byte swizzle, boxes of 64 columns x `box_rows` rows) over the
+/// activations at `addr` viewed as [B][T][W] (qkv: W = (Hq + 2 Hkv) Hd; dout: Hq Hd): a box's rows
+/// past T (in its own sequence) read as zeros. Returns the map's 128 bytes, passed by value.
+fn tensor_map_3d(addr: u64, b: usize, t: usize, w: usize, box_rows: usize) -> Result<Vec<u8>> {
+    let w = w as u64;
+    let dims = [w, t as u64, b as u64];
+    let strides = [w * 2, w * 2 * t as u64]; // bytes, dimensions 1 and 2
     let boxes = [64u32, box_rows.min(256) as u32, 1];
     let elem = [1u32; 3];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every pointer refers to a live local array of the rank (3) the call is given; the
     // caller checked that addr is a 16-byte-aligned device allocation of B*T*W bf16 elements;
-    // the row strides are multiples of 16 bytes (Hd is 64 or 128).
+    // the row strides are multiples of 16 bytes (W is a multiple of Hd, 64 or 128).
     let r = unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
@@ -252,7 +293,7 @@ fn qkv_tensor_map(addr: u64, s: &AttnShape, box_rows: usize) -> Result<Vec<u8>> 
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
     };
-    crate::device::check(r, &format!("cuTensorMapEncodeTiled (qkv [{} x {} x {w}], box 64 x {box_rows})", s.b, s.t))?;
+    crate::device::check(r, &format!("cuTensorMapEncodeTiled ([{b} x {t} x {w}] bf16, box 64 x {box_rows})"))?;
     // SAFETY: initialised by the successful call above; CUtensorMap is 128 plain bytes.
     let map = unsafe { map.assume_init() };
     Ok(map.opaque.iter().flat_map(|v| v.to_le_bytes()).collect())

@@ -30,7 +30,7 @@ use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, Mem
 use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
-pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS, ATTN_WS_CONFIGS, WS_FWD};
+pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, WS_DKV, WS_FWD};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -52,7 +52,8 @@ pub enum AttnImpl {
     /// The kernels with warpgroup MMAs (wgmma; compute capability 9.0 only, elsewhere the v3
     /// defaults): configuration indices of the forward, dQ and dK/dV kernels (< `ATTN4_CONFIGS`,
     /// see `attn4_configs`; forward indices ATTN4_CONFIGS + i: the warp-specialised forward
-    /// `WS_FWD[i]`; larger: the default of the head size), `split` as for `V3`.
+    /// `WS_FWD[i]`, dK/dV indices ATTN4_CONFIGS + i: the warp-specialised dK/dV kernel with
+    /// `WS_DKV[i]` stages; larger: the default of the head size), `split` as for `V3`.
     Wg { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,
@@ -62,20 +63,29 @@ pub enum AttnImpl {
 
 /// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, ws, v2, simple; unset: auto), for
 /// before/after comparisons of whole training runs (v3 and wg: their default configurations; ws:
-/// wg with the first warp-specialised forward).
+/// wg with the first warp-specialised forward and dK/dV kernels; wg:F,Q,K: those configuration
+/// indices).
 fn attn_from_env() -> Result<AttnImpl> {
     parse_attn(&std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default())
 }
 
 fn parse_attn(v: &str) -> Result<AttnImpl> {
+    if let Some(ix) = v.strip_prefix("wg:") {
+        // explicit (fwd, dq, dkv) configuration indices, e.g. wg:3,0,3
+        let n: Vec<u8> = ix.split(',').map(|x| x.trim().parse::<u8>()).collect::<std::result::Result<_, _>>().unwrap_or_default();
+        return match n[..] {
+            [fwd, dq, dkv] => Ok(AttnImpl::Wg { fwd, dq, dkv, split: 0 }),
+            _ => Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected wg:FWD,DQ,DKV (three configuration indices), got {v:?}"))),
+        };
+    }
     Ok(match v {
         "" | "auto" => AttnImpl::Auto,
         "v3" => AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
         "wg" => AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
-        "ws" => AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 },
+        "ws" => AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8, dq: u8::MAX, dkv: ATTN4_CONFIGS as u8, split: 0 },
         "v2" => AttnImpl::MmaV2,
         "simple" => AttnImpl::Simple,
-        _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, ws, v2 or simple, got {v:?}"))),
+        _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, wg:F,Q,K, ws, v2 or simple, got {v:?}"))),
     })
 }
 
@@ -408,6 +418,8 @@ mod tests {
         // v3 / wg: indices past the tables select each head size's default configuration
         assert!(matches!(parse_attn("v3").unwrap(), AttnImpl::V3 { fwd, dq, dkv, split: 0 } if [fwd, dq, dkv].iter().all(|&i| i as usize >= ATTN3_CONFIGS)));
         assert!(matches!(parse_attn("wg").unwrap(), AttnImpl::Wg { fwd, dq, dkv, split: 0 } if [fwd, dq, dkv].iter().all(|&i| i as usize >= ATTN4_CONFIGS)));
+        assert_eq!(parse_attn("wg:3,0,5").unwrap(), AttnImpl::Wg { fwd: 3, dq: 0, dkv: 5, split: 0 });
+        assert!(parse_attn("wg:3,0").is_err() && parse_attn("wg:a,b,c").is_err());
         let e = parse_attn("flash").unwrap_err().to_string();
         assert!(e.contains("LLMQ_CUDA_ATTN") && e.contains("\"flash\""), "{e}");
     }

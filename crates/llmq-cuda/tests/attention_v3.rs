@@ -8,7 +8,7 @@ mod common;
 
 use common::{decode, encode, median_time, rand_tensor, Pair};
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory};
-use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS, ATTN_WS_CONFIGS, WS_FWD};
+use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, WS_DKV, WS_FWD};
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -182,10 +182,17 @@ fn attention_wg_against_cpu() {
             case(&mut p, s, AttnImpl::Wg { fwd: 0, dq: 0, dkv: 1, split });
         }
     }
-    // the warp-specialised forward (TMA, producer/consumer warpgroups)
+    // the warp-specialised forward and dK/dV kernels (TMA, producer/consumer warpgroups)
     for i in 0..ATTN_WS_CONFIGS as u8 {
         for &s in &shapes {
             case(&mut p, s, AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8 + i, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+        }
+    }
+    for i in 0..ATTN_WS_DKV_CONFIGS as u8 {
+        for split in [0, 3] {
+            for &s in &shapes {
+                case(&mut p, s, AttnImpl::Wg { fwd: u8::MAX, dq: 0, dkv: ATTN4_CONFIGS as u8 + i, split });
+            }
         }
     }
 }
@@ -224,6 +231,50 @@ fn attention_ws_forward_bitwise_equal_to_wg() {
                 let od = o.iter().zip(&ow).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                 let ld = l.iter().zip(&lw).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                 p.fail(format!("{s:?}: warp-specialised forward {wi} differs from wgmma forward {fi}: {od} outputs, {ld} lse values"));
+            }
+        }
+    }
+    assert!(checked > 0, "no configuration pair with equal tiles");
+}
+
+/// Likewise the warp-specialised dK/dV kernel against the wgmma one with two warpgroups and
+/// 64-query tiles (same iteration space, parts and arithmetic): bit-identical dqkv.
+#[test]
+fn attention_ws_dkv_bitwise_equal_to_wg() {
+    let Some(mut p) = Pair::new(37) else { return };
+    if !p.gpu.has_wgmma() {
+        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
+        return;
+    }
+    let mut shapes = AWKWARD.to_vec();
+    shapes.extend([shape(2, 1024, 14, 2, 64), shape(2, 1024, 12, 2, 128), shape(3, 1000, 8, 8, 128)]);
+    let mut checked = 0;
+    for &s in &shapes {
+        let (n, q) = (s.n(), s.qkv_width());
+        let qkv = p.rand(BF16, &[n, q], 2.0);
+        let dout = p.rand(BF16, &[n, s.out_width()], 1.0);
+        let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
+        let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
+        p.gpu.set_attention_impl(AttnImpl::Auto);
+        p.gpu.attention_fwd(&out, &lse, &qkv.g, s).unwrap();
+        let run = |p: &mut Pair, dkv: usize, split: u8| {
+            let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
+            p.gpu.set_attention_impl(AttnImpl::Wg { fwd: u8::MAX, dq: 0, dkv: dkv as u8, split });
+            p.gpu.attention_bwd(&dqkv, &dout.g, &qkv.g, &out, &lse, s).unwrap();
+            p.gpu.download(&dqkv).unwrap()
+        };
+        for (wi, &st) in WS_DKV.iter().enumerate() {
+            let want_cfg = llmq_cuda::Attn4Cfg { tile: 64, wgs: 2, stages: st };
+            let Some(ki) = (0..ATTN4_CONFIGS).find(|&i| attn4_configs(s.hd, i).2 == want_cfg) else { continue };
+            for split in [0u8, 2] {
+                let want = run(&mut p, ki, split);
+                let got = run(&mut p, ATTN4_CONFIGS + wi, split);
+                checked += 1;
+                if got != want {
+                    let (g, w) = (decode(BF16, &got), decode(BF16, &want));
+                    let d = g.iter().zip(&w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    p.fail(format!("{s:?} split {split}: warp-specialised dK/dV {wi} differs from wgmma dK/dV {ki} in {d} of {} values", g.len()));
+                }
             }
         }
     }
@@ -312,6 +363,17 @@ fn attention_v3_timings() {
             line(&g, format!("wgmma default {:?}", attn4_default(hd)), AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 });
             for (i, (bk, st)) in WS_FWD.iter().enumerate() {
                 line(&g, format!("warp-specialised fwd {i}: {bk} keys per tile, {st} stages"), AttnImpl::Wg { fwd: (ATTN4_CONFIGS + i) as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+            }
+            for (i, st) in WS_DKV.iter().enumerate() {
+                let imp = AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: (ATTN4_CONFIGS + i) as u8, split: 0 };
+                line(&g, format!("warp-specialised dK/dV {i}: {st} stages, dq default"), imp);
+                let mut row = format!("warp-specialised dK/dV {i}, bwd ms with dq 0..{ATTN4_CONFIGS}:");
+                for dq in 0..ATTN4_CONFIGS as u8 {
+                    g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq, dkv: (ATTN4_CONFIGS + i) as u8, split: 0 });
+                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    row.push_str(&format!(" {:.3}", tb * 1e3));
+                }
+                println!("{row}");
             }
             println!("wgmma bwd ms, dq config (rows) x dkv config (columns):");
             for i in 0..ATTN4_CONFIGS as u8 {
