@@ -296,23 +296,30 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
         const float* Dq = Lq + BQ;
         const bool active = q0 + BQ - 1 >= kwg0;  // warpgroup-uniform
         mbar_wait(full + st, ((it - lo) / ST) & 1);
-        // three turns per iteration: S^T; dP^T; dV and dK. Issuing dP^T only after P^T is
-        // computed keeps S^T, dP^T and P^T from being live at once, and dP^T reuses S^T's
+        // Hd 128: three turns per iteration: S^T; dP^T; dV and dK. Issuing dP^T only after P^T
+        // is computed keeps S^T, dP^T and P^T from being live at once, and dP^T reuses S^T's
         // accumulator array (as separate arrays ptxas kept both allocated: Hd 128 spilled at 240
         // registers and its wgmmas were serialised, C7512); the other warpgroup's products fill
-        // the tensor pipe meanwhile.
-        float s[NS];  // S^T, then dP^T
+        // the tensor pipe meanwhile. Hd 64 has the registers to issue S^T and dP^T together
+        // (JOINT: two turns).
+        constexpr bool JOINT = HD <= 64;
+        float s[NS], dp[NS];  // S^T (then dP^T unless JOINT), dP^T (JOINT)
         named_sync(my_turn, 256);
         if (active) {
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 64 * c), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
             wg_commit();
+            if constexpr (JOINT) {
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(dp, wg_desc_k(Vs, BKV, kk, 64 * c), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
+                wg_commit();
+            }
         }
         named_arrive(their_turn, 256);
         const bool diag = q0 < kw0 + 15;
         float pt[NS];  // P^T (not in s: C7515)
-        wg_wait<0>();
+        wg_wait<JOINT ? 1 : 0>();
         if (active) {
             wg_keep(s);
 #pragma unroll
@@ -333,20 +340,21 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
                 }
             }
         }
-        named_sync(my_turn, 256);
-        if (active) {
-            wg_fence();
+        if constexpr (!JOINT) {
+            named_sync(my_turn, 256);
+            if (active) {
+                wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Vs, BKV, kk, 64 * c), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
-            wg_commit();
+                for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Vs, BKV, kk, 64 * c), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
+                wg_commit();
+            }
+            named_arrive(their_turn, 256);
         }
-        named_arrive(their_turn, 256);
         wg_wait<0>();
         unsigned pa[NC][4], sa[NC][4];
-        if (active) {
-            wg_keep(s);
-            // dS^T = P^T o (dP^T - D), packed 16 queries at a time with P^T so that P^T, dP^T
-            // and dS^T die chunk by chunk (all three whole arrays spill Hd 128 at 240 registers)
+        // dS^T = P^T o (dP^T - D), packed 16 queries at a time with P^T so that P^T, dP^T and
+        // dS^T die chunk by chunk (all three whole arrays spill Hd 128 at 240 registers)
+        auto pack = [&](const float(&dpt)[NS]) {
 #pragma unroll
             for (int cc = 0; cc < NC; cc++) {
                 float p8[8], d8[8];
@@ -358,11 +366,20 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
                     for (int k = 0; k < 4; k++) {
                         const float D = (k & 1) ? Dw.y : Dw.x;
                         p8[4 * j + k] = pt[4 * nt + k];
-                        d8[4 * j + k] = pt[4 * nt + k] * (s[4 * nt + k] - D);
+                        d8[4 * j + k] = pt[4 * nt + k] * (dpt[4 * nt + k] - D);
                     }
                 }
                 wg_pack_a(pa[cc], p8, 0);
                 wg_pack_a(sa[cc], d8, 0);
+            }
+        };
+        if (active) {
+            if constexpr (JOINT) {
+                wg_keep(dp);
+                pack(dp);
+            } else {
+                wg_keep(s);
+                pack(s);
             }
         }
         named_sync(my_turn, 256);

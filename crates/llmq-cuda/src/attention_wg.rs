@@ -67,10 +67,14 @@ const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2,
 /// Warp-specialised forward (index 4 + i, eighth session, 2026-11-30, same test): Hd 64 0.132
 /// 0.143 0.143 against 0.127 for wgmma 3, which stays; Hd 128 0.155 0.162 0.161 against 0.199
 /// for wgmma 3: index 4 (128 keys per tile, 2 stages) is the Hd 128 default. Warp-specialised
-/// dK/dV (index 4 + i) with dq 0: Hd 64 0.425 0.423 against 0.410 for wgmma dkv 0, which stays;
-/// Hd 128 0.567 0.563 against 0.638: index 5 (3 stages) is the Hd 128 default. Whole 1.5B runs
-/// (B32, one micro-batch, alternating, same call): +1.0% bf16, +0.9% e4m3 against (3, 0, 3).
-const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, 0), (ATTN4_CONFIGS, 0, ATTN4_CONFIGS + 1)];
+/// dK/dV (index 4 + i) with dq 0: Hd 128 0.567 0.563 against 0.638 for wgmma dkv 3: index 5 (3
+/// stages) is the Hd 128 default; whole 1.5B runs (B32, one micro-batch, alternating, same call)
+/// +1.0% bf16, +0.9% e4m3 against (3, 0, 3), and (4, 0, 5) 0.2% ahead of (4, 0, 4). Hd 64 (S^T
+/// and dP^T issued in one turn) 0.407 0.407 against 0.410 for wgmma dkv 0, but whole 0.5B bf16
+/// runs (B64) gained 1.5-1.8% with index 4 (154.3k / 154.1k against 151.7k / 151.3k, 3 stages
+/// 152.4k / 152.5k): index 4 is the Hd 64 default. The warp-specialised forward for Hd 64 was no
+/// faster in whole runs either (152.2k / 152.9k against 153.6k / 152.5k).
+const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, ATTN4_CONFIGS), (ATTN4_CONFIGS, 0, ATTN4_CONFIGS + 1)];
 
 /// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
 pub fn attn4_configs(hd: usize, i: usize) -> (Attn4Cfg, Attn4Cfg, Attn4Cfg) {
