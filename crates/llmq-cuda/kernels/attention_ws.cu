@@ -16,7 +16,7 @@
 // GEMM runs on the tensor cores, the other computes its softmax. In attn4_fwd one block-wide
 // barrier per key block kept both warpgroups in step, so both ran their softmax at the same time
 // and the tensor pipe idled (Nsight Compute: ~30% busy, no eligible warp in 63% of cycles).
-// The dK/dV kernel (attn5_dkv, further down) is built the same way.
+// The dK/dV and dQ kernels (attn5_dkv, attn5_dq, further down) are built the same way.
 // Pitfalls: every named-barrier sync must meet exactly one arrival of the other warpgroup (the
 // second consumer makes the first arrival up front and skips its last one); a consumer that has
 // nothing to do for a key block (all its keys masked) still takes its turns and releases the
@@ -405,6 +405,182 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
     a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
                         *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv));
 }
+
+// dQ (and D): the structure of attn4_dq with two warpgroups and 64-key tiles (its arithmetic in
+// the same order, so bit-identical to it) with a producer warp and turn-taking consumers. Block:
+// 384 threads, 128 query rows of one head (64 per consumer); grid (ceil(T/128), Hq, B), late
+// (heavy) tiles first. The producer's first thread loads Q and dO once and the K/V tiles of each
+// key block into ST stages (TMA); meanwhile each consumer computes D = rowsum(dO o O) and L of
+// its 64 rows from global memory (into Dv for the dK/dV kernel, and shared memory). Two turns
+// per key block: S = Q K^T with dP = dO V^T, then dQ += dS K.
+// dyn smem (from a 1024-byte boundary): Q, dO ct [128][HD] + ST x (K, V) ct [64][HD] + L, D [128]
+// f32 + mbarriers.
+template <int HD, int ST>
+LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out,
+                       const float* lse, int T, int Hq, int Hkv) {
+    constexpr int BQ = 128, BK = 64, NS = BK / 2, NO = HD / 2;
+    constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
+    uint16_t* Qs = ct_align(llmq_dyn_smem);
+    uint16_t* Os = Qs + QT;
+    uint16_t* KV = Os + QT;  // [stage][K | V][KT]
+    float* Ls = (float*)(KV + 2 * ST * KT);
+    float* Ds = Ls + BQ;
+    unsigned long long* bars = (unsigned long long*)(Ds + BQ);
+    unsigned long long* qfull = bars;
+    unsigned long long* full = bars + 1;
+    unsigned long long* empty = bars + 1 + ST;
+    const int wg = __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0);  // warp-uniform for ptxas (C7518)
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kvh = h / (Hq / Hkv);
+    const int qb0 = qt * BQ;
+    const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
+    if (threadIdx.x == 0) {
+        mbar_init(qfull, 1);
+        for (int s = 0; s < ST; s++) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {  // producer
+        regs_dec<WS_PRODUCER_REGS>();
+        if (threadIdx.x != 0) return;
+        tma_prefetch_desc(mqkv);
+        tma_prefetch_desc(mdo);
+        mbar_expect_tx(qfull, 2 * QT * 2);
+#pragma unroll
+        for (int c = 0; c < HD / 64; c++)
+#pragma unroll
+            for (int r = 0; r < BQ / 64; r++) {
+                tma_load_3d(Qs + c * BQ * 64 + r * 64 * 64, mqkv, h * HD + 64 * c, qb0 + 64 * r, b, qfull);
+                tma_load_3d(Os + c * BQ * 64 + r * 64 * 64, mdo, h * HD + 64 * c, qb0 + 64 * r, b, qfull);
+            }
+        for (int kt = 0; kt < nkt; kt++) {
+            const int st = kt % ST;
+            if (kt >= ST) mbar_wait(empty + st, (kt / ST - 1) & 1);
+            mbar_expect_tx(full + st, 2 * KT * 2);
+            uint16_t* Ks = KV + 2 * st * KT;
+            ws_load_tile<HD, BK>(Ks, mqkv, (Hq + kvh) * HD, kt * BK, b, full + st);
+            ws_load_tile<HD, BK>(Ks + KT, mqkv, (Hq + Hkv + kvh) * HD, kt * BK, b, full + st);
+        }
+        return;
+    }
+    regs_inc<WS_CONSUMER_REGS>();
+    const int c = wg - 1;
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const int my_turn = 1 + c, their_turn = 2 - c;
+    // D = rowsum(dO o O) and L (log2 domain) of this warpgroup's rows, as attn4_dq (LPR lanes per
+    // row, partial dots added in a fixed butterfly order)
+    {
+        constexpr int LPR = HD / 8, RPW = 32 / LPR;
+        const int j = lane % LPR;
+        const long long Ow = (long long)Hq * HD;
+        for (int r = 64 * c + w * RPW + lane / LPR; r < 64 * c + 64; r += 4 * RPW) {
+            const int q = qb0 + r;
+            float dsum = 0.f;
+            if (q < T) {
+                const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
+                dsum = a3_dot8(((const uint4*)(dout + off))[j], ((const uint4*)(out + off))[j], 0.f);
+            }
+#pragma unroll
+            for (int m = LPR / 2; m > 0; m >>= 1) dsum += __shfl_xor_sync(0xFFFFFFFFu, dsum, m);
+            if (j == 0) {
+                float L = INFINITY;
+                if (q < T) {
+                    const long long li = ((long long)b * Hq + h) * T + q;
+                    Dv[li] = dsum;
+                    L = lse[li] * LOG2E;
+                }
+                Ls[r] = L;
+                Ds[r] = dsum;
+            }
+        }
+    }
+    named_sync(3 + c, 128);  // this warpgroup's L and D rows are in shared memory
+    const float sl2 = LOG2E / sqrtf((float)HD);
+    const int ra = 64 * c + 16 * w + g;  // this thread's rows: ra, ra + 8
+    const int q0 = qb0 + ra, q1 = q0 + 8;
+    const int wq_last = qb0 + 64 * c + 63;
+    const float L0 = Ls[ra], L1 = Ls[ra + 8], D0 = Ds[ra], D1 = Ds[ra + 8];
+    float dq[NO];
+#pragma unroll
+    for (int i = 0; i < NO; i++) dq[i] = 0.f;
+    mbar_wait(qfull, 0);
+    if (c == 1) named_arrive(1, 256);  // the first consumer issues first
+    for (int kt = 0; kt < nkt; kt++) {
+        const int st = kt % ST;
+        const uint16_t* Ks = KV + 2 * st * KT;
+        const uint16_t* Vs = Ks + KT;
+        const int k0 = kt * BK;
+        const bool active = k0 <= wq_last;  // warpgroup-uniform
+        mbar_wait(full + st, (kt / ST) & 1);
+        float s[NS], dp[NS];
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * c), wg_desc_k(Ks, BK, kk, 0), kk > 0);
+            wg_commit();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(dp, wg_desc_k(Os, BQ, kk, 64 * c), wg_desc_k(Vs, BK, kk, 0), kk > 0);
+            wg_commit();
+        }
+        named_arrive(their_turn, 256);
+        const bool diag = k0 + BK - 1 > qb0 + 64 * c + 16 * w;
+        float pd[NS];  // P, then dS (not in s: C7515)
+        wg_wait<1>();
+        if (active) {
+            wg_keep(s);
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L0)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L1));
+                    if (diag) {
+                        const int key = k0 + nt * 8 + 2 * t + e;
+                        if (key > q0) p0 = 0.f;
+                        if (key > q1) p1 = 0.f;
+                    }
+                    pd[4 * nt + e] = p0;
+                    pd[4 * nt + 2 + e] = p1;
+                }
+        }
+        wg_wait<0>();
+        unsigned af[BK / 16][4];
+        if (active) {
+            wg_keep(dp);
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    pd[4 * nt + e] *= dp[4 * nt + e] - D0;
+                    pd[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
+                }
+#pragma unroll
+            for (int cc = 0; cc < BK / 16; cc++) wg_pack_a(af[cc], pd, cc);
+        }
+        named_sync(my_turn, 256);
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int cc = 0; cc < BK / 16; cc++) wg_rs<HD, 1>(dq, af[cc], wg_desc_mn(Ks, BK, cc), 1);  // dQ += dS K
+            wg_commit();
+        }
+        if (c == 0 || kt + 1 < nkt) named_arrive(their_turn, 256);
+        wg_wait<0>();
+        wg_keep(dq);
+        if (active) wg_keep_frags(af);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + st);
+    }
+    const float scale = 1.0f / sqrtf((float)HD);
+    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
+    a3_each_pair<HD, 1>(qb0 + 64 * c + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int col, float x0, float x1) {
+        *(unsigned*)(qbase + (long long)q * Qw + col) = bf16x2_bits(x0 * scale, x1 * scale);
+    });
+}
 #define A5_BODY(call) call
 #else
 #define A5_BODY(call) __trap()
@@ -438,3 +614,16 @@ A5_DKV(64, 0, 2)
 A5_DKV(64, 1, 3)
 A5_DKV(128, 0, 2)
 A5_DKV(128, 1, 3)
+
+// llmq_attn5_dq_<HD>_<index>: keep in sync with WS_DQ in src/attention_wg.rs (index: stages).
+#define A5_DQ(HD, IDX, ST)                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
+        llmq_attn5_dq_##HD##_##IDX(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv,  \
+                                   float* Dv, const uint16_t* dout, const uint16_t* out, const float* lse, int T, int Hq,      \
+                                   int Hkv) {                                                                                \
+        A5_BODY((attn5_dq<HD, ST>(&mqkv, &mdo, dqkv, Dv, dout, out, lse, T, Hq, Hkv)));                                      \
+    }
+A5_DQ(64, 0, 2)
+A5_DQ(64, 1, 3)
+A5_DQ(128, 0, 2)
+A5_DQ(128, 1, 3)

@@ -32,6 +32,14 @@ pub const ATTN_WS_DKV_CONFIGS: usize = 2;
 /// 128 keys per block); must match kernels/attention_ws.cu.
 pub const WS_DKV: [usize; ATTN_WS_DKV_CONFIGS] = [2, 3];
 const WS_DKV_BQ: usize = 64;
+
+/// Configurations of the warp-specialised dQ kernel (`attn5_dq`: 128 queries per block, 64 keys
+/// per tile) per head size; `AttnImpl::Wg` dQ indices ATTN4_CONFIGS + i pick them.
+pub const ATTN_WS_DQ_CONFIGS: usize = 2;
+/// Stages of (K, V) tiles of each warp-specialised dQ configuration; must match attention_ws.cu.
+pub const WS_DQ: [usize; ATTN_WS_DQ_CONFIGS] = [2, 3];
+const WS_DQ_BQ: usize = 128;
+const WS_DQ_BK: usize = 64;
 const WS_DKV_BKV: usize = 128;
 
 /// Rows (queries for the forward and dQ, keys for dK/dV) per warpgroup (128 threads).
@@ -73,8 +81,11 @@ const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2,
 /// and dP^T issued in one turn) 0.407 0.407 against 0.410 for wgmma dkv 0, but whole 0.5B bf16
 /// runs (B64) gained 1.5-1.8% with index 4 (154.3k / 154.1k against 151.7k / 151.3k, 3 stages
 /// 152.4k / 152.5k): index 4 is the Hd 64 default. The warp-specialised forward for Hd 64 was no
-/// faster in whole runs either (152.2k / 152.9k against 153.6k / 152.5k).
-const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, ATTN4_CONFIGS), (ATTN4_CONFIGS, 0, ATTN4_CONFIGS + 1)];
+/// faster in whole runs either (152.2k / 152.9k against 153.6k / 152.5k). Warp-specialised dQ
+/// (index 4 + i): Hd 128 with dkv 5 0.521 / 0.522 against 0.566 (index 4 is the Hd 128 default;
+/// whole 1.5B bf16 runs 61,268 / 61,190 against 61,289 / 60,775: level); Hd 64 0.429-0.432
+/// against 0.411, and level in whole 0.5B runs: wgmma dq 0 stays.
+const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, ATTN4_CONFIGS), (ATTN4_CONFIGS, ATTN4_CONFIGS, ATTN4_CONFIGS + 1)];
 
 /// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
 pub fn attn4_configs(hd: usize, i: usize) -> (Attn4Cfg, Attn4Cfg, Attn4Cfg) {
@@ -90,6 +101,7 @@ pub(crate) struct Attn4Kernels {
     dkv: Table,
     ws_fwd: [[sys::CUfunction; ATTN_WS_CONFIGS]; 2],
     ws_dkv: [[sys::CUfunction; ATTN_WS_DKV_CONFIGS]; 2],
+    ws_dq: [[sys::CUfunction; ATTN_WS_DQ_CONFIGS]; 2],
     selftest: sys::CUfunction,
 }
 
@@ -112,6 +124,7 @@ impl Attn4Kernels {
             dkv: get("dkv")?,
             ws_fwd: load_ws(k, optin, "fwd")?,
             ws_dkv: load_ws(k, optin, "dkv")?,
+            ws_dq: load_ws(k, optin, "dq")?,
             selftest: k.function("llmq_wg_selftest")?,
         })
     }
@@ -143,6 +156,10 @@ fn ws_fwd_smem(hd: usize, (bk, st): (usize, usize)) -> usize {
 fn ws_dkv_smem(hd: usize, st: usize) -> usize {
     (2 * WS_DKV_BKV + 2 * st * WS_DKV_BQ) * hd * 2 + 2 * st * WS_DKV_BQ * 4 + 64 + 1024
 }
+/// Q, dO tiles, ST x (K, V) tiles, L and D rows, the mbarriers and the alignment room.
+fn ws_dq_smem(hd: usize, st: usize) -> usize {
+    (2 * WS_DQ_BQ + 2 * st * WS_DQ_BK) * hd * 2 + 2 * WS_DQ_BQ * 4 + 64 + 1024
+}
 fn dq_smem(hd: usize, c: Attn4Cfg) -> usize {
     let bq = ROWS * c.wgs;
     (2 * bq + 2 * c.stages * c.tile) * hd * 2 + 2 * bq * 4 + 1024
@@ -169,7 +186,7 @@ impl CudaBackend {
         match self.attn.get() {
             AttnImpl::Wg { fwd, dq, dkv, .. } => {
                 let pick = |i: u8, n: usize, d: usize| if (i as usize) < n { i as usize } else { d };
-                Some((pick(fwd, ATTN4_CONFIGS + ATTN_WS_CONFIGS, d.0), pick(dq, ATTN4_CONFIGS, d.1), pick(dkv, ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS, d.2)))
+                Some((pick(fwd, ATTN4_CONFIGS + ATTN_WS_CONFIGS, d.0), pick(dq, ATTN4_CONFIGS + ATTN_WS_DQ_CONFIGS, d.1), pick(dkv, ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS, d.2)))
             }
             AttnImpl::Auto => Some(d),
             _ => None,
@@ -216,8 +233,11 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, qi: usize, ki: usize) -> Result<bool> {
         let h = usize::from(s.hd != 64);
-        let cq = DQ[h][qi];
-        let sq = dq_smem(s.hd, cq);
+        // the dQ kernel (it also writes D): wgmma (qi < ATTN4_CONFIGS) or warp-specialised
+        let (bq, qthreads, sq) = match qi.checked_sub(ATTN4_CONFIGS) {
+            Some(wi) => (WS_DQ_BQ, 384, ws_dq_smem(s.hd, WS_DQ[wi])),
+            None => (ROWS * DQ[h][qi].wgs, 128 * DQ[h][qi].wgs, dq_smem(s.hd, DQ[h][qi])),
+        };
         // the dK/dV kernel: wgmma (ki < ATTN4_CONFIGS) or warp-specialised
         let (bkv, threads, sk) = match ki.checked_sub(ATTN4_CONFIGS) {
             Some(wi) => (WS_DKV_BKV, 384, ws_dkv_smem(s.hd, WS_DKV[wi])),
@@ -227,18 +247,27 @@ impl CudaBackend {
             return Ok(false);
         }
         let dims = || [Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
+        // both warp-specialised kernels read qkv and dout through 64-row boxes
+        let maps = || -> Result<[Arg; 2]> {
+            Ok([Arg::Bytes(tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), 64)?), Arg::Bytes(tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), 64)?)])
+        };
+        let qgrid = (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32);
         let [t, hq, hkv] = dims();
-        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv];
-        let bq = ROWS * cq.wgs;
-        self.attn3_launch(self.attn4.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cq.wgs, sq, &args)?;
+        if let Some(wi) = qi.checked_sub(ATTN4_CONFIGS) {
+            let [mqkv, mdo] = maps()?;
+            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv];
+            self.attn3_launch(self.attn4.ws_dq[h][wi], qgrid, qthreads, sq, &args)?;
+        } else {
+            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv];
+            self.attn3_launch(self.attn4.dq[h][qi], qgrid, qthreads, sq, &args)?;
+        }
         let split = self.dkv_split(&s, bkv);
         let part = dbuf + dkv_part_offset(&s) as u64;
         let grid = ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32);
         let [t, hq, hkv] = dims();
         if let Some(wi) = ki.checked_sub(ATTN4_CONFIGS) {
-            let mqkv = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_DKV_BQ)?;
-            let mdo = tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), WS_DKV_BQ)?;
-            let args = [Arg::Bytes(mqkv), Arg::Bytes(mdo), Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+            let [mqkv, mdo] = maps()?;
+            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
             self.attn3_launch(self.attn4.ws_dkv[h][wi], grid, threads, sk, &args)?;
         } else {
             let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];

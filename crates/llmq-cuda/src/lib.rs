@@ -30,7 +30,7 @@ use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, Mem
 use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
-pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, WS_DKV, WS_FWD};
+pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, ATTN_WS_DQ_CONFIGS, WS_DKV, WS_DQ, WS_FWD};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -52,8 +52,8 @@ pub enum AttnImpl {
     /// The kernels with warpgroup MMAs (wgmma; compute capability 9.0 only, elsewhere the v3
     /// defaults): configuration indices of the forward, dQ and dK/dV kernels (< `ATTN4_CONFIGS`,
     /// see `attn4_configs`; forward indices ATTN4_CONFIGS + i: the warp-specialised forward
-    /// `WS_FWD[i]`, dK/dV indices ATTN4_CONFIGS + i: the warp-specialised dK/dV kernel with
-    /// `WS_DKV[i]` stages; larger: the default of the head size), `split` as for `V3`.
+    /// `WS_FWD[i]`, dQ and dK/dV indices ATTN4_CONFIGS + i: the warp-specialised kernels with
+    /// `WS_DQ[i]` / `WS_DKV[i]` stages; larger: the default of the head size), `split` as for `V3`.
     Wg { fwd: u8, dq: u8, dkv: u8, split: u8 },
     /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
     MmaV2,

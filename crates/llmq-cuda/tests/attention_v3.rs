@@ -8,7 +8,7 @@ mod common;
 
 use common::{decode, encode, median_time, rand_tensor, Pair};
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory};
-use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, WS_DKV, WS_FWD};
+use llmq_cuda::{attn3_configs, attn3_default, attn3_dkv_split, attn4_configs, attn4_default, AttnImpl, CudaBackend, ATTN3_CONFIGS, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, ATTN_WS_DQ_CONFIGS, WS_DKV, WS_DQ, WS_FWD};
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -195,6 +195,11 @@ fn attention_wg_against_cpu() {
             }
         }
     }
+    for i in 0..ATTN_WS_DQ_CONFIGS as u8 {
+        for &s in &shapes {
+            case(&mut p, s, AttnImpl::Wg { fwd: u8::MAX, dq: ATTN4_CONFIGS as u8 + i, dkv: 0, split: 0 });
+        }
+    }
 }
 
 /// The warp-specialised forward does the wgmma forward's arithmetic in the same order, so for the
@@ -237,10 +242,10 @@ fn attention_ws_forward_bitwise_equal_to_wg() {
     assert!(checked > 0, "no configuration pair with equal tiles");
 }
 
-/// Likewise the warp-specialised dK/dV kernel against the wgmma one with two warpgroups and
-/// 64-query tiles (same iteration space, parts and arithmetic): bit-identical dqkv.
+/// Likewise the warp-specialised dK/dV and dQ kernels against the wgmma ones with two warpgroups
+/// and 64-row tiles (same iteration space, parts and arithmetic): bit-identical dqkv.
 #[test]
-fn attention_ws_dkv_bitwise_equal_to_wg() {
+fn attention_ws_backward_bitwise_equal_to_wg() {
     let Some(mut p) = Pair::new(37) else { return };
     if !p.gpu.has_wgmma() {
         println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
@@ -257,9 +262,9 @@ fn attention_ws_dkv_bitwise_equal_to_wg() {
         let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
         p.gpu.set_attention_impl(AttnImpl::Auto);
         p.gpu.attention_fwd(&out, &lse, &qkv.g, s).unwrap();
-        let run = |p: &mut Pair, dkv: usize, split: u8| {
+        let run = |p: &mut Pair, dq: usize, dkv: usize, split: u8| {
             let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
-            p.gpu.set_attention_impl(AttnImpl::Wg { fwd: u8::MAX, dq: 0, dkv: dkv as u8, split });
+            p.gpu.set_attention_impl(AttnImpl::Wg { fwd: u8::MAX, dq: dq as u8, dkv: dkv as u8, split });
             p.gpu.attention_bwd(&dqkv, &dout.g, &qkv.g, &out, &lse, s).unwrap();
             p.gpu.download(&dqkv).unwrap()
         };
@@ -267,14 +272,26 @@ fn attention_ws_dkv_bitwise_equal_to_wg() {
             let want_cfg = llmq_cuda::Attn4Cfg { tile: 64, wgs: 2, stages: st };
             let Some(ki) = (0..ATTN4_CONFIGS).find(|&i| attn4_configs(s.hd, i).2 == want_cfg) else { continue };
             for split in [0u8, 2] {
-                let want = run(&mut p, ki, split);
-                let got = run(&mut p, ATTN4_CONFIGS + wi, split);
+                let want = run(&mut p, 0, ki, split);
+                let got = run(&mut p, 0, ATTN4_CONFIGS + wi, split);
                 checked += 1;
                 if got != want {
                     let (g, w) = (decode(BF16, &got), decode(BF16, &want));
                     let d = g.iter().zip(&w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                     p.fail(format!("{s:?} split {split}: warp-specialised dK/dV {wi} differs from wgmma dK/dV {ki} in {d} of {} values", g.len()));
                 }
+            }
+        }
+        for (wi, &st) in WS_DQ.iter().enumerate() {
+            let want_cfg = llmq_cuda::Attn4Cfg { tile: 64, wgs: 2, stages: st };
+            let Some(qi) = (0..ATTN4_CONFIGS).find(|&i| attn4_configs(s.hd, i).1 == want_cfg) else { continue };
+            let want = run(&mut p, qi, 0, 0);
+            let got = run(&mut p, ATTN4_CONFIGS + wi, 0, 0);
+            checked += 1;
+            if got != want {
+                let (g, w) = (decode(BF16, &got), decode(BF16, &want));
+                let d = g.iter().zip(&w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                p.fail(format!("{s:?}: warp-specialised dQ {wi} differs from wgmma dQ {qi} in {d} of {} values", g.len()));
             }
         }
     }
@@ -363,6 +380,15 @@ fn attention_v3_timings() {
             line(&g, format!("wgmma default {:?}", attn4_default(hd)), AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 });
             for (i, (bk, st)) in WS_FWD.iter().enumerate() {
                 line(&g, format!("warp-specialised fwd {i}: {bk} keys per tile, {st} stages"), AttnImpl::Wg { fwd: (ATTN4_CONFIGS + i) as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 });
+            }
+            for (i, st) in WS_DQ.iter().enumerate() {
+                let mut row = format!("warp-specialised dQ {i} ({st} stages), bwd ms with dkv 0..{}:", ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS);
+                for dkv in 0..(ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS) as u8 {
+                    g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: (ATTN4_CONFIGS + i) as u8, dkv, split: 0 });
+                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    row.push_str(&format!(" {:.3}", tb * 1e3));
+                }
+                println!("{row}");
             }
             for (i, st) in WS_DKV.iter().enumerate() {
                 let imp = AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: (ATTN4_CONFIGS + i) as u8, split: 0 };
