@@ -123,6 +123,222 @@ LLMQ_DEV void a4_acc_rs(float (&acc)[NA], const float (&p)[NP], const uint16_t* 
     }
 }
 
+// ---- Pieces shared by the wgmma kernels here and the warp-specialised ones (attention_ws.cu),
+// so that both do the same arithmetic in the same order (their outputs are bit-identical).
+
+// Online-softmax state of this thread's two rows in the forward kernels.
+struct A4Rows {
+    float mx0 = -INFINITY, mx1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+};
+
+// Key tile k0 (BK keys) of S (rows q0 = qw0 + g, q1 = q0 + 8; qw0 = the warp's first row): masks
+// the keys after each query, updates the running maxima and returns the log2-domain offsets mu
+// of the new maxima and the factors c that rescale the old sums and outputs.
+template <int BK, int NS>
+LLMQ_DEV void a4_fwd_max(float (&s)[NS], int k0, int qw0, int q0, int q1, int t, float sl2, A4Rows& r, float& mu0, float& mu1, float& c0,
+                         float& c1) {
+    if (k0 + BK - 1 > qw0) {  // diagonal tile: keys after the query are masked
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int key = k0 + nt * 8 + 2 * t + e;
+                if (key > q0) s[4 * nt + e] = -INFINITY;
+                if (key > q1) s[4 * nt + 2 + e] = -INFINITY;
+            }
+    }
+    float n0 = r.mx0, n1 = r.mx1;
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; nt++) {
+        n0 = fmaxf(n0, fmaxf(s[4 * nt], s[4 * nt + 1]));
+        n1 = fmaxf(n1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+    }
+    n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 1));
+    n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 2));
+    n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 1));
+    n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 2));
+    mu0 = n0 == -INFINITY ? 0.f : n0 * sl2;
+    mu1 = n1 == -INFINITY ? 0.f : n1 * sl2;
+    c0 = ex2_ftz(fmaf(r.mx0, sl2, -mu0));
+    c1 = ex2_ftz(fmaf(r.mx1, sl2, -mu1));
+    r.mx0 = n0;
+    r.mx1 = n1;
+}
+
+// P = 2^(S sl2 - mu) for the eight scores of k-step cc (keys 16 cc .. 16 cc + 15) in the order of
+// an A fragment (wg_pack_a), adding them to the row sums in key order.
+template <int NS>
+LLMQ_DEV void a4_fwd_p8(float (&p8)[8], const float (&s)[NS], int cc, float sl2, float mu0, float mu1, float& ls0, float& ls1) {
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int nt = 2 * cc + j;
+        p8[4 * j] = ex2_ftz(fmaf(s[4 * nt], sl2, -mu0));
+        p8[4 * j + 1] = ex2_ftz(fmaf(s[4 * nt + 1], sl2, -mu0));
+        p8[4 * j + 2] = ex2_ftz(fmaf(s[4 * nt + 2], sl2, -mu1));
+        p8[4 * j + 3] = ex2_ftz(fmaf(s[4 * nt + 3], sl2, -mu1));
+        ls0 += p8[4 * j] + p8[4 * j + 1];
+        ls1 += p8[4 * j + 2] + p8[4 * j + 3];
+    }
+}
+
+// The sums and outputs rescaled to the new maxima, plus this tile's row sums.
+template <int NO>
+LLMQ_DEV void a4_fwd_rescale(float (&o)[NO], A4Rows& r, float c0, float c1, float ls0, float ls1) {
+    r.l0 = fmaf(r.l0, c0, ls0);
+    r.l1 = fmaf(r.l1, c1, ls1);
+#pragma unroll
+    for (int i = 0; i < NO / 4; i++) {
+        o[4 * i] *= c0;
+        o[4 * i + 1] *= c0;
+        o[4 * i + 2] *= c1;
+        o[4 * i + 3] *= c1;
+    }
+}
+
+// Epilogue of the forward kernels: O / l in bf16 and lse of rows q0, q1 (those < T).
+template <int HD, int NO>
+LLMQ_DEV void a4_fwd_store(uint16_t* out, float* lse, const float (&o)[NO], A4Rows r, float sl2, int q0, int q1, int t, int T, int Hq, int b,
+                           int h) {
+    const long long ostride = (long long)Hq * HD;
+    uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
+    float* lrow = lse + ((long long)b * Hq + h) * T;
+    r.l0 += __shfl_xor_sync(0xFFFFFFFFu, r.l0, 1);
+    r.l0 += __shfl_xor_sync(0xFFFFFFFFu, r.l0, 2);
+    r.l1 += __shfl_xor_sync(0xFFFFFFFFu, r.l1, 1);
+    r.l1 += __shfl_xor_sync(0xFFFFFFFFu, r.l1, 2);
+    const float inv0 = 1.0f / r.l0, inv1 = 1.0f / r.l1;
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        const int c = i * 8 + 2 * t;
+        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + c) = bf16x2_bits(o[4 * i] * inv0, o[4 * i + 1] * inv0);
+        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + c) = bf16x2_bits(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+    }
+    if (t == 0) {
+        if (q0 < T) lrow[q0] = (r.mx0 * sl2 + log2f(r.l0)) / LOG2E;
+        if (q1 < T) lrow[q1] = (r.mx1 * sl2 + log2f(r.l1)) / LOG2E;
+    }
+}
+
+// dQ kernels: D = rowsum(dO o O) and L (log2 domain) of rows r0, r0 + step, .. < r1 of the query
+// tile at qb0, one row per LPR = HD / 8 lanes (coalesced 16-byte chunks, partial dots added in a
+// fixed butterfly order); D also into Dv for the dK/dV kernel. Rows past T: D = 0, L = inf.
+template <int HD>
+LLMQ_DEV void a4_dq_rowstats(float* Ls, float* Ds, float* Dv, const uint16_t* dout, const uint16_t* out, const float* lse, int r0, int r1,
+                             int step, int qb0, int T, int Hq, int b, int h) {
+    constexpr int LPR = HD / 8;
+    const int lane = threadIdx.x & 31, j = lane % LPR;
+    const long long Ow = (long long)Hq * HD;
+    for (int r = r0; r < r1; r += step) {
+        const int q = qb0 + r;
+        float dsum = 0.f;
+        if (q < T) {
+            const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
+            dsum = a3_dot8(((const uint4*)(dout + off))[j], ((const uint4*)(out + off))[j], 0.f);
+        }
+#pragma unroll
+        for (int m = LPR / 2; m > 0; m >>= 1) dsum += __shfl_xor_sync(0xFFFFFFFFu, dsum, m);
+        if (j == 0) {
+            float L = INFINITY;
+            if (q < T) {
+                const long long li = ((long long)b * Hq + h) * T + q;
+                Dv[li] = dsum;
+                L = lse[li] * LOG2E;
+            }
+            Ls[r] = L;
+            Ds[r] = dsum;
+        }
+    }
+}
+
+// dQ kernels: P of key tile k0 (BK keys) for rows q0, q1 into pd (keys after the query: 0).
+template <int BK, int NS>
+LLMQ_DEV void a4_dq_p(float (&pd)[NS], const float (&s)[NS], int k0, int q0, int q1, int t, float sl2, float L0, float L1, bool diag) {
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L0)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L1));
+            if (diag) {
+                const int key = k0 + nt * 8 + 2 * t + e;
+                if (key > q0) p0 = 0.f;
+                if (key > q1) p1 = 0.f;
+            }
+            pd[4 * nt + e] = p0;
+            pd[4 * nt + 2 + e] = p1;
+        }
+}
+
+// dQ kernels: dS = P o (dP - D) in place of P.
+template <int NS>
+LLMQ_DEV void a4_dq_ds(float (&pd)[NS], const float (&dp)[NS], float D0, float D1) {
+#pragma unroll
+    for (int nt = 0; nt < NS / 4; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            pd[4 * nt + e] *= dp[4 * nt + e] - D0;
+            pd[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
+        }
+}
+
+// dQ kernels' epilogue: dQ (scaled by 1/sqrt(Hd)) in bf16 into dqkv, rows from this warp's
+// first row qw0 (those < T).
+template <int HD, int NO>
+LLMQ_DEV void a4_dq_store(uint16_t* dqkv, const float (&dq)[NO], int qw0, int g, int t, int T, int Hq, int Hkv, int b, int h) {
+    const float scale = 1.0f / sqrtf((float)HD);
+    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
+    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
+    a3_each_pair<HD, 1>(qw0, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
+        *(unsigned*)(qbase + (long long)q * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale);
+    });
+}
+
+// dK/dV kernels: P^T of query tile q0 (BQ queries, lse in Lq) for this thread's keys kw0 + g and
+// kw0 + g + 8 (keys after the query: 0).
+template <int BQ, int NS>
+LLMQ_DEV void a4_dkv_pt(float (&pt)[NS], const float (&s)[NS], const float* Lq, int q0, int kw0, int g, int t, float sl2, bool diag) {
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; nt++) {
+        const int qc = nt * 8 + 2 * t;
+        const float2 Lv = *(const float2*)(Lq + qc);
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const float L = (e ? Lv.y : Lv.x) * LOG2E;
+            const int qi = q0 + qc + e;
+            float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L));
+            if (diag) {
+                if (kw0 + g > qi) p0 = 0.f;
+                if (kw0 + g + 8 > qi) p1 = 0.f;
+            }
+            pt[4 * nt + e] = p0;
+            pt[4 * nt + 2 + e] = p1;
+        }
+    }
+}
+
+// dK/dV kernels: dS^T = P^T o (dP^T - D) (D of the tile's queries in Dq), packed with P^T into
+// the A fragments of the dK and dV products 16 queries at a time, so that P^T, dP^T and dS^T die
+// chunk by chunk (as whole arrays they spilled Hd 128 at 240 registers).
+template <int NS, int NC>
+LLMQ_DEV void a4_dkv_pack(unsigned (&pa)[NC][4], unsigned (&sa)[NC][4], const float (&pt)[NS], const float (&dpt)[NS], const float* Dq, int t) {
+#pragma unroll
+    for (int cc = 0; cc < NC; cc++) {
+        float p8[8], d8[8];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int nt = 2 * cc + j;
+            const float2 Dw = *(const float2*)(Dq + nt * 8 + 2 * t);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float D = (k & 1) ? Dw.y : Dw.x;
+                p8[4 * j + k] = pt[4 * nt + k];
+                d8[4 * j + k] = pt[4 * nt + k] * (dpt[4 * nt + k] - D);
+            }
+        }
+        wg_pack_a(pa[cc], p8, 0);
+        wg_pack_a(sa[cc], d8, 0);
+    }
+}
+
 // dQ (and D). Block: NWG warpgroups x 64 query rows of one head (BQ); grid (ceil(T/BQ), Hq, B),
 // late (heavy) tiles first; the K/V tiles are shared by the warpgroups. ST stages of K/V tiles
 // in flight. dyn smem (from a 1024-byte boundary): Q, dO ct [BQ][HD] + ST x (K, V) ct [BK][HD] (bf16) + L,
@@ -154,32 +370,10 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     auto load_kv = [&](int kt) { a4_load_kv<HD, BK, NTH, ST>(KV, seq, Qw, kt, nkt, T, Hq, Hkv, kvh); };
 #pragma unroll
     for (int i = 0; i < PD; i++) load_kv(i);  // the Q/dO copies join the first group
-    // D = rowsum(dO o O) and L (log2 domain) of the block's rows, while the copies run: LPR
-    // lanes per row read its 16-byte chunks side by side (coalesced) and add their partial dots
-    // in a fixed butterfly order.
+    // D and L of the block's rows while the copies run
     {
         constexpr int LPR = HD / 8, RPW = 32 / LPR;
-        const int j = lane % LPR;
-        for (int r = (threadIdx.x >> 5) * RPW + lane / LPR; r < BQ; r += (NTH / 32) * RPW) {
-            const int q = qb0 + r;
-            float dsum = 0.f;
-            if (q < T) {
-                const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
-                dsum = a3_dot8(((const uint4*)(dout + off))[j], ((const uint4*)(out + off))[j], 0.f);
-            }
-#pragma unroll
-            for (int m = LPR / 2; m > 0; m >>= 1) dsum += __shfl_xor_sync(0xFFFFFFFFu, dsum, m);
-            if (j == 0) {
-                float L = INFINITY;
-                if (q < T) {
-                    const long long li = ((long long)b * Hq + h) * T + q;
-                    Dv[li] = dsum;
-                    L = lse[li] * LOG2E;
-                }
-                Ls[r] = L;
-                Ds[r] = dsum;
-            }
-        }
+        a4_dq_rowstats<HD>(Ls, Ds, Dv, dout, out, lse, (threadIdx.x >> 5) * RPW + lane / LPR, BQ, (NTH / 32) * RPW, qb0, T, Hq, b, h);
     }
     const float sl2 = LOG2E / sqrtf((float)HD);
     const int ra = 64 * wg + 16 * w + g;  // this thread's rows: ra, ra + 8
@@ -196,12 +390,8 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
         float s[NS], dp[NS];
         if (active) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * wg), wg_desc_k(Ks, BK, kk, 0), kk > 0);
-            wg_commit();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(dp, wg_desc_k(Os, BQ, kk, 64 * wg), wg_desc_k(Vs, BK, kk, 0), kk > 0);
-            wg_commit();
+            wg_gemm_kmajor<HD, BK>(s, Qs, BQ, 64 * wg, Ks);
+            wg_gemm_kmajor<HD, BK>(dp, Os, BQ, 64 * wg, Vs);
         }
         load_kv(kt + PD);  // into a stage every warp has finished with (see PD)
         if (!active) {
@@ -213,38 +403,16 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
         wg_keep(s);
         const bool diag = k0 + BK - 1 > qb0 + 64 * wg + 16 * w;
         float pd[NS];  // P, then dS (not in s: see the pitfalls above)
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L0)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L1));
-                if (diag) {
-                    const int key = k0 + nt * 8 + 2 * t + e;
-                    if (key > q0) p0 = 0.f;
-                    if (key > q1) p1 = 0.f;
-                }
-                pd[4 * nt + e] = p0;
-                pd[4 * nt + 2 + e] = p1;
-            }
+        a4_dq_p<BK>(pd, s, k0, q0, q1, t, sl2, L0, L1, diag);
         wg_wait<0>();
         wg_keep(dp);
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                pd[4 * nt + e] *= dp[4 * nt + e] - D0;
-                pd[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
-            }
+        a4_dq_ds(pd, dp, D0, D1);
         a4_acc_rs<HD, BK, DEFER>(dq, pd, Ks);  // dQ += dS K (deferred: completes under the next S and dP, wg_wait<1> there)
     }
     wg_wait<0>();
     wg_keep(dq);
     cp_async_wait<0>();
-    const float scale = 1.0f / sqrtf((float)HD);
-    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
-    a3_each_pair<HD, 1>(qb0 + 64 * wg + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
-        *(unsigned*)(qbase + (long long)q * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale);
-    });
+    a4_dq_store<HD>(dqkv, dq, qb0 + 64 * wg + 16 * w, g, t, T, Hq, Hkv, b, h);
 }
 
 // Forward (online softmax, as attn3_fwd). Block: NWG warpgroups x 64 query rows of one head;
@@ -279,7 +447,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
     float o[NO];
 #pragma unroll
     for (int i = 0; i < NO; i++) o[i] = 0.f;
-    float mx0 = -INFINITY, mx1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    A4Rows rows;
     for (int kt = 0; kt < nkt; kt++) {
         const uint16_t* Ks = a4_kv_ready<HD, BK, ST, PD>(KV, kt);
         const uint16_t* Vs = Ks + KT;
@@ -288,9 +456,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
         float s[NS];
         if (active) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * wg), wg_desc_k(Ks, BK, kk, 0), kk > 0);
-            wg_commit();
+            wg_gemm_kmajor<HD, BK>(s, Qs, BQ, 64 * wg, Ks);
         }
         load_kv(kt + PD);
         if (!active) {
@@ -300,72 +466,22 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
         wg_wait<0>();
         wg_keep(s);
         wg_keep(o);
-        if (k0 + BK - 1 > qw0) {  // diagonal tile: keys after the query are masked
+        float mu0, mu1, c0, c1, ls0 = 0.f, ls1 = 0.f;
+        a4_fwd_max<BK>(s, k0, qw0, q0, q1, t, sl2, rows, mu0, mu1, c0, c1);
 #pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++)
+        for (int cc = 0; cc < BK / 16; cc++) {  // P into S in place (see the header)
+            float p8[8];
+            a4_fwd_p8(p8, s, cc, sl2, mu0, mu1, ls0, ls1);
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int key = k0 + nt * 8 + 2 * t + e;
-                    if (key > q0) s[4 * nt + e] = -INFINITY;
-                    if (key > q1) s[4 * nt + 2 + e] = -INFINITY;
-                }
+            for (int k = 0; k < 8; k++) s[8 * cc + k] = p8[k];
         }
-        float n0 = mx0, n1 = mx1;
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-            n0 = fmaxf(n0, fmaxf(s[4 * nt], s[4 * nt + 1]));
-            n1 = fmaxf(n1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
-        }
-        n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 1));
-        n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 2));
-        n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 1));
-        n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 2));
-        const float mu0 = n0 == -INFINITY ? 0.f : n0 * sl2, mu1 = n1 == -INFINITY ? 0.f : n1 * sl2;
-        const float c0 = ex2_ftz(fmaf(mx0, sl2, -mu0)), c1 = ex2_ftz(fmaf(mx1, sl2, -mu1));
-        mx0 = n0;
-        mx1 = n1;
-        float ls0 = 0.f, ls1 = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-            s[4 * nt] = ex2_ftz(fmaf(s[4 * nt], sl2, -mu0));
-            s[4 * nt + 1] = ex2_ftz(fmaf(s[4 * nt + 1], sl2, -mu0));
-            s[4 * nt + 2] = ex2_ftz(fmaf(s[4 * nt + 2], sl2, -mu1));
-            s[4 * nt + 3] = ex2_ftz(fmaf(s[4 * nt + 3], sl2, -mu1));
-            ls0 += s[4 * nt] + s[4 * nt + 1];
-            ls1 += s[4 * nt + 2] + s[4 * nt + 3];
-        }
-        l0 = fmaf(l0, c0, ls0);
-        l1 = fmaf(l1, c1, ls1);
-#pragma unroll
-        for (int i = 0; i < NO / 4; i++) {
-            o[4 * i] *= c0;
-            o[4 * i + 1] *= c0;
-            o[4 * i + 2] *= c1;
-            o[4 * i + 3] *= c1;
-        }
+        a4_fwd_rescale(o, rows, c0, c1, ls0, ls1);
         a4_acc_rs<HD, BK, DEFER>(o, s, Vs);  // O += P V
     }
     wg_wait<0>();
     wg_keep(o);
     cp_async_wait<0>();
-    const long long ostride = (long long)Hq * HD;
-    uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
-    float* lrow = lse + ((long long)b * Hq + h) * T;
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 1);
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 2);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 1);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 2);
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-#pragma unroll
-    for (int i = 0; i < HD / 8; i++) {
-        const int c = i * 8 + 2 * t;
-        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + c) = bf16x2_bits(o[4 * i] * inv0, o[4 * i + 1] * inv0);
-        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + c) = bf16x2_bits(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
-    }
-    if (t == 0) {
-        if (q0 < T) lrow[q0] = (mx0 * sl2 + log2f(l0)) / LOG2E;
-        if (q1 < T) lrow[q1] = (mx1 * sl2 + log2f(l1)) / LOG2E;
-    }
+    a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h);
 }
 
 // dK, dV. Block: NWG warpgroups x 64 keys of one kv head (BKV); grid (ceil(T/BKV) * S, Hkv, B),
@@ -435,12 +551,8 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
         float s[NS], dp[NS];
         if (active) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 64 * wg), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
-            wg_commit();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(dp, wg_desc_k(Vs, BKV, kk, 64 * wg), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
-            wg_commit();
+            wg_gemm_kmajor<HD, BQ>(s, Ks, BKV, 64 * wg, Qs);  // S^T = K Q^T
+            wg_gemm_kmajor<HD, BQ>(dp, Vs, BKV, 64 * wg, Os);  // dP^T = V dO^T
         }
         load_q(it + PD);  // into a stage every warp has finished with (see PD)
         if (!active) {
@@ -451,42 +563,11 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
         wg_keep(s);
         const bool diag = q0 < kw0 + 15;
         float pt[NS];  // P^T (not in s: see the pitfalls above)
-#pragma unroll
-        for (int nt = 0; nt < BQ / 8; nt++) {
-            const int qc = nt * 8 + 2 * t;
-            const float2 Lv = *(const float2*)(Lq + qc);
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const float L = (e ? Lv.y : Lv.x) * LOG2E;
-                const int qi = q0 + qc + e;
-                float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L));
-                if (diag) {
-                    if (kw0 + g > qi) p0 = 0.f;
-                    if (kw0 + g + 8 > qi) p1 = 0.f;
-                }
-                pt[4 * nt + e] = p0;
-                pt[4 * nt + 2 + e] = p1;
-            }
-        }
+        a4_dkv_pt<BQ>(pt, s, Lq, q0, kw0, g, t, sl2, diag);
         wg_wait<0>();
         wg_keep(dp);
-        float dst[NS];  // dS^T (not in dp)
-#pragma unroll
-        for (int nt = 0; nt < BQ / 8; nt++) {
-            const float2 Dw = *(const float2*)(Dq + nt * 8 + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const float D = e ? Dw.y : Dw.x;
-                dst[4 * nt + e] = pt[4 * nt + e] * (dp[4 * nt + e] - D);
-                dst[4 * nt + 2 + e] = pt[4 * nt + 2 + e] * (dp[4 * nt + 2 + e] - D);
-            }
-        }
         unsigned pa[BQ / 16][4], sa[BQ / 16][4];
-#pragma unroll
-        for (int c = 0; c < BQ / 16; c++) {
-            wg_pack_a(pa[c], pt, c);
-            wg_pack_a(sa[c], dst, c);
-        }
+        a4_dkv_pack(pa, sa, pt, dp, Dq, t);
         wg_fence();
 #pragma unroll
         for (int c = 0; c < BQ / 16; c++) wg_rs<HD, 1>(dv, pa[c], wg_desc_mn(Os, BQ, c), 1);  // dV += P^T dO

@@ -40,47 +40,95 @@ LLMQ_DEV void ws_load_tile(uint16_t* dst, const TmaDesc* map, int col, int row, 
     for (int c = 0; c < HD / 64; c++) tma_load_3d(dst + c * R * 64, map, col + 64 * c, row, b, bar);
 }
 
+// The mbarriers of a block, at `p` (8-byte aligned): `once` for the tiles loaded once (one TMA
+// arrival), ST "full" barriers (full_count arrivals each) and ST "empty" ones (one arrival per
+// consumer warp). init: thread 0 initialises them, then the block barrier makes them visible.
+template <int ST>
+struct WsBars {
+    unsigned long long *once, *full, *empty;
+    LLMQ_DEV explicit WsBars(void* p) : once((unsigned long long*)p), full(once + 1), empty(once + 1 + ST) {}
+    LLMQ_DEV void init(unsigned full_count) const {
+        if (threadIdx.x == 0) {
+            mbar_init(once, 1);
+            for (int s = 0; s < ST; s++) {
+                mbar_init(full + s, full_count);
+                mbar_init(empty + s, 8);
+            }
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        }
+        __syncthreads();
+    }
+};
+
+// The producer warpgroup gives up registers; true for its first `n` threads, which go on to load
+// (the others return).
+template <int REGS>
+LLMQ_DEV bool ws_producer(int n) {
+    regs_dec<REGS>();
+    return threadIdx.x < n;
+}
+
+// Producer loop of the kernels that stream key blocks (forward, dQ): the K and V tiles of key
+// block kt into stage kt % ST, after the consumers have released that stage.
+template <int HD, int BK, int ST>
+LLMQ_DEV void ws_produce_kv(uint16_t* KV, const TmaDesc* map, unsigned long long* full, unsigned long long* empty, int nkt, int Hq, int Hkv,
+                            int kvh, int b) {
+    constexpr int KT = ct_elems(BK, HD);
+    for (int kt = 0; kt < nkt; kt++) {
+        const int st = kt % ST;
+        if (kt >= ST) mbar_wait(empty + st, (kt / ST - 1) & 1);
+        mbar_expect_tx(full + st, 2 * KT * 2);
+        uint16_t* Ks = KV + 2 * st * KT;
+        ws_load_tile<HD, BK>(Ks, map, (Hq + kvh) * HD, kt * BK, b, full + st);
+        ws_load_tile<HD, BK>(Ks + KT, map, (Hq + Hkv + kvh) * HD, kt * BK, b, full + st);
+    }
+}
+
+// The warpgroup index, through a shuffle so that ptxas knows it is warp-uniform (else it treats
+// the consumer path as divergent and serialises every wgmma: advisory C7518).
+LLMQ_DEV int ws_warpgroup() { return __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0); }
+
+// Coordinates of a block that owns query tile qt (BQ rows) of head h in sequence b and streams
+// the nkt key blocks (BK keys) up to its last row; late (heavy) tiles first.
+struct WsQTile {
+    int qt, h, b, kvh, qb0, nkt;
+};
+template <int BQ, int BK>
+LLMQ_DEV WsQTile ws_qtile(int T, int Hq, int Hkv) {
+    WsQTile q;
+    q.qt = gridDim.x - 1 - blockIdx.x;
+    q.h = blockIdx.y;
+    q.b = blockIdx.z;
+    q.kvh = q.h / (Hq / Hkv);
+    q.qb0 = q.qt * BQ;
+    q.nkt = (min(T, q.qb0 + BQ) - 1) / BK + 1;
+    return q;
+}
+
+// Consumer side of a stage: this warp's arrival on its "empty" barrier.
+LLMQ_DEV void ws_release(unsigned long long* empty) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(empty);
+}
+
 template <int HD, int BK, int ST>
 LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, float* lse, int T, int Hq, int Hkv) {
     constexpr int BQ = 128, NS = BK / 2, NO = HD / 2, NC = BK / 16;
     constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
     uint16_t* Qs = ct_align(llmq_dyn_smem);
     uint16_t* KV = Qs + QT;  // [stage][K | V][KT]
-    unsigned long long* bars = (unsigned long long*)(KV + 2 * ST * KT);
-    unsigned long long* qfull = bars;
-    unsigned long long* full = bars + 1;
-    unsigned long long* empty = bars + 1 + ST;
-    // through a shuffle, so that ptxas knows it is warp-uniform (else it treats the consumer path
-    // as divergent and serialises every wgmma: advisory C7518)
-    const int wg = __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0);
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int kvh = h / (Hq / Hkv);
-    const int qb0 = qt * BQ;
-    const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
-    if (threadIdx.x == 0) {
-        mbar_init(qfull, 1);
-        for (int s = 0; s < ST; s++) {
-            mbar_init(full + s, 1);
-            mbar_init(empty + s, 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-    if (wg == 0) {  // producer
-        regs_dec<WS_PRODUCER_REGS>();
-        if (threadIdx.x != 0) return;
+    const WsBars<ST> bar(KV + 2 * ST * KT);
+    unsigned long long *qfull = bar.once, *full = bar.full, *empty = bar.empty;
+    const int wg = ws_warpgroup();
+    const auto [qt, h, b, kvh, qb0, nkt] = ws_qtile<BQ, BK>(T, Hq, Hkv);
+    bar.init(1);
+    if (wg == 0) {
+        if (!ws_producer<WS_PRODUCER_REGS>(1)) return;
         tma_prefetch_desc(mq);
         tma_prefetch_desc(mkv);
         mbar_expect_tx(qfull, QT * 2);
         ws_load_tile<HD, BQ>(Qs, mq, h * HD, qb0, b, qfull);
-        for (int kt = 0; kt < nkt; kt++) {
-            const int st = kt % ST;
-            if (kt >= ST) mbar_wait(empty + st, (kt / ST - 1) & 1);
-            mbar_expect_tx(full + st, 2 * KT * 2);
-            uint16_t* Ks = KV + 2 * st * KT;
-            ws_load_tile<HD, BK>(Ks, mkv, (Hq + kvh) * HD, kt * BK, b, full + st);
-            ws_load_tile<HD, BK>(Ks + KT, mkv, (Hq + Hkv + kvh) * HD, kt * BK, b, full + st);
-        }
+        ws_produce_kv<HD, BK, ST>(KV, mkv, full, empty, nkt, Hq, Hkv, kvh, b);
         return;
     }
     regs_inc<WS_CONSUMER_REGS>();
@@ -94,7 +142,7 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
     float o[NO];
 #pragma unroll
     for (int i = 0; i < NO; i++) o[i] = 0.f;
-    float mx0 = -INFINITY, mx1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    A4Rows rows;
     mbar_wait(qfull, 0);
     if (c == 1) named_arrive(1, 256);  // the first consumer issues first
     for (int kt = 0; kt < nkt; kt++) {
@@ -108,64 +156,22 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
         named_sync(my_turn, 256);
         if (active) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * c), wg_desc_k(Ks, BK, kk, 0), kk > 0);
-            wg_commit();
+            wg_gemm_kmajor<HD, BK>(s, Qs, BQ, 64 * c, Ks);
         }
         named_arrive(their_turn, 256);
         unsigned pa[NC][4];
         wg_wait<0>();  // outside the branch: ptxas must see every GEMM result waited for
         if (active) {
             wg_keep(s);
-            if (k0 + BK - 1 > qw0) {  // diagonal tile: keys after the query are masked
+            float mu0, mu1, c0, c1, ls0 = 0.f, ls1 = 0.f;
+            a4_fwd_max<BK>(s, k0, qw0, q0, q1, t, sl2, rows, mu0, mu1, c0, c1);
 #pragma unroll
-                for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int key = k0 + nt * 8 + 2 * t + e;
-                        if (key > q0) s[4 * nt + e] = -INFINITY;
-                        if (key > q1) s[4 * nt + 2 + e] = -INFINITY;
-                    }
+            for (int cc = 0; cc < NC; cc++) {  // P in A fragments of its own (not in s: C7515)
+                float p8[8];
+                a4_fwd_p8(p8, s, cc, sl2, mu0, mu1, ls0, ls1);
+                wg_pack_a(pa[cc], p8, 0);
             }
-            float n0 = mx0, n1 = mx1;
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++) {
-                n0 = fmaxf(n0, fmaxf(s[4 * nt], s[4 * nt + 1]));
-                n1 = fmaxf(n1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
-            }
-            n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 1));
-            n0 = fmaxf(n0, __shfl_xor_sync(0xFFFFFFFFu, n0, 2));
-            n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 1));
-            n1 = fmaxf(n1, __shfl_xor_sync(0xFFFFFFFFu, n1, 2));
-            const float mu0 = n0 == -INFINITY ? 0.f : n0 * sl2, mu1 = n1 == -INFINITY ? 0.f : n1 * sl2;
-            const float c0 = ex2_ftz(fmaf(mx0, sl2, -mu0)), c1 = ex2_ftz(fmaf(mx1, sl2, -mu1));
-            mx0 = n0;
-            mx1 = n1;
-            float ls0 = 0.f, ls1 = 0.f;
-#pragma unroll
-            for (int cc = 0; cc < NC; cc++) {  // keys 16 cc .. 16 cc + 15: one A fragment
-                float p[8];
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const int nt = 2 * cc + j;
-                    p[4 * j] = ex2_ftz(fmaf(s[4 * nt], sl2, -mu0));
-                    p[4 * j + 1] = ex2_ftz(fmaf(s[4 * nt + 1], sl2, -mu0));
-                    p[4 * j + 2] = ex2_ftz(fmaf(s[4 * nt + 2], sl2, -mu1));
-                    p[4 * j + 3] = ex2_ftz(fmaf(s[4 * nt + 3], sl2, -mu1));
-                    ls0 += p[4 * j] + p[4 * j + 1];
-                    ls1 += p[4 * j + 2] + p[4 * j + 3];
-                }
-                wg_pack_a(pa[cc], p, 0);
-            }
-            l0 = fmaf(l0, c0, ls0);
-            l1 = fmaf(l1, c1, ls1);
-#pragma unroll
-            for (int i = 0; i < NO / 4; i++) {
-                o[4 * i] *= c0;
-                o[4 * i + 1] *= c0;
-                o[4 * i + 2] *= c1;
-                o[4 * i + 3] *= c1;
-            }
+            a4_fwd_rescale(o, rows, c0, c1, ls0, ls1);
         }
         named_sync(my_turn, 256);
         if (active) {
@@ -178,27 +184,9 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
         wg_wait<0>();
         wg_keep(o);
         if (active) wg_keep_frags(pa);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + st);
+        ws_release(empty + st);
     }
-    const long long ostride = (long long)Hq * HD;
-    uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
-    float* lrow = lse + ((long long)b * Hq + h) * T;
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 1);
-    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 2);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 1);
-    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 2);
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-#pragma unroll
-    for (int i = 0; i < HD / 8; i++) {
-        const int col = i * 8 + 2 * t;
-        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + col) = bf16x2_bits(o[4 * i] * inv0, o[4 * i + 1] * inv0);
-        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + col) = bf16x2_bits(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
-    }
-    if (t == 0) {
-        if (q0 < T) lrow[q0] = (mx0 * sl2 + log2f(l0)) / LOG2E;
-        if (q1 < T) lrow[q1] = (mx1 * sl2 + log2f(l1)) / LOG2E;
-    }
+    a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h);
 }
 
 // dK, dV: the structure of attn4_dkv (its iteration space, parts and epilogue, so the results are
@@ -218,26 +206,15 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
     uint16_t* Vs = Ks + KT;
     uint16_t* QO = Vs + KT;                  // [stage][Q | dO][QT]
     float* LD = (float*)(QO + 2 * ST * QT);  // [stage][L | D][BQ]
-    unsigned long long* bars = (unsigned long long*)(LD + 2 * ST * BQ);
-    unsigned long long* kvfull = bars;
-    unsigned long long* full = bars + 1;
-    unsigned long long* empty = bars + 1 + ST;
-    const int wg = __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0);  // warp-uniform for ptxas (C7518)
+    const WsBars<ST> bar(LD + 2 * ST * BQ);
+    unsigned long long *kvfull = bar.once, *full = bar.full, *empty = bar.empty;
+    const int wg = ws_warpgroup();
     const int lane = threadIdx.x & 31;
     const A3DkvSpace sp(BKV, BQ, S, T, Hq, Hkv);
     const int kb = sp.kb, kvh = sp.kvh, b = blockIdx.z, lo = sp.lo, hi = sp.hi;
-    if (threadIdx.x == 0) {
-        mbar_init(kvfull, 1);
-        for (int s = 0; s < ST; s++) {
-            mbar_init(full + s, 32);
-            mbar_init(empty + s, 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    bar.init(32);
     if (wg == 0) {  // producer: warp 0
-        regs_dec<WS_DKV_PRODUCER_REGS>();
-        if (threadIdx.x >= 32) return;
+        if (!ws_producer<WS_DKV_PRODUCER_REGS>(32)) return;
         if (lane == 0) {
             tma_prefetch_desc(mqkv);
             tma_prefetch_desc(mdo);
@@ -307,13 +284,9 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
         named_sync(my_turn, 256);
         if (active) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Ks, BKV, kk, 64 * c), wg_desc_k(Qs, BQ, kk, 0), kk > 0);  // S^T = K Q^T
-            wg_commit();
+            wg_gemm_kmajor<HD, BQ>(s, Ks, BKV, 64 * c, Qs);  // S^T = K Q^T
             if constexpr (JOINT) {
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(dp, wg_desc_k(Vs, BKV, kk, 64 * c), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
-                wg_commit();
+                wg_gemm_kmajor<HD, BQ>(dp, Vs, BKV, 64 * c, Os);  // dP^T = V dO^T
             }
         }
         named_arrive(their_turn, 256);
@@ -322,64 +295,25 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
         wg_wait<JOINT ? 1 : 0>();
         if (active) {
             wg_keep(s);
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt++) {
-                const int qc = nt * 8 + 2 * t;
-                const float2 Lv = *(const float2*)(Lq + qc);
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const float L = (e ? Lv.y : Lv.x) * LOG2E;
-                    const int qi = q0 + qc + e;
-                    float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L));
-                    if (diag) {
-                        if (kw0 + g > qi) p0 = 0.f;
-                        if (kw0 + g + 8 > qi) p1 = 0.f;
-                    }
-                    pt[4 * nt + e] = p0;
-                    pt[4 * nt + 2 + e] = p1;
-                }
-            }
+            a4_dkv_pt<BQ>(pt, s, Lq, q0, kw0, g, t, sl2, diag);
         }
         if constexpr (!JOINT) {
             named_sync(my_turn, 256);
             if (active) {
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HD / 16; kk++) wg_ss<BQ, 0>(s, wg_desc_k(Vs, BKV, kk, 64 * c), wg_desc_k(Os, BQ, kk, 0), kk > 0);  // dP^T = V dO^T
-                wg_commit();
+                wg_gemm_kmajor<HD, BQ>(s, Vs, BKV, 64 * c, Os);  // dP^T = V dO^T
             }
             named_arrive(their_turn, 256);
         }
         wg_wait<0>();
         unsigned pa[NC][4], sa[NC][4];
-        // dS^T = P^T o (dP^T - D), packed 16 queries at a time with P^T so that P^T, dP^T and
-        // dS^T die chunk by chunk (all three whole arrays spill Hd 128 at 240 registers)
-        auto pack = [&](const float(&dpt)[NS]) {
-#pragma unroll
-            for (int cc = 0; cc < NC; cc++) {
-                float p8[8], d8[8];
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    const int nt = 2 * cc + j;
-                    const float2 Dw = *(const float2*)(Dq + nt * 8 + 2 * t);
-#pragma unroll
-                    for (int k = 0; k < 4; k++) {
-                        const float D = (k & 1) ? Dw.y : Dw.x;
-                        p8[4 * j + k] = pt[4 * nt + k];
-                        d8[4 * j + k] = pt[4 * nt + k] * (dpt[4 * nt + k] - D);
-                    }
-                }
-                wg_pack_a(pa[cc], p8, 0);
-                wg_pack_a(sa[cc], d8, 0);
-            }
-        };
         if (active) {
             if constexpr (JOINT) {
                 wg_keep(dp);
-                pack(dp);
+                a4_dkv_pack(pa, sa, pt, dp, Dq, t);
             } else {
                 wg_keep(s);
-                pack(s);
+                a4_dkv_pack(pa, sa, pt, s, Dq, t);
             }
         }
         named_sync(my_turn, 256);
@@ -399,8 +333,7 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
             wg_keep_frags(pa);
             wg_keep_frags(sa);
         }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + st);
+        ws_release(empty + st);
     }
     a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
                         *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv));
@@ -425,27 +358,13 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
     uint16_t* KV = Os + QT;  // [stage][K | V][KT]
     float* Ls = (float*)(KV + 2 * ST * KT);
     float* Ds = Ls + BQ;
-    unsigned long long* bars = (unsigned long long*)(Ds + BQ);
-    unsigned long long* qfull = bars;
-    unsigned long long* full = bars + 1;
-    unsigned long long* empty = bars + 1 + ST;
-    const int wg = __shfl_sync(0xFFFFFFFFu, (int)(threadIdx.x >> 7), 0);  // warp-uniform for ptxas (C7518)
-    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int kvh = h / (Hq / Hkv);
-    const int qb0 = qt * BQ;
-    const int nkt = (min(T, qb0 + BQ) - 1) / BK + 1;
-    if (threadIdx.x == 0) {
-        mbar_init(qfull, 1);
-        for (int s = 0; s < ST; s++) {
-            mbar_init(full + s, 1);
-            mbar_init(empty + s, 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-    if (wg == 0) {  // producer
-        regs_dec<WS_PRODUCER_REGS>();
-        if (threadIdx.x != 0) return;
+    const WsBars<ST> bar(Ds + BQ);
+    unsigned long long *qfull = bar.once, *full = bar.full, *empty = bar.empty;
+    const int wg = ws_warpgroup();
+    const auto [qt, h, b, kvh, qb0, nkt] = ws_qtile<BQ, BK>(T, Hq, Hkv);
+    bar.init(1);
+    if (wg == 0) {
+        if (!ws_producer<WS_PRODUCER_REGS>(1)) return;
         tma_prefetch_desc(mqkv);
         tma_prefetch_desc(mdo);
         mbar_expect_tx(qfull, 2 * QT * 2);
@@ -456,46 +375,16 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
                 tma_load_3d(Qs + c * BQ * 64 + r * 64 * 64, mqkv, h * HD + 64 * c, qb0 + 64 * r, b, qfull);
                 tma_load_3d(Os + c * BQ * 64 + r * 64 * 64, mdo, h * HD + 64 * c, qb0 + 64 * r, b, qfull);
             }
-        for (int kt = 0; kt < nkt; kt++) {
-            const int st = kt % ST;
-            if (kt >= ST) mbar_wait(empty + st, (kt / ST - 1) & 1);
-            mbar_expect_tx(full + st, 2 * KT * 2);
-            uint16_t* Ks = KV + 2 * st * KT;
-            ws_load_tile<HD, BK>(Ks, mqkv, (Hq + kvh) * HD, kt * BK, b, full + st);
-            ws_load_tile<HD, BK>(Ks + KT, mqkv, (Hq + Hkv + kvh) * HD, kt * BK, b, full + st);
-        }
+        ws_produce_kv<HD, BK, ST>(KV, mqkv, full, empty, nkt, Hq, Hkv, kvh, b);
         return;
     }
     regs_inc<WS_CONSUMER_REGS>();
     const int c = wg - 1;
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
     const int my_turn = 1 + c, their_turn = 2 - c;
-    // D = rowsum(dO o O) and L (log2 domain) of this warpgroup's rows, as attn4_dq (LPR lanes per
-    // row, partial dots added in a fixed butterfly order)
-    {
+    {  // D and L of this warpgroup's rows
         constexpr int LPR = HD / 8, RPW = 32 / LPR;
-        const int j = lane % LPR;
-        const long long Ow = (long long)Hq * HD;
-        for (int r = 64 * c + w * RPW + lane / LPR; r < 64 * c + 64; r += 4 * RPW) {
-            const int q = qb0 + r;
-            float dsum = 0.f;
-            if (q < T) {
-                const long long off = ((long long)b * T + q) * Ow + (long long)h * HD;
-                dsum = a3_dot8(((const uint4*)(dout + off))[j], ((const uint4*)(out + off))[j], 0.f);
-            }
-#pragma unroll
-            for (int m = LPR / 2; m > 0; m >>= 1) dsum += __shfl_xor_sync(0xFFFFFFFFu, dsum, m);
-            if (j == 0) {
-                float L = INFINITY;
-                if (q < T) {
-                    const long long li = ((long long)b * Hq + h) * T + q;
-                    Dv[li] = dsum;
-                    L = lse[li] * LOG2E;
-                }
-                Ls[r] = L;
-                Ds[r] = dsum;
-            }
-        }
+        a4_dq_rowstats<HD>(Ls, Ds, Dv, dout, out, lse, 64 * c + w * RPW + lane / LPR, 64 * c + 64, 4 * RPW, qb0, T, Hq, b, h);
     }
     named_sync(3 + c, 128);  // this warpgroup's L and D rows are in shared memory
     const float sl2 = LOG2E / sqrtf((float)HD);
@@ -519,12 +408,8 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
         named_sync(my_turn, 256);
         if (active) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(s, wg_desc_k(Qs, BQ, kk, 64 * c), wg_desc_k(Ks, BK, kk, 0), kk > 0);
-            wg_commit();
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) wg_ss<BK, 0>(dp, wg_desc_k(Os, BQ, kk, 64 * c), wg_desc_k(Vs, BK, kk, 0), kk > 0);
-            wg_commit();
+            wg_gemm_kmajor<HD, BK>(s, Qs, BQ, 64 * c, Ks);
+            wg_gemm_kmajor<HD, BK>(dp, Os, BQ, 64 * c, Vs);
         }
         named_arrive(their_turn, 256);
         const bool diag = k0 + BK - 1 > qb0 + 64 * c + 16 * w;
@@ -532,31 +417,13 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
         wg_wait<1>();
         if (active) {
             wg_keep(s);
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float p0 = ex2_ftz(fmaf(s[4 * nt + e], sl2, -L0)), p1 = ex2_ftz(fmaf(s[4 * nt + 2 + e], sl2, -L1));
-                    if (diag) {
-                        const int key = k0 + nt * 8 + 2 * t + e;
-                        if (key > q0) p0 = 0.f;
-                        if (key > q1) p1 = 0.f;
-                    }
-                    pd[4 * nt + e] = p0;
-                    pd[4 * nt + 2 + e] = p1;
-                }
+            a4_dq_p<BK>(pd, s, k0, q0, q1, t, sl2, L0, L1, diag);
         }
         wg_wait<0>();
         unsigned af[BK / 16][4];
         if (active) {
             wg_keep(dp);
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    pd[4 * nt + e] *= dp[4 * nt + e] - D0;
-                    pd[4 * nt + 2 + e] *= dp[4 * nt + 2 + e] - D1;
-                }
+            a4_dq_ds(pd, dp, D0, D1);
 #pragma unroll
             for (int cc = 0; cc < BK / 16; cc++) wg_pack_a(af[cc], pd, cc);
         }
@@ -571,15 +438,9 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
         wg_wait<0>();
         wg_keep(dq);
         if (active) wg_keep_frags(af);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + st);
+        ws_release(empty + st);
     }
-    const float scale = 1.0f / sqrtf((float)HD);
-    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
-    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
-    a3_each_pair<HD, 1>(qb0 + 64 * c + 16 * w, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int col, float x0, float x1) {
-        *(unsigned*)(qbase + (long long)q * Qw + col) = bf16x2_bits(x0 * scale, x1 * scale);
-    });
+    a4_dq_store<HD>(dqkv, dq, qb0 + 64 * c + 16 * w, g, t, T, Hq, Hkv, b, h);
 }
 #define A5_BODY(call) call
 #else

@@ -137,3 +137,12 @@ LLMQ_DEV void wg_rs(float* d, const unsigned (&a)[4], unsigned long long db, int
     else if constexpr (N == 64) wg_rs_n64<TB>(d, a, db, acc);
     else wg_rs_n128<TB>(d, a, db, acc);
 }
+
+// acc (64 x N) = A[ra0 .. ra0 + 63][0 .. K) B[0 .. N)[0 .. K)^T: both operands K-major ct tiles (A
+// with RA rows, B with N rows), K / 16 k-steps, one commit group (wg_fence first).
+template <int K, int N>
+LLMQ_DEV void wg_gemm_kmajor(float* acc, const uint16_t* A, int RA, int ra0, const uint16_t* B) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) wg_ss<N, 0>(acc, wg_desc_k(A, RA, kk, ra0), wg_desc_k(B, N, kk, 0), kk > 0);
+    wg_commit();
+}

@@ -166,11 +166,7 @@ fn wgmma_operand_forms() {
 /// The wgmma kernels in every configuration and with split dK/dV work, against the CPU.
 #[test]
 fn attention_wg_against_cpu() {
-    let Some(mut p) = Pair::new(35) else { return };
-    if !p.gpu.has_wgmma() {
-        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
-        return;
-    }
+    let Some(mut p) = wgmma_pair(35) else { return };
     let shapes = AWKWARD;
     for i in 0..ATTN4_CONFIGS as u8 {
         for &s in &shapes {
@@ -202,19 +198,35 @@ fn attention_wg_against_cpu() {
     }
 }
 
+/// A CPU/GPU pair on a GPU with wgmma (compute capability 9.0), else None with a message.
+fn wgmma_pair(seed: u64) -> Option<Pair> {
+    let p = Pair::new(seed)?;
+    if !p.gpu.has_wgmma() {
+        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
+        return None;
+    }
+    Some(p)
+}
+
+/// The awkward shapes plus realistic lengths, for the bitwise comparisons.
+fn bitwise_shapes() -> Vec<AttnShape> {
+    let mut shapes = AWKWARD.to_vec();
+    shapes.extend([shape(2, 1024, 14, 2, 64), shape(2, 1024, 12, 2, 128), shape(3, 1000, 8, 8, 128)]);
+    shapes
+}
+
+/// How many values of dtype `dt` differ in their bits between two downloads.
+fn values_differing(dt: llmq_core::DType, a: &[u8], b: &[u8]) -> usize {
+    decode(dt, a).iter().zip(&decode(dt, b)).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+}
+
 /// The warp-specialised forward does the wgmma forward's arithmetic in the same order, so for the
 /// same keys per tile its outputs must be bit-identical (only the loads and the scheduling differ).
 #[test]
 fn attention_ws_forward_bitwise_equal_to_wg() {
-    let Some(mut p) = Pair::new(36) else { return };
-    if !p.gpu.has_wgmma() {
-        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
-        return;
-    }
-    let mut shapes = AWKWARD.to_vec();
-    shapes.extend([shape(2, 1024, 14, 2, 64), shape(2, 1024, 12, 2, 128), shape(3, 1000, 8, 8, 128)]);
+    let Some(mut p) = wgmma_pair(36) else { return };
     let mut checked = 0;
-    for &s in &shapes {
+    for s in bitwise_shapes() {
         let (n, q) = (s.n(), s.qkv_width());
         let qkv = p.rand(BF16, &[n, q], 2.0);
         let run = |p: &mut Pair, fwd: usize| {
@@ -231,10 +243,7 @@ fn attention_ws_forward_bitwise_equal_to_wg() {
             let got = run(&mut p, ATTN4_CONFIGS + wi);
             checked += 1;
             if got != want {
-                let (o, l) = (decode(BF16, &got.0), decode(F32, &got.1));
-                let (ow, lw) = (decode(BF16, &want.0), decode(F32, &want.1));
-                let od = o.iter().zip(&ow).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                let ld = l.iter().zip(&lw).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                let (od, ld) = (values_differing(BF16, &got.0, &want.0), values_differing(F32, &got.1, &want.1));
                 p.fail(format!("{s:?}: warp-specialised forward {wi} differs from wgmma forward {fi}: {od} outputs, {ld} lse values"));
             }
         }
@@ -246,15 +255,9 @@ fn attention_ws_forward_bitwise_equal_to_wg() {
 /// and 64-row tiles (same iteration space, parts and arithmetic): bit-identical dqkv.
 #[test]
 fn attention_ws_backward_bitwise_equal_to_wg() {
-    let Some(mut p) = Pair::new(37) else { return };
-    if !p.gpu.has_wgmma() {
-        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
-        return;
-    }
-    let mut shapes = AWKWARD.to_vec();
-    shapes.extend([shape(2, 1024, 14, 2, 64), shape(2, 1024, 12, 2, 128), shape(3, 1000, 8, 8, 128)]);
+    let Some(mut p) = wgmma_pair(37) else { return };
     let mut checked = 0;
-    for &s in &shapes {
+    for s in bitwise_shapes() {
         let (n, q) = (s.n(), s.qkv_width());
         let qkv = p.rand(BF16, &[n, q], 2.0);
         let dout = p.rand(BF16, &[n, s.out_width()], 1.0);
@@ -276,9 +279,8 @@ fn attention_ws_backward_bitwise_equal_to_wg() {
                 let got = run(&mut p, 0, ATTN4_CONFIGS + wi, split);
                 checked += 1;
                 if got != want {
-                    let (g, w) = (decode(BF16, &got), decode(BF16, &want));
-                    let d = g.iter().zip(&w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                    p.fail(format!("{s:?} split {split}: warp-specialised dK/dV {wi} differs from wgmma dK/dV {ki} in {d} of {} values", g.len()));
+                    let d = values_differing(BF16, &got, &want);
+                    p.fail(format!("{s:?} split {split}: warp-specialised dK/dV {wi} differs from wgmma dK/dV {ki} in {d} values"));
                 }
             }
         }
@@ -289,9 +291,8 @@ fn attention_ws_backward_bitwise_equal_to_wg() {
             let got = run(&mut p, ATTN4_CONFIGS + wi, 0, 0);
             checked += 1;
             if got != want {
-                let (g, w) = (decode(BF16, &got), decode(BF16, &want));
-                let d = g.iter().zip(&w).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                p.fail(format!("{s:?}: warp-specialised dQ {wi} differs from wgmma dQ {qi} in {d} of {} values", g.len()));
+                let d = values_differing(BF16, &got, &want);
+                p.fail(format!("{s:?}: warp-specialised dQ {wi} differs from wgmma dQ {qi} in {d} values"));
             }
         }
     }
