@@ -3,6 +3,9 @@
 //! cubin alone. Same contracts as the v3 kernels (lse from the forward, D written by the dQ
 //! kernel, dK/dV in ordered parts), so `AttnImpl::Auto` uses them on 9.0 and the v3 kernels
 //! remain the path elsewhere and their cross-check; ops.rs tries these first (`attn4_choice`).
+//! The warp-specialised kernels (`attn5_*` in kernels/attention_ws.cu: TMA producer, turn-taking
+//! consumer warpgroups) are further configuration indices of the same three kinds, launched here
+//! with tensor maps over qkv and dout (`tensor_map_3d`).
 
 use crate::attention::dkv_part_offset;
 use crate::kernels::{self, Arg, Kernels};
