@@ -219,16 +219,17 @@ LLMQ_DEV void a4_fwd_store(uint16_t* out, float* lse, const float (&o)[NO], A4Ro
     }
 }
 
-// dQ kernels: D = rowsum(dO o O) and L (log2 domain) of rows r0, r0 + step, .. < r1 of the query
-// tile at qb0, one row per LPR = HD / 8 lanes (coalesced 16-byte chunks, partial dots added in a
-// fixed butterfly order); D also into Dv for the dK/dV kernel. Rows past T: D = 0, L = inf.
+// dQ kernels: D = rowsum(dO o O) and L (log2 domain) of rows [lo, hi) of the query tile at qb0,
+// shared by `nwarps` warps (this one: `warp`), one row per LPR = HD / 8 lanes (coalesced 16-byte
+// chunks, partial dots added in a fixed butterfly order); D also into Dv for the dK/dV kernel.
+// Rows past T: D = 0, L = inf.
 template <int HD>
-LLMQ_DEV void a4_dq_rowstats(float* Ls, float* Ds, float* Dv, const uint16_t* dout, const uint16_t* out, const float* lse, int r0, int r1,
-                             int step, int qb0, int T, int Hq, int b, int h) {
-    constexpr int LPR = HD / 8;
+LLMQ_DEV void a4_dq_rowstats(float* Ls, float* Ds, float* Dv, const uint16_t* dout, const uint16_t* out, const float* lse, int lo, int hi,
+                             int warp, int nwarps, int qb0, int T, int Hq, int b, int h) {
+    constexpr int LPR = HD / 8, RPW = 32 / LPR;
     const int lane = threadIdx.x & 31, j = lane % LPR;
     const long long Ow = (long long)Hq * HD;
-    for (int r = r0; r < r1; r += step) {
+    for (int r = lo + warp * RPW + lane / LPR; r < hi; r += nwarps * RPW) {
         const int q = qb0 + r;
         float dsum = 0.f;
         if (q < T) {
@@ -371,10 +372,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
 #pragma unroll
     for (int i = 0; i < PD; i++) load_kv(i);  // the Q/dO copies join the first group
     // D and L of the block's rows while the copies run
-    {
-        constexpr int LPR = HD / 8, RPW = 32 / LPR;
-        a4_dq_rowstats<HD>(Ls, Ds, Dv, dout, out, lse, (threadIdx.x >> 5) * RPW + lane / LPR, BQ, (NTH / 32) * RPW, qb0, T, Hq, b, h);
-    }
+    a4_dq_rowstats<HD>(Ls, Ds, Dv, dout, out, lse, 0, BQ, threadIdx.x >> 5, NTH / 32, qb0, T, Hq, b, h);
     const float sl2 = LOG2E / sqrtf((float)HD);
     const int ra = 64 * wg + 16 * w + g;  // this thread's rows: ra, ra + 8
     const int q0 = qb0 + ra, q1 = q0 + 8;

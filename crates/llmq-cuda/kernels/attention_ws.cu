@@ -382,10 +382,8 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
     const int c = wg - 1;
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, g = lane >> 2, t = lane & 3;
     const int my_turn = 1 + c, their_turn = 2 - c;
-    {  // D and L of this warpgroup's rows
-        constexpr int LPR = HD / 8, RPW = 32 / LPR;
-        a4_dq_rowstats<HD>(Ls, Ds, Dv, dout, out, lse, 64 * c + w * RPW + lane / LPR, 64 * c + 64, 4 * RPW, qb0, T, Hq, b, h);
-    }
+    // D and L of this warpgroup's rows
+    a4_dq_rowstats<HD>(Ls, Ds, Dv, dout, out, lse, 64 * c, 64 * c + 64, w, 4, qb0, T, Hq, b, h);
     named_sync(3 + c, 128);  // this warpgroup's L and D rows are in shared memory
     const float sl2 = LOG2E / sqrtf((float)HD);
     const int ra = 64 * c + 16 * w + g;  // this thread's rows: ra, ra + 8

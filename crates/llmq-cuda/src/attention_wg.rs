@@ -225,7 +225,7 @@ impl CudaBackend {
             return Ok(false);
         }
         let mq = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_BQ)?;
-        let mkv = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), cfg.0)?;
+        let mkv = if cfg.0 == WS_BQ { mq.clone() } else { tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), cfg.0)? };
         let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
         self.attn3_launch(self.attn4.ws_fwd[h][wi], (s.t.div_ceil(WS_BQ) as u32, s.hq as u32, s.b as u32), 3 * 128, smem, &args)?;
         Ok(true)
@@ -250,14 +250,20 @@ impl CudaBackend {
             return Ok(false);
         }
         let dims = || [Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
-        // both warp-specialised kernels read qkv and dout through 64-row boxes
-        let maps = || -> Result<[Arg; 2]> {
-            Ok([Arg::Bytes(tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), 64)?), Arg::Bytes(tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), 64)?)])
+        // both warp-specialised kernels read qkv and dout through 64-row boxes: encoded once
+        let enc = if qi >= ATTN4_CONFIGS || ki >= ATTN4_CONFIGS {
+            Some((tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), 64)?, tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), 64)?))
+        } else {
+            None
+        };
+        let maps = || -> [Arg; 2] {
+            let (mq, md) = enc.as_ref().expect("tensor maps are encoded when a warp-specialised kernel is chosen");
+            [Arg::Bytes(mq.clone()), Arg::Bytes(md.clone())]
         };
         let qgrid = (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32);
         let [t, hq, hkv] = dims();
         if let Some(wi) = qi.checked_sub(ATTN4_CONFIGS) {
-            let [mqkv, mdo] = maps()?;
+            let [mqkv, mdo] = maps();
             let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv];
             self.attn3_launch(self.attn4.ws_dq[h][wi], qgrid, qthreads, sq, &args)?;
         } else {
@@ -269,7 +275,7 @@ impl CudaBackend {
         let grid = ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32);
         let [t, hq, hkv] = dims();
         if let Some(wi) = ki.checked_sub(ATTN4_CONFIGS) {
-            let [mqkv, mdo] = maps()?;
+            let [mqkv, mdo] = maps();
             let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
             self.attn3_launch(self.attn4.ws_dkv[h][wi], grid, threads, sk, &args)?;
         } else {
