@@ -308,14 +308,21 @@ pub trait Backend {
     /// Rotate-half RoPE on the q and k heads of qkv; v heads copied. `freqs`: f32 [T, Hd/2, 2]
     /// holding (cos, sin) for position t (row n has position n % T). For pair i of a head:
     /// y[i] = x[i] cos - x[i + Hd/2] sin; y[i + Hd/2] = x[i + Hd/2] cos + x[i] sin.
-    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: AttnShape) -> Result<()>;
+    /// `bias` [Q] (any float dtype): x = qkv + bias in f32 first (the QKV matmul's bias, fused here
+    /// so that the matmul runs without one), v heads included.
+    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: AttnShape, bias: Option<&Tensor>) -> Result<()>;
     /// The transpose of `rope_fwd` (rotation by -angle); v part copied.
     fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()>;
     /// Causal grouped-query attention with softmax scale 1/sqrt(Hd). qkv [N, Q] (after RoPE);
     /// out [N, Hq*Hd]; lse f32 [B, Hq, T] = log-sum-exp of the scaled scores per query.
-    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape) -> Result<()>;
-    /// dqkv [N, Q] (overwritten) from dout [N, Hq*Hd].
-    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape) -> Result<()>;
+    /// `absmax`: f32 [1], the abs-max of out as stored (fp8 runs quantise out next).
+    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()>;
+    /// dqkv [N, Q] (overwritten) from dout [N, Hq*Hd]. With `rope` (the `rope_fwd` table), dqkv is
+    /// the gradient of qkv *before* RoPE: `rope_bwd` of the attention gradient, applied in f32
+    /// before the result is rounded (a backend may round in between; the CUDA backend's fused
+    /// kernels do not). `absmax`: f32 [1], the abs-max of all of dqkv as stored.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()>;
     /// inp [N, 2D] holds per row [up (D) | gate (D)]; out [N, D] = up * silu(gate).
     fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()>;
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()>;

@@ -235,7 +235,7 @@ fn rope() {
         &dxv,
         |p| {
             cx.set(&x, p);
-            cx.be.rope_fwd(&out, &x, &freqs, s).unwrap();
+            cx.be.rope_fwd(&out, &x, &freqs, s, None).unwrap();
             dot64(&cx.get(&out), &rv)
         },
         &mut rng,
@@ -258,8 +258,8 @@ fn attention_gqa_odd_t() {
         let lse = cx.zeros(F32, &[s.b, s.hq, s.t]);
         let dout = cx.f32(&[n, ow], &rv);
         let dx = cx.f32(&[n, q], &rng.vec(n * q, 1.0)); // garbage: must be overwritten
-        cx.be.attention_fwd(&out, &lse, &x, s).unwrap();
-        cx.be.attention_bwd(&dx, &dout, &x, &out, &lse, s).unwrap();
+        cx.be.attention_fwd(&out, &lse, &x, s, None).unwrap();
+        cx.be.attention_bwd(&dx, &dout, &x, &out, &lse, s, None, None).unwrap();
         let dxv = cx.get(&dx);
         check_grad(
             &format!("attention Hq={hq} Hkv={hkv} dqkv"),
@@ -267,7 +267,7 @@ fn attention_gqa_odd_t() {
             &dxv,
             |p| {
                 cx.set(&x, p);
-                cx.be.attention_fwd(&out, &lse, &x, s).unwrap();
+                cx.be.attention_fwd(&out, &lse, &x, s, None).unwrap();
                 dot64(&cx.get(&out), &rv)
             },
             &mut rng,

@@ -232,12 +232,12 @@ fn reductions_are_deterministic() {
     let qkv = cx.f32(&[s.n(), s.qkv_width()], &rng.vec(s.n() * s.qkv_width(), 1.0));
     let o = cx.zeros(F32, &[s.n(), s.out_width()]);
     let lse = cx.zeros(F32, &[s.b, s.hq, s.t]);
-    cx.be.attention_fwd(&o, &lse, &qkv, s).unwrap();
+    cx.be.attention_fwd(&o, &lse, &qkv, s, None).unwrap();
     let d_o = cx.f32(&[s.n(), s.out_width()], &rng.vec(s.n() * s.out_width(), 1.0));
     let dqkv = cx.zeros(F32, &[s.n(), s.qkv_width()]);
     same_across_threads("attention", &cx, &[o, lse, dqkv], || {
-        cx.be.attention_fwd(&o, &lse, &qkv, s).unwrap();
-        cx.be.attention_bwd(&dqkv, &d_o, &qkv, &o, &lse, s).unwrap();
+        cx.be.attention_fwd(&o, &lse, &qkv, s, None).unwrap();
+        cx.be.attention_bwd(&dqkv, &d_o, &qkv, &o, &lse, s, None, None).unwrap();
     });
     // colsum and sum_squares
     let big = cx.f32(&[1000, 40], &rng.vec(40_000, 1.0));
@@ -430,7 +430,7 @@ fn rope_forward_reference_and_inverse() {
     let x = cx.f32(&[n, q], &xv);
     let freqs = cx.f32(&[s.t, hd / 2, 2], &fv);
     let out = cx.zeros(F32, &[n, q]);
-    cx.be.rope_fwd(&out, &x, &freqs, s).unwrap();
+    cx.be.rope_fwd(&out, &x, &freqs, s, None).unwrap();
     let got = cx.get(&out);
     let mut want = vec![0f64; n * q];
     let half = hd / 2;
@@ -460,7 +460,52 @@ fn rope_forward_reference_and_inverse() {
     let xw: Vec<f64> = xv.iter().map(|&v| v as f64).collect();
     assert_close("rope inverse", &bv, &xw, 1e-6, 1e-6);
     assert_eq!(cx.get(&am)[0], max_abs(&bv));
-    assert!(cx.be.rope_fwd(&out, &x, &freqs, AttnShape { hd: 9, ..s }).is_err(), "odd head size must be rejected");
+    assert!(cx.be.rope_fwd(&out, &x, &freqs, AttnShape { hd: 9, ..s }, None).is_err(), "odd head size must be rejected");
+    // a fused bias is RoPE of (x + bias), v heads included: bitwise in f32
+    let bv: Vec<f32> = rng.vec(q, 1.0);
+    let xb: Vec<f32> = xv.iter().enumerate().map(|(i, &v)| v + bv[i % q]).collect();
+    let (bias, xbt, with) = (cx.f32(&[q], &bv), cx.f32(&[n, q], &xb), cx.zeros(F32, &[n, q]));
+    cx.be.rope_fwd(&with, &x, &freqs, s, Some(&bias)).unwrap();
+    cx.be.rope_fwd(&out, &xbt, &freqs, s, None).unwrap();
+    assert_eq!(cx.get(&with), cx.get(&out), "rope with a bias = rope of x + bias");
+    let short = cx.zeros(F32, &[q - 1]);
+    assert!(cx.be.rope_fwd(&out, &x, &freqs, s, Some(&short)).is_err(), "bias of the wrong length");
+}
+
+/// attention_bwd with RoPE fused = attention_bwd then rope_bwd (bitwise in f32, where nothing is
+/// rounded in between), with the abs-max of the result; in bf16 the fused op rounds once.
+#[test]
+fn attention_backward_with_fused_rope() {
+    let mut cx = Ctx::new();
+    let mut rng = Rng::new(17);
+    let s = AttnShape { b: 2, t: 9, hq: 4, hkv: 2, hd: 8 };
+    let (n, q) = (s.n(), s.qkv_width());
+    let fv: Vec<f32> = (0..s.t * s.hd / 2).flat_map(|i| {
+        let a = 0.21 * i as f64 + 0.3;
+        [a.cos() as f32, a.sin() as f32]
+    }).collect();
+    let freqs = cx.f32(&[s.t, s.hd / 2, 2], &fv);
+    let qkv = cx.f32(&[n, q], &rng.vec(n * q, 1.0));
+    let o = cx.zeros(F32, &[n, s.out_width()]);
+    let lse = cx.zeros(F32, &[s.b, s.hq, s.t]);
+    cx.be.attention_fwd(&o, &lse, &qkv, s, None).unwrap();
+    let d_o = cx.f32(&[n, s.out_width()], &rng.vec(n * s.out_width(), 1.0));
+    let (plain, roped, fused, am) = (cx.zeros(F32, &[n, q]), cx.zeros(F32, &[n, q]), cx.zeros(F32, &[n, q]), cx.zeros(F32, &[1]));
+    cx.be.attention_bwd(&plain, &d_o, &qkv, &o, &lse, s, None, None).unwrap();
+    cx.be.rope_bwd(&roped, &plain, &freqs, s, None).unwrap();
+    cx.be.attention_bwd(&fused, &d_o, &qkv, &o, &lse, s, Some(&freqs), Some(&am)).unwrap();
+    let fv = cx.get(&fused);
+    assert_eq!(fv, cx.get(&roped));
+    assert_ne!(fv, cx.get(&plain), "the rotation must change dQ/dK");
+    assert_eq!(cx.get(&am)[0], max_abs(&fv));
+    // bf16 output: the f32 result rounded once
+    let fb = cx.zeros(DType::BF16, &[n, q]);
+    cx.be.attention_bwd(&fb, &d_o, &qkv, &o, &lse, s, Some(&freqs), Some(&am)).unwrap();
+    let want: Vec<f32> = fv.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
+    assert_eq!(cx.get(&fb), want);
+    assert_eq!(cx.get(&am)[0], max_abs(&want));
+    let short = cx.zeros(F32, &[3]);
+    assert!(cx.be.attention_bwd(&fb, &d_o, &qkv, &o, &lse, s, Some(&short), None).is_err(), "short RoPE table");
 }
 
 /// Naive causal GQA attention in f64: (out [N, Hq Hd], lse [B, Hq, T]).
@@ -504,20 +549,21 @@ fn attention_forward_against_naive() {
         let x = cx.f32(&[s.n(), s.qkv_width()], &xv);
         let out = cx.zeros(F32, &[s.n(), s.out_width()]);
         let lse = cx.zeros(F32, &[s.b, s.hq, s.t]);
-        cx.be.attention_fwd(&out, &lse, &x, s).unwrap();
+        cx.be.attention_fwd(&out, &lse, &x, s, None).unwrap();
         let (wo, wl) = attention_ref(&xv, s);
         assert_close(&format!("attention out {s:?}"), &cx.get(&out), &wo, 1e-5, 1e-5);
         assert_close(&format!("attention lse {s:?}"), &cx.get(&lse), &wl, 1e-5, 1e-5);
         // bf16 output is the rounding of the f32 one
-        let ob = cx.zeros(BF16, &[s.n(), s.out_width()]);
-        cx.be.attention_fwd(&ob, &lse, &x, s).unwrap();
+        let (ob, am) = (cx.zeros(BF16, &[s.n(), s.out_width()]), cx.zeros(F32, &[1]));
+        cx.be.attention_fwd(&ob, &lse, &x, s, Some(&am)).unwrap();
         assert_eq!(cx.get(&ob), rounded(BF16, &cx.get(&out)));
+        assert_eq!(cx.get(&am)[0], max_abs(&cx.get(&ob)), "the abs-max of the stored (bf16) output");
     }
     let mut cx = Ctx::new();
     let s = AttnShape { b: 1, t: 2, hq: 3, hkv: 2, hd: 4 };
     let x = cx.zeros(F32, &[2, 28]);
     let (o, l) = (cx.zeros(F32, &[2, 12]), cx.zeros(F32, &[1, 3, 2]));
-    assert!(cx.be.attention_fwd(&o, &l, &x, s).is_err(), "Hq not a multiple of Hkv");
+    assert!(cx.be.attention_fwd(&o, &l, &x, s, None).is_err(), "Hq not a multiple of Hkv");
 }
 
 #[test]

@@ -799,8 +799,15 @@ LLMQ_DEV void a3_mma_pv(float (&acc)[MT][HD / 8][4], const float (&p)[MT][NT][4]
 
 // Forward. Block: BQ = NW*16*MT query rows of one head; grid (ceil(T/BQ), Hq, B), heavy (late)
 // tiles first. dyn smem: Q [BQ][HD+8] + 2 stages x (K, V) [BK][HD+8], bf16.
+// A bf16 pair stored at dst; returns its abs-max as f32 bits (for the optional fused abs-max).
+LLMQ_DEV unsigned a3_put2(uint16_t* dst, float x0, float x1) {
+    const unsigned bits = bf16x2_bits(x0, x1);
+    *(unsigned*)dst = bits;
+    return bf16x2_abs_bits(bits);
+}
+
 template <int HD, int NW, int MT, int BK, bool QREG>
-LLMQ_DEV void attn3_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv) {
+LLMQ_DEV void attn3_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv, float* amax) {
     constexpr int P = HD + 8, BQ = NW * 16 * MT, NT = BK / 8, NTH = NW * 32;
     static_assert(NT % 2 == 0, "key tile must be a multiple of 16");
     uint16_t* Qs = (uint16_t*)llmq_dyn_smem;
@@ -912,6 +919,7 @@ LLMQ_DEV void attn3_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
     const long long ostride = (long long)Hq * HD;
     uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
     float* lrow = lse + ((long long)b * Hq + h) * T;
+    unsigned am = 0u;
 #pragma unroll
     for (int m = 0; m < MT; m++) {
         float l0 = l[m][0], l1 = l[m][1];
@@ -924,14 +932,15 @@ LLMQ_DEV void attn3_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
 #pragma unroll
         for (int i = 0; i < HD / 8; i++) {
             const int c = i * 8 + 2 * t;
-            if (qi0 < T) *(unsigned*)(obase + (long long)qi0 * ostride + c) = bf16x2_bits(o[m][i][0] * inv0, o[m][i][1] * inv0);
-            if (qi1 < T) *(unsigned*)(obase + (long long)qi1 * ostride + c) = bf16x2_bits(o[m][i][2] * inv1, o[m][i][3] * inv1);
+            if (qi0 < T) am = max(am, a3_put2(obase + (long long)qi0 * ostride + c, o[m][i][0] * inv0, o[m][i][1] * inv0));
+            if (qi1 < T) am = max(am, a3_put2(obase + (long long)qi1 * ostride + c, o[m][i][2] * inv1, o[m][i][3] * inv1));
         }
         if (t == 0) {
             if (qi0 < T) lrow[qi0] = (mx[m][0] * sl2 + log2f(l0)) / LOG2E;
             if (qi1 < T) lrow[qi1] = (mx[m][1] * sl2 + log2f(l1)) / LOG2E;
         }
     }
+    warp_absmax_commit(amax, am);
 }
 
 // sum_j a_j * b_j over 8 bf16 pairs, in order.
@@ -961,6 +970,43 @@ LLMQ_DEV void a3_each_pair(int r0, int g, int t, int T, const float (&acc)[MT][H
     }
 }
 
+// Optional work fused into the backward kernels' bf16 stores of dQ, dK and dV (kernel arguments
+// `freqs`, `amax`; null: none of it):
+// - freqs (f32 [T][Hd/2][2] = (cos, sin), rope.cu's table): the RoPE backward of dQ and dK, so that
+//   dqkv receives the gradient of qkv *before* RoPE, rotated in f32 before the one rounding. Column
+//   c < Hd/2 pairs with c + Hd/2, which the mma C layout puts in the same thread (i + Hd/16), so the
+//   rotation needs no exchange. Products and sums as rope.cu's backward (y = x c + x' s,
+//   y' = x' c - x s, operands already scaled; no FMA contraction under -fmad=false).
+// - amax (f32 [1], zeroed by the host): the abs-max of every stored bf16 value (fp8 runs: the QKV
+//   backward quantises dqkv with it). One atomic per warp: every lane of the warp must get here.
+template <int HD, int MT>
+LLMQ_DEV void a3_store_grad(uint16_t* base, long long stride, int r0, int g, int t, int T, const float (&acc)[MT][HD / 8][4], float scale,
+                            const float* freqs, float* amax) {
+    unsigned am = 0u;
+    auto put = [&](int row, int c, float x0, float x1) { am = max(am, a3_put2(base + (long long)row * stride + c, x0, x1)); };
+    if (freqs == nullptr) {
+        a3_each_pair<HD, MT>(r0, g, t, T, acc, [&](int row, int c, float x0, float x1) { put(row, c, x0 * scale, x1 * scale); });
+    } else {
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int e = 0; e < 4; e += 2) {
+                const int row = r0 + 16 * m + g + 4 * e;  // e = 0: rows g, e = 2: rows g + 8
+                if (row >= T) continue;
+#pragma unroll
+                for (int i = 0; i < HD / 16; i++) {
+                    const int c = i * 8 + 2 * t;
+                    const float4 cs = *(const float4*)(freqs + ((long long)row * (HD / 2) + c) * 2);
+                    const float x0 = acc[m][i][e] * scale, x1 = acc[m][i][e + 1] * scale;
+                    const float y0 = acc[m][i + HD / 16][e] * scale, y1 = acc[m][i + HD / 16][e + 1] * scale;
+                    put(row, c, x0 * cs.x + y0 * cs.y, x1 * cs.z + y1 * cs.w);
+                    put(row, c + HD / 2, y0 * cs.x - x0 * cs.y, y1 * cs.z - x1 * cs.w);
+                }
+            }
+    }
+    warp_absmax_commit(amax, am);
+}
+
 // Iteration space of the dK/dV kernels (v3 and wgmma): block (kb * S + split, kvh, b) owns
 // the BKV keys of key block kb of kv head kvh and loops over the query tiles (BQ rows) at or
 // after its key block of each of the G query heads of the group, numbered it = head in group *
@@ -980,10 +1026,10 @@ struct A3DkvSpace {
 
 // Epilogue of the dK/dV kernels: this thread's dK, dV accumulators (MT m-tiles of 16 keys from
 // key kw0) either as f32 part sums (S > 1, in dqkv's K|V column layout, for
-// llmq_attn3_dkv_reduce) or as bf16 into dqkv (dK scaled by 1/sqrt(Hd)).
+// llmq_attn3_dkv_reduce) or as bf16 into dqkv (dK scaled by 1/sqrt(Hd)), with a3_store_grad's options.
 template <int HD, int MT>
 LLMQ_DEV void a3_dkv_store(uint16_t* dqkv, float* part, const A3DkvSpace& sp, int S, int kw0, int g, int t, int T, int Hq, int Hkv,
-                           const float (&dk)[MT][HD / 8][4], const float (&dv)[MT][HD / 8][4]) {
+                           const float (&dk)[MT][HD / 8][4], const float (&dv)[MT][HD / 8][4], const float* freqs, float* amax) {
     const int kvh = sp.kvh, b = blockIdx.z;
     if (S > 1) {
         const int pw = 2 * Hkv * HD;
@@ -998,15 +1044,15 @@ LLMQ_DEV void a3_dkv_store(uint16_t* dqkv, float* part, const A3DkvSpace& sp, in
     const float scale = 1.0f / sqrtf((float)HD);
     uint16_t* kbase = dqkv + (long long)b * T * Qw + (long long)(Hq + kvh) * HD;
     uint16_t* vbase = dqkv + (long long)b * T * Qw + (long long)(Hq + Hkv + kvh) * HD;
-    a3_each_pair<HD, MT>(kw0, g, t, T, dk, [&](int k, int c, float x0, float x1) { *(unsigned*)(kbase + (long long)k * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale); });
-    a3_each_pair<HD, MT>(kw0, g, t, T, dv, [&](int k, int c, float x0, float x1) { *(unsigned*)(vbase + (long long)k * Qw + c) = bf16x2_bits(x0, x1); });
+    a3_store_grad<HD, MT>(kbase, Qw, kw0, g, t, T, dk, scale, freqs, amax);
+    a3_store_grad<HD, MT>(vbase, Qw, kw0, g, t, T, dv, 1.0f, nullptr, amax);
 }
 
 // dQ (and D). Block: BQ = NW*16*MT query rows of one head; grid (ceil(T/BQ), Hq, B).
 // dyn smem: Q, dO [BQ][HD+8] + 2 stages x (K, V) [BK][HD+8] (bf16) + L, D [BQ] (f32).
 template <int HD, int NW, int MT, int BK, bool QREG>
 LLMQ_DEV void attn3_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, const float* lse, int T,
-                       int Hq, int Hkv) {
+                       int Hq, int Hkv, const float* freqs, float* amax) {
     constexpr int P = HD + 8, BQ = NW * 16 * MT, NT = BK / 8, NTH = NW * 32;
     static_assert(NT % 2 == 0, "key tile must be a multiple of 16");
     uint16_t* Qs = (uint16_t*)llmq_dyn_smem;
@@ -1110,11 +1156,7 @@ LLMQ_DEV void attn3_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
         }
         __syncthreads();
     }
-    const float scale = 1.0f / sqrtf((float)HD);
-    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
-    a3_each_pair<HD, MT>(qw0, g, t, T, dq, [&](int q, int c, float x0, float x1) {
-        *(unsigned*)(qbase + (long long)q * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale);
-    });
+    a3_store_grad<HD, MT>(dqkv + (long long)b * T * Qw + (long long)h * HD, Qw, qw0, g, t, T, dq, 1.0f / sqrtf((float)HD), freqs, amax);
 }
 
 // dK, dV. Block: BKV = NW*16*MT keys of one kv head; grid (ceil(T/BKV) * S, Hkv, B), early (heavy)
@@ -1128,7 +1170,7 @@ LLMQ_DEV void attn3_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
 // mask makes early key blocks long), still deterministic.
 template <int HD, int NW, int MT, int BQ>
 LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
-                        int T, int Hq, int Hkv) {
+                        int T, int Hq, int Hkv, const float* freqs, float* amax) {
     constexpr int P = HD + 8, BKV = NW * 16 * MT, NT = BQ / 8, NTH = NW * 32;
     static_assert(NT % 2 == 0 && BKV % BQ == 0, "query tile must be a multiple of 16 dividing the key block");
     uint16_t* Ks = (uint16_t*)llmq_dyn_smem;
@@ -1222,45 +1264,78 @@ LLMQ_DEV void attn3_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
         }
         __syncthreads();
     }
-    a3_dkv_store<HD, MT>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, dk, dv);
+    a3_dkv_store<HD, MT>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, dk, dv, freqs, amax);
 }
 
 // dK|dV columns of dqkv from the S parts of attn3_dkv: dqkv[r][Hq*Hd + c] = bf16(sum_s part[s][r][c]
-// (* 1/sqrt(Hd) for the dK half)), s in order. A thread per 4 columns (block-stride), a block per
-// row (grid-stride). kv = Hkv * Hd (a multiple of 4).
+// (* 1/sqrt(Hd) for the dK half)), s in order, with a3_store_grad's options (freqs: dK columns i and
+// i + Hd/2 rotated back at position r % T; amax). A thread per 4 columns (block-stride; with freqs,
+// 4 dK columns of a head's first half and their partners), a block per row (grid-stride).
+// kv = Hkv * Hd (a multiple of 8).
+LLMQ_DEV float4 a3_part_sum(const float* part, int S, int rows, int r, int w, int c) {
+    float4 acc = *(const float4*)(part + (long long)r * w + c);
+    for (int s = 1; s < S; s++) {
+        const float4 v = *(const float4*)(part + ((long long)s * rows + r) * w + c);
+        acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+    }
+    return acc;
+}
+LLMQ_DEV unsigned a3_put4(uint16_t* dst, float a, float b, float c, float d) {
+    const unsigned lo = bf16x2_bits(a, b), hi = bf16x2_bits(c, d);
+    *(uint2*)dst = make_uint2(lo, hi);
+    return max(bf16x2_abs_bits(lo), bf16x2_abs_bits(hi));
+}
 extern "C" __global__ void __launch_bounds__(128) llmq_attn3_dkv_reduce(uint16_t* dqkv, const float* part, int S, int rows, int kv,
-                                                                         int Qw, int col0, float scale) {
+                                                                         int Qw, int col0, float scale, int T, int Hd,
+                                                                         const float* freqs, float* amax) {
+    unsigned am = 0u;
+    const int half = Hd / 2;
     for (int r = blockIdx.x; r < rows; r += gridDim.x) {
-        for (int c = threadIdx.x * 4; c < 2 * kv; c += blockDim.x * 4) {
-            float4 acc = *(const float4*)(part + (long long)r * 2 * kv + c);
-            for (int s = 1; s < S; s++) {
-                const float4 v = *(const float4*)(part + ((long long)s * rows + r) * 2 * kv + c);
-                acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+        uint16_t* drow = dqkv + (long long)r * Qw + col0;
+        // with freqs, the dK half in units of 4 first-half columns; dV (and dK without freqs) as is
+        const int c0 = freqs == nullptr ? 0 : kv;
+        if (freqs != nullptr) {
+            const float* f = freqs + (long long)(r % T) * Hd;
+            for (int u = threadIdx.x * 4; u < kv / 2; u += blockDim.x * 4) {
+                const int c = (u / half) * Hd + u % half, i = u % half;
+                float4 x = a3_part_sum(part, S, rows, r, 2 * kv, c), y = a3_part_sum(part, S, rows, r, 2 * kv, c + half);
+                x.x *= scale, x.y *= scale, x.z *= scale, x.w *= scale;
+                y.x *= scale, y.y *= scale, y.z *= scale, y.w *= scale;
+                const float4 cs0 = *(const float4*)(f + 2 * i), cs1 = *(const float4*)(f + 2 * i + 4);
+                am = max(am, a3_put4(drow + c, x.x * cs0.x + y.x * cs0.y, x.y * cs0.z + y.y * cs0.w, x.z * cs1.x + y.z * cs1.y,
+                                     x.w * cs1.z + y.w * cs1.w));
+                am = max(am, a3_put4(drow + c + half, y.x * cs0.x - x.x * cs0.y, y.y * cs0.z - x.y * cs0.w, y.z * cs1.x - x.z * cs1.y,
+                                     y.w * cs1.z - x.w * cs1.w));
             }
+        }
+        for (int c = c0 + threadIdx.x * 4; c < 2 * kv; c += blockDim.x * 4) {
+            const float4 acc = a3_part_sum(part, S, rows, r, 2 * kv, c);
             const float f = c < kv ? scale : 1.0f;
-            *(uint2*)(dqkv + (long long)r * Qw + col0 + c) = make_uint2(bf16x2_bits(acc.x * f, acc.y * f), bf16x2_bits(acc.z * f, acc.w * f));
+            am = max(am, a3_put4(drow + c, acc.x * f, acc.y * f, acc.z * f, acc.w * f));
         }
     }
+    warp_absmax_commit(amax, am);
 }
 
 // Instantiations: llmq_attn3_{fwd,dq,dkv}_<HD>_<index>. Keep in sync with the tables in
 // src/attention.rs (same index: warps, m-tiles per warp, tile width, Q in registers).
 #define A3_FWD(HD, IDX, NW, MT, BK, QREG, MINB)                                                                             \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                              \
-        llmq_attn3_fwd_##HD##_##IDX(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv) {                \
-        attn3_fwd<HD, NW, MT, BK, QREG>(out, lse, qkv, T, Hq, Hkv);                                                          \
+        llmq_attn3_fwd_##HD##_##IDX(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv, float* amax) {   \
+        attn3_fwd<HD, NW, MT, BK, QREG>(out, lse, qkv, T, Hq, Hkv, amax);                                                    \
     }
 #define A3_DQ(HD, IDX, NW, MT, BK, QREG, MINB)                                                                              \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                              \
         llmq_attn3_dq_##HD##_##IDX(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, \
-                                   const float* lse, int T, int Hq, int Hkv) {                                                \
-        attn3_dq<HD, NW, MT, BK, QREG>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv);                                           \
+                                   const float* lse, int T, int Hq, int Hkv, const float* freqs, float* amax) {               \
+        attn3_dq<HD, NW, MT, BK, QREG>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv, freqs, amax);                              \
     }
 #define A3_DKV(HD, IDX, NW, MT, BQ, MINB)                                                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32, MINB)                                                              \
         llmq_attn3_dkv_##HD##_##IDX(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv,          \
-                                    const float* lse, const float* Dv, int T, int Hq, int Hkv) {                             \
-        attn3_dkv<HD, NW, MT, BQ>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv);                                            \
+                                    const float* lse, const float* Dv, int T, int Hq, int Hkv, const float* freqs,           \
+                                    float* amax) {                                                                           \
+        attn3_dkv<HD, NW, MT, BQ>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv, freqs, amax);                               \
     }
 
 // forward: (warps, m-tiles per warp, key tile, Q in registers, min blocks per SM)

@@ -195,10 +195,11 @@ LLMQ_DEV void a4_fwd_rescale(float (&o)[NO], A4Rows& r, float c0, float c1, floa
     }
 }
 
-// Epilogue of the forward kernels: O / l in bf16 and lse of rows q0, q1 (those < T).
+// Epilogue of the forward kernels: O / l in bf16 and lse of rows q0, q1 (those < T); with amax
+// (f32 [1], zeroed by the host), the abs-max of the stored O (one atomic per warp).
 template <int HD, int NO>
 LLMQ_DEV void a4_fwd_store(uint16_t* out, float* lse, const float (&o)[NO], A4Rows r, float sl2, int q0, int q1, int t, int T, int Hq, int b,
-                           int h) {
+                           int h, float* amax) {
     const long long ostride = (long long)Hq * HD;
     uint16_t* obase = out + (long long)b * T * ostride + (long long)h * HD;
     float* lrow = lse + ((long long)b * Hq + h) * T;
@@ -207,16 +208,18 @@ LLMQ_DEV void a4_fwd_store(uint16_t* out, float* lse, const float (&o)[NO], A4Ro
     r.l1 += __shfl_xor_sync(0xFFFFFFFFu, r.l1, 1);
     r.l1 += __shfl_xor_sync(0xFFFFFFFFu, r.l1, 2);
     const float inv0 = 1.0f / r.l0, inv1 = 1.0f / r.l1;
+    unsigned am = 0u;
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) {
         const int c = i * 8 + 2 * t;
-        if (q0 < T) *(unsigned*)(obase + (long long)q0 * ostride + c) = bf16x2_bits(o[4 * i] * inv0, o[4 * i + 1] * inv0);
-        if (q1 < T) *(unsigned*)(obase + (long long)q1 * ostride + c) = bf16x2_bits(o[4 * i + 2] * inv1, o[4 * i + 3] * inv1);
+        if (q0 < T) am = max(am, a3_put2(obase + (long long)q0 * ostride + c, o[4 * i] * inv0, o[4 * i + 1] * inv0));
+        if (q1 < T) am = max(am, a3_put2(obase + (long long)q1 * ostride + c, o[4 * i + 2] * inv1, o[4 * i + 3] * inv1));
     }
     if (t == 0) {
         if (q0 < T) lrow[q0] = (r.mx0 * sl2 + log2f(r.l0)) / LOG2E;
         if (q1 < T) lrow[q1] = (r.mx1 * sl2 + log2f(r.l1)) / LOG2E;
     }
+    warp_absmax_commit(amax, am);
 }
 
 // dQ kernels: D = rowsum(dO o O) and L (log2 domain) of rows [lo, hi) of the query tile at qb0,
@@ -282,15 +285,13 @@ LLMQ_DEV void a4_dq_ds(float (&pd)[NS], const float (&dp)[NS], float D0, float D
 }
 
 // dQ kernels' epilogue: dQ (scaled by 1/sqrt(Hd)) in bf16 into dqkv, rows from this warp's
-// first row qw0 (those < T).
+// first row qw0 (those < T), with a3_store_grad's options (RoPE backward, abs-max).
 template <int HD, int NO>
-LLMQ_DEV void a4_dq_store(uint16_t* dqkv, const float (&dq)[NO], int qw0, int g, int t, int T, int Hq, int Hkv, int b, int h) {
-    const float scale = 1.0f / sqrtf((float)HD);
+LLMQ_DEV void a4_dq_store(uint16_t* dqkv, const float (&dq)[NO], int qw0, int g, int t, int T, int Hq, int Hkv, int b, int h, const float* freqs,
+                          float* amax) {
     const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
-    uint16_t* qbase = dqkv + (long long)b * T * Qw + (long long)h * HD;
-    a3_each_pair<HD, 1>(qw0, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq), [&](int q, int c, float x0, float x1) {
-        *(unsigned*)(qbase + (long long)q * Qw + c) = bf16x2_bits(x0 * scale, x1 * scale);
-    });
+    a3_store_grad<HD, 1>(dqkv + (long long)b * T * Qw + (long long)h * HD, Qw, qw0, g, t, T, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dq),
+                         1.0f / sqrtf((float)HD), freqs, amax);
 }
 
 // dK/dV kernels: P^T of query tile q0 (BQ queries, lse in Lq) for this thread's keys kw0 + g and
@@ -346,7 +347,7 @@ LLMQ_DEV void a4_dkv_pack(unsigned (&pa)[NC][4], unsigned (&sa)[NC][4], const fl
 // D [BQ] (f32).
 template <int HD, int BK, int NWG, int ST>
 LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, const float* lse, int T,
-                       int Hq, int Hkv) {
+                       int Hq, int Hkv, const float* freqs, float* amax) {
     constexpr int BQ = 64 * NWG, NTH = 128 * NWG, NS = BK / 2, NO = HD / 2;
     static_assert(ST >= 2, "at least two stages");
     constexpr bool DEFER = ST >= 3;
@@ -410,7 +411,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
     wg_wait<0>();
     wg_keep(dq);
     cp_async_wait<0>();
-    a4_dq_store<HD>(dqkv, dq, qb0 + 64 * wg + 16 * w, g, t, T, Hq, Hkv, b, h);
+    a4_dq_store<HD>(dqkv, dq, qb0 + 64 * wg + 16 * w, g, t, T, Hq, Hkv, b, h, freqs, amax);
 }
 
 // Forward (online softmax, as attn3_fwd). Block: NWG warpgroups x 64 query rows of one head;
@@ -419,7 +420,7 @@ LLMQ_DEV void attn4_dq(uint16_t* dqkv, float* Dv, const uint16_t* dout, const ui
 // [BK][HD]. The P V product of iteration kt completes under the next S = Q K^T (wg_wait<0>
 // there, before O is rescaled).
 template <int HD, int BK, int NWG, int ST>
-LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv) {
+LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv, float* amax) {
     constexpr int BQ = 64 * NWG, NTH = 128 * NWG, NS = BK / 2, NO = HD / 2;
     static_assert(ST >= 2, "at least two stages");
     constexpr bool DEFER = ST >= 3;
@@ -479,7 +480,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
     wg_wait<0>();
     wg_keep(o);
     cp_async_wait<0>();
-    a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h);
+    a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h, amax);
 }
 
 // dK, dV. Block: NWG warpgroups x 64 keys of one kv head (BKV); grid (ceil(T/BKV) * S, Hkv, B),
@@ -489,7 +490,7 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
 // kernel.
 template <int HD, int BQ, int NWG, int ST>
 LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
-                        int T, int Hq, int Hkv) {
+                        int T, int Hq, int Hkv, const float* freqs, float* amax) {
     constexpr int BKV = 64 * NWG, NTH = 128 * NWG, NS = BQ / 2, NO = HD / 2;
     static_assert(BKV % BQ == 0 && ST >= 2, "query tile must divide the key block; at least two stages");
     constexpr bool DEFER = ST >= 3;
@@ -583,7 +584,7 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
     wg_keep(dk);
     cp_async_wait<0>();
     a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
-                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv));
+                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv), freqs, amax);
 }
 #define A4_BODY(call) call
 #else
@@ -594,20 +595,21 @@ LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout
 // src/attention_wg.rs (same index: tile (keys for dQ, queries for dK/dV), warpgroups, stages).
 #define A4_FWD(HD, IDX, BK, NWG, ST, MINB)                                                                                \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
-        llmq_attn4_fwd_##HD##_##IDX(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv) {              \
-        A4_BODY((attn4_fwd<HD, BK, NWG, ST>(out, lse, qkv, T, Hq, Hkv)));                                                    \
+        llmq_attn4_fwd_##HD##_##IDX(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv, float* amax) { \
+        A4_BODY((attn4_fwd<HD, BK, NWG, ST>(out, lse, qkv, T, Hq, Hkv, amax)));                                              \
     }
 #define A4_DQ(HD, IDX, BK, NWG, ST, MINB)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
         llmq_attn4_dq_##HD##_##IDX(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, \
-                                   const float* lse, int T, int Hq, int Hkv) {                                              \
-        A4_BODY((attn4_dq<HD, BK, NWG, ST>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv)));                                     \
+                                   const float* lse, int T, int Hq, int Hkv, const float* freqs, float* amax) {             \
+        A4_BODY((attn4_dq<HD, BK, NWG, ST>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv, freqs, amax)));                        \
     }
 #define A4_DKV(HD, IDX, BQ, NWG, ST, MINB)                                                                                \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
         llmq_attn4_dkv_##HD##_##IDX(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv,         \
-                                    const float* lse, const float* Dv, int T, int Hq, int Hkv) {                            \
-        A4_BODY((attn4_dkv<HD, BQ, NWG, ST>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv)));                                \
+                                    const float* lse, const float* Dv, int T, int Hq, int Hkv, const float* freqs,          \
+                                    float* amax) {                                                                          \
+        A4_BODY((attn4_dkv<HD, BQ, NWG, ST>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv, freqs, amax)));                   \
     }
 
 // (tile, warpgroups, stages, min blocks per SM); dK/dV 64_0 and 64_1 need more than the 168

@@ -112,7 +112,7 @@ LLMQ_DEV void ws_release(unsigned long long* empty) {
 }
 
 template <int HD, int BK, int ST>
-LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, float* lse, int T, int Hq, int Hkv) {
+LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, float* lse, int T, int Hq, int Hkv, float* amax) {
     constexpr int BQ = 128, NS = BK / 2, NO = HD / 2, NC = BK / 16;
     constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
     uint16_t* Qs = ct_align(llmq_dyn_smem);
@@ -186,7 +186,7 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
         if (active) wg_keep_frags(pa);
         ws_release(empty + st);
     }
-    a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h);
+    a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h, amax);
 }
 
 // dK, dV: the structure of attn4_dkv (its iteration space, parts and epilogue, so the results are
@@ -199,7 +199,7 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
 // (lse, D) [64] f32 + mbarriers. Needs D from the dQ kernel.
 template <int HD, int ST>
 LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, float* part, int S, const float* lse, const float* Dv, int T,
-                        int Hq, int Hkv) {
+                        int Hq, int Hkv, const float* freqs, float* amax) {
     constexpr int BQ = 64, BKV = 128, NS = BQ / 2, NO = HD / 2, NC = BQ / 16;
     constexpr int KT = ct_elems(BKV, HD), QT = ct_elems(BQ, HD);
     uint16_t* Ks = ct_align(llmq_dyn_smem);
@@ -336,7 +336,7 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
         ws_release(empty + st);
     }
     a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
-                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv));
+                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv), freqs, amax);
 }
 
 // dQ (and D): the structure of attn4_dq with two warpgroups and 64-key tiles (its arithmetic in
@@ -350,7 +350,7 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
 // f32 + mbarriers.
 template <int HD, int ST>
 LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out,
-                       const float* lse, int T, int Hq, int Hkv) {
+                       const float* lse, int T, int Hq, int Hkv, const float* freqs, float* amax) {
     constexpr int BQ = 128, BK = 64, NS = BK / 2, NO = HD / 2;
     constexpr int QT = ct_elems(BQ, HD), KT = ct_elems(BK, HD);
     uint16_t* Qs = ct_align(llmq_dyn_smem);
@@ -438,7 +438,7 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
         if (active) wg_keep_frags(af);
         ws_release(empty + st);
     }
-    a4_dq_store<HD>(dqkv, dq, qb0 + 64 * c + 16 * w, g, t, T, Hq, Hkv, b, h);
+    a4_dq_store<HD>(dqkv, dq, qb0 + 64 * c + 16 * w, g, t, T, Hq, Hkv, b, h, freqs, amax);
 }
 #define A5_BODY(call) call
 #else
@@ -451,8 +451,8 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
 #define A5_FWD(HD, IDX, BK, ST)                                                                                               \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
         llmq_attn5_fwd_##HD##_##IDX(const __grid_constant__ TmaDesc mq, const __grid_constant__ TmaDesc mkv, uint16_t* out, \
-                                    float* lse, int T, int Hq, int Hkv) {                                                    \
-        A5_BODY((attn5_fwd<HD, BK, ST>(&mq, &mkv, out, lse, T, Hq, Hkv)));                                                   \
+                                    float* lse, int T, int Hq, int Hkv, float* amax) {                                       \
+        A5_BODY((attn5_fwd<HD, BK, ST>(&mq, &mkv, out, lse, T, Hq, Hkv, amax)));                                             \
     }
 A5_FWD(64, 0, 128, 2)
 A5_FWD(64, 1, 64, 3)
@@ -466,8 +466,9 @@ A5_FWD(128, 2, 64, 2)
 #define A5_DKV(HD, IDX, ST)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
         llmq_attn5_dkv_##HD##_##IDX(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv, \
-                                    float* part, int S, const float* lse, const float* Dv, int T, int Hq, int Hkv) {           \
-        A5_BODY((attn5_dkv<HD, ST>(&mqkv, &mdo, dqkv, part, S, lse, Dv, T, Hq, Hkv)));                                         \
+                                    float* part, int S, const float* lse, const float* Dv, int T, int Hq, int Hkv,             \
+                                    const float* freqs, float* amax) {                                                         \
+        A5_BODY((attn5_dkv<HD, ST>(&mqkv, &mdo, dqkv, part, S, lse, Dv, T, Hq, Hkv, freqs, amax)));                            \
     }
 A5_DKV(64, 0, 2)
 A5_DKV(64, 1, 3)
@@ -479,8 +480,8 @@ A5_DKV(128, 1, 3)
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
         llmq_attn5_dq_##HD##_##IDX(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv,  \
                                    float* Dv, const uint16_t* dout, const uint16_t* out, const float* lse, int T, int Hq,      \
-                                   int Hkv) {                                                                                \
-        A5_BODY((attn5_dq<HD, ST>(&mqkv, &mdo, dqkv, Dv, dout, out, lse, T, Hq, Hkv)));                                      \
+                                   int Hkv, const float* freqs, float* amax) {                                               \
+        A5_BODY((attn5_dq<HD, ST>(&mqkv, &mdo, dqkv, Dv, dout, out, lse, T, Hq, Hkv, freqs, amax)));                         \
     }
 A5_DQ(64, 0, 2)
 A5_DQ(64, 1, 3)

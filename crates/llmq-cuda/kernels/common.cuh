@@ -190,6 +190,8 @@ LLMQ_DEV float block_max(float v, float* red) {
 // and unlike fmaxf, which drops NaNs). Slots are zeroed before the launch; the integer atomicMax
 // is exact and order-independent.
 LLMQ_DEV unsigned abs_bits(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
+// The larger |x| of a bf16 pair (bf16x2_bits' layout) as f32 bits, comparable with abs_bits.
+LLMQ_DEV unsigned bf16x2_abs_bits(unsigned pair) { return max((pair << 16) & 0x7FFFFFFFu, pair & 0x7FFF0000u); }
 LLMQ_DEV void atomic_absmax_bits(float* slot, unsigned bits) { atomicMax((unsigned*)slot, bits); }
 // One atomic per warp; every lane of the warp must call it.
 LLMQ_DEV void warp_absmax_commit(float* slot, unsigned local_bits) {

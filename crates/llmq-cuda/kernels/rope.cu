@@ -9,11 +9,14 @@
 // pairs): two 16-byte loads (x[i..i+8], x[i+Hd/2..]), four 16-byte loads of (cos, sin) (a
 // small table that stays in L1/L2), two 16-byte stores; 32-bit index arithmetic.
 // In place (out == inp) works: every element is read before the same thread writes it.
+// Optional bias [Q] (forward; dtype dt_bias, null: none): x = inp + bias in f32 before the
+// rotation, v heads included (the QKV matmul's bias, fused here; the CPU adds it the same way).
 #include "common.cuh"
 #include "vec.cuh"
 
 extern "C" __global__ void llmq_rope(void* out, int dt_out, const void* inp, int dt_in, const float* freqs,
-                                     int N, int T, int Hq, int Hkv, int Hd, int backward, float* absmax) {
+                                     int N, int T, int Hq, int Hkv, int Hd, int backward, const void* bias, int dt_bias,
+                                     float* absmax) {
     int H = Hq + 2 * Hkv, half = Hd / 2;
     long long total = (long long)N * H * half;
     long long stride = (long long)gridDim.x * blockDim.x;
@@ -25,6 +28,10 @@ extern "C" __global__ void llmq_rope(void* out, int dt_out, const void* inp, int
         int n = (int)(nh / H);
         long long base = nh * Hd;
         float x1 = load_f(inp, base + i, dt_in), x2 = load_f(inp, base + i + half, dt_in);
+        if (bias != nullptr) {
+            x1 += load_f(bias, (long long)h * Hd + i, dt_bias);
+            x2 += load_f(bias, (long long)h * Hd + i + half, dt_bias);
+        }
         float y1, y2;
         if (h >= Hq + Hkv) {
             y1 = x1;
@@ -52,7 +59,7 @@ extern "C" __global__ void llmq_rope(void* out, int dt_out, const void* inp, int
 
 template <class T>
 __device__ __forceinline__ void rope_v(void* out, const void* inp, const float* freqs, int N, int Tn, int Hq, int Hkv, int Hd,
-                                       int backward, float* absmax) {
+                                       int backward, const void* bias, int dt_bias, float* absmax) {
     const unsigned H = Hq + 2 * Hkv, half = Hd / 2, hc = half >> 3, rc = H * hc;
     const unsigned total = (unsigned)N * rc;
     const unsigned stride = gridDim.x * blockDim.x;
@@ -63,6 +70,14 @@ __device__ __forceinline__ void rope_v(void* out, const void* inp, const float* 
         float x1[8], x2[8];
         ld8<T>(inp, T::DT, base, 8, x1);
         ld8<T>(inp, T::DT, base + half, 8, x2);
+        if (bias != nullptr) {
+            const int bc = h * Hd + i8 * 8;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                x1[j] += load_f(bias, bc + j, dt_bias);
+                x2[j] += load_f(bias, bc + half + j, dt_bias);
+            }
+        }
         if (h < (unsigned)(Hq + Hkv)) {
             const float4* fp = (const float4*)(freqs + ((long long)(n % (unsigned)Tn) * half + i8 * 8) * 2);
             float cs[16];
@@ -90,10 +105,12 @@ __device__ __forceinline__ void rope_v(void* out, const void* inp, const float* 
 }
 
 extern "C" __global__ void __launch_bounds__(256) llmq_rope_v_f32(void* out, const void* inp, const float* freqs, int N, int Tn, int Hq,
-                                                                  int Hkv, int Hd, int backward, float* absmax) {
-    rope_v<F32T>(out, inp, freqs, N, Tn, Hq, Hkv, Hd, backward, absmax);
+                                                                  int Hkv, int Hd, int backward, const void* bias, int dt_bias,
+                                                                  float* absmax) {
+    rope_v<F32T>(out, inp, freqs, N, Tn, Hq, Hkv, Hd, backward, bias, dt_bias, absmax);
 }
 extern "C" __global__ void __launch_bounds__(256) llmq_rope_v_bf16(void* out, const void* inp, const float* freqs, int N, int Tn, int Hq,
-                                                                   int Hkv, int Hd, int backward, float* absmax) {
-    rope_v<BF16T>(out, inp, freqs, N, Tn, Hq, Hkv, Hd, backward, absmax);
+                                                                   int Hkv, int Hd, int backward, const void* bias, int dt_bias,
+                                                                   float* absmax) {
+    rope_v<BF16T>(out, inp, freqs, N, Tn, Hq, Hkv, Hd, backward, bias, dt_bias, absmax);
 }

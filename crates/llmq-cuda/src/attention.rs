@@ -84,6 +84,21 @@ pub(crate) fn dkv_part_offset(s: &AttnShape) -> usize {
     (s.b * s.hq * s.t * 4).next_multiple_of(256)
 }
 
+/// What the backward kernels fuse into their stores of dQ, dK and dV (`a3_store_grad` in
+/// attention.cu; 0: not wanted): the RoPE backward of dQ and dK with the table at `freqs`, and the
+/// abs-max of all of dqkv into the f32 slot at `amax` (zeroed by the caller).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GradEpi {
+    pub freqs: u64,
+    pub amax: u64,
+}
+
+impl GradEpi {
+    pub(crate) fn args(self) -> [Arg; 2] {
+        [Arg::Ptr(self.freqs), Arg::Ptr(self.amax)]
+    }
+}
+
 type Table = [[sys::CUfunction; ATTN3_CONFIGS]; 2];
 
 pub(crate) struct Attn3Kernels {
@@ -156,7 +171,7 @@ impl CudaBackend {
 
     /// Forward with the v3 kernels. Ok(false) when the configuration does not fit this device
     /// (shared memory); the caller then uses an older path. Tensors are checked by the caller.
-    pub(crate) fn attn3_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<bool> {
+    pub(crate) fn attn3_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, amax: u64) -> Result<bool> {
         let h = usize::from(s.hd != 64);
         let (fi, _, _) = self.attn3_indices(s.hd);
         let cfg = FWD[h][fi];
@@ -166,7 +181,7 @@ impl CudaBackend {
         }
         let bq = cfg.warps * 16 * cfg.mt;
         let grid = (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32);
-        let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
+        let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::Ptr(amax)];
         self.attn3_launch(self.attn3.fwd[h][fi], grid, cfg.warps * 32, smem, &args)?;
         Ok(true)
     }
@@ -175,7 +190,7 @@ impl CudaBackend {
     /// floats) and, where the dK/dV work is split, the f32 parts after it. Ok(false) as for the
     /// forward.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attn3_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape) -> Result<bool> {
+    pub(crate) fn attn3_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, epi: GradEpi) -> Result<bool> {
         let h = usize::from(s.hd != 64);
         let (_, qi, ki) = self.attn3_indices(s.hd);
         let (cq, ck) = (DQ[h][qi], DKV[h][ki]);
@@ -185,29 +200,22 @@ impl CudaBackend {
         }
         let (t, hq, hkv) = (Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32));
         let bq = cq.warps * 16 * cq.mt;
-        let args = [
-            Arg::Ptr(dqkv.addr),
-            Arg::Ptr(dbuf),
-            Arg::Ptr(dout.addr),
-            Arg::Ptr(out.addr),
-            Arg::Ptr(qkv.addr),
-            Arg::Ptr(lse.addr),
-            Arg::I32(s.t as i32),
-            Arg::I32(s.hq as i32),
-            Arg::I32(s.hkv as i32),
-        ];
+        let [fr, am] = epi.args();
+        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
         self.attn3_launch(self.attn3.dq[h][qi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), cq.warps * 32, sq, &args)?;
         let bkv = ck.warps * 16 * ck.mt;
         let split = self.dkv_split(&s, bkv);
         let part = dbuf + dkv_part_offset(&s) as u64;
-        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+        let (t, hq, hkv) = (Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32));
+        let [fr, am] = epi.args();
+        let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv, fr, am];
         self.attn3_launch(self.attn3.dkv[h][ki], ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32), ck.warps * 32, sk, &args)?;
-        self.attn3_dkv_reduce(dqkv, part, split, &s)?;
+        self.attn3_dkv_reduce(dqkv, part, split, &s, epi)?;
         Ok(true)
     }
 
     /// Adds the `split` f32 dK/dV parts at `part` into dqkv's K|V columns (nothing for 1 part).
-    pub(crate) fn attn3_dkv_reduce(&self, dqkv: &Tensor, part: u64, split: usize, s: &AttnShape) -> Result<()> {
+    pub(crate) fn attn3_dkv_reduce(&self, dqkv: &Tensor, part: u64, split: usize, s: &AttnShape, epi: GradEpi) -> Result<()> {
         if split > 1 {
             let rows = s.b * s.t;
             let args = [
@@ -219,6 +227,10 @@ impl CudaBackend {
                 Arg::I32(s.qkv_width() as i32),
                 Arg::I32((s.hq * s.hd) as i32),
                 Arg::F32(1.0 / (s.hd as f32).sqrt()),
+                Arg::I32(s.t as i32),
+                Arg::I32(s.hd as i32),
+                Arg::Ptr(epi.freqs),
+                Arg::Ptr(epi.amax),
             ];
             self.attn3_launch(self.attn3.dkv_reduce, (rows.min(65535 * 16) as u32, 1, 1), 128, 0, &args)?;
         }

@@ -7,7 +7,7 @@
 //! consumer warpgroups) are further configuration indices of the same three kinds, launched here
 //! with tensor maps over qkv and dout (`tensor_map_3d`).
 
-use crate::attention::dkv_part_offset;
+use crate::attention::{dkv_part_offset, GradEpi};
 use crate::kernels::{self, Arg, Kernels};
 use crate::{AttnImpl, CudaBackend};
 use cudarc::driver::sys;
@@ -197,10 +197,11 @@ impl CudaBackend {
     }
 
     /// The forward with the wgmma kernel `fi`; arguments as `attn3_fwd` (tensors checked by the
-    /// caller). Ok(false) when the configuration does not fit this device.
-    pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, fi: usize) -> Result<bool> {
+    /// caller; `amax`: the abs-max slot or 0). Ok(false) when the configuration does not fit this
+    /// device.
+    pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, fi: usize, amax: u64) -> Result<bool> {
         if fi >= ATTN4_CONFIGS {
-            return self.attn5_fwd(out, lse, qkv, s, fi - ATTN4_CONFIGS);
+            return self.attn5_fwd(out, lse, qkv, s, fi - ATTN4_CONFIGS, amax);
         }
         let h = usize::from(s.hd != 64);
         let cfg = FWD[h][fi];
@@ -209,7 +210,7 @@ impl CudaBackend {
             return Ok(false);
         }
         let bq = ROWS * cfg.wgs;
-        let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
+        let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::Ptr(amax)];
         self.attn3_launch(self.attn4.fwd[h][fi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cfg.wgs, smem, &args)?;
         Ok(true)
     }
@@ -217,7 +218,7 @@ impl CudaBackend {
     /// The warp-specialised forward `llmq_attn5_fwd_<hd>_<wi>`: TMA loads through two tensor maps
     /// over qkv viewed as [B][T][(Hq + 2 Hkv) Hd] (rows past T read as zeros), 384 threads per
     /// block of 128 queries. Ok(false) when it does not fit this device.
-    fn attn5_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, wi: usize) -> Result<bool> {
+    fn attn5_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, wi: usize, amax: u64) -> Result<bool> {
         let h = usize::from(s.hd != 64);
         let cfg = WS_FWD[wi];
         let smem = ws_fwd_smem(s.hd, cfg);
@@ -226,7 +227,7 @@ impl CudaBackend {
         }
         let mq = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_BQ)?;
         let mkv = if cfg.0 == WS_BQ { mq.clone() } else { tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), cfg.0)? };
-        let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
+        let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::Ptr(amax)];
         self.attn3_launch(self.attn4.ws_fwd[h][wi], (s.t.div_ceil(WS_BQ) as u32, s.hq as u32, s.b as u32), 3 * 128, smem, &args)?;
         Ok(true)
     }
@@ -234,7 +235,7 @@ impl CudaBackend {
     /// The backward with the wgmma kernels; arguments as `attn3_bwd` (tensors checked by the
     /// caller). Ok(false) when the configuration does not fit this device.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, qi: usize, ki: usize) -> Result<bool> {
+    pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, (qi, ki): (usize, usize), epi: GradEpi) -> Result<bool> {
         let h = usize::from(s.hd != 64);
         // the dQ kernel (it also writes D): wgmma (qi < ATTN4_CONFIGS) or warp-specialised
         let (bq, qthreads, sq) = match qi.checked_sub(ATTN4_CONFIGS) {
@@ -264,10 +265,12 @@ impl CudaBackend {
         let [t, hq, hkv] = dims();
         if let Some(wi) = qi.checked_sub(ATTN4_CONFIGS) {
             let [mqkv, mdo] = maps();
-            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv];
+            let [fr, am] = epi.args();
+            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
             self.attn3_launch(self.attn4.ws_dq[h][wi], qgrid, qthreads, sq, &args)?;
         } else {
-            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv];
+            let [fr, am] = epi.args();
+            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
             self.attn3_launch(self.attn4.dq[h][qi], qgrid, qthreads, sq, &args)?;
         }
         let split = self.dkv_split(&s, bkv);
@@ -276,13 +279,15 @@ impl CudaBackend {
         let [t, hq, hkv] = dims();
         if let Some(wi) = ki.checked_sub(ATTN4_CONFIGS) {
             let [mqkv, mdo] = maps();
-            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+            let [fr, am] = epi.args();
+            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv, fr, am];
             self.attn3_launch(self.attn4.ws_dkv[h][wi], grid, threads, sk, &args)?;
         } else {
-            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv];
+            let [fr, am] = epi.args();
+            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv, fr, am];
             self.attn3_launch(self.attn4.dkv[h][ki], grid, threads, sk, &args)?;
         }
-        self.attn3_dkv_reduce(dqkv, part, split, &s)?;
+        self.attn3_dkv_reduce(dqkv, part, split, &s, epi)?;
         Ok(true)
     }
 

@@ -345,7 +345,8 @@ impl CudaBackend {
         Ok(true)
     }
 
-    pub(crate) fn v_rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: &AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<bool> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn v_rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: &AttnShape, backward: bool, [pb, db]: [Arg; 2], absmax: Option<&Tensor>) -> Result<bool> {
         if !self.fast() || !s.hd.is_multiple_of(16) {
             return Ok(false);
         }
@@ -364,7 +365,7 @@ impl CudaBackend {
             (self.vgrid(total), 1, 1),
             (T, 1, 1),
             0,
-            &[p(out), p(inp), p(freqs), i(s.n()), i(s.t), i(s.hq), i(s.hkv), i(s.hd), Arg::I32(backward as i32), popt(absmax)],
+            &[p(out), p(inp), p(freqs), i(s.n()), i(s.t), i(s.hq), i(s.hkv), i(s.hd), Arg::I32(backward as i32), pb, db, popt(absmax)],
         )?;
         Ok(true)
     }

@@ -361,17 +361,17 @@ impl Backend for CudaBackend {
     fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape) -> Result<()> {
         self.op_qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
     }
-    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: AttnShape) -> Result<()> {
-        self.op_rope(out, qkv, freqs, shape, false, None)
+    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: AttnShape, bias: Option<&Tensor>) -> Result<()> {
+        self.op_rope_fwd(out, qkv, freqs, shape, bias)
     }
     fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         self.op_rope(dqkv, dout, freqs, shape, true, absmax)
     }
-    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape) -> Result<()> {
-        self.op_attention_fwd(out, lse, qkv, shape)
+    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_attention_fwd(out, lse, qkv, shape, absmax)
     }
-    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape) -> Result<()> {
-        self.op_attention_bwd(dqkv, dout, qkv, out, lse, shape)
+    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_attention_bwd(dqkv, dout, qkv, out, lse, shape, rope, absmax)
     }
     fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         self.op_swiglu_fwd(out, inp, absmax)

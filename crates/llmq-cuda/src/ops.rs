@@ -4,6 +4,7 @@
 //! Kernel arguments are raw device addresses plus int dtype codes (`dt`), matching the
 //! `extern "C"` signatures in `kernels/*.cu` argument for argument.
 
+use crate::attention::GradEpi;
 use crate::device::check;
 use crate::kernels::{self, Arg};
 use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
@@ -444,7 +445,20 @@ impl CudaBackend {
         self.colreduce(dkw, self.scratch + (hd * 8) as u64, g, hd, 2 * hd, true)
     }
 
+    pub(crate) fn op_rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, s: AttnShape, bias: Option<&Tensor>) -> Result<()> {
+        if let Some(b) = bias {
+            check_float("rope_fwd", "bias", b)?;
+            b.expect_numel("rope_fwd", "bias", s.qkv_width())?;
+        }
+        self.rope(out, qkv, freqs, s, false, bias, None)
+    }
+
     pub(crate) fn op_rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<()> {
+        self.rope(out, inp, freqs, s, backward, None, absmax)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: AttnShape, backward: bool, bias: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         let op = if backward { "rope_bwd" } else { "rope_fwd" };
         check_attn(op, &s)?;
         let (n, q, hd, t) = (s.n(), s.qkv_width(), s.hd, s.t);
@@ -454,16 +468,18 @@ impl CudaBackend {
         check_absmax(op, absmax)?;
         fits_i32(op, n)?;
         self.zero_f32(absmax)?;
-        if self.v_rope(out, inp, freqs, &s, backward, absmax)? {
+        let bias_args = || [popt(bias), Arg::I32(bias.map_or(0, |b| dt(b.dtype)))];
+        if self.v_rope(out, inp, freqs, &s, backward, bias_args(), absmax)? {
             return Ok(());
         }
         let total = n * (s.hq + 2 * s.hkv) * (hd / 2);
+        let [pb, db] = bias_args();
         self.launch(
             self.k.rope,
             (self.grid_for(total), 1, 1),
             (THREADS, 1, 1),
             0,
-            &[p(out), Arg::I32(dt(out.dtype)), p(inp), Arg::I32(dt(inp.dtype)), p(freqs), i(n), i(t), i(s.hq), i(s.hkv), i(hd), Arg::I32(backward as i32), popt(absmax)],
+            &[p(out), Arg::I32(dt(out.dtype)), p(inp), Arg::I32(dt(inp.dtype)), p(freqs), i(n), i(t), i(s.hq), i(s.hkv), i(hd), Arg::I32(backward as i32), pb, db, popt(absmax)],
         )
     }
 
@@ -747,22 +763,38 @@ impl CudaBackend {
             && ts.iter().all(|t| t.dtype == DType::BF16 && t.addr % 16 == 0)
     }
 
-    pub(crate) fn op_attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
+    /// `absmax`: also the abs-max of out (fp8 runs quantise it next); the v3/wgmma/warp-specialised
+    /// kernels take it in their stores, the other paths in an `absmax` pass afterwards.
+    pub(crate) fn op_attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "attention_fwd";
         Self::attn_checks(OP, &s)?;
         let n = s.n();
         check_rows(OP, "qkv", qkv, n, s.qkv_width())?;
         check_rows(OP, "out", out, n, s.out_width())?;
         check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
+        check_absmax(OP, absmax)?;
         if self.attn_mma(&s, &[out, qkv]) {
+            let am = absmax.map_or(0, |a| a.addr);
+            self.zero_f32(absmax)?;
             if let Some((fi, _, _)) = self.attn4_choice(s.hd) {
-                if self.attn4_fwd(out, lse, qkv, s, fi)? {
+                if self.attn4_fwd(out, lse, qkv, s, fi, am)? {
                     return Ok(());
                 }
             }
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_fwd(out, lse, qkv, s)? {
+            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_fwd(out, lse, qkv, s, am)? {
                 return Ok(());
             }
+        }
+        self.attention_fwd_unfused(out, lse, qkv, s)?;
+        match absmax {
+            Some(a) => self.op_absmax(a, out),
+            None => Ok(()),
+        }
+    }
+
+    /// The v2 (mma.sync) and simple forward kernels (no fused abs-max).
+    fn attention_fwd_unfused(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
+        if self.attn_mma(&s, &[out, qkv]) {
             let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
             let args = [p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
             let f = if s.hd == 64 { self.k.attn_fwd_mma2_64 } else { self.k.attn_fwd_mma2_128 };
@@ -780,7 +812,11 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn op_attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape) -> Result<()> {
+    /// `rope`: also the RoPE backward (dqkv receives the gradient of qkv before RoPE); `absmax`:
+    /// the abs-max of dqkv. The v3/wgmma/warp-specialised kernels do both in their stores
+    /// (`GradEpi`); the other paths run `rope_bwd` (or `absmax`) over dqkv afterwards.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn op_attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "attention_bwd";
         Self::attn_checks(OP, &s)?;
         let n = s.n();
@@ -789,23 +825,41 @@ impl CudaBackend {
         check_rows(OP, "out", out, n, s.out_width())?;
         check_rows(OP, "dout", dout, n, s.out_width())?;
         check_f32_n(OP, "lse", lse, s.b * s.hq * s.t)?;
+        if let Some(f) = rope {
+            check_f32_n(OP, "freqs", f, s.t * s.hd)?;
+        }
+        check_absmax(OP, absmax)?;
         let rows = s.b * s.hq * s.t;
         if rows * 4 > SCRATCH_BYTES {
             return err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
         }
         let dbuf = self.scratch;
-        if self.attn_mma(&s, &[dqkv, dout, qkv, out]) {
+        // the fused stores read (cos, sin) pairs as 16-byte vectors
+        if self.attn_mma(&s, &[dqkv, dout, qkv, out]) && rope.is_none_or(|f| f.addr % 16 == 0) {
+            let epi = GradEpi { freqs: rope.map_or(0, |f| f.addr), amax: absmax.map_or(0, |a| a.addr) };
+            self.zero_f32(absmax)?;
             // the wgmma and v3 dQ kernels compute D themselves
             if let Some((_, dq, dkv)) = self.attn4_choice(s.hd) {
-                if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, dq, dkv)? {
+                if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, (dq, dkv), epi)? {
                     return Ok(());
                 }
             }
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s)? {
+            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
                 return Ok(());
             }
         }
-        let warps = rows;
+        self.attention_bwd_unfused(dqkv, dout, qkv, out, lse, s, dbuf)?;
+        match (rope, absmax) {
+            (Some(f), _) => self.op_rope(dqkv, dqkv, f, s, true, absmax),
+            (None, Some(a)) => self.op_absmax(a, dqkv),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// The v2 (mma.sync) and simple backward kernels: dqkv without RoPE backward or abs-max.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_unfused(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, dbuf: u64) -> Result<()> {
+        let warps = s.b * s.hq * s.t;
         self.launch(
             self.k.attn_bwd_d,
             (warps.div_ceil(8) as u32, 1, 1),

@@ -67,11 +67,19 @@ fn case(p: &mut Pair, s: AttnShape, imp: AttnImpl) {
     let qkv = p.rand(BF16, &[n, q], 1.0);
     let out = p.out(BF16, &[n, s.out_width()]);
     let lse = p.out(F32, &[s.b, s.hq, s.t]);
-    p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s).unwrap();
-    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s).unwrap();
+    p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s, None).unwrap();
+    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s, None).unwrap();
     let name = format!("{imp:?} {s:?}");
     p.rel(&format!("fwd {name}: out"), &out, 1e-2);
     p.close(&format!("fwd {name}: lse"), &lse, 1e-4, 1e-4);
+    // the fused abs-max: the same output, and exactly its abs-max
+    let first = p.gpu.download(&out.g).unwrap();
+    let am = p.out(F32, &[1]);
+    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s, Some(&am.g)).unwrap();
+    let want = decode(BF16, &first).iter().fold(0f32, |m, x| m.max(x.abs()));
+    if p.gpu.download(&out.g).unwrap() != first || p.get(&am).1[0].to_bits() != want.to_bits() {
+        p.fail(format!("fwd {name}: with the abs-max, out changed or abs-max {} != {want}", p.get(&am).1[0]));
+    }
     // backward from the CPU's forward output (same inputs on both sides)
     let (oc, _) = p.raw(&out);
     p.gpu.upload(&out.g, &oc).unwrap();
@@ -79,8 +87,8 @@ fn case(p: &mut Pair, s: AttnShape, imp: AttnImpl) {
     p.gpu.upload(&lse.g, &lc).unwrap();
     let dout = p.rand(BF16, &[n, s.out_width()], 1.0);
     let dqkv = p.out(BF16, &[n, q]);
-    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s).unwrap();
-    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s, None, None).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s, None, None).unwrap();
     p.rel(&format!("bwd {name}: dqkv"), &dqkv, 2e-2);
     let (c, g) = p.get(&dqkv);
     let r = parts(s, &c, &g);
@@ -89,9 +97,49 @@ fn case(p: &mut Pair, s: AttnShape, imp: AttnImpl) {
         p.fail(format!("bwd {name}: part errors dq {:.2e} dk {:.2e} dv {:.2e}", r[0], r[1], r[2]));
     }
     let first = p.gpu.download(&dqkv.g).unwrap();
-    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s, None, None).unwrap();
     if first != p.gpu.download(&dqkv.g).unwrap() {
         p.fail(format!("bwd {name} is not deterministic"));
+    }
+    fused_epilogue(p, s, &name, [&qkv, &out, &lse, &dout]);
+}
+
+/// RoPE table f32 [T, Hd/2, 2] (theta 10000).
+fn rope_table(s: AttnShape) -> Vec<f32> {
+    let half = s.hd / 2;
+    (0..s.t)
+        .flat_map(|t| (0..half).flat_map(move |i| {
+            let a = t as f64 * 10000f64.powf(-((2 * i) as f64) / s.hd as f64);
+            [a.cos() as f32, a.sin() as f32]
+        }))
+        .collect()
+}
+
+/// The backward with RoPE's transpose and the abs-max fused into its stores, against the CPU
+/// (which rotates the f32 gradient before rounding, as the fused kernels do); the abs-max must be
+/// exactly that of the stored dqkv, and the result deterministic.
+fn fused_epilogue(p: &mut Pair, s: AttnShape, name: &str, [qkv, out, lse, dout]: [&common::T2; 4]) {
+    let (n, q) = (s.n(), s.qkv_width());
+    let freqs = p.vals(F32, &[s.t, s.hd / 2, 2], &rope_table(s));
+    let dqkv = p.out(BF16, &[n, q]);
+    let am = p.out(F32, &[1]);
+    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s, Some(&freqs.c), Some(&am.c)).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s, Some(&freqs.g), Some(&am.g)).unwrap();
+    let (c, g) = p.get(&dqkv);
+    let r = parts(s, &c, &g);
+    println!("bwd+rope {name}: dq {:.2e} dk {:.2e} dv {:.2e}", r[0], r[1], r[2]);
+    if r.iter().any(|&x| x >= 2e-2) {
+        p.fail(format!("bwd+rope {name}: part errors dq {:.2e} dk {:.2e} dv {:.2e}", r[0], r[1], r[2]));
+    }
+    let want = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let got = p.get(&am).1[0];
+    if got.to_bits() != want.to_bits() {
+        p.fail(format!("bwd+rope {name}: abs-max {got} but the stored dqkv's is {want}"));
+    }
+    let first = p.gpu.download(&dqkv.g).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s, Some(&freqs.g), Some(&am.g)).unwrap();
+    if first != p.gpu.download(&dqkv.g).unwrap() || p.get(&am).1[0].to_bits() != want.to_bits() {
+        p.fail(format!("bwd+rope {name} is not deterministic"));
     }
 }
 
@@ -233,7 +281,7 @@ fn attention_ws_forward_bitwise_equal_to_wg() {
             let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
             let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
             p.gpu.set_attention_impl(AttnImpl::Wg { fwd: fwd as u8, dq: u8::MAX, dkv: u8::MAX, split: 0 });
-            p.gpu.attention_fwd(&out, &lse, &qkv.g, s).unwrap();
+            p.gpu.attention_fwd(&out, &lse, &qkv.g, s, None).unwrap();
             (p.gpu.download(&out).unwrap(), p.gpu.download(&lse).unwrap())
         };
         for (wi, &(bk, _)) in WS_FWD.iter().enumerate() {
@@ -264,11 +312,11 @@ fn attention_ws_backward_bitwise_equal_to_wg() {
         let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
         let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
         p.gpu.set_attention_impl(AttnImpl::Auto);
-        p.gpu.attention_fwd(&out, &lse, &qkv.g, s).unwrap();
+        p.gpu.attention_fwd(&out, &lse, &qkv.g, s, None).unwrap();
         let run = |p: &mut Pair, dq: usize, dkv: usize, split: u8| {
             let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
             p.gpu.set_attention_impl(AttnImpl::Wg { fwd: u8::MAX, dq: dq as u8, dkv: dkv as u8, split });
-            p.gpu.attention_bwd(&dqkv, &dout.g, &qkv.g, &out, &lse, s).unwrap();
+            p.gpu.attention_bwd(&dqkv, &dout.g, &qkv.g, &out, &lse, s, None, None).unwrap();
             p.gpu.download(&dqkv).unwrap()
         };
         for (wi, &st) in WS_DKV.iter().enumerate() {
@@ -317,14 +365,14 @@ fn attention_v3_configs_agree_with_v2_at_length_1024() {
         let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
         let run = |p: &mut Pair, imp| {
             p.gpu.set_attention_impl(imp);
-            p.gpu.attention_fwd(&out, &lse, &qkv, s).unwrap();
+            p.gpu.attention_fwd(&out, &lse, &qkv, s, None).unwrap();
             let o = decode(BF16, &p.gpu.download(&out).unwrap());
             let l = decode(F32, &p.gpu.download(&lse).unwrap());
             // the backward from v2's forward results, so that only the backward differs
             p.gpu.set_attention_impl(AttnImpl::MmaV2);
-            p.gpu.attention_fwd(&out, &lse, &qkv, s).unwrap();
+            p.gpu.attention_fwd(&out, &lse, &qkv, s, None).unwrap();
             p.gpu.set_attention_impl(imp);
-            p.gpu.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap();
+            p.gpu.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap();
             (o, l, decode(BF16, &p.gpu.download(&dqkv).unwrap()))
         };
         let (o2, l2, d2) = run(&mut p, AttnImpl::MmaV2);
@@ -363,8 +411,8 @@ fn attention_v3_timings() {
         println!("## B16 T1024 Hq{hq} Hkv{hkv} Hd{hd}: fwd / bwd ms (TFLOP/s, bwd counted as 2.5 x fwd)");
         let line = |g: &CudaBackend, name: String, imp: AttnImpl| {
             g.set_attention_impl(imp);
-            let tf = median_time(g, || g.attention_fwd(&out, &lse, &qkv, s).unwrap());
-            let tb = median_time(g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+            let tf = median_time(g, || g.attention_fwd(&out, &lse, &qkv, s, None).unwrap());
+            let tb = median_time(g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
             println!("| {name} | {:.3} ({:.0}) | {:.3} ({:.0}) |", tf * 1e3, flops / tf / 1e12, tb * 1e3, 2.5 * flops / tb / 1e12);
         };
         line(&g, "v2".into(), AttnImpl::MmaV2);
@@ -386,7 +434,7 @@ fn attention_v3_timings() {
                 let mut row = format!("warp-specialised dQ {i} ({st} stages), bwd ms with dkv 0..{}:", ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS);
                 for dkv in 0..(ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS) as u8 {
                     g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: (ATTN4_CONFIGS + i) as u8, dkv, split: 0 });
-                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
                     row.push_str(&format!(" {:.3}", tb * 1e3));
                 }
                 println!("{row}");
@@ -397,7 +445,7 @@ fn attention_v3_timings() {
                 let mut row = format!("warp-specialised dK/dV {i}, bwd ms with dq 0..{ATTN4_CONFIGS}:");
                 for dq in 0..ATTN4_CONFIGS as u8 {
                     g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq, dkv: (ATTN4_CONFIGS + i) as u8, split: 0 });
-                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
                     row.push_str(&format!(" {:.3}", tb * 1e3));
                 }
                 println!("{row}");
@@ -407,7 +455,7 @@ fn attention_v3_timings() {
                 let mut row = format!("dq {i}:");
                 for j in 0..ATTN4_CONFIGS as u8 {
                     g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: i, dkv: j, split: 0 });
-                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                    let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
                     row.push_str(&format!(" {:.3}", tb * 1e3));
                 }
                 println!("{row}");
@@ -416,7 +464,7 @@ fn attention_v3_timings() {
             let mut row = format!("wgmma bwd ms, dq {dq} dkv {dkv}, dK/dV parts 1, 2, 3, 4, 6, 8:");
             for split in [1u8, 2, 3, 4, 6, 8] {
                 g.set_attention_impl(AttnImpl::Wg { fwd: 0, dq: dq as u8, dkv: dkv as u8, split });
-                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
             println!("{row}");
@@ -431,7 +479,7 @@ fn attention_v3_timings() {
             let mut row = format!("dkv {j} (auto {}):", attn3_dkv_split(&s, j as usize));
             for split in [1u8, 2, 3, 4, 6, 8] {
                 g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: attn3_default(hd).1 as u8, dkv: j, split });
-                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
             println!("{row}");
@@ -441,7 +489,7 @@ fn attention_v3_timings() {
             let mut row = format!("dq {i}:");
             for j in 0..ATTN3_CONFIGS as u8 {
                 g.set_attention_impl(AttnImpl::V3 { fwd: 0, dq: i, dkv: j, split: 0 });
-                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s).unwrap());
+                let tb = median_time(&g, || g.attention_bwd(&dqkv, &dout, &qkv, &out, &lse, s, None, None).unwrap());
                 row.push_str(&format!(" {:.3}", tb * 1e3));
             }
             println!("{row}");

@@ -381,9 +381,16 @@ fn rope_forward_backward() {
         let freqs = p.vals(F32, &[s.t, hd / 2, 2], &fr);
         let x = p.rand(d, &[n, q], 1.0);
         let out = p.out(d, &[n, q]);
-        p.cpu.rope_fwd(&out.c, &x.c, &freqs.c, s).unwrap();
-        p.gpu.rope_fwd(&out.g, &x.g, &freqs.g, s).unwrap();
+        p.cpu.rope_fwd(&out.c, &x.c, &freqs.c, s, None).unwrap();
+        p.gpu.rope_fwd(&out.g, &x.g, &freqs.g, s, None).unwrap();
         p.exact(&format!("rope_fwd {d} {s:?}"), &out);
+        // the QKV bias fused into the forward (f32 and bf16 biases; the generic kernel for f32)
+        for bd in [F32, BF16] {
+            let bias = p.rand(bd, &[q], 1.0);
+            p.cpu.rope_fwd(&out.c, &x.c, &freqs.c, s, Some(&bias.c)).unwrap();
+            p.gpu.rope_fwd(&out.g, &x.g, &freqs.g, s, Some(&bias.g)).unwrap();
+            p.exact(&format!("rope_fwd {d} + {bd} bias {s:?}"), &out);
+        }
         let am = p.out(F32, &[1]);
         p.cpu.rope_bwd(&out.c, &x.c, &freqs.c, s, Some(&am.c)).unwrap();
         p.gpu.rope_bwd(&out.g, &x.g, &freqs.g, s, Some(&am.g)).unwrap();
@@ -672,8 +679,8 @@ fn attention_case(p: &mut Pair, s: AttnShape, d: DType, imp: llmq_cuda::AttnImpl
     let qkv = p.rand(d, &[n, q], 1.0);
     let out = p.out(d, &[n, s.out_width()]);
     let lse = p.out(F32, &[s.b, s.hq, s.t]);
-    p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s).unwrap();
-    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s).unwrap();
+    p.cpu.attention_fwd(&out.c, &lse.c, &qkv.c, s, None).unwrap();
+    p.gpu.attention_fwd(&out.g, &lse.g, &qkv.g, s, None).unwrap();
     let kind = format!("{imp:?}");
     let (tf, tb) = if d == F32 { (1e-5, 1e-4) } else { (1e-2, 2e-2) };
     p.rel(&format!("attention_fwd {kind} {d} {s:?}: out"), &out, tf);
@@ -685,12 +692,12 @@ fn attention_case(p: &mut Pair, s: AttnShape, d: DType, imp: llmq_cuda::AttnImpl
     p.gpu.upload(&lse.g, &lc).unwrap();
     let dout = p.rand(d, &[n, s.out_width()], 1.0);
     let dqkv = p.out(d, &[n, q]);
-    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s).unwrap();
-    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    p.cpu.attention_bwd(&dqkv.c, &dout.c, &qkv.c, &out.c, &lse.c, s, None, None).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s, None, None).unwrap();
     p.rel(&format!("attention_bwd {kind} {d} {s:?}: dqkv"), &dqkv, tb);
     // deterministic
     let first = p.gpu.download(&dqkv.g).unwrap();
-    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s).unwrap();
+    p.gpu.attention_bwd(&dqkv.g, &dout.g, &qkv.g, &out.g, &lse.g, s, None, None).unwrap();
     if first != p.gpu.download(&dqkv.g).unwrap() {
         p.fail(format!("attention_bwd {kind} {d} {s:?} is not deterministic"));
     }
@@ -729,9 +736,9 @@ fn attention_paths_agree_at_length_1024() {
             p.gpu.set_attention_impl(imp);
             let out = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, s.out_width()]).unwrap();
             let lse = p.gpu.alloc(MemCategory::Other, Mem::Device, F32, &[s.b * s.hq * s.t]).unwrap();
-            p.gpu.attention_fwd(&out, &lse, &qkv, s).unwrap();
+            p.gpu.attention_fwd(&out, &lse, &qkv, s, None).unwrap();
             let dqkv = p.gpu.alloc(MemCategory::Other, Mem::Device, BF16, &[n, q]).unwrap();
-            p.gpu.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s).unwrap(); // dout = out
+            p.gpu.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s, None, None).unwrap(); // dout = out
             (decode(BF16, &p.gpu.download(&out).unwrap()), decode(BF16, &p.gpu.download(&dqkv).unwrap()))
         };
         let (o1, d1) = run(llmq_cuda::AttnImpl::Simple);

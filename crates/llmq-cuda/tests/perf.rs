@@ -66,19 +66,19 @@ fn kernel_timings() {
         let lse = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[s.b * hq * s.t]).unwrap();
         let dqkv = g.alloc(MemCategory::Other, Mem::Device, bf, &[nn, q]).unwrap();
         let flops = 4.0 * (s.b * hq * hd) as f64 * (s.t * s.t) as f64 / 2.0; // causal
-        let tf = median_time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
+        let tf = median_time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s, None)));
         println!("| attention fwd mma | B16 T1024 Hq{hq} Hkv{hkv} Hd{hd} | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
-        let tb = median_time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
+        let tb = median_time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s, None, None)));
         println!("| attention bwd mma | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::MmaV2);
-        let tf = median_time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s)));
+        let tf = median_time(&g, || ok(g.attention_fwd(&out, &lse, &qkv, s, None)));
         println!("| attention fwd mma v2 | same | {:.3} | {:.0} TFLOP/s |", tf * 1e3, flops / tf / 1e12);
-        let tb = median_time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s)));
+        let tb = median_time(&g, || ok(g.attention_bwd(&dqkv, &out, &qkv, &out, &lse, s, None, None)));
         println!("| attention bwd mma v2 | same | {:.3} | {:.0} TFLOP/s |", tb * 1e3, 2.5 * flops / tb / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Simple);
         let s1 = AttnShape { b: 2, ..s };
         let (q1, o1, l1) = (qkv.rows(0, 2048), out.rows(0, 2048), lse.slice(0, &[2 * hq * 1024]));
-        let tf = median_time(&g, || ok(g.attention_fwd(&o1, &l1, &q1, s1)));
+        let tf = median_time(&g, || ok(g.attention_fwd(&o1, &l1, &q1, s1, None)));
         println!("| attention fwd simple | B2 T1024 Hq{hq} Hd{hd} | {:.3} | {:.1} TFLOP/s |", tf * 1e3, flops / 8.0 / tf / 1e12);
         g.set_attention_impl(llmq_cuda::AttnImpl::Auto);
     }

@@ -106,7 +106,7 @@ fn perf_swiglu_rope() {
     let qkv = rand_tensor(&mut g, &mut rng, bf, &[n, q], 1.0);
     let qkv2 = out(&mut g, bf, &[n, q]);
     let freqs = rand_tensor(&mut g, &mut rng, f32_, &[s.t, s.hd / 2, 2], 1.0);
-    ab(&g, "rope_fwd", &format!("{n}x{q} bf16"), 2 * n * q * 2, || ok(g.rope_fwd(&qkv2, &qkv, &freqs, s)));
+    ab(&g, "rope_fwd", &format!("{n}x{q} bf16"), 2 * n * q * 2, || ok(g.rope_fwd(&qkv2, &qkv, &freqs, s, None)));
     ab(&g, "rope_bwd (+absmax)", &format!("{n}x{q} bf16"), 2 * n * q * 2, || ok(g.rope_bwd(&qkv2, &qkv, &freqs, s, Some(&am))));
 }
 

@@ -105,6 +105,8 @@ impl Activations {
         let res_ffn = per_layer(be, l, dtype, &[n, c])?;
         let rstd1 = per_layer(be, l, f32, &[n])?;
         let rstd2 = per_layer(be, l, f32, &[n])?;
+        // qk-norm's temporaries (one row without qk-norm: nothing else uses them)
+        let qk_rows = if cfg.qk_norm { n } else { 1 };
         let qk_rstd = if cfg.qk_norm { per_layer(be, l, f32, &[n, attn.hq + attn.hkv])? } else { vec![] };
         let keep_ln1 = !(rc.norm || rc.att || rc.block);
         let keep_ln2 = !(rc.norm || rc.block);
@@ -137,7 +139,7 @@ impl Activations {
             ln2,
             up_gate,
             sw,
-            qkv_n: tmp(dtype, &[n, q])?,
+            qkv_n: tmp(dtype, &[qk_rows, q])?,
             proj: tmp(dtype, &[n, c])?,
             final_ln: tmp(dtype, &[n, c])?,
             final_rstd: tmp(f32, &[n])?,
@@ -150,7 +152,7 @@ impl Activations {
             d_ln: tmp(dtype, &[n, c])?,
             d_att: tmp(dtype, &[n, attn.out_width()])?,
             d_qkv: tmp(dtype, &[n, q])?,
-            d_qkv2: tmp(dtype, &[n, q])?,
+            d_qkv2: tmp(dtype, &[qk_rows, q])?,
             d_up_gate: tmp(dtype, &[n, 2 * d])?,
             d_sw: tmp(dtype, &[n, d])?,
             norms: tmp(f32, &[norm_slots])?,

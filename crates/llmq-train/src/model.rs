@@ -200,22 +200,21 @@ impl Model {
         }
         if full || !a.qkv_r.kept() || !a.att.kept() {
             if full || !a.qkv_r.kept() {
-                self.mm(be, l, QKV, &a.qkv.at(l), &a.ln1.at(l), Act::Ln1, &w.qkv_w, w.qkv_b.as_ref())?;
-                let roped_from = match (&w.q_norm, &w.k_norm) {
+                match (&w.q_norm, &w.k_norm) {
                     (Some(qn), Some(kn)) => {
+                        self.mm(be, l, QKV, &a.qkv.at(l), &a.ln1.at(l), Act::Ln1, &w.qkv_w, w.qkv_b.as_ref())?;
                         be.qk_norm_fwd(&a.qkv_n, &a.qk_rstd[l], &a.qkv.at(l), qn, kn, a.attn, self.eps)?;
-                        a.qkv_n
+                        be.rope_fwd(&a.qkv_r.at(l), &a.qkv_n, &a.freqs, a.attn, None)?;
                     }
-                    _ => a.qkv.at(l),
-                };
-                be.rope_fwd(&a.qkv_r.at(l), &roped_from, &a.freqs, a.attn)?;
+                    // the bias is added by RoPE's pass (one pass over qkv fewer)
+                    _ => {
+                        self.mm(be, l, QKV, &a.qkv.at(l), &a.ln1.at(l), Act::Ln1, &w.qkv_w, None)?;
+                        be.rope_fwd(&a.qkv_r.at(l), &a.qkv.at(l), &a.freqs, a.attn, w.qkv_b.as_ref())?;
+                    }
+                }
             }
             if full || !a.att.kept() {
-                be.attention_fwd(&a.att.at(l), &a.lse.at(l), &a.qkv_r.at(l), a.attn)?;
-                // attention has no fused abs-max: one extra pass in fp8 runs
-                if let Some(am) = self.amax(l, Act::Att) {
-                    be.absmax(&am, &a.att.at(l))?;
-                }
+                be.attention_fwd(&a.att.at(l), &a.lse.at(l), &a.qkv_r.at(l), a.attn, self.amax(l, Act::Att).as_ref())?;
             }
         }
         Ok(())
@@ -298,25 +297,22 @@ impl Model {
         // attention
         self.attention_stages(be, l, w, false)?;
         self.mm_bwd(be, l, OUT, &a.d_att, &g.o_w, &a.d_res, &a.att.at(l), Act::Att, &w.o_w)?;
-        be.attention_bwd(&a.d_qkv, &a.d_att, &a.qkv_r.at(l), &a.att.at(l), &a.lse.at(l), a.attn)?;
-        let d_qkv: Tensor = match (&w.q_norm, &w.k_norm, &g.q_norm, &g.k_norm) {
+        // attention's backward also applies RoPE's (and, in fp8 runs, takes the abs-max)
+        let (qkv_r, att, lse) = (a.qkv_r.at(l), a.att.at(l), a.lse.at(l));
+        match (&w.q_norm, &w.k_norm, &g.q_norm, &g.k_norm) {
             (Some(qn), Some(kn), Some(gq), Some(gk)) => {
-                be.rope_bwd(&a.d_qkv2, &a.d_qkv, &a.freqs, a.attn, None)?;
+                be.attention_bwd(&a.d_qkv2, &a.d_att, &qkv_r, &att, &lse, a.attn, Some(&a.freqs), None)?;
                 be.qk_norm_bwd(&a.d_qkv, gq, gk, &a.d_qkv2, &a.qkv.at(l), qn, kn, &a.qk_rstd[l], a.attn)?;
                 if let Some(am) = gam {
                     be.absmax(am, &a.d_qkv)?;
                 }
-                a.d_qkv
             }
-            _ => {
-                be.rope_bwd(&a.d_qkv2, &a.d_qkv, &a.freqs, a.attn, gam)?;
-                a.d_qkv2
-            }
-        };
-        if let Some(gb) = &g.qkv_b {
-            be.colsum(gb, &d_qkv, true)?;
+            _ => be.attention_bwd(&a.d_qkv, &a.d_att, &qkv_r, &att, &lse, a.attn, Some(&a.freqs), gam)?,
         }
-        self.mm_bwd(be, l, QKV, &a.d_ln, &g.qkv_w, &d_qkv, &a.ln1.at(l), Act::Ln1, &w.qkv_w)?;
+        if let Some(gb) = &g.qkv_b {
+            be.colsum(gb, &a.d_qkv, true)?;
+        }
+        self.mm_bwd(be, l, QKV, &a.d_ln, &g.qkv_w, &a.d_qkv, &a.ln1.at(l), Act::Ln1, &w.qkv_w)?;
         be.rmsnorm_bwd(&a.d_res, &g.ln1, &a.d_ln, &a.res_att[l], &w.ln1, &a.rstd1[l], Some(&a.d_res), gam)
     }
 

@@ -127,17 +127,17 @@ impl Backend for Profiled {
     fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, s: AttnShape) -> Result<()> {
         self.timed(|| "qk_norm_bwd".into(), |b| b.qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, s))
     }
-    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, s: AttnShape) -> Result<()> {
-        self.timed(|| "rope_fwd".into(), |b| b.rope_fwd(out, qkv, freqs, s))
+    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, s: AttnShape, bias: Option<&Tensor>) -> Result<()> {
+        self.timed(|| "rope_fwd".into(), |b| b.rope_fwd(out, qkv, freqs, s, bias))
     }
     fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, s: AttnShape, am: Option<&Tensor>) -> Result<()> {
         self.timed(|| "rope_bwd".into(), |b| b.rope_bwd(dqkv, dout, freqs, s, am))
     }
-    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
-        self.timed(|| "attention_fwd".into(), |b| b.attention_fwd(out, lse, qkv, s))
+    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, am: Option<&Tensor>) -> Result<()> {
+        self.timed(|| "attention_fwd".into(), |b| b.attention_fwd(out, lse, qkv, s, am))
     }
-    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape) -> Result<()> {
-        self.timed(|| "attention_bwd".into(), |b| b.attention_bwd(dqkv, dout, qkv, out, lse, s))
+    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, rope: Option<&Tensor>, am: Option<&Tensor>) -> Result<()> {
+        self.timed(|| "attention_bwd".into(), |b| b.attention_bwd(dqkv, dout, qkv, out, lse, s, rope, am))
     }
     fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, am: Option<&Tensor>) -> Result<()> {
         self.timed(|| "swiglu_fwd".into(), |b| b.swiglu_fwd(out, inp, am))

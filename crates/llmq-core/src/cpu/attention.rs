@@ -13,10 +13,14 @@
 //! Parallel over (b, kv head): the query heads of a group are processed in increasing order and
 //! within a head queries in increasing t, so dK / dV sums have a fixed order and no races.
 //!
+//! With a RoPE table, the backward also applies RoPE's transpose to dQ and dK in f32 before
+//! storing (dqkv is then the gradient of the pre-RoPE qkv), like the CUDA kernels' fused stores.
+//!
 //! Pitfalls: lse is f32 [B, Hq, T] (not [B, T, Hq]); the causal mask is j <= t within one
 //! sequence (rows of different b never interact); dqkv is fully overwritten.
 
-use super::common::{check_f32_n, check_rows, op_err, store_par};
+use super::common::{check_absmax, check_f32_n, check_rows, op_err, store_par, write_absmax};
+use super::elementwise::{check_rope, rope_in_place};
 use super::load;
 use crate::backend::AttnShape;
 use crate::error::Result;
@@ -65,7 +69,7 @@ impl Heads {
     }
 }
 
-pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape) -> Result<()> {
+pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "attention_fwd";
     check_shape(OP, &shape)?;
     let AttnShape { b, t, hq, hkv, hd } = shape;
@@ -73,6 +77,7 @@ pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape)
     check_rows(OP, "qkv", qkv, n, shape.qkv_width())?;
     check_rows(OP, "out", out, n, shape.out_width())?;
     check_f32_n(OP, "lse", lse, b * hq * t)?;
+    check_absmax(OP, absmax)?;
     let x = load(qkv);
     let hs = Heads::new(&shape);
     let rep = hq / hkv;
@@ -127,10 +132,12 @@ pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape)
     }
     store_par(out, &ov);
     store_par(lse, &lv);
+    write_absmax(absmax, out.dtype, &ov);
     Ok(())
 }
 
-pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "attention_bwd";
     check_shape(OP, &shape)?;
     let AttnShape { b, t, hq, hkv, hd } = shape;
@@ -141,6 +148,10 @@ pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, l
     check_rows(OP, "out", out, n, ow)?;
     check_rows(OP, "dout", dout, n, ow)?;
     check_f32_n(OP, "lse", lse, b * hq * t)?;
+    if let Some(f) = rope {
+        check_rope(OP, f, &shape)?;
+    }
+    check_absmax(OP, absmax)?;
     let x = load(qkv);
     let ov = load(out);
     let dov = load(dout);
@@ -202,6 +213,10 @@ pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, l
             dx[hs.v_at(row, g)..][..hd].copy_from_slice(&dv[ti * hd..][..hd]);
         }
     }
+    if let Some(f) = rope {
+        rope_in_place(&mut dx, &load(f), shape, true);
+    }
     store_par(dqkv, &dx);
+    write_absmax(absmax, dqkv.dtype, &dx);
     Ok(())
 }

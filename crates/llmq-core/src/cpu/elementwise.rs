@@ -110,39 +110,54 @@ pub fn embedding_bwd(dtable: &Tensor, ids: &Tensor, dout: &Tensor) -> Result<()>
 }
 
 /// RoPE forward (`backward == false`) or its transpose (`backward == true`).
-pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backward: bool, bias: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
     let op = if backward { "rope_bwd" } else { "rope_fwd" };
-    let (n, q, hd, t) = (shape.n(), shape.qkv_width(), shape.hd, shape.t);
-    if !hd.is_multiple_of(2) {
-        return op_err(format!("{op}: head size {hd} must be even"));
-    }
-    let half = hd / 2;
+    let (n, q) = (shape.n(), shape.qkv_width());
     check_rows(op, "input", inp, n, q)?;
     check_rows(op, "output", out, n, q)?;
-    check_f32_n(op, "freqs", freqs, t * half * 2)?;
+    check_rope(op, freqs, &shape)?;
+    if let Some(b) = bias {
+        check_float_n(op, "bias", b, q)?;
+    }
     check_absmax(op, absmax)?;
-    let xv = load(inp);
-    let fv = load(freqs);
-    let sign = if backward { -1f32 } else { 1f32 };
-    let nrot = shape.hq + shape.hkv; // q and k heads; v heads follow and are copied
-    let mut ov = xv.clone();
-    for_rows(&mut ov, q, |r, row| {
-        let pos = r % t;
-        let f = &fv[pos * hd..(pos + 1) * hd];
-        let x = &xv[r * q..(r + 1) * q];
-        for h in 0..nrot {
-            let b = h * hd;
-            for i in 0..half {
-                let (cos, sin) = (f[2 * i], sign * f[2 * i + 1]);
-                let (x0, x1) = (x[b + i], x[b + i + half]);
-                row[b + i] = x0 * cos - x1 * sin;
-                row[b + i + half] = x1 * cos + x0 * sin;
-            }
-        }
-    });
+    let mut ov = load(inp);
+    if let Some(b) = bias {
+        let bv = load(b);
+        for_rows(&mut ov, q, |_, row| row.iter_mut().zip(&bv).for_each(|(x, &b)| *x += b));
+    }
+    rope_in_place(&mut ov, &load(freqs), shape, backward);
     store_par(out, &ov);
     write_absmax(absmax, out.dtype, &ov);
     Ok(())
+}
+
+/// The RoPE table must be f32 [T, Hd/2, 2] and the head size even.
+pub(crate) fn check_rope(op: &str, freqs: &Tensor, shape: &AttnShape) -> Result<()> {
+    if !shape.hd.is_multiple_of(2) {
+        return op_err(format!("{op}: head size {} must be even", shape.hd));
+    }
+    check_f32_n(op, "freqs", freqs, shape.t * shape.hd)
+}
+
+/// RoPE (or its transpose) on the q and k heads of `vals` ([N, Q], f32) in place.
+pub(crate) fn rope_in_place(vals: &mut [f32], fv: &[f32], shape: AttnShape, backward: bool) {
+    let (q, hd, t) = (shape.qkv_width(), shape.hd, shape.t);
+    let half = hd / 2;
+    let sign = if backward { -1f32 } else { 1f32 };
+    let nrot = shape.hq + shape.hkv; // q and k heads; v heads follow and are left alone
+    for_rows(vals, q, |r, row| {
+        let f = &fv[(r % t) * hd..][..hd];
+        for h in 0..nrot {
+            let x = &mut row[h * hd..][..hd];
+            for i in 0..half {
+                let (cos, sin) = (f[2 * i], sign * f[2 * i + 1]);
+                let (x0, x1) = (x[i], x[i + half]);
+                x[i] = x0 * cos - x1 * sin;
+                x[i + half] = x1 * cos + x0 * sin;
+            }
+        }
+    });
 }
 
 /// (N, D) from inp [N, 2D] (its last dimension), checking `half` ([N, D] by element count).

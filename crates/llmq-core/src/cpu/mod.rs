@@ -208,17 +208,17 @@ impl Backend for CpuBackend {
     fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
         norm::qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
     }
-    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        elementwise::rope(out, qkv, freqs, shape, false, None)
+    fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: crate::backend::AttnShape, bias: Option<&Tensor>) -> Result<()> {
+        elementwise::rope(out, qkv, freqs, shape, false, bias, None)
     }
     fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, shape: crate::backend::AttnShape, absmax: Option<&Tensor>) -> Result<()> {
-        elementwise::rope(dqkv, dout, freqs, shape, true, absmax)
+        elementwise::rope(dqkv, dout, freqs, shape, true, None, absmax)
     }
-    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        attention::attention_fwd(out, lse, qkv, shape)
+    fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: crate::backend::AttnShape, absmax: Option<&Tensor>) -> Result<()> {
+        attention::attention_fwd(out, lse, qkv, shape, absmax)
     }
-    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        attention::attention_bwd(dqkv, dout, qkv, out, lse, shape)
+    fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: crate::backend::AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
+        attention::attention_bwd(dqkv, dout, qkv, out, lse, shape, rope, absmax)
     }
     fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         elementwise::swiglu_fwd(out, inp, absmax)
