@@ -13,7 +13,7 @@ GPU_TEST_CLEAN=1 bash scripts/gpu-test.sh >/dev/null
 bash scripts/gpu-test.sh -p llmq-cli --test gpu_model --test hf_compare >/dev/null
 cargo build --release -p llmq-cli
 cp target/release/llmq .gpu/llmq
-cp scripts/bench.sh scripts/hf_reference.py scripts/device-run.sh scripts/ncu_summary.py .gpu/
+cp scripts/bench.sh scripts/tune-matmuls.sh scripts/hf_reference.py scripts/device-run.sh scripts/ncu_summary.py .gpu/
 keep="${GPU_BINS:-ops gpu_model hf_compare}"
 for f in .gpu/bin/*; do
   case " $keep " in *" $(basename "$f") "*) strip --strip-debug "$f" ;; *) rm -f "$f" ;; esac

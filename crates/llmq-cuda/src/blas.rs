@@ -14,13 +14,16 @@
 //! are refused with `Error::Op`: the caller transposes an operand first (`quantize` with
 //! `transpose`).
 //!
-//! Descriptors, layouts and the algorithm chosen by the heuristic are cached per shape,
-//! transposes, dtypes, bias/accumulate/scale flags and operand pointer alignment; the heuristic is
-//! asked with the very descriptors that the call then runs with. The workspace is allocated once.
+//! Descriptors, layouts and the algorithm are cached per shape, transposes, dtypes,
+//! bias/accumulate/scale flags and operand pointer alignment; the heuristic is asked with the very
+//! descriptors that the call then runs with. Which of its answers runs comes from the measured
+//! table in `tuning.rs` (the first answer for shapes it does not list). The workspace is
+//! allocated once.
 
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys;
 use llmq_core::{DType, Error, Matmul, Result};
+use crate::tuning::{self, CANDIDATES};
 use std::collections::HashMap;
 use std::ffi::c_void;
 
@@ -78,17 +81,23 @@ struct Plan {
     candidates: Vec<lt::cublasLtMatmulAlgo_t>,
 }
 
-/// Heuristic results to consider per shape with LLMQ_CUBLASLT_AUTOTUNE=1. The first heuristic
-/// answer is not always the fastest: on the H200 it ran the bf16 QKV projection (M=16384,
-/// N=1152, K=896) at ~60 TFLOP/s. Tuning is opt-in because the choice comes from timings, so two
-/// processes may pick different algorithms and differ in the last bits (a resumed run would no
-/// longer be bitwise identical to an uninterrupted one).
-const CANDIDATES: usize = 8;
+/// The table key of a shape (tuning.txt): dimensions, transposes, dtypes, bias dtype,
+/// accumulate, pointer alignments.
+fn key_string(k: &Key) -> String {
+    let bias = k.bias.map_or("-".to_string(), |d| d.to_string());
+    let [a0, a1, a2, a3] = k.align;
+    format!("{} {} {} {} {} {} {} {} {} {} {a0} {a1} {a2} {a3}", k.m, k.n, k.k, k.trans_a as u8, k.trans_b as u8, k.da, k.db, k.dout, bias, k.accumulate as u8)
+}
 
 pub(crate) struct Blas {
     handle: lt::cublasLtHandle_t,
     workspace: u64,
     plans: HashMap<Key, Plan>,
+    /// Device name and cuBLASLt version: the section of tuning.txt that applies.
+    device: String,
+    table: HashMap<String, usize>,
+    /// LLMQ_CUBLASLT_AUTOTUNE=1: time the candidates of shapes the table does not list.
+    autotune: bool,
 }
 
 unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
@@ -96,12 +105,15 @@ unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDe
 }
 
 impl Blas {
-    /// `workspace`: a device buffer of WORKSPACE_BYTES allocated by the caller.
-    pub fn new(workspace: u64) -> Result<Blas> {
+    /// `workspace`: a device buffer of WORKSPACE_BYTES allocated by the caller; `device`: the
+    /// device's name (selects the tuning table's section, with the library version).
+    pub fn new(workspace: u64, device: &str) -> Result<Blas> {
         let mut handle = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; the library's presence was checked before.
         ck(unsafe { lt::cublasLtCreate(&mut handle) }, "cublasLtCreate")?;
-        Ok(Blas { handle, workspace, plans: HashMap::new() })
+        let table = tuning::entries(device, Self::version())?;
+        let autotune = std::env::var("LLMQ_CUBLASLT_AUTOTUNE").is_ok_and(|v| v == "1");
+        Ok(Blas { handle, workspace, plans: HashMap::new(), device: device.to_string(), table, autotune })
     }
 
     pub fn version() -> usize {
@@ -186,8 +198,9 @@ impl Blas {
             }
             if !plan.candidates.is_empty() {
                 let best = self.tune(plan, args, stream)?;
+                tuning::record(&self.device, Self::version(), &key_string(&key), best);
                 let plan = self.plans.get_mut(&key).unwrap();
-                plan.algo = best;
+                plan.algo = plan.candidates[best];
                 plan.candidates.clear();
             }
             let plan = &self.plans[&key];
@@ -272,8 +285,7 @@ impl Blas {
 
             let mut results: Vec<lt::cublasLtMatmulHeuristicResult_t> = vec![std::mem::zeroed(); CANDIDATES];
             let mut count = 0i32;
-            let want = if std::env::var("LLMQ_CUBLASLT_AUTOTUNE").is_ok_and(|v| v == "1") { CANDIDATES as i32 } else { 1 };
-            let st = lt::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, want, results.as_mut_ptr(), &mut count);
+            let st = lt::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, la, lb, lc, lc, pref, CANDIDATES as i32, results.as_mut_ptr(), &mut count);
             lt::cublasLtMatmulPreferenceDestroy(pref);
             if st != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS || count == 0 {
                 lt::cublasLtMatmulDescDestroy(desc);
@@ -300,23 +312,27 @@ impl Blas {
                 .filter(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
                 .map(|r| r.algo)
                 .collect();
-            let candidates = if ok.len() > 1 { ok.clone() } else { vec![] };
-            Ok(Plan { desc, la, lb, lc, algo: ok.first().copied().unwrap_or(results[0].algo), candidates })
+            // the measured choice for this shape, else the heuristic's first answer (or, with
+            // autotune, all of them, timed at the first call)
+            let ks = key_string(key);
+            let listed = self.table.get(&ks).copied().filter(|&i| i < ok.len());
+            let candidates = if listed.is_none() && self.autotune && ok.len() > 1 { ok.clone() } else { vec![] };
+            let algo = ok.get(listed.unwrap_or(0)).copied().unwrap_or(results[0].algo);
+            Ok(Plan { desc, la, lb, lc, algo, candidates })
         }
     }
 
     /// Times every candidate algorithm of `plan` on the call's operands, writing into a scratch
-    /// output (allocated and freed here, once per shape), and returns the fastest. The first
-    /// call of a shape happens in the first training step, so the step loop allocates nothing
-    /// afterwards. Every candidate computes the same product; only speed differs, and the choice
-    /// is per shape, so a shape always runs with the same algorithm within a process.
+    /// output (allocated and freed here, once per shape), and returns the index of the fastest
+    /// (`tuning::best_of` over TIME_ROUNDS interleaved rounds). Every candidate computes the same
+    /// product; only speed (and the last bits) differ.
     ///
     /// SAFETY: as for `matmul`; `plan`'s descriptor already holds this call's pointers.
-    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream) -> Result<lt::cublasLtMatmulAlgo_t> {
+    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream) -> Result<usize> {
         let out_bytes = args.out.bytes().max(1);
         let mut scratch: sys::CUdeviceptr = 0;
         if sys::cuMemAlloc_v2(&mut scratch, out_bytes) != sys::CUresult::CUDA_SUCCESS {
-            return Ok(plan.candidates[0]); // no room to tune: keep the heuristic's first choice
+            return Ok(0); // no room to tune: keep the heuristic's first choice
         }
         let (mut e0, mut e1) = (std::ptr::null_mut(), std::ptr::null_mut());
         sys::cuEventCreate(&mut e0, 0);
@@ -343,28 +359,29 @@ impl Blas {
                 stream as lt::cudaStream_t,
             )
         };
-        let mut best = (f32::MAX, plan.candidates[0]);
-        for algo in &plan.candidates {
-            if run(algo) != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                continue;
-            }
-            sys::cuEventRecord(e0, stream);
-            for _ in 0..3 {
+        // a warm-up call each (and the ones that fail drop out)
+        let usable: Vec<bool> = plan.candidates.iter().map(|a| run(a) == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS).collect();
+        let mut times = vec![vec![f32::NAN; plan.candidates.len()]; tuning::TIME_ROUNDS];
+        for round in times.iter_mut() {
+            for (c, algo) in plan.candidates.iter().enumerate() {
+                if !usable[c] {
+                    continue;
+                }
+                sys::cuEventRecord(e0, stream);
                 run(algo);
-            }
-            sys::cuEventRecord(e1, stream);
-            sys::cuEventSynchronize(e1);
-            let mut ms = 0f32;
-            sys::cuEventElapsedTime_v2(&mut ms, e0, e1);
-            if ms < best.0 {
-                best = (ms, *algo);
+                run(algo);
+                sys::cuEventRecord(e1, stream);
+                sys::cuEventSynchronize(e1);
+                let mut ms = 0f32;
+                sys::cuEventElapsedTime_v2(&mut ms, e0, e1);
+                round[c] = ms;
             }
         }
         sys::cuStreamSynchronize(stream);
         sys::cuEventDestroy_v2(e0);
         sys::cuEventDestroy_v2(e1);
         sys::cuMemFree_v2(scratch);
-        Ok(best.1)
+        Ok(tuning::best_of(&times))
     }
 }
 

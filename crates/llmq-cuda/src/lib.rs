@@ -23,6 +23,7 @@ mod device;
 mod fast;
 mod kernels;
 mod ops;
+mod tuning;
 
 use device::{check, Device};
 use kernels::Kernels;
@@ -188,7 +189,7 @@ impl CudaBackend {
         let attn = Cell::new(attn_from_env()?);
         let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
-        let blas = blas::Blas::new(ws)?;
+        let blas = blas::Blas::new(ws, &dev.name)?;
         Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, attn3, attn4, fk, generic, ce_launch })
     }
 

@@ -120,3 +120,48 @@ fn kernel_timings() {
     let t = median_time(&g, || ok(g.embedding_bwd(&table, &idt, &x)));
     println!("| embedding_bwd | N={n} C={c} | {:.3} | |", t * 1e3);
 }
+
+/// Every matmul of a training micro-batch at Qwen2.5-0.5B (B64) and 1.5B (B32) sizes, bf16, in
+/// the forms the model runs them (forward, input gradient, f32-accumulated weight gradient; the
+/// LM head's logits in LOGITS_ROWS-row products, its gradients on 16384-row groups), with the
+/// milliseconds per 16k tokens they add up to. Run once plainly and once with
+/// LLMQ_CUBLASLT_AUTOTUNE=1 to see what cuBLASLt's first heuristic choice leaves on the table.
+#[test]
+fn training_matmuls() {
+    let Some(mut g) = common::gpu_or_skip() else { return };
+    let mut rng = common::Rng::new(98);
+    let (bf, f32) = (DType::BF16, DType::F32);
+    let tune = std::env::var("LLMQ_CUBLASLT_AUTOTUNE").unwrap_or_default();
+    for (model, n, c, d, q, layers) in [("0.5B", 65536, 896, 4864, 1152, 24), ("1.5B", 32768, 1536, 8960, 2048, 28)] {
+        println!("| {model} (autotune {tune:?}) | shape | ms | TFLOP/s | ms per 16k tokens |");
+        println!("|---|---|---|---|---|");
+        let mut total = 0.0;
+        // (name, rows, out features, in features, calls per micro-batch)
+        let v = 151936;
+        for (name, m, nout, nin, calls) in
+            [("qkv", n, q, c, layers), ("out", n, c, c, layers), ("up_gate", n, 2 * d, c, layers), ("down", n, c, d, layers), ("lm_head", 16384, v, c, n / 16384)]
+        {
+            let x = rand_tensor(&mut g, &mut rng, bf, &[m, nin], 1.0);
+            let w = rand_tensor(&mut g, &mut rng, bf, &[nout, nin], 0.05);
+            let y = rand_tensor(&mut g, &mut rng, bf, &[m, nout], 0.05);
+            let dx = g.alloc(MemCategory::Other, Mem::Device, bf, &[m, nin]).unwrap();
+            let dw = rand_tensor(&mut g, &mut rng, f32, &[nout, nin], 0.01);
+            let fwd_rows = if name == "lm_head" { 1024 } else { m };
+            let (xs, ys) = (x.rows(0, fwd_rows), y.rows(0, fwd_rows));
+            let runs: [(&str, Matmul, usize); 3] = [
+                ("fwd", Matmul::linear(&ys, &xs, &w), m / fwd_rows),
+                ("dgrad", Matmul::linear_dgrad(&dx, &y, &w), 1),
+                ("wgrad", Matmul::linear_wgrad(&dw, &y, &x), 1),
+            ];
+            for (kind, mm, reps) in runs {
+                let t = median_time(&g, || ok(g.matmul(&mm)));
+                let flops = 2.0 * (m * nout * nin) as f64 / reps as f64;
+                let per16k = t * reps as f64 * calls as f64 * 16384.0 / n as f64 * 1e3;
+                total += per16k;
+                let rows = if kind == "fwd" { fwd_rows } else { m };
+                println!("| {name} {kind} | {rows}x{nout}x{nin} x{reps} | {:.3} | {:.0} | {per16k:.2} |", t * 1e3, flops / t / 1e12);
+            }
+        }
+        println!("| total | | | | {total:.2} |");
+    }
+}

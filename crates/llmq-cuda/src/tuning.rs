@@ -1,0 +1,151 @@
+//! Which cuBLASLt algorithm each matmul shape runs: a table of measured choices.
+//!
+//! cuBLASLt's heuristic answers a list of algorithms ordered by its own estimate, and its first
+//! answer is often not the fastest: on the H200 at Qwen2.5-0.5B shapes (B64) the best of its
+//! first eight answers took 5.4% less matmul time than the first (`perf training_matmuls`,
+//! docs/BENCHMARKS.md, ninth round). Choosing by timing inside a run would make the choice, and
+//! with it the last bits of the results, differ from process to process (a resumed run would no
+//! longer match an uninterrupted one). So the choices are measured once, offline, and kept in
+//! `tuning.txt` (embedded in the binary), per device name and cuBLASLt version: the same device
+//! and library always run the same algorithm for a shape. Shapes not in the table run the
+//! heuristic's first answer.
+//!
+//! Making a table (on the GPU machine): `LLMQ_CUBLASLT_AUTOTUNE=1 LLMQ_CUBLASLT_TUNE_OUT=<file>
+//! llmq train ...` times every candidate of every new shape at its first call (`time_rounds`
+//! rounds, candidates interleaved, median per candidate) and appends `key = index` lines to the
+//! file under a `[device | version]` header; paste them into tuning.txt, or point
+//! LLMQ_CUBLASLT_TUNING at the file to use it without rebuilding.
+//!
+//! Format: `# comment`; `[<device name> | <cuBLASLt version>]` starts a section; then lines
+//! `<key> = <index>` (the key as `key_string` writes it, the index into the heuristic's answers
+//! for CANDIDATES requested).
+
+use llmq_core::{Error, Result};
+use std::collections::HashMap;
+use std::io::Write;
+
+/// Heuristic answers requested per shape; table indices refer to this list.
+pub(crate) const CANDIDATES: usize = 8;
+
+const TABLE: &str = include_str!("../tuning.txt");
+
+/// The table's entries for this device and cuBLASLt version (key string -> candidate index),
+/// then those of the file named by LLMQ_CUBLASLT_TUNING (if set; its entries win), e.g. a table
+/// just made for another GPU; LLMQ_CUBLASLT_TUNING=off: no table at all. Malformed lines are
+/// skipped with a warning on stderr.
+pub(crate) fn entries(device: &str, version: usize) -> Result<HashMap<String, usize>> {
+    let setting = std::env::var("LLMQ_CUBLASLT_TUNING").ok();
+    if setting.as_deref() == Some("off") {
+        return Ok(HashMap::new()); // the heuristic's first answers (for comparisons)
+    }
+    let mut out = parse(TABLE, device, version);
+    if let Some(path) = setting {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("LLMQ_CUBLASLT_TUNING={path}: {e}")))?;
+        let extra = parse(&text, device, version);
+        if extra.is_empty() {
+            eprintln!("llmq-cuda: LLMQ_CUBLASLT_TUNING={path} has no entries for {}", section(device, version));
+        }
+        out.extend(extra);
+    }
+    Ok(out)
+}
+
+fn parse(text: &str, device: &str, version: usize) -> HashMap<String, usize> {
+    let want = section(device, version);
+    let mut out = HashMap::new();
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('[') {
+            inside = line == want;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        match line.rsplit_once(" = ").map(|(k, i)| (k.trim(), i.trim().parse::<usize>())) {
+            Some((k, Ok(i))) if i < CANDIDATES => {
+                out.insert(k.to_string(), i);
+            }
+            _ => eprintln!("llmq-cuda: tuning.txt: skipping malformed line {line:?}"),
+        }
+    }
+    out
+}
+
+/// A section header: `[NVIDIA H200 | 130100]`.
+pub(crate) fn section(device: &str, version: usize) -> String {
+    format!("[{device} | {version}]")
+}
+
+/// Appends `key = index` to the file named by LLMQ_CUBLASLT_TUNE_OUT (if set), with the section
+/// header when the file is new. Errors are reported on stderr: tuning output is a side product.
+pub(crate) fn record(device: &str, version: usize, key: &str, index: usize) {
+    let Ok(path) = std::env::var("LLMQ_CUBLASLT_TUNE_OUT") else { return };
+    let fresh = std::fs::metadata(&path).map(|m| m.len() == 0).unwrap_or(true);
+    let res = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| {
+        if fresh {
+            writeln!(f, "{}", section(device, version))?;
+        }
+        writeln!(f, "{key} = {index}")
+    });
+    if let Err(e) = res {
+        eprintln!("llmq-cuda: LLMQ_CUBLASLT_TUNE_OUT={path}: {e}");
+    }
+}
+
+/// Rounds of timing per candidate when tuning; each round times every candidate once (two calls),
+/// so slow drifts of the clock (the power cap) hit all candidates alike.
+pub(crate) const TIME_ROUNDS: usize = 7;
+
+/// Index of the smallest median over rounds (`times[round][candidate]`, NaN = failed).
+pub(crate) fn best_of(times: &[Vec<f32>]) -> usize {
+    let n = times.first().map_or(0, Vec::len);
+    let median = |c: usize| {
+        let mut v: Vec<f32> = times.iter().map(|r| r[c]).filter(|x| x.is_finite()).collect();
+        v.sort_by(f32::total_cmp);
+        if v.len() < times.len() {
+            f32::INFINITY // failed in some round
+        } else {
+            v[v.len() / 2]
+        }
+    };
+    (0..n).map(|c| (median(c), c)).min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))).map_or(0, |(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_select_device_and_version() {
+        let t = "# c\n[GPU A | 1]\nk1 = 3\nk2 = 9\nbad line\n[GPU B | 1]\nk1 = 5\n[GPU A | 2]\nk1 = 6\n";
+        let a = parse(t, "GPU A", 1);
+        assert_eq!(a.get("k1"), Some(&3));
+        assert_eq!(a.get("k2"), None, "index 9 is out of the candidate range");
+        assert_eq!(a.len(), 1);
+        assert_eq!(parse(t, "GPU B", 1).get("k1"), Some(&5));
+        assert_eq!(parse(t, "GPU A", 2).get("k1"), Some(&6));
+        assert!(parse(t, "GPU C", 1).is_empty());
+    }
+
+    #[test]
+    fn best_is_the_smallest_median_and_failures_lose() {
+        let t = vec![vec![2.0, 1.0, 0.5], vec![2.0, 1.1, f32::NAN], vec![2.0, 0.9, 0.4]];
+        assert_eq!(best_of(&t), 1);
+        let t = vec![vec![1.0, 3.0], vec![5.0, 3.0], vec![6.0, 3.0]];
+        assert_eq!(best_of(&t), 1, "median, not minimum");
+        assert_eq!(best_of(&[]), 0);
+    }
+
+    #[test]
+    fn the_embedded_table_parses() {
+        // every non-comment line of every section must be well-formed
+        for line in TABLE.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')) {
+            let (_, i) = line.rsplit_once(" = ").unwrap_or_else(|| panic!("no ' = ' in {line:?}"));
+            assert!(i.trim().parse::<usize>().is_ok_and(|i| i < CANDIDATES), "bad index in {line:?}");
+        }
+    }
+}
