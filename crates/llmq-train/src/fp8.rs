@@ -58,7 +58,7 @@ pub struct Fp8 {
     pub grad_amax: Tensor,
     /// f32 per group: abs-max of each segment (entry) of each group, from the optimizer.
     pub weight_amax: Vec<Tensor>,
-    // scratch (sized for the largest matmul)
+    // scratch (sized for the widest matmul input / output)
     xq: Tensor,
     dyq: Tensor,
     /// The transposed activation gradient (quantised together with `dyq`).
@@ -96,7 +96,9 @@ impl Fp8 {
             }
         }
         let (c, d) = (cfg.hidden_size, cfg.intermediate_size);
-        let widest = [cfg.qkv_width(), cfg.attn_width(), 2 * d, c, d].into_iter().max().unwrap();
+        // matmul inputs (xq) are C, Aw or D wide; outputs (dy) QKV, C, 2D or C
+        let widest_in = [c, cfg.attn_width(), d].into_iter().max().unwrap();
+        let widest_out = [cfg.qkv_width(), c, 2 * d].into_iter().max().unwrap();
         let biggest_w = [cfg.qkv_width() * c, c * cfg.attn_width(), 2 * d * c, c * d].into_iter().max().unwrap();
         let f32 = DType::F32;
         let tmp = MemCategory::Temporaries;
@@ -108,9 +110,9 @@ impl Fp8 {
             .iter()
             .map(|g| be.alloc(MemCategory::Quants, Mem::Device, f32, &[g.entries.len()]))
             .collect::<Result<Vec<_>>>()?;
-        let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest])?;
-        let dyq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest])?;
-        let dytq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest])?;
+        let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest_in])?;
+        let dyq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest_out])?;
+        let dytq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest_out])?;
         // three scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
         let descales = be.alloc(tmp, Mem::Device, f32, &[12])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
