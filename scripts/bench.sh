@@ -20,12 +20,13 @@ for w in "${WHICH[@]}"; do
   size="${w%-*}"; prec="${w##*-}"
   # micro-batch: the largest that fits the H200 without recompute (larger micro-batches amortise
   # the per-micro-batch costs: 0.5B at B=64 vs 16 +2.3% bf16 / +3.3% e4m3, 1.5B at 32 vs 16
-  # +1.3% / +2.2%, docs/BENCHMARKS.md, seventh round); 1.5B at 64 would need ~148 GiB
+  # +1.3% / +2.2%, docs/BENCHMARKS.md, seventh round; 3B e4m3 at 32 vs 16 +2.2%, tenth round);
+  # 1.5B at 64 would need ~148 GiB (bf16) / ~141 GiB (e4m3); 7B e4m3 at 16 leaves 1.8 GiB free
   case "$size" in
     0.5b) model=qwen2.5-0.5b; bs=64 ;;
     1.5b) model=qwen2.5-1.5b; bs=32 ;;
-    3b) model=qwen2.5-3b; bs=16 ;;
-    7b) model=qwen2.5-7b; bs=8 ;;
+    3b) model=qwen2.5-3b; bs=32 ;;
+    7b) model=qwen2.5-7b; bs=16 ;;
   esac
   bs="${BENCH_BS:-$bs}"  # micro-batch override (e.g. 16 for the earlier rounds' tables)
   extra=()
