@@ -7,9 +7,10 @@
 //! In fp8 runs a block matmul's input reaches the backward pass as the fp8 transpose the forward
 //! pass wrote beside the plain form (`fp8::Fp8`), and the weight gradient reads only that. Where
 //! nothing is recomputed from the bf16 input either, its slot is `Fp8Only`: one shared buffer,
-//! like a recomputed slot, that the backward pass leaves alone. For ln1, ln2 and the SwiGLU
-//! output this saves (2 C + D) x 2 bytes per token and layer (22 GB for Qwen2.5-1.5B at B = 32)
-//! without changing a bit: the same ops run in the same order.
+//! that the backward pass leaves alone, so it can live in a gradient temporary that only the
+//! backward pass uses. For ln1, ln2 and the SwiGLU output this saves (2 C + D) x 2 bytes per
+//! token and layer (22 GB for Qwen2.5-1.5B at B = 32) without changing a bit: the same ops run in
+//! the same order.
 
 use crate::precision::Recompute;
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, ModelConfig, Result, Tensor};
@@ -32,9 +33,17 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn alloc(be: &mut dyn Backend, keep: Keep, layers: usize, dtype: DType, dims: &[usize]) -> Result<Slot> {
-        let (n, cat) = if keep == Keep::PerLayer { (layers, MemCategory::Activations) } else { (1, MemCategory::Temporaries) };
-        let bufs = (0..n).map(|_| be.alloc(cat, Mem::Device, dtype, dims)).collect::<Result<_>>()?;
+    /// `fp8_home`: the buffer an `Fp8Only` slot lives in (a gradient temporary that only the
+    /// backward pass uses; an `Fp8Only` value is dead once the forward pass has quantised it).
+    fn alloc(be: &mut dyn Backend, keep: Keep, layers: usize, dtype: DType, dims: &[usize], fp8_home: Option<&Tensor>) -> Result<Slot> {
+        let bufs = match keep {
+            Keep::PerLayer => (0..layers).map(|_| be.alloc(MemCategory::Activations, Mem::Device, dtype, dims)).collect::<Result<_>>()?,
+            Keep::Recomputed => vec![be.alloc(MemCategory::Temporaries, Mem::Device, dtype, dims)?],
+            Keep::Fp8Only => match fp8_home {
+                Some(h) if h.dtype == dtype && h.dims() == dims => vec![*h],
+                _ => return Err(llmq_core::Error::Op(format!("internal: no [{dims:?}] {dtype} buffer for an fp8-only activation"))),
+            },
+        };
         Ok(Slot { bufs, keep })
     }
     /// The buffer holding layer l's value.
@@ -146,15 +155,20 @@ impl Activations {
             (true, false) => Keep::PerLayer,
         };
         let plain = |kept: bool| mode(kept, false);
-        let ln1 = Slot::alloc(be, mode(keep_ln1, keep_qkv && keep_att), l, dtype, &[n, c])?;
-        let qkv = Slot::alloc(be, plain(keep_qkv && cfg.qk_norm), l, dtype, &[n, q])?;
-        let qkv_r = Slot::alloc(be, plain(keep_qkv), l, dtype, &[n, q])?;
-        let att = Slot::alloc(be, plain(keep_att), l, dtype, &[n, attn.out_width()])?;
-        let lse = Slot::alloc(be, plain(keep_att), l, f32, &[shape.b, attn.hq, shape.t])?;
-        let ln2 = Slot::alloc(be, mode(keep_ln2, keep_up), l, dtype, &[n, c])?;
-        let up_gate = Slot::alloc(be, plain(keep_up), l, dtype, &[n, 2 * d])?;
-        let sw = Slot::alloc(be, mode(keep_sw, true), l, dtype, &[n, d])?;
-        let mut tmp = |dt: DType, dims: &[usize]| be.alloc(MemCategory::Temporaries, Mem::Device, dt, dims);
+        let tmp = |be: &mut dyn Backend, dt: DType, dims: &[usize]| be.alloc(MemCategory::Temporaries, Mem::Device, dt, dims);
+        // the homes of Fp8Only slots: ln1 and ln2 (never live at once) in d_ln, the SwiGLU output
+        // in d_sw; the forward pass writes d_ln only in the LM head, after the last block
+        let d_ln = tmp(be, dtype, &[n, c])?;
+        let d_sw = tmp(be, dtype, &[n, d])?;
+        let ln1 = Slot::alloc(be, mode(keep_ln1, keep_qkv && keep_att), l, dtype, &[n, c], Some(&d_ln))?;
+        let qkv = Slot::alloc(be, plain(keep_qkv && cfg.qk_norm), l, dtype, &[n, q], None)?;
+        let qkv_r = Slot::alloc(be, plain(keep_qkv), l, dtype, &[n, q], None)?;
+        let att = Slot::alloc(be, plain(keep_att), l, dtype, &[n, attn.out_width()], None)?;
+        let lse = Slot::alloc(be, plain(keep_att), l, f32, &[shape.b, attn.hq, shape.t], None)?;
+        let ln2 = Slot::alloc(be, mode(keep_ln2, keep_up), l, dtype, &[n, c], Some(&d_ln))?;
+        let up_gate = Slot::alloc(be, plain(keep_up), l, dtype, &[n, 2 * d], None)?;
+        let sw = Slot::alloc(be, mode(keep_sw, true), l, dtype, &[n, d], Some(&d_sw))?;
+        let mut tmp = |dt: DType, dims: &[usize]| tmp(be, dt, dims);
         Ok(Activations {
             shape,
             attn,
@@ -181,12 +195,12 @@ impl Activations {
             freqs: tmp(f32, &[shape.t, cfg.head_dim / 2, 2])?,
             logits: tmp(dtype, &[lmhead_rows, v])?,
             d_res: tmp(dtype, &[n, c])?,
-            d_ln: tmp(dtype, &[n, c])?,
+            d_ln,
             d_att: tmp(dtype, &[n, attn.out_width()])?,
             d_qkv: tmp(dtype, &[n, q])?,
             d_qkv2: tmp(dtype, &[qk_rows, q])?,
             d_up_gate: tmp(dtype, &[n, 2 * d])?,
-            d_sw: tmp(dtype, &[n, d])?,
+            d_sw,
             norms: tmp(f32, &[norm_slots])?,
         })
     }
