@@ -102,7 +102,7 @@ fn fp8_training_tracks_bf16_for_300_steps() {
 /// (2 C + D bf16) are not kept, and their one forward buffer each is a backward-only temporary. `--recompute-fp8-inputs` keeps them instead of the transposes.
 #[test]
 fn fp8_runs_do_not_keep_bf16_inputs_that_only_feed_fp8_matmuls() {
-    use llmq_core::{Backend, MemCategory};
+    use llmq_core::MemCategory;
     use llmq_train::acts::Keep;
     let cfg = tiny(Arch::Qwen2, false);
     let activation_bytes = |p: Precision, rc: Recompute| {
