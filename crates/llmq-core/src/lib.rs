@@ -4,6 +4,7 @@
 //! Dependency direction: nothing in this crate knows about training, files or CUDA.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod cpu;
 pub mod dtype;

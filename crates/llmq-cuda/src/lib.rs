@@ -366,7 +366,7 @@ impl Backend for CudaBackend {
         self.op_rope_fwd(out, qkv, freqs, shape, bias)
     }
     fn rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
-        self.op_rope(dqkv, dout, freqs, shape, true, absmax)
+        self.op_rope_bwd(dqkv, dout, freqs, shape, absmax)
     }
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         self.op_attention_fwd(out, lse, qkv, shape, absmax)

@@ -9,7 +9,8 @@ use crate::device::check;
 use crate::kernels::{self, Arg};
 use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
 use cudarc::driver::sys;
-use llmq_core::{AdamW, AttnShape, DType, Error, Result, Segment, Tensor};
+use llmq_core::check::{check_absmax, check_eps, check_f32_n, check_float, check_float_n, check_heads, check_i32, check_rope, check_rows, colsum_rows, op_err};
+use llmq_core::{AdamW, AttnShape, DType, Result, Segment, Tensor};
 
 pub(crate) fn dt(d: DType) -> i32 {
     match d {
@@ -30,54 +31,21 @@ pub(crate) fn i(v: usize) -> Arg {
     Arg::I32(v as i32)
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T> {
-    Err(Error::Op(msg.into()))
-}
-fn check_float(op: &str, arg: &str, t: &Tensor) -> Result<()> {
-    if !t.dtype.is_float() {
-        return err(format!("{op}: {arg} must be a float tensor, got {}", t.dtype));
-    }
-    Ok(())
-}
-fn check_float_n(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
-    check_float(op, arg, t)?;
-    t.expect_numel(op, arg, n)
-}
-fn check_f32_n(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
-    t.expect(op, arg, Some(DType::F32), &[n])
-}
-fn check_rows(op: &str, arg: &str, t: &Tensor, rows: usize, cols: usize) -> Result<()> {
-    check_float(op, arg, t)?;
-    if t.numel() != rows * cols {
-        return err(format!("{op}: {arg} must have {rows} x {cols} = {} elements, got {:?}", rows * cols, t.shape));
-    }
-    Ok(())
-}
-fn check_absmax(op: &str, a: Option<&Tensor>) -> Result<()> {
-    match a {
-        Some(a) => check_f32_n(op, "absmax", a, 1),
-        None => Ok(()),
-    }
-}
-fn check_i32(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
-    t.expect(op, arg, Some(DType::I32), &[n])
-}
+/// The shared head checks plus this backend's limits (the kernels pair columns: Hd even; T > 0).
 fn check_attn(op: &str, s: &AttnShape) -> Result<()> {
-    if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
-        return err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
-    }
-    if s.hd == 0 || !s.hd.is_multiple_of(2) {
-        return err(format!("{op}: head size {} must be positive and even", s.hd));
+    check_heads(op, s)?;
+    if !s.hd.is_multiple_of(2) {
+        return op_err(format!("{op}: head size {} must be even", s.hd));
     }
     if s.t == 0 {
-        return err(format!("{op}: T must be positive"));
+        return op_err(format!("{op}: T must be positive"));
     }
     Ok(())
 }
 /// int-sized dimension check (kernels index with 32-bit ints where noted).
 fn fits_i32(op: &str, v: usize) -> Result<()> {
     if v > i32::MAX as usize {
-        return err(format!("{op}: dimension {v} exceeds the 32-bit range of the kernels"));
+        return op_err(format!("{op}: dimension {v} exceeds the 32-bit range of the kernels"));
     }
     Ok(())
 }
@@ -136,7 +104,7 @@ impl CudaBackend {
 
     pub(crate) fn op_convert(&self, dst: &Tensor, src: &Tensor) -> Result<()> {
         if dst.numel() != src.numel() {
-            return err(format!("convert: {src:?} -> {dst:?}: sizes differ"));
+            return op_err(format!("convert: {src:?} -> {dst:?}: sizes differ"));
         }
         if dst.dtype == src.dtype {
             return llmq_core::Backend::copy(self, dst, src, llmq_core::Stream::Compute);
@@ -243,7 +211,7 @@ impl CudaBackend {
         }
         let smem = c * 4;
         if smem > self.smem_limit() {
-            return err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
+            return op_err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
         }
         self.launch(
             self.k.embedding_bwd,
@@ -265,18 +233,11 @@ impl CudaBackend {
         Ok((n, c))
     }
 
-    fn check_eps(op: &str, eps: f32) -> Result<()> {
-        if !(eps >= 0.0 && eps.is_finite()) {
-            return err(format!("{op}: eps must be finite and >= 0, got {eps}"));
-        }
-        Ok(())
-    }
-
     pub(crate) fn op_rmsnorm_fwd(&self, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "rmsnorm_fwd";
         let (n, c) = Self::norm_dims(OP, out, rstd, x, w)?;
         check_absmax(OP, absmax)?;
-        Self::check_eps(OP, eps)?;
+        check_eps(OP, eps)?;
         self.zero_f32(absmax)?;
         if self.v_rmsnorm_fwd(None, out, rstd, x, w, eps, absmax, n, c)? {
             return Ok(());
@@ -297,7 +258,7 @@ impl CudaBackend {
         check_rows(OP, "delta", delta, n, c)?;
         check_rows(OP, "res_out", res_out, n, c)?;
         check_absmax(OP, absmax)?;
-        Self::check_eps(OP, eps)?;
+        check_eps(OP, eps)?;
         self.zero_f32(absmax)?;
         if self.v_rmsnorm_fwd(Some((res_out, delta)), out, rstd, x, w, eps, absmax, n, c)? {
             return Ok(());
@@ -385,7 +346,7 @@ impl CudaBackend {
         check_f32_n(OP, "rstd", rstd, n * (s.hq + s.hkv))?;
         check_float_n(OP, "qw", qw, hd)?;
         check_float_n(OP, "kw", kw, hd)?;
-        Self::check_eps(OP, eps)?;
+        check_eps(OP, eps)?;
         fits_i32(OP, n)?;
         let warps = n * (s.hq + 2 * s.hkv);
         let blocks = warps.div_ceil((THREADS / 32) as usize);
@@ -414,7 +375,7 @@ impl CudaBackend {
         let nw = (THREADS / 32) as usize;
         let smem = nw * 2 * hd * 8;
         if smem > self.smem_limit() {
-            return err(format!("{OP}: head size {hd} too large"));
+            return op_err(format!("{OP}: head size {hd} too large"));
         }
         let g = self.partial_blocks(n, 2 * hd, 2 * self.dev.sm_count as usize);
         self.launch(
@@ -447,16 +408,16 @@ impl CudaBackend {
 
     pub(crate) fn op_rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, s: AttnShape, bias: Option<&Tensor>) -> Result<()> {
         if let Some(b) = bias {
-            check_float("rope_fwd", "bias", b)?;
-            b.expect_numel("rope_fwd", "bias", s.qkv_width())?;
+            check_float_n("rope_fwd", "bias", b, s.qkv_width())?;
         }
         self.rope(out, qkv, freqs, s, false, bias, None)
     }
 
-    pub(crate) fn op_rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: AttnShape, backward: bool, absmax: Option<&Tensor>) -> Result<()> {
-        self.rope(out, inp, freqs, s, backward, None, absmax)
+    pub(crate) fn op_rope_bwd(&self, dqkv: &Tensor, dout: &Tensor, freqs: &Tensor, s: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
+        self.rope(dqkv, dout, freqs, s, true, None, absmax)
     }
 
+    /// RoPE forward (with the QKV bias added first) or backward (with the abs-max of its output).
     #[allow(clippy::too_many_arguments)]
     fn rope(&self, out: &Tensor, inp: &Tensor, freqs: &Tensor, s: AttnShape, backward: bool, bias: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         let op = if backward { "rope_bwd" } else { "rope_fwd" };
@@ -464,7 +425,7 @@ impl CudaBackend {
         let (n, q, hd, t) = (s.n(), s.qkv_width(), s.hd, s.t);
         check_rows(op, "input", inp, n, q)?;
         check_rows(op, "output", out, n, q)?;
-        check_f32_n(op, "freqs", freqs, t * hd)?;
+        check_rope(op, freqs, &s)?;
         check_absmax(op, absmax)?;
         fits_i32(op, n)?;
         self.zero_f32(absmax)?;
@@ -487,7 +448,7 @@ impl CudaBackend {
         check_float(op, "inp", full)?;
         let (n, w) = full.rows_cols();
         if !w.is_multiple_of(2) {
-            return err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
+            return op_err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
         }
         let d = w / 2;
         check_rows(op, half_name, half, n, d)?;
@@ -540,11 +501,11 @@ impl CudaBackend {
             return Ok(());
         }
         if !logits.numel().is_multiple_of(r) {
-            return err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
+            return op_err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
         }
         let v = logits.numel() / r;
         if v == 0 {
-            return err(format!("{OP}: empty vocabulary"));
+            return op_err(format!("{OP}: empty vocabulary"));
         }
         fits_i32(OP, r.max(v))?;
         if self.v_cross_entropy(logits, losses, targets, r, v, dloss)? {
@@ -555,16 +516,8 @@ impl CudaBackend {
 
     pub(crate) fn op_colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
         const OP: &str = "colsum";
+        let Some(rows) = colsum_rows(OP, out, inp)? else { return Ok(()) };
         let c = out.numel();
-        check_float(OP, "inp", inp)?;
-        check_float_n(OP, "out", out, c)?;
-        if c == 0 {
-            return Ok(());
-        }
-        if !inp.numel().is_multiple_of(c) {
-            return err(format!("{OP}: inp {:?} is not a whole number of rows of {c} columns", inp.shape));
-        }
-        let rows = inp.numel() / c;
         fits_i32(OP, rows.max(c))?;
         if self.v_colsum(out, inp, rows, c, accumulate)? {
             return Ok(());
@@ -572,7 +525,7 @@ impl CudaBackend {
         let g = self.partial_blocks(rows, c, 256);
         let grid = (c.div_ceil(THREADS as usize) as u32, g as u32, 1);
         if g > 65535 {
-            return err(format!("{OP}: too many row blocks"));
+            return op_err(format!("{OP}: too many row blocks"));
         }
         self.launch(self.k.colsum_partial, grid, (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(inp), Arg::I32(dt(inp.dtype)), i(rows), i(c)])?;
         self.colreduce(out, self.scratch, g, c, c, accumulate)
@@ -592,11 +545,11 @@ impl CudaBackend {
     fn transposed_dims(op: &str, out: &Tensor, inp: &Tensor) -> Result<(usize, usize)> {
         let (r, c) = inp.rows_cols();
         if out.numel() != inp.numel() || (out.shape.ndim() > 1 && out.rows_cols() != (c, r)) {
-            return err(format!("{op}: out {:?} is not the transpose of inp {:?} (want [{c}, {r}])", out.shape, inp.shape));
+            return op_err(format!("{op}: out {:?} is not the transpose of inp {:?} (want [{c}, {r}])", out.shape, inp.shape));
         }
         fits_i32(op, r.max(c))?;
         if c.div_ceil(32) > u32::MAX as usize || r.div_ceil(32) > 65535 {
-            return err(format!("{op}: {r} rows is too many for the transpose grid"));
+            return op_err(format!("{op}: {r} rows is too many for the transpose grid"));
         }
         Ok((r, c))
     }
@@ -607,7 +560,7 @@ impl CudaBackend {
         check_f32_n(OP, "descale", descale, 1)?;
         check_f32_n(OP, "absmax", absmax, 1)?;
         if !out.dtype.is_fp8() {
-            return err(format!("{OP}: out must be e4m3 or e5m2, got {}", out.dtype));
+            return op_err(format!("{OP}: out must be e4m3 or e5m2, got {}", out.dtype));
         }
         if transpose {
             let (r, c) = Self::transposed_dims(OP, out, inp)?;
@@ -650,7 +603,7 @@ impl CudaBackend {
         check_f32_n(OP, "absmax", absmax, 1)?;
         for (name, t) in [("out", out), ("out_t", out_t)] {
             if !t.dtype.is_fp8() {
-                return err(format!("{OP}: {name} must be e4m3 or e5m2, got {}", t.dtype));
+                return op_err(format!("{OP}: {name} must be e4m3 or e5m2, got {}", t.dtype));
             }
         }
         Self::transposed_dims(OP, out_t, inp)?;
@@ -665,7 +618,7 @@ impl CudaBackend {
     pub(crate) fn op_transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
         const OP: &str = "transpose";
         if out.dtype != inp.dtype {
-            return err(format!("{OP}: dtypes differ ({} -> {})", inp.dtype, out.dtype));
+            return op_err(format!("{OP}: dtypes differ ({} -> {})", inp.dtype, out.dtype));
         }
         let (r, c) = Self::transposed_dims(OP, out, inp)?;
         let f = match inp.dtype.size() {
@@ -735,7 +688,7 @@ impl CudaBackend {
         const OP: &str = "sum_squares";
         out.expect_dtype(OP, "out", &[DType::F32])?;
         if slot >= out.numel() {
-            return err(format!("{OP}: slot {slot} outside out {:?}", out.shape));
+            return op_err(format!("{OP}: slot {slot} outside out {:?}", out.shape));
         }
         check_float(OP, "t", t)?;
         const G: usize = 1024; // fixed: the summation order must not depend on the device
@@ -749,7 +702,7 @@ impl CudaBackend {
     fn attn_checks(op: &str, s: &AttnShape) -> Result<()> {
         check_attn(op, s)?;
         if s.hd > 256 {
-            return err(format!("{op}: head size {} > 256 is not supported", s.hd));
+            return op_err(format!("{op}: head size {} > 256 is not supported", s.hd));
         }
         fits_i32(op, s.n())?;
         Ok(())
@@ -831,7 +784,7 @@ impl CudaBackend {
         check_absmax(OP, absmax)?;
         let rows = s.b * s.hq * s.t;
         if rows * 4 > SCRATCH_BYTES {
-            return err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
+            return op_err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
         }
         let dbuf = self.scratch;
         // the fused stores read (cos, sin) pairs as 16-byte vectors
@@ -850,7 +803,7 @@ impl CudaBackend {
         }
         self.attention_bwd_unfused(dqkv, dout, qkv, out, lse, s, dbuf)?;
         match (rope, absmax) {
-            (Some(f), _) => self.op_rope(dqkv, dqkv, f, s, true, absmax),
+            (Some(f), _) => self.op_rope_bwd(dqkv, dqkv, f, s, absmax),
             (None, Some(a)) => self.op_absmax(a, dqkv),
             (None, None) => Ok(()),
         }

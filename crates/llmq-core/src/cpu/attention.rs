@@ -19,8 +19,9 @@
 //! Pitfalls: lse is f32 [B, Hq, T] (not [B, T, Hq]); the causal mask is j <= t within one
 //! sequence (rows of different b never interact); dqkv is fully overwritten.
 
-use super::common::{check_absmax, check_f32_n, check_rows, op_err, store_par, write_absmax};
-use super::elementwise::{check_rope, rope_in_place};
+use super::common::{check_absmax, check_f32_n, check_rows, store_par, write_absmax};
+use super::elementwise::rope_in_place;
+use crate::check::{check_heads, check_rope};
 use super::load;
 use crate::backend::AttnShape;
 use crate::error::Result;
@@ -36,15 +37,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn check_shape(op: &str, s: &AttnShape) -> Result<()> {
-    if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
-        return op_err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
-    }
-    if s.hd == 0 {
-        return op_err(format!("{op}: head size must be positive"));
-    }
-    Ok(())
-}
 
 /// Offsets into a qkv row of query head h, key head g and value head g.
 struct Heads {
@@ -71,7 +63,7 @@ impl Heads {
 
 pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "attention_fwd";
-    check_shape(OP, &shape)?;
+    check_heads(OP, &shape)?;
     let AttnShape { b, t, hq, hkv, hd } = shape;
     let n = shape.n();
     check_rows(OP, "qkv", qkv, n, shape.qkv_width())?;
@@ -139,7 +131,7 @@ pub fn attention_fwd(out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape,
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "attention_bwd";
-    check_shape(OP, &shape)?;
+    check_heads(OP, &shape)?;
     let AttnShape { b, t, hq, hkv, hd } = shape;
     let n = shape.n();
     let (q, ow) = (shape.qkv_width(), shape.out_width());

@@ -11,7 +11,8 @@
 
 use super::{bytes_mut, load};
 use crate::dtype::{encode_into, round_through, DType};
-use crate::error::{Error, Result};
+pub(crate) use crate::check::{check_absmax, check_f32_n, check_float, check_float_n, check_rows, op_err};
+use crate::error::Result;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -20,36 +21,10 @@ const ENCODE_CHUNK: usize = 1 << 14;
 /// Columns per task in `col_sums`.
 const COL_BLOCK: usize = 32;
 
-pub(crate) fn op_err<T>(msg: impl Into<String>) -> Result<T> {
-    Err(Error::Op(msg.into()))
-}
 
-/// `t` must hold floating point values (f32, bf16, e4m3, e5m2).
-pub(crate) fn check_float(op: &str, arg: &str, t: &Tensor) -> Result<()> {
-    if !t.dtype.is_float() {
-        return op_err(format!("{op}: {arg} must be a float tensor, got {}", t.dtype));
-    }
-    Ok(())
-}
 
-/// `t` must be a float tensor with exactly `n` elements.
-pub(crate) fn check_float_n(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
-    check_float(op, arg, t)?;
-    t.expect_numel(op, arg, n)
-}
 
-/// `t` must be f32 with `n` elements.
-pub(crate) fn check_f32_n(op: &str, arg: &str, t: &Tensor, n: usize) -> Result<()> {
-    t.expect(op, arg, Some(DType::F32), &[n])
-}
 
-/// An optional absmax output must be f32[1].
-pub(crate) fn check_absmax(op: &str, absmax: Option<&Tensor>) -> Result<()> {
-    match absmax {
-        Some(a) => check_f32_n(op, "absmax", a, 1),
-        None => Ok(()),
-    }
-}
 
 /// Reads a scalar f32[1] argument.
 pub(crate) fn load_scalar(op: &str, arg: &str, t: &Tensor) -> Result<f32> {
@@ -134,15 +109,3 @@ pub(crate) fn store_sums(t: &Tensor, sums: &[f64], accumulate: bool) {
     store_par(t, &vals);
 }
 
-/// Element count of a [rows, cols] view: checks that `t` has `rows * cols` elements.
-pub(crate) fn check_rows(op: &str, arg: &str, t: &Tensor, rows: usize, cols: usize) -> Result<()> {
-    check_float(op, arg, t)?;
-    if t.numel() != rows * cols {
-        return op_err(format!(
-            "{op}: {arg} must have {rows} x {cols} = {} elements, got {:?}",
-            rows * cols,
-            t.shape
-        ));
-    }
-    Ok(())
-}

@@ -14,8 +14,9 @@
 //! - colsum: f64 column sums over rows in increasing order (`col_sums`).
 //! - ids out of range are reported as errors before anything is written.
 
-use super::common::{check_absmax, check_f32_n, check_float, check_float_n, check_rows, col_sums, for_rows, op_err, store_par, store_sums, write_absmax};
+use super::common::{check_absmax, check_float, check_float_n, check_rows, col_sums, for_rows, op_err, store_par, store_sums, write_absmax};
 use super::{bytes, bytes_mut, load, load_i32};
+use crate::check::{check_rope, colsum_rows};
 use crate::backend::AttnShape;
 use crate::dtype::{decode_into, encode_into, DType};
 use crate::error::Result;
@@ -132,13 +133,6 @@ pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backwa
     Ok(())
 }
 
-/// The RoPE table must be f32 [T, Hd/2, 2] and the head size even.
-pub(crate) fn check_rope(op: &str, freqs: &Tensor, shape: &AttnShape) -> Result<()> {
-    if !shape.hd.is_multiple_of(2) {
-        return op_err(format!("{op}: head size {} must be even", shape.hd));
-    }
-    check_f32_n(op, "freqs", freqs, shape.t * shape.hd)
-}
 
 /// RoPE (or its transpose) on the q and k heads of `vals` ([N, Q], f32) in place.
 pub(crate) fn rope_in_place(vals: &mut [f32], fv: &[f32], shape: AttnShape, backward: bool) {
@@ -219,17 +213,8 @@ pub fn swiglu_bwd(dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Te
 }
 
 pub fn colsum(out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
-    const OP: &str = "colsum";
+    let Some(rows) = colsum_rows("colsum", out, inp)? else { return Ok(()) };
     let c = out.numel();
-    check_float(OP, "inp", inp)?;
-    check_float_n(OP, "out", out, c)?;
-    if c == 0 {
-        return Ok(());
-    }
-    if !inp.numel().is_multiple_of(c) {
-        return op_err(format!("colsum: inp {:?} is not a whole number of rows of {c} columns", inp.shape));
-    }
-    let rows = inp.numel() / c;
     let iv = load(inp);
     let sums = col_sums(rows, c, |r, j| iv[r * c + j]);
     store_sums(out, &sums, accumulate);

@@ -16,7 +16,8 @@
 //! - qk_norm_bwd's weight gradients sum over (row, head) pairs in row-major order.
 //! - Sizes are checked by element count: N comes from rstd, C from w (Hd for qk-norm).
 
-use super::common::{check_absmax, check_f32_n, check_float_n, check_rows, col_sums, for_rows, op_err, store_par, store_sums, write_absmax};
+use crate::check::{check_eps, check_heads};
+use super::common::{check_absmax, check_f32_n, check_float_n, check_rows, col_sums, for_rows, store_par, store_sums, write_absmax};
 use super::load;
 use crate::backend::AttnShape;
 use crate::error::Result;
@@ -57,12 +58,6 @@ fn norm_bwd_row(dx: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], r: f32) {
     }
 }
 
-fn check_eps(op: &str, eps: f32) -> Result<()> {
-    if !(eps >= 0.0 && eps.is_finite()) {
-        return op_err(format!("{op}: eps must be finite and >= 0, got {eps}"));
-    }
-    Ok(())
-}
 
 pub fn rmsnorm_fwd(out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "rmsnorm_fwd";
@@ -161,16 +156,10 @@ pub fn rmsnorm_bwd(dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tens
     Ok(())
 }
 
-fn check_attn_shape(op: &str, s: &AttnShape) -> Result<()> {
-    if s.hkv == 0 || !s.hq.is_multiple_of(s.hkv) {
-        return op_err(format!("{op}: Hq ({}) must be a positive multiple of Hkv ({})", s.hq, s.hkv));
-    }
-    Ok(())
-}
 
 pub fn qk_norm_fwd(out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: AttnShape, eps: f32) -> Result<()> {
     const OP: &str = "qk_norm_fwd";
-    check_attn_shape(OP, &shape)?;
+    check_heads(OP, &shape)?;
     let (n, q, hd) = (shape.n(), shape.qkv_width(), shape.hd);
     let nh = shape.hq + shape.hkv;
     check_rows(OP, "qkv", qkv, n, q)?;
@@ -201,7 +190,7 @@ pub fn qk_norm_fwd(out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &
 #[allow(clippy::too_many_arguments)]
 pub fn qk_norm_bwd(dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape) -> Result<()> {
     const OP: &str = "qk_norm_bwd";
-    check_attn_shape(OP, &shape)?;
+    check_heads(OP, &shape)?;
     let (n, q, hd, hq, hkv) = (shape.n(), shape.qkv_width(), shape.hd, shape.hq, shape.hkv);
     let nh = hq + hkv;
     check_rows(OP, "qkv", qkv, n, q)?;
