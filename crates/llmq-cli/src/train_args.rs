@@ -205,6 +205,7 @@ impl TrainArgs {
             att: self.recompute_att,
             block: self.recompute_block,
             fp8_inputs: self.recompute_fp8_inputs,
+            own_backward_temporaries: false,
         }
     }
 

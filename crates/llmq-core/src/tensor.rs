@@ -103,6 +103,13 @@ impl Tensor {
         );
         Tensor { addr: self.addr + (offset * self.dtype.size()) as u64, shape: s, ..*self }
     }
+    /// The bytes from `byte_offset` on seen as a `dtype` tensor of shape `dims` (for buffers that
+    /// hold different tensors at different times).
+    pub fn view(&self, byte_offset: usize, dtype: DType, dims: &[usize]) -> Tensor {
+        let s = Shape::new(dims);
+        assert!(byte_offset + s.numel() * dtype.size() <= self.bytes(), "view of {} bytes at {byte_offset} out of range for {self:?}", s.numel() * dtype.size());
+        Tensor { addr: self.addr + byte_offset as u64, dtype, shape: s, mem: self.mem }
+    }
     /// Rows `r0..r0+n` of a tensor seen as [rows, cols].
     pub fn rows(&self, r0: usize, n: usize) -> Tensor {
         let (_, c) = self.rows_cols();

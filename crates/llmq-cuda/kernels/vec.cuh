@@ -179,13 +179,14 @@ LLMQ_DEV unsigned st8<BF16T, 1>(void* p, int, long long i, int, float (&f)[8]) {
     vst<1>((uint4*)((uint16_t*)p + i), bf16x8_enc(f));
     return absmax8(f);
 }
-template <>
-LLMQ_DEV unsigned st8<E4M3T, 0>(void* p, int, long long i, int, float (&f)[8]) {
+// fp8 stores: 8 bytes at once; f receives the stored (rounded) values
+template <bool E5M2>
+LLMQ_DEV unsigned st8_fp8(void* p, long long i, float (&f)[8]) {
     uint2 u = make_uint2(0u, 0u);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
-        uint8_t b = f32_to_e4m3_bits(f[j]);
-        f[j] = e4m3_bits_to_f32(b);
+        uint8_t b = E5M2 ? f32_to_e5m2_bits(f[j]) : f32_to_e4m3_bits(f[j]);
+        f[j] = E5M2 ? e5m2_bits_to_f32(b) : e4m3_bits_to_f32(b);
         if (j < 4)
             u.x |= (unsigned)b << (8 * j);
         else
@@ -195,19 +196,12 @@ LLMQ_DEV unsigned st8<E4M3T, 0>(void* p, int, long long i, int, float (&f)[8]) {
     return absmax8(f);
 }
 template <>
+LLMQ_DEV unsigned st8<E4M3T, 0>(void* p, int, long long i, int, float (&f)[8]) {
+    return st8_fp8<false>(p, i, f);
+}
+template <>
 LLMQ_DEV unsigned st8<E5M2T, 0>(void* p, int, long long i, int, float (&f)[8]) {
-    uint2 u = make_uint2(0u, 0u);
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        uint8_t b = f32_to_e5m2_bits(f[j]);
-        f[j] = e5m2_bits_to_f32(b);
-        if (j < 4)
-            u.x |= (unsigned)b << (8 * j);
-        else
-            u.y |= (unsigned)b << (8 * (j - 4));
-    }
-    *(uint2*)((uint8_t*)p + i) = u;
-    return absmax8(f);
+    return st8_fp8<true>(p, i, f);
 }
 template <>
 LLMQ_DEV unsigned st8<AnyT, 0>(void* p, int dt, long long i, int nv, float (&f)[8]) {

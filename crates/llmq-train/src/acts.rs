@@ -64,6 +64,35 @@ impl Slot {
     }
 }
 
+/// Views into the logits buffer for temporaries that only the backward pass uses. The LM head,
+/// the logits' only user, runs inside the forward pass (`Model::forward` with `dloss`), so the
+/// buffer is free from the end of one forward pass to the start of the next. Each request gets
+/// the next 256-byte-aligned range that fits, or a buffer of its own.
+#[derive(Clone, Debug)]
+pub struct BackwardScratch {
+    region: Option<Tensor>,
+    used: usize,
+}
+
+impl BackwardScratch {
+    /// A temporary that only the backward pass uses.
+    pub fn take(&mut self, be: &mut dyn Backend, dtype: DType, dims: &[usize]) -> Result<Tensor> {
+        let bytes = dims.iter().product::<usize>() * dtype.size();
+        if let Some(r) = &self.region {
+            let at = self.used.next_multiple_of(256);
+            if at + bytes <= r.bytes() {
+                self.used = at + bytes;
+                return Ok(r.view(at, dtype, dims));
+            }
+        }
+        be.alloc(MemCategory::Temporaries, Mem::Device, dtype, dims)
+    }
+    /// Bytes of the logits buffer in use by backward temporaries.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+}
+
 /// Shapes of one micro-batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunShape {
@@ -110,6 +139,8 @@ pub struct Activations {
     pub d_qkv2: Tensor,
     pub d_up_gate: Tensor,
     pub d_sw: Tensor,
+    /// The rest of the logits buffer, for the backward temporaries of other modules (fp8).
+    pub bwd_scratch: BackwardScratch,
     /// f32 scratch for per-group gradient sums of squares.
     pub norms: Tensor,
 }
@@ -156,6 +187,9 @@ impl Activations {
         };
         let plain = |kept: bool| mode(kept, false);
         let tmp = |be: &mut dyn Backend, dt: DType, dims: &[usize]| be.alloc(MemCategory::Temporaries, Mem::Device, dt, dims);
+        let logits = tmp(be, dtype, &[lmhead_rows, v])?;
+        let mut bwd_scratch = BackwardScratch { region: (!rc.own_backward_temporaries).then_some(logits), used: 0 };
+        let d_up_gate = bwd_scratch.take(be, dtype, &[n, 2 * d])?;
         // the homes of Fp8Only slots: ln1 and ln2 (never live at once) in d_ln, the SwiGLU output
         // in d_sw; the forward pass writes d_ln only in the LM head, after the last block
         let d_ln = tmp(be, dtype, &[n, c])?;
@@ -193,14 +227,15 @@ impl Activations {
             ids: tmp(DType::I32, &[n])?,
             targets: tmp(DType::I32, &[n])?,
             freqs: tmp(f32, &[shape.t, cfg.head_dim / 2, 2])?,
-            logits: tmp(dtype, &[lmhead_rows, v])?,
+            logits,
             d_res: tmp(dtype, &[n, c])?,
             d_ln,
             d_att: tmp(dtype, &[n, attn.out_width()])?,
             d_qkv: tmp(dtype, &[n, q])?,
             d_qkv2: tmp(dtype, &[qk_rows, q])?,
-            d_up_gate: tmp(dtype, &[n, 2 * d])?,
+            d_up_gate,
             d_sw,
+            bwd_scratch,
             norms: tmp(f32, &[norm_slots])?,
         })
     }

@@ -26,6 +26,7 @@
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
 //! optimizer step; without, they are re-quantised at each use. Both give the same bytes.
 
+use crate::acts::BackwardScratch;
 use crate::params::Params;
 use llmq_core::layout::ParamKind;
 use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
@@ -82,7 +83,9 @@ fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
 impl Fp8 {
     /// `keep[a]`: activation `a` (`Act`) is kept per layer for the backward pass (so its fp8
     /// transpose is kept too).
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool, keep: [bool; 4]) -> Result<Fp8> {
+    /// `bwd`: where the gradient scratch goes (only the backward pass uses it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
         // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
         for (what, v) in [
             ("hidden_size", cfg.hidden_size),
@@ -111,8 +114,8 @@ impl Fp8 {
             .map(|g| be.alloc(MemCategory::Quants, Mem::Device, f32, &[g.entries.len()]))
             .collect::<Result<Vec<_>>>()?;
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest_in])?;
-        let dyq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest_out])?;
-        let dytq = be.alloc(tmp, Mem::Device, grad_dtype, &[n * widest_out])?;
+        let dyq = bwd.take(be, grad_dtype, &[n * widest_out])?;
+        let dytq = bwd.take(be, grad_dtype, &[n * widest_out])?;
         // three scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
         let descales = be.alloc(tmp, Mem::Device, f32, &[12])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {

@@ -62,12 +62,12 @@ impl Model {
         // fp8 runs keep each block matmul input's transpose for the weight gradient, unless asked
         // to re-quantise it in the backward pass
         let fp8_kept_inputs = precision.matmul.is_fp8() && !recompute.fp8_inputs;
-        let acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8_kept_inputs, lm_rows, norm_slots)?;
+        let mut acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8_kept_inputs, lm_rows, norm_slots)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
         let fp8 = if precision.matmul.is_fp8() {
             // Act order; an input recomputed in the backward pass has no kept transpose
             let keep = [acts.ln1.kept(), acts.att.kept(), acts.ln2.kept(), acts.sw.kept()].map(|k| k && fp8_kept_inputs);
-            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants, keep)?)
+            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants, keep, &mut acts.bwd_scratch)?)
         } else {
             None
         };

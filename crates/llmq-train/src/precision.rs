@@ -101,6 +101,12 @@ pub struct Recompute {
     /// memory, one more pass over the inputs). No effect in other runs.
     #[serde(default)]
     pub fp8_inputs: bool,
+    /// Not a recomputation: gives the backward pass's largest temporaries (the up+gate gradient,
+    /// the fp8 gradient scratch) buffers of their own instead of placing them in the logits
+    /// buffer, which only the forward pass uses (`acts::BackwardScratch`). More memory, the same
+    /// numbers; for tests and debugging.
+    #[serde(default)]
+    pub own_backward_temporaries: bool,
 }
 
 impl Recompute {
@@ -115,6 +121,7 @@ impl Recompute {
             ("att", Recompute { att: true, ..r }),
             ("block", Recompute { block: true, ..r }),
             ("fp8_inputs", Recompute { fp8_inputs: true, ..r }),
+            ("own_backward_temporaries", Recompute { own_backward_temporaries: true, ..r }),
             ("att+ffn+norm", Recompute { att: true, ffn: true, norm: true, ..r }),
         ]
     }

@@ -22,7 +22,8 @@ fn history(cfg: &llmq_core::ModelConfig, precision: Precision, rc: Recompute, st
 #[test]
 fn fp8_recompute_and_persistent_quants_are_bitwise_identical() {
     for arch in [Arch::Qwen2, Arch::Qwen3] {
-        let cfg = tiny(arch, arch == Arch::Qwen2);
+        let mut cfg = tiny(arch, arch == Arch::Qwen2);
+        cfg.vocab_size = 160; // the backward temporaries fit in the logits buffer
         for grads in [DType::E4M3, DType::E5M2] {
             let p = Precision { act_grads: grads, ..Precision::fp8() };
             let base = history(&cfg, p, Recompute::default(), 3);
@@ -132,4 +133,35 @@ fn fp8_runs_do_not_keep_bf16_inputs_that_only_feed_fp8_matmuls() {
     assert_eq!(requant_bytes as isize - fp8_bytes as isize, (l * n * (2 * c + d) * 2) as isize - (l * n * (2 * c + aw + d)) as isize);
     // and the fp8-only values live in gradient temporaries (d_ln, d_sw): no extra buffers
     assert_eq!(fp8_tmp, requant_tmp);
+}
+
+/// The backward pass's largest temporaries (up+gate gradient [N, 2D], fp8 gradient scratch 2 x
+/// [N, 2D]) live in the logits buffer when it is large enough, as it is for real vocabularies.
+#[test]
+fn backward_temporaries_live_in_the_logits_buffer() {
+    use llmq_core::MemCategory;
+    let mut cfg = tiny(Arch::Qwen2, false);
+    let temporaries = |cfg: &llmq_core::ModelConfig, p: Precision, own: bool| {
+        let mut tc = train_config(2, 16, 1, 1);
+        tc.precision = p;
+        tc.recompute.own_backward_temporaries = own;
+        let tr = trainer(cfg, tc);
+        let used = tr.model.acts.bwd_scratch.used();
+        (tr.be.memory_by_category().iter().filter(|m| m.0 == MemCategory::Temporaries).map(|m| m.2).sum::<usize>(), used)
+    };
+    let (n, d) = (2 * 16, cfg.intermediate_size);
+    // a vocabulary of 37: the logits buffer (N x 37 bf16) is too small for the up+gate gradient
+    // (N x 2D bf16), not for one fp8 gradient scratch (N x 2D bytes); requests are first-fit
+    let (shared, used) = temporaries(&cfg, Precision::fp8(), false);
+    assert!(n * 37 * 2 < n * 2 * d * 2 && n * 37 * 2 >= n * 2 * d);
+    assert_eq!((temporaries(&cfg, Precision::fp8(), true).0 - shared, used), (n * 2 * d, n * 2 * d));
+    cfg.vocab_size = 160;
+    for p in [Precision::bf16(), Precision::fp8()] {
+        let (shared, used) = temporaries(&cfg, p, false);
+        let (own, _) = temporaries(&cfg, p, true);
+        let act = p.weights.size();
+        let expect = n * 2 * d * act + if p.matmul.is_fp8() { 2 * n * 2 * d * p.act_grads.size() } else { 0 };
+        assert_eq!(own - shared, expect, "{:?}", p.matmul);
+        assert!(used >= expect && used <= expect + 512);
+    }
 }
