@@ -20,11 +20,12 @@ for w in "${WHICH[@]}"; do
   size="${w%-*}"; prec="${w##*-}"
   # micro-batch: the largest that fits the H200 without recompute (larger micro-batches amortise
   # the per-micro-batch costs: 0.5B at B=64 vs 16 +2.3% bf16 / +3.3% e4m3, 1.5B at 32 vs 16
-  # +1.3% / +2.2%, docs/BENCHMARKS.md, seventh round; 3B e4m3 at 32 vs 16 +2.2%, tenth round);
-  # 1.5B at 64 would need ~148 GiB (bf16) / ~141 GiB (e4m3); 7B e4m3 at 16 leaves 1.8 GiB free
+  # +1.3% / +2.2%, docs/BENCHMARKS.md, seventh round; tenth round, since fp8 runs keep less:
+  # 3B e4m3 at 32 vs 16 +2.2%, 7B e4m3 at 16 vs 8 +3.1%, 1.5B e4m3 at 64 vs 32 +0.7% with
+  # 0.86 GiB free); 1.5B bf16 at 64 would need ~148 GiB; 0.5B e4m3 at 128: +0.2%, kept at 64
   case "$size" in
     0.5b) model=qwen2.5-0.5b; bs=64 ;;
-    1.5b) model=qwen2.5-1.5b; bs=32 ;;
+    1.5b) model=qwen2.5-1.5b; bs=32; [ "$prec" = fp8 ] && bs=64 ;;
     3b) model=qwen2.5-3b; bs=32 ;;
     7b) model=qwen2.5-7b; bs=16 ;;
   esac
