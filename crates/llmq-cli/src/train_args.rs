@@ -101,8 +101,9 @@ pub struct TrainArgs {
     pub persistent_quants: bool,
 
     // ---- memory ----
-    /// fp8: re-quantise each matmul input transposed in the backward pass instead of keeping the
-    /// forward's transpose (less activation memory, slightly slower; same numbers).
+    /// fp8: re-quantise transposed in the backward pass the matmul inputs whose bf16 form is kept
+    /// anyway (the attention output; ln1/ln2 when QKV/up+gate are recomputed) instead of keeping
+    /// the forward's fp8 transpose (less activation memory, slightly slower; same numbers).
     #[arg(long, help_heading = "Memory")]
     pub recompute_fp8_inputs: bool,
     #[arg(long, help_heading = "Memory")]

@@ -153,7 +153,7 @@ impl Activations {
         shape: RunShape,
         dtype: DType,
         rc: Recompute,
-        fp8_kept_inputs: bool,
+        fp8: bool,
         lmhead_rows: usize,
         norm_slots: usize,
     ) -> Result<Activations> {
@@ -180,7 +180,7 @@ impl Activations {
         let keep_sw = !(rc.swiglu || rc.ffn || rc.block);
         // `fp8_only`: kept in fp8 only when the bf16 value feeds no recomputation in the backward
         // pass (ln1 feeds QKV's, ln2 up+gate's; nothing is recomputed from the SwiGLU output)
-        let mode = |kept: bool, fp8_only: bool| match (kept, fp8_only && fp8_kept_inputs) {
+        let mode = |kept: bool, fp8_only: bool| match (kept, fp8_only && fp8) {
             (false, _) => Keep::Recomputed,
             (true, true) => Keep::Fp8Only,
             (true, false) => Keep::PerLayer,

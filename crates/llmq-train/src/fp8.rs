@@ -16,12 +16,13 @@
 //! (RMSNorm, residual RMSNorm, SwiGLU, their backwards, RoPE backward); the attention output and
 //! the qk-norm gradient have no fused abs-max and take one `absmax` pass. Weight abs-maxes come
 //! out of the AdamW update (per segment = per weight matrix) and are computed once at start.
-//! The weight gradient needs each matmul input transposed (xᵀ). Where the bf16 input is kept
-//! for the backward pass (its activation slot is per layer), the forward quantises it plain and
-//! transposed in one pass and keeps xᵀ and its descale (`act_t`); where the input is recomputed
-//! (or with `Recompute::fp8_inputs`, `--recompute-fp8-inputs`, to save that memory), the
-//! backward quantises the bf16 tensor transposed with the kept abs-max. Both give the same bytes,
-//! so the recompute options still cannot change the numbers.
+//! The weight gradient needs each matmul input transposed (xᵀ). Where the input is not
+//! recomputed, the forward quantises it plain and transposed in one pass and keeps xᵀ and its
+//! descale (`act_t`); the bf16 input itself is then kept only where something else needs it (the
+//! attention output, or ln1/ln2 for a recomputation: `acts::Keep`). Where the input is recomputed
+//! (or kept in bf16 anyway, with `Recompute::fp8_inputs`, `--recompute-fp8-inputs`, to save the
+//! transpose's memory), the backward quantises the bf16 tensor transposed with the kept abs-max.
+//! Both give the same bytes, so the recompute options still cannot change the numbers.
 //!
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
 //! optimizer step; without, they are re-quantised at each use. Both give the same bytes.

@@ -8,7 +8,7 @@
 //! logits buffer holds one group, and because every group has the same shape whatever the memory
 //! options, they cannot change the numbers.
 
-use crate::acts::{Activations, RunShape};
+use crate::acts::{Activations, Keep, RunShape};
 use crate::fp8::{Act, Fp8};
 use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::precision::{Precision, Recompute};
@@ -59,14 +59,18 @@ impl Model {
         let params = Params::alloc(be, cfg, precision)?;
         let norm_slots = params.layout.groups.len();
         let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
-        // fp8 runs keep each block matmul input's transpose for the weight gradient, unless asked
-        // to re-quantise it in the backward pass
-        let fp8_kept_inputs = precision.matmul.is_fp8() && !recompute.fp8_inputs;
-        let mut acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8_kept_inputs, lm_rows, norm_slots)?;
+        let fp8 = precision.matmul.is_fp8();
+        let mut acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8, lm_rows, norm_slots)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
-        let fp8 = if precision.matmul.is_fp8() {
-            // Act order; an input recomputed in the backward pass has no kept transpose
-            let keep = [acts.ln1.kept(), acts.att.kept(), acts.ln2.kept(), acts.sw.kept()].map(|k| k && fp8_kept_inputs);
+        let fp8 = if fp8 {
+            // Act order. The weight gradient reads each input's transpose: kept from the forward
+            // pass, or quantised in the backward pass from the bf16 input, recomputed or (with
+            // `recompute.fp8_inputs`) kept
+            let keep = [&acts.ln1, &acts.att, &acts.ln2, &acts.sw].map(|s| match s.keep() {
+                Keep::Fp8Only => true,
+                Keep::PerLayer => !recompute.fp8_inputs,
+                Keep::Recomputed => false,
+            });
             Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants, keep, &mut acts.bwd_scratch)?)
         } else {
             None

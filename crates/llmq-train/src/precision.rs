@@ -96,9 +96,11 @@ pub struct Recompute {
     pub att: bool,
     /// Everything but the residual stream.
     pub block: bool,
-    /// fp8 runs: re-quantise each block matmul input transposed in the backward pass instead of
-    /// keeping the transpose the forward pass wrote beside the plain form (less activation
-    /// memory, one more pass over the inputs). No effect in other runs.
+    /// fp8 runs: where a block matmul input's bf16 form is kept for the backward pass anyway (the
+    /// attention output; ln1 or ln2 when QKV or up+gate are recomputed), re-quantise it
+    /// transposed there instead of keeping the transpose the forward pass wrote beside the plain
+    /// form (less activation memory, one more pass over those inputs). Inputs kept only in fp8
+    /// (`acts::Keep::Fp8Only`) keep their transposes. No effect in other runs.
     #[serde(default)]
     pub fp8_inputs: bool,
     /// Not a recomputation: gives the backward pass's largest temporaries (the up+gate gradient,
