@@ -92,3 +92,69 @@ pub fn colsum_rows(op: &str, out: &Tensor, inp: &Tensor) -> Result<Option<usize>
     }
     Ok(Some(inp.numel() / c))
 }
+
+/// RMSNorm forward, with `res` = (res_out, delta) for the fused residual form: (N, C).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_fwd_dims(op: &str, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, res: Option<(&Tensor, &Tensor)>, eps: f32, absmax: Option<&Tensor>) -> Result<(usize, usize)> {
+    let (n, c) = (rstd.numel(), w.numel());
+    check_float_n(op, "w", w, c)?;
+    check_f32_n(op, "rstd", rstd, n)?;
+    check_rows(op, "x", x, n, c)?;
+    if let Some((res_out, delta)) = res {
+        check_rows(op, "delta", delta, n, c)?;
+        check_rows(op, "res_out", res_out, n, c)?;
+    }
+    check_rows(op, "out", out, n, c)?;
+    check_absmax(op, absmax)?;
+    check_eps(op, eps)?;
+    Ok((n, c))
+}
+
+/// RMSNorm backward: (N, C).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_bwd_dims(op: &str, dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<(usize, usize)> {
+    let (n, c) = (rstd.numel(), w.numel());
+    check_float_n(op, "w", w, c)?;
+    check_float_n(op, "dw", dw, c)?;
+    check_f32_n(op, "rstd", rstd, n)?;
+    check_rows(op, "x", x, n, c)?;
+    check_rows(op, "dout", dout, n, c)?;
+    check_rows(op, "dx", dx, n, c)?;
+    if let Some(dres) = dres {
+        check_rows(op, "dres", dres, n, c)?;
+    }
+    check_absmax(op, absmax)?;
+    Ok((n, c))
+}
+
+/// (N, D) from SwiGLU's input [N, 2D] (its last dimension), checking `half` ([N, D] by element
+/// count).
+pub fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
+    check_float(op, "inp", full)?;
+    let (n, w) = full.rows_cols();
+    if !w.is_multiple_of(2) {
+        return op_err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
+    }
+    let d = w / 2;
+    check_rows(op, half_name, half, n, d)?;
+    Ok((n, d))
+}
+
+/// Cross-entropy: (rows, vocabulary), or None when there are no rows.
+pub fn cross_entropy_dims(op: &str, logits: &Tensor, losses: &Tensor, targets: &Tensor) -> Result<Option<(usize, usize)>> {
+    check_float(op, "logits", logits)?;
+    let r = losses.numel();
+    check_f32_n(op, "losses", losses, r)?;
+    check_i32(op, "targets", targets, r)?;
+    if r == 0 {
+        return Ok(None);
+    }
+    if !logits.numel().is_multiple_of(r) {
+        return op_err(format!("{op}: logits {:?} do not split into {r} rows", logits.shape));
+    }
+    let v = logits.numel() / r;
+    if v == 0 {
+        return op_err(format!("{op}: empty vocabulary"));
+    }
+    Ok(Some((r, v)))
+}

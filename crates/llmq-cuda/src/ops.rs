@@ -9,7 +9,10 @@ use crate::device::check;
 use crate::kernels::{self, Arg};
 use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
 use cudarc::driver::sys;
-use llmq_core::check::{check_absmax, check_eps, check_f32_n, check_float, check_float_n, check_heads, check_i32, check_rope, check_rows, colsum_rows, op_err};
+use llmq_core::check::{
+    check_absmax, check_eps, check_f32_n, check_float, check_float_n, check_heads, check_i32, check_rope, check_rows, colsum_rows, cross_entropy_dims, op_err, rmsnorm_bwd_dims,
+    rmsnorm_fwd_dims, swiglu_dims,
+};
 use llmq_core::{AdamW, AttnShape, DType, Result, Segment, Tensor};
 
 pub(crate) fn dt(d: DType) -> i32 {
@@ -222,22 +225,10 @@ impl CudaBackend {
         )
     }
 
-    fn norm_dims(op: &str, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
-        let n = rstd.numel();
-        let c = w.numel();
-        check_float_n(op, "w", w, c)?;
-        check_f32_n(op, "rstd", rstd, n)?;
-        check_rows(op, "x", x, n, c)?;
-        check_rows(op, "out", out, n, c)?;
-        fits_i32(op, n.max(c))?;
-        Ok((n, c))
-    }
-
     pub(crate) fn op_rmsnorm_fwd(&self, out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "rmsnorm_fwd";
-        let (n, c) = Self::norm_dims(OP, out, rstd, x, w)?;
-        check_absmax(OP, absmax)?;
-        check_eps(OP, eps)?;
+        let (n, c) = rmsnorm_fwd_dims(OP, out, rstd, x, w, None, eps, absmax)?;
+        fits_i32(OP, n.max(c))?;
         self.zero_f32(absmax)?;
         if self.v_rmsnorm_fwd(None, out, rstd, x, w, eps, absmax, n, c)? {
             return Ok(());
@@ -254,11 +245,8 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn op_residual_rmsnorm_fwd(&self, res_out: &Tensor, out: &Tensor, rstd: &Tensor, x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "residual_rmsnorm_fwd";
-        let (n, c) = Self::norm_dims(OP, out, rstd, x, w)?;
-        check_rows(OP, "delta", delta, n, c)?;
-        check_rows(OP, "res_out", res_out, n, c)?;
-        check_absmax(OP, absmax)?;
-        check_eps(OP, eps)?;
+        let (n, c) = rmsnorm_fwd_dims(OP, out, rstd, x, w, Some((res_out, delta)), eps, absmax)?;
+        fits_i32(OP, n.max(c))?;
         self.zero_f32(absmax)?;
         if self.v_rmsnorm_fwd(Some((res_out, delta)), out, rstd, x, w, eps, absmax, n, c)? {
             return Ok(());
@@ -291,13 +279,8 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn op_rmsnorm_bwd(&self, dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "rmsnorm_bwd";
-        let (n, c) = Self::norm_dims(OP, dx, rstd, x, w)?;
-        check_float_n(OP, "dw", dw, c)?;
-        check_rows(OP, "dout", dout, n, c)?;
-        if let Some(d) = dres {
-            check_rows(OP, "dres", d, n, c)?;
-        }
-        check_absmax(OP, absmax)?;
+        let (n, c) = rmsnorm_bwd_dims(OP, dx, dw, dout, x, w, rstd, dres, absmax)?;
+        fits_i32(OP, n.max(c))?;
         self.zero_f32(absmax)?;
         if self.v_rmsnorm_bwd(dx, dw, dout, x, w, rstd, dres, absmax, n, c)? {
             return Ok(());
@@ -444,21 +427,10 @@ impl CudaBackend {
         )
     }
 
-    fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
-        check_float(op, "inp", full)?;
-        let (n, w) = full.rows_cols();
-        if !w.is_multiple_of(2) {
-            return op_err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
-        }
-        let d = w / 2;
-        check_rows(op, half_name, half, n, d)?;
-        fits_i32(op, d)?;
-        Ok((n, d))
-    }
-
     pub(crate) fn op_swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "swiglu_fwd";
-        let (n, d) = Self::swiglu_dims(OP, "out", out, inp)?;
+        let (n, d) = swiglu_dims(OP, "out", out, inp)?;
+        fits_i32(OP, d)?;
         check_absmax(OP, absmax)?;
         self.zero_f32(absmax)?;
         if self.v_swiglu(out, None, inp, absmax, n, d)? {
@@ -475,7 +447,8 @@ impl CudaBackend {
 
     pub(crate) fn op_swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "swiglu_bwd";
-        let (n, d) = Self::swiglu_dims(OP, "dout", dout, inp)?;
+        let (n, d) = swiglu_dims(OP, "dout", dout, inp)?;
+        fits_i32(OP, d)?;
         check_rows(OP, "dinp", dinp, n, 2 * d)?;
         check_absmax(OP, absmax)?;
         self.zero_f32(absmax)?;
@@ -493,20 +466,7 @@ impl CudaBackend {
 
     pub(crate) fn op_cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
         const OP: &str = "cross_entropy";
-        check_float(OP, "logits", logits)?;
-        let r = losses.numel();
-        check_f32_n(OP, "losses", losses, r)?;
-        check_i32(OP, "targets", targets, r)?;
-        if r == 0 {
-            return Ok(());
-        }
-        if !logits.numel().is_multiple_of(r) {
-            return op_err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
-        }
-        let v = logits.numel() / r;
-        if v == 0 {
-            return op_err(format!("{OP}: empty vocabulary"));
-        }
+        let Some((r, v)) = cross_entropy_dims(OP, logits, losses, targets)? else { return Ok(()) };
         fits_i32(OP, r.max(v))?;
         if self.v_cross_entropy(logits, losses, targets, r, v, dloss)? {
             return Ok(());

@@ -16,7 +16,7 @@
 
 use super::common::{check_absmax, check_float, check_float_n, check_rows, col_sums, for_rows, op_err, store_par, store_sums, write_absmax};
 use super::{bytes, bytes_mut, load, load_i32};
-use crate::check::{check_rope, colsum_rows};
+use crate::check::{check_rope, colsum_rows, swiglu_dims};
 use crate::backend::AttnShape;
 use crate::dtype::{decode_into, encode_into, DType};
 use crate::error::Result;
@@ -152,18 +152,6 @@ pub(crate) fn rope_in_place(vals: &mut [f32], fv: &[f32], shape: AttnShape, back
             }
         }
     });
-}
-
-/// (N, D) from inp [N, 2D] (its last dimension), checking `half` ([N, D] by element count).
-fn swiglu_dims(op: &str, half_name: &str, half: &Tensor, full: &Tensor) -> Result<(usize, usize)> {
-    check_float(op, "inp", full)?;
-    let (n, w) = full.rows_cols();
-    if !w.is_multiple_of(2) {
-        return op_err(format!("{op}: inp {:?} must have an even last dimension [up | gate]", full.shape));
-    }
-    let d = w / 2;
-    check_rows(op, half_name, half, n, d)?;
-    Ok((n, d))
 }
 
 #[inline]

@@ -11,9 +11,9 @@
 //!   logits intact; the message names the row and the bad value.
 //! - The caller chooses dloss (e.g. 1 / number of counted targets for a mean loss).
 
-use super::common::{check_f32_n, check_float, op_err, store_par};
+use super::common::{op_err, store_par};
 use super::{bytes_mut, load_i32};
-use crate::dtype::{decode_into, encode_into, DType};
+use crate::dtype::{decode_into, encode_into};
 use crate::error::Result;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -22,20 +22,7 @@ pub const IGNORE_INDEX: i32 = -100;
 
 pub fn cross_entropy(logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
     const OP: &str = "cross_entropy";
-    check_float(OP, "logits", logits)?;
-    let r = losses.numel();
-    check_f32_n(OP, "losses", losses, r)?;
-    targets.expect(OP, "targets", Some(DType::I32), &[r])?;
-    if r == 0 {
-        return Ok(());
-    }
-    if !logits.numel().is_multiple_of(r) {
-        return op_err(format!("{OP}: logits {:?} do not split into {r} rows", logits.shape));
-    }
-    let v = logits.numel() / r;
-    if v == 0 {
-        return op_err(format!("{OP}: empty vocabulary"));
-    }
+    let Some((r, v)) = crate::check::cross_entropy_dims(OP, logits, losses, targets)? else { return Ok(()) };
     let tv = load_i32(targets);
     if let Some((row, &y)) = tv.iter().enumerate().find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= v)) {
         return op_err(format!("{OP}: row {row} has target {y}, outside 0..{v} (and not {IGNORE_INDEX})"));

@@ -16,8 +16,8 @@
 //! - qk_norm_bwd's weight gradients sum over (row, head) pairs in row-major order.
 //! - Sizes are checked by element count: N comes from rstd, C from w (Hd for qk-norm).
 
-use crate::check::{check_eps, check_heads};
-use super::common::{check_absmax, check_f32_n, check_float_n, check_rows, col_sums, for_rows, store_par, store_sums, write_absmax};
+use crate::check::{check_eps, check_heads, rmsnorm_bwd_dims, rmsnorm_fwd_dims};
+use super::common::{check_f32_n, check_float_n, check_rows, col_sums, for_rows, store_par, store_sums, write_absmax};
 use super::load;
 use crate::backend::AttnShape;
 use crate::error::Result;
@@ -61,14 +61,7 @@ fn norm_bwd_row(dx: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], r: f32) {
 
 pub fn rmsnorm_fwd(out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "rmsnorm_fwd";
-    let n = rstd.numel();
-    let c = w.numel();
-    check_float_n(OP, "w", w, c)?;
-    check_f32_n(OP, "rstd", rstd, n)?;
-    check_rows(OP, "x", x, n, c)?;
-    check_rows(OP, "out", out, n, c)?;
-    check_absmax(OP, absmax)?;
-    check_eps(OP, eps)?;
+    let (n, c) = rmsnorm_fwd_dims(OP, out, rstd, x, w, None, eps, absmax)?;
     let xv = load(x);
     let wv = load(w);
     normalize_and_store(OP, out, rstd, &xv, &wv, n, c, eps, absmax)
@@ -92,16 +85,7 @@ fn normalize_and_store(_op: &str, out: &Tensor, rstd: &Tensor, xv: &[f32], wv: &
 #[allow(clippy::too_many_arguments)]
 pub fn residual_rmsnorm_fwd(res_out: &Tensor, out: &Tensor, rstd: &Tensor, x: &Tensor, delta: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "residual_rmsnorm_fwd";
-    let n = rstd.numel();
-    let c = w.numel();
-    check_float_n(OP, "w", w, c)?;
-    check_f32_n(OP, "rstd", rstd, n)?;
-    check_rows(OP, "x", x, n, c)?;
-    check_rows(OP, "delta", delta, n, c)?;
-    check_rows(OP, "res_out", res_out, n, c)?;
-    check_rows(OP, "out", out, n, c)?;
-    check_absmax(OP, absmax)?;
-    check_eps(OP, eps)?;
+    let (n, c) = rmsnorm_fwd_dims(OP, out, rstd, x, w, Some((res_out, delta)), eps, absmax)?;
     let mut res = load(x);
     let dv = load(delta);
     let rdt = res_out.dtype;
@@ -115,18 +99,7 @@ pub fn residual_rmsnorm_fwd(res_out: &Tensor, out: &Tensor, rstd: &Tensor, x: &T
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd(dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "rmsnorm_bwd";
-    let n = rstd.numel();
-    let c = w.numel();
-    check_float_n(OP, "w", w, c)?;
-    check_float_n(OP, "dw", dw, c)?;
-    check_f32_n(OP, "rstd", rstd, n)?;
-    check_rows(OP, "x", x, n, c)?;
-    check_rows(OP, "dout", dout, n, c)?;
-    check_rows(OP, "dx", dx, n, c)?;
-    if let Some(dres) = dres {
-        check_rows(OP, "dres", dres, n, c)?;
-    }
-    check_absmax(OP, absmax)?;
+    let (n, c) = rmsnorm_bwd_dims(OP, dx, dw, dout, x, w, rstd, dres, absmax)?;
     let xv = load(x);
     let wv = load(w);
     let rv = load(rstd);
