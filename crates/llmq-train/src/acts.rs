@@ -6,8 +6,8 @@
 //!
 //! In fp8 runs a block matmul's input reaches the backward pass as the fp8 transpose the forward
 //! pass wrote beside the plain form (`fp8::Fp8`), and the weight gradient reads only that. Where
-//! nothing is recomputed from the bf16 input either, its slot is `Fp8Only`: one shared buffer,
-//! that the backward pass leaves alone, so it can live in a gradient temporary that only the
+//! nothing is recomputed from the bf16 input either, its slot is `Fp8Only`: one shared buffer
+//! that the backward pass never touches, so it can live in a gradient temporary that only the
 //! backward pass uses. For ln1, ln2 and the SwiGLU output this saves (2 C + D) x 2 bytes per
 //! token and layer (22 GB for Qwen2.5-1.5B at B = 32) without changing a bit: the same ops run in
 //! the same order.

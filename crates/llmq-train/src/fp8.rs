@@ -82,9 +82,9 @@ fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
 }
 
 impl Fp8 {
-    /// `keep[a]`: activation `a` (`Act`) is kept per layer for the backward pass (so its fp8
-    /// transpose is kept too).
-    /// `bwd`: where the gradient scratch goes (only the backward pass uses it).
+    /// `keep[a]`: the forward pass keeps activation `a`'s (`Act`) fp8 transpose per layer for the
+    /// weight gradient (otherwise the backward pass quantises the bf16 input). `bwd`: where the
+    /// gradient scratch goes (only the backward pass uses it).
     #[allow(clippy::too_many_arguments)]
     pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
         // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
