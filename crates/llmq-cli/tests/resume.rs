@@ -32,6 +32,11 @@ fn as_refs(v: &[String]) -> Vec<&str> {
     v.iter().map(|s| s.as_str()).collect()
 }
 
+/// A command line written as one string, plus arguments that are paths.
+fn cmd<'a>(line: &'a str, paths: &[&'a str]) -> Vec<&'a str> {
+    line.split_whitespace().chain(paths.iter().copied()).collect()
+}
+
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("llmq-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -188,65 +193,27 @@ fn stop_and_resume_is_bitwise_exact() {
 fn export_writes_a_loadable_hf_model() {
     let d = tmpdir("export");
     let out = d.join("hf");
-    llmq(&[
-        "train",
-        "--device",
-        "cpu",
-        "--model",
-        "tiny",
-        "--from-scratch",
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--warmup",
-        "1",
-        "--export",
-        out.to_str().unwrap(),
-        "--export-dtype",
-        "fp32",
-        "--ckpt-dir",
-        d.join("ck").to_str().unwrap(),
-    ]);
+    let ck_dir = d.join("ck");
+    llmq(&cmd(
+        "train --device cpu --model tiny --from-scratch --steps 3 --batch-size 2 --seq-len 16 --warmup 1 --export-dtype fp32",
+        &["--export", out.to_str().unwrap(), "--ckpt-dir", ck_dir.to_str().unwrap()],
+    ));
     // the exported directory is a model llmq can load, with the same weights as the checkpoint
     let cfg = llmq_io::hf::load_config(&out).unwrap();
     let loaded = llmq_io::hf::load_weights(&out, &cfg).unwrap();
-    let ck = llmq_io::ckpt::resolve_continue(&d.join("ck"), None).unwrap();
+    let ck = llmq_io::ckpt::resolve_continue(&ck_dir, None).unwrap();
     let (cfg2, groups) = llmq_train::checkpoint::model_config(&ck).unwrap();
     assert_eq!(cfg, cfg2);
     assert_eq!(loaded, groups);
     // and `llmq export` from the checkpoint gives the same files
     let out2 = d.join("hf2");
-    llmq(&[
-        "export",
-        ck.to_str().unwrap(),
-        "-o",
-        out2.to_str().unwrap(),
-        "--dtype",
-        "fp32",
-    ]);
+    llmq(&cmd("export --dtype fp32", &[ck.to_str().unwrap(), "-o", out2.to_str().unwrap()]));
     assert_eq!(
         std::fs::read(out.join("model.safetensors")).unwrap(),
         std::fs::read(out2.join("model.safetensors")).unwrap()
     );
     // training continues from the exported weights
-    let o = llmq(&[
-        "train",
-        "--device",
-        "cpu",
-        "--model",
-        out.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--warmup",
-        "1",
-    ]);
+    let o = llmq(&cmd("train --device cpu --steps 2 --batch-size 2 --seq-len 16 --warmup 1", &["--model", out.to_str().unwrap()]));
     assert!(o.contains("loaded weights from"), "{o}");
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -257,24 +224,7 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
     let d = tmpdir("sigterm");
     let ck = d.join("ck");
     let mut child = Command::new(env!("CARGO_BIN_EXE_llmq"))
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--model",
-            "tiny",
-            "--from-scratch",
-            "--steps",
-            "100000",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--print-every",
-            "1",
-            "--eval-every",
-            "0",
-        ])
+        .args(cmd("train --device cpu --model tiny --from-scratch --steps 100000 --batch-size 2 --seq-len 16 --print-every 1 --eval-every 0", &[]))
         .args(["--ckpt-dir", ck.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .spawn()
