@@ -37,7 +37,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-
 /// Offsets into a qkv row of query head h, key head g and value head g.
 struct Heads {
     q: usize,

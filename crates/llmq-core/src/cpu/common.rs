@@ -21,11 +21,6 @@ const ENCODE_CHUNK: usize = 1 << 14;
 /// Columns per task in `col_sums`.
 const COL_BLOCK: usize = 32;
 
-
-
-
-
-
 /// Reads a scalar f32[1] argument.
 pub(crate) fn load_scalar(op: &str, arg: &str, t: &Tensor) -> Result<f32> {
     check_f32_n(op, arg, t, 1)?;

@@ -133,7 +133,6 @@ pub fn rope(out: &Tensor, inp: &Tensor, freqs: &Tensor, shape: AttnShape, backwa
     Ok(())
 }
 
-
 /// RoPE (or its transpose) on the q and k heads of `vals` ([N, Q], f32) in place.
 pub(crate) fn rope_in_place(vals: &mut [f32], fv: &[f32], shape: AttnShape, backward: bool) {
     let (q, hd, t) = (shape.qkv_width(), shape.hd, shape.t);

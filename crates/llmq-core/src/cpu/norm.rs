@@ -58,7 +58,6 @@ fn norm_bwd_row(dx: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], r: f32) {
     }
 }
 
-
 pub fn rmsnorm_fwd(out: &Tensor, rstd: &Tensor, x: &Tensor, w: &Tensor, eps: f32, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "rmsnorm_fwd";
     let (n, c) = rmsnorm_fwd_dims(OP, out, rstd, x, w, None, eps, absmax)?;
@@ -128,7 +127,6 @@ pub fn rmsnorm_bwd(dx: &Tensor, dw: &Tensor, dout: &Tensor, x: &Tensor, w: &Tens
     write_absmax(absmax, dx.dtype, &dxv);
     Ok(())
 }
-
 
 pub fn qk_norm_fwd(out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: AttnShape, eps: f32) -> Result<()> {
     const OP: &str = "qk_norm_fwd";
