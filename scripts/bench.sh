@@ -8,6 +8,7 @@
 # Adam m/v in bf16: the setting of the reference system's published numbers (REFERENCE.md), where
 # the optimizer's cost is spread over 32 micro-batches. Unset: one micro-batch per step, fp32
 # optimizer state for 0.5B/1.5B (the optimizer's cost counts fully).
+# BENCH_EXTRA: more `llmq train` flags for every run (e.g. "--no-wgrad-overlap").
 set -uo pipefail
 BIN="${1:-./target/release/llmq}"
 OUT="${2:-bench-out}"
@@ -32,6 +33,8 @@ for w in "${WHICH[@]}"; do
   bs="${BENCH_BS:-$bs}"  # micro-batch override (e.g. 16 for the earlier rounds' tables)
   extra=()
   [ "$prec" = fp8 ] && extra+=(--matmul-dtype e4m3 --persistent-quants) || extra+=(--matmul-dtype bf16)
+  read -ra more <<< "${BENCH_EXTRA:-}"
+  extra+=("${more[@]}")
   steps="$STEPS"
   if [ -n "${BENCH_TOKENS:-}" ]; then
     extra+=(--grad-accumulation $(( BENCH_TOKENS / (bs * 1024) )) --opt-m-dtype bf16 --opt-v-dtype bf16)

@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// Keep fp8 weights between micro-batches, re-quantised once per optimizer step.
     #[arg(long, help_heading = "Precision")]
     pub persistent_quants: bool,
+    /// fp8: run every weight-gradient matmul on the main stream, not on a second stream beside
+    /// the input-gradient chain (the default for e4m3: same numbers, +1.4% at 1.5B on an H200).
+    #[arg(long, help_heading = "Precision")]
+    pub no_wgrad_overlap: bool,
 
     // ---- memory ----
     /// fp8: re-quantise transposed in the backward pass the matmul inputs whose bf16 form is kept
@@ -270,7 +274,11 @@ impl TrainArgs {
                 None => DType::E4M3,
             },
             persistent_quants: self.persistent_quants,
+            wgrad_overlap: matmul.is_fp8() && !self.no_wgrad_overlap,
         };
+        if self.no_wgrad_overlap && !matmul.is_fp8() {
+            return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
+        }
         if precision.master == DType::BF16 && weights == DType::F32 {
             return Err(Error::Config(
                 "--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into(),
@@ -305,5 +313,31 @@ impl TrainArgs {
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<TrainConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("llmq").chain(args.iter().copied())).unwrap();
+        cli.args.train_config(true)
+    }
+
+    #[test]
+    fn fp8_runs_overlap_weight_gradients_unless_told_not_to() {
+        assert!(config(&["--matmul-dtype", "e4m3"]).unwrap().precision.wgrad_overlap);
+        assert!(!config(&["--matmul-dtype", "e4m3", "--no-wgrad-overlap"]).unwrap().precision.wgrad_overlap);
+        assert!(!config(&["--matmul-dtype", "bf16"]).unwrap().precision.wgrad_overlap);
+        let e = config(&["--matmul-dtype", "bf16", "--no-wgrad-overlap"]).unwrap_err().to_string();
+        assert!(e.contains("--no-wgrad-overlap only applies with --matmul-dtype e4m3"), "{e}");
     }
 }

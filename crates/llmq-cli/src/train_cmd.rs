@@ -200,13 +200,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let p = tc.precision;
     let fp8 = if p.matmul.is_fp8() {
         format!(
-            " | activation grads {}{}",
+            " | activation grads {}{}{}",
             p.act_grads,
-            if p.persistent_quants {
-                " | persistent quants"
-            } else {
-                ""
-            }
+            if p.persistent_quants { " | persistent quants" } else { "" },
+            if p.wgrad_overlap { " | wgrad overlap" } else { "" }
         )
     } else {
         String::new()

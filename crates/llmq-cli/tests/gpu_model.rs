@@ -145,37 +145,37 @@ fn gpu_and_cpu_train_alike_for_20_steps_fp8() {
     train_alike_for_20_steps(Arch::Qwen3, Precision::fp8());
 }
 
+/// Every recompute option (and, in fp8, persistent quants and the side-stream weight gradients)
+/// against the plain run of the same matmul dtype.
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
-    for precision in [
-        Precision::bf16(),
-        Precision::fp8(),
-        Precision {
-            persistent_quants: true,
-            ..Precision::fp8()
-        },
-    ] {
+    let fp8 = Precision::fp8();
+    let persistent = Precision { persistent_quants: true, ..fp8 };
+    let overlap = Precision { wgrad_overlap: true, ..fp8 };
+    for group in [vec![Precision::bf16()], vec![fp8, persistent, overlap]] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)
         let mut base: Option<Vec<(u64, u64)>> = None;
-        for (name, rc) in Recompute::all_variants() {
-            let Some(be) = gpu() else { return };
-            let mut tc = config(2, 64, 3, precision);
-            tc.recompute = rc;
-            let mut tr = trainer(be, &cfg, tc);
-            let h: Vec<(u64, u64)> = (0..3)
-                .map(|_| {
-                    let s = tr.train_step().unwrap();
-                    (s.loss.to_bits(), s.grad_norm.to_bits())
-                })
-                .collect();
-            match &base {
-                None => base = Some(h),
-                Some(b) => assert_eq!(
-                    &h, b,
-                    "{:?} recompute {name} changed the numbers on the GPU",
-                    precision.matmul
-                ),
+        for precision in group {
+            for (name, rc) in Recompute::all_variants() {
+                let Some(be) = gpu() else { return };
+                let mut tc = config(2, 64, 3, precision);
+                tc.recompute = rc;
+                let mut tr = trainer(be, &cfg, tc);
+                let h: Vec<(u64, u64)> = (0..3)
+                    .map(|_| {
+                        let s = tr.train_step().unwrap();
+                        (s.loss.to_bits(), s.grad_norm.to_bits())
+                    })
+                    .collect();
+                match &base {
+                    None => base = Some(h),
+                    Some(b) => assert_eq!(
+                        &h, b,
+                        "{:?} (persistent quants {}, wgrad overlap {}) recompute {name} changed the numbers on the GPU",
+                        precision.matmul, precision.persistent_quants, precision.wgrad_overlap
+                    ),
+                }
             }
         }
     }

@@ -61,11 +61,15 @@ impl MemCategory {
     }
 }
 
-/// Which stream an async copy runs on.
+/// The streams of a backend. Ops run on the current stream (`set_stream`): `Compute`, or `Side`,
+/// a second compute stream for work that may run beside the main chain (weight gradients).
+/// Copies and zeroing name their stream, which may also be `Copy`. Work on different streams is
+/// ordered only through events; a backend without streams runs everything in call order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stream {
     Compute,
     Copy,
+    Side,
 }
 
 /// An event handle created by `Backend::create_event`.
@@ -92,20 +96,24 @@ pub struct Matmul<'a> {
     pub accumulate: bool,
     pub descale_a: Option<&'a Tensor>,
     pub descale_b: Option<&'a Tensor>,
+    /// The matmul may run on the side stream beside other work (a weight gradient): a backend
+    /// that picks algorithms picks this one for the side stream's share of the device on
+    /// either stream, so the result does not depend on which stream runs it.
+    pub side_algo: bool,
 }
 
 impl<'a> Matmul<'a> {
     /// y = x · wᵀ
     pub fn linear(out: &'a Tensor, x: &'a Tensor, w: &'a Tensor) -> Self {
-        Matmul { out, a: x, trans_a: false, b: w, trans_b: true, bias: None, accumulate: false, descale_a: None, descale_b: None }
+        Matmul { out, a: x, trans_a: false, b: w, trans_b: true, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false }
     }
     /// dx = dy · w
     pub fn linear_dgrad(dx: &'a Tensor, dy: &'a Tensor, w: &'a Tensor) -> Self {
-        Matmul { out: dx, a: dy, trans_a: false, b: w, trans_b: false, bias: None, accumulate: false, descale_a: None, descale_b: None }
+        Matmul { out: dx, a: dy, trans_a: false, b: w, trans_b: false, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false }
     }
     /// dw += dyᵀ · x
     pub fn linear_wgrad(dw: &'a Tensor, dy: &'a Tensor, x: &'a Tensor) -> Self {
-        Matmul { out: dw, a: dy, trans_a: true, b: x, trans_b: false, bias: None, accumulate: true, descale_a: None, descale_b: None }
+        Matmul { out: dw, a: dy, trans_a: true, b: x, trans_b: false, bias: None, accumulate: true, descale_a: None, descale_b: None, side_algo: false }
     }
     pub fn with_bias(mut self, bias: Option<&'a Tensor>) -> Self {
         self.bias = bias;
@@ -281,6 +289,8 @@ pub trait Backend {
     fn wait(&self, stream: Stream, ev: Event) -> Result<()>;
     /// Blocks the host until all queued work is done.
     fn synchronize(&self) -> Result<()>;
+    /// The stream the following ops run on (`Compute` until changed; `Copy` is refused).
+    fn set_stream(&self, stream: Stream) -> Result<()>;
 
     // ---- compute ----
     fn matmul(&self, args: &Matmul) -> Result<()>;

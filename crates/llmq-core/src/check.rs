@@ -2,13 +2,21 @@
 //! it touches memory, so both backends refuse the same inputs with the same message (naming the
 //! op, the argument, what was expected and what was given).
 
-use crate::backend::AttnShape;
+use crate::backend::{AttnShape, Stream};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 pub fn op_err<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Op(msg.into()))
+}
+
+/// Ops run on the compute or the side stream (`Backend::set_stream`).
+pub fn check_op_stream(s: Stream) -> Result<()> {
+    if s == Stream::Copy {
+        return op_err("set_stream: ops run on the compute or the side stream, not the copy stream");
+    }
+    Ok(())
 }
 
 /// `t` must hold floating point values (f32, bf16, e4m3, e5m2).

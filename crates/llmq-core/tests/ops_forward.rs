@@ -36,7 +36,7 @@ fn matmul_ref(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, n: usize, k: u
 }
 
 fn mm<'a>(out: &'a Tensor, a: &'a Tensor, trans_a: bool, b: &'a Tensor, trans_b: bool) -> Matmul<'a> {
-    Matmul { out, a, trans_a, b, trans_b, bias: None, accumulate: false, descale_a: None, descale_b: None }
+    Matmul { out, a, trans_a, b, trans_b, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false }
 }
 
 #[test]
@@ -146,6 +146,25 @@ fn matmul_fp8_with_descale() {
         let real: f64 = (0..k).map(|p| xv[(i / n) * k + p] as f64 * wv[(i % n) * k + p] as f64).sum::<f64>() + biasv[i % n] as f64;
         assert!((got[i] as f64 - real).abs() < 0.3, "[{i}] fp8 product {} far from real {real}", got[i]);
     }
+}
+
+/// The CPU backend runs every stream in call order, so the side stream gives the same bytes; no
+/// op runs on the copy stream.
+#[test]
+fn side_stream_ops_give_the_same_bytes() {
+    let mut cx = Ctx::new();
+    let mut rng = Rng::new(5);
+    let (a, b) = (cx.f32(&[9, 13], &rng.vec(9 * 13, 1.0)), cx.f32(&[11, 13], &rng.vec(11 * 13, 1.0)));
+    let outs = [cx.zeros(F32, &[9, 11]), cx.zeros(F32, &[9, 11])];
+    for (o, s) in outs.iter().zip([Stream::Compute, Stream::Side]) {
+        cx.be.set_stream(s).unwrap();
+        cx.be.matmul(&Matmul::linear(o, &a, &b)).unwrap();
+    }
+    cx.be.set_stream(Stream::Compute).unwrap();
+    assert_eq!(cx.be.download(&outs[0]).unwrap(), cx.be.download(&outs[1]).unwrap());
+    assert!(cx.get(&outs[0]).iter().any(|&x| x != 0.0));
+    let e = cx.be.set_stream(Stream::Copy).unwrap_err().to_string();
+    assert!(e.contains("not the copy stream"), "{e}");
 }
 
 #[test]

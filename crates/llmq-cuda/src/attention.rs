@@ -166,7 +166,7 @@ impl CudaBackend {
         // and element counts of every tensor against the shape the kernel derives from B, T, Hq,
         // Hkv and its compiled Hd; the scratch holds B*Hq*T floats; arguments follow the kernel's
         // parameter order.
-        unsafe { kernels::launch(f, grid, (threads as u32, 1, 1), smem as u32, self.dev.compute, args) }
+        unsafe { kernels::launch(f, grid, (threads as u32, 1, 1), smem as u32, self.stream(), args) }
     }
 
     /// Forward with the v3 kernels. Ok(false) when the configuration does not fit this device

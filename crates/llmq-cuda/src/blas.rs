@@ -17,8 +17,17 @@
 //! Descriptors, layouts and the algorithm are cached per shape, transposes, dtypes,
 //! bias/accumulate/scale flags and operand pointer alignment; the heuristic is asked with the very
 //! descriptors that the call then runs with. Which of its answers runs comes from the measured
-//! table in `tuning.rs` (the first answer for shapes it does not list). The workspace is
-//! allocated once.
+//! table in `tuning.rs` (the first answer for shapes it does not list). The workspaces are
+//! allocated once: one per stream that runs matmuls (compute and side), since concurrent
+//! matmuls must not share one.
+//!
+//! Matmuls on the side stream (weight gradients beside the input-gradient chain) get an SM-count
+//! target, 3/4 of the SMs (`LLMQ_SIDE_SMS` overrides; 0 = none): cuBLASLt's kernels are
+//! persistent and would otherwise hold every SM until they finish, leaving the compute stream's
+//! memory-bound ops nothing to run on. The heuristic answers differently when asked with a
+//! target, and a different algorithm rounds differently; so a matmul marked `side_algo` gets
+//! the algorithm chosen for the target on either stream (the target itself only narrows the
+//! persistent grid: same bits, `side_stream_matmuls_match_the_compute_stream_bitwise`).
 
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys;
@@ -69,6 +78,10 @@ struct Key {
     accumulate: bool,
     scaled: bool,
     align: [u32; 4],
+    /// CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET (0: all SMs).
+    sms: u32,
+    /// The SM count the algorithm is chosen for (0: all).
+    algo_sms: u32,
 }
 
 struct Plan {
@@ -86,12 +99,20 @@ struct Plan {
 fn key_string(k: &Key) -> String {
     let bias = k.bias.map_or("-".to_string(), |d| d.to_string());
     let [a0, a1, a2, a3] = k.align;
-    format!("{} {} {} {} {} {} {} {} {} {} {a0} {a1} {a2} {a3}", k.m, k.n, k.k, k.trans_a as u8, k.trans_b as u8, k.da, k.db, k.dout, bias, k.accumulate as u8)
+    let base = format!("{} {} {} {} {} {} {} {} {} {} {a0} {a1} {a2} {a3}", k.m, k.n, k.k, k.trans_a as u8, k.trans_b as u8, k.da, k.db, k.dout, bias, k.accumulate as u8);
+    // (the SM target a matmul runs with does not matter: only the one its algorithm is chosen for)
+    match k.algo_sms {
+        0 => base,
+        n => format!("{base} sms{n}"),
+    }
 }
 
 pub(crate) struct Blas {
     handle: lt::cublasLtHandle_t,
-    workspace: u64,
+    /// For the compute stream and for the side stream.
+    workspaces: [u64; 2],
+    /// SM-count target of side-stream matmuls (0: none).
+    side_sms: u32,
     plans: HashMap<Key, Plan>,
     /// Device name and cuBLASLt version: the section of tuning.txt that applies.
     device: String,
@@ -105,15 +126,20 @@ unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDe
 }
 
 impl Blas {
-    /// `workspace`: a device buffer of WORKSPACE_BYTES allocated by the caller; `device`: the
-    /// device's name (selects the tuning table's section, with the library version).
-    pub fn new(workspace: u64, device: &str) -> Result<Blas> {
+    /// `workspaces`: two device buffers of WORKSPACE_BYTES allocated by the caller (compute and
+    /// side stream); `device`: the device's name (selects the tuning table's section, with the
+    /// library version); `sm_count`: its multiprocessors.
+    pub fn new(workspaces: [u64; 2], device: &str, sm_count: u32) -> Result<Blas> {
         let mut handle = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; the library's presence was checked before.
         ck(unsafe { lt::cublasLtCreate(&mut handle) }, "cublasLtCreate")?;
         let table = tuning::entries(device, Self::version())?;
         let autotune = std::env::var("LLMQ_CUBLASLT_AUTOTUNE").is_ok_and(|v| v == "1");
-        Ok(Blas { handle, workspace, plans: HashMap::new(), device: device.to_string(), table, autotune })
+        let side_sms = match std::env::var("LLMQ_SIDE_SMS") {
+            Ok(v) => v.parse::<u32>().map_err(|_| Error::Config(format!("LLMQ_SIDE_SMS: expected a number of SMs (0 = all), got {v:?}")))?,
+            Err(_) => sm_count * 3 / 4,
+        };
+        Ok(Blas { handle, workspaces, side_sms, plans: HashMap::new(), device: device.to_string(), table, autotune })
     }
 
     pub fn version() -> usize {
@@ -121,7 +147,9 @@ impl Blas {
         unsafe { lt::cublasLtGetVersion() }
     }
 
-    pub fn matmul(&mut self, args: &Matmul, stream: sys::CUstream) -> Result<()> {
+    /// `side`: `stream` is the side stream (its workspace and SM target apply).
+    pub fn matmul(&mut self, args: &Matmul, stream: sys::CUstream, side: bool) -> Result<()> {
+        let (workspace, sms) = if side { (self.workspaces[1], self.side_sms) } else { (self.workspaces[0], 0) };
         let (m, n, k) = args.dims()?;
         let (a, b, out) = (args.a, args.b, args.out);
         let fp8 = a.dtype.is_fp8() || b.dtype.is_fp8();
@@ -177,6 +205,8 @@ impl Blas {
             accumulate: args.accumulate,
             scaled: fp8,
             align: [alignment(a.addr), alignment(b.addr), alignment(out.addr), args.bias.map(|t| alignment(t.addr)).unwrap_or(256)],
+            sms,
+            algo_sms: if args.side_algo { self.side_sms } else { 0 },
         };
         if !self.plans.contains_key(&key) {
             let plan = self.make_plan(&key)?;
@@ -197,7 +227,7 @@ impl Blas {
                 set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &args.descale_a.unwrap().addr)?;
             }
             if !plan.candidates.is_empty() {
-                let best = self.tune(plan, args, stream)?;
+                let best = self.tune(plan, args, stream, workspace)?;
                 tuning::record(&self.device, Self::version(), &key_string(&key), best);
                 let plan = self.plans.get_mut(&key).unwrap();
                 plan.algo = plan.candidates[best];
@@ -221,7 +251,7 @@ impl Blas {
                     out.addr as *mut c_void,
                     plan.lc,
                     &plan.algo,
-                    self.workspace as *mut c_void,
+                    workspace as *mut c_void,
                     WORKSPACE_BYTES,
                     stream as lt::cudaStream_t,
                 ),
@@ -249,13 +279,16 @@ impl Blas {
                 let bt: i32 = cuda_type(bd)? as i32;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt)?;
                 // a placeholder pointer so that the heuristic sees a complete descriptor
-                let p: u64 = self.workspace;
+                let p: u64 = self.workspaces[0];
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p)?;
             }
             if key.scaled {
-                let p: u64 = self.workspace;
+                let p: u64 = self.workspaces[0];
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p)?;
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p)?;
+            }
+            if key.algo_sms > 0 {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &(key.algo_sms as i32))?;
             }
             // layouts (column-major): A_lt = b, B_lt = a, C = D = out
             // b stored [K, N] row-major is column-major [N, K] (ld N); stored [N, K] (trans_b) it is
@@ -318,6 +351,15 @@ impl Blas {
             let listed = self.table.get(&ks).copied().filter(|&i| i < ok.len());
             let candidates = if listed.is_none() && self.autotune && ok.len() > 1 { ok.clone() } else { vec![] };
             let algo = ok.get(listed.unwrap_or(0)).copied().unwrap_or(results[0].algo);
+            // the target this matmul runs with (the choice was made for algo_sms); where the
+            // library refuses it for this algorithm, there is none
+            if key.sms != key.algo_sms {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &(key.sms as i32))?;
+                let mut check: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                if lt::cublasLtMatmulAlgoCheck(self.handle, desc, la, lb, lc, lc, &algo, &mut check) != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    set_desc(desc, A::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &0i32)?;
+                }
+            }
             Ok(Plan { desc, la, lb, lc, algo, candidates })
         }
     }
@@ -328,7 +370,7 @@ impl Blas {
     /// product; only speed (and the last bits) differ.
     ///
     /// SAFETY: as for `matmul`; `plan`'s descriptor already holds this call's pointers.
-    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream) -> Result<usize> {
+    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream, workspace: u64) -> Result<usize> {
         let out_bytes = args.out.bytes().max(1);
         let mut scratch: sys::CUdeviceptr = 0;
         if sys::cuMemAlloc_v2(&mut scratch, out_bytes) != sys::CUresult::CUDA_SUCCESS {
@@ -354,7 +396,7 @@ impl Blas {
                 scratch as *mut c_void,
                 plan.lc,
                 algo,
-                self.workspace as *mut c_void,
+                workspace as *mut c_void,
                 WORKSPACE_BYTES,
                 stream as lt::cudaStream_t,
             )

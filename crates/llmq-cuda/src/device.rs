@@ -43,6 +43,8 @@ pub(crate) struct Device {
     pub ctx: sys::CUcontext,
     pub compute: sys::CUstream,
     pub copy: sys::CUstream,
+    /// A second compute stream (`Stream::Side`): weight-gradient matmuls beside the main chain.
+    pub side: sys::CUstream,
     pub events: Vec<sys::CUevent>,
     allocs: Vec<Allocation>,
     accounted: BTreeMap<(MemCategory, u8), usize>,
@@ -75,9 +77,15 @@ impl Device {
             check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
             let mut compute = std::ptr::null_mut();
             let mut copy = std::ptr::null_mut();
+            let mut side = std::ptr::null_mut();
             let nb = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
-            check(sys::cuStreamCreate(&mut compute, nb), "cuStreamCreate")?;
+            // the compute stream carries the critical path: where the side stream's work runs
+            // beside it, the compute stream's blocks are scheduled first
+            let (mut least, mut greatest) = (0, 0);
+            check(sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest), "cuCtxGetStreamPriorityRange")?;
+            check(sys::cuStreamCreateWithPriority(&mut compute, nb, greatest), "cuStreamCreateWithPriority")?;
             check(sys::cuStreamCreate(&mut copy, nb), "cuStreamCreate")?;
+            check(sys::cuStreamCreateWithPriority(&mut side, nb, least), "cuStreamCreateWithPriority")?;
             let mut buf = [0 as std::ffi::c_char; 256];
             check(sys::cuDeviceGetName(buf.as_mut_ptr(), 255, dev), "cuDeviceGetName")?;
             let name = CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
@@ -96,6 +104,7 @@ impl Device {
                 ctx,
                 compute,
                 copy,
+                side,
                 events: Vec::new(),
                 allocs: Vec::new(),
                 accounted: BTreeMap::new(),
@@ -118,6 +127,7 @@ impl Device {
         match s {
             llmq_core::Stream::Compute => self.compute,
             llmq_core::Stream::Copy => self.copy,
+            llmq_core::Stream::Side => self.side,
         }
     }
 
@@ -225,6 +235,7 @@ impl Drop for Device {
             }
             sys::cuStreamDestroy_v2(self.compute);
             sys::cuStreamDestroy_v2(self.copy);
+            sys::cuStreamDestroy_v2(self.side);
             sys::cuDevicePrimaryCtxRelease_v2(self.dev);
         }
     }

@@ -179,7 +179,7 @@ impl CudaBackend {
         self.dev.bind()?;
         // SAFETY: every caller checked dtypes, element counts and alignment against what the
         // kernel accesses for this grid, and passes the arguments in the kernel's order.
-        unsafe { kernels::launch(f, grid, block, smem, self.dev.compute, args) }
+        unsafe { kernels::launch(f, grid, block, smem, self.stream(), args) }
     }
 
     /// Blocks for a grid-stride loop over `items` work items (one per thread).
@@ -300,14 +300,14 @@ impl CudaBackend {
                 p(rstd),
                 popt(dres),
                 dres.map_or(Arg::I32(0), |d| dt(d.dtype)),
-                Arg::Ptr(self.scratch),
+                Arg::Ptr(self.scratch()?),
                 i(n),
                 i(c),
                 popt(absmax),
                 i(wt),
             ],
         )?;
-        self.colreduce32(dw, self.scratch, g, c, c, true)?;
+        self.colreduce32(dw, self.scratch()?, g, c, c, true)?;
         Ok(true)
     }
 
@@ -492,8 +492,8 @@ impl CudaBackend {
         // 8 row slots x ~8 rows per thread; a function of the shape only
         let cap = (SCRATCH_BYTES / (8 * c)).min(65535);
         let g = rows.div_ceil(64).clamp(1, cap);
-        self.vlaunch(self.fk.colsum[var], ((c / 8).div_ceil(32) as u32, g as u32, 1), (32, 8, 1), 0, &[Arg::Ptr(self.scratch), p(inp), i(rows), i(c)])?;
-        self.colreduce32(out, self.scratch, g, c, c, accumulate)?;
+        self.vlaunch(self.fk.colsum[var], ((c / 8).div_ceil(32) as u32, g as u32, 1), (32, 8, 1), 0, &[Arg::Ptr(self.scratch()?), p(inp), i(rows), i(c)])?;
+        self.colreduce32(out, self.scratch()?, g, c, c, accumulate)?;
         Ok(true)
     }
 
@@ -506,7 +506,7 @@ impl CudaBackend {
         let Some(var) = ix(t.dtype) else {
             return Ok(false);
         };
-        self.vlaunch(self.fk.sumsq[var], (g as u32, 1, 1), (T, 1, 1), 0, &[Arg::Ptr(self.scratch), p(t), Arg::I64(n as i64)])?;
+        self.vlaunch(self.fk.sumsq[var], (g as u32, 1, 1), (T, 1, 1), 0, &[Arg::Ptr(self.scratch()?), p(t), Arg::I64(n as i64)])?;
         Ok(true)
     }
 

@@ -12,9 +12,12 @@
 //! warp-per-row kernels otherwise (`AttnImpl`; `LLMQ_CUDA_ATTN` overrides the choice).
 //! Verification results and timings on an H200: NOTES.md.
 //!
-//! Streams: every op runs on the backend's compute stream; `copy` may use the copy stream;
-//! events order the two. Memory is allocated only by `alloc` (plus the fixed scratch and cuBLASLt
-//! workspace at construction), never inside ops.
+//! Streams: ops run on the current stream (`set_stream`): the compute stream, or the side stream
+//! (weight gradients beside the main chain, with its own cuBLASLt workspace; ops that need the
+//! scratch buffer refuse it). `copy` and `zero` name their stream, which may be the copy stream;
+//! events order them all. The compute stream has the highest priority. Memory is allocated only
+//! by `alloc` (plus the fixed scratch and the two cuBLASLt workspaces at construction), never
+//! inside ops.
 
 mod attention;
 mod attention_wg;
@@ -150,6 +153,8 @@ pub struct CudaBackend {
     generic: Cell<bool>,
     /// (threads, blocks per SM; 0 = a block per row) of the fused cross-entropy.
     ce_launch: Cell<(u32, u32)>,
+    /// The stream ops run on (`Backend::set_stream`).
+    cur: Cell<Stream>,
 }
 
 // SAFETY: the backend owns its context, streams and memory; every entry point makes the context
@@ -187,10 +192,24 @@ impl CudaBackend {
         let generic = Cell::new(std::env::var("LLMQ_CUDA_GENERIC_KERNELS").is_ok_and(|v| v == "1"));
         let ce_launch = Cell::new((512, 0)); // 4% faster than 1024 (tests/perf_mem.rs sweep, H200)
         let attn = Cell::new(attn_from_env()?);
-        let ws = dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?;
+        let ws = [dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?, dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?];
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
-        let blas = blas::Blas::new(ws, &dev.name)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, attn3, attn4, fk, generic, ce_launch })
+        let blas = blas::Blas::new(ws, &dev.name, dev.sm_count)?;
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, attn3, attn4, fk, generic, ce_launch, cur: Cell::new(Stream::Compute) })
+    }
+
+    /// The scratch buffer (SCRATCH_BYTES). There is one, for the compute stream: ops that need
+    /// it refuse to run on the side stream.
+    pub(crate) fn scratch(&self) -> Result<u64> {
+        match self.cur.get() {
+            Stream::Compute => Ok(self.scratch),
+            s => Err(Error::Op(format!("this op uses the backend's scratch buffer and runs on the compute stream only, not {s:?}"))),
+        }
+    }
+
+    /// The stream ops run on now.
+    pub(crate) fn stream(&self) -> cudarc::driver::sys::CUstream {
+        self.dev.stream(self.cur.get())
     }
 
     /// Device name, e.g. "NVIDIA H200".
@@ -329,16 +348,23 @@ impl Backend for CudaBackend {
         self.dev.synchronize()
     }
 
+    fn set_stream(&self, stream: Stream) -> Result<()> {
+        llmq_core::check::check_op_stream(stream)?;
+        self.cur.set(stream);
+        Ok(())
+    }
     fn matmul(&self, args: &Matmul) -> Result<()> {
         self.dev.bind()?;
+        let side = self.cur.get() == Stream::Side;
+        let stream = self.stream();
         match args.bias {
             // bias first, then beta = 1 (see llmq_bias_rows in convert.cu for why)
             Some(bias) => {
                 let (m, n, _) = args.dims()?;
                 self.op_bias_rows(args.out, bias, m, n, args.accumulate)?;
-                self.blas.borrow_mut().matmul(&Matmul { bias: None, accumulate: true, ..*args }, self.dev.compute)
+                self.blas.borrow_mut().matmul(&Matmul { bias: None, accumulate: true, ..*args }, stream, side)
             }
-            None => self.blas.borrow_mut().matmul(args, self.dev.compute),
+            None => self.blas.borrow_mut().matmul(args, stream, side),
         }
     }
     fn embedding_fwd(&self, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<()> {

@@ -62,7 +62,7 @@ impl CudaBackend {
         self.dev.bind()?;
         // SAFETY: every caller checked the tensors' dtypes and element counts against the sizes the
         // kernel derives from its integer arguments, and passes arguments in the kernel's order.
-        unsafe { kernels::launch(f, grid, block, smem, self.dev.compute, args) }
+        unsafe { kernels::launch(f, grid, block, smem, self.stream(), args) }
     }
 
     /// Dynamic shared memory a kernel may ask for (the per-block opt-in limit, less a margin for
@@ -89,7 +89,7 @@ impl CudaBackend {
         if let Some(t) = t {
             self.dev.bind()?;
             // SAFETY: t is an f32 tensor (checked by the caller) of t.bytes() bytes.
-            check(unsafe { sys::cuMemsetD8Async(t.addr, 0, t.bytes(), self.dev.compute) }, "cuMemsetD8Async")?;
+            check(unsafe { sys::cuMemsetD8Async(t.addr, 0, t.bytes(), self.stream()) }, "cuMemsetD8Async")?;
         }
         Ok(())
     }
@@ -124,7 +124,7 @@ impl CudaBackend {
     /// `1.0f / x` on every float in [1, 2^126). Returns (mismatches, smallest mismatching bit
     /// pattern or u32::MAX). For tests; takes a few milliseconds on an H200.
     pub fn encode_selftest(&self) -> Result<(u32, u32)> {
-        let res = self.scratch; // 8 bytes of it; the stream is idle after the synchronize
+        let res = self.scratch()?; // 8 bytes of it; the stream is idle after the synchronize
         self.dev.synchronize()?;
         let init = [0u32, u32::MAX];
         // SAFETY: scratch holds SCRATCH_BYTES >= 8 bytes; init is 8 bytes on the host.
@@ -187,7 +187,7 @@ impl CudaBackend {
         let pk = n.next_power_of_two();
         let tile = pk.min(EMB_SORT_TILE);
         if !self.generic.get() && n > 0 && pk * 8 <= SCRATCH_BYTES {
-            let keys = self.scratch;
+            let keys = self.scratch()?;
             let sort_tiles = |fill: bool, size: usize| {
                 let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];
                 self.launch(self.k.embedding_sort_tile, ((pk / tile) as u32, 1, 1), (1024, 1, 1), (tile * 8) as u32, &args)
@@ -209,7 +209,7 @@ impl CudaBackend {
                 (n as u32, 1, 1),
                 (THREADS, 1, 1),
                 0,
-                &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(self.scratch), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
+                &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(self.scratch()?), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
             );
         }
         let smem = c * 4;
@@ -314,9 +314,9 @@ impl CudaBackend {
             (c.div_ceil(THREADS as usize) as u32, g as u32, 1),
             (THREADS, 1, 1),
             0,
-            &[Arg::Ptr(self.scratch), p(dout), Arg::I32(dt(dout.dtype)), p(x), Arg::I32(dt(x.dtype)), p(rstd), i(n), i(c)],
+            &[Arg::Ptr(self.scratch()?), p(dout), Arg::I32(dt(dout.dtype)), p(x), Arg::I32(dt(x.dtype)), p(rstd), i(n), i(c)],
         )?;
-        self.colreduce(dw, self.scratch, g, c, c, true)
+        self.colreduce(dw, self.scratch()?, g, c, c, true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -369,7 +369,7 @@ impl CudaBackend {
             &[
                 p(dqkv),
                 Arg::I32(dt(dqkv.dtype)),
-                Arg::Ptr(self.scratch),
+                Arg::Ptr(self.scratch()?),
                 p(dout),
                 Arg::I32(dt(dout.dtype)),
                 p(qkv),
@@ -385,8 +385,8 @@ impl CudaBackend {
                 i(hd),
             ],
         )?;
-        self.colreduce(dqw, self.scratch, g, hd, 2 * hd, true)?;
-        self.colreduce(dkw, self.scratch + (hd * 8) as u64, g, hd, 2 * hd, true)
+        self.colreduce(dqw, self.scratch()?, g, hd, 2 * hd, true)?;
+        self.colreduce(dkw, self.scratch()? + (hd * 8) as u64, g, hd, 2 * hd, true)
     }
 
     pub(crate) fn op_rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, s: AttnShape, bias: Option<&Tensor>) -> Result<()> {
@@ -487,8 +487,8 @@ impl CudaBackend {
         if g > 65535 {
             return op_err(format!("{OP}: too many row blocks"));
         }
-        self.launch(self.k.colsum_partial, grid, (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(inp), Arg::I32(dt(inp.dtype)), i(rows), i(c)])?;
-        self.colreduce(out, self.scratch, g, c, c, accumulate)
+        self.launch(self.k.colsum_partial, grid, (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch()?), p(inp), Arg::I32(dt(inp.dtype)), i(rows), i(c)])?;
+        self.colreduce(out, self.scratch()?, g, c, c, accumulate)
     }
 
     pub(crate) fn op_absmax(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
@@ -654,9 +654,9 @@ impl CudaBackend {
         const G: usize = 1024; // fixed: the summation order must not depend on the device
         let n = t.numel();
         if !self.v_sumsq_partial(t, G)? {
-            self.launch(self.k.sumsq_partial, (G as u32, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch), p(t), Arg::I32(dt(t.dtype)), Arg::I64(n as i64)])?;
+            self.launch(self.k.sumsq_partial, (G as u32, 1, 1), (THREADS, 1, 1), 0, &[Arg::Ptr(self.scratch()?), p(t), Arg::I32(dt(t.dtype)), Arg::I64(n as i64)])?;
         }
-        self.launch(self.k.sumsq_final, (1, 1, 1), (THREADS, 1, 1), 0, &[p(out), i(slot), Arg::Ptr(self.scratch), i(G)])
+        self.launch(self.k.sumsq_final, (1, 1, 1), (THREADS, 1, 1), 0, &[p(out), i(slot), Arg::Ptr(self.scratch()?), i(G)])
     }
 
     fn attn_checks(op: &str, s: &AttnShape) -> Result<()> {
@@ -746,7 +746,7 @@ impl CudaBackend {
         if rows * 4 > SCRATCH_BYTES {
             return op_err(format!("{OP}: B*Hq*T = {rows} row statistics exceed the scratch buffer"));
         }
-        let dbuf = self.scratch;
+        let dbuf = self.scratch()?;
         // the fused stores read (cos, sin) pairs as 16-byte vectors
         if self.attn_mma(&s, &[dqkv, dout, qkv, out]) && rope.is_none_or(|f| f.addr % 16 == 0) {
             let epi = GradEpi { freqs: rope.map_or(0, |f| f.addr), amax: absmax.map_or(0, |a| a.addr) };

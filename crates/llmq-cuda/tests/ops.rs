@@ -567,7 +567,7 @@ fn mm_case(p: &mut Pair, m: usize, n: usize, k: usize, ta: bool, tb: bool, dt: D
         let pick = |x: &common::T2| if cpu { x.c } else { x.g };
         let (oa, ob, oo) = (pick(&a), pick(&b), pick(&out));
         let ob_bias = bias_t.as_ref().map(pick);
-        let args = Matmul { out: &oo, a: &oa, trans_a: ta, b: &ob, trans_b: tb, bias: ob_bias.as_ref(), accumulate: acc, descale_a: None, descale_b: None };
+        let args = Matmul { out: &oo, a: &oa, trans_a: ta, b: &ob, trans_b: tb, bias: ob_bias.as_ref(), accumulate: acc, descale_a: None, descale_b: None, side_algo: false };
         if cpu {
             p.cpu.matmul(&args).unwrap();
         } else if let Err(e) = p.gpu.matmul(&args) {
@@ -625,7 +625,7 @@ fn fp8_case(p: &mut Pair, m: usize, n: usize, k: usize, da: DType, db: DType, ou
         let pick = |x: &common::T2| if cpu { x.c } else { x.g };
         let (oa, ob, oo, sa, sb) = (pick(&a), pick(&b), pick(&out), pick(&da_s), pick(&db_s));
         let obias = bias.as_ref().map(pick);
-        let args = Matmul { out: &oo, a: &oa, trans_a: false, b: &ob, trans_b: true, bias: obias.as_ref(), accumulate: acc, descale_a: Some(&sa), descale_b: Some(&sb) };
+        let args = Matmul { out: &oo, a: &oa, trans_a: false, b: &ob, trans_b: true, bias: obias.as_ref(), accumulate: acc, descale_a: Some(&sa), descale_b: Some(&sb), side_algo: false };
         if cpu {
             p.cpu.matmul(&args).unwrap();
         } else {
@@ -669,7 +669,7 @@ fn matmul_fp8_tn() {
     let b = p.rand(E4M3, &[64, 16], 1.0);
     let o = p.out(BF16, &[32, 16]);
     let s = p.vals(F32, &[1], &[1.0]);
-    let r = p.gpu.matmul(&Matmul { out: &o.g, a: &a.g, trans_a: false, b: &b.g, trans_b: false, bias: None, accumulate: false, descale_a: Some(&s.g), descale_b: Some(&s.g) });
+    let r = p.gpu.matmul(&Matmul { out: &o.g, a: &a.g, trans_a: false, b: &b.g, trans_b: false, bias: None, accumulate: false, descale_a: Some(&s.g), descale_b: Some(&s.g), side_algo: false });
     assert!(matches!(r, Err(llmq_core::Error::Op(_))), "{r:?}");
 }
 
@@ -755,4 +755,72 @@ fn attention_paths_agree_at_length_1024() {
             p.fail(format!("attention Hd={hd} T=1024: mma and simple paths differ: out {ro:.2e}, dqkv {rd:.2e}"));
         }
     }
+}
+
+/// The side stream (its own workspace, an SM-count target) runs a matmul to the same bits as the
+/// compute stream: weight-gradient shapes of the fp8 models (K = tokens, accumulating) and a bf16
+/// one. Ops that need the backend's scratch refuse the side stream; no op runs on the copy stream.
+#[test]
+fn side_stream_matmuls_match_the_compute_stream_bitwise() {
+    let Some(g) = common::gpu_or_skip() else { return };
+    let mut g = g;
+    let mut rng = common::Rng::new(21);
+    // random bytes of normal, moderate numbers (no NaN or infinity codes)
+    let mut bytes = |n: usize, dt: DType| -> Vec<u8> {
+        let mut v: Vec<u8> = (0..(n * dt.size()).div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
+        v.truncate(n * dt.size());
+        if dt.is_fp8() {
+            v.iter_mut().for_each(|b| *b &= 0xb7); // exponent below the top: no NaN/inf
+        } else {
+            let w = dt.size();
+            v.chunks_mut(w).for_each(|c| c[w - 1] = (c[w - 1] & 0x80) | 0x3e); // |x| in [0.125, 1)
+        }
+        v
+    };
+    // with `side_algo` (as the model's fp8 weight gradients) and without (the side stream then
+    // runs the compute stream's algorithm with its SM target)
+    let cases = [(1536, 8960, 16384, E4M3, true), (17920, 1536, 8192, E4M3, true), (2048, 1536, 8192, E4M3, true), (1536, 8960, 16384, E4M3, false), (896, 4864, 4096, BF16, false)];
+    for &(m, n, k, dt, side_algo) in &cases {
+        let fp8 = dt.is_fp8();
+        let mut t = |dt: DType, dims: &[usize], g: &mut llmq_cuda::CudaBackend| {
+            let t = g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap();
+            g.upload(&t, &bytes(dims.iter().product(), dt)).unwrap();
+            t
+        };
+        // fp8 needs the TN layout (a [M, K], b [N, K]); the bf16 case is the wgrad's (a [K, M])
+        let a = if fp8 { t(dt, &[m, k], &mut g) } else { t(dt, &[k, m], &mut g) };
+        let b = if fp8 { t(dt, &[n, k], &mut g) } else { t(dt, &[k, n], &mut g) };
+        let init = t(F32, &[m, n], &mut g);
+        let outs = [0, 1].map(|_| g.alloc(MemCategory::Other, Mem::Device, F32, &[m, n]).unwrap());
+        let ds = g.alloc(MemCategory::Other, Mem::Device, F32, &[1]).unwrap();
+        g.upload(&ds, &0.01f32.to_le_bytes()).unwrap();
+        let ev = g.create_event().unwrap();
+        for (o, stream) in outs.iter().zip([Stream::Compute, Stream::Side]) {
+            g.copy(o, &init, Stream::Compute).unwrap();
+            g.record(ev, Stream::Compute).unwrap();
+            g.wait(stream, ev).unwrap();
+            let mm = if fp8 {
+                Matmul { descale_a: Some(&ds), descale_b: Some(&ds), accumulate: true, ..Matmul::linear(o, &a, &b) }
+            } else {
+                Matmul::linear_wgrad(o, &a, &b)
+            };
+            let mm = Matmul { side_algo, ..mm };
+            g.set_stream(stream).unwrap();
+            g.matmul(&mm).unwrap();
+            g.set_stream(Stream::Compute).unwrap();
+        }
+        g.synchronize().unwrap();
+        let (c, sd) = (g.download(&outs[0]).unwrap(), g.download(&outs[1]).unwrap());
+        assert!(c != g.download(&init).unwrap(), "{dt} M={m} N={n} K={k}: the matmul did not run");
+        assert!(c == sd, "{dt} M={m} N={n} K={k} side_algo {side_algo}: the side stream's result differs from the compute stream's");
+    }
+    // scratch users refuse the side stream; nothing runs on the copy stream
+    let x = g.alloc(MemCategory::Other, Mem::Device, F32, &[64, 32]).unwrap();
+    let o = g.alloc(MemCategory::Other, Mem::Device, F32, &[32]).unwrap();
+    g.set_stream(Stream::Side).unwrap();
+    let e = g.colsum(&o, &x, false).unwrap_err().to_string();
+    g.set_stream(Stream::Compute).unwrap();
+    assert!(e.contains("compute stream only"), "{e}");
+    assert!(g.set_stream(Stream::Copy).is_err());
+    g.colsum(&o, &x, false).unwrap();
 }

@@ -26,11 +26,19 @@
 //!
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
 //! optimizer step; without, they are re-quantised at each use. Both give the same bytes.
+//!
+//! With `wgrad_overlap`, a weight gradient whose input transpose is kept runs on the side stream,
+//! beside the chain of input gradients and the memory-bound ops between them. It then still
+//! reads the quantised dyᵀ after the next matmul's backward has begun, so dyᵀ has two slots: one
+//! for the matmuls whose dy is C wide (attention-out, down), one for the others, which alternate
+//! with them; a slot is rewritten only after the side stream is done with its previous use.
+//! `join` ends the overlap (the end of each backward pass).
 
 use crate::acts::BackwardScratch;
 use crate::params::Params;
 use llmq_core::layout::ParamKind;
-use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
+use crate::precision::Precision;
+use llmq_core::{Backend, DType, Event, Matmul, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 
 /// The block matmuls that run in fp8, in layout order.
 pub const WEIGHTS: [ParamKind; 4] = [ParamKind::QkvW, ParamKind::OutW, ParamKind::UpGateW, ParamKind::DownW];
@@ -63,9 +71,13 @@ pub struct Fp8 {
     // scratch (sized for the widest matmul input / output)
     xq: Tensor,
     dyq: Tensor,
-    /// The transposed activation gradient (quantised together with `dyq`).
-    dytq: Tensor,
+    /// The transposed activation gradient (quantised together with `dyq`), in the slot
+    /// `dy_slot(k)` of matmul k (one tensor for both slots without `wgrad_overlap`).
+    dytq: [Tensor; 2],
+    /// f32, DESCALE_SLOTS slots 16 bytes apart (`DS_*`).
     descales: Tensor,
+    /// Weight gradients on the side stream (see the module comment).
+    overlap: Option<Overlap>,
     /// Scratch for on-the-fly weight quantisation (no persistent quants).
     scratch_w: QuantWeight,
     /// Per layer, per matmul (persistent quants).
@@ -77,6 +89,31 @@ pub struct Fp8 {
     act_descale: Tensor,
 }
 
+/// Descale slots: the forward's matmul input, the backward's re-quantised input, dy (per dyᵀ
+/// slot: a side-stream wgrad reads its dy's descale after the next dy has been quantised).
+const DS_X_FWD: usize = 0;
+const DS_X_BWD: usize = 1;
+const DS_DY: [usize; 2] = [2, 3];
+const DESCALE_SLOTS: usize = 4;
+
+/// Events of the side-stream weight gradients.
+struct Overlap {
+    /// Recorded on the compute stream after the dgrad: the side stream's wgrad waits for it.
+    dy_ready: Event,
+    /// Recorded on the side stream after the wgrad that reads dyᵀ slot i.
+    slot_free: [Event; 2],
+    side_idle: Event,
+}
+
+/// The dyᵀ slot of block matmul k: matmuls alternate between the slots in backward order
+/// (down 0, up+gate 1, attention-out 0, QKV 1), and the C-wide ones share slot 0.
+fn dy_slot(k: usize) -> usize {
+    match WEIGHTS[k] {
+        ParamKind::OutW | ParamKind::DownW => 0,
+        _ => 1,
+    }
+}
+
 fn fp8_slot(t: &Tensor, n: usize, dims: &[usize]) -> Tensor {
     t.slice(0, &[n]).reshape(dims)
 }
@@ -86,7 +123,8 @@ impl Fp8 {
     /// weight gradient (otherwise the backward pass quantises the bf16 input). `bwd`: where the
     /// gradient scratch goes (only the backward pass uses it).
     #[allow(clippy::too_many_arguments)]
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, grad_dtype: DType, persistent: bool, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, precision: &Precision, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
+        let (grad_dtype, persistent) = (precision.act_grads, precision.persistent_quants);
         // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
         for (what, v) in [
             ("hidden_size", cfg.hidden_size),
@@ -116,9 +154,16 @@ impl Fp8 {
             .collect::<Result<Vec<_>>>()?;
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest_in])?;
         let dyq = bwd.take(be, grad_dtype, &[n * widest_out])?;
-        let dytq = bwd.take(be, grad_dtype, &[n * widest_out])?;
-        // three scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
-        let descales = be.alloc(tmp, Mem::Device, f32, &[12])?;
+        let dytq1 = bwd.take(be, grad_dtype, &[n * widest_out])?;
+        let (dytq, overlap) = if precision.wgrad_overlap {
+            let ev = |be: &mut dyn Backend| be.create_event();
+            let overlap = Overlap { dy_ready: ev(be)?, slot_free: [ev(be)?, ev(be)?], side_idle: ev(be)? };
+            ([bwd.take(be, grad_dtype, &[n * c])?, dytq1], Some(overlap))
+        } else {
+            ([dytq1, dytq1], None)
+        };
+        // scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
+        let descales = be.alloc(tmp, Mem::Device, f32, &[4 * DESCALE_SLOTS])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
             Ok(QuantWeight {
                 q: be.alloc(cat, Mem::Device, DType::E4M3, &[numel])?,
@@ -151,7 +196,7 @@ impl Fp8 {
             }
         }
         let act_descale = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers * 4 * 4])?;
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, act_t, act_descale })
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, overlap, scratch_w, persistent, act_t, act_descale })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -219,6 +264,10 @@ impl Fp8 {
         }
     }
 
+    fn descale(&self, slot: usize) -> Tensor {
+        self.descales.slice(4 * slot, &[1])
+    }
+
     /// The kept fp8 transpose of activation `a` of layer l and its descale, if it is kept.
     fn kept_t(&self, l: usize, a: Act) -> Option<(Tensor, Tensor)> {
         let t = self.act_t[a as usize].as_ref()?[l];
@@ -238,7 +287,7 @@ impl Fp8 {
                 ds
             }
             None => {
-                let ds = self.descales.slice(0, &[1]);
+                let ds = self.descale(DS_X_FWD);
                 be.quantize(&xq, &ds, x, x_amax, false)?;
                 ds
             }
@@ -253,15 +302,23 @@ impl Fp8 {
         let (n, out) = dy.rows_cols();
         let inp = x.rows_cols().1;
         let w = self.weight(be, params, l, k, true)?;
-        let (ds_dy, ds_x) = (self.descales.slice(4, &[1]), self.descales.slice(8, &[1]));
+        let slot = dy_slot(k);
+        let (ds_dy, ds_x) = (self.descale(DS_DY[slot]), self.descale(DS_X_BWD));
+        let kept = self.kept_t(l, a);
+        // the side stream takes the wgrad only where its x operand is kept (so is not rewritten
+        // by a later recomputation or quantisation)
+        let side = self.overlap.as_ref().filter(|_| kept.is_some());
+        if let Some(o) = &self.overlap {
+            be.wait(Stream::Compute, o.slot_free[slot])?;
+        }
         // dy in both forms at once (one read of dy)
         let dyq = fp8_slot(&self.dyq, n * out, &[n, out]);
-        let dytq = fp8_slot(&self.dytq, n * out, &[out, n]);
+        let dytq = fp8_slot(&self.dytq[slot], n * out, &[out, n]);
         be.quantize_pair(&dyq, &dytq, &ds_dy, dy, &self.grad_amax)?;
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
         be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), ..Matmul::linear(dx, &dyq, &w.qt) })?;
         // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
-        let (xtq, ds_x) = match self.kept_t(l, a) {
+        let (xtq, ds_x) = match kept {
             Some(kept) => kept,
             None => {
                 let xtq = fp8_slot(&self.xq, n * inp, &[inp, n]);
@@ -269,6 +326,31 @@ impl Fp8 {
                 (xtq, ds_x)
             }
         };
-        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, ..Matmul::linear(dw, &dytq, &xtq) })
+        // (with the side stream's algorithm wherever it runs: the same bits with or without overlap)
+        let wgrad = Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, side_algo: true, ..Matmul::linear(dw, &dytq, &xtq) };
+        let Some(o) = side else {
+            return be.matmul(&wgrad);
+        };
+        // on the side stream it starts after the dgrad (not beside it), so that it runs beside
+        // the memory-bound ops that follow rather than competing with a matmul of its own kind
+        be.record(o.dy_ready, Stream::Compute)?;
+        be.wait(Stream::Side, o.dy_ready)?;
+        be.set_stream(Stream::Side)?;
+        let r = be.matmul(&wgrad);
+        be.set_stream(Stream::Compute)?; // also on error
+        r?;
+        be.record(o.slot_free[slot], Stream::Side)
+    }
+
+    /// Orders everything queued on the side stream before what comes next on the compute stream
+    /// (no-op without `wgrad_overlap`).
+    pub fn join(&self, be: &dyn Backend) -> Result<()> {
+        match &self.overlap {
+            Some(o) => {
+                be.record(o.side_idle, Stream::Side)?;
+                be.wait(Stream::Compute, o.side_idle)
+            }
+            None => Ok(()),
+        }
     }
 }

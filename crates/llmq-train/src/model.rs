@@ -71,7 +71,7 @@ impl Model {
                 Keep::PerLayer => !recompute.fp8_inputs,
                 Keep::Recomputed => false,
             });
-            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, precision.act_grads, precision.persistent_quants, keep, &mut acts.bwd_scratch)?)
+            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, &precision, keep, &mut acts.bwd_scratch)?)
         } else {
             None
         };
@@ -284,7 +284,11 @@ impl Model {
             self.block_backward(be, l, &w, &g)?;
             self.params.release(l);
         }
-        be.embedding_bwd(&ghead.embedding, &a.ids, &a.d_res)
+        be.embedding_bwd(&ghead.embedding, &a.ids, &a.d_res)?;
+        match &self.fp8 {
+            Some(f) => f.join(be),
+            None => Ok(()),
+        }
     }
 
     /// On entry `d_res` holds the gradient of block l's output; on exit that of its input.

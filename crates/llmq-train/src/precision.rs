@@ -23,6 +23,11 @@ pub struct Precision {
     /// optimizer step (a memory/speed option: it does not change the numbers).
     #[serde(default)]
     pub persistent_quants: bool,
+    /// fp8: run the weight-gradient matmuls whose inputs are kept on a second stream, beside
+    /// the input-gradient chain (a speed option: the same ops on the same bytes, so the same
+    /// numbers).
+    #[serde(default)]
+    pub wgrad_overlap: bool,
 }
 
 fn default_act_grads() -> DType {
@@ -41,6 +46,7 @@ impl Precision {
             opt_v: DType::F32,
             act_grads: DType::E4M3,
             persistent_quants: false,
+            wgrad_overlap: false,
         }
     }
     /// bf16 weights/activations with fp32 master weights, gradients and optimizer state.
@@ -75,6 +81,9 @@ impl Precision {
         }
         if self.persistent_quants && !self.matmul.is_fp8() {
             return Err(Error::Config("--persistent-quants only applies with --matmul-dtype e4m3".into()));
+        }
+        if self.wgrad_overlap && !self.matmul.is_fp8() {
+            return Err(Error::Config("the side-stream weight gradients (wgrad_overlap) only apply with --matmul-dtype e4m3".into()));
         }
         Ok(())
     }

@@ -103,6 +103,9 @@ impl Backend for Profiled {
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }
+    fn set_stream(&self, stream: Stream) -> Result<()> {
+        self.inner.set_stream(stream)
+    }
     fn matmul(&self, a: &Matmul) -> Result<()> {
         self.timed(|| mm_label(a), |b| b.matmul(a))
     }

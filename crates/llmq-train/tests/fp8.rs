@@ -20,7 +20,7 @@ fn history(cfg: &llmq_core::ModelConfig, precision: Precision, rc: Recompute, st
 }
 
 #[test]
-fn fp8_recompute_and_persistent_quants_are_bitwise_identical() {
+fn fp8_recompute_persistent_quants_and_wgrad_overlap_are_bitwise_identical() {
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny(arch, arch == Arch::Qwen2);
         cfg.vocab_size = 160; // the backward temporaries fit in the logits buffer
@@ -29,8 +29,10 @@ fn fp8_recompute_and_persistent_quants_are_bitwise_identical() {
             let base = history(&cfg, p, Recompute::default(), 3);
             let pq = history(&cfg, Precision { persistent_quants: true, ..p }, Recompute::default(), 3);
             assert_eq!(pq, base, "{arch:?} {grads}: persistent quants changed the numbers");
+            let overlap = Precision { wgrad_overlap: true, ..p };
             for (name, rc) in Recompute::all_variants() {
                 assert_eq!(history(&cfg, p, rc, 3), base, "{arch:?} {grads}: recompute {name} changed the numbers");
+                assert_eq!(history(&cfg, overlap, rc, 3), base, "{arch:?} {grads}: wgrad overlap with recompute {name} changed the numbers");
             }
             // and fp8 really differs from bf16 (the pipeline is engaged)
             assert_ne!(history(&cfg, Precision::bf16(), Recompute::default(), 1)[0], base[0]);

@@ -183,6 +183,9 @@ impl Backend for CpuBackend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn set_stream(&self, stream: Stream) -> Result<()> {
+        crate::check::check_op_stream(stream)
+    }
 
     fn matmul(&self, args: &crate::backend::Matmul) -> Result<()> {
         matmul::matmul(args)
