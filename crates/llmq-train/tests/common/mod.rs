@@ -49,9 +49,14 @@ pub fn train_config(b: usize, t: usize, accum: usize, steps: u64) -> TrainConfig
 
 /// A CPU trainer on the Markov corpus with vocab = the model's.
 pub fn trainer(cfg: &ModelConfig, tc: TrainConfig) -> Trainer {
+    trainer_on(Box::new(CpuBackend::new()), cfg, tc)
+}
+
+/// A trainer on `be` on the Markov corpus with vocab = the model's.
+pub fn trainer_on(be: Box<dyn llmq_core::Backend>, cfg: &ModelConfig, tc: TrainConfig) -> Trainer {
     let src = MarkovSource::new(cfg.vocab_size, 99);
     let eval = Box::new(src.stream(7).mark_start());
-    let mut tr = Trainer::new(Box::new(CpuBackend::new()), cfg, tc, Box::new(src.stream(0)), Some(eval)).unwrap();
+    let mut tr = Trainer::new(be, cfg, tc, Box::new(src.stream(0)), Some(eval)).unwrap();
     tr.init_from_scratch().unwrap();
     tr
 }
