@@ -2,7 +2,9 @@
 //! fails any op that touches memory another stream touched with no event (or host
 //! synchronisation) between. It covers the gradient zeroing on the copy stream and, in fp8, the
 //! weight gradients on the side stream with their two dyᵀ slots, under every recompute option,
-//! with gradient accumulation, persistent quants and both gradient formats.
+//! with gradient accumulation, persistent quants and both gradient formats. Each of the three
+//! orderings the model makes is needed: without the dyᵀ slot wait, the end-of-backward join
+//! or the wait for the gradient zeroing, one of these tests fails, naming the two ops.
 
 mod common;
 use common::*;
@@ -37,5 +39,41 @@ fn training_orders_its_streams_under_every_option() {
                 }
             }
         }
+    }
+}
+
+/// The model alone, with no host synchronisation between micro-steps (the trainer's batch upload
+/// and loss download order everything, which would hide a missing event): gradient zeroing on the
+/// copy stream, then two forward+backward passes on one uploaded batch, then the gradient norm.
+/// This is where the LM head's first gradient write must wait for the zeroing, and where the
+/// next forward pass (its logits buffer holds the backward's temporaries) must wait for the side
+/// stream's weight gradients (`Fp8::join`).
+#[test]
+fn micro_steps_without_host_syncs_order_their_streams() {
+    let cfg = {
+        let mut c = tiny(Arch::Qwen3, false);
+        c.vocab_size = 160;
+        c
+    };
+    let (b, t) = (2, 16);
+    for precision in [Precision::bf16(), Precision { wgrad_overlap: true, ..Precision::fp8() }] {
+        let mut be = StreamChecked::new(Box::new(CpuBackend::new()));
+        let model = llmq_train::Model::new(&mut be, &cfg, precision, llmq_train::RunShape { b, t }, Recompute::default()).unwrap();
+        model.params.init_from_scratch(&be, 7).unwrap();
+        model.weights_changed(&be).unwrap();
+        let ids: Vec<i32> = (0..b * t).map(|i| (i * 37 % cfg.vocab_size) as i32).collect();
+        let batch = llmq_io::Batch { inputs: ids.clone(), targets: ids.iter().map(|&x| (x + 1) % cfg.vocab_size as i32).collect() };
+        model.set_batch(&be, &batch).unwrap();
+        let before = be.ops_checked();
+        let run = || -> llmq_core::Result<()> {
+            model.zero_grads(&be)?;
+            for _ in 0..2 {
+                model.forward(&be, Some(1.0 / (b * t) as f32))?;
+                model.backward(&be)?;
+            }
+            model.grad_norm_squares(&be).map(|_| ())
+        };
+        run().unwrap_or_else(|e| panic!("{:?}: {e}", precision.matmul));
+        assert!(be.ops_checked() > before + 50, "the passes ran through the checker");
     }
 }
