@@ -71,14 +71,24 @@ fn differing(prefix: &str, saved: &Value, now: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Precision fields that only change speed or memory, never the numbers (tested bitwise), so a
+/// resumed run may change them, like the recompute options.
+const SPEED_OPTIONS: [&str; 2] = ["persistent_quants", "wgrad_overlap"];
+
 /// Checks that a checkpoint's configuration is compatible with this run, naming every field
-/// that differs. The step budget and the learning-rate schedule may change (to extend a run);
-/// everything that shapes the state or the data order may not.
+/// that differs. The step budget, the learning-rate schedule (to extend a run) and the memory
+/// and speed options may change; everything that shapes the state, the numbers or the data
+/// order may not.
 pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Result<()> {
     let mut diffs = vec![];
     differing("model.", state.get("model").unwrap_or(&Value::Null), &serde_json::to_value(cfg).unwrap(), &mut diffs);
-    let now = serde_json::to_value(&tr.tc).unwrap();
-    let saved = state.get("train").cloned().unwrap_or(Value::Null);
+    let mut now = serde_json::to_value(&tr.tc).unwrap();
+    let mut saved = state.get("train").cloned().unwrap_or(Value::Null);
+    for t in [&mut now, &mut saved] {
+        if let Some(p) = t.get_mut("precision").and_then(Value::as_object_mut) {
+            p.retain(|k, _| !SPEED_OPTIONS.contains(&k.as_str()));
+        }
+    }
     for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }

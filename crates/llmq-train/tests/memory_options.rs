@@ -1,6 +1,7 @@
 //! Memory options never change the numbers: every recompute setting gives bitwise-identical
 //! losses, gradient norms and weights to the plain run; gradient accumulation over k
-//! micro-batches matches one k-times-larger batch to float tolerance.
+//! micro-batches matches one k-times-larger batch to float tolerance; a checkpoint resumes under
+//! other memory and speed options.
 
 mod common;
 use common::*;
@@ -67,4 +68,40 @@ fn bf16_master_weights_train() {
         last = tr.train_step().unwrap().loss;
     }
     assert!(last.is_finite() && last < first, "{first} -> {last}");
+}
+
+/// A checkpoint resumes under other memory and speed options (recompute, persistent quants,
+/// side-stream weight gradients) and continues bitwise as the run that wrote it; another
+/// precision is refused, naming the field.
+#[test]
+fn checkpoints_resume_under_other_memory_and_speed_options() {
+    let cfg = tiny(Arch::Qwen3, false);
+    let fp8 = Precision { wgrad_overlap: true, ..Precision::fp8() };
+    let tc = |precision: Precision, rc: Recompute| {
+        let mut tc = train_config(2, 16, 2, 4);
+        tc.precision = precision;
+        tc.recompute = rc;
+        tc
+    };
+    let dir = std::env::temp_dir().join(format!("llmq-resume-options-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bits = |tr: &mut llmq_train::Trainer| {
+        let s = tr.train_step().unwrap();
+        (s.loss.to_bits(), s.grad_norm.to_bits())
+    };
+    let mut a = trainer(&cfg, tc(fp8, Recompute::default()));
+    bits(&mut a);
+    bits(&mut a);
+    let saved = llmq_train::checkpoint::save(&a, &dir).unwrap();
+    let straight: Vec<_> = (0..2).map(|_| bits(&mut a)).collect();
+    let (_, rc) = Recompute::all_variants().into_iter().last().unwrap();
+    let other = Precision { wgrad_overlap: false, persistent_quants: true, ..fp8 };
+    let mut b = trainer(&cfg, tc(other, rc));
+    llmq_train::checkpoint::load(&mut b, &saved).unwrap();
+    let resumed: Vec<_> = (0..2).map(|_| bits(&mut b)).collect();
+    assert_eq!(resumed, straight, "resumed under other options, the run continued differently");
+    let mut c = trainer(&cfg, tc(Precision { act_grads: DType::E5M2, ..fp8 }, Recompute::default()));
+    let e = llmq_train::checkpoint::load(&mut c, &saved).unwrap_err().to_string();
+    assert!(e.contains("precision.act_grads"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
