@@ -161,7 +161,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     tc.validate(&cfg)?;
     let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
-        let (p, h) = llmq_train::profile::Profiled::new(be);
+        let (p, h) = llmq_train::profile::profiled(be);
         (Box::new(p), Some(h))
     } else {
         (be, None)

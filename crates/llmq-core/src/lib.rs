@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod layout;
+pub mod observe;
 pub mod stream_check;
 pub mod tensor;
 
