@@ -87,3 +87,33 @@ fn fit_batch_on_the_cpu_keeps_the_configured_micro_batch_and_says_so() {
     assert!(stdout.contains("fit-batch  not applied: the CPU backend"), "{stdout}");
     assert!(stdout.contains("B=2 T=32 accumulation=4 -> 256 tokens/step"), "{stdout}");
 }
+
+/// `--profile` prints a per-op time table whose shares add up to the whole (every op of the
+/// model, the optimizer and the transfers is timed once).
+#[test]
+fn profile_prints_a_per_op_table() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(["train", "--device", "cpu", "--steps", "2", "--profile", "--eval-every", "0"])
+        .output()
+        .expect("run llmq");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("(profiled)") && stdout.contains("profile:"), "{stdout}");
+    let rows: Vec<(f64, String)> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("profile:"))
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let pct = f.get(2)?.strip_suffix('%')?.parse().ok()?;
+            Some((pct, f[4..].join(" ")))
+        })
+        .collect();
+    let ops: Vec<&str> = rows.iter().map(|(_, op)| op.as_str()).collect();
+    for want in ["attention_fwd", "attention_bwd", "adamw", "cross_entropy", "embedding_bwd"] {
+        assert!(ops.contains(&want), "{want} missing from {ops:?}");
+    }
+    assert!(ops.iter().any(|o| o.starts_with("matmul ")), "{ops:?}");
+    let total: f64 = rows.iter().map(|(p, _)| p).sum();
+    assert!((total - 100.0).abs() < 1.0, "shares add up to {total}%: {rows:?}");
+}
