@@ -1,4 +1,5 @@
-//! A backend wrapper that checks the stream ordering of everything queued through it.
+//! Checks the stream ordering of everything queued through a backend (`StreamChecked`: the
+//! backend observed, `observe`, by `StreamOrder`).
 //!
 //! Every op's reads and writes (the byte ranges of its tensors) must come after each earlier
 //! conflicting access from another stream (read after write, write after read, write after
