@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (incl. the HF transformers comparison), then benchmarks.
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
-# Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [quality]
+# Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -19,6 +19,22 @@ case "$what" in
     rm -rf /tmp/bench; bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench "$@" > /dev/null 2>&1
     { echo "######## $tag"; cat /tmp/bench/bench.txt; } >> "$O/bench.txt"
     for f in /tmp/bench/bench-*.log; do echo "######## $tag $f"; cat "$f"; done >> "$O/bench-logs.txt"
+    ;;
+  ab)
+    # same-call comparison of variants, alternating: ab WHICH ROUNDS 'tag|llmq flags|ENV=v ...' ...
+    # e.g. BENCH_TOKENS=262144 BENCH_STEPS=5 bash .gpu/device-run.sh ab 1.5b-fp8 2 \
+    #        'old|--no-wgrad-overlap|LLMQ_SIDE_SMS=0' 'new||'
+    which="$1"; rounds="$2"; shift 2
+    for r in $(seq "$rounds"); do
+      for spec in "$@"; do
+        IFS='|' read -r tag flags envs <<< "$spec"
+        rm -rf /tmp/bench
+        # shellcheck disable=SC2086 # envs: words of NAME=value
+        env $envs BENCH_EXTRA="$flags" bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench $which > /dev/null 2>&1
+        { echo "######## $tag (round $r)"; cat /tmp/bench/bench.txt; } >> "$O/bench.txt"
+        for f in /tmp/bench/bench-*.log; do echo "######## $tag (round $r) $f"; grep -E "^step|throughput|free" "$f"; done >> "$O/bench-logs.txt"
+      done
+    done
     ;;
   kernels)
     # per-kernel GPU time of one training step under Nsight Compute (one 3-step run per config)
