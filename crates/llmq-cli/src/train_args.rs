@@ -152,6 +152,11 @@ pub struct TrainArgs {
     /// Time every op (synchronising around each) and print a per-op breakdown of the steps.
     #[arg(long, help_heading = "Evaluation and logging")]
     pub profile: bool,
+    /// Check that every op is ordered after the other streams' accesses to its memory (events or
+    /// host synchronisation), failing with both ops named where not: a debugging aid for the
+    /// multi-stream schedule (host-side bookkeeping per op; the numbers do not change).
+    #[arg(long, help_heading = "Evaluation and logging")]
+    pub check_streams: bool,
     /// Seed for initialisation, data order and stochastic rounding.
     #[arg(long, default_value_t = 42, help_heading = "Evaluation and logging")]
     pub seed: u64,

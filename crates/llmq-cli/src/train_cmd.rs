@@ -160,6 +160,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
     let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
+    let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
         let (p, h) = llmq_train::profile::profiled(be);
         (Box::new(p), Some(h))

@@ -117,3 +117,23 @@ fn profile_prints_a_per_op_table() {
     let total: f64 = rows.iter().map(|(p, _)| p).sum();
     assert!((total - 100.0).abs() < 1.0, "shares add up to {total}%: {rows:?}");
 }
+
+/// `--check-streams` runs the step under the stream-order checker: fp8 with its side-stream
+/// weight gradients passes, and the numbers are those of the unchecked run.
+#[test]
+fn check_streams_passes_and_leaves_the_numbers_alone() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--device", "cpu", "--steps", "3", "--matmul-dtype", "e4m3", "--eval-every", "0", "--print-every", "1"];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(&args).output().expect("run llmq");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let losses = |s: &str| -> Vec<String> { s.lines().filter(|l| l.starts_with("step")).map(|l| l.split('|').nth(2).unwrap_or("").trim().to_string()).collect() };
+    let checked = run(&["--check-streams"]);
+    assert!(checked.contains("(stream-checked)") && checked.contains("wgrad overlap"), "{checked}");
+    let plain = run(&[]);
+    assert_eq!(losses(&checked), losses(&plain));
+    assert_eq!(losses(&plain).len(), 3, "{plain}");
+}
