@@ -34,6 +34,13 @@ fn index(s: Stream) -> usize {
 
 const NAMES: [&str; STREAMS] = ["compute", "copy", "side"];
 
+/// `into` learns everything `from` has seen (element-wise maximum).
+fn merge(into: &mut Clock, from: &Clock) {
+    for (m, v) in into.iter_mut().zip(from) {
+        *m = (*m).max(*v);
+    }
+}
+
 /// One op's access to one byte range.
 struct Access {
     lo: u64,
@@ -79,9 +86,7 @@ impl StreamOrder {
         let mut st = self.0.borrow_mut();
         let mut all = Clock::default();
         for c in &st.clocks {
-            for (m, v) in all.iter_mut().zip(c) {
-                *m = (*m).max(*v);
-            }
+            merge(&mut all, c);
         }
         st.clocks = [all; STREAMS];
         st.history.clear();
@@ -138,10 +143,7 @@ impl Observer for StreamOrder {
     fn wait(&self, stream: Stream, ev: Event) {
         let mut st = self.0.borrow_mut();
         if let Some(e) = st.events.get(&ev.0).copied() {
-            let c = &mut st.clocks[index(stream)];
-            for (m, v) in c.iter_mut().zip(e) {
-                *m = (*m).max(v);
-            }
+            merge(&mut st.clocks[index(stream)], &e);
         }
     }
 

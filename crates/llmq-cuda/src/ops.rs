@@ -110,7 +110,8 @@ impl CudaBackend {
             return op_err(format!("convert: {src:?} -> {dst:?}: sizes differ"));
         }
         if dst.dtype == src.dtype {
-            return llmq_core::Backend::copy(self, dst, src, llmq_core::Stream::Compute);
+            // on the stream the op runs on (a convert queued on the side stream stays there)
+            return llmq_core::Backend::copy(self, dst, src, self.cur.get());
         }
         if self.v_convert(dst, src)? {
             return Ok(());
