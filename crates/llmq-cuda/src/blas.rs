@@ -28,6 +28,8 @@
 //! target, and a different algorithm rounds differently; so a matmul marked `side_algo` gets
 //! the algorithm chosen for the target on either stream (the target itself only narrows the
 //! persistent grid: same bits, `side_stream_matmuls_match_the_compute_stream_bitwise`).
+//! `LLMQ_SIDE_ALGO=0` ignores `side_algo` (every matmul runs the algorithm chosen without a
+//! target; the side stream still narrows the grid): for measurements.
 
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys;
@@ -113,6 +115,8 @@ pub(crate) struct Blas {
     workspaces: [u64; 2],
     /// SM-count target of side-stream matmuls (0: none).
     side_sms: u32,
+    /// Whether `Matmul::side_algo` is honoured (LLMQ_SIDE_ALGO=0: not).
+    side_algo: bool,
     plans: HashMap<Key, Plan>,
     /// Device name and cuBLASLt version: the section of tuning.txt that applies.
     device: String,
@@ -139,7 +143,8 @@ impl Blas {
             Ok(v) => v.parse::<u32>().map_err(|_| Error::Config(format!("LLMQ_SIDE_SMS: expected a number of SMs (0 = all), got {v:?}")))?,
             Err(_) => sm_count * 3 / 4,
         };
-        Ok(Blas { handle, workspaces, side_sms, plans: HashMap::new(), device: device.to_string(), table, autotune })
+        let side_algo = std::env::var("LLMQ_SIDE_ALGO").map_or(true, |v| v != "0");
+        Ok(Blas { handle, workspaces, side_sms, side_algo, plans: HashMap::new(), device: device.to_string(), table, autotune })
     }
 
     pub fn version() -> usize {
@@ -206,7 +211,7 @@ impl Blas {
             scaled: fp8,
             align: [alignment(a.addr), alignment(b.addr), alignment(out.addr), args.bias.map(|t| alignment(t.addr)).unwrap_or(256)],
             sms,
-            algo_sms: if args.side_algo { self.side_sms } else { 0 },
+            algo_sms: if args.side_algo && self.side_algo { self.side_sms } else { 0 },
         };
         if !self.plans.contains_key(&key) {
             let plan = self.make_plan(&key)?;

@@ -777,9 +777,9 @@ fn side_stream_matmuls_match_the_compute_stream_bitwise() {
         }
         v
     };
-    // with `side_algo` (as the model's fp8 weight gradients) and without (the side stream then
-    // runs the compute stream's algorithm with its SM target)
-    let cases = [(1536, 8960, 16384, E4M3, true), (17920, 1536, 8192, E4M3, true), (2048, 1536, 8192, E4M3, true), (1536, 8960, 16384, E4M3, false), (896, 4864, 4096, BF16, false)];
+    // with `side_algo` (as the model's weight gradients) and without (the side stream then runs
+    // the compute stream's algorithm with its SM target)
+    let cases = [(1536, 8960, 16384, E4M3, true), (17920, 1536, 8192, E4M3, true), (2048, 1536, 8192, E4M3, true), (1536, 8960, 16384, E4M3, false), (896, 4864, 4096, BF16, false), (896, 4864, 4096, BF16, true), (17920, 1536, 8192, BF16, true)];
     for &(m, n, k, dt, side_algo) in &cases {
         let fp8 = dt.is_fp8();
         let mut t = |dt: DType, dims: &[usize], g: &mut llmq_cuda::CudaBackend| {

@@ -27,18 +27,17 @@
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
 //! optimizer step; without, they are re-quantised at each use. Both give the same bytes.
 //!
-//! With `wgrad_overlap`, a weight gradient whose input transpose is kept runs on the side stream,
-//! beside the chain of input gradients and the memory-bound ops between them. It then still
-//! reads the quantised dyᵀ after the next matmul's backward has begun, so dyᵀ has two slots: one
-//! for the matmuls whose dy is C wide (attention-out, down), one for the others, which alternate
-//! with them; a slot is rewritten only after the side stream is done with its previous use.
-//! `join` ends the overlap (the end of each backward pass).
+//! With `wgrad_overlap`, a weight gradient whose input transpose is kept runs on the side stream
+//! (`side::SideWgrads`). It then still reads the quantised dyᵀ after the next matmul's backward
+//! has begun, so dyᵀ has two slots: one for the matmuls whose dy is C wide (attention-out, down),
+//! one for the others, which alternate with them.
 
 use crate::acts::BackwardScratch;
 use crate::params::Params;
+use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
 use crate::precision::Precision;
-use llmq_core::{Backend, DType, Event, Matmul, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
+use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
 
 /// The block matmuls that run in fp8, in layout order.
 pub const WEIGHTS: [ParamKind; 4] = [ParamKind::QkvW, ParamKind::OutW, ParamKind::UpGateW, ParamKind::DownW];
@@ -76,8 +75,6 @@ pub struct Fp8 {
     dytq: [Tensor; 2],
     /// f32, DESCALE_SLOTS slots 16 bytes apart (`DS_*`).
     descales: Tensor,
-    /// Weight gradients on the side stream (see the module comment).
-    overlap: Option<Overlap>,
     /// Scratch for on-the-fly weight quantisation (no persistent quants).
     scratch_w: QuantWeight,
     /// Per layer, per matmul (persistent quants).
@@ -95,15 +92,6 @@ const DS_X_FWD: usize = 0;
 const DS_X_BWD: usize = 1;
 const DS_DY: [usize; 2] = [2, 3];
 const DESCALE_SLOTS: usize = 4;
-
-/// Events of the side-stream weight gradients.
-struct Overlap {
-    /// Recorded on the compute stream after the dgrad: the side stream's wgrad waits for it.
-    dy_ready: Event,
-    /// Recorded on the side stream after the wgrad that reads dyᵀ slot i.
-    slot_free: [Event; 2],
-    side_idle: Event,
-}
 
 /// The dyᵀ slot of block matmul k: matmuls alternate between the slots in backward order
 /// (down 0, up+gate 1, attention-out 0, QKV 1), and the C-wide ones share slot 0.
@@ -155,13 +143,7 @@ impl Fp8 {
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest_in])?;
         let dyq = bwd.take(be, grad_dtype, &[n * widest_out])?;
         let dytq1 = bwd.take(be, grad_dtype, &[n * widest_out])?;
-        let (dytq, overlap) = if precision.wgrad_overlap {
-            let ev = |be: &mut dyn Backend| be.create_event();
-            let overlap = Overlap { dy_ready: ev(be)?, slot_free: [ev(be)?, ev(be)?], side_idle: ev(be)? };
-            ([bwd.take(be, grad_dtype, &[n * c])?, dytq1], Some(overlap))
-        } else {
-            ([dytq1, dytq1], None)
-        };
+        let dytq = if precision.wgrad_overlap { [bwd.take(be, grad_dtype, &[n * c])?, dytq1] } else { [dytq1, dytq1] };
         // scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
         let descales = be.alloc(tmp, Mem::Device, f32, &[4 * DESCALE_SLOTS])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
@@ -196,7 +178,7 @@ impl Fp8 {
             }
         }
         let act_descale = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers * 4 * 4])?;
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, overlap, scratch_w, persistent, act_t, act_descale })
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, act_t, act_descale })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -296,21 +278,22 @@ impl Fp8 {
     }
 
     /// dx = dy · W and dW += dyᵀ · x (x: activation `a` of layer l), with dy quantised by
-    /// `self.grad_amax`.
+    /// `self.grad_amax`; the weight gradient on the side stream where `side` is given (the
+    /// overlap is on) and x's transpose is kept.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, a: Act, x_amax: &Tensor) -> Result<()> {
+    pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, a: Act, x_amax: &Tensor, side: Option<&SideWgrads>) -> Result<()> {
         let (n, out) = dy.rows_cols();
         let inp = x.rows_cols().1;
         let w = self.weight(be, params, l, k, true)?;
         let slot = dy_slot(k);
         let (ds_dy, ds_x) = (self.descale(DS_DY[slot]), self.descale(DS_X_BWD));
         let kept = self.kept_t(l, a);
+        if let Some(s) = side {
+            s.reuse(be, slot)?;
+        }
         // the side stream takes the wgrad only where its x operand is kept (so is not rewritten
         // by a later recomputation or quantisation)
-        let side = self.overlap.as_ref().filter(|_| kept.is_some());
-        if let Some(o) = &self.overlap {
-            be.wait(Stream::Compute, o.slot_free[slot])?;
-        }
+        let side = side.filter(|_| kept.is_some());
         // dy in both forms at once (one read of dy)
         let dyq = fp8_slot(&self.dyq, n * out, &[n, out]);
         let dytq = fp8_slot(&self.dytq[slot], n * out, &[out, n]);
@@ -328,29 +311,9 @@ impl Fp8 {
         };
         // (with the side stream's algorithm wherever it runs: the same bits with or without overlap)
         let wgrad = Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, side_algo: true, ..Matmul::linear(dw, &dytq, &xtq) };
-        let Some(o) = side else {
-            return be.matmul(&wgrad);
-        };
-        // on the side stream it starts after the dgrad (not beside it), so that it runs beside
-        // the memory-bound ops that follow rather than competing with a matmul of its own kind
-        be.record(o.dy_ready, Stream::Compute)?;
-        be.wait(Stream::Side, o.dy_ready)?;
-        be.set_stream(Stream::Side)?;
-        let r = be.matmul(&wgrad);
-        be.set_stream(Stream::Compute)?; // also on error
-        r?;
-        be.record(o.slot_free[slot], Stream::Side)
-    }
-
-    /// Orders everything queued on the side stream before what comes next on the compute stream
-    /// (no-op without `wgrad_overlap`).
-    pub fn join(&self, be: &dyn Backend) -> Result<()> {
-        match &self.overlap {
-            Some(o) => {
-                be.record(o.side_idle, Stream::Side)?;
-                be.wait(Stream::Compute, o.side_idle)
-            }
-            None => Ok(()),
+        match side {
+            Some(s) => s.run(be, slot, &wgrad),
+            None => be.matmul(&wgrad),
         }
     }
 }

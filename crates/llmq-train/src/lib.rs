@@ -17,6 +17,7 @@ pub mod params;
 pub mod precision;
 pub mod profile;
 pub mod schedule;
+pub mod side;
 pub mod synthetic;
 pub mod trainer;
 

@@ -12,6 +12,7 @@ use crate::acts::{Activations, Keep, RunShape};
 use crate::fp8::{Act, Fp8};
 use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::precision::{Precision, Recompute};
+use crate::side::SideWgrads;
 use llmq_core::{Backend, Event, Matmul, ModelConfig, Result, Stream, Tensor};
 use llmq_io::data::Batch;
 
@@ -38,6 +39,8 @@ pub struct Model {
     pub recompute: Recompute,
     /// FP8 state when the matmul dtype is e4m3.
     pub fp8: Option<Fp8>,
+    /// fp8 weight gradients on the side stream (`Precision::wgrad_overlap`).
+    side: Option<SideWgrads>,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
     /// the copy stream after; the first gradient write (the LM head's) waits for the second.
@@ -75,7 +78,8 @@ impl Model {
         } else {
             None
         };
-        Ok(Model { params, acts, recompute, fp8, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
+        let side = if precision.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
+        Ok(Model { params, acts, recompute, fp8, side, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -117,7 +121,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn mm_bwd(&self, be: &dyn Backend, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, act: Act, w: &Tensor) -> Result<()> {
         match &self.fp8 {
-            Some(f) => f.backward(be, &self.params, l, k, dx, dw, dy, x, act, &f.act_amax(l, act)),
+            Some(f) => f.backward(be, &self.params, l, k, dx, dw, dy, x, act, &f.act_amax(l, act), self.side.as_ref()),
             None => {
                 be.matmul(&Matmul::linear_dgrad(dx, dy, w))?;
                 be.matmul(&Matmul::linear_wgrad(dw, dy, x))
@@ -285,8 +289,8 @@ impl Model {
             self.params.release(l);
         }
         be.embedding_bwd(&ghead.embedding, &a.ids, &a.d_res)?;
-        match &self.fp8 {
-            Some(f) => f.join(be),
+        match &self.side {
+            Some(s) => s.join(be),
             None => Ok(()),
         }
     }
