@@ -8,6 +8,7 @@
 # Adam m/v in bf16: the setting of the reference system's published numbers (REFERENCE.md), where
 # the optimizer's cost is spread over 32 micro-batches. Unset: one micro-batch per step, fp32
 # optimizer state for 0.5B/1.5B (the optimizer's cost counts fully).
+# BENCH_TOKENS below one micro-batch (e.g. 1): one micro-batch per step with that setting's memory.
 # BENCH_EXTRA: more `llmq train` flags for every run (e.g. "--no-wgrad-overlap").
 set -uo pipefail
 BIN="${1:-./target/release/llmq}"
@@ -37,14 +38,15 @@ for w in "${WHICH[@]}"; do
   extra+=("${more[@]}")
   steps="$STEPS"
   if [ -n "${BENCH_TOKENS:-}" ]; then
-    extra+=(--grad-accumulation $(( BENCH_TOKENS / (bs * 1024) )) --opt-m-dtype bf16 --opt-v-dtype bf16)
+    accum=$(( BENCH_TOKENS / (bs * 1024) )); [ "$accum" -lt 1 ] && accum=1
+    extra+=(--grad-accumulation "$accum" --opt-m-dtype bf16 --opt-v-dtype bf16)
     steps="${BENCH_STEPS:-4}"
   fi
   # large models: bf16 master weights and optimizer state (as the reference's published runs)
   case "$size" in 3b|7b) extra+=(--model-dtype bf16 --grad-dtype bf16); [ -z "${BENCH_TOKENS:-}" ] && extra+=(--opt-m-dtype bf16 --opt-v-dtype bf16) ;; esac
   echo "=== $w: $model B=$bs T=1024 ${extra[*]}" | tee -a "$OUT/bench.txt"
   "$BIN" train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --batch-size "$bs" \
-     --steps "$steps" --warmup 2 --eval-every 0 --print-every 1 "${extra[@]}" > "$OUT/bench-$w.log" 2>&1
+     --steps "$steps" --warmup $(( steps > 2 ? 2 : 0 )) --eval-every 0 --print-every 1 "${extra[@]}" > "$OUT/bench-$w.log" 2>&1
   rc=$?
   tail -n 3 "$OUT/bench-$w.log" | tee -a "$OUT/bench.txt"
   [ $rc -ne 0 ] && echo "exit $rc" | tee -a "$OUT/bench.txt"
