@@ -312,9 +312,10 @@ pub trait Backend {
     /// tensor; v heads are copied. rstd: f32 [N, Hq + Hkv].
     #[allow(clippy::too_many_arguments)]
     fn qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: AttnShape, eps: f32) -> Result<()>;
-    /// Backward of `qk_norm_fwd`: dqkv (v part copied from dout), dqw += , dkw +=.
+    /// Backward of `qk_norm_fwd`: dqkv (v part copied from dout), dqw += , dkw +=. `absmax`:
+    /// f32 [1], the abs-max of all of dqkv as stored (fp8 runs quantise it next).
     #[allow(clippy::too_many_arguments)]
-    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape) -> Result<()>;
+    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()>;
     /// Rotate-half RoPE on the q and k heads of qkv; v heads copied. `freqs`: f32 [T, Hd/2, 2]
     /// holding (cos, sin) for position t (row n has position n % T). For pair i of a head:
     /// y[i] = x[i] cos - x[i + Hd/2] sin; y[i + Hd/2] = x[i + Hd/2] cos + x[i] sin.

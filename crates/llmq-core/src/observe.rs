@@ -136,9 +136,9 @@ impl<O: Observer> Backend for Observed<O> {
     fn qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, s: AttnShape, eps: f32) -> Result<()> {
         self.call(Call::op("qk_norm_fwd", &[Some(qkv), Some(qw), Some(kw)], &[Some(out), Some(rstd)]), |b| b.qk_norm_fwd(out, rstd, qkv, qw, kw, s, eps))
     }
-    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, s: AttnShape) -> Result<()> {
-        let (reads, writes) = ([Some(dout), Some(qkv), Some(qw), Some(kw), Some(rstd)], [Some(dqkv), Some(dqw), Some(dkw)]);
-        self.call(Call::op("qk_norm_bwd", &reads, &writes), |b| b.qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, s))
+    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, s: AttnShape, am: Option<&Tensor>) -> Result<()> {
+        let (reads, writes) = ([Some(dout), Some(qkv), Some(qw), Some(kw), Some(rstd)], [Some(dqkv), Some(dqw), Some(dkw), am]);
+        self.call(Call::op("qk_norm_bwd", &reads, &writes), |b| b.qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, s, am))
     }
     fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, s: AttnShape, bias: Option<&Tensor>) -> Result<()> {
         self.call(Call::op("rope_fwd", &[Some(qkv), Some(freqs), bias], &[Some(out)]), |b| b.rope_fwd(out, qkv, freqs, s, bias))

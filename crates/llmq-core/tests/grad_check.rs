@@ -186,8 +186,16 @@ fn qk_norm() {
     let dqw = cx.zeros(F32, &[s.hd]);
     let dkw = cx.zeros(F32, &[s.hd]);
     cx.be.qk_norm_fwd(&out, &rstd, &x, &qw, &kw, s, 1e-6).unwrap();
-    cx.be.qk_norm_bwd(&dx, &dqw, &dkw, &dout, &x, &qw, &kw, &rstd, s).unwrap();
+    cx.be.qk_norm_bwd(&dx, &dqw, &dkw, &dout, &x, &qw, &kw, &rstd, s, None).unwrap();
     let (dxv, dqwv, dkwv) = (cx.get(&dx), cx.get(&dqw), cx.get(&dkw));
+    // the fused abs-max (for the fp8 matmul that consumes dqkv) is that of dqkv as stored
+    let (dx2, am, am_pass) = (cx.zeros(F32, &[n, q]), cx.zeros(F32, &[1]), cx.zeros(F32, &[1]));
+    let (dqw2, dkw2) = (cx.zeros(F32, &[s.hd]), cx.zeros(F32, &[s.hd]));
+    cx.be.qk_norm_bwd(&dx2, &dqw2, &dkw2, &dout, &x, &qw, &kw, &rstd, s, Some(&am)).unwrap();
+    cx.be.absmax(&am_pass, &dx2).unwrap();
+    assert_eq!(cx.get(&dx2), dxv);
+    assert_eq!(cx.get(&am)[0].to_bits(), cx.get(&am_pass)[0].to_bits());
+    assert!(cx.get(&am)[0] > 0.0);
     let loss = |xv: &[f32], qwv: &[f32], kwv: &[f32]| {
         cx.set(&x, xv);
         cx.set(&qw, qwv);

@@ -5,7 +5,8 @@
 // Sums of squares and dot products in f64 (like the CPU). Weight gradients accumulate per warp
 // in f64 shared memory [nwarps][2][Hd] (no two warps share a
 // slot), are summed over warps in fixed order and written as partial[g, 2 Hd] (q then k);
-// llmq_colreduce sums the G partials. Deterministic, no atomics.
+// llmq_colreduce sums the G partials. Deterministic, no atomics. The optional abs-max (absmax
+// may be null) covers all of dqkv as stored, v part included: fp8 runs quantise dqkv next.
 #include "common.cuh"
 
 extern "C" __global__ void llmq_qknorm_fwd(void* out, int dt_out, float* rstd, const void* qkv, int dt_in,
@@ -37,8 +38,9 @@ extern "C" __global__ void llmq_qknorm_fwd(void* out, int dt_out, float* rstd, c
 // dyn smem: nwarps * 2 * Hd doubles.
 extern "C" __global__ void llmq_qknorm_bwd(void* dqkv, int dt_dx, double* partial, const void* dout, int dt_dout,
                                            const void* qkv, int dt_in, const void* qw, int dt_qw, const void* kw, int dt_kw,
-                                           const float* rstd, int N, int Hq, int Hkv, int Hd) {
+                                           const float* rstd, int N, int Hq, int Hkv, int Hd, float* absmax) {
     double* acc = (double*)llmq_dyn_smem;
+    unsigned amax = 0u;
     int H = Hq + 2 * Hkv;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     double* my = acc + (long long)w * 2 * Hd;
@@ -47,7 +49,7 @@ extern "C" __global__ void llmq_qknorm_bwd(void* dqkv, int dt_dx, double* partia
         for (int h = w; h < H; h += nw) {
             long long base = (long long)n * H * Hd + (long long)h * Hd;
             if (h >= Hq + Hkv) {
-                for (int d = lane; d < Hd; d += 32) store_f(dqkv, base + d, dt_dx, load_f(dout, base + d, dt_dout));
+                for (int d = lane; d < Hd; d += 32) amax = max(amax, abs_bits(store_f(dqkv, base + d, dt_dx, load_f(dout, base + d, dt_dout))));
                 continue;
             }
             bool isq = h < Hq;
@@ -66,10 +68,11 @@ extern "C" __global__ void llmq_qknorm_bwd(void* dqkv, int dt_dx, double* partia
             for (int d = lane; d < Hd; d += 32) {
                 float dy = load_f(dout, base + d, dt_dout);
                 float xh = load_f(qkv, base + d, dt_in) * rs;
-                store_f(dqkv, base + d, dt_dx, rs * (load_f(wt, d, dt_w) * dy - xh * cm));
+                amax = max(amax, abs_bits(store_f(dqkv, base + d, dt_dx, rs * (load_f(wt, d, dt_w) * dy - xh * cm))));
             }
         }
     }
+    warp_absmax_commit(absmax, amax);
     __syncthreads();
     for (int d = threadIdx.x; d < 2 * Hd; d += blockDim.x) {
         double s = 0.0;

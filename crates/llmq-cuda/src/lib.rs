@@ -385,8 +385,8 @@ impl Backend for CudaBackend {
     fn qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: AttnShape, eps: f32) -> Result<()> {
         self.op_qk_norm_fwd(out, rstd, qkv, qw, kw, shape, eps)
     }
-    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape) -> Result<()> {
-        self.op_qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
+    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
+        self.op_qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape, absmax)
     }
     fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: AttnShape, bias: Option<&Tensor>) -> Result<()> {
         self.op_rope_fwd(out, qkv, freqs, shape, bias)

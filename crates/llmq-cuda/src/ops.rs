@@ -344,9 +344,10 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn op_qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, s: AttnShape) -> Result<()> {
+    pub(crate) fn op_qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, s: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "qk_norm_bwd";
         check_attn(OP, &s)?;
+        check_absmax(OP, absmax)?;
         let (n, q, hd) = (s.n(), s.qkv_width(), s.hd);
         check_rows(OP, "qkv", qkv, n, q)?;
         check_rows(OP, "dout", dout, n, q)?;
@@ -362,6 +363,7 @@ impl CudaBackend {
             return op_err(format!("{OP}: head size {hd} too large"));
         }
         let g = self.partial_blocks(n, 2 * hd, 2 * self.dev.sm_count as usize);
+        self.zero_f32(absmax)?;
         self.launch(
             self.k.qknorm_bwd,
             (g as u32, 1, 1),
@@ -384,6 +386,7 @@ impl CudaBackend {
                 i(s.hq),
                 i(s.hkv),
                 i(hd),
+                popt(absmax),
             ],
         )?;
         self.colreduce(dqw, self.scratch()?, g, hd, 2 * hd, true)?;

@@ -357,9 +357,11 @@ fn qk_norm_forward_backward() {
         let dqkv = p.out(d, &[n, q]);
         let dqw = p.rand(F32, &[hd], 1.0);
         let dkw = p.rand(F32, &[hd], 1.0);
-        p.cpu.qk_norm_bwd(&dqkv.c, &dqw.c, &dkw.c, &dout.c, &qkv.c, &qw.c, &kw.c, &rstd.c, s).unwrap();
-        p.gpu.qk_norm_bwd(&dqkv.g, &dqw.g, &dkw.g, &dout.g, &qkv.g, &qw.g, &kw.g, &rstd.g, s).unwrap();
+        let am = p.out(F32, &[1]);
+        p.cpu.qk_norm_bwd(&dqkv.c, &dqw.c, &dkw.c, &dout.c, &qkv.c, &qw.c, &kw.c, &rstd.c, s, Some(&am.c)).unwrap();
+        p.gpu.qk_norm_bwd(&dqkv.g, &dqw.g, &dkw.g, &dout.g, &qkv.g, &qw.g, &kw.g, &rstd.g, s, Some(&am.g)).unwrap();
         p.close(&format!("qk_norm_bwd dqkv {d}"), &dqkv, common::tol(d).0, 1e-5);
+        p.close(&format!("qk_norm_bwd absmax {d}"), &am, common::tol(d).0, 1e-6);
         p.close("qk_norm_bwd dqw", &dqw, 1e-5, 1e-6);
         p.close("qk_norm_bwd dkw", &dkw, 1e-5, 1e-6);
     }

@@ -13,9 +13,9 @@
 //!
 //! Scales are "current": scale = max_fp8 / max(absmax, 1e-10) of the tensor being quantised.
 //! Activation and activation-gradient abs-maxes come out of the kernel that produced the tensor
-//! (RMSNorm, residual RMSNorm, SwiGLU, their backwards, RoPE backward); the attention output and
-//! the qk-norm gradient have no fused abs-max and take one `absmax` pass. Weight abs-maxes come
-//! out of the AdamW update (per segment = per weight matrix) and are computed once at start.
+//! (RMSNorm, residual RMSNorm, SwiGLU, attention, their backwards with RoPE's, qk-norm's
+//! backward), never from an extra pass. Weight abs-maxes come out of the AdamW update (per
+//! segment = per weight matrix) and are computed once at start.
 //! The weight gradient needs each matmul input transposed (xᵀ). Where the input is not
 //! recomputed, the forward quantises it plain and transposed in one pass and keeps xᵀ and its
 //! descale (`act_t`); the bf16 input itself is then kept only where something else needs it (the

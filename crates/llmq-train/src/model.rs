@@ -316,10 +316,7 @@ impl Model {
         match (&w.q_norm, &w.k_norm, &g.q_norm, &g.k_norm) {
             (Some(qn), Some(kn), Some(gq), Some(gk)) => {
                 be.attention_bwd(&a.d_qkv2, &a.d_att, &qkv_r, &att, &lse, a.attn, Some(&a.freqs), None)?;
-                be.qk_norm_bwd(&a.d_qkv, gq, gk, &a.d_qkv2, &a.qkv.at(l), qn, kn, &a.qk_rstd[l], a.attn)?;
-                if let Some(am) = gam {
-                    be.absmax(am, &a.d_qkv)?;
-                }
+                be.qk_norm_bwd(&a.d_qkv, gq, gk, &a.d_qkv2, &a.qkv.at(l), qn, kn, &a.qk_rstd[l], a.attn, gam)?;
             }
             _ => be.attention_bwd(&a.d_qkv, &a.d_att, &qkv_r, &att, &lse, a.attn, Some(&a.freqs), gam)?,
         }

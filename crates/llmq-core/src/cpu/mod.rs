@@ -208,8 +208,8 @@ impl Backend for CpuBackend {
     fn qk_norm_fwd(&self, out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, shape: crate::backend::AttnShape, eps: f32) -> Result<()> {
         norm::qk_norm_fwd(out, rstd, qkv, qw, kw, shape, eps)
     }
-    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: crate::backend::AttnShape) -> Result<()> {
-        norm::qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape)
+    fn qk_norm_bwd(&self, dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: crate::backend::AttnShape, absmax: Option<&Tensor>) -> Result<()> {
+        norm::qk_norm_bwd(dqkv, dqw, dkw, dout, qkv, qw, kw, rstd, shape, absmax)
     }
     fn rope_fwd(&self, out: &Tensor, qkv: &Tensor, freqs: &Tensor, shape: crate::backend::AttnShape, bias: Option<&Tensor>) -> Result<()> {
         elementwise::rope(out, qkv, freqs, shape, false, bias, None)

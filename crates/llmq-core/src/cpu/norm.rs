@@ -17,7 +17,7 @@
 //! - Sizes are checked by element count: N comes from rstd, C from w (Hd for qk-norm).
 
 use crate::check::{check_eps, check_heads, rmsnorm_bwd_dims, rmsnorm_fwd_dims};
-use super::common::{check_f32_n, check_float_n, check_rows, col_sums, for_rows, store_par, store_sums, write_absmax};
+use super::common::{check_absmax, check_f32_n, check_float_n, check_rows, col_sums, for_rows, store_par, store_sums, write_absmax};
 use super::load;
 use crate::backend::AttnShape;
 use crate::error::Result;
@@ -159,9 +159,10 @@ pub fn qk_norm_fwd(out: &Tensor, rstd: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn qk_norm_bwd(dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape) -> Result<()> {
+pub fn qk_norm_bwd(dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv: &Tensor, qw: &Tensor, kw: &Tensor, rstd: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
     const OP: &str = "qk_norm_bwd";
     check_heads(OP, &shape)?;
+    check_absmax(OP, absmax)?;
     let (n, q, hd, hq, hkv) = (shape.n(), shape.qkv_width(), shape.hd, shape.hq, shape.hkv);
     let nh = hq + hkv;
     check_rows(OP, "qkv", qkv, n, q)?;
@@ -192,6 +193,7 @@ pub fn qk_norm_bwd(dqkv: &Tensor, dqw: &Tensor, dkw: &Tensor, dout: &Tensor, qkv
     let dq = col_sums(n * hq, hd, |p, j| term(p / hq, p % hq, j));
     let dk = col_sums(n * hkv, hd, |p, j| term(p / hkv, hq + p % hkv, j));
     store_par(dqkv, &dv);
+    write_absmax(absmax, dqkv.dtype, &dv);
     store_sums(dqw, &dq, true);
     store_sums(dkw, &dk, true);
     Ok(())
