@@ -47,7 +47,7 @@ fn training_orders_its_streams_under_every_option() {
 /// copy stream, then two forward+backward passes on one uploaded batch, then the gradient norm.
 /// This is where the LM head's first gradient write must wait for the zeroing, and where the
 /// next forward pass (its logits buffer holds the backward's temporaries) must wait for the side
-/// stream's weight gradients (`Fp8::join`).
+/// stream's weight gradients (`SideWgrads::join`).
 #[test]
 fn micro_steps_without_host_syncs_order_their_streams() {
     let cfg = {
