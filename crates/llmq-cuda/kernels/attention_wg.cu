@@ -1,6 +1,6 @@
 // attention_wg.cu: attention with Hopper warpgroup MMAs (wgmma, sm_90a only).
 //
-// Same algorithms and contracts as the v3 kernels in attention_v3.cu, which stay the path on other
+// Same algorithms and contracts as the v3 kernels in attention.cu, which stay the path on other
 // GPUs and the cross-check: the forward writes lse; the dQ kernel also writes D = rowsum(dO o O);
 // the dK/dV kernel reads it and loops over the query heads of its kv group x the query tiles at
 // or after its key block, optionally cut into S parts whose f32 sums attn3_dkv_reduce adds in
@@ -25,7 +25,7 @@
 // per layer at B16 T1024. The forward still writes P into S in place and is flagged: a version
 // with P in an array of its own needs more registers and ran slower (Hd 64: 0.137 against
 // 0.131 ms, Hd 128: 0.212 against 0.200 ms).
-#include "attention.cuh"
+#include "common.cuh"
 #include "wgmma.cuh"
 
 // C[64][64] (f32, row-major) = A[64][64] (row-major, M x K) * B[64][64] (row-major, K x N)

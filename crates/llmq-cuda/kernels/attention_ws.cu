@@ -22,7 +22,7 @@
 // nothing to do for a key block (all its keys masked) still takes its turns and releases the
 // stage; setmaxnreg needs the block launched at 168 registers per thread (__launch_bounds__(384,
 // 1)) and 128 x 40 + 256 x 232 <= 65536.
-#include "attention.cuh"
+#include "common.cuh"
 #include "wgmma.cuh"
 #include "pipeline.cuh"
 

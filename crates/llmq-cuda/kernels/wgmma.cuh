@@ -29,7 +29,6 @@
 // wgmma must not be touched until wg_wait, and the compiler must not move accesses across it
 // (wg_keep on the accumulators).
 #pragma once
-#include "attention.cuh"  // cp.async
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define LLMQ_WGMMA 1

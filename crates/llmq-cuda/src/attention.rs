@@ -1,4 +1,4 @@
-//! Tensor-core attention, version 3 (`attn3_*` in kernels/attention_v3.cu): the configuration
+//! Tensor-core attention, version 3 (`attn3_*` in kernels/attention.cu): the configuration
 //! tables, kernel handles and launches. The default path for bf16 tensors with Hd 64 or 128
 //! (`AttnImpl::Auto`) except on compute capability 9.0, where the wgmma kernels of
 //! attention_wg.rs take over (ops.rs tries them first); `AttnImpl::V3 { fwd, dq, dkv }` picks
@@ -18,7 +18,7 @@ pub const ATTN3_CONFIGS: usize = 4;
 /// One kernel configuration: `warps` per block, `mt` m-tiles of 16 rows per warp (the block
 /// owns warps*16*mt query rows, or key rows for dK/dV) and the width of the tiles it loops over
 /// (keys for the forward and dQ, queries for dK/dV). Must match the instantiations at the end
-/// of kernels/attention_v3.cu, index for index.
+/// of kernels/attention.cu, index for index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attn3Cfg {
     pub warps: usize,
@@ -85,7 +85,7 @@ pub(crate) fn dkv_part_offset(s: &AttnShape) -> usize {
 }
 
 /// What the backward kernels fuse into their stores of dQ, dK and dV (`a3_store_grad` in
-/// attention.cuh; 0: not wanted): the RoPE backward of dQ and dK with the table at `freqs`, and the
+/// attention.cu; 0: not wanted): the RoPE backward of dQ and dK with the table at `freqs`, and the
 /// abs-max of all of dqkv into the f32 slot at `amax` (zeroed by the caller).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct GradEpi {
