@@ -134,7 +134,8 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
         return Ok((be, "not applied: the CPU backend has no device memory budget".into()));
     }
     drop(be);
-    let mut make = || device::select(&args.device).map(|(b, _)| b);
+    let opts = tc.backend.clone();
+    let mut make = || device::select(&args.device, &opts).map(|(b, _)| b);
     let fit = llmq_train::fit::fit_micro_batch(&mut make, cfg, tc, FIT_HEADROOM)?;
     let line = match fit.free_after {
         Some(free) => format!(
@@ -156,7 +157,7 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
 pub fn run(args: TrainArgs) -> Result<()> {
     let model = resolve_model(&args)?;
     let cfg = model.cfg;
-    let (be, gpu) = device::select(&args.device)?;
+    let (be, gpu) = device::select(&args.device, &args.backend.options()?)?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
     let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
@@ -216,6 +217,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let s = tc.schedule;
     println!("  optimizer  AdamW lr {:e} ({:?}, warmup {}, final x{}, cooldown {}) betas ({}, {}) eps {:e} wd {} clip {}", s.lr, s.decay, s.warmup, s.final_fraction, s.cooldown, tc.optim.beta1, tc.optim.beta2, tc.optim.eps, tc.optim.weight_decay, tc.optim.grad_clip);
     println!("  recompute  {:?}", tc.recompute);
+    println!("  backend    {}", tc.backend.describe());
 
     let mut trainer = Trainer::new(be, &cfg, tc.clone(), data, eval)?;
     print_memory(&trainer);

@@ -7,13 +7,13 @@
 use crate::attention::GradEpi;
 use crate::device::check;
 use crate::kernels::{self, Arg};
-use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
+use crate::{CudaBackend, SCRATCH_BYTES};
 use cudarc::driver::sys;
 use llmq_core::check::{
     check_absmax, check_eps, check_f32_n, check_float, check_float_n, check_heads, check_i32, check_rope, check_rows, colsum_rows, cross_entropy_dims, op_err, rmsnorm_bwd_dims,
     rmsnorm_fwd_dims, swiglu_dims,
 };
-use llmq_core::{AdamW, AttnShape, DType, Result, Segment, Tensor};
+use llmq_core::{AdamW, AttentionKernels, AttnShape, DType, Result, Segment, Tensor};
 
 pub(crate) fn dt(d: DType) -> i32 {
     match d {
@@ -674,14 +674,14 @@ impl CudaBackend {
 
     /// Whether the tensor-core kernels apply to these tensors.
     fn attn_mma(&self, s: &AttnShape, ts: &[&Tensor]) -> bool {
-        self.attn.get() != AttnImpl::Simple
+        self.attn.get() != AttentionKernels::Simple
             && self.dev.cc.0 >= 8
             && (s.hd == 64 || s.hd == 128)
             && ts.iter().all(|t| t.dtype == DType::BF16 && t.addr % 16 == 0)
     }
 
-    /// `absmax`: also the abs-max of out (fp8 runs quantise it next); the v3/wgmma/warp-specialised
-    /// kernels take it in their stores, the other paths in an `absmax` pass afterwards.
+    /// `absmax`: also the abs-max of out (fp8 runs quantise it next); the tensor-core kernels take
+    /// it in their stores, the simple ones in an `absmax` pass afterwards.
     pub(crate) fn op_attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "attention_fwd";
         Self::attn_checks(OP, &s)?;
@@ -693,31 +693,22 @@ impl CudaBackend {
         if self.attn_mma(&s, &[out, qkv]) {
             let am = absmax.map_or(0, |a| a.addr);
             self.zero_f32(absmax)?;
-            if let Some((fi, _, _)) = self.attn4_choice(s.hd) {
-                if self.attn4_fwd(out, lse, qkv, s, fi, am)? {
-                    return Ok(());
-                }
+            if self.attn.get() == AttentionKernels::Auto && self.has_wgmma() && self.attn4_fwd(out, lse, qkv, s, am)? {
+                return Ok(());
             }
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_fwd(out, lse, qkv, s, am)? {
+            if self.attn3_fwd(out, lse, qkv, s, am)? {
                 return Ok(());
             }
         }
-        self.attention_fwd_unfused(out, lse, qkv, s)?;
+        self.attention_fwd_simple(out, lse, qkv, s)?;
         match absmax {
             Some(a) => self.op_absmax(a, out),
             None => Ok(()),
         }
     }
 
-    /// The v2 (mma.sync) and simple forward kernels (no fused abs-max).
-    fn attention_fwd_unfused(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
-        if self.attn_mma(&s, &[out, qkv]) {
-            let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
-            let args = [p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            let f = if s.hd == 64 { self.k.attn_fwd_mma2_64 } else { self.k.attn_fwd_mma2_128 };
-            let tile = 64 * (s.hd + 8) * 2;
-            return self.launch(f, grid, (128, 1, 1), (4 * tile) as u32, &args);
-        }
+    /// The simple forward kernels (no fused abs-max).
+    fn attention_fwd_simple(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
         let f = if s.hd <= 128 { self.k.attn_fwd_simple4 } else { self.k.attn_fwd_simple8 };
         let grid = (s.t.div_ceil(4) as u32, s.hq as u32, s.b as u32);
         self.launch(
@@ -730,8 +721,8 @@ impl CudaBackend {
     }
 
     /// `rope`: also the RoPE backward (dqkv receives the gradient of qkv before RoPE); `absmax`:
-    /// the abs-max of dqkv. The v3/wgmma/warp-specialised kernels do both in their stores
-    /// (`GradEpi`); the other paths run `rope_bwd` (or `absmax`) over dqkv afterwards.
+    /// the abs-max of dqkv. The tensor-core kernels do both in their stores (`GradEpi`); the simple
+    /// ones run `rope_bwd` (or `absmax`) over dqkv afterwards.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn op_attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "attention_bwd";
@@ -755,17 +746,15 @@ impl CudaBackend {
         if self.attn_mma(&s, &[dqkv, dout, qkv, out]) && rope.is_none_or(|f| f.addr % 16 == 0) {
             let epi = GradEpi { freqs: rope.map_or(0, |f| f.addr), amax: absmax.map_or(0, |a| a.addr) };
             self.zero_f32(absmax)?;
-            // the wgmma and v3 dQ kernels compute D themselves
-            if let Some((_, dq, dkv)) = self.attn4_choice(s.hd) {
-                if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, (dq, dkv), epi)? {
-                    return Ok(());
-                }
+            // the tensor-core dQ kernels compute D themselves
+            if self.attn.get() == AttentionKernels::Auto && self.has_wgmma() && self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
+                return Ok(());
             }
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
+            if self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
                 return Ok(());
             }
         }
-        self.attention_bwd_unfused(dqkv, dout, qkv, out, lse, s, dbuf)?;
+        self.attention_bwd_simple(dqkv, dout, qkv, out, lse, s, dbuf)?;
         match (rope, absmax) {
             (Some(f), _) => self.op_rope_bwd(dqkv, dqkv, f, s, absmax),
             (None, Some(a)) => self.op_absmax(a, dqkv),
@@ -773,9 +762,10 @@ impl CudaBackend {
         }
     }
 
-    /// The v2 (mma.sync) and simple backward kernels: dqkv without RoPE backward or abs-max.
+    /// The simple backward kernels (D in a pass of its own first): dqkv without RoPE backward or
+    /// abs-max.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd_unfused(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, dbuf: u64) -> Result<()> {
+    fn attention_bwd_simple(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, dbuf: u64) -> Result<()> {
         let warps = s.b * s.hq * s.t;
         self.launch(
             self.k.attn_bwd_d,
@@ -784,14 +774,6 @@ impl CudaBackend {
             0,
             &[Arg::Ptr(dbuf), p(dout), Arg::I32(dt(dout.dtype)), p(out), Arg::I32(dt(out.dtype)), i(s.b), i(s.t), i(s.hq), i(s.hd)],
         )?;
-        if self.attn_mma(&s, &[dqkv, dout, qkv]) {
-            let tile = 64 * (s.hd + 8) * 2;
-            let nt = s.t.div_ceil(64) as u32;
-            let args = [p(dqkv), p(dout), p(qkv), p(lse), Arg::Ptr(dbuf), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma2_64, self.k.attn_bwd_dkv_mma2_64) } else { (self.k.attn_bwd_dq_mma2_128, self.k.attn_bwd_dkv_mma2_128) };
-            self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (4 * tile) as u32, &args)?;
-            return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (6 * tile + 1024) as u32, &args);
-        }
         let (fq, fkv) = if s.hd <= 128 { (self.k.attn_bwd_dq_simple4, self.k.attn_bwd_dkv_simple4) } else { (self.k.attn_bwd_dq_simple8, self.k.attn_bwd_dkv_simple8) };
         let args = [
             p(dqkv),

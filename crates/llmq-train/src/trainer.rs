@@ -60,6 +60,9 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Abort after this many consecutive steps with a non-finite loss or gradient norm.
     pub max_bad_steps: u32,
+    /// Kernel and algorithm choices of a GPU backend (they change the last bits of results).
+    #[serde(default)]
+    pub backend: llmq_core::BackendOptions,
 }
 
 impl TrainConfig {
@@ -88,6 +91,7 @@ impl TrainConfig {
         }
         self.schedule.validate()?;
         self.optim.validate()?;
+        self.backend.validate()?;
         self.precision.validate()
     }
     pub fn tokens_per_step(&self) -> usize {
