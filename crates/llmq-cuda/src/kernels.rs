@@ -64,7 +64,6 @@ kernel_table!(
     convert,
     bias_rows,
     embedding_fwd,
-    embedding_bwd,
     embedding_sort_tile,
     embedding_sort_step,
     embedding_bwd_sorted,

@@ -103,10 +103,6 @@ pub struct CudaBackend {
     attn3: attention::Attn3Kernels,
     attn4: attention_wg::Attn4Kernels,
     fk: fast::FastKernels,
-    /// Generic (scalar, runtime-dtype) kernels instead of the fast ones: `set_generic_kernels`.
-    generic: Cell<bool>,
-    /// (threads, blocks per SM; 0 = a block per row) of the fused cross-entropy.
-    ce_launch: Cell<(u32, u32)>,
     /// The stream ops run on (`Backend::set_stream`).
     cur: Cell<Stream>,
 }
@@ -130,19 +126,15 @@ impl CudaBackend {
         // Kernels whose dynamic shared memory may exceed the default 48 KiB.
         let optin = dev.smem_optin() as u32;
 
-        for f in [k.embedding_bwd, k.qknorm_bwd] {
-            kernels::set_max_dynamic_smem(f, optin)?;
-        }
+        kernels::set_max_dynamic_smem(k.qknorm_bwd, optin)?;
         let attn3 = attention::Attn3Kernels::load(&k, optin)?;
         let attn4 = attention_wg::Attn4Kernels::load(&k, optin)?;
         let fk = fast::FastKernels::load(&k)?;
-        let generic = Cell::new(false);
-        let ce_launch = Cell::new((512, 0)); // 4% faster than 1024 (tests/perf_mem.rs sweep, H200)
         let attn = Cell::new(opts.attention);
         let ws = [dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?, dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?];
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
         let blas = blas::Blas::new(ws, &dev.name, dev.sm_count, opts)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, generic, ce_launch, cur: Cell::new(Stream::Compute) })
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, cur: Cell::new(Stream::Compute) })
     }
 
     /// The scratch buffer (SCRATCH_BYTES). There is one, for the compute stream: ops that need

@@ -182,47 +182,40 @@ impl CudaBackend {
         check_i32(OP, "ids", ids, n)?;
         check_rows(OP, "dout", dout, n, c)?;
         fits_i32(OP, n.max(v).max(c))?;
-        // sorted path: the keys (8 bytes per row, padded to a power of two) sort in the scratch
-        // buffer, in tiles of EMB_SORT_TILE keys in shared memory plus global steps for the longer
-        // strides (kernels/embedding.cu)
-        let pk = n.next_power_of_two();
-        let tile = pk.min(EMB_SORT_TILE);
-        if !self.generic.get() && n > 0 && pk * 8 <= SCRATCH_BYTES {
-            let keys = self.scratch()?;
-            let sort_tiles = |fill: bool, size: usize| {
-                let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];
-                self.launch(self.k.embedding_sort_tile, ((pk / tile) as u32, 1, 1), (1024, 1, 1), (tile * 8) as u32, &args)
-            };
-            sort_tiles(true, tile)?;
-            let mut size = 2 * tile;
-            while size <= pk {
-                let mut stride = size / 2;
-                while stride >= tile {
-                    let args = [Arg::Ptr(keys), i(pk), i(size), i(stride)];
-                    self.launch(self.k.embedding_sort_step, ((pk / 2).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &args)?;
-                    stride /= 2;
-                }
-                sort_tiles(false, size)?;
-                size *= 2;
-            }
-            return self.launch(
-                self.k.embedding_bwd_sorted,
-                (n as u32, 1, 1),
-                (THREADS, 1, 1),
-                0,
-                &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(self.scratch()?), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
-            );
+        if n == 0 {
+            return Ok(());
         }
-        let smem = c * 4;
-        if smem > self.smem_limit() {
-            return op_err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
+        // the keys (8 bytes per row, padded to a power of two) sort in the scratch buffer, in tiles
+        // of EMB_SORT_TILE keys in shared memory plus global steps for the longer strides
+        // (kernels/embedding.cu)
+        let pk = n.next_power_of_two();
+        if pk * 8 > SCRATCH_BYTES {
+            return op_err(format!("{OP}: {n} rows: their sort keys do not fit the {} MiB scratch buffer (at most {} rows)", SCRATCH_BYTES >> 20, SCRATCH_BYTES / 8));
+        }
+        let tile = pk.min(EMB_SORT_TILE);
+        let keys = self.scratch()?;
+        let sort_tiles = |fill: bool, size: usize| {
+            let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];
+            self.launch(self.k.embedding_sort_tile, ((pk / tile) as u32, 1, 1), (1024, 1, 1), (tile * 8) as u32, &args)
+        };
+        sort_tiles(true, tile)?;
+        let mut size = 2 * tile;
+        while size <= pk {
+            let mut stride = size / 2;
+            while stride >= tile {
+                let args = [Arg::Ptr(keys), i(pk), i(size), i(stride)];
+                self.launch(self.k.embedding_sort_step, ((pk / 2).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &args)?;
+                stride /= 2;
+            }
+            sort_tiles(false, size)?;
+            size *= 2;
         }
         self.launch(
-            self.k.embedding_bwd,
+            self.k.embedding_bwd_sorted,
             (n as u32, 1, 1),
             (THREADS, 1, 1),
-            smem as u32,
-            &[p(dtable), Arg::I32(dt(dtable.dtype)), p(ids), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
+            0,
+            &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(keys), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
         )
     }
 
