@@ -216,6 +216,10 @@ fn attention_timings(g: &mut CudaBackend) {
         let dqkv = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, q]).unwrap();
         let flops = 4.0 * (s.b * hq * hd) as f64 * (s.t * s.t) as f64 / 2.0; // causal
         println!("## B16 T1024 Hq{hq} Hkv{hkv} Hd{hd}: fwd / bwd ms (TFLOP/s)");
+        println!("mma.sync (fwd, dq, dkv): {:?}", llmq_cuda::attn3_configs(hd));
+        if g.has_wgmma() {
+            println!("Hopper (fwd, dq, dkv): {:?}", llmq_cuda::hopper_kernels(hd));
+        }
         let kinds = if g.has_wgmma() { vec![AttentionKernels::Auto, AttentionKernels::Mma] } else { vec![AttentionKernels::Mma] };
         for k in kinds {
             g.set_attention_kernels(k);

@@ -170,9 +170,6 @@ impl CudaBackend {
     pub fn set_attention_kernels(&self, k: AttentionKernels) {
         self.attn.set(k);
     }
-    pub fn attention_kernels(&self) -> AttentionKernels {
-        self.attn.get()
-    }
     /// Cuts the attention backward's dK/dV iteration space into `parts` (limited by the scratch;
     /// 0: chosen from the shape, as in runs), so that tests reach the ordered reduce of the parts
     /// for any shape.
