@@ -268,8 +268,12 @@ pub trait Backend {
     fn alloc(&mut self, cat: MemCategory, mem: Mem, dtype: DType, dims: &[usize]) -> Result<Tensor>;
     /// Bytes allocated per category so far.
     fn memory_by_category(&self) -> Vec<(MemCategory, Mem, usize)>;
-    /// Free device memory in bytes, if the backend knows it.
+    /// Free device memory in bytes, if the backend knows it (under the limit, where one is set).
     fn free_memory(&self) -> Option<usize>;
+    /// Caps the device memory (`Mem::Device`) this backend allocates from now on, counting what
+    /// it holds already: an allocation past the cap fails with `Error::OutOfMemory`. Pinned host
+    /// memory is not counted.
+    fn limit_device_memory(&mut self, bytes: usize);
     /// Synchronous host -> tensor copy of raw bytes (setup, checkpoint load, tests).
     fn upload(&self, dst: &Tensor, bytes: &[u8]) -> Result<()>;
     /// Synchronous tensor -> host copy of raw bytes (waits for all queued work).

@@ -48,6 +48,8 @@ pub(crate) struct Device {
     pub events: Vec<sys::CUevent>,
     allocs: Vec<Allocation>,
     accounted: BTreeMap<(MemCategory, u8), usize>,
+    /// Cap on device bytes allocated by llmq (`--memory-limit`).
+    pub limit: Option<usize>,
     pub name: String,
     pub sm_count: u32,
     pub cc: (i32, i32),
@@ -108,6 +110,7 @@ impl Device {
                 events: Vec::new(),
                 allocs: Vec::new(),
                 accounted: BTreeMap::new(),
+                limit: None,
                 name,
                 sm_count,
                 cc: (major, minor),
@@ -131,11 +134,21 @@ impl Device {
         }
     }
 
+    /// Free device memory: the driver's answer, or less under `limit`.
     pub fn free_memory(&self) -> Option<usize> {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: out-pointers to locals.
         let r = unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
-        (r == sys::CUresult::CUDA_SUCCESS).then_some(free)
+        let free = (r == sys::CUresult::CUDA_SUCCESS).then_some(free)?;
+        Some(match self.limit {
+            Some(l) => free.min(l.saturating_sub(self.device_allocated())),
+            None => free,
+        })
+    }
+
+    /// Device bytes allocated by llmq (nothing is freed before drop: also the high-water mark).
+    pub fn device_allocated(&self) -> usize {
+        self.accounted.iter().filter(|((_, m), _)| *m == Mem::Device as u8).map(|(_, b)| b).sum()
     }
 
     /// Allocates `bytes` (zeroed) of device or pinned host memory, accounted under `cat`.
@@ -144,6 +157,16 @@ impl Device {
         let size = bytes.max(1);
         let addr = match mem {
             Mem::Device => {
+                if let Some(limit) = self.limit.filter(|&l| self.device_allocated().saturating_add(bytes) > l) {
+                    return Err(Error::OutOfMemory(format!(
+                        "cuda:{}: cannot allocate {} for {}: over --memory-limit {} ({} allocated by llmq)",
+                        self.ordinal,
+                        fmt_bytes(bytes),
+                        cat.name(),
+                        fmt_bytes(limit),
+                        fmt_bytes(self.device_allocated())
+                    )));
+                }
                 let mut p: sys::CUdeviceptr = 0;
                 // SAFETY: out-pointer to a local; size > 0.
                 let r = unsafe { sys::cuMemAlloc_v2(&mut p, size) };

@@ -12,7 +12,7 @@
 //! token and layer (22 GB for Qwen2.5-1.5B at B = 32) without changing a bit: the same ops run in
 //! the same order.
 
-use crate::precision::Recompute;
+use crate::memory::Recompute;
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, ModelConfig, Result, Tensor};
 
 /// How an activation reaches the backward pass.

@@ -36,6 +36,7 @@ use crate::acts::BackwardScratch;
 use crate::params::Params;
 use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
+use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
 
@@ -111,8 +112,9 @@ impl Fp8 {
     /// weight gradient (otherwise the backward pass quantises the bf16 input). `bwd`: where the
     /// gradient scratch goes (only the backward pass uses it).
     #[allow(clippy::too_many_arguments)]
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, precision: &Precision, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
-        let (grad_dtype, persistent) = (precision.act_grads, precision.persistent_quants);
+    #[allow(clippy::too_many_arguments)]
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, precision: &Precision, mem: &MemoryOptions, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
+        let (grad_dtype, persistent) = (precision.act_grads, mem.persistent_quants);
         // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
         for (what, v) in [
             ("hidden_size", cfg.hidden_size),
@@ -143,7 +145,7 @@ impl Fp8 {
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest_in])?;
         let dyq = bwd.take(be, grad_dtype, &[n * widest_out])?;
         let dytq1 = bwd.take(be, grad_dtype, &[n * widest_out])?;
-        let dytq = if precision.wgrad_overlap { [bwd.take(be, grad_dtype, &[n * c])?, dytq1] } else { [dytq1, dytq1] };
+        let dytq = if mem.wgrad_overlap { [bwd.take(be, grad_dtype, &[n * c])?, dytq1] } else { [dytq1, dytq1] };
         // scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
         let descales = be.alloc(tmp, Mem::Device, f32, &[4 * DESCALE_SLOTS])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {

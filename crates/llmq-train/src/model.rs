@@ -11,7 +11,8 @@
 use crate::acts::{Activations, Keep, RunShape};
 use crate::fp8::{Act, Fp8};
 use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
-use crate::precision::{Precision, Recompute};
+use crate::memory::{MemoryOptions, Recompute};
+use crate::precision::Precision;
 use crate::side::SideWgrads;
 use llmq_core::{Backend, Event, Matmul, ModelConfig, Result, Stream, Tensor};
 use llmq_io::data::Batch;
@@ -39,7 +40,7 @@ pub struct Model {
     pub recompute: Recompute,
     /// FP8 state when the matmul dtype is e4m3.
     pub fp8: Option<Fp8>,
-    /// fp8 weight gradients on the side stream (`Precision::wgrad_overlap`).
+    /// fp8 weight gradients on the side stream (`MemoryOptions::wgrad_overlap`).
     side: Option<SideWgrads>,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
@@ -55,11 +56,13 @@ const UP: usize = 2;
 const DOWN: usize = 3;
 
 impl Model {
-    pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, recompute: Recompute) -> Result<Model> {
+    pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, mem: &MemoryOptions) -> Result<Model> {
         let (compute_idle, grads_zeroed) = (be.create_event()?, be.create_event()?);
         cfg.validate()?;
         precision.validate()?;
-        let params = Params::alloc(be, cfg, precision)?;
+        mem.validate(&precision)?;
+        let recompute = mem.recompute;
+        let params = Params::alloc(be, cfg, precision, mem)?;
         let norm_slots = params.layout.groups.len();
         let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
         let fp8 = precision.matmul.is_fp8();
@@ -74,11 +77,11 @@ impl Model {
                 Keep::PerLayer => !recompute.fp8_inputs,
                 Keep::Recomputed => false,
             });
-            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, &precision, keep, &mut acts.bwd_scratch)?)
+            Some(Fp8::alloc(be, cfg, &params, shape.b * shape.t, &precision, mem, keep, &mut acts.bwd_scratch)?)
         } else {
             None
         };
-        let side = if precision.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
+        let side = if mem.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
         Ok(Model { params, acts, recompute, fp8, side, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 

@@ -6,6 +6,7 @@
 //! becomes "wait for the gather of l, start prefetching l+1" and `release(l)` frees its slot.
 
 use crate::init;
+use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
 use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
@@ -61,11 +62,11 @@ pub struct GroupBuffers {
 }
 
 impl GroupBuffers {
-    pub fn alloc(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, dtype: DType) -> Result<GroupBuffers> {
+    pub fn alloc(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, mem: Mem, dtype: DType) -> Result<GroupBuffers> {
         let groups = layout
             .groups
             .iter()
-            .map(|g| be.alloc(cat, Mem::Device, dtype, &[g.numel]))
+            .map(|g| be.alloc(cat, mem, dtype, &[g.numel]))
             .collect::<Result<Vec<_>>>()?;
         Ok(GroupBuffers { groups })
     }
@@ -105,17 +106,21 @@ pub struct Params {
 }
 
 impl Params {
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision) -> Result<Params> {
+    /// Allocates every buffer; master weights and Adam moments go to pinned host memory where
+    /// `mem` offloads them (the optimizer reads and writes them there directly: mapped host
+    /// memory on a GPU, an emulated separate memory space on the CPU backend).
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions) -> Result<Params> {
         let layout = ParamLayout::new(cfg);
-        let weights = GroupBuffers::alloc(be, &layout, MemCategory::Weights, precision.weights)?;
+        let place = |off: bool| if off { Mem::Host } else { Mem::Device };
+        let weights = GroupBuffers::alloc(be, &layout, MemCategory::Weights, Mem::Device, precision.weights)?;
         let master = if precision.master == precision.weights {
             weights.clone()
         } else {
-            GroupBuffers::alloc(be, &layout, MemCategory::Master, precision.master)?
+            GroupBuffers::alloc(be, &layout, MemCategory::Master, place(mem.offload_master), precision.master)?
         };
-        let grads = GroupBuffers::alloc(be, &layout, MemCategory::Gradients, precision.grads)?;
-        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, precision.opt_m)?;
-        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, precision.opt_v)?;
+        let grads = GroupBuffers::alloc(be, &layout, MemCategory::Gradients, Mem::Device, precision.grads)?;
+        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, place(mem.offload_opt_m), precision.opt_m)?;
+        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, place(mem.offload_opt_v), precision.opt_v)?;
         Ok(Params { cfg: cfg.clone(), layout, precision, weights, master, grads, m, v })
     }
 
