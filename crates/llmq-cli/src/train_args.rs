@@ -147,6 +147,15 @@ pub struct TrainArgs {
     /// Keep Adam's second moment in pinned host memory.
     #[arg(long, help_heading = "Memory")]
     pub offload_opt_v: bool,
+    /// Weight streaming (on one GPU): block weights live in pinned host memory and are copied
+    /// to two device slots ahead of each block's forward, recompute and backward.
+    #[arg(long, help_heading = "Memory")]
+    pub shard_weights: bool,
+    /// Block gradients live in pinned host memory: each block's gradient is accumulated in a
+    /// device slot (loaded from the host after the first micro-batch) and copied back when its
+    /// backward is issued. Runs the fp8 weight gradients on the main stream.
+    #[arg(long, help_heading = "Memory")]
+    pub offload_gradients: bool,
 
     // ---- evaluation and logging ----
     /// Evaluate every N steps (0: only at the end).
@@ -224,10 +233,12 @@ impl TrainArgs {
         Ok(MemoryOptions {
             recompute: self.recompute(),
             persistent_quants: self.persistent_quants,
-            wgrad_overlap: fp8 && !self.no_wgrad_overlap,
+            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,
             offload_opt_v: self.offload_opt_v,
+            stream_weights: self.shard_weights,
+            offload_gradients: self.offload_gradients,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })
     }

@@ -159,7 +159,7 @@ impl Fp8 {
         let persistent = if persistent {
             let mut layers = vec![];
             for l in 0..cfg.num_layers {
-                let blk = params.block(l);
+                let blk = params.weights.block(&params.layout, l);
                 let sizes = [blk.qkv_w.numel(), blk.o_w.numel(), blk.up_gate_w.numel(), blk.down_w.numel()];
                 let mut arr = vec![];
                 for s in sizes {
@@ -220,7 +220,9 @@ impl Fp8 {
         let g = &params.layout.groups[gi];
         let si = g.entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
         let e = &g.entries[si];
-        let w = params.weights.groups[gi].slice(e.offset, &e.shape);
+        // during a pass: the device slot of a streamed block (persistent quants are refreshed
+        // outside the passes, from the weights where they live)
+        let w = if self.persistent.is_some() { params.weights.groups[gi] } else { params.block_group_weights(l) }.slice(e.offset, &e.shape);
         let (out, inp) = (e.shape[0], e.shape[1]);
         let amax = self.weight_amax[gi].slice(si, &[1]);
         let q = fp8_slot(&qw.q, out * inp, &[out, inp]);

@@ -21,6 +21,7 @@ pub mod profile;
 pub mod run;
 pub mod schedule;
 pub mod side;
+pub mod stream;
 pub mod synthetic;
 pub mod trainer;
 

@@ -24,6 +24,11 @@ pub struct MemoryOptions {
     pub offload_opt_m: bool,
     /// Adam second moment in pinned host memory.
     pub offload_opt_v: bool,
+    /// Weight streaming on one device (`--shard-weights`): block weights in pinned host memory,
+    /// brought to two device slots ahead of their block's forward, recompute and backward.
+    pub stream_weights: bool,
+    /// Block gradients in pinned host memory, accumulated in two device slots per block.
+    pub offload_gradients: bool,
     /// Device bytes the run may allocate (None: what the device has).
     pub memory_limit: Option<u64>,
 }
@@ -42,6 +47,9 @@ impl MemoryOptions {
                 precision.weights
             )));
         }
+        if self.offload_gradients && self.wgrad_overlap {
+            return Err(Error::Config("--offload-gradients writes each block's gradient back when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
+        }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
@@ -51,7 +59,7 @@ impl MemoryOptions {
     /// One line for the printed configuration, e.g. "recompute block | offload m, v | limit 16 GiB".
     pub fn describe(&self) -> String {
         let mut parts = vec![format!("recompute {}", self.recompute.describe())];
-        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v")]
+        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v"), (self.offload_gradients, "gradients")]
             .iter()
             .filter(|(on, _)| *on)
             .map(|(_, n)| *n)
@@ -61,6 +69,9 @@ impl MemoryOptions {
         }
         if self.persistent_quants {
             parts.push("persistent fp8 weights".into());
+        }
+        if self.stream_weights {
+            parts.push("block weights streamed from the host".into());
         }
         if self.wgrad_overlap {
             parts.push("weight gradients on a second stream".into());

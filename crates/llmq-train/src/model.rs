@@ -88,6 +88,7 @@ impl Model {
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
     /// the fp8 weight abs-maxes and persistent quants.
     pub fn weights_changed(&self, be: &dyn Backend) -> Result<()> {
+        self.params.weights_changed();
         match &self.fp8 {
             Some(f) => f.init_weight_amax(be, &self.params),
             None => Ok(()),
@@ -96,6 +97,7 @@ impl Model {
 
     /// After an optimizer update (whose AdamW wrote the weight abs-maxes).
     pub fn weights_updated(&self, be: &dyn Backend) -> Result<()> {
+        self.params.weights_changed();
         match &self.fp8 {
             Some(f) => f.refresh(be, &self.params),
             None => Ok(()),
@@ -145,7 +147,8 @@ impl Model {
     pub fn zero_grads(&self, be: &dyn Backend) -> Result<()> {
         be.record(self.compute_idle, Stream::Compute)?;
         be.wait(Stream::Copy, self.compute_idle)?;
-        self.params.grads.zero_on(be, Stream::Copy)?;
+        self.params.grads.zero_device_on(be, Stream::Copy)?;
+        self.params.start_step();
         be.record(self.grads_zeroed, Stream::Copy)
     }
 
@@ -181,10 +184,11 @@ impl Model {
         let head = self.params.head();
         let l_count = self.cfg().num_layers;
         be.embedding_fwd(&a.res_att[0], &a.ids, &head.embedding)?;
-        let w0 = self.params.block(0);
+        let w0 = self.params.block(be, 0)?;
         be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res_att[0], &w0.ln1, self.eps, self.amax(0, Act::Ln1).as_ref())?;
         for l in 0..l_count {
-            let w = self.params.block(l);
+            let w = self.params.block(be, l)?;
+            self.params.prefetch(be, l + 1)?;
             self.attention_stages(be, l, &w, true)?;
             self.mm(be, l, OUT, &a.proj, &a.att.at(l), Act::Att, &w.o_w, None)?;
             be.residual_rmsnorm_fwd(&a.res_ffn[l], &a.ln2.at(l), &a.rstd2[l], &a.res_att[l], &a.proj, &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
@@ -192,14 +196,14 @@ impl Model {
             self.mm(be, l, DOWN, &a.proj, &a.sw.at(l), Act::Sw, &w.down_w, None)?;
             // fused: next residual + the norm that consumes it
             if l + 1 < l_count {
-                let next = self.params.block(l + 1);
+                let next = self.params.block(be, l + 1)?;
                 let am = self.amax(l + 1, Act::Ln1);
                 be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.ln1.at(l + 1), &a.rstd1[l + 1], &a.res_ffn[l], &a.proj, &next.ln1, self.eps, am.as_ref())?;
-                self.params.release(l + 1);
+                self.params.release(be, l + 1)?;
             } else {
                 be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.final_ln, &a.final_rstd, &a.res_ffn[l], &a.proj, &head.final_norm, self.eps, None)?;
             }
-            self.params.release(l);
+            self.params.release(be, l)?;
         }
         self.lm_head(be, dloss)
     }
@@ -286,11 +290,17 @@ impl Model {
         // final norm: d_res = d(final residual)
         be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res_att[l_count], &head.final_norm, &a.final_rstd, None, self.gamax().as_ref())?;
         for l in (0..l_count).rev() {
-            let w = self.params.block(l);
-            let g = self.params.grad_block(l);
+            let w = self.params.block(be, l)?;
+            let g = self.params.grad_block(be, l)?;
+            if l > 0 {
+                self.params.prefetch(be, l - 1)?;
+                self.params.prefetch_grad(be, l - 1)?;
+            }
             self.block_backward(be, l, &w, &g)?;
-            self.params.release(l);
+            self.params.release(be, l)?;
+            self.params.release_grad(be, l)?;
         }
+        self.params.micro_batch_done(be)?;
         be.embedding_bwd(&ghead.embedding, &a.ids, &a.d_res)?;
         match &self.side {
             Some(s) => s.join(be),

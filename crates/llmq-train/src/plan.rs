@@ -125,6 +125,19 @@ fn candidates(tc: &TrainConfig) -> Vec<(String, TrainConfig)> {
             ..m
         },
     );
+    add(
+        "--recompute-block --shard-weights --offload-gradients and the optimizer state offloaded",
+        MemoryOptions {
+            recompute: Recompute { block: true, ..m.recompute },
+            offload_master: tc.precision.master != tc.precision.weights,
+            offload_opt_m: true,
+            offload_opt_v: true,
+            stream_weights: true,
+            offload_gradients: true,
+            wgrad_overlap: false,
+            ..m
+        },
+    );
     let mut b = tc.batch_size;
     let mut acc = tc.grad_accumulation;
     while b > 1 && b.is_multiple_of(2) {
@@ -170,8 +183,9 @@ impl DeviceSpeeds {
 
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
 /// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
-/// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes, and the
-/// host transfers of offloaded state (which do not overlap: the optimizer reads them directly).
+/// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
+/// state over the host link, not overlapped), and streamed weights and offloaded gradients over
+/// the link (overlapped with each micro-batch's compute).
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
     let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
@@ -191,12 +205,20 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let state = |dt: llmq_core::DType| dt.size() as f64;
     let pr = tc.precision;
     let opt_bytes = p * (state(pr.master) * 2.0 + state(pr.opt_m) * 2.0 + state(pr.opt_v) * 2.0 + state(pr.grads) + state(pr.weights));
-    let host_bytes = plan.allocations.iter().filter(|a| a.mem == Mem::Host).map(|a| 2.0 * a.total() as f64).sum::<f64>();
-    let optimizer = (opt_bytes - host_bytes).max(0.0) / dev.mem_bw + host_bytes / dev.link_bw;
+    let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem == Mem::Host && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
+    // the optimizer reads and writes offloaded state in place, over the link
+    let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV));
+    let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + host_state / dev.link_bw;
+    // streamed weights cross the link twice per micro-batch (forward; recompute and backward),
+    // offloaded gradients once each way; the copy engines overlap them with the compute
+    let (w, g) = (host(MemCategory::Weights), host(MemCategory::Gradients));
+    let acc = tc.grad_accumulation as f64;
+    let transfer = ((2.0 * w + g) / dev.link_bw).max(g / dev.link_bw);
+    let compute = (mm + memory_bound) / acc;
     // per micro-batch: the gradients' read-modify-write, the weights' fp8 quantisation (once
     // per step with persistent quants) and ~40 launches per layer at ~4 us each
     let per_micro = p * (2.0 * state(pr.grads) + if pr.matmul.is_fp8() && !tc.memory.persistent_quants { 3.0 } else { 0.0 }) / dev.mem_bw + 40.0 * l * 4e-6;
-    mm + memory_bound + optimizer + per_micro * tc.grad_accumulation as f64
+    acc * (compute.max(transfer) + per_micro) + optimizer
 }
 
 /// The command-line flags that select `tc`'s micro-batch and memory options (what `--auto-memory`
@@ -217,6 +239,8 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
         (m.offload_master, "--offload-master"),
         (m.offload_opt_m, "--offload-opt-m"),
         (m.offload_opt_v, "--offload-opt-v"),
+        (m.stream_weights, "--shard-weights"),
+        (m.offload_gradients, "--offload-gradients"),
     ] {
         if on {
             f.push(flag.into());
@@ -236,14 +260,17 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     let recomputes = [none, Recompute { ffn: true, att: true, ..none }, Recompute { block: true, ..none }];
     let separate_master = tc.precision.master != tc.precision.weights;
     let offloads: &[(bool, bool, bool)] = if separate_master { &[(false, false, false), (false, true, true), (true, true, true)] } else { &[(false, false, false), (false, true, true)] };
+    // (stream weights, offload gradients)
+    let streams = [(false, false), (true, false), (false, true), (true, true)];
     let fp8 = tc.precision.matmul.is_fp8();
     let mut best: Option<(TrainConfig, MemoryPlan, f64)> = None;
     let mut smallest: Option<usize> = None;
     for &b in &micro {
         for recompute in recomputes {
             for &(master, m, v) in offloads {
-                for pq in if fp8 { vec![true, false] } else { vec![false] } {
-                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, memory_limit: tc.memory.memory_limit, ..tc.memory };
+                for (pq, (sw, og)) in (if fp8 { vec![true, false] } else { vec![false] }).into_iter().flat_map(|pq| streams.map(|s| (pq, s))) {
+                    let wgrad_overlap = tc.memory.wgrad_overlap && !og;
+                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, wgrad_overlap, ..tc.memory };
                     let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
                     let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
                     smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
@@ -261,7 +288,7 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     best.ok_or_else(|| {
         let s = smallest.unwrap_or(0);
         llmq_core::Error::OutOfMemory(format!(
-            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, optimizer state offloaded) needs {}, {} more; weight streaming and gradient offloading, which would go further, are not built yet",
+            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {}, {} more",
             fmt_bytes(limit as usize),
             fmt_bytes(s),
             fmt_bytes(s.saturating_sub(limit as usize))

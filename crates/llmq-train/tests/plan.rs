@@ -75,9 +75,10 @@ fn the_device_high_water_mark_stays_under_the_limit() {
     assert!(e.to_string().contains("limit"), "{e}");
 }
 
-/// Offloaded optimizer state gives the same losses, norms and weights as the plain run.
+/// Offloaded optimizer state, streamed weights and offloaded gradients (over two micro-batches,
+/// under several recompute options) give the same losses, norms and weights as the plain run.
 #[test]
-fn offloading_is_bitwise_neutral() {
+fn offloading_and_streaming_are_bitwise_neutral() {
     for precision in [Precision::bf16(), Precision::fp8()] {
         let cfg = tiny(Arch::Qwen3, true);
         let run = |mem: MemoryOptions| {
@@ -92,6 +93,16 @@ fn offloading_is_bitwise_neutral() {
         for (m, o, v) in [(true, false, false), (false, true, false), (false, false, true), (true, true, true)] {
             let got = run(MemoryOptions { offload_master: m, offload_opt_m: o, offload_opt_v: v, ..Default::default() });
             assert!(got == base, "{:?} offload master {m} m {o} v {v} changed the numbers", precision.matmul);
+        }
+        let none = Recompute::default();
+        for recompute in [none, Recompute { block: true, ..none }, Recompute { ffn: true, att: true, ..none }, Recompute { fp8_inputs: true, ..none }] {
+            for (sw, og) in [(true, false), (false, true), (true, true)] {
+                for pq in [false, precision.matmul.is_fp8()] {
+                    let mem = MemoryOptions { recompute, stream_weights: sw, offload_gradients: og, persistent_quants: pq, offload_opt_m: og, ..Default::default() };
+                    let got = run(mem);
+                    assert!(got == base, "{:?} {} changed the numbers", precision.matmul, mem.describe());
+                }
+            }
         }
     }
 }

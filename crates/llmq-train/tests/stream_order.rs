@@ -24,6 +24,9 @@ fn training_orders_its_streams_under_every_option() {
         ("fp8 persistent quants", fp8, MemoryOptions { persistent_quants: true, ..overlap }),
         ("fp8 e5m2 gradients", Precision { act_grads: DType::E5M2, ..fp8 }, overlap),
         ("bf16 offloaded optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain }),
+        ("bf16 streamed weights, offloaded gradients", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
+        ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
+        ("fp8 streamed weights, offloaded gradients", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny(arch, arch == Arch::Qwen3);
