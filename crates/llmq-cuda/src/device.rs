@@ -43,6 +43,8 @@ pub(crate) struct Device {
     pub ctx: sys::CUcontext,
     pub compute: sys::CUstream,
     pub copy: sys::CUstream,
+    /// Device-to-host copies (`Stream::CopyBack`), beside the host-to-device ones on `copy`.
+    pub copy_back: sys::CUstream,
     /// A second compute stream (`Stream::Side`): weight-gradient matmuls beside the main chain.
     pub side: sys::CUstream,
     pub events: Vec<sys::CUevent>,
@@ -79,6 +81,7 @@ impl Device {
             check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
             let mut compute = std::ptr::null_mut();
             let mut copy = std::ptr::null_mut();
+            let mut copy_back = std::ptr::null_mut();
             let mut side = std::ptr::null_mut();
             let nb = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
             // the compute stream carries the critical path: where the side stream's work runs
@@ -87,6 +90,7 @@ impl Device {
             check(sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest), "cuCtxGetStreamPriorityRange")?;
             check(sys::cuStreamCreateWithPriority(&mut compute, nb, greatest), "cuStreamCreateWithPriority")?;
             check(sys::cuStreamCreate(&mut copy, nb), "cuStreamCreate")?;
+            check(sys::cuStreamCreate(&mut copy_back, nb), "cuStreamCreate")?;
             check(sys::cuStreamCreateWithPriority(&mut side, nb, least), "cuStreamCreateWithPriority")?;
             let mut buf = [0 as std::ffi::c_char; 256];
             check(sys::cuDeviceGetName(buf.as_mut_ptr(), 255, dev), "cuDeviceGetName")?;
@@ -106,6 +110,7 @@ impl Device {
                 ctx,
                 compute,
                 copy,
+                copy_back,
                 side,
                 events: Vec::new(),
                 allocs: Vec::new(),
@@ -131,6 +136,7 @@ impl Device {
             llmq_core::Stream::Compute => self.compute,
             llmq_core::Stream::Copy => self.copy,
             llmq_core::Stream::Side => self.side,
+            llmq_core::Stream::CopyBack => self.copy_back,
         }
     }
 
@@ -258,6 +264,7 @@ impl Drop for Device {
             }
             sys::cuStreamDestroy_v2(self.compute);
             sys::cuStreamDestroy_v2(self.copy);
+            sys::cuStreamDestroy_v2(self.copy_back);
             sys::cuStreamDestroy_v2(self.side);
             sys::cuDevicePrimaryCtxRelease_v2(self.dev);
         }

@@ -102,7 +102,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     };
     let v: f64 = num.parse().map_err(|_| Error::Config(format!("size {s:?}: expected a number followed by a unit, e.g. 16GiB")))?;
     let bytes = v * mult;
-    if !(bytes >= 1.0 && bytes < 1.8e19) {
+    if !(1.0..1.8e19).contains(&bytes) {
         return Err(Error::Config(format!("size {s:?}: out of range")));
     }
     Ok(bytes as u64)

@@ -9,6 +9,7 @@
 //! - gradients: `loaded[s]` (copy -> compute: the host accumulator of the block is in slot s),
 //!   `done[s]` (compute -> copy: the block's backward finished writing slot s), `saved[s]` (copy
 //!   -> compute: slot s was copied back to the host and may be reused).
+//!
 //! The first micro-batch of a step zeroes the gradient slot on the device instead of loading the
 //! host accumulator, and its copy back overwrites the host buffer: the host buffer is never
 //! zeroed and the host CPU never touches the gradients. Later micro-batches load, accumulate on
@@ -57,6 +58,7 @@ impl Slots {
             return Ok(());
         }
         be.wait(Stream::Copy, self.free[s])?;
+        be.wait(Stream::Copy, self.saved[s])?; // gradients: after the slot's copy back
         be.copy(&self.slots[s].slice(0, &[host.numel()]), host, Stream::Copy)?;
         be.record(self.ready[s], Stream::Copy)?;
         owner[s] = Some(l);
@@ -96,7 +98,7 @@ impl Slots {
     }
 
     /// Gradients, after the first micro-batch: starts loading block l's host accumulator into
-    /// its slot on the copy stream (queued after the slot's copy back, on the same stream).
+    /// its slot on the copy stream, after the slot's copy back on the copy-back stream.
     pub fn prefetch_grad(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {
         self.fetch(be, l, host)
     }
@@ -105,9 +107,9 @@ impl Slots {
     pub fn store_grad(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {
         let s = Self::slot(l);
         be.record(self.free[s], Stream::Compute)?;
-        be.wait(Stream::Copy, self.free[s])?;
-        be.copy(host, &self.view(l, host.numel()), Stream::Copy)?;
-        be.record(self.saved[s], Stream::Copy)?;
+        be.wait(Stream::CopyBack, self.free[s])?;
+        be.copy(host, &self.view(l, host.numel()), Stream::CopyBack)?;
+        be.record(self.saved[s], Stream::CopyBack)?;
         let mut owner = self.owner.get();
         owner[s] = None;
         self.owner.set(owner);

@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use llmq_core::cpu::CpuBackend;
-use llmq_core::{Arch, Backend, DType, Mem, ModelConfig};
+use llmq_core::{Arch, DType, Mem, ModelConfig};
 use llmq_train::plan::{options_that_fit, MemoryPlan};
 use llmq_train::{MemoryOptions, Precision, Recompute, RunShape, TrainConfig};
 
