@@ -96,9 +96,9 @@ fn offloading_and_streaming_are_bitwise_neutral() {
         }
         let none = Recompute::default();
         for recompute in [none, Recompute { block: true, ..none }, Recompute { ffn: true, att: true, ..none }, Recompute { fp8_inputs: true, ..none }] {
-            for (sw, og) in [(true, false), (false, true), (true, true)] {
+            for (sw, og, res) in [(true, false, false), (false, true, false), (false, false, true), (true, true, true)] {
                 for pq in [false, precision.matmul.is_fp8()] {
-                    let mem = MemoryOptions { recompute, stream_weights: sw, offload_gradients: og, persistent_quants: pq, offload_opt_m: og, ..Default::default() };
+                    let mem = MemoryOptions { recompute, stream_weights: sw, offload_gradients: og, offload_residual: res, persistent_quants: pq, offload_opt_m: og, ..Default::default() };
                     let got = run(mem);
                     assert!(got == base, "{:?} {} changed the numbers", precision.matmul, mem.describe());
                 }
