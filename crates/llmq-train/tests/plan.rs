@@ -80,7 +80,9 @@ fn the_device_high_water_mark_stays_under_the_limit() {
 #[test]
 fn offloading_and_streaming_are_bitwise_neutral() {
     for precision in [Precision::bf16(), Precision::fp8()] {
-        let cfg = tiny(Arch::Qwen3, true);
+        // five layers: every device slot is reused within a pass
+        let mut cfg = tiny(Arch::Qwen3, true);
+        cfg.num_layers = 5;
         let run = |mem: MemoryOptions| {
             let mut tc = train_config(2, 16, 2, 3);
             tc.precision = precision;
