@@ -56,7 +56,7 @@ fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, preci
 
     let shape = RunShape { b, t };
     let mut be = make();
-    let model = Model::new(be.as_mut(), &cfg, precision, shape, Recompute::default()).unwrap();
+    let model = Model::new(be.as_mut(), &cfg, precision, shape, &MemoryOptions::default()).unwrap();
     let be = be.as_ref();
     model.params.set_master_f32(be, &weights).unwrap();
     model.params.grads.zero(be).unwrap();

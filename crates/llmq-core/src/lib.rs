@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod observe;
+pub mod plan_backend;
 pub mod stream_check;
 pub mod tensor;
 

@@ -45,6 +45,9 @@ pub use kernels::KERNELS_BUILT;
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
 /// attention backward's row statistics and dK/dV parts.
 pub const SCRATCH_BYTES: usize = 128 << 20;
+/// Device memory the backend allocates for itself when opened (cuBLASLt workspaces and scratch),
+/// counted by `--memory-limit` like the model's buffers.
+pub const OWN_DEVICE_BYTES: usize = 2 * blas::WORKSPACE_BYTES + SCRATCH_BYTES;
 
 /// Ok when a CUDA device can be used: the kernels were built, the driver and cuBLASLt libraries
 /// load, and at least one device exists. Otherwise the reason.
@@ -205,6 +208,9 @@ impl Backend for CudaBackend {
     fn free_memory(&self) -> Option<usize> {
         self.dev.bind().ok()?;
         self.dev.free_memory()
+    }
+    fn limit_device_memory(&mut self, bytes: usize) {
+        self.dev.limit = Some(bytes);
     }
 
     fn upload(&self, dst: &Tensor, src: &[u8]) -> Result<()> {

@@ -71,8 +71,8 @@ fn differing(prefix: &str, saved: &Value, now: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Precision fields that only change speed or memory, never the numbers (tested bitwise), so a
-/// resumed run may change them, like the recompute options.
+/// Memory options that checkpoints written before `MemoryOptions` existed hold under
+/// `precision`: not compared, like the rest of the memory options.
 const SPEED_OPTIONS: [&str; 2] = ["persistent_quants", "wgrad_overlap"];
 
 /// Checks that a checkpoint's configuration is compatible with this run, naming every field
