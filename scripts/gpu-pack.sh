@@ -14,7 +14,7 @@ GPU_TEST_CLEAN=1 bash scripts/gpu-test.sh >/dev/null
 bash scripts/gpu-test.sh -p llmq-cli --test gpu_model --test hf_compare >/dev/null
 cargo build --release -p llmq-cli
 cp target/release/llmq .gpu/llmq
-bench="$(cargo bench -p llmq-cuda --bench kernels --no-run --message-format=json 2>/dev/null | python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable")][-1])')"
+bench="$(cargo bench -p llmq-cuda --bench kernels --no-run --message-format=json 2>/dev/null | python3 -c 'import json, sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kernels" and m.get("executable")][-1])')"
 cp "$bench" .gpu/kernels-bench
 cp scripts/bench.sh scripts/tune-matmuls.sh scripts/hf_reference.py scripts/device-run.sh scripts/ncu_summary.py .gpu/
 keep="${GPU_BINS:-ops attention gpu_model hf_compare}"
