@@ -161,6 +161,12 @@ fn memory_budget(be: &dyn llmq_core::Backend) -> Option<u64> {
     be.free_memory().map(|f| f as u64).or_else(available_ram)
 }
 
+/// Pinned host memory a plan may take: what the machine has available less 8 GiB for the rest
+/// of the process (data, tokenizer, one group's f32 values at initialisation).
+fn host_budget() -> Option<u64> {
+    available_ram().map(|a| a.saturating_sub(8 << 30))
+}
+
 /// MemAvailable from /proc/meminfo (Linux), in bytes.
 fn available_ram() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -173,6 +179,14 @@ fn available_ram() -> Option<u64> {
 /// how much it is over and the options that would fit.
 pub fn check_plan_fits(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, budget: Option<u64>, what: &str) -> Result<MemoryPlan> {
     let plan = MemoryPlan::new(cfg, tc, reserve)?;
+    if let Some(host) = host_budget().filter(|&h| plan.host_total() as u64 > h) {
+        return Err(Error::OutOfMemory(format!(
+            "the run needs {} of pinned host memory for what it offloads, more than this machine has available ({} less 8 GiB of headroom):\n{}",
+            fmt_bytes(plan.host_total()),
+            fmt_bytes(host as usize + (8 << 30)),
+            plan.describe(tc.memory.memory_limit)
+        )));
+    }
     let Some(limit) = budget else { return Ok(plan) };
     if plan.fits(Some(limit)) {
         return Ok(plan);
@@ -250,7 +264,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     if args.auto_memory {
         let budget = memory_budget(be.as_ref()).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
-        let (chosen, _, est) = plan::auto_memory(&cfg, &tc, 0, budget, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        let (chosen, _, est) = plan::auto_memory(&cfg, &tc, 0, budget, host_budget(), plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
         println!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&chosen), est * 1e3);
         tc = chosen;
     }
@@ -476,7 +490,7 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let reserve = backend_reserve(on_gpu);
     if args.auto_memory {
         let limit = tc.memory.memory_limit.ok_or_else(|| Error::Config("llmq plan --auto-memory needs --memory-limit".into()))?;
-        let (chosen, _, _) = plan::auto_memory(cfg, &tc, reserve, limit, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        let (chosen, _, _) = plan::auto_memory(cfg, &tc, reserve, limit, host_budget(), plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
         println!("auto-memory: {}", plan::memory_flags(&chosen));
         tc = chosen;
     }

@@ -43,32 +43,32 @@ impl Rng {
 /// Initial values of every group as f32 host vectors (padding zero). Each tensor has its own
 /// streams, seeded from (seed, group, entry, chunk), so the result does not depend on threads.
 pub fn init_groups(cfg: &ModelConfig, layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
+    (0..layout.groups.len()).into_par_iter().map(|gi| init_group(cfg, layout, seed, gi)).collect()
+}
+
+/// Group `gi` of `init_groups` alone (the same values: every group has its own streams), so that
+/// a large model is initialised one group at a time without an f32 copy of all of it.
+pub fn init_group(cfg: &ModelConfig, layout: &ParamLayout, seed: u64, gi: usize) -> Vec<f32> {
     let std = 0.02f64;
     let proj_scale = 1.0 / ((2 * cfg.num_layers) as f64).sqrt();
-    layout
-        .groups
-        .par_iter()
-        .enumerate()
-        .map(|(gi, g)| {
-            let mut buf = vec![0f32; g.numel];
-            for (ei, e) in g.entries.iter().enumerate() {
-                let dst = &mut buf[e.offset..e.offset + e.numel()];
-                match e.kind {
-                    k if k.is_norm() => dst.fill(1.0),
-                    ParamKind::QkvB => {}
-                    k => {
-                        let scale = if matches!(k, ParamKind::OutW | ParamKind::DownW) { std * proj_scale } else { std };
-                        // one stream per chunk of 2^20 values, so large embeddings fill in parallel
-                        dst.par_chunks_mut(1 << 20).enumerate().for_each(|(ci, chunk)| {
-                            let mut rng = Rng::new(seed ^ ((gi as u64) << 40) ^ ((ei as u64) << 32) ^ ((ci as u64) << 8) ^ 0x1111);
-                            for x in chunk.iter_mut() {
-                                *x = (rng.normal() * scale) as f32;
-                            }
-                        });
+    let g = &layout.groups[gi];
+    let mut buf = vec![0f32; g.numel];
+    for (ei, e) in g.entries.iter().enumerate() {
+        let dst = &mut buf[e.offset..e.offset + e.numel()];
+        match e.kind {
+            k if k.is_norm() => dst.fill(1.0),
+            ParamKind::QkvB => {}
+            k => {
+                let scale = if matches!(k, ParamKind::OutW | ParamKind::DownW) { std * proj_scale } else { std };
+                // one stream per chunk of 2^20 values, so large embeddings fill in parallel
+                dst.par_chunks_mut(1 << 20).enumerate().for_each(|(ci, chunk)| {
+                    let mut rng = Rng::new(seed ^ ((gi as u64) << 40) ^ ((ei as u64) << 32) ^ ((ci as u64) << 8) ^ 0x1111);
+                    for x in chunk.iter_mut() {
+                        *x = (rng.normal() * scale) as f32;
                     }
-                }
+                });
             }
-            buf
-        })
-        .collect()
+        }
+    }
+    buf
 }

@@ -242,8 +242,15 @@ impl Params {
     /// Initialises from scratch (REFERENCE.md: N(0, 0.02), out and down projections scaled by
     /// 1/sqrt(2L), norms 1, biases 0), seeded; identical on every backend.
     pub fn init_from_scratch(&self, be: &dyn Backend, seed: u64) -> Result<()> {
-        let host = init::init_groups(&self.cfg, &self.layout, seed);
-        self.set_master_f32(be, &host)
+        // one group at a time: the host holds one group's f32 values, not the whole model's
+        for gi in 0..self.layout.groups.len() {
+            let vals = init::init_group(&self.cfg, &self.layout, seed, gi);
+            upload_f32(be, &self.master.groups[gi], &vals)?;
+            if !self.master_is_weights() {
+                upload_f32(be, &self.weights.groups[gi], &vals)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sets master (and working) weights from f32 host values, one vector per group.

@@ -252,10 +252,10 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
 }
 
 /// `--auto-memory`: among micro-batches (keeping the tokens per step), recomputation, persistent
-/// fp8 weights and offloading, the configuration that fits `limit` with the best estimated step
-/// time; its plan and estimate. Where nothing fits, an error saying by how much the smallest
-/// plan is over.
-pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, dev: DeviceSpeeds) -> Result<(TrainConfig, MemoryPlan, f64)> {
+/// fp8 weights and offloading, the configuration that fits `limit` on the device (and
+/// `host_limit` of pinned host memory) with the best estimated step time; its plan and estimate.
+/// Where nothing fits, an error saying by how much the smallest plan is over.
+pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, host_limit: Option<u64>, dev: DeviceSpeeds) -> Result<(TrainConfig, MemoryPlan, f64)> {
     let tokens = tc.batch_size * tc.grad_accumulation;
     let micro: Vec<usize> = (0..=16).map(|k| 1usize << k).filter(|b| *b <= tokens && tokens.is_multiple_of(*b)).collect();
     let none = Recompute::default();
@@ -276,7 +276,7 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
                     let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
                     let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
                     smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
-                    if !plan.fits(Some(limit)) {
+                    if !plan.fits(Some(limit)) || host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
                         continue;
                     }
                     let est = estimate_step_seconds(cfg, &t, &plan, dev);
@@ -290,8 +290,9 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     best.ok_or_else(|| {
         let s = smallest.unwrap_or(0);
         llmq_core::Error::OutOfMemory(format!(
-            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {}, {} more",
+            "--auto-memory: nothing fits {}{}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {} on the device, {} more",
             fmt_bytes(limit as usize),
+            host_limit.map(|h| format!(" with at most {} of pinned host memory", fmt_bytes(h as usize))).unwrap_or_default(),
             fmt_bytes(s),
             fmt_bytes(s.saturating_sub(limit as usize))
         ))
@@ -356,19 +357,22 @@ mod tests {
         let mut t = tc(16, 1024);
         t.grad_accumulation = 4;
         let dev = DeviceSpeeds::h200(false);
-        let (roomy, plan, _) = auto_memory(&cfg, &t, 0, 1 << 40, dev).unwrap();
+        let (roomy, plan, _) = auto_memory(&cfg, &t, 0, 1 << 40, None, dev).unwrap();
         assert!(plan.fits(Some(1 << 40)));
         assert_eq!(roomy.memory.recompute, Recompute::default());
         assert!(!roomy.memory.offload_opt_m && !roomy.memory.offload_master);
         assert_eq!(roomy.tokens_per_step(), t.tokens_per_step());
         let tight = 6u64 << 30;
-        let (chosen, plan, est) = auto_memory(&cfg, &t, 0, tight, dev).unwrap();
+        let (chosen, plan, est) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
         assert!(plan.fits(Some(tight)), "{}", plan.describe(Some(tight)));
+        // with little host memory the choice offloads less
+        let (_, frugal, _) = auto_memory(&cfg, &t, 0, tight, Some(plan.host_total() as u64 / 2), dev).unwrap();
+        assert!(frugal.host_total() <= plan.host_total() / 2 && frugal.fits(Some(tight)));
         assert_eq!(chosen.tokens_per_step(), t.tokens_per_step());
         assert!(est > 0.0);
         let flags = memory_flags(&chosen);
         assert!(flags.contains(&format!("--batch-size {}", chosen.batch_size)), "{flags}");
-        let e = auto_memory(&cfg, &t, 0, 1 << 20, dev).unwrap_err().to_string();
+        let e = auto_memory(&cfg, &t, 0, 1 << 20, None, dev).unwrap_err().to_string();
         assert!(e.contains("nothing fits") && e.contains("more"), "{e}");
     }
 
