@@ -267,6 +267,8 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     let fp8 = tc.precision.matmul.is_fp8();
     let mut best: Option<(TrainConfig, MemoryPlan, f64)> = None;
     let mut smallest: Option<usize> = None;
+    // the least pinned host memory among plans that fit the device
+    let mut least_host: Option<usize> = None;
     for &b in &micro {
         for recompute in recomputes {
             for &(master, m, v) in offloads {
@@ -276,7 +278,11 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
                     let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
                     let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
                     smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
-                    if !plan.fits(Some(limit)) || host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
+                    if !plan.fits(Some(limit)) {
+                        continue;
+                    }
+                    least_host = Some(least_host.map_or(plan.host_total(), |s| s.min(plan.host_total())));
+                    if host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
                         continue;
                     }
                     let est = estimate_step_seconds(cfg, &t, &plan, dev);
@@ -288,11 +294,18 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
         }
     }
     best.ok_or_else(|| {
+        if let (Some(h), Some(host)) = (least_host, host_limit) {
+            return llmq_core::Error::OutOfMemory(format!(
+                "--auto-memory: the plans that fit {} on the device need at least {} of pinned host memory; {} is available",
+                fmt_bytes(limit as usize),
+                fmt_bytes(h),
+                fmt_bytes(host as usize)
+            ));
+        }
         let s = smallest.unwrap_or(0);
         llmq_core::Error::OutOfMemory(format!(
-            "--auto-memory: nothing fits {}{}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {} on the device, {} more",
+            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {}, {} more",
             fmt_bytes(limit as usize),
-            host_limit.map(|h| format!(" with at most {} of pinned host memory", fmt_bytes(h as usize))).unwrap_or_default(),
             fmt_bytes(s),
             fmt_bytes(s.saturating_sub(limit as usize))
         ))
@@ -365,9 +378,12 @@ mod tests {
         let tight = 6u64 << 30;
         let (chosen, plan, est) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
         assert!(plan.fits(Some(tight)), "{}", plan.describe(Some(tight)));
-        // with little host memory the choice offloads less
-        let (_, frugal, _) = auto_memory(&cfg, &t, 0, tight, Some(plan.host_total() as u64 / 2), dev).unwrap();
-        assert!(frugal.host_total() <= plan.host_total() / 2 && frugal.fits(Some(tight)));
+        // with less host memory the choice offloads less; with none where something must go
+        // there, the refusal says how much is needed
+        let (_, frugal, _) = auto_memory(&cfg, &t, 0, tight, Some(plan.host_total() as u64 - 1), dev).unwrap();
+        assert!(frugal.host_total() < plan.host_total() && frugal.fits(Some(tight)));
+        let e = auto_memory(&cfg, &t, 0, tight, Some(0), dev).unwrap_err().to_string();
+        assert!(e.contains("pinned host memory"), "{e}");
         assert_eq!(chosen.tokens_per_step(), t.tokens_per_step());
         assert!(est > 0.0);
         let flags = memory_flags(&chosen);
