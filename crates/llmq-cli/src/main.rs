@@ -1,5 +1,6 @@
 //! The `llmq` command-line tool.
 
+mod ckpt_run;
 mod device;
 mod files_cmd;
 mod plot;

@@ -172,9 +172,16 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps (0: only at the end and on a signal).
     #[arg(long, default_value_t = 0, help_heading = "Checkpoints")]
     pub ckpt_interval: u64,
-    /// Keep the newest N checkpoints (0: keep all).
+    /// Keep the newest N complete checkpoints of this run's line (0: keep all; 1 is refused:
+    /// at least two are kept). The checkpoint just written and the one resumed from are never
+    /// deleted.
     #[arg(long, default_value_t = 3, help_heading = "Checkpoints")]
     pub keep_last: usize,
+    /// Delete the checkpoints that are not on the resumed line (an abandoned branch, newer ones
+    /// that fail verification, or all for a run without --continue) instead of moving them
+    /// into <ckpt-dir>/abandoned/.
+    #[arg(long, help_heading = "Checkpoints")]
+    pub drop_abandoned: bool,
     /// Also keep every checkpoint whose step is a multiple of M ("major").
     #[arg(long, help_heading = "Checkpoints")]
     pub keep_major: Option<u64>,

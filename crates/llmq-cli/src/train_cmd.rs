@@ -1,16 +1,17 @@
 //! `llmq train`: resolve the model, data and device, print the resolved configuration and the
 //! memory plan, then run the loop with a line per step.
 
+use crate::ckpt_run::CkptRun;
 use crate::device;
 use crate::signals;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
 use llmq_io::data::BatchSource;
 use llmq_io::loader::{self, LoaderOptions, TokenLoader};
-use llmq_io::{ckpt, hf};
+use llmq_io::hf;
 use llmq_train::log::JsonLog;
 use llmq_train::synthetic::{MarkovSource, RandomTokens};
-use llmq_train::{checkpoint, flops, Trainer};
+use llmq_train::{flops, Trainer};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -159,6 +160,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let (be, gpu) = device::select(&args.device)?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
+    let mut ckpts = CkptRun::new(&args)?;
     let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
     let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
@@ -229,12 +231,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "initialising weights"
     });
     match (&args.continue_from, &model.dir) {
-        (Some(which), _) => {
-            let root = args.ckpt_dir.as_ref().expect("validated");
-            let dir = ckpt::resolve_continue(root, Some(which))?;
-            checkpoint::load(&mut trainer, &dir)?;
-            println!("resumed from {} at step {}", dir.display(), trainer.step);
-        }
+        (Some(which), _) => ckpts.as_mut().expect("validated").resume(&mut trainer, which, args.stop_at.unwrap_or(tc.steps))?,
         (None, Some(dir)) if !args.from_scratch => {
             let groups = hf::load_weights(dir, &cfg)?;
             trainer.set_weights(&groups)?;
@@ -243,6 +240,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         _ => trainer.init_from_scratch()?,
     }
     spinner.finish_and_clear();
+    if let Some(c) = &ckpts {
+        c.set_aside()?;
+    }
     let stop = signals::install();
     if let Some(path) = &args.log_file {
         let mut log = JsonLog::open(path)?;
@@ -306,8 +306,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         }
         let periodic = args.ckpt_interval > 0 && st.step % args.ckpt_interval == 0;
-        if periodic && st.step < stop_at {
-            save_checkpoint(&mut trainer, &args)?;
+        if let Some(c) = ckpts.as_mut().filter(|_| periodic && st.step < stop_at) {
+            c.save(&mut trainer)?;
         }
         if stop.load(Ordering::SeqCst) {
             println!("signal received: stopping after step {}", st.step);
@@ -315,8 +315,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             break;
         }
     }
-    if args.ckpt_dir.is_some() {
-        save_checkpoint(&mut trainer, &args)?;
+    if let Some(c) = &mut ckpts {
+        c.save(&mut trainer)?;
     } else if interrupted {
         println!("no --ckpt-dir: stopping without a checkpoint");
     }
@@ -366,35 +366,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}",
             ev - f
         );
-    }
-    Ok(())
-}
-
-/// Writes a checkpoint of the current state (skipping a poisoned state) and applies retention.
-fn save_checkpoint(tr: &mut Trainer, args: &TrainArgs) -> Result<()> {
-    let Some(root) = &args.ckpt_dir else {
-        return Ok(());
-    };
-    if tr.bad_in_a_row > 0 {
-        println!(
-            "not writing a checkpoint at step {}: the last step was not finite",
-            tr.step
-        );
-        return Ok(());
-    }
-    let dir = checkpoint::save(tr, root)?;
-    let removed = ckpt::prune(root, args.keep_last, args.keep_major)?;
-    println!(
-        "checkpoint {} written{}",
-        dir.display(),
-        if removed.is_empty() {
-            String::new()
-        } else {
-            format!(" ({} old removed)", removed.len())
-        }
-    );
-    if let Some(log) = &mut tr.log {
-        log.write(&serde_json::json!({"type": "checkpoint", "step": tr.step, "path": dir}));
     }
     Ok(())
 }
