@@ -3,6 +3,7 @@
 
 use crate::ckpt_run::CkptRun;
 use crate::device;
+use crate::preflight;
 use crate::signals;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
@@ -84,13 +85,9 @@ fn resolve_data(
             None => Ok(None),
             Some(p) => {
                 let files = loader::expand_glob(p)?;
-                Ok(Some(Box::new(TokenLoader::eval(
-                    &files,
-                    tc.seq_len,
-                    0,
-                    1,
-                    Some(cfg.vocab_size),
-                )?)))
+                let ev = TokenLoader::eval(&files, tc.seq_len, 0, 1, Some(cfg.vocab_size))?;
+                preflight::check_tokens(&ev, "eval")?;
+                Ok(Some(Box::new(ev)))
             }
         }
     };
@@ -100,6 +97,7 @@ fn resolve_data(
             ..LoaderOptions::train(tc.seq_len, tc.seed)
         };
         let train = TokenLoader::from_glob(pattern, opts)?;
+        preflight::check_tokens(&train, "training")?;
         return Ok((Box::new(train), eval_file(args)?, None));
     }
     if args.random_data {
@@ -161,6 +159,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
     let mut ckpts = CkptRun::new(&args)?;
+    preflight::check_outputs(&args)?;
     let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
     let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {

@@ -100,7 +100,8 @@ pub struct LoaderOptions {
     pub world_size: usize,
     /// Shuffle files and chunks per epoch (training); false for eval.
     pub shuffle: bool,
-    /// The model's vocabulary size: token ids must be below it (checked as chunks are read).
+    /// The model's vocabulary size: token ids must be below it (checked as chunks are read, and
+    /// up front by [`TokenLoader::check_all_tokens`]).
     pub vocab_limit: Option<usize>,
 }
 
@@ -205,6 +206,19 @@ impl TokenLoader {
             buf_tokens: Vec::new(),
             buf_mask: Vec::new(),
         })
+    }
+
+    /// Checks every token of every file against the vocabulary in one pass, so that a bad id is
+    /// found before training rather than when its batch comes up; `progress(done, total)`.
+    pub fn check_all_tokens(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        let total = self.total_tokens();
+        let mut before = 0;
+        for fe in &self.files {
+            let limit = fe.info.token_limit(self.opts.vocab_limit);
+            crate::tokfile::scan_tokens(&fe.info.path, limit, &mut |done| progress(before + done, total))?;
+            before += fe.info.n_tokens;
+        }
+        Ok(())
     }
 
     /// A loader over the files matching `pattern` (see [`expand_glob`]).

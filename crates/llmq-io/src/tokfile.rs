@@ -158,6 +158,24 @@ pub fn check_tokens(path: &Path, tokens: &[i32], first: u64, limit: Option<u64>)
     Ok(())
 }
 
+/// Checks every token id of the file at `path` against `limit` in one sequential pass, calling
+/// `progress` with the number of tokens checked so far.
+pub fn scan_tokens(path: &Path, limit: Option<u64>, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    const CHUNK: u64 = 1 << 22;
+    let mut r = TokenFileReader::open(path)?;
+    let n = r.info.n_tokens;
+    let mut buf = vec![0i32; CHUNK.min(n) as usize];
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start) as usize;
+        r.read_tokens(start, &mut buf[..len])?;
+        check_tokens(path, &buf[..len], start, limit)?;
+        start += len as u64;
+        progress(start);
+    }
+    Ok(())
+}
+
 /// Random access to one validated token file.
 pub struct TokenFileReader {
     file: File,
