@@ -27,6 +27,10 @@ pub struct TrainArgs {
     /// Vocabulary of the synthetic corpus (when no --train-file is given).
     #[arg(long, default_value_t = 256, help_heading = "Data")]
     pub synthetic_vocab: usize,
+    /// With --continue: resume although a token file's content fingerprint or size differs from
+    /// the one the checkpoint recorded (a deliberate change of data under the same names).
+    #[arg(long, help_heading = "Data")]
+    pub allow_data_change: bool,
     /// Train on uniformly random tokens (throughput benchmarks only: nothing to learn).
     #[arg(long, help_heading = "Data")]
     pub random_data: bool,

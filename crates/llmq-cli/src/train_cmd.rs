@@ -94,6 +94,7 @@ fn resolve_data(
     if let Some(pattern) = &args.train_file {
         let opts = LoaderOptions {
             vocab_limit: Some(cfg.vocab_size),
+            allow_data_change: args.allow_data_change,
             ..LoaderOptions::train(tc.seq_len, tc.seed)
         };
         let train = TokenLoader::from_glob(pattern, opts)?;

@@ -360,3 +360,24 @@ fn manifest_fields_are_checked_against_the_tensors() {
     assert!(err.contains("state field `step`"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn resuming_on_different_data_of_the_same_name_and_size_is_refused_unless_allowed() {
+    let d = tmpdir("datachange");
+    let data = dataset(&d);
+    let ck = d.join("ck");
+    let base = "train --device cpu --model tiny --from-scratch --batch-size 2 --seq-len 16 --eval-every 0";
+    llmq(&cmd(base, &["--train-file", &data, "--ckpt-dir", ck.to_str().unwrap(), "--steps", "2"]));
+    // train_1.bin: the same size, one token different
+    let f = d.join("train_1.bin");
+    let mut toks = llmq_io::tokfile::read_token_file(&f, None).unwrap().tokens;
+    toks[5] = (toks[5] + 1) % 256;
+    llmq_io::tokfile::write_token_file(&f, &toks, None, Some(256)).unwrap();
+    let resume = cmd(base, &["--train-file", &data, "--ckpt-dir", ck.to_str().unwrap(), "--steps", "4", "--continue"]);
+    let err = llmq_err(&resume);
+    assert!(err.contains("train_1.bin") && err.contains("fingerprint"), "{err}");
+    let mut allowed = resume.clone();
+    allowed.push("--allow-data-change");
+    assert!(llmq(&allowed).contains("at step 2"));
+    let _ = std::fs::remove_dir_all(&d);
+}
