@@ -2,6 +2,7 @@
 
 use clap::Args;
 use llmq_core::{DType, Error, Result};
+use llmq_train::spike::SpikeGuard;
 use llmq_train::{Decay, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
 use std::path::PathBuf;
 
@@ -82,6 +83,17 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this value (0: off).
     #[arg(long, default_value_t = 1.0, help_heading = "Optimizer")]
     pub grad_clip: f64,
+
+    /// Loss-spike guard: skip an update whose loss or gradient norm is more than this many
+    /// standard deviations above the mean of the recent steps (0: off).
+    #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
+    pub spike_z: f64,
+    /// Accepted steps the spike guard's mean and deviation are taken over.
+    #[arg(long, default_value_t = 100, help_heading = "Optimizer")]
+    pub spike_window: usize,
+    /// Stop (with a checkpoint of the last good state) after this many spikes in a row.
+    #[arg(long, default_value_t = 5, help_heading = "Optimizer")]
+    pub spike_max_skips: u32,
 
     // ---- precision ----
     /// Master weights: fp32 or bf16 (bf16 is updated with stochastic rounding).
@@ -328,6 +340,7 @@ impl TrainArgs {
             eval_every: self.eval_every,
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
+            spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
         })
     }
 }

@@ -218,6 +218,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let s = tc.schedule;
     println!("  optimizer  AdamW lr {:e} ({:?}, warmup {}, final x{}, cooldown {}) betas ({}, {}) eps {:e} wd {} clip {}", s.lr, s.decay, s.warmup, s.final_fraction, s.cooldown, tc.optim.beta1, tc.optim.beta2, tc.optim.eps, tc.optim.weight_decay, tc.optim.grad_clip);
     println!("  recompute  {:?}", tc.recompute);
+    if tc.spike.z > 0.0 {
+        println!("  spikes     skip an update above z {} over {} steps; stop after {} in a row", tc.spike.z, tc.spike.window, tc.spike.max_skips);
+    }
 
     let mut trainer = Trainer::new(be, &cfg, tc.clone(), data, eval)?;
     print_memory(&trainer);
@@ -263,6 +266,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         p.take(); // setup is not part of a step
     }
     let mut interrupted = false;
+    let mut spike_stop = None;
     while trainer.step < stop_at {
         let st = trainer.train_step()?;
         let tps = st.tokens as f64 / st.seconds;
@@ -309,6 +313,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if let Some(c) = ckpts.as_mut().filter(|_| periodic && st.step < stop_at) {
             c.save(&mut trainer)?;
         }
+        if let Some(why) = st.stop {
+            println!("{why}");
+            spike_stop = Some(why);
+            break;
+        }
         if stop.load(Ordering::SeqCst) {
             println!("signal received: stopping after step {}", st.step);
             interrupted = true;
@@ -319,6 +328,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         c.save(&mut trainer)?;
     } else if interrupted {
         println!("no --ckpt-dir: stopping without a checkpoint");
+    }
+    if let Some(why) = spike_stop {
+        return Err(Error::Backend(why));
     }
     if let Some(out) = &args.export {
         let dtype = llmq_core::DType::parse(&args.export_dtype)

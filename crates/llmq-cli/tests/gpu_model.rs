@@ -56,6 +56,7 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         eval_every: 0,
         eval_batches: 1,
         max_bad_steps: 3,
+        spike: Default::default(),
     }
 }
 

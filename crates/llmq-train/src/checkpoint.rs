@@ -44,6 +44,7 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<PathBuf> {
         "step": tr.step,
         "updates": tr.updates,
         "bad_in_a_row": tr.bad_in_a_row,
+        "spikes": tr.spikes,
         "model": tr.model.cfg(),
         "train": tr.tc,
         "world_size": 1,
@@ -90,7 +91,7 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
             p.retain(|k, _| !SPEED_OPTIONS.contains(&k.as_str()));
         }
     }
-    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed"] {
+    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "spike"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
     if state.get("world_size").and_then(|w| w.as_u64()) != Some(1) {
@@ -170,6 +171,8 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
     tr.step = num("step")?;
     tr.updates = num("updates")?;
     tr.bad_in_a_row = num("bad_in_a_row")? as u32;
+    tr.spikes = serde_json::from_value(st.get("spikes").cloned().unwrap_or(Value::Null))
+        .map_err(|e| Error::file(dir, format!("state field `spikes`: {e}")))?;
     let data = st.get("data").ok_or_else(|| Error::file(dir, "state field `data` missing"))?;
     tr.data.restore(data).map_err(|e| Error::file(dir, format!("data position: {e}")))?;
     tr.be.synchronize()?;

@@ -18,6 +18,7 @@ pub mod precision;
 pub mod profile;
 pub mod schedule;
 pub mod side;
+pub mod spike;
 pub mod synthetic;
 pub mod trainer;
 
