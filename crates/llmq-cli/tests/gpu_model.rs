@@ -15,7 +15,7 @@ use llmq_train::*;
 
 fn gpu() -> Option<Box<dyn Backend>> {
     if let Err(reason) = llmq_cuda::cuda_available() {
-        eprintln!("skipping: no CUDA device: {reason}");
+        llmq_cuda::skip_gpu_test(&format!("no CUDA device: {reason}"));
         return None;
     }
     Some(Box::new(

@@ -170,7 +170,7 @@ fn attention_v3_configs_against_cpu() {
 fn wgmma_operand_forms() {
     let Some(mut g) = common::gpu_or_skip() else { return };
     if !g.has_wgmma() {
-        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", g.compute_capability());
+        llmq_cuda::skip_gpu_test(&format!("wgmma needs compute capability 9.0, this GPU has {:?}", g.compute_capability()));
         return;
     }
     let mut rng = common::Rng::new(34);
@@ -250,7 +250,7 @@ fn attention_wg_against_cpu() {
 fn wgmma_pair(seed: u64) -> Option<Pair> {
     let p = Pair::new(seed)?;
     if !p.gpu.has_wgmma() {
-        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability());
+        llmq_cuda::skip_gpu_test(&format!("wgmma needs compute capability 9.0, this GPU has {:?}", p.gpu.compute_capability()));
         return None;
     }
     Some(p)

@@ -4,24 +4,12 @@
 
 mod common;
 
-use common::{median_time, rand_tensor};
+use common::{median_time, ok, rand_tensor};
 use llmq_core::{AttnShape, Backend, DType, Matmul, Mem, MemCategory};
-
-/// Reports an op error once per call site instead of aborting the whole table.
-fn ok(r: llmq_core::Result<()>) {
-    if let Err(e) = r {
-        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-        let msg = e.to_string();
-        let mut seen = SEEN.lock().unwrap();
-        if !seen.contains(&msg) {
-            println!("ERROR: {msg}");
-            seen.push(msg);
-        }
-    }
-}
 
 #[test]
 fn kernel_timings() {
+    let _ran = common::OpsRan;
     let Some(mut g) = common::gpu_or_skip() else { return };
     let mut rng = common::Rng::new(99);
     let bf = DType::BF16;
@@ -128,6 +116,7 @@ fn kernel_timings() {
 /// LLMQ_CUBLASLT_AUTOTUNE=1 to see what cuBLASLt's first heuristic choice leaves on the table.
 #[test]
 fn training_matmuls() {
+    let _ran = common::OpsRan;
     let Some(mut g) = common::gpu_or_skip() else { return };
     let mut rng = common::Rng::new(98);
     let (bf, f32) = (DType::BF16, DType::F32);

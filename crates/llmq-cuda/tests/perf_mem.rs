@@ -7,15 +7,9 @@
 
 mod common;
 
-use common::{median_time, rand_tensor};
+use common::{median_time, ok, rand_tensor};
 use llmq_core::{AdamW, AttnShape, Backend, DType, Mem, MemCategory, Segment, Tensor};
 use llmq_cuda::CudaBackend;
-
-fn ok(r: llmq_core::Result<()>) {
-    if let Err(e) = r {
-        println!("ERROR: {e}");
-    }
-}
 
 fn out(g: &mut CudaBackend, dt: DType, dims: &[usize]) -> Tensor {
     g.alloc(MemCategory::Other, Mem::Device, dt, dims).unwrap()
@@ -50,6 +44,7 @@ fn setup(seed: u64) -> Option<(CudaBackend, common::Rng, Tensor)> {
 
 #[test]
 fn perf_rmsnorm() {
+    let _ran = common::OpsRan;
     let Some((mut g, mut rng, am)) = setup(1) else {
         return;
     };
@@ -88,6 +83,7 @@ fn perf_rmsnorm() {
 
 #[test]
 fn perf_swiglu_rope() {
+    let _ran = common::OpsRan;
     let Some((mut g, mut rng, am)) = setup(2) else {
         return;
     };
@@ -112,6 +108,7 @@ fn perf_swiglu_rope() {
 
 #[test]
 fn perf_cross_entropy() {
+    let _ran = common::OpsRan;
     let Some((mut g, mut rng, _am)) = setup(3) else {
         return;
     };
@@ -150,6 +147,7 @@ fn perf_cross_entropy() {
 
 #[test]
 fn perf_convert_absmax_quantize() {
+    let _ran = common::OpsRan;
     let Some((mut g, mut rng, am)) = setup(4) else {
         return;
     };
@@ -190,6 +188,7 @@ fn perf_convert_absmax_quantize() {
 
 #[test]
 fn perf_colsum_sum_squares() {
+    let _ran = common::OpsRan;
     let Some((mut g, mut rng, _am)) = setup(5) else {
         return;
     };
@@ -206,6 +205,7 @@ fn perf_colsum_sum_squares() {
 
 #[test]
 fn perf_adamw() {
+    let _ran = common::OpsRan;
     let Some((mut g, mut rng, _am)) = setup(6) else {
         return;
     };
