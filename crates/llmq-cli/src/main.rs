@@ -1,6 +1,6 @@
 //! The `llmq` command-line tool.
 
-mod ckpt_run;
+mod backend_args;
 mod device;
 mod files_cmd;
 mod plot;
@@ -28,6 +28,15 @@ struct Cli {
 enum Cmd {
     /// Train a model (with no options: a small model on the embedded synthetic corpus).
     Train(train_args::TrainArgs),
+    /// Print the memory plan and an estimated step time of `llmq train` with the same options,
+    /// without a device and without reading weights.
+    Plan {
+        #[command(flatten)]
+        args: train_args::TrainArgs,
+        /// Also list the largest buffers.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Draw the train/eval loss curves of a JSON-lines log into an SVG image.
     Plot(plot::PlotArgs),
     /// Turn text or JSONL into token files with a Hugging Face tokenizer.json.
@@ -40,6 +49,7 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Train(a) => train_cmd::run(a),
+        Cmd::Plan { args, verbose } => train_cmd::plan(args, verbose),
         Cmd::Plot(a) => plot::run(a),
         Cmd::Tokenize(a) => files_cmd::run_tokenize(a),
         Cmd::Export(a) => files_cmd::run_export(a),

@@ -2,8 +2,9 @@
 
 use clap::Args;
 use llmq_core::{DType, Error, Result};
+use llmq_train::memory::parse_size;
 use llmq_train::spike::SpikeGuard;
-use llmq_train::{Decay, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
+use llmq_train::{Decay, MemoryOptions, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
@@ -112,15 +113,25 @@ pub struct TrainArgs {
     pub opt_m_dtype: String,
     #[arg(long, default_value = "fp32", help_heading = "Precision")]
     pub opt_v_dtype: String,
-    /// Keep fp8 weights between micro-batches, re-quantised once per optimizer step.
-    #[arg(long, help_heading = "Precision")]
+
+    // ---- memory ----
+    /// Keep fp8 weights between micro-batches, re-quantised once per optimizer step (more
+    /// memory, faster; same numbers).
+    #[arg(long, help_heading = "Memory")]
     pub persistent_quants: bool,
     /// fp8: run every weight-gradient matmul on the main stream, not on a second stream beside
     /// the input-gradient chain (the default for e4m3: same numbers, +1.4% at 1.5B on an H200).
-    #[arg(long, help_heading = "Precision")]
+    #[arg(long, help_heading = "Memory")]
     pub no_wgrad_overlap: bool,
-
-    // ---- memory ----
+    /// Cap on the device memory the run may allocate, e.g. 16GiB (emulates a smaller card). A
+    /// plan over it is refused before anything is allocated, naming options that would fit.
+    #[arg(long, value_name = "SIZE", help_heading = "Memory")]
+    pub memory_limit: Option<String>,
+    /// Choose the micro-batch (keeping the tokens per step), recomputation, persistent fp8
+    /// weights and offloading that fit --memory-limit (else the GPU's free memory) with the best
+    /// estimated throughput; prints the choice as flags that repeat it bit for bit.
+    #[arg(long, help_heading = "Memory")]
+    pub auto_memory: bool,
     /// fp8: re-quantise transposed in the backward pass the matmul inputs whose bf16 form is kept
     /// anyway (the attention output; ln1/ln2 when QKV/up+gate are recomputed) instead of keeping
     /// the forward's fp8 transpose (less activation memory, slightly slower; same numbers).
@@ -142,16 +153,29 @@ pub struct TrainArgs {
     /// Recompute everything but the residual stream.
     #[arg(long, help_heading = "Memory")]
     pub recompute_block: bool,
-    /// Offload per-layer residuals to pinned host memory (not available yet).
+    /// Keep each layer's residuals in pinned host memory between the forward and the backward
+    /// pass (copied back as each block's forward is issued, prefetched a block ahead).
     #[arg(long, help_heading = "Memory")]
     pub offload_residual: bool,
-    /// Keep master weights in pinned host memory (not available yet).
+    /// Keep the fp32 master weights in pinned host memory; the optimizer reads and writes them
+    /// there (needs --model-dtype fp32 with bf16 or e4m3 matmuls).
     #[arg(long, help_heading = "Memory")]
     pub offload_master: bool,
+    /// Keep Adam's first moment in pinned host memory.
     #[arg(long, help_heading = "Memory")]
     pub offload_opt_m: bool,
+    /// Keep Adam's second moment in pinned host memory.
     #[arg(long, help_heading = "Memory")]
     pub offload_opt_v: bool,
+    /// Weight streaming (on one GPU): block weights live in pinned host memory and are copied
+    /// to two device slots ahead of each block's forward, recompute and backward.
+    #[arg(long, help_heading = "Memory")]
+    pub shard_weights: bool,
+    /// Block gradients live in pinned host memory: each block's gradient is accumulated in a
+    /// device slot (loaded from the host after the first micro-batch) and copied back when its
+    /// backward is issued. Runs the fp8 weight gradients on the main stream.
+    #[arg(long, help_heading = "Memory")]
+    pub offload_gradients: bool,
 
     // ---- evaluation and logging ----
     /// Evaluate every N steps (0: only at the end).
@@ -179,6 +203,9 @@ pub struct TrainArgs {
     /// Abort after this many consecutive non-finite steps.
     #[arg(long, default_value_t = 5, help_heading = "Evaluation and logging")]
     pub max_bad_steps: u32,
+
+    #[command(flatten)]
+    pub backend: crate::backend_args::BackendArgs,
 
     // ---- checkpoints ----
     /// Directory of checkpoints (step_NNNNNNNN/). Setting it enables the checkpoint at the end
@@ -229,6 +256,24 @@ fn dtype(opt: &str, s: &str) -> Result<DType> {
 }
 
 impl TrainArgs {
+    pub fn memory(&self, fp8: bool) -> Result<MemoryOptions> {
+        if self.no_wgrad_overlap && !fp8 {
+            return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
+        }
+        Ok(MemoryOptions {
+            recompute: self.recompute(),
+            persistent_quants: self.persistent_quants,
+            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients,
+            offload_master: self.offload_master,
+            offload_opt_m: self.offload_opt_m,
+            offload_opt_v: self.offload_opt_v,
+            stream_weights: self.shard_weights,
+            offload_gradients: self.offload_gradients,
+            offload_residual: self.offload_residual,
+            memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
+        })
+    }
+
     pub fn recompute(&self) -> Recompute {
         Recompute {
             swiglu: self.recompute_swiglu,
@@ -244,18 +289,6 @@ impl TrainArgs {
 
     /// Validates the options that do not depend on the model and builds the run config.
     pub fn train_config(&self, on_gpu: bool) -> Result<TrainConfig> {
-        for (flag, on) in [
-            ("--offload-residual", self.offload_residual),
-            ("--offload-master", self.offload_master),
-            ("--offload-opt-m", self.offload_opt_m),
-            ("--offload-opt-v", self.offload_opt_v),
-        ] {
-            if on {
-                return Err(Error::Config(format!(
-                    "{flag}: host offloading is not implemented yet"
-                )));
-            }
-        }
         if self.continue_from.is_some() && self.ckpt_dir.is_none() {
             return Err(Error::Config(
                 "--continue needs --ckpt-dir (where to look for checkpoints)".into(),
@@ -301,12 +334,7 @@ impl TrainArgs {
                 Some(s) => dtype("--gradient-dtype", s)?,
                 None => DType::E4M3,
             },
-            persistent_quants: self.persistent_quants,
-            wgrad_overlap: matmul.is_fp8() && !self.no_wgrad_overlap,
         };
-        if self.no_wgrad_overlap && !matmul.is_fp8() {
-            return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
-        }
         if precision.master == DType::BF16 && weights == DType::F32 {
             return Err(Error::Config(
                 "--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into(),
@@ -335,12 +363,13 @@ impl TrainArgs {
                 grad_clip: self.grad_clip,
             },
             precision,
-            recompute: self.recompute(),
+            memory: self.memory(matmul.is_fp8())?,
             seed: self.seed,
             eval_every: self.eval_every,
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
+            backend: self.backend.options()?,
         })
     }
 }
@@ -363,9 +392,9 @@ mod tests {
 
     #[test]
     fn fp8_runs_overlap_weight_gradients_unless_told_not_to() {
-        assert!(config(&["--matmul-dtype", "e4m3"]).unwrap().precision.wgrad_overlap);
-        assert!(!config(&["--matmul-dtype", "e4m3", "--no-wgrad-overlap"]).unwrap().precision.wgrad_overlap);
-        assert!(!config(&["--matmul-dtype", "bf16"]).unwrap().precision.wgrad_overlap);
+        assert!(config(&["--matmul-dtype", "e4m3"]).unwrap().memory.wgrad_overlap);
+        assert!(!config(&["--matmul-dtype", "e4m3", "--no-wgrad-overlap"]).unwrap().memory.wgrad_overlap);
+        assert!(!config(&["--matmul-dtype", "bf16"]).unwrap().memory.wgrad_overlap);
         let e = config(&["--matmul-dtype", "bf16", "--no-wgrad-overlap"]).unwrap_err().to_string();
         assert!(e.contains("--no-wgrad-overlap only applies with --matmul-dtype e4m3"), "{e}");
     }

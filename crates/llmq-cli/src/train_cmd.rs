@@ -1,30 +1,31 @@
 //! `llmq train`: resolve the model, data and device, print the resolved configuration and the
-//! memory plan, then run the loop with a line per step.
+//! memory plan, then drive a `llmq_train::run::Run` and print its events, a line per step.
 
-use crate::ckpt_run::CkptRun;
 use crate::device;
 use crate::preflight;
 use crate::signals;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
+use llmq_train::plan::{self, MemoryPlan};
+use llmq_train::run::{Export, Run, RunEvent, RunOptions};
 use llmq_io::data::BatchSource;
 use llmq_io::loader::{self, LoaderOptions, TokenLoader};
 use llmq_io::hf;
 use llmq_train::log::JsonLog;
 use llmq_train::synthetic::{MarkovSource, RandomTokens};
-use llmq_train::{flops, Trainer};
+use llmq_train::ckpt_session::CkptSession;
+use llmq_train::{flops, TrainConfig, Trainer};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 /// The model shape and where its weights come from.
-struct ModelChoice {
-    cfg: ModelConfig,
-    describe: String,
+pub struct ModelChoice {
+    pub cfg: ModelConfig,
+    pub describe: String,
     /// A Hugging Face directory to load weights (and tokenizer files for export) from.
-    dir: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
 }
 
-fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
+pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
     let Some(name) = &args.model else {
         let cfg = ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab);
         return Ok(ModelChoice {
@@ -134,7 +135,8 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
         return Ok((be, "not applied: the CPU backend has no device memory budget".into()));
     }
     drop(be);
-    let mut make = || device::select(&args.device).map(|(b, _)| b);
+    let opts = tc.backend.clone();
+    let mut make = || device::select(&args.device, &opts).map(|(b, _)| b);
     let fit = llmq_train::fit::fit_micro_batch(&mut make, cfg, tc, FIT_HEADROOM)?;
     let line = match fit.free_after {
         Some(free) => format!(
@@ -153,26 +155,54 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
     Ok((make()?, line))
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    let model = resolve_model(&args)?;
-    let cfg = model.cfg;
-    let (be, gpu) = device::select(&args.device)?;
-    let mut tc = args.train_config(gpu.is_some())?;
-    tc.validate(&cfg)?;
-    let mut ckpts = CkptRun::new(&args)?;
-    preflight::check_outputs(&args)?;
-    let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
-    let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
-    let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
-        let (p, h) = llmq_train::profile::profiled(be);
-        (Box::new(p), Some(h))
+/// Device memory the run may still allocate: what the backend has free (under `--memory-limit`,
+/// counting what it holds for itself), else (the CPU backend without a limit) the RAM available.
+fn memory_budget(be: &dyn llmq_core::Backend) -> Option<u64> {
+    be.free_memory().map(|f| f as u64).or_else(available_ram)
+}
+
+/// MemAvailable from /proc/meminfo (Linux), in bytes.
+fn available_ram() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses a run whose plan does not fit `budget`, before anything is allocated: the plan, by
+/// how much it is over and the options that would fit.
+pub fn check_plan_fits(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, budget: Option<u64>, what: &str) -> Result<MemoryPlan> {
+    let plan = MemoryPlan::new(cfg, tc, reserve)?;
+    let Some(limit) = budget else { return Ok(plan) };
+    if plan.fits(Some(limit)) {
+        return Ok(plan);
+    }
+    let over = plan.device_peak() as u64 - limit;
+    let mut msg = format!("the run needs {} of device memory, {} more than {what} ({}):\n{}", fmt_bytes(plan.device_peak()), fmt_bytes(over as usize), fmt_bytes(limit as usize), plan.describe(Some(limit)));
+    let fit = plan::options_that_fit(cfg, tc, reserve, limit, 4);
+    if fit.is_empty() {
+        msg += "  no single memory option (offloading, recomputation, a smaller micro-batch) makes it fit";
     } else {
-        (be, None)
-    };
+        msg += "  options that would fit:";
+        for (opt, peak) in fit {
+            msg += &format!("\n    {opt}  (device peak {})", fmt_bytes(peak));
+        }
+    }
+    Err(Error::OutOfMemory(msg))
+}
 
-    let (data, eval, floor) = resolve_data(&args, &cfg, &tc)?;
+/// Device memory the backend holds for itself, for the plan.
+fn backend_reserve(on_gpu: bool) -> usize {
+    if on_gpu {
+        llmq_cuda::OWN_DEVICE_BYTES
+    } else {
+        0
+    }
+}
 
-    // resolved configuration
+/// The resolved configuration, as a person reads it.
+pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainConfig, fit_line: Option<&str>) {
+    let cfg = &model.cfg;
     println!("llmq train");
     println!(
         "  model      {} | {} | L={} C={} D={} Hq={} Hkv={} Hd={} V={} | {:.2}M parameters",
@@ -187,40 +217,66 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cfg.vocab_size,
         cfg.num_params() as f64 / 1e6
     );
-    println!("  data       {}", data.describe());
-    println!("  device     {}", be.name());
-    println!(
-        "  batch      B={} T={} accumulation={} -> {} tokens/step, {} steps",
-        tc.batch_size,
-        tc.seq_len,
-        tc.grad_accumulation,
-        tc.tokens_per_step(),
-        tc.steps
-    );
+    println!("  data       {data}");
+    println!("  device     {device}");
+    println!("  batch      B={} T={} accumulation={} -> {} tokens/step, {} steps", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step(), tc.steps);
     if let Some(line) = fit_line {
         println!("  fit-batch  {line}");
     }
     let p = tc.precision;
-    let fp8 = if p.matmul.is_fp8() {
-        format!(
-            " | activation grads {}{}{}",
-            p.act_grads,
-            if p.persistent_quants { " | persistent quants" } else { "" },
-            if p.wgrad_overlap { " | wgrad overlap" } else { "" }
-        )
-    } else {
-        String::new()
-    };
-    println!(
-        "  precision  matmul {} | weights {} | master {} | grads {} | adam m {} v {}{fp8}",
-        p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v
-    );
+    let fp8 = if p.matmul.is_fp8() { format!(" | activation gradients {}", p.act_grads) } else { String::new() };
+    println!("  precision  matmul {} | weights {} | master {} | gradients {} | adam m {}, v {}{fp8}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
     let s = tc.schedule;
-    println!("  optimizer  AdamW lr {:e} ({:?}, warmup {}, final x{}, cooldown {}) betas ({}, {}) eps {:e} wd {} clip {}", s.lr, s.decay, s.warmup, s.final_fraction, s.cooldown, tc.optim.beta1, tc.optim.beta2, tc.optim.eps, tc.optim.weight_decay, tc.optim.grad_clip);
-    println!("  recompute  {:?}", tc.recompute);
+    let cooldown = if s.cooldown > 0 { format!(", 1-sqrt cooldown over the last {} steps", s.cooldown) } else { String::new() };
+    println!("  schedule   lr {:e}, {} warmup steps, {} decay to {} x lr{cooldown}", s.lr, s.warmup, s.decay.name(), s.final_fraction);
+    let o = &tc.optim;
+    let clip = if o.grad_clip > 0.0 { format!("clip gradient norm at {}", o.grad_clip) } else { "no clipping".into() };
+    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}", o.beta1, o.beta2, o.eps, o.weight_decay);
+    println!("  memory     {}", tc.memory.describe());
+    println!("  backend    {}", tc.backend.describe());
     if tc.spike.z > 0.0 {
         println!("  spikes     skip an update above z {} over {} steps; stop after {} in a row", tc.spike.z, tc.spike.window, tc.spike.max_skips);
     }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let model = resolve_model(&args)?;
+    let cfg = model.cfg.clone();
+    let (mut be, gpu) = device::select(&args.device, &args.backend.options()?)?;
+    let mut tc = args.train_config(gpu.is_some())?;
+    tc.validate(&cfg)?;
+    let mut ckpts = args.ckpt_dir.clone().map(|root| CkptSession::new(root, args.keep_last, args.keep_major, args.drop_abandoned)).transpose()?;
+    preflight::check_outputs(&args)?;
+    if let Some(limit) = tc.memory.memory_limit {
+        be.limit_device_memory(limit as usize);
+    }
+    if args.auto_memory && args.fit_batch {
+        return Err(Error::Config("--auto-memory and --fit-batch both choose the micro-batch: pass one".into()));
+    }
+    if args.auto_memory {
+        let budget = memory_budget(be.as_ref()).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
+        let (chosen, _, est) = plan::auto_memory(&cfg, &tc, 0, budget, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        println!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&chosen), est * 1e3);
+        tc = chosen;
+    }
+    let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
+    let budget_name = match (tc.memory.memory_limit, gpu.is_some()) {
+        (Some(_), _) => "what --memory-limit leaves beside the backend's own buffers",
+        (None, true) => "the GPU's free memory",
+        (None, false) => "the RAM available",
+    };
+    // the backend holds its own buffers already: the budget is what is left beside them
+    check_plan_fits(&cfg, &tc, 0, memory_budget(be.as_ref()), budget_name)?;
+    let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
+    let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
+        let (p, h) = llmq_train::profile::profiled(be);
+        (Box::new(p), Some(h))
+    } else {
+        (be, None)
+    };
+
+    let (data, eval, floor) = resolve_data(&args, &cfg, &tc)?;
+    print_config(&model, &data.describe(), &be.name(), &tc, fit_line.as_deref());
 
     let mut trainer = Trainer::new(be, &cfg, tc.clone(), data, eval)?;
     print_memory(&trainer);
@@ -234,7 +290,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "initialising weights"
     });
     match (&args.continue_from, &model.dir) {
-        (Some(which), _) => ckpts.as_mut().expect("validated").resume(&mut trainer, which, args.stop_at.unwrap_or(tc.steps))?,
+        (Some(which), _) => {
+            let ck = ckpts.as_mut().expect("validated: --continue needs --ckpt-dir");
+            for line in ck.resume(&mut trainer, which, args.stop_at.unwrap_or(tc.steps))? {
+                println!("{line}");
+            }
+        }
         (None, Some(dir)) if !args.from_scratch => {
             let groups = hf::load_weights(dir, &cfg)?;
             trainer.set_weights(&groups)?;
@@ -243,8 +304,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         _ => trainer.init_from_scratch()?,
     }
     spinner.finish_and_clear();
-    if let Some(c) = &ckpts {
-        c.set_aside()?;
+    for line in ckpts.as_ref().map(|c| c.set_aside()).transpose()?.unwrap_or_default() {
+        println!("{line}");
     }
     let stop = signals::install();
     if let Some(path) = &args.log_file {
@@ -254,132 +315,119 @@ pub fn run(args: TrainArgs) -> Result<()> {
         log.write(&memory_record(&trainer));
         trainer.log = Some(log);
     }
-    let floor_txt = floor
-        .map(|f| format!(" (floor {f:.3})"))
-        .unwrap_or_default();
-    let peaks = gpu.and_then(|g| g.peaks);
-    let steps = tc.steps;
-    let mut last_eval = None;
-    let mut step_times = vec![];
-    let stop_at = args.stop_at.unwrap_or(steps);
+    let export = match &args.export {
+        None => None,
+        Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: model.dir.clone() }),
+    };
+    let opts = RunOptions {
+        checkpoints: ckpts,
+        ckpt_interval: args.ckpt_interval,
+        stop_at: args.stop_at,
+        skip_eval: profile.is_some(),
+        export,
+    };
     if let Some(p) = &profile {
         p.take(); // setup is not part of a step
     }
-    let mut interrupted = false;
-    let mut spike_stop = None;
-    while trainer.step < stop_at {
-        let st = trainer.train_step()?;
-        let tps = st.tokens as f64 / st.seconds;
-        step_times.push(st.seconds);
-        if let Some(log) = &mut trainer.log {
-            log.write(&serde_json::json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tps, "ms": st.seconds * 1e3, "issue_ms": st.issue_seconds * 1e3, "skipped": st.skipped}));
-        }
-        if st.step % args.print_every.max(1) == 0 || st.step == 1 || st.step == steps {
-            let sol = peaks
-                .map(|(mm, bf)| {
-                    let mm = if tc.precision.matmul.is_fp8() { mm } else { bf };
-                    format!(
-                        " | SOL {:.1}%",
-                        flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf)
-                    )
-                })
-                .unwrap_or_default();
-            println!(
-                "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{}",
-                st.step,
-                steps,
-                100.0 * st.step as f64 / steps as f64,
-                st.seconds * 1e3,
-                st.loss,
-                floor_txt,
-                st.grad_norm,
-                st.lr,
-                tps,
-                sol
-            );
-        }
-        // (no evals while profiling: the breakdown is of training steps)
-        let eval_now = profile.is_none() && ((tc.eval_every > 0 && st.step % tc.eval_every == 0) || st.step == steps);
-        if eval_now {
-            if let Some(ev) = trainer.evaluate()? {
-                println!("eval   {:>6} | loss {:.4}{}", st.step, ev, floor_txt);
-                if let Some(log) = &mut trainer.log {
-                    log.write(&serde_json::json!({"type": "eval", "step": st.step, "loss": ev}));
-                }
-                last_eval = Some(ev);
-            }
-        }
-        let periodic = args.ckpt_interval > 0 && st.step % args.ckpt_interval == 0;
-        if let Some(c) = ckpts.as_mut().filter(|_| periodic && st.step < stop_at) {
-            c.save(&mut trainer)?;
-        }
-        if let Some(why) = st.stop {
-            println!("{why}");
-            spike_stop = Some(why);
-            break;
-        }
-        if stop.load(Ordering::SeqCst) {
-            println!("signal received: stopping after step {}", st.step);
-            interrupted = true;
-            break;
+    let mut run = Run::new(trainer, opts, stop);
+    let show = Show { floor, peaks: gpu.and_then(|g| g.peaks), print_every: args.print_every.max(1), cfg: &cfg, tc: &tc };
+    while !run.done() {
+        for ev in run.step()? {
+            show.event(&ev);
         }
     }
-    if let Some(c) = &mut ckpts {
-        c.save(&mut trainer)?;
-    } else if interrupted {
-        println!("no --ckpt-dir: stopping without a checkpoint");
+    for ev in run.finish()? {
+        show.event(&ev);
     }
-    if let Some(why) = spike_stop {
-        return Err(Error::Backend(why));
-    }
-    if let Some(out) = &args.export {
-        let dtype = llmq_core::DType::parse(&args.export_dtype)
-            .filter(|d| matches!(d, llmq_core::DType::F32 | llmq_core::DType::BF16))
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "--export-dtype: expected bf16 or fp32, got {:?}",
-                    args.export_dtype
-                ))
-            })?;
-        let groups = trainer.model.params.master_f32(trainer.be.as_ref())?;
-        hf::export_model(out, &cfg, &groups, dtype, model.dir.as_deref())?;
-        println!(
-            "exported {} ({dtype}) to {}",
-            cfg.arch.hf_name(),
-            out.display()
-        );
+    if let Some(why) = run.failure() {
+        return Err(Error::Backend(why.to_string()));
     }
     if let Some(p) = &profile {
-        print_profile(&p.take(), step_times.len());
+        print_profile(&p.take(), run.throughput().map_or(1, |t| t.steps + t.warmup));
     }
-    // throughput: median over the steps after warm-up (the first steps include one-time work)
-    let warm = (step_times.len() / 5).clamp(usize::from(step_times.len() > 1), 5);
-    let mut t: Vec<f64> = step_times[warm..].to_vec();
-    if !t.is_empty() {
-        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let med = t[t.len() / 2];
-        let tps = tc.tokens_per_step() as f64 / med;
-        let sol = peaks
-            .map(|(mm, bf)| {
-                let mm = if tc.precision.matmul.is_fp8() { mm } else { bf };
-                format!(
-                    ", SOL {:.1}%",
-                    flops::sol_percent(&cfg, tc.seq_len, tps, mm, bf)
-                )
-            })
-            .unwrap_or_default();
-        println!("throughput: median step {:.1} ms over {} steps after {warm} warm-up -> {:.0} tokens/s{sol}", med * 1e3, t.len(), tps);
-        if let Some(log) = &mut trainer.log {
-            log.write(&serde_json::json!({"type": "throughput", "median_step_ms": med * 1e3, "tokens_per_s": tps, "steps": t.len()}));
-        }
+    if let Some(t) = run.throughput() {
+        println!("throughput: median step {:.1} ms over {} steps after {} warm-up -> {:.0} tokens/s{}", t.median_step_s * 1e3, t.steps, t.warmup, t.tokens_per_s, show.sol(t.tokens_per_s, ", "));
     }
-    if let (Some(ev), Some(f)) = (last_eval, floor) {
-        println!(
-            "done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}",
-            ev - f
-        );
+    if let (Some(ev), Some(f)) = (run.last_eval(), floor) {
+        println!("done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}", ev - f);
     }
     Ok(())
+}
+
+fn export_dtype(s: &str) -> Result<llmq_core::DType> {
+    llmq_core::DType::parse(s)
+        .filter(|d| matches!(d, llmq_core::DType::F32 | llmq_core::DType::BF16))
+        .ok_or_else(|| Error::Config(format!("--export-dtype: expected bf16 or fp32, got {s:?}")))
+}
+
+/// Prints run events.
+struct Show<'a> {
+    floor: Option<f64>,
+    peaks: Option<(f64, f64)>,
+    print_every: u64,
+    cfg: &'a ModelConfig,
+    tc: &'a TrainConfig,
+}
+
+impl Show<'_> {
+    fn floor_txt(&self) -> String {
+        self.floor.map(|f| format!(" (floor {f:.3})")).unwrap_or_default()
+    }
+    fn sol(&self, tps: f64, sep: &str) -> String {
+        self.peaks
+            .map(|(mm, bf)| {
+                let mm = if self.tc.precision.matmul.is_fp8() { mm } else { bf };
+                format!("{sep}SOL {:.1}%", flops::sol_percent(self.cfg, self.tc.seq_len, tps, mm, bf))
+            })
+            .unwrap_or_default()
+    }
+    fn event(&self, ev: &RunEvent) {
+        match ev {
+            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta } => {
+                let steps = self.tc.steps;
+                if st.step % self.print_every == 0 || st.step == 1 || st.step == steps {
+                    println!(
+                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}",
+                        st.step,
+                        steps,
+                        100.0 * st.step as f64 / steps as f64,
+                        st.seconds * 1e3,
+                        st.loss,
+                        self.floor_txt(),
+                        st.grad_norm,
+                        st.lr,
+                        tokens_per_s,
+                        self.sol(*tokens_per_s, " | "),
+                        fmt_duration(*elapsed),
+                        fmt_duration(*eta)
+                    );
+                }
+            }
+            RunEvent::Eval { step, loss } => println!("eval   {:>6} | loss {:.4}{}", step, loss, self.floor_txt()),
+            RunEvent::Checkpoint { path, removed, .. } => {
+                let removed = if *removed > 0 { format!(" ({removed} old removed)") } else { String::new() };
+                println!("checkpoint {} written{removed}", path.display());
+            }
+            RunEvent::CheckpointNote(note) => println!("{note}"),
+            RunEvent::SpikeStop { why } => println!("{why}"),
+            RunEvent::CheckpointSkipped { step } => println!("not writing a checkpoint at step {step}: the last step was not finite"),
+            RunEvent::Stopped { step } => println!("signal received: stopping after step {step}"),
+            RunEvent::StoppedWithoutCheckpoint => println!("no --ckpt-dir: stopping without a checkpoint"),
+            RunEvent::Exported { dir, dtype } => println!("exported {} ({dtype}) to {}", self.cfg.arch.hf_name(), dir.display()),
+        }
+    }
+}
+
+/// 75 -> "1m15s", 4000 -> "1h06m".
+fn fmt_duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 /// The per-op breakdown: time per step, share, calls per step.
@@ -392,14 +440,27 @@ fn print_profile(rows: &[(String, u64, f64)], steps: usize) {
     }
 }
 
+fn place(m: llmq_core::Mem, on_cpu: bool) -> &'static str {
+    match (m, on_cpu) {
+        (llmq_core::Mem::Device, false) => "device",
+        (llmq_core::Mem::Device, true) => "device (emulated in RAM)",
+        (llmq_core::Mem::Host, _) => "pinned host",
+    }
+}
+
 fn print_memory(tr: &Trainer) {
     let mem = tr.be.memory_by_category();
-    let total: usize = mem.iter().map(|m| m.2).sum();
+    let on_cpu = tr.be.name().starts_with("cpu");
+    let dev: usize = mem.iter().filter(|m| m.1 == llmq_core::Mem::Device).map(|m| m.2).sum();
+    let host: usize = mem.iter().filter(|m| m.1 == llmq_core::Mem::Host).map(|m| m.2).sum();
     println!("memory ({}):", tr.be.name());
     for (cat, loc, bytes) in &mem {
-        println!("  {:<16} {:>12}  {:?}", cat.name(), fmt_bytes(*bytes), loc);
+        println!("  {:<16} {:>12}  {}", cat.name(), fmt_bytes(*bytes), place(*loc, on_cpu));
     }
-    println!("  {:<16} {:>12}", "total", fmt_bytes(total));
+    println!("  {:<16} {:>12}", "device total", fmt_bytes(dev));
+    if host > 0 {
+        println!("  {:<16} {:>12}", "host total", fmt_bytes(host));
+    }
     if let Some(free) = tr.be.free_memory() {
         println!("  {:<16} {:>12}", "free", fmt_bytes(free));
     }
@@ -410,7 +471,53 @@ fn memory_record(tr: &Trainer) -> serde_json::Value {
         .be
         .memory_by_category()
         .iter()
-        .map(|(c, l, b)| (format!("{} ({:?})", c.name(), l), (*b).into()))
+        .map(|(c, l, b)| (format!("{} ({})", c.name(), place(*l, false)), (*b).into()))
         .collect();
     serde_json::json!({"type": "memory", "categories": cats, "free": tr.be.free_memory()})
+}
+
+/// `llmq plan`: the memory plan and an estimated step time of `llmq train` with the same
+/// arguments, without a device and without reading weights.
+pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
+    let model = resolve_model(&args)?;
+    let cfg = &model.cfg;
+    let on_gpu = args.device != "cpu";
+    let mut tc = args.train_config(on_gpu)?;
+    tc.validate(cfg)?;
+    let reserve = backend_reserve(on_gpu);
+    if args.auto_memory {
+        let limit = tc.memory.memory_limit.ok_or_else(|| Error::Config("llmq plan --auto-memory needs --memory-limit".into()))?;
+        let (chosen, _, _) = plan::auto_memory(cfg, &tc, reserve, limit, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        println!("auto-memory: {}", plan::memory_flags(&chosen));
+        tc = chosen;
+    }
+    let plan = MemoryPlan::new(cfg, &tc, reserve)?;
+    println!("llmq plan: {} ({:.2}B parameters) on {}", model.describe, cfg.num_params() as f64 / 1e9, if on_gpu { "a CUDA GPU" } else { "the CPU" });
+    println!("  batch      B={} T={} accumulation={} -> {} tokens/step", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step());
+    let p = tc.precision;
+    println!("  precision  matmul {} | weights {} | master {} | gradients {} | adam m {}, v {}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
+    println!("  memory     {}", tc.memory.describe());
+    print!("{}", plan.describe(tc.memory.memory_limit));
+    if verbose {
+        println!("largest buffers:");
+        print!("{}", plan.describe_buffers(16));
+    }
+    if on_gpu {
+        let est = plan::estimate_step_seconds(cfg, &tc, &plan, plan::DeviceSpeeds::h200(p.matmul.is_fp8()));
+        println!("estimated step on an H200: {:.1} ms -> {:.0} tokens/s", est * 1e3, tc.tokens_per_step() as f64 / est);
+    }
+    match tc.memory.memory_limit {
+        Some(limit) if !plan.fits(Some(limit)) => {
+            let fit = plan::options_that_fit(cfg, &tc, reserve, limit, 4);
+            let mut msg = format!("the plan is {} over --memory-limit", fmt_bytes(plan.device_peak() - limit as usize));
+            if fit.is_empty() {
+                msg += "; no single memory option (offloading, recomputation, a smaller micro-batch) makes it fit";
+            }
+            for (opt, peak) in fit {
+                msg += &format!("\n  would fit: {opt}  (device peak {})", fmt_bytes(peak));
+            }
+            Err(Error::OutOfMemory(msg))
+        }
+        _ => Ok(()),
+    }
 }

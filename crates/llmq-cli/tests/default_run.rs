@@ -132,7 +132,7 @@ fn check_streams_passes_and_leaves_the_numbers_alone() {
     };
     let losses = |s: &str| -> Vec<String> { s.lines().filter(|l| l.starts_with("step")).map(|l| l.split('|').nth(2).unwrap_or("").trim().to_string()).collect() };
     let checked = run(&["--check-streams"]);
-    assert!(checked.contains("(stream-checked)") && checked.contains("wgrad overlap"), "{checked}");
+    assert!(checked.contains("(stream-checked)") && checked.contains("weight gradients on a second stream"), "{checked}");
     let plain = run(&[]);
     assert_eq!(losses(&checked), losses(&plain));
     assert_eq!(losses(&plain).len(), 3, "{plain}");

@@ -19,7 +19,7 @@ fn gpu() -> Option<Box<dyn Backend>> {
         return None;
     }
     Some(Box::new(
-        llmq_cuda::CudaBackend::new(0).expect("CUDA backend"),
+        llmq_cuda::CudaBackend::new(0, &Default::default()).expect("CUDA backend"),
     ))
 }
 
@@ -51,12 +51,13 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         },
         optim: OptimConfig::default(),
         precision,
-        recompute: Recompute::default(),
+        memory: MemoryOptions::default(),
         seed: 7,
         eval_every: 0,
         eval_batches: 1,
         max_bad_steps: 3,
         spike: Default::default(),
+        backend: Default::default(),
     }
 }
 
@@ -146,22 +147,25 @@ fn gpu_and_cpu_train_alike_for_20_steps_fp8() {
     train_alike_for_20_steps(Arch::Qwen3, Precision::fp8());
 }
 
-/// Every recompute option (and, in fp8, persistent quants and the side-stream weight gradients)
+/// Every recompute option (and persistent quants, the side-stream weight gradients, offloaded
+/// optimizer state, streamed weights and offloaded gradients)
 /// against the plain run of the same matmul dtype.
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
-    let fp8 = Precision::fp8();
-    let persistent = Precision { persistent_quants: true, ..fp8 };
-    let overlap = Precision { wgrad_overlap: true, ..fp8 };
-    for group in [vec![Precision::bf16()], vec![fp8, persistent, overlap]] {
+    let (fp8, plain) = (Precision::fp8(), MemoryOptions::default());
+    let persistent = MemoryOptions { persistent_quants: true, ..plain };
+    let overlap = MemoryOptions { wgrad_overlap: true, ..plain };
+    let offload = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain };
+    let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..offload };
+    for group in [vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed)], vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed)]] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)
         let mut base: Option<Vec<(u64, u64)>> = None;
-        for precision in group {
-            for (name, rc) in Recompute::all_variants() {
+        for (precision, mem) in group {
+            for (name, recompute) in Recompute::all_variants() {
                 let Some(be) = gpu() else { return };
                 let mut tc = config(2, 64, 3, precision);
-                tc.recompute = rc;
+                tc.memory = MemoryOptions { recompute, ..mem };
                 let mut tr = trainer(be, &cfg, tc);
                 let h: Vec<(u64, u64)> = (0..3)
                     .map(|_| {
@@ -173,8 +177,9 @@ fn gpu_recompute_is_bitwise_identical() {
                     None => base = Some(h),
                     Some(b) => assert_eq!(
                         &h, b,
-                        "{:?} (persistent quants {}, wgrad overlap {}) recompute {name} changed the numbers on the GPU",
-                        precision.matmul, precision.persistent_quants, precision.wgrad_overlap
+                        "{:?} ({}) recompute {name} changed the numbers on the GPU",
+                        precision.matmul,
+                        mem.describe()
                     ),
                 }
             }

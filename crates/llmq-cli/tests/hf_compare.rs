@@ -24,7 +24,7 @@ fn backends() -> Vec<(&'static str, MakeBackend)> {
     match llmq_cuda::cuda_available() {
         Ok(()) => v.push((
             "cuda",
-            Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0).unwrap())),
+            Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0, &Default::default()).unwrap())),
         )),
         Err(r) => llmq_cuda::skip_gpu_test(&format!("the CUDA comparison (no CUDA device: {r}); comparing the CPU backend only")),
     }
@@ -59,7 +59,7 @@ fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, preci
 
     let shape = RunShape { b, t };
     let mut be = make();
-    let model = Model::new(be.as_mut(), &cfg, precision, shape, Recompute::default()).unwrap();
+    let model = Model::new(be.as_mut(), &cfg, precision, shape, &MemoryOptions::default()).unwrap();
     let be = be.as_ref();
     model.params.set_master_f32(be, &weights).unwrap();
     model.params.grads.zero(be).unwrap();

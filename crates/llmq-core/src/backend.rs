@@ -63,13 +63,32 @@ impl MemCategory {
 
 /// The streams of a backend. Ops run on the current stream (`set_stream`): `Compute`, or `Side`,
 /// a second compute stream for work that may run beside the main chain (weight gradients).
-/// Copies and zeroing name their stream, which may also be `Copy`. Work on different streams is
-/// ordered only through events; a backend without streams runs everything in call order.
+/// Copies and zeroing name their stream, which may also be `Copy` (host to device, and device
+/// work beside the compute stream) or `CopyBack` (device to host), so that the two directions
+/// of the host link run at once. Work on different streams is ordered only through events; a
+/// backend without streams runs everything in call order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stream {
     Compute,
     Copy,
     Side,
+    CopyBack,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 4] = [Stream::Compute, Stream::Copy, Stream::Side, Stream::CopyBack];
+    /// Position in `ALL`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Compute => "compute",
+            Stream::Copy => "copy",
+            Stream::Side => "side",
+            Stream::CopyBack => "copy-back",
+        }
+    }
 }
 
 /// An event handle created by `Backend::create_event`.
@@ -268,8 +287,12 @@ pub trait Backend {
     fn alloc(&mut self, cat: MemCategory, mem: Mem, dtype: DType, dims: &[usize]) -> Result<Tensor>;
     /// Bytes allocated per category so far.
     fn memory_by_category(&self) -> Vec<(MemCategory, Mem, usize)>;
-    /// Free device memory in bytes, if the backend knows it.
+    /// Free device memory in bytes, if the backend knows it (under the limit, where one is set).
     fn free_memory(&self) -> Option<usize>;
+    /// Caps the device memory (`Mem::Device`) this backend allocates from now on, counting what
+    /// it holds already: an allocation past the cap fails with `Error::OutOfMemory`. Pinned host
+    /// memory is not counted.
+    fn limit_device_memory(&mut self, bytes: usize);
     /// Synchronous host -> tensor copy of raw bytes (setup, checkpoint load, tests).
     fn upload(&self, dst: &Tensor, bytes: &[u8]) -> Result<()>;
     /// Synchronous tensor -> host copy of raw bytes (waits for all queued work).

@@ -13,8 +13,8 @@ pub fn op_err<T>(msg: impl Into<String>) -> Result<T> {
 
 /// Ops run on the compute or the side stream (`Backend::set_stream`).
 pub fn check_op_stream(s: Stream) -> Result<()> {
-    if s == Stream::Copy {
-        return op_err("set_stream: ops run on the compute or the side stream, not the copy stream");
+    if matches!(s, Stream::Copy | Stream::CopyBack) {
+        return op_err("set_stream: ops run on the compute or the side stream, not a copy stream");
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! Dependency direction: nothing in this crate knows about training, files or CUDA.
 
 pub mod backend;
+pub mod backend_options;
 pub mod check;
 pub mod config;
 pub mod cpu;
@@ -11,10 +12,12 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod observe;
+pub mod plan_backend;
 pub mod stream_check;
 pub mod tensor;
 
 pub use backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use backend_options::{AttentionKernels, BackendOptions};
 pub use config::{Arch, ModelConfig};
 pub use dtype::DType;
 pub use error::{Error, Result};

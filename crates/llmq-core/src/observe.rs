@@ -75,6 +75,9 @@ impl<O: Observer> Backend for Observed<O> {
     fn free_memory(&self) -> Option<usize> {
         self.inner.free_memory()
     }
+    fn limit_device_memory(&mut self, bytes: usize) {
+        self.inner.limit_device_memory(bytes)
+    }
     fn upload(&self, dst: &Tensor, bytes: &[u8]) -> Result<()> {
         self.call(Call { host_sync: true, ..Call::op("upload", &[], &[Some(dst)]) }, |b| b.upload(dst, bytes))
     }

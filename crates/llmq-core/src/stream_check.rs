@@ -21,18 +21,12 @@ use crate::observe::{Call, Observed, Observer};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-const STREAMS: usize = 3;
+const STREAMS: usize = Stream::ALL.len();
 type Clock = [u64; STREAMS];
 
 fn index(s: Stream) -> usize {
-    match s {
-        Stream::Compute => 0,
-        Stream::Copy => 1,
-        Stream::Side => 2,
-    }
+    s.index()
 }
-
-const NAMES: [&str; STREAMS] = ["compute", "copy", "side"];
 
 /// `into` learns everything `from` has seen (element-wise maximum).
 fn merge(into: &mut Clock, from: &Clock) {
@@ -120,10 +114,10 @@ impl Observer for StreamOrder {
                     return Err(Error::Op(format!(
                         "stream order: {} on the {} stream {} bytes [{lo:#x}, {hi:#x}) that {} on the {} stream {} before, with no event or synchronisation between",
                         call.op,
-                        NAMES[s],
+                        Stream::ALL[s].name(),
                         if write { "writes" } else { "reads" },
                         a.op,
-                        NAMES[a.stream],
+                        Stream::ALL[a.stream].name(),
                         if a.write { "wrote" } else { "read" },
                     )));
                 }
@@ -194,7 +188,7 @@ mod tests {
 
     #[test]
     fn an_event_orders_only_what_was_queued_before_it_was_recorded() {
-        let (be, a, b, _c, ev) = setup();
+        let (mut be, a, b, _c, ev) = setup();
         be.zero(&a, Stream::Copy).unwrap();
         be.record(ev, Stream::Copy).unwrap();
         be.zero(&b, Stream::Copy).unwrap(); // after the record
@@ -202,5 +196,18 @@ mod tests {
         be.transpose(&b.slice(0, &[4]).reshape(&[2, 2]), &a.slice(0, &[4]).reshape(&[2, 2])).unwrap_err();
         // disjoint parts of a tensor do not conflict
         be.transpose(&a.slice(8, &[4]).reshape(&[2, 2]), &a.slice(0, &[4]).reshape(&[2, 2])).unwrap();
+        // a copy back to the host reading what the compute stream writes, then a host-to-device
+        // copy overwriting its source: each needs its event
+        let host = be.alloc(MemCategory::Other, Mem::Host, DType::F32, &[4, 4]).unwrap();
+        let ev2 = be.create_event().unwrap();
+        be.zero(&a, Stream::Compute).unwrap();
+        assert!(be.copy(&host, &a, Stream::CopyBack).is_err(), "copy back of an unordered write");
+        be.record(ev2, Stream::Compute).unwrap();
+        be.wait(Stream::CopyBack, ev2).unwrap();
+        be.copy(&host, &a, Stream::CopyBack).unwrap();
+        assert!(be.copy(&a, &b, Stream::Copy).is_err(), "overwrote the copy back's source");
+        be.record(ev2, Stream::CopyBack).unwrap();
+        be.wait(Stream::Copy, ev2).unwrap();
+        be.copy(&a, &b, Stream::Copy).unwrap();
     }
 }

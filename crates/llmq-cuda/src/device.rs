@@ -43,11 +43,15 @@ pub(crate) struct Device {
     pub ctx: sys::CUcontext,
     pub compute: sys::CUstream,
     pub copy: sys::CUstream,
+    /// Device-to-host copies (`Stream::CopyBack`), beside the host-to-device ones on `copy`.
+    pub copy_back: sys::CUstream,
     /// A second compute stream (`Stream::Side`): weight-gradient matmuls beside the main chain.
     pub side: sys::CUstream,
     pub events: Vec<sys::CUevent>,
     allocs: Vec<Allocation>,
     accounted: BTreeMap<(MemCategory, u8), usize>,
+    /// Cap on device bytes allocated by llmq (`--memory-limit`).
+    pub limit: Option<usize>,
     pub name: String,
     pub sm_count: u32,
     pub cc: (i32, i32),
@@ -77,6 +81,7 @@ impl Device {
             check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
             let mut compute = std::ptr::null_mut();
             let mut copy = std::ptr::null_mut();
+            let mut copy_back = std::ptr::null_mut();
             let mut side = std::ptr::null_mut();
             let nb = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
             // the compute stream carries the critical path: where the side stream's work runs
@@ -85,6 +90,7 @@ impl Device {
             check(sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest), "cuCtxGetStreamPriorityRange")?;
             check(sys::cuStreamCreateWithPriority(&mut compute, nb, greatest), "cuStreamCreateWithPriority")?;
             check(sys::cuStreamCreate(&mut copy, nb), "cuStreamCreate")?;
+            check(sys::cuStreamCreate(&mut copy_back, nb), "cuStreamCreate")?;
             check(sys::cuStreamCreateWithPriority(&mut side, nb, least), "cuStreamCreateWithPriority")?;
             let mut buf = [0 as std::ffi::c_char; 256];
             check(sys::cuDeviceGetName(buf.as_mut_ptr(), 255, dev), "cuDeviceGetName")?;
@@ -104,10 +110,12 @@ impl Device {
                 ctx,
                 compute,
                 copy,
+                copy_back,
                 side,
                 events: Vec::new(),
                 allocs: Vec::new(),
                 accounted: BTreeMap::new(),
+                limit: None,
                 name,
                 sm_count,
                 cc: (major, minor),
@@ -128,14 +136,25 @@ impl Device {
             llmq_core::Stream::Compute => self.compute,
             llmq_core::Stream::Copy => self.copy,
             llmq_core::Stream::Side => self.side,
+            llmq_core::Stream::CopyBack => self.copy_back,
         }
     }
 
+    /// Free device memory: the driver's answer, or less under `limit`.
     pub fn free_memory(&self) -> Option<usize> {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: out-pointers to locals.
         let r = unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
-        (r == sys::CUresult::CUDA_SUCCESS).then_some(free)
+        let free = (r == sys::CUresult::CUDA_SUCCESS).then_some(free)?;
+        Some(match self.limit {
+            Some(l) => free.min(l.saturating_sub(self.device_allocated())),
+            None => free,
+        })
+    }
+
+    /// Device bytes allocated by llmq (nothing is freed before drop: also the high-water mark).
+    pub fn device_allocated(&self) -> usize {
+        self.accounted.iter().filter(|((_, m), _)| *m == Mem::Device as u8).map(|(_, b)| b).sum()
     }
 
     /// Allocates `bytes` (zeroed) of device or pinned host memory, accounted under `cat`.
@@ -144,6 +163,16 @@ impl Device {
         let size = bytes.max(1);
         let addr = match mem {
             Mem::Device => {
+                if let Some(limit) = self.limit.filter(|&l| self.device_allocated().saturating_add(bytes) > l) {
+                    return Err(Error::OutOfMemory(format!(
+                        "cuda:{}: cannot allocate {} for {}: over --memory-limit {} ({} allocated by llmq)",
+                        self.ordinal,
+                        fmt_bytes(bytes),
+                        cat.name(),
+                        fmt_bytes(limit),
+                        fmt_bytes(self.device_allocated())
+                    )));
+                }
                 let mut p: sys::CUdeviceptr = 0;
                 // SAFETY: out-pointer to a local; size > 0.
                 let r = unsafe { sys::cuMemAlloc_v2(&mut p, size) };
@@ -235,6 +264,7 @@ impl Drop for Device {
             }
             sys::cuStreamDestroy_v2(self.compute);
             sys::cuStreamDestroy_v2(self.copy);
+            sys::cuStreamDestroy_v2(self.copy_back);
             sys::cuStreamDestroy_v2(self.side);
             sys::cuDevicePrimaryCtxRelease_v2(self.dev);
         }

@@ -69,7 +69,7 @@ fn sanitize_run(run: &str) -> String {
 }
 
 /// The retention policy of one run, with what this process knows about each step.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Retention {
     keep_last: usize,
     keep_major: Option<u64>,

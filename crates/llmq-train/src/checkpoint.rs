@@ -73,8 +73,8 @@ fn differing(prefix: &str, saved: &Value, now: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Precision fields that only change speed or memory, never the numbers (tested bitwise), so a
-/// resumed run may change them, like the recompute options.
+/// Memory options that checkpoints written before `MemoryOptions` existed hold under
+/// `precision`: not compared, like the rest of the memory options.
 const SPEED_OPTIONS: [&str; 2] = ["persistent_quants", "wgrad_overlap"];
 
 /// Checks that a checkpoint's configuration is compatible with this run, naming every field
@@ -91,7 +91,11 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
             p.retain(|k, _| !SPEED_OPTIONS.contains(&k.as_str()));
         }
     }
-    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "spike"] {
+    // checkpoints written before the backend options existed ran with today's defaults
+    if let Some(t) = saved.as_object_mut() {
+        t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
+    }
+    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "backend", "spike"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
     if state.get("world_size").and_then(|w| w.as_u64()) != Some(1) {

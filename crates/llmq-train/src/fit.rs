@@ -37,7 +37,7 @@ pub fn fit_micro_batch(make: &mut dyn FnMut() -> Result<Box<dyn Backend>>, cfg: 
         if be.free_memory().is_none() {
             return Ok(configured);
         }
-        match Model::new(be.as_mut(), cfg, tc.precision, RunShape { b, t: tc.seq_len }, tc.recompute) {
+        match Model::new(be.as_mut(), cfg, tc.precision, RunShape { b, t: tc.seq_len }, &tc.memory) {
             Ok(_) => {
                 let free = be.free_memory().unwrap_or(0);
                 if free >= headroom {

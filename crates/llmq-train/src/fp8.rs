@@ -36,6 +36,7 @@ use crate::acts::BackwardScratch;
 use crate::params::Params;
 use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
+use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
 
@@ -111,8 +112,9 @@ impl Fp8 {
     /// weight gradient (otherwise the backward pass quantises the bf16 input). `bwd`: where the
     /// gradient scratch goes (only the backward pass uses it).
     #[allow(clippy::too_many_arguments)]
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, precision: &Precision, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
-        let (grad_dtype, persistent) = (precision.act_grads, precision.persistent_quants);
+    #[allow(clippy::too_many_arguments)]
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, precision: &Precision, mem: &MemoryOptions, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
+        let (grad_dtype, persistent) = (precision.act_grads, mem.persistent_quants);
         // fp8 tensor-core matmuls need every dimension a multiple of 16 (16-byte rows)
         for (what, v) in [
             ("hidden_size", cfg.hidden_size),
@@ -143,7 +145,7 @@ impl Fp8 {
         let xq = be.alloc(tmp, Mem::Device, DType::E4M3, &[n * widest_in])?;
         let dyq = bwd.take(be, grad_dtype, &[n * widest_out])?;
         let dytq1 = bwd.take(be, grad_dtype, &[n * widest_out])?;
-        let dytq = if precision.wgrad_overlap { [bwd.take(be, grad_dtype, &[n * c])?, dytq1] } else { [dytq1, dytq1] };
+        let dytq = if mem.wgrad_overlap { [bwd.take(be, grad_dtype, &[n * c])?, dytq1] } else { [dytq1, dytq1] };
         // scale slots 16 bytes apart: cuBLASLt wants aligned scale pointers
         let descales = be.alloc(tmp, Mem::Device, f32, &[4 * DESCALE_SLOTS])?;
         let quant = |be: &mut dyn Backend, cat: MemCategory, numel: usize| -> Result<QuantWeight> {
@@ -157,7 +159,7 @@ impl Fp8 {
         let persistent = if persistent {
             let mut layers = vec![];
             for l in 0..cfg.num_layers {
-                let blk = params.block(l);
+                let blk = params.weights.block(&params.layout, l);
                 let sizes = [blk.qkv_w.numel(), blk.o_w.numel(), blk.up_gate_w.numel(), blk.down_w.numel()];
                 let mut arr = vec![];
                 for s in sizes {
@@ -218,7 +220,9 @@ impl Fp8 {
         let g = &params.layout.groups[gi];
         let si = g.entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
         let e = &g.entries[si];
-        let w = params.weights.groups[gi].slice(e.offset, &e.shape);
+        // during a pass: the device slot of a streamed block (persistent quants are refreshed
+        // outside the passes, from the weights where they live)
+        let w = if self.persistent.is_some() { params.weights.groups[gi] } else { params.block_group_weights(l) }.slice(e.offset, &e.shape);
         let (out, inp) = (e.shape[0], e.shape[1]);
         let amax = self.weight_amax[gi].slice(si, &[1]);
         let q = fp8_slot(&qw.q, out * inp, &[out, inp]);

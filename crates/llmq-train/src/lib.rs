@@ -7,23 +7,30 @@
 
 pub mod acts;
 pub mod checkpoint;
+pub mod ckpt_session;
 pub mod fit;
 pub mod flops;
 pub mod fp8;
 pub mod init;
 pub mod log;
+pub mod memory;
 pub mod model;
 pub mod params;
+pub mod plan;
 pub mod precision;
 pub mod profile;
+pub mod residual;
+pub mod run;
 pub mod schedule;
 pub mod side;
 pub mod spike;
+pub mod stream;
 pub mod synthetic;
 pub mod trainer;
 
 pub use acts::RunShape;
 pub use model::Model;
-pub use precision::{Precision, Recompute};
+pub use memory::{MemoryOptions, Recompute};
+pub use precision::Precision;
 pub use schedule::{Decay, Schedule};
 pub use trainer::{OptimConfig, StepStats, TrainConfig, Trainer};

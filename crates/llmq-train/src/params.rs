@@ -1,11 +1,15 @@
 //! Parameter storage: one flat buffer per group (embed, block.l, head) for each of working
 //! weights, master weights, gradients, Adam m and Adam v, all with the `ParamLayout` layout.
 //!
-//! The model reaches weights only through `block(l)` / `release(l)` and `embed()` / `head()`.
-//! Today every group is resident, so these return views; with ZeRO-3 or weight offload, `block(l)`
-//! becomes "wait for the gather of l, start prefetching l+1" and `release(l)` frees its slot.
+//! The model reaches block weights and gradients only through `block(l)` / `release(l)` and
+//! `grad_block(l)` / `release_grad(l)`. Resident buffers return views; with weight streaming or
+//! gradient offloading (`crate::stream`) the block groups live in pinned host memory and these
+//! move them through two device slots.
 
 use crate::init;
+use crate::stream::Slots;
+use std::cell::Cell;
+use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
 use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
@@ -61,11 +65,22 @@ pub struct GroupBuffers {
 }
 
 impl GroupBuffers {
-    pub fn alloc(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, dtype: DType) -> Result<GroupBuffers> {
+    pub fn alloc(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, mem: Mem, dtype: DType) -> Result<GroupBuffers> {
         let groups = layout
             .groups
             .iter()
-            .map(|g| be.alloc(cat, Mem::Device, dtype, &[g.numel]))
+            .map(|g| be.alloc(cat, mem, dtype, &[g.numel]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GroupBuffers { groups })
+    }
+    /// Like `alloc`, with the block groups in `blocks` and the embedding and head on the device.
+    pub fn alloc_blocks(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, blocks: Mem, dtype: DType) -> Result<GroupBuffers> {
+        let head = layout.head_group();
+        let groups = layout
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| be.alloc(cat, if gi == ParamLayout::EMBED || gi == head { Mem::Device } else { blocks }, dtype, &[g.numel]))
             .collect::<Result<Vec<_>>>()?;
         Ok(GroupBuffers { groups })
     }
@@ -88,6 +103,11 @@ impl GroupBuffers {
     pub fn zero_on(&self, be: &dyn Backend, stream: Stream) -> Result<()> {
         self.groups.iter().try_for_each(|t| be.zero(t, stream))
     }
+    /// Zeroes the device-resident groups (offloaded gradients are overwritten by the first
+    /// micro-batch instead).
+    pub fn zero_device_on(&self, be: &dyn Backend, stream: Stream) -> Result<()> {
+        self.groups.iter().filter(|t| t.mem == Mem::Device).try_for_each(|t| be.zero(t, stream))
+    }
 }
 
 /// All parameter-shaped state of a model.
@@ -102,38 +122,118 @@ pub struct Params {
     pub grads: GroupBuffers,
     pub m: GroupBuffers,
     pub v: GroupBuffers,
+    /// Weight streaming: the device slots the host-resident block weights pass through.
+    weight_slots: Option<Slots>,
+    /// Gradient offloading: the device slots block gradients accumulate in.
+    grad_slots: Option<Slots>,
+    /// No micro-batch of the current step has run its backward yet.
+    first_micro: Cell<bool>,
 }
 
 impl Params {
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision) -> Result<Params> {
+    /// Allocates every buffer; master weights and Adam moments go to pinned host memory where
+    /// `mem` offloads them (the optimizer reads and writes them there directly: mapped host
+    /// memory on a GPU, an emulated separate memory space on the CPU backend).
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions) -> Result<Params> {
         let layout = ParamLayout::new(cfg);
-        let weights = GroupBuffers::alloc(be, &layout, MemCategory::Weights, precision.weights)?;
+        let place = |off: bool| if off { Mem::Host } else { Mem::Device };
+        let weights = GroupBuffers::alloc_blocks(be, &layout, MemCategory::Weights, place(mem.stream_weights), precision.weights)?;
         let master = if precision.master == precision.weights {
             weights.clone()
         } else {
-            GroupBuffers::alloc(be, &layout, MemCategory::Master, precision.master)?
+            GroupBuffers::alloc(be, &layout, MemCategory::Master, place(mem.offload_master), precision.master)?
         };
-        let grads = GroupBuffers::alloc(be, &layout, MemCategory::Gradients, precision.grads)?;
-        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, precision.opt_m)?;
-        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, precision.opt_v)?;
-        Ok(Params { cfg: cfg.clone(), layout, precision, weights, master, grads, m, v })
+        let grads = GroupBuffers::alloc_blocks(be, &layout, MemCategory::Gradients, place(mem.offload_gradients), precision.grads)?;
+        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, place(mem.offload_opt_m), precision.opt_m)?;
+        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, place(mem.offload_opt_v), precision.opt_v)?;
+        let block_numel = (0..cfg.num_layers).map(|l| layout.groups[layout.block_group(l)].numel).max().unwrap_or(0);
+        let weight_slots = if mem.stream_weights { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
+        let grad_slots = if mem.offload_gradients { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
+        Ok(Params { cfg: cfg.clone(), layout, precision, weights, master, grads, m, v, weight_slots, grad_slots, first_micro: Cell::new(true) })
     }
 
     pub fn master_is_weights(&self) -> bool {
         self.master.groups[0].addr == self.weights.groups[0].addr
     }
 
-    /// Weights of block l. Pair with `release(l)`.
-    pub fn block(&self, l: usize) -> BlockTensors {
-        self.weights.block(&self.layout, l)
+    /// Weights of block l, on the device (the compute stream waits for a streamed block's
+    /// copy). Pair with `release(l)`.
+    pub fn block(&self, be: &dyn Backend, l: usize) -> Result<BlockTensors> {
+        let gi = self.layout.block_group(l);
+        Ok(match &self.weight_slots {
+            Some(s) => BlockTensors::of(&s.acquire(be, l, &self.weights.groups[gi])?, &self.layout.groups[gi]),
+            None => self.weights.block(&self.layout, l),
+        })
     }
-    /// Done with block l's weights for this pass (a no-op while all weights are resident).
-    pub fn release(&self, _l: usize) {}
+    /// Starts bringing block l's weights to the device (streaming; no-op otherwise or past the
+    /// last block).
+    pub fn prefetch(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        match &self.weight_slots {
+            Some(s) if l < self.cfg.num_layers => s.fetch(be, l, &self.weights.groups[self.layout.block_group(l)]),
+            _ => Ok(()),
+        }
+    }
+    /// Done with block l's weights for this pass: its slot may be refilled.
+    pub fn release(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        match &self.weight_slots {
+            Some(s) => s.release(be, l),
+            None => Ok(()),
+        }
+    }
+    /// Block l's whole weight group where the compute stream reads it: its device slot while
+    /// streamed (between `block(l)` and the next fetch into that slot), else the group itself.
+    pub fn block_group_weights(&self, l: usize) -> Tensor {
+        let gi = self.layout.block_group(l);
+        let host = &self.weights.groups[gi];
+        match &self.weight_slots {
+            Some(s) => s.view(l, host.numel()),
+            None => *host,
+        }
+    }
+    /// The host copies of the weights changed (optimizer step, load): slots must be refetched.
+    pub fn weights_changed(&self) {
+        if let Some(s) = &self.weight_slots {
+            s.invalidate();
+        }
+    }
     pub fn head(&self) -> HeadTensors {
         self.weights.head(&self.layout)
     }
-    pub fn grad_block(&self, l: usize) -> BlockTensors {
-        self.grads.block(&self.layout, l)
+    /// Gradients of block l to accumulate into (offloaded: a device slot, zeroed on the step's
+    /// first micro-batch, else loaded from the host). Pair with `release_grad(l)`.
+    pub fn grad_block(&self, be: &dyn Backend, l: usize) -> Result<BlockTensors> {
+        let gi = self.layout.block_group(l);
+        Ok(match &self.grad_slots {
+            Some(s) => BlockTensors::of(&s.prepare_grad(be, l, &self.grads.groups[gi], self.first_micro.get())?, &self.layout.groups[gi]),
+            None => self.grads.block(&self.layout, l),
+        })
+    }
+    /// Starts loading block l's offloaded gradient accumulator (after the first micro-batch).
+    pub fn prefetch_grad(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        match &self.grad_slots {
+            Some(s) if l < self.cfg.num_layers && !self.first_micro.get() => s.prefetch_grad(be, l, &self.grads.groups[self.layout.block_group(l)]),
+            _ => Ok(()),
+        }
+    }
+    /// Block l's backward is issued: an offloaded gradient goes back to the host.
+    pub fn release_grad(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        match &self.grad_slots {
+            Some(s) => s.store_grad(be, l, &self.grads.groups[self.layout.block_group(l)]),
+            None => Ok(()),
+        }
+    }
+    /// A new optimizer step starts: the next backward is its first micro-batch.
+    pub fn start_step(&self) {
+        self.first_micro.set(true);
+    }
+    /// A micro-batch's backward is issued: the compute stream waits for the gradients' copies
+    /// back, so that the host accumulators are complete for what follows.
+    pub fn micro_batch_done(&self, be: &dyn Backend) -> Result<()> {
+        self.first_micro.set(false);
+        match &self.grad_slots {
+            Some(s) => s.join(be),
+            None => Ok(()),
+        }
     }
     pub fn grad_head(&self) -> HeadTensors {
         self.grads.head(&self.layout)

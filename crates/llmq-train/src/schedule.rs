@@ -17,6 +17,14 @@ pub enum Decay {
 }
 
 impl Decay {
+    pub fn name(self) -> &'static str {
+        match self {
+            Decay::Cosine => "cosine",
+            Decay::Linear => "linear",
+            Decay::Wsd => "warmup-stable-decay",
+            Decay::Constant => "constant",
+        }
+    }
     pub fn parse(s: &str) -> Result<Decay> {
         Ok(match s {
             "cosine" => Decay::Cosine,

@@ -1,4 +1,4 @@
-//! Weight gradients on the side stream (`Precision::wgrad_overlap`).
+//! Weight gradients on the side stream (`MemoryOptions::wgrad_overlap`).
 //!
 //! A block matmul's backward is an input gradient (dx = dy·W), which the rest of the backward
 //! pass waits for, and a weight gradient (dW += dyᵀ·x), which nothing in the pass reads. With

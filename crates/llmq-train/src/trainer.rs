@@ -4,7 +4,8 @@
 use crate::acts::RunShape;
 use crate::log::JsonLog;
 use crate::model::Model;
-use crate::precision::{Precision, Recompute};
+use crate::memory::MemoryOptions;
+use crate::precision::Precision;
 use crate::schedule::Schedule;
 use crate::spike::{SpikeGuard, SpikeState};
 use llmq_core::{AdamW, Backend, Error, ModelConfig, Result};
@@ -55,7 +56,9 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     pub optim: OptimConfig,
     pub precision: Precision,
-    pub recompute: Recompute,
+    /// Where state lives and what is recomputed: never changes the numbers.
+    #[serde(default)]
+    pub memory: MemoryOptions,
     pub seed: u64,
     pub eval_every: u64,
     pub eval_batches: usize,
@@ -63,6 +66,9 @@ pub struct TrainConfig {
     pub max_bad_steps: u32,
     #[serde(default)]
     pub spike: SpikeGuard,
+    /// Kernel and algorithm choices of a GPU backend (they change the last bits of results).
+    #[serde(default)]
+    pub backend: llmq_core::BackendOptions,
 }
 
 impl TrainConfig {
@@ -92,7 +98,9 @@ impl TrainConfig {
         self.schedule.validate()?;
         self.optim.validate()?;
         self.spike.validate()?;
-        self.precision.validate()
+        self.backend.validate()?;
+        self.precision.validate()?;
+        self.memory.validate(&self.precision)
     }
     pub fn tokens_per_step(&self) -> usize {
         self.batch_size * self.seq_len * self.grad_accumulation
@@ -109,7 +117,7 @@ fn oom_report(be: &dyn Backend, msg: &str, tc: &TrainConfig) -> String {
         s += &format!("\n  free now: {}", llmq_core::fmt_bytes(free));
     }
     let mut hints = vec![];
-    if !tc.recompute.block {
+    if !tc.memory.recompute.block {
         hints.push("--recompute-block (or --recompute-ffn / --recompute-att)".to_string());
     }
     if tc.batch_size > 1 {
@@ -170,7 +178,7 @@ impl Trainer {
     ) -> Result<Trainer> {
         tc.validate(cfg)?;
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let model = Model::new(be.as_mut(), cfg, tc.precision, shape, tc.recompute).map_err(|e| match e {
+        let model = Model::new(be.as_mut(), cfg, tc.precision, shape, &tc.memory).map_err(|e| match e {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;

@@ -76,7 +76,7 @@ fn out_of_memory_reports_the_plan_and_what_would_help() {
 /// Bytes a model of micro-batch `b` allocates on the CPU backend.
 fn model_bytes(cfg: &llmq_core::ModelConfig, tc: &llmq_train::TrainConfig, b: usize) -> usize {
     let mut be = llmq_core::cpu::CpuBackend::new();
-    llmq_train::Model::new(&mut be, cfg, tc.precision, llmq_train::RunShape { b, t: tc.seq_len }, tc.recompute).unwrap();
+    llmq_train::Model::new(&mut be, cfg, tc.precision, llmq_train::RunShape { b, t: tc.seq_len }, &tc.memory).unwrap();
     llmq_core::Backend::memory_by_category(&be).iter().map(|&(_, _, bytes)| bytes).sum()
 }
 

@@ -4,12 +4,12 @@
 mod common;
 use common::*;
 use llmq_core::{Arch, DType};
-use llmq_train::{Precision, Recompute};
+use llmq_train::{MemoryOptions, Precision, Recompute};
 
-fn history(cfg: &llmq_core::ModelConfig, precision: Precision, rc: Recompute, steps: usize) -> Vec<(u64, u64)> {
+fn history(cfg: &llmq_core::ModelConfig, precision: Precision, mem: MemoryOptions, steps: usize) -> Vec<(u64, u64)> {
     let mut tc = train_config(2, 16, 2, steps as u64);
     tc.precision = precision;
-    tc.recompute = rc;
+    tc.memory = mem;
     let mut tr = trainer(cfg, tc);
     (0..steps)
         .map(|_| {
@@ -26,16 +26,18 @@ fn fp8_recompute_persistent_quants_and_wgrad_overlap_are_bitwise_identical() {
         cfg.vocab_size = 160; // the backward temporaries fit in the logits buffer
         for grads in [DType::E4M3, DType::E5M2] {
             let p = Precision { act_grads: grads, ..Precision::fp8() };
-            let base = history(&cfg, p, Recompute::default(), 3);
-            let pq = history(&cfg, Precision { persistent_quants: true, ..p }, Recompute::default(), 3);
+            let plain = MemoryOptions::default();
+            let base = history(&cfg, p, plain, 3);
+            let pq = history(&cfg, p, MemoryOptions { persistent_quants: true, ..plain }, 3);
             assert_eq!(pq, base, "{arch:?} {grads}: persistent quants changed the numbers");
-            let overlap = Precision { wgrad_overlap: true, ..p };
-            for (name, rc) in Recompute::all_variants() {
-                assert_eq!(history(&cfg, p, rc, 3), base, "{arch:?} {grads}: recompute {name} changed the numbers");
-                assert_eq!(history(&cfg, overlap, rc, 3), base, "{arch:?} {grads}: wgrad overlap with recompute {name} changed the numbers");
+            for (name, recompute) in Recompute::all_variants() {
+                let mem = MemoryOptions { recompute, ..plain };
+                assert_eq!(history(&cfg, p, mem, 3), base, "{arch:?} {grads}: recompute {name} changed the numbers");
+                let overlap = MemoryOptions { wgrad_overlap: true, ..mem };
+                assert_eq!(history(&cfg, p, overlap, 3), base, "{arch:?} {grads}: wgrad overlap with recompute {name} changed the numbers");
             }
             // and fp8 really differs from bf16 (the pipeline is engaged)
-            assert_ne!(history(&cfg, Precision::bf16(), Recompute::default(), 1)[0], base[0]);
+            assert_ne!(history(&cfg, Precision::bf16(), plain, 1)[0], base[0]);
         }
     }
 }
@@ -113,7 +115,7 @@ fn fp8_runs_do_not_keep_bf16_inputs_that_only_feed_fp8_matmuls() {
     let activation_bytes = |p: Precision, rc: Recompute| {
         let mut tc = train_config(2, 16, 1, 1);
         tc.precision = p;
-        tc.recompute = rc;
+        tc.memory.recompute = rc;
         let tr = trainer(&cfg, tc);
         let a = &tr.model.acts;
         let modes = [a.ln1.keep(), a.att.keep(), a.ln2.keep(), a.sw.keep(), a.up_gate.keep()];
@@ -156,7 +158,7 @@ fn backward_temporaries_live_in_the_logits_buffer() {
     let temporaries = |cfg: &llmq_core::ModelConfig, p: Precision, own: bool| {
         let mut tc = train_config(2, 16, 1, 1);
         tc.precision = p;
-        tc.recompute.own_backward_temporaries = own;
+        tc.memory.recompute.own_backward_temporaries = own;
         let tr = trainer(cfg, tc);
         let used = tr.model.acts.bwd_scratch.used();
         (tr.be.memory_by_category().iter().filter(|m| m.0 == MemCategory::Temporaries).map(|m| m.2).sum::<usize>(), used)

@@ -6,10 +6,10 @@
 mod common;
 use common::*;
 use llmq_core::{Arch, DType};
-use llmq_train::{Precision, Recompute};
+use llmq_train::{MemoryOptions, Precision, Recompute};
 
-fn run(cfg: &llmq_core::ModelConfig, mut tc: llmq_train::TrainConfig, rc: Recompute) -> (Vec<(u64, u64)>, Vec<Vec<f32>>) {
-    tc.recompute = rc;
+fn run(cfg: &llmq_core::ModelConfig, mut tc: llmq_train::TrainConfig, mem: MemoryOptions) -> (Vec<(u64, u64)>, Vec<Vec<f32>>) {
+    tc.memory = mem;
     let mut tr = trainer(cfg, tc);
     let mut hist = vec![];
     for _ in 0..3 {
@@ -28,9 +28,9 @@ fn recompute_options_are_bitwise_identical() {
             cfg.vocab_size = 160; // the backward temporaries fit in the logits buffer
             let mut tc = train_config(2, 8, 2, 3);
             tc.precision = precision;
-            let (base, wbase) = run(&cfg, tc.clone(), Recompute::default());
-            for (name, rc) in Recompute::all_variants() {
-                let (h, w) = run(&cfg, tc.clone(), rc);
+            let (base, wbase) = run(&cfg, tc.clone(), MemoryOptions::default());
+            for (name, recompute) in Recompute::all_variants() {
+                let (h, w) = run(&cfg, tc.clone(), MemoryOptions { recompute, ..Default::default() });
                 assert_eq!(h, base, "{arch:?} {:?} recompute {name}: losses/norms differ", precision.weights);
                 assert!(w == wbase, "{arch:?} recompute {name}: weights differ");
             }
@@ -76,11 +76,11 @@ fn bf16_master_weights_train() {
 #[test]
 fn checkpoints_resume_under_other_memory_and_speed_options() {
     let cfg = tiny(Arch::Qwen3, false);
-    let fp8 = Precision { wgrad_overlap: true, ..Precision::fp8() };
-    let tc = |precision: Precision, rc: Recompute| {
+    let fp8 = Precision::fp8();
+    let tc = |precision: Precision, mem: MemoryOptions| {
         let mut tc = train_config(2, 16, 2, 4);
         tc.precision = precision;
-        tc.recompute = rc;
+        tc.memory = mem;
         tc
     };
     let dir = std::env::temp_dir().join(format!("llmq-resume-options-{}", std::process::id()));
@@ -89,19 +89,38 @@ fn checkpoints_resume_under_other_memory_and_speed_options() {
         let s = tr.train_step().unwrap();
         (s.loss.to_bits(), s.grad_norm.to_bits())
     };
-    let mut a = trainer(&cfg, tc(fp8, Recompute::default()));
+    let overlap = MemoryOptions { wgrad_overlap: true, ..Default::default() };
+    let mut a = trainer(&cfg, tc(fp8, overlap));
     bits(&mut a);
     bits(&mut a);
     let saved = llmq_train::checkpoint::save(&a, &dir, &llmq_io::ckpt::Lineage::fresh()).unwrap();
     let straight: Vec<_> = (0..2).map(|_| bits(&mut a)).collect();
-    let (_, rc) = Recompute::all_variants().into_iter().last().unwrap();
-    let other = Precision { wgrad_overlap: false, persistent_quants: true, ..fp8 };
-    let mut b = trainer(&cfg, tc(other, rc));
+    let (_, recompute) = Recompute::all_variants().into_iter().last().unwrap();
+    let other = MemoryOptions { recompute, persistent_quants: true, offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };
+    let mut b = trainer(&cfg, tc(fp8, other));
     llmq_train::checkpoint::load(&mut b, &saved).unwrap();
     let resumed: Vec<_> = (0..2).map(|_| bits(&mut b)).collect();
     assert_eq!(resumed, straight, "resumed under other options, the run continued differently");
-    let mut c = trainer(&cfg, tc(Precision { act_grads: DType::E5M2, ..fp8 }, Recompute::default()));
+    let mut c = trainer(&cfg, tc(Precision { act_grads: DType::E5M2, ..fp8 }, overlap));
     let e = llmq_train::checkpoint::load(&mut c, &saved).unwrap_err().to_string();
     assert!(e.contains("precision.act_grads"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The backend's kernel choices are compared on resume like the precision: a checkpoint written
+/// before they existed counts as made with today's defaults, any other choice is refused by name.
+#[test]
+fn resume_compares_the_backend_options() {
+    let cfg = tiny(Arch::Llama, true);
+    let tc = train_config(2, 16, 1, 4);
+    let tr = trainer(&cfg, tc.clone());
+    let state = |train: serde_json::Value| serde_json::json!({"model": cfg, "train": train, "world_size": 1});
+    let mut old = serde_json::to_value(&tc).unwrap();
+    old.as_object_mut().unwrap().remove("backend");
+    llmq_train::checkpoint::check_compatible(&state(old), &cfg, &tr).unwrap();
+    llmq_train::checkpoint::check_compatible(&state(serde_json::to_value(&tc).unwrap()), &cfg, &tr).unwrap();
+    let mut other = tc.clone();
+    other.backend.attention = llmq_core::AttentionKernels::Mma;
+    let e = llmq_train::checkpoint::check_compatible(&state(serde_json::to_value(&other).unwrap()), &cfg, &tr).unwrap_err().to_string();
+    assert!(e.contains("train.backend.attention") && e.contains("mma"), "{e}");
 }

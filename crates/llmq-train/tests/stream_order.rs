@@ -11,26 +11,36 @@ use common::*;
 use llmq_core::cpu::CpuBackend;
 use llmq_core::stream_check::StreamChecked;
 use llmq_core::{Arch, DType};
-use llmq_train::{Precision, Recompute};
+use llmq_train::{MemoryOptions, Precision, Recompute};
 
 #[test]
 fn training_orders_its_streams_under_every_option() {
-    let fp8 = Precision { wgrad_overlap: true, ..Precision::fp8() };
+    let fp8 = Precision::fp8();
+    let (plain, overlap) = (MemoryOptions::default(), MemoryOptions { wgrad_overlap: true, ..Default::default() });
     let precisions = [
-        ("bf16", Precision::bf16()),
-        ("fp8 without overlap", Precision::fp8()),
-        ("fp8", fp8),
-        ("fp8 persistent quants", Precision { persistent_quants: true, ..fp8 }),
-        ("fp8 e5m2 gradients", Precision { act_grads: DType::E5M2, ..fp8 }),
+        ("bf16", Precision::bf16(), plain),
+        ("fp8 without overlap", fp8, plain),
+        ("fp8", fp8, overlap),
+        ("fp8 persistent quants", fp8, MemoryOptions { persistent_quants: true, ..overlap }),
+        ("fp8 e5m2 gradients", Precision { act_grads: DType::E5M2, ..fp8 }, overlap),
+        ("bf16 offloaded optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain }),
+        ("bf16 streamed weights, offloaded gradients", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
+        ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
+        ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
+        ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
+        ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny(arch, arch == Arch::Qwen3);
         cfg.vocab_size = 160; // the backward temporaries live in the logits buffer
-        for (pname, precision) in precisions {
+        // five layers: streamed and offloaded buffers pass through two device slots, so each
+        // slot is reused within a pass (and an odd count ends the forward pass on slot 0)
+        cfg.num_layers = 5;
+        for (pname, precision, mem) in precisions {
             for (rname, recompute) in Recompute::all_variants() {
                 let mut tc = train_config(2, 16, 2, 2);
                 tc.precision = precision;
-                tc.recompute = recompute;
+                tc.memory = MemoryOptions { recompute, ..mem };
                 let mut tr = trainer_on(Box::new(StreamChecked::new(Box::new(CpuBackend::new()))), &cfg, tc);
                 for step in 1..=2 {
                     if let Err(e) = tr.train_step() {
@@ -56,9 +66,10 @@ fn micro_steps_without_host_syncs_order_their_streams() {
         c
     };
     let (b, t) = (2, 16);
-    for precision in [Precision::bf16(), Precision { wgrad_overlap: true, ..Precision::fp8() }] {
+    let overlap = MemoryOptions { wgrad_overlap: true, ..Default::default() };
+    for (precision, mem) in [(Precision::bf16(), MemoryOptions::default()), (Precision::fp8(), overlap)] {
         let mut be = StreamChecked::new(Box::new(CpuBackend::new()));
-        let model = llmq_train::Model::new(&mut be, &cfg, precision, llmq_train::RunShape { b, t }, Recompute::default()).unwrap();
+        let model = llmq_train::Model::new(&mut be, &cfg, precision, llmq_train::RunShape { b, t }, &mem).unwrap();
         model.params.init_from_scratch(&be, 7).unwrap();
         model.weights_changed(&be).unwrap();
         let ids: Vec<i32> = (0..b * t).map(|i| (i * 37 % cfg.vocab_size) as i32).collect();

@@ -36,7 +36,8 @@ pub struct CpuBackend {
     /// (category, mem) -> bytes
     accounted: BTreeMap<(MemCategory, u8), usize>,
     events: u32,
-    /// Upper bound for all allocations together (the "device memory" of this backend).
+    /// Upper bound for `Mem::Device` allocations together. Host and device memory are the same
+    /// RAM here, but accounted apart, so that offloading is tested as on a GPU.
     limit: usize,
 }
 
@@ -50,12 +51,13 @@ impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend { blocks: Vec::new(), accounted: BTreeMap::new(), events: 0, limit: usize::MAX }
     }
-    /// A backend that refuses allocations beyond `bytes` in total (for out-of-memory tests).
+    /// A backend that refuses device allocations beyond `bytes` in total.
     pub fn with_limit(bytes: usize) -> CpuBackend {
         CpuBackend { limit: bytes, ..Self::new() }
     }
-    fn allocated(&self) -> usize {
-        self.accounted.values().sum()
+    /// Bytes of `Mem::Device` allocated (nothing is freed before drop: also the high-water mark).
+    pub fn device_allocated(&self) -> usize {
+        self.accounted.iter().filter(|((_, m), _)| *m == Mem::Device as u8).map(|(_, b)| b).sum()
     }
 }
 
@@ -102,12 +104,12 @@ impl Backend for CpuBackend {
     fn alloc(&mut self, cat: MemCategory, mem: Mem, dtype: DType, dims: &[usize]) -> Result<Tensor> {
         let shape = Shape::new(dims);
         let bytes = shape.numel().checked_mul(dtype.size()).ok_or_else(|| Error::OutOfMemory(format!("{dims:?}")))?;
-        if self.allocated().saturating_add(bytes) > self.limit {
+        if mem == Mem::Device && self.device_allocated().saturating_add(bytes) > self.limit {
             return Err(Error::OutOfMemory(format!(
-                "cpu: cannot allocate {} for {} (allocated {}, limit {})",
+                "cpu: cannot allocate {} for {} (device memory allocated {}, limit {})",
                 crate::fmt_bytes(bytes),
                 cat.name(),
-                crate::fmt_bytes(self.allocated()),
+                crate::fmt_bytes(self.device_allocated()),
                 crate::fmt_bytes(self.limit)
             )));
         }
@@ -127,7 +129,10 @@ impl Backend for CpuBackend {
     }
 
     fn free_memory(&self) -> Option<usize> {
-        (self.limit != usize::MAX).then(|| self.limit - self.allocated())
+        (self.limit != usize::MAX).then(|| self.limit.saturating_sub(self.device_allocated()))
+    }
+    fn limit_device_memory(&mut self, bytes: usize) {
+        self.limit = bytes;
     }
 
     fn upload(&self, dst: &Tensor, src: &[u8]) -> Result<()> {

@@ -67,44 +67,12 @@ impl Drop for Pair {
     }
 }
 
-thread_local! {
-    /// Errors of ops in timing tests, per test (libtest runs each test on its own thread).
-    static OP_ERRORS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// For timing tests: an op's error is printed (once per message) and recorded instead of
-/// aborting the table; [`OpsRan`] fails the test at its end.
-pub fn ok(r: llmq_core::Result<()>) {
-    if let Err(e) = r {
-        let msg = e.to_string();
-        OP_ERRORS.with_borrow_mut(|v| {
-            if !v.contains(&msg) {
-                println!("ERROR: {msg}");
-                v.push(msg);
-            }
-        });
-    }
-}
-
-/// Held by a timing test: when it ends, any op error recorded by [`ok`] fails it (timings of ops
-/// that did not run are no pass).
-pub struct OpsRan;
-
-impl Drop for OpsRan {
-    fn drop(&mut self) {
-        let errors = OP_ERRORS.take();
-        if !std::thread::panicking() {
-            assert!(errors.is_empty(), "{} op(s) failed during the timings:\n{}", errors.len(), errors.join("\n"));
-        }
-    }
-}
-
 pub fn gpu_or_skip() -> Option<CudaBackend> {
     if let Err(e) = cuda_available() {
         llmq_cuda::skip_gpu_test(&format!("no CUDA device: {e}"));
         return None;
     }
-    Some(CudaBackend::new(0).expect("CudaBackend::new(0)"))
+    Some(CudaBackend::new(0, &Default::default()).expect("CudaBackend::new"))
 }
 
 pub fn encode(dtype: DType, vals: &[f32]) -> Vec<u8> {

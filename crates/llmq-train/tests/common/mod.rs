@@ -39,12 +39,13 @@ pub fn train_config(b: usize, t: usize, accum: usize, steps: u64) -> TrainConfig
         schedule: Schedule { lr: 1e-2, warmup: 2.min(steps), total: steps, decay: Decay::Cosine, final_fraction: 0.1, cooldown: 0 },
         optim: OptimConfig::default(),
         precision: Precision::fp32(),
-        recompute: Recompute::default(),
+        memory: MemoryOptions::default(),
         seed: 1234,
         eval_every: 0,
         eval_batches: 1,
         max_bad_steps: 3,
         spike: Default::default(),
+        backend: Default::default(),
     }
 }
 

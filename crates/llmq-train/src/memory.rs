@@ -1,0 +1,200 @@
+//! Memory options: where state lives and what is kept or recomputed. None of them changes the
+//! numbers (the tests compare every option bitwise with the plain run), so a resumed run may pick
+//! other ones. The numerics are `crate::precision::Precision`.
+
+use crate::precision::Precision;
+use llmq_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Memory and speed options of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryOptions {
+    pub recompute: Recompute,
+    /// fp8: keep the fp8 weights (and transposes) between micro-batches, re-quantised once per
+    /// optimizer step.
+    pub persistent_quants: bool,
+    /// fp8: run the weight-gradient matmuls whose inputs are kept on a second stream, beside the
+    /// input-gradient chain (the same ops on the same bytes).
+    pub wgrad_overlap: bool,
+    /// Master weights in pinned host memory (only when they are a copy of their own, i.e. not
+    /// the working weights).
+    pub offload_master: bool,
+    /// Adam first moment in pinned host memory.
+    pub offload_opt_m: bool,
+    /// Adam second moment in pinned host memory.
+    pub offload_opt_v: bool,
+    /// Weight streaming on one device (`--shard-weights`): block weights in pinned host memory,
+    /// brought to two device slots ahead of their block's forward, recompute and backward.
+    pub stream_weights: bool,
+    /// Block gradients in pinned host memory, accumulated in two device slots per block.
+    pub offload_gradients: bool,
+    /// Per-layer residuals in pinned host memory between the forward and the backward pass.
+    pub offload_residual: bool,
+    /// Device bytes the run may allocate (None: what the device has).
+    pub memory_limit: Option<u64>,
+}
+
+impl MemoryOptions {
+    pub fn validate(&self, precision: &Precision) -> Result<()> {
+        if self.persistent_quants && !precision.matmul.is_fp8() {
+            return Err(Error::Config("--persistent-quants only applies with --matmul-dtype e4m3".into()));
+        }
+        if self.wgrad_overlap && !precision.matmul.is_fp8() {
+            return Err(Error::Config("the side-stream weight gradients (wgrad_overlap) only apply with --matmul-dtype e4m3".into()));
+        }
+        if self.offload_master && precision.master == precision.weights {
+            return Err(Error::Config(format!(
+                "--offload-master: the master weights are the {} working weights (no copy of their own to offload); use --model-dtype fp32 with bf16 matmuls",
+                precision.weights
+            )));
+        }
+        if self.offload_gradients && self.wgrad_overlap {
+            return Err(Error::Config("--offload-gradients writes each block's gradient back when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
+        }
+        if self.memory_limit == Some(0) {
+            return Err(Error::Config("--memory-limit must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// One line for the printed configuration, e.g. "recompute block | offload m, v | limit 16 GiB".
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!("recompute {}", self.recompute.describe())];
+        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v"), (self.offload_gradients, "gradients"), (self.offload_residual, "residuals")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect();
+        if !off.is_empty() {
+            parts.push(format!("offload {}", off.join(", ")));
+        }
+        if self.persistent_quants {
+            parts.push("persistent fp8 weights".into());
+        }
+        if self.stream_weights {
+            parts.push("block weights streamed from the host".into());
+        }
+        if self.wgrad_overlap {
+            parts.push("weight gradients on a second stream".into());
+        }
+        if let Some(l) = self.memory_limit {
+            parts.push(format!("device limit {}", llmq_core::fmt_bytes(l as usize)));
+        }
+        parts.join(" | ")
+    }
+}
+
+/// Parses a size such as `16GiB`, `24GB`, `512MiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "kb" => 1e3,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "t" | "tib" => 1024f64.powi(4),
+        "tb" => 1e12,
+        _ => return Err(Error::Config(format!("size {s:?}: unknown unit {unit:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"))),
+    };
+    let v: f64 = num.parse().map_err(|_| Error::Config(format!("size {s:?}: expected a number followed by a unit, e.g. 16GiB")))?;
+    let bytes = v * mult;
+    if !(1.0..1.8e19).contains(&bytes) {
+        return Err(Error::Config(format!("size {s:?}: out of range")));
+    }
+    Ok(bytes as u64)
+}
+
+/// Activation recomputation: which activations are recomputed in the backward pass instead of
+/// being kept from the forward pass. None of these changes the numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recompute {
+    /// SwiGLU output.
+    pub swiglu: bool,
+    /// RMSNorm outputs (ln1, ln2).
+    pub norm: bool,
+    /// Up/gate matmul and SwiGLU.
+    pub ffn: bool,
+    /// QKV matmul, qk-norm and RoPE.
+    pub qkv: bool,
+    /// ln1, QKV, RoPE and attention.
+    pub att: bool,
+    /// Everything but the residual stream.
+    pub block: bool,
+    /// fp8 runs: where a block matmul input's bf16 form is kept for the backward pass anyway (the
+    /// attention output; ln1 or ln2 when QKV or up+gate are recomputed), re-quantise it
+    /// transposed there instead of keeping the transpose the forward pass wrote beside the plain
+    /// form (less activation memory, one more pass over those inputs). Inputs kept only in fp8
+    /// (`acts::Keep::Fp8Only`) keep their transposes. No effect in other runs.
+    #[serde(default)]
+    pub fp8_inputs: bool,
+    /// Not a recomputation: gives the backward pass's largest temporaries (the up+gate gradient,
+    /// the fp8 gradient scratch) buffers of their own instead of placing them in the logits
+    /// buffer, which only the forward pass uses (`acts::BackwardScratch`). More memory, the same
+    /// numbers; for tests and debugging.
+    #[serde(default)]
+    pub own_backward_temporaries: bool,
+}
+
+impl Recompute {
+    /// "none", or the recomputed parts joined by "+".
+    pub fn describe(&self) -> String {
+        let parts: Vec<&str> = [
+            (self.block, "block"),
+            (self.att, "attention"),
+            (self.qkv, "qkv"),
+            (self.ffn, "ffn"),
+            (self.swiglu, "swiglu"),
+            (self.norm, "norms"),
+            (self.fp8_inputs, "fp8 inputs"),
+            (self.own_backward_temporaries, "(own backward temporaries)"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join("+")
+        }
+    }
+
+    pub fn all_variants() -> Vec<(&'static str, Recompute)> {
+        let r = Recompute::default();
+        vec![
+            ("none", r),
+            ("swiglu", Recompute { swiglu: true, ..r }),
+            ("norm", Recompute { norm: true, ..r }),
+            ("ffn", Recompute { ffn: true, ..r }),
+            ("qkv", Recompute { qkv: true, ..r }),
+            ("att", Recompute { att: true, ..r }),
+            ("block", Recompute { block: true, ..r }),
+            ("fp8_inputs", Recompute { fp8_inputs: true, ..r }),
+            ("own_backward_temporaries", Recompute { own_backward_temporaries: true, ..r }),
+            ("att+ffn+norm", Recompute { att: true, ffn: true, norm: true, ..r }),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("16GiB").unwrap(), 16 << 30);
+        assert_eq!(parse_size("24GB").unwrap(), 24_000_000_000);
+        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "GiB", "16XB", "-3GiB", "0"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

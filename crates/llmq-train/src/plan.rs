@@ -1,0 +1,388 @@
+//! The memory plan of a run: every buffer with its category, placement, dtype, shape and
+//! lifetime, device and host totals, and an estimated step time — computed without a device by
+//! building the model on the planning backend (`llmq_core::plan_backend`), so the plan is the
+//! allocation code's own answer, not a second model of it that could drift.
+//!
+//! Nothing is freed during a run (buffers are allocated at setup and reused), so the device peak
+//! is the device total plus what the backend holds for itself (`backend_reserve`: the CUDA
+//! backend's workspaces, context and kernel module).
+
+use crate::acts::RunShape;
+use crate::memory::{MemoryOptions, Recompute};
+use crate::model::Model;
+use crate::trainer::TrainConfig;
+use llmq_core::plan_backend::{Allocation, PlanBackend};
+use llmq_core::{fmt_bytes, Mem, MemCategory, ModelConfig, Result};
+
+/// How long a buffer lives.
+pub fn lifetime(cat: MemCategory) -> &'static str {
+    match cat {
+        MemCategory::Weights | MemCategory::Master | MemCategory::AdamM | MemCategory::AdamV | MemCategory::Other => "whole run",
+        MemCategory::Quants => "whole run (per step with persistent quants, else per matmul)",
+        MemCategory::Gradients => "whole run (accumulated over micro-batches)",
+        MemCategory::Activations => "forward to backward of a micro-batch",
+        MemCategory::Temporaries => "within one layer's op",
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MemoryPlan {
+    pub allocations: Vec<Allocation>,
+    /// Bytes the backend allocates for itself on the device besides the model's buffers.
+    pub backend_reserve: usize,
+}
+
+impl MemoryPlan {
+    /// Plans `cfg` trained with `tc` (its memory options included).
+    pub fn new(cfg: &ModelConfig, tc: &TrainConfig, backend_reserve: usize) -> Result<MemoryPlan> {
+        tc.validate(cfg)?;
+        let mut be = PlanBackend::new();
+        Model::new(&mut be, cfg, tc.precision, RunShape { b: tc.batch_size, t: tc.seq_len }, &tc.memory)?;
+        Ok(MemoryPlan { allocations: be.allocations, backend_reserve })
+    }
+
+    pub fn total(&self, mem: Mem) -> usize {
+        self.allocations.iter().filter(|a| a.mem == mem).fold(0usize, |s, a| s.saturating_add(a.total()))
+    }
+    /// Device bytes at the peak: every device buffer plus the backend's own.
+    pub fn device_peak(&self) -> usize {
+        self.total(Mem::Device).saturating_add(self.backend_reserve)
+    }
+    pub fn host_total(&self) -> usize {
+        self.total(Mem::Host)
+    }
+    /// (category, placement, bytes), in category order, placements apart.
+    pub fn by_category(&self) -> Vec<(MemCategory, Mem, usize)> {
+        let mut out: Vec<(MemCategory, Mem, usize)> = vec![];
+        for cat in MemCategory::ALL {
+            for mem in [Mem::Device, Mem::Host] {
+                let b = self.allocations.iter().filter(|a| a.category == cat && a.mem == mem).fold(0usize, |s, a| s.saturating_add(a.total()));
+                if b > 0 {
+                    out.push((cat, mem, b));
+                }
+            }
+        }
+        out
+    }
+
+    /// The table printed by `llmq plan` and before a run.
+    pub fn describe(&self, limit: Option<u64>) -> String {
+        let mut s = String::new();
+        let place = |m: Mem| if m == Mem::Device { "device" } else { "pinned host" };
+        for (cat, mem, b) in self.by_category() {
+            s += &format!("  {:<16} {:>12}  {:<12} {}\n", cat.name(), fmt_bytes(b), place(mem), lifetime(cat));
+        }
+        if self.backend_reserve > 0 {
+            s += &format!("  {:<16} {:>12}  {:<12} {}\n", "backend", fmt_bytes(self.backend_reserve), "device", "workspaces, context, kernels (estimate)");
+        }
+        s += &format!("  {:<16} {:>12}", "device peak", fmt_bytes(self.device_peak()));
+        if let Some(l) = limit {
+            s += &format!("  (limit {}: {})", fmt_bytes(l as usize), if self.fits(Some(l)) { "fits" } else { "OVER" });
+        }
+        s += &format!("\n  {:<16} {:>12}\n", "pinned host", fmt_bytes(self.host_total()));
+        s
+    }
+
+    /// The largest buffers, one line per kind (for `llmq plan --verbose`).
+    pub fn describe_buffers(&self, n: usize) -> String {
+        let mut v = self.allocations.clone();
+        v.sort_by_key(|a| std::cmp::Reverse(a.total()));
+        v.iter()
+            .take(n)
+            .map(|a| format!("  {:>4} x {:<5} {:<22} {:>12}  {:<16} {:?}\n", a.count, a.dtype.name(), format!("{:?}", a.shape), fmt_bytes(a.total()), a.category.name(), a.mem))
+            .collect()
+    }
+
+    pub fn fits(&self, limit: Option<u64>) -> bool {
+        limit.is_none_or(|l| self.device_peak() as u64 <= l)
+    }
+}
+
+/// Named changes of the memory options (and micro-batch) that the planner may try, from the
+/// cheapest in speed to the most expensive. Each keeps the numbers of the run except the
+/// micro-batch change, which keeps the tokens per step.
+fn candidates(tc: &TrainConfig) -> Vec<(String, TrainConfig)> {
+    let mut out = vec![];
+    let m = tc.memory;
+    let mut add = |name: &str, mem: MemoryOptions| {
+        if mem != m {
+            out.push((name.to_string(), TrainConfig { memory: mem, ..tc.clone() }));
+        }
+    };
+    add("--offload-opt-m --offload-opt-v", MemoryOptions { offload_opt_m: true, offload_opt_v: true, ..m });
+    if tc.precision.master != tc.precision.weights {
+        add("--offload-master --offload-opt-m --offload-opt-v", MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..m });
+    }
+    add("--recompute-ffn --recompute-att", MemoryOptions { recompute: Recompute { ffn: true, att: true, ..m.recompute }, ..m });
+    add("--recompute-block", MemoryOptions { recompute: Recompute { block: true, ..m.recompute }, ..m });
+    add(
+        "--recompute-block --offload-master --offload-opt-m --offload-opt-v",
+        MemoryOptions {
+            recompute: Recompute { block: true, ..m.recompute },
+            offload_master: tc.precision.master != tc.precision.weights,
+            offload_opt_m: true,
+            offload_opt_v: true,
+            ..m
+        },
+    );
+    add(
+        "--recompute-block --shard-weights --offload-gradients --offload-residual and the optimizer state offloaded",
+        MemoryOptions {
+            offload_residual: true,
+            recompute: Recompute { block: true, ..m.recompute },
+            offload_master: tc.precision.master != tc.precision.weights,
+            offload_opt_m: true,
+            offload_opt_v: true,
+            stream_weights: true,
+            offload_gradients: true,
+            wgrad_overlap: false,
+            ..m
+        },
+    );
+    let mut b = tc.batch_size;
+    let mut acc = tc.grad_accumulation;
+    while b > 1 && b.is_multiple_of(2) {
+        b /= 2;
+        acc *= 2;
+        out.push((format!("--batch-size {b} --grad-accumulation {acc}"), TrainConfig { batch_size: b, grad_accumulation: acc, ..tc.clone() }));
+    }
+    out
+}
+
+/// The changes from `candidates` whose plans fit under `limit`, with their device peaks (at most
+/// `n`, the first ones in the order above).
+pub fn options_that_fit(cfg: &ModelConfig, tc: &TrainConfig, backend_reserve: usize, limit: u64, n: usize) -> Vec<(String, usize)> {
+    candidates(tc)
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let p = MemoryPlan::new(cfg, &t, backend_reserve).ok()?;
+            p.fits(Some(limit)).then(|| (name, p.device_peak()))
+        })
+        .take(n)
+        .collect()
+}
+
+/// Device throughput figures for the step-time estimate.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceSpeeds {
+    /// Matmul FLOP/s at the run's matmul dtype and at bf16.
+    pub matmul_flops: f64,
+    pub bf16_flops: f64,
+    /// Device memory bandwidth, bytes/s.
+    pub mem_bw: f64,
+    /// Host <-> device link, bytes/s each way.
+    pub link_bw: f64,
+}
+
+impl DeviceSpeeds {
+    /// Measured on an H200 (docs/BENCHMARKS.md): 1430 / 795 TFLOP/s fp8 / bf16 GEMM peaks,
+    /// 4.25 TB/s device copy, 55 GB/s pinned host <-> device.
+    pub fn h200(fp8: bool) -> DeviceSpeeds {
+        DeviceSpeeds { matmul_flops: if fp8 { 1430e12 } else { 795e12 }, bf16_flops: 795e12, mem_bw: 4.25e12, link_bw: 55e9 }
+    }
+}
+
+/// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
+/// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
+/// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
+/// state over the host link, not overlapped), and streamed weights and offloaded gradients over
+/// the link (overlapped with each micro-batch's compute).
+pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
+    let tokens = tc.tokens_per_step() as f64;
+    let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
+    let q = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as f64;
+    let block_flops = 6.0 * l * c * (3.0 * d + c + q) * tokens;
+    let head_flops = (6.0 * cfg.vocab_size as f64 * c + 6.0 * l * (cfg.num_heads * cfg.head_dim) as f64 * tc.seq_len as f64) * tokens;
+    let rc = tc.memory.recompute;
+    // a recomputed forward costs a third of the forward+backward matmuls of what it redoes
+    let recompute_share = if rc.block { 1.0 / 3.0 } else { (if rc.ffn { 3.0 * d / (3.0 * d + c + q) / 3.0 } else { 0.0 }) + (if rc.att || rc.qkv { q / (3.0 * d + c + q) / 3.0 } else { 0.0 }) };
+    // matmuls on few rows run below peak: efficiency m / (m + 1024) for m = B*T rows per
+    // micro-batch (0.94 at 16k rows, 0.98 at 64k: the 3-5% that B=64 gains over B=16 measured)
+    let rows = (tc.batch_size * tc.seq_len) as f64;
+    let eff = rows / (rows + 1024.0);
+    let mm = (block_flops * (1.0 + recompute_share) / dev.matmul_flops + head_flops / dev.bf16_flops) / eff;
+    let memory_bound = 24.0 * 2.0 * l * (2.0 * c + 2.0 * d) * tokens / dev.mem_bw;
+    let p = cfg.num_params() as f64;
+    let state = |dt: llmq_core::DType| dt.size() as f64;
+    let pr = tc.precision;
+    let opt_bytes = p * (state(pr.master) * 2.0 + state(pr.opt_m) * 2.0 + state(pr.opt_v) * 2.0 + state(pr.grads) + state(pr.weights));
+    let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem == Mem::Host && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
+    // the optimizer reads and writes offloaded state in place, over the link
+    let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV));
+    let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + host_state / dev.link_bw;
+    // streamed weights cross the link twice per micro-batch (forward; recompute and backward),
+    // offloaded gradients once each way; the copy engines overlap them with the compute
+    let (w, g) = (host(MemCategory::Weights), host(MemCategory::Gradients));
+    let acc = tc.grad_accumulation as f64;
+    let transfer = ((2.0 * w + g) / dev.link_bw).max(g / dev.link_bw);
+    let compute = (mm + memory_bound) / acc;
+    // per micro-batch: the gradients' read-modify-write, the weights' fp8 quantisation (once
+    // per step with persistent quants) and ~40 launches per layer at ~4 us each
+    let per_micro = p * (2.0 * state(pr.grads) + if pr.matmul.is_fp8() && !tc.memory.persistent_quants { 3.0 } else { 0.0 }) / dev.mem_bw + 40.0 * l * 4e-6;
+    acc * (compute.max(transfer) + per_micro) + optimizer
+}
+
+/// The command-line flags that select `tc`'s micro-batch and memory options (what `--auto-memory`
+/// chose, to repeat it by hand).
+pub fn memory_flags(tc: &TrainConfig) -> String {
+    let m = &tc.memory;
+    let r = &m.recompute;
+    let mut f = vec![format!("--batch-size {} --grad-accumulation {}", tc.batch_size, tc.grad_accumulation)];
+    for (on, flag) in [
+        (r.block, "--recompute-block"),
+        (r.att, "--recompute-att"),
+        (r.qkv, "--recompute-qkv"),
+        (r.ffn, "--recompute-ffn"),
+        (r.swiglu, "--recompute-swiglu"),
+        (r.norm, "--recompute-norm"),
+        (r.fp8_inputs, "--recompute-fp8-inputs"),
+        (m.persistent_quants, "--persistent-quants"),
+        (m.offload_master, "--offload-master"),
+        (m.offload_opt_m, "--offload-opt-m"),
+        (m.offload_opt_v, "--offload-opt-v"),
+        (m.stream_weights, "--shard-weights"),
+        (m.offload_gradients, "--offload-gradients"),
+        (m.offload_residual, "--offload-residual"),
+    ] {
+        if on {
+            f.push(flag.into());
+        }
+    }
+    f.join(" ")
+}
+
+/// `--auto-memory`: among micro-batches (keeping the tokens per step), recomputation, persistent
+/// fp8 weights and offloading, the configuration that fits `limit` with the best estimated step
+/// time; its plan and estimate. Where nothing fits, an error saying by how much the smallest
+/// plan is over.
+pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, dev: DeviceSpeeds) -> Result<(TrainConfig, MemoryPlan, f64)> {
+    let tokens = tc.batch_size * tc.grad_accumulation;
+    let micro: Vec<usize> = (0..=16).map(|k| 1usize << k).filter(|b| *b <= tokens && tokens.is_multiple_of(*b)).collect();
+    let none = Recompute::default();
+    let recomputes = [none, Recompute { ffn: true, att: true, ..none }, Recompute { block: true, ..none }];
+    let separate_master = tc.precision.master != tc.precision.weights;
+    let offloads: &[(bool, bool, bool)] = if separate_master { &[(false, false, false), (false, true, true), (true, true, true)] } else { &[(false, false, false), (false, true, true)] };
+    // (stream weights, offload gradients, offload residuals)
+    let streams = [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, true, true)];
+    let fp8 = tc.precision.matmul.is_fp8();
+    let mut best: Option<(TrainConfig, MemoryPlan, f64)> = None;
+    let mut smallest: Option<usize> = None;
+    for &b in &micro {
+        for recompute in recomputes {
+            for &(master, m, v) in offloads {
+                for (pq, (sw, og, res)) in (if fp8 { vec![true, false] } else { vec![false] }).into_iter().flat_map(|pq| streams.map(|s| (pq, s))) {
+                    let wgrad_overlap = tc.memory.wgrad_overlap && !og;
+                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, ..tc.memory };
+                    let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
+                    let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
+                    smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
+                    if !plan.fits(Some(limit)) {
+                        continue;
+                    }
+                    let est = estimate_step_seconds(cfg, &t, &plan, dev);
+                    if best.as_ref().is_none_or(|(_, _, e)| est < *e) {
+                        best = Some((t, plan, est));
+                    }
+                }
+            }
+        }
+    }
+    best.ok_or_else(|| {
+        let s = smallest.unwrap_or(0);
+        llmq_core::Error::OutOfMemory(format!(
+            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {}, {} more",
+            fmt_bytes(limit as usize),
+            fmt_bytes(s),
+            fmt_bytes(s.saturating_sub(limit as usize))
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmq_core::cpu::CpuBackend;
+    use llmq_core::{Arch, Backend};
+
+    fn tc(b: usize, t: usize) -> TrainConfig {
+        TrainConfig {
+            batch_size: b,
+            seq_len: t,
+            grad_accumulation: 1,
+            steps: 1,
+            schedule: crate::Schedule { lr: 1e-3, warmup: 0, total: 1, decay: crate::Decay::Constant, final_fraction: 1.0, cooldown: 0 },
+            optim: crate::OptimConfig::default(),
+            precision: crate::Precision::bf16(),
+            memory: MemoryOptions::default(),
+            seed: 1,
+            eval_every: 0,
+            eval_batches: 1,
+            max_bad_steps: 3,
+            spike: Default::default(),
+            backend: Default::default(),
+        }
+    }
+
+    /// The plan's accounting is what a real backend allocates, category by category and
+    /// placement by placement, under every memory option.
+    #[test]
+    fn plan_matches_what_the_cpu_backend_allocates() {
+        let cfg = ModelConfig::tiny(Arch::Qwen3, 64);
+        for precision in [crate::Precision::bf16(), crate::Precision::fp8()] {
+            for (name, recompute) in Recompute::all_variants() {
+                for off in [false, true] {
+                    let mut t = tc(2, 32);
+                    t.precision = precision;
+                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, persistent_quants: precision.matmul.is_fp8(), ..Default::default() };
+                    let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
+                    let mut be = CpuBackend::new();
+                    Model::new(&mut be, &cfg, t.precision, RunShape { b: 2, t: 32 }, &t.memory).unwrap();
+                    let mut real = be.memory_by_category();
+                    real.sort_by_key(|(c, m, _)| (*c, *m as u8));
+                    let mut planned = plan.by_category();
+                    planned.sort_by_key(|(c, m, _)| (*c, *m as u8));
+                    assert_eq!(planned, real, "{:?} recompute {name} offload {off}", precision.matmul);
+                    assert_eq!(plan.device_peak(), be.device_allocated());
+                    assert_eq!(plan.host_total() > 0, off);
+                }
+            }
+        }
+    }
+
+    /// The choice fits, repeats from its printed flags, and prefers the fastest estimate: with
+    /// room to spare it keeps everything on the device and recomputes nothing.
+    #[test]
+    fn auto_memory_fits_and_prefers_the_fastest_estimate() {
+        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
+        let mut t = tc(16, 1024);
+        t.grad_accumulation = 4;
+        let dev = DeviceSpeeds::h200(false);
+        let (roomy, plan, _) = auto_memory(&cfg, &t, 0, 1 << 40, dev).unwrap();
+        assert!(plan.fits(Some(1 << 40)));
+        assert_eq!(roomy.memory.recompute, Recompute::default());
+        assert!(!roomy.memory.offload_opt_m && !roomy.memory.offload_master);
+        assert_eq!(roomy.tokens_per_step(), t.tokens_per_step());
+        let tight = 6u64 << 30;
+        let (chosen, plan, est) = auto_memory(&cfg, &t, 0, tight, dev).unwrap();
+        assert!(plan.fits(Some(tight)), "{}", plan.describe(Some(tight)));
+        assert_eq!(chosen.tokens_per_step(), t.tokens_per_step());
+        assert!(est > 0.0);
+        let flags = memory_flags(&chosen);
+        assert!(flags.contains(&format!("--batch-size {}", chosen.batch_size)), "{flags}");
+        let e = auto_memory(&cfg, &t, 0, 1 << 20, dev).unwrap_err().to_string();
+        assert!(e.contains("nothing fits") && e.contains("more"), "{e}");
+    }
+
+    #[test]
+    fn offloading_moves_optimizer_state_to_the_host() {
+        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
+        let base = MemoryPlan::new(&cfg, &tc(4, 1024), 0).unwrap();
+        let mut t = tc(4, 1024);
+        t.memory = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };
+        let off = MemoryPlan::new(&cfg, &t, 0).unwrap();
+        // fp32 master, m and v: 12 bytes per parameter move
+        let moved = 12 * llmq_core::ParamLayout::new(&cfg).groups.iter().map(|g| g.numel).sum::<usize>();
+        assert_eq!(base.device_peak() - off.device_peak(), moved);
+        assert_eq!(off.host_total(), moved);
+    }
+}
