@@ -155,3 +155,41 @@ fn spike_guard_skips_injected_spikes_and_stops_after_k_in_a_row() {
     bad.spike.window = 2;
     assert!(bad.validate(&cfg).unwrap_err().to_string().contains("--spike-window"));
 }
+
+#[test]
+fn a_run_stopped_by_the_spike_guard_writes_the_last_good_state_and_fails() {
+    use llmq_train::ckpt_session::CkptSession;
+    use llmq_train::run::{Run, RunEvent, RunOptions};
+    let root = std::env::temp_dir().join(format!("llmq-spike-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cfg = tiny(Arch::Qwen2, true);
+    let mut tc = train_config(2, 8, 1, 60);
+    // a threshold so low that the first step above the recent mean counts as a spike, and one
+    // such step ends the run: deterministic, and exercises the stop path end to end
+    tc.spike = llmq_train::spike::SpikeGuard { z: 0.01, window: 10, max_skips: 1 };
+    let mut tr = trainer(&cfg, tc);
+    tr.init_from_scratch().unwrap();
+    let ck = CkptSession::new(root.clone(), 2, None, false).unwrap();
+    let opts = RunOptions { checkpoints: Some(ck), ..Default::default() };
+    let mut run = Run::new(tr, opts, Default::default());
+    let mut stop = None;
+    while !run.done() {
+        for ev in run.step().unwrap() {
+            if let RunEvent::SpikeStop { why } = ev {
+                stop = Some(why);
+            }
+        }
+    }
+    let why = stop.expect("the guard stops the run");
+    assert!(why.contains("1 consecutive loss spikes"), "{why}");
+    let step = run.trainer().step;
+    assert!((11..60).contains(&step), "stopped at step {step}");
+    let events = run.finish().unwrap();
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Checkpoint { step: s, .. } if *s == step)), "{events:?}");
+    assert_eq!(run.failure(), Some(why.as_str()));
+    // the checkpoint holds the weights before the skipped update (the trainer's, untouched)
+    let tr = run.into_trainer();
+    let (_, groups) = llmq_train::checkpoint::model_config(&llmq_io::ckpt::checkpoint_dir(&root, step)).unwrap();
+    assert_eq!(groups, tr.model.params.master_f32(tr.be.as_ref()).unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}
