@@ -363,6 +363,11 @@ fn manifest_fields_are_checked_against_the_tensors() {
     forge(&step, |m| m["state"]["step"] = 7.into());
     let err = export("e3");
     assert!(err.contains("state field `step`"), "{err}");
+    // more optimizer updates than steps
+    std::fs::write(step.join("manifest.json"), &backup).unwrap();
+    forge(&step, |m| m["state"]["updates"] = 3.into());
+    let err = export("e4");
+    assert!(err.contains("state field `updates`") && err.contains("step 2"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -120,6 +120,14 @@ fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
     if step != Some(ck.step) {
         return Err(Error::file(dir, format!("state field `step`: {step:?} differs from the manifest's step {}", ck.step)));
     }
+    // every step applied its update or skipped it: never more updates (Adam's bias-correction
+    // counter) or bad steps in a row than steps
+    for k in ["updates", "bad_in_a_row"] {
+        let v = st.get(k).and_then(|v| v.as_u64());
+        if v.is_none_or(|v| v > ck.step) {
+            return Err(Error::file(dir, format!("state field `{k}`: {v:?}, expected an integer no larger than the step {}", ck.step)));
+        }
+    }
     // three tensors (master, adam m, adam v) per group: the blocks, the embedding and the head;
     // counted before the layout is built, since the config is input
     let groups = cfg.num_layers.saturating_add(2);
