@@ -10,7 +10,7 @@ what="${1:-tests}"; shift || true
 case "$what" in
   tests)
     (PYTHONUNBUFFERED=1 python3 .gpu/hf_reference.py /tmp/hf_ref 2>&1) > /tmp/hf_reference.log
-    export LLMQ_HF_REF=/tmp/hf_ref
+    export LLMQ_HF_REF=/tmp/hf_ref LLMQ_REQUIRE_GPU=1
     OUT=/tmp/testlogs bash .gpu/run.sh > "$O/summary.txt" 2>&1
     for f in /tmp/hf_reference.log /tmp/testlogs/*.log; do echo "######## $f"; cat "$f"; done > "$O/tests.log"
     ;;

@@ -19,7 +19,8 @@ import transformers as tf
 def build(kind, tied):
     common = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=tied, rms_norm_eps=1e-6, rope_theta=10000.0)
+                  tie_word_embeddings=tied, rms_norm_eps=1e-6,
+                  rope_theta=50000.0)  # not the parser's default (10000), so a parsing slip shows
     if kind == "qwen2":
         cfg = tf.Qwen2Config(**common)
         return tf.Qwen2ForCausalLM(cfg)

@@ -4,6 +4,7 @@ mod backend_args;
 mod device;
 mod files_cmd;
 mod plot;
+mod preflight;
 mod signals;
 mod train_args;
 mod train_cmd;

@@ -3,6 +3,7 @@
 use clap::Args;
 use llmq_core::{DType, Error, Result};
 use llmq_train::memory::parse_size;
+use llmq_train::spike::SpikeGuard;
 use llmq_train::{Decay, MemoryOptions, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
 use std::path::PathBuf;
 
@@ -28,6 +29,10 @@ pub struct TrainArgs {
     /// Vocabulary of the synthetic corpus (when no --train-file is given).
     #[arg(long, default_value_t = 256, help_heading = "Data")]
     pub synthetic_vocab: usize,
+    /// With --continue: resume although a token file's content fingerprint or size differs from
+    /// the one the checkpoint recorded (a deliberate change of data under the same names).
+    #[arg(long, help_heading = "Data")]
+    pub allow_data_change: bool,
     /// Train on uniformly random tokens (throughput benchmarks only: nothing to learn).
     #[arg(long, help_heading = "Data")]
     pub random_data: bool,
@@ -79,6 +84,17 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this value (0: off).
     #[arg(long, default_value_t = 1.0, help_heading = "Optimizer")]
     pub grad_clip: f64,
+
+    /// Loss-spike guard: skip an update whose loss or gradient norm is more than this many
+    /// standard deviations above the mean of the recent steps (0: off).
+    #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
+    pub spike_z: f64,
+    /// Accepted steps the spike guard's mean and deviation are taken over.
+    #[arg(long, default_value_t = 100, help_heading = "Optimizer")]
+    pub spike_window: usize,
+    /// Stop (with a checkpoint of the last good state) after this many spikes in a row.
+    #[arg(long, default_value_t = 5, help_heading = "Optimizer")]
+    pub spike_max_skips: u32,
 
     // ---- precision ----
     /// Master weights: fp32 or bf16 (bf16 is updated with stochastic rounding).
@@ -199,9 +215,16 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps (0: only at the end and on a signal).
     #[arg(long, default_value_t = 0, help_heading = "Checkpoints")]
     pub ckpt_interval: u64,
-    /// Keep the newest N checkpoints (0: keep all).
+    /// Keep the newest N complete checkpoints of this run's line (0: keep all; 1 is refused:
+    /// at least two are kept). The checkpoint just written and the one resumed from are never
+    /// deleted.
     #[arg(long, default_value_t = 3, help_heading = "Checkpoints")]
     pub keep_last: usize,
+    /// Delete the checkpoints that are not on the resumed line (an abandoned branch, newer ones
+    /// that fail verification, or all for a run without --continue) instead of moving them
+    /// into <ckpt-dir>/abandoned/.
+    #[arg(long, help_heading = "Checkpoints")]
+    pub drop_abandoned: bool,
     /// Also keep every checkpoint whose step is a multiple of M ("major").
     #[arg(long, help_heading = "Checkpoints")]
     pub keep_major: Option<u64>,
@@ -345,6 +368,7 @@ impl TrainArgs {
             eval_every: self.eval_every,
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
+            spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
             backend: self.backend.options()?,
         })
     }

@@ -2,6 +2,7 @@
 //! memory plan, then drive a `llmq_train::run::Run` and print its events, a line per step.
 
 use crate::device;
+use crate::preflight;
 use crate::signals;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
@@ -9,10 +10,11 @@ use llmq_train::plan::{self, MemoryPlan};
 use llmq_train::run::{Export, Run, RunEvent, RunOptions};
 use llmq_io::data::BatchSource;
 use llmq_io::loader::{self, LoaderOptions, TokenLoader};
-use llmq_io::{ckpt, hf};
+use llmq_io::hf;
 use llmq_train::log::JsonLog;
 use llmq_train::synthetic::{MarkovSource, RandomTokens};
-use llmq_train::{checkpoint, flops, TrainConfig, Trainer};
+use llmq_train::ckpt_session::CkptSession;
+use llmq_train::{flops, TrainConfig, Trainer};
 use std::path::PathBuf;
 
 /// The model shape and where its weights come from.
@@ -84,22 +86,20 @@ fn resolve_data(
             None => Ok(None),
             Some(p) => {
                 let files = loader::expand_glob(p)?;
-                Ok(Some(Box::new(TokenLoader::eval(
-                    &files,
-                    tc.seq_len,
-                    0,
-                    1,
-                    Some(cfg.vocab_size),
-                )?)))
+                let ev = TokenLoader::eval(&files, tc.seq_len, 0, 1, Some(cfg.vocab_size))?;
+                preflight::check_tokens(&ev, "eval")?;
+                Ok(Some(Box::new(ev)))
             }
         }
     };
     if let Some(pattern) = &args.train_file {
         let opts = LoaderOptions {
             vocab_limit: Some(cfg.vocab_size),
+            allow_data_change: args.allow_data_change,
             ..LoaderOptions::train(tc.seq_len, tc.seed)
         };
         let train = TokenLoader::from_glob(pattern, opts)?;
+        preflight::check_tokens(&train, "training")?;
         return Ok((Box::new(train), eval_file(args)?, None));
     }
     if args.random_data {
@@ -248,6 +248,9 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
     println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}", o.beta1, o.beta2, o.eps, o.weight_decay);
     println!("  memory     {}", tc.memory.describe());
     println!("  backend    {}", tc.backend.describe());
+    if tc.spike.z > 0.0 {
+        println!("  spikes     skip an update above z {} over {} steps; stop after {} in a row", tc.spike.z, tc.spike.window, tc.spike.max_skips);
+    }
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -256,6 +259,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let (mut be, gpu) = device::select(&args.device, &args.backend.options()?)?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
+    let mut ckpts = args.ckpt_dir.clone().map(|root| CkptSession::new(root, args.keep_last, args.keep_major, args.drop_abandoned)).transpose()?;
+    preflight::check_outputs(&args)?;
     if let Some(limit) = tc.memory.memory_limit {
         be.limit_device_memory(limit as usize);
     }
@@ -300,10 +305,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     });
     match (&args.continue_from, &model.dir) {
         (Some(which), _) => {
-            let root = args.ckpt_dir.as_ref().expect("validated");
-            let dir = ckpt::resolve_continue(root, Some(which))?;
-            checkpoint::load(&mut trainer, &dir)?;
-            println!("resumed from {} at step {}", dir.display(), trainer.step);
+            let ck = ckpts.as_mut().expect("validated: --continue needs --ckpt-dir");
+            for line in ck.resume(&mut trainer, which, args.stop_at.unwrap_or(tc.steps))? {
+                println!("{line}");
+            }
         }
         (None, Some(dir)) if !args.from_scratch => {
             let groups = hf::load_weights(dir, &cfg)?;
@@ -313,6 +318,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         _ => trainer.init_from_scratch()?,
     }
     spinner.finish_and_clear();
+    for line in ckpts.as_ref().map(|c| c.set_aside()).transpose()?.unwrap_or_default() {
+        println!("{line}");
+    }
     let stop = signals::install();
     if let Some(path) = &args.log_file {
         let mut log = JsonLog::open(path)?;
@@ -326,10 +334,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: model.dir.clone() }),
     };
     let opts = RunOptions {
-        ckpt_dir: args.ckpt_dir.clone(),
+        checkpoints: ckpts,
         ckpt_interval: args.ckpt_interval,
-        keep_last: args.keep_last,
-        keep_major: args.keep_major,
         stop_at: args.stop_at,
         skip_eval: profile.is_some(),
         export,
@@ -346,6 +352,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     for ev in run.finish()? {
         show.event(&ev);
+    }
+    if let Some(why) = run.failure() {
+        return Err(Error::Backend(why.to_string()));
     }
     if let Some(p) = &profile {
         print_profile(&p.take(), run.throughput().map_or(1, |t| t.steps + t.warmup));
@@ -413,6 +422,8 @@ impl Show<'_> {
                 let removed = if *removed > 0 { format!(" ({removed} old removed)") } else { String::new() };
                 println!("checkpoint {} written{removed}", path.display());
             }
+            RunEvent::CheckpointNote(note) => println!("{note}"),
+            RunEvent::SpikeStop { why } => println!("{why}"),
             RunEvent::CheckpointSkipped { step } => println!("not writing a checkpoint at step {step}: the last step was not finite"),
             RunEvent::Stopped { step } => println!("signal received: stopping after step {step}"),
             RunEvent::StoppedWithoutCheckpoint => println!("no --ckpt-dir: stopping without a checkpoint"),

@@ -15,7 +15,7 @@ use llmq_train::*;
 
 fn gpu() -> Option<Box<dyn Backend>> {
     if let Err(reason) = llmq_cuda::cuda_available() {
-        eprintln!("skipping: no CUDA device: {reason}");
+        llmq_cuda::skip_gpu_test(&format!("no CUDA device: {reason}"));
         return None;
     }
     Some(Box::new(
@@ -56,6 +56,7 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         eval_every: 0,
         eval_batches: 1,
         max_bad_steps: 3,
+        spike: Default::default(),
         backend: Default::default(),
     }
 }

@@ -2,7 +2,7 @@
 //! written by `scripts/hf_reference.py` (with their loss and every parameter gradient for one
 //! batch) are loaded by llmq, which computes the same loss and gradients on every available
 //! backend. Runs where LLMQ_HF_REF points at the script's output (the GPU machine has torch);
-//! skips with a message elsewhere.
+//! prints SKIPPED elsewhere (fails under LLMQ_REQUIRE_GPU=1, as the GPU runners set).
 //!
 //! Thresholds: fp32 — loss within 1e-4 relative, per tensor cosine ≥ 0.999 and relative L2 error
 //! ≤ 1% (the bar; observed errors are ~1e-5). bf16 weights/activations — cosine ≥ 0.99
@@ -26,13 +26,16 @@ fn backends() -> Vec<(&'static str, MakeBackend)> {
             "cuda",
             Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0, &Default::default()).unwrap())),
         )),
-        Err(r) => eprintln!("no CUDA device ({r}): comparing the CPU backend only"),
+        Err(r) => llmq_cuda::skip_gpu_test(&format!("the CUDA comparison (no CUDA device: {r}); comparing the CPU backend only")),
     }
     v
 }
 
 fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, precision: Precision) {
     let cfg = llmq_io::hf::load_config(dir).unwrap();
+    // the parser falls back to 10000 without the field: a reference at that value would not show
+    // a parsing slip (scripts/hf_reference.py writes 50000)
+    assert_ne!(cfg.rope_theta, 10000.0, "{}: the reference must not use the parser's default rope_theta", dir.display());
     let weights = llmq_io::hf::load_weights(dir, &cfg).unwrap();
     let batch: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("batch.json")).unwrap()).unwrap();
@@ -94,11 +97,22 @@ fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, preci
     let ours = SafeTensorsFile::open(&tmp.join("model.safetensors")).unwrap();
     let theirs = SafeTensorsFile::open(&dir.join("grads.safetensors")).unwrap();
     let mut worst = (1.0f64, 0.0f64);
-    for n in theirs.names() {
+    let mut names: Vec<&str> = theirs.names().collect();
+    let mut our_names: Vec<&str> = ours.names().collect();
+    names.sort();
+    our_names.sort();
+    assert_eq!(names, our_names, "{name}: the gradient tensors differ");
+    for n in names {
         let a = theirs.read_f32(n).unwrap();
         let g = ours
             .read_f32(n)
             .unwrap_or_else(|e| panic!("{name}: llmq has no gradient for {n}: {e}"));
+        assert_eq!(
+            theirs.info(n).unwrap().shape,
+            ours.info(n).unwrap().shape,
+            "{name}: {n}: gradient shapes differ"
+        );
+        assert_eq!(a.len(), g.len(), "{name}: {n}: gradient lengths differ");
         let (mut ab, mut aa, mut gg, mut dd) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for (&x, &y) in a.iter().zip(&g) {
             let (x, y) = (x as f64, y as f64);
@@ -127,7 +141,7 @@ fn compare(dir: &Path, backend: &str, make: &dyn Fn() -> Box<dyn Backend>, preci
 #[test]
 fn loss_and_gradients_match_transformers() {
     let Ok(root) = std::env::var("LLMQ_HF_REF") else {
-        eprintln!("skipping: LLMQ_HF_REF is not set (run scripts/hf_reference.py where torch and transformers are installed)");
+        llmq_cuda::skip_gpu_test("LLMQ_HF_REF is not set (run scripts/hf_reference.py where torch and transformers are installed)");
         return;
     };
     let mut dirs: Vec<_> = std::fs::read_dir(&root)

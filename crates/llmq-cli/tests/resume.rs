@@ -179,6 +179,7 @@ fn stop_and_resume_is_bitwise_exact() {
         out.contains("at step 9"),
         "should fall back to step 9: {out}"
     );
+    assert!(out.contains("--continue: skipped") && out.contains("step_00000020") && out.contains("corrupt"), "says what it skipped: {out}");
     // incompatible run: names the field
     let mut other = common(&d.join("c.jsonl"), &d.join("ck_b"));
     let i = other.iter().position(|a| a == "--batch-size").unwrap();
@@ -257,5 +258,136 @@ fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
         .unwrap()
         .expect("a complete checkpoint");
     assert!((3..100000).contains(&step), "checkpoint at step {step}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn ckpt_steps(root: &Path) -> Vec<u64> {
+    llmq_io::ckpt::list_complete(root).unwrap()
+}
+
+#[test]
+fn keep_last_zero_keeps_all_and_one_is_refused() {
+    let d = tmpdir("keep0");
+    let ck = d.join("kl");
+    let base = "train --device cpu --model tiny --from-scratch --steps 20 --batch-size 2 --seq-len 16 --eval-every 0 --ckpt-interval 5";
+    llmq(&cmd(base, &["--ckpt-dir", ck.to_str().unwrap(), "--keep-last", "0"]));
+    assert_eq!(ckpt_steps(&ck), vec![5, 10, 15, 20]);
+    let err = llmq_err(&cmd(base, &["--ckpt-dir", ck.to_str().unwrap(), "--keep-last", "1"]));
+    assert!(err.contains("--keep-last 1") && err.contains("at least two"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn resuming_an_older_step_sets_the_abandoned_branch_aside_and_latest_follows_the_new_line() {
+    let d = tmpdir("rollback");
+    let ck = d.join("ck");
+    let ckp = ck.to_str().unwrap();
+    let base = "train --device cpu --model tiny --from-scratch --steps 20 --batch-size 2 --seq-len 16 --eval-every 0 --ckpt-interval 5";
+    llmq(&cmd(base, &["--ckpt-dir", ckp]));
+    assert_eq!(ckpt_steps(&ck), vec![10, 15, 20]);
+    // roll back to 10 and stop at 12: 15 and 20 belong to the abandoned branch
+    let out = llmq(&cmd(base, &["--ckpt-dir", ckp, "--continue", "10", "--stop-at", "12"]));
+    assert!(out.contains("set aside step_00000015") && out.contains("abandoned branch"), "{out}");
+    assert_eq!(ckpt_steps(&ck), vec![10, 12]);
+    let aside: Vec<_> = std::fs::read_dir(ck.join("abandoned")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(llmq_io::ckpt::list_complete(&aside[0]).unwrap(), vec![15, 20], "kept, not deleted");
+    // a plain --continue picks the new line's 12, not the abandoned 20
+    let out = llmq(&cmd(base, &["--ckpt-dir", ckp, "--continue", "--stop-at", "13"]));
+    assert!(out.contains("at step 12"), "{out}");
+    let parent = llmq_io::ckpt::load_checkpoint(&ck.join("step_00000012")).unwrap().lineage;
+    let child = llmq_io::ckpt::load_checkpoint(&ck.join("step_00000013")).unwrap().lineage;
+    assert_eq!(child.parent(), Some(&(parent.run.clone(), 12)));
+    // --drop-abandoned deletes instead of moving; the resumed checkpoint is never deleted
+    let out = llmq(&cmd(base, &["--ckpt-dir", ckp, "--continue", "10", "--stop-at", "11", "--drop-abandoned", "--keep-last", "2"]));
+    assert!(out.contains("deleted step_00000012"), "{out}");
+    assert_eq!(ckpt_steps(&ck), vec![10, 11]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn continue_with_steps_below_the_checkpoint_says_so() {
+    let d = tmpdir("below");
+    let ck = d.join("ck");
+    let base = "train --device cpu --model tiny --from-scratch --batch-size 2 --seq-len 16 --eval-every 0";
+    llmq(&cmd(base, &["--ckpt-dir", ck.to_str().unwrap(), "--steps", "6"]));
+    let err = llmq_err(&cmd(base, &["--ckpt-dir", ck.to_str().unwrap(), "--steps", "4", "--continue"]));
+    assert!(err.contains("step 6") && err.contains("beyond the last step of this run (4"), "{err}");
+    let out = llmq(&cmd(base, &["--ckpt-dir", ck.to_str().unwrap(), "--steps", "6", "--continue"]));
+    assert!(out.contains("nothing to train"), "{out}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Rewrites a checkpoint's manifest with `edit` and a matching commit record (as a deliberate
+/// forger would), so that only the field checks can notice.
+fn forge(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    edit(&mut m);
+    let text = serde_json::to_vec_pretty(&m).unwrap();
+    let commit = serde_json::json!({"manifest_bytes": text.len(), "manifest_xxh64": format!("{:016x}", llmq_io::ckpt::xxh64(&text))});
+    std::fs::write(dir.join("manifest.json"), &text).unwrap();
+    std::fs::write(dir.join("commit.json"), commit.to_string()).unwrap();
+}
+
+#[test]
+fn manifest_fields_are_checked_against_the_tensors() {
+    let d = tmpdir("forge");
+    let ck = d.join("ck");
+    llmq(&cmd("train --device cpu --model tiny --from-scratch --steps 2 --batch-size 2 --seq-len 16 --eval-every 0", &["--ckpt-dir", ck.to_str().unwrap()]));
+    let step = ck.join("step_00000002");
+    let backup = std::fs::read(step.join("manifest.json")).unwrap();
+    let export = |out: &str| {
+        let o = d.join(out);
+        llmq_err(&cmd("export --dtype fp32", &[step.to_str().unwrap(), "-o", o.to_str().unwrap()]))
+    };
+    // an edit without a new commit record
+    let text = String::from_utf8(backup.clone()).unwrap().replacen("\"step\": 2", "\"step\": 1", 1);
+    std::fs::write(step.join("manifest.json"), text).unwrap();
+    let err = export("e0");
+    assert!(err.contains("does not match its commit record"), "{err}");
+    // one layer fewer: export would drop a layer
+    std::fs::write(step.join("manifest.json"), &backup).unwrap();
+    forge(&step, |m| {
+        let l = m["state"]["model"]["num_layers"].as_u64().unwrap();
+        m["state"]["model"]["num_layers"] = (l - 1).into();
+    });
+    let err = export("e1");
+    assert!(err.contains("num_layers") && err.contains("tensors"), "{err}");
+    // a huge vocabulary is refused before anything is allocated
+    std::fs::write(step.join("manifest.json"), &backup).unwrap();
+    forge(&step, |m| m["state"]["model"]["vocab_size"] = 1_000_000_000_000u64.into());
+    let err = export("e2");
+    assert!(err.contains("vocab_size") && err.contains("1000000000000"), "{err}");
+    // the state's step differs from the manifest's
+    std::fs::write(step.join("manifest.json"), &backup).unwrap();
+    forge(&step, |m| m["state"]["step"] = 7.into());
+    let err = export("e3");
+    assert!(err.contains("state field `step`"), "{err}");
+    // more optimizer updates than steps
+    std::fs::write(step.join("manifest.json"), &backup).unwrap();
+    forge(&step, |m| m["state"]["updates"] = 3.into());
+    let err = export("e4");
+    assert!(err.contains("state field `updates`") && err.contains("step 2"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn resuming_on_different_data_of_the_same_name_and_size_is_refused_unless_allowed() {
+    let d = tmpdir("datachange");
+    let data = dataset(&d);
+    let ck = d.join("ck");
+    let base = "train --device cpu --model tiny --from-scratch --batch-size 2 --seq-len 16 --eval-every 0";
+    llmq(&cmd(base, &["--train-file", &data, "--ckpt-dir", ck.to_str().unwrap(), "--steps", "2"]));
+    // train_1.bin: the same size, one token different
+    let f = d.join("train_1.bin");
+    let mut toks = llmq_io::tokfile::read_token_file(&f, None).unwrap().tokens;
+    toks[5] = (toks[5] + 1) % 256;
+    llmq_io::tokfile::write_token_file(&f, &toks, None, Some(256)).unwrap();
+    let resume = cmd(base, &["--train-file", &data, "--ckpt-dir", ck.to_str().unwrap(), "--steps", "4", "--continue"]);
+    let err = llmq_err(&resume);
+    assert!(err.contains("train_1.bin") && err.contains("fingerprint"), "{err}");
+    let mut allowed = resume.clone();
+    allowed.push("--allow-data-change");
+    assert!(llmq(&allowed).contains("at step 2"));
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -82,6 +82,20 @@ pub fn cuda_available() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The variable under which a GPU test that cannot run fails instead of skipping; the GPU runner
+/// scripts (scripts/gpu-test.sh, scripts/device-run.sh) set it, so that a build without kernels or
+/// a machine without a usable GPU cannot report GPU tests as passed.
+pub const REQUIRE_GPU_VAR: &str = "LLMQ_REQUIRE_GPU";
+
+/// For tests: reports that a GPU test cannot run here, with a `SKIPPED:` line the runners count;
+/// panics instead when `LLMQ_REQUIRE_GPU=1`.
+pub fn skip_gpu_test(reason: &str) {
+    if std::env::var(REQUIRE_GPU_VAR).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_GPU_VAR}=1 but this GPU test cannot run: {reason}");
+    }
+    println!("SKIPPED: {reason}");
+}
+
 /// Number of CUDA devices (0 when CUDA is unavailable).
 pub fn device_count() -> usize {
     if cuda_available().is_err() {

@@ -229,7 +229,7 @@ fn tensor_core_kernels_agree_with_simple_at_length_1024() {
 fn wgmma_operand_forms() {
     let Some(mut g) = common::gpu_or_skip() else { return };
     if !g.has_wgmma() {
-        println!("skipped: wgmma needs compute capability 9.0, this GPU has {:?}", g.compute_capability());
+        llmq_cuda::skip_gpu_test(&format!("wgmma needs compute capability 9.0, this GPU has {:?}", g.compute_capability()));
         return;
     }
     let mut rng = common::Rng::new(34);

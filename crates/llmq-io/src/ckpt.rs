@@ -3,143 +3,72 @@
 //! used.
 //!
 //! On disk: `root/step_NNNNNNNN/` (8 digits, more for steps past 10^8) holding one raw
-//! little-endian file per tensor (`NNNNN_<name>.bin`) and `manifest.json`:
-//! `{"format": "llmq-checkpoint", "version": 1, "step", "state", "files": [{"file", "name",
-//! "dtype", "shape", "bytes", "xxh64"}]}`.
+//! little-endian file per tensor (`NNNNN_<name>.bin`), `manifest.json`:
+//! `{"format": "llmq-checkpoint", "version": 2, "step", "lineage", "state", "files": [{"file",
+//! "name", "dtype", "shape", "bytes", "xxh64"}]}`, and the commit record `commit.json`
+//! (`{"manifest_bytes", "manifest_xxh64"}`), written last: a manifest that does not match it
+//! (edited or damaged) makes the checkpoint unusable.
+//!
+//! Lineage: every run has an id; a checkpoint records it and the chain of checkpoints the run
+//! descends from (see [`Lineage`]), so that retention and "latest" can follow one line of runs
+//! (`crate::retention`).
 //!
 //! Writing: everything goes into `root/.tmp_step_NNNNNNNN_<pid>/`, each file fsynced, the manifest
-//! last, then the directory is fsynced, renamed to its final name and the root directory fsynced.
+//! and then the commit record last, then the directory is fsynced, renamed to its final name and
+//! the root directory fsynced.
 //! A crash at any point leaves either no `step_*` directory or a complete one. Rewriting an
 //! existing step moves the old directory aside first (to `.tmp_old_...`) and deletes it after the
 //! new one is in place.
 //!
-//! Checking: [`list_complete`] checks that the manifest parses and every file has its recorded
-//! size (cheap); [`latest_complete`] and [`load_checkpoint`] also verify every checksum (XXH64,
-//! implemented here).
+//! Checking: [`list_complete`] checks the commit record, the manifest and that every file has its
+//! recorded size (cheap); [`latest_verified`] and [`load_checkpoint`] also verify every checksum.
 
 use llmq_core::{DType, Error, Result};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+pub use crate::xxh64::{xxh64, Xxh64};
+
 pub const MANIFEST: &str = "manifest.json";
+pub const COMMIT: &str = "commit.json";
 const FORMAT: &str = "llmq-checkpoint";
+const VERSION: u64 = 2;
+/// Bound on a manifest's size: it lists names and shapes, never data.
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
-// ---------------------------------------------------------------------------------------------
-// XXH64
-// ---------------------------------------------------------------------------------------------
-
-const P1: u64 = 0x9E37_79B1_85EB_CA87;
-const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-const P3: u64 = 0x1656_67B1_9E37_79F9;
-const P4: u64 = 0x85EB_CA77_C2B2_AE63;
-const P5: u64 = 0x27D4_EB2F_1656_67C5;
-
-/// Streaming XXH64 (seed 0 by default), matching the reference xxHash implementation.
-#[derive(Clone, Debug)]
-pub struct Xxh64 {
-    v: [u64; 4],
-    seed: u64,
-    total: u64,
-    buf: [u8; 32],
-    buf_len: usize,
+/// Where a checkpoint comes from: the id of the run that wrote it and the checkpoints that run
+/// descends from, oldest first, as (run id, step) of each resume point.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lineage {
+    pub run: String,
+    pub ancestry: Vec<(String, u64)>,
 }
 
-#[inline]
-fn round(acc: u64, x: u64) -> u64 {
-    acc.wrapping_add(x.wrapping_mul(P2)).rotate_left(31).wrapping_mul(P1)
-}
-#[inline]
-fn merge(acc: u64, v: u64) -> u64 {
-    (acc ^ round(0, v)).wrapping_mul(P1).wrapping_add(P4)
-}
-#[inline]
-fn rd64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().unwrap())
-}
-
-impl Default for Xxh64 {
-    fn default() -> Self {
-        Xxh64::new(0)
+impl Lineage {
+    /// A run that starts from nothing, with a fresh id (time and process id).
+    pub fn fresh() -> Lineage {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Lineage { run: format!("{:x}-{:x}", t.as_micros(), std::process::id()), ancestry: vec![] }
     }
-}
 
-impl Xxh64 {
-    pub fn new(seed: u64) -> Xxh64 {
-        Xxh64 {
-            v: [seed.wrapping_add(P1).wrapping_add(P2), seed.wrapping_add(P2), seed, seed.wrapping_sub(P1)],
-            seed,
-            total: 0,
-            buf: [0; 32],
-            buf_len: 0,
-        }
+    /// A new run resuming from checkpoint `step` of `parent`.
+    pub fn resumed_from(parent: &Lineage, step: u64) -> Lineage {
+        let mut ancestry = parent.ancestry.clone();
+        ancestry.push((parent.run.clone(), step));
+        Lineage { run: Lineage::fresh().run, ancestry }
     }
-    fn stripe(v: &mut [u64; 4], s: &[u8]) {
-        v[0] = round(v[0], rd64(&s[0..]));
-        v[1] = round(v[1], rd64(&s[8..]));
-        v[2] = round(v[2], rd64(&s[16..]));
-        v[3] = round(v[3], rd64(&s[24..]));
-    }
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.total += data.len() as u64;
-        if self.buf_len > 0 {
-            let take = (32 - self.buf_len).min(data.len());
-            self.buf[self.buf_len..self.buf_len + take].copy_from_slice(&data[..take]);
-            self.buf_len += take;
-            data = &data[take..];
-            if self.buf_len < 32 {
-                return;
-            }
-            let b = self.buf;
-            Self::stripe(&mut self.v, &b);
-            self.buf_len = 0;
-        }
-        let mut chunks = data.chunks_exact(32);
-        for s in &mut chunks {
-            Self::stripe(&mut self.v, s);
-        }
-        let rest = chunks.remainder();
-        self.buf[..rest.len()].copy_from_slice(rest);
-        self.buf_len = rest.len();
-    }
-    pub fn digest(&self) -> u64 {
-        let mut h = if self.total >= 32 {
-            let v = self.v;
-            let mut h = v[0].rotate_left(1).wrapping_add(v[1].rotate_left(7)).wrapping_add(v[2].rotate_left(12)).wrapping_add(v[3].rotate_left(18));
-            for x in v {
-                h = merge(h, x);
-            }
-            h
-        } else {
-            self.seed.wrapping_add(P5)
-        };
-        h = h.wrapping_add(self.total);
-        let mut rest = &self.buf[..self.buf_len];
-        while rest.len() >= 8 {
-            h = (h ^ round(0, rd64(rest))).rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
-            rest = &rest[8..];
-        }
-        if rest.len() >= 4 {
-            let k = u32::from_le_bytes(rest[..4].try_into().unwrap()) as u64;
-            h = (h ^ k.wrapping_mul(P1)).rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
-            rest = &rest[4..];
-        }
-        for &b in rest {
-            h = (h ^ (b as u64).wrapping_mul(P5)).rotate_left(11).wrapping_mul(P1);
-        }
-        h ^= h >> 33;
-        h = h.wrapping_mul(P2);
-        h ^= h >> 29;
-        h = h.wrapping_mul(P3);
-        h ^ (h >> 32)
-    }
-}
 
-/// XXH64 of `data` with seed 0.
-pub fn xxh64(data: &[u8]) -> u64 {
-    let mut h = Xxh64::new(0);
-    h.update(data);
-    h.digest()
+    /// The checkpoint this run resumed from, if any.
+    pub fn parent(&self) -> Option<&(String, u64)> {
+        self.ancestry.last()
+    }
+
+    /// Whether checkpoint `step` of run `run` is on the line of a checkpoint of this lineage at
+    /// `head_step`: written by this run no later, or by an ancestor run up to its resume point.
+    pub fn contains(&self, head_step: u64, run: &str, step: u64) -> bool {
+        (run == self.run && step <= head_step) || self.ancestry.iter().any(|(r, s)| r == run && step <= *s)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,7 +146,7 @@ fn sync_dir(p: &Path) -> std::io::Result<()> {
 }
 
 /// Writes a checkpoint for `step` under `root` (created if needed) and returns its directory.
-pub fn write_checkpoint(root: &Path, step: u64, tensors: &[TensorRef<'_>], state: &serde_json::Value) -> Result<PathBuf> {
+pub fn write_checkpoint(root: &Path, step: u64, lineage: &Lineage, tensors: &[TensorRef<'_>], state: &serde_json::Value) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::file(root, format!("cannot create checkpoint root: {e}")))?;
     let pid = std::process::id();
     let tmp = root.join(format!(".tmp_step_{step:08}_{pid}"));
@@ -225,7 +154,7 @@ pub fn write_checkpoint(root: &Path, step: u64, tensors: &[TensorRef<'_>], state
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot remove stale directory: {e}")))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let r = write_into(&tmp, step, tensors, state);
+    let r = write_into(&tmp, step, lineage, tensors, state);
     if let Err(e) = r {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -246,7 +175,7 @@ pub fn write_checkpoint(root: &Path, step: u64, tensors: &[TensorRef<'_>], state
     Ok(fin)
 }
 
-fn write_into(dir: &Path, step: u64, tensors: &[TensorRef<'_>], state: &serde_json::Value) -> Result<()> {
+fn write_into(dir: &Path, step: u64, lineage: &Lineage, tensors: &[TensorRef<'_>], state: &serde_json::Value) -> Result<()> {
     let mut entries = Vec::with_capacity(tensors.len());
     let mut names = std::collections::BTreeSet::new();
     for (i, t) in tensors.iter().enumerate() {
@@ -281,17 +210,21 @@ fn write_into(dir: &Path, step: u64, tensors: &[TensorRef<'_>], state: &serde_js
     }
     let manifest = serde_json::json!({
         "format": FORMAT,
-        "version": 1,
+        "version": VERSION,
         "step": step,
+        "lineage": lineage,
         "state": state,
         "files": entries,
     });
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Op(e.to_string()))?;
-    let p = dir.join(MANIFEST);
-    let io = |e: std::io::Error| Error::file(&p, format!("cannot write manifest: {e}"));
-    let mut f = File::create(&p).map_err(io)?;
-    f.write_all(&text).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    let commit = serde_json::json!({"manifest_bytes": text.len(), "manifest_xxh64": format!("{:016x}", xxh64(&text))});
+    for (name, bytes) in [(MANIFEST, text), (COMMIT, commit.to_string().into_bytes())] {
+        let p = dir.join(name);
+        let io = |e: std::io::Error| Error::file(&p, format!("cannot write: {e}"));
+        let mut f = File::create(&p).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
     sync_dir(dir).map_err(|e| Error::file(dir, format!("cannot fsync: {e}")))?;
     Ok(())
 }
@@ -313,25 +246,64 @@ struct FileEntry {
 #[derive(Clone, Debug)]
 struct Manifest {
     step: u64,
+    lineage: Lineage,
     state: serde_json::Value,
     files: Vec<FileEntry>,
+}
+
+/// A small file of the checkpoint, refused past `MAX_MANIFEST_BYTES` before it is read.
+fn read_small(p: &Path, what: &str) -> Result<Vec<u8>> {
+    let len = std::fs::metadata(p).map_err(|e| Error::file(p, format!("incomplete checkpoint: cannot read {what}: {e}")))?.len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(Error::file(p, format!("{what} has {len} bytes, more than the {MAX_MANIFEST_BYTES} a checkpoint's {what} can have")));
+    }
+    std::fs::read(p).map_err(|e| Error::file(p, format!("incomplete checkpoint: cannot read {what}: {e}")))
+}
+
+/// The manifest's bytes, checked against the commit record written after it.
+fn read_committed(dir: &Path) -> Result<Vec<u8>> {
+    let cp = dir.join(COMMIT);
+    let mp = dir.join(MANIFEST);
+    let text = read_small(&mp, "manifest")?;
+    let commit = read_small(&cp, "commit record")?;
+    let c: serde_json::Value =
+        serde_json::from_slice(&commit).map_err(|e| Error::file(&cp, format!("commit record is not valid JSON: {e}")))?;
+    let bytes = c.get("manifest_bytes").and_then(|b| b.as_u64());
+    let hash = c.get("manifest_xxh64").and_then(|h| h.as_str()).and_then(|h| u64::from_str_radix(h, 16).ok());
+    let (Some(bytes), Some(hash)) = (bytes, hash) else {
+        return Err(Error::file(&cp, "commit record: expected fields `manifest_bytes` (integer) and `manifest_xxh64` (hex)"));
+    };
+    let got = xxh64(&text);
+    if bytes != text.len() as u64 || hash != got {
+        return Err(Error::file(
+            &mp,
+            format!(
+                "manifest does not match its commit record (edited or damaged): {} bytes xxh64 {got:016x}, the record says {bytes} bytes xxh64 {hash:016x}",
+                text.len()
+            ),
+        ));
+    }
+    Ok(text)
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest> {
     let p = dir.join(MANIFEST);
     let err = |m: String| Error::file(&p, m);
-    let text = std::fs::read(&p).map_err(|e| err(format!("incomplete checkpoint: cannot read manifest: {e}")))?;
+    let text = read_committed(dir)?;
     let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| err(format!("manifest is not valid JSON: {e}")))?;
     if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
         return Err(err(format!("field `format`: expected {FORMAT:?}")));
     }
-    if v.get("version").and_then(|f| f.as_u64()) != Some(1) {
-        return Err(err("field `version`: expected 1".into()));
+    let version = v.get("version").and_then(|f| f.as_u64());
+    if version != Some(VERSION) {
+        return Err(err(format!("field `version`: expected {VERSION}, got {version:?} (version 1 checkpoints have no commit record or lineage)")));
     }
     let step = v.get("step").and_then(|s| s.as_u64()).ok_or_else(|| err("missing integer field `step`".into()))?;
+    let lineage: Lineage = serde_json::from_value(v.get("lineage").cloned().unwrap_or_default())
+        .map_err(|e| err(format!("field `lineage`: {e}")))?;
     let state = v.get("state").cloned().ok_or_else(|| err("missing field `state`".into()))?;
     let arr = v.get("files").and_then(|f| f.as_array()).ok_or_else(|| err("missing array field `files`".into()))?;
-    let mut files = Vec::with_capacity(arr.len());
+    let mut files: Vec<FileEntry> = Vec::with_capacity(arr.len());
     for (i, e) in arr.iter().enumerate() {
         let s = |k: &str| -> Result<&str> {
             e.get(k).and_then(|x| x.as_str()).ok_or_else(|| err(format!("files[{i}]: missing string field `{k}`")))
@@ -350,9 +322,13 @@ fn read_manifest(dir: &Path) -> Result<Manifest> {
             return Err(err(format!("files[{i}]: {bytes} bytes do not match dtype {dtype} shape {shape:?}")));
         }
         let xxh = u64::from_str_radix(s("xxh64")?, 16).map_err(|x| err(format!("files[{i}]: field `xxh64`: {x}")))?;
-        files.push(FileEntry { file, name: s("name")?.to_string(), dtype, shape, bytes, xxh64: xxh });
+        let name = s("name")?.to_string();
+        if let Some(o) = files.iter().find(|o| o.name == name || o.file == file) {
+            return Err(err(format!("files[{i}]: tensor `{name}` in file {file:?} repeats tensor `{}` in file {:?}", o.name, o.file)));
+        }
+        files.push(FileEntry { file, name, dtype, shape, bytes, xxh64: xxh });
     }
-    Ok(Manifest { step, state, files })
+    Ok(Manifest { step, lineage, state, files })
 }
 
 /// Sizes only: the manifest parses and every listed file exists with its recorded size.
@@ -418,7 +394,7 @@ fn parse_step_dir(name: &str) -> Option<u64> {
 }
 
 /// All `step_*` directories of `root` (complete or not), sorted by step.
-fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+pub(crate) fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let rd = match std::fs::read_dir(root) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -450,19 +426,47 @@ pub fn list_complete(root: &Path) -> Result<Vec<u64>> {
 /// The newest checkpoint that passes the full check (sizes and every checksum); older ones are
 /// tried when a newer one fails.
 pub fn latest_complete(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(latest_verified(root)?.found)
+}
+
+/// The newest fully checked checkpoint (step and directory), if any, and a line for each newer
+/// one skipped, saying why.
+pub struct Latest {
+    pub found: Option<(u64, PathBuf)>,
+    pub skipped: Vec<String>,
+}
+
+/// As [`latest_complete`], saying why each newer checkpoint was skipped.
+pub fn latest_verified(root: &Path) -> Result<Latest> {
+    let mut skipped = vec![];
     for (s, d) in step_dirs(root)?.into_iter().rev() {
-        if let Ok(m) = check_sizes(&d) {
-            if m.step == s && verify_checksums(&d, &m).is_ok() {
-                return Ok(Some((s, d)));
-            }
+        match verify_checkpoint(&d) {
+            Ok(_) => return Ok(Latest { found: Some((s, d)), skipped }),
+            Err(e) => skipped.push(format!("skipped {}: {e}", d.display())),
         }
     }
-    Ok(None)
+    Ok(Latest { found: None, skipped })
+}
+
+/// The step and lineage of the checkpoint in `dir` (commit record, manifest and file sizes
+/// checked; checksums not read).
+pub fn checkpoint_info(dir: &Path) -> Result<(u64, Lineage)> {
+    let m = check_sizes(dir)?;
+    check_dir_step(dir, m.step)?;
+    Ok((m.step, m.lineage))
+}
+
+fn check_dir_step(dir: &Path, step: u64) -> Result<()> {
+    match dir.file_name().and_then(|n| parse_step_dir(&n.to_string_lossy())) {
+        Some(s) if s != step => Err(Error::file(dir, format!("directory is step {s}, manifest says step {step}"))),
+        _ => Ok(()),
+    }
 }
 
 /// Fully verifies the checkpoint in `dir` without loading it; the error says what is wrong.
 pub fn verify_checkpoint(dir: &Path) -> Result<u64> {
     let m = check_sizes(dir)?;
+    check_dir_step(dir, m.step)?;
     verify_checksums(dir, &m)?;
     Ok(m.step)
 }
@@ -472,6 +476,7 @@ pub fn verify_checkpoint(dir: &Path) -> Result<u64> {
 pub struct LoadedCheckpoint {
     pub path: PathBuf,
     pub step: u64,
+    pub lineage: Lineage,
     pub state: serde_json::Value,
     pub tensors: Vec<LoadedTensor>,
 }
@@ -488,17 +493,13 @@ impl LoadedCheckpoint {
 /// Loads the checkpoint in `dir`, verifying the manifest, every size and every checksum.
 pub fn load_checkpoint(dir: &Path) -> Result<LoadedCheckpoint> {
     let m = read_manifest(dir)?;
-    if let Some(s) = dir.file_name().and_then(|n| parse_step_dir(&n.to_string_lossy())) {
-        if s != m.step {
-            return Err(Error::file(dir, format!("directory is step {s}, manifest says step {}", m.step)));
-        }
-    }
+    check_dir_step(dir, m.step)?;
     let mut tensors = Vec::with_capacity(m.files.len());
     for f in &m.files {
         let data = read_verified(dir, f)?;
         tensors.push(LoadedTensor { name: f.name.clone(), dtype: f.dtype, shape: f.shape.clone(), data });
     }
-    Ok(LoadedCheckpoint { path: dir.to_path_buf(), step: m.step, state: m.state, tensors })
+    Ok(LoadedCheckpoint { path: dir.to_path_buf(), step: m.step, lineage: m.lineage, state: m.state, tensors })
 }
 
 /// Resolves `--continue [step|path]`: `None` -> the latest complete checkpoint under `root`
@@ -524,61 +525,4 @@ pub fn resolve_continue(root: &Path, arg: Option<&str>) -> Result<PathBuf> {
             Ok(d)
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Retention
-// ---------------------------------------------------------------------------------------------
-
-fn pid_alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        return true;
-    }
-    if Path::new("/proc/self").exists() {
-        Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        false
-    }
-}
-
-/// Deletes complete checkpoints other than the newest `keep_last` and those whose step is a
-/// multiple of `keep_major_every`, and stale `.tmp_*` directories (whose writer process is gone).
-/// Incomplete `step_*` directories are left alone (they are never chosen for loading). Returns
-/// the removed directories.
-pub fn prune(root: &Path, keep_last: usize, keep_major_every: Option<u64>) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
-    let complete = list_complete(root)?;
-    let cut = complete.len().saturating_sub(keep_last);
-    for &s in &complete[..cut] {
-        if keep_major_every.is_some_and(|m| m > 0 && s % m == 0) {
-            continue;
-        }
-        let d = checkpoint_dir(root, s);
-        let d = if d.is_dir() {
-            d
-        } else {
-            // a step past 10^8 or unusual zero padding: find the directory by number
-            match step_dirs(root)?.into_iter().find(|(x, _)| *x == s) {
-                Some((_, p)) => p,
-                None => continue,
-            }
-        };
-        std::fs::remove_dir_all(&d).map_err(|e| Error::file(&d, format!("cannot delete old checkpoint: {e}")))?;
-        removed.push(d);
-    }
-    if let Ok(rd) = std::fs::read_dir(root) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(".tmp_") || !e.path().is_dir() {
-                continue;
-            }
-            let pid = name.rsplit('_').next().and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(pid_alive) {
-                continue;
-            }
-            std::fs::remove_dir_all(e.path()).map_err(|x| Error::file(e.path(), format!("cannot delete stale directory: {x}")))?;
-            removed.push(e.path());
-        }
-    }
-    Ok(removed)
 }

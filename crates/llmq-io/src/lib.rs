@@ -5,16 +5,19 @@
 //!   layout, export back (model.safetensors + config.json + tokenizer files).
 //! - `tokfile`: the reference's token file format (reader, writer, validation).
 //! - `loader`: `TokenLoader`, the token-file `BatchSource` with exact resume.
-//! - `ckpt`: crash-safe checkpoint store with manifest, checksums and retention.
+//! - `ckpt`: crash-safe checkpoint store with manifest, commit record, checksums and lineage.
+//! - `retention`: which checkpoints stay (one lineage in the root, the newest few of it).
 //! - `tokenize`: text/jsonl -> token files with a HF tokenizer.json.
 
 pub mod ckpt;
 pub mod data;
 pub mod hf;
 pub mod loader;
+pub mod retention;
 pub mod safetensors;
 pub mod tokenize;
 pub mod tokfile;
+pub mod xxh64;
 
 pub use data::{Batch, BatchSource};
 pub use loader::{LoaderOptions, TokenLoader};

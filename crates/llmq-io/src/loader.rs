@@ -100,22 +100,28 @@ pub struct LoaderOptions {
     pub world_size: usize,
     /// Shuffle files and chunks per epoch (training); false for eval.
     pub shuffle: bool,
-    /// The model's vocabulary size: token ids must be below it (checked as chunks are read).
+    /// Resume even when a file's content fingerprint (or size) differs from the one saved: a
+    /// deliberate change of the data under the same names.
+    pub allow_data_change: bool,
+    /// The model's vocabulary size: token ids must be below it (checked as chunks are read, and
+    /// up front by [`TokenLoader::check_all_tokens`]).
     pub vocab_limit: Option<usize>,
 }
 
 impl LoaderOptions {
     pub fn train(seq_len: usize, seed: u64) -> LoaderOptions {
-        LoaderOptions { seq_len, seed, rank: 0, world_size: 1, shuffle: true, vocab_limit: None }
+        LoaderOptions { seq_len, seed, rank: 0, world_size: 1, shuffle: true, vocab_limit: None, allow_data_change: false }
     }
     pub fn eval(seq_len: usize) -> LoaderOptions {
-        LoaderOptions { seq_len, seed: 0, rank: 0, world_size: 1, shuffle: false, vocab_limit: None }
+        LoaderOptions { seq_len, seed: 0, rank: 0, world_size: 1, shuffle: false, vocab_limit: None, allow_data_change: false }
     }
 }
 
 struct FileEntry {
     info: TokenFileInfo,
     chunks: u64,
+    /// See [`crate::tokfile::fingerprint`]; recorded in the state and compared on restore.
+    fingerprint: u64,
     reader: Option<TokenFileReader>,
 }
 
@@ -189,7 +195,8 @@ impl TokenLoader {
                 }
             }
             let chunks = info.n_tokens.saturating_sub(1) / t;
-            entries.push(FileEntry { info, chunks, reader: None });
+            let fingerprint = crate::tokfile::fingerprint(p)?;
+            entries.push(FileEntry { info, chunks, fingerprint, reader: None });
         }
         let total_chunks: u64 = entries.iter().map(|e| e.chunks).sum();
         let per_rank = total_chunks / opts.world_size as u64;
@@ -207,6 +214,19 @@ impl TokenLoader {
         })
     }
 
+    /// Checks every token of every file against the vocabulary in one pass, so that a bad id is
+    /// found before training rather than when its batch comes up; `progress(done, total)`.
+    pub fn check_all_tokens(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        let total = self.total_tokens();
+        let mut before = 0;
+        for fe in &self.files {
+            let limit = fe.info.token_limit(self.opts.vocab_limit);
+            crate::tokfile::scan_tokens(&fe.info.path, limit, &mut |done| progress(before + done, total))?;
+            before += fe.info.n_tokens;
+        }
+        Ok(())
+    }
+
     /// A loader over the files matching `pattern` (see [`expand_glob`]).
     pub fn from_glob(pattern: &str, opts: LoaderOptions) -> Result<TokenLoader> {
         TokenLoader::new(&expand_glob(pattern)?, opts)
@@ -214,7 +234,7 @@ impl TokenLoader {
 
     /// A deterministic, non-shuffled loader (eval): chunks in file order, rank-strided.
     pub fn eval(files: &[PathBuf], seq_len: usize, rank: usize, world_size: usize, vocab_limit: Option<usize>) -> Result<TokenLoader> {
-        TokenLoader::new(files, LoaderOptions { seq_len, seed: 0, rank, world_size, shuffle: false, vocab_limit })
+        TokenLoader::new(files, LoaderOptions { seq_len, seed: 0, rank, world_size, shuffle: false, vocab_limit, allow_data_change: false })
     }
 
     /// Back to the first chunk of epoch 0.
@@ -322,6 +342,7 @@ impl TokenLoader {
                     "name": file_name(&f.info.path),
                     "n_tokens": f.info.n_tokens,
                     "file_size": f.info.file_size,
+                    "fingerprint": format!("{:016x}", f.fingerprint),
                 })
             })
             .collect()
@@ -428,11 +449,25 @@ impl BatchSource for TokenLoader {
             if sf.get("name").and_then(|n| n.as_str()) != Some(name.as_str()) {
                 return bad("files", format!("file {i} was {}, now {name}", sf.get("name").unwrap_or(&serde_json::Value::Null)));
             }
+            if self.opts.allow_data_change {
+                continue;
+            }
             for (k, v) in [("n_tokens", f.info.n_tokens), ("file_size", f.info.file_size)] {
                 let saved = sf.get(k).and_then(|x| x.as_u64());
                 if saved != Some(v) {
-                    return bad("files", format!("{name}: {k} was {saved:?} when saved, now {v} (file changed)"));
+                    return bad("files", format!("{name}: {k} was {saved:?} when saved, now {v} (file changed; --allow-data-change to resume anyway)"));
                 }
+            }
+            let saved = sf.get("fingerprint").and_then(|x| x.as_str());
+            let now = format!("{:016x}", f.fingerprint);
+            if saved != Some(now.as_str()) {
+                return bad(
+                    "files",
+                    format!(
+                        "{}: content fingerprint was {saved:?} when saved, now {now:?}: a different file of the same name and size (--allow-data-change to resume anyway)",
+                        f.info.path.display()
+                    ),
+                );
             }
         }
         let (seed, epoch, index) = (u("seed")?, u("epoch")?, u("index")?);

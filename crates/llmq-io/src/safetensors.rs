@@ -306,6 +306,14 @@ impl SafeTensorsFile {
                 )));
             }
         }
+        // Bytes past the last tensor belong to nothing: a file appended to, or two files joined.
+        let end = spans.last().map_or(0, |(off, len, _)| *off + *len - data_start);
+        if end < data_len {
+            return Err(err(format!(
+                "{} trailing bytes past the tensor data: the data section has {data_len} bytes, the tensors end at byte {end}",
+                data_len - end
+            )));
+        }
         Ok(SafeTensorsFile { path: path.to_path_buf(), file: Mutex::new(file), file_len, tensors, metadata })
     }
 

@@ -158,6 +158,62 @@ pub fn check_tokens(path: &Path, tokens: &[i32], first: u64, limit: Option<u64>)
     Ok(())
 }
 
+/// Checks every token id of the file at `path` against `limit` in one sequential pass, calling
+/// `progress` with the number of tokens checked so far.
+pub fn scan_tokens(path: &Path, limit: Option<u64>, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    const CHUNK: u64 = 1 << 22;
+    let mut r = TokenFileReader::open(path)?;
+    let n = r.info.n_tokens;
+    let mut buf = vec![0i32; CHUNK.min(n) as usize];
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start) as usize;
+        r.read_tokens(start, &mut buf[..len])?;
+        check_tokens(path, &buf[..len], start, limit)?;
+        start += len as u64;
+        progress(start);
+    }
+    Ok(())
+}
+
+/// Blocks hashed by [`fingerprint`], and their size: 4 MiB read per file however large it is.
+const FINGERPRINT_BLOCKS: u64 = 64;
+const FINGERPRINT_BLOCK: u64 = 64 << 10;
+
+/// A content fingerprint of a token file: XXH64 over its size and 64 blocks of 64 KiB spread
+/// evenly from the header to the end (the whole file when smaller). Cheap for a 100 GB file;
+/// a different file of the same name and size differs with near certainty unless the two agree
+/// on every sampled block.
+pub fn fingerprint(path: &Path) -> Result<u64> {
+    let mut f = File::open(path).map_err(|e| Error::file(path, format!("cannot open token file: {e}")))?;
+    let size = f.metadata().map_err(|e| Error::file(path, format!("cannot stat: {e}")))?.len();
+    let mut h = crate::xxh64::Xxh64::new(0);
+    h.update(&size.to_le_bytes());
+    let mut buf = vec![0u8; FINGERPRINT_BLOCK as usize];
+    let mut read = |off: u64, len: u64, h: &mut crate::xxh64::Xxh64| -> Result<()> {
+        let b = &mut buf[..len as usize];
+        f.seek(SeekFrom::Start(off))
+            .and_then(|_| f.read_exact(b))
+            .map_err(|e| Error::file(path, format!("cannot read {len} bytes at offset {off} for the fingerprint: {e}")))?;
+        h.update(b);
+        Ok(())
+    };
+    if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK {
+        let mut off = 0;
+        while off < size {
+            let len = FINGERPRINT_BLOCK.min(size - off);
+            read(off, len, &mut h)?;
+            off += len;
+        }
+    } else {
+        let stride = (size - FINGERPRINT_BLOCK) / (FINGERPRINT_BLOCKS - 1);
+        for i in 0..FINGERPRINT_BLOCKS {
+            read(i * stride, FINGERPRINT_BLOCK, &mut h)?;
+        }
+    }
+    Ok(h.digest())
+}
+
 /// Random access to one validated token file.
 pub struct TokenFileReader {
     file: File,

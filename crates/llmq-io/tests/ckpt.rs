@@ -2,6 +2,7 @@ mod common;
 use common::*;
 use llmq_core::DType;
 use llmq_io::ckpt::*;
+use llmq_io::retention::Retention;
 use std::path::Path;
 
 #[test]
@@ -39,14 +40,22 @@ fn payload(step: u64) -> Payload {
     }
 }
 
+fn run(id: &str) -> Lineage {
+    Lineage { run: id.into(), ancestry: vec![] }
+}
+
 fn save(root: &Path, step: u64) -> std::path::PathBuf {
+    save_in(root, step, &run("r1"))
+}
+
+fn save_in(root: &Path, step: u64, lineage: &Lineage) -> std::path::PathBuf {
     let p = payload(step);
     let tensors = [
         TensorRef { name: "block.0/master", dtype: DType::F32, shape: &[3, 100], data: f32_as_bytes(&p.w) },
         TensorRef { name: "block.0/adam_m", dtype: DType::BF16, shape: &[64], data: u16_as_bytes(&p.m) },
         TensorRef { name: "ids", dtype: DType::I32, shape: &[12], data: &p.idx },
     ];
-    write_checkpoint(root, step, &tensors, &serde_json::json!({"step": step, "loader": {"epoch": 1}})).unwrap()
+    write_checkpoint(root, step, lineage, &tensors, &serde_json::json!({"step": step, "loader": {"epoch": 1}})).unwrap()
 }
 
 #[test]
@@ -82,7 +91,7 @@ fn write_list_load_round_trip() {
     assert_eq!(resolve_continue(&root, Some(d10.to_str().unwrap())).unwrap(), d10);
     assert!(resolve_continue(&root, Some("30")).is_err());
     // byte sizes must match dtype x shape
-    let r = write_checkpoint(&root, 30, &[TensorRef { name: "x", dtype: DType::F32, shape: &[3], data: &[0; 8] }], &serde_json::json!({}));
+    let r = write_checkpoint(&root, 30, &run("r1"), &[TensorRef { name: "x", dtype: DType::F32, shape: &[3], data: &[0; 8] }], &serde_json::json!({}));
     assert_err_contains(r, &["`x`", "8 bytes"]);
     assert_eq!(list_complete(&root).unwrap(), vec![10, 20]);
     assert!(!root.join("step_00000030").exists());
@@ -134,7 +143,7 @@ fn damaged_checkpoints_are_never_chosen_and_fail_loudly() {
     let text = std::fs::read(&m6).unwrap();
     std::fs::write(&m6, &text[..text.len() / 2]).unwrap();
     assert_eq!(latest_complete(&root).unwrap().unwrap().0, 1);
-    assert_file_err(load_checkpoint(&dir(6)), &m6, &["not valid JSON"]);
+    assert_file_err(load_checkpoint(&dir(6)), &m6, &["does not match its commit record"]);
 
     // a complete-looking temporary directory of a crashed writer (renaming never happened)
     save(&root, 7);
@@ -151,7 +160,7 @@ fn damaged_checkpoints_are_never_chosen_and_fail_loudly() {
     // sizes-only listing: 1 and the byte-flipped 3
     assert_eq!(list_complete(&root).unwrap(), vec![1, 3]);
     // prune removes the crashed writer's temporary, keeps incomplete step dirs alone
-    let removed = prune(&root, 5, None).unwrap();
+    let removed = Retention::new(5, None).unwrap().prune(&root).unwrap().removed;
     assert_eq!(removed, vec![tmp.clone()]);
     assert!(!tmp.exists());
     assert!(dir(5).exists());
@@ -166,15 +175,109 @@ fn prune_keeps_last_and_major() {
     std::fs::create_dir_all(root.join(".tmp_step_00001100_4000000000")).unwrap();
     let ours = root.join(format!(".tmp_step_00001200_{}", std::process::id()));
     std::fs::create_dir_all(&ours).unwrap();
-    let removed = prune(&root, 2, Some(500)).unwrap();
+    let removed = Retention::new(2, Some(500)).unwrap().prune(&root).unwrap().removed;
     assert_eq!(removed.len(), 7 + 1);
     assert_eq!(list_complete(&root).unwrap(), vec![500, 900, 1000]);
     assert!(ours.exists(), "a live writer's temporary stays");
-    // keep_last 0 and no majors: everything complete goes
-    prune(&root, 0, None).unwrap();
-    assert_eq!(list_complete(&root).unwrap(), Vec::<u64>::new());
     // steps past 10^8 work too
     save(&root, 123_456_789_012);
     assert_eq!(latest_complete(&root).unwrap().unwrap().0, 123_456_789_012);
-    assert_eq!(prune(&root, 1, None).unwrap(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(Retention::new(2, None).unwrap().prune(&root).unwrap().removed, vec![checkpoint_dir(&root, 900), checkpoint_dir(&root, 500)]);
+}
+
+#[test]
+fn keep_last_zero_keeps_everything_and_one_is_refused() {
+    let root = tmpdir("ck_keep0");
+    for s in 1..=4 {
+        save(&root, s);
+    }
+    let mut r = Retention::new(0, None).unwrap();
+    r.written(4);
+    assert!(r.prune(&root).unwrap().removed.is_empty());
+    assert_eq!(list_complete(&root).unwrap(), vec![1, 2, 3, 4]);
+    let e = Retention::new(1, None).unwrap_err().to_string();
+    assert!(e.contains("--keep-last 1") && e.contains("at least two"), "{e}");
+}
+
+#[test]
+fn retention_never_counts_a_corrupt_checkpoint_and_never_deletes_the_resumed_one() {
+    let root = tmpdir("ck_corrupt_keep");
+    for s in 1..=5 {
+        save(&root, s);
+    }
+    // 4 and 5 damaged (same sizes, bad checksums): the two good ones kept are 3 and 2
+    for s in [4, 5] {
+        let f = std::fs::read_dir(checkpoint_dir(&root, s)).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with("master.bin")).unwrap();
+        let mut b = std::fs::read(&f).unwrap();
+        b[3] ^= 1;
+        std::fs::write(&f, b).unwrap();
+    }
+    let mut r = Retention::new(2, None).unwrap();
+    let p = r.prune(&root).unwrap();
+    assert_eq!(p.removed, vec![checkpoint_dir(&root, 1)]);
+    assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
+    assert!(p.notes[0].contains("step_00000005") && p.notes[0].contains("not counted"), "{:?}", p.notes);
+    assert_eq!(list_complete(&root).unwrap(), vec![2, 3, 4, 5]);
+    // the checkpoint a run resumed from stays however old it is
+    let root = tmpdir("ck_resumed_keep");
+    for s in 1..=6 {
+        save(&root, s);
+    }
+    let mut r = Retention::new(2, None).unwrap();
+    r.resumed(2);
+    r.written(6);
+    r.prune(&root).unwrap();
+    assert_eq!(list_complete(&root).unwrap(), vec![2, 5, 6]);
+}
+
+#[test]
+fn the_manifest_is_checked_against_its_commit_record() {
+    let root = tmpdir("ck_commit");
+    let d = save(&root, 7);
+    let m = d.join(MANIFEST);
+    let text = std::fs::read_to_string(&m).unwrap();
+    // an edit that keeps the JSON valid (and the sizes right): the step in the state
+    let edited = text.replace("\"epoch\": 1", "\"epoch\": 2");
+    assert_ne!(edited, text);
+    std::fs::write(&m, &edited).unwrap();
+    assert_file_err(load_checkpoint(&d), &m, &["does not match its commit record", "edited or damaged"]);
+    assert_eq!(latest_complete(&root).unwrap(), None);
+    std::fs::write(&m, &text).unwrap();
+    load_checkpoint(&d).unwrap();
+    // no commit record: the write never finished
+    std::fs::remove_file(d.join(COMMIT)).unwrap();
+    assert_file_err(load_checkpoint(&d), &d.join(COMMIT), &["incomplete checkpoint", "commit record"]);
+    assert!(list_complete(&root).unwrap().is_empty());
+}
+
+#[test]
+fn lineage_sets_aside_an_abandoned_branch_and_latest_follows_the_resumed_line() {
+    let root = tmpdir("ck_lineage");
+    let r1 = run("r1");
+    for s in [5, 10, 15, 20] {
+        save_in(&root, s, &r1);
+    }
+    // run r2 resumes from step 10 of r1: 15 and 20 are an abandoned branch
+    let r2 = Lineage { run: "r2".into(), ancestry: vec![("r1".into(), 10)] };
+    assert_eq!(r2, Lineage { run: r2.run.clone(), ..Lineage::resumed_from(&r1, 10) });
+    let notes = llmq_io::retention::set_aside(&root, Some((&r1, 10)), false).unwrap();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes.iter().all(|n| n.contains("abandoned branch")), "{notes:?}");
+    assert_eq!(list_complete(&root).unwrap(), vec![5, 10]);
+    let kept = root.join("abandoned/r1/step_00000020");
+    assert_eq!(verify_checkpoint(&kept).unwrap(), 20, "set aside, not deleted");
+    save_in(&root, 12, &r2);
+    assert_eq!(latest_complete(&root).unwrap().unwrap().0, 12);
+    assert_eq!(load_checkpoint(&checkpoint_dir(&root, 12)).unwrap().lineage, r2);
+    // r3 resumes from r2's 12: everything in the root is on its line
+    assert!(llmq_io::retention::set_aside(&root, Some((&r2, 12)), false).unwrap().is_empty());
+    assert!(r2.contains(12, "r1", 5) && !r2.contains(12, "r1", 15) && !r2.contains(12, "r9", 1));
+    // a fresh run sets everything aside; with `delete` it is removed instead
+    save_in(&root, 15, &run("other"));
+    let notes = llmq_io::retention::set_aside(&root, Some((&r2, 12)), true).unwrap();
+    assert!(notes.len() == 1 && notes[0].contains("deleted step_00000015") && notes[0].contains("not on the resumed"), "{notes:?}");
+    let notes = llmq_io::retention::set_aside(&root, None, false).unwrap();
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert!(list_complete(&root).unwrap().is_empty());
+    assert!(root.join("abandoned/r2/step_00000012").is_dir() && root.join("abandoned/r1/step_00000010").is_dir());
 }

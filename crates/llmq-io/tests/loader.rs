@@ -200,6 +200,31 @@ fn restore_continues_bitwise_identically() {
 }
 
 #[test]
+fn restore_refuses_a_different_file_of_the_same_name_and_size() {
+    let d = tmpdir("ld_fingerprint");
+    let f = d.join("data.bin");
+    let toks: Vec<i32> = (0..500).map(|i| i % 200).collect();
+    llmq_io::tokfile::write_token_file(&f, &toks, None, Some(256)).unwrap();
+    let s = TokenLoader::new(std::slice::from_ref(&f), LoaderOptions::train(8, 3)).unwrap().state();
+    // the same name and size, one token different
+    let mut other = toks.clone();
+    other[250] = 7;
+    llmq_io::tokfile::write_token_file(&f, &other, None, Some(256)).unwrap();
+    let mut l = TokenLoader::new(std::slice::from_ref(&f), LoaderOptions::train(8, 3)).unwrap();
+    assert_err_contains(l.restore(&s), &["data.bin", "fingerprint", "--allow-data-change"]);
+    let mut l = TokenLoader::new(std::slice::from_ref(&f), LoaderOptions { allow_data_change: true, ..LoaderOptions::train(8, 3) }).unwrap();
+    l.restore(&s).unwrap();
+    // a large file is sampled, not read whole: a change inside a sampled block is seen
+    let big: Vec<i32> = (0..3_000_000).map(|i| i % 251).collect();
+    llmq_io::tokfile::write_token_file(&f, &big, None, Some(256)).unwrap();
+    let a = llmq_io::tokfile::fingerprint(&f).unwrap();
+    let mut changed = big.clone();
+    changed[100] = 0;
+    llmq_io::tokfile::write_token_file(&f, &changed, None, Some(256)).unwrap();
+    assert_ne!(a, llmq_io::tokfile::fingerprint(&f).unwrap());
+}
+
+#[test]
 fn restore_refuses_changed_data_or_shape() {
     let d = tmpdir("ld_restore_bad");
     let files = make_files(&d, &[57, 130]);

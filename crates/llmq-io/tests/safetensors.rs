@@ -142,6 +142,11 @@ fn hostile_files_give_file_errors() {
     raw(&p, &format!("{{{},{}}}", good_entry("a", 0, 16, "[4]"), good_entry("b", 8, 24, "[4]")), &[0u8; 24]);
     assert_file_err(SafeTensorsFile::open(&p), &p, &["`a`", "`b`", "overlap"]);
 
+    // bytes past the last tensor (an appended or concatenated file)
+    let p = d.join("trailing.safetensors");
+    raw(&p, &format!("{{{}}}", good_entry("a", 0, 16, "[4]")), &[0u8; 20]);
+    assert_file_err(SafeTensorsFile::open(&p), &p, &["4 trailing bytes", "20 bytes", "end at byte 16"]);
+
     // offsets past the data section
     let p = d.join("range.safetensors");
     raw(&p, &format!("{{{}}}", good_entry("w", 0, 16, "[4]")), &[0u8; 12]);

@@ -8,7 +8,7 @@
 
 use crate::trainer::Trainer;
 use llmq_core::{Error, ModelConfig, Result, Tensor};
-use llmq_io::ckpt::{self, TensorRef};
+use llmq_io::ckpt::{self, Lineage, LoadedCheckpoint, TensorRef};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -26,8 +26,9 @@ fn buffers(tr: &Trainer) -> Vec<(String, Tensor)> {
     out
 }
 
-/// Writes the trainer's state as checkpoint `tr.step` under `root`; returns its directory.
-pub fn save(tr: &Trainer, root: &Path) -> Result<PathBuf> {
+/// Writes the trainer's state as checkpoint `tr.step` of run `lineage` under `root`; returns its
+/// directory.
+pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<PathBuf> {
     tr.be.synchronize()?;
     let bufs = buffers(tr);
     let data: Vec<(String, Tensor, Vec<u8>)> =
@@ -43,13 +44,14 @@ pub fn save(tr: &Trainer, root: &Path) -> Result<PathBuf> {
         "step": tr.step,
         "updates": tr.updates,
         "bad_in_a_row": tr.bad_in_a_row,
+        "spikes": tr.spikes,
         "model": tr.model.cfg(),
         "train": tr.tc,
         "world_size": 1,
         "data": tr.data.state(),
         "data_describe": tr.data.describe(),
     });
-    ckpt::write_checkpoint(root, tr.step, &refs, &state)
+    ckpt::write_checkpoint(root, tr.step, lineage, &refs, &state)
 }
 
 /// Fields of `a` and `b` (JSON objects) that differ, as "field: checkpoint X, now Y".
@@ -93,7 +95,7 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     if let Some(t) = saved.as_object_mut() {
         t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
     }
-    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "backend"] {
+    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "backend", "spike"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
     if state.get("world_size").and_then(|w| w.as_u64()) != Some(1) {
@@ -106,15 +108,60 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     }
 }
 
-/// Restores a trainer (already built with the same configuration) from checkpoint `dir`.
-pub fn load(tr: &mut Trainer, dir: &Path) -> Result<()> {
-    let ck = ckpt::load_checkpoint(dir)?;
+/// Checks the state's own fields against the manifest: the format, the step and the set of
+/// tensors, which must be exactly the parameter groups of `cfg` (no missing or extra layer).
+fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
+    let dir = &ck.path;
     let st = &ck.state;
     if st.get("format").and_then(|f| f.as_u64()) != Some(FORMAT) {
-        return Err(Error::file(dir, format!("checkpoint format {:?}, expected {FORMAT}", st.get("format"))));
+        return Err(Error::file(dir, format!("state field `format`: expected {FORMAT}, got {:?}", st.get("format"))));
     }
+    let step = st.get("step").and_then(|s| s.as_u64());
+    if step != Some(ck.step) {
+        return Err(Error::file(dir, format!("state field `step`: {step:?} differs from the manifest's step {}", ck.step)));
+    }
+    // every step applied its update or skipped it: never more updates (Adam's bias-correction
+    // counter) or bad steps in a row than steps
+    for k in ["updates", "bad_in_a_row"] {
+        let v = st.get(k).and_then(|v| v.as_u64());
+        if v.is_none_or(|v| v > ck.step) {
+            return Err(Error::file(dir, format!("state field `{k}`: {v:?}, expected an integer no larger than the step {}", ck.step)));
+        }
+    }
+    // three tensors (master, adam m, adam v) per group: the blocks, the embedding and the head;
+    // counted before the layout is built, since the config is input
+    let groups = cfg.num_layers.saturating_add(2);
+    if groups.saturating_mul(3) != ck.tensors.len() {
+        return Err(Error::file(
+            dir,
+            format!("{} tensors, but the model config of the state (num_layers {}) needs {}", ck.tensors.len(), cfg.num_layers, groups * 3),
+        ));
+    }
+    let layout = llmq_core::ParamLayout::new(cfg);
+    let mut want: Vec<String> =
+        layout.groups.iter().flat_map(|g| ["master", "adam_m", "adam_v"].map(|k| format!("{k}.{}", g.name))).collect();
+    let mut have: Vec<String> = ck.tensors.iter().map(|t| t.name.clone()).collect();
+    want.sort();
+    have.sort();
+    if want != have {
+        let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
+        let extra: Vec<&String> = have.iter().filter(|h| !want.contains(h)).collect();
+        return Err(Error::file(
+            dir,
+            format!("tensors do not match the model config of the state (num_layers {}): missing {missing:?}, unexpected {extra:?}", cfg.num_layers),
+        ));
+    }
+    Ok(())
+}
+
+/// Restores a trainer (already built with the same configuration) from checkpoint `dir`;
+/// returns the checkpoint's lineage.
+pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
+    let ck = ckpt::load_checkpoint(dir)?;
+    let st = &ck.state;
     let cfg = tr.model.cfg().clone();
     check_compatible(st, &cfg, tr).map_err(|e| Error::file(dir, e.to_string()))?;
+    check_state(&ck, &cfg)?;
     for (name, t) in buffers(tr) {
         let lt = ck.tensor(&name)?;
         if lt.dtype != t.dtype || lt.data.len() != t.bytes() {
@@ -136,9 +183,12 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<()> {
     tr.step = num("step")?;
     tr.updates = num("updates")?;
     tr.bad_in_a_row = num("bad_in_a_row")? as u32;
+    tr.spikes = serde_json::from_value(st.get("spikes").cloned().unwrap_or(Value::Null))
+        .map_err(|e| Error::file(dir, format!("state field `spikes`: {e}")))?;
     let data = st.get("data").ok_or_else(|| Error::file(dir, "state field `data` missing"))?;
     tr.data.restore(data).map_err(|e| Error::file(dir, format!("data position: {e}")))?;
-    tr.be.synchronize()
+    tr.be.synchronize()?;
+    Ok(ck.lineage)
 }
 
 /// The model configuration stored in a checkpoint (for export without the original files).
@@ -146,14 +196,17 @@ pub fn model_config(dir: &Path) -> Result<(ModelConfig, Vec<Vec<f32>>)> {
     let ck = ckpt::load_checkpoint(dir)?;
     let cfg: ModelConfig = serde_json::from_value(ck.state.get("model").cloned().unwrap_or(Value::Null))
         .map_err(|e| Error::file(dir, format!("state field `model`: {e}")))?;
+    cfg.validate().map_err(|e| Error::file(dir, format!("state field `model`: {e}")))?;
+    check_state(&ck, &cfg)?;
     let layout = llmq_core::ParamLayout::new(&cfg);
     let mut groups = vec![];
     for g in &layout.groups {
         let t = ck.tensor(&format!("master.{}", g.name))?;
-        let mut v = vec![0f32; g.numel];
-        if t.data.len() != g.numel * t.dtype.size() {
-            return Err(Error::file(dir, format!("tensor `master.{}` has {} bytes, expected {}", g.name, t.data.len(), g.numel * t.dtype.size())));
+        // the size is checked before the buffer is allocated: the config is input
+        if Some(t.data.len()) != g.numel.checked_mul(t.dtype.size()) {
+            return Err(Error::file(dir, format!("tensor `master.{}` has {} bytes, the model config needs {} x {}", g.name, t.data.len(), g.numel, t.dtype)));
         }
+        let mut v = vec![0f32; g.numel];
         llmq_core::dtype::decode_into(t.dtype, &t.data, &mut v);
         groups.push(v);
     }

@@ -7,6 +7,7 @@
 
 pub mod acts;
 pub mod checkpoint;
+pub mod ckpt_session;
 pub mod fit;
 pub mod flops;
 pub mod fp8;
@@ -22,6 +23,7 @@ pub mod residual;
 pub mod run;
 pub mod schedule;
 pub mod side;
+pub mod spike;
 pub mod stream;
 pub mod synthetic;
 pub mod trainer;

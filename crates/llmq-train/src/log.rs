@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 pub struct JsonLog {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
+    /// A failed write was reported: a full disk fails every later line too, and one warning says it.
+    warned: bool,
 }
 
 impl JsonLog {
@@ -21,16 +23,18 @@ impl JsonLog {
             .append(true)
             .open(path)
             .map_err(|e| Error::file(path, format!("cannot open log: {e}")))?;
-        Ok(JsonLog { path: path.to_owned(), file: std::io::BufWriter::new(file) })
+        Ok(JsonLog { path: path.to_owned(), file: std::io::BufWriter::new(file), warned: false })
     }
 
-    /// Writes one record and flushes it (a crash loses at most the line being written).
+    /// Writes one record and flushes it (a crash loses at most the line being written). A failure
+    /// (a full disk) is reported once and does not stop the run.
     pub fn write(&mut self, record: &serde_json::Value) {
         let ok = serde_json::to_writer(&mut self.file, record).is_ok()
             && self.file.write_all(b"\n").is_ok()
             && self.file.flush().is_ok();
-        if !ok {
-            eprintln!("warning: could not write to log {}", self.path.display());
+        if !ok && !self.warned {
+            self.warned = true;
+            eprintln!("warning: could not write to log {} (further failures are not reported)", self.path.display());
         }
     }
 }

@@ -3,10 +3,10 @@
 //! export at the end. The CLI and the Python bindings drive the same object: build it, call
 //! `step` until `done`, then `finish`, and show the events it returns.
 
-use crate::checkpoint;
+use crate::ckpt_session::CkptSession;
 use crate::trainer::{StepStats, Trainer};
 use llmq_core::{DType, Result};
-use llmq_io::{ckpt, hf};
+use llmq_io::hf;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,12 +17,11 @@ use std::time::Instant;
 /// numbers).
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    /// Where checkpoints go; with it, one is written at the end and on a stop request.
-    pub ckpt_dir: Option<PathBuf>,
+    /// Where checkpoints go, with the run's lineage and retention; with it, one is written at
+    /// the end and on a stop request.
+    pub checkpoints: Option<CkptSession>,
     /// Write a checkpoint every N steps (0: only at the end and on a stop request).
     pub ckpt_interval: u64,
-    pub keep_last: usize,
-    pub keep_major: Option<u64>,
     /// Stop after this step as if interrupted (the schedule still spans all steps).
     pub stop_at: Option<u64>,
     /// No evaluation (profiling: the breakdown is of training steps only).
@@ -53,10 +52,14 @@ pub enum RunEvent {
     },
     Eval { step: u64, loss: f64 },
     Checkpoint { step: u64, path: PathBuf, removed: usize },
+    /// Something about the checkpoints to show (one not counted by retention, and why).
+    CheckpointNote(String),
     /// A checkpoint was due but the state is not finite.
     CheckpointSkipped { step: u64 },
     /// A stop was requested (signal); the run ends after this step.
     Stopped { step: u64 },
+    /// The spike guard's limit: the run ends after this step with a checkpoint, and fails.
+    SpikeStop { why: String },
     /// A stop was requested and there is nowhere to write a checkpoint.
     StoppedWithoutCheckpoint,
     Exported { dir: PathBuf, dtype: DType },
@@ -78,6 +81,8 @@ pub struct Run {
     step_times: Vec<f64>,
     started: Instant,
     interrupted: bool,
+    /// Why the run must fail after its checkpoint (the spike guard's limit).
+    failed: Option<String>,
     last_eval: Option<f64>,
 }
 
@@ -85,7 +90,7 @@ impl Run {
     /// `stop`: set (by a signal handler, a Python callback, ...) to end the run after the step
     /// in progress, with a checkpoint.
     pub fn new(trainer: Trainer, opts: RunOptions, stop: Arc<AtomicBool>) -> Run {
-        Run { trainer, opts, stop, step_times: vec![], started: Instant::now(), interrupted: false, last_eval: None }
+        Run { trainer, opts, stop, step_times: vec![], started: Instant::now(), interrupted: false, failed: None, last_eval: None }
     }
 
     pub fn trainer(&self) -> &Trainer {
@@ -108,6 +113,11 @@ impl Run {
         self.interrupted || self.trainer.step >= self.last_step()
     }
 
+    /// Why the run stopped short and must be reported as failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
     pub fn last_eval(&self) -> Option<f64> {
         self.last_eval
     }
@@ -124,6 +134,7 @@ impl Run {
         let remaining = self.last_step().saturating_sub(st.step);
         let eta = median(&self.step_times) * remaining as f64;
         let step = st.step;
+        let spike_stop = st.stop.clone();
         events.push(RunEvent::Step { stats: st, tokens_per_s, elapsed: self.started.elapsed().as_secs_f64(), eta });
 
         let tc = &self.trainer.tc;
@@ -141,22 +152,27 @@ impl Run {
         if periodic && step < self.last_step() {
             events.extend(self.save_checkpoint()?);
         }
-        if self.stop.load(Ordering::SeqCst) {
+        if let Some(why) = spike_stop {
+            self.interrupted = true;
+            self.failed = Some(why.clone());
+            events.push(RunEvent::SpikeStop { why });
+        } else if self.stop.load(Ordering::SeqCst) {
             self.interrupted = true;
             events.push(RunEvent::Stopped { step });
         }
         Ok(events)
     }
 
-    /// The end of the run: the final checkpoint (with a checkpoint directory) and the export.
+    /// The end of the run: the final checkpoint (with a checkpoint directory) and the export
+    /// (not after a failure).
     pub fn finish(&mut self) -> Result<Vec<RunEvent>> {
         let mut events = vec![];
-        if self.opts.ckpt_dir.is_some() {
+        if self.opts.checkpoints.is_some() {
             events.extend(self.save_checkpoint()?);
         } else if self.interrupted {
             events.push(RunEvent::StoppedWithoutCheckpoint);
         }
-        if let Some(ex) = self.opts.export.clone() {
+        if let Some(ex) = self.opts.export.clone().filter(|_| self.failed.is_none()) {
             let tr = &self.trainer;
             let groups = tr.model.params.master_f32(tr.be.as_ref())?;
             hf::export_model(&ex.dir, tr.model.cfg(), &groups, ex.dtype, ex.source.as_deref())?;
@@ -185,17 +201,18 @@ impl Run {
 
     /// Writes a checkpoint of the current state (not of a poisoned one) and applies retention.
     fn save_checkpoint(&mut self) -> Result<Vec<RunEvent>> {
-        let Some(root) = self.opts.ckpt_dir.clone() else { return Ok(vec![]) };
+        let Some(ck) = self.opts.checkpoints.as_mut() else { return Ok(vec![]) };
         let tr = &mut self.trainer;
         if tr.bad_in_a_row > 0 {
             return Ok(vec![RunEvent::CheckpointSkipped { step: tr.step }]);
         }
-        let dir = checkpoint::save(tr, &root)?;
-        let removed = ckpt::prune(&root, self.opts.keep_last, self.opts.keep_major)?;
+        let Some(saved) = ck.save(tr)? else { return Ok(vec![]) };
         if let Some(log) = &mut tr.log {
-            log.write(&json!({"type": "checkpoint", "step": tr.step, "path": dir}));
+            log.write(&json!({"type": "checkpoint", "step": tr.step, "path": saved.path, "run": ck.run_id()}));
         }
-        Ok(vec![RunEvent::Checkpoint { step: tr.step, path: dir, removed: removed.len() }])
+        let mut events: Vec<RunEvent> = saved.notes.into_iter().map(RunEvent::CheckpointNote).collect();
+        events.push(RunEvent::Checkpoint { step: tr.step, path: saved.path, removed: saved.removed });
+        Ok(events)
     }
 }
 

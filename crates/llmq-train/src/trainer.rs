@@ -7,6 +7,7 @@ use crate::model::Model;
 use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use crate::schedule::Schedule;
+use crate::spike::{SpikeGuard, SpikeState};
 use llmq_core::{AdamW, Backend, Error, ModelConfig, Result};
 use llmq_io::data::BatchSource;
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,8 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Abort after this many consecutive steps with a non-finite loss or gradient norm.
     pub max_bad_steps: u32,
+    #[serde(default)]
+    pub spike: SpikeGuard,
     /// Kernel and algorithm choices of a GPU backend (they change the last bits of results).
     #[serde(default)]
     pub backend: llmq_core::BackendOptions,
@@ -94,6 +97,7 @@ impl TrainConfig {
         }
         self.schedule.validate()?;
         self.optim.validate()?;
+        self.spike.validate()?;
         self.backend.validate()?;
         self.precision.validate()?;
         self.memory.validate(&self.precision)
@@ -138,12 +142,14 @@ pub struct StepStats {
     pub lr: f64,
     pub tokens: usize,
     pub seconds: f64,
-    /// The update was skipped because the loss or gradient norm was not finite.
+    /// The update was skipped: the loss or gradient norm was not finite, or a spike.
     pub skipped: bool,
     /// Host seconds spent issuing the last micro-batch's forward and backward pass (up to the
     /// loss read-back, which waits for the GPU): close to the step time when the host, not the
     /// device, is the bottleneck.
     pub issue_seconds: f64,
+    /// Why the run must stop now (the spike guard's limit), after a checkpoint of this state.
+    pub stop: Option<String>,
 }
 
 pub struct Trainer {
@@ -157,6 +163,7 @@ pub struct Trainer {
     /// Optimizer updates applied (the Adam bias-correction counter).
     pub updates: u64,
     pub bad_in_a_row: u32,
+    pub spikes: SpikeState,
     issue_seconds: f64,
     pub log: Option<JsonLog>,
 }
@@ -175,7 +182,7 @@ impl Trainer {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;
-        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, issue_seconds: 0.0, log: None })
+        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None })
     }
 
     pub fn init_from_scratch(&mut self) -> Result<()> {
@@ -228,8 +235,13 @@ impl Trainer {
     pub fn finish_step(&mut self, loss: f64, t0: Instant) -> Result<StepStats> {
         let norm = self.grad_norm()?;
         let lr = self.tc.schedule.lr_at(self.step);
-        let skipped = !loss.is_finite() || !norm.is_finite();
-        if skipped {
+        let bad = !loss.is_finite() || !norm.is_finite();
+        let spike = if bad { None } else { self.spikes.check(&self.tc.spike, loss, norm) };
+        let mut stop = None;
+        if let Some(cause) = &spike {
+            self.bad_in_a_row = 0;
+            stop = self.skip_spike(cause);
+        } else if bad {
             self.bad_in_a_row += 1;
             let cause = if !loss.is_finite() { format!("loss is {loss}") } else { format!("gradient norm is {norm}") };
             eprintln!("warning: step {}: {cause}; update skipped ({} in a row)", self.step + 1, self.bad_in_a_row);
@@ -258,9 +270,20 @@ impl Trainer {
             lr,
             tokens: self.tc.tokens_per_step(),
             seconds: t0.elapsed().as_secs_f64(),
-            skipped,
+            skipped: bad || spike.is_some(),
             issue_seconds: self.issue_seconds,
+            stop,
         })
+    }
+
+    /// Reports a step the spike guard rejected; returns why the run must stop, at the limit.
+    fn skip_spike(&mut self, cause: &str) -> Option<String> {
+        let n = self.spikes.skips_in_a_row;
+        eprintln!("warning: step {}: {cause}; update skipped ({n} in a row)", self.step + 1);
+        if let Some(log) = &mut self.log {
+            log.write(&serde_json::json!({"type": "skip", "step": self.step + 1, "cause": cause, "spike": true}));
+        }
+        (n >= self.tc.spike.max_skips).then(|| format!("{n} consecutive loss spikes (last at step {}): stopping", self.step + 1))
     }
 
     fn apply_update(&mut self, lr: f64, grad_scale: f32) -> Result<()> {

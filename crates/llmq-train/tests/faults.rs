@@ -106,3 +106,90 @@ fn fit_batch_takes_the_largest_micro_batch_that_fits_at_the_same_tokens_per_step
     let mut unlimited = || -> llmq_core::Result<Box<dyn llmq_core::Backend>> { Ok(Box::new(llmq_core::cpu::CpuBackend::new())) };
     assert_eq!(fit_micro_batch(&mut unlimited, &cfg, &tc, 0).unwrap(), Fit { batch_size: 2, grad_accumulation: 12, free_after: None });
 }
+
+#[test]
+fn spike_guard_skips_injected_spikes_and_stops_after_k_in_a_row() {
+    let cfg = tiny(Arch::Qwen2, true);
+    let mut tc = train_config(2, 8, 1, 40);
+    tc.spike = llmq_train::spike::SpikeGuard { z: 6.0, window: 10, max_skips: 2 };
+    let mut tr = trainer(&cfg, tc.clone());
+    for _ in 0..12 {
+        let st = tr.train_step().unwrap();
+        assert!(!st.skipped, "an ordinary step taken for a spike: {st:?}");
+    }
+    let before = tr.model.params.master_f32(tr.be.as_ref()).unwrap();
+    // a gradient-norm spike: every gradient of block 0 scaled by 10^4
+    let t0 = Instant::now();
+    let (loss, _) = tr.accumulate_gradients().unwrap();
+    let g = tr.model.params.grads.groups[1];
+    let vals: Vec<f32> = download_f32(tr.be.as_ref(), &g).unwrap().iter().map(|v| v * 1e4).collect();
+    upload_f32(tr.be.as_ref(), &g, &vals).unwrap();
+    let st = tr.finish_step(loss, t0).unwrap();
+    assert!(st.skipped && st.stop.is_none(), "{st:?}");
+    assert_eq!(tr.model.params.master_f32(tr.be.as_ref()).unwrap(), before, "weights changed by a skipped spike");
+    assert_eq!(tr.spikes.skips_in_a_row, 1);
+    // a loss spike right after: the second in a row stops the run
+    let t0 = Instant::now();
+    let (loss, _) = tr.accumulate_gradients().unwrap();
+    let st = tr.finish_step(loss * 100.0, t0).unwrap();
+    assert!(st.skipped, "{st:?}");
+    let why = st.stop.expect("stops after 2 spikes in a row");
+    assert!(why.contains("2 consecutive loss spikes") && why.contains("step 14"), "{why}");
+    assert_eq!(tr.model.params.master_f32(tr.be.as_ref()).unwrap(), before);
+    // an ordinary step is accepted again and resets the count
+    assert!(!tr.train_step().unwrap().skipped);
+    assert_eq!(tr.spikes.skips_in_a_row, 0);
+
+    // with the guard off (the default) the same injected spike is applied
+    let mut off = trainer(&cfg, train_config(2, 8, 1, 40));
+    for _ in 0..12 {
+        off.train_step().unwrap();
+    }
+    let t0 = Instant::now();
+    let (loss, _) = off.accumulate_gradients().unwrap();
+    let st = off.finish_step(loss * 100.0, t0).unwrap();
+    assert!(!st.skipped && st.stop.is_none());
+    // an invalid guard is refused with the option named
+    let mut bad = train_config(2, 8, 1, 40);
+    bad.spike.z = 3.0;
+    bad.spike.window = 2;
+    assert!(bad.validate(&cfg).unwrap_err().to_string().contains("--spike-window"));
+}
+
+#[test]
+fn a_run_stopped_by_the_spike_guard_writes_the_last_good_state_and_fails() {
+    use llmq_train::ckpt_session::CkptSession;
+    use llmq_train::run::{Run, RunEvent, RunOptions};
+    let root = std::env::temp_dir().join(format!("llmq-spike-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let cfg = tiny(Arch::Qwen2, true);
+    let mut tc = train_config(2, 8, 1, 60);
+    // a threshold so low that the first step above the recent mean counts as a spike, and one
+    // such step ends the run: deterministic, and exercises the stop path end to end
+    tc.spike = llmq_train::spike::SpikeGuard { z: 0.01, window: 10, max_skips: 1 };
+    let mut tr = trainer(&cfg, tc);
+    tr.init_from_scratch().unwrap();
+    let ck = CkptSession::new(root.clone(), 2, None, false).unwrap();
+    let opts = RunOptions { checkpoints: Some(ck), ..Default::default() };
+    let mut run = Run::new(tr, opts, Default::default());
+    let mut stop = None;
+    while !run.done() {
+        for ev in run.step().unwrap() {
+            if let RunEvent::SpikeStop { why } = ev {
+                stop = Some(why);
+            }
+        }
+    }
+    let why = stop.expect("the guard stops the run");
+    assert!(why.contains("1 consecutive loss spikes"), "{why}");
+    let step = run.trainer().step;
+    assert!((11..60).contains(&step), "stopped at step {step}");
+    let events = run.finish().unwrap();
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Checkpoint { step: s, .. } if *s == step)), "{events:?}");
+    assert_eq!(run.failure(), Some(why.as_str()));
+    // the checkpoint holds the weights before the skipped update (the trainer's, untouched)
+    let tr = run.into_trainer();
+    let (_, groups) = llmq_train::checkpoint::model_config(&llmq_io::ckpt::checkpoint_dir(&root, step)).unwrap();
+    assert_eq!(groups, tr.model.params.master_f32(tr.be.as_ref()).unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}

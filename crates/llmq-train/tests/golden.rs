@@ -3,10 +3,11 @@
 //! unnoticed. The other model tests compare runs with each other (recompute, overlap, sharding
 //! of the optimizer state...), which a change that moves every run alike would pass.
 //!
-//! The CPU backend is deterministic and independent of the thread count, so on one machine the
-//! runs repeat bit for bit (the test says so when they do). The tolerances cover other CPUs,
-//! where the matmul crate may pick other kernels (FMA or not) and round differently; an fp8 run
-//! amplifies that through the e4m3 rounding of its matmul inputs. A change meant to move the
+//! The CPU backend is deterministic and independent of the thread count, so on the platform that
+//! blessed a file (recorded in it: architecture, OS and the CPU features the matmul kernels
+//! choose by) every loss and gradient norm must repeat bit for bit. The tolerances apply only on
+//! other platforms, where the matmul crate may pick other kernels (FMA or not) and round
+//! differently; an fp8 run amplifies that through the e4m3 rounding of its matmul inputs. A change meant to move the
 //! numbers regenerates the files: `LLMQ_BLESS=1 cargo test --release -p llmq-train --test golden`,
 //! and says why in its commit.
 
@@ -24,7 +25,7 @@ struct Run {
     tied: bool,
     precision: Precision,
     accum: usize,
-    /// Relative tolerance of each loss and gradient norm.
+    /// Relative tolerance of each loss and gradient norm on a platform other than the blessing one.
     tol: f64,
 }
 
@@ -51,14 +52,35 @@ fn history(run: &Run) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// What decides the CPU's rounding: architecture, OS and the SIMD features the matmul crate
+/// dispatches on.
+fn platform() -> String {
+    #[allow(unused_mut)]
+    let mut features: Vec<&str> = vec![];
+    #[cfg(target_arch = "x86_64")]
+    for (name, on) in [
+        ("fma", std::arch::is_x86_feature_detected!("fma")),
+        ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+        ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+    ] {
+        if on {
+            features.push(name);
+        }
+    }
+    format!("{}-{} {}", std::env::consts::ARCH, std::env::consts::OS, features.join(","))
+}
+
+const PLATFORM_PREFIX: &str = "# platform: ";
+
 fn path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("{name}.txt"))
 }
 
 fn write(run: &Run, h: &[(f64, f64)]) {
     let mut text = format!(
-        "# llmq golden losses: {} (tests/golden.rs; regenerate with LLMQ_BLESS=1)\n# step loss grad_norm\n",
-        run.name
+        "# llmq golden losses: {} (tests/golden.rs; regenerate with LLMQ_BLESS=1)\n{PLATFORM_PREFIX}{}\n# step loss grad_norm\n",
+        run.name,
+        platform()
     );
     for (i, (l, g)) in h.iter().enumerate() {
         text += &format!("{} {l} {g}\n", i + 1); // shortest decimals that read back bit for bit
@@ -67,9 +89,13 @@ fn write(run: &Run, h: &[(f64, f64)]) {
     std::fs::write(path(run.name), text).unwrap();
 }
 
-fn read(name: &str) -> Result<Vec<(f64, f64)>, String> {
+/// A golden file: the platform that blessed it and the (loss, gradient norm) of each step.
+type Golden = (Option<String>, Vec<(f64, f64)>);
+
+fn read(name: &str) -> Result<Golden, String> {
     let p = path(name);
     let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e} (make it with LLMQ_BLESS=1)", p.display()))?;
+    let blessed_on = text.lines().find_map(|l| l.strip_prefix(PLATFORM_PREFIX)).map(|s| s.trim().to_string());
     let mut out = vec![];
     for (no, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty()) {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -79,7 +105,7 @@ fn read(name: &str) -> Result<Vec<(f64, f64)>, String> {
             _ => return Err(format!("{}:{}: expected \"{} <loss> <grad_norm>\", got {line:?}", p.display(), no + 1, out.len() + 1)),
         }
     }
-    Ok(out)
+    Ok((blessed_on, out))
 }
 
 #[test]
@@ -93,7 +119,7 @@ fn cpu_runs_match_their_golden_losses() {
             println!("{}: written", run.name);
             continue;
         }
-        let want = match read(run.name) {
+        let (blessed_on, want) = match read(run.name) {
             Ok(w) => w,
             Err(e) => {
                 failures.push(e);
@@ -105,6 +131,10 @@ fn cpu_runs_match_their_golden_losses() {
             continue;
         }
         let bitwise = got.iter().zip(&want).all(|(a, b)| a.0.to_bits() == b.0.to_bits() && a.1.to_bits() == b.1.to_bits());
+        let same_platform = blessed_on.as_deref() == Some(platform().as_str());
+        if same_platform && !bitwise {
+            failures.push(format!("{}: not bit-identical to the golden file on the platform that blessed it ({})", run.name, platform()));
+        }
         let mut worst = 0f64;
         for (i, ((l, g), (wl, wg))) in got.iter().zip(&want).enumerate() {
             for (what, x, w) in [("loss", l, wl), ("grad norm", g, wg)] {
@@ -115,7 +145,12 @@ fn cpu_runs_match_their_golden_losses() {
                 }
             }
         }
-        println!("{}: {}", run.name, if bitwise { "bit-identical".to_string() } else { format!("within tolerance, worst relative difference {worst:.2e}") });
+        let verdict = if bitwise {
+            "bit-identical".to_string()
+        } else {
+            format!("worst relative difference {worst:.2e} (blessed on {blessed_on:?}, this is {}: tolerance {:.0e})", platform(), run.tol)
+        };
+        println!("{}: {verdict}", run.name);
     }
     assert!(failures.is_empty(), "golden losses differ:\n{}", failures.join("\n"));
 }

@@ -2,8 +2,8 @@
 //! the same bytes in both, and comparisons with a per-dtype tolerance table.
 //!
 //! Tests call `Pair::new()` first; without a usable CUDA device it prints
-//! "skipping: no CUDA device: <reason>" and returns None, so the suite passes on machines
-//! without a GPU.
+//! "SKIPPED: no CUDA device: <reason>" and returns None (or fails under LLMQ_REQUIRE_GPU=1, see
+//! `llmq_cuda::skip_gpu_test`).
 #![allow(dead_code)]
 
 use llmq_core::cpu::CpuBackend;
@@ -69,7 +69,7 @@ impl Drop for Pair {
 
 pub fn gpu_or_skip() -> Option<CudaBackend> {
     if let Err(e) = cuda_available() {
-        println!("skipping: no CUDA device: {e}");
+        llmq_cuda::skip_gpu_test(&format!("no CUDA device: {e}"));
         return None;
     }
     Some(CudaBackend::new(0, &Default::default()).expect("CudaBackend::new"))

@@ -1,0 +1,78 @@
+//! Bad outputs and bad tokens are found before the first step, not after hours of training.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn llmq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmq")).args(args).output().unwrap()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("llmq-pre-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const RUN: [&str; 13] =
+    ["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every=0"];
+
+/// Fails before the first step, with a message holding every piece of `want`.
+fn fails_up_front(extra: &[&str], want: &[&str]) {
+    let args: Vec<&str> = RUN.iter().copied().chain(extra.iter().copied()).collect();
+    let out = llmq(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail: {stdout}");
+    assert!(!stdout.contains("step      1/"), "failed only after training: {stdout}");
+    for w in want {
+        assert!(stderr.contains(w), "{w:?} not in: {stderr}");
+    }
+}
+
+#[test]
+fn unwritable_outputs_are_refused_before_the_first_step() {
+    // a path below a regular file cannot be created, even by root (CI runs as root)
+    let d = tmpdir("outputs");
+    let file = d.join("somefile");
+    std::fs::write(&file, b"x").unwrap();
+    let under = |n: &str| file.join(n).to_str().unwrap().to_string();
+    fails_up_front(&["--ckpt-dir", &under("ck")], &["--ckpt-dir", "cannot create", "somefile/ck"]);
+    fails_up_front(&["--export", &under("hf")], &["--export", "cannot create", "somefile/hf"]);
+    fails_up_front(&["--log-file", &under("log/run.jsonl")], &["--log-file", "somefile/log"]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn token_file(path: &Path, tokens: &[i32]) {
+    llmq_io::tokfile::write_token_file(path, tokens, None, Some(512)).unwrap();
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_found_before_the_first_step() {
+    let d = tmpdir("tokens");
+    // the header allows 512 but the model has 256 ids; the bad id is in the last chunk, which a
+    // two-step run would never read
+    let mut toks: Vec<i32> = (0..4000).map(|i| i % 256).collect();
+    toks[3990] = 300;
+    let f = d.join("bad.bin");
+    token_file(&f, &toks);
+    fails_up_front(&["--train-file", f.to_str().unwrap()], &["bad.bin", "id 300", "position 3990", "0..256"]);
+    // the same for an eval file
+    let good = d.join("good.bin");
+    token_file(&good, &toks[..3000]);
+    fails_up_front(&["--train-file", good.to_str().unwrap(), "--eval-file", f.to_str().unwrap()], &["bad.bin", "id 300"]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_log_on_a_full_disk_warns_once() {
+    if !Path::new("/dev/full").exists() {
+        println!("SKIPPED: no /dev/full on this system");
+        return;
+    }
+    let args: Vec<&str> = RUN.iter().copied().chain(["--log-file", "/dev/full"]).collect();
+    let out = llmq(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("could not write to log /dev/full").count(), 1, "{stderr}");
+}
