@@ -154,7 +154,11 @@ impl Options {
             let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
             serde_json::from_value::<Options>(one).map_err(|e| Error::Config(format!("option {k}: {e}")))?;
         }
-        serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Config(e.to_string()))
+        let o: Options = serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| Error::Config(e.to_string()))?;
+        if !["auto", "cpu", "cuda", "gpu"].contains(&o.device.as_str()) {
+            return Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {:?}", o.device)));
+        }
+        Ok(o)
     }
 
     fn memory(&self, fp8: bool) -> Result<MemoryOptions> {

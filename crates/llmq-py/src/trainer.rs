@@ -31,19 +31,19 @@ fn detached<R>(py: Python<'_>, f: impl FnOnce() -> Result<R> + Send) -> PyResult
     py.detach(move || AssertSend(f())).0.map_err(to_py)
 }
 
-/// The backend for `device` (as `llmq train --device`).
+/// The backend for `device` (auto, cpu, cuda or gpu: checked by `Options::from_json`), as
+/// `llmq train --device` selects it.
 fn select_backend(device: &str) -> Result<(Box<dyn Backend>, bool)> {
-    match device {
-        "cpu" => Ok((Box::new(CpuBackend::new()), false)),
-        "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
-            Ok(()) => Ok((Box::new(llmq_cuda::CudaBackend::new(0)?), true)),
-            Err(reason) if device == "auto" => {
-                eprintln!("llmq: no usable GPU ({reason}); running on the CPU backend");
-                Ok((Box::new(CpuBackend::new()), false))
-            }
-            Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
-        },
-        other => Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {other:?}"))),
+    if device == "cpu" {
+        return Ok((Box::new(CpuBackend::new()), false));
+    }
+    match llmq_cuda::cuda_available() {
+        Ok(()) => Ok((Box::new(llmq_cuda::CudaBackend::new(0)?), true)),
+        Err(reason) if device == "auto" => {
+            eprintln!("llmq: no usable GPU ({reason}); running on the CPU backend");
+            Ok((Box::new(CpuBackend::new()), false))
+        }
+        Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
     }
 }
 
