@@ -9,3 +9,15 @@ if [ -z "${LLMQ_NO_NVCC:-}" ]; then
   export PATH="$(dirname "$NVCC_BIN"):$PATH"
 fi
 cargo test --release --workspace "$@"
+
+# The Python package (crates/llmq-py): built by maturin in release into the same target directory
+# as the tests above (so only pyo3 and the bindings compile here), installed into a fresh virtual
+# environment with maturin, pytest and numpy from the package index, then its pytest tests.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+PY_VENV="$(mktemp -d)"
+trap 'rm -rf "$PY_VENV"' EXIT
+python3 -m venv "$PY_VENV"
+export PATH="$PY_VENV/bin:$PATH"
+python -m pip install --quiet maturin pytest numpy
+python -m pip install --quiet --no-build-isolation ./crates/llmq-py
+python -m pytest -q crates/llmq-py/tests

@@ -304,9 +304,12 @@ pub fn resolve_model(o: &Options) -> Result<ModelChoice> {
     Ok(ModelChoice { cfg: hf::load_config(&dir)?, dir: Some(dir) })
 }
 
+/// Training and (optional) evaluation data.
+pub type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>);
+
 /// Training and evaluation data when no arrays are passed: token files, random tokens or the
 /// embedded synthetic corpus (and its held-out stream), as `llmq train` chooses them.
-pub fn resolve_data(o: &Options, cfg: &ModelConfig, tc: &TrainConfig) -> Result<(Box<dyn BatchSource>, Option<Box<dyn BatchSource>>)> {
+pub fn resolve_data(o: &Options, cfg: &ModelConfig, tc: &TrainConfig) -> Result<Sources> {
     let eval: Option<Box<dyn BatchSource>> = match &o.eval_file {
         None => None,
         Some(p) => Some(Box::new(TokenLoader::eval(&loader::expand_glob(p)?, tc.seq_len, 0, 1, Some(cfg.vocab_size))?)),
