@@ -20,4 +20,5 @@ python3 -m venv "$PY_VENV"
 export PATH="$PY_VENV/bin:$PATH"
 python -m pip install --quiet maturin pytest numpy
 python -m pip install --quiet --no-build-isolation ./crates/llmq-py
-python -m pytest -q crates/llmq-py/tests
+# the binary the cargo tests built, for the test that compares the package with `llmq train`
+LLMQ_BIN="$CARGO_TARGET_DIR/release/llmq" python -m pytest -q crates/llmq-py/tests
