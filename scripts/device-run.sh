@@ -2,6 +2,7 @@
 # One device call: GPU tests (incl. the HF transformers comparison), then benchmarks.
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
+#        [capped SIZE MODEL ACCUM FLAGS...]
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -81,6 +82,19 @@ case "$what" in
     ncu --clock-control none --kernel-name regex:"${ATTN_RE:-llmq_attn4}" --launch-skip "${SKIP:-48}" --launch-count "${COUNT:-2}" --set full \
       .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
       --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 > "$O/ncu-${TAG:-attn}.txt" 2>&1
+    ;;
+  capped)
+    # a model under --memory-limit (consumer-card emulation): capped SIZE MODEL ACCUM [llmq flags]
+    # e.g. capped 16GiB qwen2.5-7b 16 --auto-memory; the driver's device memory in use is
+    # sampled every 250 ms and its maximum reported beside the run's own accounting
+    limit="$1"; model="$2"; accum="$3"; shift 3
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "/tmp/smi-$model-$limit.txt" & smi=$!
+    .gpu/llmq train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --matmul-dtype e4m3 \
+      --model-dtype bf16 --opt-m-dtype bf16 --opt-v-dtype bf16 --grad-dtype bf16 --batch-size "${CAPPED_BS:-8}" \
+      --grad-accumulation "$accum" --steps "${CAPPED_STEPS:-4}" --warmup 1 --eval-every 0 --print-every 1 \
+      --memory-limit "$limit" "$@" >> "$O/capped.txt" 2>&1
+    kill $smi
+    echo "driver-measured device memory peak: $(sort -n "/tmp/smi-$model-$limit.txt" | tail -1) MiB ($model, $limit)" >> "$O/capped.txt"
     ;;
   profile)
     .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \

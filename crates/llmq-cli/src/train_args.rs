@@ -137,6 +137,10 @@ pub struct TrainArgs {
     /// Recompute everything but the residual stream.
     #[arg(long, help_heading = "Memory")]
     pub recompute_block: bool,
+    /// Keep each layer's residuals in pinned host memory between the forward and the backward
+    /// pass (copied back as each block's forward is issued, prefetched a block ahead).
+    #[arg(long, help_heading = "Memory")]
+    pub offload_residual: bool,
     /// Keep the fp32 master weights in pinned host memory; the optimizer reads and writes them
     /// there (needs --model-dtype fp32 with bf16 or e4m3 matmuls).
     #[arg(long, help_heading = "Memory")]
@@ -239,6 +243,7 @@ impl TrainArgs {
             offload_opt_v: self.offload_opt_v,
             stream_weights: self.shard_weights,
             offload_gradients: self.offload_gradients,
+            offload_residual: self.offload_residual,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })
     }

@@ -154,7 +154,7 @@ fn gpu_recompute_is_bitwise_identical() {
     let persistent = MemoryOptions { persistent_quants: true, ..plain };
     let overlap = MemoryOptions { wgrad_overlap: true, ..plain };
     let offload = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain };
-    let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, ..offload };
+    let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..offload };
     for group in [vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed)], vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed)]] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)

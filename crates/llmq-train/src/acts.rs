@@ -13,6 +13,7 @@
 //! the same order.
 
 use crate::memory::Recompute;
+use crate::residual::Residuals;
 use llmq_core::{AttnShape, Backend, DType, Mem, MemCategory, ModelConfig, Result, Tensor};
 
 /// How an activation reaches the backward pass.
@@ -103,10 +104,8 @@ pub struct RunShape {
 pub struct Activations {
     pub shape: RunShape,
     pub attn: AttnShape,
-    /// Residual entering block l (l = 0..L; index L is the input of the final norm). [N, C]
-    pub res_att: Vec<Tensor>,
-    /// Residual after block l's attention. [N, C]
-    pub res_ffn: Vec<Tensor>,
+    /// The residual stream [N, C] per layer (`crate::residual`).
+    pub res: Residuals,
     pub rstd1: Vec<Tensor>,
     pub rstd2: Vec<Tensor>,
     /// qk-norm reciprocal std [N, Hq + Hkv] (Qwen3 only; empty otherwise).
@@ -156,6 +155,7 @@ impl Activations {
         fp8: bool,
         lmhead_rows: usize,
         norm_slots: usize,
+        offload_residual: bool,
     ) -> Result<Activations> {
         let (l, c, d, v) = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let n = shape.b * shape.t;
@@ -165,8 +165,7 @@ impl Activations {
         let per_layer = |be: &mut dyn Backend, count: usize, dt: DType, dims: &[usize]| -> Result<Vec<Tensor>> {
             (0..count).map(|_| be.alloc(MemCategory::Activations, Mem::Device, dt, dims)).collect()
         };
-        let res_att = per_layer(be, l + 1, dtype, &[n, c])?;
-        let res_ffn = per_layer(be, l, dtype, &[n, c])?;
+        let res = Residuals::alloc(be, l, dtype, &[n, c], offload_residual)?;
         let rstd1 = per_layer(be, l, f32, &[n])?;
         let rstd2 = per_layer(be, l, f32, &[n])?;
         // qk-norm's temporaries (one row without qk-norm: nothing else uses them)
@@ -206,8 +205,7 @@ impl Activations {
         Ok(Activations {
             shape,
             attn,
-            res_att,
-            res_ffn,
+            res,
             rstd1,
             rstd2,
             qk_rstd,

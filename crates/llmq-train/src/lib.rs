@@ -18,6 +18,7 @@ pub mod params;
 pub mod plan;
 pub mod precision;
 pub mod profile;
+pub mod residual;
 pub mod run;
 pub mod schedule;
 pub mod side;

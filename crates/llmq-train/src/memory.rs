@@ -29,6 +29,8 @@ pub struct MemoryOptions {
     pub stream_weights: bool,
     /// Block gradients in pinned host memory, accumulated in two device slots per block.
     pub offload_gradients: bool,
+    /// Per-layer residuals in pinned host memory between the forward and the backward pass.
+    pub offload_residual: bool,
     /// Device bytes the run may allocate (None: what the device has).
     pub memory_limit: Option<u64>,
 }
@@ -59,7 +61,7 @@ impl MemoryOptions {
     /// One line for the printed configuration, e.g. "recompute block | offload m, v | limit 16 GiB".
     pub fn describe(&self) -> String {
         let mut parts = vec![format!("recompute {}", self.recompute.describe())];
-        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v"), (self.offload_gradients, "gradients")]
+        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v"), (self.offload_gradients, "gradients"), (self.offload_residual, "residuals")]
             .iter()
             .filter(|(on, _)| *on)
             .map(|(_, n)| *n)

@@ -66,7 +66,7 @@ impl Model {
         let norm_slots = params.layout.groups.len();
         let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
         let fp8 = precision.matmul.is_fp8();
-        let mut acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8, lm_rows, norm_slots)?;
+        let mut acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8, lm_rows, norm_slots, mem.offload_residual)?;
         upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
         let fp8 = if fp8 {
             // Act order. The weight gradient reads each input's transpose: kept from the forward
@@ -183,26 +183,28 @@ impl Model {
         let a = &self.acts;
         let head = self.params.head();
         let l_count = self.cfg().num_layers;
-        be.embedding_fwd(&a.res_att[0], &a.ids, &head.embedding)?;
+        be.embedding_fwd(&a.res.write_att(be, 0)?, &a.ids, &head.embedding)?;
         let w0 = self.params.block(be, 0)?;
-        be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res_att[0], &w0.ln1, self.eps, self.amax(0, Act::Ln1).as_ref())?;
+        be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res.att(0), &w0.ln1, self.eps, self.amax(0, Act::Ln1).as_ref())?;
         for l in 0..l_count {
             let w = self.params.block(be, l)?;
             self.params.prefetch(be, l + 1)?;
             self.attention_stages(be, l, &w, true)?;
             self.mm(be, l, OUT, &a.proj, &a.att.at(l), Act::Att, &w.o_w, None)?;
-            be.residual_rmsnorm_fwd(&a.res_ffn[l], &a.ln2.at(l), &a.rstd2[l], &a.res_att[l], &a.proj, &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
+            let res_ffn = a.res.write_ffn(be, l)?;
+            be.residual_rmsnorm_fwd(&res_ffn, &a.ln2.at(l), &a.rstd2[l], &a.res.att(l), &a.proj, &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
             self.mlp_stages(be, l, &w, true)?;
             self.mm(be, l, DOWN, &a.proj, &a.sw.at(l), Act::Sw, &w.down_w, None)?;
             // fused: next residual + the norm that consumes it
             if l + 1 < l_count {
                 let next = self.params.block(be, l + 1)?;
                 let am = self.amax(l + 1, Act::Ln1);
-                be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.ln1.at(l + 1), &a.rstd1[l + 1], &a.res_ffn[l], &a.proj, &next.ln1, self.eps, am.as_ref())?;
+                be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.ln1.at(l + 1), &a.rstd1[l + 1], &res_ffn, &a.proj, &next.ln1, self.eps, am.as_ref())?;
                 self.params.release(be, l + 1)?;
             } else {
-                be.residual_rmsnorm_fwd(&a.res_att[l + 1], &a.final_ln, &a.final_rstd, &a.res_ffn[l], &a.proj, &head.final_norm, self.eps, None)?;
+                be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.final_ln, &a.final_rstd, &res_ffn, &a.proj, &head.final_norm, self.eps, None)?;
             }
+            a.res.stored(be, l)?;
             self.params.release(be, l)?;
         }
         self.lm_head(be, dloss)
@@ -213,7 +215,7 @@ impl Model {
     fn attention_stages(&self, be: &dyn Backend, l: usize, w: &BlockTensors, full: bool) -> Result<()> {
         let a = &self.acts;
         if !full && !a.ln1.kept() {
-            be.rmsnorm_fwd(&a.ln1.at(l), &a.rstd1[l], &a.res_att[l], &w.ln1, self.eps, self.amax(l, Act::Ln1).as_ref())?;
+            be.rmsnorm_fwd(&a.ln1.at(l), &a.rstd1[l], &a.res.att(l), &w.ln1, self.eps, self.amax(l, Act::Ln1).as_ref())?;
         }
         if full || !a.qkv_r.kept() || !a.att.kept() {
             if full || !a.qkv_r.kept() {
@@ -241,7 +243,7 @@ impl Model {
     fn mlp_stages(&self, be: &dyn Backend, l: usize, w: &BlockTensors, full: bool) -> Result<()> {
         let a = &self.acts;
         if !full && !a.ln2.kept() {
-            be.rmsnorm_fwd(&a.ln2.at(l), &a.rstd2[l], &a.res_ffn[l], &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
+            be.rmsnorm_fwd(&a.ln2.at(l), &a.rstd2[l], &a.res.ffn(l), &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
         }
         if full || !a.up_gate.kept() {
             self.mm(be, l, UP, &a.up_gate.at(l), &a.ln2.at(l), Act::Ln2, &w.up_gate_w, None)?;
@@ -288,17 +290,20 @@ impl Model {
         let ghead = self.params.grad_head();
         let l_count = self.cfg().num_layers;
         // final norm: d_res = d(final residual)
-        be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res_att[l_count], &head.final_norm, &a.final_rstd, None, self.gamax().as_ref())?;
+        be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res.att(l_count), &head.final_norm, &a.final_rstd, None, self.gamax().as_ref())?;
         for l in (0..l_count).rev() {
             let w = self.params.block(be, l)?;
             let g = self.params.grad_block(be, l)?;
+            a.res.acquire(be, l)?;
             if l > 0 {
                 self.params.prefetch(be, l - 1)?;
                 self.params.prefetch_grad(be, l - 1)?;
+                a.res.prefetch(be, l - 1)?;
             }
             self.block_backward(be, l, &w, &g)?;
             self.params.release(be, l)?;
             self.params.release_grad(be, l)?;
+            a.res.release(be, l)?;
         }
         self.params.micro_batch_done(be)?;
         be.embedding_bwd(&ghead.embedding, &a.ids, &a.d_res)?;
@@ -320,7 +325,7 @@ impl Model {
         self.mm_bwd(be, l, DOWN, &a.d_sw, &g.down_w, &a.d_res, &a.sw.at(l), Act::Sw, &w.down_w)?;
         be.swiglu_bwd(&a.d_up_gate, &a.d_sw, &a.up_gate.at(l), gam)?;
         self.mm_bwd(be, l, UP, &a.d_ln, &g.up_gate_w, &a.d_up_gate, &a.ln2.at(l), Act::Ln2, &w.up_gate_w)?;
-        be.rmsnorm_bwd(&a.d_res, &g.ln2, &a.d_ln, &a.res_ffn[l], &w.ln2, &a.rstd2[l], Some(&a.d_res), gam)?;
+        be.rmsnorm_bwd(&a.d_res, &g.ln2, &a.d_ln, &a.res.ffn(l), &w.ln2, &a.rstd2[l], Some(&a.d_res), gam)?;
         // attention
         self.attention_stages(be, l, w, false)?;
         self.mm_bwd(be, l, OUT, &a.d_att, &g.o_w, &a.d_res, &a.att.at(l), Act::Att, &w.o_w)?;
@@ -337,7 +342,7 @@ impl Model {
             be.colsum(gb, &a.d_qkv, true)?;
         }
         self.mm_bwd(be, l, QKV, &a.d_ln, &g.qkv_w, &a.d_qkv, &a.ln1.at(l), Act::Ln1, &w.qkv_w)?;
-        be.rmsnorm_bwd(&a.d_res, &g.ln1, &a.d_ln, &a.res_att[l], &w.ln1, &a.rstd1[l], Some(&a.d_res), gam)
+        be.rmsnorm_bwd(&a.d_res, &g.ln1, &a.d_ln, &a.res.att(l), &w.ln1, &a.rstd1[l], Some(&a.d_res), gam)
     }
 
     /// Sum of the per-row losses of the last forward pass (f64, in row order).

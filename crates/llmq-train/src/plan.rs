@@ -126,8 +126,9 @@ fn candidates(tc: &TrainConfig) -> Vec<(String, TrainConfig)> {
         },
     );
     add(
-        "--recompute-block --shard-weights --offload-gradients and the optimizer state offloaded",
+        "--recompute-block --shard-weights --offload-gradients --offload-residual and the optimizer state offloaded",
         MemoryOptions {
+            offload_residual: true,
             recompute: Recompute { block: true, ..m.recompute },
             offload_master: tc.precision.master != tc.precision.weights,
             offload_opt_m: true,
@@ -241,6 +242,7 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
         (m.offload_opt_v, "--offload-opt-v"),
         (m.stream_weights, "--shard-weights"),
         (m.offload_gradients, "--offload-gradients"),
+        (m.offload_residual, "--offload-residual"),
     ] {
         if on {
             f.push(flag.into());
@@ -260,17 +262,17 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     let recomputes = [none, Recompute { ffn: true, att: true, ..none }, Recompute { block: true, ..none }];
     let separate_master = tc.precision.master != tc.precision.weights;
     let offloads: &[(bool, bool, bool)] = if separate_master { &[(false, false, false), (false, true, true), (true, true, true)] } else { &[(false, false, false), (false, true, true)] };
-    // (stream weights, offload gradients)
-    let streams = [(false, false), (true, false), (false, true), (true, true)];
+    // (stream weights, offload gradients, offload residuals)
+    let streams = [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, true, true)];
     let fp8 = tc.precision.matmul.is_fp8();
     let mut best: Option<(TrainConfig, MemoryPlan, f64)> = None;
     let mut smallest: Option<usize> = None;
     for &b in &micro {
         for recompute in recomputes {
             for &(master, m, v) in offloads {
-                for (pq, (sw, og)) in (if fp8 { vec![true, false] } else { vec![false] }).into_iter().flat_map(|pq| streams.map(|s| (pq, s))) {
+                for (pq, (sw, og, res)) in (if fp8 { vec![true, false] } else { vec![false] }).into_iter().flat_map(|pq| streams.map(|s| (pq, s))) {
                     let wgrad_overlap = tc.memory.wgrad_overlap && !og;
-                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, wgrad_overlap, ..tc.memory };
+                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, ..tc.memory };
                     let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
                     let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
                     smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));

@@ -1,6 +1,7 @@
 //! Weight streaming and gradient offloading on one device: block weights (and gradients) live in
 //! pinned host memory and pass through two device slots, so that block l computes in one slot
-//! while the copy stream moves block l±1 through the other.
+//! while the copy streams move block l±1 through the other (host to device on `Stream::Copy`,
+//! gradients back on `Stream::CopyBack`).
 //!
 //! Block l always uses slot l % 2, so consecutive blocks alternate and a prefetch never evicts the
 //! block being computed. Every hand-over between the compute and copy streams is an event:
@@ -105,15 +106,31 @@ impl Slots {
 
     /// Gradients: block l's backward is issued; copies its slot back to the host accumulator.
     pub fn store_grad(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {
+        self.store(be, l, host)?;
+        let mut owner = self.owner.get();
+        owner[Self::slot(l)] = None;
+        self.owner.set(owner);
+        Ok(())
+    }
+
+    /// The compute stream is about to write block l's slot: waits for the slot's last copy back.
+    pub fn begin_write(&self, be: &dyn Backend, l: usize, numel: usize) -> Result<Tensor> {
+        let s = Self::slot(l);
+        be.wait(Stream::Compute, self.saved[s])?;
+        let mut owner = self.owner.get();
+        owner[s] = Some(l);
+        self.owner.set(owner);
+        Ok(self.view(l, numel))
+    }
+
+    /// Copies block l's slot back to `host` on the copy-back stream once the compute stream's
+    /// work so far is done; the slot keeps its contents (and owner) until rewritten.
+    pub fn store(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {
         let s = Self::slot(l);
         be.record(self.free[s], Stream::Compute)?;
         be.wait(Stream::CopyBack, self.free[s])?;
         be.copy(host, &self.view(l, host.numel()), Stream::CopyBack)?;
-        be.record(self.saved[s], Stream::CopyBack)?;
-        let mut owner = self.owner.get();
-        owner[s] = None;
-        self.owner.set(owner);
-        Ok(())
+        be.record(self.saved[s], Stream::CopyBack)
     }
 
     /// Makes the compute stream wait for every copy back (before the host accumulators are read).

@@ -80,7 +80,9 @@ fn the_device_high_water_mark_stays_under_the_limit() {
 #[test]
 fn offloading_and_streaming_are_bitwise_neutral() {
     for precision in [Precision::bf16(), Precision::fp8()] {
-        let cfg = tiny(Arch::Qwen3, true);
+        // five layers: every device slot is reused within a pass
+        let mut cfg = tiny(Arch::Qwen3, true);
+        cfg.num_layers = 5;
         let run = |mem: MemoryOptions| {
             let mut tc = train_config(2, 16, 2, 3);
             tc.precision = precision;
@@ -96,9 +98,9 @@ fn offloading_and_streaming_are_bitwise_neutral() {
         }
         let none = Recompute::default();
         for recompute in [none, Recompute { block: true, ..none }, Recompute { ffn: true, att: true, ..none }, Recompute { fp8_inputs: true, ..none }] {
-            for (sw, og) in [(true, false), (false, true), (true, true)] {
+            for (sw, og, res) in [(true, false, false), (false, true, false), (false, false, true), (true, true, true)] {
                 for pq in [false, precision.matmul.is_fp8()] {
-                    let mem = MemoryOptions { recompute, stream_weights: sw, offload_gradients: og, persistent_quants: pq, offload_opt_m: og, ..Default::default() };
+                    let mem = MemoryOptions { recompute, stream_weights: sw, offload_gradients: og, offload_residual: res, persistent_quants: pq, offload_opt_m: og, ..Default::default() };
                     let got = run(mem);
                     assert!(got == base, "{:?} {} changed the numbers", precision.matmul, mem.describe());
                 }

@@ -25,12 +25,17 @@ fn training_orders_its_streams_under_every_option() {
         ("fp8 e5m2 gradients", Precision { act_grads: DType::E5M2, ..fp8 }, overlap),
         ("bf16 offloaded optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain }),
         ("bf16 streamed weights, offloaded gradients", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
+        ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
+        ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
-        ("fp8 streamed weights, offloaded gradients", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
+        ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny(arch, arch == Arch::Qwen3);
         cfg.vocab_size = 160; // the backward temporaries live in the logits buffer
+        // five layers: streamed and offloaded buffers pass through two device slots, so each
+        // slot is reused within a pass (and an odd count ends the forward pass on slot 0)
+        cfg.num_layers = 5;
         for (pname, precision, mem) in precisions {
             for (rname, recompute) in Recompute::all_variants() {
                 let mut tc = train_config(2, 16, 2, 2);
