@@ -68,6 +68,7 @@ pub struct Options {
     pub offload_opt_v: bool,
     pub shard_weights: bool,
     pub offload_gradients: bool,
+    pub offload_residual: bool,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub seed: u64,
@@ -127,6 +128,7 @@ impl Default for Options {
             offload_opt_v: false,
             shard_weights: false,
             offload_gradients: false,
+            offload_residual: false,
             eval_every: 50,
             eval_batches: 4,
             seed: 42,
@@ -188,6 +190,7 @@ impl Options {
             offload_opt_v: self.offload_opt_v,
             stream_weights: self.shard_weights,
             offload_gradients: self.offload_gradients,
+            offload_residual: self.offload_residual,
             memory_limit,
         })
     }
