@@ -2,7 +2,8 @@
 
 Options are the `llmq train` flags in snake_case, with the same defaults (batch_size=16,
 seq_len=128, steps=250, learning_rate=3e-3, matmul_dtype, recompute_block, offload_opt_m,
-memory_limit="16GiB", train_file/train_files, eval_file, ckpt_dir, export, device="auto", ...).
+memory_limit="16GiB", train_file/train_files, eval_file, log_file, ckpt_dir, export,
+device="auto", ...).
 Bad options raise ValueError; other errors raise LlmqError. The model runs with the GIL released.
 """
 

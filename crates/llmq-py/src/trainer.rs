@@ -11,6 +11,7 @@ use llmq_core::{fmt_bytes, Backend, Error, ModelConfig, Result};
 use llmq_io::{ckpt, hf};
 use llmq_train::plan::{self, MemoryPlan};
 use llmq_train::run::{Run, RunEvent};
+use llmq_train::log::JsonLog;
 use llmq_train::{checkpoint, StepStats, Trainer};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -76,6 +77,13 @@ impl PyTrainer {
         match &m.dir {
             Some(dir) if !o.from_scratch => tr.set_weights(&hf::load_weights(dir, &m.cfg)?)?,
             _ => tr.init_from_scratch()?,
+        }
+        if let Some(path) = &o.log_file {
+            // the records `llmq train --log-file` starts with; the run adds steps, evals, checkpoints
+            let mut log = JsonLog::open(path)?;
+            log.write(&serde_json::json!({"type": "options", "model": m.cfg, "train": tr.tc, "device": tr.be.name()}));
+            log.write(&serde_json::json!({"type": "dataset", "train": tr.data.describe()}));
+            tr.log = Some(log);
         }
         let run = Run::new(tr, o.run_options(m.dir.clone())?, Arc::new(AtomicBool::new(false)));
         Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None })

@@ -35,7 +35,8 @@ def test_train_step_matches_llmq_train_bitwise(tmp_path):
     cli_steps = [r for r in records if r["type"] == "step"]
     cli_evals = {r["step"]: r["loss"] for r in records if r["type"] == "eval"}
 
-    tr = llmq.Trainer(**OPTIONS)
+    py_log = tmp_path / "py.jsonl"
+    tr = llmq.Trainer(**OPTIONS, log_file=py_log)
     py_evals = {}
     for cli in cli_steps:
         got = tr.train_step()
@@ -44,3 +45,7 @@ def test_train_step_matches_llmq_train_bitwise(tmp_path):
             py_evals[got["step"]] = got["eval_loss"]
     assert tr.done and len(cli_steps) == 6
     assert py_evals == cli_evals and set(cli_evals) == {3, 6}
+    # the package's log has the CLI's records (for `llmq plot`), times aside
+    py_records = [json.loads(line) for line in py_log.read_text().splitlines()]
+    untimed = lambda rs, kinds: [{k: v for k, v in r.items() if k not in ("ms", "issue_ms", "tokens_per_s")} for r in rs if r["type"] in kinds]
+    assert untimed(py_records, ("options", "step", "eval")) == untimed(records, ("options", "step", "eval"))
