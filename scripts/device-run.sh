@@ -2,7 +2,7 @@
 # One device call: GPU tests (incl. the HF transformers comparison), then benchmarks.
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
-#        [capped SIZE MODEL ACCUM FLAGS...]
+#        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...]
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -24,7 +24,7 @@ case "$what" in
   ab)
     # same-call comparison of variants, alternating: ab WHICH ROUNDS 'tag|llmq flags|ENV=v ...' ...
     # e.g. BENCH_TOKENS=262144 BENCH_STEPS=5 bash .gpu/device-run.sh ab 1.5b-fp8 2 \
-    #        'old|--no-wgrad-overlap|LLMQ_SIDE_SMS=0' 'new||'
+    #        'old|--no-wgrad-overlap --side-sms 0|' 'new||'
     which="$1"; rounds="$2"; shift 2
     for r in $(seq "$rounds"); do
       for spec in "$@"; do
@@ -72,16 +72,21 @@ case "$what" in
       python3 -c 'import json,sys; [print("step %d: %.1f ms, host issue %.1f ms" % (r["step"], r["ms"], r["issue_ms"])) for r in map(json.loads, open(sys.argv[1])) if r.get("type") == "step"]' "/tmp/diag-$w.jsonl" >> "$O/diag.txt"
     done
     kill $smi
-    ncu --clock-control none --kernel-name regex:llmq_attn3 --launch-skip 119 --launch-count 4 --set full \
+    ncu --clock-control none --kernel-name regex:llmq_attn[345] --launch-skip 119 --launch-count 4 --set full \
       .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
       --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 > "$O/ncu-attention.txt" 2>&1
     ;;
   attnprof)
     # Nsight Compute's full analysis of COUNT attention kernels matching ATTN_RE after SKIP of
-    # them, in a 0.5B bf16 run (LLMQ_CUDA_ATTN picks the kernels: v3 or wg)
+    # them, in a 0.5B bf16 run (ATTN_FLAGS='--attention mma' for the mma.sync kernels, with
+    # ATTN_RE=llmq_attn3)
     ncu --clock-control none --kernel-name regex:"${ATTN_RE:-llmq_attn4}" --launch-skip "${SKIP:-48}" --launch-count "${COUNT:-2}" --set full \
       .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
-      --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 > "$O/ncu-${TAG:-attn}.txt" 2>&1
+      --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 ${ATTN_FLAGS:-} > "$O/ncu-${TAG:-attn}.txt" 2>&1
+    ;;
+  kernels-bench)
+    # per-kernel timings (crates/llmq-cuda/benches/kernels.rs): kernels, matmuls, matmuls-tuning, attention
+    .gpu/kernels-bench "$@" > "$O/kernels-bench.txt" 2>&1
     ;;
   capped)
     # a model under --memory-limit (consumer-card emulation): capped SIZE MODEL ACCUM [llmq flags]

@@ -1,5 +1,5 @@
 """Times PyTorch's fused attention backends at llmq's attention shapes, for comparison with
-`attention_v3_timings` (crates/llmq-cuda/tests/perf.rs): causal GQA, bf16, B16 T1024, forward
+the attention section of crates/llmq-cuda/benches/kernels.rs: causal GQA, bf16, B16 T1024, forward
 and forward+backward, median over repeats, CUDA events. Run on the GPU machine:
     python3 scripts/sdpa_timing.py
 Each backend is also tried with torch.use_deterministic_algorithms(True), to see whether its

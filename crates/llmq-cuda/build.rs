@@ -6,6 +6,9 @@
 //! `python3` (site-packages/nvidia/cu13/bin/nvcc). Without nvcc the crate builds CPU-only and
 //! `CudaBackend::new` reports "built without CUDA kernels". With nvcc, a kernel that fails to
 //! compile fails the build.
+//!
+//! The CUTLASS headers (pip wheel `nvidia-cutlass`, `cutlass_library/source/include`, installed
+//! beside nvcc by `scripts/install-nvcc.sh`) are put on the include path when present.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -59,6 +62,14 @@ fn find_nvcc(manifest_dir: &Path) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// The CUTLASS include directory: in the toolchain that holds `nvcc` (<dest>/nvidia/cu13/bin/nvcc
+/// beside <dest>/cutlass_library) or in the project's `.cuda-toolchain/`.
+fn find_cutlass(nvcc: &Path, manifest_dir: &Path) -> Option<PathBuf> {
+    let beside_nvcc = nvcc.ancestors().nth(4).map(Path::to_path_buf);
+    let project = manifest_dir.ancestors().map(|a| a.join(".cuda-toolchain"));
+    beside_nvcc.into_iter().chain(project).map(|d| d.join("cutlass_library/source/include")).find(|inc| inc.join("cutlass/cutlass.h").is_file())
 }
 
 fn main() {
@@ -119,6 +130,10 @@ fn main() {
         .args(["-gencode", "arch=compute_89,code=sm_89"])
         .args(["-gencode", "arch=compute_90a,code=sm_90a"])
         .args(["-gencode", "arch=compute_90,code=compute_90"]);
+    if let Some(inc) = find_cutlass(&nvcc, &manifest_dir) {
+        println!("cargo:rerun-if-changed={}", inc.display());
+        cmd.arg(format!("-I{}", inc.display()));
+    }
     if env::var("LLMQ_NVCC_VERBOSE").is_ok() {
         cmd.arg("--resource-usage");
     }

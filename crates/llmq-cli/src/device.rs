@@ -1,7 +1,7 @@
 //! Backend selection: a GPU when one is usable, otherwise the CPU reference backend.
 
 use llmq_core::cpu::CpuBackend;
-use llmq_core::{Backend, Error, Result};
+use llmq_core::{Backend, BackendOptions, Error, Result};
 
 /// What we know about the GPU in use.
 #[derive(Clone, Copy, Debug)]
@@ -24,12 +24,13 @@ fn peaks_for(name: &str) -> Option<(f64, f64)> {
     }
 }
 
-pub fn select(device: &str) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
+/// The backend for `--device`; a GPU backend makes the kernel and algorithm choices of `opts`.
+pub fn select(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
     match device {
         "cpu" => Ok((Box::new(CpuBackend::new()), None)),
         "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
             Ok(()) => {
-                let be = llmq_cuda::CudaBackend::new(0)?;
+                let be = llmq_cuda::CudaBackend::new(0, opts)?;
                 let info = GpuInfo {
                     peaks: peaks_for(be.device_name()),
                 };

@@ -1,5 +1,6 @@
 //! The `llmq` command-line tool.
 
+mod backend_args;
 mod device;
 mod files_cmd;
 mod plot;

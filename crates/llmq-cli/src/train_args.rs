@@ -188,6 +188,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 5, help_heading = "Evaluation and logging")]
     pub max_bad_steps: u32,
 
+    #[command(flatten)]
+    pub backend: crate::backend_args::BackendArgs,
+
     // ---- checkpoints ----
     /// Directory of checkpoints (step_NNNNNNNN/). Setting it enables the checkpoint at the end
     /// and on SIGINT/SIGTERM.
@@ -342,6 +345,7 @@ impl TrainArgs {
             eval_every: self.eval_every,
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
+            backend: self.backend.options()?,
         })
     }
 }

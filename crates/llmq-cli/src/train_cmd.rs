@@ -135,7 +135,8 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
         return Ok((be, "not applied: the CPU backend has no device memory budget".into()));
     }
     drop(be);
-    let mut make = || device::select(&args.device).map(|(b, _)| b);
+    let opts = tc.backend.clone();
+    let mut make = || device::select(&args.device, &opts).map(|(b, _)| b);
     let fit = llmq_train::fit::fit_micro_batch(&mut make, cfg, tc, FIT_HEADROOM)?;
     let line = match fit.free_after {
         Some(free) => format!(
@@ -232,12 +233,13 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
     let clip = if o.grad_clip > 0.0 { format!("clip gradient norm at {}", o.grad_clip) } else { "no clipping".into() };
     println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}", o.beta1, o.beta2, o.eps, o.weight_decay);
     println!("  memory     {}", tc.memory.describe());
+    println!("  backend    {}", tc.backend.describe());
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let model = resolve_model(&args)?;
     let cfg = model.cfg.clone();
-    let (mut be, gpu) = device::select(&args.device)?;
+    let (mut be, gpu) = device::select(&args.device, &args.backend.options()?)?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
     if let Some(limit) = tc.memory.memory_limit {

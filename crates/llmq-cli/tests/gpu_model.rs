@@ -19,7 +19,7 @@ fn gpu() -> Option<Box<dyn Backend>> {
         return None;
     }
     Some(Box::new(
-        llmq_cuda::CudaBackend::new(0).expect("CUDA backend"),
+        llmq_cuda::CudaBackend::new(0, &Default::default()).expect("CUDA backend"),
     ))
 }
 
@@ -56,6 +56,7 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         eval_every: 0,
         eval_batches: 1,
         max_bad_steps: 3,
+        backend: Default::default(),
     }
 }
 

@@ -24,7 +24,7 @@ fn backends() -> Vec<(&'static str, MakeBackend)> {
     match llmq_cuda::cuda_available() {
         Ok(()) => v.push((
             "cuda",
-            Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0).unwrap())),
+            Box::new(|| Box::new(llmq_cuda::CudaBackend::new(0, &Default::default()).unwrap())),
         )),
         Err(r) => eprintln!("no CUDA device ({r}): comparing the CPU backend only"),
     }

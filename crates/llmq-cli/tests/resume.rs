@@ -186,6 +186,11 @@ fn stop_and_resume_is_bitwise_exact() {
     other.extend(["--continue".into(), "9".into()]);
     let err = llmq_err(&as_refs(&other));
     assert!(err.contains("batch_size"), "{err}");
+    // so is one with other kernel choices (they change the last bits on a GPU)
+    let mut other = common(&d.join("c.jsonl"), &d.join("ck_b"));
+    other.extend(["--attention".into(), "mma".into(), "--continue".into(), "9".into()]);
+    let err = llmq_err(&as_refs(&other));
+    assert!(err.contains("backend.attention"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
 

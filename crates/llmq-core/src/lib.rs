@@ -4,6 +4,7 @@
 //! Dependency direction: nothing in this crate knows about training, files or CUDA.
 
 pub mod backend;
+pub mod backend_options;
 pub mod check;
 pub mod config;
 pub mod cpu;
@@ -16,6 +17,7 @@ pub mod stream_check;
 pub mod tensor;
 
 pub use backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use backend_options::{AttentionKernels, BackendOptions};
 pub use config::{Arch, ModelConfig};
 pub use dtype::DType;
 pub use error::{Error, Result};

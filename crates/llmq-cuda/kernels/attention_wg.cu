@@ -1,23 +1,22 @@
 // attention_wg.cu: attention with Hopper warpgroup MMAs (wgmma, sm_90a only).
 //
-// Same algorithms and contracts as the v3 kernels in attention.cu, which stay the path on other
-// GPUs and the cross-check: the forward writes lse; the dQ kernel also writes D = rowsum(dO o O);
-// the dK/dV kernel reads it and loops over the query heads of its kv group x the query tiles at
-// or after its key block, optionally cut into S parts whose f32 sums attn3_dkv_reduce adds in
-// order. No atomics: deterministic.
-// Structure: each warpgroup (128 threads; NWG = 1 or 2 per block) owns 64 rows (queries for the
-// forward and dQ, keys for dK/dV) and computes every product with wgmma on shared-memory tiles
-// in the swizzled ct layout of wgmma.cuh; P and dS stay in registers and feed the second
-// products as A fragments; the warpgroups of a block share the tiles they loop over.
+// Instantiated for Hd 64 (the forward and dQ of compute capability 9.0; the dK/dV kernel and all
+// of Hd 128 are the warp-specialised ones of attention_ws.cu, which share the pieces below).
+// Same algorithms and contracts as the mma.sync kernels in attention.cu: the forward writes lse;
+// the dQ kernel also writes D = rowsum(dO o O) for the dK/dV kernel. No atomics: deterministic.
+// Structure: each warpgroup (128 threads; NWG = 1 or 2 per block) owns 64 query rows and
+// computes every product with wgmma on shared-memory tiles in the swizzled ct layout of
+// wgmma.cuh; P and dS stay in registers and feed the second products as A fragments; the
+// warpgroups of a block share the tiles they loop over.
 // Pipelining: ST shared-memory stages filled by cp.async, PD tiles fetched ahead, one barrier
 // per iteration with the prefetch issued after it. With ST = 2 (PD = 1) each warp waits for its
 // iteration's last wgmma before the next barrier, after which the prefetch refills the previous
-// iteration's stage. With ST >= 3 that last product (P V, dQ, or dV/dK) completes under the next
+// iteration's stage. With ST >= 3 that last product (P V or dQ) completes under the next
 // iteration's first products (deferred wait), so the prefetch may only refill the stage of two
 // iterations back (PD = ST - 2); a warpgroup that skips an iteration waits for its deferred
 // product there.
 // Pitfalls: all four warps of a warpgroup must execute every wgmma, so masking is per element
-// and skipping is per warpgroup (v3 skips per warp). In the backward kernels P and dS go to
+// and skipping is per warpgroup (attention.cu skips per warp). In the backward kernels P and dS go to
 // arrays of their own, never back into the S / dP accumulators: writing into accumulator
 // registers between wgmmas makes ptxas serialise every wgmma of the kernel (its advisory C7515,
 // "non wgmma instructions defining accumulator registers"; build with -Xptxas -v to see it).
@@ -483,158 +482,26 @@ LLMQ_DEV void attn4_fwd(uint16_t* out, float* lse, const uint16_t* qkv, int T, i
     a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h, amax);
 }
 
-// dK, dV. Block: NWG warpgroups x 64 keys of one kv head (BKV); grid (ceil(T/BKV) * S, Hkv, B),
-// early (heavy) key blocks first; iteration space and parts as attn3_dkv; the Q/dO tiles are
-// shared by the warpgroups, ST stages in flight. dyn smem (from a 1024-byte boundary): K, V ct
-// [BKV][HD] + ST x (Q, dO) ct [BQ][HD] (bf16) + ST x (lse, D) [BQ] (f32). Needs D from the dQ
-// kernel.
-template <int HD, int BQ, int NWG, int ST>
-LLMQ_DEV void attn4_dkv(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv, const float* lse, const float* Dv,
-                        int T, int Hq, int Hkv, const float* freqs, float* amax) {
-    constexpr int BKV = 64 * NWG, NTH = 128 * NWG, NS = BQ / 2, NO = HD / 2;
-    static_assert(BKV % BQ == 0 && ST >= 2, "query tile must divide the key block; at least two stages");
-    constexpr bool DEFER = ST >= 3;
-    constexpr int PD = DEFER ? ST - 2 : ST - 1;
-    constexpr int KT = ct_elems(BKV, HD), QT = ct_elems(BQ, HD);
-    uint16_t* Ks = ct_align(llmq_dyn_smem);
-    uint16_t* Vs = Ks + KT;
-    uint16_t* QO = Vs + KT;                  // [stage][Q | dO][QT]
-    float* LD = (float*)(QO + 2 * ST * QT);  // [stage][L | D][BQ]
-    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3, wg = threadIdx.x >> 7, g = lane >> 2, t = lane & 3;
-    const A3DkvSpace sp(BKV, BQ, S, T, Hq, Hkv);
-    const int kb = sp.kb, kvh = sp.kvh, b = blockIdx.z, lo = sp.lo, hi = sp.hi;
-    const long long Qw = (long long)(Hq + 2 * Hkv) * HD;
-    const long long Ow = (long long)Hq * HD;
-    const uint16_t* seq = qkv + (long long)b * T * Qw;
-    const uint16_t* dseq = dout + (long long)b * T * Ow;
-    wg_cp_rows<HD, BKV, NTH>(Ks, seq, Qw, kb * BKV, T, (Hq + kvh) * HD);
-    wg_cp_rows<HD, BKV, NTH>(Vs, seq, Qw, kb * BKV, T, (Hq + Hkv + kvh) * HD);
-    auto load_q = [&](int it) {  // always commits a group (maybe empty)
-        if (it < hi) {
-            const int h = sp.head(it), qt = sp.qtile(it), st = (it - lo) % ST;
-            wg_cp_rows<HD, BQ, NTH>(QO + (2 * st) * QT, seq, Qw, qt * BQ, T, h * HD);
-            wg_cp_rows<HD, BQ, NTH>(QO + (2 * st + 1) * QT, dseq, Ow, qt * BQ, T, h * HD);
-            // L and D by cp.async too (a plain load would stall the thread under its wgmmas);
-            // rows past T get L = D = 0: their Q and dO rows are zero, so P = 1 meets dP = D = 0
-            // and dO = 0 and contributes exactly nothing.
-            const float* lrow = lse + ((long long)b * Hq + h) * T;
-            const float* drow = Dv + ((long long)b * Hq + h) * T;
-            float* ld = LD + st * 2 * BQ;
-            for (int i = threadIdx.x; i < BQ; i += NTH) {
-                const int q = qt * BQ + i;
-                cp_async4(ld + i, lrow + min(q, T - 1), q < T);
-                cp_async4(ld + BQ + i, drow + min(q, T - 1), q < T);
-            }
-        }
-        cp_async_commit();
-    };
-#pragma unroll
-    for (int i = 0; i < PD; i++) load_q(lo + i);  // the K/V copies join the first group
-    const float sl2 = LOG2E / sqrtf((float)HD);
-    const int kwg0 = kb * BKV + 64 * wg;  // the warpgroup's first key
-    const int kw0 = kwg0 + 16 * w;        // this warp's keys; this thread's: kw0 + g, kw0 + g + 8
-    float dk[NO], dv[NO];
-#pragma unroll
-    for (int i = 0; i < NO; i++) dk[i] = dv[i] = 0.f;
-    for (int it = lo; it < hi; it++) {
-        const int st = (it - lo) % ST;
-        const int q0 = sp.qtile(it) * BQ;
-        cp_async_wait<PD - 1>();
-        wg_proxy_fence();
-        __syncthreads();
-        const uint16_t* Qs = QO + (2 * st) * QT;
-        const uint16_t* Os = Qs + QT;
-        const float* Lq = LD + st * 2 * BQ;
-        const float* Dq = Lq + BQ;
-        const bool active = q0 + BQ - 1 >= kwg0;  // warpgroup-uniform
-        float s[NS], dp[NS];
-        if (active) {
-            wg_fence();
-            wg_gemm_kmajor<HD, BQ>(s, Ks, BKV, 64 * wg, Qs);  // S^T = K Q^T
-            wg_gemm_kmajor<HD, BQ>(dp, Vs, BKV, 64 * wg, Os);  // dP^T = V dO^T
-        }
-        load_q(it + PD);  // into a stage every warp has finished with (see PD)
-        if (!active) {
-            wg_wait<0>();
-            continue;
-        }
-        wg_wait<1>();
-        wg_keep(s);
-        const bool diag = q0 < kw0 + 15;
-        float pt[NS];  // P^T (not in s: see the pitfalls above)
-        a4_dkv_pt<BQ>(pt, s, Lq, q0, kw0, g, t, sl2, diag);
-        wg_wait<0>();
-        wg_keep(dp);
-        unsigned pa[BQ / 16][4], sa[BQ / 16][4];
-        a4_dkv_pack(pa, sa, pt, dp, Dq, t);
-        wg_fence();
-#pragma unroll
-        for (int c = 0; c < BQ / 16; c++) wg_rs<HD, 1>(dv, pa[c], wg_desc_mn(Os, BQ, c), 1);  // dV += P^T dO
-#pragma unroll
-        for (int c = 0; c < BQ / 16; c++) wg_rs<HD, 1>(dk, sa[c], wg_desc_mn(Qs, BQ, c), 1);  // dK += dS^T Q
-        wg_commit();
-        if constexpr (!DEFER) {
-            wg_wait<0>();
-            wg_keep(dv);
-            wg_keep(dk);
-        }  // else as in attn4_dq: completes under the next iteration's S^T and dP^T
-    }
-    wg_wait<0>();
-    wg_keep(dv);
-    wg_keep(dk);
-    cp_async_wait<0>();
-    a3_dkv_store<HD, 1>(dqkv, part, sp, S, kw0, g, t, T, Hq, Hkv, *reinterpret_cast<const float(*)[1][HD / 8][4]>(dk),
-                        *reinterpret_cast<const float(*)[1][HD / 8][4]>(dv), freqs, amax);
-}
 #define A4_BODY(call) call
 #else
 #define A4_BODY(call) __trap()
 #endif
 
-// Instantiations: llmq_attn4_{dq,dkv}_<HD>_<index>. Keep in sync with the tables in
-// src/attention_wg.rs (same index: tile (keys for dQ, queries for dK/dV), warpgroups, stages).
-#define A4_FWD(HD, IDX, BK, NWG, ST, MINB)                                                                                \
+// Instantiations: llmq_attn4_{fwd,dq}_64, the Hd 64 forward and dQ of compute capability 9.0
+// (Hd 128 and every dK/dV run the warp-specialised kernels of attention_ws.cu). Keep in sync with
+// the table in src/attention_wg.rs (keys per tile, warpgroups, stages).
+#define A4_FWD(HD, BK, NWG, ST, MINB)                                                                                     \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
-        llmq_attn4_fwd_##HD##_##IDX(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv, float* amax) { \
+        llmq_attn4_fwd_##HD(uint16_t* out, float* lse, const uint16_t* qkv, int T, int Hq, int Hkv, float* amax) {           \
         A4_BODY((attn4_fwd<HD, BK, NWG, ST>(out, lse, qkv, T, Hq, Hkv, amax)));                                              \
     }
-#define A4_DQ(HD, IDX, BK, NWG, ST, MINB)                                                                                 \
+#define A4_DQ(HD, BK, NWG, ST, MINB)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
-        llmq_attn4_dq_##HD##_##IDX(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv, \
-                                   const float* lse, int T, int Hq, int Hkv, const float* freqs, float* amax) {             \
+        llmq_attn4_dq_##HD(uint16_t* dqkv, float* Dv, const uint16_t* dout, const uint16_t* out, const uint16_t* qkv,         \
+                           const float* lse, int T, int Hq, int Hkv, const float* freqs, float* amax) {                     \
         A4_BODY((attn4_dq<HD, BK, NWG, ST>(dqkv, Dv, dout, out, qkv, lse, T, Hq, Hkv, freqs, amax)));                        \
     }
-#define A4_DKV(HD, IDX, BQ, NWG, ST, MINB)                                                                                \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                                          \
-        llmq_attn4_dkv_##HD##_##IDX(uint16_t* dqkv, float* part, int S, const uint16_t* dout, const uint16_t* qkv,         \
-                                    const float* lse, const float* Dv, int T, int Hq, int Hkv, const float* freqs,          \
-                                    float* amax) {                                                                          \
-        A4_BODY((attn4_dkv<HD, BQ, NWG, ST>(dqkv, part, S, dout, qkv, lse, Dv, T, Hq, Hkv, freqs, amax)));                   \
-    }
 
-// (tile, warpgroups, stages, min blocks per SM); dK/dV 64_0 and 64_1 need more than the 168
-// registers of three blocks per SM since P^T and dS^T have arrays of their own (they spilled)
-A4_FWD(64, 0, 64, 1, 2, 3)
-A4_FWD(64, 1, 64, 1, 3, 3)
-A4_FWD(64, 2, 128, 2, 2, 1)
-A4_FWD(64, 3, 64, 2, 3, 2)
-A4_FWD(128, 0, 64, 1, 2, 2)
-A4_FWD(128, 1, 64, 1, 3, 2)
-A4_FWD(128, 2, 64, 2, 2, 1)
-A4_FWD(128, 3, 128, 2, 2, 1)
-A4_DQ(64, 0, 64, 1, 2, 3)
-A4_DQ(64, 1, 64, 1, 3, 3)
-A4_DQ(64, 2, 64, 2, 2, 1)
-A4_DQ(64, 3, 64, 2, 3, 1)
-A4_DQ(128, 0, 64, 1, 2, 2)
-A4_DQ(128, 1, 64, 1, 3, 1)
-A4_DQ(128, 2, 64, 2, 2, 1)
-A4_DQ(128, 3, 32, 2, 3, 1)
-A4_DKV(64, 0, 64, 1, 2, 2)
-A4_DKV(64, 1, 64, 1, 3, 2)
-A4_DKV(64, 2, 64, 2, 2, 1)
-A4_DKV(64, 3, 64, 2, 3, 1)
-A4_DKV(128, 0, 64, 1, 2, 1)
-A4_DKV(128, 1, 64, 1, 3, 1)
-A4_DKV(128, 2, 32, 2, 2, 1)
-A4_DKV(128, 3, 64, 2, 2, 1)
+// (keys per tile, warpgroups, stages, min blocks per SM)
+A4_FWD(64, 64, 2, 3, 2)
+A4_DQ(64, 64, 1, 2, 3)

@@ -1,8 +1,8 @@
 // attention_ws.cu: warp-specialised causal GQA attention forward for Hopper (sm_90a only),
 // FlashAttention-3's structure.
 //
-// Same contract and arithmetic as attn4_fwd in attention_wg.cu (out in bf16, lse; online softmax
-// in the log2 domain, P rounded to bf16 for the P V product), which stays as the cross-check.
+// Same contract and arithmetic as attn4_fwd in attention_wg.cu, the Hd 64 forward (out in bf16,
+// lse; online softmax in the log2 domain, P rounded to bf16 for the P V product).
 // Block: 384 threads = one producer warpgroup + two consumer warpgroups, 128 query rows of one
 // head (64 per consumer); grid (ceil(T/128), Hq, B), late (heavy) query tiles first.
 // Producer: its first thread loads the Q tile once and the K and V tiles of each key block into
@@ -189,9 +189,8 @@ LLMQ_DEV void attn5_fwd(const TmaDesc* mq, const TmaDesc* mkv, uint16_t* out, fl
     a4_fwd_store<HD>(out, lse, o, rows, sl2, q0, q1, t, T, Hq, b, h, amax);
 }
 
-// dK, dV: the structure of attn4_dkv (its iteration space, parts and epilogue, so the results are
-// bit-identical to attn4_dkv with two warpgroups and 64-query tiles) with a producer warp and
-// turn-taking consumers as in attn5_fwd. Block: 384 threads; the two consumers own 64 keys each
+// dK, dV: the iteration space, parts and epilogue of attn3_dkv (A3DkvSpace, a3_dkv_store) with
+// wgmma products, a producer warp and turn-taking consumers as in attn5_fwd. Block: 384 threads; the two consumers own 64 keys each
 // (128 per block, BKV); grid (ceil(T/BKV) * S, Hkv, B). The producer warp loads the block's K and
 // V once, then per iteration the Q and dO tiles (TMA) and the lse and D rows (plain loads by its
 // 32 lanes, zero past T, each lane one of the 32 arrivals on the stage's "full" barrier).
@@ -232,7 +231,7 @@ LLMQ_DEV void attn5_dkv(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv,
             if (n > 0) mbar_wait(empty + st, (n - 1) & 1);
             const int h = sp.head(it), qt = sp.qtile(it);
             // rows past T get L = D = 0: their Q and dO rows arrive as zeros, so P = 1 meets dP =
-            // D = 0 and dO = 0 and contributes exactly nothing (as in attn4_dkv)
+            // D = 0 and dO = 0 and contributes exactly nothing
             const float* lrow = lse + ((long long)b * Hq + h) * T;
             const float* drow = Dv + ((long long)b * Hq + h) * T;
             float* ld = LD + st * 2 * BQ;
@@ -445,45 +444,35 @@ LLMQ_DEV void attn5_dq(const TmaDesc* mqkv, const TmaDesc* mdo, uint16_t* dqkv, 
 #define A5_BODY(call) __trap()
 #endif
 
-// Instantiations llmq_attn5_fwd_<HD>_<index>: keep in sync with WS in src/attention_wg.rs
-// (same index: keys per tile, stages). mq: Q boxes (64 columns x 128 rows), mkv: K/V boxes
+// Instantiations llmq_attn5_fwd_<HD>: keep in sync with the table in src/attention_wg.rs (keys
+// per tile, stages). mq: Q boxes (64 columns x 128 rows), mkv: K/V boxes
 // (64 columns x BK rows), both over qkv as [B][T][(Hq + 2 Hkv) HD] bf16.
-#define A5_FWD(HD, IDX, BK, ST)                                                                                               \
+#define A5_FWD(HD, BK, ST)                                                                                               \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
-        llmq_attn5_fwd_##HD##_##IDX(const __grid_constant__ TmaDesc mq, const __grid_constant__ TmaDesc mkv, uint16_t* out, \
+        llmq_attn5_fwd_##HD(const __grid_constant__ TmaDesc mq, const __grid_constant__ TmaDesc mkv, uint16_t* out, \
                                     float* lse, int T, int Hq, int Hkv, float* amax) {                                       \
         A5_BODY((attn5_fwd<HD, BK, ST>(&mq, &mkv, out, lse, T, Hq, Hkv, amax)));                                             \
     }
-A5_FWD(64, 0, 128, 2)
-A5_FWD(64, 1, 64, 3)
-A5_FWD(64, 2, 64, 2)
-A5_FWD(128, 0, 128, 2)
-A5_FWD(128, 1, 64, 3)
-A5_FWD(128, 2, 64, 2)
+A5_FWD(128, 128, 2)
 
-// llmq_attn5_dkv_<HD>_<index>: keep in sync with WS_DKV in src/attention_wg.rs (index: stages).
+// llmq_attn5_dkv_<HD>: keep in sync with the table in src/attention_wg.rs (stages).
 // mqkv: boxes of 64 columns x 64 rows over qkv, mdo: the same over dout [B][T][Hq HD].
-#define A5_DKV(HD, IDX, ST)                                                                                                   \
+#define A5_DKV(HD, ST)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
-        llmq_attn5_dkv_##HD##_##IDX(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv, \
+        llmq_attn5_dkv_##HD(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv, \
                                     float* part, int S, const float* lse, const float* Dv, int T, int Hq, int Hkv,             \
                                     const float* freqs, float* amax) {                                                         \
         A5_BODY((attn5_dkv<HD, ST>(&mqkv, &mdo, dqkv, part, S, lse, Dv, T, Hq, Hkv, freqs, amax)));                            \
     }
-A5_DKV(64, 0, 2)
-A5_DKV(64, 1, 3)
-A5_DKV(128, 0, 2)
-A5_DKV(128, 1, 3)
+A5_DKV(64, 2)
+A5_DKV(128, 3)
 
-// llmq_attn5_dq_<HD>_<index>: keep in sync with WS_DQ in src/attention_wg.rs (index: stages).
-#define A5_DQ(HD, IDX, ST)                                                                                                    \
+// llmq_attn5_dq_<HD>: keep in sync with the table in src/attention_wg.rs (stages).
+#define A5_DQ(HD, ST)                                                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1)                                                                     \
-        llmq_attn5_dq_##HD##_##IDX(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv,  \
+        llmq_attn5_dq_##HD(const __grid_constant__ TmaDesc mqkv, const __grid_constant__ TmaDesc mdo, uint16_t* dqkv,  \
                                    float* Dv, const uint16_t* dout, const uint16_t* out, const float* lse, int T, int Hq,      \
                                    int Hkv, const float* freqs, float* amax) {                                               \
         A5_BODY((attn5_dq<HD, ST>(&mqkv, &mdo, dqkv, Dv, dout, out, lse, T, Hq, Hkv, freqs, amax)));                         \
     }
-A5_DQ(64, 0, 2)
-A5_DQ(64, 1, 3)
-A5_DQ(128, 0, 2)
-A5_DQ(128, 1, 3)
+A5_DQ(128, 2)

@@ -4,7 +4,7 @@
 // Fast kernels convert_v_<src>_<dst> for every pair of f32/bf16/e4m3/e5m2 (both pointers 16-byte
 // aligned, checked by the host): 8 elements per step with vector loads/stores (16 bytes for
 // bf16, 2 x 16 for f32, 8 for fp8), the last n % 8 elements one by one. The generic kernel
-// (runtime dtype switch per element) handles the rest and CudaBackend::set_generic_kernels.
+// (runtime dtype switch per element) handles the rest (unaligned pointers, equal dtypes).
 #include "common.cuh"
 #include "vec.cuh"
 

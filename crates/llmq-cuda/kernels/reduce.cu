@@ -15,7 +15,7 @@
 // colsum_partial_v (thread = 8 columns x every 8th row of its block's row set, f64 registers,
 // fixed-order combine of the 8 row slots in shared memory) and colreduce32 (32 columns x 32 row
 // slots per block instead of one thread walking all G partials). The scalar originals stay as
-// the fallback for other dtypes/alignments and for CudaBackend::set_generic_kernels.
+// the fallback for other dtypes/alignments.
 #include "common.cuh"
 #include "vec.cuh"
 

@@ -19,8 +19,8 @@
 // fixed order in f64 and written as partial[block, C]; llmq_colreduce32 then sums the G partial
 // rows in a fixed order (G depends on N and C only, so results are the same bits on every call
 // and every device).
-// Legacy kernels (the original warp-per-row, one element per lane kernels) stay for
-// CudaBackend::set_generic_kernels (before/after timings, cross-checks).
+// The original warp-per-row kernels (one element per lane) run where the team kernels do not
+// apply: rows wider than 8192 (forward) or 4096 (backward: its dw sums in shared memory).
 // Pitfall: dx may alias dres and res_out may alias x (in place); every element is read before
 // the same thread writes it, so nothing here may be __restrict__.
 #include "common.cuh"

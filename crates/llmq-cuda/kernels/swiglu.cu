@@ -6,7 +6,7 @@
 // aligned): a grid-stride loop over 8-element chunks of the output; the (row, chunk) position is
 // advanced incrementally (no 64-bit division per chunk). Up, gate (and dout) chunks are 16-byte
 // loads, outputs 16-byte stores. Otherwise the original scalar kernels (grid (ceil(D/256), rows)
-// with a row loop) run; they also serve CudaBackend::set_generic_kernels.
+// with a row loop) run.
 // Outputs never alias inputs (op contract), so the fast kernels use __restrict__.
 #include "common.cuh"
 #include "vec.cuh"

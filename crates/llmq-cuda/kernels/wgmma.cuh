@@ -17,7 +17,7 @@
 // Why swizzled: Nsight Compute showed the unswizzled canonical layout ("interleaved" 8 x 16-byte
 // core matrices) at 3x the ideal shared-memory wavefronts for the wgmma operand reads; the
 // swizzle also makes a quarter-warp's 16-byte cp.async stores of one row hit all 32 banks.
-// tests/attention_v3.rs checks every form against the CPU with `llmq_wg_selftest`.
+// tests/attention.rs checks every form against the CPU with `llmq_wg_selftest`.
 //
 // Register fragments (per warp w of the warpgroup, lane = 4 g + t): the accumulator of
 // m64nN has N/2 floats, d[4 j + 0, 1] at row 16 w + g, columns 8 j + 2 t + {0, 1}, and

@@ -1,292 +1,173 @@
-//! Attention with warpgroup MMAs (`attn4_*` in kernels/attention_wg.cu): forward, dQ and dK/dV
-//! for Hopper (compute capability 9.0) only, since the kernels are compiled into the sm_90a
-//! cubin alone. Same contracts as the v3 kernels (lse from the forward, D written by the dQ
-//! kernel, dK/dV in ordered parts), so `AttnImpl::Auto` uses them on 9.0 and the v3 kernels
-//! remain the path elsewhere and their cross-check; ops.rs tries these first (`attn4_choice`).
-//! The warp-specialised kernels (`attn5_*` in kernels/attention_ws.cu: TMA producer, turn-taking
-//! consumer warpgroups) are further configuration indices of the same three kinds, launched here
-//! with tensor maps over qkv and dout (`tensor_map_3d`).
+//! Attention on compute capability 9.0 (Hopper; the kernels are compiled into the sm_90a cubin
+//! alone): per head size one forward, one dQ and one dK/dV kernel, each either a wgmma kernel
+//! (`attn4_*` in kernels/attention_wg.cu) or a warp-specialised one (`attn5_*` in
+//! kernels/attention_ws.cu: TMA producer, turn-taking consumer warpgroups, launched with tensor
+//! maps over qkv and dout, `tensor_map_3d`). Same contracts as the mma.sync kernels of
+//! attention.rs (lse from the forward, D written by the dQ kernel, dK/dV in ordered parts), which
+//! run elsewhere and are the cross-check here (`AttentionKernels::Mma`).
 
 use crate::attention::{dkv_part_offset, GradEpi};
 use crate::kernels::{self, Arg, Kernels};
-use crate::{AttnImpl, CudaBackend};
+use crate::CudaBackend;
 use cudarc::driver::sys;
 use llmq_core::{AttnShape, Result, Tensor};
 
-/// Configurations per kernel kind and head size.
-pub const ATTN4_CONFIGS: usize = 4;
-
-/// Configurations of the warp-specialised forward (`attn5_fwd` in kernels/attention_ws.cu) per
-/// head size; `AttnImpl::Wg` forward indices ATTN4_CONFIGS .. ATTN4_CONFIGS + ATTN_WS_CONFIGS
-/// pick them.
-pub const ATTN_WS_CONFIGS: usize = 3;
-
-/// (keys per tile, stages) of each warp-specialised forward configuration, the same for both head
-/// sizes; must match the instantiations at the end of kernels/attention_ws.cu.
-pub const WS_FWD: [(usize, usize); ATTN_WS_CONFIGS] = [(128, 2), (64, 3), (64, 2)];
-
-/// Query rows per warp-specialised forward block (two consumer warpgroups of 64).
-const WS_BQ: usize = 128;
-
-/// Configurations of the warp-specialised dK/dV kernel (`attn5_dkv`) per head size; `AttnImpl::Wg`
-/// dK/dV indices ATTN4_CONFIGS .. ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS pick them.
-pub const ATTN_WS_DKV_CONFIGS: usize = 2;
-/// Stages of (Q, dO) tiles of each warp-specialised dK/dV configuration (64 queries per tile,
-/// 128 keys per block); must match kernels/attention_ws.cu.
-pub const WS_DKV: [usize; ATTN_WS_DKV_CONFIGS] = [2, 3];
+/// Query rows per warpgroup of the wgmma kernels (128 threads).
+const ROWS: usize = 64;
+/// Rows per block of the warp-specialised kernels: queries of the forward and dQ, keys of dK/dV
+/// (two consumer warpgroups of 64).
+const WS_ROWS: usize = 128;
+/// Tile widths the warp-specialised backward kernels loop over: keys (dQ), queries (dK/dV).
+const WS_DQ_BK: usize = 64;
 const WS_DKV_BQ: usize = 64;
 
-/// Configurations of the warp-specialised dQ kernel (`attn5_dq`: 128 queries per block, 64 keys
-/// per tile) per head size; `AttnImpl::Wg` dQ indices ATTN4_CONFIGS + i pick them.
-pub const ATTN_WS_DQ_CONFIGS: usize = 2;
-/// Stages of (K, V) tiles of each warp-specialised dQ configuration; must match attention_ws.cu.
-pub const WS_DQ: [usize; ATTN_WS_DQ_CONFIGS] = [2, 3];
-const WS_DQ_BQ: usize = 128;
-const WS_DQ_BK: usize = 64;
-const WS_DKV_BKV: usize = 128;
-
-/// Rows (queries for the forward and dQ, keys for dK/dV) per warpgroup (128 threads).
-const ROWS: usize = 64;
-
-/// One kernel configuration: `tile` (keys per tile for the forward and dQ, queries per tile for
-/// dK/dV), `wgs` warpgroups per block (each owns 64 rows: queries for the forward and dQ, keys
-/// for dK/dV) and `stages` shared-memory stages (3 or more: deferred waits, see the kernel file).
-/// Must match the instantiations at the end of kernels/attention_wg.cu.
+/// Which kernel runs one part of the attention, with its tile configuration. Must match the
+/// instantiations at the end of kernels/attention_wg.cu and kernels/attention_ws.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Attn4Cfg {
-    pub tile: usize,
-    pub wgs: usize,
-    pub stages: usize,
+pub enum HopperKernel {
+    /// wgmma kernel: `tile` keys per tile, `wgs` warpgroups of 64 query rows per block, `stages`
+    /// shared-memory stages (3 or more: deferred waits, see the kernel file).
+    Wg { tile: usize, wgs: usize, stages: usize },
+    /// Warp-specialised kernel (384 threads): `tile` keys per tile (the forward's; the backward
+    /// kernels' tiles are fixed), `stages` TMA stages.
+    Ws { tile: usize, stages: usize },
 }
+use HopperKernel::{Wg, Ws};
 
-const fn c(tile: usize, wgs: usize, stages: usize) -> Attn4Cfg {
-    Attn4Cfg { tile, wgs, stages }
+/// (forward, dQ, dK/dV) of [Hd 64, Hd 128], chosen on the H200 (B16 T1024, ms per layer, and
+/// whole runs where the kernels alone were level) among four wgmma and two or three
+/// warp-specialised configurations per kernel:
+/// - Hd 64: the wgmma forward (0.127; warp-specialised 0.132-0.143, no faster in whole 0.5B
+///   runs) and dQ (0.411; warp-specialised 0.429-0.432); the warp-specialised dK/dV (0.407
+///   against 0.410, but +1.5-1.8% in whole 0.5B bf16 runs at B64).
+/// - Hd 128: all warp-specialised: forward 0.155 (wgmma 0.199), dK/dV with 3 stages 0.563
+///   (wgmma 0.638; +1.0% bf16, +0.9% e4m3 in whole 1.5B runs), dQ 0.521 (wgmma 0.566).
+const KERNELS: [[HopperKernel; 3]; 2] = [
+    [Wg { tile: 64, wgs: 2, stages: 3 }, Wg { tile: 64, wgs: 1, stages: 2 }, Ws { tile: WS_DKV_BQ, stages: 2 }],
+    [Ws { tile: 128, stages: 2 }, Ws { tile: WS_DQ_BK, stages: 2 }, Ws { tile: WS_DKV_BQ, stages: 3 }],
+];
+
+/// The (forward, dQ, dK/dV) kernels of head size `hd` (64 or 128), for printing.
+pub fn hopper_kernels(hd: usize) -> [HopperKernel; 3] {
+    KERNELS[usize::from(hd != 64)]
 }
-
-/// [Hd 64, Hd 128][index]
-const FWD: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(128, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(128, 2, 2)]];
-const DQ: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(32, 2, 3)]];
-const DKV: [[Attn4Cfg; ATTN4_CONFIGS]; 2] = [[c(64, 1, 2), c(64, 1, 3), c(64, 2, 2), c(64, 2, 3)], [c(64, 1, 2), c(64, 1, 3), c(32, 2, 2), c(64, 2, 2)]];
-/// (fwd, dq, dkv) indices `AttnImpl::Auto` uses on compute capability 9.0, [Hd 64, Hd 128],
-/// from tests/attention_v3.rs on the H200 (2026-11-29, B16 T1024, ms per layer, fwd / bwd):
-/// Hd 64 (Hq 14, Hkv 2): fwd 0.139 0.141 0.155 0.131 for configurations 0-3, bwd 0.412 for
-/// dq 0 with dkv 0 (0.414-0.442 with the other dkv; v3: 0.168 / 0.606). Hd 128 (Hq 12, Hkv 2):
-/// fwd 0.222 0.223 0.214 0.200, bwd 0.640 for dq 0 with dkv 3 (dq 2 with dkv 3: 0.667; v3:
-/// 0.273 / 1.015). The backward numbers are those after the kernels stopped writing into their
-/// wgmma accumulators (fourth session). Deferring the last wgmma of an iteration (3 stages) did
-/// not pay; neither did two warpgroups per block for Hd 64.
-/// Warp-specialised forward (index 4 + i, eighth session, 2026-11-30, same test): Hd 64 0.132
-/// 0.143 0.143 against 0.127 for wgmma 3, which stays; Hd 128 0.155 0.162 0.161 against 0.199
-/// for wgmma 3: index 4 (128 keys per tile, 2 stages) is the Hd 128 default. Warp-specialised
-/// dK/dV (index 4 + i) with dq 0: Hd 128 0.567 0.563 against 0.638 for wgmma dkv 3: index 5 (3
-/// stages) is the Hd 128 default; whole 1.5B runs (B32, one micro-batch, alternating, same call)
-/// +1.0% bf16, +0.9% e4m3 against (3, 0, 3), and (4, 0, 5) 0.2% ahead of (4, 0, 4). Hd 64 (S^T
-/// and dP^T issued in one turn) 0.407 0.407 against 0.410 for wgmma dkv 0, but whole 0.5B bf16
-/// runs (B64) gained 1.5-1.8% with index 4 (154.3k / 154.1k against 151.7k / 151.3k, 3 stages
-/// 152.4k / 152.5k): index 4 is the Hd 64 default. The warp-specialised forward for Hd 64 was no
-/// faster in whole runs either (152.2k / 152.9k against 153.6k / 152.5k). Warp-specialised dQ
-/// (index 4 + i): Hd 128 with dkv 5 0.521 / 0.522 against 0.566 (index 4 is the Hd 128 default;
-/// whole 1.5B bf16 runs 61,268 / 61,190 against 61,289 / 60,775: level); Hd 64 0.429-0.432
-/// against 0.411, and level in whole 0.5B runs: wgmma dq 0 stays.
-const DEFAULT: [(usize, usize, usize); 2] = [(3, 0, ATTN4_CONFIGS), (ATTN4_CONFIGS, ATTN4_CONFIGS, ATTN4_CONFIGS + 1)];
-
-/// (forward, dQ, dK/dV) configurations of index `i` for head size `hd` (64 or 128).
-pub fn attn4_configs(hd: usize, i: usize) -> (Attn4Cfg, Attn4Cfg, Attn4Cfg) {
-    let h = usize::from(hd != 64);
-    (FWD[h][i], DQ[h][i], DKV[h][i])
-}
-
-type Table = [[sys::CUfunction; ATTN4_CONFIGS]; 2];
 
 pub(crate) struct Attn4Kernels {
-    fwd: Table,
-    dq: Table,
-    dkv: Table,
-    ws_fwd: [[sys::CUfunction; ATTN_WS_CONFIGS]; 2],
-    ws_dkv: [[sys::CUfunction; ATTN_WS_DKV_CONFIGS]; 2],
-    ws_dq: [[sys::CUfunction; ATTN_WS_DQ_CONFIGS]; 2],
+    /// [Hd 64, Hd 128][forward, dQ, dK/dV]
+    f: [[sys::CUfunction; 3]; 2],
     selftest: sys::CUfunction,
 }
 
 impl Attn4Kernels {
     pub fn load(k: &Kernels, optin: u32) -> Result<Attn4Kernels> {
-        let get = |kind: &str| -> Result<Table> {
-            let mut t: Table = [[std::ptr::null_mut(); ATTN4_CONFIGS]; 2];
-            for (h, hd) in [64, 128].into_iter().enumerate() {
-                for (i, slot) in t[h].iter_mut().enumerate() {
-                    let f = k.function(&format!("llmq_attn4_{kind}_{hd}_{i}"))?;
-                    kernels::set_max_dynamic_smem(f, optin)?;
-                    *slot = f;
-                }
+        let mut f = [[std::ptr::null_mut(); 3]; 2];
+        for (h, hd) in [64, 128].into_iter().enumerate() {
+            for (i, kind) in ["fwd", "dq", "dkv"].into_iter().enumerate() {
+                let family = match KERNELS[h][i] {
+                    Wg { .. } => "attn4",
+                    Ws { .. } => "attn5",
+                };
+                f[h][i] = k.function(&format!("llmq_{family}_{kind}_{hd}"))?;
+                kernels::set_max_dynamic_smem(f[h][i], optin)?;
             }
-            Ok(t)
-        };
-        Ok(Attn4Kernels {
-            fwd: get("fwd")?,
-            dq: get("dq")?,
-            dkv: get("dkv")?,
-            ws_fwd: load_ws(k, optin, "fwd")?,
-            ws_dkv: load_ws(k, optin, "dkv")?,
-            ws_dq: load_ws(k, optin, "dq")?,
-            selftest: k.function("llmq_wg_selftest")?,
-        })
-    }
-}
-
-/// `llmq_attn5_<kind>_<hd>_<i>` for both head sizes and i < N, with their shared-memory limit raised.
-fn load_ws<const N: usize>(k: &Kernels, optin: u32, kind: &str) -> Result<[[sys::CUfunction; N]; 2]> {
-    let mut t = [[std::ptr::null_mut(); N]; 2];
-    for (h, hd) in [64, 128].into_iter().enumerate() {
-        for (i, slot) in t[h].iter_mut().enumerate() {
-            let f = k.function(&format!("llmq_attn5_{kind}_{hd}_{i}"))?;
-            kernels::set_max_dynamic_smem(f, optin)?;
-            *slot = f;
         }
+        Ok(Attn4Kernels { f, selftest: k.function("llmq_wg_selftest")? })
     }
-    Ok(t)
 }
 
-/// Dynamic shared memory: the tiles (bf16, kernels/wgmma.cuh: R x Hd each) and row statistics
-/// (f32), plus 1024 bytes of room to align the tiles to the 128-byte-swizzle atom.
-fn fwd_smem(hd: usize, c: Attn4Cfg) -> usize {
-    (ROWS * c.wgs + 2 * c.stages * c.tile) * hd * 2 + 1024
-}
-/// Q tile, ST x (K, V) tiles, the mbarriers (1 + 2 ST of 8 bytes, in 64) and the alignment room.
-fn ws_fwd_smem(hd: usize, (bk, st): (usize, usize)) -> usize {
-    (WS_BQ + 2 * st * bk) * hd * 2 + 64 + 1024
-}
-/// K, V tiles, ST x (Q, dO) tiles, ST x (lse, D) rows, the mbarriers and the alignment room.
-fn ws_dkv_smem(hd: usize, st: usize) -> usize {
-    (2 * WS_DKV_BKV + 2 * st * WS_DKV_BQ) * hd * 2 + 2 * st * WS_DKV_BQ * 4 + 64 + 1024
-}
-/// Q, dO tiles, ST x (K, V) tiles, L and D rows, the mbarriers and the alignment room.
-fn ws_dq_smem(hd: usize, st: usize) -> usize {
-    (2 * WS_DQ_BQ + 2 * st * WS_DQ_BK) * hd * 2 + 2 * WS_DQ_BQ * 4 + 64 + 1024
-}
-fn dq_smem(hd: usize, c: Attn4Cfg) -> usize {
-    let bq = ROWS * c.wgs;
-    (2 * bq + 2 * c.stages * c.tile) * hd * 2 + 2 * bq * 4 + 1024
-}
-fn dkv_smem(hd: usize, c: Attn4Cfg) -> usize {
-    let bkv = ROWS * c.wgs;
-    (2 * bkv + 2 * c.stages * c.tile) * hd * 2 + 2 * c.stages * c.tile * 4 + 1024
+/// (rows per block, threads, dynamic shared memory) of kernel `i` (0 forward, 1 dQ, 2 dK/dV) of
+/// head size `hd`. The tiles are bf16 (kernels/wgmma.cuh: R x Hd each), row statistics f32; the
+/// warp-specialised kernels add their mbarriers (in 64 bytes); all add 1024 bytes of room to
+/// align the tiles to the 128-byte-swizzle atom.
+fn launch_dims(hd: usize, i: usize, k: HopperKernel) -> (usize, usize, usize) {
+    match (i, k) {
+        // Q tile, ST x (K, V) tiles
+        (0, Wg { tile, wgs, stages }) => (ROWS * wgs, 128 * wgs, (ROWS * wgs + 2 * stages * tile) * hd * 2 + 1024),
+        (0, Ws { tile, stages }) => (WS_ROWS, 384, (WS_ROWS + 2 * stages * tile) * hd * 2 + 64 + 1024),
+        // Q, dO tiles, ST x (K, V) tiles, L and D rows
+        (1, Wg { tile, wgs, stages }) => {
+            let bq = ROWS * wgs;
+            (bq, 128 * wgs, (2 * bq + 2 * stages * tile) * hd * 2 + 2 * bq * 4 + 1024)
+        }
+        (1, Ws { tile, stages }) => (WS_ROWS, 384, (2 * WS_ROWS + 2 * stages * tile) * hd * 2 + 2 * WS_ROWS * 4 + 64 + 1024),
+        // K, V tiles, ST x (Q, dO) tiles, ST x (lse, D) rows
+        (_, Ws { tile, stages }) => (WS_ROWS, 384, (2 * WS_ROWS + 2 * stages * tile) * hd * 2 + 2 * stages * tile * 4 + 64 + 1024),
+        (_, Wg { .. }) => unreachable!("no wgmma dK/dV kernel is instantiated (KERNELS)"),
+    }
 }
 
 impl CudaBackend {
-    /// Whether this device runs the wgmma kernels (the sm_90a cubin).
+    /// Whether this device runs the Hopper kernels (the sm_90a cubin).
     pub fn has_wgmma(&self) -> bool {
         self.dev.cc == (9, 0)
     }
 
-    /// The (fwd, dq, dkv) configuration indices of the wgmma kernels for head size `hd`, or None
-    /// for the v3 kernels: `Wg` (indices >= ATTN4_CONFIGS pick the default) and `Auto` on
-    /// compute capability 9.0.
-    pub(crate) fn attn4_choice(&self, hd: usize) -> Option<(usize, usize, usize)> {
-        if !self.has_wgmma() {
-            return None;
+    /// The forward (tensors checked by the caller; `amax`: the abs-max slot or 0). Ok(false)
+    /// when the kernel does not fit this device.
+    pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, amax: u64) -> Result<bool> {
+        let h = usize::from(s.hd != 64);
+        let k = KERNELS[h][0];
+        let (bq, threads, smem) = launch_dims(s.hd, 0, k);
+        if smem > self.dev.smem_optin() {
+            return Ok(false);
         }
-        let d = attn4_default(hd);
-        match self.attn.get() {
-            AttnImpl::Wg { fwd, dq, dkv, .. } => {
-                let pick = |i: u8, n: usize, d: usize| if (i as usize) < n { i as usize } else { d };
-                Some((pick(fwd, ATTN4_CONFIGS + ATTN_WS_CONFIGS, d.0), pick(dq, ATTN4_CONFIGS + ATTN_WS_DQ_CONFIGS, d.1), pick(dkv, ATTN4_CONFIGS + ATTN_WS_DKV_CONFIGS, d.2)))
+        let grid = (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32);
+        let tail = [Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::Ptr(amax)];
+        match k {
+            Wg { .. } => {
+                let [t, hq, hkv, am] = tail;
+                let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), t, hq, hkv, am];
+                self.attn3_launch(self.attn4.f[h][0], grid, threads, smem, &args)?;
             }
-            AttnImpl::Auto => Some(d),
-            _ => None,
+            // TMA loads through two tensor maps over qkv viewed as [B][T][(Hq + 2 Hkv) Hd] (rows
+            // past T read as zeros): Q boxes of 128 rows, K/V boxes of `tile` rows
+            Ws { tile, .. } => {
+                let mq = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_ROWS)?;
+                let mkv = if tile == WS_ROWS { mq.clone() } else { tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), tile)? };
+                let [t, hq, hkv, am] = tail;
+                let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv, am];
+                self.attn3_launch(self.attn4.f[h][0], grid, threads, smem, &args)?;
+            }
         }
-    }
-
-    /// The forward with the wgmma kernel `fi`; arguments as `attn3_fwd` (tensors checked by the
-    /// caller; `amax`: the abs-max slot or 0). Ok(false) when the configuration does not fit this
-    /// device.
-    pub(crate) fn attn4_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, fi: usize, amax: u64) -> Result<bool> {
-        if fi >= ATTN4_CONFIGS {
-            return self.attn5_fwd(out, lse, qkv, s, fi - ATTN4_CONFIGS, amax);
-        }
-        let h = usize::from(s.hd != 64);
-        let cfg = FWD[h][fi];
-        let smem = fwd_smem(s.hd, cfg);
-        if smem > self.dev.smem_optin() {
-            return Ok(false);
-        }
-        let bq = ROWS * cfg.wgs;
-        let args = [Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::Ptr(qkv.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::Ptr(amax)];
-        self.attn3_launch(self.attn4.fwd[h][fi], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), 128 * cfg.wgs, smem, &args)?;
         Ok(true)
     }
 
-    /// The warp-specialised forward `llmq_attn5_fwd_<hd>_<wi>`: TMA loads through two tensor maps
-    /// over qkv viewed as [B][T][(Hq + 2 Hkv) Hd] (rows past T read as zeros), 384 threads per
-    /// block of 128 queries. Ok(false) when it does not fit this device.
-    fn attn5_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, wi: usize, amax: u64) -> Result<bool> {
-        let h = usize::from(s.hd != 64);
-        let cfg = WS_FWD[wi];
-        let smem = ws_fwd_smem(s.hd, cfg);
-        if smem > self.dev.smem_optin() {
-            return Ok(false);
-        }
-        let mq = tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), WS_BQ)?;
-        let mkv = if cfg.0 == WS_BQ { mq.clone() } else { tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), cfg.0)? };
-        let args = [Arg::Bytes(mq), Arg::Bytes(mkv), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32), Arg::Ptr(amax)];
-        self.attn3_launch(self.attn4.ws_fwd[h][wi], (s.t.div_ceil(WS_BQ) as u32, s.hq as u32, s.b as u32), 3 * 128, smem, &args)?;
-        Ok(true)
-    }
-
-    /// The backward with the wgmma kernels; arguments as `attn3_bwd` (tensors checked by the
-    /// caller). Ok(false) when the configuration does not fit this device.
+    /// The backward; arguments as `attn3_bwd` (tensors checked by the caller). Ok(false) when a
+    /// kernel does not fit this device.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, (qi, ki): (usize, usize), epi: GradEpi) -> Result<bool> {
+    pub(crate) fn attn4_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, dbuf: u64, s: AttnShape, epi: GradEpi) -> Result<bool> {
         let h = usize::from(s.hd != 64);
-        // the dQ kernel (it also writes D): wgmma (qi < ATTN4_CONFIGS) or warp-specialised
-        let (bq, qthreads, sq) = match qi.checked_sub(ATTN4_CONFIGS) {
-            Some(wi) => (WS_DQ_BQ, 384, ws_dq_smem(s.hd, WS_DQ[wi])),
-            None => (ROWS * DQ[h][qi].wgs, 128 * DQ[h][qi].wgs, dq_smem(s.hd, DQ[h][qi])),
-        };
-        // the dK/dV kernel: wgmma (ki < ATTN4_CONFIGS) or warp-specialised
-        let (bkv, threads, sk) = match ki.checked_sub(ATTN4_CONFIGS) {
-            Some(wi) => (WS_DKV_BKV, 384, ws_dkv_smem(s.hd, WS_DKV[wi])),
-            None => (ROWS * DKV[h][ki].wgs, 128 * DKV[h][ki].wgs, dkv_smem(s.hd, DKV[h][ki])),
-        };
+        let [_, kq, kkv] = KERNELS[h];
+        let (bq, qthreads, sq) = launch_dims(s.hd, 1, kq);
+        let (bkv, threads, sk) = launch_dims(s.hd, 2, kkv);
         if sq.max(sk) > self.dev.smem_optin() {
             return Ok(false);
         }
         let dims = || [Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32)];
-        // both warp-specialised kernels read qkv and dout through 64-row boxes: encoded once
-        let enc = if qi >= ATTN4_CONFIGS || ki >= ATTN4_CONFIGS {
-            Some((tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), 64)?, tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), 64)?))
-        } else {
-            None
-        };
-        let maps = || -> [Arg; 2] {
-            let (mq, md) = enc.as_ref().expect("tensor maps are encoded when a warp-specialised kernel is chosen");
-            [Arg::Bytes(mq.clone()), Arg::Bytes(md.clone())]
-        };
+        // the warp-specialised kernels read qkv and dout through 64-row boxes (the dK/dV kernel
+        // is always one of them): encoded once
+        let (mq, md) = (tensor_map_3d(qkv.addr, s.b, s.t, s.qkv_width(), 64)?, tensor_map_3d(dout.addr, s.b, s.t, s.out_width(), 64)?);
         let qgrid = (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32);
         let [t, hq, hkv] = dims();
-        if let Some(wi) = qi.checked_sub(ATTN4_CONFIGS) {
-            let [mqkv, mdo] = maps();
-            let [fr, am] = epi.args();
-            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
-            self.attn3_launch(self.attn4.ws_dq[h][wi], qgrid, qthreads, sq, &args)?;
-        } else {
-            let [fr, am] = epi.args();
-            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
-            self.attn3_launch(self.attn4.dq[h][qi], qgrid, qthreads, sq, &args)?;
+        let [fr, am] = epi.args();
+        // the dQ kernel (it also writes D)
+        match kq {
+            Ws { .. } => {
+                let args = [Arg::Bytes(mq.clone()), Arg::Bytes(md.clone()), Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
+                self.attn3_launch(self.attn4.f[h][1], qgrid, qthreads, sq, &args)?;
+            }
+            Wg { .. } => {
+                let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
+                self.attn3_launch(self.attn4.f[h][1], qgrid, qthreads, sq, &args)?;
+            }
         }
         let split = self.dkv_split(&s, bkv);
         let part = dbuf + dkv_part_offset(&s) as u64;
         let grid = ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32);
         let [t, hq, hkv] = dims();
-        if let Some(wi) = ki.checked_sub(ATTN4_CONFIGS) {
-            let [mqkv, mdo] = maps();
-            let [fr, am] = epi.args();
-            let args = [mqkv, mdo, Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv, fr, am];
-            self.attn3_launch(self.attn4.ws_dkv[h][wi], grid, threads, sk, &args)?;
-        } else {
-            let [fr, am] = epi.args();
-            let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(dout.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv, fr, am];
-            self.attn3_launch(self.attn4.dkv[h][ki], grid, threads, sk, &args)?;
-        }
+        let [fr, am] = epi.args();
+        let args = [Arg::Bytes(mq), Arg::Bytes(md), Arg::Ptr(dqkv.addr), Arg::Ptr(part), Arg::I32(split as i32), Arg::Ptr(lse.addr), Arg::Ptr(dbuf), t, hq, hkv, fr, am];
+        self.attn3_launch(self.attn4.f[h][2], grid, threads, sk, &args)?;
         self.attn3_dkv_reduce(dqkv, part, split, &s, epi)?;
         Ok(true)
     }
@@ -344,9 +225,4 @@ fn tensor_map_3d(addr: u64, b: usize, t: usize, w: usize, box_rows: usize) -> Re
     // SAFETY: initialised by the successful call above; CUtensorMap is 128 plain bytes.
     let map = unsafe { map.assume_init() };
     Ok(map.opaque.iter().flat_map(|v| v.to_le_bytes()).collect())
-}
-
-/// The (fwd, dq, dkv) indices `AttnImpl::Auto` uses for head size `hd` on compute capability 9.0.
-pub fn attn4_default(hd: usize) -> (usize, usize, usize) {
-    DEFAULT[usize::from(hd != 64)]
 }

@@ -22,18 +22,18 @@
 //! matmuls must not share one.
 //!
 //! Matmuls on the side stream (weight gradients beside the input-gradient chain) get an SM-count
-//! target, 3/4 of the SMs (`LLMQ_SIDE_SMS` overrides; 0 = none): cuBLASLt's kernels are
+//! target, 3/4 of the SMs (`BackendOptions::side_sms` overrides; 0 = none): cuBLASLt's kernels are
 //! persistent and would otherwise hold every SM until they finish, leaving the compute stream's
 //! memory-bound ops nothing to run on. The heuristic answers differently when asked with a
 //! target, and a different algorithm rounds differently; so a matmul marked `side_algo` gets
 //! the algorithm chosen for the target on either stream (the target itself only narrows the
 //! persistent grid: same bits, `side_stream_matmuls_match_the_compute_stream_bitwise`).
-//! `LLMQ_SIDE_ALGO=0` ignores `side_algo` (every matmul runs the algorithm chosen without a
-//! target; the side stream still narrows the grid): for measurements.
+//! `BackendOptions::side_algo = false` ignores `side_algo` (every matmul runs the algorithm
+//! chosen without a target; the side stream still narrows the grid).
 
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys;
-use llmq_core::{DType, Error, Matmul, Result};
+use llmq_core::{BackendOptions, DType, Error, Matmul, Result};
 use crate::tuning::{self, CANDIDATES};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -115,14 +115,15 @@ pub(crate) struct Blas {
     workspaces: [u64; 2],
     /// SM-count target of side-stream matmuls (0: none).
     side_sms: u32,
-    /// Whether `Matmul::side_algo` is honoured (LLMQ_SIDE_ALGO=0: not).
+    /// Whether `Matmul::side_algo` is honoured (`BackendOptions::side_algo`).
     side_algo: bool,
     plans: HashMap<Key, Plan>,
     /// Device name and cuBLASLt version: the section of tuning.txt that applies.
     device: String,
     table: HashMap<String, usize>,
-    /// LLMQ_CUBLASLT_AUTOTUNE=1: time the candidates of shapes the table does not list.
-    autotune: bool,
+    /// `BackendOptions::matmul_autotune`: time the candidates of shapes the table does not list
+    /// and append the choices to this file.
+    autotune: Option<String>,
 }
 
 unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
@@ -132,19 +133,19 @@ unsafe fn set_desc<T>(desc: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDe
 impl Blas {
     /// `workspaces`: two device buffers of WORKSPACE_BYTES allocated by the caller (compute and
     /// side stream); `device`: the device's name (selects the tuning table's section, with the
-    /// library version); `sm_count`: its multiprocessors.
-    pub fn new(workspaces: [u64; 2], device: &str, sm_count: u32) -> Result<Blas> {
+    /// library version); `sm_count`: its multiprocessors; `opts`: the side stream's SM target and
+    /// algorithms, the tuning table and autotuning.
+    pub fn new(workspaces: [u64; 2], device: &str, sm_count: u32, opts: &BackendOptions) -> Result<Blas> {
+        let side_sms = match opts.side_sms {
+            None => sm_count * 3 / 4,
+            Some(n) if n > sm_count => return Err(Error::Config(format!("--side-sms: expected at most the {sm_count} SMs of {device} (0 = all), got {n}"))),
+            Some(n) => n,
+        };
+        let table = tuning::entries(device, Self::version(), &opts.matmul_tuning)?;
         let mut handle = std::ptr::null_mut();
         // SAFETY: out-pointer to a local; the library's presence was checked before.
         ck(unsafe { lt::cublasLtCreate(&mut handle) }, "cublasLtCreate")?;
-        let table = tuning::entries(device, Self::version())?;
-        let autotune = std::env::var("LLMQ_CUBLASLT_AUTOTUNE").is_ok_and(|v| v == "1");
-        let side_sms = match std::env::var("LLMQ_SIDE_SMS") {
-            Ok(v) => v.parse::<u32>().map_err(|_| Error::Config(format!("LLMQ_SIDE_SMS: expected a number of SMs (0 = all), got {v:?}")))?,
-            Err(_) => sm_count * 3 / 4,
-        };
-        let side_algo = std::env::var("LLMQ_SIDE_ALGO").map_or(true, |v| v != "0");
-        Ok(Blas { handle, workspaces, side_sms, side_algo, plans: HashMap::new(), device: device.to_string(), table, autotune })
+        Ok(Blas { handle, workspaces, side_sms, side_algo: opts.side_algo, plans: HashMap::new(), device: device.to_string(), table, autotune: opts.matmul_autotune.clone() })
     }
 
     pub fn version() -> usize {
@@ -233,7 +234,9 @@ impl Blas {
             }
             if !plan.candidates.is_empty() {
                 let best = self.tune(plan, args, stream, workspace)?;
-                tuning::record(&self.device, Self::version(), &key_string(&key), best);
+                if let Some(path) = &self.autotune {
+                    tuning::record(path, &self.device, Self::version(), &key_string(&key), best);
+                }
                 let plan = self.plans.get_mut(&key).unwrap();
                 plan.algo = plan.candidates[best];
                 plan.candidates.clear();
@@ -354,7 +357,7 @@ impl Blas {
             // autotune, all of them, timed at the first call)
             let ks = key_string(key);
             let listed = self.table.get(&ks).copied().filter(|&i| i < ok.len());
-            let candidates = if listed.is_none() && self.autotune && ok.len() > 1 { ok.clone() } else { vec![] };
+            let candidates = if listed.is_none() && self.autotune.is_some() && ok.len() > 1 { ok.clone() } else { vec![] };
             let algo = ok.get(listed.unwrap_or(0)).copied().unwrap_or(results[0].algo);
             // the target this matmul runs with (the choice was made for algo_sms); where the
             // library refuses it for this algorithm, there is none

@@ -64,7 +64,6 @@ kernel_table!(
     convert,
     bias_rows,
     embedding_fwd,
-    embedding_bwd,
     embedding_sort_tile,
     embedding_sort_step,
     embedding_bwd_sorted,
@@ -96,12 +95,6 @@ kernel_table!(
     attn_bwd_dkv_simple4,
     attn_bwd_dq_simple8,
     attn_bwd_dkv_simple8,
-    attn_fwd_mma2_64,
-    attn_fwd_mma2_128,
-    attn_bwd_dq_mma2_64,
-    attn_bwd_dkv_mma2_64,
-    attn_bwd_dq_mma2_128,
-    attn_bwd_dkv_mma2_128,
 );
 
 impl Kernels {

@@ -7,9 +7,14 @@
 //!   its tests run (skipping) on machines without CUDA. `cuda_available()` checks for the driver,
 //!   cuBLASLt, the embedded kernels and a device before anything can panic in the loader.
 //!
-//! Attention uses tensor-core kernels for bf16 with Hd 64/128 — wgmma kernels on compute
-//! capability 9.0 (`attention_wg.rs`), mma.sync kernels elsewhere (`attention.rs`) — and simple
-//! warp-per-row kernels otherwise (`AttnImpl`; `LLMQ_CUDA_ATTN` overrides the choice).
+//! Attention uses tensor-core kernels for bf16 with Hd 64/128 — wgmma and warp-specialised
+//! kernels on compute capability 9.0 (`attention_wg.rs`), mma.sync kernels elsewhere
+//! (`attention.rs`) — and simple warp-per-row kernels otherwise (`BackendOptions::attention`
+//! overrides the choice).
+//!
+//! Every choice that changes results (attention kernels, matmul algorithms, the side stream's SM
+//! target) comes from `llmq_core::BackendOptions`, part of the run's validated configuration;
+//! nothing is read from the environment.
 //! Verification results and timings on an H200: NOTES.md.
 //!
 //! Streams: ops run on the current stream (`set_stream`): the compute stream, or the side stream
@@ -30,11 +35,11 @@ mod tuning;
 
 use device::{check, Device};
 use kernels::Kernels;
-use llmq_core::{AdamW, AttnShape, Backend, DType, Error, Event, Matmul, Mem, MemCategory, Result, Segment, Shape, Stream, Tensor};
+use llmq_core::{AdamW, AttentionKernels, AttnShape, Backend, BackendOptions, DType, Error, Event, Matmul, Mem, MemCategory, Result, Segment, Shape, Stream, Tensor};
 use std::cell::{Cell, RefCell};
 
-pub use attention::{attn3_configs, attn3_default, attn3_dkv_split, Attn3Cfg, ATTN3_CONFIGS};
-pub use attention_wg::{attn4_configs, attn4_default, Attn4Cfg, ATTN4_CONFIGS, ATTN_WS_CONFIGS, ATTN_WS_DKV_CONFIGS, ATTN_WS_DQ_CONFIGS, WS_DKV, WS_DQ, WS_FWD};
+pub use attention::{attn3_configs, Attn3Cfg};
+pub use attention_wg::{hopper_kernels, HopperKernel};
 pub use kernels::KERNELS_BUILT;
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
@@ -43,58 +48,6 @@ pub const SCRATCH_BYTES: usize = 128 << 20;
 /// Device memory the backend allocates for itself when opened (cuBLASLt workspaces and scratch),
 /// counted by `--memory-limit` like the model's buffers.
 pub const OWN_DEVICE_BYTES: usize = 2 * blas::WORKSPACE_BYTES + SCRATCH_BYTES;
-
-/// Which attention kernels to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttnImpl {
-    /// Tensor-core kernels where they apply (bf16, Hd 64 or 128): on compute capability 9.0 the
-    /// wgmma kernels (`attn4_default`), elsewhere the v3 kernels (`attn3_default`); the simple
-    /// ones otherwise.
-    Auto,
-    /// The v3 tensor-core kernels with explicit configuration indices (< `ATTN3_CONFIGS`, see
-    /// `attn3_configs`; larger: the default one of the head size), for tests and tuning.
-    /// `split`: parts of the dK/dV iteration space (0 = chosen from the shape, see
-    /// `attn3_dkv_split`).
-    V3 { fwd: u8, dq: u8, dkv: u8, split: u8 },
-    /// The kernels with warpgroup MMAs (wgmma; compute capability 9.0 only, elsewhere the v3
-    /// defaults): configuration indices of the forward, dQ and dK/dV kernels (< `ATTN4_CONFIGS`,
-    /// see `attn4_configs`; forward indices ATTN4_CONFIGS + i: the warp-specialised forward
-    /// `WS_FWD[i]`, dQ and dK/dV indices ATTN4_CONFIGS + i: the warp-specialised kernels with
-    /// `WS_DQ[i]` / `WS_DKV[i]` stages; larger: the default of the head size), `split` as for `V3`.
-    Wg { fwd: u8, dq: u8, dkv: u8, split: u8 },
-    /// The second tensor-core version (64-row tiles, separate D pass), kept as a cross-check.
-    MmaV2,
-    /// Always the simple (warp-per-row) kernels: slow, any dtype, Hd <= 256.
-    Simple,
-}
-
-/// The attention kernels named by LLMQ_CUDA_ATTN (auto, v3, wg, ws, v2, simple; unset: auto), for
-/// before/after comparisons of whole training runs (v3 and wg: their default configurations; ws:
-/// wg with the first warp-specialised forward and dK/dV kernels; wg:F,Q,K: those configuration
-/// indices).
-fn attn_from_env() -> Result<AttnImpl> {
-    parse_attn(&std::env::var("LLMQ_CUDA_ATTN").unwrap_or_default())
-}
-
-fn parse_attn(v: &str) -> Result<AttnImpl> {
-    if let Some(ix) = v.strip_prefix("wg:") {
-        // explicit (fwd, dq, dkv) configuration indices, e.g. wg:3,0,3
-        let n: Vec<u8> = ix.split(',').map(|x| x.trim().parse::<u8>()).collect::<std::result::Result<_, _>>().unwrap_or_default();
-        return match n[..] {
-            [fwd, dq, dkv] => Ok(AttnImpl::Wg { fwd, dq, dkv, split: 0 }),
-            _ => Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected wg:FWD,DQ,DKV (three configuration indices), got {v:?}"))),
-        };
-    }
-    Ok(match v {
-        "" | "auto" => AttnImpl::Auto,
-        "v3" => AttnImpl::V3 { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
-        "wg" => AttnImpl::Wg { fwd: u8::MAX, dq: u8::MAX, dkv: u8::MAX, split: 0 },
-        "ws" => AttnImpl::Wg { fwd: ATTN4_CONFIGS as u8, dq: u8::MAX, dkv: ATTN4_CONFIGS as u8, split: 0 },
-        "v2" => AttnImpl::MmaV2,
-        "simple" => AttnImpl::Simple,
-        _ => return Err(Error::Config(format!("LLMQ_CUDA_ATTN: expected auto, v3, wg, wg:F,Q,K, ws, v2 or simple, got {v:?}"))),
-    })
-}
 
 /// Ok when a CUDA device can be used: the kernels were built, the driver and cuBLASLt libraries
 /// load, and at least one device exists. Otherwise the reason.
@@ -147,15 +100,12 @@ pub struct CudaBackend {
     k: Kernels,
     dev: Device,
     scratch: u64,
-    attn: Cell<AttnImpl>,
+    attn: Cell<AttentionKernels>,
+    /// Parts of the attention dK/dV iteration space (0: chosen from the shape), for tests.
+    dkv_split: Cell<usize>,
     attn3: attention::Attn3Kernels,
     attn4: attention_wg::Attn4Kernels,
     fk: fast::FastKernels,
-    /// Generic (scalar, runtime-dtype) kernels instead of the fast ones: `set_generic_kernels`,
-    /// or LLMQ_CUDA_GENERIC_KERNELS=1 in the environment at construction.
-    generic: Cell<bool>,
-    /// (threads, blocks per SM; 0 = a block per row) of the fused cross-entropy.
-    ce_launch: Cell<(u32, u32)>,
     /// The stream ops run on (`Backend::set_stream`).
     cur: Cell<Stream>,
 }
@@ -167,8 +117,9 @@ unsafe impl Send for CudaBackend {}
 
 impl CudaBackend {
     /// Opens device `ordinal`: context, streams, kernel module, cuBLASLt handle, workspace and
-    /// scratch memory.
-    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+    /// scratch memory, with the kernel and algorithm choices of `opts` (validated here).
+    pub fn new(ordinal: usize, opts: &BackendOptions) -> Result<CudaBackend> {
+        opts.validate()?;
         if !KERNELS_BUILT {
             return Err(Error::Backend("llmq-cuda was built without CUDA kernels (no nvcc at build time; run scripts/install-nvcc.sh and rebuild)".into()));
         }
@@ -177,28 +128,16 @@ impl CudaBackend {
         let k = Kernels::load()?;
         // Kernels whose dynamic shared memory may exceed the default 48 KiB.
         let optin = dev.smem_optin() as u32;
-        for f in [
-            k.embedding_bwd,
-            k.attn_fwd_mma2_64,
-            k.attn_fwd_mma2_128,
-            k.attn_bwd_dq_mma2_64,
-            k.attn_bwd_dq_mma2_128,
-            k.attn_bwd_dkv_mma2_64,
-            k.attn_bwd_dkv_mma2_128,
-            k.qknorm_bwd,
-        ] {
-            kernels::set_max_dynamic_smem(f, optin)?;
-        }
+
+        kernels::set_max_dynamic_smem(k.qknorm_bwd, optin)?;
         let attn3 = attention::Attn3Kernels::load(&k, optin)?;
         let attn4 = attention_wg::Attn4Kernels::load(&k, optin)?;
         let fk = fast::FastKernels::load(&k)?;
-        let generic = Cell::new(std::env::var("LLMQ_CUDA_GENERIC_KERNELS").is_ok_and(|v| v == "1"));
-        let ce_launch = Cell::new((512, 0)); // 4% faster than 1024 (tests/perf_mem.rs sweep, H200)
-        let attn = Cell::new(attn_from_env()?);
+        let attn = Cell::new(opts.attention);
         let ws = [dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?, dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?];
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
-        let blas = blas::Blas::new(ws, &dev.name, dev.sm_count)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, attn3, attn4, fk, generic, ce_launch, cur: Cell::new(Stream::Compute) })
+        let blas = blas::Blas::new(ws, &dev.name, dev.sm_count, opts)?;
+        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, cur: Cell::new(Stream::Compute) })
     }
 
     /// The scratch buffer (SCRATCH_BYTES). There is one, for the compute stream: ops that need
@@ -230,11 +169,15 @@ impl CudaBackend {
     pub fn cublaslt_version(&self) -> usize {
         blas::Blas::version()
     }
-    pub fn set_attention_impl(&self, imp: AttnImpl) {
-        self.attn.set(imp);
+    /// Switches the attention kernels (tests compare them; runs take `BackendOptions::attention`).
+    pub fn set_attention_kernels(&self, k: AttentionKernels) {
+        self.attn.set(k);
     }
-    pub fn attention_impl(&self) -> AttnImpl {
-        self.attn.get()
+    /// Cuts the attention backward's dK/dV iteration space into `parts` (limited by the scratch;
+    /// 0: chosen from the shape, as in runs), so that tests reach the ordered reduce of the parts
+    /// for any shape.
+    pub fn set_attention_dkv_split(&self, parts: usize) {
+        self.dkv_split.set(parts);
     }
 }
 
@@ -435,25 +378,5 @@ impl Backend for CudaBackend {
     }
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
         self.op_sum_squares(out, slot, t)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attention_choice_from_the_environment() {
-        assert_eq!(parse_attn("").unwrap(), AttnImpl::Auto);
-        assert_eq!(parse_attn("auto").unwrap(), AttnImpl::Auto);
-        assert_eq!(parse_attn("v2").unwrap(), AttnImpl::MmaV2);
-        assert_eq!(parse_attn("simple").unwrap(), AttnImpl::Simple);
-        // v3 / wg: indices past the tables select each head size's default configuration
-        assert!(matches!(parse_attn("v3").unwrap(), AttnImpl::V3 { fwd, dq, dkv, split: 0 } if [fwd, dq, dkv].iter().all(|&i| i as usize >= ATTN3_CONFIGS)));
-        assert!(matches!(parse_attn("wg").unwrap(), AttnImpl::Wg { fwd, dq, dkv, split: 0 } if [fwd, dq, dkv].iter().all(|&i| i as usize >= ATTN4_CONFIGS)));
-        assert_eq!(parse_attn("wg:3,0,5").unwrap(), AttnImpl::Wg { fwd: 3, dq: 0, dkv: 5, split: 0 });
-        assert!(parse_attn("wg:3,0").is_err() && parse_attn("wg:a,b,c").is_err());
-        let e = parse_attn("flash").unwrap_err().to_string();
-        assert!(e.contains("LLMQ_CUDA_ATTN") && e.contains("\"flash\""), "{e}");
     }
 }

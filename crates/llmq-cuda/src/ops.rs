@@ -7,13 +7,13 @@
 use crate::attention::GradEpi;
 use crate::device::check;
 use crate::kernels::{self, Arg};
-use crate::{AttnImpl, CudaBackend, SCRATCH_BYTES};
+use crate::{CudaBackend, SCRATCH_BYTES};
 use cudarc::driver::sys;
 use llmq_core::check::{
     check_absmax, check_eps, check_f32_n, check_float, check_float_n, check_heads, check_i32, check_rope, check_rows, colsum_rows, cross_entropy_dims, op_err, rmsnorm_bwd_dims,
     rmsnorm_fwd_dims, swiglu_dims,
 };
-use llmq_core::{AdamW, AttnShape, DType, Result, Segment, Tensor};
+use llmq_core::{AdamW, AttentionKernels, AttnShape, DType, Result, Segment, Tensor};
 
 pub(crate) fn dt(d: DType) -> i32 {
     match d {
@@ -182,47 +182,40 @@ impl CudaBackend {
         check_i32(OP, "ids", ids, n)?;
         check_rows(OP, "dout", dout, n, c)?;
         fits_i32(OP, n.max(v).max(c))?;
-        // sorted path: the keys (8 bytes per row, padded to a power of two) sort in the scratch
-        // buffer, in tiles of EMB_SORT_TILE keys in shared memory plus global steps for the longer
-        // strides (kernels/embedding.cu)
-        let pk = n.next_power_of_two();
-        let tile = pk.min(EMB_SORT_TILE);
-        if !self.generic.get() && n > 0 && pk * 8 <= SCRATCH_BYTES {
-            let keys = self.scratch()?;
-            let sort_tiles = |fill: bool, size: usize| {
-                let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];
-                self.launch(self.k.embedding_sort_tile, ((pk / tile) as u32, 1, 1), (1024, 1, 1), (tile * 8) as u32, &args)
-            };
-            sort_tiles(true, tile)?;
-            let mut size = 2 * tile;
-            while size <= pk {
-                let mut stride = size / 2;
-                while stride >= tile {
-                    let args = [Arg::Ptr(keys), i(pk), i(size), i(stride)];
-                    self.launch(self.k.embedding_sort_step, ((pk / 2).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &args)?;
-                    stride /= 2;
-                }
-                sort_tiles(false, size)?;
-                size *= 2;
-            }
-            return self.launch(
-                self.k.embedding_bwd_sorted,
-                (n as u32, 1, 1),
-                (THREADS, 1, 1),
-                0,
-                &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(self.scratch()?), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
-            );
+        if n == 0 {
+            return Ok(());
         }
-        let smem = c * 4;
-        if smem > self.smem_limit() {
-            return op_err(format!("{OP}: C = {c} is too wide for the shared-memory accumulator"));
+        // the keys (8 bytes per row, padded to a power of two) sort in the scratch buffer, in tiles
+        // of EMB_SORT_TILE keys in shared memory plus global steps for the longer strides
+        // (kernels/embedding.cu)
+        let pk = n.next_power_of_two();
+        if pk * 8 > SCRATCH_BYTES {
+            return op_err(format!("{OP}: {n} rows: their sort keys do not fit the {} MiB scratch buffer (at most {} rows)", SCRATCH_BYTES >> 20, SCRATCH_BYTES / 8));
+        }
+        let tile = pk.min(EMB_SORT_TILE);
+        let keys = self.scratch()?;
+        let sort_tiles = |fill: bool, size: usize| {
+            let args = [Arg::Ptr(keys), p(ids), i(n), i(v), i(tile), Arg::I32(fill as i32), i(size)];
+            self.launch(self.k.embedding_sort_tile, ((pk / tile) as u32, 1, 1), (1024, 1, 1), (tile * 8) as u32, &args)
+        };
+        sort_tiles(true, tile)?;
+        let mut size = 2 * tile;
+        while size <= pk {
+            let mut stride = size / 2;
+            while stride >= tile {
+                let args = [Arg::Ptr(keys), i(pk), i(size), i(stride)];
+                self.launch(self.k.embedding_sort_step, ((pk / 2).div_ceil(256) as u32, 1, 1), (256, 1, 1), 0, &args)?;
+                stride /= 2;
+            }
+            sort_tiles(false, size)?;
+            size *= 2;
         }
         self.launch(
-            self.k.embedding_bwd,
+            self.k.embedding_bwd_sorted,
             (n as u32, 1, 1),
             (THREADS, 1, 1),
-            smem as u32,
-            &[p(dtable), Arg::I32(dt(dtable.dtype)), p(ids), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
+            0,
+            &[p(dtable), Arg::I32(dt(dtable.dtype)), Arg::Ptr(keys), p(dout), Arg::I32(dt(dout.dtype)), i(n), i(c), i(v)],
         )
     }
 
@@ -674,14 +667,14 @@ impl CudaBackend {
 
     /// Whether the tensor-core kernels apply to these tensors.
     fn attn_mma(&self, s: &AttnShape, ts: &[&Tensor]) -> bool {
-        self.attn.get() != AttnImpl::Simple
+        self.attn.get() != AttentionKernels::Simple
             && self.dev.cc.0 >= 8
             && (s.hd == 64 || s.hd == 128)
             && ts.iter().all(|t| t.dtype == DType::BF16 && t.addr % 16 == 0)
     }
 
-    /// `absmax`: also the abs-max of out (fp8 runs quantise it next); the v3/wgmma/warp-specialised
-    /// kernels take it in their stores, the other paths in an `absmax` pass afterwards.
+    /// `absmax`: also the abs-max of out (fp8 runs quantise it next); the tensor-core kernels take
+    /// it in their stores, the simple ones in an `absmax` pass afterwards.
     pub(crate) fn op_attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "attention_fwd";
         Self::attn_checks(OP, &s)?;
@@ -693,31 +686,22 @@ impl CudaBackend {
         if self.attn_mma(&s, &[out, qkv]) {
             let am = absmax.map_or(0, |a| a.addr);
             self.zero_f32(absmax)?;
-            if let Some((fi, _, _)) = self.attn4_choice(s.hd) {
-                if self.attn4_fwd(out, lse, qkv, s, fi, am)? {
-                    return Ok(());
-                }
+            if self.attn.get() == AttentionKernels::Auto && self.has_wgmma() && self.attn4_fwd(out, lse, qkv, s, am)? {
+                return Ok(());
             }
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_fwd(out, lse, qkv, s, am)? {
+            if self.attn3_fwd(out, lse, qkv, s, am)? {
                 return Ok(());
             }
         }
-        self.attention_fwd_unfused(out, lse, qkv, s)?;
+        self.attention_fwd_simple(out, lse, qkv, s)?;
         match absmax {
             Some(a) => self.op_absmax(a, out),
             None => Ok(()),
         }
     }
 
-    /// The v2 (mma.sync) and simple forward kernels (no fused abs-max).
-    fn attention_fwd_unfused(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
-        if self.attn_mma(&s, &[out, qkv]) {
-            let grid = (s.t.div_ceil(64) as u32, s.hq as u32, s.b as u32);
-            let args = [p(out), p(lse), p(qkv), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            let f = if s.hd == 64 { self.k.attn_fwd_mma2_64 } else { self.k.attn_fwd_mma2_128 };
-            let tile = 64 * (s.hd + 8) * 2;
-            return self.launch(f, grid, (128, 1, 1), (4 * tile) as u32, &args);
-        }
+    /// The simple forward kernels (no fused abs-max).
+    fn attention_fwd_simple(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape) -> Result<()> {
         let f = if s.hd <= 128 { self.k.attn_fwd_simple4 } else { self.k.attn_fwd_simple8 };
         let grid = (s.t.div_ceil(4) as u32, s.hq as u32, s.b as u32);
         self.launch(
@@ -730,8 +714,8 @@ impl CudaBackend {
     }
 
     /// `rope`: also the RoPE backward (dqkv receives the gradient of qkv before RoPE); `absmax`:
-    /// the abs-max of dqkv. The v3/wgmma/warp-specialised kernels do both in their stores
-    /// (`GradEpi`); the other paths run `rope_bwd` (or `absmax`) over dqkv afterwards.
+    /// the abs-max of dqkv. The tensor-core kernels do both in their stores (`GradEpi`); the simple
+    /// ones run `rope_bwd` (or `absmax`) over dqkv afterwards.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn op_attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         const OP: &str = "attention_bwd";
@@ -755,17 +739,15 @@ impl CudaBackend {
         if self.attn_mma(&s, &[dqkv, dout, qkv, out]) && rope.is_none_or(|f| f.addr % 16 == 0) {
             let epi = GradEpi { freqs: rope.map_or(0, |f| f.addr), amax: absmax.map_or(0, |a| a.addr) };
             self.zero_f32(absmax)?;
-            // the wgmma and v3 dQ kernels compute D themselves
-            if let Some((_, dq, dkv)) = self.attn4_choice(s.hd) {
-                if self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, (dq, dkv), epi)? {
-                    return Ok(());
-                }
+            // the tensor-core dQ kernels compute D themselves
+            if self.attn.get() == AttentionKernels::Auto && self.has_wgmma() && self.attn4_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
+                return Ok(());
             }
-            if matches!(self.attn.get(), AttnImpl::Auto | AttnImpl::V3 { .. } | AttnImpl::Wg { .. }) && self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
+            if self.attn3_bwd(dqkv, dout, qkv, out, lse, dbuf, s, epi)? {
                 return Ok(());
             }
         }
-        self.attention_bwd_unfused(dqkv, dout, qkv, out, lse, s, dbuf)?;
+        self.attention_bwd_simple(dqkv, dout, qkv, out, lse, s, dbuf)?;
         match (rope, absmax) {
             (Some(f), _) => self.op_rope_bwd(dqkv, dqkv, f, s, absmax),
             (None, Some(a)) => self.op_absmax(a, dqkv),
@@ -773,9 +755,10 @@ impl CudaBackend {
         }
     }
 
-    /// The v2 (mma.sync) and simple backward kernels: dqkv without RoPE backward or abs-max.
+    /// The simple backward kernels (D in a pass of its own first): dqkv without RoPE backward or
+    /// abs-max.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd_unfused(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, dbuf: u64) -> Result<()> {
+    fn attention_bwd_simple(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, dbuf: u64) -> Result<()> {
         let warps = s.b * s.hq * s.t;
         self.launch(
             self.k.attn_bwd_d,
@@ -784,14 +767,6 @@ impl CudaBackend {
             0,
             &[Arg::Ptr(dbuf), p(dout), Arg::I32(dt(dout.dtype)), p(out), Arg::I32(dt(out.dtype)), i(s.b), i(s.t), i(s.hq), i(s.hd)],
         )?;
-        if self.attn_mma(&s, &[dqkv, dout, qkv]) {
-            let tile = 64 * (s.hd + 8) * 2;
-            let nt = s.t.div_ceil(64) as u32;
-            let args = [p(dqkv), p(dout), p(qkv), p(lse), Arg::Ptr(dbuf), i(s.b), i(s.t), i(s.hq), i(s.hkv)];
-            let (fq, fkv) = if s.hd == 64 { (self.k.attn_bwd_dq_mma2_64, self.k.attn_bwd_dkv_mma2_64) } else { (self.k.attn_bwd_dq_mma2_128, self.k.attn_bwd_dkv_mma2_128) };
-            self.launch(fq, (nt, s.hq as u32, s.b as u32), (128, 1, 1), (4 * tile) as u32, &args)?;
-            return self.launch(fkv, (nt, s.hkv as u32, s.b as u32), (128, 1, 1), (6 * tile + 1024) as u32, &args);
-        }
         let (fq, fkv) = if s.hd <= 128 { (self.k.attn_bwd_dq_simple4, self.k.attn_bwd_dkv_simple4) } else { (self.k.attn_bwd_dq_simple8, self.k.attn_bwd_dkv_simple8) };
         let args = [
             p(dqkv),

@@ -10,16 +10,17 @@
 //! and library always run the same algorithm for a shape. Shapes not in the table run the
 //! heuristic's first answer.
 //!
-//! Making a table (on the GPU machine): `LLMQ_CUBLASLT_AUTOTUNE=1 LLMQ_CUBLASLT_TUNE_OUT=<file>
-//! llmq train ...` times every candidate of every new shape at its first call (`time_rounds`
-//! rounds, candidates interleaved, median per candidate) and appends `key = index` lines to the
-//! file under a `[device | version]` header; paste them into tuning.txt, or point
-//! LLMQ_CUBLASLT_TUNING at the file to use it without rebuilding.
+//! Making a table (on the GPU machine): `llmq train --matmul-autotune <file> ...` times every
+//! candidate of every new shape at its first call (`TIME_ROUNDS` rounds, candidates interleaved,
+//! median per candidate) and appends `key = index` lines to the file under a `[device | version]`
+//! header; paste them into tuning.txt, or pass `--matmul-tuning <file>` to use it without
+//! rebuilding.
 //!
 //! Format: `# comment`; `[<device name> | <cuBLASLt version>]` starts a section; then lines
 //! `<key> = <index>` (the key as `key_string` writes it, the index into the heuristic's answers
 //! for CANDIDATES requested).
 
+use llmq_core::backend_options::{TUNING_EMBEDDED, TUNING_OFF};
 use llmq_core::{Error, Result};
 use std::collections::HashMap;
 use std::io::Write;
@@ -29,21 +30,21 @@ pub(crate) const CANDIDATES: usize = 8;
 
 const TABLE: &str = include_str!("../tuning.txt");
 
-/// The table's entries for this device and cuBLASLt version (key string -> candidate index),
-/// then those of the file named by LLMQ_CUBLASLT_TUNING (if set; its entries win), e.g. a table
-/// just made for another GPU; LLMQ_CUBLASLT_TUNING=off: no table at all. Malformed lines are
-/// skipped with a warning on stderr.
-pub(crate) fn entries(device: &str, version: usize) -> Result<HashMap<String, usize>> {
-    let setting = std::env::var("LLMQ_CUBLASLT_TUNING").ok();
-    if setting.as_deref() == Some("off") {
-        return Ok(HashMap::new()); // the heuristic's first answers (for comparisons)
+/// The entries for this device and cuBLASLt version (key string -> candidate index) that
+/// `setting` (`BackendOptions::matmul_tuning`) selects: "embedded", the table built into the
+/// binary; "off", none (the heuristic's first answers, for comparisons); otherwise a file whose
+/// entries are added to the embedded ones and win, e.g. a table just made for another GPU.
+/// Malformed lines are skipped with a warning on stderr.
+pub(crate) fn entries(device: &str, version: usize, setting: &str) -> Result<HashMap<String, usize>> {
+    if setting == TUNING_OFF {
+        return Ok(HashMap::new());
     }
     let mut out = parse(TABLE, device, version);
-    if let Some(path) = setting {
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config(format!("LLMQ_CUBLASLT_TUNING={path}: {e}")))?;
+    if setting != TUNING_EMBEDDED {
+        let text = std::fs::read_to_string(setting).map_err(|e| Error::Config(format!("--matmul-tuning {setting}: {e}")))?;
         let extra = parse(&text, device, version);
         if extra.is_empty() {
-            eprintln!("llmq-cuda: LLMQ_CUBLASLT_TUNING={path} has no entries for {}", section(device, version));
+            eprintln!("llmq-cuda: --matmul-tuning {setting} has no entries for {}", section(device, version));
         }
         out.extend(extra);
     }
@@ -80,19 +81,19 @@ pub(crate) fn section(device: &str, version: usize) -> String {
     format!("[{device} | {version}]")
 }
 
-/// Appends `key = index` to the file named by LLMQ_CUBLASLT_TUNE_OUT (if set), with the section
-/// header when the file is new. Errors are reported on stderr: tuning output is a side product.
-pub(crate) fn record(device: &str, version: usize, key: &str, index: usize) {
-    let Ok(path) = std::env::var("LLMQ_CUBLASLT_TUNE_OUT") else { return };
-    let fresh = std::fs::metadata(&path).map(|m| m.len() == 0).unwrap_or(true);
-    let res = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| {
+/// Appends `key = index` to the file at `path` (`BackendOptions::matmul_autotune`), with the
+/// section header when the file is new. Errors are reported on stderr: tuning output is a side
+/// product.
+pub(crate) fn record(path: &str, device: &str, version: usize, key: &str, index: usize) {
+    let fresh = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+    let res = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| {
         if fresh {
             writeln!(f, "{}", section(device, version))?;
         }
         writeln!(f, "{key} = {index}")
     });
     if let Err(e) = res {
-        eprintln!("llmq-cuda: LLMQ_CUBLASLT_TUNE_OUT={path}: {e}");
+        eprintln!("llmq-cuda: --matmul-autotune {path}: {e}");
     }
 }
 
@@ -138,6 +139,23 @@ mod tests {
         let t = vec![vec![1.0, 3.0], vec![5.0, 3.0], vec![6.0, 3.0]];
         assert_eq!(best_of(&t), 1, "median, not minimum");
         assert_eq!(best_of(&[]), 0);
+    }
+
+    #[test]
+    fn the_setting_selects_embedded_off_or_a_file() {
+        let dev = "NVIDIA H200";
+        let ver = 130100;
+        let embedded = entries(dev, ver, TUNING_EMBEDDED).unwrap();
+        assert_eq!(embedded, parse(TABLE, dev, ver));
+        assert!(entries(dev, ver, TUNING_OFF).unwrap().is_empty());
+        let path = std::env::temp_dir().join(format!("llmq-tuning-test-{}.txt", std::process::id()));
+        std::fs::write(&path, format!("{}\nextra key = 2\n", section(dev, ver))).unwrap();
+        let with_file = entries(dev, ver, path.to_str().unwrap()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(with_file.get("extra key"), Some(&2));
+        assert_eq!(with_file.len(), embedded.len() + 1, "the file adds to the embedded table");
+        let e = entries(dev, ver, "/nonexistent/tune.txt").unwrap_err().to_string();
+        assert!(e.contains("--matmul-tuning /nonexistent/tune.txt"), "{e}");
     }
 
     #[test]

@@ -89,7 +89,11 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
             p.retain(|k, _| !SPEED_OPTIONS.contains(&k.as_str()));
         }
     }
-    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed"] {
+    // checkpoints written before the backend options existed ran with today's defaults
+    if let Some(t) = saved.as_object_mut() {
+        t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
+    }
+    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "backend"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
     if state.get("world_size").and_then(|w| w.as_u64()) != Some(1) {

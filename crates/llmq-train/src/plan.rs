@@ -318,6 +318,7 @@ mod tests {
             eval_every: 0,
             eval_batches: 1,
             max_bad_steps: 3,
+            backend: Default::default(),
         }
     }
 

@@ -63,6 +63,9 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Abort after this many consecutive steps with a non-finite loss or gradient norm.
     pub max_bad_steps: u32,
+    /// Kernel and algorithm choices of a GPU backend (they change the last bits of results).
+    #[serde(default)]
+    pub backend: llmq_core::BackendOptions,
 }
 
 impl TrainConfig {
@@ -91,6 +94,7 @@ impl TrainConfig {
         }
         self.schedule.validate()?;
         self.optim.validate()?;
+        self.backend.validate()?;
         self.precision.validate()?;
         self.memory.validate(&self.precision)
     }

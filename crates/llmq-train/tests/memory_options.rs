@@ -106,3 +106,21 @@ fn checkpoints_resume_under_other_memory_and_speed_options() {
     assert!(e.contains("precision.act_grads"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The backend's kernel choices are compared on resume like the precision: a checkpoint written
+/// before they existed counts as made with today's defaults, any other choice is refused by name.
+#[test]
+fn resume_compares_the_backend_options() {
+    let cfg = tiny(Arch::Llama, true);
+    let tc = train_config(2, 16, 1, 4);
+    let tr = trainer(&cfg, tc.clone());
+    let state = |train: serde_json::Value| serde_json::json!({"model": cfg, "train": train, "world_size": 1});
+    let mut old = serde_json::to_value(&tc).unwrap();
+    old.as_object_mut().unwrap().remove("backend");
+    llmq_train::checkpoint::check_compatible(&state(old), &cfg, &tr).unwrap();
+    llmq_train::checkpoint::check_compatible(&state(serde_json::to_value(&tc).unwrap()), &cfg, &tr).unwrap();
+    let mut other = tc.clone();
+    other.backend.attention = llmq_core::AttentionKernels::Mma;
+    let e = llmq_train::checkpoint::check_compatible(&state(serde_json::to_value(&other).unwrap()), &cfg, &tr).unwrap_err().to_string();
+    assert!(e.contains("train.backend.attention") && e.contains("mma"), "{e}");
+}

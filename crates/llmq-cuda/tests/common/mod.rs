@@ -72,7 +72,7 @@ pub fn gpu_or_skip() -> Option<CudaBackend> {
         println!("skipping: no CUDA device: {e}");
         return None;
     }
-    Some(CudaBackend::new(0).expect("CudaBackend::new(0)"))
+    Some(CudaBackend::new(0, &Default::default()).expect("CudaBackend::new"))
 }
 
 pub fn encode(dtype: DType, vals: &[f32]) -> Vec<u8> {

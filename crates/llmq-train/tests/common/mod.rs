@@ -44,6 +44,7 @@ pub fn train_config(b: usize, t: usize, accum: usize, steps: u64) -> TrainConfig
         eval_every: 0,
         eval_batches: 1,
         max_bad_steps: 3,
+        backend: Default::default(),
     }
 }
 
