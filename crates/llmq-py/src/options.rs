@@ -2,7 +2,7 @@
 //! with the CLI's defaults, validated into a `TrainConfig` with the CLI's messages (they name the
 //! flag, e.g. `--batch-size`, which is the option `batch_size` here).
 
-use llmq_core::{Arch, DType, Error, ModelConfig, Result};
+use llmq_core::{Arch, AttentionKernels, BackendOptions, DType, Error, ModelConfig, Result};
 use llmq_io::data::BatchSource;
 use llmq_io::hf;
 use llmq_io::loader::{self, LoaderOptions, TokenLoader};
@@ -74,6 +74,11 @@ pub struct Options {
     pub log_file: Option<PathBuf>,
     pub seed: u64,
     pub max_bad_steps: u32,
+    pub attention: String,
+    pub side_sms: Option<u32>,
+    pub no_side_algo: bool,
+    pub matmul_tuning: String,
+    pub matmul_autotune: Option<String>,
     pub ckpt_dir: Option<PathBuf>,
     pub ckpt_interval: u64,
     pub keep_last: usize,
@@ -135,6 +140,11 @@ impl Default for Options {
             log_file: None,
             seed: 42,
             max_bad_steps: 5,
+            attention: "auto".into(),
+            side_sms: None,
+            no_side_algo: false,
+            matmul_tuning: "embedded".into(),
+            matmul_autotune: None,
             ckpt_dir: None,
             ckpt_interval: 0,
             keep_last: 3,
@@ -258,7 +268,21 @@ impl Options {
             eval_every: self.eval_every,
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
+            backend: self.backend()?,
         })
+    }
+
+    /// The GPU backend's kernel and algorithm choices (as `llmq train`'s "GPU backend" flags).
+    pub fn backend(&self) -> Result<BackendOptions> {
+        let o = BackendOptions {
+            attention: AttentionKernels::parse(&self.attention)?,
+            side_sms: self.side_sms,
+            side_algo: !self.no_side_algo,
+            matmul_tuning: self.matmul_tuning.clone(),
+            matmul_autotune: self.matmul_autotune.clone(),
+        };
+        o.validate()?;
+        Ok(o)
     }
 
     pub fn run_options(&self, source: Option<PathBuf>) -> Result<RunOptions> {

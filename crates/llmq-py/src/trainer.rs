@@ -7,7 +7,7 @@ use crate::feed::{batches_from_tokens, Feed, Queue};
 use crate::options::{self, Options};
 use crate::{backend_reserve, parse_options, plan_dict, to_py, LlmqError};
 use llmq_core::cpu::CpuBackend;
-use llmq_core::{fmt_bytes, Backend, Error, ModelConfig, Result};
+use llmq_core::{fmt_bytes, Backend, BackendOptions, Error, ModelConfig, Result};
 use llmq_io::{ckpt, hf};
 use llmq_train::plan::{self, MemoryPlan};
 use llmq_train::run::{Run, RunEvent};
@@ -34,12 +34,12 @@ fn detached<R>(py: Python<'_>, f: impl FnOnce() -> Result<R> + Send) -> PyResult
 
 /// The backend for `device` (auto, cpu, cuda or gpu: checked by `Options::from_json`), as
 /// `llmq train --device` selects it.
-fn select_backend(device: &str) -> Result<(Box<dyn Backend>, bool)> {
+fn select_backend(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, bool)> {
     if device == "cpu" {
         return Ok((Box::new(CpuBackend::new()), false));
     }
     match llmq_cuda::cuda_available() {
-        Ok(()) => Ok((Box::new(llmq_cuda::CudaBackend::new(0)?), true)),
+        Ok(()) => Ok((Box::new(llmq_cuda::CudaBackend::new(0, opts)?), true)),
         Err(reason) if device == "auto" => {
             eprintln!("llmq: no usable GPU ({reason}); running on the CPU backend");
             Ok((Box::new(CpuBackend::new()), false))
@@ -63,7 +63,7 @@ pub struct PyTrainer {
 impl PyTrainer {
     fn build(o: Options) -> Result<PyTrainer> {
         let m = options::resolve_model(&o)?;
-        let (mut be, on_gpu) = select_backend(&o.device)?;
+        let (mut be, on_gpu) = select_backend(&o.device, &o.backend()?)?;
         let tc = o.train_config(on_gpu)?;
         tc.validate(&m.cfg)?;
         if let Some(limit) = tc.memory.memory_limit {

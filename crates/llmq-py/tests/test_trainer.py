@@ -88,6 +88,7 @@ def test_bad_token_arrays_raise_with_the_expected_shape():
         (dict(memory_limit="16XB"), "--memory-limit: .*unknown unit"),
         (dict(ckpt_interval=5), "--ckpt-interval needs --ckpt-dir"),
         (dict(from_scratch=False), "built-in shape without weights: pass from_scratch=True"),
+        (dict(attention="fast"), '--attention: expected auto, mma or simple, got "fast"'),
     ],
 )
 def test_bad_options_raise_value_error_with_the_cli_message(options, message):
