@@ -85,6 +85,8 @@ impl PyTrainer {
             log.write(&serde_json::json!({"type": "dataset", "train": tr.data.describe()}));
             tr.log = Some(log);
         }
+        // no stop flag to raise: Python ends a run by not calling train_step() again (Ctrl-C
+        // raises KeyboardInterrupt when the step in progress returns)
         let run = Run::new(tr, o.run_options(m.dir.clone())?, Arc::new(AtomicBool::new(false)));
         Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None })
     }
