@@ -44,6 +44,22 @@ class MemoryPlanDict(TypedDict):
 def plan(model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> MemoryPlanDict:
     """The memory plan of Trainer(model, from_scratch, **options), without a device or weights."""
 
+class EvalResult(TypedDict):
+    loss: float
+    perplexity: float
+    batches: int
+    tokens: int
+
+def evaluate(
+    model: Optional[_Path] = None,
+    eval_file: Optional[_Path] = None,
+    batches: Optional[int] = None,
+    from_scratch: bool = False,
+    **options: Any,
+) -> EvalResult:
+    """Loss and perplexity of a model on the first `batches` batches of eval_file (default: all
+    the whole batches it holds)."""
+
 class Trainer:
     def __init__(self, model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> None:
         """model: a built-in shape (with from_scratch=True), a directory with config.json and

@@ -9,6 +9,7 @@ mod options;
 mod trainer;
 
 use llmq_core::{Error, Mem, MemCategory};
+use llmq_io::loader::{self, TokenLoader};
 use llmq_train::plan::{lifetime, MemoryPlan};
 use options::Options;
 use pyo3::create_exception;
@@ -119,10 +120,52 @@ fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, option
     plan_dict(py, &p, limit)
 }
 
+/// Loss and perplexity of a model on token files: `batches` batches of batch_size x seq_len
+/// tokens from the start of `eval_file` (default: all the whole batches it holds), with the
+/// options of `Trainer` (the model is built as for training, optimizer state included).
+#[pyfunction]
+#[pyo3(signature = (model=None, eval_file=None, batches=None, from_scratch=false, **options))]
+fn evaluate<'py>(
+    py: Python<'py>,
+    model: Option<PathBuf>,
+    eval_file: Option<PathBuf>,
+    batches: Option<usize>,
+    from_scratch: bool,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut o = parse_options(model, from_scratch, options)?;
+    if let Some(f) = eval_file {
+        o.eval_file = Some(f.to_string_lossy().into_owned());
+    }
+    let pattern = o.eval_file.clone().ok_or_else(|| PyValueError::new_err("evaluate(): eval_file is required"))?;
+    let (b, t) = (o.batch_size, o.seq_len);
+    let (loss, n) = trainer::detached(py, move || {
+        let per_epoch = TokenLoader::eval(&loader::expand_glob(&pattern)?, t.max(1), 0, 1, None)?.chunks_per_epoch();
+        let whole = per_epoch as usize / b.max(1);
+        let n = batches.unwrap_or(whole);
+        if n == 0 || n > whole {
+            return Err(Error::Config(format!(
+                "evaluate(): {pattern} holds {whole} whole batches of batch_size={b} sequences of seq_len={t}, asked for {n}"
+            )));
+        }
+        o.eval_batches = n;
+        let mut tr = trainer::PyTrainer::build(o)?;
+        let loss = tr.trainer().evaluate()?.ok_or_else(|| Error::Config("evaluate(): no evaluation data".into()))?;
+        Ok((loss, n))
+    })?;
+    let d = PyDict::new(py);
+    d.set_item("loss", loss)?;
+    d.set_item("perplexity", loss.exp())?;
+    d.set_item("batches", n)?;
+    d.set_item("tokens", n * b * t)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn llmq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LlmqError", m.py().get_type::<LlmqError>())?;
     m.add_class::<trainer::PyTrainer>()?;
     m.add_function(wrap_pyfunction!(plan, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     Ok(())
 }

@@ -28,7 +28,7 @@ struct AssertSend<T>(T);
 unsafe impl<T> Send for AssertSend<T> {}
 
 /// Runs `f` with the GIL released.
-fn detached<R>(py: Python<'_>, f: impl FnOnce() -> Result<R> + Send) -> PyResult<R> {
+pub(crate) fn detached<R>(py: Python<'_>, f: impl FnOnce() -> Result<R> + Send) -> PyResult<R> {
     py.detach(move || AssertSend(f())).0.map_err(to_py)
 }
 
@@ -61,7 +61,7 @@ pub struct PyTrainer {
 }
 
 impl PyTrainer {
-    fn build(o: Options) -> Result<PyTrainer> {
+    pub(crate) fn build(o: Options) -> Result<PyTrainer> {
         let m = options::resolve_model(&o)?;
         let (mut be, on_gpu) = select_backend(&o.device, &o.backend()?)?;
         let tc = o.train_config(on_gpu)?;
@@ -91,7 +91,7 @@ impl PyTrainer {
         Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None })
     }
 
-    fn trainer(&mut self) -> &mut Trainer {
+    pub(crate) fn trainer(&mut self) -> &mut Trainer {
         self.run.trainer_mut()
     }
 

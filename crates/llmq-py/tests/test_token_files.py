@@ -52,3 +52,25 @@ def test_no_eval_data_validates_to_none(tmp_path):
     write_token_file(tmp_path / "train.bin", cyclic(5000))
     tr = llmq.Trainer(**dict(OPTS, train_files=str(tmp_path / "train.bin")))
     assert tr.validate() is None
+
+
+def test_evaluate_gives_the_loss_and_perplexity_of_a_model_directory(tmp_path):
+    write_token_file(tmp_path / "train.bin", cyclic(20000))
+    write_token_file(tmp_path / "eval.bin", cyclic(33 * 4 * 3 + 10, seed=0))
+    tr = llmq.Trainer(**dict(OPTS, train_files=str(tmp_path / "train.bin")))
+    for _ in range(5):
+        tr.train_step()
+    tr.export(tmp_path / "model", dtype="fp32")
+
+    shape = dict(device="cpu", batch_size=4, seq_len=32)
+    r = llmq.evaluate(tmp_path / "model", tmp_path / "eval.bin", **shape)
+    assert r["batches"] >= 2 and r["tokens"] == r["batches"] * 4 * 32
+    assert r["perplexity"] == pytest.approx(np.exp(r["loss"]))
+    # the same numbers as a trainer of that model evaluating those batches
+    same = llmq.Trainer(tmp_path / "model", eval_file=tmp_path / "eval.bin", eval_batches=r["batches"], **shape)
+    assert same.validate() == r["loss"]
+    assert llmq.evaluate(tmp_path / "model", tmp_path / "eval.bin", batches=1, **shape)["batches"] == 1
+    with pytest.raises(ValueError, match=rf"holds {r['batches']} whole batches of batch_size=4 sequences of seq_len=32, asked for 99"):
+        llmq.evaluate(tmp_path / "model", tmp_path / "eval.bin", batches=99, **shape)
+    with pytest.raises(ValueError, match="eval_file is required"):
+        llmq.evaluate(tmp_path / "model", **shape)
