@@ -9,17 +9,19 @@ Bad options raise ValueError; other errors raise LlmqError. The model runs with 
 
 import os
 import pathlib
-from typing import Any, Optional, TypedDict, Union
+from typing import Any, Optional, TypedDict, Union, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = ["LlmqError", "Trainer", "plan", "evaluate"]
 
 _Path = Union[str, "os.PathLike[str]"]
 
 class LlmqError(RuntimeError):
     """An llmq error other than a bad option (a file, the device, a non-finite run, out of memory)."""
 
-class StepResult(TypedDict, total=False):
+class _StepResult(TypedDict, total=False):
     step: int
     loss: float
     grad_norm: float
@@ -31,7 +33,7 @@ class StepResult(TypedDict, total=False):
     eval_loss: float
     checkpoint: pathlib.Path
 
-class MemoryPlanDict(TypedDict):
+class _MemoryPlan(TypedDict):
     device: dict[str, int]
     host: dict[str, int]
     lifetime: dict[str, str]
@@ -41,10 +43,10 @@ class MemoryPlanDict(TypedDict):
     limit: Optional[int]
     fits: bool
 
-def plan(model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> MemoryPlanDict:
+def plan(model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> _MemoryPlan:
     """The memory plan of Trainer(model, from_scratch, **options), without a device or weights."""
 
-class EvalResult(TypedDict):
+class _EvalResult(TypedDict):
     loss: float
     perplexity: float
     batches: int
@@ -56,20 +58,21 @@ def evaluate(
     batches: Optional[int] = None,
     from_scratch: bool = False,
     **options: Any,
-) -> EvalResult:
+) -> _EvalResult:
     """Loss and perplexity of a model on the first `batches` batches of eval_file (default: all
     the whole batches it holds)."""
 
+@final
 class Trainer:
-    def __init__(self, model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> None:
+    def __new__(cls, model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> "Trainer":
         """model: a built-in shape (with from_scratch=True), a directory with config.json and
         safetensors, or a name in the Hugging Face cache; None: the embedded tiny model."""
     def step(self, tokens: Optional[npt.NDArray[np.int32]] = None) -> float:
         """Forward + backward of one optimizer step; tokens: int32 [batch_size *
         grad_accumulation, seq_len + 1], else the configured data. Returns the mean loss."""
-    def update(self) -> StepResult:
+    def update(self) -> _StepResult:
         """Applies the last step's gradients (norm, clipping, AdamW)."""
-    def train_step(self, tokens: Optional[npt.NDArray[np.int32]] = None) -> StepResult:
+    def train_step(self, tokens: Optional[npt.NDArray[np.int32]] = None) -> _StepResult:
         """step() + update(), then the evaluation and checkpoint due."""
     def validate(self, tokens: Optional[npt.NDArray[np.int32]] = None) -> Optional[float]:
         """Mean loss over tokens (rows a multiple of batch_size) or the evaluation data."""
@@ -80,7 +83,7 @@ class Trainer:
     def export(self, dir: _Path, dtype: str = "bf16") -> None: ...
     def finish(self) -> None:
         """The final checkpoint (with ckpt_dir) and export (with export=)."""
-    def memory_plan(self) -> MemoryPlanDict: ...
+    def memory_plan(self) -> _MemoryPlan: ...
     def model_config(self) -> dict[str, Any]: ...
     @property
     def done(self) -> bool: ...
