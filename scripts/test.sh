@@ -9,3 +9,19 @@ if [ -z "${LLMQ_NO_NVCC:-}" ]; then
   export PATH="$(dirname "$NVCC_BIN"):$PATH"
 fi
 cargo test --release --workspace "$@"
+
+# The Python package (crates/llmq-py): built by maturin in release into the same target directory
+# as the tests above (the kernels and most dependencies are reused), installed into a fresh virtual
+# environment with maturin, pytest, numpy and mypy from the package index, then its pytest tests
+# and a check of its type stubs.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+PY_VENV="$(mktemp -d)"
+trap 'rm -rf "$PY_VENV"' EXIT
+python3 -m venv "$PY_VENV"
+export PATH="$PY_VENV/bin:$PATH"
+python -m pip install --quiet maturin pytest numpy mypy
+python -m pip install --quiet --no-build-isolation ./crates/llmq-py
+# the binary the cargo tests built, for the test that compares the package with `llmq train`
+LLMQ_BIN="$CARGO_TARGET_DIR/release/llmq" python -m pytest -q crates/llmq-py/tests
+# the type stubs (llmq.pyi) against the module's real functions and signatures
+python -m mypy.stubtest llmq --allowlist crates/llmq-py/stubtest-allowlist.txt

@@ -1,0 +1,171 @@
+//! `import llmq`: Python bindings over the same pieces as `llmq train` — a `Trainer` that holds a
+//! `llmq_train::run::Run`, and `plan()`, the memory plan without a device. Options are the CLI's
+//! flags in snake_case (`options::Options`); configuration errors raise `ValueError`, every other
+//! error `llmq.LlmqError` (a `RuntimeError`), with the CLI's messages. The model runs with the
+//! GIL released.
+
+mod feed;
+mod options;
+mod trainer;
+
+use llmq_core::{Error, Mem, MemCategory};
+use llmq_io::loader::{self, TokenLoader};
+use llmq_train::plan::{lifetime, MemoryPlan};
+use options::Options;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt};
+use std::path::PathBuf;
+
+create_exception!(llmq, LlmqError, PyRuntimeError, "An llmq error other than a bad option (a file, the device, a non-finite run, out of memory).");
+
+pub(crate) fn to_py(e: Error) -> PyErr {
+    match e {
+        Error::Config(_) => PyValueError::new_err(e.to_string()),
+        e => LlmqError::new_err(e.to_string()),
+    }
+}
+
+/// A Python keyword value as JSON, for `Options::from_json`.
+fn to_json(key: &str, v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
+    use serde_json::Value;
+    if v.is_none() {
+        Ok(Value::Null)
+    } else if v.is_instance_of::<PyBool>() {
+        Ok(Value::Bool(v.extract()?))
+    } else if v.is_instance_of::<PyInt>() {
+        match v.extract::<i64>() {
+            Ok(i) => Ok(i.into()),
+            Err(_) => Ok(v.extract::<u64>()?.into()),
+        }
+    } else if v.is_instance_of::<PyFloat>() {
+        let f: f64 = v.extract()?;
+        serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| PyValueError::new_err(format!("option {key}: expected a finite number, got {f}")))
+    } else if let Ok(s) = v.extract::<String>() {
+        Ok(Value::String(s))
+    } else if let Ok(p) = v.extract::<PathBuf>() {
+        Ok(Value::String(p.to_string_lossy().into_owned()))
+    } else {
+        Err(PyValueError::new_err(format!("option {key}: expected a bool, number, string or path, got {}", v.get_type().name()?)))
+    }
+}
+
+/// The keyword options plus `model` and `from_scratch`, validated by name and type.
+pub(crate) fn parse_options(model: Option<PathBuf>, from_scratch: bool, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Options> {
+    let mut map = serde_json::Map::new();
+    if let Some(kw) = kwargs {
+        for (k, v) in kw.iter() {
+            let k: String = k.extract()?;
+            let v = to_json(&k, &v)?;
+            map.insert(k, v);
+        }
+    }
+    let mut o = Options::from_json(map).map_err(to_py)?;
+    o.model = model.map(|p| p.to_string_lossy().into_owned());
+    o.from_scratch = from_scratch;
+    Ok(o)
+}
+
+/// Device memory the backend holds for itself, for plans.
+pub(crate) fn backend_reserve(on_gpu: bool) -> usize {
+    if on_gpu {
+        llmq_cuda::OWN_DEVICE_BYTES
+    } else {
+        0
+    }
+}
+
+/// A memory plan as a dict: bytes per category under "device" and "host", the device peak (the
+/// backend's own buffers included), the host total, and whether it fits `limit`.
+pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, limit: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (mem, key) in [(Mem::Device, "device"), (Mem::Host, "host")] {
+        let cats = PyDict::new(py);
+        for (cat, m, bytes) in p.by_category() {
+            if m == mem {
+                cats.set_item(cat.name(), bytes)?;
+            }
+        }
+        d.set_item(key, cats)?;
+    }
+    let lifetimes = PyDict::new(py);
+    for cat in MemCategory::ALL {
+        lifetimes.set_item(cat.name(), lifetime(cat))?;
+    }
+    d.set_item("lifetime", lifetimes)?;
+    d.set_item("backend_reserve", p.backend_reserve)?;
+    d.set_item("device_peak", p.device_peak())?;
+    d.set_item("host_total", p.host_total())?;
+    d.set_item("limit", limit)?;
+    d.set_item("fits", p.fits(limit))?;
+    Ok(d)
+}
+
+/// The memory plan of `Trainer(model, from_scratch, **options)` without a device and without
+/// reading weights (as `llmq plan`); `device="cpu"` plans the CPU backend, anything else a GPU.
+#[pyfunction]
+#[pyo3(signature = (model=None, from_scratch=false, **options))]
+fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, options: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyDict>> {
+    let o = parse_options(model, from_scratch, options)?;
+    let on_gpu = o.device != "cpu";
+    let (p, limit) = py
+        .detach(|| -> llmq_core::Result<_> {
+            let m = options::resolve_model(&o)?;
+            let tc = o.train_config(on_gpu)?;
+            tc.validate(&m.cfg)?;
+            Ok((MemoryPlan::new(&m.cfg, &tc, backend_reserve(on_gpu))?, tc.memory.memory_limit))
+        })
+        .map_err(to_py)?;
+    plan_dict(py, &p, limit)
+}
+
+/// Loss and perplexity of a model on token files: `batches` batches of batch_size x seq_len
+/// tokens from the start of `eval_file` (default: all the whole batches it holds), with the
+/// options of `Trainer` (the model is built as for training, optimizer state included).
+#[pyfunction]
+#[pyo3(signature = (model=None, eval_file=None, batches=None, from_scratch=false, **options))]
+fn evaluate<'py>(
+    py: Python<'py>,
+    model: Option<PathBuf>,
+    eval_file: Option<PathBuf>,
+    batches: Option<usize>,
+    from_scratch: bool,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut o = parse_options(model, from_scratch, options)?;
+    if let Some(f) = eval_file {
+        o.eval_file = Some(f.to_string_lossy().into_owned());
+    }
+    let pattern = o.eval_file.clone().ok_or_else(|| PyValueError::new_err("evaluate(): eval_file is required"))?;
+    let (b, t) = (o.batch_size, o.seq_len);
+    let (loss, n) = trainer::detached(py, move || {
+        let per_epoch = TokenLoader::eval(&loader::expand_glob(&pattern)?, t.max(1), 0, 1, None)?.chunks_per_epoch();
+        let whole = per_epoch as usize / b.max(1);
+        let n = batches.unwrap_or(whole);
+        if n == 0 || n > whole {
+            return Err(Error::Config(format!(
+                "evaluate(): {pattern} holds {whole} whole batches of batch_size={b} sequences of seq_len={t}, asked for {n}"
+            )));
+        }
+        o.eval_batches = n;
+        let mut tr = trainer::PyTrainer::build(o)?;
+        let loss = tr.trainer().evaluate()?.ok_or_else(|| Error::Config("evaluate(): no evaluation data".into()))?;
+        Ok((loss, n))
+    })?;
+    let d = PyDict::new(py);
+    d.set_item("loss", loss)?;
+    d.set_item("perplexity", loss.exp())?;
+    d.set_item("batches", n)?;
+    d.set_item("tokens", n * b * t)?;
+    Ok(d)
+}
+
+#[pymodule]
+fn llmq(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("LlmqError", m.py().get_type::<LlmqError>())?;
+    m.add_class::<trainer::PyTrainer>()?;
+    m.add_function(wrap_pyfunction!(plan, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    Ok(())
+}
