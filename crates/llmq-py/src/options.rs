@@ -6,7 +6,9 @@ use llmq_core::{Arch, AttentionKernels, BackendOptions, DType, Error, ModelConfi
 use llmq_io::data::BatchSource;
 use llmq_io::hf;
 use llmq_io::loader::{self, LoaderOptions, TokenLoader};
+use llmq_train::ckpt_session::CkptSession;
 use llmq_train::memory::parse_size;
+use llmq_train::spike::SpikeGuard;
 use llmq_train::run::{Export, RunOptions};
 use llmq_train::synthetic::{MarkovSource, RandomTokens};
 use llmq_train::{Decay, MemoryOptions, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
@@ -74,6 +76,9 @@ pub struct Options {
     pub log_file: Option<PathBuf>,
     pub seed: u64,
     pub max_bad_steps: u32,
+    pub spike_z: f64,
+    pub spike_window: usize,
+    pub spike_max_skips: u32,
     pub attention: String,
     pub side_sms: Option<u32>,
     pub no_side_algo: bool,
@@ -140,6 +145,9 @@ impl Default for Options {
             log_file: None,
             seed: 42,
             max_bad_steps: 5,
+            spike_z: 0.0,
+            spike_window: 100,
+            spike_max_skips: 5,
             attention: "auto".into(),
             side_sms: None,
             no_side_algo: false,
@@ -269,6 +277,7 @@ impl Options {
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
             backend: self.backend()?,
+            spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
         })
     }
 
@@ -291,10 +300,8 @@ impl Options {
             Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype("--export-dtype", &self.export_dtype)?, source }),
         };
         Ok(RunOptions {
-            ckpt_dir: self.ckpt_dir.clone(),
+            checkpoints: self.ckpt_dir.clone().map(|root| CkptSession::new(root, self.keep_last, self.keep_major, false)).transpose()?,
             ckpt_interval: self.ckpt_interval,
-            keep_last: self.keep_last,
-            keep_major: self.keep_major,
             stop_at: self.stop_at,
             skip_eval: false,
             export,

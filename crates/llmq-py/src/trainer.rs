@@ -58,6 +58,8 @@ pub struct PyTrainer {
     on_gpu: bool,
     /// The loss and start time of a `step` whose `update` has not run yet.
     pending: Option<(f64, Instant)>,
+    /// The run's line of checkpoints: fresh, or continuing the last one loaded.
+    lineage: ckpt::Lineage,
 }
 
 impl PyTrainer {
@@ -88,7 +90,7 @@ impl PyTrainer {
         // no stop flag to raise: Python ends a run by not calling train_step() again (Ctrl-C
         // raises KeyboardInterrupt when the step in progress returns)
         let run = Run::new(tr, o.run_options(m.dir.clone())?, Arc::new(AtomicBool::new(false)));
-        Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None })
+        Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None, lineage: ckpt::Lineage::fresh() })
     }
 
     pub(crate) fn trainer(&mut self) -> &mut Trainer {
@@ -295,7 +297,8 @@ impl PyTrainer {
         // SAFETY: see `AssertSend`.
         detached(py, move || {
             let this = this;
-            checkpoint::save(unsafe { &mut *this.0 }.trainer(), &dir)
+            let t = unsafe { &mut *this.0 };
+            checkpoint::save(t.run.trainer(), &dir, &t.lineage)
         })
     }
 
@@ -308,7 +311,9 @@ impl PyTrainer {
         detached(py, move || {
             let this = this;
             let dir = if ckpt::verify_checkpoint(&path).is_ok() { path } else { ckpt::resolve_continue(&path, None)? };
-            checkpoint::load(unsafe { &mut *this.0 }.trainer(), &dir)?;
+            let t = unsafe { &mut *this.0 };
+            let parent = checkpoint::load(t.trainer(), &dir)?;
+            t.lineage = ckpt::Lineage::resumed_from(&parent, t.run.trainer().step);
             Ok(dir)
         })
     }
