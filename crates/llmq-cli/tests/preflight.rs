@@ -76,3 +76,34 @@ fn a_log_on_a_full_disk_warns_once() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("could not write to log /dev/full").count(), 1, "{stderr}");
 }
+
+/// A run larger than the machine is refused with its memory plan before anything is allocated:
+/// a huge micro-batch against the RAM available (the CPU backend's device memory), and a huge
+/// micro-batch under `--memory-limit`, which also names options that would fit.
+#[test]
+fn a_run_larger_than_memory_is_refused_with_its_plan() {
+    let huge = llmq(&["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "1", "--batch-size", "100000"]);
+    let stderr = String::from_utf8_lossy(&huge.stderr);
+    assert!(!huge.status.success() && !String::from_utf8_lossy(&huge.stdout).contains("step "));
+    for w in ["of device memory", "more than the RAM available", "activations"] {
+        assert!(stderr.contains(w), "{w:?} not in: {stderr}");
+    }
+    fails_up_front(&["--memory-limit", "10MiB"], &["more than what --memory-limit leaves", "options that would fit", "--offload-opt-m --offload-opt-v"]);
+}
+
+/// A config with a million layers is refused quickly, naming the field or the memory it needs.
+#[test]
+fn a_model_of_a_million_layers_is_refused_quickly() {
+    let dir = tmpdir("million");
+    let cfg = r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1000000, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true}"#;
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let started = std::time::Instant::now();
+    let out = llmq(&["train", "--device", "cpu", "--model", dir.to_str().unwrap(), "--from-scratch", "--steps", "1", "--seq-len", "16"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("num_hidden_layers") || stderr.contains("of device memory"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
