@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 if [ -z "${LLMQ_NO_NVCC:-}" ]; then
   NVCC_BIN="$(bash scripts/install-nvcc.sh | tail -n 1)"
   export PATH="$(dirname "$NVCC_BIN"):$PATH"
+  # LLMQ_NVCC is watched by llmq-cuda's build script: setting it reruns the script even when an
+  # earlier build (e.g. the README's first command, before nvcc was installed) cached "no nvcc";
+  # LLMQ_REQUIRE_KERNELS makes tests/kernels_built.rs fail if the kernels were still not compiled
+  export LLMQ_NVCC="$NVCC_BIN" LLMQ_REQUIRE_KERNELS=1
 fi
 cargo test --release --workspace "$@"
 
