@@ -34,24 +34,19 @@ pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
             dir: None,
         });
     };
-    if let Some(cfg) = ModelConfig::builtin(name) {
+    // a model directory or a name in the local Hugging Face cache comes first: `Qwen/Qwen2.5-0.5B`
+    // with the model in the cache loads it; built-in shapes are for names found nowhere else
+    let found = hf::resolve_model_dir(name);
+    if let (Err(e), Some(cfg)) = (&found, ModelConfig::builtin(name)) {
         if !args.from_scratch {
             return Err(Error::Config(format!(
-                "--model {name} is a built-in shape without weights: add --from-scratch, or pass a directory with config.json and model.safetensors"
+                "--model {name}: no model directory or local Hugging Face cache entry ({e}); it names a built-in shape, which has no weights: add --from-scratch to train that shape from scratch"
             )));
         }
-        let cfg = if name == "tiny" {
-            ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab)
-        } else {
-            cfg
-        };
-        return Ok(ModelChoice {
-            cfg,
-            describe: format!("built-in shape {name}, from scratch"),
-            dir: None,
-        });
+        let cfg = if name == "tiny" { ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab) } else { cfg };
+        return Ok(ModelChoice { cfg, describe: format!("built-in shape {name}, from scratch"), dir: None });
     }
-    let dir = hf::resolve_model_dir(name).map_err(|e| {
+    let dir = found.map_err(|e| {
         Error::Config(format!(
             "--model {name}: not a built-in shape ({}) and {e}",
             ModelConfig::BUILTIN_NAMES.join(", ")

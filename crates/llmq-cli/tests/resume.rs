@@ -391,3 +391,36 @@ fn resuming_on_different_data_of_the_same_name_and_size_is_refused_unless_allowe
     assert!(llmq(&allowed).contains("at step 2"));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A model name that is also a built-in shape loads from the local Hugging Face cache when the
+/// cache holds it (pretrained, or its config with --from-scratch); without the cache entry the
+/// name is the built-in shape, which needs --from-scratch.
+#[test]
+fn a_name_in_the_hf_cache_wins_over_the_built_in_shape() {
+    let dir = tmpdir("hfcache");
+    let hub = dir.join("hub");
+    let snap = hub.join("models--Qwen--Qwen2.5-0.5B/snapshots/abc");
+    std::fs::create_dir_all(&snap).unwrap();
+    // a tiny exported model stands in for the real one
+    llmq(&cmd("train --device cpu --steps 2 --batch-size 2 --seq-len 16 --eval-every 0 --export", &[snap.to_str().unwrap()]));
+    let run = |extra: &[&str], cache: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_llmq"));
+        c.args(["train", "--device", "cpu", "--model", "Qwen/Qwen2.5-0.5B", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0"]).args(extra);
+        c.env("HF_HUB_CACHE", if cache { hub.as_path() } else { dir.as_path() });
+        c.output().unwrap()
+    };
+    let out = run(&[], true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("models--Qwen--Qwen2.5-0.5B") && stdout.contains("pretrained weights") && stdout.contains("C=128"), "{stdout}");
+    let scratch = String::from_utf8_lossy(&run(&["--from-scratch"], true).stdout).to_string();
+    assert!(scratch.contains("config only, from scratch") && scratch.contains("C=128"), "{scratch}");
+    let missing = run(&[], false);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("built-in shape") && err.contains("--from-scratch"), "{err}");
+    // (planned, not trained: the real shape is half a billion parameters)
+    let plan = Command::new(env!("CARGO_BIN_EXE_llmq")).args(["plan", "--model", "Qwen/Qwen2.5-0.5B", "--from-scratch"]).env("HF_HUB_CACHE", &dir).output().unwrap();
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.contains("built-in shape Qwen/Qwen2.5-0.5B") && plan.contains("0.49B parameters"), "{plan}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
