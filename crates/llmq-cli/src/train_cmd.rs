@@ -5,118 +5,29 @@ use crate::device;
 use crate::preflight;
 use crate::signals;
 use crate::train_args::TrainArgs;
-use llmq_core::{fmt_bytes, Arch, Error, ModelConfig, Result};
+use llmq_core::{fmt_bytes, Error, ModelConfig, Result};
 use llmq_train::plan::{self, MemoryPlan};
+use llmq_train::setup::{self, DataChoice};
 use llmq_train::run::{Export, Run, RunEvent, RunOptions};
-use llmq_io::data::BatchSource;
-use llmq_io::loader::{self, LoaderOptions, TokenLoader};
 use llmq_io::hf;
 use llmq_train::log::JsonLog;
-use llmq_train::synthetic::{MarkovSource, RandomTokens};
 use llmq_train::ckpt_session::CkptSession;
 use llmq_train::{flops, TrainConfig, Trainer};
-use std::path::PathBuf;
-
-/// The model shape and where its weights come from.
-pub struct ModelChoice {
-    pub cfg: ModelConfig,
-    pub describe: String,
-    /// A Hugging Face directory to load weights (and tokenizer files for export) from.
-    pub dir: Option<PathBuf>,
-}
+pub use llmq_train::setup::ModelChoice;
 
 pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
-    let Some(name) = &args.model else {
-        let cfg = ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab);
-        return Ok(ModelChoice {
-            cfg,
-            describe: "embedded default (tiny qwen2-style, from scratch)".into(),
-            dir: None,
-        });
-    };
-    // a model directory or a name in the local Hugging Face cache comes first: `Qwen/Qwen2.5-0.5B`
-    // with the model in the cache loads it; built-in shapes are for names found nowhere else
-    let found = hf::resolve_model_dir(name);
-    if let (Err(e), Some(cfg)) = (&found, ModelConfig::builtin(name)) {
-        if !args.from_scratch {
-            return Err(Error::Config(format!(
-                "--model {name}: no model directory or local Hugging Face cache entry ({e}); it names a built-in shape, which has no weights: add --from-scratch to train that shape from scratch"
-            )));
-        }
-        let cfg = if name == "tiny" { ModelConfig::tiny(Arch::Qwen2, args.synthetic_vocab) } else { cfg };
-        return Ok(ModelChoice { cfg, describe: format!("built-in shape {name}, from scratch"), dir: None });
-    }
-    let dir = found.map_err(|e| {
-        Error::Config(format!(
-            "--model {name}: not a built-in shape ({}) and {e}",
-            ModelConfig::BUILTIN_NAMES.join(", ")
-        ))
-    })?;
-    let cfg = hf::load_config(&dir)?;
-    let how = if args.from_scratch {
-        "config only, from scratch"
-    } else {
-        "pretrained weights"
-    };
-    Ok(ModelChoice {
-        cfg,
-        describe: format!("{} ({how})", dir.display()),
-        dir: Some(dir),
-    })
+    setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)
 }
 
-type Sources = (
-    Box<dyn BatchSource>,
-    Option<Box<dyn BatchSource>>,
-    Option<f64>,
-);
-
-fn resolve_data(
-    args: &TrainArgs,
-    cfg: &ModelConfig,
-    tc: &llmq_train::TrainConfig,
-) -> Result<Sources> {
-    let eval_file = |args: &TrainArgs| -> Result<Option<Box<dyn BatchSource>>> {
-        match &args.eval_file {
-            None => Ok(None),
-            Some(p) => {
-                let files = loader::expand_glob(p)?;
-                let ev = TokenLoader::eval(&files, tc.seq_len, 0, 1, Some(cfg.vocab_size))?;
-                preflight::check_tokens(&ev, "eval")?;
-                Ok(Some(Box::new(ev)))
-            }
-        }
+fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig) -> Result<setup::Sources> {
+    let d = DataChoice {
+        train_file: args.train_file.clone(),
+        eval_file: args.eval_file.clone(),
+        random_data: args.random_data,
+        synthetic_vocab: args.synthetic_vocab,
+        allow_data_change: args.allow_data_change,
     };
-    if let Some(pattern) = &args.train_file {
-        let opts = LoaderOptions {
-            vocab_limit: Some(cfg.vocab_size),
-            allow_data_change: args.allow_data_change,
-            ..LoaderOptions::train(tc.seq_len, tc.seed)
-        };
-        let train = TokenLoader::from_glob(pattern, opts)?;
-        preflight::check_tokens(&train, "training")?;
-        return Ok((Box::new(train), eval_file(args)?, None));
-    }
-    if args.random_data {
-        return Ok((
-            Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)),
-            eval_file(args)?,
-            None,
-        ));
-    }
-    if args.synthetic_vocab > cfg.vocab_size || args.synthetic_vocab < 2 {
-        return Err(Error::Config(format!(
-            "--synthetic-vocab must be in 2..={} (the model's vocab_size), got {}",
-            cfg.vocab_size, args.synthetic_vocab
-        )));
-    }
-    let src = MarkovSource::new(args.synthetic_vocab, tc.seed);
-    let floor = src.entropy_rate();
-    let eval: Box<dyn BatchSource> = match eval_file(args)? {
-        Some(e) => e,
-        None => Box::new(src.stream(u64::MAX).mark_start()),
-    };
-    Ok((Box::new(src.stream(0)), Some(eval), Some(floor)))
+    setup::resolve_data(&d, cfg, tc, &preflight::check_tokens)
 }
 
 /// Free device memory `--fit-batch` leaves beside the model (driver, library workspaces).

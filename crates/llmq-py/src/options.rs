@@ -2,15 +2,14 @@
 //! with the CLI's defaults, validated into a `TrainConfig` with the CLI's messages (they name the
 //! flag, e.g. `--batch-size`, which is the option `batch_size` here).
 
-use llmq_core::{Arch, AttentionKernels, BackendOptions, DType, Error, ModelConfig, Result};
+use llmq_core::{AttentionKernels, BackendOptions, DType, Error, ModelConfig, Result};
 use llmq_io::data::BatchSource;
-use llmq_io::hf;
-use llmq_io::loader::{self, LoaderOptions, TokenLoader};
+use llmq_io::loader::TokenLoader;
 use llmq_train::ckpt_session::CkptSession;
 use llmq_train::memory::parse_size;
+use llmq_train::setup::{self, DataChoice, ModelChoice};
 use llmq_train::spike::SpikeGuard;
 use llmq_train::run::{Export, RunOptions};
-use llmq_train::synthetic::{MarkovSource, RandomTokens};
 use llmq_train::{Decay, MemoryOptions, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -315,55 +314,18 @@ pub fn export_dtype(what: &str, s: &str) -> Result<DType> {
         .ok_or_else(|| Error::Config(format!("{what}: expected bf16 or fp32, got {s:?}")))
 }
 
-/// The model shape and where its weights come from (as `llmq train --model` resolves it).
-pub struct ModelChoice {
-    pub cfg: ModelConfig,
-    /// A Hugging Face directory to load weights (and tokenizer files for export) from.
-    pub dir: Option<PathBuf>,
-}
-
-pub fn resolve_model(o: &Options) -> Result<ModelChoice> {
-    let Some(name) = &o.model else {
-        return Ok(ModelChoice { cfg: ModelConfig::tiny(Arch::Qwen2, o.synthetic_vocab), dir: None });
-    };
-    if let Some(cfg) = ModelConfig::builtin(name) {
-        if !o.from_scratch {
-            return Err(Error::Config(format!(
-                "model {name:?} is a built-in shape without weights: pass from_scratch=True, or a directory with config.json and model.safetensors"
-            )));
-        }
-        let cfg = if name == "tiny" { ModelConfig::tiny(Arch::Qwen2, o.synthetic_vocab) } else { cfg };
-        return Ok(ModelChoice { cfg, dir: None });
-    }
-    let dir = hf::resolve_model_dir(name)
-        .map_err(|e| Error::Config(format!("model {name:?}: not a built-in shape ({}) and {e}", ModelConfig::BUILTIN_NAMES.join(", "))))?;
-    Ok(ModelChoice { cfg: hf::load_config(&dir)?, dir: Some(dir) })
-}
-
 /// Training and (optional) evaluation data.
 pub type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>);
 
-/// Training and evaluation data when no arrays are passed: token files, random tokens or the
-/// embedded synthetic corpus (and its held-out stream), as `llmq train` chooses them.
+/// The model, resolved as `llmq train` resolves `--model`.
+pub fn resolve_model(o: &Options) -> Result<ModelChoice> {
+    setup::resolve_model(o.model.as_deref(), o.from_scratch, o.synthetic_vocab)
+}
+
+/// Training and evaluation data when no arrays are passed, as `llmq train` chooses them (token
+/// ids checked against the vocabulary when the files are opened).
 pub fn resolve_data(o: &Options, cfg: &ModelConfig, tc: &TrainConfig) -> Result<Sources> {
-    let eval: Option<Box<dyn BatchSource>> = match &o.eval_file {
-        None => None,
-        Some(p) => Some(Box::new(TokenLoader::eval(&loader::expand_glob(p)?, tc.seq_len, 0, 1, Some(cfg.vocab_size))?)),
-    };
-    if let Some(pattern) = &o.train_file {
-        let opts = LoaderOptions { vocab_limit: Some(cfg.vocab_size), ..LoaderOptions::train(tc.seq_len, tc.seed) };
-        return Ok((Box::new(TokenLoader::from_glob(pattern, opts)?), eval));
-    }
-    if o.random_data {
-        return Ok((Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)), eval));
-    }
-    if o.synthetic_vocab > cfg.vocab_size || o.synthetic_vocab < 2 {
-        return Err(Error::Config(format!(
-            "--synthetic-vocab must be in 2..={} (the model's vocab_size), got {}",
-            cfg.vocab_size, o.synthetic_vocab
-        )));
-    }
-    let src = MarkovSource::new(o.synthetic_vocab, tc.seed);
-    let eval = eval.unwrap_or_else(|| Box::new(src.stream(u64::MAX).mark_start()));
-    Ok((Box::new(src.stream(0)), Some(eval)))
+    let d = DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false };
+    let (train, eval, _) = setup::resolve_data(&d, cfg, tc, &|l: &TokenLoader, _| l.check_all_tokens(&mut |_, _| {}))?;
+    Ok((train, eval))
 }

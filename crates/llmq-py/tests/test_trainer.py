@@ -87,7 +87,7 @@ def test_bad_token_arrays_raise_with_the_expected_shape():
         (dict(seq_len=100000), "--seq-len 100000 exceeds the model's max_position_embeddings"),
         (dict(memory_limit="16XB"), "--memory-limit: .*unknown unit"),
         (dict(ckpt_interval=5), "--ckpt-interval needs --ckpt-dir"),
-        (dict(from_scratch=False), "built-in shape without weights: pass from_scratch=True"),
+        (dict(from_scratch=False), "it names a built-in shape, which has no weights"),
         (dict(attention="fast"), '--attention: expected auto, mma or simple, got "fast"'),
     ],
 )

@@ -22,6 +22,7 @@ pub mod profile;
 pub mod residual;
 pub mod run;
 pub mod schedule;
+pub mod setup;
 pub mod side;
 pub mod spike;
 pub mod stream;

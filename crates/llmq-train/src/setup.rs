@@ -1,0 +1,90 @@
+//! What a run trains and on what, resolved from the user's names the same way for the CLI and
+//! the Python package: the model (a directory or local Hugging Face cache entry first, then a
+//! built-in shape) and the data (token files, random tokens or the embedded synthetic corpus).
+
+use crate::synthetic::{MarkovSource, RandomTokens};
+use crate::trainer::TrainConfig;
+use llmq_core::{Arch, Error, ModelConfig, Result};
+use llmq_io::data::BatchSource;
+use llmq_io::loader::{self, LoaderOptions, TokenLoader};
+use llmq_io::hf;
+use std::path::PathBuf;
+
+/// The model shape and where its weights come from.
+pub struct ModelChoice {
+    pub cfg: ModelConfig,
+    /// How it was found, for the printed configuration.
+    pub describe: String,
+    /// A model directory to load weights (and tokenizer files for export) from.
+    pub dir: Option<PathBuf>,
+}
+
+/// `name`: a model directory, an `Org/Name` in the local Hugging Face cache, or a built-in shape
+/// (which has no weights: `from_scratch` only). None: the embedded default model.
+pub fn resolve_model(name: Option<&str>, from_scratch: bool, synthetic_vocab: usize) -> Result<ModelChoice> {
+    let Some(name) = name else {
+        return Ok(ModelChoice { cfg: ModelConfig::tiny(Arch::Qwen2, synthetic_vocab), describe: "embedded default (tiny qwen2-style, from scratch)".into(), dir: None });
+    };
+    // a directory or cache entry comes first: `Qwen/Qwen2.5-0.5B` in the cache loads it; built-in
+    // shapes are for names found nowhere else
+    let found = hf::resolve_model_dir(name);
+    if let (Err(e), Some(cfg)) = (&found, ModelConfig::builtin(name)) {
+        if !from_scratch {
+            return Err(Error::Config(format!(
+                "--model {name}: no model directory or local Hugging Face cache entry ({e}); it names a built-in shape, which has no weights: add --from-scratch to train that shape from scratch"
+            )));
+        }
+        let cfg = if name == "tiny" { ModelConfig::tiny(Arch::Qwen2, synthetic_vocab) } else { cfg };
+        return Ok(ModelChoice { cfg, describe: format!("built-in shape {name}, from scratch"), dir: None });
+    }
+    let dir = found.map_err(|e| Error::Config(format!("--model {name}: not a built-in shape ({}) and {e}", ModelConfig::BUILTIN_NAMES.join(", "))))?;
+    let cfg = hf::load_config(&dir)?;
+    let how = if from_scratch { "config only, from scratch" } else { "pretrained weights" };
+    Ok(ModelChoice { cfg, describe: format!("{} ({how})", dir.display()), dir: Some(dir) })
+}
+
+/// Where the data comes from.
+#[derive(Clone, Debug, Default)]
+pub struct DataChoice {
+    /// Training token files (glob).
+    pub train_file: Option<String>,
+    pub eval_file: Option<String>,
+    /// Uniformly random tokens (benchmarks).
+    pub random_data: bool,
+    /// Vocabulary of the synthetic corpus (without token files).
+    pub synthetic_vocab: usize,
+    /// Resume even where a token file's content fingerprint changed.
+    pub allow_data_change: bool,
+}
+
+/// Training data, evaluation data, and the synthetic corpus's entropy floor where it is used.
+pub type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>, Option<f64>);
+
+/// The sources of `d` for a model of `cfg` trained with `tc`; `check` runs over each token
+/// loader when it is opened (every id against the vocabulary, before the first step).
+pub fn resolve_data(d: &DataChoice, cfg: &ModelConfig, tc: &TrainConfig, check: &dyn Fn(&TokenLoader, &str) -> Result<()>) -> Result<Sources> {
+    let eval: Option<Box<dyn BatchSource>> = match &d.eval_file {
+        None => None,
+        Some(p) => {
+            let ev = TokenLoader::eval(&loader::expand_glob(p)?, tc.seq_len, 0, 1, Some(cfg.vocab_size))?;
+            check(&ev, "eval")?;
+            Some(Box::new(ev))
+        }
+    };
+    if let Some(pattern) = &d.train_file {
+        let opts = LoaderOptions { vocab_limit: Some(cfg.vocab_size), allow_data_change: d.allow_data_change, ..LoaderOptions::train(tc.seq_len, tc.seed) };
+        let train = TokenLoader::from_glob(pattern, opts)?;
+        check(&train, "training")?;
+        return Ok((Box::new(train), eval, None));
+    }
+    if d.random_data {
+        return Ok((Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)), eval, None));
+    }
+    if d.synthetic_vocab > cfg.vocab_size || d.synthetic_vocab < 2 {
+        return Err(Error::Config(format!("--synthetic-vocab must be in 2..={} (the model's vocab_size), got {}", cfg.vocab_size, d.synthetic_vocab)));
+    }
+    let src = MarkovSource::new(d.synthetic_vocab, tc.seed);
+    let floor = src.entropy_rate();
+    let eval = eval.unwrap_or_else(|| Box::new(src.stream(u64::MAX).mark_start()));
+    Ok((Box::new(src.stream(0)), Some(eval), Some(floor)))
+}
