@@ -224,7 +224,7 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> R
         if !opts.overwrite {
             return Err(Error::file(
                 &old[0],
-                format!("output exists ({} file(s) named {}_NNN.bin); remove them or allow overwriting", old.len(), opts.prefix),
+                format!("output exists ({} file(s) named {}_NNN.bin); remove them or pass --overwrite", old.len(), opts.prefix),
             ));
         }
         for p in old {

@@ -63,7 +63,7 @@ fn text_and_jsonl_with_eos_and_split() {
     assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
 
     // running again refuses to clobber, unless asked
-    assert_file_err(tokenize(&opts, &mut |_, _| {}), &out.join("out_000.bin"), &["output exists"]);
+    assert_file_err(tokenize(&opts, &mut |_, _| {}), &out.join("out_000.bin"), &["output exists", "--overwrite"]);
     opts.overwrite = true;
     opts.max_tokens_per_file = 100;
     opts.eos_id = Some(5); // explicit EOS id wins
