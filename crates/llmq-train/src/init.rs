@@ -40,14 +40,9 @@ impl Rng {
     }
 }
 
-/// Initial values of every group as f32 host vectors (padding zero). Each tensor has its own
-/// streams, seeded from (seed, group, entry, chunk), so the result does not depend on threads.
-pub fn init_groups(cfg: &ModelConfig, layout: &ParamLayout, seed: u64) -> Vec<Vec<f32>> {
-    (0..layout.groups.len()).into_par_iter().map(|gi| init_group(cfg, layout, seed, gi)).collect()
-}
-
-/// Group `gi` of `init_groups` alone (the same values: every group has its own streams), so that
-/// a large model is initialised one group at a time without an f32 copy of all of it.
+/// Initial values of group `gi` as an f32 host vector (padding zero). Each tensor has its own
+/// streams, seeded from (seed, group, entry, chunk), so the result depends neither on threads nor
+/// on the other groups: a large model is initialised one group at a time.
 pub fn init_group(cfg: &ModelConfig, layout: &ParamLayout, seed: u64, gi: usize) -> Vec<f32> {
     let std = 0.02f64;
     let proj_scale = 1.0 / ((2 * cfg.num_layers) as f64).sqrt();

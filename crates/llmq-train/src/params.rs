@@ -243,23 +243,19 @@ impl Params {
     /// 1/sqrt(2L), norms 1, biases 0), seeded; identical on every backend.
     pub fn init_from_scratch(&self, be: &dyn Backend, seed: u64) -> Result<()> {
         // one group at a time: the host holds one group's f32 values, not the whole model's
-        for gi in 0..self.layout.groups.len() {
-            let vals = init::init_group(&self.cfg, &self.layout, seed, gi);
-            upload_f32(be, &self.master.groups[gi], &vals)?;
-            if !self.master_is_weights() {
-                upload_f32(be, &self.weights.groups[gi], &vals)?;
-            }
-        }
-        Ok(())
+        (0..self.layout.groups.len()).try_for_each(|gi| self.set_group_f32(be, gi, &init::init_group(&self.cfg, &self.layout, seed, gi)))
     }
 
     /// Sets master (and working) weights from f32 host values, one vector per group.
     pub fn set_master_f32(&self, be: &dyn Backend, groups: &[Vec<f32>]) -> Result<()> {
-        for (gi, vals) in groups.iter().enumerate() {
-            upload_f32(be, &self.master.groups[gi], vals)?;
-            if !self.master_is_weights() {
-                upload_f32(be, &self.weights.groups[gi], vals)?;
-            }
+        groups.iter().enumerate().try_for_each(|(gi, vals)| self.set_group_f32(be, gi, vals))
+    }
+
+    /// Group `gi`'s master (and working) weights from f32 host values.
+    fn set_group_f32(&self, be: &dyn Backend, gi: usize, vals: &[f32]) -> Result<()> {
+        upload_f32(be, &self.master.groups[gi], vals)?;
+        if !self.master_is_weights() {
+            upload_f32(be, &self.weights.groups[gi], vals)?;
         }
         Ok(())
     }
