@@ -300,6 +300,17 @@ pub trait Backend {
     /// Asynchronous copy between any two tensors of the same dtype and element count
     /// (device<->device, device<->pinned host), on `stream`. Bit-exact.
     fn copy(&self, dst: &Tensor, src: &Tensor, stream: Stream) -> Result<()>;
+    /// The bytes of `t` as of this point in `stream`'s order (collectives that move data through
+    /// the host). The default waits for all queued work, which orders it after everything.
+    fn stream_read(&self, t: &Tensor, stream: Stream) -> Result<Vec<u8>> {
+        let _ = stream;
+        self.download(t)
+    }
+    /// Writes `bytes` into `t` at this point in `stream`'s order (see `stream_read`).
+    fn stream_write(&self, t: &Tensor, bytes: &[u8], stream: Stream) -> Result<()> {
+        let _ = stream;
+        self.upload(t, bytes)
+    }
     /// Zeroes t, queued on `stream`.
     fn zero(&self, t: &Tensor, stream: Stream) -> Result<()>;
     /// dst = src converted to dst's dtype (RNE, saturating for fp8); same element count.

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod backend_options;
 pub mod check;
+pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod dtype;
@@ -17,6 +18,7 @@ pub mod stream_check;
 pub mod tensor;
 
 pub use backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use comm::{shard_len, Comm, ReduceOp, ThreadComm};
 pub use backend_options::{AttentionKernels, BackendOptions};
 pub use config::{Arch, ModelConfig};
 pub use dtype::DType;

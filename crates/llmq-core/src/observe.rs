@@ -84,6 +84,12 @@ impl<O: Observer> Backend for Observed<O> {
     fn download(&self, src: &Tensor) -> Result<Vec<u8>> {
         self.call(Call { host_sync: true, ..Call::op("download", &[Some(src)], &[]) }, |b| b.download(src))
     }
+    fn stream_read(&self, t: &Tensor, stream: Stream) -> Result<Vec<u8>> {
+        self.call(Call { stream: Some(stream), ..Call::op("collective read", &[Some(t)], &[]) }, |b| b.stream_read(t, stream))
+    }
+    fn stream_write(&self, t: &Tensor, bytes: &[u8], stream: Stream) -> Result<()> {
+        self.call(Call { stream: Some(stream), ..Call::op("collective write", &[], &[Some(t)]) }, |b| b.stream_write(t, bytes, stream))
+    }
     fn copy(&self, dst: &Tensor, src: &Tensor, stream: Stream) -> Result<()> {
         self.call(Call { stream: Some(stream), ..Call::op("copy", &[Some(src)], &[Some(dst)]) }, |b| b.copy(dst, src, stream))
     }
