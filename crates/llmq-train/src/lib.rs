@@ -19,6 +19,7 @@ pub mod params;
 pub mod plan;
 pub mod precision;
 pub mod profile;
+pub mod rendezvous;
 pub mod residual;
 pub mod run;
 pub mod schedule;
