@@ -30,6 +30,7 @@ mod blas;
 mod device;
 mod fast;
 mod kernels;
+mod nccl;
 mod ops;
 mod tuning;
 
@@ -41,6 +42,7 @@ use std::cell::{Cell, RefCell};
 pub use attention::{attn3_configs, Attn3Cfg};
 pub use attention_wg::{hopper_kernels, HopperKernel};
 pub use kernels::KERNELS_BUILT;
+pub use nccl::{nccl_available, NcclComm, NcclId};
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
 /// attention backward's row statistics and dK/dV parts.
