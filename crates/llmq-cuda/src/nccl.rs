@@ -207,9 +207,13 @@ pub struct NcclComm {
     dev: cu::CUdevice,
     /// The backend's streams, in `Stream::ALL` order.
     streams: [cu::CUstream; 4],
-    /// Host collectives' own stream and device buffer (HOST_BUF bytes).
+    /// Host collectives' own stream, device buffer and pinned staging buffer (HOST_BUF bytes
+    /// each; pinned so that the copies never block the calling thread behind a stuck
+    /// collective), used by one host collective at a time.
     host_stream: cu::CUstream,
     buf: u64,
+    staging: *mut u8,
+    host_lock: Mutex<()>,
     timeout: Duration,
     version: i32,
     watchdog: Option<JoinHandle<()>>,
@@ -253,10 +257,12 @@ impl NcclComm {
         check(unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, be.dev.dev) }, "cuDevicePrimaryCtxRetain")?;
         let mut host_stream = std::ptr::null_mut();
         let mut buf = 0;
+        let mut staging: *mut std::ffi::c_void = std::ptr::null_mut();
         // SAFETY: the context is current; out-pointers to locals.
         let made = unsafe {
             check(cu::cuStreamCreate(&mut host_stream, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")
                 .and_then(|_| check(cu::cuMemAlloc_v2(&mut buf, HOST_BUF), "cuMemAlloc (NCCL host-collective buffer)"))
+                .and_then(|_| check(cu::cuMemHostAlloc(&mut staging, HOST_BUF, 0), "cuMemHostAlloc (NCCL host-collective staging)"))
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State { comm: std::ptr::null_mut(), failed: None, pending: Vec::new(), free_events: Vec::new() }),
@@ -273,6 +279,8 @@ impl NcclComm {
             streams: Stream::ALL.map(|s| be.dev.stream(s)),
             host_stream,
             buf,
+            staging: staging as *mut u8,
+            host_lock: Mutex::new(()),
             timeout,
             version,
             watchdog: None,
@@ -387,21 +395,26 @@ impl NcclComm {
     /// Runs `f` (queueing NCCL work on the host stream over the buffer) between copying `send`
     /// to the buffer at `send_at` and `recv.len()` bytes back from offset 0, and waits for it.
     fn host_call(&self, what: &str, send: &[u8], send_at: usize, recv: &mut [u8], f: impl FnOnce(nc::ncclComm_t, nc::cudaStream_t) -> nc::ncclResult_t) -> Result<()> {
-        debug_assert!(send_at + send.len() <= HOST_BUF && recv.len() <= HOST_BUF);
+        assert!(send_at + send.len() <= HOST_BUF && recv.len() <= HOST_BUF, "host collective chunk over the buffer");
+        let _one = self.host_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.shared.bind()?;
         let deadline = Instant::now() + self.timeout;
         let mut st = self.shared.lock();
         self.shared.check_failed(&st)?;
         let s = self.host_stream;
-        if !send.is_empty() {
-            // SAFETY: the buffer holds HOST_BUF bytes (asserted above); send is a live slice.
-            check(unsafe { cu::cuMemcpyHtoDAsync_v2(self.buf + send_at as u64, send.as_ptr() as *const _, send.len(), s) }, "cuMemcpyHtoDAsync")?;
+        // SAFETY: staging and buf hold HOST_BUF bytes (asserted above); the previous host
+        // collective finished with both (each waits for its stream before returning).
+        unsafe {
+            if !send.is_empty() {
+                std::ptr::copy_nonoverlapping(send.as_ptr(), self.staging.add(send_at), send.len());
+                check(cu::cuMemcpyHtoDAsync_v2(self.buf + send_at as u64, self.staging.add(send_at) as *const _, send.len(), s), "cuMemcpyHtoDAsync")?;
+            }
         }
         let r = f(st.comm, s as nc::cudaStream_t);
         self.shared.settle(&mut st, r, what, deadline)?;
         if !recv.is_empty() {
-            // SAFETY: as above; recv is a live exclusive slice, waited for below.
-            check(unsafe { cu::cuMemcpyDtoHAsync_v2(recv.as_mut_ptr() as *mut _, self.buf, recv.len(), s) }, "cuMemcpyDtoHAsync")?;
+            // SAFETY: as above; the staging buffer is read only after the stream finished.
+            check(unsafe { cu::cuMemcpyDtoHAsync_v2(self.staging as *mut _, self.buf, recv.len(), s) }, "cuMemcpyDtoHAsync")?;
         }
         // wait without the lock, so that the watchdog can abort a device collective this call
         // is queued behind (NCCL runs a communicator's calls in order)
@@ -410,7 +423,10 @@ impl NcclComm {
             // SAFETY: s is a live stream of the current context.
             let q = unsafe { cu::cuStreamQuery(s) };
             if q == cu::CUresult::CUDA_SUCCESS {
-                return self.shared.check_failed(&self.shared.lock());
+                self.shared.check_failed(&self.shared.lock())?;
+                // SAFETY: the stream finished writing recv.len() <= HOST_BUF staging bytes.
+                unsafe { std::ptr::copy_nonoverlapping(self.staging, recv.as_mut_ptr(), recv.len()) };
+                return Ok(());
             }
             let mut st = self.shared.lock();
             if st.failed.is_some() {
@@ -427,7 +443,8 @@ impl NcclComm {
             drop(st);
             std::thread::sleep(Duration::from_micros(50));
         }
-        // the aborted communicator's kernels stop; the copy back must end before recv is freed
+        // the aborted communicator's kernels stop; the next host collective (refused while the
+        // communicator is failed) or Drop must not find the buffers in use
         // SAFETY: as above.
         unsafe { cu::cuStreamSynchronize(s) };
         self.shared.check_failed(&self.shared.lock())
@@ -661,6 +678,9 @@ impl Drop for NcclComm {
             }
             cu::cuStreamDestroy_v2(self.host_stream);
             cu::cuMemFree_v2(self.buf);
+            if !self.staging.is_null() {
+                cu::cuMemFreeHost(self.staging as *mut _);
+            }
             cu::cuDevicePrimaryCtxRelease_v2(self.dev);
         }
     }

@@ -243,8 +243,10 @@ fn two_gpus_match_two_cpu_ranks() {
     }
     let id = NcclComm::unique_id().unwrap();
     let tcs = ThreadComm::group(2, T);
+    let done = std::sync::Barrier::new(2);
     let results: Vec<Vec<(String, Vec<u8>)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = tcs.into_iter().enumerate().map(|(r, tc)| s.spawn(move || two_rank_body(r, id, tc))).collect();
+        let done = &done;
+        let hs: Vec<_> = tcs.into_iter().enumerate().map(|(r, tc)| s.spawn(move || two_rank_body(r, id, tc, done))).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (r, res) in results.iter().enumerate() {
@@ -255,10 +257,12 @@ fn two_gpus_match_two_cpu_ranks() {
 }
 
 /// One rank of `two_gpus_match_two_cpu_ranks`: (check, failure message or empty) pairs.
-fn two_rank_body(r: usize, id: llmq_cuda::NcclId, tc: ThreadComm) -> Vec<(String, Vec<u8>)> {
+/// Rank 1 keeps its communicator until rank 0 has seen its timeout (`done`), so that rank 0's
+/// error is its own watchdog's and not a reaction to rank 1 leaving.
+fn two_rank_body(r: usize, id: llmq_cuda::NcclId, tc: ThreadComm, done: &std::sync::Barrier) -> Vec<(String, Vec<u8>)> {
     let mut gpu = CudaBackend::new(r, &Default::default()).unwrap();
     let mut cpu = CpuBackend::new();
-    let nc = NcclComm::new(&gpu, &id, r, 2, Duration::from_secs(20)).unwrap();
+    let nc = NcclComm::new(&gpu, &id, r, 2, Duration::from_secs(10)).unwrap();
     let mut rng = Rng::new(100 + r as u64);
     let mut out = Vec::new();
     fn pair(cpu: &mut CpuBackend, gpu: &mut CudaBackend, dtype: DType, n: usize, bytes: &[u8]) -> T2 {
@@ -338,5 +342,6 @@ fn two_rank_body(r: usize, id: llmq_cuda::NcclId, tc: ThreadComm) -> Vec<(String
         let ok = e.contains("all-reduce Sum 'the lonely one' did not finish within the timeout") && t.elapsed() < Duration::from_secs(60);
         out.push(("timeout".into(), if ok { vec![] } else { format!("{e} after {:?}", t.elapsed()).into_bytes() }));
     }
+    done.wait();
     out
 }
