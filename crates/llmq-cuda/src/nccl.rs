@@ -42,10 +42,15 @@ const HOST_BUF: usize = 1 << 20;
 /// How often the watchdog looks at the pending collectives.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Ok when NCCL can be used: CUDA works and libnccl loads under a name cudarc looks for.
+/// Ok when the CUDA driver library and libnccl load (under a name cudarc looks for), so that
+/// NCCL calls cannot panic in cudarc's loader; otherwise what is missing. Devices are checked
+/// by `CudaBackend::new`.
 pub fn nccl_available() -> std::result::Result<(), String> {
-    crate::cuda_available()?;
-    // SAFETY: only tries to dlopen the library.
+    // SAFETY: these only try to dlopen the libraries.
+    if !unsafe { cu::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) cannot be loaded".into());
+    }
+    // SAFETY: as above.
     if !unsafe { nc::is_culib_present() } {
         return Err("the NCCL library cannot be loaded: it is looked up as libnccl.so (also libnccl.so.1, .9 to .13), which the \
                     runtime package alone (libnccl.so.2) does not provide; install the development package (e.g. apt install libnccl2 libnccl-dev) \

@@ -50,6 +50,19 @@ fn same_err(name: &str, c: llmq_core::Result<()>, g: llmq_core::Result<()>) {
     }
 }
 
+/// Runs everywhere: without NCCL (or the driver) the calls that would load it are errors naming
+/// what is missing, never a panic in the library loader.
+#[test]
+fn a_missing_nccl_is_an_error_naming_it() {
+    match nccl_available() {
+        Err(why) => {
+            let e = NcclComm::unique_id().expect_err("unique_id without NCCL").to_string();
+            assert!(e.contains("NCCL is missing") && e.contains(&why), "{e}");
+        }
+        Ok(()) => assert!(NcclComm::unique_id().is_ok(), "NCCL loads, so an id can be made"),
+    }
+}
+
 #[test]
 fn describes_itself_as_nccl_of_one_rank() {
     let Some((_p, nc, _tc)) = setup(1) else { return };
