@@ -27,6 +27,7 @@
 mod attention;
 mod attention_wg;
 mod blas;
+mod copy_comm;
 mod device;
 mod fast;
 mod kernels;
@@ -41,6 +42,7 @@ use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, Attn3Cfg};
 pub use attention_wg::{hopper_kernels, HopperKernel};
+pub use copy_comm::CopyComm;
 pub use kernels::KERNELS_BUILT;
 pub use nccl::{nccl_available, NcclComm, NcclId};
 
