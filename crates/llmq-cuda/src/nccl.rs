@@ -70,6 +70,14 @@ fn nccl_available_err() -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NcclId(pub [u8; 128]);
 
+impl NcclId {
+    /// The id from bytes received from rank 0 (the rendezvous payload).
+    pub fn from_bytes(b: &[u8]) -> Result<NcclId> {
+        let id: [u8; 128] = b.try_into().map_err(|_| Error::Backend(format!("an NCCL id of {} bytes received, expected 128", b.len())))?;
+        Ok(NcclId(id))
+    }
+}
+
 fn nccl_msg(r: nc::ncclResult_t) -> String {
     // SAFETY: ncclGetErrorString returns a static NUL-terminated string (or null).
     let p = unsafe { nc::ncclGetErrorString(r) };

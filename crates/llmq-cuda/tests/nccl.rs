@@ -64,6 +64,14 @@ fn a_missing_nccl_is_an_error_naming_it() {
 }
 
 #[test]
+fn an_id_is_128_bytes() {
+    let b: Vec<u8> = (0..128).map(|i| i as u8).collect();
+    assert_eq!(llmq_cuda::NcclId::from_bytes(&b).unwrap().0.to_vec(), b);
+    let e = llmq_cuda::NcclId::from_bytes(&b[..127]).unwrap_err().to_string();
+    assert!(e.contains("an NCCL id of 127 bytes received, expected 128"), "{e}");
+}
+
+#[test]
 fn describes_itself_as_nccl_of_one_rank() {
     let Some((_p, nc, _tc)) = setup(1) else { return };
     assert!(nc.describe().starts_with("nccl "), "{}", nc.describe());

@@ -414,18 +414,20 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let h = hello(7, "v");
-        let l0 = launches(2, port)[0].clone();
+        let l0 = launches(3, port)[0].clone();
         let h0 = h.clone();
         let server = thread::spawn(move || serve(l, &l0, &h0, b"id", Duration::from_millis(800)));
-        // a rank of a launch with WORLD_SIZE 3 (rank 1) and one claiming rank 5
-        let a = launches(3, port)[1].clone();
-        let b = Launch { rank: 5, world: 6, ..launches(2, port)[1].clone() };
+        // rank 1 of a launch with WORLD_SIZE 4, and one claiming rank 5; rank 2 never comes, so
+        // rank 0 waits for the timeout and sees both
+        let a = launches(4, port)[1].clone();
+        let b = Launch { rank: 5, world: 6, ..launches(3, port)[1].clone() };
         let (ha, hb) = (h.clone(), h);
         let ja = thread::spawn(move || rendezvous(&a, &ha, None, Duration::from_millis(800)));
         let jb = thread::spawn(move || rendezvous(&b, &hb, None, Duration::from_millis(800)));
         let e = err(&server.join().unwrap());
-        assert!(e.contains("WORLD_SIZE 3 differs from rank 0's 2"), "{e}");
-        assert!(e.contains("claims rank 5, expected one of 1..1"), "{e}");
+        assert!(e.contains("WORLD_SIZE 4 differs from rank 0's 3"), "{e}");
+        assert!(e.contains("claims rank 5, expected one of 1..2"), "{e}");
+        assert!(e.contains("rank(s) 2 never arrived"), "{e}");
         assert_eq!(err(&ja.join().unwrap()), e);
         assert_eq!(err(&jb.join().unwrap()), e);
     }
