@@ -370,6 +370,7 @@ impl TrainArgs {
             max_bad_steps: self.max_bad_steps,
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
             backend: self.backend.options()?,
+            world_size: self.gpus,
         })
     }
 }

@@ -276,6 +276,7 @@ impl Options {
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
             backend: self.backend()?,
+            world_size: 1,
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
         })
     }

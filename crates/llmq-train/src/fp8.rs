@@ -38,7 +38,7 @@ use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
 use crate::memory::MemoryOptions;
 use crate::precision::Precision;
-use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Tensor};
+use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 
 /// The block matmuls that run in fp8, in layout order.
 pub const WEIGHTS: [ParamKind; 4] = [ParamKind::QkvW, ParamKind::OutW, ParamKind::UpGateW, ParamKind::DownW];
@@ -192,9 +192,24 @@ impl Fp8 {
     /// afterwards the optimizer keeps them up to date), then refreshes persistent quants.
     pub fn init_weight_amax(&self, be: &dyn Backend, params: &Params) -> Result<()> {
         for (gi, g) in params.layout.groups.iter().enumerate() {
+            if !params.weights_sharded(gi) {
+                for (si, e) in g.entries.iter().enumerate() {
+                    let w = params.weights.groups[gi].slice(e.offset, &[e.numel()]);
+                    be.absmax(&self.weight_amax[gi].slice(si, &[1]), &w)?;
+                }
+                continue;
+            }
+            // ZeRO-3: each rank takes the abs-max of its part of every matrix, then the max over ranks
+            let sh = params.shard(gi);
+            be.zero(&self.weight_amax[gi], Stream::Compute)?;
             for (si, e) in g.entries.iter().enumerate() {
-                let w = params.weights.groups[gi].slice(e.offset, &[e.numel()]);
-                be.absmax(&self.weight_amax[gi].slice(si, &[1]), &w)?;
+                let (a, b) = (e.offset.max(sh.start), (e.offset + e.numel()).min(sh.start + sh.len));
+                if a < b {
+                    be.absmax(&self.weight_amax[gi].slice(si, &[1]), &params.weights.groups[gi].slice(a - sh.start, &[b - a]))?;
+                }
+            }
+            if let Some(d) = &params.dist {
+                d.comm.all_reduce(be, &self.weight_amax[gi], llmq_core::ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
             }
         }
         self.refresh(be, params)

@@ -19,6 +19,7 @@ pub mod params;
 pub mod plan;
 pub mod precision;
 pub mod profile;
+pub mod ranks;
 pub mod residual;
 pub mod run;
 pub mod schedule;
@@ -28,6 +29,7 @@ pub mod spike;
 pub mod stream;
 pub mod synthetic;
 pub mod trainer;
+pub mod zero;
 
 pub use acts::RunShape;
 pub use model::Model;

@@ -14,6 +14,7 @@ use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::memory::{MemoryOptions, Recompute};
 use crate::precision::Precision;
 use crate::side::SideWgrads;
+use crate::zero::Dist;
 use llmq_core::{Backend, Event, Matmul, ModelConfig, Result, Stream, Tensor};
 use llmq_io::data::Batch;
 
@@ -57,12 +58,18 @@ const DOWN: usize = 3;
 
 impl Model {
     pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, mem: &MemoryOptions) -> Result<Model> {
+        Model::new_dist(be, cfg, precision, shape, mem, None)
+    }
+
+    /// A model replica of one rank of a data-parallel group (`dist`, more than one rank), its
+    /// state sharded as `crate::zero` describes.
+    pub fn new_dist(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, mem: &MemoryOptions, dist: Option<Dist>) -> Result<Model> {
         let (compute_idle, grads_zeroed) = (be.create_event()?, be.create_event()?);
         cfg.validate()?;
         precision.validate()?;
         mem.validate(&precision)?;
         let recompute = mem.recompute;
-        let params = Params::alloc(be, cfg, precision, mem)?;
+        let params = Params::alloc(be, cfg, precision, mem, dist)?;
         let norm_slots = params.layout.groups.len();
         let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
         let fp8 = precision.matmul.is_fp8();
@@ -352,11 +359,28 @@ impl Model {
     }
 
     /// Per-group sums of squares of the gradients (computed on the device, summed on the host in
-    /// group order in f64, so the result does not depend on how groups are placed or sharded).
+    /// group order in f64, so the result does not depend on how groups are placed). With several
+    /// ranks each rank sums its shard of the reduced gradients and the shards' sums are added in
+    /// rank order.
     pub fn grad_norm_squares(&self, be: &dyn Backend) -> Result<Vec<f64>> {
-        for (i, t) in self.params.grads.groups.iter().enumerate() {
-            be.sum_squares(&self.acts.norms, i, t)?;
+        let p = &self.params;
+        let Some(d) = &p.dist else {
+            for (i, t) in p.grads.groups.iter().enumerate() {
+                be.sum_squares(&self.acts.norms, i, t)?;
+            }
+            return Ok(crate::params::download_f32(be, &self.acts.norms)?.iter().map(|&x| x as f64).collect());
+        };
+        let mut owned = vec![false; p.layout.groups.len()];
+        for (i, o) in owned.iter_mut().enumerate() {
+            let g = p.opt_shard(i).grads;
+            if g.numel() > 0 {
+                be.sum_squares(&self.acts.norms, i, &g)?;
+                *o = true;
+            }
         }
-        Ok(crate::params::download_f32(be, &self.acts.norms)?.iter().map(|&x| x as f64).collect())
+        let sums = crate::params::download_f32(be, &self.acts.norms)?;
+        let mut v: Vec<f64> = sums.iter().zip(&owned).map(|(&x, &o)| if o { x as f64 } else { 0.0 }).collect();
+        d.comm.all_reduce_host(&mut v, llmq_core::ReduceOp::Sum, "gradient norm")?;
+        Ok(v)
     }
 }

@@ -334,6 +334,7 @@ mod tests {
             max_bad_steps: 3,
             spike: Default::default(),
             backend: Default::default(),
+            world_size: 1,
         }
     }
 
