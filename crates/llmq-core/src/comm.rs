@@ -67,6 +67,11 @@ pub trait Comm: Send + Sync {
     fn all_reduce_host(&self, vals: &mut [f64], op: ReduceOp, what: &str) -> Result<()>;
     /// Every rank's bytes, in rank order (checkpoint gathering, configuration checks).
     fn all_gather_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>>;
+    /// Every rank's bytes on `root` (in rank order), `None` on the other ranks.
+    fn gather_bytes(&self, bytes: &[u8], root: usize, what: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        let all = self.all_gather_bytes(bytes, what)?;
+        Ok((self.rank() == root).then_some(all))
+    }
     fn barrier(&self, what: &str) -> Result<()> {
         self.all_reduce_host(&mut [], ReduceOp::Sum, what)
     }
@@ -351,6 +356,11 @@ impl Comm for ThreadComm {
         // the sizes may differ between ranks: the signature names only the call
         let all = self.exchange(format!("gather '{what}'"), bytes.to_vec())?;
         Ok(all.iter().map(|a| a.as_ref().clone()).collect())
+    }
+
+    fn gather_bytes(&self, bytes: &[u8], root: usize, what: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        let all = self.exchange(format!("gather '{what}'"), bytes.to_vec())?;
+        Ok((self.rank == root).then(|| all.iter().map(|a| a.as_ref().clone()).collect()))
     }
 
     fn abort(&self, why: &str) {

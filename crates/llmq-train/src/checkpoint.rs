@@ -15,30 +15,38 @@ use std::path::{Path, PathBuf};
 /// The checkpoint format version written into the state.
 const FORMAT: u64 = 1;
 
-fn buffers(tr: &Trainer) -> Vec<(String, Tensor)> {
+/// The stored tensors of group gi: (name, this rank's part of it).
+fn buffers(tr: &Trainer, gi: usize) -> [(String, Tensor); 3] {
     let p = &tr.model.params;
-    let mut out = vec![];
-    for (gi, g) in p.layout.groups.iter().enumerate() {
-        out.push((format!("master.{}", g.name), p.master.groups[gi]));
-        out.push((format!("adam_m.{}", g.name), p.m.groups[gi]));
-        out.push((format!("adam_v.{}", g.name), p.v.groups[gi]));
-    }
-    out
+    let name = &p.layout.groups[gi].name;
+    let t = p.opt_shard(gi);
+    [(format!("master.{name}"), t.master), (format!("adam_m.{name}"), t.m), (format!("adam_v.{name}"), t.v)]
 }
 
 /// Writes the trainer's state as checkpoint `tr.step` of run `lineage` under `root`; returns its
-/// directory.
-pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<PathBuf> {
+/// directory. With several ranks every rank calls this: the shards are gathered to rank 0, which
+/// writes the whole state in the layout of one rank (so that any number of ranks can resume from
+/// it), and `None` is returned on the other ranks.
+pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathBuf>> {
     tr.be.synchronize()?;
-    let bufs = buffers(tr);
-    let data: Vec<(String, Tensor, Vec<u8>)> =
-        bufs.into_iter().map(|(n, t)| tr.be.download(&t).map(|b| (n, t, b))).collect::<Result<_>>()?;
-    let shapes: Vec<[usize; 1]> = data.iter().map(|(_, t, _)| [t.numel()]).collect();
-    let refs: Vec<TensorRef> = data
-        .iter()
-        .zip(&shapes)
-        .map(|((n, t, b), s)| TensorRef { name: n, dtype: t.dtype, shape: s, data: b })
-        .collect();
+    let mut data: Vec<(String, llmq_core::DType, Vec<u8>)> = vec![];
+    for gi in 0..tr.model.params.layout.groups.len() {
+        for (name, t) in buffers(tr, gi) {
+            let mine = tr.be.download(&t)?;
+            let whole = match tr.comm() {
+                None => Some(mine),
+                Some(c) => c.gather_bytes(&mine, 0, &format!("checkpoint tensor {name}"))?.map(|parts| parts.concat()),
+            };
+            if let Some(b) = whole {
+                data.push((name, t.dtype, b));
+            }
+        }
+    }
+    if tr.rank() != 0 {
+        return Ok(None);
+    }
+    let shapes: Vec<[usize; 1]> = data.iter().map(|(_, dt, b)| [b.len() / dt.size()]).collect();
+    let refs: Vec<TensorRef> = data.iter().zip(&shapes).map(|((n, dt, b), s)| TensorRef { name: n, dtype: *dt, shape: s, data: b }).collect();
     let state = json!({
         "format": FORMAT,
         "step": tr.step,
@@ -47,11 +55,11 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<PathBuf> {
         "spikes": tr.spikes,
         "model": tr.model.cfg(),
         "train": tr.tc,
-        "world_size": 1,
+        "world_size": tr.tc.world_size,
         "data": tr.data.state(),
         "data_describe": tr.data.describe(),
     });
-    ckpt::write_checkpoint(root, tr.step, lineage, &refs, &state)
+    ckpt::write_checkpoint(root, tr.step, lineage, &refs, &state).map(Some)
 }
 
 /// Fields of `a` and `b` (JSON objects) that differ, as "field: checkpoint X, now Y".
@@ -95,11 +103,22 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     if let Some(t) = saved.as_object_mut() {
         t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
     }
-    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "backend", "spike"] {
+    for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
-    if state.get("world_size").and_then(|w| w.as_u64()) != Some(1) {
-        diffs.push(format!("world_size: checkpoint {}, now 1", state.get("world_size").unwrap_or(&Value::Null)));
+    // the number of ranks may change, the micro-batches per step over all ranks may not
+    let saved_world = state.get("world_size").and_then(|w| w.as_u64());
+    let saved_accum = saved.get("grad_accumulation").and_then(|a| a.as_u64());
+    let (world, accum) = (tr.tc.world_size as u64, tr.tc.grad_accumulation as u64);
+    match (saved_world, saved_accum) {
+        (Some(w), Some(a)) if w > 0 && a * w == accum * world => {}
+        (Some(w), Some(a)) if w > 0 => diffs.push(format!(
+            "micro-batches per step over all ranks (grad_accumulation x ranks): checkpoint {a} x {w} = {}, now {accum} x {world} = {}{}",
+            a * w,
+            accum * world,
+            if (a * w).is_multiple_of(world) { format!(" (use --grad-accumulation {} with {world} ranks)", a * w / world) } else { String::new() }
+        )),
+        _ => diffs.push(format!("world_size and grad_accumulation: missing or invalid in the checkpoint ({saved_world:?}, {saved_accum:?})")),
     }
     if diffs.is_empty() {
         Ok(())
@@ -162,22 +181,29 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
     let cfg = tr.model.cfg().clone();
     check_compatible(st, &cfg, tr).map_err(|e| Error::file(dir, e.to_string()))?;
     check_state(&ck, &cfg)?;
-    for (name, t) in buffers(tr) {
-        let lt = ck.tensor(&name)?;
-        if lt.dtype != t.dtype || lt.data.len() != t.bytes() {
-            return Err(Error::file(
-                dir,
-                format!("tensor `{name}`: expected {} x {} elements, found {} with {} bytes", t.dtype, t.numel(), lt.dtype, lt.data.len()),
-            ));
-        }
-        tr.be.upload(&t, &lt.data)?;
-    }
+    // every rank reads its part of each tensor (the checkpoint holds whole tensors, whatever the
+    // number of ranks that wrote it)
     let p = &tr.model.params;
-    if !p.master_is_weights() {
-        for (w, m) in p.weights.groups.iter().zip(&p.master.groups) {
-            tr.be.convert(w, m)?;
+    for gi in 0..p.layout.groups.len() {
+        let n = p.layout.groups[gi].numel;
+        let sh = p.opt_shard(gi).shard;
+        for (name, t) in buffers(tr, gi) {
+            let lt = ck.tensor(&name)?;
+            let sz = t.dtype.size();
+            if lt.dtype != t.dtype || lt.data.len() != n * sz {
+                return Err(Error::file(
+                    dir,
+                    format!("tensor `{name}`: expected {} x {n} elements, found {} with {} bytes", t.dtype, lt.dtype, lt.data.len()),
+                ));
+            }
+            tr.be.upload(&t, &lt.data[sh.start * sz..(sh.start + sh.len) * sz])?;
+        }
+        let t = p.opt_shard(gi);
+        if !p.master_is_weights() {
+            tr.be.convert(&t.params, &t.master)?;
         }
     }
+    p.gather_weights(tr.be.as_ref())?;
     tr.model.weights_changed(tr.be.as_ref())?;
     let num = |k: &str| st.get(k).and_then(|v| v.as_u64()).ok_or_else(|| Error::file(dir, format!("state field `{k}` missing")));
     tr.step = num("step")?;

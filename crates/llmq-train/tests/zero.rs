@@ -241,3 +241,76 @@ fn a_failing_rank_stops_the_others_instead_of_hanging() {
     let e = all_ok(res).unwrap_err().to_string();
     assert!(e.contains("rank 1 ran out of data") && !e.contains("failed: "), "{e}");
 }
+
+/// A token file of the Markov corpus (64 chunks of 16 + 1 tokens and more).
+fn token_file(cfg: &ModelConfig, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("llmq_zero_{name}_{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut s = llmq_train::synthetic::MarkovSource::new(cfg.vocab_size, 5).stream(0);
+    let tokens = s.next_batch(1, 64 * 17 + 1).unwrap().inputs;
+    let f = dir.join("train.bin");
+    llmq_io::tokfile::write_token_file(&f, &tokens, None, Some(cfg.vocab_size as u32)).unwrap();
+    f
+}
+
+/// Steps of `world` ranks on the token file: optionally resumed from `from`, optionally saving
+/// a checkpoint under `save` at the end; returns the (loss, norm) bits of each step.
+fn run_on_file(cfg: &ModelConfig, tc: &TrainConfig, world: usize, file: &std::path::Path, steps: u64, from: Option<&std::path::Path>, save: Option<&std::path::Path>) -> Vec<(f64, f64)> {
+    let tc = TrainConfig { world_size: world, ..tc.clone() };
+    let out = all_ok(run_ranks(world, Duration::from_secs(60), |comm: Arc<dyn Comm>| {
+        let opts = llmq_io::loader::LoaderOptions { rank: comm.rank(), world_size: world, ..llmq_io::loader::LoaderOptions::train(tc.seq_len, 11) };
+        let data = llmq_io::loader::TokenLoader::new(&[file.to_path_buf()], opts)?;
+        let mut tr = Trainer::new_rank(Box::new(CpuBackend::new()), cfg, tc.clone(), Box::new(data), None, Some(comm))?;
+        tr.init_from_scratch()?;
+        if let Some(dir) = from {
+            llmq_train::checkpoint::load(&mut tr, dir)?;
+        }
+        let mut v = vec![];
+        for _ in 0..steps {
+            let st = tr.train_step()?;
+            v.push((st.loss, st.grad_norm));
+        }
+        if let Some(root) = save {
+            llmq_train::checkpoint::save(&tr, root, &llmq_io::ckpt::Lineage::fresh())?;
+        }
+        Ok(v)
+    }))
+    .unwrap();
+    out.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_checkpoint_of_two_ranks_resumes_under_one_two_and_four() {
+    let cfg = tiny(llmq_core::Arch::Qwen3, false);
+    let file = token_file(&cfg, "resume");
+    let root = file.parent().unwrap().join("ckpt");
+    let tc = TrainConfig { precision: Precision { weights: DType::BF16, matmul: DType::BF16, ..Precision::fp32() }, ..train_config(2, 16, 2, 4) };
+    let straight = run_on_file(&cfg, &tc, 2, &file, 4, None, None);
+    let first = run_on_file(&cfg, &tc, 2, &file, 2, None, Some(&root));
+    assert_eq!(first[..], straight[..2]);
+    let dir = llmq_io::ckpt::checkpoint_dir(&root, 2);
+    // the same two ranks under ZeRO-3: bitwise
+    let zero3 = TrainConfig { memory: MemoryOptions { shard_gradients: true, shard_weights: true, ..tc.memory }, ..tc.clone() };
+    assert_eq!(run_on_file(&cfg, &zero3, 2, &file, 2, Some(&dir), None)[..], straight[2..], "2 ranks, ZeRO-3");
+    // one rank with 4 micro-batches, four ranks with one: the same chunks per step, the sums
+    // grouped differently
+    for (world, accum) in [(1, 4), (4, 1)] {
+        let other = TrainConfig { grad_accumulation: accum, ..tc.clone() };
+        let resumed = run_on_file(&cfg, &other, world, &file, 2, Some(&dir), None);
+        for (i, ((la, na), (lb, nb))) in resumed.iter().zip(&straight[2..]).enumerate() {
+            assert!((la - lb).abs() <= 1e-4 * lb.abs() && (na - nb).abs() <= 1e-3 * nb.abs(), "{world} ranks, step {}: ({la}, {na}) vs ({lb}, {nb})", i + 3);
+        }
+    }
+    // the same ranks with another accumulation would change the step: refused, naming the fix
+    let wrong = TrainConfig { grad_accumulation: 1, ..tc.clone() };
+    let e = all_ok(run_ranks(2, Duration::from_secs(60), |comm: Arc<dyn Comm>| {
+        let opts = llmq_io::loader::LoaderOptions { rank: comm.rank(), world_size: 2, ..llmq_io::loader::LoaderOptions::train(16, 11) };
+        let data = llmq_io::loader::TokenLoader::new(&[file.clone()], opts)?;
+        let mut tr = Trainer::new_rank(Box::new(CpuBackend::new()), &cfg, TrainConfig { world_size: 2, ..wrong.clone() }, Box::new(data), None, Some(comm))?;
+        llmq_train::checkpoint::load(&mut tr, &dir).map(|_| ())
+    }))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("2 x 2 = 4, now 1 x 2 = 2") && e.contains("--grad-accumulation 2"), "{e}");
+}
