@@ -26,11 +26,33 @@ fn peaks_for(name: &str) -> Option<(f64, f64)> {
 
 /// The backend for `--device`; a GPU backend makes the kernel and algorithm choices of `opts`.
 pub fn select(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
+    select_rank(device, 0, opts)
+}
+
+/// Where `--device` runs: "cpu" or "cuda" (auto resolved: a GPU when one is usable, with a line
+/// saying why not otherwise).
+pub fn resolve(device: &str) -> Result<&'static str> {
+    match device {
+        "cpu" => Ok("cpu"),
+        "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
+            Ok(()) => Ok("cuda"),
+            Err(reason) if device == "auto" => {
+                println!("no usable GPU ({reason}); running on the CPU backend");
+                Ok("cpu")
+            }
+            Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
+        },
+        other => Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {other:?}"))),
+    }
+}
+
+/// The backend of data-parallel rank `rank` (GPU `rank` on CUDA).
+pub fn select_rank(device: &str, rank: usize, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
     match device {
         "cpu" => Ok((Box::new(CpuBackend::new()), None)),
         "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
             Ok(()) => {
-                let be = llmq_cuda::CudaBackend::new(0, opts)?;
+                let be = llmq_cuda::CudaBackend::new(rank, opts)?;
                 let info = GpuInfo {
                     peaks: peaks_for(be.device_name()),
                 };

@@ -167,10 +167,19 @@ pub struct TrainArgs {
     /// Keep Adam's second moment in pinned host memory.
     #[arg(long, help_heading = "Memory")]
     pub offload_opt_v: bool,
-    /// Weight streaming (on one GPU): block weights live in pinned host memory and are copied
-    /// to two device slots ahead of each block's forward, recompute and backward.
+    /// With several GPUs: block weights sharded across them (ZeRO-3, as --zero-level 3). On one
+    /// GPU: weight streaming (as --stream-weights).
     #[arg(long, help_heading = "Memory")]
     pub shard_weights: bool,
+    /// Weight streaming: block weights (with ZeRO-3, each GPU's shards of them) live in pinned
+    /// host memory and are brought to two device slots ahead of each block's forward, recompute
+    /// and backward.
+    #[arg(long, help_heading = "Memory")]
+    pub stream_weights: bool,
+    /// With several GPUs: gradients sharded across them (ZeRO-2, as --zero-level 2). No effect
+    /// on one GPU.
+    #[arg(long, help_heading = "Memory")]
+    pub shard_gradients: bool,
     /// Block gradients live in pinned host memory: each block's gradient is accumulated in a
     /// device slot (loaded from the host after the first micro-batch) and copied back when its
     /// backward is issued. Runs the fp8 weight gradients on the main stream.
@@ -245,6 +254,18 @@ pub struct TrainArgs {
     /// auto (a GPU when present, else the CPU), cpu or cuda.
     #[arg(long, default_value = "auto", help_heading = "Device")]
     pub device: String,
+    /// Data-parallel ranks, one thread per GPU in this process (GPUs 0..N); with --device cpu,
+    /// N ranks on the CPU. Each rank runs --batch-size x --grad-accumulation per step.
+    #[arg(long, default_value_t = 1, help_heading = "Device")]
+    pub gpus: usize,
+    /// With several GPUs: 1 shards the optimizer state, 2 also the gradients, 3 also the block
+    /// weights. The numbers are the same at every level.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Device")]
+    pub zero_level: u8,
+    /// Seconds a collective waits for the other ranks before every rank stops with an error
+    /// naming it and the ranks that did not arrive.
+    #[arg(long, default_value_t = 300, help_heading = "Device")]
+    pub collective_timeout: u64,
 }
 
 fn dtype(opt: &str, s: &str) -> Result<DType> {
@@ -267,8 +288,10 @@ impl TrainArgs {
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,
             offload_opt_v: self.offload_opt_v,
-            stream_weights: self.shard_weights,
+            stream_weights: self.stream_weights || (self.shard_weights && self.gpus <= 1),
             offload_gradients: self.offload_gradients,
+            shard_weights: self.gpus > 1 && (self.shard_weights || self.zero_level >= 3),
+            shard_gradients: self.gpus > 1 && (self.shard_gradients || self.shard_weights || self.zero_level >= 2),
             offload_residual: self.offload_residual,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })

@@ -326,7 +326,7 @@ pub fn resolve_model(o: &Options) -> Result<ModelChoice> {
 /// Training and evaluation data when no arrays are passed, as `llmq train` chooses them (token
 /// ids checked against the vocabulary when the files are opened).
 pub fn resolve_data(o: &Options, cfg: &ModelConfig, tc: &TrainConfig) -> Result<Sources> {
-    let d = DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false };
+    let d = DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false, ..Default::default() };
     let (train, eval, _) = setup::resolve_data(&d, cfg, tc, &|l: &TokenLoader, _| l.check_all_tokens(&mut |_, _| {}))?;
     Ok((train, eval))
 }

@@ -152,11 +152,16 @@ impl Run {
         if periodic && step < self.last_step() {
             events.extend(self.save_checkpoint()?);
         }
+        // with several ranks, a stop request seen by any rank stops every rank after this step
+        let mut stop = [if self.stop.load(Ordering::SeqCst) { 1.0 } else { 0.0 }];
+        if let Some(c) = self.trainer.comm() {
+            c.all_reduce_host(&mut stop, llmq_core::ReduceOp::Max, "stop request")?;
+        }
         if let Some(why) = spike_stop {
             self.interrupted = true;
             self.failed = Some(why.clone());
             events.push(RunEvent::SpikeStop { why });
-        } else if self.stop.load(Ordering::SeqCst) {
+        } else if stop[0] > 0.0 {
             self.interrupted = true;
             events.push(RunEvent::Stopped { step });
         }
@@ -174,9 +179,12 @@ impl Run {
         }
         if let Some(ex) = self.opts.export.clone().filter(|_| self.failed.is_none()) {
             let tr = &self.trainer;
+            // every rank hands in its shards; rank 0 writes
             let groups = tr.model.params.master_f32(tr.be.as_ref())?;
-            hf::export_model(&ex.dir, tr.model.cfg(), &groups, ex.dtype, ex.source.as_deref())?;
-            events.push(RunEvent::Exported { dir: ex.dir, dtype: ex.dtype });
+            if tr.rank() == 0 {
+                hf::export_model(&ex.dir, tr.model.cfg(), &groups, ex.dtype, ex.source.as_deref())?;
+                events.push(RunEvent::Exported { dir: ex.dir, dtype: ex.dtype });
+            }
         }
         if let Some(t) = self.throughput() {
             if let Some(log) = &mut self.trainer.log {

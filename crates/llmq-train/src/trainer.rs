@@ -206,12 +206,7 @@ impl Trainer {
         if world != tc.world_size {
             return Err(Error::Config(format!("the configuration is for {} ranks, the communicator has {world}", tc.world_size)));
         }
-        let dist = comm.filter(|c| c.world() > 1).map(|comm| Dist {
-            comm,
-            // with several micro-batches the per-rank sums are needed whole until the last one
-            shard_gradients: tc.memory.shard_gradients && tc.grad_accumulation == 1,
-            shard_weights: tc.memory.shard_weights,
-        });
+        let dist = comm.and_then(|c| Dist::for_run(c, &tc));
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
         let model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),

@@ -36,6 +36,24 @@ pub struct Dist {
 }
 
 impl Dist {
+    /// The sharding of a run of `tc` on `comm`'s group; `None` for a group of one (the
+    /// single-device layout).
+    pub fn for_run(comm: Arc<dyn Comm>, tc: &crate::TrainConfig) -> Option<Dist> {
+        (comm.world() > 1).then(|| Dist {
+            comm,
+            // with several micro-batches the per-rank sums are needed whole until the last one
+            shard_gradients: tc.memory.shard_gradients && tc.grad_accumulation == 1,
+            shard_weights: tc.memory.shard_weights,
+        })
+    }
+
+    /// Rank 0 of a group of `tc.world_size` that is never used for a collective: the memory
+    /// plan of one rank (rank 0 holds the largest shards).
+    pub fn for_planning(tc: &crate::TrainConfig) -> Option<Dist> {
+        let comm = llmq_core::ThreadComm::group(tc.world_size, std::time::Duration::ZERO).into_iter().next()?;
+        Dist::for_run(Arc::new(comm), tc)
+    }
+
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }
