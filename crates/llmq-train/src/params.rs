@@ -10,7 +10,7 @@ use crate::init;
 use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use crate::stream::Slots;
-use crate::zero::{Dist, Gathered, Shard};
+use crate::zero::{Dist, Shard};
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
 use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 use std::cell::Cell;
@@ -122,10 +122,11 @@ pub struct Params {
     first_micro: Cell<bool>,
     /// Data parallelism over more than one rank: how every buffer is sharded (`crate::zero`).
     pub dist: Option<Dist>,
-    /// ZeRO-3: the device slots block weights are gathered into.
-    gathered: Option<Gathered>,
-    /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter.
-    grad_scratch: Option<Gathered>,
+    /// ZeRO-3: the device slots block weights are gathered into (on the copy stream).
+    gathered: Option<Slots>,
+    /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter
+    /// (on the copy-back stream).
+    grad_scratch: Option<Slots>,
 }
 
 /// The rank's shard of one group's optimizer state and the tensors the update reads and writes
@@ -170,8 +171,8 @@ impl Params {
         let block_numel = (0..cfg.num_layers).map(|l| shard(layout.block_group(l)).padded).max().unwrap_or(0);
         let weight_slots = if mem.stream_weights && !shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
         let grad_slots = if mem.offload_gradients && !shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
-        let gathered = if shard_w { Some(Gathered::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
-        let grad_scratch = if shard_g { Some(Gathered::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
+        let gathered = if shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
+        let grad_scratch = if shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
         Ok(Params {
             cfg: cfg.clone(),
             layout,
@@ -263,9 +264,9 @@ impl Params {
     /// copy). Pair with `release(l)`.
     pub fn block(&self, be: &dyn Backend, l: usize) -> Result<BlockTensors> {
         let gi = self.layout.block_group(l);
-        if let (Some(g), Some(d)) = (&self.gathered, &self.dist) {
-            let sh = self.shard(gi);
-            let full = g.acquire(be, d.comm.as_ref(), l, &self.weights.groups[gi], sh.padded)?;
+        if let Some(g) = &self.gathered {
+            self.gather_block(be, g, l)?;
+            let full = g.ready_for_compute(be, l, self.shard(gi).padded)?;
             return Ok(BlockTensors::of(&full, &self.layout.groups[gi]));
         }
         Ok(match &self.weight_slots {
@@ -276,16 +277,27 @@ impl Params {
     /// Starts bringing block l's weights to the device (streaming; no-op otherwise or past the
     /// last block).
     pub fn prefetch(&self, be: &dyn Backend, l: usize) -> Result<()> {
-        if self.gathered.is_some() && l < self.cfg.num_layers {
-            return self.block(be, l).map(|_| ());
+        if let Some(g) = self.gathered.as_ref().filter(|_| l < self.cfg.num_layers) {
+            return self.gather_block(be, g, l);
         }
         match &self.weight_slots {
             Some(s) if l < self.cfg.num_layers => s.fetch(be, l, &self.weights.groups[self.layout.block_group(l)]),
             _ => Ok(()),
         }
     }
+    /// ZeRO-3: starts gathering block l's weights from every rank's shard into its slot on the
+    /// copy stream (unless the slot holds them).
+    fn gather_block(&self, be: &dyn Backend, g: &Slots, l: usize) -> Result<()> {
+        let (Some(d), gi) = (&self.dist, self.layout.block_group(l)) else { return Ok(()) };
+        let shard = &self.weights.groups[gi];
+        g.fetch_with(be, l, self.shard(gi).padded, |dst| d.comm.all_gather(be, dst, shard, Stream::Copy, &format!("weights of block {l}")))
+    }
+
     /// Done with block l's weights for this pass: its slot may be refilled.
     pub fn release(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        if let Some(g) = &self.gathered {
+            return g.release(be, l);
+        }
         match &self.weight_slots {
             Some(s) => s.release(be, l),
             None => Ok(()),
@@ -322,7 +334,9 @@ impl Params {
     pub fn grad_block(&self, be: &dyn Backend, l: usize) -> Result<BlockTensors> {
         let gi = self.layout.block_group(l);
         if let Some(g) = &self.grad_scratch {
-            return Ok(BlockTensors::of(&g.zeroed(be, l, self.shard(gi).padded)?, &self.layout.groups[gi]));
+            let slot = g.begin_write(be, l, self.shard(gi).padded)?;
+            be.zero(&slot, Stream::Compute)?;
+            return Ok(BlockTensors::of(&slot, &self.layout.groups[gi]));
         }
         Ok(match &self.grad_slots {
             Some(s) => BlockTensors::of(&s.prepare_grad(be, l, &self.grads.groups[gi], self.first_micro.get())?, &self.layout.groups[gi]),
@@ -340,8 +354,8 @@ impl Params {
     pub fn release_grad(&self, be: &dyn Backend, l: usize) -> Result<()> {
         if let (Some(g), Some(d)) = (&self.grad_scratch, &self.dist) {
             let gi = self.layout.block_group(l);
-            let sh = self.shard(gi);
-            return d.comm.reduce_scatter(be, &self.grads.groups[gi], &g.view(l, sh.padded), false, Stream::Compute, &format!("gradients of block {l}"));
+            let shard = &self.grads.groups[gi];
+            return g.store_with(be, l, self.shard(gi).padded, |src| d.comm.reduce_scatter(be, shard, src, false, Stream::CopyBack, &format!("gradients of block {l}")));
         }
         match &self.grad_slots {
             Some(s) => s.store_grad(be, l, &self.grads.groups[self.layout.block_group(l)]),
@@ -356,10 +370,10 @@ impl Params {
     /// back, so that the host accumulators are complete for what follows.
     pub fn micro_batch_done(&self, be: &dyn Backend) -> Result<()> {
         self.first_micro.set(false);
-        match &self.grad_slots {
-            Some(s) => s.join(be),
-            None => Ok(()),
+        for s in [&self.grad_slots, &self.grad_scratch].into_iter().flatten() {
+            s.join(be)?;
         }
+        Ok(())
     }
     pub fn grad_head(&self) -> HeadTensors {
         self.grads.head(&self.layout)

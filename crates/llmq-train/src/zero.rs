@@ -8,13 +8,14 @@
 //!   gradient is reduce-scattered in place, the optimizer updates the rank's shard, and the
 //!   working weights are all-gathered.
 //! - ZeRO-2 (`shard_gradients`): with one micro-batch per step, each block's gradient is computed
-//!   into one of two device slots and reduce-scattered into a shard-sized accumulator as soon as
-//!   its backward is issued. With more micro-batches the per-rank sums are needed whole until the
+//!   into one of two device slots and reduce-scattered into a shard-sized buffer on the copy-back
+//!   stream as soon as its backward is issued, beside the next block's backward. With more micro-batches the per-rank sums are needed whole until the
 //!   last one, so the gradients are held as in ZeRO-1 (`--offload-gradients` keeps them on the
 //!   host).
 //! - ZeRO-3 (`shard_weights`): block weights hold only the rank's shard (on the device, or on
-//!   the host with weight streaming) and are all-gathered into two device slots per block, on
-//!   use; the embedding and head stay whole.
+//!   the host with weight streaming) and are all-gathered into two device slots on the copy
+//!   stream, block l + 1 while block l computes (`crate::stream::Slots`); the embedding and head
+//!   stay whole.
 //!
 //! The numbers do not depend on the level: every level reduces the same per-rank sums (each
 //! rank's micro-batches accumulated in order, then ranks added in rank order, see
@@ -23,8 +24,7 @@
 //! in the last bits (the sums are grouped differently); `tests/zero.rs` states the tolerances.
 
 use llmq_core::comm::{shard_len, Comm};
-use llmq_core::{Backend, DType, Mem, MemCategory, Result, Segment, Stream, Tensor};
-use std::cell::Cell;
+use llmq_core::Segment;
 use std::sync::Arc;
 
 /// The rank's place in a data-parallel group and the sharding options.
@@ -94,50 +94,6 @@ impl Shard {
                 (a < b).then_some((si, Segment { offset: a - lo, len: b - a, decay: s.decay }))
             })
             .collect()
-    }
-}
-
-/// ZeRO-3: two device slots that hold gathered blocks (block l in slot l % 2, so a prefetch of
-/// the next block never evicts the one being computed).
-pub struct Gathered {
-    slots: [Tensor; 2],
-    owner: Cell<[Option<usize>; 2]>,
-}
-
-impl Gathered {
-    pub fn alloc(be: &mut dyn Backend, cat: MemCategory, dtype: DType, numel: usize) -> Result<Gathered> {
-        Ok(Gathered { slots: [be.alloc(cat, Mem::Device, dtype, &[numel])?, be.alloc(cat, Mem::Device, dtype, &[numel])?], owner: Cell::new([None, None]) })
-    }
-
-    /// Block l's whole (padded) buffer, gathered from every rank's `shard` unless the slot holds
-    /// it already. Every rank calls this in the same order (the model's block order).
-    pub fn acquire(&self, be: &dyn Backend, comm: &dyn Comm, l: usize, shard: &Tensor, padded: usize) -> Result<Tensor> {
-        let s = l % 2;
-        let view = self.slots[s].slice(0, &[padded]);
-        let mut owner = self.owner.get();
-        if owner[s] != Some(l) {
-            comm.all_gather(be, &view, shard, Stream::Compute, &format!("weights of block {l}"))?;
-            owner[s] = Some(l);
-            self.owner.set(owner);
-        }
-        Ok(view)
-    }
-
-    /// The slot holding block l (after `acquire`).
-    pub fn view(&self, l: usize, padded: usize) -> Tensor {
-        self.slots[l % 2].slice(0, &[padded])
-    }
-
-    /// The shards changed (optimizer step, load): gather again on next use.
-    pub fn invalidate(&self) {
-        self.owner.set([None, None]);
-    }
-
-    /// ZeRO-2 gradient slots use the same pair: the slot for block l, zeroed.
-    pub fn zeroed(&self, be: &dyn Backend, l: usize, padded: usize) -> Result<Tensor> {
-        let view = self.view(l, padded);
-        be.zero(&view, Stream::Compute)?;
-        Ok(view)
     }
 }
 

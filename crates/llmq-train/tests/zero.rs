@@ -1,5 +1,5 @@
-//! Data parallelism on the CPU (ranks as threads): ZeRO levels and memory options never change
-//! the numbers at a given number of ranks; N ranks agree with one rank running N times the
+//! Data parallelism on the CPU (ranks as threads, each backend under the stream-order checker):
+//! ZeRO levels and memory options never change the numbers at a given number of ranks; N ranks agree with one rank running N times the
 //! accumulation within a stated tolerance; faults on one rank stop or skip on every rank.
 //!
 //! The data: rank r of N takes chunks r, r + N, r + 2N, ... of one sequence of chunks, so N
@@ -9,6 +9,7 @@ mod common;
 
 use common::*;
 use llmq_core::cpu::CpuBackend;
+use llmq_core::stream_check::StreamChecked;
 use llmq_core::{Comm, DType, ModelConfig, Result};
 use llmq_io::data::{Batch, BatchSource};
 use llmq_train::ranks::{all_ok, run_ranks};
@@ -70,7 +71,9 @@ fn train(cfg: &ModelConfig, tc: &TrainConfig, world: usize, steps: u64) -> Trace
     let tc = TrainConfig { world_size: world, ..tc.clone() };
     let traces = all_ok(run_ranks(world, Duration::from_secs(60), |comm: Arc<dyn Comm>| {
         let src = Chunks { chunks: data.clone(), rank: comm.rank(), world, next: 0 };
-        let mut tr = Trainer::new_rank(Box::new(CpuBackend::new()), cfg, tc.clone(), Box::new(src), None, Some(comm))?;
+        // every collective and copy is checked for its ordering against the other streams
+        let be = Box::new(StreamChecked::new(Box::new(CpuBackend::new())));
+        let mut tr = Trainer::new_rank(be, cfg, tc.clone(), Box::new(src), None, Some(comm))?;
         tr.init_from_scratch()?;
         let mut steps_out = vec![];
         for _ in 0..steps {
