@@ -281,17 +281,18 @@ impl TrainArgs {
         if self.no_wgrad_overlap && !fp8 {
             return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
         }
+        let shard_gradients = self.gpus > 1 && (self.shard_gradients || self.shard_weights || self.zero_level >= 2);
         Ok(MemoryOptions {
             recompute: self.recompute(),
             persistent_quants: self.persistent_quants,
-            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients,
+            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !shard_gradients,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,
             offload_opt_v: self.offload_opt_v,
             stream_weights: self.stream_weights || (self.shard_weights && self.gpus <= 1),
             offload_gradients: self.offload_gradients,
             shard_weights: self.gpus > 1 && (self.shard_weights || self.zero_level >= 3),
-            shard_gradients: self.gpus > 1 && (self.shard_gradients || self.shard_weights || self.zero_level >= 2),
+            shard_gradients,
             offload_residual: self.offload_residual,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })

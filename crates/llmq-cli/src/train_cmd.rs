@@ -480,6 +480,9 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let p = tc.precision;
     println!("  precision  matmul {} | weights {} | master {} | gradients {} | adam m {}, v {}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
     println!("  memory     {}", tc.memory.describe());
+    if tc.world_size > 1 {
+        println!("  ranks      {} (the plan is one rank's)", tc.world_size);
+    }
     print!("{}", plan.describe(tc.memory.memory_limit));
     if verbose {
         println!("largest buffers:");

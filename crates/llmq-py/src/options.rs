@@ -211,6 +211,9 @@ impl Options {
             offload_gradients: self.offload_gradients,
             offload_residual: self.offload_residual,
             memory_limit,
+            // one rank: nothing to shard across
+            shard_gradients: false,
+            shard_weights: false,
         })
     }
 

@@ -53,6 +53,9 @@ impl MemoryOptions {
                 precision.weights
             )));
         }
+        if self.shard_gradients && self.wgrad_overlap {
+            return Err(Error::Config("ZeRO-2 (--zero-level 2, --shard-gradients) reduce-scatters each block's gradient when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
+        }
         if self.offload_gradients && self.wgrad_overlap {
             return Err(Error::Config("--offload-gradients writes each block's gradient back when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
         }
