@@ -157,7 +157,8 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
     println!("  schedule   lr {:e}, {} warmup steps, {} decay to {} x lr{cooldown}", s.lr, s.warmup, s.decay.name(), s.final_fraction);
     let o = &tc.optim;
     let clip = if o.grad_clip > 0.0 { format!("clip gradient norm at {}", o.grad_clip) } else { "no clipping".into() };
-    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}", o.beta1, o.beta2, o.eps, o.weight_decay);
+    let z = if tc.z_loss > 0.0 { format!(", z-loss {}", tc.z_loss) } else { String::new() };
+    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}{z}", o.beta1, o.beta2, o.eps, o.weight_decay);
     println!("  memory     {}", tc.memory.describe());
     println!("  backend    {}", tc.backend.describe());
     if tc.spike.z > 0.0 {

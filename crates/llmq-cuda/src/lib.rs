@@ -369,8 +369,8 @@ impl Backend for CudaBackend {
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         self.op_swiglu_bwd(dinp, dout, inp, absmax)
     }
-    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
-        self.op_cross_entropy(logits, losses, targets, dloss)
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()> {
+        self.op_cross_entropy(logits, losses, targets, dloss, z)
     }
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
         self.op_colsum(out, inp, accumulate)

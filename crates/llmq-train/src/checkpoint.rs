@@ -102,8 +102,9 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     // checkpoints written before the backend options existed ran with today's defaults
     if let Some(t) = saved.as_object_mut() {
         t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
+        t.entry("z_loss").or_insert(json!(0.0));
     }
-    for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike"] {
+    for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike", "z_loss"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
     // the number of ranks may change, the micro-batches per step over all ranks may not

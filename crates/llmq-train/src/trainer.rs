@@ -74,6 +74,9 @@ pub struct TrainConfig {
     /// Data-parallel ranks: each runs `grad_accumulation` micro-batches of its own per step.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// z-loss coefficient: the training loss adds z·logsumexp² per token (0: none).
+    #[serde(default)]
+    pub z_loss: f64,
 }
 
 fn one() -> usize {
@@ -104,6 +107,9 @@ impl TrainConfig {
         }
         if self.eval_every > 0 && self.eval_batches == 0 {
             return Err(Error::Config("--eval-every needs --eval-batches > 0".into()));
+        }
+        if !self.z_loss.is_finite() || self.z_loss < 0.0 {
+            return Err(Error::Config(format!("--z-loss must be a non-negative number, got {}", self.z_loss)));
         }
         self.schedule.validate()?;
         self.optim.validate()?;
@@ -208,10 +214,11 @@ impl Trainer {
         }
         let dist = comm.and_then(|c| Dist::for_run(c, &tc));
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
+        let mut model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;
+        model.z_loss = tc.z_loss as f32;
         Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None })
     }
 
