@@ -307,6 +307,13 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
         p.take(); // setup is not part of a step
     }
     let mut run = Run::new(trainer, opts, stop);
+    // telemetry of rank 0's GPU (NVML); none on the CPU or without NVML
+    if let (true, Some(bus)) = (lead, gpu.as_ref().and_then(|g| g.pci_bus_id.clone())) {
+        match llmq_cuda::telemetry::Telemetry::open(&bus) {
+            Ok(t) => run = run.with_probe(Box::new(move || t.sample())),
+            Err(why) => println!("telemetry: none ({why})"),
+        }
+    }
     let show = Show { floor, peaks: gpu.and_then(|g| g.peaks), print_every: args.print_every.max(1), cfg: &cfg, tc: &tc };
     while !run.done() {
         for ev in run.step()? {
@@ -367,11 +374,11 @@ impl Show<'_> {
     }
     fn event(&self, ev: &RunEvent) {
         match ev {
-            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta } => {
+            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta, telemetry } => {
                 let steps = self.tc.steps;
                 if st.step % self.print_every == 0 || st.step == 1 || st.step == steps {
                     println!(
-                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}",
+                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}{}",
                         st.step,
                         steps,
                         100.0 * st.step as f64 / steps as f64,
@@ -383,7 +390,8 @@ impl Show<'_> {
                         tokens_per_s,
                         self.sol(*tokens_per_s, " | "),
                         fmt_duration(*elapsed),
-                        fmt_duration(*eta)
+                        fmt_duration(*eta),
+                        telemetry.as_ref().map(llmq_cuda::telemetry::step_text).unwrap_or_default()
                     );
                 }
             }
