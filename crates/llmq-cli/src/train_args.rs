@@ -199,6 +199,11 @@ pub struct TrainArgs {
     /// JSON-lines log file.
     #[arg(long, help_heading = "Evaluation and logging")]
     pub log_file: Option<PathBuf>,
+    /// FP8 health every N steps (0: off): per block matmul and layer, the abs-max, scale and the
+    /// fractions of values that saturate or flush to zero, for weights, activations and
+    /// activation gradients, into the JSON log (needs --matmul-dtype e4m3 and --log-file).
+    #[arg(long, default_value_t = 0, help_heading = "Evaluation and logging")]
+    pub log_amax: u64,
     /// Print a line every N steps.
     #[arg(long, default_value_t = 10, help_heading = "Evaluation and logging")]
     pub print_every: u64,

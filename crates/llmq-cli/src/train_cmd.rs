@@ -249,6 +249,14 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     }
 
     let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
+    if args.log_amax > 0 {
+        if args.log_file.is_none() {
+            return Err(Error::Config("--log-amax writes into the JSON log: add --log-file".into()));
+        }
+        if lead {
+            trainer.log_fp8_health(args.log_amax)?;
+        }
+    }
     if lead {
         print_memory(&trainer);
     }

@@ -286,8 +286,28 @@ impl Trainer {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
+        let health = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).is_some_and(|h| h.begin_step(self.step + 1));
         let (loss, _) = self.accumulate_gradients()?;
-        self.finish_step(loss, t0)
+        let st = self.finish_step(loss, t0)?;
+        if health {
+            let records = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).map(|h| h.take()).unwrap_or_default();
+            if let Some(log) = &mut self.log {
+                log.write(&serde_json::json!({"type": "fp8_health", "step": st.step, "tensors": records}));
+            }
+        }
+        Ok(st)
+    }
+
+    /// `--log-amax N`: every N steps, the abs-max, scale and saturated and flushed fractions of
+    /// every tensor the fp8 matmuls quantise, into the JSON log (`crate::fp8_health`).
+    pub fn log_fp8_health(&mut self, every: u64) -> Result<()> {
+        match &mut self.model.fp8 {
+            Some(f) => {
+                f.health = (every > 0).then(|| crate::fp8_health::Health::new(every));
+                Ok(())
+            }
+            None => Err(Error::Config("--log-amax reports on fp8 matmuls: it needs --matmul-dtype e4m3".into())),
+        }
     }
 
     /// The second half of a step, after `accumulate_gradients`: norm, non-finite check, clipping,
