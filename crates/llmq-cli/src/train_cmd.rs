@@ -244,7 +244,8 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     if lead {
         print_config(&model, &data.describe(), &be.name(), &tc, fit_line.as_deref());
         if let Some(c) = &comm {
-            println!("  ranks      {} | ZeRO-{} | {}", c.describe(), if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 }, "each rank reads every N-th chunk");
+            let level = if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 };
+            println!("  ranks      {} | ZeRO-{level} | each rank reads every N-th chunk", c.describe());
         }
     }
 

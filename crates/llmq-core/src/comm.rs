@@ -137,13 +137,16 @@ struct Round {
     left: usize,
 }
 
+/// A sent tensor's bytes and the call's signature (checked by the receiver).
+type Message = (String, Vec<u8>);
+
 struct HubState {
     /// Index of the open round: a rank's k-th collective is round k.
     generation: u64,
     round: Round,
     failed: Option<String>,
-    /// (from, to) -> messages (signature, bytes) for send/recv.
-    mail: HashMap<(usize, usize), VecDeque<(String, Vec<u8>)>>,
+    /// (from, to) -> messages for send/recv.
+    mail: HashMap<(usize, usize), VecDeque<Message>>,
 }
 
 struct Hub {
