@@ -4,10 +4,12 @@ use llmq_core::cpu::CpuBackend;
 use llmq_core::{Backend, BackendOptions, Error, Result};
 
 /// What we know about the GPU in use.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct GpuInfo {
     /// Datasheet peaks (fp8, bf16) in FLOP/s for SOL%, when the GPU is known.
     pub peaks: Option<(f64, f64)>,
+    /// PCI bus id, for telemetry.
+    pub pci_bus_id: Option<String>,
 }
 
 /// Dense tensor-core peaks by GPU name (datasheet, no sparsity).
@@ -26,14 +28,34 @@ fn peaks_for(name: &str) -> Option<(f64, f64)> {
 
 /// The backend for `--device`; a GPU backend makes the kernel and algorithm choices of `opts`.
 pub fn select(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
+    select_rank(device, 0, opts)
+}
+
+/// Where `--device` runs: "cpu" or "cuda" (auto resolved: a GPU when one is usable, with a line
+/// saying why not otherwise).
+pub fn resolve(device: &str) -> Result<&'static str> {
+    match device {
+        "cpu" => Ok("cpu"),
+        "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
+            Ok(()) => Ok("cuda"),
+            Err(reason) if device == "auto" => {
+                println!("no usable GPU ({reason}); running on the CPU backend");
+                Ok("cpu")
+            }
+            Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
+        },
+        other => Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {other:?}"))),
+    }
+}
+
+/// The backend of data-parallel rank `rank` (GPU `rank` on CUDA).
+pub fn select_rank(device: &str, rank: usize, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
     match device {
         "cpu" => Ok((Box::new(CpuBackend::new()), None)),
         "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
             Ok(()) => {
-                let be = llmq_cuda::CudaBackend::new(0, opts)?;
-                let info = GpuInfo {
-                    peaks: peaks_for(be.device_name()),
-                };
+                let be = llmq_cuda::CudaBackend::new(rank, opts)?;
+                let info = GpuInfo { peaks: peaks_for(be.device_name()), pci_bus_id: Some(be.pci_bus_id().to_string()) };
                 Ok((Box::new(be), Some(info)))
             }
             Err(reason) if device == "auto" => {

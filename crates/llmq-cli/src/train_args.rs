@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this value (0: off).
     #[arg(long, default_value_t = 1.0, help_heading = "Optimizer")]
     pub grad_clip: f64,
+    /// z-loss coefficient: the training loss adds COEF·logsumexp² per token, keeping the logits'
+    /// normaliser near 1 (e.g. 1e-4; 0: off). Evaluation reports the plain cross-entropy.
+    #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
+    pub z_loss: f64,
 
     /// Loss-spike guard: skip an update whose loss or gradient norm is more than this many
     /// standard deviations above the mean of the recent steps (0: off).
@@ -167,10 +171,19 @@ pub struct TrainArgs {
     /// Keep Adam's second moment in pinned host memory.
     #[arg(long, help_heading = "Memory")]
     pub offload_opt_v: bool,
-    /// Weight streaming (on one GPU): block weights live in pinned host memory and are copied
-    /// to two device slots ahead of each block's forward, recompute and backward.
+    /// With several GPUs: block weights sharded across them (ZeRO-3, as --zero-level 3). On one
+    /// GPU: weight streaming (as --stream-weights).
     #[arg(long, help_heading = "Memory")]
     pub shard_weights: bool,
+    /// Weight streaming: block weights (with ZeRO-3, each GPU's shards of them) live in pinned
+    /// host memory and are brought to two device slots ahead of each block's forward, recompute
+    /// and backward.
+    #[arg(long, help_heading = "Memory")]
+    pub stream_weights: bool,
+    /// With several GPUs: gradients sharded across them (ZeRO-2, as --zero-level 2). No effect
+    /// on one GPU.
+    #[arg(long, help_heading = "Memory")]
+    pub shard_gradients: bool,
     /// Block gradients live in pinned host memory: each block's gradient is accumulated in a
     /// device slot (loaded from the host after the first micro-batch) and copied back when its
     /// backward is issued. Runs the fp8 weight gradients on the main stream.
@@ -186,6 +199,11 @@ pub struct TrainArgs {
     /// JSON-lines log file.
     #[arg(long, help_heading = "Evaluation and logging")]
     pub log_file: Option<PathBuf>,
+    /// FP8 health every N steps (0: off): per block matmul and layer, the abs-max, scale and the
+    /// fractions of values that saturate or flush to zero, for weights, activations and
+    /// activation gradients, into the JSON log (needs --matmul-dtype e4m3 and --log-file).
+    #[arg(long, default_value_t = 0, help_heading = "Evaluation and logging")]
+    pub log_amax: u64,
     /// Print a line every N steps.
     #[arg(long, default_value_t = 10, help_heading = "Evaluation and logging")]
     pub print_every: u64,
@@ -245,6 +263,18 @@ pub struct TrainArgs {
     /// auto (a GPU when present, else the CPU), cpu or cuda.
     #[arg(long, default_value = "auto", help_heading = "Device")]
     pub device: String,
+    /// Data-parallel ranks, one thread per GPU in this process (GPUs 0..N); with --device cpu,
+    /// N ranks on the CPU. Each rank runs --batch-size x --grad-accumulation per step.
+    #[arg(long, default_value_t = 1, help_heading = "Device")]
+    pub gpus: usize,
+    /// With several GPUs: 1 shards the optimizer state, 2 also the gradients, 3 also the block
+    /// weights. The numbers are the same at every level.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Device")]
+    pub zero_level: u8,
+    /// Seconds a collective waits for the other ranks before every rank stops with an error
+    /// naming it and the ranks that did not arrive.
+    #[arg(long, default_value_t = 300, help_heading = "Device")]
+    pub collective_timeout: u64,
 }
 
 fn dtype(opt: &str, s: &str) -> Result<DType> {
@@ -260,15 +290,18 @@ impl TrainArgs {
         if self.no_wgrad_overlap && !fp8 {
             return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
         }
+        let shard_gradients = self.gpus > 1 && (self.shard_gradients || self.shard_weights || self.zero_level >= 2);
         Ok(MemoryOptions {
             recompute: self.recompute(),
             persistent_quants: self.persistent_quants,
-            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients,
+            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !shard_gradients,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,
             offload_opt_v: self.offload_opt_v,
-            stream_weights: self.shard_weights,
+            stream_weights: self.stream_weights || (self.shard_weights && self.gpus <= 1),
             offload_gradients: self.offload_gradients,
+            shard_weights: self.gpus > 1 && (self.shard_weights || self.zero_level >= 3),
+            shard_gradients,
             offload_residual: self.offload_residual,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })
@@ -370,6 +403,8 @@ impl TrainArgs {
             max_bad_steps: self.max_bad_steps,
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
             backend: self.backend.options()?,
+            world_size: self.gpus,
+            z_loss: self.z_loss,
         })
     }
 }

@@ -19,15 +19,19 @@ pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
     setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)
 }
 
-fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig) -> Result<setup::Sources> {
+/// The data of rank `rank` (of `tc.world_size`); rank 0 checks every token id up front.
+fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usize) -> Result<setup::Sources> {
     let d = DataChoice {
         train_file: args.train_file.clone(),
         eval_file: args.eval_file.clone(),
         random_data: args.random_data,
         synthetic_vocab: args.synthetic_vocab,
         allow_data_change: args.allow_data_change,
+        rank,
+        world: tc.world_size,
     };
-    setup::resolve_data(&d, cfg, tc, &preflight::check_tokens)
+    let no_check = |_: &llmq_io::loader::TokenLoader, _: &str| Ok(());
+    setup::resolve_data(&d, cfg, tc, if rank == 0 { &preflight::check_tokens } else { &no_check })
 }
 
 /// Free device memory `--fit-batch` leaves beside the model (driver, library workspaces).
@@ -63,8 +67,9 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
 
 /// Device memory the run may still allocate: what the backend has free (under `--memory-limit`,
 /// counting what it holds for itself), else (the CPU backend without a limit) the RAM available.
-fn memory_budget(be: &dyn llmq_core::Backend) -> Option<u64> {
-    be.free_memory().map(|f| f as u64).or_else(available_ram)
+fn memory_budget(be: &dyn llmq_core::Backend, ranks: usize) -> Option<u64> {
+    // ranks on the CPU share the RAM
+    be.free_memory().map(|f| f as u64).or_else(|| available_ram().map(|r| r / ranks.max(1) as u64))
 }
 
 /// Pinned host memory a plan may take: what the machine has available less 8 GiB for the rest
@@ -139,7 +144,8 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
     );
     println!("  data       {data}");
     println!("  device     {device}");
-    println!("  batch      B={} T={} accumulation={} -> {} tokens/step, {} steps", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step(), tc.steps);
+    let ranks = if tc.world_size > 1 { format!(" x {} ranks", tc.world_size) } else { String::new() };
+    println!("  batch      B={} T={} accumulation={}{ranks} -> {} tokens/step, {} steps", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step(), tc.steps);
     if let Some(line) = fit_line {
         println!("  fit-batch  {line}");
     }
@@ -151,7 +157,8 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
     println!("  schedule   lr {:e}, {} warmup steps, {} decay to {} x lr{cooldown}", s.lr, s.warmup, s.decay.name(), s.final_fraction);
     let o = &tc.optim;
     let clip = if o.grad_clip > 0.0 { format!("clip gradient norm at {}", o.grad_clip) } else { "no clipping".into() };
-    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}", o.beta1, o.beta2, o.eps, o.weight_decay);
+    let z = if tc.z_loss > 0.0 { format!(", z-loss {}", tc.z_loss) } else { String::new() };
+    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}{z}", o.beta1, o.beta2, o.eps, o.weight_decay);
     println!("  memory     {}", tc.memory.describe());
     println!("  backend    {}", tc.backend.describe());
     if tc.spike.z > 0.0 {
@@ -160,13 +167,50 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let model = resolve_model(&args)?;
+    let stop = signals::install();
+    if args.gpus <= 1 {
+        if args.gpus == 0 {
+            return Err(Error::Config("--gpus must be at least 1".into()));
+        }
+        return run_rank(&args, None, stop);
+    }
+    if args.fit_batch {
+        return Err(Error::Config("--fit-batch probes one device; with --gpus, give --batch-size (or --auto-memory with --memory-limit)".into()));
+    }
+    let device = device::resolve(&args.device)?;
+    if device == "cuda" && llmq_cuda::device_count() < args.gpus {
+        return Err(Error::Config(format!(
+            "--gpus {}: only {} GPU(s) are visible (CUDA_VISIBLE_DEVICES={})",
+            args.gpus,
+            llmq_cuda::device_count(),
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+        )));
+    }
+    let args = TrainArgs { device: device.to_string(), ..args };
+    let timeout = std::time::Duration::from_secs(args.collective_timeout.max(1));
+    let results = llmq_train::ranks::run_ranks(args.gpus, timeout, |comm| run_rank(&args, Some(comm), stop.clone()));
+    llmq_train::ranks::all_ok(results).map(|_| ())
+}
+
+/// One rank of a run (the whole run with one device): rank 0 prints, logs and writes
+/// checkpoints and the export; every rank trains its share of each step.
+fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    let rank = comm.as_ref().map_or(0, |c| c.rank());
+    let lead = rank == 0;
+    let say = |line: &str| {
+        if lead {
+            println!("{line}");
+        }
+    };
+    let model = resolve_model(args)?;
     let cfg = model.cfg.clone();
-    let (mut be, gpu) = device::select(&args.device, &args.backend.options()?)?;
+    let (mut be, gpu) = device::select_rank(&args.device, rank, &args.backend.options()?)?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
     let mut ckpts = args.ckpt_dir.clone().map(|root| CkptSession::new(root, args.keep_last, args.keep_major, args.drop_abandoned)).transpose()?;
-    preflight::check_outputs(&args)?;
+    if lead {
+        preflight::check_outputs(args)?;
+    }
     if let Some(limit) = tc.memory.memory_limit {
         be.limit_device_memory(limit as usize);
     }
@@ -174,19 +218,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return Err(Error::Config("--auto-memory and --fit-batch both choose the micro-batch: pass one".into()));
     }
     if args.auto_memory {
-        let budget = memory_budget(be.as_ref()).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
+        let budget = memory_budget(be.as_ref(), tc.world_size).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
         let (chosen, _, est) = plan::auto_memory(&cfg, &tc, 0, budget, host_budget(), plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
-        println!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&chosen), est * 1e3);
+        say(&format!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&chosen), est * 1e3));
         tc = chosen;
     }
-    let (be, fit_line) = if args.fit_batch { fit_batch(&args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
+    let (be, fit_line) = if args.fit_batch { fit_batch(args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
     let budget_name = match (tc.memory.memory_limit, gpu.is_some()) {
         (Some(_), _) => "what --memory-limit leaves beside the backend's own buffers",
         (None, true) => "the GPU's free memory",
+        (None, false) if tc.world_size > 1 => "the RAM available, shared by the ranks",
         (None, false) => "the RAM available",
     };
     // the backend holds its own buffers already: the budget is what is left beside them
-    check_plan_fits(&cfg, &tc, 0, memory_budget(be.as_ref()), budget_name)?;
+    check_plan_fits(&cfg, &tc, 0, memory_budget(be.as_ref(), tc.world_size), budget_name)?;
     let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
         let (p, h) = llmq_train::profile::profiled(be);
@@ -195,12 +240,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (be, None)
     };
 
-    let (data, eval, floor) = resolve_data(&args, &cfg, &tc)?;
-    print_config(&model, &data.describe(), &be.name(), &tc, fit_line.as_deref());
+    let (data, eval, floor) = resolve_data(args, &cfg, &tc, rank)?;
+    if lead {
+        print_config(&model, &data.describe(), &be.name(), &tc, fit_line.as_deref());
+        if let Some(c) = &comm {
+            let level = if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 };
+            println!("  ranks      {} | ZeRO-{level} | each rank reads every N-th chunk", c.describe());
+        }
+    }
 
-    let mut trainer = Trainer::new(be, &cfg, tc.clone(), data, eval)?;
-    print_memory(&trainer);
-    let spinner = indicatif::ProgressBar::new_spinner();
+    let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
+    if args.log_amax > 0 {
+        if args.log_file.is_none() {
+            return Err(Error::Config("--log-amax writes into the JSON log: add --log-file".into()));
+        }
+        if lead {
+            trainer.log_fp8_health(args.log_amax)?;
+        }
+    }
+    if lead {
+        print_memory(&trainer);
+    }
+    let spinner = if lead { indicatif::ProgressBar::new_spinner() } else { indicatif::ProgressBar::hidden() };
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(if args.continue_from.is_some() {
         "loading checkpoint"
@@ -213,22 +274,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (Some(which), _) => {
             let ck = ckpts.as_mut().expect("validated: --continue needs --ckpt-dir");
             for line in ck.resume(&mut trainer, which, args.stop_at.unwrap_or(tc.steps))? {
-                println!("{line}");
+                say(&line);
             }
         }
         (None, Some(dir)) if !args.from_scratch => {
             let groups = hf::load_weights(dir, &cfg)?;
             trainer.set_weights(&groups)?;
-            println!("loaded weights from {}", dir.display());
+            say(&format!("loaded weights from {}", dir.display()));
         }
         _ => trainer.init_from_scratch()?,
     }
     spinner.finish_and_clear();
-    for line in ckpts.as_ref().map(|c| c.set_aside()).transpose()?.unwrap_or_default() {
-        println!("{line}");
+    // every rank has read the checkpoint before rank 0 moves anything aside
+    if let Some(c) = &comm {
+        c.barrier("checkpoint loaded")?;
     }
-    let stop = signals::install();
-    if let Some(path) = &args.log_file {
+    if lead {
+        for line in ckpts.as_ref().map(|c| c.set_aside()).transpose()?.unwrap_or_default() {
+            println!("{line}");
+        }
+    }
+    if let (true, Some(path)) = (lead, &args.log_file) {
         let mut log = JsonLog::open(path)?;
         log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
         log.write(&serde_json::json!({"type": "dataset", "train": trainer.data.describe(), "floor": floor}));
@@ -250,17 +316,31 @@ pub fn run(args: TrainArgs) -> Result<()> {
         p.take(); // setup is not part of a step
     }
     let mut run = Run::new(trainer, opts, stop);
+    // telemetry of rank 0's GPU (NVML); none on the CPU or without NVML
+    if let (true, Some(bus)) = (lead, gpu.as_ref().and_then(|g| g.pci_bus_id.clone())) {
+        match llmq_cuda::telemetry::Telemetry::open(&bus) {
+            Ok(t) => run = run.with_probe(Box::new(move || t.sample())),
+            Err(why) => println!("telemetry: none ({why})"),
+        }
+    }
     let show = Show { floor, peaks: gpu.and_then(|g| g.peaks), print_every: args.print_every.max(1), cfg: &cfg, tc: &tc };
     while !run.done() {
         for ev in run.step()? {
-            show.event(&ev);
+            if lead {
+                show.event(&ev);
+            }
         }
     }
     for ev in run.finish()? {
-        show.event(&ev);
+        if lead {
+            show.event(&ev);
+        }
     }
     if let Some(why) = run.failure() {
         return Err(Error::Backend(why.to_string()));
+    }
+    if !lead {
+        return Ok(());
     }
     if let Some(p) = &profile {
         print_profile(&p.take(), run.throughput().map_or(1, |t| t.steps + t.warmup));
@@ -303,11 +383,11 @@ impl Show<'_> {
     }
     fn event(&self, ev: &RunEvent) {
         match ev {
-            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta } => {
+            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta, telemetry } => {
                 let steps = self.tc.steps;
                 if st.step % self.print_every == 0 || st.step == 1 || st.step == steps {
                     println!(
-                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}",
+                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}{}",
                         st.step,
                         steps,
                         100.0 * st.step as f64 / steps as f64,
@@ -319,7 +399,8 @@ impl Show<'_> {
                         tokens_per_s,
                         self.sol(*tokens_per_s, " | "),
                         fmt_duration(*elapsed),
-                        fmt_duration(*eta)
+                        fmt_duration(*eta),
+                        telemetry.as_ref().map(llmq_cuda::telemetry::step_text).unwrap_or_default()
                     );
                 }
             }
@@ -417,6 +498,9 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let p = tc.precision;
     println!("  precision  matmul {} | weights {} | master {} | gradients {} | adam m {}, v {}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
     println!("  memory     {}", tc.memory.describe());
+    if tc.world_size > 1 {
+        println!("  ranks      {} (the plan is one rank's)", tc.world_size);
+    }
     print!("{}", plan.describe(tc.memory.memory_limit));
     if verbose {
         println!("largest buffers:");

@@ -58,6 +58,8 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         max_bad_steps: 3,
         spike: Default::default(),
         backend: Default::default(),
+        world_size: 1,
+        z_loss: 0.0,
     }
 }
 

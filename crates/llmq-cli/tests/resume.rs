@@ -2,89 +2,12 @@
 //! the same losses and gradient norms as 2N steps straight (crossing epoch boundaries of a
 //! multi-file token dataset); damaged checkpoints are never resumed from; export loads back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn llmq(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "llmq {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+mod common;
 
-fn llmq_err(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "llmq {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn as_refs(v: &[String]) -> Vec<&str> {
-    v.iter().map(|s| s.as_str()).collect()
-}
-
-/// A command line written as one string, plus arguments that are paths.
-fn cmd<'a>(line: &'a str, paths: &[&'a str]) -> Vec<&'a str> {
-    line.split_whitespace().chain(paths.iter().copied()).collect()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llmq-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Two token files of pseudo-random tokens below 256 (about 9 batches per epoch at B=4, T=32).
-fn dataset(dir: &Path) -> String {
-    let mut x = 12345u64;
-    for f in 0..2 {
-        let toks: Vec<i32> = (0..600 + 37 * f)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 33) % 256) as i32
-            })
-            .collect();
-        llmq_io::tokfile::write_token_file(
-            &dir.join(format!("train_{f}.bin")),
-            &toks,
-            None,
-            Some(256),
-        )
-        .unwrap();
-    }
-    format!("{}/train_*.bin", dir.display())
-}
-
-/// (step, loss, norm) records of a JSON-lines log, as text (serde_json prints shortest
-/// round-trip floats, so equal text means equal bits).
-fn steps(log: &Path) -> Vec<(u64, String, String)> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["type"] == "step").then(|| {
-                (
-                    v["step"].as_u64().unwrap(),
-                    v["loss"].to_string(),
-                    v["norm"].to_string(),
-                )
-            })
-        })
-        .collect()
-}
+use common::*;
 
 #[test]
 fn stop_and_resume_is_bitwise_exact() {

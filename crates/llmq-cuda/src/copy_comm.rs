@@ -21,9 +21,9 @@ use crate::device::check;
 use crate::CudaBackend;
 use cudarc::driver::sys as cu;
 use llmq_core::cpu::CpuBackend;
-use llmq_core::{Backend, Comm, DType, Error, Mem, MemCategory, ReduceOp, Result, Stream, Tensor, ThreadComm};
+use llmq_core::{Backend, Comm, DType, Error, Mem, MemCategory, ReduceOp, Result, Stream, Tensor};
 use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What a rank tells its peers about one side of a copy: where the bytes are and the event
 /// after which they may be read (ready) or overwritten (done).
@@ -70,7 +70,7 @@ struct State {
 
 /// One rank of a group of threads with one GPU each (see the module doc).
 pub struct CopyComm {
-    inner: ThreadComm,
+    inner: Arc<dyn Comm>,
     ctx: cu::CUcontext,
     dev: cu::CUdevice,
     streams: [cu::CUstream; 4],
@@ -86,8 +86,9 @@ unsafe impl Sync for CopyComm {}
 
 impl CopyComm {
     /// This rank's copy collectives over `inner` (its rank of a `ThreadComm::group`, whose other
-    /// ranks must be `CopyComm`s too) on `be`'s device and streams.
-    pub fn new(inner: ThreadComm, be: &CudaBackend) -> Result<CopyComm> {
+    /// ranks must be `CopyComm`s too; `inner` carries the descriptors, the reductions and the
+    /// host collectives) on `be`'s device and streams.
+    pub fn new(inner: Arc<dyn Comm>, be: &CudaBackend) -> Result<CopyComm> {
         be.dev.bind()?;
         let mut ctx = std::ptr::null_mut();
         // SAFETY: retains the primary context the backend uses, released in Drop, so that the
@@ -323,6 +324,10 @@ impl Comm for CopyComm {
 
     fn all_gather_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
         self.inner.all_gather_bytes(bytes, what)
+    }
+
+    fn gather_bytes(&self, bytes: &[u8], root: usize, what: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        self.inner.gather_bytes(bytes, root, what)
     }
 
     fn abort(&self, why: &str) {

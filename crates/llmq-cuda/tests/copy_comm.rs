@@ -68,7 +68,7 @@ fn run(world: usize, gpus: &[usize], body: impl Fn(&mut Rank) + Sync) {
                 let body = &body;
                 s.spawn(move || {
                     let gpu = CudaBackend::new(gpus[r % gpus.len()], &Default::default()).unwrap();
-                    let cc = CopyComm::new(inner, &gpu).unwrap();
+                    let cc = CopyComm::new(std::sync::Arc::new(inner), &gpu).unwrap();
                     let mut rank = Rank { r, world, gpu, cc, cpu: CpuBackend::new(), tc, rng: Rng::new(1000 + r as u64), failures: vec![] };
                     body(&mut rank);
                     rank.gpu.synchronize().unwrap();

@@ -19,7 +19,10 @@
 //! Resume: [`BatchSource::state`] records the seed, epoch, index into this rank's share of the
 //! permutation, T, W and every file's name, token count and size. Since the position is a pure
 //! function of these, a restored loader continues exactly, whatever file the position is in. All
-//! ranks advance in lock step, so the state saved by any rank restores every rank.
+//! ranks advance in lock step, so the state saved by any rank restores every rank, under another
+//! number of ranks too (index i of W ranks is position i·W of the epoch's permutation; the chunks
+//! skipped at an epoch's end, `total_chunks % W`, depend on W, so later epochs differ from those
+//! of an uninterrupted run under the old number of ranks).
 
 use crate::data::{Batch, BatchSource};
 use crate::tokfile::{check_tokens, TokenFileInfo, TokenFileReader};
@@ -430,8 +433,8 @@ impl BatchSource for TokenLoader {
             return bad("seq_len", format!("saved with {seq_len}, this run uses {}", self.opts.seq_len));
         }
         let world = u("world_size")?;
-        if world != self.opts.world_size as u64 {
-            return bad("world_size", format!("saved with {world}, this run uses {}", self.opts.world_size));
+        if world == 0 {
+            return bad("world_size", "0".into());
         }
         let shuffle = s.get("shuffle").and_then(|v| v.as_bool());
         if shuffle != Some(self.opts.shuffle) {
@@ -470,7 +473,17 @@ impl BatchSource for TokenLoader {
                 );
             }
         }
-        let (seed, epoch, index) = (u("seed")?, u("epoch")?, u("index")?);
+        let (seed, epoch, mut index) = (u("seed")?, u("epoch")?, u("index")?);
+        if world != self.opts.world_size as u64 {
+            // ranks advance in lock step: index i of W ranks is position i·W of the epoch's
+            // permutation, which W' ranks continue from at index i·W / W'
+            let pos = index.saturating_mul(world);
+            let now = self.opts.world_size as u64;
+            if !pos.is_multiple_of(now) {
+                return bad("world_size", format!("saved with {world} ranks at chunk {pos} of the epoch, which {now} ranks cannot continue from exactly (not a multiple of {now})"));
+            }
+            index = pos / now;
+        }
         if index > self.per_rank {
             return bad("index", format!("{index} is past the {} chunks of an epoch", self.per_rank));
         }

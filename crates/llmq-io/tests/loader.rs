@@ -233,8 +233,9 @@ fn restore_refuses_changed_data_or_shape() {
     let s = l.state();
     let mut other_t = TokenLoader::new(&files, LoaderOptions::train(8, 5)).unwrap();
     assert_err_contains(other_t.restore(&s), &["seq_len", "6", "8"]);
+    // 3 chunks into the epoch: 2 ranks cannot continue from there exactly
     let mut other_w = TokenLoader::new(&files, LoaderOptions { world_size: 2, ..LoaderOptions::train(6, 5) }).unwrap();
-    assert_err_contains(other_w.restore(&s), &["world_size"]);
+    assert_err_contains(other_w.restore(&s), &["world_size", "chunk 3", "multiple of 2"]);
     let mut fewer = TokenLoader::new(&files[..1], LoaderOptions::train(6, 5)).unwrap();
     assert_err_contains(fewer.restore(&s), &["files", "2 files"]);
     // a file rewritten with other content length
@@ -285,4 +286,29 @@ fn eval_batches_left() {
     assert_eq!(Rng::new(0).next_u64(), Rng::new(0).next_u64());
     let mut s = 0u64;
     assert_eq!(splitmix64(&mut s), 0xE220_A839_7B1D_CDAF);
+}
+
+#[test]
+fn a_position_saved_by_some_ranks_continues_under_another_number_of_ranks() {
+    let d = tmpdir("ld_restride");
+    let files = make_files(&d, &[97, 130]); // 12 + 16 = 28 chunks of 8
+    let t = 8;
+    let mut single = TokenLoader::new(&files, LoaderOptions::train(t, 7)).unwrap();
+    let perm = rows(&single.next_batch(28, t).unwrap(), t);
+    // 2 ranks take 4 chunks each (positions 0..8 of the permutation), then 4 ranks continue
+    let mut two = TokenLoader::new(&files, LoaderOptions { rank: 1, world_size: 2, ..LoaderOptions::train(t, 7) }).unwrap();
+    two.next_batch(4, t).unwrap();
+    let s = two.state();
+    for (world, resumed_at) in [(4usize, 8usize), (1, 8), (2, 8)] {
+        for r in 0..world {
+            let mut l = TokenLoader::new(&files, LoaderOptions { rank: r, world_size: world, ..LoaderOptions::train(t, 7) }).unwrap();
+            l.restore(&s).unwrap();
+            let got = rows(&l.next_batch(2, t).unwrap(), t);
+            let want: Vec<_> = (0..2).map(|i| perm[resumed_at + r + i * world]).collect();
+            assert_eq!(got, want, "rank {r} of {world}");
+        }
+    }
+    // 3 ranks cannot continue from position 8
+    let mut three = TokenLoader::new(&files, LoaderOptions { world_size: 3, ..LoaderOptions::train(t, 7) }).unwrap();
+    assert_err_contains(three.restore(&s), &["world_size", "chunk 8", "multiple of 3"]);
 }

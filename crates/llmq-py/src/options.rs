@@ -48,6 +48,7 @@ pub struct Options {
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
+    pub z_loss: f64,
     pub model_dtype: String,
     pub matmul_dtype: Option<String>,
     pub gradient_dtype: Option<String>,
@@ -117,6 +118,7 @@ impl Default for Options {
             adam_eps: 1e-8,
             weight_decay: 0.1,
             grad_clip: 1.0,
+            z_loss: 0.0,
             model_dtype: "fp32".into(),
             matmul_dtype: None,
             gradient_dtype: None,
@@ -211,6 +213,9 @@ impl Options {
             offload_gradients: self.offload_gradients,
             offload_residual: self.offload_residual,
             memory_limit,
+            // one rank: nothing to shard across
+            shard_gradients: false,
+            shard_weights: false,
         })
     }
 
@@ -276,6 +281,8 @@ impl Options {
             eval_batches: self.eval_batches,
             max_bad_steps: self.max_bad_steps,
             backend: self.backend()?,
+            world_size: 1,
+            z_loss: self.z_loss,
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
         })
     }
@@ -325,7 +332,7 @@ pub fn resolve_model(o: &Options) -> Result<ModelChoice> {
 /// Training and evaluation data when no arrays are passed, as `llmq train` chooses them (token
 /// ids checked against the vocabulary when the files are opened).
 pub fn resolve_data(o: &Options, cfg: &ModelConfig, tc: &TrainConfig) -> Result<Sources> {
-    let d = DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false };
+    let d = DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false, ..Default::default() };
     let (train, eval, _) = setup::resolve_data(&d, cfg, tc, &|l: &TokenLoader, _| l.check_all_tokens(&mut |_, _| {}))?;
     Ok((train, eval))
 }

@@ -298,7 +298,7 @@ impl PyTrainer {
         detached(py, move || {
             let this = this;
             let t = unsafe { &mut *this.0 };
-            checkpoint::save(t.run.trainer(), &dir, &t.lineage)
+            checkpoint::save(t.run.trainer(), &dir, &t.lineage).and_then(|p| p.ok_or_else(|| llmq_core::Error::Backend("only rank 0 writes checkpoints".into())))
         })
     }
 

@@ -8,37 +8,43 @@
 
 use crate::trainer::Trainer;
 use llmq_core::{Error, ModelConfig, Result, Tensor};
-use llmq_io::ckpt::{self, Lineage, LoadedCheckpoint, TensorRef};
+use llmq_io::ckpt::{self, Lineage, OpenCheckpoint, TensorRef};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 /// The checkpoint format version written into the state.
 const FORMAT: u64 = 1;
 
-fn buffers(tr: &Trainer) -> Vec<(String, Tensor)> {
+/// The stored tensors of group gi: (name, this rank's part of it).
+fn buffers(tr: &Trainer, gi: usize) -> [(String, Tensor); 3] {
     let p = &tr.model.params;
-    let mut out = vec![];
-    for (gi, g) in p.layout.groups.iter().enumerate() {
-        out.push((format!("master.{}", g.name), p.master.groups[gi]));
-        out.push((format!("adam_m.{}", g.name), p.m.groups[gi]));
-        out.push((format!("adam_v.{}", g.name), p.v.groups[gi]));
-    }
-    out
+    let name = &p.layout.groups[gi].name;
+    let t = p.opt_shard(gi);
+    [(format!("master.{name}"), t.master), (format!("adam_m.{name}"), t.m), (format!("adam_v.{name}"), t.v)]
 }
 
 /// Writes the trainer's state as checkpoint `tr.step` of run `lineage` under `root`; returns its
-/// directory.
-pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<PathBuf> {
+/// directory. One tensor at a time: the host holds one group's tensors, never the whole state.
+/// With several ranks every rank calls this: each tensor's shards are gathered to rank 0, which
+/// writes the whole tensor in the layout of one rank (so that any number of ranks can resume
+/// from it), and `None` is returned on the other ranks.
+pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathBuf>> {
     tr.be.synchronize()?;
-    let bufs = buffers(tr);
-    let data: Vec<(String, Tensor, Vec<u8>)> =
-        bufs.into_iter().map(|(n, t)| tr.be.download(&t).map(|b| (n, t, b))).collect::<Result<_>>()?;
-    let shapes: Vec<[usize; 1]> = data.iter().map(|(_, t, _)| [t.numel()]).collect();
-    let refs: Vec<TensorRef> = data
-        .iter()
-        .zip(&shapes)
-        .map(|((n, t, b), s)| TensorRef { name: n, dtype: t.dtype, shape: s, data: b })
-        .collect();
+    let mut writer = if tr.rank() == 0 { Some(ckpt::CheckpointWriter::create(root, tr.step)?) } else { None };
+    for gi in 0..tr.model.params.layout.groups.len() {
+        for (name, t) in buffers(tr, gi) {
+            let mine = tr.be.download(&t)?;
+            let whole = match tr.comm() {
+                None => Some(mine),
+                Some(c) => c.gather_bytes(&mine, 0, &format!("checkpoint tensor {name}"))?.map(|parts| parts.concat()),
+            };
+            if let (Some(w), Some(data)) = (writer.as_mut(), whole) {
+                let shape = [data.len() / t.dtype.size()];
+                w.add(&TensorRef { name: &name, dtype: t.dtype, shape: &shape, data: &data })?;
+            }
+        }
+    }
+    let Some(writer) = writer else { return Ok(None) };
     let state = json!({
         "format": FORMAT,
         "step": tr.step,
@@ -47,11 +53,11 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<PathBuf> {
         "spikes": tr.spikes,
         "model": tr.model.cfg(),
         "train": tr.tc,
-        "world_size": 1,
+        "world_size": tr.tc.world_size,
         "data": tr.data.state(),
         "data_describe": tr.data.describe(),
     });
-    ckpt::write_checkpoint(root, tr.step, lineage, &refs, &state)
+    writer.finish(lineage, &state).map(Some)
 }
 
 /// Fields of `a` and `b` (JSON objects) that differ, as "field: checkpoint X, now Y".
@@ -94,12 +100,24 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     // checkpoints written before the backend options existed ran with today's defaults
     if let Some(t) = saved.as_object_mut() {
         t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
+        t.entry("z_loss").or_insert(json!(0.0));
     }
-    for key in ["batch_size", "seq_len", "grad_accumulation", "precision", "seed", "backend", "spike"] {
+    for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike", "z_loss"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
-    if state.get("world_size").and_then(|w| w.as_u64()) != Some(1) {
-        diffs.push(format!("world_size: checkpoint {}, now 1", state.get("world_size").unwrap_or(&Value::Null)));
+    // the number of ranks may change, the micro-batches per step over all ranks may not
+    let saved_world = state.get("world_size").and_then(|w| w.as_u64());
+    let saved_accum = saved.get("grad_accumulation").and_then(|a| a.as_u64());
+    let (world, accum) = (tr.tc.world_size as u64, tr.tc.grad_accumulation as u64);
+    match (saved_world, saved_accum) {
+        (Some(w), Some(a)) if w > 0 && a * w == accum * world => {}
+        (Some(w), Some(a)) if w > 0 => diffs.push(format!(
+            "micro-batches per step over all ranks (grad_accumulation x ranks): checkpoint {a} x {w} = {}, now {accum} x {world} = {}{}",
+            a * w,
+            accum * world,
+            if (a * w).is_multiple_of(world) { format!(" (use --grad-accumulation {} with {world} ranks)", a * w / world) } else { String::new() }
+        )),
+        _ => diffs.push(format!("world_size and grad_accumulation: missing or invalid in the checkpoint ({saved_world:?}, {saved_accum:?})")),
     }
     if diffs.is_empty() {
         Ok(())
@@ -110,7 +128,7 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
 
 /// Checks the state's own fields against the manifest: the format, the step and the set of
 /// tensors, which must be exactly the parameter groups of `cfg` (no missing or extra layer).
-fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
+fn check_state(ck: &OpenCheckpoint, cfg: &ModelConfig) -> Result<()> {
     let dir = &ck.path;
     let st = &ck.state;
     if st.get("format").and_then(|f| f.as_u64()) != Some(FORMAT) {
@@ -131,16 +149,16 @@ fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
     // three tensors (master, adam m, adam v) per group: the blocks, the embedding and the head;
     // counted before the layout is built, since the config is input
     let groups = cfg.num_layers.saturating_add(2);
-    if groups.saturating_mul(3) != ck.tensors.len() {
+    if groups.saturating_mul(3) != ck.names().len() {
         return Err(Error::file(
             dir,
-            format!("{} tensors, but the model config of the state (num_layers {}) needs {}", ck.tensors.len(), cfg.num_layers, groups * 3),
+            format!("{} tensors, but the model config of the state (num_layers {}) needs {}", ck.names().len(), cfg.num_layers, groups * 3),
         ));
     }
     let layout = llmq_core::ParamLayout::new(cfg);
     let mut want: Vec<String> =
         layout.groups.iter().flat_map(|g| ["master", "adam_m", "adam_v"].map(|k| format!("{k}.{}", g.name))).collect();
-    let mut have: Vec<String> = ck.tensors.iter().map(|t| t.name.clone()).collect();
+    let mut have: Vec<String> = ck.names().iter().map(|n| n.to_string()).collect();
     want.sort();
     have.sort();
     if want != have {
@@ -157,27 +175,38 @@ fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
 /// Restores a trainer (already built with the same configuration) from checkpoint `dir`;
 /// returns the checkpoint's lineage.
 pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
-    let ck = ckpt::load_checkpoint(dir)?;
+    let ck = ckpt::open_checkpoint(dir)?;
     let st = &ck.state;
     let cfg = tr.model.cfg().clone();
     check_compatible(st, &cfg, tr).map_err(|e| Error::file(dir, e.to_string()))?;
     check_state(&ck, &cfg)?;
-    for (name, t) in buffers(tr) {
-        let lt = ck.tensor(&name)?;
-        if lt.dtype != t.dtype || lt.data.len() != t.bytes() {
-            return Err(Error::file(
-                dir,
-                format!("tensor `{name}`: expected {} x {} elements, found {} with {} bytes", t.dtype, t.numel(), lt.dtype, lt.data.len()),
-            ));
-        }
-        tr.be.upload(&t, &lt.data)?;
-    }
+    // every rank reads its part of each tensor (the checkpoint holds whole tensors, whatever the
+    // number of ranks that wrote it)
     let p = &tr.model.params;
-    if !p.master_is_weights() {
-        for (w, m) in p.weights.groups.iter().zip(&p.master.groups) {
-            tr.be.convert(w, m)?;
+    for gi in 0..p.layout.groups.len() {
+        let n = p.layout.groups[gi].numel;
+        let sh = p.opt_shard(gi).shard;
+        for (name, t) in buffers(tr, gi) {
+            let sz = t.dtype.size();
+            let (dtype, shape) = ck.info(&name)?;
+            if dtype != t.dtype || shape != [n] {
+                return Err(Error::file(dir, format!("tensor `{name}`: expected {} x [{n}], the manifest has {dtype} x {shape:?}", t.dtype)));
+            }
+            let lt = ck.read(&name)?;
+            if lt.dtype != t.dtype || lt.data.len() != n * sz {
+                return Err(Error::file(
+                    dir,
+                    format!("tensor `{name}`: expected {} x {n} elements, found {} with {} bytes", t.dtype, lt.dtype, lt.data.len()),
+                ));
+            }
+            tr.be.upload(&t, &lt.data[sh.start * sz..(sh.start + sh.len) * sz])?;
+        }
+        let t = p.opt_shard(gi);
+        if !p.master_is_weights() {
+            tr.be.convert(&t.params, &t.master)?;
         }
     }
+    p.gather_weights(tr.be.as_ref())?;
     tr.model.weights_changed(tr.be.as_ref())?;
     let num = |k: &str| st.get(k).and_then(|v| v.as_u64()).ok_or_else(|| Error::file(dir, format!("state field `{k}` missing")));
     tr.step = num("step")?;
@@ -193,7 +222,7 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
 
 /// The model configuration stored in a checkpoint (for export without the original files).
 pub fn model_config(dir: &Path) -> Result<(ModelConfig, Vec<Vec<f32>>)> {
-    let ck = ckpt::load_checkpoint(dir)?;
+    let ck = ckpt::open_checkpoint(dir)?;
     let cfg: ModelConfig = serde_json::from_value(ck.state.get("model").cloned().unwrap_or(Value::Null))
         .map_err(|e| Error::file(dir, format!("state field `model`: {e}")))?;
     cfg.validate().map_err(|e| Error::file(dir, format!("state field `model`: {e}")))?;
@@ -201,7 +230,7 @@ pub fn model_config(dir: &Path) -> Result<(ModelConfig, Vec<Vec<f32>>)> {
     let layout = llmq_core::ParamLayout::new(&cfg);
     let mut groups = vec![];
     for g in &layout.groups {
-        let t = ck.tensor(&format!("master.{}", g.name))?;
+        let t = ck.read(&format!("master.{}", g.name))?;
         // the size is checked before the buffer is allocated: the config is input
         if Some(t.data.len()) != g.numel.checked_mul(t.dtype.size()) {
             return Err(Error::file(dir, format!("tensor `master.{}` has {} bytes, the model config needs {} x {}", g.name, t.data.len(), g.numel, t.dtype)));

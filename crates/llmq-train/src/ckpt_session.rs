@@ -93,7 +93,8 @@ impl CkptSession {
         if self.resumed.as_ref().is_some_and(|(s, _)| *s == tr.step) {
             return Ok(None);
         }
-        let path = checkpoint::save(tr, &self.root, &self.lineage)?;
+        // with several ranks, rank 0 writes (the others hand it their shards)
+        let Some(path) = checkpoint::save(tr, &self.root, &self.lineage)? else { return Ok(None) };
         self.retention.written(tr.step);
         let pruned = self.retention.prune(&self.root)?;
         let notes = pruned.notes.iter().map(|n| format!("checkpoints: {n}")).collect();

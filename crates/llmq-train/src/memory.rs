@@ -33,6 +33,10 @@ pub struct MemoryOptions {
     pub offload_residual: bool,
     /// Device bytes the run may allocate (None: what the device has).
     pub memory_limit: Option<u64>,
+    /// With several ranks: gradients sharded across ranks (ZeRO-2, `crate::zero`).
+    pub shard_gradients: bool,
+    /// With several ranks: block weights sharded across ranks and gathered per block (ZeRO-3).
+    pub shard_weights: bool,
 }
 
 impl MemoryOptions {
@@ -49,8 +53,14 @@ impl MemoryOptions {
                 precision.weights
             )));
         }
+        if self.shard_gradients && self.wgrad_overlap {
+            return Err(Error::Config("ZeRO-2 (--zero-level 2, --shard-gradients) reduce-scatters each block's gradient when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
+        }
         if self.offload_gradients && self.wgrad_overlap {
             return Err(Error::Config("--offload-gradients writes each block's gradient back when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
+        }
+        if self.shard_weights && self.persistent_quants {
+            return Err(Error::Config("--persistent-quants keeps every block's fp8 weights on each rank, which ZeRO-3 weight sharding (--zero-level 3) cannot feed: leave one of them out".into()));
         }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
@@ -74,6 +84,9 @@ impl MemoryOptions {
         }
         if self.stream_weights {
             parts.push("block weights streamed from the host".into());
+        }
+        if self.shard_gradients || self.shard_weights {
+            parts.push(format!("ZeRO-{}", if self.shard_weights { 3 } else { 2 }));
         }
         if self.wgrad_overlap {
             parts.push("weight gradients on a second stream".into());

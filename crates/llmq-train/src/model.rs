@@ -14,6 +14,7 @@ use crate::params::{upload_f32, upload_i32, BlockTensors, Params};
 use crate::memory::{MemoryOptions, Recompute};
 use crate::precision::Precision;
 use crate::side::SideWgrads;
+use crate::zero::Dist;
 use llmq_core::{Backend, Event, Matmul, ModelConfig, Result, Stream, Tensor};
 use llmq_io::data::Batch;
 
@@ -42,6 +43,8 @@ pub struct Model {
     pub fp8: Option<Fp8>,
     /// fp8 weight gradients on the side stream (`MemoryOptions::wgrad_overlap`).
     side: Option<SideWgrads>,
+    /// z-loss coefficient of training passes (evaluation reports the plain cross-entropy).
+    pub z_loss: f32,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
     /// the copy stream after; the first gradient write (the LM head's) waits for the second.
@@ -57,12 +60,18 @@ const DOWN: usize = 3;
 
 impl Model {
     pub fn new(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, mem: &MemoryOptions) -> Result<Model> {
+        Model::new_dist(be, cfg, precision, shape, mem, None)
+    }
+
+    /// A model replica of one rank of a data-parallel group (`dist`, more than one rank), its
+    /// state sharded as `crate::zero` describes.
+    pub fn new_dist(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, shape: RunShape, mem: &MemoryOptions, dist: Option<Dist>) -> Result<Model> {
         let (compute_idle, grads_zeroed) = (be.create_event()?, be.create_event()?);
         cfg.validate()?;
         precision.validate()?;
         mem.validate(&precision)?;
         let recompute = mem.recompute;
-        let params = Params::alloc(be, cfg, precision, mem)?;
+        let params = Params::alloc(be, cfg, precision, mem, dist)?;
         let norm_slots = params.layout.groups.len();
         let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
         let fp8 = precision.matmul.is_fp8();
@@ -82,7 +91,7 @@ impl Model {
             None
         };
         let side = if mem.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
-        Ok(Model { params, acts, recompute, fp8, side, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
+        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -272,7 +281,8 @@ impl Model {
             }
             let losses = a.losses.slice(r0, &[rows]);
             let tg = a.targets.slice(r0, &[rows]);
-            be.cross_entropy(&a.logits, &losses, &tg, dloss.unwrap_or(0.0))?;
+            let z = if dloss.is_some() { self.z_loss } else { 0.0 };
+            be.cross_entropy(&a.logits, &losses, &tg, dloss.unwrap_or(0.0), z)?;
             if dloss.is_some() {
                 be.matmul(&Matmul::linear_dgrad(&a.d_ln.rows(r0, rows), &a.logits, &head.lm_head))?;
                 be.matmul(&Matmul::linear_wgrad(&ghead.lm_head, &a.logits, &x))?;
@@ -352,11 +362,28 @@ impl Model {
     }
 
     /// Per-group sums of squares of the gradients (computed on the device, summed on the host in
-    /// group order in f64, so the result does not depend on how groups are placed or sharded).
+    /// group order in f64, so the result does not depend on how groups are placed). With several
+    /// ranks each rank sums its shard of the reduced gradients and the shards' sums are added in
+    /// rank order.
     pub fn grad_norm_squares(&self, be: &dyn Backend) -> Result<Vec<f64>> {
-        for (i, t) in self.params.grads.groups.iter().enumerate() {
-            be.sum_squares(&self.acts.norms, i, t)?;
+        let p = &self.params;
+        let Some(d) = &p.dist else {
+            for (i, t) in p.grads.groups.iter().enumerate() {
+                be.sum_squares(&self.acts.norms, i, t)?;
+            }
+            return Ok(crate::params::download_f32(be, &self.acts.norms)?.iter().map(|&x| x as f64).collect());
+        };
+        let mut owned = vec![false; p.layout.groups.len()];
+        for (i, o) in owned.iter_mut().enumerate() {
+            let g = p.opt_shard(i).grads;
+            if g.numel() > 0 {
+                be.sum_squares(&self.acts.norms, i, &g)?;
+                *o = true;
+            }
         }
-        Ok(crate::params::download_f32(be, &self.acts.norms)?.iter().map(|&x| x as f64).collect())
+        let sums = crate::params::download_f32(be, &self.acts.norms)?;
+        let mut v: Vec<f64> = sums.iter().zip(&owned).map(|(&x, &o)| if o { x as f64 } else { 0.0 }).collect();
+        d.comm.all_reduce_host(&mut v, llmq_core::ReduceOp::Sum, "gradient norm")?;
+        Ok(v)
     }
 }

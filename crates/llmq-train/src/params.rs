@@ -7,12 +7,13 @@
 //! move them through two device slots.
 
 use crate::init;
-use crate::stream::Slots;
-use std::cell::Cell;
 use crate::memory::MemoryOptions;
 use crate::precision::Precision;
+use crate::stream::Slots;
+use crate::zero::{Dist, Shard};
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
 use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
+use std::cell::Cell;
 
 /// Typed views of one block's tensors inside a flat group buffer.
 #[derive(Clone, Copy, Debug)]
@@ -65,22 +66,13 @@ pub struct GroupBuffers {
 }
 
 impl GroupBuffers {
-    pub fn alloc(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, mem: Mem, dtype: DType) -> Result<GroupBuffers> {
-        let groups = layout
-            .groups
-            .iter()
-            .map(|g| be.alloc(cat, mem, dtype, &[g.numel]))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(GroupBuffers { groups })
-    }
-    /// Like `alloc`, with the block groups in `blocks` and the embedding and head on the device.
-    pub fn alloc_blocks(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, blocks: Mem, dtype: DType) -> Result<GroupBuffers> {
-        let head = layout.head_group();
-        let groups = layout
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(gi, g)| be.alloc(cat, if gi == ParamLayout::EMBED || gi == head { Mem::Device } else { blocks }, dtype, &[g.numel]))
+    /// One buffer per group, of `place(group index)` = (elements, memory space).
+    pub fn alloc(be: &mut dyn Backend, layout: &ParamLayout, cat: MemCategory, dtype: DType, place: impl Fn(usize) -> (usize, Mem)) -> Result<GroupBuffers> {
+        let groups = (0..layout.groups.len())
+            .map(|gi| {
+                let (numel, mem) = place(gi);
+                be.alloc(cat, mem, dtype, &[numel])
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(GroupBuffers { groups })
     }
@@ -128,28 +120,140 @@ pub struct Params {
     grad_slots: Option<Slots>,
     /// No micro-batch of the current step has run its backward yet.
     first_micro: Cell<bool>,
+    /// Data parallelism over more than one rank: how every buffer is sharded (`crate::zero`).
+    pub dist: Option<Dist>,
+    /// ZeRO-3: the device slots block weights are gathered into (on the copy stream).
+    gathered: Option<Slots>,
+    /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter
+    /// (on the copy-back stream).
+    grad_scratch: Option<Slots>,
+}
+
+/// The rank's shard of one group's optimizer state and the tensors the update reads and writes
+/// (whole groups with one rank).
+#[derive(Clone, Copy, Debug)]
+pub struct OptShard {
+    pub shard: Shard,
+    pub params: Tensor,
+    pub master: Tensor,
+    pub grads: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
 }
 
 impl Params {
     /// Allocates every buffer; master weights and Adam moments go to pinned host memory where
     /// `mem` offloads them (the optimizer reads and writes them there directly: mapped host
     /// memory on a GPU, an emulated separate memory space on the CPU backend).
-    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions) -> Result<Params> {
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions, dist: Option<Dist>) -> Result<Params> {
         let layout = ParamLayout::new(cfg);
+        let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        let shard = |gi: usize| Shard::of(layout.groups[gi].numel, rank, world);
+        let head = layout.head_group();
+        let is_block = |gi: usize| gi != ParamLayout::EMBED && gi != head;
         let place = |off: bool| if off { Mem::Host } else { Mem::Device };
-        let weights = GroupBuffers::alloc_blocks(be, &layout, MemCategory::Weights, place(mem.stream_weights), precision.weights)?;
+        let shard_w = dist.as_ref().is_some_and(|d| d.shard_weights);
+        let shard_g = dist.as_ref().is_some_and(|d| d.shard_gradients);
+        // whole groups (padded to world shards) or the rank's shard; block groups may live on the host
+        let sized = |gi: usize, sharded: bool, off: bool| {
+            let sh = shard(gi);
+            (if sharded && is_block(gi) { sh.size } else { sh.padded }, if is_block(gi) { place(off) } else { Mem::Device })
+        };
+        let weights = GroupBuffers::alloc(be, &layout, MemCategory::Weights, precision.weights, |gi| sized(gi, shard_w, mem.stream_weights))?;
         let master = if precision.master == precision.weights {
             weights.clone()
         } else {
-            GroupBuffers::alloc(be, &layout, MemCategory::Master, place(mem.offload_master), precision.master)?
+            GroupBuffers::alloc(be, &layout, MemCategory::Master, precision.master, |gi| (shard(gi).size, place(mem.offload_master)))?
         };
-        let grads = GroupBuffers::alloc_blocks(be, &layout, MemCategory::Gradients, place(mem.offload_gradients), precision.grads)?;
-        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, place(mem.offload_opt_m), precision.opt_m)?;
-        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, place(mem.offload_opt_v), precision.opt_v)?;
-        let block_numel = (0..cfg.num_layers).map(|l| layout.groups[layout.block_group(l)].numel).max().unwrap_or(0);
-        let weight_slots = if mem.stream_weights { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
-        let grad_slots = if mem.offload_gradients { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
-        Ok(Params { cfg: cfg.clone(), layout, precision, weights, master, grads, m, v, weight_slots, grad_slots, first_micro: Cell::new(true) })
+        let grads = GroupBuffers::alloc(be, &layout, MemCategory::Gradients, precision.grads, |gi| sized(gi, shard_g, mem.offload_gradients))?;
+        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, precision.opt_m, |gi| (shard(gi).size, place(mem.offload_opt_m)))?;
+        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, precision.opt_v, |gi| (shard(gi).size, place(mem.offload_opt_v)))?;
+        let block_numel = (0..cfg.num_layers).map(|l| shard(layout.block_group(l)).padded).max().unwrap_or(0);
+        let weight_slots = if mem.stream_weights && !shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
+        let grad_slots = if mem.offload_gradients && !shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
+        let gathered = if shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
+        let grad_scratch = if shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
+        Ok(Params {
+            cfg: cfg.clone(),
+            layout,
+            precision,
+            weights,
+            master,
+            grads,
+            m,
+            v,
+            weight_slots,
+            grad_slots,
+            first_micro: Cell::new(true),
+            dist,
+            gathered,
+            grad_scratch,
+        })
+    }
+
+    /// This rank's shard of group `gi` (the whole group with one rank).
+    pub fn shard(&self, gi: usize) -> Shard {
+        let (rank, world) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        Shard::of(self.layout.groups[gi].numel, rank, world)
+    }
+
+    fn is_block(&self, gi: usize) -> bool {
+        gi != ParamLayout::EMBED && gi != self.layout.head_group()
+    }
+    /// Group gi's weights buffer holds only this rank's shard (ZeRO-3 block groups).
+    pub fn weights_sharded(&self, gi: usize) -> bool {
+        self.gathered.is_some() && self.is_block(gi)
+    }
+    /// Group gi's gradient buffer holds only this rank's shard (ZeRO-2 block groups).
+    fn grads_sharded(&self, gi: usize) -> bool {
+        self.grad_scratch.is_some() && self.is_block(gi)
+    }
+
+    /// The tensors the optimizer reads and writes for this rank's shard of group `gi`.
+    pub fn opt_shard(&self, gi: usize) -> OptShard {
+        let sh = self.shard(gi);
+        let len = [sh.len];
+        let own = |t: &Tensor, sharded: bool| if sharded { t.slice(0, &len) } else { t.slice(sh.start, &len) };
+        let params = own(&self.weights.groups[gi], self.weights_sharded(gi));
+        let master = if self.master_is_weights() { params } else { self.master.groups[gi].slice(0, &len) };
+        OptShard {
+            shard: sh,
+            params,
+            master,
+            grads: own(&self.grads.groups[gi], self.grads_sharded(gi)),
+            m: self.m.groups[gi].slice(0, &len),
+            v: self.v.groups[gi].slice(0, &len),
+        }
+    }
+
+    /// After the step's last micro-batch: every gradient not reduced yet is reduce-scattered in
+    /// place (each rank keeps the sum over ranks of its shard). No-op with one rank.
+    pub fn reduce_gradients(&self, be: &dyn Backend) -> Result<()> {
+        let Some(d) = &self.dist else { return Ok(()) };
+        for (gi, g) in self.layout.groups.iter().enumerate() {
+            if self.grads_sharded(gi) {
+                continue; // reduced block by block in the backward pass
+            }
+            let sh = self.shard(gi);
+            let full = &self.grads.groups[gi];
+            d.comm.reduce_scatter(be, &full.slice(d.rank() * sh.size, &[sh.size]), full, false, Stream::Compute, &format!("gradients of {}", g.name))?;
+        }
+        Ok(())
+    }
+
+    /// After the optimizer updated this rank's shards: every rank gathers the whole working
+    /// weights (ZeRO-3 block groups are gathered on use instead). No-op with one rank.
+    pub fn gather_weights(&self, be: &dyn Backend) -> Result<()> {
+        let Some(d) = &self.dist else { return Ok(()) };
+        for (gi, g) in self.layout.groups.iter().enumerate() {
+            if self.weights_sharded(gi) {
+                continue;
+            }
+            let sh = self.shard(gi);
+            let full = &self.weights.groups[gi];
+            d.comm.all_gather(be, full, &full.slice(d.rank() * sh.size, &[sh.size]), Stream::Compute, &format!("weights of {}", g.name))?;
+        }
+        Ok(())
     }
 
     pub fn master_is_weights(&self) -> bool {
@@ -160,6 +264,11 @@ impl Params {
     /// copy). Pair with `release(l)`.
     pub fn block(&self, be: &dyn Backend, l: usize) -> Result<BlockTensors> {
         let gi = self.layout.block_group(l);
+        if let Some(g) = &self.gathered {
+            self.gather_block(be, g, l)?;
+            let full = g.ready_for_compute(be, l, self.shard(gi).padded)?;
+            return Ok(BlockTensors::of(&full, &self.layout.groups[gi]));
+        }
         Ok(match &self.weight_slots {
             Some(s) => BlockTensors::of(&s.acquire(be, l, &self.weights.groups[gi])?, &self.layout.groups[gi]),
             None => self.weights.block(&self.layout, l),
@@ -168,13 +277,27 @@ impl Params {
     /// Starts bringing block l's weights to the device (streaming; no-op otherwise or past the
     /// last block).
     pub fn prefetch(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        if let Some(g) = self.gathered.as_ref().filter(|_| l < self.cfg.num_layers) {
+            return self.gather_block(be, g, l);
+        }
         match &self.weight_slots {
             Some(s) if l < self.cfg.num_layers => s.fetch(be, l, &self.weights.groups[self.layout.block_group(l)]),
             _ => Ok(()),
         }
     }
+    /// ZeRO-3: starts gathering block l's weights from every rank's shard into its slot on the
+    /// copy stream (unless the slot holds them).
+    fn gather_block(&self, be: &dyn Backend, g: &Slots, l: usize) -> Result<()> {
+        let (Some(d), gi) = (&self.dist, self.layout.block_group(l)) else { return Ok(()) };
+        let shard = &self.weights.groups[gi];
+        g.fetch_with(be, l, self.shard(gi).padded, |dst| d.comm.all_gather(be, dst, shard, Stream::Copy, &format!("weights of block {l}")))
+    }
+
     /// Done with block l's weights for this pass: its slot may be refilled.
     pub fn release(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        if let Some(g) = &self.gathered {
+            return g.release(be, l);
+        }
         match &self.weight_slots {
             Some(s) => s.release(be, l),
             None => Ok(()),
@@ -185,15 +308,22 @@ impl Params {
     pub fn block_group_weights(&self, l: usize) -> Tensor {
         let gi = self.layout.block_group(l);
         let host = &self.weights.groups[gi];
+        if let Some(g) = &self.gathered {
+            return g.view(l, self.shard(gi).padded);
+        }
         match &self.weight_slots {
             Some(s) => s.view(l, host.numel()),
             None => *host,
         }
     }
-    /// The host copies of the weights changed (optimizer step, load): slots must be refetched.
+    /// The host copies (or shards) of the weights changed (optimizer step, load): slots must be
+    /// refilled.
     pub fn weights_changed(&self) {
         if let Some(s) = &self.weight_slots {
             s.invalidate();
+        }
+        if let Some(g) = &self.gathered {
+            g.invalidate();
         }
     }
     pub fn head(&self) -> HeadTensors {
@@ -203,6 +333,11 @@ impl Params {
     /// first micro-batch, else loaded from the host). Pair with `release_grad(l)`.
     pub fn grad_block(&self, be: &dyn Backend, l: usize) -> Result<BlockTensors> {
         let gi = self.layout.block_group(l);
+        if let Some(g) = &self.grad_scratch {
+            let slot = g.begin_write(be, l, self.shard(gi).padded)?;
+            be.zero(&slot, Stream::Compute)?;
+            return Ok(BlockTensors::of(&slot, &self.layout.groups[gi]));
+        }
         Ok(match &self.grad_slots {
             Some(s) => BlockTensors::of(&s.prepare_grad(be, l, &self.grads.groups[gi], self.first_micro.get())?, &self.layout.groups[gi]),
             None => self.grads.block(&self.layout, l),
@@ -217,6 +352,11 @@ impl Params {
     }
     /// Block l's backward is issued: an offloaded gradient goes back to the host.
     pub fn release_grad(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        if let (Some(g), Some(d)) = (&self.grad_scratch, &self.dist) {
+            let gi = self.layout.block_group(l);
+            let shard = &self.grads.groups[gi];
+            return g.store_with(be, l, self.shard(gi).padded, |src| d.comm.reduce_scatter(be, shard, src, false, Stream::CopyBack, &format!("gradients of block {l}")));
+        }
         match &self.grad_slots {
             Some(s) => s.store_grad(be, l, &self.grads.groups[self.layout.block_group(l)]),
             None => Ok(()),
@@ -230,10 +370,10 @@ impl Params {
     /// back, so that the host accumulators are complete for what follows.
     pub fn micro_batch_done(&self, be: &dyn Backend) -> Result<()> {
         self.first_micro.set(false);
-        match &self.grad_slots {
-            Some(s) => s.join(be),
-            None => Ok(()),
+        for s in [&self.grad_slots, &self.grad_scratch].into_iter().flatten() {
+            s.join(be)?;
         }
+        Ok(())
     }
     pub fn grad_head(&self) -> HeadTensors {
         self.grads.head(&self.layout)
@@ -251,19 +391,41 @@ impl Params {
         groups.iter().enumerate().try_for_each(|(gi, vals)| self.set_group_f32(be, gi, vals))
     }
 
-    /// Group `gi`'s master (and working) weights from f32 host values.
+    /// Group `gi`'s master (and working) weights from f32 host values of the whole group: each
+    /// buffer takes its part (the rank's shard, or the whole group).
     fn set_group_f32(&self, be: &dyn Backend, gi: usize, vals: &[f32]) -> Result<()> {
-        upload_f32(be, &self.master.groups[gi], vals)?;
+        let sh = self.shard(gi);
+        let mine = &vals[sh.start..sh.start + sh.len];
+        let w = &self.weights.groups[gi];
+        if self.weights_sharded(gi) {
+            upload_f32(be, &w.slice(0, &[sh.len]), mine)?;
+        } else {
+            upload_f32(be, &w.slice(0, &[vals.len()]), vals)?;
+        }
         if !self.master_is_weights() {
-            upload_f32(be, &self.weights.groups[gi], vals)?;
+            upload_f32(be, &self.master.groups[gi].slice(0, &[sh.len]), mine)?;
         }
         Ok(())
     }
 
-    /// Master weights as f32 host values, one vector per group.
+    /// Master weights as f32 host values, one vector per group (gathered from every rank: the
+    /// whole model on every rank).
     pub fn master_f32(&self, be: &dyn Backend) -> Result<Vec<Vec<f32>>> {
-        self.master.groups.iter().map(|t| download_f32(be, t)).collect()
+        (0..self.layout.groups.len()).map(|gi| self.gather_f32(be, &self.opt_shard(gi).master, gi)).collect()
     }
+
+    /// The whole group gi from every rank's shard `mine` (this rank's part of a sharded buffer).
+    fn gather_f32(&self, be: &dyn Backend, mine: &Tensor, gi: usize) -> Result<Vec<f32>> {
+        let Some(d) = &self.dist else { return download_f32(be, mine) };
+        let parts = d.comm.all_gather_bytes(&be.download(mine)?, &format!("{} of {}", "master weights", self.layout.groups[gi].name))?;
+        let bytes: Vec<u8> = parts.concat();
+        let mut v = vec![0f32; bytes.len() / mine.dtype.size()];
+        llmq_core::dtype::decode_into(mine.dtype, &bytes, &mut v);
+        Ok(v)
+    }
+
+    /// Gradients as f32 host values, one vector per group (one rank: after a reduce-scatter the
+    /// gradients of a rank are meaningful only in its shard).
     pub fn grads_f32(&self, be: &dyn Backend) -> Result<Vec<Vec<f32>>> {
         self.grads.groups.iter().map(|t| download_f32(be, t)).collect()
     }

@@ -33,11 +33,13 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// Plans `cfg` trained with `tc` (its memory options included).
+    /// Plans `cfg` trained with `tc` (its memory options included): with several ranks, the
+    /// memory of one rank.
     pub fn new(cfg: &ModelConfig, tc: &TrainConfig, backend_reserve: usize) -> Result<MemoryPlan> {
         tc.validate(cfg)?;
         let mut be = PlanBackend::new();
-        Model::new(&mut be, cfg, tc.precision, RunShape { b: tc.batch_size, t: tc.seq_len }, &tc.memory)?;
+        let dist = crate::zero::Dist::for_planning(tc);
+        Model::new_dist(&mut be, cfg, tc.precision, RunShape { b: tc.batch_size, t: tc.seq_len }, &tc.memory, dist)?;
         Ok(MemoryPlan { allocations: be.allocations, backend_reserve })
     }
 
@@ -334,6 +336,8 @@ mod tests {
             max_bad_steps: 3,
             spike: Default::default(),
             backend: Default::default(),
+            world_size: 1,
+            z_loss: 0.0,
         }
     }
 

@@ -55,6 +55,10 @@ pub struct DataChoice {
     pub synthetic_vocab: usize,
     /// Resume even where a token file's content fingerprint changed.
     pub allow_data_change: bool,
+    /// This rank of `world` data-parallel ranks (0 of 1 for one device; 0 counts as 1): token
+    /// files are read rank-strided, the synthetic and random sources get a stream per rank.
+    pub rank: usize,
+    pub world: usize,
 }
 
 /// Training data, evaluation data, and the synthetic corpus's entropy floor where it is used.
@@ -63,28 +67,30 @@ pub type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>, Option<f
 /// The sources of `d` for a model of `cfg` trained with `tc`; `check` runs over each token
 /// loader when it is opened (every id against the vocabulary, before the first step).
 pub fn resolve_data(d: &DataChoice, cfg: &ModelConfig, tc: &TrainConfig, check: &dyn Fn(&TokenLoader, &str) -> Result<()>) -> Result<Sources> {
+    let (rank, world) = (d.rank, d.world.max(1));
     let eval: Option<Box<dyn BatchSource>> = match &d.eval_file {
         None => None,
         Some(p) => {
-            let ev = TokenLoader::eval(&loader::expand_glob(p)?, tc.seq_len, 0, 1, Some(cfg.vocab_size))?;
+            let ev = TokenLoader::eval(&loader::expand_glob(p)?, tc.seq_len, rank, world, Some(cfg.vocab_size))?;
             check(&ev, "eval")?;
             Some(Box::new(ev))
         }
     };
     if let Some(pattern) = &d.train_file {
-        let opts = LoaderOptions { vocab_limit: Some(cfg.vocab_size), allow_data_change: d.allow_data_change, ..LoaderOptions::train(tc.seq_len, tc.seed) };
+        let opts = LoaderOptions { vocab_limit: Some(cfg.vocab_size), allow_data_change: d.allow_data_change, rank, world_size: world, ..LoaderOptions::train(tc.seq_len, tc.seed) };
         let train = TokenLoader::from_glob(pattern, opts)?;
         check(&train, "training")?;
         return Ok((Box::new(train), eval, None));
     }
     if d.random_data {
-        return Ok((Box::new(RandomTokens::new(cfg.vocab_size, tc.seed)), eval, None));
+        let seed = if world > 1 { loader::mix_seed(tc.seed, rank as u64) } else { tc.seed };
+        return Ok((Box::new(RandomTokens::new(cfg.vocab_size, seed)), eval, None));
     }
     if d.synthetic_vocab > cfg.vocab_size || d.synthetic_vocab < 2 {
         return Err(Error::Config(format!("--synthetic-vocab must be in 2..={} (the model's vocab_size), got {}", cfg.vocab_size, d.synthetic_vocab)));
     }
     let src = MarkovSource::new(d.synthetic_vocab, tc.seed);
     let floor = src.entropy_rate();
-    let eval = eval.unwrap_or_else(|| Box::new(src.stream(u64::MAX).mark_start()));
-    Ok((Box::new(src.stream(0)), Some(eval), Some(floor)))
+    let eval = eval.unwrap_or_else(|| Box::new(src.stream(u64::MAX - rank as u64).mark_start()));
+    Ok((Box::new(src.stream(rank as u64)), Some(eval), Some(floor)))
 }

@@ -1,7 +1,9 @@
 //! Weight streaming and gradient offloading on one device: block weights (and gradients) live in
 //! pinned host memory and pass through two device slots, so that block l computes in one slot
 //! while the copy streams move block l±1 through the other (host to device on `Stream::Copy`,
-//! gradients back on `Stream::CopyBack`).
+//! gradients back on `Stream::CopyBack`). ZeRO-3 and ZeRO-2 use the same slots with collectives
+//! in place of the copies: block weights gathered from every rank's shard on the copy stream,
+//! block gradients reduce-scattered into the ranks' shards on the copy-back stream.
 //!
 //! Block l always uses slot l % 2, so consecutive blocks alternate and a prefetch never evicts the
 //! block being computed. Every hand-over between the compute and copy streams is an event:
@@ -53,6 +55,12 @@ impl Slots {
     /// Starts copying `host` (block l's weights) into its slot on the copy stream, unless the
     /// slot holds block l already.
     pub fn fetch(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {
+        self.fetch_with(be, l, host.numel(), |dst| be.copy(dst, host, Stream::Copy))
+    }
+
+    /// Fills block l's slot (its first `numel` elements) on the copy stream with `fill` (a copy,
+    /// or a gather from every rank's shard), unless the slot holds block l already.
+    pub fn fetch_with(&self, be: &dyn Backend, l: usize, numel: usize, fill: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
         let s = Self::slot(l);
         let mut owner = self.owner.get();
         if owner[s] == Some(l) {
@@ -60,7 +68,7 @@ impl Slots {
         }
         be.wait(Stream::Copy, self.free[s])?;
         be.wait(Stream::Copy, self.saved[s])?; // gradients: after the slot's copy back
-        be.copy(&self.slots[s].slice(0, &[host.numel()]), host, Stream::Copy)?;
+        fill(&self.slots[s].slice(0, &[numel]))?;
         be.record(self.ready[s], Stream::Copy)?;
         owner[s] = Some(l);
         self.owner.set(owner);
@@ -70,8 +78,13 @@ impl Slots {
     /// Makes the compute stream wait until block l's weights are in their slot.
     pub fn acquire(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<Tensor> {
         self.fetch(be, l, host)?;
+        self.ready_for_compute(be, l, host.numel())
+    }
+
+    /// Makes the compute stream wait for block l's slot (filled by `fetch_with`).
+    pub fn ready_for_compute(&self, be: &dyn Backend, l: usize, numel: usize) -> Result<Tensor> {
         be.wait(Stream::Compute, self.ready[Self::slot(l)])?;
-        Ok(self.view(l, host.numel()))
+        Ok(self.view(l, numel))
     }
 
     /// The compute stream is done with block l's slot (for now).
@@ -126,10 +139,16 @@ impl Slots {
     /// Copies block l's slot back to `host` on the copy-back stream once the compute stream's
     /// work so far is done; the slot keeps its contents (and owner) until rewritten.
     pub fn store(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {
+        self.store_with(be, l, host.numel(), |src| be.copy(host, src, Stream::CopyBack))
+    }
+
+    /// Like `store`, with `drain` (a copy back, or a reduce-scatter into every rank's shard)
+    /// reading the slot's first `numel` elements on the copy-back stream.
+    pub fn store_with(&self, be: &dyn Backend, l: usize, numel: usize, drain: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
         let s = Self::slot(l);
         be.record(self.free[s], Stream::Compute)?;
         be.wait(Stream::CopyBack, self.free[s])?;
-        be.copy(host, &self.view(l, host.numel()), Stream::CopyBack)?;
+        drain(&self.view(l, numel))?;
         be.record(self.saved[s], Stream::CopyBack)
     }
 

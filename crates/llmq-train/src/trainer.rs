@@ -8,7 +8,9 @@ use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use crate::schedule::Schedule;
 use crate::spike::{SpikeGuard, SpikeState};
-use llmq_core::{AdamW, Backend, Error, ModelConfig, Result};
+use crate::zero::Dist;
+use llmq_core::{AdamW, Backend, Comm, Error, ModelConfig, ReduceOp, Result, Stream};
+use std::sync::Arc;
 use llmq_io::data::BatchSource;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -69,6 +71,16 @@ pub struct TrainConfig {
     /// Kernel and algorithm choices of a GPU backend (they change the last bits of results).
     #[serde(default)]
     pub backend: llmq_core::BackendOptions,
+    /// Data-parallel ranks: each runs `grad_accumulation` micro-batches of its own per step.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// z-loss coefficient: the training loss adds z·logsumexp² per token (0: none).
+    #[serde(default)]
+    pub z_loss: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -83,6 +95,7 @@ impl TrainConfig {
         pos("--batch-size", self.batch_size)?;
         pos("--seq-len", self.seq_len)?;
         pos("--grad-accumulation", self.grad_accumulation)?;
+        pos("--gpus", self.world_size)?;
         if self.steps == 0 {
             return Err(Error::Config("--steps must be positive, got 0".into()));
         }
@@ -95,6 +108,9 @@ impl TrainConfig {
         if self.eval_every > 0 && self.eval_batches == 0 {
             return Err(Error::Config("--eval-every needs --eval-batches > 0".into()));
         }
+        if !self.z_loss.is_finite() || self.z_loss < 0.0 {
+            return Err(Error::Config(format!("--z-loss must be a non-negative number, got {}", self.z_loss)));
+        }
         self.schedule.validate()?;
         self.optim.validate()?;
         self.spike.validate()?;
@@ -102,8 +118,9 @@ impl TrainConfig {
         self.precision.validate()?;
         self.memory.validate(&self.precision)
     }
+    /// Tokens per optimizer step over all ranks: B x T x accumulation x ranks.
     pub fn tokens_per_step(&self) -> usize {
-        self.batch_size * self.seq_len * self.grad_accumulation
+        self.batch_size * self.seq_len * self.grad_accumulation * self.world_size
     }
 }
 
@@ -170,19 +187,57 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(
-        mut be: Box<dyn Backend>,
+        be: Box<dyn Backend>,
         cfg: &ModelConfig,
         tc: TrainConfig,
         data: Box<dyn BatchSource>,
         eval_data: Option<Box<dyn BatchSource>>,
     ) -> Result<Trainer> {
+        Trainer::new_rank(be, cfg, tc, data, eval_data, None)
+    }
+
+    /// The trainer of one rank of a data-parallel group (`comm`; `None` or a group of one is the
+    /// single-device trainer). Its data source must be the rank's (rank r of N reads chunks
+    /// r, r + N, ...).
+    pub fn new_rank(
+        mut be: Box<dyn Backend>,
+        cfg: &ModelConfig,
+        tc: TrainConfig,
+        data: Box<dyn BatchSource>,
+        eval_data: Option<Box<dyn BatchSource>>,
+        comm: Option<Arc<dyn Comm>>,
+    ) -> Result<Trainer> {
         tc.validate(cfg)?;
+        let world = comm.as_ref().map_or(1, |c| c.world());
+        if world != tc.world_size {
+            return Err(Error::Config(format!("the configuration is for {} ranks, the communicator has {world}", tc.world_size)));
+        }
+        let dist = comm.and_then(|c| Dist::for_run(c, &tc));
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let model = Model::new(be.as_mut(), cfg, tc.precision, shape, &tc.memory).map_err(|e| match e {
+        let mut model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;
+        model.z_loss = tc.z_loss as f32;
         Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None })
+    }
+
+    /// This rank's communicator, with more than one rank.
+    pub fn comm(&self) -> Option<&dyn Comm> {
+        self.model.params.dist.as_ref().map(|d| d.comm.as_ref())
+    }
+
+    /// Rank of this trainer in its group (0 with one rank).
+    pub fn rank(&self) -> usize {
+        self.comm().map_or(0, |c| c.rank())
+    }
+
+    /// Host values summed over ranks (rank order); unchanged with one rank.
+    fn sum_over_ranks(&self, vals: &mut [f64], what: &str) -> Result<()> {
+        match self.comm() {
+            Some(c) => c.all_reduce_host(vals, ReduceOp::Sum, what),
+            None => Ok(()),
+        }
     }
 
     pub fn init_from_scratch(&mut self) -> Result<()> {
@@ -202,7 +257,9 @@ impl Trainer {
         let (b, t) = (self.tc.batch_size, self.tc.seq_len);
         let batches = (0..self.tc.grad_accumulation).map(|_| self.data.next_batch(b, t)).collect::<Result<Vec<_>>>()?;
         // the loss is the mean over real targets of the whole step (the reference counts masked ones too)
-        let valid: usize = batches.iter().map(|b| b.valid_targets()).sum();
+        let mut valid = [batches.iter().map(|b| b.valid_targets()).sum::<usize>() as f64];
+        self.sum_over_ranks(&mut valid, "target count")?;
+        let valid = valid[0] as usize;
         let dloss = if valid > 0 { 1.0 / valid as f32 } else { 0.0 };
         let be = self.be.as_ref();
         self.model.zero_grads(be)?;
@@ -215,7 +272,10 @@ impl Trainer {
             self.issue_seconds = t0.elapsed().as_secs_f64();
             loss_sum += self.model.loss_sum(be)?;
         }
-        Ok((if valid > 0 { loss_sum / valid as f64 } else { 0.0 }, valid))
+        self.model.params.reduce_gradients(be)?;
+        let mut loss_sum = [loss_sum];
+        self.sum_over_ranks(&mut loss_sum, "loss")?;
+        Ok((if valid > 0 { loss_sum[0] / valid as f64 } else { 0.0 }, valid))
     }
 
     /// The global L2 norm of the accumulated gradients.
@@ -226,8 +286,28 @@ impl Trainer {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
+        let health = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).is_some_and(|h| h.begin_step(self.step + 1));
         let (loss, _) = self.accumulate_gradients()?;
-        self.finish_step(loss, t0)
+        let st = self.finish_step(loss, t0)?;
+        if health {
+            let records = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).map(|h| h.take()).unwrap_or_default();
+            if let Some(log) = &mut self.log {
+                log.write(&serde_json::json!({"type": "fp8_health", "step": st.step, "tensors": records}));
+            }
+        }
+        Ok(st)
+    }
+
+    /// `--log-amax N`: every N steps, the abs-max, scale and saturated and flushed fractions of
+    /// every tensor the fp8 matmuls quantise, into the JSON log (`crate::fp8_health`).
+    pub fn log_fp8_health(&mut self, every: u64) -> Result<()> {
+        match &mut self.model.fp8 {
+            Some(f) => {
+                f.health = (every > 0).then(|| crate::fp8_health::Health::new(every));
+                Ok(())
+            }
+            None => Err(Error::Config("--log-amax reports on fp8 matmuls: it needs --matmul-dtype e4m3".into())),
+        }
     }
 
     /// The second half of a step, after `accumulate_gradients`: norm, non-finite check, clipping,
@@ -290,13 +370,20 @@ impl Trainer {
         self.updates += 1;
         let p = &self.model.params;
         let o = &self.tc.optim;
+        let be = self.be.as_ref();
         for (gi, g) in p.layout.groups.iter().enumerate() {
-            let args = AdamW {
-                params: &p.weights.groups[gi],
-                master: &p.master.groups[gi],
-                grads: &p.grads.groups[gi],
-                m: &p.m.groups[gi],
-                v: &p.v.groups[gi],
+            // distinct stochastic-rounding streams per step and group (and shard: the hash is of
+            // the index within the buffer)
+            let seed = self.tc.seed ^ (self.updates << 20) ^ gi as u64;
+            let seed = p.dist.as_ref().map_or(seed, |d| llmq_io::loader::mix_seed(seed, d.rank() as u64));
+            let amax = self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]);
+            let t = p.opt_shard(gi);
+            let base = AdamW {
+                params: &t.params,
+                master: &t.master,
+                grads: &t.grads,
+                m: &t.m,
+                v: &t.v,
                 lr: lr as f32,
                 beta1: o.beta1 as f32,
                 beta2: o.beta2 as f32,
@@ -304,13 +391,34 @@ impl Trainer {
                 weight_decay: o.weight_decay as f32,
                 step: self.updates,
                 grad_scale,
-                // distinct stochastic-rounding streams per step and group
-                seed: self.tc.seed ^ (self.updates << 20) ^ gi as u64,
-                absmax: self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]),
+                seed,
+                absmax: None,
             };
-            self.be.adamw(&args, &g.segments())?;
+            let Some(d) = &p.dist else {
+                be.adamw(&AdamW { absmax: amax, ..base }, &g.segments())?;
+                continue;
+            };
+            // one rank's shard: each matrix's abs-max is that of its part, then the max over ranks
+            if let Some(am) = amax {
+                be.zero(am, Stream::Compute)?;
+            }
+            let segs = t.shard.segments(&g.segments());
+            match amax {
+                Some(am) => {
+                    for (si, s) in &segs {
+                        let slot = am.slice(*si, &[1]);
+                        be.adamw(&AdamW { absmax: Some(&slot), ..base }, std::slice::from_ref(s))?;
+                    }
+                }
+                None if !segs.is_empty() => be.adamw(&base, &segs.iter().map(|(_, s)| *s).collect::<Vec<_>>())?,
+                None => {}
+            }
+            if let Some(am) = amax {
+                d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
+            }
         }
-        self.model.weights_updated(self.be.as_ref())
+        p.gather_weights(be)?;
+        self.model.weights_updated(be)
     }
 
     /// Mean loss over `eval_batches` batches of the eval source (restarted each time).
@@ -320,7 +428,8 @@ impl Trainer {
         let be = self.be.as_ref();
         let state = ev.state();
         let (mut sum, mut count) = (0.0, 0usize);
-        for _ in 0..self.tc.eval_batches {
+        // eval_batches over all ranks (each takes every N-th chunk)
+        for _ in 0..self.tc.eval_batches.div_ceil(self.tc.world_size) {
             let batch = ev.next_batch(b, t)?;
             self.model.set_batch(be, &batch)?;
             self.model.forward(be, None)?;
@@ -328,6 +437,8 @@ impl Trainer {
             count += batch.valid_targets();
         }
         ev.restore(&state)?;
-        Ok(Some(if count > 0 { sum / count as f64 } else { f64::NAN }))
+        let mut v = [sum, count as f64];
+        self.sum_over_ranks(&mut v, "eval loss")?;
+        Ok(Some(if v[1] > 0.0 { v[0] / v[1] } else { f64::NAN }))
     }
 }

@@ -93,7 +93,7 @@ fn checkpoints_resume_under_other_memory_and_speed_options() {
     let mut a = trainer(&cfg, tc(fp8, overlap));
     bits(&mut a);
     bits(&mut a);
-    let saved = llmq_train::checkpoint::save(&a, &dir, &llmq_io::ckpt::Lineage::fresh()).unwrap();
+    let saved = llmq_train::checkpoint::save(&a, &dir, &llmq_io::ckpt::Lineage::fresh()).unwrap().unwrap();
     let straight: Vec<_> = (0..2).map(|_| bits(&mut a)).collect();
     let (_, recompute) = Recompute::all_variants().into_iter().last().unwrap();
     let other = MemoryOptions { recompute, persistent_quants: true, offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };

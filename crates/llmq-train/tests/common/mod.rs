@@ -46,6 +46,8 @@ pub fn train_config(b: usize, t: usize, accum: usize, steps: u64) -> TrainConfig
         max_bad_steps: 3,
         spike: Default::default(),
         backend: Default::default(),
+        world_size: 1,
+        z_loss: 0.0,
     }
 }
 
