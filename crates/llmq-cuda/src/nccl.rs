@@ -18,8 +18,9 @@
 //! Collectives are queued on the backend's stream named by their `Stream` argument (the handles
 //! are taken from the backend at construction; each call checks that the backend handed in is
 //! the same device). Tensors may be device memory or mapped pinned host memory; fp8 and every
-//! other dtype move as bytes. Host collectives (`all_reduce_host`, `all_gather_bytes`) go through
-//! a small device buffer of this communicator on a stream of its own and wait for completion.
+//! other dtype move as bytes. Host collectives (`all_reduce_host`, `all_gather_bytes`,
+//! `gather_bytes`, which only root receives) go through a small device buffer of this
+//! communicator on a stream of its own and wait for completion.
 //!
 //! Timeouts: the communicator is non-blocking. Every device collective records an event after
 //! itself; a watchdog thread polls the events and NCCL's asynchronous error, and a collective
@@ -491,6 +492,57 @@ impl NcclComm {
         Ok(out)
     }
 
+    /// Every rank's bytes (of lengths `lens`) on `root`, through the buffer in chunks: the other
+    /// ranks send their chunk (zero-padded to the longest), root receives all in one NCCL group.
+    fn host_gather(&self, what: &str, root: usize, lens: &[usize], mine: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+        let (world, me, buf) = (self.world, self.rank, self.buf);
+        let most = lens.iter().copied().max().unwrap_or(0);
+        let chunk = (HOST_BUF / (world + 1)) & !15;
+        let send_at = chunk * world;
+        let mut out: Vec<Vec<u8>> = if me == root { lens.iter().map(|&l| Vec::with_capacity(l)).collect() } else { Vec::new() };
+        let mut tmp = vec![0u8; if me == root { chunk * world } else { 0 }];
+        let mut off = 0;
+        while off < most {
+            let c = chunk.min(most - off);
+            if me == root {
+                self.host_call(what, &[], 0, &mut tmp[..c * world], |comm, s| {
+                    // SAFETY: world ranges of c <= chunk bytes lie in the buffer; comm is live.
+                    unsafe {
+                        nc::ncclGroupStart();
+                        for r in (0..world).filter(|&r| r != root) {
+                            let q = nc::ncclRecv((buf + (r * c) as u64) as *mut _, c, nc::ncclDataType_t::ncclUint8, r as i32, comm, s);
+                            if !is_ok(q) && !in_progress(q) {
+                                nc::ncclGroupEnd();
+                                return q;
+                            }
+                        }
+                        nc::ncclGroupEnd()
+                    }
+                })?;
+                for (r, o) in out.iter_mut().enumerate() {
+                    let take = lens[r].saturating_sub(off).min(c);
+                    o.extend_from_slice(if r == root { &mine[off..off + take] } else { &tmp[r * c..r * c + take] });
+                }
+            } else {
+                let mut send = vec![0u8; c];
+                let have = mine.len().saturating_sub(off).min(c);
+                send[..have].copy_from_slice(&mine[off..off + have]);
+                self.host_call(what, &send, send_at, &mut [], |comm, s| {
+                    // SAFETY: c <= chunk bytes at send_at lie in the buffer; comm is live.
+                    unsafe { nc::ncclSend((buf + send_at as u64) as *const _, c, nc::ncclDataType_t::ncclUint8, root as i32, comm, s) }
+                })?;
+            }
+            off += c;
+        }
+        Ok((me == root).then_some(out))
+    }
+
+    /// Every rank's byte count, in rank order.
+    fn host_lengths(&self, what: &str, n: usize) -> Result<Vec<usize>> {
+        let lens = self.host_all_gather(what, &(n as u64).to_le_bytes())?;
+        Ok(lens.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize).collect())
+    }
+
     /// Element-wise reduction of f64 host values over ranks, through the buffer in chunks.
     fn host_reduce_f64(&self, what: &str, vals: &mut [f64], op: nc::ncclRedOp_t) -> Result<()> {
         let per = HOST_BUF / 8;
@@ -639,13 +691,21 @@ impl Comm for NcclComm {
 
     fn all_gather_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
         let desc = format!("gather '{what}'");
-        let lens = self.host_all_gather(&desc, &(bytes.len() as u64).to_le_bytes())?;
-        let lens: Vec<usize> = lens.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize).collect();
+        let lens = self.host_lengths(&desc, bytes.len())?;
         let most = lens.iter().copied().max().unwrap_or(0);
         let mut padded = bytes.to_vec();
         padded.resize(most, 0);
         let all = self.host_all_gather(&desc, &padded)?;
         Ok(lens.iter().enumerate().map(|(r, &l)| all[r * most..r * most + l].to_vec()).collect())
+    }
+
+    fn gather_bytes(&self, bytes: &[u8], root: usize, what: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        if root >= self.world {
+            return Err(Error::Op(format!("gather '{what}': root {root} is not a rank of {}", self.world)));
+        }
+        let desc = format!("gather to {root} '{what}'");
+        let lens = self.host_lengths(&desc, bytes.len())?;
+        self.host_gather(&desc, root, &lens, bytes)
     }
 
     fn abort(&self, why: &str) {

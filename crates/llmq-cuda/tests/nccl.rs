@@ -225,7 +225,10 @@ fn host_collectives_match_the_cpu() {
     for n in [0, 1, 1000, (1 << 20) + 17, 3 << 20] {
         let b = rand_bytes(&mut p.rng, n);
         assert_eq!(nc.all_gather_bytes(&b, "ckpt").unwrap(), tc.all_gather_bytes(&b, "ckpt").unwrap(), "gather of {n} bytes");
+        assert_eq!(nc.gather_bytes(&b, 0, "ckpt").unwrap(), tc.gather_bytes(&b, 0, "ckpt").unwrap(), "gather to 0 of {n} bytes");
     }
+    let e = nc.gather_bytes(&[1], 1, "ckpt").unwrap_err().to_string();
+    assert!(e.contains("root 1 is not a rank of 1"), "{e}");
 }
 
 #[test]
@@ -353,6 +356,13 @@ fn two_rank_body(r: usize, id: llmq_cuda::NcclId, tc: ThreadComm, done: &std::sy
     let g1 = nc.all_gather_bytes(&mine_b, "cfg").unwrap();
     let g2 = tc.all_gather_bytes(&mine_b, "cfg").unwrap();
     out.push(("gather bytes".into(), if g1 == g2 { vec![] } else { b"differ".to_vec() }));
+    // lengths that differ by rank and span several chunks of the staging buffer
+    let big = rand_bytes(&mut rng, (700 << 10) * (r + 1) + 3);
+    for root in 0..2 {
+        let g1 = nc.gather_bytes(&big, root, "ckpt").unwrap();
+        let g2 = tc.gather_bytes(&big, root, "ckpt").unwrap();
+        out.push((format!("gather to {root}"), if g1 == g2 && g1.is_some() == (r == root) { vec![] } else { b"differ".to_vec() }));
+    }
     // rank 1 never calls this one: rank 0 times out naming it; then both see the abort
     nc.barrier("before the timeout").unwrap();
     if r == 0 {
