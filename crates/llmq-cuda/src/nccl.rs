@@ -160,7 +160,7 @@ impl Shared {
         let mut r = r;
         while in_progress(r) {
             if Instant::now() >= deadline {
-                self.fail(st, format!("{what}: NCCL did not finish queueing it before the timeout (communicator aborted)"));
+                self.fail(st, format!("{what} did not finish within the timeout while NCCL queued it: a rank did not arrive (communicator aborted)"));
                 return self.check_failed(st);
             }
             std::thread::yield_now();
