@@ -5,6 +5,7 @@ mod device;
 mod files_cmd;
 mod plot;
 mod preflight;
+mod ranks;
 mod signals;
 mod train_args;
 mod train_cmd;
