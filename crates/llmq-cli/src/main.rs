@@ -2,6 +2,7 @@
 
 mod backend_args;
 mod device;
+mod eval_cmd;
 mod files_cmd;
 mod plot;
 mod preflight;
@@ -43,6 +44,8 @@ enum Cmd {
     Tokenize(files_cmd::TokenizeArgs),
     /// Export a checkpoint as a Hugging Face model directory.
     Export(files_cmd::ExportArgs),
+    /// Loss and perplexity of a model or checkpoint on token files (no training step).
+    Eval(eval_cmd::EvalArgs),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
         Cmd::Plot(a) => plot::run(a),
         Cmd::Tokenize(a) => files_cmd::run_tokenize(a),
         Cmd::Export(a) => files_cmd::run_export(a),
+        Cmd::Eval(a) => eval_cmd::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");
