@@ -97,22 +97,88 @@ pub fn effective(matches: &ArgMatches, sub: &Command) -> String {
             toml::Value::Boolean(matches.get_flag(id))
         } else {
             let Some(raw) = matches.try_get_raw(id).ok().flatten().and_then(|mut v| v.next()) else { continue };
-            typed(&raw.to_string_lossy())
+            typed(&raw.to_string_lossy(), arg)
         };
         table.insert(long.to_string(), value);
     }
     format!("# the effective options of `llmq {0}`; `llmq {0} --config FILE` repeats them\n{table}", sub.get_name())
 }
 
-/// A TOML number where the text is one (an integer where it reads back as the same text; a
-/// float otherwise, which reads back as the same f64), else a string.
-fn typed(raw: &str) -> toml::Value {
-    if let Some(i) = raw.parse::<i64>().ok().filter(|i| i.to_string() == raw) {
-        return toml::Value::Integer(i);
-    }
-    let numeric = raw.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
-    match raw.parse::<f64>() {
-        Ok(f) if numeric && f.is_finite() => toml::Value::Float(f),
+/// A float for a float option (it reads back as the same f64); an integer where it reads back
+/// as the same text; else a string (a path named `1.0` stays one).
+fn typed(raw: &str, arg: &Arg) -> toml::Value {
+    let float_option = arg.get_value_parser().type_id() == clap::builder::ValueParser::from(clap::value_parser!(f64)).type_id();
+    match (raw.parse::<f64>(), raw.parse::<i64>()) {
+        (Ok(f), _) if float_option && f.is_finite() => toml::Value::Float(f),
+        (_, Ok(i)) if i.to_string() == raw => toml::Value::Integer(i),
         _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train_args::TrainArgs;
+    use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Sub,
+    }
+    #[derive(Subcommand)]
+    enum Sub {
+        #[command(args_override_self = true)]
+        Train(TrainArgs),
+    }
+
+    /// `llmq train ARGS` with `toml` as its --config file: the parsed options and their
+    /// effective config.
+    fn parse(toml: Option<&str>, args: &[&str]) -> Result<(TrainArgs, String)> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = std::env::temp_dir().join(format!("llmq-config-unit-{}-{n}.toml", std::process::id()));
+        let mut argv: Vec<OsString> = ["llmq", "train"].iter().chain(args).map(OsString::from).collect();
+        if let Some(t) = toml {
+            std::fs::write(&file, t).unwrap();
+            argv.extend(["--config".into(), file.clone().into()]);
+        }
+        let mut cmd = Cli::command();
+        let expanded = expand(argv, &cmd);
+        let _ = std::fs::remove_file(&file);
+        let (argv, _) = expanded?;
+        let m = cmd.try_get_matches_from_mut(argv).map_err(|e| Error::Config(e.to_string()))?;
+        let Sub::Train(a) = Cli::from_arg_matches(&m).unwrap().cmd;
+        let (_, sub) = m.subcommand().unwrap();
+        Ok((a, effective(sub, cmd.find_subcommand("train").unwrap())))
+    }
+
+    /// Every option's value, for comparisons (the config file's path aside).
+    fn values(a: &TrainArgs) -> String {
+        format!("{:?}", TrainArgs { config: None, ..a.clone() })
+    }
+
+    #[test]
+    fn file_keys_are_flags_in_either_case_and_flags_override_them() {
+        let (a, _) = parse(Some("batch_size = 3\nseq-len = 7\nfrom_scratch = true\nrandom-data = false\nlearning-rate = 1e-2\ncontinue = true\nckpt-dir = \"ck\"\n"), &["--seq-len", "9"]).unwrap();
+        assert_eq!((a.batch_size, a.seq_len, a.from_scratch, a.random_data, a.learning_rate), (3, 9, true, false, 1e-2));
+        assert_eq!(a.continue_from.as_deref(), Some("latest"));
+        let e = parse(Some("steps = 2\nmodel_name = \"x\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains(".toml") && e.contains("key `model_name`: not an option of `llmq train`"), "{e}");
+        let e = parse(Some("steps = [2]\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("key `steps`: expected a string, number or boolean"), "{e}");
+        let e = parse(Some("profile = 1\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("key `profile`: --profile is a flag: expected true or false, got 1"), "{e}");
+    }
+
+    #[test]
+    fn the_effective_config_parses_back_to_the_same_options() {
+        let args = ["--learning-rate", "3e-3", "--model", "1.0", "--from-scratch", "--continue", "12", "--ckpt-dir", "c", "--seed", "18446744073709551615", "--memory-limit", "16GiB", "--warmup", "0"];
+        let (a, saved) = parse(None, &args).unwrap();
+        assert!(saved.contains("\nlearning-rate = 0.003\n") && saved.contains("\nmodel = \"1.0\"\n") && saved.contains("\ncontinue = 12\n"), "{saved}");
+        let (b, again) = parse(Some(&saved), &[]).unwrap();
+        assert_eq!(values(&a), values(&b));
+        assert_eq!(saved, again);
+        assert_ne!(values(&a), values(&parse(None, &args[..args.len() - 2]).unwrap().0), "the comparison sees a changed option");
     }
 }
