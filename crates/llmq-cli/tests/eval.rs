@@ -28,16 +28,17 @@ fn eval_json(model: &Path, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(out.lines().last().unwrap()).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-#[test]
-fn eval_of_the_exported_model_and_checkpoint_equals_the_runs_final_eval() {
-    let d = tmpdir("eval");
-    let data = dataset(&d);
+/// Trains the tiny model on `device` (6 steps, a final eval of 3 batches of 4 x 32 on the eval
+/// file), exporting it in `export_dtype` and checkpointing it: (eval file, export, checkpoint
+/// root, the final eval's loss as logged).
+fn trained(d: &Path, device: &str, export_dtype: &str) -> (String, std::path::PathBuf, std::path::PathBuf, serde_json::Value) {
+    let data = dataset(d);
     let ev = d.join("eval.bin");
     token_file(&ev, 4 * 33 * 3 + 20, 256, 256, 7);
     let (out, ck, log) = (d.join("model"), d.join("ck"), d.join("run.jsonl"));
     llmq(&cmd(
-        "train --device cpu --model tiny --from-scratch --batch-size 4 --seq-len 32 --steps 6 --warmup 1 --eval-every 0 --eval-batches 3 --export-dtype fp32",
-        &["--train-file", &data, "--eval-file", ev.to_str().unwrap(), "--export", out.to_str().unwrap(), "--ckpt-dir", ck.to_str().unwrap(), "--log-file", log.to_str().unwrap()],
+        "train --model tiny --from-scratch --batch-size 4 --seq-len 32 --steps 6 --warmup 1 --eval-every 0 --eval-batches 3",
+        &["--device", device, "--export-dtype", export_dtype, "--train-file", &data, "--eval-file", ev.to_str().unwrap(), "--export", out.to_str().unwrap(), "--ckpt-dir", ck.to_str().unwrap(), "--log-file", log.to_str().unwrap()],
     ));
     let evals: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
@@ -46,9 +47,17 @@ fn eval_of_the_exported_model_and_checkpoint_equals_the_runs_final_eval() {
         .filter(|v| v["type"] == "eval")
         .collect();
     assert_eq!(evals.len(), 1, "{evals:?}");
-    let final_loss = evals[0]["loss"].to_string();
+    (ev.to_str().unwrap().to_string(), out, ck, evals[0]["loss"].clone())
+}
+
+#[test]
+fn eval_of_the_exported_model_and_checkpoint_equals_the_runs_final_eval() {
+    let d = tmpdir("eval");
+    let (ev, out, ck, logged) = trained(&d, "cpu", "fp32");
+    let ev = Path::new(&ev);
+    let final_loss = logged.to_string();
     // a trained tiny model on random bytes: near ln 256, well below a uniform guess's upper bound
-    assert!(evals[0]["loss"].as_f64().is_some_and(|l| l > 4.0 && l < 7.0), "{final_loss}");
+    assert!(logged.as_f64().is_some_and(|l| l > 4.0 && l < 7.0), "{final_loss}");
 
     let shape = ["--eval-file", ev.to_str().unwrap(), "--batch-size", "4", "--seq-len", "32", "--batches", "3"];
     for model in [out.clone(), ck.clone(), ck.join("step_00000006")] {
@@ -86,5 +95,30 @@ fn eval_of_the_exported_model_and_checkpoint_equals_the_runs_final_eval() {
     llmq_io::tokfile::write_token_file(&bad, &toks, None, None).unwrap();
     let err = llmq_err(&cmd("eval --device cpu --batch-size 4 --seq-len 32 --eval-file", &[bad.to_str().unwrap(), out.to_str().unwrap()]));
     assert!(err.contains("bad_id.bin") && err.contains("300"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// On a GPU: the exported (bf16) model evaluated by `llmq eval --device cuda` gives the run's
+/// final eval loss bit for bit, and the CPU backend with bf16 matmuls comes close to it.
+#[test]
+fn gpu_eval_equals_the_runs_final_eval_and_the_cpu_comes_close() {
+    if let Err(reason) = llmq_cuda::cuda_available() {
+        llmq_cuda::skip_gpu_test(&format!("no CUDA device: {reason}"));
+        return;
+    }
+    let d = tmpdir("eval-gpu");
+    let (ev, out, ck, logged) = trained(&d, "cuda", "bf16");
+    let shape = ["--eval-file", ev.as_str(), "--batch-size", "4", "--seq-len", "32", "--batches", "3", "--json"];
+    for model in [&out, &ck] {
+        let mut args = vec!["eval", model.to_str().unwrap(), "--device", "cuda"];
+        args.extend_from_slice(&shape);
+        let r: serde_json::Value = serde_json::from_str(llmq(&args).lines().last().unwrap()).unwrap();
+        assert_eq!(r["loss"], logged, "{}", model.display());
+    }
+    let mut args = vec!["eval", out.to_str().unwrap(), "--device", "cpu", "--matmul-dtype", "bf16"];
+    args.extend_from_slice(&shape);
+    let r: serde_json::Value = serde_json::from_str(llmq(&args).lines().last().unwrap()).unwrap();
+    let (cpu, gpu) = (r["loss"].as_f64().unwrap(), logged.as_f64().unwrap());
+    assert!((cpu - gpu).abs() < 0.02 * gpu, "CPU {cpu} vs GPU {gpu}");
     let _ = std::fs::remove_dir_all(&d);
 }
