@@ -28,7 +28,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Matmul operands: fp32, bf16 or e4m3 (as the training run's --matmul-dtype, for its eval
-    /// loss bit for bit). Default: bf16 on a GPU, fp32 on the CPU.
+    /// loss bit for bit). Default: a checkpoint's run's; else bf16 on a GPU, fp32 on the CPU.
     #[arg(long)]
     pub matmul_dtype: Option<String>,
     /// Print the result as one JSON object (loss, perplexity, tokens, batches).
@@ -43,11 +43,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let shape = EvalShape { batch_size: a.batch_size, seq_len: a.seq_len, batches: a.batches };
     let mut data = EvalData::open(&a.eval_file, &model.cfg, shape, &|l| crate::preflight::check_tokens(l, "eval"))?;
     let (mut be, gpu) = device::select(&a.device, &a.backend.options()?)?;
-    let matmul = match &a.matmul_dtype {
-        Some(s) => DType::parse(s).ok_or_else(|| Error::Config(format!("--matmul-dtype: unknown dtype {s:?} (fp32, bf16, e4m3)")))?,
-        None if gpu.is_some() => DType::BF16,
-        None => DType::F32,
-    };
+    let asked = a.matmul_dtype.as_deref().map(|s| DType::parse(s).ok_or_else(|| Error::Config(format!("--matmul-dtype: unknown dtype {s:?} (fp32, bf16, e4m3)")))).transpose()?;
+    let matmul = eval::matmul_dtype(asked, &model, gpu.is_some());
     let precision = eval::precision(matmul);
     precision.validate()?;
     if !a.json {

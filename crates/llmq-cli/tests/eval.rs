@@ -29,16 +29,16 @@ fn eval_json(model: &Path, extra: &[&str]) -> serde_json::Value {
 }
 
 /// Trains the tiny model on `device` (6 steps, a final eval of 3 batches of 4 x 32 on the eval
-/// file), exporting it in `export_dtype` and checkpointing it: (eval file, export, checkpoint
-/// root, the final eval's loss as logged).
-fn trained(d: &Path, device: &str, export_dtype: &str) -> (String, std::path::PathBuf, std::path::PathBuf, serde_json::Value) {
+/// file) with `extra` options, exporting it in `export_dtype` and checkpointing it: (eval file,
+/// export, checkpoint root, the final eval's loss as logged).
+fn trained(d: &Path, device: &str, export_dtype: &str, extra: &[&str]) -> (String, std::path::PathBuf, std::path::PathBuf, serde_json::Value) {
     let data = dataset(d);
     let ev = d.join("eval.bin");
     token_file(&ev, 4 * 33 * 3 + 20, 256, 256, 7);
     let (out, ck, log) = (d.join("model"), d.join("ck"), d.join("run.jsonl"));
     llmq(&cmd(
         "train --model tiny --from-scratch --batch-size 4 --seq-len 32 --steps 6 --warmup 1 --eval-every 0 --eval-batches 3",
-        &["--device", device, "--export-dtype", export_dtype, "--train-file", &data, "--eval-file", ev.to_str().unwrap(), "--export", out.to_str().unwrap(), "--ckpt-dir", ck.to_str().unwrap(), "--log-file", log.to_str().unwrap()],
+        &[extra, &["--device", device, "--export-dtype", export_dtype, "--train-file", &data, "--eval-file", ev.to_str().unwrap(), "--export", out.to_str().unwrap(), "--ckpt-dir", ck.to_str().unwrap(), "--log-file", log.to_str().unwrap()]].concat(),
     ));
     let evals: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
@@ -53,7 +53,7 @@ fn trained(d: &Path, device: &str, export_dtype: &str) -> (String, std::path::Pa
 #[test]
 fn eval_of_the_exported_model_and_checkpoint_equals_the_runs_final_eval() {
     let d = tmpdir("eval");
-    let (ev, out, ck, logged) = trained(&d, "cpu", "fp32");
+    let (ev, out, ck, logged) = trained(&d, "cpu", "fp32", &[]);
     let ev = Path::new(&ev);
     let final_loss = logged.to_string();
     // a trained tiny model on random bytes: near ln 256, well below a uniform guess's upper bound
@@ -74,6 +74,16 @@ fn eval_of_the_exported_model_and_checkpoint_equals_the_runs_final_eval() {
     // without --batches: every whole batch of the file (3 here); the human-readable summary
     let text = llmq(&cmd("eval --device cpu --batch-size 4 --seq-len 32 --eval-file", &[ev.to_str().unwrap(), out.to_str().unwrap()]));
     assert!(text.contains("384 tokens in 3 batches") && text.contains("perplexity"), "{text}");
+
+    // a checkpoint evaluates with its run's matmul dtype unless told otherwise; a model directory
+    // with the backend's default (fp32 on the CPU)
+    let d2 = d.join("bf16");
+    std::fs::create_dir_all(&d2).unwrap();
+    let (_, out2, ck2, logged2) = trained(&d2, "cpu", "fp32", &["--matmul-dtype", "bf16"]);
+    assert_eq!(eval_json(&ck2, &shape)["loss"], logged2);
+    assert_ne!(eval_json(&out2, &shape)["loss"], logged2);
+    let bf16: Vec<&str> = shape.iter().copied().chain(["--matmul-dtype", "bf16"]).collect();
+    assert_eq!(eval_json(&out2, &bf16)["loss"], logged2);
 
     // bad inputs, each refused naming what is wrong
     let err = llmq_err(&cmd("eval --device cpu --batch-size 4 --seq-len 32 --batches 4 --eval-file", &[ev.to_str().unwrap(), out.to_str().unwrap()]));
@@ -107,7 +117,7 @@ fn gpu_eval_equals_the_runs_final_eval_and_the_cpu_comes_close() {
         return;
     }
     let d = tmpdir("eval-gpu");
-    let (ev, out, ck, logged) = trained(&d, "cuda", "bf16");
+    let (ev, out, ck, logged) = trained(&d, "cuda", "bf16", &[]);
     let shape = ["--eval-file", ev.as_str(), "--batch-size", "4", "--seq-len", "32", "--batches", "3", "--json"];
     for model in [&out, &ck] {
         let mut args = vec!["eval", model.to_str().unwrap(), "--device", "cuda"];

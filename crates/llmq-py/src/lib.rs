@@ -148,7 +148,9 @@ fn evaluate<'py>(
         let m = eval::resolve_model(&name)?;
         let mut data = EvalData::open(&pattern, &m.cfg, shape, &|l| l.check_all_tokens(&mut |_, _| {}))?;
         let (mut be, on_gpu) = trainer::select_backend(&o.device, &o.backend()?)?;
-        let precision = eval::precision(o.train_config(on_gpu)?.precision.matmul);
+        o.train_config(on_gpu)?; // the options' checks
+        let asked = o.matmul_dtype.as_deref().and_then(llmq_core::DType::parse);
+        let precision = eval::precision(eval::matmul_dtype(asked, &m, on_gpu));
         eval::evaluate(be.as_mut(), m, precision, &mut data, &mut |_| {})
     })?;
     let d = PyDict::new(py);

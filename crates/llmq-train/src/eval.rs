@@ -24,6 +24,8 @@ enum Weights {
 pub struct EvalModel {
     pub cfg: ModelConfig,
     pub describe: String,
+    /// The matmul dtype of the run a checkpoint comes from.
+    pub run_matmul: Option<DType>,
     weights: Weights,
 }
 
@@ -43,15 +45,17 @@ pub fn resolve_model(name: &str) -> Result<EvalModel> {
         None
     };
     if let Some(d) = ckpt_dir {
+        let state = ckpt::open_checkpoint(&d)?.state;
+        let run_matmul = state.pointer("/train/precision/matmul").and_then(|v| serde_json::from_value(v.clone()).ok());
         let (cfg, groups) = crate::checkpoint::model_config(&d)?;
-        return Ok(EvalModel { cfg, describe: format!("checkpoint {}", d.display()), weights: Weights::Loaded(groups) });
+        return Ok(EvalModel { cfg, describe: format!("checkpoint {}", d.display()), run_matmul, weights: Weights::Loaded(groups) });
     }
     let dir = hf::resolve_model_dir(name).map_err(|e| match e {
         Error::Config(m) => Error::Config(format!("{m}; nor is it a checkpoint")),
         e => e,
     })?;
     let cfg = hf::load_config(&dir)?;
-    Ok(EvalModel { cfg, describe: format!("{} (pretrained weights)", dir.display()), weights: Weights::Dir(dir) })
+    Ok(EvalModel { cfg, describe: format!("{} (pretrained weights)", dir.display()), run_matmul: None, weights: Weights::Dir(dir) })
 }
 
 /// The batches an evaluation reads.
@@ -116,6 +120,13 @@ impl EvalResult {
     pub fn perplexity(&self) -> f64 {
         self.loss.exp()
     }
+}
+
+/// The matmul dtype of an evaluation: the one asked for, else that of the run a checkpoint comes
+/// from (its eval loss bit for bit), else what training defaults to (bf16 on a GPU, fp32 on the
+/// CPU).
+pub fn matmul_dtype(asked: Option<DType>, model: &EvalModel, on_gpu: bool) -> DType {
+    asked.or(model.run_matmul).unwrap_or(if on_gpu { DType::BF16 } else { DType::F32 })
 }
 
 /// The precision of an evaluation with matmuls in `matmul`: the working weights of a training
