@@ -7,6 +7,7 @@ mod eval_cmd;
 mod files_cmd;
 mod plot;
 mod preflight;
+mod ranks;
 mod signals;
 mod train_args;
 mod train_cmd;
