@@ -59,8 +59,9 @@ def evaluate(
     from_scratch: bool = False,
     **options: Any,
 ) -> _EvalResult:
-    """Loss and perplexity of a model on the first `batches` batches of eval_file (default: all
-    the whole batches it holds)."""
+    """Loss and perplexity of a model (a checkpoint, model directory or Hugging Face cache name)
+    on the first `batches` batches of eval_file (default: all the whole batches it holds), as
+    `llmq eval`; from_scratch=True is refused (no weights)."""
 
 @final
 class Trainer:

@@ -9,6 +9,18 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
+    // ---- config file ----
+    /// Read options from a TOML file: keys are the flags' names (kebab or snake case), values
+    /// TOML strings, numbers and booleans; flags on the command line override the file.
+    #[arg(long, value_name = "FILE", help_heading = "Config file")]
+    pub config: Option<PathBuf>,
+    /// Write the effective options (given and default) as a config file that repeats the run.
+    #[arg(long, value_name = "FILE", help_heading = "Config file")]
+    pub save_config: Option<PathBuf>,
+    /// The effective options as config-file text (`crate::config_file::effective`).
+    #[arg(skip)]
+    pub effective_config: String,
+
     // ---- model ----
     /// Model: a built-in shape (tiny, qwen2.5-0.5b, ..., llama-3.1-8b), a directory with
     /// config.json (+ safetensors), or a name in the local Hugging Face cache. Default: the

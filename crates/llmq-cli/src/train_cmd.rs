@@ -284,6 +284,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     if let (true, Some(path)) = (lead, &args.log_file) {
         let mut log = JsonLog::open(path)?;
         log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
+        log.write(&serde_json::json!({"type": "config", "toml": args.effective_config}));
         log.write(&serde_json::json!({"type": "dataset", "train": trainer.data.describe(), "floor": floor}));
         log.write(&memory_record(&trainer));
         trainer.log = Some(log);

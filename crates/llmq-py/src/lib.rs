@@ -9,7 +9,7 @@ mod options;
 mod trainer;
 
 use llmq_core::{Error, Mem, MemCategory};
-use llmq_io::loader::{self, TokenLoader};
+use llmq_train::eval::{self, EvalData, EvalShape};
 use llmq_train::plan::{lifetime, MemoryPlan};
 use options::Options;
 use pyo3::create_exception;
@@ -120,9 +120,10 @@ fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, option
     plan_dict(py, &p, limit)
 }
 
-/// Loss and perplexity of a model on token files: `batches` batches of batch_size x seq_len
-/// tokens from the start of `eval_file` (default: all the whole batches it holds), with the
-/// options of `Trainer` (the model is built as for training, optimizer state included).
+/// Loss and perplexity of a model (a checkpoint, model directory or Hugging Face cache name) on
+/// token files, as `llmq eval`: `batches` batches of batch_size x seq_len tokens from the start
+/// of `eval_file` (default: all the whole batches it holds), with the matmul dtype and device of
+/// the options.
 #[pyfunction]
 #[pyo3(signature = (model=None, eval_file=None, batches=None, from_scratch=false, **options))]
 fn evaluate<'py>(
@@ -137,27 +138,26 @@ fn evaluate<'py>(
     if let Some(f) = eval_file {
         o.eval_file = Some(f.to_string_lossy().into_owned());
     }
+    if o.from_scratch {
+        return Err(PyValueError::new_err("evaluate(): a model built from scratch has no weights to evaluate"));
+    }
+    let name = o.model.clone().ok_or_else(|| PyValueError::new_err("evaluate(): model is required"))?;
     let pattern = o.eval_file.clone().ok_or_else(|| PyValueError::new_err("evaluate(): eval_file is required"))?;
-    let (b, t) = (o.batch_size, o.seq_len);
-    let (loss, n) = trainer::detached(py, move || {
-        let per_epoch = TokenLoader::eval(&loader::expand_glob(&pattern)?, t.max(1), 0, 1, None)?.chunks_per_epoch();
-        let whole = per_epoch as usize / b.max(1);
-        let n = batches.unwrap_or(whole);
-        if n == 0 || n > whole {
-            return Err(Error::Config(format!(
-                "evaluate(): {pattern} holds {whole} whole batches of batch_size={b} sequences of seq_len={t}, asked for {n}"
-            )));
-        }
-        o.eval_batches = n;
-        let mut tr = trainer::PyTrainer::build(o)?;
-        let loss = tr.trainer().evaluate()?.ok_or_else(|| Error::Config("evaluate(): no evaluation data".into()))?;
-        Ok((loss, n))
+    let shape = EvalShape { batch_size: o.batch_size, seq_len: o.seq_len, batches };
+    let r = trainer::detached(py, move || {
+        let m = eval::resolve_model(&name)?;
+        let mut data = EvalData::open(&pattern, &m.cfg, shape, &|l| l.check_all_tokens(&mut |_, _| {}))?;
+        let (mut be, on_gpu) = trainer::select_backend(&o.device, &o.backend()?)?;
+        o.train_config(on_gpu)?; // the options' checks
+        let asked = o.matmul_dtype.as_deref().and_then(llmq_core::DType::parse);
+        let precision = eval::precision(eval::matmul_dtype(asked, &m, on_gpu));
+        eval::evaluate(be.as_mut(), m, precision, &mut data, &mut |_| {})
     })?;
     let d = PyDict::new(py);
-    d.set_item("loss", loss)?;
-    d.set_item("perplexity", loss.exp())?;
-    d.set_item("batches", n)?;
-    d.set_item("tokens", n * b * t)?;
+    d.set_item("loss", r.loss)?;
+    d.set_item("perplexity", r.perplexity())?;
+    d.set_item("batches", r.batches)?;
+    d.set_item("tokens", r.tokens)?;
     Ok(d)
 }
 

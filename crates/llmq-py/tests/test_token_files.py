@@ -60,6 +60,7 @@ def test_evaluate_gives_the_loss_and_perplexity_of_a_model_directory(tmp_path):
     for _ in range(5):
         tr.train_step()
     tr.export(tmp_path / "model", dtype="fp32")
+    ck = tr.save_checkpoint(tmp_path / "ck")
 
     shape = dict(device="cpu", batch_size=4, seq_len=32)
     r = llmq.evaluate(tmp_path / "model", tmp_path / "eval.bin", **shape)
@@ -68,6 +69,10 @@ def test_evaluate_gives_the_loss_and_perplexity_of_a_model_directory(tmp_path):
     # the same numbers as a trainer of that model evaluating those batches
     same = llmq.Trainer(tmp_path / "model", eval_file=tmp_path / "eval.bin", eval_batches=r["batches"], **shape)
     assert same.validate() == r["loss"]
+    # the checkpoint holds the same weights (the export is fp32): the same loss, as the CLI's
+    assert llmq.evaluate(ck, tmp_path / "eval.bin", **shape) == r
+    with pytest.raises(ValueError, match="from scratch has no weights"):
+        llmq.evaluate("tiny", tmp_path / "eval.bin", from_scratch=True, **shape)
     assert llmq.evaluate(tmp_path / "model", tmp_path / "eval.bin", batches=1, **shape)["batches"] == 1
     with pytest.raises(ValueError, match=rf"holds {r['batches']} whole batches of batch_size=4 sequences of seq_len=32, asked for 99"):
         llmq.evaluate(tmp_path / "model", tmp_path / "eval.bin", batches=99, **shape)

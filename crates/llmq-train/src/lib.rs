@@ -7,6 +7,7 @@
 
 pub mod acts;
 pub mod checkpoint;
+pub mod eval;
 pub mod ckpt_session;
 pub mod fit;
 pub mod flops;
