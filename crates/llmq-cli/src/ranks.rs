@@ -105,7 +105,7 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
             world,
             ordinal: rank,
             threads: Some(threads),
-            nccl: nccl.clone(),
+            nccl,
             memcpy_all_gather: args.memcpy_all_gather,
             memcpy_send_recv: args.memcpy_send_recv,
             timeout,
