@@ -46,22 +46,30 @@ pub fn run_tokenize(a: TokenizeArgs) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}, {msg} ({eta})",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = tokenize(&opts, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    // redrawn on a timer, so that elapsed time and rates move while a batch is encoded
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    let report = tokenize(&opts, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / start.elapsed().as_secs_f64().max(1e-3)));
     })?;
     bar.finish_and_clear();
+    let eos = &report.eos;
     println!(
-        "{} documents, {} tokens (vocab {}, EOS {}) -> {} file(s):",
+        "{} documents, {} tokens (vocab {}) in {:.1} s -> {} file(s); after each document: {} (id {}, {})",
         report.documents,
         report.tokens,
         report.vocab_size,
-        report.eos_id,
-        report.files.len()
+        start.elapsed().as_secs_f64(),
+        report.files.len(),
+        eos.token.as_deref().unwrap_or("<no string>"),
+        eos.id,
+        eos.source
     );
     for f in &report.files {
         println!("  {} ({} tokens)", f.path.display(), f.n_tokens);
