@@ -15,21 +15,28 @@ use llmq_train::ckpt_session::CkptSession;
 use llmq_train::{flops, TrainConfig, Trainer};
 pub use llmq_train::setup::ModelChoice;
 
+/// The model, its vocabulary fitted to the token files (checked before anything is allocated).
 pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
-    setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)
+    let mut m = setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)?;
+    setup::fit_vocab_to_data(&mut m, &data_choice(args, 0, 1))?;
+    Ok(m)
 }
 
-/// The data of rank `rank` (of `tc.world_size`); rank 0 checks every token id up front.
-fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usize) -> Result<setup::Sources> {
-    let d = DataChoice {
+fn data_choice(args: &TrainArgs, rank: usize, world: usize) -> DataChoice {
+    DataChoice {
         train_file: args.train_file.clone(),
         eval_file: args.eval_file.clone(),
         random_data: args.random_data,
         synthetic_vocab: args.synthetic_vocab,
         allow_data_change: args.allow_data_change,
         rank,
-        world: tc.world_size,
-    };
+        world,
+    }
+}
+
+/// The data of rank `rank` (of `tc.world_size`); rank 0 checks every token id up front.
+fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usize) -> Result<setup::Sources> {
+    let d = data_choice(args, rank, tc.world_size);
     let no_check = |_: &llmq_io::loader::TokenLoader, _: &str| Ok(());
     setup::resolve_data(&d, cfg, tc, if rank == 0 { &preflight::check_tokens } else { &no_check })
 }

@@ -94,3 +94,55 @@ pub fn resolve_data(d: &DataChoice, cfg: &ModelConfig, tc: &TrainConfig, check: 
     let eval = eval.unwrap_or_else(|| Box::new(src.stream(u64::MAX - rank as u64).mark_start()));
     Ok((Box::new(src.stream(rank as u64)), Some(eval), Some(floor)))
 }
+
+/// Fits the model's vocabulary to the token files of `d` (train and eval), reading only their
+/// headers (and, for version-1 files, their ids), before anything is allocated. A model built
+/// from a shape (no model directory) takes its vocabulary from the files, so that their ids fit
+/// it; a model directory keeps its own and is refused where a file's header says the tokenizer
+/// had more ids than the model has rows, naming both.
+pub fn fit_vocab_to_data(model: &mut ModelChoice, d: &DataChoice) -> Result<()> {
+    let mut infos = Vec::new();
+    for pattern in [&d.train_file, &d.eval_file].into_iter().flatten() {
+        for f in loader::expand_glob(pattern)? {
+            infos.push(llmq_io::tokfile::read_header(&f)?);
+        }
+    }
+    if infos.is_empty() {
+        return Ok(());
+    }
+    if let Some(dir) = &model.dir {
+        let v = model.cfg.vocab_size;
+        if let Some(bad) = infos.iter().find(|i| i.vocab_size.is_some_and(|h| h as usize > v)) {
+            return Err(Error::file(
+                &bad.path,
+                format!(
+                    "field `vocab_size` (bytes 20..24) is {}, more than the model's vocab_size {v} ({}): the files were tokenized for another model",
+                    bad.vocab_size.unwrap_or(0),
+                    dir.join("config.json").display()
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let from_headers = infos.iter().filter_map(|i| i.vocab_size).max().map(|v| v as usize);
+    let v1: Vec<_> = infos.iter().filter(|i| i.vocab_size.is_none()).collect();
+    let (vocab, how) = if v1.is_empty() {
+        (from_headers, "from the token files' headers (field vocab_size)".to_string())
+    } else {
+        let mut max_id = None;
+        for i in &v1 {
+            max_id = max_id.max(llmq_io::tokfile::max_token(&i.path)?);
+        }
+        let from_ids = max_id.map(|m| m as usize + 1);
+        let also = if from_headers.is_some() { ", or the version-2 headers' vocab_size where larger" } else { "" };
+        (
+            from_ids.max(from_headers),
+            format!("{} is a version-1 token file, whose header records no vocabulary: the largest token id of the version-1 files + 1{also}", v1[0].path.display()),
+        )
+    };
+    if let Some(vocab) = vocab {
+        model.cfg.vocab_size = vocab;
+        model.describe += &format!("; vocabulary {vocab} {how}");
+    }
+    Ok(())
+}
