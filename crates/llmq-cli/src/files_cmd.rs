@@ -87,7 +87,8 @@ pub struct ExportArgs {
     /// bf16 or fp32.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    /// Copy tokenizer files from this model directory.
+    /// Copy tokenizer files from this model directory (default: the tokenizer the checkpoint
+    /// records, that of the model the run started from).
     #[arg(long)]
     pub tokenizer_from: Option<PathBuf>,
 }
@@ -99,11 +100,32 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             Error::Config(format!("--dtype: expected bf16 or fp32, got {:?}", a.dtype))
         })?;
     let (cfg, groups) = llmq_train::checkpoint::model_config(&a.checkpoint)?;
-    llmq_io::hf::export_model(&a.output, &cfg, &groups, dtype, a.tokenizer_from.as_deref())?;
+    let tokenizer = match a.tokenizer_from {
+        Some(dir) => Some((dir, "--tokenizer-from")),
+        None => recorded_tokenizer(&a.checkpoint)?,
+    };
+    llmq_io::hf::export_model(&a.output, &cfg, &groups, dtype, tokenizer.as_ref().map(|t| t.0.as_path()))?;
     println!(
         "exported {} ({dtype}) to {}",
         cfg.arch.hf_name(),
         a.output.display()
     );
+    match tokenizer {
+        Some((dir, why)) => println!("tokenizer files from {} ({why})", dir.display()),
+        None => eprintln!(
+            "warning: exported without a tokenizer: the checkpoint records none (a model built from scratch, or a checkpoint from before tokenizers were recorded); pass --tokenizer-from DIR to copy one"
+        ),
+    }
     Ok(())
+}
+
+/// The tokenizer directory recorded in the checkpoint, where it still holds tokenizer files;
+/// a recorded one that is gone is a warning, not an error (the weights still export).
+fn recorded_tokenizer(ckpt: &std::path::Path) -> Result<Option<(PathBuf, &'static str)>> {
+    let Some(dir) = llmq_train::setup::recorded_source(ckpt)?.and_then(|s| s.tokenizer) else { return Ok(None) };
+    if llmq_io::hf::TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file()) {
+        return Ok(Some((dir, "recorded in the checkpoint")));
+    }
+    eprintln!("warning: the checkpoint's tokenizer directory {} holds no tokenizer files any more", dir.display());
+    Ok(None)
 }

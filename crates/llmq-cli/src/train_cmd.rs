@@ -255,6 +255,7 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     }
 
     let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
+    trainer.source = Some(model.source());
     if lead {
         print_memory(&trainer);
     }

@@ -347,3 +347,45 @@ fn a_name_in_the_hf_cache_wins_over_the_built_in_shape() {
     assert!(plan.contains("built-in shape Qwen/Qwen2.5-0.5B") && plan.contains("0.49B parameters"), "{plan}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A checkpoint records where its model and tokenizer came from; `llmq export` copies that
+/// tokenizer without being told, and warns where none is known.
+#[test]
+fn export_copies_the_tokenizer_the_checkpoint_records() {
+    let d = tmpdir("export_tokenizer");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let base = "train --device cpu --steps 2 --batch-size 2 --seq-len 16 --warmup 1 --eval-every 0 --ckpt-interval 1";
+    llmq(&cmd(&format!("{base} --model tiny --from-scratch"), &["--export", &p("m0"), "--ckpt-dir", &p("ck0")]));
+    let tokenizer = br#"{"stand-in": "copied byte for byte"}"#;
+    std::fs::write(d.join("m0/tokenizer.json"), tokenizer).unwrap();
+    std::fs::write(d.join("m0/tokenizer_config.json"), br#"{"eos_token": "x"}"#).unwrap();
+    llmq(&cmd(base, &["--model", &p("m0"), "--ckpt-dir", &p("ck1")]));
+
+    let export = |ck: &str, out: &str, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_llmq")).args(["export", ck, "-o", out]).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (stdout, stderr) = export(&p("ck1/step_00000002"), &p("out1"), &[]);
+    assert_eq!(std::fs::read(d.join("out1/tokenizer.json")).unwrap(), tokenizer);
+    assert!(d.join("out1/tokenizer_config.json").is_file());
+    assert!(stdout.contains("tokenizer files from") && stdout.contains("recorded in the checkpoint"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let src = llmq_train::setup::recorded_source(&d.join("ck1/step_00000001")).unwrap().unwrap();
+    assert_eq!(src.tokenizer.as_deref(), Some(d.join("m0").as_path()));
+
+    // from scratch: no tokenizer known, exported with a warning
+    let (_, stderr) = export(&p("ck0/step_00000002"), &p("out0"), &[]);
+    assert!(stderr.contains("warning: exported without a tokenizer") && stderr.contains("--tokenizer-from"), "{stderr}");
+    assert!(!d.join("out0/tokenizer.json").exists());
+    // unless one is named
+    let (stdout, _) = export(&p("ck0/step_00000002"), &p("out2"), &["--tokenizer-from", &p("m0")]);
+    assert_eq!(std::fs::read(d.join("out2/tokenizer.json")).unwrap(), tokenizer);
+    assert!(stdout.contains("(--tokenizer-from)"), "{stdout}");
+    // a recorded tokenizer that is gone is a warning
+    std::fs::remove_file(d.join("m0/tokenizer.json")).unwrap();
+    std::fs::remove_file(d.join("m0/tokenizer_config.json")).unwrap();
+    let (_, stderr) = export(&p("ck1/step_00000002"), &p("out3"), &[]);
+    assert!(stderr.contains("holds no tokenizer files any more") && stderr.contains("exported without a tokenizer"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&d);
+}

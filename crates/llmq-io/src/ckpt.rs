@@ -456,6 +456,14 @@ pub fn checkpoint_info(dir: &Path) -> Result<(u64, Lineage)> {
     Ok((m.step, m.lineage))
 }
 
+/// The JSON state of the checkpoint in `dir`, checked as [`checkpoint_info`] checks it (tensor
+/// data not read).
+pub fn checkpoint_state(dir: &Path) -> Result<serde_json::Value> {
+    let m = check_sizes(dir)?;
+    check_dir_step(dir, m.step)?;
+    Ok(m.state)
+}
+
 fn check_dir_step(dir: &Path, step: u64) -> Result<()> {
     match dir.file_name().and_then(|n| parse_step_dir(&n.to_string_lossy())) {
         Some(s) if s != step => Err(Error::file(dir, format!("directory is step {s}, manifest says step {step}"))),

@@ -76,6 +76,7 @@ impl PyTrainer {
         let queue = Queue::default();
         let feed = Feed { queue: queue.clone(), source };
         let mut tr = Trainer::new(be, &m.cfg, tc, Box::new(feed), eval)?;
+        tr.source = Some(m.source());
         match &m.dir {
             Some(dir) if !o.from_scratch => tr.set_weights(&hf::load_weights(dir, &m.cfg)?)?,
             _ => tr.init_from_scratch()?,

@@ -19,6 +19,35 @@ pub struct ModelChoice {
     pub dir: Option<PathBuf>,
 }
 
+impl ModelChoice {
+    /// Where the model and its tokenizer come from, as a checkpoint records it.
+    pub fn source(&self) -> ModelSource {
+        let has_tokenizer = |d: &&PathBuf| hf::TOKENIZER_FILES.iter().any(|f| d.join(f).is_file());
+        ModelSource { model: self.describe.clone(), dir: self.dir.clone(), tokenizer: self.dir.as_ref().filter(has_tokenizer).cloned() }
+    }
+}
+
+/// Where a run's model and tokenizer came from: recorded in its checkpoints (state field
+/// `source`), so that `llmq export` can copy the tokenizer files without being told where.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelSource {
+    /// How the model was found (as printed in the configuration).
+    pub model: String,
+    /// The model directory (or Hugging Face cache snapshot) weights and config came from.
+    pub dir: Option<PathBuf>,
+    /// A directory holding the tokenizer files; None where unknown (a shape from scratch).
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// The source recorded in the checkpoint in `dir` (None for checkpoints written before it was
+/// recorded, or by a run that did not know it).
+pub fn recorded_source(dir: &std::path::Path) -> Result<Option<ModelSource>> {
+    match llmq_io::ckpt::checkpoint_state(dir)?.get("source") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| Error::file(dir, format!("state field `source`: {e}"))),
+    }
+}
+
 /// `name`: a model directory, an `Org/Name` in the local Hugging Face cache, or a built-in shape
 /// (which has no weights: `from_scratch` only). None: the embedded default model.
 pub fn resolve_model(name: Option<&str>, from_scratch: bool, synthetic_vocab: usize) -> Result<ModelChoice> {

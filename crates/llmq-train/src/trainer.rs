@@ -177,6 +177,8 @@ pub struct Trainer {
     pub spikes: SpikeState,
     issue_seconds: f64,
     pub log: Option<JsonLog>,
+    /// Where the model and tokenizer came from, recorded in checkpoints.
+    pub source: Option<crate::setup::ModelSource>,
 }
 
 impl Trainer {
@@ -212,7 +214,7 @@ impl Trainer {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;
-        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None })
+        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
     }
 
     /// This rank's communicator, with more than one rank.

@@ -95,3 +95,19 @@ fn a_model_directory_is_checked_against_the_headers_naming_both() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn a_checkpoint_without_a_recorded_source_still_reads() {
+    let d = tmpdir("source");
+    let lineage = llmq_io::ckpt::Lineage::fresh();
+    let old = llmq_io::ckpt::write_checkpoint(&d, 1, &lineage, &[], &serde_json::json!({"step": 1})).unwrap();
+    assert_eq!(llmq_train::setup::recorded_source(&old).unwrap(), None);
+    let src = resolve_model(Some("tiny"), true, 256).unwrap().source();
+    assert_eq!((src.dir.as_ref(), src.tokenizer.as_ref()), (None, None));
+    let new = llmq_io::ckpt::write_checkpoint(&d, 2, &lineage, &[], &serde_json::json!({"step": 2, "source": src})).unwrap();
+    assert_eq!(llmq_train::setup::recorded_source(&new).unwrap(), Some(src));
+    let bad = llmq_io::ckpt::write_checkpoint(&d, 3, &lineage, &[], &serde_json::json!({"step": 3, "source": 7})).unwrap();
+    let e = llmq_train::setup::recorded_source(&bad).unwrap_err();
+    assert!(e.to_string().contains("state field `source`"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
