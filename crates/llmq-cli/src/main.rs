@@ -4,6 +4,7 @@ mod backend_args;
 mod device;
 mod files_cmd;
 mod plot;
+mod plot_svg;
 mod preflight;
 mod signals;
 mod train_args;

@@ -294,6 +294,7 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     }
     if let (true, Some(path)) = (lead, &args.log_file) {
         let mut log = JsonLog::open(path)?;
+        log.set_run(&ckpts.as_ref().map_or_else(llmq_io::ckpt::Lineage::fresh, |c| c.lineage().clone()));
         log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
         log.write(&serde_json::json!({"type": "dataset", "train": trainer.data.describe(), "floor": floor}));
         log.write(&memory_record(&trainer));

@@ -389,3 +389,54 @@ fn export_copies_the_tokenizer_the_checkpoint_records() {
     assert!(stderr.contains("holds no tokenizer files any more") && stderr.contains("exported without a tokenizer"), "{stderr}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Runs appended to one log are told apart: every record carries the run id and the series (the
+/// first run of its checkpoint line), a resumed run continues its series, a fresh run starts its
+/// own; a partial line left by a killed run neither joins the next record nor stops `llmq plot`,
+/// which draws one curve per series and overlays several logs.
+#[test]
+fn a_log_keeps_runs_apart_and_plot_draws_one_curve_per_run() {
+    let d = tmpdir("log_runs");
+    let log = d.join("run.jsonl");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let base = "train --device cpu --model tiny --from-scratch --steps 6 --batch-size 2 --seq-len 16 --warmup 1 --eval-every 3 --ckpt-interval 2";
+    llmq(&cmd(base, &["--log-file", &p("run.jsonl"), "--ckpt-dir", &p("ck"), "--stop-at", "3"]));
+    // a run killed while writing a record
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, br#"{"type":"step","st"#).unwrap();
+    llmq(&cmd(base, &["--log-file", &p("run.jsonl"), "--ckpt-dir", &p("ck"), "--continue"]));
+    llmq(&cmd(base, &["--log-file", &p("run.jsonl"), "--ckpt-dir", &p("ck2")]));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(text.lines().count(), records.len() + 1, "only the partial line is not a record, on a line of its own");
+    let field = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or_else(|| panic!("no `{k}` in {r}")).to_string();
+    let mut runs: Vec<(String, String)> = vec![];
+    for r in &records {
+        let id = (field(r, "run"), field(r, "series"));
+        if runs.last() != Some(&id) {
+            runs.push(id);
+        }
+    }
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert_eq!(runs[0].0, runs[0].1, "a fresh run is its own series");
+    assert_eq!(runs[1].1, runs[0].1, "the resumed run continues the series");
+    assert_ne!(runs[1].0, runs[0].0);
+    assert_ne!(runs[2].1, runs[0].1, "a fresh run appended to the log starts a series");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(["plot", &p("run.jsonl"), "-o", &p("a.svg")]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("2 run(s): 12 train points, 4 eval points"), "{stdout}");
+    assert!(stderr.contains("not a JSON record"), "{stderr}");
+    let svg = std::fs::read_to_string(d.join("a.svg")).unwrap();
+    for w in ["run.jsonl run 1", "run.jsonl run 2", ">learning rate<", ">gradient norm<", ">tokens/s<"] {
+        assert!(svg.contains(w), "{w:?} not in the image");
+    }
+    // two logs overlaid, the train loss smoothed
+    std::fs::copy(&log, d.join("other.jsonl")).unwrap();
+    let o = llmq(&["plot", &p("run.jsonl"), &p("other.jsonl"), "--smooth", "3", "-o", &p("b.svg")]);
+    assert!(o.contains("4 run(s)"), "{o}");
+    assert!(std::fs::read_to_string(d.join("b.svg")).unwrap().contains("other.jsonl run 2"));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -59,6 +59,12 @@ impl Lineage {
         Lineage { run: Lineage::fresh().run, ancestry }
     }
 
+    /// The id of the first run of this line (this run's own where it resumed none): a log's
+    /// records of every segment of the line carry it, so a plot draws them as one curve.
+    pub fn series(&self) -> &str {
+        self.ancestry.first().map_or(&self.run, |(run, _)| run)
+    }
+
     /// The checkpoint this run resumed from, if any.
     pub fn parent(&self) -> Option<&(String, u64)> {
         self.ancestry.last()
