@@ -78,6 +78,9 @@ pub fn smooth(pts: &[(f64, f64)], n: usize) -> Vec<(f64, f64)> {
     out
 }
 
+/// The points of one panel's quantity in a series.
+type Points = fn(&Series) -> &[(f64, f64)];
+
 struct Line<'a> {
     pts: &'a [(f64, f64)],
     color: &'a str,
@@ -112,7 +115,7 @@ pub fn render_svg(series: &[Series], title: &str, smooth_n: usize) -> String {
         }
     }
     let mut panels = vec![loss];
-    let extra: [(&str, fn(&Series) -> &[(f64, f64)]); 3] =
+    let extra: [(&str, Points); 3] =
         [("learning rate", |s| &s.lr), ("gradient norm", |s| &s.norm), ("tokens/s", |s| &s.tokens_per_s)];
     for (name, get) in extra {
         if series.iter().all(|s| get(s).is_empty()) {
