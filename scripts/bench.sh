@@ -10,6 +10,8 @@
 # optimizer state for 0.5B/1.5B (the optimizer's cost counts fully).
 # BENCH_TOKENS below one micro-batch (e.g. 1): one micro-batch per step with that setting's memory.
 # BENCH_EXTRA: more `llmq train` flags for every run (e.g. "--no-wgrad-overlap").
+# BENCH_GPUS=N: N data-parallel ranks (--gpus N); with BENCH_TOKENS the tokens per step stay the
+# same (each rank accumulates 1/N of the micro-batches), so the throughputs compare directly.
 set -uo pipefail
 BIN="${1:-./target/release/llmq}"
 OUT="${2:-bench-out}"
@@ -38,10 +40,11 @@ for w in "${WHICH[@]}"; do
   extra+=("${more[@]}")
   steps="$STEPS"
   if [ -n "${BENCH_TOKENS:-}" ]; then
-    accum=$(( BENCH_TOKENS / (bs * 1024) )); [ "$accum" -lt 1 ] && accum=1
+    accum=$(( BENCH_TOKENS / (bs * 1024 * ${BENCH_GPUS:-1}) )); [ "$accum" -lt 1 ] && accum=1
     extra+=(--grad-accumulation "$accum" --opt-m-dtype bf16 --opt-v-dtype bf16)
     steps="${BENCH_STEPS:-4}"
   fi
+  [ "${BENCH_GPUS:-1}" -gt 1 ] && extra+=(--gpus "$BENCH_GPUS")
   # large models: bf16 master weights and optimizer state (as the reference's published runs)
   case "$size" in 3b|7b) extra+=(--model-dtype bf16 --grad-dtype bf16); [ -z "${BENCH_TOKENS:-}" ] && extra+=(--opt-m-dtype bf16 --opt-v-dtype bf16) ;; esac
   echo "=== $w: $model B=$bs T=1024 ${extra[*]}" | tee -a "$OUT/bench.txt"

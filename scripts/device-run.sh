@@ -2,7 +2,8 @@
 # One device call: GPU tests (incl. the HF transformers comparison), then benchmarks.
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
-#        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...]
+#        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
+#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...]
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -100,6 +101,29 @@ case "$what" in
       --memory-limit "$limit" "$@" >> "$O/capped.txt" 2>&1
     kill $smi
     echo "driver-measured device memory peak: $(sort -n "/tmp/smi-$model-$limit.txt" | tail -1) MiB ($model, $limit)" >> "$O/capped.txt"
+    ;;
+  scaling)
+    # issue 24: one GPU against two at the same tokens per step, for each ZeRO level given:
+    # scaling WHICH... (e.g. 0.5b-fp8 1.5b-fp8 3b-fp8 7b-fp8); SCALING_LEVELS="1 3" by default
+    for w in "$@"; do
+      for run in 1 $(for z in ${SCALING_LEVELS:-1 3}; do echo "2:$z"; done); do
+        gpus="${run%%:*}"; z="${run#*:}"; tag="$w 1gpu"; flags=""
+        [ "$gpus" = 2 ] && { tag="$w 2gpu zero$z"; flags="--zero-level $z ${SCALING_EXTRA:-}"; }
+        rm -rf /tmp/bench
+        BENCH_TOKENS="${BENCH_TOKENS:-524288}" BENCH_GPUS="$gpus" BENCH_EXTRA="$flags" bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench "$w" > /dev/null 2>&1
+        { echo "######## $tag"; cat /tmp/bench/bench.txt; } >> "$O/scaling.txt"
+        for f in /tmp/bench/bench-*.log; do echo "######## $tag $f"; grep -E "^step|throughput|ranks|memory|error" "$f"; done >> "$O/scaling-logs.txt"
+      done
+    done
+    ;;
+  capped-ranks)
+    # consumer-card emulation on several GPUs: capped-ranks GPUS SIZE MODEL ACCUM [llmq flags]
+    # e.g. capped-ranks 2 24GiB qwen2.5-14b 16 --zero-level 3 --auto-memory
+    gpus="$1"; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/smi-ranks.txt & smi=$!
+    bash "$0" capped "$@" --gpus "$gpus"
+    kill $smi
+    echo "driver-measured device memory peak over the GPUs: $(sort -n /tmp/smi-ranks.txt | tail -1) MiB" >> "$O/capped.txt"
     ;;
   profile)
     .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \

@@ -4,10 +4,12 @@ use llmq_core::cpu::CpuBackend;
 use llmq_core::{Backend, BackendOptions, Error, Result};
 
 /// What we know about the GPU in use.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct GpuInfo {
     /// Datasheet peaks (fp8, bf16) in FLOP/s for SOL%, when the GPU is known.
     pub peaks: Option<(f64, f64)>,
+    /// PCI bus id, for telemetry.
+    pub pci_bus_id: Option<String>,
 }
 
 /// Dense tensor-core peaks by GPU name (datasheet, no sparsity).
@@ -53,9 +55,7 @@ pub fn select_rank(device: &str, rank: usize, opts: &BackendOptions) -> Result<(
         "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
             Ok(()) => {
                 let be = llmq_cuda::CudaBackend::new(rank, opts)?;
-                let info = GpuInfo {
-                    peaks: peaks_for(be.device_name()),
-                };
+                let info = GpuInfo { peaks: peaks_for(be.device_name()), pci_bus_id: Some(be.pci_bus_id().to_string()) };
                 Ok((Box::new(be), Some(info)))
             }
             Err(reason) if device == "auto" => {

@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// Clip the global gradient norm to this value (0: off).
     #[arg(long, default_value_t = 1.0, help_heading = "Optimizer")]
     pub grad_clip: f64,
+    /// z-loss coefficient: the training loss adds COEF·logsumexp² per token, keeping the logits'
+    /// normaliser near 1 (e.g. 1e-4; 0: off). Evaluation reports the plain cross-entropy.
+    #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
+    pub z_loss: f64,
 
     /// Loss-spike guard: skip an update whose loss or gradient norm is more than this many
     /// standard deviations above the mean of the recent steps (0: off).
@@ -195,6 +199,11 @@ pub struct TrainArgs {
     /// JSON-lines log file.
     #[arg(long, help_heading = "Evaluation and logging")]
     pub log_file: Option<PathBuf>,
+    /// FP8 health every N steps (0: off): per block matmul and layer, the abs-max, scale and the
+    /// fractions of values that saturate or flush to zero, for weights, activations and
+    /// activation gradients, into the JSON log (needs --matmul-dtype e4m3 and --log-file).
+    #[arg(long, default_value_t = 0, help_heading = "Evaluation and logging")]
+    pub log_amax: u64,
     /// Print a line every N steps.
     #[arg(long, default_value_t = 10, help_heading = "Evaluation and logging")]
     pub print_every: u64,
@@ -395,6 +404,7 @@ impl TrainArgs {
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
             backend: self.backend.options()?,
             world_size: self.gpus,
+            z_loss: self.z_loss,
         })
     }
 }

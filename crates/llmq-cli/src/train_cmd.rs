@@ -164,7 +164,8 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
     println!("  schedule   lr {:e}, {} warmup steps, {} decay to {} x lr{cooldown}", s.lr, s.warmup, s.decay.name(), s.final_fraction);
     let o = &tc.optim;
     let clip = if o.grad_clip > 0.0 { format!("clip gradient norm at {}", o.grad_clip) } else { "no clipping".into() };
-    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}", o.beta1, o.beta2, o.eps, o.weight_decay);
+    let z = if tc.z_loss > 0.0 { format!(", z-loss {}", tc.z_loss) } else { String::new() };
+    println!("  optimizer  AdamW betas {} / {}, eps {:e}, weight decay {}, {clip}{z}", o.beta1, o.beta2, o.eps, o.weight_decay);
     println!("  memory     {}", tc.memory.describe());
     println!("  backend    {}", tc.backend.describe());
     if tc.spike.z > 0.0 {
@@ -250,12 +251,21 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     if lead {
         print_config(&model, &data.describe(), &be.name(), &tc, fit_line.as_deref());
         if let Some(c) = &comm {
-            println!("  ranks      {} | ZeRO-{} | {}", c.describe(), if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 }, "each rank reads every N-th chunk");
+            let level = if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 };
+            println!("  ranks      {} | ZeRO-{level} | each rank reads every N-th chunk", c.describe());
         }
     }
 
     let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
     trainer.source = Some(model.source());
+    if args.log_amax > 0 {
+        if args.log_file.is_none() {
+            return Err(Error::Config("--log-amax writes into the JSON log: add --log-file".into()));
+        }
+        if lead {
+            trainer.log_fp8_health(args.log_amax)?;
+        }
+    }
     if lead {
         print_memory(&trainer);
     }
@@ -315,6 +325,13 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
         p.take(); // setup is not part of a step
     }
     let mut run = Run::new(trainer, opts, stop);
+    // telemetry of rank 0's GPU (NVML); none on the CPU or without NVML
+    if let (true, Some(bus)) = (lead, gpu.as_ref().and_then(|g| g.pci_bus_id.clone())) {
+        match llmq_cuda::telemetry::Telemetry::open(&bus) {
+            Ok(t) => run = run.with_probe(Box::new(move || t.sample())),
+            Err(why) => println!("telemetry: none ({why})"),
+        }
+    }
     let show = Show { floor, peaks: gpu.and_then(|g| g.peaks), print_every: args.print_every.max(1), cfg: &cfg, tc: &tc };
     while !run.done() {
         for ev in run.step()? {
@@ -375,11 +392,11 @@ impl Show<'_> {
     }
     fn event(&self, ev: &RunEvent) {
         match ev {
-            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta } => {
+            RunEvent::Step { stats: st, tokens_per_s, elapsed, eta, telemetry } => {
                 let steps = self.tc.steps;
                 if st.step % self.print_every == 0 || st.step == 1 || st.step == steps {
                     println!(
-                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}",
+                        "step {:>6}/{} ({:5.1}%) | {:7.1} ms | loss {:.4}{} | norm {:.3} | lr {:.2e} | {:.0} tok/s{} | {} elapsed, ETA {}{}",
                         st.step,
                         steps,
                         100.0 * st.step as f64 / steps as f64,
@@ -391,7 +408,8 @@ impl Show<'_> {
                         tokens_per_s,
                         self.sol(*tokens_per_s, " | "),
                         fmt_duration(*elapsed),
-                        fmt_duration(*eta)
+                        fmt_duration(*eta),
+                        telemetry.as_ref().map(llmq_cuda::telemetry::step_text).unwrap_or_default()
                     );
                 }
             }

@@ -59,6 +59,7 @@ fn config(b: usize, t: usize, steps: u64, precision: Precision) -> TrainConfig {
         spike: Default::default(),
         backend: Default::default(),
         world_size: 1,
+        z_loss: 0.0,
     }
 }
 

@@ -371,10 +371,13 @@ pub trait Backend {
     /// inp [N, 2D] holds per row [up (D) | gate (D)]; out [N, D] = up * silu(gate).
     fn swiglu_fwd(&self, out: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()>;
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()>;
-    /// Fused softmax cross-entropy over rows of `logits` [R, V], in place: each row is replaced by
-    /// dloss * (softmax - onehot(target)); losses f32 [R] get -log softmax[target]. Rows whose
-    /// target is -100 get loss 0 and a zero gradient row. Targets outside 0..V are an error.
-    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()>;
+    /// Fused softmax cross-entropy over rows of `logits` [R, V], in place, with z-loss
+    /// coefficient `z` (0: none): with lse = log-sum-exp of the row, losses f32 [R] get
+    /// lse - x[target] + z·lse² (f64, rounded once) and each row is replaced by
+    /// dloss * (softmax·c - onehot(target)) with c = 1 + 2z·lse rounded to f32 (exactly 1 for z = 0).
+    /// Rows whose target is -100 get loss 0 and a zero gradient row. Targets outside 0..V are an
+    /// error.
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()>;
     /// out[j] (+)= sum over rows of inp[:, j] (bias gradient), rows summed in order.
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()>;
     /// out f32[1] = max |inp|.

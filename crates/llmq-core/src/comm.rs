@@ -21,6 +21,7 @@ use crate::backend::{Backend, Stream};
 use crate::dtype::{decode_into, encode_into};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -85,27 +86,30 @@ fn reduce_bytes(dtype: crate::DType, init: Option<&[u8]>, srcs: &[&[u8]], op: Re
     if !dtype.is_float() || dtype.is_fp8() {
         return Err(Error::Op(format!("collective reduction over {dtype} values: only f32 and bf16 are reduced")));
     }
-    let n = out.len() / dtype.size();
-    const CH: usize = 4096;
-    let mut acc = vec![0f32; CH];
-    let mut x = vec![0f32; CH];
+    // chunks of elements in parallel: each element's reduction runs in rank order whatever the
+    // thread count
+    const CH: usize = 1 << 14;
     let sz = dtype.size();
-    for c0 in (0..n).step_by(CH) {
-        let len = CH.min(n - c0);
-        let (acc, x) = (&mut acc[..len], &mut x[..len]);
-        let bytes = |b: &[u8]| b[c0 * sz..(c0 + len) * sz].to_vec();
+    out.par_chunks_mut(CH * sz).enumerate().for_each(|(c, dst)| {
+        let (lo, len) = (c * CH * sz, dst.len() / sz);
+        fn part(b: &[u8], lo: usize, n: usize) -> &[u8] {
+            &b[lo..lo + n]
+        }
+        let nb = len * sz;
+        let mut acc = vec![0f32; len];
+        let mut x = vec![0f32; len];
         let mut first = true;
         if let Some(i) = init {
-            decode_into(dtype, &bytes(i), acc);
+            decode_into(dtype, part(i, lo, nb), &mut acc);
             first = false;
         }
         for s in srcs {
             if first {
-                decode_into(dtype, &bytes(s), acc);
+                decode_into(dtype, part(s, lo, nb), &mut acc);
                 first = false;
                 continue;
             }
-            decode_into(dtype, &bytes(s), x);
+            decode_into(dtype, part(s, lo, nb), &mut x);
             for (a, &v) in acc.iter_mut().zip(x.iter()) {
                 *a = match op {
                     ReduceOp::Sum => *a + v,
@@ -114,8 +118,8 @@ fn reduce_bytes(dtype: crate::DType, init: Option<&[u8]>, srcs: &[&[u8]], op: Re
                 };
             }
         }
-        encode_into(dtype, acc, &mut out[c0 * sz..(c0 + len) * sz]);
-    }
+        encode_into(dtype, &acc, dst);
+    });
     Ok(())
 }
 
@@ -133,13 +137,16 @@ struct Round {
     left: usize,
 }
 
+/// A sent tensor's bytes and the call's signature (checked by the receiver).
+type Message = (String, Vec<u8>);
+
 struct HubState {
     /// Index of the open round: a rank's k-th collective is round k.
     generation: u64,
     round: Round,
     failed: Option<String>,
-    /// (from, to) -> messages (signature, bytes) for send/recv.
-    mail: HashMap<(usize, usize), VecDeque<(String, Vec<u8>)>>,
+    /// (from, to) -> messages for send/recv.
+    mail: HashMap<(usize, usize), VecDeque<Message>>,
 }
 
 struct Hub {

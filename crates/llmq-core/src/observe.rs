@@ -168,9 +168,9 @@ impl<O: Observer> Backend for Observed<O> {
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, am: Option<&Tensor>) -> Result<()> {
         self.call(Call::op("swiglu_bwd", &[Some(dout), Some(inp)], &[Some(dinp), am]), |b| b.swiglu_bwd(dinp, dout, inp, am))
     }
-    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()> {
         // the logits are read and overwritten with their gradient
-        self.call(Call::op("cross_entropy", &[Some(targets)], &[Some(logits), Some(losses)]), |b| b.cross_entropy(logits, losses, targets, dloss))
+        self.call(Call::op("cross_entropy", &[Some(targets)], &[Some(logits), Some(losses)]), |b| b.cross_entropy(logits, losses, targets, dloss, z))
     }
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
         self.call(Call::op("colsum", &[Some(inp)], &[Some(out)]), |b| b.colsum(out, inp, accumulate))

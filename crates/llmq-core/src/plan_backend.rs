@@ -150,7 +150,7 @@ impl Backend for PlanBackend {
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         no_ops()
     }
-    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, _dloss: f32, _z: f32) -> Result<()> {
         no_ops()
     }
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {

@@ -315,6 +315,13 @@ fn swiglu() {
 
 #[test]
 fn cross_entropy_mean_loss_with_ignored_rows() {
+    for z in [0.0, 1e-2, 0.3] {
+        cross_entropy_case(z);
+    }
+}
+
+/// The mean loss (with z-loss coefficient `z`) and its gradient, by finite differences.
+fn cross_entropy_case(z: f32) {
     let mut cx = Ctx::new();
     let mut rng = Rng::new(17);
     let (r, v) = (6, 11);
@@ -325,7 +332,7 @@ fn cross_entropy_mean_loss_with_ignored_rows() {
     let logits = cx.f32(&[r, v], &xv);
     let losses = cx.zeros(F32, &[r]);
     let targets = cx.ids(&tv);
-    cx.be.cross_entropy(&logits, &losses, &targets, dloss).unwrap();
+    cx.be.cross_entropy(&logits, &losses, &targets, dloss, z).unwrap();
     let g = cx.get(&logits);
     for (row, &t) in tv.iter().enumerate() {
         if t == -100 {
@@ -333,12 +340,12 @@ fn cross_entropy_mean_loss_with_ignored_rows() {
         }
     }
     check_grad(
-        "cross_entropy dlogits",
+        &format!("cross_entropy dlogits (z-loss {z})"),
         &xv,
         &g,
         |p| {
             cx.set(&logits, p);
-            cx.be.cross_entropy(&logits, &losses, &targets, dloss).unwrap();
+            cx.be.cross_entropy(&logits, &losses, &targets, dloss, z).unwrap();
             cx.get(&losses).iter().map(|&l| l as f64).sum::<f64>() / valid as f64
         },
         &mut rng,

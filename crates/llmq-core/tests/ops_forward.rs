@@ -634,7 +634,7 @@ fn cross_entropy_reference_and_errors() {
         let xr = cx.get(&logits);
         let losses = cx.zeros(F32, &[r]);
         let targets = cx.ids(&tv);
-        cx.be.cross_entropy(&logits, &losses, &targets, 0.25).unwrap();
+        cx.be.cross_entropy(&logits, &losses, &targets, 0.25, 0.0).unwrap();
         let (gl, gg) = (cx.get(&losses), cx.get(&logits));
         for row in 0..r {
             let x = &xr[row * v..(row + 1) * v];
@@ -658,9 +658,9 @@ fn cross_entropy_reference_and_errors() {
     let losses = cx.zeros(F32, &[r]);
     let before = cx.raw(&logits);
     let (bad1, bad2) = (cx.ids(&[1, 2, 3, 300, 4]), cx.ids(&[1, -5, 3, 3, 4]));
-    let e = cx.be.cross_entropy(&logits, &losses, &bad1, 1.0).unwrap_err().to_string();
+    let e = cx.be.cross_entropy(&logits, &losses, &bad1, 1.0, 0.0).unwrap_err().to_string();
     assert!(e.contains("row 3") && e.contains("300"), "{e}");
-    let e = cx.be.cross_entropy(&logits, &losses, &bad2, 1.0).unwrap_err().to_string();
+    let e = cx.be.cross_entropy(&logits, &losses, &bad2, 1.0, 0.0).unwrap_err().to_string();
     assert!(e.contains("row 1") && e.contains("-5"), "{e}");
     assert_eq!(cx.raw(&logits), before);
 }

@@ -142,7 +142,7 @@ fn kernel_timings(g: &mut CudaBackend) {
     let logits = rand_tensor(g, &mut rng, bf, &[rows, 151936], 2.0);
     let losses = g.alloc(MemCategory::Other, Mem::Device, DType::F32, &[rows]).unwrap();
     let tg = g.alloc(MemCategory::Other, Mem::Device, DType::I32, &[rows]).unwrap();
-    let t = median_time(g, || ok(g.cross_entropy(&logits, &losses, &tg, 1.0)));
+    let t = median_time(g, || ok(g.cross_entropy(&logits, &losses, &tg, 1.0, 0.0)));
     println!("| cross_entropy | {rows}x151936 | {:.3} | {:.0} GB/s |", t * 1e3, (rows * 151936 * 4) as f64 / t / 1e9);
     let t = median_time(g, || ok(g.sum_squares(&am, 0, &ug)));
     println!("| sum_squares bf16 | {}M | {:.3} | {:.0} GB/s |", n * 2 * d / 1_000_000, t * 1e3, (n * 2 * d * 2) as f64 / t / 1e9);

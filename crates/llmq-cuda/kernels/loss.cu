@@ -4,6 +4,8 @@
 // loss = (M + ln S) - x[t] in f64 as on the CPU (which sums exp(x - M) sequentially: the results
 // agree to ~1e-7 relative). Pass 2 overwrites the row with dloss * (exp(x - M) * (1/S) - onehot)
 // (the CPU divides by S in f64: last-bit differences).
+// z-loss (coefficient z, 0 for none): loss += z lse^2 (f64), gradient = dloss (p c - onehot) with
+// c = 1 + 2 z lse rounded to f32, which is exactly 1 for z = 0 (the plain loss, bit for bit).
 // Rows with target -100 get loss 0 and a zero row. A target outside 0..V cannot be reported as
 // an error from the device: the row's loss and gradient become NaN so that it cannot go unseen.
 // Fast kernel (cross_entropy_v_{f32,bf16}): a block (512 threads by default) per row, rows in a
@@ -18,7 +20,7 @@
 #include "common.cuh"
 #include "vec.cuh"
 
-extern "C" __global__ void llmq_cross_entropy(void* logits, int dt, float* losses, const int* targets, int R, int V, float dloss) {
+extern "C" __global__ void llmq_cross_entropy(void* logits, int dt, float* losses, const int* targets, int R, int V, float dloss, float z) {
     __shared__ float red[32];
     __shared__ double redd[32];
     int r = blockIdx.x;
@@ -51,13 +53,15 @@ extern "C" __global__ void llmq_cross_entropy(void* logits, int dt, float* losse
     float xt = load_f(logits, base + tgt, dt);
     float M = block_max(m, red);
     double S = block_sum_d(m == -INFINITY ? 0.0 : s * exp((double)m - (double)M), redd);
-    if (threadIdx.x == 0) losses[r] = (float)(((double)M + log(S)) - (double)xt);
+    double lse = (double)M + log(S);
+    if (threadIdx.x == 0) losses[r] = (float)((lse - (double)xt) + (double)z * lse * lse);
     // pass 2: gradient, in place (every thread has read xt before the barriers above)
     float invS = (float)(1.0 / S);
+    float c = (float)(1.0 + 2.0 * (double)z * lse);
 #pragma unroll 4
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
         float p = expf(load_f(logits, base + j, dt) - M) * invS;
-        store_f(logits, base + j, dt, dloss * (p - (j == tgt ? 1.f : 0.f)));
+        store_f(logits, base + j, dt, dloss * (p * c - (j == tgt ? 1.f : 0.f)));
     }
 }
 
@@ -73,7 +77,7 @@ LLMQ_DEV void ce_online(float x, float& m, double& s) {
 }
 
 template <class T>
-__device__ __forceinline__ void cross_entropy_v(void* logits, float* losses, const int* targets, int R, int V, float dloss) {
+__device__ __forceinline__ void cross_entropy_v(void* logits, float* losses, const int* targets, int R, int V, float dloss, float z) {
     __shared__ float red[32];
     __shared__ double redd[32];
     const int esz = T::DT == DT_F32 ? 4 : 2;
@@ -127,9 +131,11 @@ __device__ __forceinline__ void cross_entropy_v(void* logits, float* losses, con
         const float xt = threadIdx.x == 0 ? load_f(logits, base + tgt, T::DT) : 0.f;  // before any pass-2 write
         const float M = block_max(m, red);
         const double S = block_sum_d(m == -INFINITY ? 0.0 : s * exp((double)m - (double)M), redd);
-        if (threadIdx.x == 0) losses[r] = (float)(((double)M + log(S)) - (double)xt);
+        const double lse = (double)M + log(S);
+        if (threadIdx.x == 0) losses[r] = (float)((lse - (double)xt) + (double)z * lse * lse);
         // pass 2 (reverse chunk order), in place
         const float invS = (float)(1.0 / S);
+        const float c = (float)(1.0 + 2.0 * (double)z * lse);
         for (int q = nb - 1 - (int)threadIdx.x; q >= 0; q -= blockDim.x) {
             float f[8];
             const long long e0 = bb + (long long)q * 8;
@@ -138,24 +144,24 @@ __device__ __forceinline__ void cross_entropy_v(void* logits, float* losses, con
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const float p = expf(f[j] - M) * invS;
-                f[j] = dloss * (p - (j0 + j == tgt ? 1.f : 0.f));
+                f[j] = dloss * (p * c - (j0 + j == tgt ? 1.f : 0.f));
             }
             st8<T, 1>(logits, T::DT, e0, 8, f);
         }
         for (int k = threadIdx.x; k < nscal; k += blockDim.x) {
             const int e = k < head ? k : body_end + (k - head);
             const float p = expf(load_f(logits, base + e, T::DT) - M) * invS;
-            store_f(logits, base + e, T::DT, dloss * (p - (e == tgt ? 1.f : 0.f)));
+            store_f(logits, base + e, T::DT, dloss * (p * c - (e == tgt ? 1.f : 0.f)));
         }
         __syncthreads();  // the next row's block_max reuses `red` (and the loss store ordering is irrelevant)
     }
 }
 
 extern "C" __global__ void __launch_bounds__(1024) llmq_cross_entropy_v_f32(void* logits, float* losses, const int* targets, int R, int V,
-                                                                            float dloss) {
-    cross_entropy_v<F32T>(logits, losses, targets, R, V, dloss);
+                                                                            float dloss, float z) {
+    cross_entropy_v<F32T>(logits, losses, targets, R, V, dloss, z);
 }
 extern "C" __global__ void __launch_bounds__(1024) llmq_cross_entropy_v_bf16(void* logits, float* losses, const int* targets, int R, int V,
-                                                                             float dloss) {
-    cross_entropy_v<BF16T>(logits, losses, targets, R, V, dloss);
+                                                                             float dloss, float z) {
+    cross_entropy_v<BF16T>(logits, losses, targets, R, V, dloss, z);
 }

@@ -56,6 +56,9 @@ pub(crate) struct Device {
     pub sm_count: u32,
     pub cc: (i32, i32),
     pub max_smem_optin: i32,
+    /// PCI bus id as NVML writes it ("00000000:3B:00.0"): how telemetry finds this device
+    /// whatever CUDA_VISIBLE_DEVICES renumbers.
+    pub pci_bus_id: String,
 }
 
 impl Device {
@@ -104,6 +107,12 @@ impl Device {
             let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
             let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
             let max_smem_optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+            let pci_bus_id = format!(
+                "{:08X}:{:02X}:{:02X}.0",
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+                attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+            );
             Ok(Device {
                 ordinal,
                 dev,
@@ -120,6 +129,7 @@ impl Device {
                 sm_count,
                 cc: (major, minor),
                 max_smem_optin,
+                pci_bus_id,
             })
         }
     }

@@ -313,12 +313,13 @@ impl CudaBackend {
         Ok(true)
     }
 
-    pub(crate) fn v_cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, r: usize, v: usize, dloss: f32) -> Result<bool> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn v_cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, r: usize, v: usize, dloss: f32, z: f32) -> Result<bool> {
         let Some(var) = ix(logits.dtype) else {
             return Ok(false);
         };
         // a block of CE_THREADS per row
-        self.vlaunch(self.fk.ce[var], (r as u32, 1, 1), (CE_THREADS, 1, 1), 0, &[p(logits), p(losses), p(targets), i(r), i(v), Arg::F32(dloss)])?;
+        self.vlaunch(self.fk.ce[var], (r as u32, 1, 1), (CE_THREADS, 1, 1), 0, &[p(logits), p(losses), p(targets), i(r), i(v), Arg::F32(dloss), Arg::F32(z)])?;
         Ok(true)
     }
 

@@ -31,6 +31,7 @@ mod device;
 mod fast;
 mod kernels;
 mod ops;
+pub mod telemetry;
 mod tuning;
 
 use device::{check, Device};
@@ -171,6 +172,10 @@ impl CudaBackend {
     /// Device name, e.g. "NVIDIA H200".
     pub fn device_name(&self) -> &str {
         &self.dev.name
+    }
+    /// PCI bus id ("00000000:3B:00.0"), as NVML names the device.
+    pub fn pci_bus_id(&self) -> &str {
+        &self.dev.pci_bus_id
     }
     /// (major, minor) compute capability.
     pub fn compute_capability(&self) -> (i32, i32) {
@@ -369,8 +374,8 @@ impl Backend for CudaBackend {
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         self.op_swiglu_bwd(dinp, dout, inp, absmax)
     }
-    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
-        self.op_cross_entropy(logits, losses, targets, dloss)
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()> {
+        self.op_cross_entropy(logits, losses, targets, dloss, z)
     }
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
         self.op_colsum(out, inp, accumulate)

@@ -461,14 +461,14 @@ impl CudaBackend {
         )
     }
 
-    pub(crate) fn op_cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
+    pub(crate) fn op_cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()> {
         const OP: &str = "cross_entropy";
         let Some((r, v)) = cross_entropy_dims(OP, logits, losses, targets)? else { return Ok(()) };
         fits_i32(OP, r.max(v))?;
-        if self.v_cross_entropy(logits, losses, targets, r, v, dloss)? {
+        if self.v_cross_entropy(logits, losses, targets, r, v, dloss, z)? {
             return Ok(());
         }
-        self.launch(self.k.cross_entropy, (r as u32, 1, 1), (512, 1, 1), 0, &[p(logits), Arg::I32(dt(logits.dtype)), p(losses), p(targets), i(r), i(v), Arg::F32(dloss)])
+        self.launch(self.k.cross_entropy, (r as u32, 1, 1), (512, 1, 1), 0, &[p(logits), Arg::I32(dt(logits.dtype)), p(losses), p(targets), i(r), i(v), Arg::F32(dloss), Arg::F32(z)])
     }
 
     pub(crate) fn op_colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {

@@ -21,7 +21,9 @@
 //! new one is in place.
 //!
 //! Checking: [`list_complete`] checks the commit record, the manifest and that every file has its
-//! recorded size (cheap); [`latest_verified`] and [`load_checkpoint`] also verify every checksum.
+//! recorded size (cheap); [`latest_verified`] and [`load_checkpoint`] also verify every checksum;
+//! [`open_checkpoint`] reads one tensor at a time, checking each file's checksum as it is read.
+//! [`CheckpointWriter`] writes one tensor at a time, so that neither side holds the whole state.
 
 use llmq_core::{DType, Error, Result};
 use std::fs::File;
@@ -153,39 +155,40 @@ fn sync_dir(p: &Path) -> std::io::Result<()> {
 
 /// Writes a checkpoint for `step` under `root` (created if needed) and returns its directory.
 pub fn write_checkpoint(root: &Path, step: u64, lineage: &Lineage, tensors: &[TensorRef<'_>], state: &serde_json::Value) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(|e| Error::file(root, format!("cannot create checkpoint root: {e}")))?;
-    let pid = std::process::id();
-    let tmp = root.join(format!(".tmp_step_{step:08}_{pid}"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot remove stale directory: {e}")))?;
+    let mut w = CheckpointWriter::create(root, step)?;
+    for t in tensors {
+        w.add(t)?;
     }
-    std::fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let r = write_into(&tmp, step, lineage, tensors, state);
-    if let Err(e) = r {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let fin = checkpoint_dir(root, step);
-    let mut old = None;
-    if fin.exists() {
-        let aside = root.join(format!(".tmp_old_step_{step:08}_{pid}"));
-        let _ = std::fs::remove_dir_all(&aside);
-        std::fs::rename(&fin, &aside).map_err(|e| Error::file(&fin, format!("cannot move the old checkpoint aside: {e}")))?;
-        old = Some(aside);
-    }
-    std::fs::rename(&tmp, &fin).map_err(|e| Error::file(&fin, format!("cannot rename {} into place: {e}", tmp.display())))?;
-    sync_dir(root).map_err(|e| Error::file(root, format!("cannot fsync the checkpoint root: {e}")))?;
-    if let Some(o) = old {
-        let _ = std::fs::remove_dir_all(o);
-    }
-    Ok(fin)
+    w.finish(lineage, state)
 }
 
-fn write_into(dir: &Path, step: u64, lineage: &Lineage, tensors: &[TensorRef<'_>], state: &serde_json::Value) -> Result<()> {
-    let mut entries = Vec::with_capacity(tensors.len());
-    let mut names = std::collections::BTreeSet::new();
-    for (i, t) in tensors.iter().enumerate() {
-        if !names.insert(t.name) {
+/// A checkpoint being written one tensor at a time (so that the host holds one tensor, not the
+/// whole state): files go into the temporary directory as they come, `finish` writes the
+/// manifest and the commit record and moves the directory into place. Dropped unfinished, the
+/// temporary directory is removed.
+pub struct CheckpointWriter {
+    root: PathBuf,
+    step: u64,
+    tmp: PathBuf,
+    entries: Vec<serde_json::Value>,
+    names: std::collections::BTreeSet<String>,
+    finished: bool,
+}
+
+impl CheckpointWriter {
+    pub fn create(root: &Path, step: u64) -> Result<CheckpointWriter> {
+        std::fs::create_dir_all(root).map_err(|e| Error::file(root, format!("cannot create checkpoint root: {e}")))?;
+        let tmp = root.join(format!(".tmp_step_{step:08}_{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot remove stale directory: {e}")))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+        Ok(CheckpointWriter { root: root.to_path_buf(), step, tmp, entries: vec![], names: Default::default(), finished: false })
+    }
+
+    /// Writes one tensor's file (fsynced).
+    pub fn add(&mut self, t: &TensorRef<'_>) -> Result<()> {
+        if !self.names.insert(t.name.to_string()) {
             return Err(Error::Op(format!("checkpoint: tensor `{}` given twice", t.name)));
         }
         let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
@@ -199,13 +202,13 @@ fn write_into(dir: &Path, step: u64, lineage: &Lineage, tensors: &[TensorRef<'_>
                 t.shape
             )));
         }
-        let fname = format!("{i:05}_{}.bin", sanitize(t.name));
-        let p = dir.join(&fname);
+        let fname = format!("{:05}_{}.bin", self.entries.len(), sanitize(t.name));
+        let p = self.tmp.join(&fname);
         let io = |e: std::io::Error| Error::file(&p, format!("cannot write checkpoint file: {e}"));
         let mut f = File::create(&p).map_err(io)?;
         f.write_all(t.data).map_err(io)?;
         f.sync_all().map_err(io)?;
-        entries.push(serde_json::json!({
+        self.entries.push(serde_json::json!({
             "file": fname,
             "name": t.name,
             "dtype": t.dtype,
@@ -213,26 +216,55 @@ fn write_into(dir: &Path, step: u64, lineage: &Lineage, tensors: &[TensorRef<'_>
             "bytes": t.data.len(),
             "xxh64": format!("{:016x}", xxh64(t.data)),
         }));
+        Ok(())
     }
-    let manifest = serde_json::json!({
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "lineage": lineage,
-        "state": state,
-        "files": entries,
-    });
-    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Op(e.to_string()))?;
-    let commit = serde_json::json!({"manifest_bytes": text.len(), "manifest_xxh64": format!("{:016x}", xxh64(&text))});
-    for (name, bytes) in [(MANIFEST, text), (COMMIT, commit.to_string().into_bytes())] {
-        let p = dir.join(name);
-        let io = |e: std::io::Error| Error::file(&p, format!("cannot write: {e}"));
-        let mut f = File::create(&p).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
+
+    /// The manifest and commit record, then the directory into place (replacing an older one of
+    /// the same step); returns the checkpoint's directory.
+    pub fn finish(mut self, lineage: &Lineage, state: &serde_json::Value) -> Result<PathBuf> {
+        let manifest = serde_json::json!({
+            "format": FORMAT,
+            "version": VERSION,
+            "step": self.step,
+            "lineage": lineage,
+            "state": state,
+            "files": self.entries,
+        });
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Op(e.to_string()))?;
+        let commit = serde_json::json!({"manifest_bytes": text.len(), "manifest_xxh64": format!("{:016x}", xxh64(&text))});
+        for (name, bytes) in [(MANIFEST, text), (COMMIT, commit.to_string().into_bytes())] {
+            let p = self.tmp.join(name);
+            let io = |e: std::io::Error| Error::file(&p, format!("cannot write: {e}"));
+            let mut f = File::create(&p).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        sync_dir(&self.tmp).map_err(|e| Error::file(&self.tmp, format!("cannot fsync: {e}")))?;
+        let (root, step) = (self.root.clone(), self.step);
+        let fin = checkpoint_dir(&root, step);
+        let mut old = None;
+        if fin.exists() {
+            let aside = root.join(format!(".tmp_old_step_{step:08}_{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(&fin, &aside).map_err(|e| Error::file(&fin, format!("cannot move the old checkpoint aside: {e}")))?;
+            old = Some(aside);
+        }
+        std::fs::rename(&self.tmp, &fin).map_err(|e| Error::file(&fin, format!("cannot rename {} into place: {e}", self.tmp.display())))?;
+        self.finished = true;
+        sync_dir(&root).map_err(|e| Error::file(&root, format!("cannot fsync the checkpoint root: {e}")))?;
+        if let Some(o) = old {
+            let _ = std::fs::remove_dir_all(o);
+        }
+        Ok(fin)
     }
-    sync_dir(dir).map_err(|e| Error::file(dir, format!("cannot fsync: {e}")))?;
-    Ok(())
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -506,14 +538,48 @@ impl LoadedCheckpoint {
 
 /// Loads the checkpoint in `dir`, verifying the manifest, every size and every checksum.
 pub fn load_checkpoint(dir: &Path) -> Result<LoadedCheckpoint> {
-    let m = read_manifest(dir)?;
+    let ck = open_checkpoint(dir)?;
+    let tensors = ck.files.iter().map(|f| ck.read(&f.name)).collect::<Result<Vec<_>>>()?;
+    Ok(LoadedCheckpoint { path: ck.path, step: ck.step, lineage: ck.lineage, state: ck.state, tensors })
+}
+
+/// A checkpoint whose manifest (against its commit record) and file sizes are checked, read one
+/// tensor at a time (each checked against its checksum as it is read).
+#[derive(Clone, Debug)]
+pub struct OpenCheckpoint {
+    pub path: PathBuf,
+    pub step: u64,
+    pub lineage: Lineage,
+    pub state: serde_json::Value,
+    files: Vec<FileEntry>,
+}
+
+pub fn open_checkpoint(dir: &Path) -> Result<OpenCheckpoint> {
+    let m = check_sizes(dir)?;
     check_dir_step(dir, m.step)?;
-    let mut tensors = Vec::with_capacity(m.files.len());
-    for f in &m.files {
-        let data = read_verified(dir, f)?;
-        tensors.push(LoadedTensor { name: f.name.clone(), dtype: f.dtype, shape: f.shape.clone(), data });
+    Ok(OpenCheckpoint { path: dir.to_path_buf(), step: m.step, lineage: m.lineage, state: m.state, files: m.files })
+}
+
+impl OpenCheckpoint {
+    /// The tensors' names, in file order.
+    pub fn names(&self) -> Vec<&str> {
+        self.files.iter().map(|f| f.name.as_str()).collect()
     }
-    Ok(LoadedCheckpoint { path: dir.to_path_buf(), step: m.step, lineage: m.lineage, state: m.state, tensors })
+
+    /// (dtype, shape) of tensor `name` as the manifest records it (before reading its bytes).
+    pub fn info(&self, name: &str) -> Result<(DType, &[usize])> {
+        self.entry(name).map(|f| (f.dtype, f.shape.as_slice()))
+    }
+
+    /// Reads and verifies tensor `name`.
+    pub fn read(&self, name: &str) -> Result<LoadedTensor> {
+        let f = self.entry(name)?;
+        Ok(LoadedTensor { name: f.name.clone(), dtype: f.dtype, shape: f.shape.clone(), data: read_verified(&self.path, f)? })
+    }
+
+    fn entry(&self, name: &str) -> Result<&FileEntry> {
+        self.files.iter().find(|f| f.name == name).ok_or_else(|| Error::file(&self.path, format!("checkpoint has no tensor `{name}`")))
+    }
 }
 
 /// Resolves `--continue [step|path]`: `None` -> the latest complete checkpoint under `root`

@@ -48,6 +48,7 @@ pub struct Options {
     pub adam_eps: f64,
     pub weight_decay: f64,
     pub grad_clip: f64,
+    pub z_loss: f64,
     pub model_dtype: String,
     pub matmul_dtype: Option<String>,
     pub gradient_dtype: Option<String>,
@@ -117,6 +118,7 @@ impl Default for Options {
             adam_eps: 1e-8,
             weight_decay: 0.1,
             grad_clip: 1.0,
+            z_loss: 0.0,
             model_dtype: "fp32".into(),
             matmul_dtype: None,
             gradient_dtype: None,
@@ -280,6 +282,7 @@ impl Options {
             max_bad_steps: self.max_bad_steps,
             backend: self.backend()?,
             world_size: 1,
+            z_loss: self.z_loss,
             spike: SpikeGuard { z: self.spike_z, window: self.spike_window, max_skips: self.spike_max_skips },
         })
     }

@@ -8,7 +8,7 @@
 
 use crate::trainer::Trainer;
 use llmq_core::{Error, ModelConfig, Result, Tensor};
-use llmq_io::ckpt::{self, Lineage, LoadedCheckpoint, TensorRef};
+use llmq_io::ckpt::{self, Lineage, OpenCheckpoint, TensorRef};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -24,12 +24,13 @@ fn buffers(tr: &Trainer, gi: usize) -> [(String, Tensor); 3] {
 }
 
 /// Writes the trainer's state as checkpoint `tr.step` of run `lineage` under `root`; returns its
-/// directory. With several ranks every rank calls this: the shards are gathered to rank 0, which
-/// writes the whole state in the layout of one rank (so that any number of ranks can resume from
-/// it), and `None` is returned on the other ranks.
+/// directory. One tensor at a time: the host holds one group's tensors, never the whole state.
+/// With several ranks every rank calls this: each tensor's shards are gathered to rank 0, which
+/// writes the whole tensor in the layout of one rank (so that any number of ranks can resume
+/// from it), and `None` is returned on the other ranks.
 pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathBuf>> {
     tr.be.synchronize()?;
-    let mut data: Vec<(String, llmq_core::DType, Vec<u8>)> = vec![];
+    let mut writer = if tr.rank() == 0 { Some(ckpt::CheckpointWriter::create(root, tr.step)?) } else { None };
     for gi in 0..tr.model.params.layout.groups.len() {
         for (name, t) in buffers(tr, gi) {
             let mine = tr.be.download(&t)?;
@@ -37,16 +38,13 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathB
                 None => Some(mine),
                 Some(c) => c.gather_bytes(&mine, 0, &format!("checkpoint tensor {name}"))?.map(|parts| parts.concat()),
             };
-            if let Some(b) = whole {
-                data.push((name, t.dtype, b));
+            if let (Some(w), Some(data)) = (writer.as_mut(), whole) {
+                let shape = [data.len() / t.dtype.size()];
+                w.add(&TensorRef { name: &name, dtype: t.dtype, shape: &shape, data: &data })?;
             }
         }
     }
-    if tr.rank() != 0 {
-        return Ok(None);
-    }
-    let shapes: Vec<[usize; 1]> = data.iter().map(|(_, dt, b)| [b.len() / dt.size()]).collect();
-    let refs: Vec<TensorRef> = data.iter().zip(&shapes).map(|((n, dt, b), s)| TensorRef { name: n, dtype: *dt, shape: s, data: b }).collect();
+    let Some(writer) = writer else { return Ok(None) };
     let state = json!({
         "format": FORMAT,
         "step": tr.step,
@@ -60,7 +58,7 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathB
         "data_describe": tr.data.describe(),
         "source": tr.source,
     });
-    ckpt::write_checkpoint(root, tr.step, lineage, &refs, &state).map(Some)
+    writer.finish(lineage, &state).map(Some)
 }
 
 /// Fields of `a` and `b` (JSON objects) that differ, as "field: checkpoint X, now Y".
@@ -103,8 +101,9 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     // checkpoints written before the backend options existed ran with today's defaults
     if let Some(t) = saved.as_object_mut() {
         t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
+        t.entry("z_loss").or_insert(json!(0.0));
     }
-    for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike"] {
+    for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike", "z_loss"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);
     }
     // the number of ranks may change, the micro-batches per step over all ranks may not
@@ -130,7 +129,7 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
 
 /// Checks the state's own fields against the manifest: the format, the step and the set of
 /// tensors, which must be exactly the parameter groups of `cfg` (no missing or extra layer).
-fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
+fn check_state(ck: &OpenCheckpoint, cfg: &ModelConfig) -> Result<()> {
     let dir = &ck.path;
     let st = &ck.state;
     if st.get("format").and_then(|f| f.as_u64()) != Some(FORMAT) {
@@ -151,16 +150,16 @@ fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
     // three tensors (master, adam m, adam v) per group: the blocks, the embedding and the head;
     // counted before the layout is built, since the config is input
     let groups = cfg.num_layers.saturating_add(2);
-    if groups.saturating_mul(3) != ck.tensors.len() {
+    if groups.saturating_mul(3) != ck.names().len() {
         return Err(Error::file(
             dir,
-            format!("{} tensors, but the model config of the state (num_layers {}) needs {}", ck.tensors.len(), cfg.num_layers, groups * 3),
+            format!("{} tensors, but the model config of the state (num_layers {}) needs {}", ck.names().len(), cfg.num_layers, groups * 3),
         ));
     }
     let layout = llmq_core::ParamLayout::new(cfg);
     let mut want: Vec<String> =
         layout.groups.iter().flat_map(|g| ["master", "adam_m", "adam_v"].map(|k| format!("{k}.{}", g.name))).collect();
-    let mut have: Vec<String> = ck.tensors.iter().map(|t| t.name.clone()).collect();
+    let mut have: Vec<String> = ck.names().iter().map(|n| n.to_string()).collect();
     want.sort();
     have.sort();
     if want != have {
@@ -177,7 +176,7 @@ fn check_state(ck: &LoadedCheckpoint, cfg: &ModelConfig) -> Result<()> {
 /// Restores a trainer (already built with the same configuration) from checkpoint `dir`;
 /// returns the checkpoint's lineage.
 pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
-    let ck = ckpt::load_checkpoint(dir)?;
+    let ck = ckpt::open_checkpoint(dir)?;
     let st = &ck.state;
     let cfg = tr.model.cfg().clone();
     check_compatible(st, &cfg, tr).map_err(|e| Error::file(dir, e.to_string()))?;
@@ -189,8 +188,12 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
         let n = p.layout.groups[gi].numel;
         let sh = p.opt_shard(gi).shard;
         for (name, t) in buffers(tr, gi) {
-            let lt = ck.tensor(&name)?;
             let sz = t.dtype.size();
+            let (dtype, shape) = ck.info(&name)?;
+            if dtype != t.dtype || shape != [n] {
+                return Err(Error::file(dir, format!("tensor `{name}`: expected {} x [{n}], the manifest has {dtype} x {shape:?}", t.dtype)));
+            }
+            let lt = ck.read(&name)?;
             if lt.dtype != t.dtype || lt.data.len() != n * sz {
                 return Err(Error::file(
                     dir,
@@ -226,7 +229,7 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
 
 /// The model configuration stored in a checkpoint (for export without the original files).
 pub fn model_config(dir: &Path) -> Result<(ModelConfig, Vec<Vec<f32>>)> {
-    let ck = ckpt::load_checkpoint(dir)?;
+    let ck = ckpt::open_checkpoint(dir)?;
     let cfg: ModelConfig = serde_json::from_value(ck.state.get("model").cloned().unwrap_or(Value::Null))
         .map_err(|e| Error::file(dir, format!("state field `model`: {e}")))?;
     cfg.validate().map_err(|e| Error::file(dir, format!("state field `model`: {e}")))?;
@@ -234,7 +237,7 @@ pub fn model_config(dir: &Path) -> Result<(ModelConfig, Vec<Vec<f32>>)> {
     let layout = llmq_core::ParamLayout::new(&cfg);
     let mut groups = vec![];
     for g in &layout.groups {
-        let t = ck.tensor(&format!("master.{}", g.name))?;
+        let t = ck.read(&format!("master.{}", g.name))?;
         // the size is checked before the buffer is allocated: the config is input
         if Some(t.data.len()) != g.numel.checked_mul(t.dtype.size()) {
             return Err(Error::file(dir, format!("tensor `master.{}` has {} bytes, the model config needs {} x {}", g.name, t.data.len(), g.numel, t.dtype)));

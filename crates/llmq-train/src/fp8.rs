@@ -85,6 +85,8 @@ pub struct Fp8 {
     act_t: [Option<Vec<Tensor>>; 4],
     /// f32, 16 bytes per (layer, activation): the descale of each kept transpose.
     act_descale: Tensor,
+    /// `--log-amax`: statistics of the quantised tensors every N steps.
+    pub health: Option<crate::fp8_health::Health>,
 }
 
 /// Descale slots: the forward's matmul input, the backward's re-quantised input, dy (per dyᵀ
@@ -180,7 +182,7 @@ impl Fp8 {
             }
         }
         let act_descale = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers * 4 * 4])?;
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, act_t, act_descale })
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, act_t, act_descale, health: None })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -280,6 +282,13 @@ impl Fp8 {
     #[allow(clippy::too_many_arguments)]
     pub fn forward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, out: &Tensor, x: &Tensor, a: Act, x_amax: &Tensor, bias: Option<&Tensor>) -> Result<()> {
         let (n, inp) = x.rows_cols();
+        if let Some(h) = &self.health {
+            let gi = params.layout.block_group(l);
+            let si = params.layout.groups[gi].entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
+            let e = &params.layout.groups[gi].entries[si];
+            h.observe(be, "weight", l, k, &params.block_group_weights(l).slice(e.offset, &e.shape), &self.weight_amax[gi].slice(si, &[1]), DType::E4M3)?;
+            h.observe(be, "activation", l, k, x, x_amax, DType::E4M3)?;
+        }
         let w = self.weight(be, params, l, k, false)?;
         let xq = fp8_slot(&self.xq, n * inp, &[n, inp]);
         let ds_x = match self.kept_t(l, a) {
@@ -303,6 +312,9 @@ impl Fp8 {
     pub fn backward(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, dx: &Tensor, dw: &Tensor, dy: &Tensor, x: &Tensor, a: Act, x_amax: &Tensor, side: Option<&SideWgrads>) -> Result<()> {
         let (n, out) = dy.rows_cols();
         let inp = x.rows_cols().1;
+        if let Some(h) = &self.health {
+            h.observe(be, "gradient", l, k, dy, &self.grad_amax, self.grad_dtype)?;
+        }
         let w = self.weight(be, params, l, k, true)?;
         let slot = dy_slot(k);
         let (ds_dy, ds_x) = (self.descale(DS_DY[slot]), self.descale(DS_X_BWD));

@@ -11,6 +11,7 @@ pub mod ckpt_session;
 pub mod fit;
 pub mod flops;
 pub mod fp8;
+pub mod fp8_health;
 pub mod init;
 pub mod log;
 pub mod memory;

@@ -43,6 +43,8 @@ pub struct Model {
     pub fp8: Option<Fp8>,
     /// fp8 weight gradients on the side stream (`MemoryOptions::wgrad_overlap`).
     side: Option<SideWgrads>,
+    /// z-loss coefficient of training passes (evaluation reports the plain cross-entropy).
+    pub z_loss: f32,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
     /// the copy stream after; the first gradient write (the LM head's) waits for the second.
@@ -89,7 +91,7 @@ impl Model {
             None
         };
         let side = if mem.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
-        Ok(Model { params, acts, recompute, fp8, side, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
+        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -279,7 +281,8 @@ impl Model {
             }
             let losses = a.losses.slice(r0, &[rows]);
             let tg = a.targets.slice(r0, &[rows]);
-            be.cross_entropy(&a.logits, &losses, &tg, dloss.unwrap_or(0.0))?;
+            let z = if dloss.is_some() { self.z_loss } else { 0.0 };
+            be.cross_entropy(&a.logits, &losses, &tg, dloss.unwrap_or(0.0), z)?;
             if dloss.is_some() {
                 be.matmul(&Matmul::linear_dgrad(&a.d_ln.rows(r0, rows), &a.logits, &head.lm_head))?;
                 be.matmul(&Matmul::linear_wgrad(&ghead.lm_head, &a.logits, &x))?;

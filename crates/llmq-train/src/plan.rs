@@ -337,6 +337,7 @@ mod tests {
             spike: Default::default(),
             backend: Default::default(),
             world_size: 1,
+            z_loss: 0.0,
         }
     }
 

@@ -47,8 +47,10 @@ pub enum RunEvent {
         tokens_per_s: f64,
         /// Wall-clock seconds since the run object was created.
         elapsed: f64,
-        /// Estimated seconds to the last step, from the median step time so far.
+        /// Estimated seconds to the last step, from the median time of the last `ETA_WINDOW` steps.
         eta: f64,
+        /// The telemetry probe's sample after the step (GPU clock, power, ...), if there is one.
+        telemetry: Option<serde_json::Value>,
     },
     Eval { step: u64, loss: f64 },
     Checkpoint { step: u64, path: PathBuf, removed: usize },
@@ -64,6 +66,9 @@ pub enum RunEvent {
     StoppedWithoutCheckpoint,
     Exported { dir: PathBuf, dtype: DType },
 }
+
+/// Steps whose median time gives the ETA.
+pub const ETA_WINDOW: usize = 100;
 
 /// Median step time after warm-up, the run's throughput figure.
 #[derive(Clone, Copy, Debug)]
@@ -84,13 +89,24 @@ pub struct Run {
     /// Why the run must fail after its checkpoint (the spike guard's limit).
     failed: Option<String>,
     last_eval: Option<f64>,
+    probe: Option<Probe>,
 }
+
+/// Samples device telemetry once per step (e.g. NVML: clocks, power, temperature); the sample
+/// goes into the step's log record and event.
+pub type Probe = Box<dyn FnMut() -> serde_json::Value + Send>;
 
 impl Run {
     /// `stop`: set (by a signal handler, a Python callback, ...) to end the run after the step
     /// in progress, with a checkpoint.
     pub fn new(trainer: Trainer, opts: RunOptions, stop: Arc<AtomicBool>) -> Run {
-        Run { trainer, opts, stop, step_times: vec![], started: Instant::now(), interrupted: false, failed: None, last_eval: None }
+        Run { trainer, opts, stop, step_times: vec![], started: Instant::now(), interrupted: false, failed: None, last_eval: None, probe: None }
+    }
+
+    /// Samples `probe` after every step (see `Probe`).
+    pub fn with_probe(mut self, probe: Probe) -> Run {
+        self.probe = Some(probe);
+        self
     }
 
     pub fn trainer(&self) -> &Trainer {
@@ -128,14 +144,21 @@ impl Run {
         let st = self.trainer.train_step()?;
         let tokens_per_s = st.tokens as f64 / st.seconds;
         self.step_times.push(st.seconds);
+        let telemetry = self.probe.as_mut().map(|p| p());
         if let Some(log) = &mut self.trainer.log {
-            log.write(&json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tokens_per_s, "ms": st.seconds * 1e3, "issue_ms": st.issue_seconds * 1e3, "skipped": st.skipped}));
+            let mut rec = json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tokens_per_s, "ms": st.seconds * 1e3, "issue_ms": st.issue_seconds * 1e3, "skipped": st.skipped});
+            if let Some(t) = &telemetry {
+                rec["gpu"] = t.clone();
+            }
+            log.write(&rec);
         }
         let remaining = self.last_step().saturating_sub(st.step);
-        let eta = median(&self.step_times) * remaining as f64;
+        // the median of the recent steps: follows a change of pace, costs the same at any step
+        let recent = &self.step_times[self.step_times.len().saturating_sub(ETA_WINDOW)..];
+        let eta = median(recent) * remaining as f64;
         let step = st.step;
         let spike_stop = st.stop.clone();
-        events.push(RunEvent::Step { stats: st, tokens_per_s, elapsed: self.started.elapsed().as_secs_f64(), eta });
+        events.push(RunEvent::Step { stats: st, tokens_per_s, elapsed: self.started.elapsed().as_secs_f64(), eta, telemetry });
 
         let tc = &self.trainer.tc;
         let eval_now = !self.opts.skip_eval && ((tc.eval_every > 0 && step.is_multiple_of(tc.eval_every)) || step == tc.steps);

@@ -74,6 +74,9 @@ pub struct TrainConfig {
     /// Data-parallel ranks: each runs `grad_accumulation` micro-batches of its own per step.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// z-loss coefficient: the training loss adds z·logsumexp² per token (0: none).
+    #[serde(default)]
+    pub z_loss: f64,
 }
 
 fn one() -> usize {
@@ -104,6 +107,9 @@ impl TrainConfig {
         }
         if self.eval_every > 0 && self.eval_batches == 0 {
             return Err(Error::Config("--eval-every needs --eval-batches > 0".into()));
+        }
+        if !self.z_loss.is_finite() || self.z_loss < 0.0 {
+            return Err(Error::Config(format!("--z-loss must be a non-negative number, got {}", self.z_loss)));
         }
         self.schedule.validate()?;
         self.optim.validate()?;
@@ -210,10 +216,11 @@ impl Trainer {
         }
         let dist = comm.and_then(|c| Dist::for_run(c, &tc));
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
+        let mut model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
             Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
         })?;
+        model.z_loss = tc.z_loss as f32;
         Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
     }
 
@@ -281,8 +288,28 @@ impl Trainer {
     /// One optimizer step.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
+        let health = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).is_some_and(|h| h.begin_step(self.step + 1));
         let (loss, _) = self.accumulate_gradients()?;
-        self.finish_step(loss, t0)
+        let st = self.finish_step(loss, t0)?;
+        if health {
+            let records = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).map(|h| h.take()).unwrap_or_default();
+            if let Some(log) = &mut self.log {
+                log.write(&serde_json::json!({"type": "fp8_health", "step": st.step, "tensors": records}));
+            }
+        }
+        Ok(st)
+    }
+
+    /// `--log-amax N`: every N steps, the abs-max, scale and saturated and flushed fractions of
+    /// every tensor the fp8 matmuls quantise, into the JSON log (`crate::fp8_health`).
+    pub fn log_fp8_health(&mut self, every: u64) -> Result<()> {
+        match &mut self.model.fp8 {
+            Some(f) => {
+                f.health = (every > 0).then(|| crate::fp8_health::Health::new(every));
+                Ok(())
+            }
+            None => Err(Error::Config("--log-amax reports on fp8 matmuls: it needs --matmul-dtype e4m3".into())),
+        }
     }
 
     /// The second half of a step, after `accumulate_gradients`: norm, non-finite check, clipping,

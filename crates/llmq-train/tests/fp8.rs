@@ -179,3 +179,38 @@ fn backward_temporaries_live_in_the_logits_buffer() {
         assert!(used >= expect && used <= expect + 512);
     }
 }
+
+#[test]
+fn fp8_health_reports_every_quantised_tensor_without_changing_the_numbers() {
+    let cfg = tiny(Arch::Qwen3, false);
+    let tc = llmq_train::TrainConfig { precision: Precision::fp8(), ..train_config(2, 16, 2, 4) };
+    let log_path = std::env::temp_dir().join(format!("llmq_fp8_health_{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log_path);
+    let mut plain = trainer(&cfg, tc.clone());
+    let mut watched = trainer(&cfg, tc);
+    watched.log_fp8_health(2).unwrap();
+    watched.log = Some(llmq_train::log::JsonLog::open(&log_path).unwrap());
+    for _ in 0..4 {
+        let (a, b) = (plain.train_step().unwrap(), watched.train_step().unwrap());
+        assert_eq!((a.loss.to_bits(), a.grad_norm.to_bits()), (b.loss.to_bits(), b.grad_norm.to_bits()));
+    }
+    drop(watched.log.take());
+    let recs: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["type"] == "fp8_health").collect();
+    assert_eq!(recs.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4]);
+    for r in &recs {
+        let t = r["tensors"].as_array().unwrap();
+        // weight, activation and gradient of 4 matmuls in each of 2 layers
+        assert_eq!(t.len(), 3 * 4 * cfg.num_layers, "{r}");
+        for x in t {
+            let (amax, scale) = (x["amax"].as_f64().unwrap(), x["scale"].as_f64().unwrap());
+            assert!(amax > 0.0 && (scale * amax - 448.0).abs() < 1e-3 * 448.0, "{x}");
+            assert_eq!(x["saturated"].as_f64(), Some(0.0), "current scaling never saturates: {x}");
+            assert!((0.0..0.5).contains(&x["flushed"].as_f64().unwrap()), "{x}");
+        }
+    }
+    // a bf16 run has nothing to report on
+    let mut bf16 = trainer(&cfg, llmq_train::TrainConfig { precision: Precision::bf16(), ..train_config(2, 16, 1, 1) });
+    assert!(bf16.log_fp8_health(2).unwrap_err().to_string().contains("--matmul-dtype e4m3"));
+    let _ = std::fs::remove_file(&log_path);
+}

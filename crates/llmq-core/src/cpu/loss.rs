@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 pub const IGNORE_INDEX: i32 = -100;
 
-pub fn cross_entropy(logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
+pub fn cross_entropy(logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()> {
     const OP: &str = "cross_entropy";
     let Some((r, v)) = crate::check::cross_entropy_dims(OP, logits, losses, targets)? else { return Ok(()) };
     let tv = load_i32(targets);
@@ -47,11 +47,13 @@ pub fn cross_entropy(logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: 
             *e = (*e - m).exp();
             s += *e as f64;
         }
-        *loss = ((m as f64 + s.ln()) - xy as f64) as f32;
+        let lse = m as f64 + s.ln();
+        *loss = ((lse - xy as f64) + z as f64 * lse * lse) as f32;
+        let c = (1.0 + 2.0 * z as f64 * lse) as f32;
         for (i, e) in x.iter_mut().enumerate() {
             let p = (*e as f64 / s) as f32;
             let onehot = if i == y as usize { 1.0 } else { 0.0 };
-            *e = dloss * (p - onehot);
+            *e = dloss * (p * c - onehot);
         }
         encode_into(dt, &x, row);
     });

@@ -234,8 +234,8 @@ impl Backend for CpuBackend {
     fn swiglu_bwd(&self, dinp: &Tensor, dout: &Tensor, inp: &Tensor, absmax: Option<&Tensor>) -> Result<()> {
         elementwise::swiglu_bwd(dinp, dout, inp, absmax)
     }
-    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32) -> Result<()> {
-        loss::cross_entropy(logits, losses, targets, dloss)
+    fn cross_entropy(&self, logits: &Tensor, losses: &Tensor, targets: &Tensor, dloss: f32, z: f32) -> Result<()> {
+        loss::cross_entropy(logits, losses, targets, dloss, z)
     }
     fn colsum(&self, out: &Tensor, inp: &Tensor, accumulate: bool) -> Result<()> {
         elementwise::colsum(out, inp, accumulate)

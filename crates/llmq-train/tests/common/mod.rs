@@ -47,6 +47,7 @@ pub fn train_config(b: usize, t: usize, accum: usize, steps: u64) -> TrainConfig
         spike: Default::default(),
         backend: Default::default(),
         world_size: 1,
+        z_loss: 0.0,
     }
 }
 
