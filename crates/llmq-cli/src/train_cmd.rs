@@ -41,6 +41,16 @@ fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usi
     setup::resolve_data(&d, cfg, tc, if rank == 0 { &preflight::check_tokens } else { &no_check })
 }
 
+/// The tokenizer directory `--export` copies from (the model's, or the one a resumed checkpoint
+/// recorded); where none is known, rank 0 says so before the run rather than after it.
+fn export_tokenizer(trainer: &Trainer, dir: &std::path::Path, lead: bool) -> Option<std::path::PathBuf> {
+    let tokenizer = trainer.source.as_ref().and_then(|s| s.tokenizer.clone());
+    if tokenizer.is_none() && lead {
+        eprintln!("warning: --export {} will hold no tokenizer: none is known for this model (built from scratch, or its directory holds no tokenizer files); copy one into it", dir.display());
+    }
+    tokenizer
+}
+
 /// Free device memory `--fit-batch` leaves beside the model (driver, library workspaces).
 const FIT_HEADROOM: usize = 2 << 30;
 
@@ -312,7 +322,7 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     }
     let export = match &args.export {
         None => None,
-        Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: model.dir.clone() }),
+        Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: export_tokenizer(&trainer, dir, lead) }),
     };
     let opts = RunOptions {
         checkpoints: ckpts,

@@ -355,11 +355,18 @@ fn export_copies_the_tokenizer_the_checkpoint_records() {
     let d = tmpdir("export_tokenizer");
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();
     let base = "train --device cpu --steps 2 --batch-size 2 --seq-len 16 --warmup 1 --eval-every 0 --ckpt-interval 1";
-    llmq(&cmd(&format!("{base} --model tiny --from-scratch"), &["--export", &p("m0"), "--ckpt-dir", &p("ck0")]));
+    let scratch = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(cmd(&format!("{base} --model tiny --from-scratch"), &["--export", &p("m0"), "--ckpt-dir", &p("ck0")]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&scratch.stderr);
+    assert!(scratch.status.success() && stderr.contains("will hold no tokenizer"), "{stderr}");
     let tokenizer = br#"{"stand-in": "copied byte for byte"}"#;
     std::fs::write(d.join("m0/tokenizer.json"), tokenizer).unwrap();
     std::fs::write(d.join("m0/tokenizer_config.json"), br#"{"eos_token": "x"}"#).unwrap();
-    llmq(&cmd(base, &["--model", &p("m0"), "--ckpt-dir", &p("ck1")]));
+    // --export at the end of a run copies the model's tokenizer too
+    llmq(&cmd(base, &["--model", &p("m0"), "--ckpt-dir", &p("ck1"), "--export", &p("m1")]));
+    assert_eq!(std::fs::read(d.join("m1/tokenizer.json")).unwrap(), tokenizer);
 
     let export = |ck: &str, out: &str, extra: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_llmq")).args(["export", ck, "-o", out]).args(extra).output().unwrap();
