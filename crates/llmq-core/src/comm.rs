@@ -378,3 +378,77 @@ impl Comm for ThreadComm {
         self.hub.cv.notify_all();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Routing collectives to implementations
+// ---------------------------------------------------------------------------------------------
+
+/// One rank's collectives from several implementations: all-gathers and broadcasts from
+/// `gathers`, sends and receives from `p2p` where given (the copy-engine versions), everything
+/// else (reductions, host collectives, aborts) from `base`.
+pub struct RoutedComm {
+    pub base: Arc<dyn Comm>,
+    pub gathers: Option<Arc<dyn Comm>>,
+    pub p2p: Option<Arc<dyn Comm>>,
+}
+
+impl RoutedComm {
+    fn gathers(&self) -> &dyn Comm {
+        self.gathers.as_deref().unwrap_or(self.base.as_ref())
+    }
+    fn p2p(&self) -> &dyn Comm {
+        self.p2p.as_deref().unwrap_or(self.base.as_ref())
+    }
+}
+
+impl Comm for RoutedComm {
+    fn rank(&self) -> usize {
+        self.base.rank()
+    }
+    fn world(&self) -> usize {
+        self.base.world()
+    }
+    fn describe(&self) -> String {
+        let mut s = self.base.describe();
+        if let Some(g) = &self.gathers {
+            s += &format!("; all-gather and broadcast: {}", g.describe());
+        }
+        if let Some(p) = &self.p2p {
+            s += &format!("; send/recv: {}", p.describe());
+        }
+        s
+    }
+    fn all_reduce(&self, be: &dyn Backend, t: &Tensor, op: ReduceOp, stream: Stream, what: &str) -> Result<()> {
+        self.base.all_reduce(be, t, op, stream, what)
+    }
+    fn reduce_scatter(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, accumulate: bool, stream: Stream, what: &str) -> Result<()> {
+        self.base.reduce_scatter(be, dst, src, accumulate, stream, what)
+    }
+    fn all_gather(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        self.gathers().all_gather(be, dst, src, stream, what)
+    }
+    fn broadcast(&self, be: &dyn Backend, t: &Tensor, root: usize, stream: Stream, what: &str) -> Result<()> {
+        self.gathers().broadcast(be, t, root, stream, what)
+    }
+    fn send(&self, be: &dyn Backend, t: &Tensor, peer: usize, stream: Stream, what: &str) -> Result<()> {
+        self.p2p().send(be, t, peer, stream, what)
+    }
+    fn recv(&self, be: &dyn Backend, t: &Tensor, peer: usize, stream: Stream, what: &str) -> Result<()> {
+        self.p2p().recv(be, t, peer, stream, what)
+    }
+    fn all_reduce_host(&self, vals: &mut [f64], op: ReduceOp, what: &str) -> Result<()> {
+        self.base.all_reduce_host(vals, op, what)
+    }
+    fn all_gather_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+        self.base.all_gather_bytes(bytes, what)
+    }
+    fn gather_bytes(&self, bytes: &[u8], root: usize, what: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        self.base.gather_bytes(bytes, root, what)
+    }
+    fn abort(&self, why: &str) {
+        self.base.abort(why);
+        for c in [&self.gathers, &self.p2p].into_iter().flatten() {
+            c.abort(why);
+        }
+    }
+}
