@@ -46,22 +46,30 @@ pub fn run_tokenize(a: TokenizeArgs) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}, {msg} ({eta})",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = tokenize(&opts, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
+    // redrawn on a timer, so that elapsed time and rates move while a batch is encoded
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let start = std::time::Instant::now();
+    let report = tokenize(&opts, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+        bar.set_message(format!("{:.0} tokens/s", p.tokens as f64 / start.elapsed().as_secs_f64().max(1e-3)));
     })?;
     bar.finish_and_clear();
+    let eos = &report.eos;
     println!(
-        "{} documents, {} tokens (vocab {}, EOS {}) -> {} file(s):",
+        "{} documents, {} tokens (vocab {}) in {:.1} s -> {} file(s); after each document: {} (id {}, {})",
         report.documents,
         report.tokens,
         report.vocab_size,
-        report.eos_id,
-        report.files.len()
+        start.elapsed().as_secs_f64(),
+        report.files.len(),
+        eos.token.as_deref().unwrap_or("<no string>"),
+        eos.id,
+        eos.source
     );
     for f in &report.files {
         println!("  {} ({} tokens)", f.path.display(), f.n_tokens);
@@ -79,7 +87,8 @@ pub struct ExportArgs {
     /// bf16 or fp32.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    /// Copy tokenizer files from this model directory.
+    /// Copy tokenizer files from this model directory (default: the tokenizer the checkpoint
+    /// records, that of the model the run started from).
     #[arg(long)]
     pub tokenizer_from: Option<PathBuf>,
 }
@@ -91,11 +100,32 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
             Error::Config(format!("--dtype: expected bf16 or fp32, got {:?}", a.dtype))
         })?;
     let (cfg, groups) = llmq_train::checkpoint::model_config(&a.checkpoint)?;
-    llmq_io::hf::export_model(&a.output, &cfg, &groups, dtype, a.tokenizer_from.as_deref())?;
+    let tokenizer = match a.tokenizer_from {
+        Some(dir) => Some((dir, "--tokenizer-from")),
+        None => recorded_tokenizer(&a.checkpoint)?,
+    };
+    llmq_io::hf::export_model(&a.output, &cfg, &groups, dtype, tokenizer.as_ref().map(|t| t.0.as_path()))?;
     println!(
         "exported {} ({dtype}) to {}",
         cfg.arch.hf_name(),
         a.output.display()
     );
+    match tokenizer {
+        Some((dir, why)) => println!("tokenizer files from {} ({why})", dir.display()),
+        None => eprintln!(
+            "warning: exported without a tokenizer: the checkpoint records none (a model built from scratch, or a checkpoint from before tokenizers were recorded); pass --tokenizer-from DIR to copy one"
+        ),
+    }
     Ok(())
+}
+
+/// The tokenizer directory recorded in the checkpoint, where it still holds tokenizer files;
+/// a recorded one that is gone is a warning, not an error (the weights still export).
+fn recorded_tokenizer(ckpt: &std::path::Path) -> Result<Option<(PathBuf, &'static str)>> {
+    let Some(dir) = llmq_train::setup::recorded_source(ckpt)?.and_then(|s| s.tokenizer) else { return Ok(None) };
+    if llmq_io::hf::TOKENIZER_FILES.iter().any(|f| dir.join(f).is_file()) {
+        return Ok(Some((dir, "recorded in the checkpoint")));
+    }
+    eprintln!("warning: the checkpoint's tokenizer directory {} holds no tokenizer files any more", dir.display());
+    Ok(None)
 }

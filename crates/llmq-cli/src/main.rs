@@ -6,6 +6,7 @@ mod device;
 mod eval_cmd;
 mod files_cmd;
 mod plot;
+mod plot_svg;
 mod preflight;
 mod ranks;
 mod signals;

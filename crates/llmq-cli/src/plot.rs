@@ -1,186 +1,169 @@
-//! `llmq plot LOG`: train and eval loss curves from a JSON-lines log, drawn as an SVG image.
+//! `llmq plot LOG...`: loss curves, with panels for the learning rate, the gradient norm and the
+//! throughput, from JSON-lines logs of `llmq train --log-file`, drawn as one SVG image
+//! (`plot_svg.rs`). A log that several runs appended to holds one curve per run series: the
+//! records' `series` field, shared by a run and the runs that resume it (logs written without it
+//! start a new series at each `options` record). Several logs are overlaid.
 
+use crate::plot_svg::render_svg;
 use llmq_core::{Error, Result};
-use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct PlotArgs {
-    /// JSON-lines log written by `llmq train --log-file`.
-    pub log: PathBuf,
-    /// Output image (SVG). Default: the log's name with .svg.
+    /// JSON-lines logs written by `llmq train --log-file` (several: drawn over each other).
+    #[arg(required = true)]
+    pub logs: Vec<PathBuf>,
+    /// Output image (SVG). Default: the first log's name with .svg.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Also draw the train loss as a trailing mean over this many logged steps (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub smooth: usize,
 }
 
-/// (step, loss) series read from a log.
+/// (step, value) points of one run series; missing and non-finite values are left out.
 #[derive(Debug, Default, PartialEq)]
-pub struct Curves {
+pub struct Series {
+    pub label: String,
     pub train: Vec<(f64, f64)>,
     pub eval: Vec<(f64, f64)>,
+    pub lr: Vec<(f64, f64)>,
+    pub norm: Vec<(f64, f64)>,
+    pub tokens_per_s: Vec<(f64, f64)>,
+    /// The entropy floor of the synthetic corpus, where the run trained on it.
     pub floor: Option<f64>,
+    /// The run whose step records came last.
+    pub(crate) last_run: Option<String>,
 }
 
-pub fn read_curves(path: &Path) -> Result<Curves> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    let mut c = Curves::default();
+impl Series {
+    /// A run resuming this series from a checkpoint redoes the steps from `step` on: the points
+    /// the earlier run logged there (after its checkpoint, before it stopped) are replaced.
+    fn truncate_from(&mut self, step: f64) {
+        for v in [&mut self.train, &mut self.eval, &mut self.lr, &mut self.norm, &mut self.tokens_per_s] {
+            v.retain(|p| p.0 < step);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.train.is_empty() && self.eval.is_empty()
+    }
+}
+
+/// The series of a log and the lines that were not records (reported, not fatal: a run killed
+/// while writing leaves a partial line).
+#[derive(Debug, Default)]
+pub struct LogRead {
+    pub series: Vec<Series>,
+    pub ignored: Vec<String>,
+}
+
+pub fn read_log(path: &Path) -> Result<LogRead> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let n_lines = text.lines().count();
+    let mut out = LogRead::default();
+    let mut keys: Vec<String> = vec![];
+    // logs without series ids: the number of `options` records so far
+    let mut unnamed = 0usize;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::file(path, format!("line {}: not JSON: {e}", i + 1)))?;
-        let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
-        match v.get("type").and_then(|t| t.as_str()) {
-            Some("step") if v.get("skipped").and_then(|s| s.as_bool()) != Some(true) => {
-                if let (Some(s), Some(l)) = (num("step"), num("loss")) {
-                    c.train.push((s, l));
+        let v = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) if v.is_object() => v,
+            _ if i + 1 == n_lines && !text.ends_with('\n') => {
+                out.ignored.push(format!("line {}: a partial last record (a run stopped while writing it)", i + 1));
+                continue;
+            }
+            _ => {
+                out.ignored.push(format!("line {}: not a JSON record", i + 1));
+                continue;
+            }
+        };
+        let text_of = |k: &str| v.get(k).and_then(|x| x.as_str());
+        let ty = text_of("type").unwrap_or("");
+        let (key, run) = match text_of("series") {
+            Some(s) => (s.to_string(), text_of("run").unwrap_or(s).to_string()),
+            None => {
+                unnamed += usize::from(ty == "options");
+                (format!("#{unnamed}"), format!("#{unnamed}"))
+            }
+        };
+        let at = match keys.iter().position(|k| *k == key) {
+            Some(at) => at,
+            None => {
+                keys.push(key.clone());
+                out.series.push(Series { label: key, ..Default::default() });
+                keys.len() - 1
+            }
+        };
+        let s = &mut out.series[at];
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).filter(|x| x.is_finite());
+        let Some(step) = num("step") else {
+            if ty == "dataset" {
+                s.floor = num("floor");
+            }
+            continue;
+        };
+        match ty {
+            "step" => {
+                if s.last_run.as_deref() != Some(run.as_str()) {
+                    if s.last_run.is_some() {
+                        s.truncate_from(step);
+                    }
+                    s.last_run = Some(run);
+                }
+                if v.get("skipped").and_then(|x| x.as_bool()) == Some(true) {
+                    continue;
+                }
+                for (k, dst) in [("loss", &mut s.train), ("lr", &mut s.lr), ("norm", &mut s.norm), ("tokens_per_s", &mut s.tokens_per_s)] {
+                    if let Some(x) = num(k) {
+                        dst.push((step, x));
+                    }
                 }
             }
-            Some("eval") => {
-                if let (Some(s), Some(l)) = (num("step"), num("loss")) {
-                    c.eval.push((s, l));
+            "eval" => {
+                if let Some(x) = num("loss") {
+                    s.eval.push((step, x));
                 }
             }
-            Some("dataset") => c.floor = num("floor"),
             _ => {}
         }
     }
-    if c.train.is_empty() && c.eval.is_empty() {
-        return Err(Error::file(path, "no step or eval records with a loss"));
+    out.series.retain(|s| !s.is_empty());
+    if out.series.is_empty() {
+        let why = if out.ignored.is_empty() { String::new() } else { format!(" ({})", out.ignored.join("; ")) };
+        return Err(Error::file(path, format!("no step or eval records with a loss{why}")));
     }
-    Ok(c)
-}
-
-pub fn render_svg(c: &Curves, title: &str) -> String {
-    let (w, h, ml, mr, mt, mb) = (900.0, 540.0, 70.0, 20.0, 40.0, 50.0);
-    let pts = c.train.iter().chain(&c.eval).filter(|p| p.1.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let several = out.series.len() > 1;
+    for (i, s) in out.series.iter_mut().enumerate() {
+        s.label = if several { format!("{name} run {}", i + 1) } else { name.clone() };
     }
-    if let Some(f) = c.floor {
-        y0 = y0.min(f);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    if y1 <= y0 {
-        y1 = y0 + 1.0;
-    }
-    let pad = 0.05 * (y1 - y0);
-    let (y0, y1) = (y0 - pad, y1 + pad);
-    let sx = |x: f64| ml + (x - x0) / (x1 - x0) * (w - ml - mr);
-    let sy = |y: f64| mt + (y1 - y) / (y1 - y0) * (h - mt - mb);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
-        w / 2.0,
-        xml_escape(title)
-    );
-    for i in 0..=5 {
-        let y = y0 + (y1 - y0) * i as f64 / 5.0;
-        let x = x0 + (x1 - x0) * i as f64 / 5.0;
-        let (xr, yy, lx, ly) = (w - mr, sy(y), ml - 6.0, sy(y) + 4.0);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{ml}" x2="{xr}" y1="{yy}" y2="{yy}" stroke="#ddd"/><text x="{lx}" y="{ly}" text-anchor="end">{y:.3}</text>"##
-        );
-        let (yb, xx, ty) = (h - mb, sx(x), h - mb + 16.0);
-        let _ = writeln!(
-            s,
-            r##"<line y1="{mt}" y2="{yb}" x1="{xx}" x2="{xx}" stroke="#eee"/><text x="{xx}" y="{ty}" text-anchor="middle">{x:.0}</text>"##
-        );
-    }
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#,
-        w / 2.0,
-        h - 12.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">loss (nats/token)</text>"#,
-        h / 2.0,
-        h / 2.0
-    );
-    let poly = |pts: &[(f64, f64)], color: &str, width: f64| -> String {
-        let p: Vec<String> = pts
-            .iter()
-            .filter(|p| p.1.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
-            .collect();
-        format!(
-            r#"<polyline fill="none" stroke="{color}" stroke-width="{width}" points="{}"/>"#,
-            p.join(" ")
-        )
-    };
-    let _ = writeln!(s, "{}", poly(&c.train, "#1f77b4", 1.2));
-    let _ = writeln!(s, "{}", poly(&c.eval, "#d62728", 2.0));
-    for &(x, y) in c.eval.iter().filter(|p| p.1.is_finite()) {
-        let _ = writeln!(
-            s,
-            r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>"##,
-            sx(x),
-            sy(y)
-        );
-    }
-    let mut legend = vec![
-        ("#1f77b4", "train loss".to_string()),
-        ("#d62728", "eval loss".to_string()),
-    ];
-    if let Some(f) = c.floor {
-        let (xr, yf) = (w - mr, sy(f));
-        let _ = writeln!(
-            s,
-            r##"<line x1="{ml}" x2="{xr}" y1="{yf}" y2="{yf}" stroke="#2ca02c" stroke-dasharray="6 4"/>"##
-        );
-        legend.push(("#2ca02c", format!("entropy floor {f:.3}")));
-    }
-    for (i, (color, label)) in legend.iter().enumerate() {
-        let y = mt + 14.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{}" x2="{}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{label}</text>"#,
-            w - 210.0,
-            w - 185.0,
-            w - 178.0,
-            y + 4.0
-        );
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    Ok(out)
 }
 
 pub fn run(args: PlotArgs) -> Result<()> {
-    let curves = read_curves(&args.log)?;
-    let out = args
-        .output
-        .clone()
-        .unwrap_or_else(|| args.log.with_extension("svg"));
-    let svg = render_svg(&curves, &format!("llmq: {}", args.log.display()));
+    let mut series = vec![];
+    for log in &args.logs {
+        let read = read_log(log)?;
+        for why in &read.ignored {
+            eprintln!("{}: ignored {why}", log.display());
+        }
+        series.extend(read.series);
+    }
+    let out = args.output.clone().unwrap_or_else(|| args.logs[0].with_extension("svg"));
+    let names: Vec<String> = args.logs.iter().map(|l| l.display().to_string()).collect();
+    let svg = render_svg(&series, &format!("llmq: {}", names.join(", ")), args.smooth);
     std::fs::write(&out, svg).map_err(|e| Error::file(&out, format!("cannot write: {e}")))?;
+    let points = |f: fn(&Series) -> usize| series.iter().map(f).sum::<usize>();
     println!(
-        "wrote {} ({} train points, {} eval points)",
+        "wrote {} ({} run(s): {} train points, {} eval points)",
         out.display(),
-        curves.train.len(),
-        curves.eval.len()
+        series.len(),
+        points(|s| s.train.len()),
+        points(|s| s.eval.len())
     );
     Ok(())
 }
@@ -189,17 +172,22 @@ pub fn run(args: PlotArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_curves_and_draws_them() {
+    fn log(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("llmq-plot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("run.jsonl");
-        std::fs::write(
-            &log,
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_one_run() {
+        let p = log(
+            "one.jsonl",
             concat!(
                 r#"{"type":"dataset","floor":1.5}"#,
                 "\n",
-                r#"{"type":"step","step":1,"loss":5.0,"skipped":false}"#,
+                r#"{"type":"step","step":1,"loss":5.0,"lr":0.001,"norm":2.0,"tokens_per_s":900,"skipped":false}"#,
                 "\n",
                 r#"{"type":"step","step":2,"loss":9e9,"skipped":true}"#,
                 "\n",
@@ -208,20 +196,59 @@ mod tests {
                 r#"{"type":"eval","step":3,"loss":3.2}"#,
                 "\n"
             ),
-        )
-        .unwrap();
-        let c = read_curves(&log).unwrap();
-        assert_eq!(c.train, vec![(1.0, 5.0), (3.0, 3.0)]);
-        assert_eq!(c.eval, vec![(3.0, 3.2)]);
-        assert_eq!(c.floor, Some(1.5));
-        let svg = render_svg(&c, "t");
-        assert!(
-            svg.starts_with("<svg")
-                && svg.contains("polyline")
-                && svg.contains("entropy floor 1.500")
         );
-        std::fs::write(&log, "not json\n").unwrap();
-        let err = read_curves(&log).unwrap_err().to_string();
-        assert!(err.contains("run.jsonl") && err.contains("line 1"), "{err}");
+        let r = read_log(&p).unwrap();
+        assert_eq!(r.series.len(), 1);
+        let s = &r.series[0];
+        assert_eq!(s.label, "one.jsonl");
+        assert_eq!(s.train, vec![(1.0, 5.0), (3.0, 3.0)]);
+        assert_eq!(s.eval, vec![(3.0, 3.2)]);
+        assert_eq!((s.lr.clone(), s.norm.clone(), s.tokens_per_s.clone()), (vec![(1.0, 0.001)], vec![(1.0, 2.0)], vec![(1.0, 900.0)]));
+        assert_eq!(s.floor, Some(1.5));
+        std::fs::write(&p, "not json\n").unwrap();
+        let err = read_log(&p).unwrap_err().to_string();
+        assert!(err.contains("one.jsonl") && err.contains("line 1") && err.contains("no step or eval records"), "{err}");
+    }
+
+    /// Two runs appended to one log, the second resumed by a third: two series, the resumed one
+    /// continuing where its checkpoint was (the steps after it from the stopped run replaced).
+    #[test]
+    fn separates_runs_and_joins_a_resumed_one() {
+        let rec = |run: &str, series: &str, step: u32, loss: f64| format!(r#"{{"type":"step","step":{step},"loss":{loss},"run":"{run}","series":"{series}"}}"#);
+        let mut lines = vec![r#"{"type":"options","run":"a","series":"a"}"#.to_string()];
+        lines.extend((1..=5).map(|s| rec("a", "a", s, 10.0 - s as f64)));
+        lines.push(r#"{"type":"options","run":"b","series":"b"}"#.into());
+        lines.extend((1..=3).map(|s| rec("b", "b", s, 20.0)));
+        // c resumes a's checkpoint at step 3: a's steps 4 and 5 are replaced by c's
+        lines.extend((4..=6).map(|s| rec("c", "a", s, 1.0)));
+        let p = log("appended.jsonl", &(lines.join("\n") + "\n"));
+        let r = read_log(&p).unwrap();
+        assert_eq!(r.series.len(), 2);
+        assert_eq!(r.series[0].label, "appended.jsonl run 1");
+        assert_eq!(r.series[0].train, vec![(1.0, 9.0), (2.0, 8.0), (3.0, 7.0), (4.0, 1.0), (5.0, 1.0), (6.0, 1.0)]);
+        assert_eq!(r.series[1].train, vec![(1.0, 20.0), (2.0, 20.0), (3.0, 20.0)]);
+        // an old log without ids: each options record starts a series
+        let old = "{\"type\":\"options\"}\n{\"type\":\"step\",\"step\":1,\"loss\":2}\n{\"type\":\"options\"}\n{\"type\":\"step\",\"step\":1,\"loss\":3}\n";
+        let r = read_log(&log("old.jsonl", old)).unwrap();
+        assert_eq!(r.series.iter().map(|s| s.train.clone()).collect::<Vec<_>>(), vec![vec![(1.0, 2.0)], vec![(1.0, 3.0)]]);
+    }
+
+    /// A run killed mid-write leaves a partial last line; NaN values are written as null: neither
+    /// stops the plot, and the partial line is reported.
+    #[test]
+    fn a_partial_last_line_and_nan_values_are_skipped() {
+        let text = concat!(
+            r#"{"type":"step","step":1,"loss":4.0,"norm":null}"#,
+            "\n",
+            r#"{"type":"step","step":2,"loss":null,"norm":1.0}"#,
+            "\n",
+            r#"{"type":"step","step":3,"lo"#
+        );
+        let r = read_log(&log("partial.jsonl", text)).unwrap();
+        assert_eq!(r.series[0].train, vec![(1.0, 4.0)]);
+        assert_eq!(r.series[0].norm, vec![(2.0, 1.0)]);
+        assert_eq!(r.ignored, vec!["line 3: a partial last record (a run stopped while writing it)".to_string()]);
+        let svg = render_svg(&r.series, "t", 3);
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     }
 }

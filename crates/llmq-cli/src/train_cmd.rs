@@ -15,23 +15,40 @@ use llmq_train::ckpt_session::CkptSession;
 use llmq_train::{flops, TrainConfig, Trainer};
 pub use llmq_train::setup::ModelChoice;
 
+/// The model, its vocabulary fitted to the token files (checked before anything is allocated).
 pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
-    setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)
+    let mut m = setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)?;
+    setup::fit_vocab_to_data(&mut m, &data_choice(args, 0, 1))?;
+    Ok(m)
 }
 
-/// The data of rank `rank` (of `tc.world_size`); rank 0 checks every token id up front.
-fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usize) -> Result<setup::Sources> {
-    let d = DataChoice {
+fn data_choice(args: &TrainArgs, rank: usize, world: usize) -> DataChoice {
+    DataChoice {
         train_file: args.train_file.clone(),
         eval_file: args.eval_file.clone(),
         random_data: args.random_data,
         synthetic_vocab: args.synthetic_vocab,
         allow_data_change: args.allow_data_change,
         rank,
-        world: tc.world_size,
-    };
+        world,
+    }
+}
+
+/// The data of rank `rank` (of `tc.world_size`); rank 0 checks every token id up front.
+fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usize) -> Result<setup::Sources> {
+    let d = data_choice(args, rank, tc.world_size);
     let no_check = |_: &llmq_io::loader::TokenLoader, _: &str| Ok(());
     setup::resolve_data(&d, cfg, tc, if rank == 0 { &preflight::check_tokens } else { &no_check })
+}
+
+/// The tokenizer directory `--export` copies from (the model's, or the one a resumed checkpoint
+/// recorded); where none is known, rank 0 says so before the run rather than after it.
+fn export_tokenizer(trainer: &Trainer, dir: &std::path::Path, lead: bool) -> Option<std::path::PathBuf> {
+    let tokenizer = trainer.source.as_ref().and_then(|s| s.tokenizer.clone());
+    if tokenizer.is_none() && lead {
+        eprintln!("warning: --export {} will hold no tokenizer: none is known for this model (built from scratch, or its directory holds no tokenizer files); copy one into it", dir.display());
+    }
+    tokenizer
 }
 
 /// Free device memory `--fit-batch` leaves beside the model (driver, library workspaces).
@@ -237,6 +254,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     }
 
     let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
+    trainer.source = Some(model.source());
     if args.log_amax > 0 {
         if args.log_file.is_none() {
             return Err(Error::Config("--log-amax writes into the JSON log: add --log-file".into()));
@@ -283,6 +301,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     }
     if let (true, Some(path)) = (lead, &args.log_file) {
         let mut log = JsonLog::open(path)?;
+        log.set_run(&ckpts.as_ref().map_or_else(llmq_io::ckpt::Lineage::fresh, |c| c.lineage().clone()));
         log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
         log.write(&serde_json::json!({"type": "config", "toml": args.effective_config}));
         log.write(&serde_json::json!({"type": "dataset", "train": trainer.data.describe(), "floor": floor}));
@@ -291,7 +310,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     }
     let export = match &args.export {
         None => None,
-        Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: model.dir.clone() }),
+        Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: export_tokenizer(&trainer, dir, lead) }),
     };
     let opts = RunOptions {
         checkpoints: ckpts,

@@ -43,24 +43,29 @@ fn unwritable_outputs_are_refused_before_the_first_step() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A version-2 token file whose header says vocab_size 512, whatever ids it holds (the writer
+/// refuses ids beyond the header, so the header is patched).
 fn token_file(path: &Path, tokens: &[i32]) {
-    llmq_io::tokfile::write_token_file(path, tokens, None, Some(512)).unwrap();
+    llmq_io::tokfile::write_token_file(path, tokens, None, Some(i32::MAX as u32)).unwrap();
+    let mut b = std::fs::read(path).unwrap();
+    b[20..24].copy_from_slice(&512i32.to_le_bytes());
+    std::fs::write(path, b).unwrap();
 }
 
 #[test]
 fn token_ids_outside_the_vocabulary_are_found_before_the_first_step() {
     let d = tmpdir("tokens");
-    // the header allows 512 but the model has 256 ids; the bad id is in the last chunk, which a
-    // two-step run would never read
+    // the header says 512 (the model's vocabulary, built from scratch) but an id is beyond it; the
+    // bad id is in the last chunk, which a two-step run would never read
     let mut toks: Vec<i32> = (0..4000).map(|i| i % 256).collect();
-    toks[3990] = 300;
+    toks[3990] = 600;
     let f = d.join("bad.bin");
     token_file(&f, &toks);
-    fails_up_front(&["--train-file", f.to_str().unwrap()], &["bad.bin", "id 300", "position 3990", "0..256"]);
+    fails_up_front(&["--train-file", f.to_str().unwrap()], &["bad.bin", "id 600", "position 3990", "0..512"]);
     // the same for an eval file
     let good = d.join("good.bin");
     token_file(&good, &toks[..3000]);
-    fails_up_front(&["--train-file", good.to_str().unwrap(), "--eval-file", f.to_str().unwrap()], &["bad.bin", "id 300"]);
+    fails_up_front(&["--train-file", good.to_str().unwrap(), "--eval-file", f.to_str().unwrap()], &["bad.bin", "id 600"]);
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -106,4 +111,21 @@ fn a_model_of_a_million_layers_is_refused_quickly() {
     assert!(stderr.contains("num_hidden_layers") || stderr.contains("of device memory"), "{stderr}");
     assert!(started.elapsed().as_secs() < 60, "took {:?}", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--model tiny --from-scratch` on token files of a larger tokenizer trains with the headers'
+/// vocabulary (the ids beyond 256 included) and says where the vocabulary came from.
+#[test]
+fn a_shape_from_scratch_trains_with_the_vocabulary_of_its_token_files() {
+    let d = tmpdir("vocab");
+    let toks: Vec<i32> = (0..4000).map(|i| (i * 7919) % 1000).collect();
+    let f = d.join("train.bin");
+    llmq_io::tokfile::write_token_file(&f, &toks, None, Some(1000)).unwrap();
+    let args: Vec<&str> = RUN.iter().copied().chain(["--train-file", f.to_str().unwrap()]).collect();
+    let out = llmq(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("V=1000") && stdout.contains("vocabulary 1000 from the token files' headers"), "{stdout}");
+    assert!(stdout.contains("step      2/"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -347,3 +347,103 @@ fn a_name_in_the_hf_cache_wins_over_the_built_in_shape() {
     assert!(plan.contains("built-in shape Qwen/Qwen2.5-0.5B") && plan.contains("0.49B parameters"), "{plan}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A checkpoint records where its model and tokenizer came from; `llmq export` copies that
+/// tokenizer without being told, and warns where none is known.
+#[test]
+fn export_copies_the_tokenizer_the_checkpoint_records() {
+    let d = tmpdir("export_tokenizer");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let base = "train --device cpu --steps 2 --batch-size 2 --seq-len 16 --warmup 1 --eval-every 0 --ckpt-interval 1";
+    let scratch = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(cmd(&format!("{base} --model tiny --from-scratch"), &["--export", &p("m0"), "--ckpt-dir", &p("ck0")]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&scratch.stderr);
+    assert!(scratch.status.success() && stderr.contains("will hold no tokenizer"), "{stderr}");
+    let tokenizer = br#"{"stand-in": "copied byte for byte"}"#;
+    std::fs::write(d.join("m0/tokenizer.json"), tokenizer).unwrap();
+    std::fs::write(d.join("m0/tokenizer_config.json"), br#"{"eos_token": "x"}"#).unwrap();
+    // --export at the end of a run copies the model's tokenizer too
+    llmq(&cmd(base, &["--model", &p("m0"), "--ckpt-dir", &p("ck1"), "--export", &p("m1")]));
+    assert_eq!(std::fs::read(d.join("m1/tokenizer.json")).unwrap(), tokenizer);
+
+    let export = |ck: &str, out: &str, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_llmq")).args(["export", ck, "-o", out]).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (stdout, stderr) = export(&p("ck1/step_00000002"), &p("out1"), &[]);
+    assert_eq!(std::fs::read(d.join("out1/tokenizer.json")).unwrap(), tokenizer);
+    assert!(d.join("out1/tokenizer_config.json").is_file());
+    assert!(stdout.contains("tokenizer files from") && stdout.contains("recorded in the checkpoint"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let src = llmq_train::setup::recorded_source(&d.join("ck1/step_00000001")).unwrap().unwrap();
+    assert_eq!(src.tokenizer.as_deref(), Some(d.join("m0").as_path()));
+
+    // from scratch: no tokenizer known, exported with a warning
+    let (_, stderr) = export(&p("ck0/step_00000002"), &p("out0"), &[]);
+    assert!(stderr.contains("warning: exported without a tokenizer") && stderr.contains("--tokenizer-from"), "{stderr}");
+    assert!(!d.join("out0/tokenizer.json").exists());
+    // unless one is named
+    let (stdout, _) = export(&p("ck0/step_00000002"), &p("out2"), &["--tokenizer-from", &p("m0")]);
+    assert_eq!(std::fs::read(d.join("out2/tokenizer.json")).unwrap(), tokenizer);
+    assert!(stdout.contains("(--tokenizer-from)"), "{stdout}");
+    // a recorded tokenizer that is gone is a warning
+    std::fs::remove_file(d.join("m0/tokenizer.json")).unwrap();
+    std::fs::remove_file(d.join("m0/tokenizer_config.json")).unwrap();
+    let (_, stderr) = export(&p("ck1/step_00000002"), &p("out3"), &[]);
+    assert!(stderr.contains("holds no tokenizer files any more") && stderr.contains("exported without a tokenizer"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Runs appended to one log are told apart: every record carries the run id and the series (the
+/// first run of its checkpoint line), a resumed run continues its series, a fresh run starts its
+/// own; a partial line left by a killed run neither joins the next record nor stops `llmq plot`,
+/// which draws one curve per series and overlays several logs.
+#[test]
+fn a_log_keeps_runs_apart_and_plot_draws_one_curve_per_run() {
+    let d = tmpdir("log_runs");
+    let log = d.join("run.jsonl");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let base = "train --device cpu --model tiny --from-scratch --steps 6 --batch-size 2 --seq-len 16 --warmup 1 --eval-every 3 --ckpt-interval 2";
+    llmq(&cmd(base, &["--log-file", &p("run.jsonl"), "--ckpt-dir", &p("ck"), "--stop-at", "3"]));
+    // a run killed while writing a record
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, br#"{"type":"step","st"#).unwrap();
+    llmq(&cmd(base, &["--log-file", &p("run.jsonl"), "--ckpt-dir", &p("ck"), "--continue"]));
+    llmq(&cmd(base, &["--log-file", &p("run.jsonl"), "--ckpt-dir", &p("ck2")]));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(text.lines().count(), records.len() + 1, "only the partial line is not a record, on a line of its own");
+    let field = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or_else(|| panic!("no `{k}` in {r}")).to_string();
+    let mut runs: Vec<(String, String)> = vec![];
+    for r in &records {
+        let id = (field(r, "run"), field(r, "series"));
+        if runs.last() != Some(&id) {
+            runs.push(id);
+        }
+    }
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert_eq!(runs[0].0, runs[0].1, "a fresh run is its own series");
+    assert_eq!(runs[1].1, runs[0].1, "the resumed run continues the series");
+    assert_ne!(runs[1].0, runs[0].0);
+    assert_ne!(runs[2].1, runs[0].1, "a fresh run appended to the log starts a series");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(["plot", &p("run.jsonl"), "-o", &p("a.svg")]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("2 run(s): 12 train points, 4 eval points"), "{stdout}");
+    assert!(stderr.contains("not a JSON record"), "{stderr}");
+    let svg = std::fs::read_to_string(d.join("a.svg")).unwrap();
+    for w in ["run.jsonl run 1", "run.jsonl run 2", ">learning rate<", ">gradient norm<", ">tokens/s<"] {
+        assert!(svg.contains(w), "{w:?} not in the image");
+    }
+    // two logs overlaid, the train loss smoothed
+    std::fs::copy(&log, d.join("other.jsonl")).unwrap();
+    let o = llmq(&["plot", &p("run.jsonl"), &p("other.jsonl"), "--smooth", "3", "-o", &p("b.svg")]);
+    assert!(o.contains("4 run(s)"), "{o}");
+    assert!(std::fs::read_to_string(d.join("b.svg")).unwrap().contains("other.jsonl run 2"));
+    let _ = std::fs::remove_dir_all(&d);
+}

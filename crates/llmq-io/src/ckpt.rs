@@ -61,6 +61,12 @@ impl Lineage {
         Lineage { run: Lineage::fresh().run, ancestry }
     }
 
+    /// The id of the first run of this line (this run's own where it resumed none): a log's
+    /// records of every segment of the line carry it, so a plot draws them as one curve.
+    pub fn series(&self) -> &str {
+        self.ancestry.first().map_or(&self.run, |(run, _)| run)
+    }
+
     /// The checkpoint this run resumed from, if any.
     pub fn parent(&self) -> Option<&(String, u64)> {
         self.ancestry.last()
@@ -486,6 +492,14 @@ pub fn checkpoint_info(dir: &Path) -> Result<(u64, Lineage)> {
     let m = check_sizes(dir)?;
     check_dir_step(dir, m.step)?;
     Ok((m.step, m.lineage))
+}
+
+/// The JSON state of the checkpoint in `dir`, checked as [`checkpoint_info`] checks it (tensor
+/// data not read).
+pub fn checkpoint_state(dir: &Path) -> Result<serde_json::Value> {
+    let m = check_sizes(dir)?;
+    check_dir_step(dir, m.step)?;
+    Ok(m.state)
 }
 
 fn check_dir_step(dir: &Path, step: u64) -> Result<()> {

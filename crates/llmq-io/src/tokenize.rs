@@ -8,9 +8,11 @@
 //! documents during training). The header's vocab size is the tokenizer's size including added
 //! tokens, so every id written is below it.
 //!
-//! EOS id, in order of preference: `eos_id`; the `eos_token` of `tokenizer_config.json` next to
-//! the tokenizer; `eos_token_id` of `generation_config.json` / `config.json` there; a token
-//! named `<|endoftext|>`, `<|end_of_text|>`, `</s>`, `<eos>`, `[EOS]` or `<|eos|>`.
+//! EOS id, in order of preference: `eos_id`; an end-of-document token `<|endoftext|>` or
+//! `<|end_of_text|>` (a chat model's `eos_token` ends a turn, e.g. Qwen's `<|im_end|>`, and is
+//! the wrong separator for documents); the `eos_token` of `tokenizer_config.json` next to the
+//! tokenizer; `eos_token_id` of `generation_config.json` / `config.json` there; a token named
+//! `</s>`, `<eos>`, `[EOS]` or `<|eos|>`.
 
 use crate::tokfile::{TokenFileInfo, TokenFileWriter};
 use llmq_core::{Error, Result};
@@ -58,7 +60,17 @@ pub struct TokenizeReport {
     pub documents: u64,
     pub tokens: u64,
     pub vocab_size: u32,
-    pub eos_id: u32,
+    pub eos: EosChoice,
+}
+
+/// Where a tokenize run stands, passed to its progress callback after every batch of documents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenizeProgress {
+    /// Input bytes whose documents are written.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Tokens written so far (EOS tokens included).
+    pub tokens: u64,
 }
 
 /// Finds `tokenizer.json` for a file or directory argument.
@@ -85,8 +97,29 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     Ok(t)
 }
 
-/// The EOS id per the module docs; `dir` is the directory of tokenizer.json.
-pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<u32> {
+/// The token appended after each document, and why it was chosen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EosChoice {
+    pub id: u32,
+    /// The token's string (None only for an explicit id the vocabulary has no string for).
+    pub token: Option<String>,
+    /// Where the choice came from, for the printed report.
+    pub source: String,
+}
+
+/// Tokens that end a document in pre-training text (GPT-2/Qwen, Llama 3). They come before the
+/// `eos_token` of `tokenizer_config.json`, which in chat models is the end of a turn
+/// (`<|im_end|>`, `<|eot_id|>`), not of a document.
+const DOCUMENT_END: &[&str] = &["<|endoftext|>", "<|end_of_text|>"];
+
+/// The EOS token per the module docs; `dir` is the directory of tokenizer.json.
+pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<EosChoice> {
+    let found = |id: u32, source: String| EosChoice { id, token: tok.id_to_token(id), source };
+    for n in DOCUMENT_END {
+        if let Some(id) = tok.token_to_id(n) {
+            return Ok(found(id, "the tokenizer's end-of-document token".into()));
+        }
+    }
     let read = |f: &str| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
     };
@@ -96,10 +129,8 @@ pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<u32> {
             Some(o) => o.get("content").and_then(|x| x.as_str()).map(String::from),
             None => None,
         };
-        if let Some(n) = name {
-            if let Some(id) = tok.token_to_id(&n) {
-                return Ok(id);
-            }
+        if let Some(id) = name.and_then(|n| tok.token_to_id(&n)) {
+            return Ok(found(id, "eos_token of tokenizer_config.json".into()));
         }
     }
     for f in ["generation_config.json", "config.json"] {
@@ -109,18 +140,18 @@ pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<u32> {
                 Some(x) => x.as_u64(),
                 None => None,
             };
-            if let Some(id) = id {
-                return Ok(id as u32);
+            if let Some(id) = id.and_then(|i| u32::try_from(i).ok()) {
+                return Ok(found(id, format!("eos_token_id of {f}")));
             }
         }
     }
-    for n in ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eos|>"] {
+    for n in ["</s>", "<eos>", "[EOS]", "<|eos|>"] {
         if let Some(id) = tok.token_to_id(n) {
-            return Ok(id);
+            return Ok(found(id, "a token named like an end of sequence".into()));
         }
     }
     Err(Error::Config(format!(
-        "cannot tell the EOS token of the tokenizer in {}: pass the EOS id explicitly",
+        "cannot tell the EOS token of the tokenizer in {}: pass the EOS id explicitly (--eos-id)",
         dir.display()
     )))
 }
@@ -180,12 +211,14 @@ fn existing_outputs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     v
 }
 
+/// Documents encoded together (in parallel by the tokenizer): enough for its threads, small
+/// enough that progress is reported every fraction of a second.
 const BATCH_DOCS: usize = 2048;
-const BATCH_BYTES: usize = 8 << 20;
+pub const BATCH_BYTES: usize = 1 << 20;
 
-/// Tokenizes `opts.inputs` into token files; `progress(bytes_done, bytes_total)` is called after
-/// every batch of documents.
-pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<TokenizeReport> {
+/// Tokenizes `opts.inputs` into token files; `progress` is called at the start and after every
+/// batch of documents (about [`BATCH_BYTES`] of text, so that a bar moves steadily).
+pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(TokenizeProgress)) -> Result<TokenizeReport> {
     if opts.inputs.is_empty() {
         return Err(Error::Config("tokenize: no input files".into()));
     }
@@ -212,9 +245,11 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> R
     }
     let vocab = vocab as u32;
     let eos = match opts.eos_id {
-        Some(e) => e,
+        Some(id) => EosChoice { id, token: tok.id_to_token(id), source: "--eos-id".into() },
         None => find_eos(&tok, tj.parent().unwrap_or(Path::new(".")))?,
     };
+    let eos_choice = eos.clone();
+    let eos = eos.id;
     if eos >= vocab {
         return Err(Error::Config(format!("EOS id {eos} is outside the tokenizer's vocabulary of {vocab}")));
     }
@@ -239,7 +274,7 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> R
     let mut pending_bytes = 0u64;
     let mut n_docs = 0u64;
     let mut n_tokens = 0u64;
-    progress(0, total_bytes);
+    progress(TokenizeProgress { bytes_done: 0, bytes_total: total_bytes, tokens: 0 });
 
     let mut flush = |docs: &mut Vec<String>, pending: &mut u64, out: &mut SplitWriter| -> Result<()> {
         if !docs.is_empty() {
@@ -264,7 +299,7 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> R
         }
         done_bytes += *pending;
         *pending = 0;
-        progress(done_bytes, total_bytes);
+        progress(TokenizeProgress { bytes_done: done_bytes, bytes_total: total_bytes, tokens: n_tokens });
         Ok(())
     };
 
@@ -324,5 +359,5 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(u64, u64)) -> R
     if files.is_empty() {
         return Err(Error::Config("tokenize: the inputs hold no text; nothing written".into()));
     }
-    Ok(TokenizeReport { files, documents: n_docs, tokens: n_tokens, vocab_size: vocab, eos_id: eos })
+    Ok(TokenizeReport { files, documents: n_docs, tokens: n_tokens, vocab_size: vocab, eos: eos_choice })
 }

@@ -161,6 +161,28 @@ pub fn check_tokens(path: &Path, tokens: &[i32], first: u64, limit: Option<u64>)
 /// Checks every token id of the file at `path` against `limit` in one sequential pass, calling
 /// `progress` with the number of tokens checked so far.
 pub fn scan_tokens(path: &Path, limit: Option<u64>, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    for_each_chunk(path, &mut |start, toks| {
+        check_tokens(path, toks, start, limit)?;
+        progress(start + toks.len() as u64);
+        Ok(())
+    })
+}
+
+/// The largest token id of the file at `path` (None for a file without tokens), in one
+/// sequential pass; a negative id is an error naming its position.
+pub fn max_token(path: &Path) -> Result<Option<u32>> {
+    let mut max: Option<u32> = None;
+    for_each_chunk(path, &mut |start, toks| {
+        check_tokens(path, toks, start, None)?;
+        let m = toks.iter().copied().max().map(|t| t as u32);
+        max = max.max(m);
+        Ok(())
+    })?;
+    Ok(max)
+}
+
+/// Calls `f(first position, tokens)` over the tokens of `path` in chunks of 4 Mi tokens.
+fn for_each_chunk(path: &Path, f: &mut dyn FnMut(u64, &[i32]) -> Result<()>) -> Result<()> {
     const CHUNK: u64 = 1 << 22;
     let mut r = TokenFileReader::open(path)?;
     let n = r.info.n_tokens;
@@ -169,9 +191,8 @@ pub fn scan_tokens(path: &Path, limit: Option<u64>, progress: &mut dyn FnMut(u64
     while start < n {
         let len = CHUNK.min(n - start) as usize;
         r.read_tokens(start, &mut buf[..len])?;
-        check_tokens(path, &buf[..len], start, limit)?;
+        f(start, &buf[..len])?;
         start += len as u64;
-        progress(start);
     }
     Ok(())
 }

@@ -324,15 +324,21 @@ pub fn export_dtype(what: &str, s: &str) -> Result<DType> {
 /// Training and (optional) evaluation data.
 pub type Sources = (Box<dyn BatchSource>, Option<Box<dyn BatchSource>>);
 
-/// The model, resolved as `llmq train` resolves `--model`.
+/// The model, resolved as `llmq train` resolves `--model` (vocabulary fitted to the token files).
 pub fn resolve_model(o: &Options) -> Result<ModelChoice> {
-    setup::resolve_model(o.model.as_deref(), o.from_scratch, o.synthetic_vocab)
+    let mut m = setup::resolve_model(o.model.as_deref(), o.from_scratch, o.synthetic_vocab)?;
+    setup::fit_vocab_to_data(&mut m, &data_choice(o))?;
+    Ok(m)
+}
+
+fn data_choice(o: &Options) -> DataChoice {
+    DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false, ..Default::default() }
 }
 
 /// Training and evaluation data when no arrays are passed, as `llmq train` chooses them (token
 /// ids checked against the vocabulary when the files are opened).
 pub fn resolve_data(o: &Options, cfg: &ModelConfig, tc: &TrainConfig) -> Result<Sources> {
-    let d = DataChoice { train_file: o.train_file.clone(), eval_file: o.eval_file.clone(), random_data: o.random_data, synthetic_vocab: o.synthetic_vocab, allow_data_change: false, ..Default::default() };
+    let d = data_choice(o);
     let (train, eval, _) = setup::resolve_data(&d, cfg, tc, &|l: &TokenLoader, _| l.check_all_tokens(&mut |_, _| {}))?;
     Ok((train, eval))
 }

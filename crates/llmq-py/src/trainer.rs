@@ -76,13 +76,16 @@ impl PyTrainer {
         let queue = Queue::default();
         let feed = Feed { queue: queue.clone(), source };
         let mut tr = Trainer::new(be, &m.cfg, tc, Box::new(feed), eval)?;
+        tr.source = Some(m.source());
         match &m.dir {
             Some(dir) if !o.from_scratch => tr.set_weights(&hf::load_weights(dir, &m.cfg)?)?,
             _ => tr.init_from_scratch()?,
         }
+        let lineage = ckpt::Lineage::fresh();
         if let Some(path) = &o.log_file {
             // the records `llmq train --log-file` starts with; the run adds steps, evals, checkpoints
             let mut log = JsonLog::open(path)?;
+            log.set_run(&lineage);
             log.write(&serde_json::json!({"type": "options", "model": m.cfg, "train": tr.tc, "device": tr.be.name()}));
             log.write(&serde_json::json!({"type": "dataset", "train": tr.data.describe()}));
             tr.log = Some(log);
@@ -90,7 +93,7 @@ impl PyTrainer {
         // no stop flag to raise: Python ends a run by not calling train_step() again (Ctrl-C
         // raises KeyboardInterrupt when the step in progress returns)
         let run = Run::new(tr, o.run_options(m.dir.clone())?, Arc::new(AtomicBool::new(false)));
-        Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None, lineage: ckpt::Lineage::fresh() })
+        Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None, lineage })
     }
 
     pub(crate) fn trainer(&mut self) -> &mut Trainer {
@@ -314,6 +317,10 @@ impl PyTrainer {
             let t = unsafe { &mut *this.0 };
             let parent = checkpoint::load(t.trainer(), &dir)?;
             t.lineage = ckpt::Lineage::resumed_from(&parent, t.run.trainer().step);
+            let lineage = t.lineage.clone();
+            if let Some(log) = &mut t.trainer().log {
+                log.set_run(&lineage);
+            }
             Ok(dir)
         })
     }

@@ -45,7 +45,9 @@ def test_train_step_matches_llmq_train_bitwise(tmp_path):
             py_evals[got["step"]] = got["eval_loss"]
     assert tr.done and len(cli_steps) == 6
     assert py_evals == cli_evals and set(cli_evals) == {3, 6}
-    # the package's log has the CLI's records (for `llmq plot`), times aside
+    # the package's log has the CLI's records (for `llmq plot`), times and run ids aside; every
+    # record names its run, and a fresh run is its own series
     py_records = [json.loads(line) for line in py_log.read_text().splitlines()]
-    untimed = lambda rs, kinds: [{k: v for k, v in r.items() if k not in ("ms", "issue_ms", "tokens_per_s")} for r in rs if r["type"] in kinds]
+    assert all(r["run"] == r["series"] == py_records[0]["run"] for r in py_records)
+    untimed = lambda rs, kinds: [{k: v for k, v in r.items() if k not in ("ms", "issue_ms", "tokens_per_s", "run", "series")} for r in rs if r["type"] in kinds]
     assert untimed(py_records, ("options", "step", "eval")) == untimed(records, ("options", "step", "eval"))

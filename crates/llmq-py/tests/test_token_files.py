@@ -40,10 +40,11 @@ def test_training_reads_the_files_and_resumes_their_position(tmp_path):
 
 def test_a_token_id_beyond_the_model_vocabulary_is_refused(tmp_path):
     tokens = cyclic(5000)
-    tokens[1234] = 300
+    tokens[1234] = 600
     write_token_file(tmp_path / "big.bin", tokens, vocab=512)
-    # found when the file is opened, before the first step (as `llmq train` does)
-    with pytest.raises(llmq.LlmqError, match=r"big.bin: token 1234 .*id 300 outside the vocabulary 0..256"):
+    # found when the file is opened, before the first step (as `llmq train` does); a shape from
+    # scratch takes the header's vocabulary
+    with pytest.raises(llmq.LlmqError, match=r"big.bin: token 1234 .*id 600 outside the vocabulary 0..512"):
         llmq.Trainer(**dict(OPTS, train_files=str(tmp_path / "big.bin")))
 
 

@@ -1,6 +1,8 @@
 """The Python package on the CPU backend: training, arrays, options, plans, checkpoints, export."""
 
 import json
+import os
+import subprocess
 import threading
 import time
 
@@ -144,6 +146,35 @@ def test_checkpoint_round_trip_gives_the_same_next_step(tmp_path, arrays):
     c = llmq.Trainer(**dict(TINY, batch_size=2, synthetic_vocab=128))
     with pytest.raises(llmq.LlmqError, match="step_00000003"):
         c.load_checkpoint(path)
+
+
+def test_a_log_names_each_run_and_a_resumed_run_continues_its_series(tmp_path):
+    log = tmp_path / "run.jsonl"
+    a = llmq.Trainer(**dict(TINY, log_file=log))
+    for _ in range(2):
+        a.train_step()
+    a.save_checkpoint(tmp_path / "ck")
+    b = llmq.Trainer(**dict(TINY, log_file=log))
+    b.load_checkpoint(tmp_path / "ck")
+    b.train_step()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [(r["step"], r["run"], r["series"]) for r in records if r["type"] == "step"]
+    (s1, run_a, series), (s2, _, _), (s3, run_b, series_b) = steps
+    assert (s1, s2, s3) == (1, 2, 3)
+    assert run_a == series == series_b and run_b != run_a
+
+
+@pytest.mark.skipif(not os.environ.get("LLMQ_BIN"), reason="LLMQ_BIN (the llmq binary) not set")
+def test_a_checkpoint_of_a_loaded_model_exports_its_tokenizer(tmp_path):
+    base = llmq.Trainer(**TINY)
+    base.export(tmp_path / "base", dtype="fp32")
+    (tmp_path / "base" / "tokenizer.json").write_text('{"stand-in": 1}')
+    tr = llmq.Trainer(model=tmp_path / "base", **{k: v for k, v in TINY.items() if k not in ("model", "from_scratch")})
+    tr.train_step()
+    ck = tr.save_checkpoint(tmp_path / "ck")
+    out = subprocess.run([os.environ["LLMQ_BIN"], "export", str(ck), "-o", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"stand-in": 1}'
 
 
 def test_export_writes_a_model_that_loads_with_the_same_loss(tmp_path):

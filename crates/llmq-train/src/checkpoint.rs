@@ -56,6 +56,7 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathB
         "world_size": tr.tc.world_size,
         "data": tr.data.state(),
         "data_describe": tr.data.describe(),
+        "source": tr.source,
     });
     writer.finish(lineage, &state).map(Some)
 }
@@ -216,6 +217,12 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
         .map_err(|e| Error::file(dir, format!("state field `spikes`: {e}")))?;
     let data = st.get("data").ok_or_else(|| Error::file(dir, "state field `data` missing"))?;
     tr.data.restore(data).map_err(|e| Error::file(dir, format!("data position: {e}")))?;
+    // a resumed run that does not know its tokenizer keeps the one its checkpoint recorded
+    if tr.source.as_ref().is_none_or(|s| s.tokenizer.is_none()) {
+        if let Some(saved) = st.get("source").and_then(|v| serde_json::from_value(v.clone()).ok()) {
+            tr.source = Some(saved);
+        }
+    }
     tr.be.synchronize()?;
     Ok(ck.lineage)
 }

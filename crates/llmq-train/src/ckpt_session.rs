@@ -46,6 +46,11 @@ impl CkptSession {
         &self.lineage.run
     }
 
+    /// This run's lineage (fresh, or descending from the checkpoint resumed).
+    pub fn lineage(&self) -> &Lineage {
+        &self.lineage
+    }
+
     /// `--continue [which]` ("latest", a step or a path): loads the checkpoint into `tr` and makes
     /// this run its descendant. A checkpoint beyond `last_step` is refused. Returns the lines to
     /// show (newer checkpoints skipped and why, the resume point).

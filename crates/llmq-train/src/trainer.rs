@@ -183,6 +183,8 @@ pub struct Trainer {
     pub spikes: SpikeState,
     issue_seconds: f64,
     pub log: Option<JsonLog>,
+    /// Where the model and tokenizer came from, recorded in checkpoints.
+    pub source: Option<crate::setup::ModelSource>,
 }
 
 impl Trainer {
@@ -219,7 +221,7 @@ impl Trainer {
             e => e,
         })?;
         model.z_loss = tc.z_loss as f32;
-        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None })
+        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
     }
 
     /// This rank's communicator, with more than one rank.
