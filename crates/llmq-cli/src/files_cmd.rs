@@ -1,4 +1,4 @@
-//! `llmq tokenize` (text/JSONL -> token files) and `llmq export` (checkpoint -> HF model).
+//! `llmq tokenize` (text/JSONL/Parquet -> token files) and `llmq export` (checkpoint -> HF model).
 
 use indicatif::{ProgressBar, ProgressStyle};
 use llmq_core::{DType, Error, Result};
@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct TokenizeArgs {
-    /// Input .txt files (one document each) or .jsonl files (one document per line).
+    /// Input .txt files (one document each), .jsonl files (one document per line) or .parquet
+    /// files (one document per row).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// tokenizer.json, or a model directory holding one.
@@ -16,9 +17,14 @@ pub struct TokenizeArgs {
     /// Output directory for {prefix}_NNN.bin token files.
     #[arg(long, short)]
     pub output: PathBuf,
-    /// JSON field with the text in .jsonl inputs.
-    #[arg(long, default_value = "text")]
-    pub field: String,
+    /// JSON field (Parquet column) with the text [default: text; with --chat: messages].
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Inputs are conversations ([{"role": ..., "content": ...}, ...] in --field): render them
+    /// with the chat template of the tokenizer's tokenizer_config.json and train only the
+    /// assistant's replies (loss mask).
+    #[arg(long)]
+    pub chat: bool,
     /// Token appended after each document (default: the tokenizer's EOS).
     #[arg(long)]
     pub eos_id: Option<u32>,
@@ -37,7 +43,8 @@ pub struct TokenizeArgs {
 
 pub fn run_tokenize(a: TokenizeArgs) -> Result<()> {
     let mut opts = TokenizeOptions::new(a.inputs, a.tokenizer, a.output);
-    opts.field = a.field;
+    opts.field = a.field.unwrap_or_else(|| if a.chat { "messages" } else { "text" }.into());
+    opts.chat = a.chat;
     opts.eos_id = a.eos_id;
     opts.prefix = a.prefix;
     opts.max_tokens_per_file = a.max_tokens_per_file;
@@ -71,6 +78,13 @@ pub fn run_tokenize(a: TokenizeArgs) -> Result<()> {
         eos.id,
         eos.source
     );
+    if let Some((template, trained)) = &report.chat {
+        println!(
+            "chat template of {}: {trained} assistant tokens trained (loss mask 1), {} masked",
+            template.display(),
+            report.tokens - trained
+        );
+    }
     for f in &report.files {
         println!("  {} ({} tokens)", f.path.display(), f.n_tokens);
     }

@@ -7,12 +7,15 @@
 //! - `loader`: `TokenLoader`, the token-file `BatchSource` with exact resume.
 //! - `ckpt`: crash-safe checkpoint store with manifest, commit record, checksums and lineage.
 //! - `retention`: which checkpoints stay (one lineage in the root, the newest few of it).
-//! - `tokenize`: text/jsonl -> token files with a HF tokenizer.json.
+//! - `tokenize`: text/jsonl/parquet -> token files with a HF tokenizer.json (`chat`: chat
+//!   templates and assistant-only loss masks; `parquet_input`: Parquet columns).
 
+pub mod chat;
 pub mod ckpt;
 pub mod data;
 pub mod hf;
 pub mod loader;
+pub mod parquet_input;
 pub mod retention;
 pub mod safetensors;
 pub mod tokenize;

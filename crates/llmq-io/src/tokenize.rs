@@ -1,8 +1,12 @@
 //! `llmq tokenize`: text -> token files (version 2) with a Hugging Face `tokenizer.json`.
 //!
-//! Inputs: `.txt` files (each file is one document) and `.jsonl` files (one JSON object per line,
-//! the document is the string in field `field`; blank lines are skipped). Every non-empty
-//! document is encoded and followed by the EOS id. Output files `{prefix}_000.bin`,
+//! Inputs: `.txt` files (each file is one document), `.jsonl` files (one JSON object per line,
+//! the document is the string in field `field`; blank lines are skipped) and `.parquet` files
+//! (one document per row, in column `field`; see [`crate::parquet_input`]). Every non-empty
+//! document is encoded and followed by the EOS id. With `chat`, a document is a conversation
+//! (field `field` holds its messages), rendered with the model's chat template and written with a
+//! loss mask that trains the assistant's replies only ([`crate::chat`]); the EOS after it is not
+//! trained. Output files `{prefix}_000.bin`,
 //! `{prefix}_001.bin`, ... hold at most `max_tokens_per_file` tokens each; a file is cut exactly
 //! at that count (a document may continue in the next file, just as chunk boundaries cut
 //! documents during training). The header's vocab size is the tokenizer's size including added
@@ -14,6 +18,8 @@
 //! tokenizer; `eos_token_id` of `generation_config.json` / `config.json` there; a token named
 //! `</s>`, `<eos>`, `[EOS]` or `<|eos|>`.
 
+use crate::chat::{ChatTemplate, Rendered};
+use crate::parquet_input::ParquetColumn;
 use crate::tokfile::{TokenFileInfo, TokenFileWriter};
 use llmq_core::{Error, Result};
 use std::io::BufRead;
@@ -22,12 +28,14 @@ use tokenizers::Tokenizer;
 
 #[derive(Clone, Debug)]
 pub struct TokenizeOptions {
-    /// `.txt` and `.jsonl` files.
+    /// `.txt`, `.jsonl` and `.parquet` files.
     pub inputs: Vec<PathBuf>,
     /// A `tokenizer.json`, or a directory holding one.
     pub tokenizer: PathBuf,
-    /// JSON field holding the text of a `.jsonl` line.
+    /// JSON field (Parquet column) holding the text, or with `chat` the messages.
     pub field: String,
+    /// Inputs are conversations: render them with the chat template, mask all but the replies.
+    pub chat: bool,
     pub eos_id: Option<u32>,
     /// Apply the tokenizer's post-processor (e.g. Llama's BOS), as `transformers` does by default.
     pub add_special_tokens: bool,
@@ -44,6 +52,7 @@ impl TokenizeOptions {
             inputs,
             tokenizer,
             field: "text".into(),
+            chat: false,
             eos_id: None,
             add_special_tokens: true,
             out_dir,
@@ -61,6 +70,8 @@ pub struct TokenizeReport {
     pub tokens: u64,
     pub vocab_size: u32,
     pub eos: EosChoice,
+    /// With `chat`: the template's file and the number of trained (mask 1) tokens.
+    pub chat: Option<(PathBuf, u64)>,
 }
 
 /// Where a tokenize run stands, passed to its progress callback after every batch of documents.
@@ -156,7 +167,7 @@ pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<EosChoice> {
     )))
 }
 
-/// Writes a token stream into size-limited files.
+/// Writes a token stream (with its loss mask, in chat mode) into size-limited files.
 struct SplitWriter<'a> {
     opts: &'a TokenizeOptions,
     vocab: u32,
@@ -168,17 +179,18 @@ impl SplitWriter<'_> {
     fn path(&self, i: usize) -> PathBuf {
         self.opts.out_dir.join(format!("{}_{i:03}.bin", self.opts.prefix))
     }
-    fn push(&mut self, mut toks: &[i32]) -> Result<()> {
+    fn push(&mut self, mut toks: &[i32], mut mask: Option<&[bool]>) -> Result<()> {
         while !toks.is_empty() {
             if self.cur.is_none() {
                 let p = self.path(self.done.len());
-                self.cur = Some(TokenFileWriter::create(&p, Some(self.vocab), false)?);
+                self.cur = Some(TokenFileWriter::create(&p, Some(self.vocab), self.opts.chat)?);
             }
             let w = self.cur.as_mut().unwrap();
             let room = (self.opts.max_tokens_per_file - w.n_tokens()) as usize;
             let n = room.min(toks.len());
-            w.push(&toks[..n], None)?;
+            w.push(&toks[..n], mask.map(|m| &m[..n]))?;
             toks = &toks[n..];
+            mask = mask.map(|m| &m[n..]);
             if w.n_tokens() >= self.opts.max_tokens_per_file {
                 self.done.push(self.cur.take().unwrap().finish()?);
             }
@@ -216,6 +228,128 @@ fn existing_outputs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 const BATCH_DOCS: usize = 2048;
 pub const BATCH_BYTES: usize = 1 << 20;
 
+const EXTENSIONS: &[&str] = &["txt", "jsonl", "parquet"];
+
+/// Collects documents into batches, encodes them and writes their tokens.
+struct Batcher<'a> {
+    opts: &'a TokenizeOptions,
+    tok: &'a Tokenizer,
+    tj: &'a Path,
+    vocab: u32,
+    eos: u32,
+    chat: Option<ChatTemplate>,
+    out: SplitWriter<'a>,
+    docs: Vec<Rendered>,
+    doc_bytes: usize,
+    /// Input bytes read whose documents are not written yet, and those that are.
+    pending_bytes: u64,
+    done_bytes: u64,
+    total_bytes: u64,
+    n_docs: u64,
+    n_tokens: u64,
+    n_trained: u64,
+    progress: &'a mut dyn FnMut(TokenizeProgress),
+}
+
+impl Batcher<'_> {
+    /// Adds the document in `v` (the value of the field; `at` says where it is in `input`).
+    fn add_value(&mut self, input: &Path, at: &str, v: Option<&serde_json::Value>) -> Result<()> {
+        let field = &self.opts.field;
+        let doc = match &self.chat {
+            Some(c) => c.render_conversation(input, at, field, v)?,
+            None => match v {
+                Some(serde_json::Value::String(s)) if s.is_empty() => return Ok(()),
+                Some(serde_json::Value::String(s)) => Rendered { text: s.clone(), spans: Vec::new() },
+                Some(other) => return Err(Error::file(input, format!("{at}: field `{field}` is not a string: {other}"))),
+                None => return Err(Error::file(input, format!("{at}: no field `{field}`"))),
+            },
+        };
+        self.add(doc)
+    }
+
+    fn add(&mut self, doc: Rendered) -> Result<()> {
+        self.doc_bytes += doc.text.len();
+        self.docs.push(doc);
+        if self.docs.len() >= BATCH_DOCS || self.doc_bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.docs.is_empty() {
+            let texts: Vec<&str> = self.docs.iter().map(|d| d.text.as_str()).collect();
+            // a rendered conversation holds its special tokens already
+            let specials = self.opts.add_special_tokens && self.chat.is_none();
+            let encs =
+                self.tok.encode_batch(texts, specials).map_err(|e| Error::file(self.tj, format!("tokenizer failed: {e}")))?;
+            let mut buf: Vec<i32> = Vec::new();
+            for (enc, doc) in encs.iter().zip(&self.docs) {
+                buf.clear();
+                for &id in enc.get_ids() {
+                    if id >= self.vocab {
+                        let m = format!("tokenizer produced id {id} outside its vocabulary of {}", self.vocab);
+                        return Err(Error::file(self.tj, m));
+                    }
+                    buf.push(id as i32);
+                }
+                buf.push(self.eos as i32);
+                let mask = self.chat.as_ref().map(|c| {
+                    let mut m = c.loss_mask(enc, doc);
+                    m.push(false);
+                    m
+                });
+                self.n_trained += mask.iter().flatten().filter(|&&b| b).count() as u64;
+                self.n_tokens += buf.len() as u64;
+                self.n_docs += 1;
+                self.out.push(&buf, mask.as_deref())?;
+            }
+            self.docs.clear();
+            self.doc_bytes = 0;
+        }
+        self.done_bytes += self.pending_bytes;
+        self.pending_bytes = 0;
+        (self.progress)(TokenizeProgress { bytes_done: self.done_bytes, bytes_total: self.total_bytes, tokens: self.n_tokens });
+        Ok(())
+    }
+
+    fn read_jsonl(&mut self, p: &Path) -> Result<()> {
+        let f = std::fs::File::open(p).map_err(|e| Error::file(p, format!("cannot open: {e}")))?;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+        let mut line = String::new();
+        let mut lineno = 0u64;
+        loop {
+            line.clear();
+            let n = r.read_line(&mut line).map_err(|e| Error::file(p, format!("line {}: cannot read: {e}", lineno + 1)))?;
+            if n == 0 {
+                return Ok(());
+            }
+            lineno += 1;
+            self.pending_bytes += n as u64;
+            let l = line.trim();
+            if l.is_empty() {
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(l).map_err(|e| Error::file(p, format!("line {lineno}: not valid JSON: {e}")))?;
+            self.add_value(p, &format!("line {lineno}"), v.get(&self.opts.field))?;
+        }
+    }
+
+    fn read_parquet(&mut self, p: &Path, file_bytes: u64) -> Result<()> {
+        let col = ParquetColumn::open(p, &self.opts.field)?;
+        let (mut row, mut counted) = (0u64, 0u64);
+        for g in 0..col.row_groups() {
+            row += col.read_row_group(g, row, &mut |r, v| self.add_value(p, &format!("row {r}"), Some(&v)))?;
+            let b = col.row_group_bytes(g).min(file_bytes - counted);
+            counted += b;
+            self.pending_bytes += b;
+        }
+        self.pending_bytes += file_bytes - counted;
+        Ok(())
+    }
+}
+
 /// Tokenizes `opts.inputs` into token files; `progress` is called at the start and after every
 /// batch of documents (about [`BATCH_BYTES`] of text, so that a bar moves steadily).
 pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(TokenizeProgress)) -> Result<TokenizeReport> {
@@ -229,13 +363,16 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(TokenizeProgres
             opts.max_tokens_per_file
         )));
     }
-    let mut total_bytes = 0u64;
+    let mut sizes = Vec::new();
     for p in &opts.inputs {
         let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if ext != "txt" && ext != "jsonl" {
-            return Err(Error::file(p, "unsupported input: expected a .txt or .jsonl file"));
+        if !EXTENSIONS.contains(&ext) {
+            return Err(Error::file(p, "unsupported input: expected a .txt, .jsonl or .parquet file"));
         }
-        total_bytes += std::fs::metadata(p).map_err(|e| Error::file(p, format!("cannot read input: {e}")))?.len();
+        if opts.chat && ext == "txt" {
+            return Err(Error::file(p, "--chat reads conversations from .jsonl or .parquet files, not .txt"));
+        }
+        sizes.push(std::fs::metadata(p).map_err(|e| Error::file(p, format!("cannot read input: {e}")))?.len());
     }
     let tj = tokenizer_json_path(&opts.tokenizer)?;
     let tok = load_tokenizer(&tj)?;
@@ -244,15 +381,15 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(TokenizeProgres
         return Err(Error::file(&tj, format!("tokenizer vocabulary size {vocab} is not usable")));
     }
     let vocab = vocab as u32;
+    let dir = tj.parent().unwrap_or(Path::new("."));
     let eos = match opts.eos_id {
         Some(id) => EosChoice { id, token: tok.id_to_token(id), source: "--eos-id".into() },
-        None => find_eos(&tok, tj.parent().unwrap_or(Path::new(".")))?,
+        None => find_eos(&tok, dir)?,
     };
-    let eos_choice = eos.clone();
-    let eos = eos.id;
-    if eos >= vocab {
-        return Err(Error::Config(format!("EOS id {eos} is outside the tokenizer's vocabulary of {vocab}")));
+    if eos.id >= vocab {
+        return Err(Error::Config(format!("EOS id {} is outside the tokenizer's vocabulary of {vocab}", eos.id)));
     }
+    let chat = if opts.chat { Some(ChatTemplate::load(dir, &tok)?) } else { None };
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::file(&opts.out_dir, format!("cannot create: {e}")))?;
     let old = existing_outputs(&opts.out_dir, &opts.prefix);
     if !old.is_empty() {
@@ -267,97 +404,45 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(TokenizeProgres
         }
     }
 
-    let mut out = SplitWriter { opts, vocab, cur: None, done: Vec::new() };
-    let mut docs: Vec<String> = Vec::new();
-    let mut doc_bytes = 0usize;
-    let mut done_bytes = 0u64;
-    let mut pending_bytes = 0u64;
-    let mut n_docs = 0u64;
-    let mut n_tokens = 0u64;
+    let total_bytes = sizes.iter().sum();
     progress(TokenizeProgress { bytes_done: 0, bytes_total: total_bytes, tokens: 0 });
-
-    let mut flush = |docs: &mut Vec<String>, pending: &mut u64, out: &mut SplitWriter| -> Result<()> {
-        if !docs.is_empty() {
-            let encs = tok
-                .encode_batch(docs.iter().map(|s| s.as_str()).collect::<Vec<_>>(), opts.add_special_tokens)
-                .map_err(|e| Error::file(&tj, format!("tokenizer failed: {e}")))?;
-            let mut buf: Vec<i32> = Vec::new();
-            for enc in encs {
-                buf.clear();
-                for &id in enc.get_ids() {
-                    if id >= vocab {
-                        return Err(Error::file(&tj, format!("tokenizer produced id {id} outside its vocabulary of {vocab}")));
-                    }
-                    buf.push(id as i32);
-                }
-                buf.push(eos as i32);
-                n_tokens += buf.len() as u64;
-                n_docs += 1;
-                out.push(&buf)?;
-            }
-            docs.clear();
-        }
-        done_bytes += *pending;
-        *pending = 0;
-        progress(TokenizeProgress { bytes_done: done_bytes, bytes_total: total_bytes, tokens: n_tokens });
-        Ok(())
+    let mut b = Batcher {
+        opts,
+        tok: &tok,
+        tj: &tj,
+        vocab,
+        eos: eos.id,
+        chat,
+        out: SplitWriter { opts, vocab, cur: None, done: Vec::new() },
+        docs: Vec::new(),
+        doc_bytes: 0,
+        pending_bytes: 0,
+        done_bytes: 0,
+        total_bytes,
+        n_docs: 0,
+        n_tokens: 0,
+        n_trained: 0,
+        progress,
     };
-
-    for p in &opts.inputs {
-        let is_txt = p.extension().and_then(|e| e.to_str()) == Some("txt");
-        if is_txt {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read as UTF-8 text: {e}")))?;
-            pending_bytes += text.len() as u64;
-            if !text.is_empty() {
-                doc_bytes += text.len();
-                docs.push(text);
-            }
-        } else {
-            let f = std::fs::File::open(p).map_err(|e| Error::file(p, format!("cannot open: {e}")))?;
-            let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-            let mut line = String::new();
-            let mut lineno = 0u64;
-            loop {
-                line.clear();
-                let n = r.read_line(&mut line).map_err(|e| Error::file(p, format!("line {}: cannot read: {e}", lineno + 1)))?;
-                if n == 0 {
-                    break;
-                }
-                lineno += 1;
-                pending_bytes += n as u64;
-                let l = line.trim();
-                if l.is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value =
-                    serde_json::from_str(l).map_err(|e| Error::file(p, format!("line {lineno}: not valid JSON: {e}")))?;
-                let text = match v.get(&opts.field) {
-                    Some(serde_json::Value::String(s)) => s,
-                    Some(other) => {
-                        return Err(Error::file(p, format!("line {lineno}: field `{}` is not a string: {other}", opts.field)))
-                    }
-                    None => return Err(Error::file(p, format!("line {lineno}: no field `{}`", opts.field))),
-                };
-                if text.is_empty() {
-                    continue;
-                }
-                doc_bytes += text.len();
-                docs.push(text.clone());
-                if docs.len() >= BATCH_DOCS || doc_bytes >= BATCH_BYTES {
-                    flush(&mut docs, &mut pending_bytes, &mut out)?;
-                    doc_bytes = 0;
+    for (p, &size) in opts.inputs.iter().zip(&sizes) {
+        match p.extension().and_then(|e| e.to_str()) {
+            Some("txt") => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read as UTF-8 text: {e}")))?;
+                b.pending_bytes += text.len() as u64;
+                if !text.is_empty() {
+                    b.add(Rendered { text, spans: Vec::new() })?;
                 }
             }
-        }
-        if docs.len() >= BATCH_DOCS || doc_bytes >= BATCH_BYTES {
-            flush(&mut docs, &mut pending_bytes, &mut out)?;
-            doc_bytes = 0;
+            Some("jsonl") => b.read_jsonl(p)?,
+            _ => b.read_parquet(p, size)?,
         }
     }
-    flush(&mut docs, &mut pending_bytes, &mut out)?;
-    let files = out.finish()?;
+    b.flush()?;
+    let (n_docs, n_tokens, n_trained) = (b.n_docs, b.n_tokens, b.n_trained);
+    let template = b.chat.as_ref().map(|c| c.source.clone());
+    let files = b.out.finish()?;
     if files.is_empty() {
         return Err(Error::Config("tokenize: the inputs hold no text; nothing written".into()));
     }
-    Ok(TokenizeReport { files, documents: n_docs, tokens: n_tokens, vocab_size: vocab, eos: eos_choice })
+    Ok(TokenizeReport { files, documents: n_docs, tokens: n_tokens, vocab_size: vocab, eos, chat: template.map(|t| (t, n_trained)) })
 }
