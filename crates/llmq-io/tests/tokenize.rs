@@ -101,7 +101,7 @@ fn eos_from_tokenizer_config_and_errors() {
     let csv = d.join("x.csv");
     std::fs::write(&csv, "a,b").unwrap();
     opts.inputs = vec![csv.clone()];
-    assert_file_err(tokenize(&opts, &mut |_| {}), &csv, &[".txt or .jsonl"]);
+    assert_file_err(tokenize(&opts, &mut |_| {}), &csv, &[".txt, .jsonl or .parquet"]);
     std::fs::write(&j, "{\"body\": \"hello\"}\n").unwrap();
     opts.inputs = vec![j.clone()];
     opts.eos_id = Some(6);
