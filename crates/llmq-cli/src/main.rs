@@ -3,6 +3,7 @@
 mod backend_args;
 mod device;
 mod files_cmd;
+mod generate_cmd;
 mod plot;
 mod preflight;
 mod signals;
@@ -43,6 +44,8 @@ enum Cmd {
     Tokenize(files_cmd::TokenizeArgs),
     /// Export a checkpoint as a Hugging Face model directory.
     Export(files_cmd::ExportArgs),
+    /// Continue a prompt with a model directory, cache name or checkpoint (KV-cached sampling).
+    Generate(generate_cmd::GenerateArgs),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
         Cmd::Plot(a) => plot::run(a),
         Cmd::Tokenize(a) => files_cmd::run_tokenize(a),
         Cmd::Export(a) => files_cmd::run_export(a),
+        Cmd::Generate(a) => generate_cmd::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -224,8 +224,9 @@ pub enum Stop {
 }
 
 /// Samples up to `opts.max_tokens` tokens after `prompt` (from the start of a new sequence),
-/// calling `on_token` with each as it comes (return false to stop). Stops at `eos` when given.
-pub fn generate(be: &dyn Backend, dec: &mut Decoder, prompt: &[u32], opts: &SamplingOptions, eos: Option<u32>, on_token: &mut dyn FnMut(u32) -> bool) -> Result<(Vec<u32>, Stop)> {
+/// calling `on_token` with each as it comes (return false to stop). Stops at any of the
+/// end-of-sequence tokens `eos`.
+pub fn generate(be: &dyn Backend, dec: &mut Decoder, prompt: &[u32], opts: &SamplingOptions, eos: &[u32], on_token: &mut dyn FnMut(u32) -> bool) -> Result<(Vec<u32>, Stop)> {
     opts.validate()?;
     dec.reset();
     let mut sampler = Sampler::new(opts);
@@ -236,7 +237,7 @@ pub fn generate(be: &dyn Backend, dec: &mut Decoder, prompt: &[u32], opts: &Samp
             return Ok((out, Stop::MaxTokens));
         }
         let tok = sampler.sample(&logits)?;
-        if Some(tok) == eos {
+        if eos.contains(&tok) {
             return Ok((out, Stop::Eos));
         }
         out.push(tok);

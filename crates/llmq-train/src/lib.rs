@@ -31,6 +31,7 @@ pub mod side;
 pub mod spike;
 pub mod stream;
 pub mod synthetic;
+pub mod textgen;
 pub mod trainer;
 pub mod zero;
 

@@ -87,7 +87,7 @@ fn greedy_continuation_is_fixed_and_is_the_argmax_of_the_full_forward() {
         let opts = SamplingOptions { max_tokens: 12, ..Default::default() };
         let mut dec = Decoder::new(&mut be, &cfg, &groups, dtype, 32, 3).unwrap();
         let mut seen = vec![];
-        let (first, stop) = generate(&be, &mut dec, &prompt, &opts, None, &mut |t| {
+        let (first, stop) = generate(&be, &mut dec, &prompt, &opts, &[], &mut |t| {
             seen.push(t);
             true
         })
@@ -95,9 +95,9 @@ fn greedy_continuation_is_fixed_and_is_the_argmax_of_the_full_forward() {
         assert_eq!((first.len(), stop), (12, Stop::MaxTokens));
         assert_eq!(seen, first, "tokens are reported as they come");
         // a second call on the same decoder and one on a new decoder give the same tokens
-        let (again, _) = generate(&be, &mut dec, &prompt, &opts, None, &mut |_| true).unwrap();
+        let (again, _) = generate(&be, &mut dec, &prompt, &opts, &[], &mut |_| true).unwrap();
         let mut dec2 = Decoder::new(&mut be, &cfg, &groups, dtype, 17, 8).unwrap();
-        let (other, _) = generate(&be, &mut dec2, &prompt, &opts, None, &mut |_| true).unwrap();
+        let (other, _) = generate(&be, &mut dec2, &prompt, &opts, &[], &mut |_| true).unwrap();
         assert_eq!((&again, &other), (&first, &first), "{arch:?} {dtype}");
         let distinct: std::collections::BTreeSet<_> = first.iter().collect();
         assert!(distinct.len() > 1, "{arch:?}: a degenerate continuation {first:?} would not test much");
@@ -111,14 +111,14 @@ fn greedy_continuation_is_fixed_and_is_the_argmax_of_the_full_forward() {
             assert_eq!(argmax(&all[row * v..(row + 1) * v]), tok, "{arch:?} {dtype}: generated token {i}");
         }
         // generation stops at the end-of-sequence token, which is not returned
-        let (cut, stop) = generate(&be, &mut dec2, &prompt, &opts, Some(first[3]), &mut |_| true).unwrap();
+        let (cut, stop) = generate(&be, &mut dec2, &prompt, &opts, &[first[3]], &mut |_| true).unwrap();
         let at = first.iter().position(|&t| t == first[3]).unwrap();
         assert_eq!((cut.as_slice(), stop), (&first[..at], Stop::Eos));
         // the caller can stop it, and the decoder's length bounds it
-        let (two, stop) = generate(&be, &mut dec2, &prompt, &opts, None, &mut |_| false).unwrap();
+        let (two, stop) = generate(&be, &mut dec2, &prompt, &opts, &[], &mut |_| false).unwrap();
         assert_eq!((two.as_slice(), stop), (&first[..1], Stop::Caller));
         let mut short = Decoder::new(&mut be, &cfg, &groups, dtype, 8, 8).unwrap();
-        let (three, stop) = generate(&be, &mut short, &prompt, &opts, None, &mut |_| true).unwrap();
+        let (three, stop) = generate(&be, &mut short, &prompt, &opts, &[], &mut |_| true).unwrap();
         assert_eq!((three.as_slice(), stop), (&first[..4], Stop::Length));
     }
 }
