@@ -3,10 +3,10 @@
 //! what was loaded and the speed go to stderr).
 
 use crate::device;
-use llmq_core::{BackendOptions, DType, Error, Result};
+use llmq_core::{BackendOptions, Result};
 use llmq_train::generate::Stop;
 use llmq_train::sampling::SamplingOptions;
-use llmq_train::textgen::{generate_text, TextRequest};
+use llmq_train::textgen::{generate_text, parse_dtype, TextRequest};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -46,10 +46,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let dtype = match DType::parse(&a.dtype) {
-        Some(d @ (DType::BF16 | DType::F32)) => d,
-        _ => return Err(Error::Config(format!("--dtype: expected bf16 or fp32, got {:?}", a.dtype))),
-    };
+    let dtype = parse_dtype(&a.dtype)?;
     let sampling = SamplingOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     sampling.validate()?;
     let req = TextRequest { model: a.model, tokenizer: a.tokenizer, prompt: a.prompt, dtype, sampling };

@@ -34,7 +34,7 @@ pub(crate) fn detached<R>(py: Python<'_>, f: impl FnOnce() -> Result<R> + Send) 
 
 /// The backend for `device` (auto, cpu, cuda or gpu: checked by `Options::from_json`), as
 /// `llmq train --device` selects it.
-fn select_backend(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, bool)> {
+pub(crate) fn select_backend(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, bool)> {
     if device == "cpu" {
         return Ok((Box::new(CpuBackend::new()), false));
     }

@@ -9,6 +9,14 @@ use llmq_io::tokenize::{find_eos, load_tokenizer, tokenizer_json_path};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// `--dtype` of generation: bf16 or fp32.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match DType::parse(s) {
+        Some(d @ (DType::BF16 | DType::F32)) => Ok(d),
+        _ => Err(Error::Config(format!("--dtype: expected bf16 or fp32, got {s:?}"))),
+    }
+}
+
 pub struct TextRequest {
     /// Model directory, Hugging Face cache name or llmq checkpoint directory.
     pub model: String,
