@@ -3,10 +3,15 @@
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 #        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
-#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...]
+#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [timeout-kill]
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# cudarc opens libnccl.so (not .so.2, which is what distributions and pip wheels ship)
+nccl2="$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')"
+if [ -n "$nccl2" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  mkdir -p .gpu/lib && ln -sf "$nccl2" .gpu/lib/libnccl.so && export LD_LIBRARY_PATH="$PWD/.gpu/lib:$LD_LIBRARY_PATH"
+fi
 what="${1:-tests}"; shift || true
 case "$what" in
   tests)
@@ -124,6 +129,33 @@ case "$what" in
     bash "$0" capped "$@" --gpus "$gpus"
     kill $smi
     echo "driver-measured device memory peak over the GPUs: $(sort -n /tmp/smi-ranks.txt | tail -1) MiB" >> "$O/capped.txt"
+    ;;
+  launch)
+    # one process per GPU under the launcher environment against the threaded run (same
+    # losses expected): launch [llmq flags]
+    common=(train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16
+            --steps "${LAUNCH_STEPS:-10}" --eval-every 0 --print-every 1 --matmul-dtype e4m3 "$@")
+    .gpu/llmq "${common[@]}" --gpus 2 --log-file "$O/launch-threads.jsonl" > "$O/launch-threads.txt" 2>&1
+    for r in 0 1; do
+      log=(); [ "$r" = 0 ] && log=(--log-file "$O/launch-procs.jsonl")
+      RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
+        .gpu/llmq "${common[@]}" "${log[@]}" > "$O/launch-rank$r.txt" 2>&1 &
+    done
+    wait
+    ;;
+  timeout-kill)
+    # kill rank 1's process mid-run; rank 0 must exit non-zero within --collective-timeout
+    for r in 0 1; do
+      RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 \
+        .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
+        --steps 100000 --eval-every 0 --print-every 1 --collective-timeout "${KILL_TIMEOUT:-60}" > "$O/kill-rank$r.txt" 2>&1 &
+      pids[r]=$!
+    done
+    until grep -q "^step      5/" "$O/kill-rank0.txt" 2>/dev/null; do sleep 1; done
+    kill -9 "${pids[1]}"; t0=$(date +%s)
+    wait "${pids[0]}"; rc=$?
+    echo "rank 1 killed; rank 0 exited with $rc after $(( $(date +%s) - t0 )) s (timeout ${KILL_TIMEOUT:-60} s)" >> "$O/kill.txt"
+    tail -3 "$O/kill-rank0.txt" >> "$O/kill.txt"
     ;;
   profile)
     .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \

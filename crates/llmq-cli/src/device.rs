@@ -48,19 +48,26 @@ pub fn resolve(device: &str) -> Result<&'static str> {
     }
 }
 
-/// The backend of data-parallel rank `rank` (GPU `rank` on CUDA).
-pub fn select_rank(device: &str, rank: usize, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
+/// The backend on GPU `ordinal` (a data-parallel rank's).
+pub fn select_rank(device: &str, ordinal: usize, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
+    select_with(device, ordinal, opts, |_| Ok(())).map(|(be, info, ())| (be, info))
+}
+
+/// As `select_rank`, calling `with` on the CUDA backend (or `None` on the CPU) before it is
+/// boxed: what needs the concrete backend (an NCCL communicator) is made there.
+pub fn select_with<T>(device: &str, ordinal: usize, opts: &BackendOptions, with: impl FnOnce(Option<&llmq_cuda::CudaBackend>) -> Result<T>) -> Result<(Box<dyn Backend>, Option<GpuInfo>, T)> {
     match device {
-        "cpu" => Ok((Box::new(CpuBackend::new()), None)),
+        "cpu" => Ok((Box::new(CpuBackend::new()), None, with(None)?)),
         "cuda" | "gpu" | "auto" => match llmq_cuda::cuda_available() {
             Ok(()) => {
-                let be = llmq_cuda::CudaBackend::new(rank, opts)?;
+                let be = llmq_cuda::CudaBackend::new(ordinal, opts)?;
                 let info = GpuInfo { peaks: peaks_for(be.device_name()), pci_bus_id: Some(be.pci_bus_id().to_string()) };
-                Ok((Box::new(be), Some(info)))
+                let t = with(Some(&be))?;
+                Ok((Box::new(be), Some(info), t))
             }
             Err(reason) if device == "auto" => {
                 println!("no usable GPU ({reason}); running on the CPU backend");
-                Ok((Box::new(CpuBackend::new()), None))
+                Ok((Box::new(CpuBackend::new()), None, with(None)?))
             }
             Err(reason) => Err(Error::Backend(format!("--device {device}: {reason}"))),
         },

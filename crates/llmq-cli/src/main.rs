@@ -6,6 +6,7 @@ mod files_cmd;
 mod generate_cmd;
 mod plot;
 mod preflight;
+mod ranks;
 mod signals;
 mod train_args;
 mod train_cmd;

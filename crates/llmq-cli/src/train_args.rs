@@ -272,9 +272,24 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Device")]
     pub zero_level: u8,
     /// Seconds a collective waits for the other ranks before every rank stops with an error
-    /// naming it and the ranks that did not arrive.
+    /// naming it (and, between threads, the ranks that did not arrive).
     #[arg(long, default_value_t = 300, help_heading = "Device")]
     pub collective_timeout: u64,
+    /// Collectives between GPUs: auto (NCCL where libnccl is present, else through host memory),
+    /// nccl, or host. Ranks on the CPU always use the thread collectives.
+    #[arg(long, default_value = "auto", help_heading = "Device")]
+    pub collectives: String,
+    /// All-gathers (ZeRO-3 weights, the weights after each update) by peer copies on the copy
+    /// engines, no kernels on the SMs (GPUs of one process: --gpus N).
+    #[arg(long, help_heading = "Device")]
+    pub memcpy_all_gather: bool,
+    /// Sends and receives by peer copies on the copy engines (GPUs of one process).
+    #[arg(long, help_heading = "Device")]
+    pub memcpy_send_recv: bool,
+    /// Reduce-scatter from copy-engine all-to-all copies plus a local reduction: not built
+    /// (refused with a message); reductions run on NCCL or through host memory.
+    #[arg(long, help_heading = "Device")]
+    pub all_to_all_reduce: bool,
 }
 
 fn dtype(opt: &str, s: &str) -> Result<DType> {

@@ -168,34 +168,20 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let stop = signals::install();
-    if args.gpus <= 1 {
-        if args.gpus == 0 {
-            return Err(Error::Config("--gpus must be at least 1".into()));
-        }
-        return run_rank(&args, None, stop);
+    if let Some(l) = llmq_train::rendezvous::Launch::from_env()? {
+        return crate::ranks::run_launched(args, l, stop, run_rank);
     }
-    if args.fit_batch {
-        return Err(Error::Config("--fit-batch probes one device; with --gpus, give --batch-size (or --auto-memory with --memory-limit)".into()));
+    match args.gpus {
+        0 => Err(Error::Config("--gpus must be at least 1".into())),
+        1 => run_rank(&args, None, stop),
+        _ => crate::ranks::run_threads(args, stop, run_rank),
     }
-    let device = device::resolve(&args.device)?;
-    if device == "cuda" && llmq_cuda::device_count() < args.gpus {
-        return Err(Error::Config(format!(
-            "--gpus {}: only {} GPU(s) are visible (CUDA_VISIBLE_DEVICES={})",
-            args.gpus,
-            llmq_cuda::device_count(),
-            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
-        )));
-    }
-    let args = TrainArgs { device: device.to_string(), ..args };
-    let timeout = std::time::Duration::from_secs(args.collective_timeout.max(1));
-    let results = llmq_train::ranks::run_ranks(args.gpus, timeout, |comm| run_rank(&args, Some(comm), stop.clone()));
-    llmq_train::ranks::all_ok(results).map(|_| ())
 }
 
 /// One rank of a run (the whole run with one device): rank 0 prints, logs and writes
 /// checkpoints and the export; every rank trains its share of each step.
-fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
-    let rank = comm.as_ref().map_or(0, |c| c.rank());
+fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    let rank = start.as_ref().map_or(0, |s| s.rank);
     let lead = rank == 0;
     let say = |line: &str| {
         if lead {
@@ -204,7 +190,8 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     };
     let model = resolve_model(args)?;
     let cfg = model.cfg.clone();
-    let (mut be, gpu) = device::select_rank(&args.device, rank, &args.backend.options()?)?;
+    let ordinal = start.as_ref().map_or(0, |s| s.ordinal);
+    let (mut be, gpu, comm) = device::select_with(&args.device, ordinal, &args.backend.options()?, |cuda| start.as_ref().map(|s| s.comm(cuda)).transpose())?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
     let mut ckpts = args.ckpt_dir.clone().map(|root| CkptSession::new(root, args.keep_last, args.keep_major, args.drop_abandoned)).transpose()?;
@@ -244,7 +231,8 @@ fn run_rank(args: &TrainArgs, comm: Option<std::sync::Arc<dyn llmq_core::Comm>>,
     if lead {
         print_config(&model, &data.describe(), &be.name(), &tc, fit_line.as_deref());
         if let Some(c) = &comm {
-            println!("  ranks      {} | ZeRO-{} | {}", c.describe(), if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 }, "each rank reads every N-th chunk");
+            let level = if tc.memory.shard_weights { 3 } else if tc.memory.shard_gradients { 2 } else { 1 };
+            println!("  ranks      {} | ZeRO-{level} | each rank reads every N-th chunk", c.describe());
         }
     }
 

@@ -80,6 +80,32 @@ fn rank_options_that_cannot_work_are_refused() {
     assert!(err.contains("--zero-level"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--zero-level", "3", "--persistent-quants", "--matmul-dtype", "e4m3"]));
     assert!(err.contains("--persistent-quants") && err.contains("ZeRO-3"), "{err}");
+    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--all-to-all-reduce"]));
+    assert!(err.contains("--all-to-all-reduce") && err.contains("not built"), "{err}");
+    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--memcpy-all-gather"]));
+    assert!(err.contains("--memcpy-all-gather") && err.contains("--device cuda"), "{err}");
+    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--collectives", "nccl"]));
+    assert!(err.contains("--collectives nccl needs --device cuda"), "{err}");
+}
+
+/// `llmq train` with launcher variables set (one process per GPU).
+fn launched(vars: &[(&str, &str)], extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq")).args(cmd(BASE, &["--steps", "2"])).args(extra).envs(vars.iter().copied()).output().unwrap();
+    assert!(!out.status.success(), "should have failed");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_launch_of_one_process_per_gpu_needs_nccl_and_a_complete_environment() {
+    let env = [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let err = launched(&env, &[]);
+    assert!(err.contains("one process per GPU runs on NCCL") && err.contains("--gpus N"), "{err}");
+    let err = launched(&env, &["--gpus", "2"]);
+    assert!(err.contains("leave out --gpus"), "{err}");
+    let err = launched(&env[..2], &[]);
+    assert!(err.contains("partly set") && err.contains("LOCAL_RANK"), "{err}");
+    let err = launched(&[("RANK", "3"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], &[]);
+    assert!(err.contains("RANK=3"), "{err}");
 }
 
 #[test]

@@ -21,6 +21,7 @@ use crate::backend::{Backend, Stream};
 use crate::dtype::{decode_into, encode_into};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -85,27 +86,30 @@ fn reduce_bytes(dtype: crate::DType, init: Option<&[u8]>, srcs: &[&[u8]], op: Re
     if !dtype.is_float() || dtype.is_fp8() {
         return Err(Error::Op(format!("collective reduction over {dtype} values: only f32 and bf16 are reduced")));
     }
-    let n = out.len() / dtype.size();
-    const CH: usize = 4096;
-    let mut acc = vec![0f32; CH];
-    let mut x = vec![0f32; CH];
+    // chunks of elements in parallel: each element's reduction runs in rank order whatever the
+    // thread count
+    const CH: usize = 1 << 14;
     let sz = dtype.size();
-    for c0 in (0..n).step_by(CH) {
-        let len = CH.min(n - c0);
-        let (acc, x) = (&mut acc[..len], &mut x[..len]);
-        let bytes = |b: &[u8]| b[c0 * sz..(c0 + len) * sz].to_vec();
+    out.par_chunks_mut(CH * sz).enumerate().for_each(|(c, dst)| {
+        let (lo, len) = (c * CH * sz, dst.len() / sz);
+        fn part(b: &[u8], lo: usize, n: usize) -> &[u8] {
+            &b[lo..lo + n]
+        }
+        let nb = len * sz;
+        let mut acc = vec![0f32; len];
+        let mut x = vec![0f32; len];
         let mut first = true;
         if let Some(i) = init {
-            decode_into(dtype, &bytes(i), acc);
+            decode_into(dtype, part(i, lo, nb), &mut acc);
             first = false;
         }
         for s in srcs {
             if first {
-                decode_into(dtype, &bytes(s), acc);
+                decode_into(dtype, part(s, lo, nb), &mut acc);
                 first = false;
                 continue;
             }
-            decode_into(dtype, &bytes(s), x);
+            decode_into(dtype, part(s, lo, nb), &mut x);
             for (a, &v) in acc.iter_mut().zip(x.iter()) {
                 *a = match op {
                     ReduceOp::Sum => *a + v,
@@ -114,8 +118,8 @@ fn reduce_bytes(dtype: crate::DType, init: Option<&[u8]>, srcs: &[&[u8]], op: Re
                 };
             }
         }
-        encode_into(dtype, acc, &mut out[c0 * sz..(c0 + len) * sz]);
-    }
+        encode_into(dtype, &acc, dst);
+    });
     Ok(())
 }
 
@@ -133,13 +137,16 @@ struct Round {
     left: usize,
 }
 
+/// A sent tensor's bytes and the call's signature (checked by the receiver).
+type Message = (String, Vec<u8>);
+
 struct HubState {
     /// Index of the open round: a rank's k-th collective is round k.
     generation: u64,
     round: Round,
     failed: Option<String>,
-    /// (from, to) -> messages (signature, bytes) for send/recv.
-    mail: HashMap<(usize, usize), VecDeque<(String, Vec<u8>)>>,
+    /// (from, to) -> messages for send/recv.
+    mail: HashMap<(usize, usize), VecDeque<Message>>,
 }
 
 struct Hub {
@@ -369,5 +376,79 @@ impl Comm for ThreadComm {
             st.failed = Some(format!("rank {} failed: {why}", self.rank));
         }
         self.hub.cv.notify_all();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing collectives to implementations
+// ---------------------------------------------------------------------------------------------
+
+/// One rank's collectives from several implementations: all-gathers and broadcasts from
+/// `gathers`, sends and receives from `p2p` where given (the copy-engine versions), everything
+/// else (reductions, host collectives, aborts) from `base`.
+pub struct RoutedComm {
+    pub base: Arc<dyn Comm>,
+    pub gathers: Option<Arc<dyn Comm>>,
+    pub p2p: Option<Arc<dyn Comm>>,
+}
+
+impl RoutedComm {
+    fn gathers(&self) -> &dyn Comm {
+        self.gathers.as_deref().unwrap_or(self.base.as_ref())
+    }
+    fn p2p(&self) -> &dyn Comm {
+        self.p2p.as_deref().unwrap_or(self.base.as_ref())
+    }
+}
+
+impl Comm for RoutedComm {
+    fn rank(&self) -> usize {
+        self.base.rank()
+    }
+    fn world(&self) -> usize {
+        self.base.world()
+    }
+    fn describe(&self) -> String {
+        let mut s = self.base.describe();
+        if let Some(g) = &self.gathers {
+            s += &format!("; all-gather and broadcast: {}", g.describe());
+        }
+        if let Some(p) = &self.p2p {
+            s += &format!("; send/recv: {}", p.describe());
+        }
+        s
+    }
+    fn all_reduce(&self, be: &dyn Backend, t: &Tensor, op: ReduceOp, stream: Stream, what: &str) -> Result<()> {
+        self.base.all_reduce(be, t, op, stream, what)
+    }
+    fn reduce_scatter(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, accumulate: bool, stream: Stream, what: &str) -> Result<()> {
+        self.base.reduce_scatter(be, dst, src, accumulate, stream, what)
+    }
+    fn all_gather(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        self.gathers().all_gather(be, dst, src, stream, what)
+    }
+    fn broadcast(&self, be: &dyn Backend, t: &Tensor, root: usize, stream: Stream, what: &str) -> Result<()> {
+        self.gathers().broadcast(be, t, root, stream, what)
+    }
+    fn send(&self, be: &dyn Backend, t: &Tensor, peer: usize, stream: Stream, what: &str) -> Result<()> {
+        self.p2p().send(be, t, peer, stream, what)
+    }
+    fn recv(&self, be: &dyn Backend, t: &Tensor, peer: usize, stream: Stream, what: &str) -> Result<()> {
+        self.p2p().recv(be, t, peer, stream, what)
+    }
+    fn all_reduce_host(&self, vals: &mut [f64], op: ReduceOp, what: &str) -> Result<()> {
+        self.base.all_reduce_host(vals, op, what)
+    }
+    fn all_gather_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+        self.base.all_gather_bytes(bytes, what)
+    }
+    fn gather_bytes(&self, bytes: &[u8], root: usize, what: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        self.base.gather_bytes(bytes, root, what)
+    }
+    fn abort(&self, why: &str) {
+        self.base.abort(why);
+        for c in [&self.gathers, &self.p2p].into_iter().flatten() {
+            c.abort(why);
+        }
     }
 }

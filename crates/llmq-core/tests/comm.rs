@@ -221,3 +221,48 @@ fn collectives_are_ops_on_their_stream_for_the_order_checker() {
     assert!(racy.as_ref().is_err_and(|e| e.contains("collective")), "{racy:?}");
     assert!(ordered.is_ok(), "{ordered:?}");
 }
+
+#[test]
+fn a_routed_comm_takes_gathers_and_p2p_from_their_own_groups() {
+    use llmq_core::comm::RoutedComm;
+    use std::sync::Arc;
+    // three groups, the base one aborted: gathers and p2p must not touch it, host collectives must
+    let (base, gathers, p2p) = (ThreadComm::group(2, Duration::from_secs(30)), ThreadComm::group(2, Duration::from_secs(30)), ThreadComm::group(2, Duration::from_secs(30)));
+    let routed: Vec<RoutedComm> = base
+        .into_iter()
+        .zip(gathers)
+        .zip(p2p)
+        .map(|((b, g), p)| RoutedComm { base: Arc::new(b), gathers: Some(Arc::new(g)), p2p: Some(Arc::new(p)) })
+        .collect();
+    routed[1].base.abort("base group closed");
+    let out: Vec<(Vec<f32>, Vec<f32>, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = routed
+            .iter()
+            .enumerate()
+            .map(|(r, c)| {
+                s.spawn(move || {
+                    let mut be = CpuBackend::new();
+                    let full = be.alloc(MemCategory::Other, Mem::Device, DType::F32, &[8]).unwrap();
+                    let mine = tensor(&mut be, DType::F32, &[r as f32; 4]);
+                    c.all_gather(&be, &full, &mine, Stream::Compute, "g").unwrap();
+                    let m = tensor(&mut be, DType::F32, &[10.0 + r as f32; 3]);
+                    if r == 0 {
+                        c.send(&be, &m, 1, Stream::Compute, "p").unwrap();
+                    } else {
+                        c.recv(&be, &m, 0, Stream::Compute, "p").unwrap();
+                    }
+                    let mut h = [r as f64];
+                    let e = c.all_reduce_host(&mut h, ReduceOp::Sum, "h").unwrap_err().to_string();
+                    (values(&be, &full), values(&be, &m), e)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (full, m, h) in &out {
+        assert_eq!(full, &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(m, &[10.0; 3]);
+        assert!(h.contains("base group closed"), "{h}");
+    }
+    assert!(routed[0].describe().contains("all-gather and broadcast"));
+}

@@ -27,9 +27,11 @@
 mod attention;
 mod attention_wg;
 mod blas;
+mod copy_comm;
 mod device;
 mod fast;
 mod kernels;
+mod nccl;
 mod ops;
 pub mod telemetry;
 mod tuning;
@@ -41,7 +43,9 @@ use std::cell::{Cell, RefCell};
 
 pub use attention::{attn3_configs, Attn3Cfg};
 pub use attention_wg::{hopper_kernels, HopperKernel};
+pub use copy_comm::CopyComm;
 pub use kernels::KERNELS_BUILT;
+pub use nccl::{nccl_available, NcclComm, NcclId};
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
 /// attention backward's row statistics and dK/dV parts.

@@ -477,7 +477,7 @@ impl BatchSource for TokenLoader {
         if world != self.opts.world_size as u64 {
             // ranks advance in lock step: index i of W ranks is position i·W of the epoch's
             // permutation, which W' ranks continue from at index i·W / W'
-            let pos = index.checked_mul(world).unwrap_or(u64::MAX);
+            let pos = index.saturating_mul(world);
             let now = self.opts.world_size as u64;
             if !pos.is_multiple_of(now) {
                 return bad("world_size", format!("saved with {world} ranks at chunk {pos} of the epoch, which {now} ranks cannot continue from exactly (not a multiple of {now})"));

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod precision;
 pub mod profile;
 pub mod ranks;
+pub mod rendezvous;
 pub mod residual;
 pub mod run;
 pub mod sampling;

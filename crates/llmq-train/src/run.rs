@@ -47,7 +47,7 @@ pub enum RunEvent {
         tokens_per_s: f64,
         /// Wall-clock seconds since the run object was created.
         elapsed: f64,
-        /// Estimated seconds to the last step, from the median step time so far.
+        /// Estimated seconds to the last step, from the median time of the last `ETA_WINDOW` steps.
         eta: f64,
         /// The telemetry probe's sample after the step (GPU clock, power, ...), if there is one.
         telemetry: Option<serde_json::Value>,
@@ -66,6 +66,9 @@ pub enum RunEvent {
     StoppedWithoutCheckpoint,
     Exported { dir: PathBuf, dtype: DType },
 }
+
+/// Steps whose median time gives the ETA.
+pub const ETA_WINDOW: usize = 100;
 
 /// Median step time after warm-up, the run's throughput figure.
 #[derive(Clone, Copy, Debug)]
@@ -150,7 +153,9 @@ impl Run {
             log.write(&rec);
         }
         let remaining = self.last_step().saturating_sub(st.step);
-        let eta = median(&self.step_times) * remaining as f64;
+        // the median of the recent steps: follows a change of pace, costs the same at any step
+        let recent = &self.step_times[self.step_times.len().saturating_sub(ETA_WINDOW)..];
+        let eta = median(recent) * remaining as f64;
         let step = st.step;
         let spike_stop = st.stop.clone();
         events.push(RunEvent::Step { stats: st, tokens_per_s, elapsed: self.started.elapsed().as_secs_f64(), eta, telemetry });

@@ -309,7 +309,7 @@ fn a_checkpoint_of_two_ranks_resumes_under_one_two_and_four() {
     let wrong = TrainConfig { grad_accumulation: 1, ..tc.clone() };
     let e = all_ok(run_ranks(2, Duration::from_secs(60), |comm: Arc<dyn Comm>| {
         let opts = llmq_io::loader::LoaderOptions { rank: comm.rank(), world_size: 2, ..llmq_io::loader::LoaderOptions::train(16, 11) };
-        let data = llmq_io::loader::TokenLoader::new(&[file.clone()], opts)?;
+        let data = llmq_io::loader::TokenLoader::new(std::slice::from_ref(&file), opts)?;
         let mut tr = Trainer::new_rank(Box::new(CpuBackend::new()), &cfg, TrainConfig { world_size: 2, ..wrong.clone() }, Box::new(data), None, Some(comm))?;
         llmq_train::checkpoint::load(&mut tr, &dir).map(|_| ())
     }))
