@@ -9,12 +9,12 @@ Bad options raise ValueError; other errors raise LlmqError. The model runs with 
 
 import os
 import pathlib
-from typing import Any, Optional, TypedDict, Union, final
+from typing import Any, List, Optional, TypedDict, Union, final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["LlmqError", "Trainer", "plan", "evaluate"]
+__all__ = ["LlmqError", "Trainer", "plan", "evaluate", "generate"]
 
 _Path = Union[str, "os.PathLike[str]"]
 
@@ -62,6 +62,32 @@ def evaluate(
     """Loss and perplexity of a model (a checkpoint, model directory or Hugging Face cache name)
     on the first `batches` batches of eval_file (default: all the whole batches it holds), as
     `llmq eval`; from_scratch=True is refused (no weights)."""
+
+class _GenerateResult(TypedDict):
+    text: str
+    tokens: List[int]
+    prompt_tokens: int
+    stop: str
+    prompt_seconds: float
+    decode_seconds: float
+
+def generate(
+    model: _Path,
+    prompt: str = "",
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    tokenizer: Optional[_Path] = None,
+    dtype: str = "bf16",
+    device: str = "auto",
+) -> _GenerateResult:
+    """Continues prompt with a model directory, Hugging Face cache name or llmq checkpoint and
+    its tokenizer (or `tokenizer`), as `llmq generate`: greedy at temperature 0, else a seeded
+    draw limited to the top_k tokens and to the top_p probability mass. `text` is the
+    continuation alone; `stop` is "max_tokens", "eos" (the end-of-sequence token, not included)
+    or "length"."""
 
 @final
 class Trainer:

@@ -5,6 +5,7 @@ mod config_file;
 mod device;
 mod eval_cmd;
 mod files_cmd;
+mod generate_cmd;
 mod plot;
 mod plot_svg;
 mod preflight;
@@ -52,6 +53,8 @@ enum Cmd {
     Export(files_cmd::ExportArgs),
     /// Loss and perplexity of a model or checkpoint on token files (no training step).
     Eval(eval_cmd::EvalArgs),
+    /// Continue a prompt with a model directory, cache name or checkpoint (KV-cached sampling).
+    Generate(generate_cmd::GenerateArgs),
 }
 
 /// The command line, with the options of a `--config` file before the command line's own; the
@@ -85,6 +88,7 @@ fn main() {
         Cmd::Tokenize(a) => files_cmd::run_tokenize(a),
         Cmd::Export(a) => files_cmd::run_export(a),
         Cmd::Eval(a) => eval_cmd::run(a),
+        Cmd::Generate(a) => generate_cmd::run(a),
     });
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -1,5 +1,5 @@
-//! `llmq plot LOG...`: loss curves, with panels for the learning rate, the gradient norm and the
-//! throughput, from JSON-lines logs of `llmq train --log-file`, drawn as one SVG image
+//! `llmq plot LOG...`: loss curves, with panels for the learning rate, the gradient norm, the
+//! throughput and FP8 health (`--log-amax`: the worst fraction of a tensor flushed to zero), from JSON-lines logs of `llmq train --log-file`, drawn as one SVG image
 //! (`plot_svg.rs`). A log that several runs appended to holds one curve per run series: the
 //! records' `series` field, shared by a run and the runs that resume it (logs written without it
 //! start a new series at each `options` record). Several logs are overlaid.
@@ -30,6 +30,9 @@ pub struct Series {
     pub lr: Vec<(f64, f64)>,
     pub norm: Vec<(f64, f64)>,
     pub tokens_per_s: Vec<(f64, f64)>,
+    /// FP8 health records (`--log-amax`): the largest fraction of a tensor's values flushed to
+    /// zero, over the tensors of the step.
+    pub fp8_flushed: Vec<(f64, f64)>,
     /// The entropy floor of the synthetic corpus, where the run trained on it.
     pub floor: Option<f64>,
     /// The run whose step records came last.
@@ -40,7 +43,7 @@ impl Series {
     /// A run resuming this series from a checkpoint redoes the steps from `step` on: the points
     /// the earlier run logged there (after its checkpoint, before it stopped) are replaced.
     fn truncate_from(&mut self, step: f64) {
-        for v in [&mut self.train, &mut self.eval, &mut self.lr, &mut self.norm, &mut self.tokens_per_s] {
+        for v in [&mut self.train, &mut self.eval, &mut self.lr, &mut self.norm, &mut self.tokens_per_s, &mut self.fp8_flushed] {
             v.retain(|p| p.0 < step);
         }
     }
@@ -126,6 +129,12 @@ pub fn read_log(path: &Path) -> Result<LogRead> {
             "eval" => {
                 if let Some(x) = num("loss") {
                     s.eval.push((step, x));
+                }
+            }
+            "fp8_health" => {
+                let worst = v.get("tensors").and_then(|t| t.as_array()).into_iter().flatten().filter_map(|t| t.get("flushed").and_then(|f| f.as_f64())).fold(None, |m: Option<f64>, f| Some(m.map_or(f, |m| m.max(f))));
+                if let Some(w) = worst {
+                    s.fp8_flushed.push((step, w));
                 }
             }
             _ => {}
@@ -250,5 +259,20 @@ mod tests {
         assert_eq!(r.ignored, vec!["line 3: a partial last record (a run stopped while writing it)".to_string()]);
         let svg = render_svg(&r.series, "t", 3);
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+    }
+
+    #[test]
+    fn fp8_health_records_give_the_worst_flushed_fraction() {
+        let text = concat!(
+            r#"{"type":"step","step":2,"loss":4.0}"#,
+            "\n",
+            r#"{"type":"fp8_health","step":2,"tensors":[{"flushed":0.01},{"flushed":0.25},{"flushed":0.0}]}"#,
+            "\n",
+            r#"{"type":"fp8_health","step":4,"tensors":[]}"#,
+            "\n"
+        );
+        let r = read_log(&log("fp8.jsonl", text)).unwrap();
+        assert_eq!(r.series[0].fp8_flushed, vec![(2.0, 0.25)]);
+        assert!(render_svg(&r.series, "t", 0).contains(">fp8: largest fraction flushed to zero<"));
     }
 }

@@ -115,8 +115,12 @@ pub fn render_svg(series: &[Series], title: &str, smooth_n: usize) -> String {
         }
     }
     let mut panels = vec![loss];
-    let extra: [(&str, Points); 3] =
-        [("learning rate", |s| &s.lr), ("gradient norm", |s| &s.norm), ("tokens/s", |s| &s.tokens_per_s)];
+    let extra: [(&str, Points); 4] = [
+        ("learning rate", |s| &s.lr),
+        ("gradient norm", |s| &s.norm),
+        ("tokens/s", |s| &s.tokens_per_s),
+        ("fp8: largest fraction flushed to zero", |s| &s.fp8_flushed),
+    ];
     for (name, get) in extra {
         if series.iter().all(|s| get(s).is_empty()) {
             continue;

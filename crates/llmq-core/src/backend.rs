@@ -362,6 +362,13 @@ pub trait Backend {
     /// out [N, Hq*Hd]; lse f32 [B, Hq, T] = log-sum-exp of the scaled scores per query.
     /// `absmax`: f32 [1], the abs-max of out as stored (fp8 runs quantise out next).
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()>;
+    /// Attention of new rows against a key/value cache (decoding). `qkv` [B*T, Q] (after RoPE)
+    /// holds T new rows per sequence, at positions pos..pos+T. Their key and value heads are
+    /// first stored into `k_cache` and `v_cache` ([B, S, Hkv*Hd], one float dtype, S >= pos + T)
+    /// at those positions; then the query of the row at position p attends causally to cache
+    /// positions 0..=p, with the arithmetic of `attention_fwd` (keys and values as the cache
+    /// stores them). out [B*T, Hq*Hd]. Cache positions past pos + T are neither read nor written.
+    fn attention_decode(&self, out: &Tensor, qkv: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: usize, shape: AttnShape) -> Result<()>;
     /// dqkv [N, Q] (overwritten) from dout [N, Hq*Hd]. With `rope` (the `rope_fwd` table), dqkv is
     /// the gradient of qkv *before* RoPE: `rope_bwd` of the attention gradient, applied in f32
     /// before the result is rounded (a backend may round in between; the CUDA backend's fused

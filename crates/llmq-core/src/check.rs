@@ -78,6 +78,28 @@ pub fn check_heads(op: &str, s: &AttnShape) -> Result<()> {
     Ok(())
 }
 
+/// `attention_decode`'s arguments (see `Backend::attention_decode`); returns the cache length S.
+pub fn attention_decode_dims(op: &str, out: &Tensor, qkv: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: usize, s: &AttnShape) -> Result<usize> {
+    check_heads(op, s)?;
+    check_rows(op, "qkv", qkv, s.n(), s.qkv_width())?;
+    check_rows(op, "out", out, s.n(), s.out_width())?;
+    let kv = s.hkv * s.hd;
+    let cap = k_cache.dims().get(1).copied().unwrap_or(0);
+    for (name, c) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+        check_float(op, name, c)?;
+        if c.dims() != [s.b, cap, kv] {
+            return op_err(format!("{op}: {name} must be [B = {}, S, Hkv*Hd = {kv}] (S as k_cache's {cap}), got {:?}", s.b, c.shape));
+        }
+    }
+    if k_cache.dtype != v_cache.dtype {
+        return op_err(format!("{op}: k_cache and v_cache dtypes differ ({} and {})", k_cache.dtype, v_cache.dtype));
+    }
+    if pos.checked_add(s.t).is_none_or(|end| end > cap) {
+        return op_err(format!("{op}: positions {pos}..{pos}+{} do not fit the cache of {cap} positions", s.t));
+    }
+    Ok(cap)
+}
+
 /// The RoPE table must be f32 [T, Hd/2, 2] and the head size even.
 pub fn check_rope(op: &str, freqs: &Tensor, shape: &AttnShape) -> Result<()> {
     if !shape.hd.is_multiple_of(2) {

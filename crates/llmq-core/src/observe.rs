@@ -158,6 +158,10 @@ impl<O: Observer> Backend for Observed<O> {
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, s: AttnShape, am: Option<&Tensor>) -> Result<()> {
         self.call(Call::op("attention_fwd", &[Some(qkv)], &[Some(out), Some(lse), am]), |b| b.attention_fwd(out, lse, qkv, s, am))
     }
+    fn attention_decode(&self, out: &Tensor, qkv: &Tensor, kc: &Tensor, vc: &Tensor, pos: usize, s: AttnShape) -> Result<()> {
+        // the caches are read (earlier positions) and written (the new ones)
+        self.call(Call::op("attention_decode", &[Some(qkv), Some(kc), Some(vc)], &[Some(out), Some(kc), Some(vc)]), |b| b.attention_decode(out, qkv, kc, vc, pos, s))
+    }
     fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, s: AttnShape, rope: Option<&Tensor>, am: Option<&Tensor>) -> Result<()> {
         let (reads, writes) = ([Some(dout), Some(qkv), Some(out), Some(lse), rope], [Some(dqkv), am]);
         self.call(Call::op("attention_bwd", &reads, &writes), |b| b.attention_bwd(dqkv, dout, qkv, out, lse, s, rope, am))

@@ -141,6 +141,9 @@ impl Backend for PlanBackend {
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         no_ops()
     }
+    fn attention_decode(&self, out: &Tensor, qkv: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: usize, shape: AttnShape) -> Result<()> {
+        no_ops()
+    }
     fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         no_ops()
     }

@@ -95,6 +95,9 @@ kernel_table!(
     attn_bwd_dkv_simple4,
     attn_bwd_dq_simple8,
     attn_bwd_dkv_simple8,
+    kv_append,
+    attn_decode4,
+    attn_decode8,
 );
 
 impl Kernels {

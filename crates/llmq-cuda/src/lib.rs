@@ -369,6 +369,9 @@ impl Backend for CudaBackend {
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         self.op_attention_fwd(out, lse, qkv, shape, absmax)
     }
+    fn attention_decode(&self, out: &Tensor, qkv: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: usize, shape: AttnShape) -> Result<()> {
+        self.op_attention_decode(out, qkv, k_cache, v_cache, pos, shape)
+    }
     fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         self.op_attention_bwd(dqkv, dout, qkv, out, lse, shape, rope, absmax)
     }

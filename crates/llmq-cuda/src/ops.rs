@@ -54,6 +54,8 @@ fn fits_i32(op: &str, v: usize) -> Result<()> {
 }
 
 const THREADS: u32 = 256;
+/// Warps per block of the decode attention kernel (DEC_WARPS in kernels/decode.cu).
+const DEC_WARPS: u32 = 4;
 /// Keys per shared-memory tile of the embedding backward's sort (kernels/embedding.cu; 16 KiB).
 const EMB_SORT_TILE: usize = 2048;
 
@@ -711,6 +713,37 @@ impl CudaBackend {
             0,
             &[p(out), Arg::I32(dt(out.dtype)), p(lse), p(qkv), Arg::I32(dt(qkv.dtype)), i(s.b), i(s.t), i(s.hq), i(s.hkv), i(s.hd)],
         )
+    }
+
+    /// The new rows' keys and values into the caches, then one block of DEC_WARPS warps
+    /// (kernels/decode.cu) per (new row, query head, sequence) over the cache.
+    pub(crate) fn op_attention_decode(&self, out: &Tensor, qkv: &Tensor, kc: &Tensor, vc: &Tensor, pos: usize, s: AttnShape) -> Result<()> {
+        const OP: &str = "attention_decode";
+        Self::attn_checks(OP, &s)?;
+        let cap = llmq_core::check::attention_decode_dims(OP, out, qkv, kc, vc, pos, &s)?;
+        fits_i32(OP, s.b * cap)?;
+        let ints = [i(s.b), i(s.t), i(cap), i(pos), i(s.hq), i(s.hkv), i(s.hd)];
+        let mut args = vec![p(kc), p(vc), Arg::I32(dt(kc.dtype)), p(qkv), Arg::I32(dt(qkv.dtype))];
+        args.extend(ints);
+        let n = s.n() * s.hkv * s.hd;
+        self.launch(self.k.kv_append, (n.div_ceil(THREADS as usize) as u32, 1, 1), (THREADS, 1, 1), 0, &args)?;
+        let f = if s.hd <= 128 { self.k.attn_decode4 } else { self.k.attn_decode8 };
+        let args = [
+            p(out),
+            Arg::I32(dt(out.dtype)),
+            p(qkv),
+            Arg::I32(dt(qkv.dtype)),
+            p(kc),
+            p(vc),
+            Arg::I32(dt(kc.dtype)),
+            i(s.t),
+            i(cap),
+            i(pos),
+            i(s.hq),
+            i(s.hkv),
+            i(s.hd),
+        ];
+        self.launch(f, (s.t as u32, s.hq as u32, s.b as u32), (32 * DEC_WARPS, 1, 1), 0, &args)
     }
 
     /// `rope`: also the RoPE backward (dqkv receives the gradient of qkv before RoPE); `absmax`:

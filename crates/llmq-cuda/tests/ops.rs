@@ -806,6 +806,36 @@ fn attention_simple_kernels() {
     attention_case(&mut p, attn_shape(1, 20, 2, 2, 256), F32, Simple);
 }
 
+/// `attention_decode` (kernels/decode.cu) against the CPU op: a prompt piece, then single rows
+/// and an uneven piece, over caches longer than used; the caches' bytes must agree exactly (the
+/// new keys and values are copies rounded to the cache dtype) and positions past the end stay
+/// untouched. Head sizes 64 and 256 take the two kernel widths.
+#[test]
+fn attention_decode_matches_cpu() {
+    let Some(mut p) = Pair::new(15) else { return };
+    for (s, d) in [(attn_shape(2, 0, 6, 2, 64), F32), (attn_shape(1, 0, 14, 2, 64), BF16), (attn_shape(1, 0, 4, 4, 256), F32), (attn_shape(3, 0, 2, 1, 48), BF16)] {
+        let (q, kv, cap) = (s.qkv_width(), s.hkv * s.hd, 300);
+        let kc = p.vals(d, &[s.b, cap, kv], &vec![3.0; s.b * cap * kv]);
+        let vc = p.vals(d, &[s.b, cap, kv], &vec![-3.0; s.b * cap * kv]);
+        let mut pos = 0;
+        for t in [37, 1, 1, 5, 1, 200] {
+            let st = AttnShape { t, ..s };
+            let qkv = p.rand(d, &[st.n(), q], 1.0);
+            let out = p.out(d, &[st.n(), st.out_width()]);
+            p.cpu.attention_decode(&out.c, &qkv.c, &kc.c, &vc.c, pos, st).unwrap();
+            p.gpu.attention_decode(&out.g, &qkv.g, &kc.g, &vc.g, pos, st).unwrap();
+            p.rel(&format!("attention_decode {d} {st:?} at {pos}: out"), &out, if d == F32 { 1e-5 } else { 1e-2 });
+            pos += t;
+        }
+        p.exact(&format!("attention_decode {d} {s:?}: k cache"), &kc);
+        p.exact(&format!("attention_decode {d} {s:?}: v cache"), &vc);
+        let bad = p.out(d, &[s.b, s.out_width()]);
+        let one = p.rand(d, &[s.b, q], 1.0);
+        let e = p.gpu.attention_decode(&bad.g, &one.g, &kc.g, &vc.g, cap, AttnShape { t: 1, ..s });
+        assert!(e.is_err_and(|e| e.to_string().contains("do not fit the cache")));
+    }
+}
+
 /// The side stream (its own workspace, an SM-count target) runs a matmul to the same bits as the
 /// compute stream: weight-gradient shapes of the fp8 models (K = tokens, accumulating) and a bf16
 /// one. Ops that need the backend's scratch refuse the side stream; no op runs on the copy stream.

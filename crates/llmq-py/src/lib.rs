@@ -1,10 +1,12 @@
 //! `import llmq`: Python bindings over the same pieces as `llmq train` — a `Trainer` that holds a
-//! `llmq_train::run::Run`, and `plan()`, the memory plan without a device. Options are the CLI's
+//! `llmq_train::run::Run`, `plan()`, the memory plan without a device, `evaluate()` and
+//! `generate()` (`llmq generate` as a function). Options are the CLI's
 //! flags in snake_case (`options::Options`); configuration errors raise `ValueError`, every other
 //! error `llmq.LlmqError` (a `RuntimeError`), with the CLI's messages. The model runs with the
 //! GIL released.
 
 mod feed;
+mod generate;
 mod options;
 mod trainer;
 
@@ -167,5 +169,6 @@ fn llmq(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<trainer::PyTrainer>()?;
     m.add_function(wrap_pyfunction!(plan, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(generate::generate, m)?)?;
     Ok(())
 }

@@ -26,6 +26,8 @@ const MAX_VERSION: usize = 256;
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Between connection attempts while rank 0 is not listening yet.
 const RETRY: Duration = Duration::from_millis(100);
+/// How much longer than the timeout a rank waits for rank 0's answer.
+const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 /// Longest wait for the hello of a connection that was accepted.
 const HELLO_WAIT: Duration = Duration::from_secs(10);
 
@@ -301,11 +303,14 @@ fn join(launch: &Launch, hello: &Hello, timeout: Duration) -> Result<Vec<u8>> {
     };
     let io = |e: std::io::Error| net_err(&format!("rank {} talking to rank 0 at {master}", launch.rank), e);
     s.write_all(MAGIC).and_then(|_| write_frame(&mut s, &encode_hello(launch.rank, launch.world, hello))).map_err(io)?;
-    // rank 0 answers once every rank arrived or its own timeout passed: wait as long again
-    s.set_read_timeout(Some(timeout.max(Duration::from_millis(100)))).map_err(io)?;
+    // rank 0 answers once every rank arrived or its own timeout passed, which started before
+    // this rank connected: wait as long again, plus a margin, so that its answer (a missing
+    // rank's name) arrives before this rank gives up on its own
+    let wait = timeout.max(Duration::from_millis(100)) + ANSWER_MARGIN;
+    s.set_read_timeout(Some(wait)).map_err(io)?;
     let mut status = [0u8; 1];
     s.read_exact(&mut status).map_err(|e| {
-        Error::Backend(format!("rendezvous: rank {} got no answer from rank 0 at {master} within {:.0} s: {e}", launch.rank, timeout.as_secs_f64()))
+        Error::Backend(format!("rendezvous: rank {} got no answer from rank 0 at {master} within {:.0} s: {e}", launch.rank, wait.as_secs_f64()))
     })?;
     let body = read_frame(&mut s, MAX_PAYLOAD, "answer from rank 0").map_err(io)?;
     match status[0] {

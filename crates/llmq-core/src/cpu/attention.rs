@@ -24,6 +24,7 @@ use super::elementwise::rope_in_place;
 use crate::check::{check_heads, check_rope};
 use super::load;
 use crate::backend::AttnShape;
+use crate::dtype::round_through;
 use crate::error::Result;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -209,5 +210,94 @@ pub fn attention_bwd(dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, l
     }
     store_par(dqkv, &dx);
     write_absmax(absmax, dqkv.dtype, &dx);
+    Ok(())
+}
+
+/// Decoding against a key/value cache (see `Backend::attention_decode`): stores the new rows'
+/// keys and values into the caches, then runs `attention_fwd`'s per-query loop over cache
+/// positions 0..=p, so a row gets the bits `attention_fwd` gives it when the cache has qkv's dtype.
+pub fn attention_decode(out: &Tensor, qkv: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: usize, shape: AttnShape) -> Result<()> {
+    const OP: &str = "attention_decode";
+    let cap = crate::check::attention_decode_dims(OP, out, qkv, k_cache, v_cache, pos, &shape)?;
+    let AttnShape { b, t, hq, hkv, hd } = shape;
+    let x = load(qkv);
+    let hs = Heads::new(&shape);
+    let kv = hkv * hd;
+    // only the positions this op writes or reads are decoded and stored
+    let used = pos + t;
+    let mut kc = vec![0f32; b * used * kv];
+    let mut vc = vec![0f32; b * used * kv];
+    for (cache, dst) in [(k_cache, &mut kc), (v_cache, &mut vc)] {
+        for bi in 0..b {
+            let seq = cache.slice(bi * cap * kv, &[used * kv]);
+            dst[bi * used * kv..(bi + 1) * used * kv].copy_from_slice(&load(&seq));
+        }
+    }
+    for bi in 0..b {
+        for ti in 0..t {
+            let row = bi * t + ti;
+            let at = (bi * used + pos + ti) * kv;
+            // rounded to the cache dtype: attention reads them as the cache stores them
+            let round = |d: &mut [f32], src: &[f32]| d.iter_mut().zip(src).for_each(|(d, &s)| *d = round_through(k_cache.dtype, s));
+            for g in 0..hkv {
+                round(&mut kc[at + g * hd..][..hd], &x[hs.k_at(row, g)..][..hd]);
+                round(&mut vc[at + g * hd..][..hd], &x[hs.v_at(row, g)..][..hd]);
+            }
+        }
+    }
+    for bi in 0..b {
+        let new = |c: &Tensor| c.slice((bi * cap + pos) * kv, &[t * kv]);
+        let range = (bi * used + pos) * kv..(bi * used + used) * kv;
+        store_par(&new(k_cache), &kc[range.clone()]);
+        store_par(&new(v_cache), &vc[range]);
+    }
+
+    let rep = hq / hkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let ow = shape.out_width();
+    // one task per (b, h): o [T, Hd]
+    let parts: Vec<Vec<f32>> = (0..b * hq)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, h) = (bh / hq, bh % hq);
+            let g = h / rep;
+            let key = |j: usize| &kc[(bi * used + j) * kv + g * hd..][..hd];
+            let val = |j: usize| &vc[(bi * used + j) * kv + g * hd..][..hd];
+            let mut o = vec![0f32; t * hd];
+            let mut p = vec![0f32; used];
+            for ti in 0..t {
+                let last = pos + ti;
+                let qr = &x[hs.q_at(bi * t + ti, h)..][..hd];
+                let mut m = f32::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate().take(last + 1) {
+                    *pj = dot(qr, key(j)) * scale;
+                    m = m.max(*pj);
+                }
+                let mut l = 0f32;
+                for pj in &mut p[..=last] {
+                    *pj = (*pj - m).exp();
+                    l += *pj;
+                }
+                let orow = &mut o[ti * hd..(ti + 1) * hd];
+                for (j, &pj) in p[..=last].iter().enumerate() {
+                    for (ov, &vv) in orow.iter_mut().zip(val(j)) {
+                        *ov += pj * vv;
+                    }
+                }
+                for ov in orow.iter_mut() {
+                    *ov /= l;
+                }
+            }
+            o
+        })
+        .collect();
+    let mut ov = vec![0f32; shape.n() * ow];
+    for (bh, o) in parts.into_iter().enumerate() {
+        let (bi, h) = (bh / hq, bh % hq);
+        for ti in 0..t {
+            ov[(bi * t + ti) * ow + h * hd..][..hd].copy_from_slice(&o[ti * hd..(ti + 1) * hd]);
+        }
+    }
+    store_par(out, &ov);
     Ok(())
 }

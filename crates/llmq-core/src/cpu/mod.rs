@@ -225,6 +225,9 @@ impl Backend for CpuBackend {
     fn attention_fwd(&self, out: &Tensor, lse: &Tensor, qkv: &Tensor, shape: crate::backend::AttnShape, absmax: Option<&Tensor>) -> Result<()> {
         attention::attention_fwd(out, lse, qkv, shape, absmax)
     }
+    fn attention_decode(&self, out: &Tensor, qkv: &Tensor, k_cache: &Tensor, v_cache: &Tensor, pos: usize, shape: crate::backend::AttnShape) -> Result<()> {
+        attention::attention_decode(out, qkv, k_cache, v_cache, pos, shape)
+    }
     fn attention_bwd(&self, dqkv: &Tensor, dout: &Tensor, qkv: &Tensor, out: &Tensor, lse: &Tensor, shape: crate::backend::AttnShape, rope: Option<&Tensor>, absmax: Option<&Tensor>) -> Result<()> {
         attention::attention_bwd(dqkv, dout, qkv, out, lse, shape, rope, absmax)
     }
