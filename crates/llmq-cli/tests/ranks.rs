@@ -110,23 +110,9 @@ fn a_launch_of_one_process_per_gpu_needs_nccl_and_a_complete_environment() {
 
 #[test]
 fn a_signal_stops_every_rank_at_the_same_step_with_one_checkpoint() {
-    use std::io::{BufRead, BufReader};
     let d = tmpdir("ranks-sigterm");
     let ck = d.join("ck");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmq"))
-        .args(cmd(BASE, &["--steps", "100000", "--gpus", "3", "--ckpt-dir", ck.to_str().unwrap()]))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for l in lines.by_ref() {
-        if l.unwrap().starts_with("step      3/") {
-            break;
-        }
-    }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = child.wait().unwrap();
+    let (status, rest) = sigterm_after_step_3(&cmd(BASE, &["--steps", "100000", "--gpus", "3", "--ckpt-dir", ck.to_str().unwrap()]));
     assert!(status.success(), "exit status {status:?}; output: {rest:?}");
     let text = rest.join("\n");
     assert!(text.contains("signal received") && text.matches("checkpoint ").count() == 1, "{text}");

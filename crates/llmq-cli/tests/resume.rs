@@ -149,28 +149,12 @@ fn export_writes_a_loadable_hf_model() {
 
 #[test]
 fn sigterm_finishes_the_step_writes_a_checkpoint_and_exits_zero() {
-    use std::io::{BufRead, BufReader};
     let d = tmpdir("sigterm");
     let ck = d.join("ck");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmq"))
-        .args(cmd("train --device cpu --model tiny --from-scratch --steps 100000 --batch-size 2 --seq-len 16 --print-every 1 --eval-every 0", &[]))
-        .args(["--ckpt-dir", ck.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // wait until training runs, then ask it to stop
-    for l in lines.by_ref() {
-        if l.unwrap().starts_with("step      3/") {
-            break;
-        }
-    }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = child.wait().unwrap();
+    let (status, rest) = sigterm_after_step_3(&cmd(
+        "train --device cpu --model tiny --from-scratch --steps 100000 --batch-size 2 --seq-len 16 --print-every 1 --eval-every 0 --ckpt-dir",
+        &[ck.to_str().unwrap()],
+    ));
     assert!(status.success(), "exit status {status:?}; output: {rest:?}");
     let text = rest.join("\n");
     assert!(

@@ -245,12 +245,16 @@ impl ThreadComm {
         Ok(all)
     }
 
-    fn signature(kind: &str, what: &str, t: &Tensor) -> String {
-        format!("{kind} '{what}' ({} x {})", t.dtype, t.numel())
-    }
 }
 
-fn check_shards(kind: &str, what: &str, shard: &Tensor, full: &Tensor, world: usize) -> Result<()> {
+/// How a collective names itself in errors and in the check that every rank called the same one.
+pub fn signature(kind: &str, what: &str, t: &Tensor) -> String {
+    format!("{kind} '{what}' ({} x {})", t.dtype, t.numel())
+}
+
+/// The shard and whole buffers of a reduce-scatter or all-gather agree: same dtype, `world`
+/// shards making the whole.
+pub fn check_shards(kind: &str, what: &str, shard: &Tensor, full: &Tensor, world: usize) -> Result<()> {
     if shard.dtype != full.dtype || shard.numel() * world != full.numel() {
         return Err(Error::Op(format!(
             "{kind} '{what}': the full buffer ({} x {}) must be {world} shards ({} x {})",
@@ -275,7 +279,7 @@ impl Comm for ThreadComm {
     }
 
     fn all_reduce(&self, be: &dyn Backend, t: &Tensor, op: ReduceOp, stream: Stream, what: &str) -> Result<()> {
-        let all = self.exchange(Self::signature(&format!("all-reduce {op:?}"), what, t), be.stream_read(t, stream)?)?;
+        let all = self.exchange(signature(&format!("all-reduce {op:?}"), what, t), be.stream_read(t, stream)?)?;
         let srcs: Vec<&[u8]> = all.iter().map(|a| a.as_slice()).collect();
         let mut out = vec![0u8; t.bytes()];
         reduce_bytes(t.dtype, None, &srcs, op, &mut out)?;
@@ -284,7 +288,7 @@ impl Comm for ThreadComm {
 
     fn reduce_scatter(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, accumulate: bool, stream: Stream, what: &str) -> Result<()> {
         check_shards("reduce-scatter", what, dst, src, self.hub.world)?;
-        let all = self.exchange(Self::signature("reduce-scatter", what, src), be.stream_read(src, stream)?)?;
+        let all = self.exchange(signature("reduce-scatter", what, src), be.stream_read(src, stream)?)?;
         let b = dst.bytes();
         let srcs: Vec<&[u8]> = all.iter().map(|a| &a[self.rank * b..(self.rank + 1) * b]).collect();
         let init = if accumulate { Some(be.stream_read(dst, stream)?) } else { None };
@@ -295,14 +299,14 @@ impl Comm for ThreadComm {
 
     fn all_gather(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
         check_shards("all-gather", what, src, dst, self.hub.world)?;
-        let all = self.exchange(Self::signature("all-gather", what, dst), be.stream_read(src, stream)?)?;
+        let all = self.exchange(signature("all-gather", what, dst), be.stream_read(src, stream)?)?;
         let joined: Vec<u8> = all.iter().flat_map(|a| a.iter().copied()).collect();
         be.stream_write(dst, &joined, stream)
     }
 
     fn broadcast(&self, be: &dyn Backend, t: &Tensor, root: usize, stream: Stream, what: &str) -> Result<()> {
         let mine = if self.rank == root { be.stream_read(t, stream)? } else { vec![] };
-        let all = self.exchange(Self::signature(&format!("broadcast from {root}"), what, t), mine)?;
+        let all = self.exchange(signature(&format!("broadcast from {root}"), what, t), mine)?;
         if self.rank != root {
             be.stream_write(t, &all[root], stream)?;
         }
@@ -315,7 +319,7 @@ impl Comm for ThreadComm {
         }
         let bytes = be.stream_read(t, stream)?;
         let mut st = self.lock();
-        st.mail.entry((self.rank, peer)).or_default().push_back((Self::signature("send/recv", what, t), bytes));
+        st.mail.entry((self.rank, peer)).or_default().push_back((signature("send/recv", what, t), bytes));
         self.hub.cv.notify_all();
         Ok(())
     }
@@ -324,7 +328,7 @@ impl Comm for ThreadComm {
         if peer >= self.hub.world || peer == self.rank {
             return Err(Error::Op(format!("recv '{what}': peer {peer} is not another rank of {}", self.hub.world)));
         }
-        let sig = Self::signature("send/recv", what, t);
+        let sig = signature("send/recv", what, t);
         let deadline = Instant::now() + self.hub.timeout;
         let secs = self.hub.timeout.as_secs_f64();
         let key = (peer, self.rank);

@@ -20,6 +20,7 @@
 use crate::device::check;
 use crate::CudaBackend;
 use cudarc::driver::sys as cu;
+use llmq_core::comm::{check_shards, signature};
 use llmq_core::cpu::CpuBackend;
 use llmq_core::{Backend, Comm, DType, Error, Mem, MemCategory, ReduceOp, Result, Stream, Tensor};
 use std::collections::HashSet;
@@ -231,22 +232,7 @@ impl CopyComm {
     }
 }
 
-fn signature(kind: &str, what: &str, t: &Tensor) -> String {
-    format!("{kind} '{what}' ({} x {})", t.dtype, t.numel())
-}
 
-fn check_shards(kind: &str, what: &str, shard: &Tensor, full: &Tensor, world: usize) -> Result<()> {
-    if shard.dtype != full.dtype || shard.numel() * world != full.numel() {
-        return Err(Error::Op(format!(
-            "{kind} '{what}': the full buffer ({} x {}) must be {world} shards ({} x {})",
-            full.dtype,
-            full.numel(),
-            shard.dtype,
-            shard.numel()
-        )));
-    }
-    Ok(())
-}
 
 impl Comm for CopyComm {
     fn rank(&self) -> usize {

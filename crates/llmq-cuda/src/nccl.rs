@@ -32,6 +32,7 @@ use crate::device::{check, error_string};
 use crate::CudaBackend;
 use cudarc::driver::sys as cu;
 use cudarc::nccl::sys as nc;
+use llmq_core::comm::check_shards;
 use llmq_core::{Backend, Comm, DType, Error, ReduceOp, Result, Stream, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -570,18 +571,6 @@ fn reduce_type(kind: &str, what: &str, t: &Tensor) -> Result<nc::ncclDataType_t>
     }
 }
 
-fn check_shards(kind: &str, what: &str, shard: &Tensor, full: &Tensor, world: usize) -> Result<()> {
-    if shard.dtype != full.dtype || shard.numel() * world != full.numel() {
-        return Err(Error::Op(format!(
-            "{kind} '{what}': the full buffer ({} x {}) must be {world} shards ({} x {})",
-            full.dtype,
-            full.numel(),
-            shard.dtype,
-            shard.numel()
-        )));
-    }
-    Ok(())
-}
 
 fn nccl_op(op: ReduceOp) -> nc::ncclRedOp_t {
     match op {

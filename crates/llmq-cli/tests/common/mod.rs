@@ -86,3 +86,20 @@ pub fn steps(log: &Path) -> Vec<(u64, String, String)> {
         .collect()
 }
 
+
+/// Runs `llmq ARGS`, sends SIGTERM once it printed step 3, and returns its exit status and the
+/// lines it printed after that.
+pub fn sigterm_after_step_3(args: &[&str]) -> (std::process::ExitStatus, Vec<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmq")).args(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // wait until training runs, then ask it to stop
+    for l in lines.by_ref() {
+        if l.unwrap().starts_with("step      3/") {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    (child.wait().unwrap(), rest)
+}
