@@ -28,7 +28,7 @@ fn peaks_for(name: &str) -> Option<(f64, f64)> {
 
 /// The backend for `--device`; a GPU backend makes the kernel and algorithm choices of `opts`.
 pub fn select(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
-    select_rank(device, 0, opts)
+    select_with(device, 0, opts, |_| Ok(())).map(|(be, info, ())| (be, info))
 }
 
 /// Where `--device` runs: "cpu" or "cuda" (auto resolved: a GPU when one is usable, with a line
@@ -48,13 +48,8 @@ pub fn resolve(device: &str) -> Result<&'static str> {
     }
 }
 
-/// The backend on GPU `ordinal` (a data-parallel rank's).
-pub fn select_rank(device: &str, ordinal: usize, opts: &BackendOptions) -> Result<(Box<dyn Backend>, Option<GpuInfo>)> {
-    select_with(device, ordinal, opts, |_| Ok(())).map(|(be, info, ())| (be, info))
-}
-
-/// As `select_rank`, calling `with` on the CUDA backend (or `None` on the CPU) before it is
-/// boxed: what needs the concrete backend (an NCCL communicator) is made there.
+/// The backend on GPU `ordinal` (a data-parallel rank's), calling `with` on the CUDA backend (or
+/// `None` on the CPU) before it is boxed: what needs the concrete backend (an NCCL communicator) is made there.
 pub fn select_with<T>(device: &str, ordinal: usize, opts: &BackendOptions, with: impl FnOnce(Option<&llmq_cuda::CudaBackend>) -> Result<T>) -> Result<(Box<dyn Backend>, Option<GpuInfo>, T)> {
     match device {
         "cpu" => Ok((Box::new(CpuBackend::new()), None, with(None)?)),
