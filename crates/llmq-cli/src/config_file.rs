@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn file_keys_are_flags_in_either_case_and_flags_override_them() {
         let (a, _) = parse(Some("batch_size = 3\nseq-len = 7\nfrom_scratch = true\nrandom-data = false\nlearning-rate = 1e-2\ncontinue = true\nckpt-dir = \"ck\"\n"), &["--seq-len", "9"]).unwrap();
-        assert_eq!((a.batch_size, a.seq_len, a.from_scratch, a.random_data, a.learning_rate), (3, 9, true, false, 1e-2));
+        assert_eq!((a.opts.batch_size, a.opts.seq_len, a.opts.from_scratch, a.opts.random_data, a.opts.learning_rate), (3, 9, true, false, 1e-2));
         assert_eq!(a.continue_from.as_deref(), Some("latest"));
         let e = parse(Some("steps = 2\nmodel_name = \"x\"\n"), &[]).unwrap_err().to_string();
         assert!(e.contains(".toml") && e.contains("key `model_name`: not an option of `llmq train`"), "{e}");

@@ -1,7 +1,7 @@
 //! `llmq eval`: loss and perplexity of a model directory, Hugging Face cache name or checkpoint
 //! on token files, on either backend, with no training step (`llmq_train::eval`).
 
-use crate::backend_args::BackendArgs;
+use llmq_train::options::BackendFlags;
 use crate::device;
 use clap::Args;
 use llmq_core::{DType, Error, Result};
@@ -35,7 +35,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub backend: BackendArgs,
+    pub backend: BackendFlags,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {

@@ -1,6 +1,5 @@
 //! The `llmq` command-line tool.
 
-mod backend_args;
 mod config_file;
 mod device;
 mod eval_cmd;

@@ -8,12 +8,12 @@ use std::path::Path;
 
 /// `--ckpt-dir` and `--export` (directories) and `--log-file` can be created and written.
 pub fn check_outputs(args: &TrainArgs) -> Result<()> {
-    for (flag, dir) in [("--ckpt-dir", &args.ckpt_dir), ("--export", &args.export)] {
+    for (flag, dir) in [("--ckpt-dir", &args.opts.ckpt_dir), ("--export", &args.opts.export)] {
         if let Some(d) = dir {
             writable_dir(flag, d)?;
         }
     }
-    if let Some(log) = &args.log_file {
+    if let Some(log) = &args.opts.log_file {
         if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("--log-file: cannot create the directory: {e}")))?;
         }

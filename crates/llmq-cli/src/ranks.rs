@@ -85,7 +85,7 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
     if args.all_to_all_reduce {
         return Err(Error::Config("--all-to-all-reduce (a reduce-scatter from copy-engine all-to-all copies) is not built: reductions run on NCCL or through host memory".into()));
     }
-    let device = crate::device::resolve(&args.device)?;
+    let device = crate::device::resolve(&args.opts.device)?;
     if device == "cuda" && llmq_cuda::device_count() < args.gpus {
         return Err(Error::Config(format!(
             "--gpus {}: only {} GPU(s) are visible (CUDA_VISIBLE_DEVICES={})",
@@ -95,7 +95,8 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
         )));
     }
     let nccl = nccl_id(&args, device)?;
-    let args = TrainArgs { device: device.to_string(), ..args };
+    let mut args = args;
+    args.opts.device = device.to_string();
     let timeout = Duration::from_secs(args.collective_timeout.max(1));
     let world = args.gpus;
     let results = llmq_train::ranks::run_ranks(world, timeout, |threads| {
@@ -123,11 +124,12 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
     if args.memcpy_all_gather || args.memcpy_send_recv || args.all_to_all_reduce {
         return Err(Error::Config("the copy-engine collectives copy between the GPUs of one process: use --gpus N instead of one process per GPU".into()));
     }
-    if crate::device::resolve(&args.device)? != "cuda" {
+    if crate::device::resolve(&args.opts.device)? != "cuda" {
         return Err(Error::Config("one process per GPU runs on NCCL and needs CUDA; to simulate ranks on the CPU use --device cpu --gpus N".into()));
     }
     llmq_cuda::nccl_available().map_err(|why| Error::Config(format!("one process per GPU runs on NCCL: {why}")))?;
-    let args = TrainArgs { device: "cuda".into(), gpus: l.world, ..args };
+    let mut args = TrainArgs { gpus: l.world, ..args };
+    args.opts.device = "cuda".into();
     let timeout = Duration::from_secs(args.collective_timeout.max(1));
     let hello = Hello { config_hash: config_hash(&args)?, version: code_version() };
     let payload = if l.rank == 0 {
@@ -151,7 +153,7 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
 
 /// A hash of the resolved model and run configuration every rank must share.
 fn config_hash(args: &TrainArgs) -> Result<u64> {
-    let model = crate::train_cmd::resolve_model(args)?;
+    let model = args.opts.resolve_model()?;
     let tc = args.train_config(true)?;
     let text = serde_json::to_string(&(&model.cfg, &tc)).map_err(|e| Error::Op(e.to_string()))?;
     Ok(llmq_io::ckpt::xxh64(text.as_bytes()))

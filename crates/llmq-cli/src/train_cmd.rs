@@ -8,30 +8,14 @@ use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Error, ModelConfig, Result};
 use llmq_train::plan::{self, MemoryPlan};
 use llmq_train::setup::{self, DataChoice};
-use llmq_train::run::{Export, Run, RunEvent, RunOptions};
+use llmq_train::run::{Run, RunEvent, RunOptions};
 use llmq_io::hf;
 use llmq_train::log::JsonLog;
-use llmq_train::ckpt_session::CkptSession;
 use llmq_train::{flops, TrainConfig, Trainer};
 pub use llmq_train::setup::ModelChoice;
 
-/// The model, its vocabulary fitted to the token files (checked before anything is allocated).
-pub fn resolve_model(args: &TrainArgs) -> Result<ModelChoice> {
-    let mut m = setup::resolve_model(args.model.as_deref(), args.from_scratch, args.synthetic_vocab)?;
-    setup::fit_vocab_to_data(&mut m, &data_choice(args, 0, 1))?;
-    Ok(m)
-}
-
 fn data_choice(args: &TrainArgs, rank: usize, world: usize) -> DataChoice {
-    DataChoice {
-        train_file: args.train_file.clone(),
-        eval_file: args.eval_file.clone(),
-        random_data: args.random_data,
-        synthetic_vocab: args.synthetic_vocab,
-        allow_data_change: args.allow_data_change,
-        rank,
-        world,
-    }
+    DataChoice { allow_data_change: args.allow_data_change, rank, world, ..args.opts.data_choice() }
 }
 
 /// The data of rank `rank` (of `tc.world_size`); rank 0 checks every token id up front.
@@ -63,7 +47,7 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
     }
     drop(be);
     let opts = tc.backend.clone();
-    let mut make = || device::select(&args.device, &opts).map(|(b, _)| b);
+    let mut make = || device::select(&args.opts.device, &opts).map(|(b, _)| b);
     let fit = llmq_train::fit::fit_micro_batch(&mut make, cfg, tc, FIT_HEADROOM)?;
     let line = match fit.free_after {
         Some(free) => format!(
@@ -205,13 +189,13 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
             println!("{line}");
         }
     };
-    let model = resolve_model(args)?;
+    let model = args.opts.resolve_model()?;
     let cfg = model.cfg.clone();
     let ordinal = start.as_ref().map_or(0, |s| s.ordinal);
-    let (mut be, gpu, comm) = device::select_with(&args.device, ordinal, &args.backend.options()?, |cuda| start.as_ref().map(|s| s.comm(cuda)).transpose())?;
+    let (mut be, gpu, comm) = device::select_with(&args.opts.device, ordinal, &args.opts.backend.options()?, |cuda| start.as_ref().map(|s| s.comm(cuda)).transpose())?;
     let mut tc = args.train_config(gpu.is_some())?;
     tc.validate(&cfg)?;
-    let mut ckpts = args.ckpt_dir.clone().map(|root| CkptSession::new(root, args.keep_last, args.keep_major, args.drop_abandoned)).transpose()?;
+    let mut ckpts = args.opts.checkpoints(args.drop_abandoned)?;
     if lead {
         preflight::check_outputs(args)?;
     }
@@ -256,7 +240,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
     trainer.source = Some(model.source());
     if args.log_amax > 0 {
-        if args.log_file.is_none() {
+        if args.opts.log_file.is_none() {
             return Err(Error::Config("--log-amax writes into the JSON log: add --log-file".into()));
         }
         if lead {
@@ -270,7 +254,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(if args.continue_from.is_some() {
         "loading checkpoint"
-    } else if model.dir.is_some() && !args.from_scratch {
+    } else if model.dir.is_some() && !args.opts.from_scratch {
         "loading weights"
     } else {
         "initialising weights"
@@ -278,11 +262,11 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     match (&args.continue_from, &model.dir) {
         (Some(which), _) => {
             let ck = ckpts.as_mut().expect("validated: --continue needs --ckpt-dir");
-            for line in ck.resume(&mut trainer, which, args.stop_at.unwrap_or(tc.steps))? {
+            for line in ck.resume(&mut trainer, which, args.opts.stop_at.unwrap_or(tc.steps))? {
                 say(&line);
             }
         }
-        (None, Some(dir)) if !args.from_scratch => {
+        (None, Some(dir)) if !args.opts.from_scratch => {
             let groups = hf::load_weights(dir, &cfg)?;
             trainer.set_weights(&groups)?;
             say(&format!("loaded weights from {}", dir.display()));
@@ -299,7 +283,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
             println!("{line}");
         }
     }
-    if let (true, Some(path)) = (lead, &args.log_file) {
+    if let (true, Some(path)) = (lead, &args.opts.log_file) {
         let mut log = JsonLog::open(path)?;
         log.set_run(&ckpts.as_ref().map_or_else(llmq_io::ckpt::Lineage::fresh, |c| c.lineage().clone()));
         log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
@@ -308,14 +292,11 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
         log.write(&memory_record(&trainer));
         trainer.log = Some(log);
     }
-    let export = match &args.export {
-        None => None,
-        Some(dir) => Some(Export { dir: dir.clone(), dtype: export_dtype(&args.export_dtype)?, source: export_tokenizer(&trainer, dir, lead) }),
-    };
+    let export = args.opts.export(|dir| export_tokenizer(&trainer, dir, lead))?;
     let opts = RunOptions {
         checkpoints: ckpts,
-        ckpt_interval: args.ckpt_interval,
-        stop_at: args.stop_at,
+        ckpt_interval: args.opts.ckpt_interval,
+        stop_at: args.opts.stop_at,
         skip_eval: profile.is_some(),
         export,
     };
@@ -359,12 +340,6 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
         println!("done: final eval loss {ev:.4}, {:.4} nats above the entropy floor {f:.4}", ev - f);
     }
     Ok(())
-}
-
-fn export_dtype(s: &str) -> Result<llmq_core::DType> {
-    llmq_core::DType::parse(s)
-        .filter(|d| matches!(d, llmq_core::DType::F32 | llmq_core::DType::BF16))
-        .ok_or_else(|| Error::Config(format!("--export-dtype: expected bf16 or fp32, got {s:?}")))
 }
 
 /// Prints run events.
@@ -487,9 +462,9 @@ fn memory_record(tr: &Trainer) -> serde_json::Value {
 /// `llmq plan`: the memory plan and an estimated step time of `llmq train` with the same
 /// arguments, without a device and without reading weights.
 pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
-    let model = resolve_model(&args)?;
+    let model = args.opts.resolve_model()?;
     let cfg = &model.cfg;
-    let on_gpu = args.device != "cpu";
+    let on_gpu = args.opts.device != "cpu";
     let mut tc = args.train_config(on_gpu)?;
     tc.validate(cfg)?;
     let reserve = backend_reserve(on_gpu);

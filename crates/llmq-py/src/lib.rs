@@ -29,7 +29,7 @@ pub(crate) fn to_py(e: Error) -> PyErr {
     }
 }
 
-/// A Python keyword value as JSON, for `Options::from_json`.
+/// A Python keyword value as JSON, for `options::from_json`.
 fn to_json(key: &str, v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
     use serde_json::Value;
     if v.is_none() {
@@ -63,7 +63,7 @@ pub(crate) fn parse_options(model: Option<PathBuf>, from_scratch: bool, kwargs: 
             map.insert(k, v);
         }
     }
-    let mut o = Options::from_json(map).map_err(to_py)?;
+    let mut o = options::from_json(map).map_err(to_py)?;
     o.model = model.map(|p| p.to_string_lossy().into_owned());
     o.from_scratch = from_scratch;
     Ok(o)
@@ -113,8 +113,8 @@ fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, option
     let on_gpu = o.device != "cpu";
     let (p, limit) = py
         .detach(|| -> llmq_core::Result<_> {
-            let m = options::resolve_model(&o)?;
-            let tc = o.train_config(on_gpu)?;
+            let m = o.resolve_model()?;
+            let tc = options::train_config(&o, on_gpu)?;
             tc.validate(&m.cfg)?;
             Ok((MemoryPlan::new(&m.cfg, &tc, backend_reserve(on_gpu))?, tc.memory.memory_limit))
         })
@@ -149,8 +149,8 @@ fn evaluate<'py>(
     let r = trainer::detached(py, move || {
         let m = eval::resolve_model(&name)?;
         let mut data = EvalData::open(&pattern, &m.cfg, shape, &|l| l.check_all_tokens(&mut |_, _| {}))?;
-        let (mut be, on_gpu) = trainer::select_backend(&o.device, &o.backend()?)?;
-        o.train_config(on_gpu)?; // the options' checks
+        let (mut be, on_gpu) = trainer::select_backend(&o.device, &o.backend.options()?)?;
+        options::train_config(&o, on_gpu)?; // the options' checks
         let asked = o.matmul_dtype.as_deref().and_then(llmq_core::DType::parse);
         let precision = eval::precision(eval::matmul_dtype(asked, &m, on_gpu));
         eval::evaluate(be.as_mut(), m, precision, &mut data, &mut |_| {})

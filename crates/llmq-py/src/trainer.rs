@@ -32,7 +32,7 @@ pub(crate) fn detached<R>(py: Python<'_>, f: impl FnOnce() -> Result<R> + Send) 
     py.detach(move || AssertSend(f())).0.map_err(to_py)
 }
 
-/// The backend for `device` (auto, cpu, cuda or gpu: checked by `Options::from_json`), as
+/// The backend for `device` (auto, cpu, cuda or gpu: checked by `options::from_json`), as
 /// `llmq train --device` selects it.
 pub(crate) fn select_backend(device: &str, opts: &BackendOptions) -> Result<(Box<dyn Backend>, bool)> {
     if device == "cpu" {
@@ -64,9 +64,9 @@ pub struct PyTrainer {
 
 impl PyTrainer {
     pub(crate) fn build(o: Options) -> Result<PyTrainer> {
-        let m = options::resolve_model(&o)?;
-        let (mut be, on_gpu) = select_backend(&o.device, &o.backend()?)?;
-        let tc = o.train_config(on_gpu)?;
+        let m = o.resolve_model()?;
+        let (mut be, on_gpu) = select_backend(&o.device, &o.backend.options()?)?;
+        let tc = options::train_config(&o, on_gpu)?;
         tc.validate(&m.cfg)?;
         if let Some(limit) = tc.memory.memory_limit {
             be.limit_device_memory(limit as usize);
@@ -92,7 +92,7 @@ impl PyTrainer {
         }
         // no stop flag to raise: Python ends a run by not calling train_step() again (Ctrl-C
         // raises KeyboardInterrupt when the step in progress returns)
-        let run = Run::new(tr, o.run_options(m.dir.clone())?, Arc::new(AtomicBool::new(false)));
+        let run = Run::new(tr, options::run_options(&o, m.dir.clone())?, Arc::new(AtomicBool::new(false)));
         Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None, lineage })
     }
 

@@ -18,6 +18,7 @@ pub mod init;
 pub mod log;
 pub mod memory;
 pub mod model;
+pub mod options;
 pub mod params;
 pub mod plan;
 pub mod precision;
