@@ -202,16 +202,9 @@ impl TrainOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        o: TrainOptions,
-    }
-
-    fn options(args: &[&str]) -> TrainOptions {
-        Cli::parse_from(std::iter::once("llmq").chain(args.iter().copied())).o
+    fn options(flags: &[&str]) -> TrainOptions {
+        super::super::parse_flags(flags).unwrap()
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //!
 //! The clap attributes are the only defaults: `Default` parses an empty command line, and serde
 //! fills absent keys from it. Validation into a `TrainConfig` is in `config.rs`; its messages name
-//! the CLI flag (the Python option is the flag in snake case). Options only one front end has
-//! (`--config`, `--continue`, `--gpus`, the collectives; Python's arrays) stay there.
+//! the CLI flag (the Python option is the flag in snake case). A new option of the run is one
+//! field here, in the group of its help heading. Options only one front end has stay there: the
+//! CLI's `--config`, `--continue`, `--gpus` and collectives, `--fit-batch`, `--auto-memory`,
+//! `--profile`, ... (`llmq-cli/src/train_args.rs`, listed after these under the same headings);
+//! the package's token arrays and Python-only spellings (`llmq-py/src/options.rs`).
 
 mod config;
 
@@ -14,11 +17,11 @@ use clap::{Args, FromArgMatches};
 use serde::Deserialize;
 use std::path::PathBuf;
 
-/// Defaults from the clap attributes of `T`: an empty command line parsed.
-fn clap_defaults<T: Args + FromArgMatches>() -> T {
-    let matches = T::augment_args(clap::Command::new("llmq")).try_get_matches_from(["llmq"]);
-    // no argument is required, so an empty command line always parses (tested below)
-    matches.and_then(|m| T::from_arg_matches(&m)).expect("every option has a default")
+/// `T` from command-line flags (the program name left out); absent ones get the clap attributes'
+/// defaults.
+fn parse_flags<T: Args + FromArgMatches>(flags: &[&str]) -> Result<T, clap::Error> {
+    let command = T::augment_args(clap::Command::new("llmq"));
+    command.try_get_matches_from(std::iter::once("llmq").chain(flags.iter().copied())).and_then(|m| T::from_arg_matches(&m))
 }
 
 /// A size given as a byte count (Python) or as text such as "16GiB" (both).
@@ -288,13 +291,14 @@ pub struct BackendFlags {
 /// The defaults of `llmq train`.
 impl Default for TrainOptions {
     fn default() -> Self {
-        clap_defaults()
+        // no option is required, so no flags always parse (tested below)
+        parse_flags(&[]).expect("every option has a default")
     }
 }
 
 impl Default for BackendFlags {
     fn default() -> Self {
-        clap_defaults()
+        parse_flags(&[]).expect("every option has a default")
     }
 }
 
@@ -314,12 +318,9 @@ impl TrainOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        o: TrainOptions,
+    fn flags(args: &[&str]) -> TrainOptions {
+        parse_flags(args).unwrap()
     }
 
     fn json(text: &str) -> llmq_core::Result<TrainOptions> {
@@ -332,13 +333,14 @@ mod tests {
         assert_eq!((d.batch_size, d.seq_len, d.steps, d.learning_rate, d.keep_last), (16, 128, 250, 3e-3, 3));
         assert_eq!((d.backend.attention.as_str(), d.backend.matmul_tuning.as_str(), d.device.as_str()), ("auto", "embedded", "auto"));
         assert_eq!(json("{}").unwrap(), d);
-        assert_eq!(Cli::parse_from(["llmq"]).o, d);
+        assert_eq!(flags(&[]), d);
+        assert_eq!(BackendFlags::default(), d.backend);
     }
 
     #[test]
     fn json_keys_are_the_flags_in_snake_case() {
         let o = json(r#"{"batch_size": 4, "train_files": "a*.bin", "attention": "mma", "memory_limit": 1024, "learning_rate": 1}"#).unwrap();
-        let cli = Cli::parse_from(["llmq", "--batch-size", "4", "--train-file", "a*.bin", "--attention", "mma", "--learning-rate", "1"]).o;
+        let cli = flags(&["--batch-size", "4", "--train-file", "a*.bin", "--attention", "mma", "--learning-rate", "1"]);
         assert_eq!(o, TrainOptions { memory_limit: Some(Size::Bytes(1024)), ..cli });
         assert_eq!(json(r#"{"memory_limit": "16GiB"}"#).unwrap().memory_limit, Some(Size::Text("16GiB".into())));
         let e = json(r#"{"batchsize": 4}"#).unwrap_err().to_string();
