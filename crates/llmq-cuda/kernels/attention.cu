@@ -7,7 +7,8 @@
 //
 // Two implementations here (the Hopper kernels are in attention_wg.cu / attention_ws.cu):
 // * "simple" (any float dtype, Hd <= 256): one warp per query row (forward, dQ) or per key row
-//   (dK/dV); lane l holds dims l, l+32, ...; dot products by warp shuffles. Slow, obviously
+//   (dK/dV); lane l holds dims l, l+32, ...; dot products by warp shuffles; the forward is the
+//   online softmax of online_softmax.cuh, which the KV-cache decode shares. Slow, obviously
 //   correct, used as the fallback and as a cross-check of the fast paths.
 // * "mma" (bf16 qkv/out/dout/dqkv, Hd in {64, 128}, 16-byte aligned rows; the `attn3_*` kernels
 //   below, the path on compute capability 8.x): tensor cores through mma.sync.m16n8k16 (bf16 in,
@@ -24,6 +25,7 @@
 // computed on zero-filled tiles but never stored; P and dS are rounded to bf16 before their mma,
 // as in FlashAttention.
 #include "common.cuh"
+#include "online_softmax.cuh"
 
 // ------------------------------------------------------------------------------------------
 // simple implementation
@@ -37,41 +39,20 @@ LLMQ_DEV void attn_fwd_simple(void* out, int dt_out, float* lse, const void* qkv
     long long Qw = (long long)(Hq + 2 * Hkv) * Hd;
     int g = h / (Hq / Hkv);
     long long rowq = ((long long)b * T + i) * Qw;
-    float q[NPL], o[NPL];
-#pragma unroll
-    for (int k = 0; k < NPL; k++) {
-        int d = lane + 32 * k;
-        q[k] = d < Hd ? load_f(qkv, rowq + (long long)h * Hd + d, dt) : 0.f;
-        o[k] = 0.f;
-    }
+    OnlineSoftmax<NPL> st;
+    st.start(qkv, rowq + (long long)h * Hd, dt, Hd, lane);
     float scale = 1.0f / sqrtf((float)Hd);
-    float m = -INFINITY, l = 0.f;
     for (int j = 0; j <= i; j++) {
         long long rowk = ((long long)b * T + j) * Qw;
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < NPL; k++) {
-            int d = lane + 32 * k;
-            if (d < Hd) s += q[k] * load_f(qkv, rowk + (long long)(Hq + g) * Hd + d, dt);
-        }
-        s = warp_sum(s) * scale;
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn), p = expf(s - mn);
-        l = l * corr + p;
-#pragma unroll
-        for (int k = 0; k < NPL; k++) {
-            int d = lane + 32 * k;
-            if (d < Hd) o[k] = o[k] * corr + p * load_f(qkv, rowk + (long long)(Hq + Hkv + g) * Hd + d, dt);
-        }
-        m = mn;
+        st.add(qkv, rowk + (long long)(Hq + g) * Hd, qkv, rowk + (long long)(Hq + Hkv + g) * Hd, dt, Hd, scale, lane);
     }
     long long rowo = (((long long)b * T + i) * Hq + h) * Hd;
 #pragma unroll
     for (int k = 0; k < NPL; k++) {
         int d = lane + 32 * k;
-        if (d < Hd) store_f(out, rowo + d, dt_out, o[k] / l);
+        if (d < Hd) store_f(out, rowo + d, dt_out, st.o[k] / st.l);
     }
-    if (lane == 0) lse[((long long)b * Hq + h) * T + i] = m + logf(l);
+    if (lane == 0) lse[((long long)b * Hq + h) * T + i] = st.m + logf(st.l);
 }
 
 extern "C" __global__ void llmq_attn_fwd_simple4(void* out, int dt_out, float* lse, const void* qkv, int dt, int B, int T, int Hq, int Hkv, int Hd) {

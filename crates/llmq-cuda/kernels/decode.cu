@@ -4,10 +4,12 @@
 // the caches are [B, S, Hkv Hd]. `kv_append` stores the new rows' key and value heads into the
 // caches (rounded to the cache dtype); `attn_decode` then runs one block per (new row, query
 // head, sequence). Each of its DEC_WARPS warps takes cache positions w, w + DEC_WARPS, ... up to
-// the row's own position with an online softmax (lane l holds dims l, l+32, ...); warp 0 merges
-// the warps' (max, sum, output) in shared memory. Decoding is a few rows against a long cache,
-// so the cache loop is what is spread over the block. Softmax scale 1/sqrt(Hd), f32 arithmetic.
+// the row's own position with the online softmax of online_softmax.cuh (lane l holds dims l,
+// l+32, ...); warp 0 merges the warps' (max, sum, output) in shared memory. Decoding is a few rows
+// against a long cache, so the cache loop is what is spread over the block. Softmax scale
+// 1/sqrt(Hd), f32 arithmetic.
 #include "common.cuh"
+#include "online_softmax.cuh"
 
 #define DEC_WARPS 4
 
@@ -35,42 +37,21 @@ LLMQ_DEV void attn_decode(void* out, int dt_out, const void* qkv, int dt, const 
     long long kv = (long long)Hkv * Hd;
     int g = h / (Hq / Hkv);
     long long rowq = ((long long)b * T + i) * Qw + (long long)h * Hd;
-    float q[NPL], o[NPL];
-#pragma unroll
-    for (int k = 0; k < NPL; k++) {
-        int d = lane + 32 * k;
-        q[k] = d < Hd ? load_f(qkv, rowq + d, dt) : 0.f;
-        o[k] = 0.f;
-    }
+    OnlineSoftmax<NPL> st;
+    st.start(qkv, rowq, dt, Hd, lane);
     float scale = 1.0f / sqrtf((float)Hd);
-    float m = -INFINITY, l = 0.f;
     int last = pos + i;
     for (int j = w; j <= last; j += DEC_WARPS) {
         long long rk = ((long long)b * S + j) * kv + (long long)g * Hd;
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < NPL; k++) {
-            int d = lane + 32 * k;
-            if (d < Hd) s += q[k] * load_f(kc, rk + d, dt_c);
-        }
-        s = warp_sum(s) * scale;
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn), p = expf(s - mn);
-        l = l * corr + p;
-#pragma unroll
-        for (int k = 0; k < NPL; k++) {
-            int d = lane + 32 * k;
-            if (d < Hd) o[k] = o[k] * corr + p * load_f(vc, rk + d, dt_c);
-        }
-        m = mn;
+        st.add(kc, rk, vc, rk, dt_c, Hd, scale, lane);
     }
     // a warp that saw no position keeps m = -inf, l = 0, o = 0: weight exp(-inf) = 0 below
     if (lane == 0) {
-        sm_m[w] = m;
-        sm_l[w] = l;
+        sm_m[w] = st.m;
+        sm_l[w] = st.l;
     }
 #pragma unroll
-    for (int k = 0; k < NPL; k++) sm_o[w][lane + 32 * k] = o[k];
+    for (int k = 0; k < NPL; k++) sm_o[w][lane + 32 * k] = st.o[k];
     __syncthreads();
     if (w != 0) return;
     float M = -INFINITY;
