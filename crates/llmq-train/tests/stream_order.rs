@@ -28,6 +28,8 @@ fn training_orders_its_streams_under_every_option() {
         ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
         ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
+        ("fp8 offloaded persistent quants", fp8, MemoryOptions { persistent_quants: true, offload_quants: true, ..overlap }),
+        ("fp8 offloaded quants, streamed weights", fp8, MemoryOptions { persistent_quants: true, offload_quants: true, stream_weights: true, offload_gradients: true, ..plain }),
         ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
