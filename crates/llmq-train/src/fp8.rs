@@ -314,7 +314,7 @@ impl Fp8 {
             let gi = params.layout.block_group(l);
             let si = params.layout.groups[gi].entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
             let e = &params.layout.groups[gi].entries[si];
-            h.observe(be, "weight", l, k, &params.block_group_weights(l).slice(e.offset, &e.shape), &self.weight_amax[gi].slice(si, &[1]), DType::E4M3)?;
+            h.observe(be, "weight", l, k, &params.block_matrices(l).slice(e.offset, &e.shape), &self.weight_amax[gi].slice(si, &[1]), DType::E4M3)?;
             h.observe(be, "activation", l, k, x, x_amax, DType::E4M3)?;
         }
         let w = self.weight(be, params, l, k, false)?;
