@@ -84,8 +84,8 @@ impl StreamedQuants {
             let w = &params.weights.groups[gi];
             // where element 0 of `w` sits in the group
             let base = if params.weights_sharded(gi) { sh.start } else { 0 };
-            for k in 0..4 {
-                let si = g.entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
+            for (k, kind) in WEIGHTS.iter().enumerate() {
+                let si = g.entries.iter().position(|e| e.kind == *kind).expect("block matmul weight");
                 let e = &g.entries[si];
                 let amax = weight_amax[gi].slice(si, &[1]);
                 let ds = self.descale(l, k);
