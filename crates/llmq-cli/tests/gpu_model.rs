@@ -208,8 +208,8 @@ fn gpu_and_cpu_train_alike_bf16_adam_state() {
     train_alike("bf16 Adam m and v", Arch::Llama, true, Precision { opt_m: DType::BF16, opt_v: DType::BF16, ..Precision::bf16() }, 1);
 }
 
-/// Every recompute option (and persistent quants, the side-stream weight gradients, offloaded
-/// optimizer state, streamed weights and offloaded gradients)
+/// Every recompute option (and persistent quants, on the device or offloaded, the side-stream
+/// weight gradients, offloaded optimizer state, streamed weights and offloaded gradients)
 /// against the plain run of the same matmul dtype.
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
@@ -218,7 +218,9 @@ fn gpu_recompute_is_bitwise_identical() {
     let overlap = MemoryOptions { wgrad_overlap: true, ..plain };
     let offload = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain };
     let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..offload };
-    for group in [vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed)], vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed)]] {
+    let quants_offloaded = MemoryOptions { persistent_quants: true, offload_quants: true, wgrad_overlap: true, ..plain };
+    let quants_streamed = MemoryOptions { persistent_quants: true, offload_quants: true, ..streamed };
+    for group in [vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed)], vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed), (fp8, quants_offloaded), (fp8, quants_streamed)]] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)
         let mut base: Option<Vec<(u64, u64)>> = None;

@@ -78,8 +78,8 @@ fn rank_options_that_cannot_work_are_refused() {
     assert!(err.contains("--fit-batch") && err.contains("--gpus"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--zero-level", "4"]));
     assert!(err.contains("--zero-level"), "{err}");
-    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--zero-level", "3", "--persistent-quants", "--matmul-dtype", "e4m3"]));
-    assert!(err.contains("--persistent-quants") && err.contains("ZeRO-3"), "{err}");
+    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--zero-level", "3", "--offload-quants", "--matmul-dtype", "e4m3"]));
+    assert!(err.contains("--offload-quants") && err.contains("--persistent-quants"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--all-to-all-reduce"]));
     assert!(err.contains("--all-to-all-reduce") && err.contains("not built"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--memcpy-all-gather"]));

@@ -25,7 +25,9 @@
 //! Both give the same bytes, so the recompute options still cannot change the numbers.
 //!
 //! With persistent quants the quantised weights (and transposes) are kept and refreshed once per
-//! optimizer step; without, they are re-quantised at each use. Both give the same bytes.
+//! optimizer step; without, they are re-quantised at each use. Both give the same bytes. Kept
+//! quants live on the device, or (`--offload-quants`, and under ZeRO-3 weight sharding) away from
+//! it and pass through two device slots per block (`crate::fp8_stream`).
 //!
 //! With `wgrad_overlap`, a weight gradient whose input transpose is kept runs on the side stream
 //! (`side::SideWgrads`). It then still reads the quantised dyᵀ after the next matmul's backward
@@ -33,6 +35,7 @@
 //! one for the others, which alternate with them.
 
 use crate::acts::BackwardScratch;
+use crate::fp8_stream::StreamedQuants;
 use crate::params::Params;
 use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
@@ -78,8 +81,10 @@ pub struct Fp8 {
     descales: Tensor,
     /// Scratch for on-the-fly weight quantisation (no persistent quants).
     scratch_w: QuantWeight,
-    /// Per layer, per matmul (persistent quants).
+    /// Per layer, per matmul (persistent quants on the device).
     persistent: Option<Vec<[QuantWeight; 4]>>,
+    /// Persistent quants in pinned host memory or sharded over ranks, streamed per block.
+    streamed: Option<StreamedQuants>,
     /// Per activation (`Act`), where it is kept for the backward pass: per layer, its fp8
     /// transpose [in, N] from the forward pass.
     act_t: [Option<Vec<Tensor>>; 4],
@@ -113,7 +118,6 @@ impl Fp8 {
     /// `keep[a]`: the forward pass keeps activation `a`'s (`Act`) fp8 transpose per layer for the
     /// weight gradient (otherwise the backward pass quantises the bf16 input). `bwd`: where the
     /// gradient scratch goes (only the backward pass uses it).
-    #[allow(clippy::too_many_arguments)]
     #[allow(clippy::too_many_arguments)]
     pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, params: &Params, n: usize, precision: &Precision, mem: &MemoryOptions, keep: [bool; 4], bwd: &mut BackwardScratch) -> Result<Fp8> {
         let (grad_dtype, persistent) = (precision.act_grads, mem.persistent_quants);
@@ -158,7 +162,10 @@ impl Fp8 {
             })
         };
         let scratch_w = quant(be, tmp, biggest_w)?;
-        let persistent = if persistent {
+        // ZeRO-3 cannot keep whole blocks on every rank: there each rank keeps its shard
+        let stream = persistent && (mem.offload_quants || (0..cfg.num_layers).any(|l| params.weights_sharded(params.layout.block_group(l))));
+        let streamed = if stream { Some(StreamedQuants::alloc(be, params, mem.offload_quants)?) } else { None };
+        let persistent = if persistent && !stream {
             let mut layers = vec![];
             for l in 0..cfg.num_layers {
                 let blk = params.weights.block(&params.layout, l);
@@ -182,7 +189,7 @@ impl Fp8 {
             }
         }
         let act_descale = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers * 4 * 4])?;
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, act_t, act_descale, health: None })
+        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, streamed, act_t, act_descale, health: None })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -219,6 +226,9 @@ impl Fp8 {
 
     /// Re-quantises the persistent fp8 weights (once per optimizer step).
     pub fn refresh(&self, be: &dyn Backend, params: &Params) -> Result<()> {
+        if let Some(s) = &self.streamed {
+            return s.refresh(be, params, &self.weight_amax);
+        }
         if let Some(layers) = &self.persistent {
             for (l, ws) in layers.iter().enumerate() {
                 for (k, qw) in ws.iter().enumerate() {
@@ -256,6 +266,10 @@ impl Fp8 {
     /// The fp8 form of block l's matmul k (0..4, see `WEIGHTS`); without persistent quants only
     /// the form the caller uses is quantised (`transposed` for the backward, plain otherwise).
     fn weight(&self, be: &dyn Backend, params: &Params, l: usize, k: usize, transposed: bool) -> Result<QuantWeight> {
+        if let Some(s) = &self.streamed {
+            let (q, qt, descale) = s.weight(params, l, k, transposed)?;
+            return Ok(QuantWeight { q, qt, descale });
+        }
         match &self.persistent {
             Some(layers) => {
                 let qw = layers[l][k];
@@ -265,6 +279,20 @@ impl Fp8 {
             }
             None => self.quantize_weight(be, params, l, k, &self.scratch_w, !transposed, transposed),
         }
+    }
+
+    /// Streamed quants: makes block l's fp8 weights usable on the compute stream (with their
+    /// transposes for the backward pass, `backward`). No-op otherwise.
+    pub fn acquire(&self, be: &dyn Backend, params: &Params, l: usize, backward: bool) -> Result<()> {
+        self.streamed.as_ref().map_or(Ok(()), |s| s.acquire(be, params, l, backward))
+    }
+    /// Streamed quants: starts bringing block l's fp8 weights (no-op past the last block).
+    pub fn prefetch(&self, be: &dyn Backend, params: &Params, l: usize) -> Result<()> {
+        self.streamed.as_ref().map_or(Ok(()), |s| s.prefetch(be, params, l))
+    }
+    /// Streamed quants: done with block l's fp8 weights for this pass.
+    pub fn release(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        self.streamed.as_ref().map_or(Ok(()), |s| s.release(be, l))
     }
 
     fn descale(&self, slot: usize) -> Tensor {
@@ -286,7 +314,7 @@ impl Fp8 {
             let gi = params.layout.block_group(l);
             let si = params.layout.groups[gi].entries.iter().position(|e| e.kind == WEIGHTS[k]).expect("block matmul weight");
             let e = &params.layout.groups[gi].entries[si];
-            h.observe(be, "weight", l, k, &params.block_group_weights(l).slice(e.offset, &e.shape), &self.weight_amax[gi].slice(si, &[1]), DType::E4M3)?;
+            h.observe(be, "weight", l, k, &params.block_matrices(l).slice(e.offset, &e.shape), &self.weight_amax[gi].slice(si, &[1]), DType::E4M3)?;
             h.observe(be, "activation", l, k, x, x_amax, DType::E4M3)?;
         }
         let w = self.weight(be, params, l, k, false)?;

@@ -12,6 +12,7 @@ pub mod ckpt_session;
 pub mod fit;
 pub mod flops;
 pub mod fp8;
+pub mod fp8_stream;
 pub mod fp8_health;
 pub mod generate;
 pub mod init;

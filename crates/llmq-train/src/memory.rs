@@ -14,6 +14,9 @@ pub struct MemoryOptions {
     /// fp8: keep the fp8 weights (and transposes) between micro-batches, re-quantised once per
     /// optimizer step.
     pub persistent_quants: bool,
+    /// fp8, with `persistent_quants`: the kept fp8 block weights live in pinned host memory and
+    /// pass through two device slots per block (`crate::fp8_stream`).
+    pub offload_quants: bool,
     /// fp8: run the weight-gradient matmuls whose inputs are kept on a second stream, beside the
     /// input-gradient chain (the same ops on the same bytes).
     pub wgrad_overlap: bool,
@@ -44,6 +47,9 @@ impl MemoryOptions {
         if self.persistent_quants && !precision.matmul.is_fp8() {
             return Err(Error::Config("--persistent-quants only applies with --matmul-dtype e4m3".into()));
         }
+        if self.offload_quants && !self.persistent_quants {
+            return Err(Error::Config("--offload-quants moves the kept fp8 weights to the host: it needs --persistent-quants (and --matmul-dtype e4m3)".into()));
+        }
         if self.wgrad_overlap && !precision.matmul.is_fp8() {
             return Err(Error::Config("the side-stream weight gradients (wgrad_overlap) only apply with --matmul-dtype e4m3".into()));
         }
@@ -59,9 +65,6 @@ impl MemoryOptions {
         if self.offload_gradients && self.wgrad_overlap {
             return Err(Error::Config("--offload-gradients writes each block's gradient back when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
         }
-        if self.shard_weights && self.persistent_quants {
-            return Err(Error::Config("--persistent-quants keeps every block's fp8 weights on each rank, which ZeRO-3 weight sharding (--zero-level 3) cannot feed: leave one of them out".into()));
-        }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
@@ -71,7 +74,7 @@ impl MemoryOptions {
     /// One line for the printed configuration, e.g. "recompute block | offload m, v | limit 16 GiB".
     pub fn describe(&self) -> String {
         let mut parts = vec![format!("recompute {}", self.recompute.describe())];
-        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v"), (self.offload_gradients, "gradients"), (self.offload_residual, "residuals")]
+        let off: Vec<&str> = [(self.offload_master, "master"), (self.offload_opt_m, "adam m"), (self.offload_opt_v, "adam v"), (self.offload_gradients, "gradients"), (self.offload_residual, "residuals"), (self.offload_quants, "fp8 weights")]
             .iter()
             .filter(|(on, _)| *on)
             .map(|(_, n)| *n)

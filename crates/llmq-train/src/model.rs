@@ -143,6 +143,25 @@ impl Model {
         }
     }
 
+    /// Block l's weights for a pass (bf16, and streamed fp8 quants, with their transposes in
+    /// the `backward` pass). Pair with `release(l)`.
+    fn block(&self, be: &dyn Backend, l: usize, backward: bool) -> Result<BlockTensors> {
+        let w = self.params.block(be, l)?;
+        if let Some(f) = &self.fp8 {
+            f.acquire(be, &self.params, l, backward)?;
+        }
+        Ok(w)
+    }
+    /// Starts bringing block l's weights (streamed or gathered; no-op otherwise).
+    fn prefetch(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        self.params.prefetch(be, l)?;
+        self.fp8.as_ref().map_or(Ok(()), |f| f.prefetch(be, &self.params, l))
+    }
+    fn release(&self, be: &dyn Backend, l: usize) -> Result<()> {
+        self.params.release(be, l)?;
+        self.fp8.as_ref().map_or(Ok(()), |f| f.release(be, l))
+    }
+
     pub fn cfg(&self) -> &ModelConfig {
         &self.params.cfg
     }
@@ -196,8 +215,8 @@ impl Model {
         let w0 = self.params.block(be, 0)?;
         be.rmsnorm_fwd(&a.ln1.at(0), &a.rstd1[0], &a.res.att(0), &w0.ln1, self.eps, self.amax(0, Act::Ln1).as_ref())?;
         for l in 0..l_count {
-            let w = self.params.block(be, l)?;
-            self.params.prefetch(be, l + 1)?;
+            let w = self.block(be, l, false)?;
+            self.prefetch(be, l + 1)?;
             self.attention_stages(be, l, &w, true)?;
             self.mm(be, l, OUT, &a.proj, &a.att.at(l), Act::Att, &w.o_w, None)?;
             let res_ffn = a.res.write_ffn(be, l)?;
@@ -214,7 +233,7 @@ impl Model {
                 be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.final_ln, &a.final_rstd, &res_ffn, &a.proj, &head.final_norm, self.eps, None)?;
             }
             a.res.stored(be, l)?;
-            self.params.release(be, l)?;
+            self.release(be, l)?;
         }
         self.lm_head(be, dloss)
     }
@@ -302,16 +321,16 @@ impl Model {
         // final norm: d_res = d(final residual)
         be.rmsnorm_bwd(&a.d_res, &ghead.final_norm, &a.d_ln, &a.res.att(l_count), &head.final_norm, &a.final_rstd, None, self.gamax().as_ref())?;
         for l in (0..l_count).rev() {
-            let w = self.params.block(be, l)?;
+            let w = self.block(be, l, true)?;
             let g = self.params.grad_block(be, l)?;
             a.res.acquire(be, l)?;
             if l > 0 {
-                self.params.prefetch(be, l - 1)?;
+                self.prefetch(be, l - 1)?;
                 self.params.prefetch_grad(be, l - 1)?;
                 a.res.prefetch(be, l - 1)?;
             }
             self.block_backward(be, l, &w, &g)?;
-            self.params.release(be, l)?;
+            self.release(be, l)?;
             self.params.release_grad(be, l)?;
             a.res.release(be, l)?;
         }

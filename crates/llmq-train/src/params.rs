@@ -116,6 +116,9 @@ pub struct Params {
     pub v: GroupBuffers,
     /// Weight streaming: the device slots the host-resident block weights pass through.
     weight_slots: Option<Slots>,
+    /// Weight streaming with persistent fp8 weights: the matmuls read the kept quants, so the
+    /// slots receive only the norms and biases of a block (its bf16 matrices stay on the host).
+    slots_skip_matrices: bool,
     /// Gradient offloading: the device slots block gradients accumulate in.
     grad_slots: Option<Slots>,
     /// No micro-batch of the current step has run its backward yet.
@@ -169,6 +172,7 @@ impl Params {
         let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, precision.opt_m, |gi| (shard(gi).size, place(mem.offload_opt_m)))?;
         let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, precision.opt_v, |gi| (shard(gi).size, place(mem.offload_opt_v)))?;
         let block_numel = (0..cfg.num_layers).map(|l| shard(layout.block_group(l)).padded).max().unwrap_or(0);
+        let slots_skip_matrices = mem.stream_weights && mem.persistent_quants && precision.matmul.is_fp8() && !shard_w;
         let weight_slots = if mem.stream_weights && !shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
         let grad_slots = if mem.offload_gradients && !shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
         let gathered = if shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
@@ -183,6 +187,7 @@ impl Params {
             m,
             v,
             weight_slots,
+            slots_skip_matrices,
             grad_slots,
             first_micro: Cell::new(true),
             dist,
@@ -270,7 +275,10 @@ impl Params {
             return Ok(BlockTensors::of(&full, &self.layout.groups[gi]));
         }
         Ok(match &self.weight_slots {
-            Some(s) => BlockTensors::of(&s.acquire(be, l, &self.weights.groups[gi])?, &self.layout.groups[gi]),
+            Some(s) => {
+                self.fetch_streamed(be, s, l)?;
+                BlockTensors::of(&s.ready_for_compute(be, l, self.weights.groups[gi].numel())?, &self.layout.groups[gi])
+            }
             None => self.weights.block(&self.layout, l),
         })
     }
@@ -281,9 +289,24 @@ impl Params {
             return self.gather_block(be, g, l);
         }
         match &self.weight_slots {
-            Some(s) if l < self.cfg.num_layers => s.fetch(be, l, &self.weights.groups[self.layout.block_group(l)]),
+            Some(s) if l < self.cfg.num_layers => self.fetch_streamed(be, s, l),
             _ => Ok(()),
         }
+    }
+    /// Weight streaming: starts copying block l's weights to its slot (only the norms and biases
+    /// where the matmuls read kept fp8 weights).
+    fn fetch_streamed(&self, be: &dyn Backend, s: &Slots, l: usize) -> Result<()> {
+        let gi = self.layout.block_group(l);
+        let host = &self.weights.groups[gi];
+        if !self.slots_skip_matrices {
+            return s.fetch(be, l, host);
+        }
+        s.fetch_with(be, l, host.numel(), |dst| {
+            for e in self.layout.groups[gi].entries.iter().filter(|e| !crate::fp8::WEIGHTS.contains(&e.kind)) {
+                be.copy(&dst.slice(e.offset, &[e.numel()]), &host.slice(e.offset, &[e.numel()]), Stream::Copy)?;
+            }
+            Ok(())
+        })
     }
     /// ZeRO-3: starts gathering block l's weights from every rank's shard into its slot on the
     /// copy stream (unless the slot holds them).
@@ -315,6 +338,14 @@ impl Params {
             Some(s) => s.view(l, host.numel()),
             None => *host,
         }
+    }
+    /// Block l's bf16 matrices where a kernel can read them during a pass: in its device slot,
+    /// except where the slots skip them (then on the host).
+    pub fn block_matrices(&self, l: usize) -> Tensor {
+        if self.slots_skip_matrices {
+            return self.weights.groups[self.layout.block_group(l)];
+        }
+        self.block_group_weights(l)
     }
     /// The host copies (or shards) of the weights changed (optimizer step, load): slots must be
     /// refilled.

@@ -115,6 +115,9 @@ fn candidates(tc: &TrainConfig) -> Vec<(String, TrainConfig)> {
     if tc.precision.master != tc.precision.weights {
         add("--offload-master --offload-opt-m --offload-opt-v", MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..m });
     }
+    if tc.precision.matmul.is_fp8() {
+        add("--persistent-quants --offload-quants", MemoryOptions { persistent_quants: true, offload_quants: true, ..m });
+    }
     add("--recompute-ffn --recompute-att", MemoryOptions { recompute: Recompute { ffn: true, att: true, ..m.recompute }, ..m });
     add("--recompute-block", MemoryOptions { recompute: Recompute { block: true, ..m.recompute }, ..m });
     add(
@@ -187,8 +190,8 @@ impl DeviceSpeeds {
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
 /// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
 /// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
-/// state over the host link, not overlapped), and streamed weights and offloaded gradients over
-/// the link (overlapped with each micro-batch's compute).
+/// state over the host link, not overlapped), and streamed weights, offloaded fp8 weights and
+/// offloaded gradients over the link (overlapped with each micro-batch's compute).
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
     let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
@@ -213,14 +216,22 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV));
     let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + host_state / dev.link_bw;
     // streamed weights cross the link twice per micro-batch (forward; recompute and backward),
-    // offloaded gradients once each way; the copy engines overlap them with the compute
-    let (w, g) = (host(MemCategory::Weights), host(MemCategory::Gradients));
+    // offloaded gradients once each way; the copy engines overlap them with the compute. With
+    // persistent fp8 weights the matmuls read those, so streamed bf16 weights move only their
+    // norms and biases (negligible) and offloaded fp8 weights, one byte per parameter, cross
+    // twice: half the bytes of streamed bf16 weights
+    let fp8_kept = pr.matmul.is_fp8() && tc.memory.persistent_quants;
+    let w = if fp8_kept { 0.0 } else { host(MemCategory::Weights) };
+    let (q, g) = (host(MemCategory::Quants), host(MemCategory::Gradients));
     let acc = tc.grad_accumulation as f64;
-    let transfer = ((2.0 * w + g) / dev.link_bw).max(g / dev.link_bw);
+    let transfer = ((2.0 * (w + q) + g) / dev.link_bw).max(g / dev.link_bw);
     let compute = (mm + memory_bound) / acc;
     // per micro-batch: the gradients' read-modify-write, the weights' fp8 quantisation (once
-    // per step with persistent quants) and ~40 launches per layer at ~4 us each
-    let per_micro = p * (2.0 * state(pr.grads) + if pr.matmul.is_fp8() && !tc.memory.persistent_quants { 3.0 } else { 0.0 }) / dev.mem_bw + 40.0 * l * 4e-6;
+    // per step with persistent quants; streamed ones are transposed on the device in each
+    // backward pass, a read and a write of a byte) and ~40 launches per layer at ~4 us each
+    let streamed_quants = fp8_kept && (tc.memory.offload_quants || (tc.memory.shard_weights && tc.world_size > 1));
+    let quant = if pr.matmul.is_fp8() && !fp8_kept { 3.0 } else if streamed_quants { 2.0 } else { 0.0 };
+    let per_micro = p * (2.0 * state(pr.grads) + quant) / dev.mem_bw + 40.0 * l * 4e-6;
     acc * (compute.max(transfer) + per_micro) + optimizer
 }
 
@@ -239,6 +250,7 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
         (r.norm, "--recompute-norm"),
         (r.fp8_inputs, "--recompute-fp8-inputs"),
         (m.persistent_quants, "--persistent-quants"),
+        (m.offload_quants, "--offload-quants"),
         (m.offload_master, "--offload-master"),
         (m.offload_opt_m, "--offload-opt-m"),
         (m.offload_opt_v, "--offload-opt-v"),
@@ -254,7 +266,7 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
 }
 
 /// `--auto-memory`: among micro-batches (keeping the tokens per step), recomputation, persistent
-/// fp8 weights and offloading, the configuration that fits `limit` on the device (and
+/// fp8 weights (on the device or offloaded) and offloading, the configuration that fits `limit` on the device (and
 /// `host_limit` of pinned host memory) with the best estimated step time; its plan and estimate.
 /// Where nothing fits, an error saying by how much the smallest plan is over.
 pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, host_limit: Option<u64>, dev: DeviceSpeeds) -> Result<(TrainConfig, MemoryPlan, f64)> {
@@ -274,9 +286,11 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     for &b in &micro {
         for recompute in recomputes {
             for &(master, m, v) in offloads {
-                for (pq, (sw, og, res)) in (if fp8 { vec![true, false] } else { vec![false] }).into_iter().flat_map(|pq| streams.map(|s| (pq, s))) {
+                // (persistent quants, offloaded)
+                let quants: &[(bool, bool)] = if fp8 { &[(true, false), (true, true), (false, false)] } else { &[(false, false)] };
+                for ((pq, oq), (sw, og, res)) in quants.iter().flat_map(|&q| streams.map(|s| (q, s))) {
                     let wgrad_overlap = tc.memory.wgrad_overlap && !og;
-                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, ..tc.memory };
+                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_quants: oq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, ..tc.memory };
                     let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
                     let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
                     smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
@@ -306,7 +320,7 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
         }
         let s = smallest.unwrap_or(0);
         llmq_core::Error::OutOfMemory(format!(
-            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, gradients and optimizer state offloaded) needs {}, {} more",
+            "--auto-memory: nothing fits {}: the smallest plan tried (micro-batch 1, block recompute, weights streamed, fp8 weights, gradients and optimizer state offloaded) needs {}, {} more",
             fmt_bytes(limit as usize),
             fmt_bytes(s),
             fmt_bytes(s.saturating_sub(limit as usize))
@@ -351,7 +365,8 @@ mod tests {
                 for off in [false, true] {
                     let mut t = tc(2, 32);
                     t.precision = precision;
-                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, persistent_quants: precision.matmul.is_fp8(), ..Default::default() };
+                    let fp8 = precision.matmul.is_fp8();
+                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, persistent_quants: fp8, offload_quants: off && fp8, ..Default::default() };
                     let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
                     let mut be = CpuBackend::new();
                     Model::new(&mut be, &cfg, t.precision, RunShape { b: 2, t: 32 }, &t.memory).unwrap();
@@ -395,6 +410,40 @@ mod tests {
         assert!(flags.contains(&format!("--batch-size {}", chosen.batch_size)), "{flags}");
         let e = auto_memory(&cfg, &t, 0, 1 << 20, None, dev).unwrap_err().to_string();
         assert!(e.contains("nothing fits") && e.contains("more"), "{e}");
+    }
+
+    /// `--offload-quants` moves the kept fp8 weights (one byte per block parameter) to the host,
+    /// leaving two block slots on the device; streamed, they cross the link in half the bytes of
+    /// streamed bf16 weights, which the estimate shows where the link is the bottleneck.
+    #[test]
+    fn offloaded_fp8_weights_live_on_the_host_and_halve_the_transfers() {
+        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
+        let layout = llmq_core::ParamLayout::new(&cfg);
+        let mut t = tc(4, 1024);
+        t.precision = crate::Precision::fp8();
+        let with = |mem: MemoryOptions| {
+            let t = TrainConfig { memory: mem, ..t.clone() };
+            let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
+            (t, plan)
+        };
+        let quants = |p: &MemoryPlan, m: Mem| p.by_category().iter().filter(|(c, mm, _)| *c == MemCategory::Quants && *mm == m).map(|x| x.2).sum::<usize>();
+        let pq = MemoryOptions { persistent_quants: true, ..Default::default() };
+        let (_, resident) = with(pq);
+        let (_, offloaded) = with(MemoryOptions { offload_quants: true, ..pq });
+        let blocks: usize = (0..cfg.num_layers).map(|l| layout.groups[layout.block_group(l)].numel).sum();
+        let matrices: usize = crate::fp8::WEIGHTS.iter().map(|k| layout.block(0).entry(*k).unwrap().numel()).sum();
+        assert_eq!(quants(&offloaded, Mem::Host), blocks);
+        assert_eq!(quants(&resident, Mem::Host), 0);
+        // resident: both forms of every block; offloaded: two slots of a block's plain form
+        // (laid out like its group) and transposes, and the descales
+        assert!(quants(&resident, Mem::Device) >= 2 * matrices * cfg.num_layers);
+        assert!(quants(&offloaded, Mem::Device) <= 2 * (layout.groups[1].numel + matrices) + 4096);
+        let slow_link = DeviceSpeeds { link_bw: 1e6, ..DeviceSpeeds::h200(true) };
+        let (streamed, sp) = with(MemoryOptions { stream_weights: true, ..Default::default() });
+        let (both, bp) = with(MemoryOptions { stream_weights: true, offload_quants: true, ..pq });
+        let ratio = estimate_step_seconds(&cfg, &both, &bp, slow_link) / estimate_step_seconds(&cfg, &streamed, &sp, slow_link);
+        assert!((0.45..0.55).contains(&ratio), "offloaded fp8 / streamed bf16 weights: {ratio}");
+        assert!(memory_flags(&both).contains("--persistent-quants --offload-quants"), "{}", memory_flags(&both));
     }
 
     #[test]

@@ -52,6 +52,23 @@ impl Slots {
         self.slots[Self::slot(l)].slice(0, &[numel])
     }
 
+    /// `dims` elements of block l's slot from element `offset` (a part of what it holds).
+    pub fn view_at(&self, l: usize, offset: usize, dims: &[usize]) -> Tensor {
+        self.slots[Self::slot(l)].slice(offset, dims)
+    }
+
+    /// Whether block l's slot holds (or is being filled with) block l.
+    pub fn holds(&self, l: usize) -> bool {
+        self.owner.get()[Self::slot(l)] == Some(l)
+    }
+
+    /// Makes the compute stream wait for every fill issued so far (before what they read is
+    /// rewritten).
+    pub fn fills_done(&self, be: &dyn Backend) -> Result<()> {
+        be.wait(Stream::Compute, self.ready[0])?;
+        be.wait(Stream::Compute, self.ready[1])
+    }
+
     /// Starts copying `host` (block l's weights) into its slot on the copy stream, unless the
     /// slot holds block l already.
     pub fn fetch(&self, be: &dyn Backend, l: usize, host: &Tensor) -> Result<()> {

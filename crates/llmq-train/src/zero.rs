@@ -15,7 +15,8 @@
 //! - ZeRO-3 (`shard_weights`): block weights hold only the rank's shard (on the device, or on
 //!   the host with weight streaming) and are all-gathered into two device slots on the copy
 //!   stream, block l + 1 while block l computes (`crate::stream::Slots`); the embedding and head
-//!   stay whole.
+//!   stay whole. With persistent fp8 weights each rank quantises its shard with the global
+//!   abs-maxes and the blocks' e4m3 bytes are gathered the same way (`crate::fp8_stream`).
 //!
 //! The numbers do not depend on the level: every level reduces the same per-rank sums (each
 //! rank's micro-batches accumulated in order, then ranks added in rank order, see

@@ -28,6 +28,8 @@ fn training_orders_its_streams_under_every_option() {
         ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
         ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
+        ("fp8 offloaded persistent quants", fp8, MemoryOptions { persistent_quants: true, offload_quants: true, ..overlap }),
+        ("fp8 offloaded quants, streamed weights", fp8, MemoryOptions { persistent_quants: true, offload_quants: true, stream_weights: true, offload_gradients: true, ..plain }),
         ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
@@ -57,7 +59,8 @@ fn training_orders_its_streams_under_every_option() {
 /// copy stream, then two forward+backward passes on one uploaded batch, then the gradient norm.
 /// This is where the LM head's first gradient write must wait for the zeroing, and where the
 /// next forward pass (its logits buffer holds the backward's temporaries) must wait for the side
-/// stream's weight gradients (`SideWgrads::join`).
+/// stream's weight gradients (`SideWgrads::join`), and where the copy stream's next fill of
+/// offloaded fp8 weights must wait for their re-quantisation on the compute stream.
 #[test]
 fn micro_steps_without_host_syncs_order_their_streams() {
     let cfg = {
@@ -67,7 +70,8 @@ fn micro_steps_without_host_syncs_order_their_streams() {
     };
     let (b, t) = (2, 16);
     let overlap = MemoryOptions { wgrad_overlap: true, ..Default::default() };
-    for (precision, mem) in [(Precision::bf16(), MemoryOptions::default()), (Precision::fp8(), overlap)] {
+    let offloaded = MemoryOptions { persistent_quants: true, offload_quants: true, ..overlap };
+    for (precision, mem) in [(Precision::bf16(), MemoryOptions::default()), (Precision::fp8(), overlap), (Precision::fp8(), offloaded)] {
         let mut be = StreamChecked::new(Box::new(CpuBackend::new()));
         let model = llmq_train::Model::new(&mut be, &cfg, precision, llmq_train::RunShape { b, t }, &mem).unwrap();
         model.params.init_from_scratch(&be, 7).unwrap();
@@ -82,7 +86,10 @@ fn micro_steps_without_host_syncs_order_their_streams() {
                 model.forward(&be, Some(1.0 / (b * t) as f32))?;
                 model.backward(&be)?;
             }
-            model.grad_norm_squares(&be).map(|_| ())
+            model.grad_norm_squares(&be)?;
+            // re-quantised kept fp8 weights (after an update) before the next pass reads them
+            model.weights_updated(&be)?;
+            model.forward(&be, None)
         };
         run().unwrap_or_else(|e| panic!("{:?}: {e}", precision.matmul));
         assert!(be.ops_checked() > before + 50, "the passes ran through the checker");

@@ -132,6 +132,11 @@ fn zero_levels_give_identical_numbers() {
             assert_eq!(zero1, zero2, "{name}, {world} ranks x {accum}: ZeRO-2 differs from ZeRO-1");
             let zero3 = train(&cfg, &with_memory(&tc, |m| { m.shard_gradients = true; m.shard_weights = true }), world, 3);
             assert_eq!(zero1, zero3, "{name}, {world} ranks x {accum}: ZeRO-3 differs from ZeRO-1");
+            if precision.matmul.is_fp8() {
+                // each rank quantises its shard with the global abs-maxes; e4m3 bytes are gathered
+                let quants = train(&cfg, &with_memory(&tc, |m| { m.shard_weights = true; m.persistent_quants = true }), world, 3);
+                assert_eq!(zero1, quants, "{name}, {world} ranks x {accum}: ZeRO-3 with persistent quants differs from ZeRO-1");
+            }
         }
     }
 }
@@ -165,6 +170,25 @@ fn zero_works_with_every_memory_option() {
                     m.offload_gradients = true;
                 })),
             ];
+            let mut variants = variants;
+            if precision.matmul.is_fp8() {
+                // fp8 weights quantised per shard and gathered as e4m3 bytes
+                variants.push(("ZeRO-3 + persistent quants", with_memory(&tc, |m| {
+                    m.shard_weights = true;
+                    m.persistent_quants = true;
+                })));
+                variants.push(("ZeRO-3 + persistent quants offloaded, streamed weight shards", with_memory(&tc, |m| {
+                    m.shard_weights = true;
+                    m.stream_weights = true;
+                    m.persistent_quants = true;
+                    m.offload_quants = true;
+                    m.recompute.block = true;
+                })));
+                variants.push(("ZeRO-1 + persistent quants offloaded", with_memory(&tc, |m| {
+                    m.persistent_quants = true;
+                    m.offload_quants = true;
+                })));
+            }
             for (what, t) in variants {
                 assert_eq!(train(&cfg, &t, 2, 2), plain, "{name} x {accum}: {what}");
             }

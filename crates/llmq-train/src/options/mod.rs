@@ -148,6 +148,12 @@ pub struct TrainOptions {
     /// memory, faster; same numbers).
     #[arg(long, help_heading = "Memory")]
     pub persistent_quants: bool,
+    /// With --persistent-quants: keep the fp8 block weights in pinned host memory (one byte per
+    /// parameter, re-quantised there once per optimizer step) and bring each block's to one of
+    /// two device slots for its forward, recompute and backward, prefetching the next block
+    /// (the transposes are made on the device; same numbers).
+    #[arg(long, help_heading = "Memory")]
+    pub offload_quants: bool,
     /// fp8: run every weight-gradient matmul on the main stream, not on a second stream beside
     /// the input-gradient chain (the default for e4m3: same numbers, +1.4% at 1.5B on an H200).
     #[arg(long, help_heading = "Memory")]
