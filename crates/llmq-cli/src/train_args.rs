@@ -173,8 +173,9 @@ pub struct TrainArgs {
     /// pass (copied back as each block's forward is issued, prefetched a block ahead).
     #[arg(long, help_heading = "Memory")]
     pub offload_residual: bool,
-    /// Keep the fp32 master weights in pinned host memory; the optimizer reads and writes them
-    /// there (needs --model-dtype fp32 with bf16 or e4m3 matmuls).
+    /// Keep the fp32 master weights in pinned host memory; the optimizer brings each block's to
+    /// the device and back (or updates them in place with --zero-copy) (needs --model-dtype fp32
+    /// with bf16 or e4m3 matmuls).
     #[arg(long, help_heading = "Memory")]
     pub offload_master: bool,
     /// Keep Adam's first moment in pinned host memory.
@@ -201,6 +202,13 @@ pub struct TrainArgs {
     /// backward is issued. Runs the fp8 weight gradients on the main stream.
     #[arg(long, help_heading = "Memory")]
     pub offload_gradients: bool,
+
+    /// The optimizer reads and writes host-resident state (offloaded master weights and Adam
+    /// moments, streamed weights, offloaded gradients) in place over mapped host memory instead
+    /// of staging each block's through two device slots per tensor: less device memory, every
+    /// byte over the host link inside the update. Same numbers.
+    #[arg(long, help_heading = "Memory")]
+    pub zero_copy: bool,
 
     // ---- evaluation and logging ----
     /// Evaluate every N steps (0: only at the end).
@@ -330,6 +338,7 @@ impl TrainArgs {
             shard_weights: self.gpus > 1 && (self.shard_weights || self.zero_level >= 3),
             shard_gradients,
             offload_residual: self.offload_residual,
+            zero_copy: self.zero_copy,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })
     }

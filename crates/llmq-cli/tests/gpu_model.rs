@@ -150,7 +150,8 @@ fn gpu_and_cpu_train_alike_for_20_steps_fp8() {
 }
 
 /// Every recompute option (and persistent quants, the side-stream weight gradients, offloaded
-/// optimizer state, streamed weights and offloaded gradients)
+/// optimizer state staged or updated in place (zero-copy), streamed weights and offloaded
+/// gradients)
 /// against the plain run of the same matmul dtype.
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
@@ -159,7 +160,11 @@ fn gpu_recompute_is_bitwise_identical() {
     let overlap = MemoryOptions { wgrad_overlap: true, ..plain };
     let offload = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain };
     let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..offload };
-    for group in [vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed)], vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed)]] {
+    let zero_copy = MemoryOptions { zero_copy: true, ..streamed };
+    for group in [
+        vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed), (Precision::bf16(), zero_copy)],
+        vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed), (fp8, zero_copy)],
+    ] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)
         let mut base: Option<Vec<(u64, u64)>> = None;

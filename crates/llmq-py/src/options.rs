@@ -71,6 +71,7 @@ pub struct Options {
     pub shard_weights: bool,
     pub offload_gradients: bool,
     pub offload_residual: bool,
+    pub zero_copy: bool,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub log_file: Option<PathBuf>,
@@ -141,6 +142,7 @@ impl Default for Options {
             shard_weights: false,
             offload_gradients: false,
             offload_residual: false,
+            zero_copy: false,
             eval_every: 50,
             eval_batches: 4,
             log_file: None,
@@ -212,6 +214,7 @@ impl Options {
             stream_weights: self.shard_weights,
             offload_gradients: self.offload_gradients,
             offload_residual: self.offload_residual,
+            zero_copy: self.zero_copy,
             memory_limit,
             // one rank: nothing to shard across
             shard_gradients: false,

@@ -18,6 +18,7 @@ pub mod init;
 pub mod log;
 pub mod memory;
 pub mod model;
+pub mod opt_stage;
 pub mod params;
 pub mod plan;
 pub mod precision;

@@ -31,6 +31,9 @@ pub struct MemoryOptions {
     pub offload_gradients: bool,
     /// Per-layer residuals in pinned host memory between the forward and the backward pass.
     pub offload_residual: bool,
+    /// The optimizer reads and writes host-resident state in place over mapped memory instead
+    /// of staging each block's through device slots (`crate::opt_stage`).
+    pub zero_copy: bool,
     /// Device bytes the run may allocate (None: what the device has).
     pub memory_limit: Option<u64>,
     /// With several ranks: gradients sharded across ranks (ZeRO-2, `crate::zero`).
@@ -62,6 +65,9 @@ impl MemoryOptions {
         if self.shard_weights && self.persistent_quants {
             return Err(Error::Config("--persistent-quants keeps every block's fp8 weights on each rank, which ZeRO-3 weight sharding (--zero-level 3) cannot feed: leave one of them out".into()));
         }
+        if self.zero_copy && !(self.offload_master || self.offload_opt_m || self.offload_opt_v || self.stream_weights || self.offload_gradients) {
+            return Err(Error::Config("--zero-copy lets the optimizer update host-resident state in place: it needs --offload-master, --offload-opt-m, --offload-opt-v, --shard-weights (one device) or --offload-gradients".into()));
+        }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
@@ -78,6 +84,9 @@ impl MemoryOptions {
             .collect();
         if !off.is_empty() {
             parts.push(format!("offload {}", off.join(", ")));
+        }
+        if self.zero_copy {
+            parts.push("optimizer in place on host memory (zero-copy)".into());
         }
         if self.persistent_quants {
             parts.push("persistent fp8 weights".into());

@@ -112,6 +112,7 @@ fn candidates(tc: &TrainConfig) -> Vec<(String, TrainConfig)> {
         }
     };
     add("--offload-opt-m --offload-opt-v", MemoryOptions { offload_opt_m: true, offload_opt_v: true, ..m });
+    add("--offload-opt-m --offload-opt-v --zero-copy", MemoryOptions { offload_opt_m: true, offload_opt_v: true, zero_copy: true, ..m });
     if tc.precision.master != tc.precision.weights {
         add("--offload-master --offload-opt-m --offload-opt-v", MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..m });
     }
@@ -187,7 +188,7 @@ impl DeviceSpeeds {
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
 /// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
 /// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
-/// state over the host link, not overlapped), and streamed weights and offloaded gradients over
+/// state over the host link: staged through device slots or in place with zero-copy), and streamed weights and offloaded gradients over
 /// the link (overlapped with each micro-batch's compute).
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
@@ -209,9 +210,14 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let pr = tc.precision;
     let opt_bytes = p * (state(pr.master) * 2.0 + state(pr.opt_m) * 2.0 + state(pr.opt_v) * 2.0 + state(pr.grads) + state(pr.weights));
     let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem == Mem::Host && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
-    // the optimizer reads and writes offloaded state in place, over the link
-    let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV));
-    let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + host_state / dev.link_bw;
+    // bytes of host-resident state the optimizer reads and writes: master, m and v both ways,
+    // streamed weights written, offloaded gradients read
+    let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV)) + host(MemCategory::Weights) + host(MemCategory::Gradients);
+    // zero-copy: the update kernel's own reads and writes cross the link; staged: the copies in
+    // and back run on two copy streams at once (half the bytes each way), overlapped with the
+    // device-side update of the slots
+    let link = if tc.memory.zero_copy { host_state / dev.link_bw } else { (host_state / 2.0 / dev.link_bw).max(host_state / dev.mem_bw) };
+    let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + link;
     // streamed weights cross the link twice per micro-batch (forward; recompute and backward),
     // offloaded gradients once each way; the copy engines overlap them with the compute
     let (w, g) = (host(MemCategory::Weights), host(MemCategory::Gradients));
@@ -245,6 +251,7 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
         (m.stream_weights, "--shard-weights"),
         (m.offload_gradients, "--offload-gradients"),
         (m.offload_residual, "--offload-residual"),
+        (m.zero_copy, "--zero-copy"),
     ] {
         if on {
             f.push(flag.into());
@@ -276,20 +283,23 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
             for &(master, m, v) in offloads {
                 for (pq, (sw, og, res)) in (if fp8 { vec![true, false] } else { vec![false] }).into_iter().flat_map(|pq| streams.map(|s| (pq, s))) {
                     let wgrad_overlap = tc.memory.wgrad_overlap && !og;
-                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, ..tc.memory };
-                    let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
-                    let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
-                    smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
-                    if !plan.fits(Some(limit)) {
-                        continue;
-                    }
-                    least_host = Some(least_host.map_or(plan.host_total(), |s| s.min(plan.host_total())));
-                    if host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
-                        continue;
-                    }
-                    let est = estimate_step_seconds(cfg, &t, &plan, dev);
-                    if best.as_ref().is_none_or(|(_, _, e)| est < *e) {
-                        best = Some((t, plan, est));
+                    // zero-copy: where the optimizer has host state to update in place
+                    for zero_copy in [false, true].into_iter().filter(|z| !z || master || m || v || sw || og) {
+                        let memory = MemoryOptions { recompute, persistent_quants: pq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, zero_copy, ..tc.memory };
+                        let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
+                        let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
+                        smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
+                        if !plan.fits(Some(limit)) {
+                            continue;
+                        }
+                        least_host = Some(least_host.map_or(plan.host_total(), |s| s.min(plan.host_total())));
+                        if host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
+                            continue;
+                        }
+                        let est = estimate_step_seconds(cfg, &t, &plan, dev);
+                        if best.as_ref().is_none_or(|(_, _, e)| est < *e) {
+                            best = Some((t, plan, est));
+                        }
                     }
                 }
             }
@@ -348,10 +358,10 @@ mod tests {
         let cfg = ModelConfig::tiny(Arch::Qwen3, 64);
         for precision in [crate::Precision::bf16(), crate::Precision::fp8()] {
             for (name, recompute) in Recompute::all_variants() {
-                for off in [false, true] {
+                for (off, zero_copy) in [(false, false), (true, false), (true, true)] {
                     let mut t = tc(2, 32);
                     t.precision = precision;
-                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, persistent_quants: precision.matmul.is_fp8(), ..Default::default() };
+                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, zero_copy, persistent_quants: precision.matmul.is_fp8(), ..Default::default() };
                     let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
                     let mut be = CpuBackend::new();
                     Model::new(&mut be, &cfg, t.precision, RunShape { b: 2, t: 32 }, &t.memory).unwrap();
@@ -401,12 +411,18 @@ mod tests {
     fn offloading_moves_optimizer_state_to_the_host() {
         let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
         let base = MemoryPlan::new(&cfg, &tc(4, 1024), 0).unwrap();
-        let mut t = tc(4, 1024);
-        t.memory = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };
-        let off = MemoryPlan::new(&cfg, &t, 0).unwrap();
+        let layout = llmq_core::ParamLayout::new(&cfg);
         // fp32 master, m and v: 12 bytes per parameter move
-        let moved = 12 * llmq_core::ParamLayout::new(&cfg).groups.iter().map(|g| g.numel).sum::<usize>();
-        assert_eq!(base.device_peak() - off.device_peak(), moved);
-        assert_eq!(off.host_total(), moved);
+        let moved = 12 * layout.groups.iter().map(|g| g.numel).sum::<usize>();
+        let block = layout.groups[layout.block_group(0)].numel;
+        for zero_copy in [true, false] {
+            let mut t = tc(4, 1024);
+            t.memory = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, zero_copy, ..Default::default() };
+            let off = MemoryPlan::new(&cfg, &t, 0).unwrap();
+            assert_eq!(off.host_total(), moved);
+            // staged: two device slots of one block's master, m and v stay on the device
+            let slots = if zero_copy { 0 } else { 2 * 12 * block };
+            assert_eq!(base.device_peak() - off.device_peak(), moved - slots, "zero-copy {zero_copy}");
+        }
     }
 }

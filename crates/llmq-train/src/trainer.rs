@@ -379,7 +379,7 @@ impl Trainer {
             let seed = self.tc.seed ^ (self.updates << 20) ^ gi as u64;
             let seed = p.dist.as_ref().map_or(seed, |d| llmq_io::loader::mix_seed(seed, d.rank() as u64));
             let amax = self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]);
-            let t = p.opt_shard(gi);
+            let t = p.opt_begin(be, gi)?;
             let base = AdamW {
                 params: &t.params,
                 master: &t.master,
@@ -398,6 +398,7 @@ impl Trainer {
             };
             let Some(d) = &p.dist else {
                 be.adamw(&AdamW { absmax: amax, ..base }, &g.segments())?;
+                p.opt_issued(be, gi)?;
                 continue;
             };
             // one rank's shard: each matrix's abs-max is that of its part, then the max over ranks
@@ -418,7 +419,9 @@ impl Trainer {
             if let Some(am) = amax {
                 d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
             }
+            p.opt_issued(be, gi)?;
         }
+        p.opt_finish(be)?;
         p.gather_weights(be)?;
         self.model.weights_updated(be)
     }

@@ -24,11 +24,13 @@ fn training_orders_its_streams_under_every_option() {
         ("fp8 persistent quants", fp8, MemoryOptions { persistent_quants: true, ..overlap }),
         ("fp8 e5m2 gradients", Precision { act_grads: DType::E5M2, ..fp8 }, overlap),
         ("bf16 offloaded optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain }),
+        ("bf16 zero-copy optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, zero_copy: true, ..plain }),
         ("bf16 streamed weights, offloaded gradients", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
         ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
         ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
         ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
+        ("fp8 everything offloaded, zero-copy", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, zero_copy: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny(arch, arch == Arch::Qwen3);
