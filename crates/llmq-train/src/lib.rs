@@ -35,6 +35,7 @@ pub mod spike;
 pub mod stream;
 pub mod synthetic;
 pub mod textgen;
+pub mod token_stage;
 pub mod trainer;
 pub mod zero;
 

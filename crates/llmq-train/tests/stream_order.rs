@@ -4,13 +4,18 @@
 //! weight gradients on the side stream with their two dyᵀ slots, under every recompute option,
 //! with gradient accumulation, persistent quants and both gradient formats. Each of the three
 //! orderings the model makes is needed: without the dyᵀ slot wait, the end-of-backward join
-//! or the wait for the gradient zeroing, one of these tests fails, naming the two ops.
+//! or the wait for the gradient zeroing, one of these tests fails, naming the two ops. A step
+//! makes no host synchronisation inside its micro-batches (the token upload and loss read-back
+//! are once per step), so the checker sees the micro-batches' orderings unhidden.
 
 mod common;
 use common::*;
 use llmq_core::cpu::CpuBackend;
+use llmq_core::observe::{Call, Observed, Observer};
 use llmq_core::stream_check::StreamChecked;
-use llmq_core::{Arch, DType};
+use llmq_core::{Arch, Backend, DType};
+use std::cell::RefCell;
+use std::rc::Rc;
 use llmq_train::{MemoryOptions, Precision, Recompute};
 
 #[test]
@@ -88,5 +93,49 @@ fn micro_steps_without_host_syncs_order_their_streams() {
         };
         run().unwrap_or_else(|e| panic!("{:?}: {e}", precision.matmul));
         assert!(be.ops_checked() > before + 50, "the passes ran through the checker");
+    }
+}
+
+/// Records each call's op and whether it blocks the host.
+struct Syncs(Rc<RefCell<Vec<(&'static str, bool)>>>);
+
+impl Observer for Syncs {
+    fn name(&self) -> &'static str {
+        "host syncs"
+    }
+    fn before(&self, _inner: &dyn Backend, call: &Call) -> llmq_core::Result<()> {
+        self.0.borrow_mut().push((call.op, call.host_sync));
+        Ok(())
+    }
+}
+
+/// A training step blocks the host only before its first micro-batch (the token upload) and
+/// after its last (the loss, the gradient norm, the end of the step): none between the first
+/// micro-batch's embedding and the last one's embedding gradient, and as many per step with
+/// four micro-batches as with one.
+#[test]
+fn no_host_synchronisation_inside_a_micro_batch() {
+    let cfg = tiny(Arch::Qwen3, false);
+    let per_step = |accum: usize, mem: MemoryOptions| {
+        let log = Rc::new(RefCell::new(vec![]));
+        let be = Observed::wrap(Box::new(CpuBackend::new()), Syncs(log.clone()));
+        let mut tc = train_config(2, 8, accum, 2);
+        tc.memory = mem;
+        let mut tr = trainer_on(Box::new(be), &cfg, tc);
+        tr.train_step().unwrap();
+        log.borrow_mut().clear();
+        tr.train_step().unwrap();
+        let log = log.borrow();
+        let first = log.iter().position(|(op, _)| *op == "embedding_fwd").unwrap();
+        let last = log.iter().rposition(|(op, _)| *op == "embedding_bwd").unwrap();
+        assert_eq!(log.iter().filter(|(op, _)| *op == "embedding_fwd").count(), accum);
+        if let Some((op, _)) = log[first..=last].iter().find(|(_, sync)| *sync) {
+            panic!("{accum} micro-batches, {}: the host waits for the device ({op}) inside the micro-batches", mem.describe());
+        }
+        log.iter().filter(|(_, sync)| *sync).count()
+    };
+    let offloaded = MemoryOptions { offload_opt_m: true, stream_weights: true, offload_gradients: true, offload_residual: true, ..Default::default() };
+    for mem in [MemoryOptions::default(), offloaded] {
+        assert_eq!(per_step(4, mem), per_step(1, mem), "{}: host synchronisations grow with the micro-batches", mem.describe());
     }
 }
