@@ -209,6 +209,11 @@ pub struct TrainArgs {
     /// byte over the host link inside the update. Same numbers.
     #[arg(long, help_heading = "Memory")]
     pub zero_copy: bool,
+    /// Allocate the host side of offloaded master weights, Adam moments, streamed weights and
+    /// offloaded gradients write-combined: faster for the GPU to read over PCIe, very slow for
+    /// the CPU to read (checkpoints read it through the GPU). Same numbers.
+    #[arg(long, help_heading = "Memory")]
+    pub write_combined: bool,
 
     // ---- evaluation and logging ----
     /// Evaluate every N steps (0: only at the end).
@@ -339,6 +344,7 @@ impl TrainArgs {
             shard_gradients,
             offload_residual: self.offload_residual,
             zero_copy: self.zero_copy,
+            write_combined: self.write_combined,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })
     }

@@ -151,7 +151,7 @@ fn gpu_and_cpu_train_alike_for_20_steps_fp8() {
 
 /// Every recompute option (and persistent quants, the side-stream weight gradients, offloaded
 /// optimizer state staged or updated in place (zero-copy), streamed weights and offloaded
-/// gradients)
+/// gradients, offloaded state in write-combined memory)
 /// against the plain run of the same matmul dtype.
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
@@ -161,9 +161,10 @@ fn gpu_recompute_is_bitwise_identical() {
     let offload = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain };
     let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..offload };
     let zero_copy = MemoryOptions { zero_copy: true, ..streamed };
+    let write_combined = MemoryOptions { write_combined: true, ..streamed };
     for group in [
-        vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed), (Precision::bf16(), zero_copy)],
-        vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed), (fp8, zero_copy)],
+        vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed), (Precision::bf16(), zero_copy), (Precision::bf16(), write_combined)],
+        vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed), (fp8, zero_copy), (fp8, write_combined)],
     ] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)

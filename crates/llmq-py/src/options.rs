@@ -72,6 +72,7 @@ pub struct Options {
     pub offload_gradients: bool,
     pub offload_residual: bool,
     pub zero_copy: bool,
+    pub write_combined: bool,
     pub eval_every: u64,
     pub eval_batches: usize,
     pub log_file: Option<PathBuf>,
@@ -143,6 +144,7 @@ impl Default for Options {
             offload_gradients: false,
             offload_residual: false,
             zero_copy: false,
+            write_combined: false,
             eval_every: 50,
             eval_batches: 4,
             log_file: None,
@@ -215,6 +217,7 @@ impl Options {
             offload_gradients: self.offload_gradients,
             offload_residual: self.offload_residual,
             zero_copy: self.zero_copy,
+            write_combined: self.write_combined,
             memory_limit,
             // one rank: nothing to shard across
             shard_gradients: false,

@@ -15,7 +15,7 @@
 
 use crate::params::OptShard;
 use crate::stream::Slots;
-use llmq_core::{Backend, Event, Mem, MemCategory, Result, Stream, Tensor};
+use llmq_core::{Backend, Event, MemCategory, Result, Stream, Tensor};
 
 /// The roles of an update, in `OptShard` order, with the category their slots are counted in.
 const ROLES: [MemCategory; 5] = [MemCategory::Weights, MemCategory::Master, MemCategory::Gradients, MemCategory::AdamM, MemCategory::AdamV];
@@ -40,7 +40,7 @@ impl OptStage {
         let shared_master = sample.master.addr == sample.params.addr;
         let mut slots: [Option<Slots>; 5] = Default::default();
         for (i, t) in roles(sample).iter().enumerate() {
-            if t.mem == Mem::Host && !(i == 1 && shared_master) {
+            if t.mem.is_host() && !(i == 1 && shared_master) {
                 slots[i] = Some(Slots::alloc(be, ROLES[i], t.dtype, numel)?);
             }
         }

@@ -146,16 +146,18 @@ pub struct OptShard {
 }
 
 impl Params {
-    /// Allocates every buffer; master weights and Adam moments go to pinned host memory where
-    /// `mem` offloads them (the optimizer reads and writes them there directly: mapped host
-    /// memory on a GPU, an emulated separate memory space on the CPU backend).
+    /// Allocates every buffer; master weights and Adam moments go to pinned host memory
+    /// (write-combined with `mem.write_combined`) where `mem` offloads them, and so do block
+    /// weights and gradients where it streams them (an emulated separate memory space on the
+    /// CPU backend). The optimizer stages block state through device slots (`crate::opt_stage`).
     pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions, dist: Option<Dist>) -> Result<Params> {
         let layout = ParamLayout::new(cfg);
         let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
         let shard = |gi: usize| Shard::of(layout.groups[gi].numel, rank, world);
         let head = layout.head_group();
         let is_block = |gi: usize| gi != ParamLayout::EMBED && gi != head;
-        let place = |off: bool| if off { Mem::Host } else { Mem::Device };
+        let host = if mem.write_combined { Mem::HostWriteCombined } else { Mem::Host };
+        let place = |off: bool| if off { host } else { Mem::Device };
         let shard_w = dist.as_ref().is_some_and(|d| d.shard_weights);
         let shard_g = dist.as_ref().is_some_and(|d| d.shard_gradients);
         // whole groups (padded to world shards) or the rank's shard; block groups may live on the host

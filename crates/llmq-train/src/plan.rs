@@ -52,14 +52,15 @@ impl MemoryPlan {
     pub fn device_peak(&self) -> usize {
         self.total(Mem::Device).saturating_add(self.backend_reserve)
     }
+    /// Pinned host bytes, write-combined included.
     pub fn host_total(&self) -> usize {
-        self.total(Mem::Host)
+        self.total(Mem::Host) + self.total(Mem::HostWriteCombined)
     }
     /// (category, placement, bytes), in category order, placements apart.
     pub fn by_category(&self) -> Vec<(MemCategory, Mem, usize)> {
         let mut out: Vec<(MemCategory, Mem, usize)> = vec![];
         for cat in MemCategory::ALL {
-            for mem in [Mem::Device, Mem::Host] {
+            for mem in Mem::ALL {
                 let b = self.allocations.iter().filter(|a| a.category == cat && a.mem == mem).fold(0usize, |s, a| s.saturating_add(a.total()));
                 if b > 0 {
                     out.push((cat, mem, b));
@@ -72,9 +73,8 @@ impl MemoryPlan {
     /// The table printed by `llmq plan` and before a run.
     pub fn describe(&self, limit: Option<u64>) -> String {
         let mut s = String::new();
-        let place = |m: Mem| if m == Mem::Device { "device" } else { "pinned host" };
         for (cat, mem, b) in self.by_category() {
-            s += &format!("  {:<16} {:>12}  {:<12} {}\n", cat.name(), fmt_bytes(b), place(mem), lifetime(cat));
+            s += &format!("  {:<16} {:>12}  {:<19} {}\n", cat.name(), fmt_bytes(b), mem.name(), lifetime(cat));
         }
         if self.backend_reserve > 0 {
             s += &format!("  {:<16} {:>12}  {:<12} {}\n", "backend", fmt_bytes(self.backend_reserve), "device", "workspaces, context, kernels (estimate)");
@@ -211,7 +211,7 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let state = |dt: llmq_core::DType| dt.size() as f64;
     let pr = tc.precision;
     let opt_bytes = p * (state(pr.master) * 2.0 + state(pr.opt_m) * 2.0 + state(pr.opt_v) * 2.0 + state(pr.grads) + state(pr.weights));
-    let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem == Mem::Host && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
+    let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem.is_host() && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
     // bytes of host-resident state the optimizer reads and writes: master, m and v both ways,
     // streamed weights written, offloaded gradients read
     let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV)) + host(MemCategory::Weights) + host(MemCategory::Gradients);
@@ -254,6 +254,7 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
         (m.offload_gradients, "--offload-gradients"),
         (m.offload_residual, "--offload-residual"),
         (m.zero_copy, "--zero-copy"),
+        (m.write_combined, "--write-combined"),
     ] {
         if on {
             f.push(flag.into());
@@ -360,10 +361,10 @@ mod tests {
         let cfg = ModelConfig::tiny(Arch::Qwen3, 64);
         for precision in [crate::Precision::bf16(), crate::Precision::fp8()] {
             for (name, recompute) in Recompute::all_variants() {
-                for (off, zero_copy) in [(false, false), (true, false), (true, true)] {
+                for (off, zero_copy, write_combined) in [(false, false, false), (true, false, false), (true, true, false), (true, false, true)] {
                     let mut t = tc(2, 32);
                     t.precision = precision;
-                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, zero_copy, persistent_quants: precision.matmul.is_fp8(), ..Default::default() };
+                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, zero_copy, write_combined, persistent_quants: precision.matmul.is_fp8(), ..Default::default() };
                     let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
                     let mut be = CpuBackend::new();
                     Model::new(&mut be, &cfg, t.precision, RunShape { b: 2, t: 32 }, &t.memory).unwrap();
@@ -374,8 +375,8 @@ mod tests {
                     planned.sort_by_key(|(c, m, _)| (*c, *m as u8));
                     assert_eq!(planned, real, "{:?} recompute {name} offload {off}", precision.matmul);
                     assert_eq!(plan.device_peak(), be.device_allocated());
-                    let host_state = plan.by_category().iter().any(|(c, m, _)| *m == Mem::Host && matches!(c, MemCategory::Master | MemCategory::AdamM | MemCategory::AdamV));
-                    assert_eq!(host_state, off);
+                    let on = |mem: Mem| plan.by_category().iter().any(|(c, m, _)| *m == mem && matches!(c, MemCategory::Master | MemCategory::AdamM | MemCategory::AdamV));
+                    assert_eq!((on(Mem::Host), on(Mem::HostWriteCombined)), (off && !write_combined, write_combined));
                 }
             }
         }

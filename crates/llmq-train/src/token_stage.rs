@@ -32,7 +32,7 @@ pub struct TokenStage {
 impl TokenStage {
     /// The buffers of `acc` micro-batches of `n` rows.
     pub fn alloc(be: &mut dyn Backend, n: usize, acc: usize) -> Result<TokenStage> {
-        let cat = MemCategory::Activations;
+        let cat = MemCategory::Other;
         Ok(TokenStage {
             host: be.alloc(cat, Mem::Host, DType::I32, &[acc, 2 * n])?,
             slots: Slots::alloc(be, cat, DType::I32, 2 * n)?,

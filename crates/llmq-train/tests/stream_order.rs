@@ -13,7 +13,7 @@ use common::*;
 use llmq_core::cpu::CpuBackend;
 use llmq_core::observe::{Call, Observed, Observer};
 use llmq_core::stream_check::StreamChecked;
-use llmq_core::{Arch, Backend, DType};
+use llmq_core::{Arch, Backend, DType, Mem};
 use std::cell::RefCell;
 use std::rc::Rc;
 use llmq_train::{MemoryOptions, Precision, Recompute};
@@ -36,6 +36,7 @@ fn training_orders_its_streams_under_every_option() {
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
         ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
         ("fp8 everything offloaded, zero-copy", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, zero_copy: true, ..plain }),
+        ("bf16 offloaded state write-combined", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, offload_opt_m: true, offload_master: true, write_combined: true, ..plain }),
     ];
     for arch in [Arch::Qwen2, Arch::Qwen3] {
         let mut cfg = tiny(arch, arch == Arch::Qwen3);
@@ -96,15 +97,19 @@ fn micro_steps_without_host_syncs_order_their_streams() {
     }
 }
 
-/// Records each call's op and whether it blocks the host.
-struct Syncs(Rc<RefCell<Vec<(&'static str, bool)>>>);
+/// A call's op, whether it blocks the host, and whether the host reads write-combined memory in it.
+type Logged = (&'static str, bool, bool);
+
+struct Syncs(Rc<RefCell<Vec<Logged>>>);
 
 impl Observer for Syncs {
     fn name(&self) -> &'static str {
         "host syncs"
     }
     fn before(&self, _inner: &dyn Backend, call: &Call) -> llmq_core::Result<()> {
-        self.0.borrow_mut().push((call.op, call.host_sync));
+        let host_read = matches!(call.op, "download" | "collective read");
+        let wc = host_read && call.reads.iter().flatten().any(|t| t.mem == Mem::HostWriteCombined);
+        self.0.borrow_mut().push((call.op, call.host_sync, wc));
         Ok(())
     }
 }
@@ -112,7 +117,7 @@ impl Observer for Syncs {
 /// A training step blocks the host only before its first micro-batch (the token upload) and
 /// after its last (the loss, the gradient norm, the end of the step): none between the first
 /// micro-batch's embedding and the last one's embedding gradient, and as many per step with
-/// four micro-batches as with one.
+/// four micro-batches as with one. The host never reads write-combined memory in a step.
 #[test]
 fn no_host_synchronisation_inside_a_micro_batch() {
     let cfg = tiny(Arch::Qwen3, false);
@@ -126,16 +131,18 @@ fn no_host_synchronisation_inside_a_micro_batch() {
         log.borrow_mut().clear();
         tr.train_step().unwrap();
         let log = log.borrow();
-        let first = log.iter().position(|(op, _)| *op == "embedding_fwd").unwrap();
-        let last = log.iter().rposition(|(op, _)| *op == "embedding_bwd").unwrap();
-        assert_eq!(log.iter().filter(|(op, _)| *op == "embedding_fwd").count(), accum);
-        if let Some((op, _)) = log[first..=last].iter().find(|(_, sync)| *sync) {
+        let first = log.iter().position(|(op, ..)| *op == "embedding_fwd").unwrap();
+        let last = log.iter().rposition(|(op, ..)| *op == "embedding_bwd").unwrap();
+        assert_eq!(log.iter().filter(|(op, ..)| *op == "embedding_fwd").count(), accum);
+        if let Some((op, ..)) = log[first..=last].iter().find(|(_, sync, _)| *sync) {
             panic!("{accum} micro-batches, {}: the host waits for the device ({op}) inside the micro-batches", mem.describe());
         }
-        log.iter().filter(|(_, sync)| *sync).count()
+        assert!(!log.iter().any(|(.., wc)| *wc), "{}: the host read write-combined memory", mem.describe());
+        log.iter().filter(|(_, sync, _)| *sync).count()
     };
     let offloaded = MemoryOptions { offload_opt_m: true, stream_weights: true, offload_gradients: true, offload_residual: true, ..Default::default() };
-    for mem in [MemoryOptions::default(), offloaded] {
+    let write_combined = MemoryOptions { offload_opt_v: true, write_combined: true, ..offloaded };
+    for mem in [MemoryOptions::default(), offloaded, write_combined, MemoryOptions { zero_copy: true, ..write_combined }] {
         assert_eq!(per_step(4, mem), per_step(1, mem), "{}: host synchronisations grow with the micro-batches", mem.describe());
     }
 }
