@@ -36,6 +36,7 @@ class _StepResult(TypedDict, total=False):
 class _MemoryPlan(TypedDict):
     device: dict[str, int]
     host: dict[str, int]
+    host_write_combined: dict[str, int]
     lifetime: dict[str, str]
     backend_reserve: int
     device_peak: int

@@ -427,7 +427,7 @@ fn place(m: llmq_core::Mem, on_cpu: bool) -> &'static str {
     match (m, on_cpu) {
         (llmq_core::Mem::Device, false) => "device",
         (llmq_core::Mem::Device, true) => "device (emulated in RAM)",
-        (llmq_core::Mem::Host, _) => "pinned host",
+        (m, _) => m.name(),
     }
 }
 
@@ -435,7 +435,7 @@ fn print_memory(tr: &Trainer) {
     let mem = tr.be.memory_by_category();
     let on_cpu = tr.be.name().starts_with("cpu");
     let dev: usize = mem.iter().filter(|m| m.1 == llmq_core::Mem::Device).map(|m| m.2).sum();
-    let host: usize = mem.iter().filter(|m| m.1 == llmq_core::Mem::Host).map(|m| m.2).sum();
+    let host: usize = mem.iter().filter(|m| m.1.is_host()).map(|m| m.2).sum();
     println!("memory ({}):", tr.be.name());
     for (cat, loc, bytes) in &mem {
         println!("  {:<16} {:>12}  {}", cat.name(), fmt_bytes(*bytes), place(*loc, on_cpu));

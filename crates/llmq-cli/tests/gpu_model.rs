@@ -209,7 +209,8 @@ fn gpu_and_cpu_train_alike_bf16_adam_state() {
 }
 
 /// Every recompute option (and persistent quants, on the device or offloaded, the side-stream
-/// weight gradients, offloaded optimizer state, streamed weights and offloaded gradients)
+/// weight gradients, offloaded optimizer state staged or updated in place (zero-copy), streamed
+/// weights and offloaded gradients, offloaded state in write-combined memory)
 /// against the plain run of the same matmul dtype.
 #[test]
 fn gpu_recompute_is_bitwise_identical() {
@@ -220,7 +221,12 @@ fn gpu_recompute_is_bitwise_identical() {
     let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..offload };
     let quants_offloaded = MemoryOptions { persistent_quants: true, offload_quants: true, wgrad_overlap: true, ..plain };
     let quants_streamed = MemoryOptions { persistent_quants: true, offload_quants: true, ..streamed };
-    for group in [vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed)], vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed), (fp8, quants_offloaded), (fp8, quants_streamed)]] {
+    let zero_copy = MemoryOptions { zero_copy: true, ..streamed };
+    let write_combined = MemoryOptions { write_combined: true, ..streamed };
+    for group in [
+        vec![(Precision::bf16(), plain), (Precision::bf16(), offload), (Precision::bf16(), streamed), (Precision::bf16(), zero_copy), (Precision::bf16(), write_combined)],
+        vec![(fp8, plain), (fp8, persistent), (fp8, overlap), (fp8, offload), (fp8, streamed), (fp8, zero_copy), (fp8, write_combined), (fp8, quants_offloaded), (fp8, quants_streamed)],
+    ] {
         let mut cfg = small(Arch::Qwen3, false);
         cfg.vocab_size = 1024; // the backward temporaries fit in the logits buffer (BackwardScratch)
         let mut base: Option<Vec<(u64, u64)>> = None;

@@ -70,7 +70,7 @@ impl Backend for PlanBackend {
             let e = m.entry((a.category, a.mem as u8)).or_insert(0usize);
             *e = e.saturating_add(a.total());
         }
-        m.into_iter().map(|((c, mem), b)| (c, if mem == Mem::Device as u8 { Mem::Device } else { Mem::Host }, b)).collect()
+        m.into_iter().map(|((c, mem), b)| (c, Mem::from_index(mem), b)).collect()
     }
     fn free_memory(&self) -> Option<usize> {
         None

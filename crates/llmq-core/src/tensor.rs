@@ -17,8 +17,33 @@ pub const MAX_DIMS: usize = 4;
 pub enum Mem {
     /// Device memory (for the CPU backend: ordinary host memory).
     Device,
-    /// Page-locked host memory, reachable by copy engines (for the CPU backend: host memory).
+    /// Page-locked host memory, mapped into the device's address space and reachable by copy
+    /// engines (for the CPU backend: host memory).
     Host,
+    /// Page-locked host memory allocated write-combined: uncached for the host CPU, so the
+    /// device reads it over the link faster, and host CPU reads of it are very slow. Only
+    /// devices and copy engines read it in a run; a backend's `download` of it goes through the
+    /// device (for the CPU backend: host memory, accounted apart).
+    HostWriteCombined,
+}
+
+impl Mem {
+    pub const ALL: [Mem; 3] = [Mem::Device, Mem::Host, Mem::HostWriteCombined];
+    /// Pinned host memory of either kind.
+    pub fn is_host(self) -> bool {
+        self != Mem::Device
+    }
+    /// The space of index `i` (`mem as u8`), for accounting keyed by it.
+    pub fn from_index(i: u8) -> Mem {
+        Mem::ALL[i as usize]
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Mem::Device => "device",
+            Mem::Host => "pinned host",
+            Mem::HostWriteCombined => "write-combined host",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

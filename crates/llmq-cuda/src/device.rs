@@ -201,9 +201,12 @@ impl Device {
                 check(unsafe { sys::cuMemsetD8_v2(p, 0, size) }, "cuMemsetD8")?;
                 p
             }
-            Mem::Host => {
+            Mem::Host | Mem::HostWriteCombined => {
                 let mut p: *mut c_void = std::ptr::null_mut();
-                let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+                let mut flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+                if mem == Mem::HostWriteCombined {
+                    flags |= sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+                }
                 // SAFETY: out-pointer to a local; size > 0.
                 let r = unsafe { sys::cuMemHostAlloc(&mut p, size, flags) };
                 if r == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
@@ -228,7 +231,7 @@ impl Device {
     pub fn memory_by_category(&self) -> Vec<(MemCategory, Mem, usize)> {
         self.accounted
             .iter()
-            .map(|(&(c, m), &b)| (c, if m == Mem::Device as u8 { Mem::Device } else { Mem::Host }, b))
+            .map(|(&(c, m), &b)| (c, Mem::from_index(m), b))
             .collect()
     }
 
@@ -264,7 +267,7 @@ impl Drop for Device {
                     Mem::Device => {
                         sys::cuMemFree_v2(a.addr);
                     }
-                    Mem::Host => {
+                    Mem::Host | Mem::HostWriteCombined => {
                         sys::cuMemFreeHost(a.addr as *mut c_void);
                     }
                 }

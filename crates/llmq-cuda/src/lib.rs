@@ -247,7 +247,7 @@ impl Backend for CudaBackend {
         match dst.mem {
             // SAFETY: dst is a pinned host allocation of dst.bytes() bytes (mapped, host-visible);
             // all device work was waited for, so nothing else touches it.
-            Mem::Host => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.addr as *mut u8, src.len()) },
+            Mem::Host | Mem::HostWriteCombined => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.addr as *mut u8, src.len()) },
             // SAFETY: dst addresses dst.bytes() == src.len() device bytes; the copy is synchronous.
             Mem::Device => check(
                 unsafe { cudarc::driver::sys::cuMemcpyHtoD_v2(dst.addr, src.as_ptr() as *const std::ffi::c_void, src.len()) },
@@ -266,8 +266,10 @@ impl Backend for CudaBackend {
         match src.mem {
             // SAFETY: src is a pinned host allocation of src.bytes() bytes; device work is done.
             Mem::Host => unsafe { std::ptr::copy_nonoverlapping(src.addr as *const u8, out.as_mut_ptr(), out.len()) },
-            // SAFETY: src addresses out.len() device bytes; the copy is synchronous.
-            Mem::Device => check(
+            // write-combined memory is uncached for the CPU: the driver's copy reads it through the
+            // device address it is mapped at (unified addressing: the same address), not the CPU.
+            // SAFETY: src addresses out.len() device-accessible bytes; the copy is synchronous.
+            Mem::Device | Mem::HostWriteCombined => check(
                 unsafe { cudarc::driver::sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut std::ffi::c_void, src.addr, out.len()) },
                 "cuMemcpyDtoH",
             )?,

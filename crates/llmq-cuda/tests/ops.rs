@@ -635,6 +635,54 @@ fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: D
     p.exact(&format!("{tag}: absmax"), &am);
 }
 
+/// Write-combined pinned host memory (`--write-combined`): accounted apart, uploads and
+/// downloads (through the device) round-trip, the copy engines move it both ways, and the AdamW
+/// op updating master, m and v in place there (`--zero-copy`) or in ordinary pinned memory gives
+/// the bits of the same update in device memory.
+#[test]
+fn write_combined_host_memory_copies_and_feeds_the_optimizer_in_place() {
+    let Some(mut p) = Pair::new(12) else { return };
+    let n = 20_000;
+    // values in [-0.1, 0.1]; v, a second moment, takes their absolute values
+    let vals = |seed: u32| -> Vec<f32> { (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 * 1e-4 - 0.1).collect() };
+    let g = &mut p.gpu;
+    let v: Vec<f32> = vals(4).iter().map(|x| x.abs()).collect();
+    let init = [encode(F32, &vals(1)), encode(BF16, &vals(2)), encode(F32, &vals(3)), encode(F32, &v)];
+    let dts = [F32, BF16, F32, F32]; // master, grads, m, v
+    let mut sets = vec![];
+    for mem in [Mem::Device, Mem::Host, Mem::HostWriteCombined] {
+        let ts: Vec<_> = dts.iter().zip(&init).map(|(dt, b)| {
+            let t = g.alloc(MemCategory::AdamM, mem, *dt, &[n]).unwrap();
+            g.upload(&t, b).unwrap();
+            t
+        }).collect();
+        sets.push(ts);
+    }
+    let wc = &sets[2];
+    assert_eq!(g.download(&wc[1]).unwrap(), init[1], "write-combined round trip");
+    let dev = g.alloc(MemCategory::Activations, Mem::Device, BF16, &[n]).unwrap();
+    g.copy(&dev, &wc[1], Stream::Copy).unwrap();
+    g.synchronize().unwrap();
+    assert_eq!(g.download(&dev).unwrap(), init[1], "write-combined host -> device");
+    g.copy(&wc[1], &dev, Stream::CopyBack).unwrap();
+    g.synchronize().unwrap();
+    assert_eq!(g.download(&wc[1]).unwrap(), init[1], "device -> write-combined host");
+    assert!(g.memory_by_category().iter().any(|&(c, m, b)| c == MemCategory::AdamM && m == Mem::HostWriteCombined && b == n * (4 + 2 + 4 + 4)));
+    let segs = [Segment { offset: 0, len: n / 2, decay: true }, Segment { offset: n / 2, len: n - n / 2, decay: false }];
+    for ts in &sets {
+        for step in [1u64, 2] {
+            let args = AdamW { params: &ts[0], master: &ts[0], grads: &ts[1], m: &ts[2], v: &ts[3], lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5, seed: 9, absmax: None };
+            g.adamw(&args, &segs).unwrap();
+        }
+    }
+    for (i, name) in ["master", "grads", "m", "v"].iter().enumerate() {
+        let want = g.download(&sets[0][i]).unwrap();
+        for (k, mem) in [(1, Mem::Host), (2, Mem::HostWriteCombined)] {
+            assert!(g.download(&sets[k][i]).unwrap() == want, "adamw in place in {mem:?}: {name} differs from the device update");
+        }
+    }
+}
+
 #[test]
 fn adamw_matches_cpu_bitwise() {
     let Some(mut p) = Pair::new(11) else { return };

@@ -78,11 +78,12 @@ pub(crate) fn backend_reserve(on_gpu: bool) -> usize {
     }
 }
 
-/// A memory plan as a dict: bytes per category under "device" and "host", the device peak (the
+/// A memory plan as a dict: bytes per category under "device", "host" and
+/// "host_write_combined", the device peak (the
 /// backend's own buffers included), the host total, and whether it fits `limit`.
 pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, limit: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for (mem, key) in [(Mem::Device, "device"), (Mem::Host, "host")] {
+    for (mem, key) in [(Mem::Device, "device"), (Mem::Host, "host"), (Mem::HostWriteCombined, "host_write_combined")] {
         let cats = PyDict::new(py);
         for (cat, m, bytes) in p.by_category() {
             if m == mem {

@@ -109,12 +109,18 @@ def test_memory_plan_dict():
     tr = llmq.Trainer(**TINY)
     p = tr.memory_plan()
     assert p == llmq.plan(**TINY)
-    assert p["backend_reserve"] == 0 and p["host"] == {} and p["fits"] and p["limit"] is None
+    # the host holds only the step's tokens on their way to the device: inputs and targets, i32
+    staging = {"other": 2 * 4 * 4 * 32}
+    assert p["backend_reserve"] == 0 and p["host"] == staging and p["fits"] and p["limit"] is None
     assert p["device_peak"] == sum(p["device"].values())
     assert p["device"]["adam m"] == p["device"]["weights"] > 0
-    off = llmq.plan(**dict(TINY, offload_opt_m=True, offload_opt_v=True))
-    assert off["host"] == {"adam m": p["device"]["adam m"], "adam v": p["device"]["adam v"]}
+    off = llmq.plan(**dict(TINY, offload_opt_m=True, offload_opt_v=True, zero_copy=True))
+    assert off["host"] == dict(staging, **{"adam m": p["device"]["adam m"], "adam v": p["device"]["adam v"]})
     assert off["device_peak"] == p["device_peak"] - p["device"]["adam m"] - p["device"]["adam v"]
+    # staged updates keep two device slots of one block's m and v; write-combined is its own space
+    staged = llmq.plan(**dict(TINY, offload_opt_m=True, offload_opt_v=True, write_combined=True))
+    assert off["device_peak"] < staged["device_peak"] < p["device_peak"]
+    assert staged["host"] == staging and staged["host_write_combined"] == {k: off["host"][k] for k in ("adam m", "adam v")}
     limited = llmq.plan(**dict(TINY, memory_limit=1 << 20))
     assert limited["limit"] == 1 << 20 and not limited["fits"]
     # a GPU plan counts the CUDA backend's own buffers

@@ -20,6 +20,7 @@ pub mod log;
 pub mod memory;
 pub mod model;
 pub mod options;
+pub mod opt_stage;
 pub mod params;
 pub mod plan;
 pub mod precision;
@@ -36,6 +37,7 @@ pub mod spike;
 pub mod stream;
 pub mod synthetic;
 pub mod textgen;
+pub mod token_stage;
 pub mod trainer;
 pub mod zero;
 

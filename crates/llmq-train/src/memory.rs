@@ -34,6 +34,14 @@ pub struct MemoryOptions {
     pub offload_gradients: bool,
     /// Per-layer residuals in pinned host memory between the forward and the backward pass.
     pub offload_residual: bool,
+    /// The optimizer reads and writes host-resident state in place over mapped memory instead
+    /// of staging each block's through device slots (`crate::opt_stage`).
+    pub zero_copy: bool,
+    /// The host buffers of the options above that the optimizer and the copy streams use
+    /// (offloaded master weights and Adam moments, streamed weights, offloaded gradients) are
+    /// allocated write-combined: faster for the device to read over the link, very slow for the
+    /// host CPU to read (which only a checkpoint does, through the device).
+    pub write_combined: bool,
     /// Device bytes the run may allocate (None: what the device has).
     pub memory_limit: Option<u64>,
     /// With several ranks: gradients sharded across ranks (ZeRO-2, `crate::zero`).
@@ -65,6 +73,12 @@ impl MemoryOptions {
         if self.offload_gradients && self.wgrad_overlap {
             return Err(Error::Config("--offload-gradients writes each block's gradient back when its backward is issued: it runs the weight gradients on the main stream (leave out the second-stream overlap)".into()));
         }
+        if self.zero_copy && !(self.offload_master || self.offload_opt_m || self.offload_opt_v || self.stream_weights || self.offload_gradients) {
+            return Err(Error::Config("--zero-copy lets the optimizer update host-resident state in place: it needs --offload-master, --offload-opt-m, --offload-opt-v, --shard-weights (one device) or --offload-gradients".into()));
+        }
+        if self.write_combined && !(self.offload_master || self.offload_opt_m || self.offload_opt_v || self.stream_weights || self.offload_gradients) {
+            return Err(Error::Config("--write-combined allocates offloaded state write-combined: it needs --offload-master, --offload-opt-m, --offload-opt-v, --shard-weights (one device) or --offload-gradients".into()));
+        }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
@@ -81,6 +95,12 @@ impl MemoryOptions {
             .collect();
         if !off.is_empty() {
             parts.push(format!("offload {}", off.join(", ")));
+        }
+        if self.zero_copy {
+            parts.push("optimizer in place on host memory (zero-copy)".into());
+        }
+        if self.write_combined {
+            parts.push("offloaded state write-combined".into());
         }
         if self.persistent_quants {
             parts.push("persistent fp8 weights".into());

@@ -182,6 +182,19 @@ impl Model {
 
     /// Uploads a batch (inputs and targets, [B*T] each).
     pub fn set_batch(&self, be: &dyn Backend, batch: &Batch) -> Result<()> {
+        self.check_batch(batch)?;
+        upload_i32(be, &self.acts.ids, &batch.inputs)?;
+        upload_i32(be, &self.acts.targets, &batch.targets)
+    }
+
+    /// Points the passes at a micro-batch staged on the device (`crate::token_stage`): its
+    /// inputs and targets, and the rows its per-row losses go to.
+    pub fn use_staged(&mut self, ids: Tensor, targets: Tensor, losses: Tensor) {
+        (self.acts.ids, self.acts.targets, self.acts.losses) = (ids, targets, losses);
+    }
+
+    /// Checks a batch's size and tokens against the model.
+    pub fn check_batch(&self, batch: &Batch) -> Result<()> {
         let n = self.n();
         if batch.inputs.len() != n || batch.targets.len() != n {
             return Err(llmq_core::Error::Op(format!(
@@ -198,8 +211,7 @@ impl Model {
         if let Some(bad) = batch.targets.iter().find(|&&t| t != -100 && (t < 0 || t >= v)) {
             return Err(llmq_core::Error::Op(format!("target token {bad} is outside the vocabulary 0..{v} (and not -100)")));
         }
-        upload_i32(be, &self.acts.ids, &batch.inputs)?;
-        upload_i32(be, &self.acts.targets, &batch.targets)
+        Ok(())
     }
 
     // ---- forward ------------------------------------------------------------------------

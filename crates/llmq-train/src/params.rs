@@ -9,6 +9,7 @@
 use crate::init;
 use crate::memory::MemoryOptions;
 use crate::precision::Precision;
+use crate::opt_stage::OptStage;
 use crate::stream::Slots;
 use crate::zero::{Dist, Shard};
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
@@ -130,6 +131,9 @@ pub struct Params {
     /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter
     /// (on the copy-back stream).
     grad_scratch: Option<Slots>,
+    /// Device slots the optimizer stages host-resident block state through (none: zero-copy or
+    /// nothing offloaded).
+    opt_stage: Option<OptStage>,
 }
 
 /// The rank's shard of one group's optimizer state and the tensors the update reads and writes
@@ -145,16 +149,18 @@ pub struct OptShard {
 }
 
 impl Params {
-    /// Allocates every buffer; master weights and Adam moments go to pinned host memory where
-    /// `mem` offloads them (the optimizer reads and writes them there directly: mapped host
-    /// memory on a GPU, an emulated separate memory space on the CPU backend).
+    /// Allocates every buffer; master weights and Adam moments go to pinned host memory
+    /// (write-combined with `mem.write_combined`) where `mem` offloads them, and so do block
+    /// weights and gradients where it streams them (an emulated separate memory space on the
+    /// CPU backend). The optimizer stages block state through device slots (`crate::opt_stage`).
     pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions, dist: Option<Dist>) -> Result<Params> {
         let layout = ParamLayout::new(cfg);
         let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
         let shard = |gi: usize| Shard::of(layout.groups[gi].numel, rank, world);
         let head = layout.head_group();
         let is_block = |gi: usize| gi != ParamLayout::EMBED && gi != head;
-        let place = |off: bool| if off { Mem::Host } else { Mem::Device };
+        let host = if mem.write_combined { Mem::HostWriteCombined } else { Mem::Host };
+        let place = |off: bool| if off { host } else { Mem::Device };
         let shard_w = dist.as_ref().is_some_and(|d| d.shard_weights);
         let shard_g = dist.as_ref().is_some_and(|d| d.shard_gradients);
         // whole groups (padded to world shards) or the rank's shard; block groups may live on the host
@@ -177,7 +183,7 @@ impl Params {
         let grad_slots = if mem.offload_gradients && !shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
         let gathered = if shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
         let grad_scratch = if shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
-        Ok(Params {
+        let mut p = Params {
             cfg: cfg.clone(),
             layout,
             precision,
@@ -193,7 +199,13 @@ impl Params {
             dist,
             gathered,
             grad_scratch,
-        })
+            opt_stage: None,
+        };
+        if !mem.zero_copy && cfg.num_layers > 0 {
+            let sample = p.opt_shard(p.layout.block_group(0));
+            p.opt_stage = OptStage::alloc(be, &sample, block_numel)?;
+        }
+        Ok(p)
     }
 
     /// This rank's shard of group `gi` (the whole group with one rank).
@@ -229,6 +241,35 @@ impl Params {
             m: self.m.groups[gi].slice(0, &len),
             v: self.v.groups[gi].slice(0, &len),
         }
+    }
+
+    /// The tensors the update of group gi reads and writes: `opt_shard(gi)`, with a block's
+    /// host-resident ones replaced by device slots where they are staged (`crate::opt_stage`);
+    /// starts bringing the next block's. Pair with `opt_issued(gi)`, and end the update with
+    /// `opt_finish`.
+    pub fn opt_begin(&self, be: &dyn Backend, gi: usize) -> Result<OptShard> {
+        let host = self.opt_shard(gi);
+        let (Some(st), Some(l)) = (&self.opt_stage, self.block_of(gi)) else { return Ok(host) };
+        let t = st.acquire(be, l, &host)?;
+        if l + 1 < self.cfg.num_layers {
+            st.prefetch(be, l + 1, &self.opt_shard(gi + 1))?;
+        }
+        Ok(t)
+    }
+    /// Group gi's update is issued: staged state goes back to the host.
+    pub fn opt_issued(&self, be: &dyn Backend, gi: usize) -> Result<()> {
+        match (&self.opt_stage, self.block_of(gi)) {
+            (Some(st), Some(l)) => st.write_back(be, l, &self.opt_shard(gi)),
+            _ => Ok(()),
+        }
+    }
+    /// Every group's update is issued: later work sees the host state complete.
+    pub fn opt_finish(&self, be: &dyn Backend) -> Result<()> {
+        self.opt_stage.as_ref().map_or(Ok(()), |st| st.finish(be))
+    }
+    /// The block whose group is gi.
+    fn block_of(&self, gi: usize) -> Option<usize> {
+        self.is_block(gi).then(|| gi - self.layout.block_group(0))
     }
 
     /// After the step's last micro-batch: every gradient not reduced yet is reduce-scattered in

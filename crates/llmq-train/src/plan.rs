@@ -10,6 +10,7 @@
 use crate::acts::RunShape;
 use crate::memory::{MemoryOptions, Recompute};
 use crate::model::Model;
+use crate::token_stage::TokenStage;
 use crate::trainer::TrainConfig;
 use llmq_core::plan_backend::{Allocation, PlanBackend};
 use llmq_core::{fmt_bytes, Mem, MemCategory, ModelConfig, Result};
@@ -40,6 +41,7 @@ impl MemoryPlan {
         let mut be = PlanBackend::new();
         let dist = crate::zero::Dist::for_planning(tc);
         Model::new_dist(&mut be, cfg, tc.precision, RunShape { b: tc.batch_size, t: tc.seq_len }, &tc.memory, dist)?;
+        TokenStage::alloc(&mut be, tc.batch_size * tc.seq_len, tc.grad_accumulation)?;
         Ok(MemoryPlan { allocations: be.allocations, backend_reserve })
     }
 
@@ -50,14 +52,15 @@ impl MemoryPlan {
     pub fn device_peak(&self) -> usize {
         self.total(Mem::Device).saturating_add(self.backend_reserve)
     }
+    /// Pinned host bytes, write-combined included.
     pub fn host_total(&self) -> usize {
-        self.total(Mem::Host)
+        self.total(Mem::Host) + self.total(Mem::HostWriteCombined)
     }
     /// (category, placement, bytes), in category order, placements apart.
     pub fn by_category(&self) -> Vec<(MemCategory, Mem, usize)> {
         let mut out: Vec<(MemCategory, Mem, usize)> = vec![];
         for cat in MemCategory::ALL {
-            for mem in [Mem::Device, Mem::Host] {
+            for mem in Mem::ALL {
                 let b = self.allocations.iter().filter(|a| a.category == cat && a.mem == mem).fold(0usize, |s, a| s.saturating_add(a.total()));
                 if b > 0 {
                     out.push((cat, mem, b));
@@ -70,9 +73,8 @@ impl MemoryPlan {
     /// The table printed by `llmq plan` and before a run.
     pub fn describe(&self, limit: Option<u64>) -> String {
         let mut s = String::new();
-        let place = |m: Mem| if m == Mem::Device { "device" } else { "pinned host" };
         for (cat, mem, b) in self.by_category() {
-            s += &format!("  {:<16} {:>12}  {:<12} {}\n", cat.name(), fmt_bytes(b), place(mem), lifetime(cat));
+            s += &format!("  {:<16} {:>12}  {:<19} {}\n", cat.name(), fmt_bytes(b), mem.name(), lifetime(cat));
         }
         if self.backend_reserve > 0 {
             s += &format!("  {:<16} {:>12}  {:<12} {}\n", "backend", fmt_bytes(self.backend_reserve), "device", "workspaces, context, kernels (estimate)");
@@ -112,6 +114,7 @@ fn candidates(tc: &TrainConfig) -> Vec<(String, TrainConfig)> {
         }
     };
     add("--offload-opt-m --offload-opt-v", MemoryOptions { offload_opt_m: true, offload_opt_v: true, ..m });
+    add("--offload-opt-m --offload-opt-v --zero-copy", MemoryOptions { offload_opt_m: true, offload_opt_v: true, zero_copy: true, ..m });
     if tc.precision.master != tc.precision.weights {
         add("--offload-master --offload-opt-m --offload-opt-v", MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..m });
     }
@@ -190,8 +193,9 @@ impl DeviceSpeeds {
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
 /// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
 /// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
-/// state over the host link, not overlapped), and streamed weights, offloaded fp8 weights and
-/// offloaded gradients over the link (overlapped with each micro-batch's compute).
+/// state over the host link: staged through device slots or in place with zero-copy), and streamed
+/// weights, offloaded fp8 weights and offloaded gradients over the link (overlapped with each
+/// micro-batch's compute).
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
     let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
@@ -211,10 +215,15 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let state = |dt: llmq_core::DType| dt.size() as f64;
     let pr = tc.precision;
     let opt_bytes = p * (state(pr.master) * 2.0 + state(pr.opt_m) * 2.0 + state(pr.opt_v) * 2.0 + state(pr.grads) + state(pr.weights));
-    let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem == Mem::Host && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
-    // the optimizer reads and writes offloaded state in place, over the link
-    let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV));
-    let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + host_state / dev.link_bw;
+    let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem.is_host() && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
+    // bytes of host-resident state the optimizer reads and writes: master, m and v both ways,
+    // streamed weights written, offloaded gradients read
+    let host_state = 2.0 * (host(MemCategory::Master) + host(MemCategory::AdamM) + host(MemCategory::AdamV)) + host(MemCategory::Weights) + host(MemCategory::Gradients);
+    // zero-copy: the update kernel's own reads and writes cross the link; staged: the copies in
+    // and back run on two copy streams at once (half the bytes each way), overlapped with the
+    // device-side update of the slots
+    let link = if tc.memory.zero_copy { host_state / dev.link_bw } else { (host_state / 2.0 / dev.link_bw).max(host_state / dev.mem_bw) };
+    let optimizer = (opt_bytes - host_state).max(0.0) / dev.mem_bw + link;
     // streamed weights cross the link twice per micro-batch (forward; recompute and backward),
     // offloaded gradients once each way; the copy engines overlap them with the compute. With
     // persistent fp8 weights the matmuls read those, so streamed bf16 weights move only their
@@ -257,6 +266,8 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
         (m.stream_weights, "--shard-weights"),
         (m.offload_gradients, "--offload-gradients"),
         (m.offload_residual, "--offload-residual"),
+        (m.zero_copy, "--zero-copy"),
+        (m.write_combined, "--write-combined"),
     ] {
         if on {
             f.push(flag.into());
@@ -290,20 +301,23 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
                 let quants: &[(bool, bool)] = if fp8 { &[(true, false), (true, true), (false, false)] } else { &[(false, false)] };
                 for ((pq, oq), (sw, og, res)) in quants.iter().flat_map(|&q| streams.map(|s| (q, s))) {
                     let wgrad_overlap = tc.memory.wgrad_overlap && !og;
-                    let memory = MemoryOptions { recompute, persistent_quants: pq, offload_quants: oq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, ..tc.memory };
-                    let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
-                    let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
-                    smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
-                    if !plan.fits(Some(limit)) {
-                        continue;
-                    }
-                    least_host = Some(least_host.map_or(plan.host_total(), |s| s.min(plan.host_total())));
-                    if host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
-                        continue;
-                    }
-                    let est = estimate_step_seconds(cfg, &t, &plan, dev);
-                    if best.as_ref().is_none_or(|(_, _, e)| est < *e) {
-                        best = Some((t, plan, est));
+                    // zero-copy: where the optimizer has host state to update in place
+                    for zero_copy in [false, true].into_iter().filter(|z| !z || master || m || v || sw || og) {
+                        let memory = MemoryOptions { recompute, persistent_quants: pq, offload_quants: oq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, zero_copy, ..tc.memory };
+                        let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
+                        let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
+                        smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
+                        if !plan.fits(Some(limit)) {
+                            continue;
+                        }
+                        least_host = Some(least_host.map_or(plan.host_total(), |s| s.min(plan.host_total())));
+                        if host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
+                            continue;
+                        }
+                        let est = estimate_step_seconds(cfg, &t, &plan, dev);
+                        if best.as_ref().is_none_or(|(_, _, e)| est < *e) {
+                            best = Some((t, plan, est));
+                        }
                     }
                 }
             }
@@ -362,21 +376,23 @@ mod tests {
         let cfg = ModelConfig::tiny(Arch::Qwen3, 64);
         for precision in [crate::Precision::bf16(), crate::Precision::fp8()] {
             for (name, recompute) in Recompute::all_variants() {
-                for off in [false, true] {
+                for (off, zero_copy, write_combined) in [(false, false, false), (true, false, false), (true, true, false), (true, false, true)] {
                     let mut t = tc(2, 32);
                     t.precision = precision;
                     let fp8 = precision.matmul.is_fp8();
-                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, persistent_quants: fp8, offload_quants: off && fp8, ..Default::default() };
+                    t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, zero_copy, write_combined, persistent_quants: fp8, offload_quants: off && fp8, ..Default::default() };
                     let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
                     let mut be = CpuBackend::new();
                     Model::new(&mut be, &cfg, t.precision, RunShape { b: 2, t: 32 }, &t.memory).unwrap();
+                    TokenStage::alloc(&mut be, 2 * 32, t.grad_accumulation).unwrap();
                     let mut real = be.memory_by_category();
                     real.sort_by_key(|(c, m, _)| (*c, *m as u8));
                     let mut planned = plan.by_category();
                     planned.sort_by_key(|(c, m, _)| (*c, *m as u8));
                     assert_eq!(planned, real, "{:?} recompute {name} offload {off}", precision.matmul);
                     assert_eq!(plan.device_peak(), be.device_allocated());
-                    assert_eq!(plan.host_total() > 0, off);
+                    let on = |mem: Mem| plan.by_category().iter().any(|(c, m, _)| *m == mem && matches!(c, MemCategory::Master | MemCategory::AdamM | MemCategory::AdamV));
+                    assert_eq!((on(Mem::Host), on(Mem::HostWriteCombined)), (off && !write_combined, write_combined));
                 }
             }
         }
@@ -450,12 +466,18 @@ mod tests {
     fn offloading_moves_optimizer_state_to_the_host() {
         let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
         let base = MemoryPlan::new(&cfg, &tc(4, 1024), 0).unwrap();
-        let mut t = tc(4, 1024);
-        t.memory = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };
-        let off = MemoryPlan::new(&cfg, &t, 0).unwrap();
+        let layout = llmq_core::ParamLayout::new(&cfg);
         // fp32 master, m and v: 12 bytes per parameter move
-        let moved = 12 * llmq_core::ParamLayout::new(&cfg).groups.iter().map(|g| g.numel).sum::<usize>();
-        assert_eq!(base.device_peak() - off.device_peak(), moved);
-        assert_eq!(off.host_total(), moved);
+        let moved = 12 * layout.groups.iter().map(|g| g.numel).sum::<usize>();
+        let block = layout.groups[layout.block_group(0)].numel;
+        for zero_copy in [true, false] {
+            let mut t = tc(4, 1024);
+            t.memory = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, zero_copy, ..Default::default() };
+            let off = MemoryPlan::new(&cfg, &t, 0).unwrap();
+            assert_eq!(off.host_total() - base.host_total(), moved);
+            // staged: two device slots of one block's master, m and v stay on the device
+            let slots = if zero_copy { 0 } else { 2 * 12 * block };
+            assert_eq!(base.device_peak() - off.device_peak(), moved - slots, "zero-copy {zero_copy}");
+        }
     }
 }

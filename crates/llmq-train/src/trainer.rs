@@ -8,6 +8,7 @@ use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use crate::schedule::Schedule;
 use crate::spike::{SpikeGuard, SpikeState};
+use crate::token_stage::TokenStage;
 use crate::zero::Dist;
 use llmq_core::{AdamW, Backend, Comm, Error, ModelConfig, ReduceOp, Result, Stream};
 use std::sync::Arc;
@@ -161,9 +162,9 @@ pub struct StepStats {
     pub seconds: f64,
     /// The update was skipped: the loss or gradient norm was not finite, or a spike.
     pub skipped: bool,
-    /// Host seconds spent issuing the last micro-batch's forward and backward pass (up to the
-    /// loss read-back, which waits for the GPU): close to the step time when the host, not the
-    /// device, is the bottleneck.
+    /// Host seconds spent issuing the last micro-batch's forward and backward pass (nothing in
+    /// it waits for the device): close to the micro-batch's time when the host, not the device,
+    /// is the bottleneck.
     pub issue_seconds: f64,
     /// Why the run must stop now (the spike guard's limit), after a checkpoint of this state.
     pub stop: Option<String>,
@@ -172,6 +173,8 @@ pub struct StepStats {
 pub struct Trainer {
     pub be: Box<dyn Backend>,
     pub model: Model,
+    /// The step's tokens on their way to the device and its losses on their way back.
+    tokens: TokenStage,
     pub tc: TrainConfig,
     pub data: Box<dyn BatchSource>,
     pub eval_data: Option<Box<dyn BatchSource>>,
@@ -216,12 +219,14 @@ impl Trainer {
         }
         let dist = comm.and_then(|c| Dist::for_run(c, &tc));
         let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let mut model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| match e {
-            Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
+        let oom = |be: &dyn Backend, e| match e {
+            Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be, &msg, &tc)),
             e => e,
-        })?;
+        };
+        let mut model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| oom(be.as_ref(), e))?;
+        let tokens = TokenStage::alloc(be.as_mut(), shape.b * shape.t, tc.grad_accumulation).map_err(|e| oom(be.as_ref(), e))?;
         model.z_loss = tc.z_loss as f32;
-        Ok(Trainer { be, model, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
+        Ok(Trainer { be, model, tokens, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
     }
 
     /// This rank's communicator, with more than one rank.
@@ -264,18 +269,20 @@ impl Trainer {
         let valid = valid[0] as usize;
         let dloss = if valid > 0 { 1.0 / valid as f32 } else { 0.0 };
         let be = self.be.as_ref();
+        // the step's one host write; from here to the loss read-back the host never waits
+        self.tokens.stage(be, &self.model, &batches)?;
         self.model.zero_grads(be)?;
-        let mut loss_sum = 0.0;
-        for batch in &batches {
+        for k in 0..batches.len() {
             let t0 = Instant::now();
-            self.model.set_batch(be, batch)?;
+            let (ids, targets, losses) = self.tokens.begin(be, k)?;
+            self.model.use_staged(ids, targets, losses);
             self.model.forward(be, Some(dloss))?;
             self.model.backward(be)?;
+            self.tokens.end(be, k)?;
             self.issue_seconds = t0.elapsed().as_secs_f64();
-            loss_sum += self.model.loss_sum(be)?;
         }
         self.model.params.reduce_gradients(be)?;
-        let mut loss_sum = [loss_sum];
+        let mut loss_sum = [self.tokens.loss_sum(be)?];
         self.sum_over_ranks(&mut loss_sum, "loss")?;
         Ok((if valid > 0 { loss_sum[0] / valid as f64 } else { 0.0 }, valid))
     }
@@ -379,7 +386,7 @@ impl Trainer {
             let seed = self.tc.seed ^ (self.updates << 20) ^ gi as u64;
             let seed = p.dist.as_ref().map_or(seed, |d| llmq_io::loader::mix_seed(seed, d.rank() as u64));
             let amax = self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]);
-            let t = p.opt_shard(gi);
+            let t = p.opt_begin(be, gi)?;
             let base = AdamW {
                 params: &t.params,
                 master: &t.master,
@@ -398,6 +405,7 @@ impl Trainer {
             };
             let Some(d) = &p.dist else {
                 be.adamw(&AdamW { absmax: amax, ..base }, &g.segments())?;
+                p.opt_issued(be, gi)?;
                 continue;
             };
             // one rank's shard: each matrix's abs-max is that of its part, then the max over ranks
@@ -418,7 +426,9 @@ impl Trainer {
             if let Some(am) = amax {
                 d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
             }
+            p.opt_issued(be, gi)?;
         }
+        p.opt_finish(be)?;
         p.gather_weights(be)?;
         self.model.weights_updated(be)
     }

@@ -73,11 +73,14 @@ fn out_of_memory_reports_the_plan_and_what_would_help() {
     assert!(err.contains("free now") && err.contains("--recompute-block"), "{err}");
 }
 
-/// Bytes a model of micro-batch `b` allocates on the CPU backend.
+/// Device bytes a model of micro-batch `b` and its step's token buffers (keeping the tokens per
+/// step) allocate on the CPU backend.
 fn model_bytes(cfg: &llmq_core::ModelConfig, tc: &llmq_train::TrainConfig, b: usize) -> usize {
     let mut be = llmq_core::cpu::CpuBackend::new();
     llmq_train::Model::new(&mut be, cfg, tc.precision, llmq_train::RunShape { b, t: tc.seq_len }, &tc.memory).unwrap();
-    llmq_core::Backend::memory_by_category(&be).iter().map(|&(_, _, bytes)| bytes).sum()
+    let accumulation = tc.batch_size * tc.grad_accumulation / b;
+    llmq_train::token_stage::TokenStage::alloc(&mut be, b * tc.seq_len, accumulation).unwrap();
+    be.device_allocated()
 }
 
 #[test]

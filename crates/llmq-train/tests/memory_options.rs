@@ -38,6 +38,31 @@ fn recompute_options_are_bitwise_identical() {
     }
 }
 
+/// The optimizer's update of host-resident state, staged through device slots (the default)
+/// or in place over mapped host memory (`zero_copy`), in ordinary or write-combined pinned
+/// memory, gives the bits of the resident update, for every role the optimizer may find on the
+/// host, with fp32 and bf16 optimizer state.
+#[test]
+fn staged_and_zero_copy_optimizer_updates_are_bitwise_identical() {
+    let mut cfg = tiny(Arch::Qwen3, true);
+    cfg.num_layers = 5; // each of the two slots per role serves more than one block
+    for precision in [Precision::bf16(), Precision { opt_m: DType::BF16, opt_v: DType::BF16, ..Precision::bf16() }] {
+        let tc = train_config(2, 8, 2, 3);
+        let tc = llmq_train::TrainConfig { precision, ..tc };
+        let (base, wbase) = run(&cfg, tc.clone(), MemoryOptions::default());
+        let opt = MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };
+        let all = MemoryOptions { stream_weights: true, offload_gradients: true, ..opt };
+        for mem in [opt, MemoryOptions { offload_opt_v: false, ..opt }, MemoryOptions { stream_weights: true, ..Default::default() }, all] {
+            for (zero_copy, write_combined) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mem = MemoryOptions { zero_copy, write_combined, ..mem };
+                let (h, w) = run(&cfg, tc.clone(), mem);
+                assert_eq!(h, base, "{:?} m, {}: losses/norms differ", precision.opt_m, mem.describe());
+                assert!(w == wbase, "{}: weights differ", mem.describe());
+            }
+        }
+    }
+}
+
 #[test]
 fn gradient_accumulation_matches_a_larger_batch() {
     let cfg = tiny(Arch::Qwen3, false);

@@ -7,7 +7,7 @@ use common::*;
 use llmq_core::cpu::CpuBackend;
 use llmq_core::{Arch, DType, Mem, ModelConfig};
 use llmq_train::plan::{options_that_fit, MemoryPlan};
-use llmq_train::{MemoryOptions, Precision, Recompute, RunShape, TrainConfig};
+use llmq_train::{MemoryOptions, Precision, Recompute, TrainConfig};
 
 const GIB: u64 = 1 << 30;
 
@@ -70,8 +70,8 @@ fn the_device_high_water_mark_stays_under_the_limit() {
     tr.train_step().unwrap();
     let host: usize = tr.be.memory_by_category().iter().filter(|m| m.1 == Mem::Host).map(|m| m.2).sum();
     assert_eq!(host, plan.host_total());
-    let mut be = CpuBackend::with_limit(limit - 1);
-    let e = llmq_train::Model::new(&mut be, &cfg, tc.precision, RunShape { b: 2, t: 16 }, &tc.memory).err().expect("one byte under the plan allocated");
+    let src = llmq_train::synthetic::MarkovSource::new(cfg.vocab_size, 99);
+    let e = llmq_train::Trainer::new(Box::new(CpuBackend::with_limit(limit - 1)), &cfg, tc, Box::new(src.stream(0)), None).err().expect("one byte under the plan allocated");
     assert!(e.to_string().contains("limit"), "{e}");
 }
 

@@ -155,6 +155,11 @@ fn zero_works_with_every_memory_option() {
                     m.offload_opt_m = true;
                     m.offload_opt_v = true;
                 })),
+                ("offloaded optimizer state updated in place (zero-copy)", with_memory(&tc, |m| {
+                    m.offload_opt_m = true;
+                    m.offload_opt_v = true;
+                    m.zero_copy = true;
+                })),
                 ("ZeRO-2 + offloaded gradients and residuals", with_memory(&tc, |m| {
                     m.shard_gradients = true;
                     m.offload_gradients = true;

@@ -124,7 +124,7 @@ impl Backend for CpuBackend {
     fn memory_by_category(&self) -> Vec<(MemCategory, Mem, usize)> {
         self.accounted
             .iter()
-            .map(|(&(c, m), &b)| (c, if m == Mem::Device as u8 { Mem::Device } else { Mem::Host }, b))
+            .map(|(&(c, m), &b)| (c, Mem::from_index(m), b))
             .collect()
     }
 

@@ -79,6 +79,8 @@ impl TrainOptions {
             recompute: self.recompute(),
             persistent_quants: self.persistent_quants,
             offload_quants: self.offload_quants,
+            zero_copy: self.zero_copy,
+            write_combined: self.write_combined,
             wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !shard_gradients,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,

@@ -158,6 +158,17 @@ pub struct TrainOptions {
     /// the input-gradient chain (the default for e4m3: same numbers, +1.4% at 1.5B on an H200).
     #[arg(long, help_heading = "Memory")]
     pub no_wgrad_overlap: bool,
+    /// The optimizer reads and writes host-resident state (offloaded master weights and Adam
+    /// moments, streamed weights, offloaded gradients) in place over mapped host memory instead
+    /// of staging each block's through two device slots per tensor: less device memory, every
+    /// byte over the host link inside the update. Same numbers.
+    #[arg(long, help_heading = "Memory")]
+    pub zero_copy: bool,
+    /// Allocate the host side of offloaded master weights, Adam moments, streamed weights and
+    /// offloaded gradients write-combined: faster for the GPU to read over PCIe, very slow for
+    /// the CPU to read (checkpoints read it through the GPU). Same numbers.
+    #[arg(long, help_heading = "Memory")]
+    pub write_combined: bool,
     /// Cap on the device memory the run may allocate, e.g. 16GiB (emulates a smaller card). A
     /// plan over it is refused before anything is allocated, naming options that would fit.
     #[arg(long, value_name = "SIZE", help_heading = "Memory")]
@@ -187,8 +198,9 @@ pub struct TrainOptions {
     /// pass (copied back as each block's forward is issued, prefetched a block ahead).
     #[arg(long, help_heading = "Memory")]
     pub offload_residual: bool,
-    /// Keep the fp32 master weights in pinned host memory; the optimizer reads and writes them
-    /// there (needs --model-dtype fp32 with bf16 or e4m3 matmuls).
+    /// Keep the fp32 master weights in pinned host memory; the optimizer brings each block's to
+    /// the device and back (or updates them in place with --zero-copy) (needs --model-dtype fp32
+    /// with bf16 or e4m3 matmuls).
     #[arg(long, help_heading = "Memory")]
     pub offload_master: bool,
     /// Keep Adam's first moment in pinned host memory.
