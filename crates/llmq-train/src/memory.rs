@@ -37,6 +37,9 @@ pub struct MemoryOptions {
     pub shard_gradients: bool,
     /// With several ranks: block weights sharded across ranks and gathered per block (ZeRO-3).
     pub shard_weights: bool,
+    /// With several ranks: gradients reduce-scattered by all-to-all copies into a device
+    /// staging buffer plus one local reduction (`llmq_core::all_to_all`), the same bits.
+    pub all_to_all_reduce: bool,
 }
 
 impl MemoryOptions {

@@ -11,6 +11,7 @@ use crate::memory::MemoryOptions;
 use crate::precision::Precision;
 use crate::stream::Slots;
 use crate::zero::{Dist, Shard};
+use llmq_core::all_to_all::AllToAllReduce;
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
 use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 use std::cell::Cell;
@@ -127,6 +128,8 @@ pub struct Params {
     /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter
     /// (on the copy-back stream).
     grad_scratch: Option<Slots>,
+    /// The staging of `--all-to-all-reduce` reduce-scatters.
+    a2a: Option<AllToAllReduce>,
 }
 
 /// The rank's shard of one group's optimizer state and the tensors the update reads and writes
@@ -173,6 +176,13 @@ impl Params {
         let grad_slots = if mem.offload_gradients && !shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
         let gathered = if shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
         let grad_scratch = if shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
+        let a2a = match &dist {
+            Some(d) if d.all_to_all_reduce => {
+                let largest = (0..layout.groups.len()).map(|gi| shard(gi).padded).max().unwrap_or(0);
+                Some(AllToAllReduce::alloc(be, precision.grads, largest)?)
+            }
+            _ => None,
+        };
         Ok(Params {
             cfg: cfg.clone(),
             layout,
@@ -188,6 +198,7 @@ impl Params {
             dist,
             gathered,
             grad_scratch,
+            a2a,
         })
     }
 
@@ -236,9 +247,18 @@ impl Params {
             }
             let sh = self.shard(gi);
             let full = &self.grads.groups[gi];
-            d.comm.reduce_scatter(be, &full.slice(d.rank() * sh.size, &[sh.size]), full, false, Stream::Compute, &format!("gradients of {}", g.name))?;
+            self.reduce_scatter(be, d, &full.slice(d.rank() * sh.size, &[sh.size]), full, Stream::Compute, &format!("gradients of {}", g.name))?;
         }
         Ok(())
+    }
+
+    /// dst = this rank's shard of the sum over ranks of src, by the group's reduce-scatter or
+    /// through the all-to-all staging (`--all-to-all-reduce`): the same bits.
+    fn reduce_scatter(&self, be: &dyn Backend, d: &Dist, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        match &self.a2a {
+            Some(a) => a.reduce_scatter(d.comm.as_ref(), be, dst, src, false, stream, what),
+            None => d.comm.reduce_scatter(be, dst, src, false, stream, what),
+        }
     }
 
     /// After the optimizer updated this rank's shards: every rank gathers the whole working
@@ -355,7 +375,7 @@ impl Params {
         if let (Some(g), Some(d)) = (&self.grad_scratch, &self.dist) {
             let gi = self.layout.block_group(l);
             let shard = &self.grads.groups[gi];
-            return g.store_with(be, l, self.shard(gi).padded, |src| d.comm.reduce_scatter(be, shard, src, false, Stream::CopyBack, &format!("gradients of block {l}")));
+            return g.store_with(be, l, self.shard(gi).padded, |src| self.reduce_scatter(be, d, shard, src, Stream::CopyBack, &format!("gradients of block {l}")));
         }
         match &self.grad_slots {
             Some(s) => s.store_grad(be, l, &self.grads.groups[self.layout.block_group(l)]),
