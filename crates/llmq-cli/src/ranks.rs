@@ -8,7 +8,8 @@
 //! `nccl`), else the thread collectives through host memory (`host`; the only choice on the CPU
 //! and what `auto` falls back to, with a message). `--memcpy-all-gather` / `--memcpy-send-recv`
 //! take those calls from the copy-engine collectives (peer copies, no kernels on the SMs) for
-//! ranks that are threads of this process.
+//! ranks that are threads of this process, and so does `--all-to-all-reduce` for the all-to-all
+//! of its reduce-scatters (on the CPU, the thread collectives move those shards).
 
 use crate::train_args::TrainArgs;
 use llmq_core::comm::RoutedComm;
@@ -32,6 +33,8 @@ pub struct RankStart {
     pub nccl: Option<NcclId>,
     pub memcpy_all_gather: bool,
     pub memcpy_send_recv: bool,
+    /// `--all-to-all-reduce`: all-to-alls on the copy engines (on CUDA).
+    pub all_to_all: bool,
     pub timeout: Duration,
 }
 
@@ -44,18 +47,20 @@ impl RankStart {
             (None, _, Some(t)) => t.clone(),
             (None, _, None) => return Err(Error::Config("a rank without collectives (no thread group, no NCCL id)".into())),
         };
-        if !(self.memcpy_all_gather || self.memcpy_send_recv) {
+        let a2a_copies = self.all_to_all && cuda.is_some();
+        if !(self.memcpy_all_gather || self.memcpy_send_recv || a2a_copies) {
             return Ok(base);
         }
         let be = cuda.ok_or_else(|| Error::Config("--memcpy-all-gather / --memcpy-send-recv are copy-engine collectives between GPUs: they need --device cuda".into()))?;
         let threads = self.threads.clone().ok_or_else(|| {
-            Error::Config("--memcpy-all-gather / --memcpy-send-recv copy between the GPUs of one process: use --gpus N (not one process per GPU)".into())
+            Error::Config("--memcpy-all-gather / --memcpy-send-recv / --all-to-all-reduce copy between the GPUs of one process: use --gpus N (not one process per GPU)".into())
         })?;
         let copy: Arc<dyn Comm> = Arc::new(CopyComm::new(threads, be)?);
         Ok(Arc::new(RoutedComm {
             base,
             gathers: self.memcpy_all_gather.then(|| copy.clone()),
-            p2p: self.memcpy_send_recv.then_some(copy),
+            p2p: self.memcpy_send_recv.then(|| copy.clone()),
+            a2a: a2a_copies.then_some(copy),
         }))
     }
 }
@@ -82,9 +87,6 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
     if args.fit_batch {
         return Err(Error::Config("--fit-batch probes one device; with --gpus, give --batch-size (or --auto-memory with --memory-limit)".into()));
     }
-    if args.all_to_all_reduce {
-        return Err(Error::Config("--all-to-all-reduce (a reduce-scatter from copy-engine all-to-all copies) is not built: reductions run on NCCL or through host memory".into()));
-    }
     let device = crate::device::resolve(&args.device)?;
     if device == "cuda" && llmq_cuda::device_count() < args.gpus {
         return Err(Error::Config(format!(
@@ -108,6 +110,7 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
             nccl,
             memcpy_all_gather: args.memcpy_all_gather,
             memcpy_send_recv: args.memcpy_send_recv,
+            all_to_all: args.all_to_all_reduce,
             timeout,
         };
         run_rank(&args, Some(start), stop.clone())
@@ -144,6 +147,7 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
         nccl: Some(NcclId::from_bytes(&payload)?),
         memcpy_all_gather: false,
         memcpy_send_recv: false,
+        all_to_all: false,
         timeout,
     };
     run_rank(&args, Some(start), stop)

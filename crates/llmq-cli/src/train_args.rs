@@ -298,8 +298,9 @@ pub struct TrainArgs {
     /// Sends and receives by peer copies on the copy engines (GPUs of one process).
     #[arg(long, help_heading = "Device")]
     pub memcpy_send_recv: bool,
-    /// Reduce-scatter from copy-engine all-to-all copies plus a local reduction: not built
-    /// (refused with a message); reductions run on NCCL or through host memory.
+    /// Gradient reduce-scatters as all-to-all copies (copy engines on GPUs of one process,
+    /// plain copies between CPU ranks) into a device staging buffer plus one local reduction
+    /// kernel; the same numbers as the default reduce-scatter.
     #[arg(long, help_heading = "Device")]
     pub all_to_all_reduce: bool,
 }
@@ -318,6 +319,9 @@ impl TrainArgs {
             return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
         }
         let shard_gradients = self.gpus > 1 && (self.shard_gradients || self.shard_weights || self.zero_level >= 2);
+        if self.all_to_all_reduce && self.gpus <= 1 {
+            return Err(Error::Config("--all-to-all-reduce reduces gradients between ranks: use it with --gpus N (N > 1)".into()));
+        }
         Ok(MemoryOptions {
             recompute: self.recompute(),
             persistent_quants: self.persistent_quants,
@@ -329,6 +333,7 @@ impl TrainArgs {
             offload_gradients: self.offload_gradients,
             shard_weights: self.gpus > 1 && (self.shard_weights || self.zero_level >= 3),
             shard_gradients,
+            all_to_all_reduce: self.all_to_all_reduce,
             offload_residual: self.offload_residual,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })

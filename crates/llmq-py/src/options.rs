@@ -213,9 +213,10 @@ impl Options {
             offload_gradients: self.offload_gradients,
             offload_residual: self.offload_residual,
             memory_limit,
-            // one rank: nothing to shard across
+            // one rank: nothing to shard across or reduce between
             shard_gradients: false,
             shard_weights: false,
+            all_to_all_reduce: false,
         })
     }
 

@@ -91,6 +91,9 @@ impl MemoryOptions {
         if self.shard_gradients || self.shard_weights {
             parts.push(format!("ZeRO-{}", if self.shard_weights { 3 } else { 2 }));
         }
+        if self.all_to_all_reduce {
+            parts.push("reduce-scatters by all-to-all + local reduction".into());
+        }
         if self.wgrad_overlap {
             parts.push("weight gradients on a second stream".into());
         }
