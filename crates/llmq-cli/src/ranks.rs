@@ -2,7 +2,8 @@
 //! per GPU in this process, or N ranks on the CPU) and one process per GPU under a launcher's
 //! environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: torchrun, a cluster
 //! scheduler), where rank 0 hands out the NCCL id over `llmq_train::rendezvous` after checking
-//! that every rank runs the same configuration and code.
+//! that every rank runs the same configuration and code, and keeps the connections as the roll
+//! call (`llmq_train::roll_call`) that names the ranks missing from a collective that times out.
 //!
 //! Collectives: NCCL on GPUs where libnccl is present (`--collectives auto`, the default, or
 //! `nccl`), else the thread collectives through host memory (`host`; the only choice on the CPU
@@ -12,10 +13,12 @@
 //! of its reduce-scatters (on the CPU, the thread collectives move those shards).
 
 use crate::train_args::TrainArgs;
+use llmq_core::attendance::{Attendance, AttendedComm};
 use llmq_core::comm::RoutedComm;
 use llmq_core::{Comm, Error, Result};
 use llmq_cuda::{CopyComm, CudaBackend, NcclComm, NcclId};
 use llmq_train::rendezvous::{self, Hello, Launch};
+use llmq_train::roll_call::RollCall;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,13 +39,21 @@ pub struct RankStart {
     /// `--all-to-all-reduce`: all-to-alls on the copy engines (on CUDA).
     pub all_to_all: bool,
     pub timeout: Duration,
+    /// One process per rank: the roll call at rank 0 that names missing ranks on a timeout.
+    pub roll: Option<Arc<dyn Attendance>>,
 }
 
 impl RankStart {
     /// The rank's communicator on its backend (`None`: the CPU backend).
     pub fn comm(&self, cuda: Option<&CudaBackend>) -> Result<Arc<dyn Comm>> {
         let base: Arc<dyn Comm> = match (&self.nccl, cuda, &self.threads) {
-            (Some(id), Some(be), _) => Arc::new(NcclComm::new(be, id, self.rank, self.world, self.timeout)?),
+            (Some(id), Some(be), _) => {
+                let nccl: Arc<dyn Comm> = Arc::new(NcclComm::new(be, id, self.rank, self.world, self.timeout)?);
+                match &self.roll {
+                    Some(roll) => Arc::new(AttendedComm::new(nccl, roll.clone())),
+                    None => nccl,
+                }
+            }
             (Some(_), None, _) => return Err(Error::Config("NCCL collectives need the CUDA backend".into())),
             (None, _, Some(t)) => t.clone(),
             (None, _, None) => return Err(Error::Config("a rank without collectives (no thread group, no NCCL id)".into())),
@@ -112,6 +123,7 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
             memcpy_send_recv: args.memcpy_send_recv,
             all_to_all: args.all_to_all_reduce,
             timeout,
+            roll: None,
         };
         run_rank(&args, Some(start), stop.clone())
     });
@@ -133,12 +145,13 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
     let args = TrainArgs { device: "cuda".into(), gpus: l.world, ..args };
     let timeout = Duration::from_secs(args.collective_timeout.max(1));
     let hello = Hello { config_hash: config_hash(&args)?, version: code_version() };
-    let payload = if l.rank == 0 {
+    let (payload, conns) = if l.rank == 0 {
         let id = NcclComm::unique_id()?;
-        rendezvous::rendezvous(&l, &hello, Some(&id.0), timeout)?
+        rendezvous::rendezvous_kept(&l, &hello, Some(&id.0), timeout)?
     } else {
-        rendezvous::rendezvous(&l, &hello, None, timeout)?
+        rendezvous::rendezvous_kept(&l, &hello, None, timeout)?
     };
+    let roll: Arc<dyn Attendance> = Arc::new(RollCall::of_rendezvous(l.rank, conns)?);
     let start = RankStart {
         rank: l.rank,
         world: l.world,
@@ -149,6 +162,7 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
         memcpy_send_recv: false,
         all_to_all: false,
         timeout,
+        roll: Some(roll),
     };
     run_rank(&args, Some(start), stop)
 }

@@ -284,7 +284,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Device")]
     pub zero_level: u8,
     /// Seconds a collective waits for the other ranks before every rank stops with an error
-    /// naming it (and, between threads, the ranks that did not arrive).
+    /// naming it and the ranks that did not arrive (across processes: from the roll call at rank 0).
     #[arg(long, default_value_t = 300, help_heading = "Device")]
     pub collective_timeout: u64,
     /// Collectives between GPUs: auto (NCCL where libnccl is present, else through host memory),

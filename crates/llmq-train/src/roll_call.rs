@@ -48,9 +48,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The answer to "who has not entered collective `seq`" from the table.
+/// The answer to "who has not entered collective `seq`" from the table (a rank whose
+/// connection closed cannot finish it either: named wherever it was).
 fn absent_from(seen: &[Seen], seq: u64) -> String {
-    let behind: Vec<(usize, &Seen)> = seen.iter().enumerate().filter(|(_, s)| s.seq < seq).collect();
+    let behind: Vec<(usize, &Seen)> = seen.iter().enumerate().filter(|(_, s)| s.seq < seq || s.gone).collect();
     if behind.is_empty() {
         return String::new();
     }
@@ -187,11 +188,15 @@ mod tests {
             Seen { seq: 5, what: "reduce-scatter 'gradients of block 3' (fp32 x 4096)".into(), ..Seen::default() },
             Seen { gone: true, ..Seen::default() },
             Seen { seq: 9, what: "x".into(), ..Seen::default() },
+            Seen { seq: 9, what: "y".into(), gone: true, ..Seen::default() },
         ];
-        assert_eq!(absent_from(&seen, 5), "rank(s) 2 did not arrive (rank 2 had entered no collective, then its connection closed)");
+        assert_eq!(
+            absent_from(&seen, 5),
+            "rank(s) 2, 4 did not arrive (rank 2 had entered no collective, then its connection closed; rank 4 last entered #9 y, then its connection closed)"
+        );
         let a = absent_from(&seen, 7);
-        assert!(a.starts_with("rank(s) 1, 2 did not arrive (rank 1 last entered #5 reduce-scatter 'gradients of block 3'"), "{a}");
-        assert_eq!(absent_from(&seen, 0), "");
+        assert!(a.starts_with("rank(s) 1, 2, 4 did not arrive (rank 1 last entered #5 reduce-scatter 'gradients of block 3'"), "{a}");
+        assert_eq!(absent_from(&seen[..2], 0), "");
         // a long signature is cut at a character boundary
         let f = frame(ENTER, 3, &"é".repeat(MAX_NAME));
         assert!(f.len() <= 9 + MAX_NAME && std::str::from_utf8(&f[9..]).is_ok());
