@@ -277,7 +277,7 @@ pub fn check_shards(kind: &str, what: &str, shard: &Tensor, full: &Tensor, world
 
 /// The buffers of an all-to-all agree: same dtype and size, `world` shards, not overlapping.
 pub fn check_all_to_all(what: &str, dst: &Tensor, src: &Tensor, world: usize) -> Result<()> {
-    if dst.dtype != src.dtype || dst.numel() != src.numel() || src.numel() % world.max(1) != 0 {
+    if dst.dtype != src.dtype || dst.numel() != src.numel() || !src.numel().is_multiple_of(world.max(1)) {
         return Err(Error::Op(format!(
             "all-to-all '{what}': dst ({} x {}) and src ({} x {}) must match and be {world} shards",
             dst.dtype,
