@@ -48,10 +48,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The answer to "who has not entered collective `seq`" from the table (a rank whose
-/// connection closed cannot finish it either: named wherever it was).
+/// The answer to "who has not entered collective `seq`" from the table. A rank whose connection
+/// closed cannot finish it either and is named wherever it was, unless it had asked about `seq`
+/// itself (it timed out waiting too, and ended).
 fn absent_from(seen: &[Seen], seq: u64) -> String {
-    let behind: Vec<(usize, &Seen)> = seen.iter().enumerate().filter(|(_, s)| s.seq < seq || s.gone).collect();
+    let behind: Vec<(usize, &Seen)> = seen.iter().enumerate().filter(|(_, s)| s.seq < seq || (s.gone && s.asked < seq)).collect();
     if behind.is_empty() {
         return String::new();
     }
@@ -189,6 +190,8 @@ mod tests {
             Seen { gone: true, ..Seen::default() },
             Seen { seq: 9, what: "x".into(), ..Seen::default() },
             Seen { seq: 9, what: "y".into(), gone: true, ..Seen::default() },
+            // timed out at #9 too, asked, and ended: not a missing rank
+            Seen { seq: 9, what: "y".into(), gone: true, asked: 9 },
         ];
         assert_eq!(
             absent_from(&seen, 5),
