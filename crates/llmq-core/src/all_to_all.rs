@@ -50,11 +50,6 @@ impl AllToAllReduce {
         Ok(AllToAllReduce { staging, done: be.create_event()?, last: Mutex::new(None) })
     }
 
-    /// Bytes of the staging buffer.
-    pub fn staging_bytes(&self) -> usize {
-        self.staging.bytes()
-    }
-
     /// `comm.reduce_scatter(be, dst, src, accumulate, stream, what)`, by an all-to-all into the
     /// staging buffer and a local reduction; the same bits.
     #[allow(clippy::too_many_arguments)]
