@@ -4,6 +4,11 @@
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 #        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
 #        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [timeout-kill]
+# Issue 24 modes: scaling takes ZeRO levels in SCALING_LEVELS, a level written "3a" runs with
+# --all-to-all-reduce (reduce-scatters by copy-engine all-to-all + a local reduction kernel);
+# launch compares one process per GPU with the threaded run (LAUNCH_THREADS_EXTRA: flags of the
+# threaded run only, e.g. "--all-to-all-reduce --memcpy-all-gather", which processes refuse);
+# timeout-kill checks that rank 0 names the killed rank (the roll call over the rendezvous).
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -109,11 +114,13 @@ case "$what" in
     ;;
   scaling)
     # issue 24: one GPU against two at the same tokens per step, for each ZeRO level given:
-    # scaling WHICH... (e.g. 0.5b-fp8 1.5b-fp8 3b-fp8 7b-fp8); SCALING_LEVELS="1 3" by default
+    # scaling WHICH... (e.g. 0.5b-fp8 1.5b-fp8 3b-fp8 7b-fp8); SCALING_LEVELS="1 3" by default,
+    # "1a 3a" add --all-to-all-reduce
     for w in "$@"; do
       for run in 1 $(for z in ${SCALING_LEVELS:-1 3}; do echo "2:$z"; done); do
         gpus="${run%%:*}"; z="${run#*:}"; tag="$w 1gpu"; flags=""
-        [ "$gpus" = 2 ] && { tag="$w 2gpu zero$z"; flags="--zero-level $z ${SCALING_EXTRA:-}"; }
+        a2a=""; [ "${z%a}" != "$z" ] && { z="${z%a}"; a2a="--all-to-all-reduce"; }
+        [ "$gpus" = 2 ] && { tag="$w 2gpu zero$z${a2a:+ a2a}"; flags="--zero-level $z $a2a ${SCALING_EXTRA:-}"; }
         rm -rf /tmp/bench
         BENCH_TOKENS="${BENCH_TOKENS:-524288}" BENCH_GPUS="$gpus" BENCH_EXTRA="$flags" bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench "$w" > /dev/null 2>&1
         { echo "######## $tag"; cat /tmp/bench/bench.txt; } >> "$O/scaling.txt"
@@ -135,7 +142,8 @@ case "$what" in
     # losses expected): launch [llmq flags]
     common=(train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16
             --steps "${LAUNCH_STEPS:-10}" --eval-every 0 --print-every 1 --matmul-dtype e4m3 "$@")
-    .gpu/llmq "${common[@]}" --gpus 2 --log-file "$O/launch-threads.jsonl" > "$O/launch-threads.txt" 2>&1
+    # shellcheck disable=SC2086 # LAUNCH_THREADS_EXTRA: words of flags
+    .gpu/llmq "${common[@]}" --gpus 2 ${LAUNCH_THREADS_EXTRA:-} --log-file "$O/launch-threads.jsonl" > "$O/launch-threads.txt" 2>&1
     for r in 0 1; do
       log=(); [ "$r" = 0 ] && log=(--log-file "$O/launch-procs.jsonl")
       RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
@@ -144,7 +152,8 @@ case "$what" in
     wait
     ;;
   timeout-kill)
-    # kill rank 1's process mid-run; rank 0 must exit non-zero within --collective-timeout
+    # kill rank 1's process mid-run; rank 0 must exit non-zero within --collective-timeout,
+    # naming rank 1 ("rank(s) 1 did not arrive", from the roll call)
     for r in 0 1; do
       RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 \
         .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \
@@ -156,6 +165,7 @@ case "$what" in
     wait "${pids[0]}"; rc=$?
     echo "rank 1 killed; rank 0 exited with $rc after $(( $(date +%s) - t0 )) s (timeout ${KILL_TIMEOUT:-60} s)" >> "$O/kill.txt"
     tail -3 "$O/kill-rank0.txt" >> "$O/kill.txt"
+    grep -q "rank(s) 1 did not arrive" "$O/kill-rank0.txt" && echo "rank 0 named rank 1" >> "$O/kill.txt" || echo "rank 0 did NOT name rank 1" >> "$O/kill.txt"
     ;;
   profile)
     .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --random-data --seq-len 1024 --batch-size 16 \

@@ -2,19 +2,23 @@
 //! per GPU in this process, or N ranks on the CPU) and one process per GPU under a launcher's
 //! environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: torchrun, a cluster
 //! scheduler), where rank 0 hands out the NCCL id over `llmq_train::rendezvous` after checking
-//! that every rank runs the same configuration and code.
+//! that every rank runs the same configuration and code, and keeps the connections as the roll
+//! call (`llmq_train::roll_call`) that names the ranks missing from a collective that times out.
 //!
 //! Collectives: NCCL on GPUs where libnccl is present (`--collectives auto`, the default, or
 //! `nccl`), else the thread collectives through host memory (`host`; the only choice on the CPU
 //! and what `auto` falls back to, with a message). `--memcpy-all-gather` / `--memcpy-send-recv`
 //! take those calls from the copy-engine collectives (peer copies, no kernels on the SMs) for
-//! ranks that are threads of this process.
+//! ranks that are threads of this process, and so does `--all-to-all-reduce` for the all-to-all
+//! of its reduce-scatters (on the CPU, the thread collectives move those shards).
 
 use crate::train_args::TrainArgs;
+use llmq_core::attendance::{Attendance, AttendedComm};
 use llmq_core::comm::RoutedComm;
 use llmq_core::{Comm, Error, Result};
 use llmq_cuda::{CopyComm, CudaBackend, NcclComm, NcclId};
 use llmq_train::rendezvous::{self, Hello, Launch};
+use llmq_train::roll_call::RollCall;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,30 +36,42 @@ pub struct RankStart {
     pub nccl: Option<NcclId>,
     pub memcpy_all_gather: bool,
     pub memcpy_send_recv: bool,
+    /// `--all-to-all-reduce`: all-to-alls on the copy engines (on CUDA).
+    pub all_to_all: bool,
     pub timeout: Duration,
+    /// One process per rank: the roll call at rank 0 that names missing ranks on a timeout.
+    pub roll: Option<Arc<dyn Attendance>>,
 }
 
 impl RankStart {
     /// The rank's communicator on its backend (`None`: the CPU backend).
     pub fn comm(&self, cuda: Option<&CudaBackend>) -> Result<Arc<dyn Comm>> {
         let base: Arc<dyn Comm> = match (&self.nccl, cuda, &self.threads) {
-            (Some(id), Some(be), _) => Arc::new(NcclComm::new(be, id, self.rank, self.world, self.timeout)?),
+            (Some(id), Some(be), _) => {
+                let nccl: Arc<dyn Comm> = Arc::new(NcclComm::new(be, id, self.rank, self.world, self.timeout)?);
+                match &self.roll {
+                    Some(roll) => Arc::new(AttendedComm::new(nccl, roll.clone())),
+                    None => nccl,
+                }
+            }
             (Some(_), None, _) => return Err(Error::Config("NCCL collectives need the CUDA backend".into())),
             (None, _, Some(t)) => t.clone(),
             (None, _, None) => return Err(Error::Config("a rank without collectives (no thread group, no NCCL id)".into())),
         };
-        if !(self.memcpy_all_gather || self.memcpy_send_recv) {
+        let a2a_copies = self.all_to_all && cuda.is_some();
+        if !(self.memcpy_all_gather || self.memcpy_send_recv || a2a_copies) {
             return Ok(base);
         }
         let be = cuda.ok_or_else(|| Error::Config("--memcpy-all-gather / --memcpy-send-recv are copy-engine collectives between GPUs: they need --device cuda".into()))?;
         let threads = self.threads.clone().ok_or_else(|| {
-            Error::Config("--memcpy-all-gather / --memcpy-send-recv copy between the GPUs of one process: use --gpus N (not one process per GPU)".into())
+            Error::Config("--memcpy-all-gather / --memcpy-send-recv / --all-to-all-reduce copy between the GPUs of one process: use --gpus N (not one process per GPU)".into())
         })?;
         let copy: Arc<dyn Comm> = Arc::new(CopyComm::new(threads, be)?);
         Ok(Arc::new(RoutedComm {
             base,
             gathers: self.memcpy_all_gather.then(|| copy.clone()),
-            p2p: self.memcpy_send_recv.then_some(copy),
+            p2p: self.memcpy_send_recv.then(|| copy.clone()),
+            a2a: a2a_copies.then_some(copy),
         }))
     }
 }
@@ -82,9 +98,6 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
     if args.fit_batch {
         return Err(Error::Config("--fit-batch probes one device; with --gpus, give --batch-size (or --auto-memory with --memory-limit)".into()));
     }
-    if args.all_to_all_reduce {
-        return Err(Error::Config("--all-to-all-reduce (a reduce-scatter from copy-engine all-to-all copies) is not built: reductions run on NCCL or through host memory".into()));
-    }
     let device = crate::device::resolve(&args.opts.device)?;
     if device == "cuda" && llmq_cuda::device_count() < args.gpus {
         return Err(Error::Config(format!(
@@ -109,7 +122,9 @@ pub fn run_threads(args: TrainArgs, stop: Arc<AtomicBool>, run_rank: impl Fn(&Tr
             nccl,
             memcpy_all_gather: args.memcpy_all_gather,
             memcpy_send_recv: args.memcpy_send_recv,
+            all_to_all: args.all_to_all_reduce,
             timeout,
+            roll: None,
         };
         run_rank(&args, Some(start), stop.clone())
     });
@@ -132,12 +147,13 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
     args.opts.device = "cuda".into();
     let timeout = Duration::from_secs(args.collective_timeout.max(1));
     let hello = Hello { config_hash: config_hash(&args)?, version: code_version() };
-    let payload = if l.rank == 0 {
+    let (payload, conns) = if l.rank == 0 {
         let id = NcclComm::unique_id()?;
-        rendezvous::rendezvous(&l, &hello, Some(&id.0), timeout)?
+        rendezvous::rendezvous_kept(&l, &hello, Some(&id.0), timeout)?
     } else {
-        rendezvous::rendezvous(&l, &hello, None, timeout)?
+        rendezvous::rendezvous_kept(&l, &hello, None, timeout)?
     };
+    let roll: Arc<dyn Attendance> = Arc::new(RollCall::of_rendezvous(l.rank, conns)?);
     let start = RankStart {
         rank: l.rank,
         world: l.world,
@@ -146,7 +162,9 @@ pub fn run_launched(args: TrainArgs, l: Launch, stop: Arc<AtomicBool>, run_rank:
         nccl: Some(NcclId::from_bytes(&payload)?),
         memcpy_all_gather: false,
         memcpy_send_recv: false,
+        all_to_all: false,
         timeout,
+        roll: Some(roll),
     };
     run_rank(&args, Some(start), stop)
 }

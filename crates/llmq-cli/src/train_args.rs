@@ -83,7 +83,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3), help_heading = "Device")]
     pub zero_level: u8,
     /// Seconds a collective waits for the other ranks before every rank stops with an error
-    /// naming it (and, between threads, the ranks that did not arrive).
+    /// naming it and the ranks that did not arrive (across processes: from the roll call at rank 0).
     #[arg(long, default_value_t = 300, help_heading = "Device")]
     pub collective_timeout: u64,
     /// Collectives between GPUs: auto (NCCL where libnccl is present, else through host memory),
@@ -97,8 +97,9 @@ pub struct TrainArgs {
     /// Sends and receives by peer copies on the copy engines (GPUs of one process).
     #[arg(long, help_heading = "Device")]
     pub memcpy_send_recv: bool,
-    /// Reduce-scatter from copy-engine all-to-all copies plus a local reduction: not built
-    /// (refused with a message); reductions run on NCCL or through host memory.
+    /// Gradient reduce-scatters as all-to-all copies (copy engines on GPUs of one process,
+    /// plain copies between CPU ranks) into a device staging buffer plus one local reduction
+    /// kernel; the same numbers as the default reduce-scatter.
     #[arg(long, help_heading = "Device")]
     pub all_to_all_reduce: bool,
 }
@@ -109,7 +110,7 @@ impl TrainArgs {
         if self.continue_from.is_some() && self.opts.ckpt_dir.is_none() {
             return Err(Error::Config("--continue needs --ckpt-dir (where to look for checkpoints)".into()));
         }
-        self.opts.train_config(on_gpu, DataParallel { world: self.gpus, zero_level: self.zero_level })
+        self.opts.train_config(on_gpu, DataParallel { world: self.gpus, zero_level: self.zero_level, all_to_all_reduce: self.all_to_all_reduce })
     }
 }
 

@@ -36,11 +36,19 @@ fn two_ranks_match_one_rank_with_twice_the_accumulation() {
     run("--steps 6 --grad-accumulation 2", &data, &d.join("one.jsonl"));
     close(&steps(&d.join("two.jsonl")), &steps(&d.join("one.jsonl")), "2 ranks vs 1 rank x 2");
     // ZeRO levels and memory options do not change the numbers
-    for extra in ["--zero-level 2", "--zero-level 3", "--shard-weights --stream-weights --offload-opt-m --recompute-block", "--zero-level 2 --offload-gradients --offload-residual"] {
+    for extra in [
+        "--zero-level 2",
+        "--zero-level 3",
+        "--shard-weights --stream-weights --offload-opt-m --recompute-block",
+        "--zero-level 2 --offload-gradients --offload-residual",
+        "--all-to-all-reduce",
+        "--zero-level 3 --all-to-all-reduce",
+    ] {
         let log = d.join("other.jsonl");
         let _ = std::fs::remove_file(&log);
-        run(&format!("--steps 6 --gpus 2 {extra}"), &data, &log);
+        let out = run(&format!("--steps 6 --gpus 2 {extra}"), &data, &log);
         assert_eq!(steps(&log), steps(&d.join("two.jsonl")), "{extra}");
+        assert_eq!(out.contains("reduce-scatters by all-to-all"), extra.contains("--all-to-all-reduce"), "{extra}: {out}");
     }
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -80,8 +88,8 @@ fn rank_options_that_cannot_work_are_refused() {
     assert!(err.contains("--zero-level"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--zero-level", "3", "--offload-quants", "--matmul-dtype", "e4m3"]));
     assert!(err.contains("--offload-quants") && err.contains("--persistent-quants"), "{err}");
-    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--all-to-all-reduce"]));
-    assert!(err.contains("--all-to-all-reduce") && err.contains("not built"), "{err}");
+    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--all-to-all-reduce"]));
+    assert!(err.contains("--all-to-all-reduce") && err.contains("--gpus N (N > 1)"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--memcpy-all-gather"]));
     assert!(err.contains("--memcpy-all-gather") && err.contains("--device cuda"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--collectives", "nccl"]));

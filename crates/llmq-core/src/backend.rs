@@ -404,4 +404,9 @@ pub trait Backend {
     fn adamw(&self, args: &AdamW, segments: &[Segment]) -> Result<()>;
     /// out f32 [slots]: out[slot] = sum of squares of t (deterministic order).
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()>;
+    /// The local reduction of a reduce-scatter from all-to-all copies, queued on `stream`:
+    /// dst [S] (+)= staged[0] + staged[1] + ... over the world shards of staged [world*S], in
+    /// the collectives' reduction order (f32, in rank order, starting from dst when
+    /// accumulating, rounded once: `llmq_core::comm`). f32 or bf16; dst must not overlap staged.
+    fn reduce_shards(&self, dst: &Tensor, staged: &Tensor, accumulate: bool, stream: Stream) -> Result<()>;
 }

@@ -59,6 +59,14 @@ pub trait Comm: Send + Sync {
     fn reduce_scatter(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, accumulate: bool, stream: Stream, what: &str) -> Result<()>;
     /// dst [world*S] = every rank's src [S], in rank order. src may be rank's range of dst.
     fn all_gather(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()>;
+    /// dst [world*S] = shard `rank` (elements [rank*S, (rank+1)*S)) of every rank's src
+    /// [world*S], in rank order: the data movement of a reduce-scatter without the reduction
+    /// (`crate::all_to_all`). dst must not overlap src. Implementations that do not move data
+    /// this way say so.
+    fn all_to_all(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        let _ = (be, dst, src, stream);
+        Err(Error::Config(format!("all-to-all '{what}': {} do not provide it (--all-to-all-reduce runs on the thread or copy-engine collectives)", self.describe())))
+    }
     /// t = root's t.
     fn broadcast(&self, be: &dyn Backend, t: &Tensor, root: usize, stream: Stream, what: &str) -> Result<()>;
     fn send(&self, be: &dyn Backend, t: &Tensor, peer: usize, stream: Stream, what: &str) -> Result<()>;
@@ -82,7 +90,7 @@ pub trait Comm: Send + Sync {
 
 /// Element-wise reduction of `srcs` (each `dst.numel()` elements of dst's dtype, rank order)
 /// into dst's bytes, starting from `init` when accumulating.
-fn reduce_bytes(dtype: crate::DType, init: Option<&[u8]>, srcs: &[&[u8]], op: ReduceOp, out: &mut [u8]) -> Result<()> {
+pub(crate) fn reduce_bytes(dtype: crate::DType, init: Option<&[u8]>, srcs: &[&[u8]], op: ReduceOp, out: &mut [u8]) -> Result<()> {
     if !dtype.is_float() || dtype.is_fp8() {
         return Err(Error::Op(format!("collective reduction over {dtype} values: only f32 and bf16 are reduced")));
     }
@@ -267,6 +275,23 @@ pub fn check_shards(kind: &str, what: &str, shard: &Tensor, full: &Tensor, world
     Ok(())
 }
 
+/// The buffers of an all-to-all agree: same dtype and size, `world` shards, not overlapping.
+pub fn check_all_to_all(what: &str, dst: &Tensor, src: &Tensor, world: usize) -> Result<()> {
+    if dst.dtype != src.dtype || dst.numel() != src.numel() || !src.numel().is_multiple_of(world.max(1)) {
+        return Err(Error::Op(format!(
+            "all-to-all '{what}': dst ({} x {}) and src ({} x {}) must match and be {world} shards",
+            dst.dtype,
+            dst.numel(),
+            src.dtype,
+            src.numel()
+        )));
+    }
+    if dst.addr < src.addr + src.bytes() as u64 && src.addr < dst.addr + dst.bytes() as u64 && dst.bytes() > 0 {
+        return Err(Error::Op(format!("all-to-all '{what}': dst overlaps src")));
+    }
+    Ok(())
+}
+
 impl Comm for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
@@ -302,6 +327,14 @@ impl Comm for ThreadComm {
         let all = self.exchange(signature("all-gather", what, dst), be.stream_read(src, stream)?)?;
         let joined: Vec<u8> = all.iter().flat_map(|a| a.iter().copied()).collect();
         be.stream_write(dst, &joined, stream)
+    }
+
+    fn all_to_all(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        check_all_to_all(what, dst, src, self.hub.world)?;
+        let all = self.exchange(signature("all-to-all", what, src), be.stream_read(src, stream)?)?;
+        let b = src.bytes() / self.hub.world;
+        let mine: Vec<u8> = all.iter().flat_map(|a| a[self.rank * b..(self.rank + 1) * b].iter().copied()).collect();
+        be.stream_write(dst, &mine, stream)
     }
 
     fn broadcast(&self, be: &dyn Backend, t: &Tensor, root: usize, stream: Stream, what: &str) -> Result<()> {
@@ -388,12 +421,13 @@ impl Comm for ThreadComm {
 // ---------------------------------------------------------------------------------------------
 
 /// One rank's collectives from several implementations: all-gathers and broadcasts from
-/// `gathers`, sends and receives from `p2p` where given (the copy-engine versions), everything
-/// else (reductions, host collectives, aborts) from `base`.
+/// `gathers`, sends and receives from `p2p`, all-to-alls from `a2a` where given (the
+/// copy-engine versions), everything else (reductions, host collectives, aborts) from `base`.
 pub struct RoutedComm {
     pub base: Arc<dyn Comm>,
     pub gathers: Option<Arc<dyn Comm>>,
     pub p2p: Option<Arc<dyn Comm>>,
+    pub a2a: Option<Arc<dyn Comm>>,
 }
 
 impl RoutedComm {
@@ -420,6 +454,9 @@ impl Comm for RoutedComm {
         if let Some(p) = &self.p2p {
             s += &format!("; send/recv: {}", p.describe());
         }
+        if let Some(a) = &self.a2a {
+            s += &format!("; all-to-all: {}", a.describe());
+        }
         s
     }
     fn all_reduce(&self, be: &dyn Backend, t: &Tensor, op: ReduceOp, stream: Stream, what: &str) -> Result<()> {
@@ -430,6 +467,9 @@ impl Comm for RoutedComm {
     }
     fn all_gather(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
         self.gathers().all_gather(be, dst, src, stream, what)
+    }
+    fn all_to_all(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        self.a2a.as_deref().unwrap_or(self.base.as_ref()).all_to_all(be, dst, src, stream, what)
     }
     fn broadcast(&self, be: &dyn Backend, t: &Tensor, root: usize, stream: Stream, what: &str) -> Result<()> {
         self.gathers().broadcast(be, t, root, stream, what)
@@ -451,7 +491,7 @@ impl Comm for RoutedComm {
     }
     fn abort(&self, why: &str) {
         self.base.abort(why);
-        for c in [&self.gathers, &self.p2p].into_iter().flatten() {
+        for c in [&self.gathers, &self.p2p, &self.a2a].into_iter().flatten() {
             c.abort(why);
         }
     }

@@ -3,6 +3,8 @@
 //!
 //! Dependency direction: nothing in this crate knows about training, files or CUDA.
 
+pub mod all_to_all;
+pub mod attendance;
 pub mod backend;
 pub mod backend_options;
 pub mod check;

@@ -200,4 +200,8 @@ impl<O: Observer> Backend for Observed<O> {
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
         self.call(Call::op("sum_squares", &[Some(t)], &[Some(out)]), |b| b.sum_squares(out, slot, t))
     }
+    fn reduce_shards(&self, dst: &Tensor, staged: &Tensor, accumulate: bool, stream: Stream) -> Result<()> {
+        let reads = [Some(staged), accumulate.then_some(dst)];
+        self.call(Call { stream: Some(stream), ..Call::op("reduce_shards", &reads, &[Some(dst)]) }, |b| b.reduce_shards(dst, staged, accumulate, stream))
+    }
 }

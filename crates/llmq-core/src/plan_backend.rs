@@ -174,4 +174,7 @@ impl Backend for PlanBackend {
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
         no_ops()
     }
+    fn reduce_shards(&self, dst: &Tensor, staged: &Tensor, accumulate: bool, stream: Stream) -> Result<()> {
+        no_ops()
+    }
 }

@@ -223,16 +223,18 @@ fn collectives_are_ops_on_their_stream_for_the_order_checker() {
 }
 
 #[test]
-fn a_routed_comm_takes_gathers_and_p2p_from_their_own_groups() {
+fn a_routed_comm_takes_gathers_p2p_and_all_to_all_from_their_own_groups() {
     use llmq_core::comm::RoutedComm;
     use std::sync::Arc;
-    // three groups, the base one aborted: gathers and p2p must not touch it, host collectives must
-    let (base, gathers, p2p) = (ThreadComm::group(2, Duration::from_secs(30)), ThreadComm::group(2, Duration::from_secs(30)), ThreadComm::group(2, Duration::from_secs(30)));
-    let routed: Vec<RoutedComm> = base
+    // four groups, the base one aborted: gathers, p2p and all-to-all must not touch it, host
+    // collectives must
+    let group = || ThreadComm::group(2, Duration::from_secs(30));
+    let routed: Vec<RoutedComm> = group()
         .into_iter()
-        .zip(gathers)
-        .zip(p2p)
-        .map(|((b, g), p)| RoutedComm { base: Arc::new(b), gathers: Some(Arc::new(g)), p2p: Some(Arc::new(p)) })
+        .zip(group())
+        .zip(group())
+        .zip(group())
+        .map(|(((b, g), p), a)| RoutedComm { base: Arc::new(b), gathers: Some(Arc::new(g)), p2p: Some(Arc::new(p)), a2a: Some(Arc::new(a)) })
         .collect();
     routed[1].base.abort("base group closed");
     let out: Vec<(Vec<f32>, Vec<f32>, String)> = std::thread::scope(|s| {
@@ -251,6 +253,10 @@ fn a_routed_comm_takes_gathers_and_p2p_from_their_own_groups() {
                     } else {
                         c.recv(&be, &m, 0, Stream::Compute, "p").unwrap();
                     }
+                    let src = tensor(&mut be, DType::F32, &[r as f32, r as f32 + 0.5]);
+                    let got = be.alloc(MemCategory::Other, Mem::Device, DType::F32, &[2]).unwrap();
+                    c.all_to_all(&be, &got, &src, Stream::Compute, "a").unwrap();
+                    assert_eq!(values(&be, &got), [0.0, 1.0].map(|x| x + 0.5 * r as f32), "rank {r}: shard r of every rank");
                     let mut h = [r as f64];
                     let e = c.all_reduce_host(&mut h, ReduceOp::Sum, "h").unwrap_err().to_string();
                     (values(&be, &full), values(&be, &m), e)
@@ -264,5 +270,5 @@ fn a_routed_comm_takes_gathers_and_p2p_from_their_own_groups() {
         assert_eq!(m, &[10.0; 3]);
         assert!(h.contains("base group closed"), "{h}");
     }
-    assert!(routed[0].describe().contains("all-gather and broadcast"));
+    assert!(routed[0].describe().contains("all-gather and broadcast") && routed[0].describe().contains("all-to-all"));
 }

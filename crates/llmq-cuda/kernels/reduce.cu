@@ -10,6 +10,11 @@
 //   adds the G partial rows in a fixed order in f64 and stores (or accumulates) once. The CPU
 //   sums rows strictly in order in f64; both round the f64 sum once, so results agree except in
 //   rare rounding ties.
+// reduce_shards: the local reduction of a reduce-scatter from all-to-all copies (--all-to-all-
+//   reduce): out[i] (+)= staged[0][i] + staged[1][i] + ... in f32, strictly in rank order and
+//   rounded once, the order every Comm defines (llmq_core::comm), so the bits match NCCL-free
+//   host reductions and the CPU. Plain adds (nvcc does not contract a + b into an FMA); dst may
+//   be mapped pinned host memory (offloaded gradients).
 // The "v" kernels are the dtype-specialised versions (8 elements per 16-byte access, scalar tail
 // for sizes not a multiple of 8; the host checks alignment): absmax_v, sumsq_partial_v,
 // colsum_partial_v (thread = 8 columns x every 8th row of its block's row set, f64 registers,
@@ -18,6 +23,16 @@
 // the fallback for other dtypes/alignments.
 #include "common.cuh"
 #include "vec.cuh"
+
+extern "C" __global__ void llmq_reduce_shards(void* dst, int dt, const void* staged, long long S, int world, int accumulate) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < S; i += stride) {
+        int r = accumulate ? 0 : 1;
+        float acc = accumulate ? load_f(dst, i, dt) : load_f(staged, i, dt);
+        for (; r < world; r++) acc += load_f(staged, (long long)r * S + i, dt);
+        store_f(dst, i, dt, acc);
+    }
+}
 
 extern "C" __global__ void llmq_absmax(float* out, const void* inp, int dt, long long n) {
     long long stride = (long long)gridDim.x * blockDim.x;

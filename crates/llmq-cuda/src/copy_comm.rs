@@ -4,8 +4,9 @@
 //! addressing: a peer copy between devices, direct once peer access is enabled, else staged by
 //! the driver; pinned host tensors take part too). Reductions and host
 //! collectives go through the wrapped `ThreadComm` (host-staged through `stream_read` /
-//! `stream_write`, rank order, exact); a reduce-scatter from all-to-all copies plus a local
-//! reduction is not built here.
+//! `stream_write`, rank order, exact). `all_to_all` (rank r pulls shard r of every peer's buffer)
+//! is the data movement of `--all-to-all-reduce`, whose local reduction is the
+//! `reduce_shards` kernel launched here (`llmq_core::all_to_all`).
 //!
 //! Ordering without blocking the host: a rank records a "ready" event on its stream where its
 //! source is ready, the ranks swap (address, context, event) through the thread group, each
@@ -18,9 +19,11 @@
 //! send first fail, each finding the other's data where it expects the answer.
 
 use crate::device::check;
+use crate::kernels::{self, Arg};
+use crate::ops::dt;
 use crate::CudaBackend;
 use cudarc::driver::sys as cu;
-use llmq_core::comm::{check_shards, signature};
+use llmq_core::comm::{check_all_to_all, check_shards, signature};
 use llmq_core::cpu::CpuBackend;
 use llmq_core::{Backend, Comm, DType, Error, Mem, MemCategory, ReduceOp, Result, Stream, Tensor};
 use std::collections::HashSet;
@@ -182,9 +185,9 @@ impl CopyComm {
     }
 
     /// The copy collective `sig`: this rank offers `offer` (address, bytes), and `reads(descs)`
-    /// lists (destination, source rank) copies for this rank; then the done swap orders later
-    /// writes of every offered buffer after its readers.
-    fn collective(&self, be: &dyn Backend, stream: Stream, sig: String, offer: (u64, usize), reads: impl Fn(&[Desc]) -> Vec<(u64, usize)>) -> Result<()> {
+    /// lists (destination, source rank, byte offset in its offer, bytes) copies for this rank;
+    /// then the done swap orders later writes of every offered buffer after its readers.
+    fn collective(&self, be: &dyn Backend, stream: Stream, sig: String, offer: (u64, usize), reads: impl Fn(&[Desc]) -> Vec<(u64, usize, usize, usize)>) -> Result<()> {
         let mut st = self.begin(be, &sig)?;
         let s = self.streams[stream.index()];
         let [ready, done] = st.coll[st.calls % 2];
@@ -192,14 +195,15 @@ impl CopyComm {
         Self::record(ready, s)?;
         let mine = Desc { addr: offer.0, ctx: self.ctx as u64, event: ready as u64, bytes: offer.1 as u64 };
         let descs = self.swap(&sig, mine)?;
-        for (dst, r) in reads(&descs) {
+        for (dst, r, off, len) in reads(&descs) {
+            let src = Desc { addr: descs[r].addr + off as u64, bytes: len as u64, ..descs[r] };
             if r == self.rank() {
-                if dst != offer.0 && offer.1 > 0 {
+                if dst != src.addr && len > 0 {
                     // SAFETY: both ranges belong to this rank's tensors (checked by the caller).
-                    check(unsafe { cu::cuMemcpyAsync(dst, offer.0, offer.1, s) }, "cuMemcpyAsync")?;
+                    check(unsafe { cu::cuMemcpyAsync(dst, src.addr, len, s) }, "cuMemcpyAsync")?;
                 }
             } else {
-                self.pull(&mut st, s, dst, &descs[r])?;
+                self.pull(&mut st, s, dst, &src)?;
             }
         }
         Self::record(done, s)?;
@@ -242,7 +246,7 @@ impl Comm for CopyComm {
         self.inner.world()
     }
     fn describe(&self) -> String {
-        format!("{} ranks as threads, copy engines (peer copies; reductions host-staged)", self.world())
+        format!("{} ranks as threads, copy engines (peer copies; reductions host-staged or all-to-all)", self.world())
     }
 
     fn all_reduce(&self, be: &dyn Backend, t: &Tensor, op: ReduceOp, stream: Stream, what: &str) -> Result<()> {
@@ -258,7 +262,16 @@ impl Comm for CopyComm {
         let b = src.bytes();
         let base = dst.addr;
         self.collective(be, stream, signature("all-gather", what, dst), (src.addr, b), |ds| {
-            (0..ds.len()).map(|r| (base + (r * b) as u64, r)).collect()
+            (0..ds.len()).map(|r| (base + (r * b) as u64, r, 0, b)).collect()
+        })
+    }
+
+    fn all_to_all(&self, be: &dyn Backend, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        check_all_to_all(what, dst, src, self.world())?;
+        let b = src.bytes() / self.world();
+        let (me, base) = (self.rank(), dst.addr);
+        self.collective(be, stream, signature("all-to-all", what, src), (src.addr, src.bytes()), |ds| {
+            (0..ds.len()).map(|r| (base + (r * b) as u64, r, me * b, b)).collect()
         })
     }
 
@@ -268,7 +281,7 @@ impl Comm for CopyComm {
         }
         let me = self.rank();
         let sig = signature(&format!("broadcast from {root}"), what, t);
-        self.collective(be, stream, sig, (t.addr, t.bytes()), |_| if me == root { vec![] } else { vec![(t.addr, root)] })
+        self.collective(be, stream, sig, (t.addr, t.bytes()), |_| if me == root { vec![] } else { vec![(t.addr, root, 0, t.bytes())] })
     }
 
     fn send(&self, be: &dyn Backend, t: &Tensor, peer: usize, stream: Stream, what: &str) -> Result<()> {
@@ -318,6 +331,23 @@ impl Comm for CopyComm {
 
     fn abort(&self, why: &str) {
         self.inner.abort(why)
+    }
+}
+
+impl CudaBackend {
+    /// `Backend::reduce_shards`: the `reduce_shards` kernel (kernels/reduce.cu) on `stream`.
+    pub(crate) fn op_reduce_shards(&self, dst: &Tensor, staged: &Tensor, accumulate: bool, stream: Stream) -> Result<()> {
+        let world = llmq_core::all_to_all::check_reduce_shards(dst, staged)?;
+        let n = dst.numel();
+        if world > i32::MAX as usize {
+            return Err(Error::Op(format!("reduce_shards: {world} shards exceed the kernel's 32-bit count")));
+        }
+        self.dev.bind()?;
+        let grid = (n.div_ceil(256).min(self.dev.sm_count as usize * 8) as u32, 1, 1);
+        let args = [Arg::Ptr(dst.addr), Arg::I32(dt(dst.dtype)), Arg::Ptr(staged.addr), Arg::I64(n as i64), Arg::I32(world as i32), Arg::I32(accumulate as i32)];
+        // SAFETY: dst holds n and staged world*n elements of the same f32/bf16 dtype, not
+        // overlapping (checked above); the arguments follow the kernel's signature.
+        unsafe { kernels::launch(self.k.reduce_shards, grid, (256, 1, 1), 0, self.dev.stream(stream), &args) }
     }
 }
 

@@ -82,6 +82,7 @@ kernel_table!(
     sumsq_final,
     colsum_partial,
     colreduce,
+    reduce_shards,
     quantize,
     quantize_t,
     transpose8,

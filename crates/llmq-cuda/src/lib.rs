@@ -407,4 +407,7 @@ impl Backend for CudaBackend {
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
         self.op_sum_squares(out, slot, t)
     }
+    fn reduce_shards(&self, dst: &Tensor, staged: &Tensor, accumulate: bool, stream: Stream) -> Result<()> {
+        self.op_reduce_shards(dst, staged, accumulate, stream)
+    }
 }

@@ -227,6 +227,67 @@ fn reductions_and_host_collectives_match_the_cpu() {
     });
 }
 
+/// `--all-to-all-reduce`: copy-engine all-to-all plus the `reduce_shards` kernel gives the bits
+/// of the CPU reduce-scatter (f32 and bf16 gradients, device and pinned host buffers, in and out
+/// of place, accumulating, on three streams sharing the staging buffer).
+#[test]
+fn all_to_all_reduce_matches_the_cpu_reduce_scatter() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let gpus: Vec<usize> = (0..llmq_cuda::device_count().clamp(1, 3)).collect();
+    run(3, &gpus, |k| {
+        for dtype in [DType::F32, DType::BF16] {
+            for mem in [Mem::Device, Mem::Host] {
+                let s = 128 * 37;
+                let n = s * k.world;
+                let vals = |k: &mut Rank| common::encode(dtype, &(0..n).map(|_| k.rng.normal(1.0)).collect::<Vec<f32>>());
+                let (b1, b2) = (vals(k), vals(k));
+                let src = k.bytes(dtype, n, &b1, mem);
+                let inplace = k.bytes(dtype, n, &b2, mem);
+                let out = k.rand(dtype, s);
+                let acc = k.bytes(dtype, s, &common::encode(dtype, &vec![0.25; s]), mem);
+                let a2a = llmq_core::all_to_all::AllToAllReduce::alloc(&mut k.gpu, dtype, n).unwrap();
+                let mine = T2 { c: inplace.c.slice(k.r * s, &[s]), g: inplace.g.slice(k.r * s, &[s]) };
+                for (name, dst, from, accumulate, stream) in [("out of place", out, src, false, Stream::Compute), ("accumulating", acc, src, true, Stream::CopyBack), ("in place", mine, inplace, false, Stream::Copy)] {
+                    k.tc.reduce_scatter(&k.cpu, &dst.c, &from.c, accumulate, Stream::Compute, "g").unwrap();
+                    a2a.reduce_scatter(&k.cc, &k.gpu, &dst.g, &from.g, accumulate, stream, "g").unwrap();
+                    k.gpu.synchronize().unwrap();
+                    k.exact(&format!("all-to-all reduce-scatter {dtype} {mem:?} {name}"), &dst);
+                }
+            }
+        }
+    });
+}
+
+/// The `reduce_shards` kernel against the CPU op: 1 to 5 shards, with and without accumulating.
+#[test]
+fn reduce_shards_matches_the_cpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    run(1, &[0], |k| {
+        for dtype in [DType::F32, DType::BF16] {
+            for world in 1..=5 {
+                for accumulate in [false, true] {
+                    let s = 1000 + world;
+                    let b: Vec<u8> = common::encode(dtype, &(0..s * world).map(|i| k.rng.normal(10f32.powi(i as i32 % 5 - 2))).collect::<Vec<f32>>());
+                    let staged = k.bytes(dtype, s * world, &b, Mem::Device);
+                    let init = common::encode(dtype, &(0..s).map(|_| k.rng.normal(1.0)).collect::<Vec<f32>>());
+                    let dst = k.bytes(dtype, s, &init, Mem::Device);
+                    k.cpu.reduce_shards(&dst.c, &staged.c, accumulate, Stream::Compute).unwrap();
+                    k.gpu.reduce_shards(&dst.g, &staged.g, accumulate, Stream::Side).unwrap();
+                    k.gpu.synchronize().unwrap();
+                    k.exact(&format!("reduce_shards {dtype} x {world} accumulate {accumulate}"), &dst);
+                }
+            }
+        }
+        let (a, b) = (k.rand(DType::F32, 100), k.rand(DType::F32, 250));
+        let e = k.gpu.reduce_shards(&a.g, &b.g, false, Stream::Compute).unwrap_err().to_string();
+        assert_eq!(e, k.cpu.reduce_shards(&a.c, &b.c, false, Stream::Compute).unwrap_err().to_string());
+    });
+}
+
 #[test]
 fn mismatched_calls_and_arguments_are_errors() {
     if !gpu_or_skip() {

@@ -27,6 +27,7 @@ pub mod precision;
 pub mod profile;
 pub mod ranks;
 pub mod rendezvous;
+pub mod roll_call;
 pub mod residual;
 pub mod run;
 pub mod sampling;

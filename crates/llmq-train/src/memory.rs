@@ -48,6 +48,9 @@ pub struct MemoryOptions {
     pub shard_gradients: bool,
     /// With several ranks: block weights sharded across ranks and gathered per block (ZeRO-3).
     pub shard_weights: bool,
+    /// With several ranks: gradients reduce-scattered by all-to-all copies into a device
+    /// staging buffer plus one local reduction (`llmq_core::all_to_all`), the same bits.
+    pub all_to_all_reduce: bool,
 }
 
 impl MemoryOptions {
@@ -110,6 +113,9 @@ impl MemoryOptions {
         }
         if self.shard_gradients || self.shard_weights {
             parts.push(format!("ZeRO-{}", if self.shard_weights { 3 } else { 2 }));
+        }
+        if self.all_to_all_reduce {
+            parts.push("reduce-scatters by all-to-all + local reduction".into());
         }
         if self.wgrad_overlap {
             parts.push("weight gradients on a second stream".into());

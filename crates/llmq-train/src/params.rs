@@ -12,6 +12,7 @@ use crate::precision::Precision;
 use crate::opt_stage::OptStage;
 use crate::stream::Slots;
 use crate::zero::{Dist, Shard};
+use llmq_core::all_to_all::AllToAllReduce;
 use llmq_core::layout::{GroupLayout, ParamKind, ParamLayout};
 use llmq_core::{Backend, DType, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 use std::cell::Cell;
@@ -134,6 +135,8 @@ pub struct Params {
     /// Device slots the optimizer stages host-resident block state through (none: zero-copy or
     /// nothing offloaded).
     opt_stage: Option<OptStage>,
+    /// The staging of `--all-to-all-reduce` reduce-scatters.
+    a2a: Option<AllToAllReduce>,
 }
 
 /// The rank's shard of one group's optimizer state and the tensors the update reads and writes
@@ -183,6 +186,13 @@ impl Params {
         let grad_slots = if mem.offload_gradients && !shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
         let gathered = if shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
         let grad_scratch = if shard_g { Some(Slots::alloc(be, MemCategory::Gradients, precision.grads, block_numel)?) } else { None };
+        let a2a = match &dist {
+            Some(d) if d.all_to_all_reduce => {
+                let largest = (0..layout.groups.len()).map(|gi| shard(gi).padded).max().unwrap_or(0);
+                Some(AllToAllReduce::alloc(be, precision.grads, largest)?)
+            }
+            _ => None,
+        };
         let mut p = Params {
             cfg: cfg.clone(),
             layout,
@@ -199,6 +209,7 @@ impl Params {
             dist,
             gathered,
             grad_scratch,
+            a2a,
             opt_stage: None,
         };
         if !mem.zero_copy && cfg.num_layers > 0 {
@@ -282,9 +293,18 @@ impl Params {
             }
             let sh = self.shard(gi);
             let full = &self.grads.groups[gi];
-            d.comm.reduce_scatter(be, &full.slice(d.rank() * sh.size, &[sh.size]), full, false, Stream::Compute, &format!("gradients of {}", g.name))?;
+            self.reduce_scatter(be, d, &full.slice(d.rank() * sh.size, &[sh.size]), full, Stream::Compute, &format!("gradients of {}", g.name))?;
         }
         Ok(())
+    }
+
+    /// dst = this rank's shard of the sum over ranks of src, by the group's reduce-scatter or
+    /// through the all-to-all staging (`--all-to-all-reduce`): the same bits.
+    fn reduce_scatter(&self, be: &dyn Backend, d: &Dist, dst: &Tensor, src: &Tensor, stream: Stream, what: &str) -> Result<()> {
+        match &self.a2a {
+            Some(a) => a.reduce_scatter(d.comm.as_ref(), be, dst, src, false, stream, what),
+            None => d.comm.reduce_scatter(be, dst, src, false, stream, what),
+        }
     }
 
     /// After the optimizer updated this rank's shards: every rank gathers the whole working
@@ -427,7 +447,7 @@ impl Params {
         if let (Some(g), Some(d)) = (&self.grad_scratch, &self.dist) {
             let gi = self.layout.block_group(l);
             let shard = &self.grads.groups[gi];
-            return g.store_with(be, l, self.shard(gi).padded, |src| d.comm.reduce_scatter(be, shard, src, false, Stream::CopyBack, &format!("gradients of block {l}")));
+            return g.store_with(be, l, self.shard(gi).padded, |src| self.reduce_scatter(be, d, shard, src, Stream::CopyBack, &format!("gradients of block {l}")));
         }
         match &self.grad_slots {
             Some(s) => s.store_grad(be, l, &self.grads.groups[self.layout.block_group(l)]),

@@ -109,14 +109,14 @@ fn net_err(what: &str, e: std::io::Error) -> Error {
     Error::Backend(format!("rendezvous: {what}: {e}"))
 }
 
-fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_frame(s: &mut TcpStream, body: &[u8]) -> std::io::Result<()> {
     s.write_all(&(body.len() as u32).to_le_bytes())?;
     s.write_all(body)?;
     s.flush()
 }
 
 /// A frame of at most `cap` bytes; a longer announced length is refused before allocating.
-fn read_frame(s: &mut TcpStream, cap: usize, what: &str) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_frame(s: &mut TcpStream, cap: usize, what: &str) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -206,6 +206,12 @@ fn verdict(world: usize, me: &Hello, arrivals: &[Arrival], stray: &[String]) -> 
 /// Rank 0's side on a bound listener (`rendezvous` binds MASTER_ADDR:MASTER_PORT; tests bind
 /// port 0). Returns the payload, or the error every rank is sent.
 pub fn serve(listener: TcpListener, launch: &Launch, hello: &Hello, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    serve_kept(listener, launch, hello, payload, timeout).map(|(p, _)| p)
+}
+
+/// `serve`, keeping the connection of every rank 1.. (in rank order) open after a successful
+/// rendezvous (the roll call, `crate::roll_call`).
+pub fn serve_kept(listener: TcpListener, launch: &Launch, hello: &Hello, payload: &[u8], timeout: Duration) -> Result<(Vec<u8>, Vec<TcpStream>)> {
     if launch.rank != 0 {
         return Err(Error::Config(format!("rendezvous: rank {} cannot serve, only rank 0 does", launch.rank)));
     }
@@ -247,7 +253,11 @@ pub fn serve(listener: TcpListener, launch: &Launch, hello: &Hello, payload: &[u
         // a rank that has gone away cannot be told; the others still are
         let _ = s.write_all(&[status]).and_then(|_| write_frame(s, &body));
     }
-    result
+    let p = result?;
+    // no problems: exactly one arrival per rank 1.., in any order
+    let mut ranked: Vec<(u64, TcpStream)> = arrivals.iter().map(|a| a.rank).zip(conns).collect();
+    ranked.sort_by_key(|(r, _)| *r);
+    Ok((p, ranked.into_iter().map(|(_, s)| s).collect()))
 }
 
 /// The rendezvous of all ranks: rank 0 (which passes the payload) listens on
@@ -255,13 +265,19 @@ pub fn serve(listener: TcpListener, launch: &Launch, hello: &Hello, payload: &[u
 /// configuration and code; every other rank (payload `None`) connects, retrying until the
 /// timeout, and returns rank 0's payload. A mismatch or a missing rank is an error on every rank.
 pub fn rendezvous(launch: &Launch, hello: &Hello, payload_from_rank0: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
+    rendezvous_kept(launch, hello, payload_from_rank0, timeout).map(|(p, _)| p)
+}
+
+/// `rendezvous`, keeping the connections open: on rank 0 those of ranks 1.. in rank order, on
+/// the others the one to rank 0 (the roll call, `crate::roll_call`).
+pub fn rendezvous_kept(launch: &Launch, hello: &Hello, payload_from_rank0: Option<&[u8]>, timeout: Duration) -> Result<(Vec<u8>, Vec<TcpStream>)> {
     if hello.version.len() > MAX_VERSION {
         return Err(Error::Config(format!("rendezvous: a code version of {} bytes, at most {MAX_VERSION}", hello.version.len())));
     }
     match (launch.rank, payload_from_rank0) {
         (0, Some(p)) => {
             let l = TcpListener::bind(launch.master()).map_err(|e| net_err(&format!("rank 0 cannot listen on {} (MASTER_ADDR:MASTER_PORT)", launch.master()), e))?;
-            serve(l, launch, hello, p, timeout)
+            serve_kept(l, launch, hello, p, timeout)
         }
         (0, None) => Err(Error::Config("rendezvous: rank 0 hands out the payload and must be given one".into())),
         (r, Some(_)) => Err(Error::Config(format!("rendezvous: rank {r} was given a payload; only rank 0 hands one out"))),
@@ -269,7 +285,7 @@ pub fn rendezvous(launch: &Launch, hello: &Hello, payload_from_rank0: Option<&[u
     }
 }
 
-fn join(launch: &Launch, hello: &Hello, timeout: Duration) -> Result<Vec<u8>> {
+fn join(launch: &Launch, hello: &Hello, timeout: Duration) -> Result<(Vec<u8>, Vec<TcpStream>)> {
     let start = Instant::now();
     let deadline = start + timeout;
     let master = launch.master();
@@ -313,8 +329,9 @@ fn join(launch: &Launch, hello: &Hello, timeout: Duration) -> Result<Vec<u8>> {
         Error::Backend(format!("rendezvous: rank {} got no answer from rank 0 at {master} within {:.0} s: {e}", launch.rank, wait.as_secs_f64()))
     })?;
     let body = read_frame(&mut s, MAX_PAYLOAD, "answer from rank 0").map_err(io)?;
+    s.set_read_timeout(None).map_err(io)?;
     match status[0] {
-        0 => Ok(body),
+        0 => Ok((body, vec![s])),
         1 => Err(Error::Config(String::from_utf8_lossy(&body).into_owned())),
         x => Err(Error::Backend(format!("rendezvous: rank 0 at {master} answered with status {x}, expected 0 or 1"))),
     }

@@ -18,6 +18,10 @@
 //!   stay whole. With persistent fp8 weights each rank quantises its shard with the global
 //!   abs-maxes and the blocks' e4m3 bytes are gathered the same way (`crate::fp8_stream`).
 //!
+//! - `--all-to-all-reduce`: every reduce-scatter above is an all-to-all into a device staging
+//!   buffer of the largest padded group (allocated with the parameters, so the plan counts it)
+//!   plus one local reduction (`llmq_core::all_to_all`), the same bits.
+//!
 //! The numbers do not depend on the level: every level reduces the same per-rank sums (each
 //! rank's micro-batches accumulated in order, then ranks added in rank order, see
 //! `llmq_core::comm`), updates the same shards and takes the gradient norm as the sum over groups
@@ -34,6 +38,8 @@ pub struct Dist {
     pub comm: Arc<dyn Comm>,
     pub shard_gradients: bool,
     pub shard_weights: bool,
+    /// Reduce-scatters through `llmq_core::all_to_all` (`--all-to-all-reduce`).
+    pub all_to_all_reduce: bool,
 }
 
 impl Dist {
@@ -45,6 +51,7 @@ impl Dist {
             // with several micro-batches the per-rank sums are needed whole until the last one
             shard_gradients: tc.memory.shard_gradients && tc.grad_accumulation == 1,
             shard_weights: tc.memory.shard_weights,
+            all_to_all_reduce: tc.memory.all_to_all_reduce,
         })
     }
 

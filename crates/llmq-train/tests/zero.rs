@@ -137,6 +137,11 @@ fn zero_levels_give_identical_numbers() {
                 let quants = train(&cfg, &with_memory(&tc, |m| { m.shard_weights = true; m.persistent_quants = true }), world, 3);
                 assert_eq!(zero1, quants, "{name}, {world} ranks x {accum}: ZeRO-3 with persistent quants differs from ZeRO-1");
             }
+            // --all-to-all-reduce: the same reduce-scatters by all-to-all plus a local reduction
+            let a2a1 = train(&cfg, &with_memory(&tc, |m| m.all_to_all_reduce = true), world, 3);
+            assert_eq!(zero1, a2a1, "{name}, {world} ranks x {accum}: ZeRO-1 with --all-to-all-reduce differs");
+            let a2a3 = train(&cfg, &with_memory(&tc, |m| { m.shard_gradients = true; m.shard_weights = true; m.all_to_all_reduce = true }), world, 3);
+            assert_eq!(zero1, a2a3, "{name}, {world} ranks x {accum}: ZeRO-3 with --all-to-all-reduce differs");
         }
     }
 }
@@ -172,6 +177,15 @@ fn zero_works_with_every_memory_option() {
                 })),
                 ("ZeRO-1 + streamed weights + offloaded gradients", with_memory(&tc, |m| {
                     m.stream_weights = true;
+                    m.offload_gradients = true;
+                })),
+                ("--all-to-all-reduce + ZeRO-1 + offloaded gradients", with_memory(&tc, |m| {
+                    m.all_to_all_reduce = true;
+                    m.offload_gradients = true;
+                })),
+                ("--all-to-all-reduce + ZeRO-2 + offloaded gradients", with_memory(&tc, |m| {
+                    m.all_to_all_reduce = true;
+                    m.shard_gradients = true;
                     m.offload_gradients = true;
                 })),
             ];
@@ -345,4 +359,21 @@ fn a_checkpoint_of_two_ranks_resumes_under_one_two_and_four() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("2 x 2 = 4, now 1 x 2 = 2") && e.contains("--grad-accumulation 2"), "{e}");
+}
+
+#[test]
+fn the_all_to_all_staging_buffer_is_in_the_memory_plan() {
+    use llmq_core::{Mem, MemCategory};
+    let cfg = tiny(llmq_core::Arch::Qwen3, false);
+    for (world, shard_gradients) in [(2, false), (3, true)] {
+        let tc = TrainConfig { world_size: world, ..with_memory(&train_config(2, 16, 1, 1), |m| m.shard_gradients = shard_gradients) };
+        let a2a = with_memory(&tc, |m| m.all_to_all_reduce = true);
+        let grads = |tc: &TrainConfig| {
+            let plan = llmq_train::plan::MemoryPlan::new(&cfg, tc, 0).unwrap();
+            plan.by_category().into_iter().filter(|(c, m, _)| *c == MemCategory::Gradients && *m == Mem::Device).map(|(_, _, b)| b).sum::<usize>()
+        };
+        // one device buffer of the largest group, padded to whole shards
+        let largest = llmq_core::ParamLayout::new(&cfg).groups.iter().map(|g| llmq_core::shard_len(g.numel, world) * world).max().unwrap();
+        assert_eq!(grads(&a2a) - grads(&tc), largest * tc.precision.grads.size(), "{world} ranks, ZeRO-2 {shard_gradients}");
+    }
 }

@@ -258,4 +258,17 @@ impl Backend for CpuBackend {
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {
         optim::sum_squares(out, slot, t)
     }
+    fn reduce_shards(&self, dst: &Tensor, staged: &Tensor, accumulate: bool, _stream: Stream) -> Result<()> {
+        let world = crate::all_to_all::check_reduce_shards(dst, staged)?;
+        // SAFETY: live allocations; dst does not overlap staged (checked), and the result is
+        // computed into a buffer of its own before dst is written.
+        let (staged_b, init) = unsafe { (bytes(staged), accumulate.then(|| bytes(dst).to_vec())) };
+        let b = dst.bytes();
+        let srcs: Vec<&[u8]> = (0..world).map(|r| &staged_b[r * b..(r + 1) * b]).collect();
+        let mut out = vec![0u8; b];
+        crate::comm::reduce_bytes(dst.dtype, init.as_deref(), &srcs, crate::ReduceOp::Sum, &mut out)?;
+        // SAFETY: exclusive write to a live allocation.
+        unsafe { bytes_mut(dst) }.copy_from_slice(&out);
+        Ok(())
+    }
 }

@@ -17,10 +17,12 @@ pub struct DataParallel {
     pub world: usize,
     /// 1 shards the optimizer state, 2 also the gradients, 3 also the block weights.
     pub zero_level: u8,
+    /// Gradient reduce-scatters as all-to-all copies plus one local reduction (`--all-to-all-reduce`).
+    pub all_to_all_reduce: bool,
 }
 
 impl DataParallel {
-    pub const ONE: DataParallel = DataParallel { world: 1, zero_level: 1 };
+    pub const ONE: DataParallel = DataParallel { world: 1, zero_level: 1, all_to_all_reduce: false };
 }
 
 fn dtype(opt: &str, s: &str) -> Result<DType> {
@@ -69,6 +71,9 @@ impl TrainOptions {
             return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
         }
         let many = dp.world > 1;
+        if dp.all_to_all_reduce && !many {
+            return Err(Error::Config("--all-to-all-reduce reduces gradients between ranks: use it with --gpus N (N > 1)".into()));
+        }
         let shard_gradients = many && (self.shard_gradients || self.shard_weights || dp.zero_level >= 2);
         let memory_limit = match &self.memory_limit {
             None => None,
@@ -91,6 +96,7 @@ impl TrainOptions {
             shard_weights: many && (self.shard_weights || dp.zero_level >= 3),
             shard_gradients,
             offload_residual: self.offload_residual,
+            all_to_all_reduce: dp.all_to_all_reduce,
             memory_limit,
         })
     }
@@ -215,9 +221,9 @@ mod tests {
         let o = options(&["--shard-weights"]);
         let one = o.memory(false, DataParallel::ONE).unwrap();
         assert!(one.stream_weights && !one.shard_weights && !one.shard_gradients);
-        let four = o.memory(false, DataParallel { world: 4, zero_level: 1 }).unwrap();
+        let four = o.memory(false, DataParallel { world: 4, zero_level: 1, all_to_all_reduce: false }).unwrap();
         assert!(!four.stream_weights && four.shard_weights && four.shard_gradients);
-        let zero2 = options(&["--matmul-dtype", "e4m3"]).train_config(true, DataParallel { world: 2, zero_level: 2 }).unwrap();
+        let zero2 = options(&["--matmul-dtype", "e4m3"]).train_config(true, DataParallel { world: 2, zero_level: 2, all_to_all_reduce: false }).unwrap();
         assert!(zero2.memory.shard_gradients && !zero2.memory.shard_weights && !zero2.memory.wgrad_overlap && zero2.world_size == 2);
     }
 
