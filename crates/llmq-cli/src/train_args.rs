@@ -139,6 +139,11 @@ pub struct TrainArgs {
     /// the input-gradient chain (the default for e4m3: same numbers, +1.4% at 1.5B on an H200).
     #[arg(long, help_heading = "Memory")]
     pub no_wgrad_overlap: bool,
+    /// Capture each block's forward and recompute+backward as CUDA graphs, replayed from the
+    /// third step on (same numbers; fewer host launches). Not with streamed, offloaded or
+    /// sharded block state; turns off the fp8 second-stream weight gradients.
+    #[arg(long, alias = "use-cuda-graphs", help_heading = "Memory")]
+    pub cuda_graphs: bool,
     /// Cap on the device memory the run may allocate, e.g. 16GiB (emulates a smaller card). A
     /// plan over it is refused before anything is allocated, naming options that would fit.
     #[arg(long, value_name = "SIZE", help_heading = "Memory")]
@@ -321,7 +326,7 @@ impl TrainArgs {
         Ok(MemoryOptions {
             recompute: self.recompute(),
             persistent_quants: self.persistent_quants,
-            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !shard_gradients,
+            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !shard_gradients && !self.cuda_graphs,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,
             offload_opt_v: self.offload_opt_v,
@@ -330,6 +335,7 @@ impl TrainArgs {
             shard_weights: self.gpus > 1 && (self.shard_weights || self.zero_level >= 3),
             shard_gradients,
             offload_residual: self.offload_residual,
+            cuda_graphs: self.cuda_graphs,
             memory_limit: self.memory_limit.as_deref().map(|s| parse_size(s).map_err(|e| Error::Config(format!("--memory-limit: {e}")))).transpose()?,
         })
     }

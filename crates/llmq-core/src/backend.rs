@@ -16,6 +16,7 @@
 //! - Outputs never alias inputs unless the op says so.
 //! - Ops are deterministic: the same inputs give the same bits on every call.
 
+use crate::capture::{CaptureFn, GraphKey};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::{Mem, Tensor};
@@ -325,6 +326,12 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// The stream the following ops run on (`Compute` until changed; `Copy` is refused).
     fn set_stream(&self, stream: Stream) -> Result<()>;
+    /// Runs the ops `f` issues as one graph named `key` (`crate::capture`): the backend may
+    /// record them once and from then on replay the record instead of calling `f`, so `f` must
+    /// issue the same ops every time and every value that changes between calls must be read
+    /// from device memory. `f` starts and must end on the compute stream; see `crate::capture`
+    /// for what it may not do.
+    fn capture(&self, key: GraphKey, f: &mut CaptureFn) -> Result<()>;
 
     // ---- compute ----
     fn matmul(&self, args: &Matmul) -> Result<()>;

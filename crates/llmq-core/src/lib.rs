@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod backend_options;
+pub mod capture;
 pub mod check;
 pub mod comm;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod stream_check;
 pub mod tensor;
 
 pub use backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use capture::GraphKey;
 pub use comm::{shard_len, Comm, ReduceOp, ThreadComm};
 pub use backend_options::{AttentionKernels, BackendOptions};
 pub use config::{Arch, ModelConfig};

@@ -57,6 +57,8 @@ pub struct Options {
     pub opt_v_dtype: String,
     pub persistent_quants: bool,
     pub no_wgrad_overlap: bool,
+    /// Capture each block's passes as CUDA graphs (same numbers; `MemoryOptions::cuda_graphs`).
+    pub cuda_graphs: bool,
     pub memory_limit: Option<Size>,
     pub recompute_fp8_inputs: bool,
     pub recompute_swiglu: bool,
@@ -127,6 +129,7 @@ impl Default for Options {
             opt_v_dtype: "fp32".into(),
             persistent_quants: false,
             no_wgrad_overlap: false,
+            cuda_graphs: false,
             memory_limit: None,
             recompute_fp8_inputs: false,
             recompute_swiglu: false,
@@ -205,7 +208,7 @@ impl Options {
                 own_backward_temporaries: false,
             },
             persistent_quants: self.persistent_quants,
-            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients,
+            wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !self.cuda_graphs,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,
             offload_opt_v: self.offload_opt_v,
@@ -216,6 +219,7 @@ impl Options {
             // one rank: nothing to shard across
             shard_gradients: false,
             shard_weights: false,
+            cuda_graphs: self.cuda_graphs,
         })
     }
 

@@ -37,6 +37,10 @@ pub struct MemoryOptions {
     pub shard_gradients: bool,
     /// With several ranks: block weights sharded across ranks and gathered per block (ZeRO-3).
     pub shard_weights: bool,
+    /// Each block's forward and recompute+backward run as captured graphs (`Backend::capture`:
+    /// CUDA graphs on the GPU, recorded and replayed op by op on the CPU), replayed after the
+    /// first steps instead of issuing every op from the host.
+    pub cuda_graphs: bool,
 }
 
 impl MemoryOptions {
@@ -62,10 +66,31 @@ impl MemoryOptions {
         if self.shard_weights && self.persistent_quants {
             return Err(Error::Config("--persistent-quants keeps every block's fp8 weights on each rank, which ZeRO-3 weight sharding (--zero-level 3) cannot feed: leave one of them out".into()));
         }
+        if self.cuda_graphs {
+            self.validate_graphs()?;
+        }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
         Ok(())
+    }
+
+    /// The options whose per-block work a captured graph cannot hold: host-side state that
+    /// changes between calls (which slot or shard a block uses, the first micro-batch of a step),
+    /// collectives, or side-stream work joined only after the last block.
+    fn validate_graphs(&self) -> Result<()> {
+        let refused = [
+            (self.stream_weights, "--stream-weights/--shard-weights (block weights streamed into alternating slots)"),
+            (self.offload_gradients, "--offload-gradients (gradient slots loaded from the host after the first micro-batch)"),
+            (self.offload_residual, "--offload-residual (residual slots written back per block)"),
+            (self.shard_gradients, "ZeRO-2 (a reduce-scatter per block's backward)"),
+            (self.shard_weights, "ZeRO-3 (a gather per block)"),
+            (self.wgrad_overlap, "the second-stream weight gradients (joined after the last block; use --no-wgrad-overlap)"),
+        ];
+        match refused.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(Error::Config(format!("--cuda-graphs captures each block's passes as graphs, which cannot hold {what}: leave one of them out"))),
+            None => Ok(()),
+        }
     }
 
     /// One line for the printed configuration, e.g. "recompute block | offload m, v | limit 16 GiB".
@@ -90,6 +115,9 @@ impl MemoryOptions {
         }
         if self.wgrad_overlap {
             parts.push("weight gradients on a second stream".into());
+        }
+        if self.cuda_graphs {
+            parts.push("graphs per block".into());
         }
         if let Some(l) = self.memory_limit {
             parts.push(format!("device limit {}", llmq_core::fmt_bytes(l as usize)));

@@ -303,6 +303,9 @@ impl Trainer {
     /// `--log-amax N`: every N steps, the abs-max, scale and saturated and flushed fractions of
     /// every tensor the fp8 matmuls quantise, into the JSON log (`crate::fp8_health`).
     pub fn log_fp8_health(&mut self, every: u64) -> Result<()> {
+        if every > 0 && self.tc.memory.cuda_graphs {
+            return Err(Error::Config("--log-amax reads the fp8 abs-maxes on the host inside each block's passes, which --cuda-graphs replays without the host: leave one of them out".into()));
+        }
         match &mut self.model.fp8 {
             Some(f) => {
                 f.health = (every > 0).then(|| crate::fp8_health::Health::new(every));
