@@ -26,6 +26,8 @@ fn training_orders_its_streams_under_every_option() {
         ("bf16 offloaded optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, ..plain }),
         ("bf16 streamed weights, offloaded gradients", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
         ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
+        ("bf16 graphs", Precision::bf16(), MemoryOptions { cuda_graphs: true, offload_opt_m: true, ..plain }),
+        ("fp8 graphs", fp8, MemoryOptions { cuda_graphs: true, persistent_quants: true, ..plain }),
         ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
         ("fp8 everything offloaded", fp8, MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, offload_opt_m: true, offload_opt_v: true, offload_master: true, ..plain }),
