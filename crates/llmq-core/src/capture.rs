@@ -48,7 +48,7 @@ impl std::fmt::Display for GraphKey {
 /// The code of a capture: issues its ops on the backend it is given.
 pub type CaptureFn<'a> = dyn FnMut(&dyn Backend) -> Result<()> + 'a;
 
-type Op = Box<dyn Fn(&dyn Backend) -> Result<()> + Send>;
+type Op = Box<dyn Fn(&dyn Backend) -> Result<()> + Send + Sync>;
 
 /// Recorded captures of a backend without device graphs, replayed op by op.
 #[derive(Default)]
@@ -136,7 +136,7 @@ impl<'t> Recorder<'t> {
     }
 
     /// Checks that `stream` may take work, counts the op, runs it on the target and records it.
-    fn op(&self, stream: Option<Stream>, op: impl Fn(&dyn Backend) -> Result<()> + Send + 'static) -> Result<()> {
+    fn op(&self, stream: Option<Stream>, op: impl Fn(&dyn Backend) -> Result<()> + Send + Sync + 'static) -> Result<()> {
         let s = stream.unwrap_or(self.current.get());
         if !self.joined.get()[s.index()] {
             return self.err(format!(
@@ -207,14 +207,11 @@ struct AdamArgs {
     grads: Tensor,
     m: Tensor,
     v: Tensor,
-    lr: f32,
+    scalars: Tensor,
     beta1: f32,
     beta2: f32,
     eps: f32,
     weight_decay: f32,
-    step: u64,
-    grad_scale: f32,
-    seed: u64,
     absmax: Option<Tensor>,
 }
 
@@ -226,14 +223,11 @@ impl AdamArgs {
             grads: *a.grads,
             m: *a.m,
             v: *a.v,
-            lr: a.lr,
+            scalars: *a.scalars,
             beta1: a.beta1,
             beta2: a.beta2,
             eps: a.eps,
             weight_decay: a.weight_decay,
-            step: a.step,
-            grad_scale: a.grad_scale,
-            seed: a.seed,
             absmax: a.absmax.copied(),
         }
     }
@@ -245,14 +239,11 @@ impl AdamArgs {
                 grads: &self.grads,
                 m: &self.m,
                 v: &self.v,
-                lr: self.lr,
+                scalars: &self.scalars,
                 beta1: self.beta1,
                 beta2: self.beta2,
                 eps: self.eps,
                 weight_decay: self.weight_decay,
-                step: self.step,
-                grad_scale: self.grad_scale,
-                seed: self.seed,
                 absmax: self.absmax.as_ref(),
             },
             segments,

@@ -18,7 +18,7 @@ pub mod plan_backend;
 pub mod stream_check;
 pub mod tensor;
 
-pub use backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use backend::{AdamScalars, AdamStep, AdamW, AttnShape, ADAM_SCALARS, Backend, Event, Matmul, MemCategory, Segment, Stream};
 pub use capture::GraphKey;
 pub use comm::{shard_len, Comm, ReduceOp, ThreadComm};
 pub use backend_options::{AttentionKernels, BackendOptions};

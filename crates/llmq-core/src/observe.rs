@@ -201,7 +201,7 @@ impl<O: Observer> Backend for Observed<O> {
         self.call(Call::op("transpose", &[Some(inp)], &[Some(out)]), |b| b.transpose(out, inp))
     }
     fn adamw(&self, a: &AdamW, segments: &[Segment]) -> Result<()> {
-        let (reads, writes) = ([Some(a.grads)], [Some(a.params), Some(a.master), Some(a.m), Some(a.v), a.absmax]);
+        let (reads, writes) = ([Some(a.grads), Some(a.scalars)], [Some(a.params), Some(a.master), Some(a.m), Some(a.v), a.absmax]);
         self.call(Call::op("adamw", &reads, &writes), |b| b.adamw(a, segments))
     }
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {

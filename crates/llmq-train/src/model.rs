@@ -45,8 +45,12 @@ pub struct Model {
     side: Option<SideWgrads>,
     /// z-loss coefficient of training passes (evaluation reports the plain cross-entropy).
     pub z_loss: f32,
-    /// Blocks run as captured graphs (`MemoryOptions::cuda_graphs`).
+    /// Blocks (and the optimizer update) run as captured graphs (`MemoryOptions::cuda_graphs`).
     graphs: bool,
+    /// i32 [parameter groups, ADAM_SCALARS]: each group's AdamW step scalars, written by the
+    /// host before every update (`llmq_core::AdamStep`), so that a captured update replays
+    /// with them.
+    pub adam_scalars: Tensor,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
     /// the copy stream after; the first gradient write (the LM head's) waits for the second.
@@ -93,7 +97,8 @@ impl Model {
             None
         };
         let side = if mem.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
-        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, graphs: mem.cuda_graphs, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
+        let adam_scalars = be.alloc(llmq_core::MemCategory::Other, llmq_core::Mem::Device, llmq_core::DType::I32, &[norm_slots, llmq_core::ADAM_SCALARS])?;
+        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, graphs: mem.cuda_graphs, adam_scalars, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -232,7 +237,7 @@ impl Model {
     /// Runs `f` as the captured graph `key` with `MemoryOptions::cuda_graphs`, else directly.
     /// The options that would make a block's ops differ between calls (streamed, offloaded or
     /// sharded block state, side-stream work) are refused with graphs (`MemoryOptions::validate`).
-    fn graph(&self, be: &dyn Backend, key: GraphKey, f: &mut llmq_core::capture::CaptureFn) -> Result<()> {
+    pub fn graph(&self, be: &dyn Backend, key: GraphKey, f: &mut llmq_core::capture::CaptureFn) -> Result<()> {
         if self.graphs {
             be.capture(key, f)
         } else {

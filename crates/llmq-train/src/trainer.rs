@@ -9,7 +9,7 @@ use crate::precision::Precision;
 use crate::schedule::Schedule;
 use crate::spike::{SpikeGuard, SpikeState};
 use crate::zero::Dist;
-use llmq_core::{AdamW, Backend, Comm, Error, ModelConfig, ReduceOp, Result, Stream};
+use llmq_core::{AdamStep, AdamW, Backend, Comm, Error, GraphKey, ModelConfig, ReduceOp, Result, Stream, ADAM_SCALARS};
 use std::sync::Arc;
 use llmq_io::data::BatchSource;
 use serde::{Deserialize, Serialize};
@@ -376,32 +376,37 @@ impl Trainer {
         let p = &self.model.params;
         let o = &self.tc.optim;
         let be = self.be.as_ref();
-        for (gi, g) in p.layout.groups.iter().enumerate() {
+        let (b1, b2) = (o.beta1 as f32, o.beta2 as f32);
+        // this step's scalars, one slot per group, in device memory before the update runs
+        let mut words = Vec::with_capacity(p.layout.groups.len() * ADAM_SCALARS * 4);
+        for gi in 0..p.layout.groups.len() {
             // distinct stochastic-rounding streams per step and group (and shard: the hash is of
             // the index within the buffer)
             let seed = self.tc.seed ^ (self.updates << 20) ^ gi as u64;
             let seed = p.dist.as_ref().map_or(seed, |d| llmq_io::loader::mix_seed(seed, d.rank() as u64));
+            words.extend(AdamStep { lr: lr as f32, step: self.updates, grad_scale, seed }.bytes(b1, b2)?);
+        }
+        be.upload(&self.model.adam_scalars, &words)?;
+        let update = |be: &dyn Backend, gi: usize| -> Result<()> {
+            let g = &p.layout.groups[gi];
             let amax = self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]);
             let t = p.opt_shard(gi);
+            let scalars = self.model.adam_scalars.slice(gi * ADAM_SCALARS, &[ADAM_SCALARS]);
             let base = AdamW {
                 params: &t.params,
                 master: &t.master,
                 grads: &t.grads,
                 m: &t.m,
                 v: &t.v,
-                lr: lr as f32,
-                beta1: o.beta1 as f32,
-                beta2: o.beta2 as f32,
+                scalars: &scalars,
+                beta1: b1,
+                beta2: b2,
                 eps: o.eps as f32,
                 weight_decay: o.weight_decay as f32,
-                step: self.updates,
-                grad_scale,
-                seed,
                 absmax: None,
             };
             let Some(d) = &p.dist else {
-                be.adamw(&AdamW { absmax: amax, ..base }, &g.segments())?;
-                continue;
+                return be.adamw(&AdamW { absmax: amax, ..base }, &g.segments());
             };
             // one rank's shard: each matrix's abs-max is that of its part, then the max over ranks
             if let Some(am) = amax {
@@ -418,9 +423,16 @@ impl Trainer {
                 None if !segs.is_empty() => be.adamw(&base, &segs.iter().map(|(_, s)| *s).collect::<Vec<_>>())?,
                 None => {}
             }
-            if let Some(am) = amax {
-                d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
+            match amax {
+                Some(am) => d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name)),
+                None => Ok(()),
             }
+        };
+        let mut all = |be: &dyn Backend| (0..p.layout.groups.len()).try_for_each(|gi| update(be, gi));
+        match &p.dist {
+            // one device: the whole update is one graph with --cuda-graphs
+            None => self.model.graph(be, GraphKey::new("optimizer", 0), &mut all)?,
+            Some(_) => all(be)?,
         }
         p.gather_weights(be)?;
         self.model.weights_updated(be)
