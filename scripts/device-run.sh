@@ -3,7 +3,7 @@
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 #        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
-#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [timeout-kill]
+#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [graphs WHICH...] [timeout-kill]
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 O="${OUT:-.gpu/out}"; mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -42,6 +42,16 @@ case "$what" in
         for f in /tmp/bench/bench-*.log; do echo "######## $tag (round $r) $f"; grep -E "^step|throughput|free" "$f"; done >> "$O/bench-logs.txt"
       done
     done
+    ;;
+  graphs)
+    # issue 22: --cuda-graphs on vs off at a small micro-batch, where launch overhead shows,
+    # alternating in one call: graphs [WHICH...] (default 0.5b-fp8), micro-batch GRAPHS_BS
+    # (default 4), GRAPHS_ROUNDS rounds (default 3). --cuda-graphs implies --no-wgrad-overlap in
+    # fp8 runs, so those are also measured eager without the overlap.
+    which="${*:-0.5b-fp8}"
+    specs=('eager||' 'graphs|--cuda-graphs|')
+    [[ "$which" != *bf16* ]] && specs+=('eager-no-overlap|--no-wgrad-overlap|')
+    BENCH_BS="${GRAPHS_BS:-4}" bash "$0" ab "$which" "${GRAPHS_ROUNDS:-3}" "${specs[@]}"
     ;;
   kernels)
     # per-kernel GPU time of one training step under Nsight Compute (one 3-step run per config)

@@ -139,9 +139,10 @@ pub struct TrainArgs {
     /// the input-gradient chain (the default for e4m3: same numbers, +1.4% at 1.5B on an H200).
     #[arg(long, help_heading = "Memory")]
     pub no_wgrad_overlap: bool,
-    /// Capture each block's forward and recompute+backward as CUDA graphs, replayed from the
-    /// third step on (same numbers; fewer host launches). Not with streamed, offloaded or
-    /// sharded block state; turns off the fp8 second-stream weight gradients.
+    /// Run each block's forward and recompute+backward and the optimizer update as CUDA graphs,
+    /// captured on their second call and replayed after (same numbers; fewer host launches).
+    /// Not with streamed, offloaded or sharded block state; turns off the fp8 second-stream
+    /// weight gradients.
     #[arg(long, alias = "use-cuda-graphs", help_heading = "Memory")]
     pub cuda_graphs: bool,
     /// Cap on the device memory the run may allocate, e.g. 16GiB (emulates a smaller card). A
@@ -465,5 +466,19 @@ mod tests {
         assert!(!config(&["--matmul-dtype", "bf16"]).unwrap().memory.wgrad_overlap);
         let e = config(&["--matmul-dtype", "bf16", "--no-wgrad-overlap"]).unwrap_err().to_string();
         assert!(e.contains("--no-wgrad-overlap only applies with --matmul-dtype e4m3"), "{e}");
+    }
+
+    #[test]
+    fn cuda_graphs_take_the_reference_flag_and_leave_out_the_overlap() {
+        for flag in ["--cuda-graphs", "--use-cuda-graphs"] {
+            let m = config(&["--matmul-dtype", "e4m3", flag]).unwrap().memory;
+            assert!(m.cuda_graphs && !m.wgrad_overlap, "{flag}: {m:?}");
+            assert!(m.describe().contains("graphs per block"), "{}", m.describe());
+        }
+        assert!(!config(&["--matmul-dtype", "e4m3"]).unwrap().memory.cuda_graphs);
+        // refused with the rest of the configuration, before the model is built
+        let c = config(&["--cuda-graphs", "--offload-residual"]).unwrap();
+        let e = c.memory.validate(&c.precision).unwrap_err().to_string();
+        assert!(e.contains("--cuda-graphs") && e.contains("--offload-residual"), "{e}");
     }
 }

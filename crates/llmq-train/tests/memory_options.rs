@@ -133,7 +133,7 @@ fn bf16_master_weights_train() {
 }
 
 /// A checkpoint resumes under other memory and speed options (recompute, persistent quants,
-/// side-stream weight gradients) and continues bitwise as the run that wrote it; another
+/// side-stream weight gradients, graphs) and continues bitwise as the run that wrote it; another
 /// precision is refused, naming the field.
 #[test]
 fn checkpoints_resume_under_other_memory_and_speed_options() {
@@ -158,7 +158,7 @@ fn checkpoints_resume_under_other_memory_and_speed_options() {
     let saved = llmq_train::checkpoint::save(&a, &dir, &llmq_io::ckpt::Lineage::fresh()).unwrap().unwrap();
     let straight: Vec<_> = (0..2).map(|_| bits(&mut a)).collect();
     let (_, recompute) = Recompute::all_variants().into_iter().last().unwrap();
-    let other = MemoryOptions { recompute, persistent_quants: true, offload_master: true, offload_opt_m: true, offload_opt_v: true, ..Default::default() };
+    let other = MemoryOptions { recompute, persistent_quants: true, offload_master: true, offload_opt_m: true, offload_opt_v: true, cuda_graphs: true, ..Default::default() };
     let mut b = trainer(&cfg, tc(fp8, other));
     llmq_train::checkpoint::load(&mut b, &saved).unwrap();
     let resumed: Vec<_> = (0..2).map(|_| bits(&mut b)).collect();
