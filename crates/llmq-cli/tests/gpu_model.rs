@@ -242,7 +242,9 @@ fn generation_picks_the_same_greedy_tokens_as_the_cpu() {
 #[test]
 fn gpu_cuda_graphs_are_bitwise_identical() {
     let fp8 = Precision::fp8();
-    let run = |precision: Precision, mem: MemoryOptions| -> Option<(Vec<(u64, u64, u64)>, Vec<Vec<f32>>)> {
+    // (loss, gradient norm, learning rate) bits per step, and the final weights
+    type Run = (Vec<(u64, u64, u64)>, Vec<Vec<f32>>);
+    let run = |precision: Precision, mem: MemoryOptions| -> Option<Run> {
         let be = gpu()?;
         let mut cfg = small(Arch::Qwen2, false);
         cfg.vocab_size = 1024;

@@ -61,7 +61,10 @@ fn code_runs_once_per_key_and_replays_read_the_current_inputs() {
     assert_eq!(f32s(&be, &y), [0.0; 3]);
 }
 
-fn capture_err(f: &mut dyn FnMut(&dyn Backend, &[Tensor; 2]) -> llmq_core::Result<()>) -> String {
+/// Code for a capture over two tensors.
+type Case = dyn FnMut(&dyn Backend, &[Tensor; 2]) -> llmq_core::Result<()>;
+
+fn capture_err(f: &mut Case) -> String {
     let mut be = CpuBackend::new();
     let ts = [vec3(&mut be), vec3(&mut be)];
     let ev = be.create_event().unwrap();
@@ -71,7 +74,7 @@ fn capture_err(f: &mut dyn FnMut(&dyn Backend, &[Tensor; 2]) -> llmq_core::Resul
 
 #[test]
 fn captures_refuse_what_a_stream_capture_cannot_hold() {
-    let cases: Vec<(&str, Box<dyn FnMut(&dyn Backend, &[Tensor; 2]) -> llmq_core::Result<()>>)> = vec![
+    let cases: Vec<(&str, Box<Case>)> = vec![
         ("a download inside a capture", Box::new(|b, t| b.download(&t[0]).map(|_| ()))),
         ("a synchronous upload inside a capture", Box::new(|b, t| b.upload(&t[0], &[0; 12]))),
         ("a synchronize inside a capture", Box::new(|b, _| b.synchronize())),
