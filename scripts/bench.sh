@@ -9,7 +9,9 @@
 # the optimizer's cost is spread over 32 micro-batches. Unset: one micro-batch per step, fp32
 # optimizer state for 0.5B/1.5B (the optimizer's cost counts fully).
 # BENCH_TOKENS below one micro-batch (e.g. 1): one micro-batch per step with that setting's memory.
-# BENCH_EXTRA: more `llmq train` flags for every run (e.g. "--no-wgrad-overlap").
+# BENCH_EXTRA: more `llmq train` flags for every run (e.g. "--no-wgrad-overlap", "--cuda-graphs").
+# BENCH_BS: the micro-batch (e.g. 4 for launch-bound runs; device-run.sh graphs compares
+# --cuda-graphs on and off there).
 # BENCH_GPUS=N: N data-parallel ranks (--gpus N); with BENCH_TOKENS the tokens per step stay the
 # same (each rank accumulates 1/N of the micro-batches), so the throughputs compare directly.
 set -uo pipefail

@@ -3,7 +3,7 @@
 # Expects .gpu/ unpacked (see scripts/gpu-pack.sh). Writes a few consolidated files to $OUT.
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 #        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
-#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [timeout-kill]
+#        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [graphs WHICH...] [timeout-kill]
 # Issue 24 modes: scaling takes ZeRO levels in SCALING_LEVELS, a level written "3a" runs with
 # --all-to-all-reduce (reduce-scatters by copy-engine all-to-all + a local reduction kernel);
 # launch compares one process per GPU with the threaded run (LAUNCH_THREADS_EXTRA: flags of the
@@ -47,6 +47,16 @@ case "$what" in
         for f in /tmp/bench/bench-*.log; do echo "######## $tag (round $r) $f"; grep -E "^step|throughput|free" "$f"; done >> "$O/bench-logs.txt"
       done
     done
+    ;;
+  graphs)
+    # issue 22: --cuda-graphs on vs off at a small micro-batch, where launch overhead shows,
+    # alternating in one call: graphs [WHICH...] (default 0.5b-fp8), micro-batch GRAPHS_BS
+    # (default 4), GRAPHS_ROUNDS rounds (default 3). --cuda-graphs implies --no-wgrad-overlap in
+    # fp8 runs, so those are also measured eager without the overlap.
+    which="${*:-0.5b-fp8}"
+    specs=('eager||' 'graphs|--cuda-graphs|')
+    [[ "$which" != *bf16* ]] && specs+=('eager-no-overlap|--no-wgrad-overlap|')
+    BENCH_BS="${GRAPHS_BS:-4}" bash "$0" ab "$which" "${GRAPHS_ROUNDS:-3}" "${specs[@]}"
     ;;
   kernels)
     # per-kernel GPU time of one training step under Nsight Compute (one 3-step run per config)

@@ -299,3 +299,49 @@ fn generation_picks_the_same_greedy_tokens_as_the_cpu() {
         }
     }
 }
+
+/// `--cuda-graphs` on the GPU: each block's forward and recompute+backward and the optimizer
+/// update run as CUDA graphs (eager on their first call, captured on the second, replayed after)
+/// and give bitwise the eager run's losses, gradient norms and weights over 6 steps whose
+/// learning rate changes every step (warmup, then decay) with two micro-batches each (so the
+/// block graphs replay within a step and the optimizer graph across steps), bf16 and fp8, with
+/// and without recomputation.
+#[test]
+fn gpu_cuda_graphs_are_bitwise_identical() {
+    let fp8 = Precision::fp8();
+    // (loss, gradient norm, learning rate) bits per step, and the final weights
+    type Run = (Vec<(u64, u64, u64)>, Vec<Vec<f32>>);
+    let run = |precision: Precision, mem: MemoryOptions| -> Option<Run> {
+        let be = gpu()?;
+        let mut cfg = small(Arch::Qwen2, false);
+        cfg.vocab_size = 1024;
+        cfg.num_layers = 3;
+        let mut tc = config(2, 64, 6, precision);
+        tc.schedule.warmup = 3;
+        tc.grad_accumulation = 2;
+        tc.memory = mem;
+        let mut tr = trainer(be, &cfg, tc);
+        let h = (0..6)
+            .map(|_| {
+                let s = tr.train_step().unwrap();
+                (s.loss.to_bits(), s.grad_norm.to_bits(), s.lr.to_bits())
+            })
+            .collect();
+        Some((h, tr.model.params.master_f32(tr.be.as_ref()).unwrap()))
+    };
+    let block = Recompute { block: true, ..Default::default() };
+    for (precision, mem) in [
+        (Precision::bf16(), MemoryOptions::default()),
+        (Precision::bf16(), MemoryOptions { recompute: block, ..Default::default() }),
+        (fp8, MemoryOptions::default()),
+        (fp8, MemoryOptions { persistent_quants: true, ..Default::default() }),
+        (fp8, MemoryOptions { persistent_quants: true, recompute: block, ..Default::default() }),
+    ] {
+        let Some(eager) = run(precision, mem) else { return };
+        let lrs: std::collections::BTreeSet<u64> = eager.0.iter().map(|h| h.2).collect();
+        assert_eq!(lrs.len(), 6, "the learning rate should change every step");
+        let graphs = run(precision, MemoryOptions { cuda_graphs: true, ..mem }).unwrap();
+        assert_eq!(graphs.0, eager.0, "{:?} ({}): graphs changed the losses or gradient norms on the GPU", precision.matmul, mem.describe());
+        assert!(graphs.1 == eager.1, "{:?} ({}): graphs changed the weights on the GPU", precision.matmul, mem.describe());
+    }
+}

@@ -16,6 +16,7 @@
 //! - Outputs never alias inputs unless the op says so.
 //! - Ops are deterministic: the same inputs give the same bits on every call.
 
+use crate::capture::{CaptureFn, GraphKey};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::{Mem, Tensor};
@@ -192,14 +193,18 @@ impl AttnShape {
 /// One AdamW update over a flat buffer (typically one block's parameters).
 ///
 /// For each element i of every segment: g = grad[i] * grad_scale; m = b1 m + (1-b1) g;
-/// v = b2 v + (1-b2) g²; m̂ = m / (1-b1^t); v̂ = v / (1-b2^t);
+/// v = b2 v + (1-b2) g²; m̂ = m / bc1; v̂ = v / bc2;
 /// p = master[i] - lr (m̂ / (sqrt(v̂) + eps) + wd_i master[i]), with wd_i = weight_decay on
 /// segments that decay and 0 elsewhere. The new master value is stored in `master` (f32 with
 /// RNE, or bf16 with stochastic rounding from `hash_u32(seed, i)`), m and v in their dtypes (RNE),
 /// and, when `params` is a different buffer (bf16 working copy of f32 master), the new value rounded
 /// to the params dtype. `absmax` (f32[n_segments]) receives max |param| per segment, for fp8 scales.
 /// m and v used in p are the unrounded f32 values of this step. Segments must not overlap;
-/// elements outside every segment (padding) are neither read nor written. `step` 0 is an error.
+/// elements outside every segment (padding) are neither read nor written.
+///
+/// The scalars that change every step (lr, bc1, bc2, grad_scale, seed) are read from device
+/// memory, `scalars` (`AdamStep::words`), so that a captured update replays with each step's
+/// values; the hyperparameters fixed for a run are arguments.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW<'a> {
     pub params: &'a Tensor,
@@ -208,22 +213,67 @@ pub struct AdamW<'a> {
     pub grads: &'a Tensor,
     pub m: &'a Tensor,
     pub v: &'a Tensor,
-    pub lr: f32,
+    /// i32 [ADAM_SCALARS]: this step's `AdamStep::words`.
+    pub scalars: &'a Tensor,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
+    pub absmax: Option<&'a Tensor>,
+}
+
+/// Words of `AdamW::scalars`.
+pub const ADAM_SCALARS: usize = 6;
+
+/// The per-step scalars of an AdamW update, as the host knows them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f32,
     /// Optimizer step, starting at 1 (for bias correction).
     pub step: u64,
     /// Multiplier applied to gradients before the update (gradient clipping).
     pub grad_scale: f32,
     pub seed: u64,
-    pub absmax: Option<&'a Tensor>,
+}
+
+/// The per-step scalars as an update reads them from `AdamW::scalars`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamScalars {
+    pub lr: f32,
+    /// Bias corrections 1 − β₁ᵗ and 1 − β₂ᵗ.
+    pub bc1: f32,
+    pub bc2: f32,
+    pub grad_scale: f32,
+    pub seed: u64,
+}
+
+impl AdamStep {
+    /// The words of `AdamW::scalars`: lr, bc1, bc2, grad_scale (f32 bits), then the seed's low
+    /// and high 32 bits. The bias corrections are computed in f64 and rounded to f32, once, on
+    /// the host, so every backend uses the same constants. `step` 0 is an error.
+    pub fn words(&self, beta1: f32, beta2: f32) -> Result<[u32; ADAM_SCALARS]> {
+        if self.step == 0 {
+            return Err(crate::Error::Op("adamw: step starts at 1 (bias correction divides by 1 - beta^step)".into()));
+        }
+        let c = |b: f32| (1.0 - (b as f64).powf(self.step as f64)) as f32;
+        Ok([self.lr.to_bits(), c(beta1).to_bits(), c(beta2).to_bits(), self.grad_scale.to_bits(), self.seed as u32, (self.seed >> 32) as u32])
+    }
+    /// `words` as the bytes of an i32 tensor.
+    pub fn bytes(&self, beta1: f32, beta2: f32) -> Result<Vec<u8>> {
+        Ok(self.words(beta1, beta2)?.iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+}
+
+impl AdamScalars {
+    pub fn from_words(w: &[u32; ADAM_SCALARS]) -> AdamScalars {
+        let f = f32::from_bits;
+        AdamScalars { lr: f(w[0]), bc1: f(w[1]), bc2: f(w[2]), grad_scale: f(w[3]), seed: w[4] as u64 | (w[5] as u64) << 32 }
+    }
 }
 
 impl AdamW<'_> {
-    /// Checks dtypes, sizes, the step and the segments (in range, not overlapping): the part of
-    /// the contract every backend enforces before touching memory.
+    /// Checks dtypes, sizes and the segments (in range, not overlapping): the part of the
+    /// contract every backend enforces before touching memory.
     pub fn validate(&self, segments: &[Segment]) -> Result<()> {
         const OP: &str = "adamw";
         let err = |m: String| Err(crate::Error::Op(format!("{OP}: {m}")));
@@ -231,6 +281,7 @@ impl AdamW<'_> {
         self.master.expect_dtype(OP, "master", &[DType::F32, DType::BF16])?;
         self.m.expect_dtype(OP, "m", &[DType::F32, DType::BF16])?;
         self.v.expect_dtype(OP, "v", &[DType::F32, DType::BF16])?;
+        self.scalars.expect(OP, "scalars", Some(DType::I32), &[ADAM_SCALARS])?;
         for (name, t) in [("params", self.params), ("grads", self.grads), ("m", self.m), ("v", self.v)] {
             if !t.dtype.is_float() {
                 return err(format!("{name} must be a float tensor, got {}", t.dtype));
@@ -239,9 +290,6 @@ impl AdamW<'_> {
         }
         if self.params.addr == self.master.addr && self.params.dtype != self.master.dtype {
             return err(format!("params and master share memory but have dtypes {} and {}", self.params.dtype, self.master.dtype));
-        }
-        if self.step == 0 {
-            return err("step starts at 1 (bias correction divides by 1 - beta^step)".into());
         }
         if let Some(am) = self.absmax {
             am.expect(OP, "absmax", Some(DType::F32), &[segments.len()])?;
@@ -259,13 +307,6 @@ impl AdamW<'_> {
             end = s.offset + s.len;
         }
         Ok(())
-    }
-
-    /// Bias corrections (1 − β₁ᵗ, 1 − β₂ᵗ): computed in f64 and rounded to f32, identically on
-    /// every backend.
-    pub fn bias_corrections(&self) -> (f32, f32) {
-        let c = |b: f32| (1.0 - (b as f64).powf(self.step as f64)) as f32;
-        (c(self.beta1), c(self.beta2))
     }
 }
 
@@ -325,6 +366,12 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()>;
     /// The stream the following ops run on (`Compute` until changed; `Copy` is refused).
     fn set_stream(&self, stream: Stream) -> Result<()>;
+    /// Runs the ops `f` issues as one graph named `key` (`crate::capture`): the backend may
+    /// record them once and from then on replay the record instead of calling `f`, so `f` must
+    /// issue the same ops every time and every value that changes between calls must be read
+    /// from device memory. `f` starts and must end on the compute stream; see `crate::capture`
+    /// for what it may not do.
+    fn capture(&self, key: GraphKey, f: &mut CaptureFn) -> Result<()>;
 
     // ---- compute ----
     fn matmul(&self, args: &Matmul) -> Result<()>;

@@ -7,6 +7,7 @@ pub mod all_to_all;
 pub mod attendance;
 pub mod backend;
 pub mod backend_options;
+pub mod capture;
 pub mod check;
 pub mod comm;
 pub mod config;
@@ -19,7 +20,8 @@ pub mod plan_backend;
 pub mod stream_check;
 pub mod tensor;
 
-pub use backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use backend::{AdamScalars, AdamStep, AdamW, AttnShape, ADAM_SCALARS, Backend, Event, Matmul, MemCategory, Segment, Stream};
+pub use capture::GraphKey;
 pub use comm::{shard_len, Comm, ReduceOp, ThreadComm};
 pub use backend_options::{AttentionKernels, BackendOptions};
 pub use config::{Arch, ModelConfig};

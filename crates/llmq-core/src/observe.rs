@@ -4,6 +4,7 @@
 //! profiler (`llmq_train::profile`).
 
 use crate::backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+use crate::capture::{CaptureFn, GraphKey, Recordings};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::tensor::{Mem, Tensor};
@@ -46,11 +47,14 @@ pub trait Observer {
 pub struct Observed<O> {
     inner: Box<dyn Backend>,
     pub observer: O,
+    /// Captures are recorded and replayed here, through the wrapper, so that the observer sees
+    /// every replayed op (a device graph of the inner backend would hide them).
+    graphs: Recordings,
 }
 
 impl<O: Observer> Observed<O> {
     pub fn wrap(inner: Box<dyn Backend>, observer: O) -> Self {
-        Observed { inner, observer }
+        Observed { inner, observer, graphs: Recordings::default() }
     }
 
     fn call<T>(&self, call: Call, f: impl FnOnce(&dyn Backend) -> Result<T>) -> Result<T> {
@@ -119,6 +123,9 @@ impl<O: Observer> Backend for Observed<O> {
         self.inner.set_stream(stream)?;
         self.observer.set_stream(stream);
         Ok(())
+    }
+    fn capture(&self, key: GraphKey, f: &mut CaptureFn) -> Result<()> {
+        self.graphs.capture(self, key, f)
     }
     fn matmul(&self, a: &Matmul) -> Result<()> {
         let out_read = a.accumulate.then_some(a.out);
@@ -194,7 +201,7 @@ impl<O: Observer> Backend for Observed<O> {
         self.call(Call::op("transpose", &[Some(inp)], &[Some(out)]), |b| b.transpose(out, inp))
     }
     fn adamw(&self, a: &AdamW, segments: &[Segment]) -> Result<()> {
-        let (reads, writes) = ([Some(a.grads)], [Some(a.params), Some(a.master), Some(a.m), Some(a.v), a.absmax]);
+        let (reads, writes) = ([Some(a.grads), Some(a.scalars)], [Some(a.params), Some(a.master), Some(a.m), Some(a.v), a.absmax]);
         self.call(Call::op("adamw", &reads, &writes), |b| b.adamw(a, segments))
     }
     fn sum_squares(&self, out: &Tensor, slot: usize, t: &Tensor) -> Result<()> {

@@ -4,6 +4,7 @@
 //! size; `llmq_train::plan` builds on it.
 
 use crate::backend::{AdamW, AttnShape, Backend, Event, Matmul, MemCategory, Segment, Stream};
+use crate::capture::{CaptureFn, GraphKey};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::{Mem, Shape, Tensor};
@@ -98,6 +99,9 @@ impl Backend for PlanBackend {
     }
     fn set_stream(&self, stream: Stream) -> Result<()> {
         Ok(())
+    }
+    fn capture(&self, key: GraphKey, f: &mut CaptureFn) -> Result<()> {
+        no_ops()
     }
     fn copy(&self, dst: &Tensor, src: &Tensor, stream: Stream) -> Result<()> {
         no_ops()

@@ -5,7 +5,7 @@ mod common;
 
 use common::{Ctx, Rng};
 use llmq_core::dtype::{bf16_to_f32, f32_to_bf16, f32_to_e4m3, f32_to_e5m2, DType, E4M3_MAX, E5M2_MAX};
-use llmq_core::{AdamW, Backend, Segment, Tensor};
+use llmq_core::{AdamStep, AdamW, Backend, Segment, Tensor, ADAM_SCALARS};
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -24,23 +24,16 @@ struct Hyper {
 const HP: Hyper = Hyper { lr: 1e-2, b1: 0.9, b2: 0.95, eps: 1e-8, wd: 0.1, scale: 0.5 };
 
 #[allow(clippy::too_many_arguments)]
-fn args<'a>(p: &'a Tensor, master: &'a Tensor, g: &'a Tensor, m: &'a Tensor, v: &'a Tensor, step: u64, seed: u64, absmax: Option<&'a Tensor>) -> AdamW<'a> {
-    AdamW {
-        params: p,
-        master,
-        grads: g,
-        m,
-        v,
-        lr: HP.lr,
-        beta1: HP.b1,
-        beta2: HP.b2,
-        eps: HP.eps,
-        weight_decay: HP.wd,
-        step,
-        grad_scale: HP.scale,
-        seed,
-        absmax,
-    }
+fn args<'a>(p: &'a Tensor, master: &'a Tensor, g: &'a Tensor, m: &'a Tensor, v: &'a Tensor, scalars: &'a Tensor, absmax: Option<&'a Tensor>) -> AdamW<'a> {
+    AdamW { params: p, master, grads: g, m, v, scalars, beta1: HP.b1, beta2: HP.b2, eps: HP.eps, weight_decay: HP.wd, absmax }
+}
+
+/// The per-step scalars of `step` with `seed` and the test's learning rate and gradient scale,
+/// in a new tensor.
+fn scalars(cx: &mut Ctx, step: u64, seed: u64) -> Tensor {
+    let t = cx.zeros(DType::I32, &[ADAM_SCALARS]);
+    cx.be.upload(&t, &AdamStep { lr: HP.lr, step, grad_scale: HP.scale, seed }.bytes(HP.b1, HP.b2).unwrap()).unwrap();
+    t
 }
 
 /// Scalar f64 AdamW step on (p, m, v).
@@ -86,7 +79,8 @@ fn adamw_f32_matches_f64_reference() {
     for step in 1..=4 {
         let gv: Vec<f32> = (0..n).map(|_| rng.normal() * 0.3).collect();
         cx.set(&g, &gv);
-        cx.be.adamw(&args(&p, &p, &g, &m, &v, step, 0, Some(&am)), &segs).unwrap();
+        let sc = scalars(&mut cx, step, 0);
+        cx.be.adamw(&args(&p, &p, &g, &m, &v, &sc, Some(&am)), &segs).unwrap();
         for i in 0..n {
             if let Some(s) = seg_of(i, &segs) {
                 adamw_ref(&mut rp[i], &mut rm[i], &mut rv[i], gv[i] as f64, step, s.decay);
@@ -122,7 +116,8 @@ fn adamw_weight_decay_only_on_decay_segments() {
     let p = cx.f32(&[n], &p0);
     let zeros = vec![0f32; n];
     let (g, m, v) = (cx.f32(&[n], &zeros), cx.f32(&[n], &zeros), cx.f32(&[n], &zeros));
-    cx.be.adamw(&args(&p, &p, &g, &m, &v, 1, 0, None), &segs).unwrap();
+    let sc = scalars(&mut cx, 1, 0);
+    cx.be.adamw(&args(&p, &p, &g, &m, &v, &sc, None), &segs).unwrap();
     let got = cx.get(&p);
     for i in 0..n {
         let want = match seg_of(i, &segs) {
@@ -144,7 +139,8 @@ fn adamw_bf16_master_stochastic_rounding() {
     let p = cx.t(BF16, &[n], &ones);
     let g = cx.t(F32, &[n], &vec![0.25f32; n]);
     let (m, v) = (cx.zeros(BF16, &[n]), cx.zeros(BF16, &[n]));
-    cx.be.adamw(&args(&p, &p, &g, &m, &v, 1, 42, None), &segs).unwrap();
+    let sc = scalars(&mut cx, 1, 42);
+    cx.be.adamw(&args(&p, &p, &g, &m, &v, &sc, None), &segs).unwrap();
     let got = cx.get(&p);
     let exact = 1.0f64 - HP.lr as f64 * (0.125 / (0.125 + HP.eps as f64));
     let (lo, hi) = (0.98828125f32, 0.9921875f32);
@@ -158,7 +154,8 @@ fn adamw_bf16_master_stochastic_rounding() {
     let run = |cx: &mut Ctx, seed: u64| {
         let p = cx.t(BF16, &[n], &ones);
         let (m, v) = (cx.zeros(BF16, &[n]), cx.zeros(BF16, &[n]));
-        cx.be.adamw(&args(&p, &p, &g, &m, &v, 1, seed, None), &segs).unwrap();
+        let sc = scalars(cx, 1, seed);
+        cx.be.adamw(&args(&p, &p, &g, &m, &v, &sc, None), &segs).unwrap();
         cx.raw(&p)
     };
     let a = run(&mut cx, 42);
@@ -181,7 +178,8 @@ fn adamw_separate_bf16_params_from_f32_master() {
     let g = cx.t(BF16, &[n], &rng.vec(n, 1.0));
     let (m, v) = (cx.zeros(F32, &[n]), cx.zeros(F32, &[n]));
     let am = cx.zeros(F32, &[2]);
-    cx.be.adamw(&args(&params, &master, &g, &m, &v, 1, 0, Some(&am)), &segs).unwrap();
+    let sc = scalars(&mut cx, 1, 0);
+    cx.be.adamw(&args(&params, &master, &g, &m, &v, &sc, Some(&am)), &segs).unwrap();
     let (gm, gp) = (cx.get(&master), cx.get(&params));
     for i in 0..n {
         if seg_of(i, &segs).is_some() {
@@ -203,13 +201,18 @@ fn adamw_argument_errors() {
     let t = cx.zeros(F32, &[10]);
     let b = cx.zeros(BF16, &[10]);
     let ok = [Segment { offset: 0, len: 10, decay: true }];
-    assert!(cx.be.adamw(&args(&t, &t, &t, &t, &t, 0, 0, None), &ok).is_err(), "step 0");
-    assert!(cx.be.adamw(&args(&t, &t, &t, &t, &t, 1, 0, None), &[Segment { offset: 5, len: 6, decay: true }]).is_err(), "out of range");
+    let e = AdamStep { lr: 1.0, step: 0, grad_scale: 1.0, seed: 0 }.words(0.9, 0.95).unwrap_err().to_string();
+    assert!(e.contains("step starts at 1"), "{e}");
+    let sc = scalars(&mut cx, 1, 0);
+    assert!(cx.be.adamw(&args(&t, &t, &t, &t, &t, &sc, None), &ok).is_ok());
+    assert!(cx.be.adamw(&args(&t, &t, &t, &t, &t, &sc, None), &[Segment { offset: 5, len: 6, decay: true }]).is_err(), "out of range");
     let overlap = [Segment { offset: 0, len: 6, decay: true }, Segment { offset: 5, len: 2, decay: false }];
-    assert!(cx.be.adamw(&args(&t, &t, &t, &t, &t, 1, 0, None), &overlap).is_err(), "overlap");
-    assert!(cx.be.adamw(&args(&b, &t, &t, &t, &t, 1, 0, Some(&t)), &ok).is_err(), "absmax size");
+    assert!(cx.be.adamw(&args(&t, &t, &t, &t, &t, &sc, None), &overlap).is_err(), "overlap");
+    assert!(cx.be.adamw(&args(&b, &t, &t, &t, &t, &sc, Some(&t)), &ok).is_err(), "absmax size");
     let short = cx.zeros(F32, &[9]);
-    assert!(cx.be.adamw(&args(&t, &t, &short, &t, &t, 1, 0, None), &ok).is_err(), "grads size");
+    assert!(cx.be.adamw(&args(&t, &t, &short, &t, &t, &sc, None), &ok).is_err(), "grads size");
+    let e = cx.be.adamw(&args(&t, &t, &t, &t, &t, &t, None), &ok).unwrap_err().to_string();
+    assert!(e.contains("scalars"), "{e}");
 }
 
 #[test]

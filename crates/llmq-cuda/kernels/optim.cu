@@ -9,8 +9,10 @@
 // hash_u32(seed, e) (identical to the CPU); a separate params buffer gets p rounded to its dtype.
 // absmax[s] receives max |param as stored| (zeroed by the host before the launch); each thread
 // keeps a running max for its current segment and flushes it with one atomicMax when it moves on.
-// Pitfall: bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t are computed once on the host exactly
-// like the CPU backend does and passed in, so both backends use the same f32 constants.
+// The per-step scalars (lr, bc1, bc2, grad_scale, seed) are read from device memory (`sc`, the
+// words of llmq_core::AdamStep) so that a captured update (CUDA graph) replays with each step's
+// values. Pitfall: bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t are computed once on the host
+// exactly like the CPU backend does and stored there, so both backends use the same f32 constants.
 // Fast kernels adamw_v_<master><m/v><grads> (f32 or bf16 each; params f32 or bf16; every pointer
 // 16-byte aligned): no per-element segment search. The launch walks the segments in order; for
 // each, the grid strides over the 4-element chunks (aligned to the buffer) that overlap it: a
@@ -25,6 +27,16 @@ LLMQ_DEV void flush_absmax(float* slot, unsigned b) {
     if (b > *(volatile unsigned*)slot) atomicMax((unsigned*)slot, b);
 }
 
+// The words of llmq_core::AdamStep: lr, bc1, bc2, grad_scale (f32 bits), seed low, seed high.
+struct AdamScalars {
+    float lr, bc1, bc2, grad_scale;
+    unsigned long long seed;
+};
+LLMQ_DEV AdamScalars adam_scalars(const unsigned* sc) {
+    return AdamScalars{__uint_as_float(sc[0]), __uint_as_float(sc[1]), __uint_as_float(sc[2]), __uint_as_float(sc[3]),
+                       (unsigned long long)sc[4] | ((unsigned long long)sc[5] << 32)};
+}
+
 #define MAX_SEGS 16
 struct SegTable {
     long long off[MAX_SEGS];
@@ -36,8 +48,10 @@ struct SegTable {
 
 extern "C" __global__ void llmq_adamw(void* params, int dt_p, void* master, int dt_master, const void* grads, int dt_g,
                                       void* m, int dt_m, void* v, int dt_v, float* absmax, SegTable seg,
-                                      float lr, float b1, float b2, float eps, float wd, float bc1, float bc2,
-                                      float grad_scale, unsigned long long seed, int separate) {
+                                      const unsigned* sc, float b1, float b2, float eps, float wd, int separate) {
+    const AdamScalars s_ = adam_scalars(sc);
+    const float lr = s_.lr, bc1 = s_.bc1, bc2 = s_.bc2, grad_scale = s_.grad_scale;
+    const unsigned long long seed = s_.seed;
     long long total = seg.start[seg.n];
     long long stride = (long long)gridDim.x * blockDim.x;
     int cur = -1;  // segment of the running abs-max
@@ -193,10 +207,11 @@ __device__ __forceinline__ void adamw_v(void* params, int dt_p, void* master, co
 
 #define ADAMW_V(MN, TM, SN, TS, GN, TG)                                                                                         \
     extern "C" __global__ void __launch_bounds__(256) llmq_adamw_v_##MN##_##SN##_##GN(                                          \
-        void* params, int dt_p, void* master, const void* grads, void* m, void* v, float* absmax, SegTable seg, float lr, float b1, \
-        float b2, float eps, float wd, float bc1, float bc2, float grad_scale, unsigned long long seed, int separate) {          \
-        adamw_v<TM, TS, TG>(params, dt_p, master, grads, m, v, absmax, seg, lr, b1, b2, eps, wd, bc1, bc2, grad_scale, seed,       \
-                            separate);                                                                                           \
+        void* params, int dt_p, void* master, const void* grads, void* m, void* v, float* absmax, SegTable seg,                 \
+        const unsigned* sc, float b1, float b2, float eps, float wd, int separate) {                                            \
+        const AdamScalars s = adam_scalars(sc);                                                                                  \
+        adamw_v<TM, TS, TG>(params, dt_p, master, grads, m, v, absmax, seg, s.lr, b1, b2, eps, wd, s.bc1, s.bc2, s.grad_scale,     \
+                            s.seed, separate);                                                                                   \
     }
 ADAMW_V(f32, F32T, f32, F32T, f32, F32T)
 ADAMW_V(f32, F32T, f32, F32T, bf16, BF16T)

@@ -490,7 +490,7 @@ impl CudaBackend {
 
     /// One AdamW launch over a segment table (`seg`: the SegTable bytes of optim.cu).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn v_adamw(&self, a: &llmq_core::AdamW, seg: &[u8], total: usize, bc1: f32, bc2: f32, separate: bool) -> Result<bool> {
+    pub(crate) fn v_adamw(&self, a: &llmq_core::AdamW, seg: &[u8], total: usize, separate: bool) -> Result<bool> {
         let ts = [a.params, a.master, a.grads, a.m, a.v];
         if !aligned(&ts) || a.m.dtype != a.v.dtype || ix(a.params.dtype).is_none() {
             return Ok(false);
@@ -499,7 +499,7 @@ impl CudaBackend {
             return Ok(false);
         };
         let tensors = [p(a.params), dt(a.params.dtype), p(a.master), p(a.grads), p(a.m), p(a.v)];
-        let args: Vec<Arg> = tensors.into_iter().chain(adamw_tail(a, seg.to_vec(), bc1, bc2, separate)).collect();
+        let args: Vec<Arg> = tensors.into_iter().chain(adamw_tail(a, seg.to_vec(), separate)).collect();
         self.vlaunch(self.fk.adamw[mi][si][gi], (self.vgrid(total.div_ceil(4).max(1)), 1, 1), (T, 1, 1), 0, &args)?;
         Ok(true)
     }

@@ -24,7 +24,6 @@ pub(crate) enum Arg {
     I32(i32),
     F32(f32),
     I64(i64),
-    U64(u64),
     /// A `repr(C)` struct passed by value, as its bytes.
     Bytes(Vec<u8>),
 }
@@ -164,7 +163,6 @@ pub(crate) unsafe fn launch(
             Arg::I32(v) => *v as u32 as u64,
             Arg::F32(v) => v.to_bits() as u64,
             Arg::I64(v) => *v as u64,
-            Arg::U64(v) => *v,
             Arg::Bytes(_) => 0,
         })
         .collect();

@@ -22,7 +22,7 @@
 //! scratch buffer refuse it). `copy` and `zero` name their stream, which may be the copy stream;
 //! events order them all. The compute stream has the highest priority. Memory is allocated only
 //! by `alloc` (plus the fixed scratch and the two cuBLASLt workspaces at construction), never
-//! inside ops.
+//! inside ops, so that graphs (`graph.rs`) can replay ops on the same memory.
 
 mod attention;
 mod attention_wg;
@@ -30,6 +30,7 @@ mod blas;
 mod copy_comm;
 mod device;
 mod fast;
+mod graph;
 mod kernels;
 mod nccl;
 mod ops;
@@ -114,7 +115,9 @@ pub fn device_count() -> usize {
 
 /// The CUDA backend for one device.
 pub struct CudaBackend {
-    // Field order matters for Drop: cuBLASLt and the module go before the context.
+    // Field order matters for Drop: graphs, cuBLASLt and the module go before the context.
+    /// `Backend::capture`'s graphs per key (`graph.rs`).
+    graphs: RefCell<std::collections::HashMap<llmq_core::GraphKey, graph::GraphState>>,
     blas: RefCell<blas::Blas>,
     k: Kernels,
     dev: Device,
@@ -156,7 +159,7 @@ impl CudaBackend {
         let ws = [dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?, dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?];
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
         let blas = blas::Blas::new(ws, &dev.name, dev.sm_count, opts)?;
-        Ok(CudaBackend { blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, cur: Cell::new(Stream::Compute) })
+        Ok(CudaBackend { graphs: RefCell::default(), blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, cur: Cell::new(Stream::Compute) })
     }
 
     /// The scratch buffer (SCRATCH_BYTES). There is one, for the compute stream: ops that need
@@ -326,6 +329,9 @@ impl Backend for CudaBackend {
         llmq_core::check::check_op_stream(stream)?;
         self.cur.set(stream);
         Ok(())
+    }
+    fn capture(&self, key: llmq_core::GraphKey, f: &mut llmq_core::capture::CaptureFn) -> Result<()> {
+        self.capture_op(key, f)
     }
     fn matmul(&self, args: &Matmul) -> Result<()> {
         self.dev.bind()?;

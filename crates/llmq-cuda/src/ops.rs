@@ -591,8 +591,6 @@ impl CudaBackend {
     pub(crate) fn op_adamw(&self, a: &AdamW, segments: &[Segment]) -> Result<()> {
         a.validate(segments)?;
         let separate = a.params.addr != a.master.addr;
-        // identical to the CPU backend: f64 power, rounded to f32
-        let (bc1, bc2) = a.bias_corrections();
         self.zero_f32(a.absmax)?;
         const MAX_SEGS: usize = 16;
         for (ci, chunk) in segments.chunks(MAX_SEGS).enumerate() {
@@ -622,7 +620,7 @@ impl CudaBackend {
             while !bytes.len().is_multiple_of(8) {
                 bytes.push(0);
             }
-            if self.v_adamw(a, &bytes, total, bc1, bc2, separate)? {
+            if self.v_adamw(a, &bytes, total, separate)? {
                 continue;
             }
             let tensors = [
@@ -637,7 +635,7 @@ impl CudaBackend {
                 p(a.v),
                 Arg::I32(dt(a.v.dtype)),
             ];
-            let args: Vec<Arg> = tensors.into_iter().chain(adamw_tail(a, bytes, bc1, bc2, separate)).collect();
+            let args: Vec<Arg> = tensors.into_iter().chain(adamw_tail(a, bytes, separate)).collect();
             self.launch(self.k.adamw, (self.grid_for(total), 1, 1), (THREADS, 1, 1), 0, &args)?;
         }
         Ok(())
@@ -825,19 +823,16 @@ impl CudaBackend {
 /// The AdamW kernels' arguments after their tensors (generic and typed kernels alike): abs-max
 /// slots, the segment table (`seg`, optim.cu's SegTable bytes), hyper-parameters, bias
 /// corrections, seed and whether params and master weights are separate buffers.
-pub(crate) fn adamw_tail(a: &AdamW, seg: Vec<u8>, bc1: f32, bc2: f32, separate: bool) -> [Arg; 12] {
+/// The arguments both AdamW kernels end with; the per-step scalars stay in device memory.
+pub(crate) fn adamw_tail(a: &AdamW, seg: Vec<u8>, separate: bool) -> [Arg; 8] {
     [
         popt(a.absmax),
         Arg::Bytes(seg),
-        Arg::F32(a.lr),
+        p(a.scalars),
         Arg::F32(a.beta1),
         Arg::F32(a.beta2),
         Arg::F32(a.eps),
         Arg::F32(a.weight_decay),
-        Arg::F32(bc1),
-        Arg::F32(bc2),
-        Arg::F32(a.grad_scale),
-        Arg::U64(a.seed),
         Arg::I32(separate as i32),
     ]
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{decode, encode, Pair};
-use llmq_core::{AdamW, AttnShape, Backend, DType, Matmul, Mem, MemCategory, Segment, Stream};
+use llmq_core::{AdamStep, AdamW, AttnShape, Backend, DType, Matmul, Mem, MemCategory, Segment, Stream, ADAM_SCALARS};
 
 const F32: DType = DType::F32;
 const BF16: DType = DType::BF16;
@@ -597,6 +597,9 @@ fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: D
     let v = p.vals(mv_dt, &[n], &vv);
     let am = p.out(F32, &[nseg]);
     for step in [1u64, 7] {
+        // the per-step scalars come from device memory on both backends
+        let words = AdamStep { lr: 1e-3, step, grad_scale: 0.7, seed: 1234 + (step << 40) }.bytes(0.9, 0.95).unwrap();
+        let sc = p.bytes(DType::I32, &[ADAM_SCALARS], &words);
         for (cpu, t) in [(true, 0), (false, 1)] {
             let _ = t;
             let pick = |x: &common::T2| if cpu { x.c } else { x.g };
@@ -608,14 +611,11 @@ fn adamw_case(p: &mut Pair, master_dt: DType, params_dt: Option<DType>, mv_dt: D
                 grads: &pick(&grads),
                 m: &pick(&m),
                 v: &pick(&v),
-                lr: 1e-3,
+                scalars: &pick(&sc),
                 beta1: 0.9,
                 beta2: 0.95,
                 eps: 1e-8,
                 weight_decay: 0.1,
-                step,
-                grad_scale: 0.7,
-                seed: 1234 + step,
                 absmax: Some(&pick(&am)),
             };
             if cpu {
@@ -669,9 +669,17 @@ fn write_combined_host_memory_copies_and_feeds_the_optimizer_in_place() {
     assert_eq!(g.download(&wc[1]).unwrap(), init[1], "device -> write-combined host");
     assert!(g.memory_by_category().iter().any(|&(c, m, b)| c == MemCategory::AdamM && m == Mem::HostWriteCombined && b == n * (4 + 2 + 4 + 4)));
     let segs = [Segment { offset: 0, len: n / 2, decay: true }, Segment { offset: n / 2, len: n - n / 2, decay: false }];
+    let scalars: Vec<_> = [1u64, 2]
+        .iter()
+        .map(|&step| {
+            let t = g.alloc(MemCategory::Activations, Mem::Device, DType::I32, &[ADAM_SCALARS]).unwrap();
+            g.upload(&t, &AdamStep { lr: 1e-3, step, grad_scale: 0.5, seed: 9 }.bytes(0.9, 0.95).unwrap()).unwrap();
+            t
+        })
+        .collect();
     for ts in &sets {
-        for step in [1u64, 2] {
-            let args = AdamW { params: &ts[0], master: &ts[0], grads: &ts[1], m: &ts[2], v: &ts[3], lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5, seed: 9, absmax: None };
+        for sc in &scalars {
+            let args = AdamW { params: &ts[0], master: &ts[0], grads: &ts[1], m: &ts[2], v: &ts[3], scalars: sc, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, absmax: None };
             g.adamw(&args, &segs).unwrap();
         }
     }

@@ -51,6 +51,10 @@ pub struct MemoryOptions {
     /// With several ranks: gradients reduce-scattered by all-to-all copies into a device
     /// staging buffer plus one local reduction (`llmq_core::all_to_all`), the same bits.
     pub all_to_all_reduce: bool,
+    /// Each block's forward and recompute+backward run as captured graphs (`Backend::capture`:
+    /// CUDA graphs on the GPU, recorded and replayed op by op on the CPU), replayed after the
+    /// first steps instead of issuing every op from the host.
+    pub cuda_graphs: bool,
 }
 
 impl MemoryOptions {
@@ -82,10 +86,32 @@ impl MemoryOptions {
         if self.write_combined && !(self.offload_master || self.offload_opt_m || self.offload_opt_v || self.stream_weights || self.offload_gradients) {
             return Err(Error::Config("--write-combined allocates offloaded state write-combined: it needs --offload-master, --offload-opt-m, --offload-opt-v, --shard-weights (one device) or --offload-gradients".into()));
         }
+        if self.cuda_graphs {
+            self.validate_graphs()?;
+        }
         if self.memory_limit == Some(0) {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
         Ok(())
+    }
+
+    /// The options whose per-block work a captured graph cannot hold: host-side state that
+    /// changes between calls (which slot or shard a block uses, the first micro-batch of a step),
+    /// collectives, or side-stream work joined only after the last block.
+    fn validate_graphs(&self) -> Result<()> {
+        let refused = [
+            (self.stream_weights, "--stream-weights/--shard-weights (block weights streamed into alternating slots)"),
+            (self.offload_gradients, "--offload-gradients (gradient slots loaded from the host after the first micro-batch)"),
+            (self.offload_residual, "--offload-residual (residual slots written back per block)"),
+            (self.offload_quants, "--offload-quants (fp8 weights streamed into alternating slots)"),
+            (self.shard_gradients, "ZeRO-2 (a reduce-scatter per block's backward)"),
+            (self.shard_weights, "ZeRO-3 (a gather per block)"),
+            (self.wgrad_overlap, "the second-stream weight gradients (joined after the last block; use --no-wgrad-overlap)"),
+        ];
+        match refused.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(Error::Config(format!("--cuda-graphs captures each block's passes as graphs, which cannot hold {what}: leave one of them out"))),
+            None => Ok(()),
+        }
     }
 
     /// One line for the printed configuration, e.g. "recompute block | offload m, v | limit 16 GiB".
@@ -119,6 +145,9 @@ impl MemoryOptions {
         }
         if self.wgrad_overlap {
             parts.push("weight gradients on a second stream".into());
+        }
+        if self.cuda_graphs {
+            parts.push("graphs per block".into());
         }
         if let Some(l) = self.memory_limit {
             parts.push(format!("device limit {}", llmq_core::fmt_bytes(l as usize)));

@@ -15,7 +15,7 @@ use crate::memory::{MemoryOptions, Recompute};
 use crate::precision::Precision;
 use crate::side::SideWgrads;
 use crate::zero::Dist;
-use llmq_core::{Backend, Event, Matmul, ModelConfig, Result, Stream, Tensor};
+use llmq_core::{Backend, Event, GraphKey, Matmul, ModelConfig, Result, Stream, Tensor};
 use llmq_io::data::Batch;
 
 /// Rows of logits the LM head materialises at once (one group): cross-entropy, the input
@@ -45,6 +45,12 @@ pub struct Model {
     side: Option<SideWgrads>,
     /// z-loss coefficient of training passes (evaluation reports the plain cross-entropy).
     pub z_loss: f32,
+    /// Blocks (and the optimizer update) run as captured graphs (`MemoryOptions::cuda_graphs`).
+    graphs: bool,
+    /// i32 [parameter groups, ADAM_SCALARS]: each group's AdamW step scalars, written by the
+    /// host before every update (`llmq_core::AdamStep`), so that a captured update replays
+    /// with them.
+    pub adam_scalars: Tensor,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
     /// the copy stream after; the first gradient write (the LM head's) waits for the second.
@@ -91,7 +97,8 @@ impl Model {
             None
         };
         let side = if mem.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
-        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
+        let adam_scalars = be.alloc(llmq_core::MemCategory::Other, llmq_core::Mem::Device, llmq_core::DType::I32, &[norm_slots, llmq_core::ADAM_SCALARS])?;
+        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, graphs: mem.cuda_graphs, adam_scalars, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -229,25 +236,44 @@ impl Model {
         for l in 0..l_count {
             let w = self.block(be, l, false)?;
             self.prefetch(be, l + 1)?;
-            self.attention_stages(be, l, &w, true)?;
-            self.mm(be, l, OUT, &a.proj, &a.att.at(l), Act::Att, &w.o_w, None)?;
-            let res_ffn = a.res.write_ffn(be, l)?;
-            be.residual_rmsnorm_fwd(&res_ffn, &a.ln2.at(l), &a.rstd2[l], &a.res.att(l), &a.proj, &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
-            self.mlp_stages(be, l, &w, true)?;
-            self.mm(be, l, DOWN, &a.proj, &a.sw.at(l), Act::Sw, &w.down_w, None)?;
-            // fused: next residual + the norm that consumes it
-            if l + 1 < l_count {
-                let next = self.params.block(be, l + 1)?;
-                let am = self.amax(l + 1, Act::Ln1);
-                be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.ln1.at(l + 1), &a.rstd1[l + 1], &res_ffn, &a.proj, &next.ln1, self.eps, am.as_ref())?;
-                self.params.release(be, l + 1)?;
-            } else {
-                be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.final_ln, &a.final_rstd, &res_ffn, &a.proj, &head.final_norm, self.eps, None)?;
-            }
+            self.graph(be, GraphKey::new("forward", l), &mut |be| self.block_forward(be, l, &w))?;
             a.res.stored(be, l)?;
             self.release(be, l)?;
         }
         self.lm_head(be, dloss)
+    }
+
+    /// Block l's forward pass, from its ln1 output to the next block's (or the final norm's).
+    fn block_forward(&self, be: &dyn Backend, l: usize, w: &BlockTensors) -> Result<()> {
+        let a = &self.acts;
+        let l_count = self.cfg().num_layers;
+        self.attention_stages(be, l, w, true)?;
+        self.mm(be, l, OUT, &a.proj, &a.att.at(l), Act::Att, &w.o_w, None)?;
+        let res_ffn = a.res.write_ffn(be, l)?;
+        be.residual_rmsnorm_fwd(&res_ffn, &a.ln2.at(l), &a.rstd2[l], &a.res.att(l), &a.proj, &w.ln2, self.eps, self.amax(l, Act::Ln2).as_ref())?;
+        self.mlp_stages(be, l, w, true)?;
+        self.mm(be, l, DOWN, &a.proj, &a.sw.at(l), Act::Sw, &w.down_w, None)?;
+        // fused: next residual + the norm that consumes it
+        if l + 1 < l_count {
+            let next = self.params.block(be, l + 1)?;
+            let am = self.amax(l + 1, Act::Ln1);
+            be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.ln1.at(l + 1), &a.rstd1[l + 1], &res_ffn, &a.proj, &next.ln1, self.eps, am.as_ref())?;
+            self.params.release(be, l + 1)
+        } else {
+            let head = self.params.head();
+            be.residual_rmsnorm_fwd(&a.res.write_att(be, l + 1)?, &a.final_ln, &a.final_rstd, &res_ffn, &a.proj, &head.final_norm, self.eps, None)
+        }
+    }
+
+    /// Runs `f` as the captured graph `key` with `MemoryOptions::cuda_graphs`, else directly.
+    /// The options that would make a block's ops differ between calls (streamed, offloaded or
+    /// sharded block state, side-stream work) are refused with graphs (`MemoryOptions::validate`).
+    pub fn graph(&self, be: &dyn Backend, key: GraphKey, f: &mut llmq_core::capture::CaptureFn) -> Result<()> {
+        if self.graphs {
+            be.capture(key, f)
+        } else {
+            f(be)
+        }
     }
 
     /// ln1 (unless the forward pass just produced it), QKV, qk-norm, RoPE, attention for block l.
@@ -341,7 +367,7 @@ impl Model {
                 self.params.prefetch_grad(be, l - 1)?;
                 a.res.prefetch(be, l - 1)?;
             }
-            self.block_backward(be, l, &w, &g)?;
+            self.graph(be, GraphKey::new("backward", l), &mut |be| self.block_backward(be, l, &w, &g))?;
             self.release(be, l)?;
             self.params.release_grad(be, l)?;
             a.res.release(be, l)?;

@@ -278,6 +278,11 @@ impl Params {
     pub fn opt_finish(&self, be: &dyn Backend) -> Result<()> {
         self.opt_stage.as_ref().map_or(Ok(()), |st| st.finish(be))
     }
+    /// The optimizer copies block state through device slots (copies a graph of the update would
+    /// have to hold, on the copy streams).
+    pub fn stages_optimizer(&self) -> bool {
+        self.opt_stage.is_some()
+    }
     /// The block whose group is gi.
     fn block_of(&self, gi: usize) -> Option<usize> {
         self.is_block(gi).then(|| gi - self.layout.block_group(0))

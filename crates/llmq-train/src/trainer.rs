@@ -10,7 +10,7 @@ use crate::schedule::Schedule;
 use crate::spike::{SpikeGuard, SpikeState};
 use crate::token_stage::TokenStage;
 use crate::zero::Dist;
-use llmq_core::{AdamW, Backend, Comm, Error, ModelConfig, ReduceOp, Result, Stream};
+use llmq_core::{AdamStep, AdamW, Backend, Comm, Error, GraphKey, ModelConfig, ReduceOp, Result, Stream, ADAM_SCALARS};
 use std::sync::Arc;
 use llmq_io::data::BatchSource;
 use serde::{Deserialize, Serialize};
@@ -310,6 +310,9 @@ impl Trainer {
     /// `--log-amax N`: every N steps, the abs-max, scale and saturated and flushed fractions of
     /// every tensor the fp8 matmuls quantise, into the JSON log (`crate::fp8_health`).
     pub fn log_fp8_health(&mut self, every: u64) -> Result<()> {
+        if every > 0 && self.tc.memory.cuda_graphs {
+            return Err(Error::Config("--log-amax reads the fp8 abs-maxes on the host inside each block's passes, which --cuda-graphs replays without the host: leave one of them out".into()));
+        }
         match &mut self.model.fp8 {
             Some(f) => {
                 f.health = (every > 0).then(|| crate::fp8_health::Health::new(every));
@@ -380,33 +383,38 @@ impl Trainer {
         let p = &self.model.params;
         let o = &self.tc.optim;
         let be = self.be.as_ref();
-        for (gi, g) in p.layout.groups.iter().enumerate() {
+        let (b1, b2) = (o.beta1 as f32, o.beta2 as f32);
+        // this step's scalars, one slot per group, in device memory before the update runs
+        let mut words = Vec::with_capacity(p.layout.groups.len() * ADAM_SCALARS * 4);
+        for gi in 0..p.layout.groups.len() {
             // distinct stochastic-rounding streams per step and group (and shard: the hash is of
             // the index within the buffer)
             let seed = self.tc.seed ^ (self.updates << 20) ^ gi as u64;
             let seed = p.dist.as_ref().map_or(seed, |d| llmq_io::loader::mix_seed(seed, d.rank() as u64));
+            words.extend(AdamStep { lr: lr as f32, step: self.updates, grad_scale, seed }.bytes(b1, b2)?);
+        }
+        be.upload(&self.model.adam_scalars, &words)?;
+        let update = |be: &dyn Backend, gi: usize| -> Result<()> {
+            let g = &p.layout.groups[gi];
             let amax = self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]);
             let t = p.opt_begin(be, gi)?;
+            let scalars = self.model.adam_scalars.slice(gi * ADAM_SCALARS, &[ADAM_SCALARS]);
             let base = AdamW {
                 params: &t.params,
                 master: &t.master,
                 grads: &t.grads,
                 m: &t.m,
                 v: &t.v,
-                lr: lr as f32,
-                beta1: o.beta1 as f32,
-                beta2: o.beta2 as f32,
+                scalars: &scalars,
+                beta1: b1,
+                beta2: b2,
                 eps: o.eps as f32,
                 weight_decay: o.weight_decay as f32,
-                step: self.updates,
-                grad_scale,
-                seed,
                 absmax: None,
             };
             let Some(d) = &p.dist else {
                 be.adamw(&AdamW { absmax: amax, ..base }, &g.segments())?;
-                p.opt_issued(be, gi)?;
-                continue;
+                return p.opt_issued(be, gi);
             };
             // one rank's shard: each matrix's abs-max is that of its part, then the max over ranks
             if let Some(am) = amax {
@@ -426,7 +434,14 @@ impl Trainer {
             if let Some(am) = amax {
                 d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
             }
-            p.opt_issued(be, gi)?;
+            p.opt_issued(be, gi)
+        };
+        let mut all = |be: &dyn Backend| (0..p.layout.groups.len()).try_for_each(|gi| update(be, gi));
+        // one device and no staging copies: the whole update is one graph with --cuda-graphs
+        if p.dist.is_none() && !p.stages_optimizer() {
+            self.model.graph(be, GraphKey::new("optimizer", 0), &mut all)?;
+        } else {
+            all(be)?;
         }
         p.opt_finish(be)?;
         p.gather_weights(be)?;

@@ -35,6 +35,8 @@ fn fp8_recompute_persistent_quants_and_wgrad_overlap_are_bitwise_identical() {
                 assert_eq!(history(&cfg, p, mem, 3), base, "{arch:?} {grads}: recompute {name} changed the numbers");
                 let overlap = MemoryOptions { wgrad_overlap: true, ..mem };
                 assert_eq!(history(&cfg, p, overlap, 3), base, "{arch:?} {grads}: wgrad overlap with recompute {name} changed the numbers");
+                let graphs = MemoryOptions { cuda_graphs: true, persistent_quants: true, ..mem };
+                assert_eq!(history(&cfg, p, graphs, 3), base, "{arch:?} {grads}: graphs with recompute {name} changed the numbers");
             }
             // and fp8 really differs from bf16 (the pipeline is engaged)
             assert_ne!(history(&cfg, Precision::bf16(), plain, 1)[0], base[0]);

@@ -63,6 +63,69 @@ fn staged_and_zero_copy_optimizer_updates_are_bitwise_identical() {
     }
 }
 
+/// Blocks captured as graphs (`--cuda-graphs`; on the CPU each block's ops are recorded on its
+/// first call and replayed from the record afterwards) give bitwise the plain run's losses,
+/// gradient norms, weights and evaluation loss, over steps with a warmup and a decay of the
+/// learning rate and two micro-batches each, under recomputation (which the backward graphs
+/// hold).
+#[test]
+fn cuda_graphs_are_bitwise_identical() {
+    let graphs = |tr: &mut llmq_train::Trainer| {
+        let mut hist = vec![];
+        for _ in 0..5 {
+            let s = tr.train_step().unwrap();
+            hist.push((s.loss.to_bits(), s.grad_norm.to_bits(), s.lr.to_bits()));
+        }
+        let eval = tr.evaluate().unwrap().unwrap().to_bits();
+        (hist, eval, tr.model.params.master_f32(tr.be.as_ref()).unwrap())
+    };
+    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
+        for precision in [Precision::fp32(), Precision::bf16()] {
+            let mut cfg = tiny(arch, arch != Arch::Llama);
+            cfg.vocab_size = 160;
+            cfg.num_layers = 3;
+            let mut tc = train_config(2, 8, 2, 5);
+            tc.precision = precision;
+            let base = graphs(&mut trainer(&cfg, tc.clone()));
+            let lrs: std::collections::BTreeSet<u64> = base.0.iter().map(|h| h.2).collect();
+            assert_eq!(lrs.len(), 5, "the learning rate should change every step");
+            for recompute in [Recompute::default(), Recompute { block: true, ..Default::default() }, Recompute { att: true, swiglu: true, ..Default::default() }] {
+                tc.memory = MemoryOptions { recompute, cuda_graphs: true, ..Default::default() };
+                let g = graphs(&mut trainer(&cfg, tc.clone()));
+                assert_eq!(g.0, base.0, "{arch:?} {:?} {}: losses/norms differ with graphs", precision.weights, recompute.describe());
+                assert_eq!(g.1, base.1, "{arch:?}: eval loss differs with graphs");
+                assert!(g.2 == base.2, "{arch:?}: weights differ with graphs");
+            }
+        }
+    }
+}
+
+/// `--cuda-graphs` refuses the options whose per-block state a graph cannot hold, naming both.
+#[test]
+fn cuda_graphs_refuse_streamed_offloaded_and_sharded_blocks() {
+    let g = MemoryOptions { cuda_graphs: true, ..Default::default() };
+    let p = Precision::fp8();
+    g.validate(&p).unwrap();
+    for (mem, want) in [
+        (MemoryOptions { stream_weights: true, ..g }, "--stream-weights"),
+        (MemoryOptions { offload_gradients: true, ..g }, "--offload-gradients"),
+        (MemoryOptions { offload_residual: true, ..g }, "--offload-residual"),
+        (MemoryOptions { shard_gradients: true, ..g }, "ZeRO-2"),
+        (MemoryOptions { shard_weights: true, ..g }, "ZeRO-3"),
+        (MemoryOptions { wgrad_overlap: true, ..g }, "--no-wgrad-overlap"),
+        (MemoryOptions { persistent_quants: true, offload_quants: true, ..g }, "--offload-quants"),
+    ] {
+        let e = mem.validate(&p).unwrap_err().to_string();
+        assert!(e.contains("--cuda-graphs") && e.contains(want), "{want}: {e}");
+    }
+    let mut tc = train_config(2, 8, 1, 1);
+    tc.precision = p;
+    tc.memory = g;
+    let mut tr = trainer(&tiny(Arch::Qwen3, false), tc);
+    let e = tr.log_fp8_health(1).unwrap_err().to_string();
+    assert!(e.contains("--log-amax") && e.contains("--cuda-graphs"), "{e}");
+}
+
 #[test]
 fn gradient_accumulation_matches_a_larger_batch() {
     let cfg = tiny(Arch::Qwen3, false);

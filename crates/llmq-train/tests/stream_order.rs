@@ -32,6 +32,8 @@ fn training_orders_its_streams_under_every_option() {
         ("bf16 zero-copy optimizer state", Precision::bf16(), MemoryOptions { offload_master: true, offload_opt_m: true, offload_opt_v: true, zero_copy: true, ..plain }),
         ("bf16 streamed weights, offloaded gradients", Precision::bf16(), MemoryOptions { stream_weights: true, offload_gradients: true, ..plain }),
         ("bf16 offloaded residuals", Precision::bf16(), MemoryOptions { offload_residual: true, ..plain }),
+        ("bf16 graphs", Precision::bf16(), MemoryOptions { cuda_graphs: true, offload_opt_m: true, ..plain }),
+        ("fp8 graphs", fp8, MemoryOptions { cuda_graphs: true, persistent_quants: true, ..plain }),
         ("fp8 offloaded residuals", fp8, MemoryOptions { offload_residual: true, ..overlap }),
         ("fp8 streamed weights", fp8, MemoryOptions { stream_weights: true, ..overlap }),
         ("fp8 offloaded persistent quants", fp8, MemoryOptions { persistent_quants: true, offload_quants: true, ..overlap }),

@@ -23,6 +23,7 @@ mod quant;
 pub use loss::IGNORE_INDEX;
 
 use crate::backend::{Backend, Event, MemCategory, Stream};
+use crate::capture::{CaptureFn, GraphKey, Recordings};
 use crate::dtype::{decode_into, encode_into, DType};
 use crate::error::{Error, Result};
 use crate::tensor::{Mem, Shape, Tensor};
@@ -39,6 +40,8 @@ pub struct CpuBackend {
     /// Upper bound for `Mem::Device` allocations together. Host and device memory are the same
     /// RAM here, but accounted apart, so that offloading is tested as on a GPU.
     limit: usize,
+    /// Captures (`Backend::capture`), replayed op by op from their records.
+    graphs: Recordings,
 }
 
 impl Default for CpuBackend {
@@ -49,11 +52,15 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
-        CpuBackend { blocks: Vec::new(), accounted: BTreeMap::new(), events: 0, limit: usize::MAX }
+        CpuBackend { blocks: Vec::new(), accounted: BTreeMap::new(), events: 0, limit: usize::MAX, graphs: Recordings::default() }
     }
     /// A backend that refuses device allocations beyond `bytes` in total.
     pub fn with_limit(bytes: usize) -> CpuBackend {
         CpuBackend { limit: bytes, ..Self::new() }
+    }
+    /// Captures recorded so far (each key's code ran once; later calls replayed the record).
+    pub fn graphs_recorded(&self) -> usize {
+        self.graphs.len()
     }
     /// Bytes of `Mem::Device` allocated (nothing is freed before drop: also the high-water mark).
     pub fn device_allocated(&self) -> usize {
@@ -251,6 +258,9 @@ impl Backend for CpuBackend {
     }
     fn transpose(&self, out: &Tensor, inp: &Tensor) -> Result<()> {
         quant::transpose(out, inp)
+    }
+    fn capture(&self, key: GraphKey, f: &mut CaptureFn) -> Result<()> {
+        self.graphs.capture(self, key, f)
     }
     fn adamw(&self, args: &crate::backend::AdamW, segments: &[crate::backend::Segment]) -> Result<()> {
         optim::adamw(args, segments)

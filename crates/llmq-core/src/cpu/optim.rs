@@ -3,7 +3,8 @@
 //! AdamW per element i (f32 arithmetic):
 //!   g = grad * grad_scale; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g²;
 //!   p = master - lr (m / bc1 / (sqrt(v / bc2) + eps) + wd master)
-//! with bc1 = 1 - b1^step, bc2 = 1 - b2^step (computed in f64, rounded to f32) and wd the weight
+//! with lr, grad_scale, the seed and bc1 = 1 - b1^step, bc2 = 1 - b2^step (computed in f64 on the
+//! host, rounded to f32) read from the `scalars` tensor (`AdamStep::words`), and wd the weight
 //! decay on segments with `decay` and 0 elsewhere. The update uses the unrounded f32 m and v; they
 //! are stored in their dtypes with RNE. The master value is stored with RNE (f32) or stochastic
 //! rounding with `hash_u32(seed, i) >> 16` (bf16), i being the index in the flat buffer. When
@@ -19,8 +20,8 @@
 //!   sequential on purpose (exactly reproducible), and only out[slot] is written.
 
 use super::common::{abs_bits, check_float, op_err};
-use super::{bytes, store};
-use crate::backend::{AdamW, Segment};
+use super::{bytes, load_i32, store};
+use crate::backend::{AdamScalars, AdamW, Segment};
 use crate::dtype::{decode_into, encode_into, f32_to_bf16_stochastic, hash_u32, DType};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -47,8 +48,10 @@ unsafe fn range<'a>(t: &Tensor, o: usize, len: usize) -> &'a [u8] {
 pub fn adamw(a: &AdamW, segments: &[Segment]) -> Result<()> {
     a.validate(segments)?;
     let separate = a.params.addr != a.master.addr;
-    let (bc1, bc2) = a.bias_corrections();
-    let (b1, b2, lr, eps) = (a.beta1, a.beta2, a.lr, a.eps);
+    let words: Vec<u32> = load_i32(a.scalars).into_iter().map(|w| w as u32).collect();
+    let sc = AdamScalars::from_words(&words.try_into().expect("validated: ADAM_SCALARS words"));
+    let (bc1, bc2, grad_scale, seed) = (sc.bc1, sc.bc2, sc.grad_scale, sc.seed);
+    let (b1, b2, lr, eps) = (a.beta1, a.beta2, sc.lr, a.eps);
 
     // (segment index, first element, length) of every task.
     let tasks: Vec<(usize, usize, usize)> = segments
@@ -74,7 +77,7 @@ pub fn adamw(a: &AdamW, segments: &[Segment]) -> Result<()> {
                 decode_into(a.master.dtype, range(a.master, o, len), &mut p);
             }
             for i in 0..len {
-                let gi = g[i] * a.grad_scale;
+                let gi = g[i] * grad_scale;
                 let mi = b1 * m[i] + (1.0 - b1) * gi;
                 let vi = b2 * v[i] + (1.0 - b2) * (gi * gi);
                 let mhat = mi / bc1;
@@ -93,7 +96,7 @@ pub fn adamw(a: &AdamW, segments: &[Segment]) -> Result<()> {
                 match a.master.dtype {
                     DType::BF16 => {
                         for (i, (c, &x)) in mb.chunks_exact_mut(2).zip(&p).enumerate() {
-                            let r = hash_u32(a.seed, (o + i) as u64) >> 16;
+                            let r = hash_u32(seed, (o + i) as u64) >> 16;
                             c.copy_from_slice(&f32_to_bf16_stochastic(x, r).to_le_bytes());
                         }
                     }

@@ -169,6 +169,12 @@ pub struct TrainOptions {
     /// the CPU to read (checkpoints read it through the GPU). Same numbers.
     #[arg(long, help_heading = "Memory")]
     pub write_combined: bool,
+    /// Run each block's forward and recompute+backward and the optimizer update as CUDA graphs,
+    /// captured on their second call and replayed after (same numbers; fewer host launches).
+    /// Not with streamed, offloaded or sharded block state; turns off the fp8 second-stream
+    /// weight gradients.
+    #[arg(long, alias = "use-cuda-graphs", help_heading = "Memory")]
+    pub cuda_graphs: bool,
     /// Cap on the device memory the run may allocate, e.g. 16GiB (emulates a smaller card). A
     /// plan over it is refused before anything is allocated, naming options that would fit.
     #[arg(long, value_name = "SIZE", help_heading = "Memory")]
