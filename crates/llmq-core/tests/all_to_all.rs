@@ -4,9 +4,10 @@
 //! ordered for the stream-order checker, and bad buffers are refused naming the call.
 
 use llmq_core::all_to_all::AllToAllReduce;
+mod common;
+use common::tensor;
 use llmq_core::comm::{Comm, ThreadComm};
 use llmq_core::cpu::CpuBackend;
-use llmq_core::dtype::encode_into;
 use llmq_core::stream_check::StreamChecked;
 use llmq_core::{Backend, DType, Mem, MemCategory, Stream, Tensor};
 use std::time::Duration;
@@ -23,14 +24,6 @@ fn random(seed: u64, n: usize) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi(m)
         })
         .collect()
-}
-
-fn tensor(be: &mut dyn Backend, dtype: DType, vals: &[f32]) -> Tensor {
-    let t = be.alloc(MemCategory::Other, Mem::Device, dtype, &[vals.len()]).unwrap();
-    let mut b = vec![0u8; t.bytes()];
-    encode_into(dtype, vals, &mut b);
-    be.upload(&t, &b).unwrap();
-    t
 }
 
 fn ranks<T: Send>(world: usize, f: impl Fn(usize, &ThreadComm) -> T + Sync) -> Vec<T> {

@@ -2,6 +2,8 @@
 //! inputs, the reduction order, faults (timeouts naming the missing ranks, mismatched calls,
 //! aborts) and their visibility to the stream-order checker.
 
+mod common;
+use common::tensor;
 use llmq_core::comm::{Comm, ReduceOp, ThreadComm};
 use llmq_core::cpu::CpuBackend;
 use llmq_core::dtype::{decode_into, encode_into};
@@ -19,14 +21,6 @@ fn random(seed: u64, n: usize) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
         })
         .collect()
-}
-
-fn tensor(be: &mut dyn Backend, dtype: DType, vals: &[f32]) -> Tensor {
-    let t = be.alloc(MemCategory::Other, Mem::Device, dtype, &[vals.len()]).unwrap();
-    let mut b = vec![0u8; t.bytes()];
-    encode_into(dtype, vals, &mut b);
-    be.upload(&t, &b).unwrap();
-    t
 }
 
 fn values(be: &dyn Backend, t: &Tensor) -> Vec<f32> {

@@ -88,6 +88,15 @@ impl Ctx {
 }
 
 /// Values rounded through `dtype` (what a tensor of that dtype would hold).
+/// A device tensor of `vals` in `dtype` on any backend (the ranks' own backends in the comm tests).
+pub fn tensor(be: &mut dyn Backend, dtype: DType, vals: &[f32]) -> Tensor {
+    let t = be.alloc(MemCategory::Other, Mem::Device, dtype, &[vals.len()]).unwrap();
+    let mut b = vec![0u8; t.bytes()];
+    encode_into(dtype, vals, &mut b);
+    be.upload(&t, &b).unwrap();
+    t
+}
+
 pub fn rounded(dtype: DType, v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| llmq_core::dtype::round_through(dtype, x)).collect()
 }
