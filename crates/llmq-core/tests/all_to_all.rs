@@ -13,17 +13,9 @@ use llmq_core::{Backend, DType, Mem, MemCategory, Stream, Tensor};
 use std::time::Duration;
 
 fn random(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            // mixed magnitudes, so that the order of the additions shows in the rounding
-            let m = ((s >> 20) % 7) as i32 - 3;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi(m)
-        })
-        .collect()
+    let mut rng = common::Rng::new(seed);
+    // mixed magnitudes, so that the order of the additions shows in the rounding
+    (0..n).map(|_| rng.uniform() * 10f32.powi(rng.below(7) as i32 - 3)).collect()
 }
 
 fn ranks<T: Send>(world: usize, f: impl Fn(usize, &ThreadComm) -> T + Sync) -> Vec<T> {

@@ -12,15 +12,7 @@ use llmq_core::{Backend, DType, Mem, MemCategory, Result, Stream, Tensor};
 use std::time::{Duration, Instant};
 
 fn random(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        })
-        .collect()
+    common::Rng::new(seed).vec(n, 2.0)
 }
 
 fn values(be: &dyn Backend, t: &Tensor) -> Vec<f32> {
