@@ -24,8 +24,9 @@
 //! before the next fill.
 //!
 //! The bf16 state the device still needs: the norms and the QKV bias of each block (read by
-//! RMSNorm, qk-norm and RoPE), which come with the block's bf16 weights — resident, streamed
-//! through two slots with `--shard-weights` on one device, or gathered per block under ZeRO-3.
+//! RMSNorm, qk-norm and RoPE): resident, streamed through two slots with `--shard-weights` on
+//! one device, or broadcast piece by piece from the ranks that hold them under ZeRO-3
+//! (`Params::gather_small`).
 //! The matmuls no longer read the bf16 matrices; the refresh reads them where they live (host
 //! memory when streamed), once per step, and so does `--log-amax`. With `--shard-weights` on one
 //! device as well, the device holds no block's weights beyond its two bf16 and two fp8 slots.

@@ -129,6 +129,11 @@ pub struct Params {
     pub dist: Option<Dist>,
     /// ZeRO-3: the device slots block weights are gathered into (on the copy stream).
     gathered: Option<Slots>,
+    /// ZeRO-3 with persistent fp8 weights: the matmuls read the gathered e4m3 bytes
+    /// (`crate::fp8_stream`), so a gather brings only the block's bf16 norms and biases — unless
+    /// `whole_gathers` is set (a `--log-amax` step, which reads the bf16 matrices).
+    gather_small_only: bool,
+    whole_gathers: Cell<bool>,
     /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter
     /// (on the copy-back stream).
     grad_scratch: Option<Slots>,
@@ -208,6 +213,8 @@ impl Params {
             first_micro: Cell::new(true),
             dist,
             gathered,
+            gather_small_only: shard_w && mem.persistent_quants && precision.matmul.is_fp8(),
+            whole_gathers: Cell::new(false),
             grad_scratch,
             a2a,
             opt_stage: None,
@@ -379,7 +386,38 @@ impl Params {
     fn gather_block(&self, be: &dyn Backend, g: &Slots, l: usize) -> Result<()> {
         let (Some(d), gi) = (&self.dist, self.layout.block_group(l)) else { return Ok(()) };
         let shard = &self.weights.groups[gi];
+        if self.gather_small_only && !self.whole_gathers.get() {
+            return g.fetch_with(be, l, self.shard(gi).padded, |dst| self.gather_small(be, d, dst, gi, l));
+        }
         g.fetch_with(be, l, self.shard(gi).padded, |dst| d.comm.all_gather(be, dst, shard, Stream::Copy, &format!("weights of block {l}")))
+    }
+    /// Brings block l's norms and biases (every entry the fp8 matmuls do not read) into `dst`,
+    /// laid out like the whole group: each piece of an entry that lies in one rank's shard is
+    /// broadcast from that rank, in the same order on every rank.
+    fn gather_small(&self, be: &dyn Backend, d: &Dist, dst: &Tensor, gi: usize, l: usize) -> Result<()> {
+        let (rank, per_rank) = (d.rank(), self.shard(gi).size);
+        let shard = &self.weights.groups[gi];
+        for e in self.layout.groups[gi].entries.iter().filter(|e| !crate::fp8::WEIGHTS.contains(&e.kind)) {
+            let (start, end) = (e.offset, e.offset + e.numel());
+            for owner in start / per_rank..end.div_ceil(per_rank) {
+                let (lo, hi) = (start.max(owner * per_rank), end.min((owner + 1) * per_rank));
+                let piece = dst.slice(lo, &[hi - lo]);
+                if owner == rank {
+                    be.copy(&piece, &shard.slice(lo - owner * per_rank, &[hi - lo]), Stream::Copy)?;
+                }
+                d.comm.broadcast(be, &piece, owner, Stream::Copy, &format!("{:?} of block {l}", e.kind))?;
+            }
+        }
+        Ok(())
+    }
+    /// `--log-amax` steps read the bf16 matrices of gathered blocks: gather them whole while
+    /// `on` (numbers are the same either way; only the bytes moved differ).
+    pub fn gather_whole_blocks(&self, on: bool) {
+        if self.gather_small_only && on != self.whole_gathers.replace(on) {
+            if let Some(g) = &self.gathered {
+                g.invalidate();
+            }
+        }
     }
 
     /// Done with block l's weights for this pass: its slot may be refilled.

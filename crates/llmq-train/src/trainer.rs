@@ -296,6 +296,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
         let health = self.model.fp8.as_ref().and_then(|f| f.health.as_ref()).is_some_and(|h| h.begin_step(self.step + 1));
+        self.model.params.gather_whole_blocks(health);
         let (loss, _) = self.accumulate_gradients()?;
         let st = self.finish_step(loss, t0)?;
         if health {

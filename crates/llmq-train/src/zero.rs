@@ -16,7 +16,10 @@
 //!   the host with weight streaming) and are all-gathered into two device slots on the copy
 //!   stream, block l + 1 while block l computes (`crate::stream::Slots`); the embedding and head
 //!   stay whole. With persistent fp8 weights each rank quantises its shard with the global
-//!   abs-maxes and the blocks' e4m3 bytes are gathered the same way (`crate::fp8_stream`).
+//!   abs-maxes and the blocks' e4m3 bytes are gathered the same way (`crate::fp8_stream`), one
+//!   byte per parameter; of the bf16 block only the norms and biases move, each piece broadcast
+//!   from the rank whose shard holds it (the whole block on `--log-amax` steps, which read the
+//!   bf16 matrices).
 //!
 //! - `--all-to-all-reduce`: every reduce-scatter above is an all-to-all into a device staging
 //!   buffer of the largest padded group (allocated with the parameters, so the plan counts it)

@@ -377,3 +377,114 @@ fn the_all_to_all_staging_buffer_is_in_the_memory_plan() {
         assert_eq!(grads(&a2a) - grads(&tc), largest * tc.precision.grads.size(), "{world} ranks, ZeRO-2 {shard_gradients}");
     }
 }
+
+/// One collective: its kind, dtype, name and bytes.
+type Moved = (&'static str, DType, String, usize);
+
+/// Records the bytes each all-gather and broadcast moves, around another rank.
+struct Counting {
+    inner: Arc<dyn Comm>,
+    moved: std::sync::Mutex<Vec<Moved>>,
+}
+
+impl Counting {
+    fn note(&self, kind: &'static str, t: &llmq_core::Tensor, what: &str) {
+        self.moved.lock().unwrap().push((kind, t.dtype, what.to_string(), t.bytes()));
+    }
+}
+
+impl Comm for Counting {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn all_reduce(&self, be: &dyn llmq_core::Backend, t: &llmq_core::Tensor, op: llmq_core::ReduceOp, s: llmq_core::Stream, what: &str) -> Result<()> {
+        self.inner.all_reduce(be, t, op, s, what)
+    }
+    fn reduce_scatter(&self, be: &dyn llmq_core::Backend, dst: &llmq_core::Tensor, src: &llmq_core::Tensor, acc: bool, s: llmq_core::Stream, what: &str) -> Result<()> {
+        self.inner.reduce_scatter(be, dst, src, acc, s, what)
+    }
+    fn all_gather(&self, be: &dyn llmq_core::Backend, dst: &llmq_core::Tensor, src: &llmq_core::Tensor, s: llmq_core::Stream, what: &str) -> Result<()> {
+        self.note("all-gather", dst, what);
+        self.inner.all_gather(be, dst, src, s, what)
+    }
+    fn broadcast(&self, be: &dyn llmq_core::Backend, t: &llmq_core::Tensor, root: usize, s: llmq_core::Stream, what: &str) -> Result<()> {
+        self.note("broadcast", t, what);
+        self.inner.broadcast(be, t, root, s, what)
+    }
+    fn send(&self, be: &dyn llmq_core::Backend, t: &llmq_core::Tensor, peer: usize, s: llmq_core::Stream, what: &str) -> Result<()> {
+        self.inner.send(be, t, peer, s, what)
+    }
+    fn recv(&self, be: &dyn llmq_core::Backend, t: &llmq_core::Tensor, peer: usize, s: llmq_core::Stream, what: &str) -> Result<()> {
+        self.inner.recv(be, t, peer, s, what)
+    }
+    fn all_reduce_host(&self, vals: &mut [f64], op: llmq_core::ReduceOp, what: &str) -> Result<()> {
+        self.inner.all_reduce_host(vals, op, what)
+    }
+    fn all_gather_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+        self.inner.all_gather_bytes(bytes, what)
+    }
+    fn abort(&self, why: &str) {
+        self.inner.abort(why)
+    }
+}
+
+#[test]
+fn zero3_with_persistent_quants_gathers_block_matrices_as_e4m3_bytes_only() {
+    let cfg = tiny(llmq_core::Arch::Qwen2, true);
+    let (name, precision) = precisions().into_iter().find(|(_, p)| p.matmul.is_fp8()).expect("an fp8 precision");
+    let tc = TrainConfig { precision, world_size: 2, ..train_config(2, 16, 1, 3) };
+    let tc = with_memory(&tc, |m| {
+        m.shard_gradients = true;
+        m.shard_weights = true;
+        m.persistent_quants = true;
+    });
+    let data = chunks(&cfg, tc.seq_len, 64);
+    // steps 1 and 2 plain, step 3 with --log-amax 3 (which reads the bf16 matrices)
+    let runs = all_ok(run_ranks(2, Duration::from_secs(60), |comm: Arc<dyn Comm>| {
+        let counting = Arc::new(Counting { inner: comm.clone(), moved: Default::default() });
+        let src = Chunks { chunks: data.clone(), rank: comm.rank(), world: 2, next: 0 };
+        let be = Box::new(StreamChecked::new(Box::new(CpuBackend::new())));
+        let mut tr = Trainer::new_rank(be, &cfg, tc.clone(), Box::new(src), None, Some(counting.clone() as Arc<dyn Comm>))?;
+        tr.init_from_scratch()?;
+        tr.log_fp8_health(3)?;
+        let mut per_step = vec![];
+        let mut steps = vec![];
+        for _ in 0..3 {
+            let st = tr.train_step()?;
+            steps.push((st.loss.to_bits(), st.grad_norm.to_bits()));
+            per_step.push(std::mem::take(&mut *counting.moved.lock().unwrap()));
+        }
+        Ok((steps, per_step))
+    }))
+    .unwrap();
+    let reference = train(&cfg, &with_memory(&tc, |m| m.persistent_quants = false), 2, 3);
+    assert_eq!(runs[0].0, reference.steps, "{name}: ZeRO-3 with persistent quants and --log-amax differs from ZeRO-3");
+
+    let layout = llmq_core::ParamLayout::new(&cfg);
+    let group = &layout.groups[layout.block_group(0)];
+    let (matrices, small): (Vec<_>, Vec<_>) = group.entries.iter().partition(|e| llmq_train::fp8::WEIGHTS.contains(&e.kind));
+    let matrix_bytes: usize = matrices.iter().map(|e| e.numel()).sum();
+    let small_bytes: usize = small.iter().map(|e| e.numel() * 2).sum();
+    assert!(small_bytes > 0 && matrix_bytes > 10 * small_bytes, "{small_bytes} {matrix_bytes}");
+    for (step, moved) in runs[0].1.iter().enumerate() {
+        let bytes = |f: &dyn Fn(&Moved) -> bool| moved.iter().filter(|m| f(m)).map(|m| m.3).sum::<usize>();
+        let fp8 = bytes(&|m| m.1 == DType::E4M3 && m.2.starts_with("fp8 weights of block"));
+        let fetches = fp8 / (2 * llmq_core::comm::shard_len(group.numel, 2));
+        assert!(fp8 > 0 && fetches >= cfg.num_layers, "step {}: {moved:?}", step + 1);
+        let whole = bytes(&|m| m.0 == "all-gather" && m.2.starts_with("weights of block"));
+        let pieces = bytes(&|m| m.0 == "broadcast" && m.1 == DType::BF16);
+        if step < 2 {
+            // the bf16 state a gathered block brings: its norms and biases, nothing else
+            assert_eq!(whole, 0, "step {}: whole bf16 blocks gathered: {moved:?}", step + 1);
+            assert_eq!(pieces, fetches * small_bytes, "step {}: {moved:?}", step + 1);
+        } else {
+            assert!(whole > 0 && pieces == 0, "step 3 (--log-amax): the bf16 matrices must be gathered: {moved:?}");
+        }
+    }
+}
