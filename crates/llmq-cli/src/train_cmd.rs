@@ -194,7 +194,9 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     let ordinal = start.as_ref().map_or(0, |s| s.ordinal);
     let (mut be, gpu, comm) = device::select_with(&args.opts.device, ordinal, &args.opts.backend.options()?, |cuda| start.as_ref().map(|s| s.comm(cuda)).transpose())?;
     let mut tc = args.train_config(gpu.is_some())?;
-    tc.validate(&cfg)?;
+    if !args.auto_memory {
+        tc.validate(&cfg)?; // auto_memory validates what it chooses
+    }
     let mut ckpts = args.opts.checkpoints(args.drop_abandoned)?;
     if lead {
         preflight::check_outputs(args)?;
@@ -466,7 +468,9 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let cfg = &model.cfg;
     let on_gpu = args.opts.device != "cpu";
     let mut tc = args.train_config(on_gpu)?;
-    tc.validate(cfg)?;
+    if !args.auto_memory {
+        tc.validate(cfg)?; // auto_memory validates what it chooses
+    }
     let reserve = backend_reserve(on_gpu);
     if args.auto_memory {
         let limit = tc.memory.memory_limit.ok_or_else(|| Error::Config("llmq plan --auto-memory needs --memory-limit".into()))?;

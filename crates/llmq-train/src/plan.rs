@@ -280,7 +280,15 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
 /// fp8 weights (on the device or offloaded) and offloading, the configuration that fits `limit` on the device (and
 /// `host_limit` of pinned host memory) with the best estimated step time; its plan and estimate.
 /// Where nothing fits, an error saying by how much the smallest plan is over.
+/// `--zero-copy` and `--write-combined` given with it restrict the choice to plans where they
+/// apply (they need offloaded state, which the search chooses); the other memory options are
+/// chosen. Returns a validated configuration.
 pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, host_limit: Option<u64>, dev: DeviceSpeeds) -> Result<(TrainConfig, MemoryPlan, f64)> {
+    let (want_zero_copy, want_wc) = (tc.memory.zero_copy, tc.memory.write_combined);
+    let mut base = tc.clone();
+    (base.memory.zero_copy, base.memory.write_combined) = (false, false);
+    base.validate(cfg)?;
+    let tc = &base;
     let tokens = tc.batch_size * tc.grad_accumulation;
     let micro: Vec<usize> = (0..=16).map(|k| 1usize << k).filter(|b| *b <= tokens && tokens.is_multiple_of(*b)).collect();
     let none = Recompute::default();
@@ -302,8 +310,12 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
                 for ((pq, oq), (sw, og, res)) in quants.iter().flat_map(|&q| streams.map(|s| (q, s))) {
                     let wgrad_overlap = tc.memory.wgrad_overlap && !og;
                     // zero-copy: where the optimizer has host state to update in place
-                    for zero_copy in [false, true].into_iter().filter(|z| !z || master || m || v || sw || og) {
-                        let memory = MemoryOptions { recompute, persistent_quants: pq, offload_quants: oq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, zero_copy, ..tc.memory };
+                    let host_state = master || m || v || sw || og;
+                    if want_wc && !host_state {
+                        continue;
+                    }
+                    for zero_copy in [false, true].into_iter().filter(|z| (!z || host_state) && (*z || !want_zero_copy)) {
+                        let memory = MemoryOptions { recompute, persistent_quants: pq, offload_quants: oq, offload_master: master, offload_opt_m: m, offload_opt_v: v, stream_weights: sw, offload_gradients: og, offload_residual: res, wgrad_overlap, zero_copy, write_combined: want_wc, ..tc.memory };
                         let t = TrainConfig { batch_size: b, grad_accumulation: tokens / b, memory, ..tc.clone() };
                         let Ok(plan) = MemoryPlan::new(cfg, &t, reserve) else { continue };
                         smallest = Some(smallest.map_or(plan.device_peak(), |s| s.min(plan.device_peak())));
@@ -323,7 +335,7 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
             }
         }
     }
-    best.ok_or_else(|| {
+    let best = best.ok_or_else(|| {
         if let (Some(h), Some(host)) = (least_host, host_limit) {
             return llmq_core::Error::OutOfMemory(format!(
                 "--auto-memory: the plans that fit {} on the device need at least {} of pinned host memory; {} is available",
@@ -339,7 +351,9 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
             fmt_bytes(s),
             fmt_bytes(s.saturating_sub(limit as usize))
         ))
-    })
+    })?;
+    best.0.validate(cfg)?;
+    Ok(best)
 }
 
 #[cfg(test)]
@@ -426,6 +440,30 @@ mod tests {
         assert!(flags.contains(&format!("--batch-size {}", chosen.batch_size)), "{flags}");
         let e = auto_memory(&cfg, &t, 0, 1 << 20, None, dev).unwrap_err().to_string();
         assert!(e.contains("nothing fits") && e.contains("more"), "{e}");
+    }
+
+    /// `--zero-copy` and `--write-combined` need offloaded state, which the search chooses:
+    /// given with `--auto-memory` they restrict it to plans where they apply instead of being
+    /// refused up front; with room for everything on the device no such plan is needed.
+    #[test]
+    fn auto_memory_honours_zero_copy_and_write_combined() {
+        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
+        let mut t = tc(16, 1024);
+        t.grad_accumulation = 4;
+        let dev = DeviceSpeeds::h200(false);
+        let tight = 6u64 << 30;
+        let (free, _, _) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
+        for (zero_copy, write_combined) in [(true, false), (false, true), (true, true)] {
+            t.memory.zero_copy = zero_copy;
+            t.memory.write_combined = write_combined;
+            assert!(t.validate(&cfg).is_err(), "nothing is offloaded yet: the flags alone are refused");
+            let (chosen, plan, _) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
+            let m = &chosen.memory;
+            assert_eq!((m.zero_copy, m.write_combined), (zero_copy, write_combined), "{}", memory_flags(&chosen));
+            assert!(m.offload_opt_m || m.offload_opt_v || m.offload_master || m.stream_weights || m.offload_gradients);
+            assert!(plan.fits(Some(tight)));
+            assert_eq!(chosen.tokens_per_step(), free.tokens_per_step());
+        }
     }
 
     /// `--offload-quants` moves the kept fp8 weights (one byte per block parameter) to the host,
