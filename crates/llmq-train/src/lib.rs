@@ -20,7 +20,7 @@ pub mod log;
 pub mod memory;
 pub mod model;
 pub mod options;
-pub mod opt_stage;
+pub mod optimizer;
 pub mod params;
 pub mod plan;
 pub mod precision;
