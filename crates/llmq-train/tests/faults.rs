@@ -79,13 +79,12 @@ fn out_of_memory_reports_the_plan_and_what_would_help() {
     assert!(err.contains("free now") && err.contains("--recompute-block"), "{err}");
 }
 
-/// Device bytes a model of micro-batch `b` and its step's token buffers (keeping the tokens per
-/// step) allocate on the CPU backend.
+/// Device bytes a run of micro-batch `b` (keeping the tokens per step) allocates on the CPU
+/// backend: model, optimizer and the step's token buffers.
 fn model_bytes(cfg: &llmq_core::ModelConfig, tc: &llmq_train::TrainConfig, b: usize) -> usize {
     let mut be = llmq_core::cpu::CpuBackend::new();
-    llmq_train::Model::new(&mut be, cfg, tc.precision, llmq_train::RunShape { b, t: tc.seq_len }, &tc.memory).unwrap();
-    let accumulation = tc.batch_size * tc.grad_accumulation / b;
-    llmq_train::token_stage::TokenStage::alloc(&mut be, b * tc.seq_len, accumulation).unwrap();
+    let trial = llmq_train::TrainConfig { batch_size: b, grad_accumulation: tc.batch_size * tc.grad_accumulation / b, ..tc.clone() };
+    llmq_train::trainer::RunBuffers::alloc(&mut be, cfg, &trial, None).unwrap();
     be.device_allocated()
 }
 
