@@ -39,6 +39,7 @@ pub mod stream;
 pub mod synthetic;
 pub mod textgen;
 pub mod token_stage;
+pub mod train_config;
 pub mod trainer;
 pub mod zero;
 

@@ -104,7 +104,8 @@ impl GroupBuffers {
     }
 }
 
-/// All parameter-shaped state of a model.
+/// The working weights and gradients of a model, and how they move between memory spaces and
+/// ranks.
 pub struct Params {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
@@ -407,8 +408,9 @@ impl Params {
         self.grads.head(&self.layout)
     }
 
-    /// Initialises from scratch (REFERENCE.md: N(0, 0.02), out and down projections scaled by
-    /// 1/sqrt(2L), norms 1, biases 0), seeded; identical on every backend.
+    /// Initialises the working weights from scratch (REFERENCE.md: N(0, 0.02), out and down
+    /// projections scaled by 1/sqrt(2L), norms 1, biases 0), seeded; identical on every backend.
+    /// (`Trainer::init_from_scratch` sets the optimizer's master weights too.)
     pub fn init_from_scratch(&self, be: &dyn Backend, seed: u64) -> Result<()> {
         // one group at a time: the host holds one group's f32 values, not the whole model's
         (0..self.layout.groups.len()).try_for_each(|gi| self.set_group_f32(be, gi, &init::init_group(&self.cfg, &self.layout, seed, gi)))

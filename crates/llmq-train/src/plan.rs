@@ -339,12 +339,12 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llmq_core::cpu::CpuBackend;
     use llmq_core::{Arch, Backend};
 
-    fn tc(b: usize, t: usize) -> TrainConfig {
+    pub(crate) fn tc(b: usize, t: usize) -> TrainConfig {
         TrainConfig {
             batch_size: b,
             seq_len: t,

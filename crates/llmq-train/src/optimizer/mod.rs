@@ -141,3 +141,60 @@ impl Optimizer {
         self.updates = updates;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::MemoryPlan;
+    use crate::trainer::RunBuffers;
+    use crate::zero::Shard;
+    use llmq_core::cpu::CpuBackend;
+    use llmq_core::layout::ParamLayout;
+    use llmq_core::{Arch, ModelConfig};
+
+    /// Every role of the optimizer state is where the options put it, and the plan counts, for
+    /// each role and rank count, the whole shard where it lives plus, on the device, the two
+    /// staging slots of the largest block a host-resident role passes through (none with
+    /// zero-copy), computed here from the layout alone.
+    #[test]
+    fn state_is_placed_as_the_options_say_and_the_plan_counts_it() {
+        let cfg = ModelConfig::tiny(Arch::Qwen3, 64);
+        let layout = ParamLayout::new(&cfg);
+        for bits in 0..32u32 {
+            let [master, m, v, zero_copy, write_combined] = std::array::from_fn(|i| bits >> i & 1 == 1);
+            if (zero_copy || write_combined) && !(master || m || v) {
+                continue; // refused: they name how offloaded state is accessed
+            }
+            let mut tc = crate::plan::tests::tc(2, 32);
+            tc.precision.opt_v = DType::BF16;
+            tc.memory = MemoryOptions { offload_master: master, offload_opt_m: m, offload_opt_v: v, zero_copy, write_combined, ..Default::default() };
+            let host = if write_combined { Mem::HostWriteCombined } else { Mem::Host };
+            let roles = [(MemCategory::Master, master, tc.precision.master), (MemCategory::AdamM, m, tc.precision.opt_m), (MemCategory::AdamV, v, tc.precision.opt_v)];
+
+            let mut be = CpuBackend::new();
+            let run = RunBuffers::alloc(&mut be, &cfg, &tc, None).unwrap();
+            let p = &run.model.params;
+            assert!(!run.opt.master_is_weights(p), "bf16 weights, f32 master");
+            for gi in 0..layout.groups.len() {
+                let t = run.opt.shard_tensors(p, gi);
+                for ((_, off, dtype), x) in roles.iter().zip([t.master, t.m, t.v]) {
+                    assert_eq!((x.mem, x.dtype, x.numel()), (if *off { host } else { Mem::Device }, *dtype, layout.groups[gi].numel), "options {bits:05b}, group {gi}");
+                }
+            }
+
+            for world in [1, 2] {
+                tc.world_size = world;
+                let plan = MemoryPlan::new(&cfg, &tc, 0).unwrap();
+                let shard = |gi: usize| Shard::of(layout.groups[gi].numel, 0, world);
+                let whole: usize = (0..layout.groups.len()).map(|gi| shard(gi).size).sum();
+                let largest_block = (0..cfg.num_layers).map(|l| shard(layout.block_group(l)).padded).max().unwrap();
+                for (cat, off, dtype) in roles {
+                    let bytes = |mem: Mem| plan.by_category().iter().filter(|(c, m, _)| *c == cat && *m == mem).map(|x| x.2).sum::<usize>();
+                    let slots = if off && !zero_copy { 2 * largest_block } else { 0 };
+                    let (device, hosted) = if off { (slots, whole) } else { (whole, 0) };
+                    assert_eq!((bytes(Mem::Device), bytes(host)), (device * dtype.size(), hosted * dtype.size()), "{cat:?}, options {bits:05b}, {world} ranks");
+                }
+            }
+        }
+    }
+}
