@@ -28,7 +28,7 @@ fn resolve_data(args: &TrainArgs, cfg: &ModelConfig, tc: &TrainConfig, rank: usi
 /// The tokenizer directory `--export` copies from (the model's, or the one a resumed checkpoint
 /// recorded); where none is known, rank 0 says so before the run rather than after it.
 fn export_tokenizer(trainer: &Trainer, dir: &std::path::Path, lead: bool) -> Option<std::path::PathBuf> {
-    let tokenizer = trainer.source.as_ref().and_then(|s| s.tokenizer.clone());
+    let tokenizer = trainer.source().and_then(|s| s.tokenizer.clone());
     if tokenizer.is_none() && lead {
         eprintln!("warning: --export {} will hold no tokenizer: none is known for this model (built from scratch, or its directory holds no tokenizer files); copy one into it", dir.display());
     }
@@ -240,7 +240,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     }
 
     let mut trainer = Trainer::new_rank(be, &cfg, tc.clone(), data, eval, comm.clone())?;
-    trainer.source = Some(model.source());
+    trainer.set_source(model.source());
     if args.log_amax > 0 {
         if args.opts.log_file.is_none() {
             return Err(Error::Config("--log-amax writes into the JSON log: add --log-file".into()));
@@ -288,11 +288,11 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     if let (true, Some(path)) = (lead, &args.opts.log_file) {
         let mut log = JsonLog::open(path)?;
         log.set_run(&ckpts.as_ref().map_or_else(llmq_io::ckpt::Lineage::fresh, |c| c.lineage().clone()));
-        log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.be.name()}));
+        log.write(&serde_json::json!({"type": "options", "model": cfg, "train": tc, "device": trainer.backend().name()}));
         log.write(&serde_json::json!({"type": "config", "toml": args.effective_config}));
-        log.write(&serde_json::json!({"type": "dataset", "train": trainer.data.describe(), "floor": floor}));
+        log.write(&serde_json::json!({"type": "dataset", "train": trainer.data().describe(), "floor": floor}));
         log.write(&memory_record(&trainer));
-        trainer.log = Some(log);
+        trainer.set_log(log);
     }
     let export = args.opts.export(|dir| export_tokenizer(&trainer, dir, lead))?;
     let opts = RunOptions {
@@ -434,11 +434,11 @@ fn place(m: llmq_core::Mem, on_cpu: bool) -> &'static str {
 }
 
 fn print_memory(tr: &Trainer) {
-    let mem = tr.be.memory_by_category();
-    let on_cpu = tr.be.name().starts_with("cpu");
+    let mem = tr.backend().memory_by_category();
+    let on_cpu = tr.backend().name().starts_with("cpu");
     let dev: usize = mem.iter().filter(|m| m.1 == llmq_core::Mem::Device).map(|m| m.2).sum();
     let host: usize = mem.iter().filter(|m| m.1.is_host()).map(|m| m.2).sum();
-    println!("memory ({}):", tr.be.name());
+    println!("memory ({}):", tr.backend().name());
     for (cat, loc, bytes) in &mem {
         println!("  {:<16} {:>12}  {}", cat.name(), fmt_bytes(*bytes), place(*loc, on_cpu));
     }
@@ -446,19 +446,19 @@ fn print_memory(tr: &Trainer) {
     if host > 0 {
         println!("  {:<16} {:>12}", "host total", fmt_bytes(host));
     }
-    if let Some(free) = tr.be.free_memory() {
+    if let Some(free) = tr.backend().free_memory() {
         println!("  {:<16} {:>12}", "free", fmt_bytes(free));
     }
 }
 
 fn memory_record(tr: &Trainer) -> serde_json::Value {
     let cats: serde_json::Map<String, serde_json::Value> = tr
-        .be
+        .backend()
         .memory_by_category()
         .iter()
         .map(|(c, l, b)| (format!("{} ({})", c.name(), place(*l, false)), (*b).into()))
         .collect();
-    serde_json::json!({"type": "memory", "categories": cats, "free": tr.be.free_memory()})
+    serde_json::json!({"type": "memory", "categories": cats, "free": tr.backend().free_memory()})
 }
 
 /// `llmq plan`: the memory plan and an estimated step time of `llmq train` with the same

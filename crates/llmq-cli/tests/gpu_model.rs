@@ -100,9 +100,9 @@ fn gpu_loss_and_gradients_match_cpu_fp32() {
             (lg - lc).abs() < 1e-4 * lc.abs(),
             "{arch:?}: loss gpu {lg} cpu {lc}"
         );
-        let gg = g.model.params.grads_f32(g.be.as_ref()).unwrap();
-        let gc = c.model.params.grads_f32(c.be.as_ref()).unwrap();
-        for (gi, grp) in c.model.params.layout.groups.iter().enumerate() {
+        let gg = g.model().params.grads_f32(g.backend()).unwrap();
+        let gc = c.model().params.grads_f32(c.backend()).unwrap();
+        for (gi, grp) in c.model().params.layout.groups.iter().enumerate() {
             for e in &grp.entries {
                 let r = e.offset..e.offset + e.numel();
                 let (cos, rel) = cosine_and_rel(&gc[gi][r.clone()], &gg[gi][r]);
@@ -332,7 +332,7 @@ fn gpu_cuda_graphs_are_bitwise_identical() {
                 (s.loss.to_bits(), s.grad_norm.to_bits(), s.lr.to_bits())
             })
             .collect();
-        Some((h, tr.model.params.master_f32(tr.be.as_ref()).unwrap()))
+        Some((h, tr.master_weights().unwrap()))
     };
     let block = Recompute { block: true, ..Default::default() };
     for (precision, mem) in [

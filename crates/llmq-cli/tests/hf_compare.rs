@@ -114,7 +114,7 @@ fn loss_and_grads(r: &Reference, cfg: &ModelConfig, make: &dyn Fn() -> Box<dyn B
     let mut be = make();
     let model = Model::new(be.as_mut(), cfg, precision, r.shape, &MemoryOptions::default()).unwrap();
     let be = be.as_ref();
-    model.params.set_master_f32(be, &r.weights).unwrap();
+    model.params.set_weights_f32(be, &r.weights).unwrap();
     model.params.grads.zero(be).unwrap();
     model.set_batch(be, &r.batch).unwrap();
     let valid = r.batch.valid_targets();

@@ -76,7 +76,7 @@ impl PyTrainer {
         let queue = Queue::default();
         let feed = Feed { queue: queue.clone(), source };
         let mut tr = Trainer::new(be, &m.cfg, tc, Box::new(feed), eval)?;
-        tr.source = Some(m.source());
+        tr.set_source(m.source());
         match &m.dir {
             Some(dir) if !o.from_scratch => tr.set_weights(&hf::load_weights(dir, &m.cfg)?)?,
             _ => tr.init_from_scratch()?,
@@ -86,9 +86,9 @@ impl PyTrainer {
             // the records `llmq train --log-file` starts with; the run adds steps, evals, checkpoints
             let mut log = JsonLog::open(path)?;
             log.set_run(&lineage);
-            log.write(&serde_json::json!({"type": "options", "model": m.cfg, "train": tr.tc, "device": tr.be.name()}));
-            log.write(&serde_json::json!({"type": "dataset", "train": tr.data.describe()}));
-            tr.log = Some(log);
+            log.write(&serde_json::json!({"type": "options", "model": m.cfg, "train": tr.config(), "device": tr.backend().name()}));
+            log.write(&serde_json::json!({"type": "dataset", "train": tr.data().describe()}));
+            tr.set_log(log);
         }
         // no stop flag to raise: Python ends a run by not calling train_step() again (Ctrl-C
         // raises KeyboardInterrupt when the step in progress returns)
@@ -101,7 +101,7 @@ impl PyTrainer {
     }
 
     fn cfg(&self) -> &ModelConfig {
-        self.run.trainer().model.cfg()
+        self.run.trainer().model().cfg()
     }
 
     /// Queues `tokens` ([N, T+1] int32, N = batch_size * grad_accumulation) as the next step's
@@ -109,7 +109,7 @@ impl PyTrainer {
     fn enqueue_step(&mut self, tokens: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         self.queue.lock().expect("queue").clear();
         let Some(tokens) = tokens else { return Ok(()) };
-        let tc = &self.run.trainer().tc;
+        let tc = self.run.trainer().config();
         let rows = tc.batch_size * tc.grad_accumulation;
         let batches = self.batches(tokens)?;
         if batches.len() * tc.batch_size != rows {
@@ -123,7 +123,7 @@ impl PyTrainer {
     }
 
     fn batches(&self, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<llmq_io::data::Batch>> {
-        let tc = &self.run.trainer().tc;
+        let tc = self.run.trainer().config();
         let (b, t) = (tc.batch_size, tc.seq_len);
         let (n, data) = token_array(tokens, t)?;
         batches_from_tokens(&data, n, t, b, self.cfg().vocab_size).map_err(to_py)
@@ -261,7 +261,7 @@ impl PyTrainer {
     /// Optimizer steps done so far.
     #[getter]
     fn step_count(&self) -> u64 {
-        self.run.trainer().step
+        self.run.trainer().steps_done()
     }
 
     /// Mean loss without a backward pass: over `tokens` (int32 [N, seq_len + 1], N a multiple of
@@ -279,12 +279,12 @@ impl PyTrainer {
             let this = this;
             let tr = unsafe { &mut *this.0 }.trainer();
             let Some(batches) = batches else { return tr.evaluate() };
-            let be = tr.be.as_ref();
+            let be = tr.backend();
             let (mut sum, mut count) = (0.0, 0usize);
             for batch in &batches {
-                tr.model.set_batch(be, batch)?;
-                tr.model.forward(be, None)?;
-                sum += tr.model.loss_sum(be)?;
+                tr.model().set_batch(be, batch)?;
+                tr.model().forward(be, None)?;
+                sum += tr.model().loss_sum(be)?;
                 count += batch.valid_targets();
             }
             Ok(Some(sum / count as f64))
@@ -316,11 +316,9 @@ impl PyTrainer {
             let dir = if ckpt::verify_checkpoint(&path).is_ok() { path } else { ckpt::resolve_continue(&path, None)? };
             let t = unsafe { &mut *this.0 };
             let parent = checkpoint::load(t.trainer(), &dir)?;
-            t.lineage = ckpt::Lineage::resumed_from(&parent, t.run.trainer().step);
+            t.lineage = ckpt::Lineage::resumed_from(&parent, t.run.trainer().steps_done());
             let lineage = t.lineage.clone();
-            if let Some(log) = &mut t.trainer().log {
-                log.set_run(&lineage);
-            }
+            t.trainer().set_log_lineage(&lineage);
             Ok(dir)
         })
     }
@@ -336,8 +334,8 @@ impl PyTrainer {
         detached(py, move || {
             let this = this;
             let tr = unsafe { &mut *this.0 }.trainer();
-            let groups = tr.model.params.master_f32(tr.be.as_ref())?;
-            hf::export_model(&dir, tr.model.cfg(), &groups, dtype, source.as_deref())
+            let groups = tr.master_weights()?;
+            hf::export_model(&dir, tr.model().cfg(), &groups, dtype, source.as_deref())
         })
     }
 
@@ -353,7 +351,7 @@ impl PyTrainer {
 
     /// This run's memory plan (as `llmq.plan` with the same options).
     fn memory_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let tc = &self.run.trainer().tc;
+        let tc = self.run.trainer().config();
         let p = MemoryPlan::new(self.cfg(), tc, backend_reserve(self.on_gpu)).map_err(to_py)?;
         plan_dict(py, &p, tc.memory.memory_limit)
     }

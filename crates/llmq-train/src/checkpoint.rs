@@ -17,23 +17,21 @@ const FORMAT: u64 = 1;
 
 /// The stored tensors of group gi: (name, this rank's part of it).
 fn buffers(tr: &Trainer, gi: usize) -> [(String, Tensor); 3] {
-    let p = &tr.model.params;
-    let name = &p.layout.groups[gi].name;
-    let t = p.opt_shard(gi);
-    [(format!("master.{name}"), t.master), (format!("adam_m.{name}"), t.m), (format!("adam_v.{name}"), t.v)]
+    tr.optimizer().state_tensors(&tr.model().params, gi)
 }
 
-/// Writes the trainer's state as checkpoint `tr.step` of run `lineage` under `root`; returns its
+/// Writes the trainer's state as checkpoint `tr.steps_done()` of run `lineage` under `root`; returns its
 /// directory. One tensor at a time: the host holds one group's tensors, never the whole state.
 /// With several ranks every rank calls this: each tensor's shards are gathered to rank 0, which
 /// writes the whole tensor in the layout of one rank (so that any number of ranks can resume
 /// from it), and `None` is returned on the other ranks.
 pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathBuf>> {
-    tr.be.synchronize()?;
-    let mut writer = if tr.rank() == 0 { Some(ckpt::CheckpointWriter::create(root, tr.step)?) } else { None };
-    for gi in 0..tr.model.params.layout.groups.len() {
+    let be = tr.backend();
+    be.synchronize()?;
+    let mut writer = if tr.rank() == 0 { Some(ckpt::CheckpointWriter::create(root, tr.steps_done())?) } else { None };
+    for gi in 0..tr.model().params.layout.groups.len() {
         for (name, t) in buffers(tr, gi) {
-            let mine = tr.be.download(&t)?;
+            let mine = be.download(&t)?;
             let whole = match tr.comm() {
                 None => Some(mine),
                 Some(c) => c.gather_bytes(&mine, 0, &format!("checkpoint tensor {name}"))?.map(|parts| parts.concat()),
@@ -47,16 +45,16 @@ pub fn save(tr: &Trainer, root: &Path, lineage: &Lineage) -> Result<Option<PathB
     let Some(writer) = writer else { return Ok(None) };
     let state = json!({
         "format": FORMAT,
-        "step": tr.step,
-        "updates": tr.updates,
-        "bad_in_a_row": tr.bad_in_a_row,
-        "spikes": tr.spikes,
-        "model": tr.model.cfg(),
-        "train": tr.tc,
-        "world_size": tr.tc.world_size,
-        "data": tr.data.state(),
-        "data_describe": tr.data.describe(),
-        "source": tr.source,
+        "step": tr.steps_done(),
+        "updates": tr.optimizer().updates(),
+        "bad_in_a_row": tr.bad_steps_in_a_row(),
+        "spikes": tr.spikes(),
+        "model": tr.model().cfg(),
+        "train": tr.config(),
+        "world_size": tr.config().world_size,
+        "data": tr.data().state(),
+        "data_describe": tr.data().describe(),
+        "source": tr.source(),
     });
     writer.finish(lineage, &state).map(Some)
 }
@@ -91,7 +89,7 @@ const SPEED_OPTIONS: [&str; 2] = ["persistent_quants", "wgrad_overlap"];
 pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Result<()> {
     let mut diffs = vec![];
     differing("model.", state.get("model").unwrap_or(&Value::Null), &serde_json::to_value(cfg).unwrap(), &mut diffs);
-    let mut now = serde_json::to_value(&tr.tc).unwrap();
+    let mut now = serde_json::to_value(tr.config()).unwrap();
     let mut saved = state.get("train").cloned().unwrap_or(Value::Null);
     for t in [&mut now, &mut saved] {
         if let Some(p) = t.get_mut("precision").and_then(Value::as_object_mut) {
@@ -109,7 +107,7 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     // the number of ranks may change, the micro-batches per step over all ranks may not
     let saved_world = state.get("world_size").and_then(|w| w.as_u64());
     let saved_accum = saved.get("grad_accumulation").and_then(|a| a.as_u64());
-    let (world, accum) = (tr.tc.world_size as u64, tr.tc.grad_accumulation as u64);
+    let (world, accum) = (tr.config().world_size as u64, tr.config().grad_accumulation as u64);
     match (saved_world, saved_accum) {
         (Some(w), Some(a)) if w > 0 && a * w == accum * world => {}
         (Some(w), Some(a)) if w > 0 => diffs.push(format!(
@@ -178,15 +176,15 @@ fn check_state(ck: &OpenCheckpoint, cfg: &ModelConfig) -> Result<()> {
 pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
     let ck = ckpt::open_checkpoint(dir)?;
     let st = &ck.state;
-    let cfg = tr.model.cfg().clone();
+    let cfg = tr.model().cfg().clone();
     check_compatible(st, &cfg, tr).map_err(|e| Error::file(dir, e.to_string()))?;
     check_state(&ck, &cfg)?;
     // every rank reads its part of each tensor (the checkpoint holds whole tensors, whatever the
     // number of ranks that wrote it)
-    let p = &tr.model.params;
+    let (be, p, opt) = (tr.backend(), &tr.model().params, tr.optimizer());
     for gi in 0..p.layout.groups.len() {
         let n = p.layout.groups[gi].numel;
-        let sh = p.opt_shard(gi).shard;
+        let sh = p.shard(gi);
         for (name, t) in buffers(tr, gi) {
             let sz = t.dtype.size();
             let (dtype, shape) = ck.info(&name)?;
@@ -200,30 +198,25 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Lineage> {
                     format!("tensor `{name}`: expected {} x {n} elements, found {} with {} bytes", t.dtype, lt.dtype, lt.data.len()),
                 ));
             }
-            tr.be.upload(&t, &lt.data[sh.start * sz..(sh.start + sh.len) * sz])?;
+            be.upload(&t, &lt.data[sh.start * sz..(sh.start + sh.len) * sz])?;
         }
-        let t = p.opt_shard(gi);
-        if !p.master_is_weights() {
-            tr.be.convert(&t.params, &t.master)?;
-        }
+        opt.state_loaded(be, p, gi)?;
     }
-    p.gather_weights(tr.be.as_ref())?;
-    tr.model.weights_changed(tr.be.as_ref())?;
+    p.gather_weights(be)?;
+    tr.model().weights_changed(be)?;
     let num = |k: &str| st.get(k).and_then(|v| v.as_u64()).ok_or_else(|| Error::file(dir, format!("state field `{k}` missing")));
-    tr.step = num("step")?;
-    tr.updates = num("updates")?;
-    tr.bad_in_a_row = num("bad_in_a_row")? as u32;
-    tr.spikes = serde_json::from_value(st.get("spikes").cloned().unwrap_or(Value::Null))
+    let spikes = serde_json::from_value(st.get("spikes").cloned().unwrap_or(Value::Null))
         .map_err(|e| Error::file(dir, format!("state field `spikes`: {e}")))?;
+    tr.restore_counters(num("step")?, num("updates")?, num("bad_in_a_row")? as u32, spikes);
     let data = st.get("data").ok_or_else(|| Error::file(dir, "state field `data` missing"))?;
-    tr.data.restore(data).map_err(|e| Error::file(dir, format!("data position: {e}")))?;
+    tr.data_mut().restore(data).map_err(|e| Error::file(dir, format!("data position: {e}")))?;
     // a resumed run that does not know its tokenizer keeps the one its checkpoint recorded
-    if tr.source.as_ref().is_none_or(|s| s.tokenizer.is_none()) {
+    if tr.source().is_none_or(|s| s.tokenizer.is_none()) {
         if let Some(saved) = st.get("source").and_then(|v| serde_json::from_value(v.clone()).ok()) {
-            tr.source = Some(saved);
+            tr.set_source(saved);
         }
     }
-    tr.be.synchronize()?;
+    tr.backend().synchronize()?;
     Ok(ck.lineage)
 }
 

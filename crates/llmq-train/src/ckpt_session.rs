@@ -66,22 +66,22 @@ impl CkptSession {
             ckpt::resolve_continue(&self.root, Some(which))?
         };
         let parent = checkpoint::load(tr, &dir)?;
-        lines.push(format!("resumed from {} at step {} (run {})", dir.display(), tr.step, parent.run));
-        if tr.step > last_step {
+        lines.push(format!("resumed from {} at step {} (run {})", dir.display(), tr.steps_done(), parent.run));
+        if tr.steps_done() > last_step {
             return Err(Error::Config(format!(
                 "{} is at step {}, beyond the last step of this run ({last_step}, from --steps/--stop-at): nothing to train; raise --steps to continue",
                 dir.display(),
-                tr.step
+                tr.steps_done()
             )));
         }
-        if tr.step == last_step {
+        if tr.steps_done() == last_step {
             lines.push(format!("nothing to train: the checkpoint is at step {last_step}, the last step of this run"));
         }
-        self.lineage = Lineage::resumed_from(&parent, tr.step);
-        self.head = Some((parent, tr.step));
-        self.retention.resumed(tr.step);
+        self.lineage = Lineage::resumed_from(&parent, tr.steps_done());
+        self.head = Some((parent, tr.steps_done()));
+        self.retention.resumed(tr.steps_done());
         if dir.parent() == Some(self.root.as_path()) {
-            self.resumed = Some((tr.step, dir));
+            self.resumed = Some((tr.steps_done(), dir));
         }
         Ok(lines)
     }
@@ -95,12 +95,12 @@ impl CkptSession {
 
     /// Writes a checkpoint of `tr` (not the unchanged resumed one) and applies retention.
     pub fn save(&mut self, tr: &mut Trainer) -> Result<Option<Saved>> {
-        if self.resumed.as_ref().is_some_and(|(s, _)| *s == tr.step) {
+        if self.resumed.as_ref().is_some_and(|(s, _)| *s == tr.steps_done()) {
             return Ok(None);
         }
         // with several ranks, rank 0 writes (the others hand it their shards)
         let Some(path) = checkpoint::save(tr, &self.root, &self.lineage)? else { return Ok(None) };
-        self.retention.written(tr.step);
+        self.retention.written(tr.steps_done());
         let pruned = self.retention.prune(&self.root)?;
         let notes = pruned.notes.iter().map(|n| format!("checkpoints: {n}")).collect();
         Ok(Some(Saved { path, removed: pruned.removed.len(), notes }))

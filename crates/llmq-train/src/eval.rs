@@ -155,7 +155,7 @@ pub fn evaluate(be: &mut dyn Backend, model: EvalModel, precision: Precision, da
     let shape = RunShape { b: data.shape.batch_size, t: data.shape.seq_len };
     let m = Model::new(be, cfg, precision, shape, &MemoryOptions::default())?;
     let be: &dyn Backend = be;
-    m.params.set_master_f32(be, &groups)?;
+    m.params.set_weights_f32(be, &groups)?;
     drop(groups);
     m.weights_changed(be)?;
     // the sum and count of `Trainer::evaluate`, in the same order

@@ -5,15 +5,15 @@
 //! accumulated weight gradients, the last wave of every kernel, the host round trips. On one
 //! H200, Qwen2.5-0.5B at 64 x 8 runs 2-3% faster than at 16 x 32 (docs/BENCHMARKS.md, seventh
 //! round). The candidates keep batch_size x grad_accumulation: the micro-batch doubles while the
-//! accumulation halves evenly. Each candidate's model (and the step's token buffers,
-//! `crate::token_stage`) is allocated for real on a fresh backend,
+//! accumulation halves evenly. Each candidate's buffers (model, optimizer and the step's token
+//! buffers: `crate::trainer::RunBuffers`) are allocated for real on a fresh backend,
 //! largest first, so the allocation itself is the estimate and cannot drift from it; the first
 //! that fits with `headroom` bytes still free wins. A backend that does not know its free memory
 //! (the CPU backend without a limit) keeps the configured micro-batch. Another micro-batch
 //! changes summation orders, not the maths: losses agree with the configured setting to
 //! rounding, not bit for bit.
 
-use crate::{Model, RunShape, TrainConfig};
+use crate::trainer::{RunBuffers, TrainConfig};
 use llmq_core::{Backend, Error, ModelConfig, Result};
 
 /// The chosen micro-batch.
@@ -38,8 +38,8 @@ pub fn fit_micro_batch(make: &mut dyn FnMut() -> Result<Box<dyn Backend>>, cfg: 
         if be.free_memory().is_none() {
             return Ok(configured);
         }
-        let model = Model::new(be.as_mut(), cfg, tc.precision, RunShape { b, t: tc.seq_len }, &tc.memory);
-        match model.and_then(|_| crate::token_stage::TokenStage::alloc(be.as_mut(), b * tc.seq_len, accumulation)) {
+        let trial = TrainConfig { batch_size: b, grad_accumulation: accumulation, ..tc.clone() };
+        match RunBuffers::alloc(be.as_mut(), cfg, &trial, None) {
             Ok(_) => {
                 let free = be.free_memory().unwrap_or(0);
                 if free >= headroom {

@@ -20,7 +20,7 @@ pub mod log;
 pub mod memory;
 pub mod model;
 pub mod options;
-pub mod opt_stage;
+pub mod optimizer;
 pub mod params;
 pub mod plan;
 pub mod precision;
@@ -39,6 +39,7 @@ pub mod stream;
 pub mod synthetic;
 pub mod textgen;
 pub mod token_stage;
+pub mod train_config;
 pub mod trainer;
 pub mod zero;
 

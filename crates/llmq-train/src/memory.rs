@@ -35,7 +35,7 @@ pub struct MemoryOptions {
     /// Per-layer residuals in pinned host memory between the forward and the backward pass.
     pub offload_residual: bool,
     /// The optimizer reads and writes host-resident state in place over mapped memory instead
-    /// of staging each block's through device slots (`crate::opt_stage`).
+    /// of staging each block's through device slots (`crate::optimizer`).
     pub zero_copy: bool,
     /// The host buffers of the options above that the optimizer and the copy streams use
     /// (offloaded master weights and Adam moments, streamed weights, offloaded gradients) are

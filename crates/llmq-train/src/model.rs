@@ -47,10 +47,6 @@ pub struct Model {
     pub z_loss: f32,
     /// Blocks (and the optimizer update) run as captured graphs (`MemoryOptions::cuda_graphs`).
     graphs: bool,
-    /// i32 [parameter groups, ADAM_SCALARS]: each group's AdamW step scalars, written by the
-    /// host before every update (`llmq_core::AdamStep`), so that a captured update replays
-    /// with them.
-    pub adam_scalars: Tensor,
     eps: f32,
     /// Recorded on the compute stream before the gradients are zeroed on the copy stream, and on
     /// the copy stream after; the first gradient write (the LM head's) waits for the second.
@@ -97,8 +93,7 @@ impl Model {
             None
         };
         let side = if mem.wgrad_overlap { Some(SideWgrads::new(be)?) } else { None };
-        let adam_scalars = be.alloc(llmq_core::MemCategory::Other, llmq_core::Mem::Device, llmq_core::DType::I32, &[norm_slots, llmq_core::ADAM_SCALARS])?;
-        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, graphs: mem.cuda_graphs, adam_scalars, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
+        Ok(Model { params, acts, recompute, fp8, side, z_loss: 0.0, graphs: mem.cuda_graphs, eps: cfg.rms_norm_eps as f32, compute_idle, grads_zeroed })
     }
 
     /// To be called whenever the weights change outside the optimizer (init, load): refreshes
@@ -432,7 +427,7 @@ impl Model {
         };
         let mut owned = vec![false; p.layout.groups.len()];
         for (i, o) in owned.iter_mut().enumerate() {
-            let g = p.opt_shard(i).grads;
+            let g = p.own_grads(i);
             if g.numel() > 0 {
                 be.sum_squares(&self.acts.norms, i, &g)?;
                 *o = true;

@@ -1,5 +1,6 @@
 //! Parameter storage: one flat buffer per group (embed, block.l, head) for each of working
-//! weights, master weights, gradients, Adam m and Adam v, all with the `ParamLayout` layout.
+//! weights and gradients, with the `ParamLayout` layout (master weights and Adam moments are the
+//! optimizer's: `crate::optimizer`).
 //!
 //! The model reaches block weights and gradients only through `block(l)` / `release(l)` and
 //! `grad_block(l)` / `release_grad(l)`. Resident buffers return views; with weight streaming or
@@ -9,7 +10,6 @@
 use crate::init;
 use crate::memory::MemoryOptions;
 use crate::precision::Precision;
-use crate::opt_stage::OptStage;
 use crate::stream::Slots;
 use crate::zero::{Dist, Shard};
 use llmq_core::all_to_all::AllToAllReduce;
@@ -104,18 +104,15 @@ impl GroupBuffers {
     }
 }
 
-/// All parameter-shaped state of a model.
+/// The working weights and gradients of a model, and how they move between memory spaces and
+/// ranks.
 pub struct Params {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub precision: Precision,
     /// Working weights (matmul inputs).
     pub weights: GroupBuffers,
-    /// Master weights; the same tensors as `weights` when the dtypes agree.
-    pub master: GroupBuffers,
     pub grads: GroupBuffers,
-    pub m: GroupBuffers,
-    pub v: GroupBuffers,
     /// Weight streaming: the device slots the host-resident block weights pass through.
     weight_slots: Option<Slots>,
     /// Weight streaming with persistent fp8 weights: the matmuls read the kept quants, so the
@@ -137,30 +134,14 @@ pub struct Params {
     /// ZeRO-2: the device slots block gradients are computed in before their reduce-scatter
     /// (on the copy-back stream).
     grad_scratch: Option<Slots>,
-    /// Device slots the optimizer stages host-resident block state through (none: zero-copy or
-    /// nothing offloaded).
-    opt_stage: Option<OptStage>,
     /// The staging of `--all-to-all-reduce` reduce-scatters.
     a2a: Option<AllToAllReduce>,
 }
 
-/// The rank's shard of one group's optimizer state and the tensors the update reads and writes
-/// (whole groups with one rank).
-#[derive(Clone, Copy, Debug)]
-pub struct OptShard {
-    pub shard: Shard,
-    pub params: Tensor,
-    pub master: Tensor,
-    pub grads: Tensor,
-    pub m: Tensor,
-    pub v: Tensor,
-}
-
 impl Params {
-    /// Allocates every buffer; master weights and Adam moments go to pinned host memory
-    /// (write-combined with `mem.write_combined`) where `mem` offloads them, and so do block
-    /// weights and gradients where it streams them (an emulated separate memory space on the
-    /// CPU backend). The optimizer stages block state through device slots (`crate::opt_stage`).
+    /// Allocates every buffer; block weights and gradients go to pinned host memory
+    /// (write-combined with `mem.write_combined`) where `mem` streams them (an emulated separate
+    /// memory space on the CPU backend).
     pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, precision: Precision, mem: &MemoryOptions, dist: Option<Dist>) -> Result<Params> {
         let layout = ParamLayout::new(cfg);
         let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
@@ -177,14 +158,7 @@ impl Params {
             (if sharded && is_block(gi) { sh.size } else { sh.padded }, if is_block(gi) { place(off) } else { Mem::Device })
         };
         let weights = GroupBuffers::alloc(be, &layout, MemCategory::Weights, precision.weights, |gi| sized(gi, shard_w, mem.stream_weights))?;
-        let master = if precision.master == precision.weights {
-            weights.clone()
-        } else {
-            GroupBuffers::alloc(be, &layout, MemCategory::Master, precision.master, |gi| (shard(gi).size, place(mem.offload_master)))?
-        };
         let grads = GroupBuffers::alloc(be, &layout, MemCategory::Gradients, precision.grads, |gi| sized(gi, shard_g, mem.offload_gradients))?;
-        let m = GroupBuffers::alloc(be, &layout, MemCategory::AdamM, precision.opt_m, |gi| (shard(gi).size, place(mem.offload_opt_m)))?;
-        let v = GroupBuffers::alloc(be, &layout, MemCategory::AdamV, precision.opt_v, |gi| (shard(gi).size, place(mem.offload_opt_v)))?;
         let block_numel = (0..cfg.num_layers).map(|l| shard(layout.block_group(l)).padded).max().unwrap_or(0);
         let slots_skip_matrices = mem.stream_weights && mem.persistent_quants && precision.matmul.is_fp8() && !shard_w;
         let weight_slots = if mem.stream_weights && !shard_w { Some(Slots::alloc(be, MemCategory::Weights, precision.weights, block_numel)?) } else { None };
@@ -198,15 +172,12 @@ impl Params {
             }
             _ => None,
         };
-        let mut p = Params {
+        Ok(Params {
             cfg: cfg.clone(),
             layout,
             precision,
             weights,
-            master,
             grads,
-            m,
-            v,
             weight_slots,
             slots_skip_matrices,
             grad_slots,
@@ -217,13 +188,7 @@ impl Params {
             whole_gathers: Cell::new(false),
             grad_scratch,
             a2a,
-            opt_stage: None,
-        };
-        if !mem.zero_copy && cfg.num_layers > 0 {
-            let sample = p.opt_shard(p.layout.block_group(0));
-            p.opt_stage = OptStage::alloc(be, &sample, block_numel)?;
-        }
-        Ok(p)
+        })
     }
 
     /// This rank's shard of group `gi` (the whole group with one rank).
@@ -244,54 +209,25 @@ impl Params {
         self.grad_scratch.is_some() && self.is_block(gi)
     }
 
-    /// The tensors the optimizer reads and writes for this rank's shard of group `gi`.
-    pub fn opt_shard(&self, gi: usize) -> OptShard {
+    /// Elements of a block slot: the largest (padded) block group.
+    pub fn block_slot_numel(&self) -> usize {
+        (0..self.cfg.num_layers).map(|l| self.shard(self.layout.block_group(l)).padded).max().unwrap_or(0)
+    }
+    /// This rank's part of group gi's working weights (the whole group with one rank).
+    pub fn own_weights(&self, gi: usize) -> Tensor {
         let sh = self.shard(gi);
-        let len = [sh.len];
-        let own = |t: &Tensor, sharded: bool| if sharded { t.slice(0, &len) } else { t.slice(sh.start, &len) };
-        let params = own(&self.weights.groups[gi], self.weights_sharded(gi));
-        let master = if self.master_is_weights() { params } else { self.master.groups[gi].slice(0, &len) };
-        OptShard {
-            shard: sh,
-            params,
-            master,
-            grads: own(&self.grads.groups[gi], self.grads_sharded(gi)),
-            m: self.m.groups[gi].slice(0, &len),
-            v: self.v.groups[gi].slice(0, &len),
-        }
+        let w = &self.weights.groups[gi];
+        if self.weights_sharded(gi) { w.slice(0, &[sh.len]) } else { w.slice(sh.start, &[sh.len]) }
     }
-
-    /// The tensors the update of group gi reads and writes: `opt_shard(gi)`, with a block's
-    /// host-resident ones replaced by device slots where they are staged (`crate::opt_stage`);
-    /// starts bringing the next block's. Pair with `opt_issued(gi)`, and end the update with
-    /// `opt_finish`.
-    pub fn opt_begin(&self, be: &dyn Backend, gi: usize) -> Result<OptShard> {
-        let host = self.opt_shard(gi);
-        let (Some(st), Some(l)) = (&self.opt_stage, self.block_of(gi)) else { return Ok(host) };
-        let t = st.acquire(be, l, &host)?;
-        if l + 1 < self.cfg.num_layers {
-            st.prefetch(be, l + 1, &self.opt_shard(gi + 1))?;
-        }
-        Ok(t)
-    }
-    /// Group gi's update is issued: staged state goes back to the host.
-    pub fn opt_issued(&self, be: &dyn Backend, gi: usize) -> Result<()> {
-        match (&self.opt_stage, self.block_of(gi)) {
-            (Some(st), Some(l)) => st.write_back(be, l, &self.opt_shard(gi)),
-            _ => Ok(()),
-        }
-    }
-    /// Every group's update is issued: later work sees the host state complete.
-    pub fn opt_finish(&self, be: &dyn Backend) -> Result<()> {
-        self.opt_stage.as_ref().map_or(Ok(()), |st| st.finish(be))
-    }
-    /// The optimizer copies block state through device slots (copies a graph of the update would
-    /// have to hold, on the copy streams).
-    pub fn stages_optimizer(&self) -> bool {
-        self.opt_stage.is_some()
+    /// This rank's part of group gi's gradients (the whole group with one rank; after the
+    /// reduce-scatter, the sum over ranks).
+    pub fn own_grads(&self, gi: usize) -> Tensor {
+        let sh = self.shard(gi);
+        let g = &self.grads.groups[gi];
+        if self.grads_sharded(gi) { g.slice(0, &[sh.len]) } else { g.slice(sh.start, &[sh.len]) }
     }
     /// The block whose group is gi.
-    fn block_of(&self, gi: usize) -> Option<usize> {
+    pub fn block_of(&self, gi: usize) -> Option<usize> {
         self.is_block(gi).then(|| gi - self.layout.block_group(0))
     }
 
@@ -332,10 +268,6 @@ impl Params {
             d.comm.all_gather(be, full, &full.slice(d.rank() * sh.size, &[sh.size]), Stream::Compute, &format!("weights of {}", g.name))?;
         }
         Ok(())
-    }
-
-    pub fn master_is_weights(&self) -> bool {
-        self.master.groups[0].addr == self.weights.groups[0].addr
     }
 
     /// Weights of block l, on the device (the compute stream waits for a streamed block's
@@ -514,49 +446,29 @@ impl Params {
         self.grads.head(&self.layout)
     }
 
-    /// Initialises from scratch (REFERENCE.md: N(0, 0.02), out and down projections scaled by
-    /// 1/sqrt(2L), norms 1, biases 0), seeded; identical on every backend.
+    /// Initialises the working weights from scratch (REFERENCE.md: N(0, 0.02), out and down
+    /// projections scaled by 1/sqrt(2L), norms 1, biases 0), seeded; identical on every backend.
+    /// (`Trainer::init_from_scratch` sets the optimizer's master weights too.)
     pub fn init_from_scratch(&self, be: &dyn Backend, seed: u64) -> Result<()> {
         // one group at a time: the host holds one group's f32 values, not the whole model's
         (0..self.layout.groups.len()).try_for_each(|gi| self.set_group_f32(be, gi, &init::init_group(&self.cfg, &self.layout, seed, gi)))
     }
 
-    /// Sets master (and working) weights from f32 host values, one vector per group.
-    pub fn set_master_f32(&self, be: &dyn Backend, groups: &[Vec<f32>]) -> Result<()> {
+    /// Sets the working weights from f32 host values, one vector per group (a trainer's master
+    /// weights are the optimizer's: `Trainer::set_weights`).
+    pub fn set_weights_f32(&self, be: &dyn Backend, groups: &[Vec<f32>]) -> Result<()> {
         groups.iter().enumerate().try_for_each(|(gi, vals)| self.set_group_f32(be, gi, vals))
     }
 
-    /// Group `gi`'s master (and working) weights from f32 host values of the whole group: each
-    /// buffer takes its part (the rank's shard, or the whole group).
-    fn set_group_f32(&self, be: &dyn Backend, gi: usize, vals: &[f32]) -> Result<()> {
-        let sh = self.shard(gi);
-        let mine = &vals[sh.start..sh.start + sh.len];
+    /// Group `gi`'s working weights from f32 host values of the whole group (the rank's shard of
+    /// them where the buffer holds one).
+    pub fn set_group_f32(&self, be: &dyn Backend, gi: usize, vals: &[f32]) -> Result<()> {
         let w = &self.weights.groups[gi];
         if self.weights_sharded(gi) {
-            upload_f32(be, &w.slice(0, &[sh.len]), mine)?;
-        } else {
-            upload_f32(be, &w.slice(0, &[vals.len()]), vals)?;
+            let sh = self.shard(gi);
+            return upload_f32(be, &w.slice(0, &[sh.len]), &vals[sh.start..sh.start + sh.len]);
         }
-        if !self.master_is_weights() {
-            upload_f32(be, &self.master.groups[gi].slice(0, &[sh.len]), mine)?;
-        }
-        Ok(())
-    }
-
-    /// Master weights as f32 host values, one vector per group (gathered from every rank: the
-    /// whole model on every rank).
-    pub fn master_f32(&self, be: &dyn Backend) -> Result<Vec<Vec<f32>>> {
-        (0..self.layout.groups.len()).map(|gi| self.gather_f32(be, &self.opt_shard(gi).master, gi)).collect()
-    }
-
-    /// The whole group gi from every rank's shard `mine` (this rank's part of a sharded buffer).
-    fn gather_f32(&self, be: &dyn Backend, mine: &Tensor, gi: usize) -> Result<Vec<f32>> {
-        let Some(d) = &self.dist else { return download_f32(be, mine) };
-        let parts = d.comm.all_gather_bytes(&be.download(mine)?, &format!("{} of {}", "master weights", self.layout.groups[gi].name))?;
-        let bytes: Vec<u8> = parts.concat();
-        let mut v = vec![0f32; bytes.len() / mine.dtype.size()];
-        llmq_core::dtype::decode_into(mine.dtype, &bytes, &mut v);
-        Ok(v)
+        upload_f32(be, &w.slice(0, &[vals.len()]), vals)
     }
 
     /// Gradients as f32 host values, one vector per group (one rank: after a reduce-scatter the

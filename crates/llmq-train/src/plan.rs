@@ -7,11 +7,8 @@
 //! is the device total plus what the backend holds for itself (`backend_reserve`: the CUDA
 //! backend's workspaces, context and kernel module).
 
-use crate::acts::RunShape;
 use crate::memory::{MemoryOptions, Recompute};
-use crate::model::Model;
-use crate::token_stage::TokenStage;
-use crate::trainer::TrainConfig;
+use crate::trainer::{RunBuffers, TrainConfig};
 use llmq_core::plan_backend::{Allocation, PlanBackend};
 use llmq_core::{fmt_bytes, Mem, MemCategory, ModelConfig, Result};
 
@@ -40,8 +37,7 @@ impl MemoryPlan {
         tc.validate(cfg)?;
         let mut be = PlanBackend::new();
         let dist = crate::zero::Dist::for_planning(tc);
-        Model::new_dist(&mut be, cfg, tc.precision, RunShape { b: tc.batch_size, t: tc.seq_len }, &tc.memory, dist)?;
-        TokenStage::alloc(&mut be, tc.batch_size * tc.seq_len, tc.grad_accumulation)?;
+        RunBuffers::alloc(&mut be, cfg, tc, dist)?;
         Ok(MemoryPlan { allocations: be.allocations, backend_reserve })
     }
 
@@ -357,12 +353,12 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llmq_core::cpu::CpuBackend;
     use llmq_core::{Arch, Backend};
 
-    fn tc(b: usize, t: usize) -> TrainConfig {
+    pub(crate) fn tc(b: usize, t: usize) -> TrainConfig {
         TrainConfig {
             batch_size: b,
             seq_len: t,
@@ -397,8 +393,7 @@ mod tests {
                     t.memory = MemoryOptions { recompute, offload_master: off, offload_opt_m: off, offload_opt_v: off, zero_copy, write_combined, persistent_quants: fp8, offload_quants: off && fp8, ..Default::default() };
                     let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
                     let mut be = CpuBackend::new();
-                    Model::new(&mut be, &cfg, t.precision, RunShape { b: 2, t: 32 }, &t.memory).unwrap();
-                    TokenStage::alloc(&mut be, 2 * 32, t.grad_accumulation).unwrap();
+                    RunBuffers::alloc(&mut be, &cfg, &t, None).unwrap();
                     let mut real = be.memory_by_category();
                     real.sort_by_key(|(c, m, _)| (*c, *m as u8));
                     let mut planned = plan.by_category();

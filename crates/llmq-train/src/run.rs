@@ -121,12 +121,12 @@ impl Run {
 
     /// The step the run ends after (`stop_at` or the configured steps).
     pub fn last_step(&self) -> u64 {
-        self.opts.stop_at.unwrap_or(self.trainer.tc.steps)
+        self.opts.stop_at.unwrap_or(self.trainer.config().steps)
     }
 
     /// True once the last step ran or a stop was requested.
     pub fn done(&self) -> bool {
-        self.interrupted || self.trainer.step >= self.last_step()
+        self.interrupted || self.trainer.steps_done() >= self.last_step()
     }
 
     /// Why the run stopped short and must be reported as failed, if it did.
@@ -145,13 +145,11 @@ impl Run {
         let tokens_per_s = st.tokens as f64 / st.seconds;
         self.step_times.push(st.seconds);
         let telemetry = self.probe.as_mut().map(|p| p());
-        if let Some(log) = &mut self.trainer.log {
-            let mut rec = json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tokens_per_s, "ms": st.seconds * 1e3, "issue_ms": st.issue_seconds * 1e3, "skipped": st.skipped});
-            if let Some(t) = &telemetry {
-                rec["gpu"] = t.clone();
-            }
-            log.write(&rec);
+        let mut rec = json!({"type": "step", "step": st.step, "loss": st.loss, "norm": st.grad_norm, "lr": st.lr, "tokens_per_s": tokens_per_s, "ms": st.seconds * 1e3, "issue_ms": st.issue_seconds * 1e3, "skipped": st.skipped});
+        if let Some(t) = &telemetry {
+            rec["gpu"] = t.clone();
         }
+        self.trainer.log_record(&rec);
         let remaining = self.last_step().saturating_sub(st.step);
         // the median of the recent steps: follows a change of pace, costs the same at any step
         let recent = &self.step_times[self.step_times.len().saturating_sub(ETA_WINDOW)..];
@@ -160,13 +158,11 @@ impl Run {
         let spike_stop = st.stop.clone();
         events.push(RunEvent::Step { stats: st, tokens_per_s, elapsed: self.started.elapsed().as_secs_f64(), eta, telemetry });
 
-        let tc = &self.trainer.tc;
+        let tc = self.trainer.config();
         let eval_now = !self.opts.skip_eval && ((tc.eval_every > 0 && step.is_multiple_of(tc.eval_every)) || step == tc.steps);
         if eval_now {
             if let Some(loss) = self.trainer.evaluate()? {
-                if let Some(log) = &mut self.trainer.log {
-                    log.write(&json!({"type": "eval", "step": step, "loss": loss}));
-                }
+                self.trainer.log_record(&json!({"type": "eval", "step": step, "loss": loss}));
                 self.last_eval = Some(loss);
                 events.push(RunEvent::Eval { step, loss });
             }
@@ -203,16 +199,14 @@ impl Run {
         if let Some(ex) = self.opts.export.clone().filter(|_| self.failed.is_none()) {
             let tr = &self.trainer;
             // every rank hands in its shards; rank 0 writes
-            let groups = tr.model.params.master_f32(tr.be.as_ref())?;
+            let groups = tr.master_weights()?;
             if tr.rank() == 0 {
-                hf::export_model(&ex.dir, tr.model.cfg(), &groups, ex.dtype, ex.source.as_deref())?;
+                hf::export_model(&ex.dir, tr.model().cfg(), &groups, ex.dtype, ex.source.as_deref())?;
                 events.push(RunEvent::Exported { dir: ex.dir, dtype: ex.dtype });
             }
         }
         if let Some(t) = self.throughput() {
-            if let Some(log) = &mut self.trainer.log {
-                log.write(&json!({"type": "throughput", "median_step_ms": t.median_step_s * 1e3, "tokens_per_s": t.tokens_per_s, "steps": t.steps}));
-            }
+            self.trainer.log_record(&json!({"type": "throughput", "median_step_ms": t.median_step_s * 1e3, "tokens_per_s": t.tokens_per_s, "steps": t.steps}));
         }
         Ok(events)
     }
@@ -227,22 +221,21 @@ impl Run {
             return None;
         }
         let med = median(t);
-        Some(Throughput { median_step_s: med, steps: t.len(), warmup, tokens_per_s: self.trainer.tc.tokens_per_step() as f64 / med })
+        Some(Throughput { median_step_s: med, steps: t.len(), warmup, tokens_per_s: self.trainer.config().tokens_per_step() as f64 / med })
     }
 
     /// Writes a checkpoint of the current state (not of a poisoned one) and applies retention.
     fn save_checkpoint(&mut self) -> Result<Vec<RunEvent>> {
         let Some(ck) = self.opts.checkpoints.as_mut() else { return Ok(vec![]) };
         let tr = &mut self.trainer;
-        if tr.bad_in_a_row > 0 {
-            return Ok(vec![RunEvent::CheckpointSkipped { step: tr.step }]);
+        let step = tr.steps_done();
+        if tr.bad_steps_in_a_row() > 0 {
+            return Ok(vec![RunEvent::CheckpointSkipped { step }]);
         }
         let Some(saved) = ck.save(tr)? else { return Ok(vec![]) };
-        if let Some(log) = &mut tr.log {
-            log.write(&json!({"type": "checkpoint", "step": tr.step, "path": saved.path, "run": ck.run_id()}));
-        }
+        tr.log_record(&json!({"type": "checkpoint", "step": step, "path": saved.path, "run": ck.run_id()}));
         let mut events: Vec<RunEvent> = saved.notes.into_iter().map(RunEvent::CheckpointNote).collect();
-        events.push(RunEvent::Checkpoint { step: tr.step, path: saved.path, removed: saved.removed });
+        events.push(RunEvent::Checkpoint { step, path: saved.path, removed: saved.removed });
         Ok(events)
     }
 }

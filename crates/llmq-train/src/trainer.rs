@@ -1,129 +1,20 @@
-//! The training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW,
-//! the learning-rate schedule, periodic evaluation, non-finite step handling and logging.
+//! The training loop: micro-batches with gradient accumulation, global-norm clipping, the
+//! optimizer update (`crate::optimizer`), the learning-rate schedule, evaluation, non-finite step
+//! handling and logging.
 
 use crate::acts::RunShape;
 use crate::log::JsonLog;
 use crate::model::Model;
-use crate::memory::MemoryOptions;
-use crate::precision::Precision;
-use crate::schedule::Schedule;
-use crate::spike::{SpikeGuard, SpikeState};
+use crate::spike::SpikeState;
 use crate::token_stage::TokenStage;
 use crate::zero::Dist;
-use llmq_core::{AdamStep, AdamW, Backend, Comm, Error, GraphKey, ModelConfig, ReduceOp, Result, Stream, ADAM_SCALARS};
+use crate::optimizer::Optimizer;
+pub use crate::train_config::{OptimConfig, TrainConfig};
+use llmq_core::{Backend, Comm, Error, ModelConfig, ReduceOp, Result};
 use std::sync::Arc;
 use llmq_io::data::BatchSource;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::time::Instant;
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OptimConfig {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// Clip the global gradient L2 norm to this value (0 = no clipping).
-    pub grad_clip: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 }
-    }
-}
-
-impl OptimConfig {
-    pub fn validate(&self) -> Result<()> {
-        for (name, v) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&v) {
-                return Err(Error::Config(format!("{name} must be in [0, 1), got {v}")));
-            }
-        }
-        if self.eps.is_nan() || self.eps <= 0.0 {
-            return Err(Error::Config(format!("--adam-eps must be positive, got {}", self.eps)));
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 || self.grad_clip.is_nan() || self.grad_clip < 0.0 {
-            return Err(Error::Config("--weight-decay and --grad-clip must be non-negative".into()));
-        }
-        Ok(())
-    }
-}
-
-/// Everything that defines a run besides the model shape and the data.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub batch_size: usize,
-    pub seq_len: usize,
-    pub grad_accumulation: usize,
-    pub steps: u64,
-    pub schedule: Schedule,
-    pub optim: OptimConfig,
-    pub precision: Precision,
-    /// Where state lives and what is recomputed: never changes the numbers.
-    #[serde(default)]
-    pub memory: MemoryOptions,
-    pub seed: u64,
-    pub eval_every: u64,
-    pub eval_batches: usize,
-    /// Abort after this many consecutive steps with a non-finite loss or gradient norm.
-    pub max_bad_steps: u32,
-    #[serde(default)]
-    pub spike: SpikeGuard,
-    /// Kernel and algorithm choices of a GPU backend (they change the last bits of results).
-    #[serde(default)]
-    pub backend: llmq_core::BackendOptions,
-    /// Data-parallel ranks: each runs `grad_accumulation` micro-batches of its own per step.
-    #[serde(default = "one")]
-    pub world_size: usize,
-    /// z-loss coefficient: the training loss adds z·logsumexp² per token (0: none).
-    #[serde(default)]
-    pub z_loss: f64,
-}
-
-fn one() -> usize {
-    1
-}
-
-impl TrainConfig {
-    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
-        let pos = |name: &str, v: usize| {
-            if v == 0 {
-                Err(Error::Config(format!("{name} must be positive, got 0")))
-            } else {
-                Ok(())
-            }
-        };
-        pos("--batch-size", self.batch_size)?;
-        pos("--seq-len", self.seq_len)?;
-        pos("--grad-accumulation", self.grad_accumulation)?;
-        pos("--gpus", self.world_size)?;
-        if self.steps == 0 {
-            return Err(Error::Config("--steps must be positive, got 0".into()));
-        }
-        if self.seq_len > cfg.max_position_embeddings {
-            return Err(Error::Config(format!(
-                "--seq-len {} exceeds the model's max_position_embeddings {}",
-                self.seq_len, cfg.max_position_embeddings
-            )));
-        }
-        if self.eval_every > 0 && self.eval_batches == 0 {
-            return Err(Error::Config("--eval-every needs --eval-batches > 0".into()));
-        }
-        if !self.z_loss.is_finite() || self.z_loss < 0.0 {
-            return Err(Error::Config(format!("--z-loss must be a non-negative number, got {}", self.z_loss)));
-        }
-        self.schedule.validate()?;
-        self.optim.validate()?;
-        self.spike.validate()?;
-        self.backend.validate()?;
-        self.precision.validate()?;
-        self.memory.validate(&self.precision)
-    }
-    /// Tokens per optimizer step over all ranks: B x T x accumulation x ranks.
-    pub fn tokens_per_step(&self) -> usize {
-        self.batch_size * self.seq_len * self.grad_accumulation * self.world_size
-    }
-}
 
 /// An out-of-memory message with the plan so far, the free memory and what would help.
 fn oom_report(be: &dyn Backend, msg: &str, tc: &TrainConfig) -> String {
@@ -170,24 +61,42 @@ pub struct StepStats {
     pub stop: Option<String>,
 }
 
-pub struct Trainer {
-    pub be: Box<dyn Backend>,
+/// The buffers of a run: the model, its optimizer and the step's token buffers. The trainer, the
+/// memory plan and the micro-batch fit allocate them through `RunBuffers::alloc` alone.
+pub struct RunBuffers {
     pub model: Model,
+    pub opt: Optimizer,
     /// The step's tokens on their way to the device and its losses on their way back.
+    pub tokens: TokenStage,
+}
+
+impl RunBuffers {
+    /// Allocates everything a run of `tc` on `cfg` holds (one rank's part, with `dist`).
+    pub fn alloc(be: &mut dyn Backend, cfg: &ModelConfig, tc: &TrainConfig, dist: Option<Dist>) -> Result<RunBuffers> {
+        let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
+        let model = Model::new_dist(be, cfg, tc.precision, shape, &tc.memory, dist)?;
+        let opt = Optimizer::alloc(be, &model.params, &tc.memory)?;
+        let tokens = TokenStage::alloc(be, shape.b * shape.t, tc.grad_accumulation)?;
+        Ok(RunBuffers { model, opt, tokens })
+    }
+}
+
+pub struct Trainer {
+    be: Box<dyn Backend>,
+    model: Model,
+    opt: Optimizer,
     tokens: TokenStage,
-    pub tc: TrainConfig,
-    pub data: Box<dyn BatchSource>,
-    pub eval_data: Option<Box<dyn BatchSource>>,
+    tc: TrainConfig,
+    data: Box<dyn BatchSource>,
+    eval_data: Option<Box<dyn BatchSource>>,
     /// Optimizer steps done so far (updates applied or skipped).
-    pub step: u64,
-    /// Optimizer updates applied (the Adam bias-correction counter).
-    pub updates: u64,
-    pub bad_in_a_row: u32,
-    pub spikes: SpikeState,
+    step: u64,
+    bad_in_a_row: u32,
+    spikes: SpikeState,
     issue_seconds: f64,
-    pub log: Option<JsonLog>,
+    log: Option<JsonLog>,
     /// Where the model and tokenizer came from, recorded in checkpoints.
-    pub source: Option<crate::setup::ModelSource>,
+    source: Option<crate::setup::ModelSource>,
 }
 
 impl Trainer {
@@ -218,15 +127,12 @@ impl Trainer {
             return Err(Error::Config(format!("the configuration is for {} ranks, the communicator has {world}", tc.world_size)));
         }
         let dist = comm.and_then(|c| Dist::for_run(c, &tc));
-        let shape = RunShape { b: tc.batch_size, t: tc.seq_len };
-        let oom = |be: &dyn Backend, e| match e {
-            Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be, &msg, &tc)),
+        let RunBuffers { mut model, opt, tokens } = RunBuffers::alloc(be.as_mut(), cfg, &tc, dist).map_err(|e| match e {
+            Error::OutOfMemory(msg) => Error::OutOfMemory(oom_report(be.as_ref(), &msg, &tc)),
             e => e,
-        };
-        let mut model = Model::new_dist(be.as_mut(), cfg, tc.precision, shape, &tc.memory, dist).map_err(|e| oom(be.as_ref(), e))?;
-        let tokens = TokenStage::alloc(be.as_mut(), shape.b * shape.t, tc.grad_accumulation).map_err(|e| oom(be.as_ref(), e))?;
+        })?;
         model.z_loss = tc.z_loss as f32;
-        Ok(Trainer { be, model, tokens, tc, data, eval_data, step: 0, updates: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
+        Ok(Trainer { be, model, opt, tokens, tc, data, eval_data, step: 0, bad_in_a_row: 0, spikes: SpikeState::default(), issue_seconds: 0.0, log: None, source: None })
     }
 
     /// This rank's communicator, with more than one rank.
@@ -239,6 +145,69 @@ impl Trainer {
         self.comm().map_or(0, |c| c.rank())
     }
 
+    pub fn backend(&self) -> &dyn Backend {
+        self.be.as_ref()
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.opt
+    }
+    pub fn config(&self) -> &TrainConfig {
+        &self.tc
+    }
+    /// Optimizer steps done so far (updates applied or skipped).
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+    /// Consecutive steps, up to the last, whose update was skipped for a non-finite loss or
+    /// gradient norm (their state is not worth a checkpoint).
+    pub fn bad_steps_in_a_row(&self) -> u32 {
+        self.bad_in_a_row
+    }
+    /// The JSON log that steps, skips and fp8 health records go to.
+    pub fn set_log(&mut self, log: JsonLog) {
+        self.log = Some(log);
+    }
+    /// Records from here on carry `lineage`'s run and series (after a checkpoint is loaded).
+    pub fn set_log_lineage(&mut self, lineage: &llmq_io::ckpt::Lineage) {
+        if let Some(log) = &mut self.log {
+            log.set_run(lineage);
+        }
+    }
+    /// Appends `rec` to the JSON log, if the run has one.
+    pub fn log_record(&mut self, rec: &serde_json::Value) {
+        if let Some(log) = &mut self.log {
+            log.write(rec);
+        }
+    }
+    /// Where the model and tokenizer came from (recorded in checkpoints).
+    pub fn source(&self) -> Option<&crate::setup::ModelSource> {
+        self.source.as_ref()
+    }
+    pub fn set_source(&mut self, source: crate::setup::ModelSource) {
+        self.source = Some(source);
+    }
+    /// The training data source (its position is checkpointed).
+    pub fn data(&self) -> &dyn BatchSource {
+        self.data.as_ref()
+    }
+    pub(crate) fn data_mut(&mut self) -> &mut dyn BatchSource {
+        self.data.as_mut()
+    }
+    /// The loss-spike guard's state (skips in a row, recent losses).
+    pub fn spikes(&self) -> &SpikeState {
+        &self.spikes
+    }
+    /// A checkpoint's counters: steps done, updates applied, bad steps in a row, spike state.
+    pub(crate) fn restore_counters(&mut self, step: u64, updates: u64, bad_in_a_row: u32, spikes: SpikeState) {
+        self.step = step;
+        self.opt.restore_updates(updates);
+        self.bad_in_a_row = bad_in_a_row;
+        self.spikes = spikes;
+    }
+
     /// Host values summed over ranks (rank order); unchanged with one rank.
     fn sum_over_ranks(&self, vals: &mut [f64], what: &str) -> Result<()> {
         match self.comm() {
@@ -247,15 +216,34 @@ impl Trainer {
         }
     }
 
+    /// Initialises master and working weights from scratch (`crate::init`), seeded.
     pub fn init_from_scratch(&mut self) -> Result<()> {
-        self.model.params.init_from_scratch(self.be.as_ref(), self.tc.seed)?;
+        let p = &self.model.params;
+        // one group at a time: the host holds one group's f32 values, not the whole model's
+        for gi in 0..p.layout.groups.len() {
+            self.set_group(gi, &crate::init::init_group(&p.cfg, &p.layout, self.tc.seed, gi))?;
+        }
         self.model.weights_changed(self.be.as_ref())
     }
 
-    /// Sets the weights from f32 host values (one vector per layout group), e.g. HF weights.
+    /// Sets master and working weights from f32 host values (one vector per layout group),
+    /// e.g. HF weights.
     pub fn set_weights(&mut self, groups: &[Vec<f32>]) -> Result<()> {
-        self.model.params.set_master_f32(self.be.as_ref(), groups)?;
+        groups.iter().enumerate().try_for_each(|(gi, vals)| self.set_group(gi, vals))?;
         self.model.weights_changed(self.be.as_ref())
+    }
+
+    /// Group gi's master and working weights from f32 host values of the whole group.
+    fn set_group(&self, gi: usize, vals: &[f32]) -> Result<()> {
+        let (be, p) = (self.be.as_ref(), &self.model.params);
+        p.set_group_f32(be, gi, vals)?;
+        self.opt.set_group_master_f32(be, p, gi, vals)
+    }
+
+    /// The master weights as f32 host values, one vector per layout group (gathered from every
+    /// rank: the whole model on every rank).
+    pub fn master_weights(&self) -> Result<Vec<Vec<f32>>> {
+        self.opt.master_f32(self.be.as_ref(), &self.model.params)
     }
 
     /// Forward + backward over `grad_accumulation` micro-batches; returns (mean loss, valid
@@ -352,7 +340,7 @@ impl Trainer {
             self.bad_in_a_row = 0;
             let clip = self.tc.optim.grad_clip;
             let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
-            self.apply_update(lr, scale as f32)?;
+            self.opt.update(self.be.as_ref(), &self.model, &self.tc.optim, self.tc.seed, lr, scale as f32)?;
         }
         self.be.synchronize()?;
         self.step += 1;
@@ -377,76 +365,6 @@ impl Trainer {
             log.write(&serde_json::json!({"type": "skip", "step": self.step + 1, "cause": cause, "spike": true}));
         }
         (n >= self.tc.spike.max_skips).then(|| format!("{n} consecutive loss spikes (last at step {}): stopping", self.step + 1))
-    }
-
-    fn apply_update(&mut self, lr: f64, grad_scale: f32) -> Result<()> {
-        self.updates += 1;
-        let p = &self.model.params;
-        let o = &self.tc.optim;
-        let be = self.be.as_ref();
-        let (b1, b2) = (o.beta1 as f32, o.beta2 as f32);
-        // this step's scalars, one slot per group, in device memory before the update runs
-        let mut words = Vec::with_capacity(p.layout.groups.len() * ADAM_SCALARS * 4);
-        for gi in 0..p.layout.groups.len() {
-            // distinct stochastic-rounding streams per step and group (and shard: the hash is of
-            // the index within the buffer)
-            let seed = self.tc.seed ^ (self.updates << 20) ^ gi as u64;
-            let seed = p.dist.as_ref().map_or(seed, |d| llmq_io::loader::mix_seed(seed, d.rank() as u64));
-            words.extend(AdamStep { lr: lr as f32, step: self.updates, grad_scale, seed }.bytes(b1, b2)?);
-        }
-        be.upload(&self.model.adam_scalars, &words)?;
-        let update = |be: &dyn Backend, gi: usize| -> Result<()> {
-            let g = &p.layout.groups[gi];
-            let amax = self.model.fp8.as_ref().map(|f| &f.weight_amax[gi]);
-            let t = p.opt_begin(be, gi)?;
-            let scalars = self.model.adam_scalars.slice(gi * ADAM_SCALARS, &[ADAM_SCALARS]);
-            let base = AdamW {
-                params: &t.params,
-                master: &t.master,
-                grads: &t.grads,
-                m: &t.m,
-                v: &t.v,
-                scalars: &scalars,
-                beta1: b1,
-                beta2: b2,
-                eps: o.eps as f32,
-                weight_decay: o.weight_decay as f32,
-                absmax: None,
-            };
-            let Some(d) = &p.dist else {
-                be.adamw(&AdamW { absmax: amax, ..base }, &g.segments())?;
-                return p.opt_issued(be, gi);
-            };
-            // one rank's shard: each matrix's abs-max is that of its part, then the max over ranks
-            if let Some(am) = amax {
-                be.zero(am, Stream::Compute)?;
-            }
-            let segs = t.shard.segments(&g.segments());
-            match amax {
-                Some(am) => {
-                    for (si, s) in &segs {
-                        let slot = am.slice(*si, &[1]);
-                        be.adamw(&AdamW { absmax: Some(&slot), ..base }, std::slice::from_ref(s))?;
-                    }
-                }
-                None if !segs.is_empty() => be.adamw(&base, &segs.iter().map(|(_, s)| *s).collect::<Vec<_>>())?,
-                None => {}
-            }
-            if let Some(am) = amax {
-                d.comm.all_reduce(be, am, ReduceOp::Max, Stream::Compute, &format!("weight abs-maxes of {}", g.name))?;
-            }
-            p.opt_issued(be, gi)
-        };
-        let mut all = |be: &dyn Backend| (0..p.layout.groups.len()).try_for_each(|gi| update(be, gi));
-        // one device and no staging copies: the whole update is one graph with --cuda-graphs
-        if p.dist.is_none() && !p.stages_optimizer() {
-            self.model.graph(be, GraphKey::new("optimizer", 0), &mut all)?;
-        } else {
-            all(be)?;
-        }
-        p.opt_finish(be)?;
-        p.gather_weights(be)?;
-        self.model.weights_updated(be)
     }
 
     /// Mean loss over `eval_batches` batches of the eval source (restarted each time).

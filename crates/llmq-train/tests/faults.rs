@@ -7,27 +7,33 @@ use llmq_core::Arch;
 use llmq_train::params::{download_f32, upload_f32};
 use std::time::Instant;
 
+/// Adam's first moments of group gi (one rank: the whole group).
+fn adam_m(tr: &llmq_train::Trainer, gi: usize) -> llmq_core::Result<Vec<f32>> {
+    let [_, (_, m), _] = tr.optimizer().state_tensors(&tr.model().params, gi);
+    download_f32(tr.backend(), &m)
+}
+
 #[test]
 fn nan_gradient_skips_the_update_and_repeated_ones_abort() {
     let cfg = tiny(Arch::Qwen2, true);
     let mut tr = trainer(&cfg, train_config(2, 8, 1, 10));
     tr.train_step().unwrap();
-    let before = tr.model.params.master_f32(tr.be.as_ref()).unwrap();
-    let m_before = download_f32(tr.be.as_ref(), &tr.model.params.m.groups[1]).unwrap();
+    let before = tr.master_weights().unwrap();
+    let m_before = adam_m(&tr, 1).unwrap();
     for k in 1..=3u32 {
         let t0 = Instant::now();
         let (loss, _) = tr.accumulate_gradients().unwrap();
         // poison one gradient element of block 0
-        let g = tr.model.params.grads.groups[1];
-        let mut vals = download_f32(tr.be.as_ref(), &g).unwrap();
+        let g = tr.model().params.grads.groups[1];
+        let mut vals = download_f32(tr.backend(), &g).unwrap();
         vals[5] = f32::NAN;
-        upload_f32(tr.be.as_ref(), &g, &vals).unwrap();
+        upload_f32(tr.backend(), &g, &vals).unwrap();
         let res = tr.finish_step(loss, t0);
         if k < 3 {
             let st = res.unwrap();
             assert!(st.skipped && st.grad_norm.is_nan(), "step {k}: {st:?}");
-            assert_eq!(tr.model.params.master_f32(tr.be.as_ref()).unwrap(), before, "weights changed by a skipped step");
-            assert_eq!(download_f32(tr.be.as_ref(), &tr.model.params.m.groups[1]).unwrap(), m_before);
+            assert_eq!(tr.master_weights().unwrap(), before, "weights changed by a skipped step");
+            assert_eq!(adam_m(&tr, 1).unwrap(), m_before);
         } else {
             let err = res.unwrap_err().to_string();
             assert!(err.contains("3 consecutive") && err.contains("step 4"), "{err}");
@@ -40,23 +46,23 @@ fn nan_gradient_skips_the_update_and_repeated_ones_abort() {
     let st = tr.finish_step(f64::INFINITY.min(loss * f64::NAN), t0).unwrap();
     assert!(st.skipped);
     assert!(!tr.train_step().unwrap().skipped);
-    assert_eq!(tr.bad_in_a_row, 0);
-    assert_eq!(tr.updates, 1);
+    assert_eq!(tr.bad_steps_in_a_row(), 0);
+    assert_eq!(tr.optimizer().updates(), 1);
 }
 
 #[test]
 fn out_of_vocabulary_tokens_are_refused_before_upload() {
     let cfg = tiny(Arch::Llama, true);
     let tr = trainer(&cfg, train_config(1, 4, 1, 1));
-    let be = tr.be.as_ref();
+    let be = tr.backend();
     let ok = llmq_io::data::Batch { inputs: vec![1, 2, 3, 4], targets: vec![2, 3, 4, -100] };
-    tr.model.set_batch(be, &ok).unwrap();
+    tr.model().set_batch(be, &ok).unwrap();
     let bad_in = llmq_io::data::Batch { inputs: vec![1, 2, 37, 4], ..ok.clone() };
-    assert!(tr.model.set_batch(be, &bad_in).unwrap_err().to_string().contains("input token 37"));
+    assert!(tr.model().set_batch(be, &bad_in).unwrap_err().to_string().contains("input token 37"));
     let bad_tg = llmq_io::data::Batch { targets: vec![2, -5, 4, 5], ..ok.clone() };
-    assert!(tr.model.set_batch(be, &bad_tg).unwrap_err().to_string().contains("target token -5"));
+    assert!(tr.model().set_batch(be, &bad_tg).unwrap_err().to_string().contains("target token -5"));
     let short = llmq_io::data::Batch { inputs: vec![1], targets: vec![2] };
-    assert!(tr.model.set_batch(be, &short).unwrap_err().to_string().contains("B*T = 4"));
+    assert!(tr.model().set_batch(be, &short).unwrap_err().to_string().contains("B*T = 4"));
 }
 
 #[test]
@@ -73,13 +79,12 @@ fn out_of_memory_reports_the_plan_and_what_would_help() {
     assert!(err.contains("free now") && err.contains("--recompute-block"), "{err}");
 }
 
-/// Device bytes a model of micro-batch `b` and its step's token buffers (keeping the tokens per
-/// step) allocate on the CPU backend.
+/// Device bytes a run of micro-batch `b` (keeping the tokens per step) allocates on the CPU
+/// backend: model, optimizer and the step's token buffers.
 fn model_bytes(cfg: &llmq_core::ModelConfig, tc: &llmq_train::TrainConfig, b: usize) -> usize {
     let mut be = llmq_core::cpu::CpuBackend::new();
-    llmq_train::Model::new(&mut be, cfg, tc.precision, llmq_train::RunShape { b, t: tc.seq_len }, &tc.memory).unwrap();
-    let accumulation = tc.batch_size * tc.grad_accumulation / b;
-    llmq_train::token_stage::TokenStage::alloc(&mut be, b * tc.seq_len, accumulation).unwrap();
+    let trial = llmq_train::TrainConfig { batch_size: b, grad_accumulation: tc.batch_size * tc.grad_accumulation / b, ..tc.clone() };
+    llmq_train::trainer::RunBuffers::alloc(&mut be, cfg, &trial, None).unwrap();
     be.device_allocated()
 }
 
@@ -120,17 +125,17 @@ fn spike_guard_skips_injected_spikes_and_stops_after_k_in_a_row() {
         let st = tr.train_step().unwrap();
         assert!(!st.skipped, "an ordinary step taken for a spike: {st:?}");
     }
-    let before = tr.model.params.master_f32(tr.be.as_ref()).unwrap();
+    let before = tr.master_weights().unwrap();
     // a gradient-norm spike: every gradient of block 0 scaled by 10^4
     let t0 = Instant::now();
     let (loss, _) = tr.accumulate_gradients().unwrap();
-    let g = tr.model.params.grads.groups[1];
-    let vals: Vec<f32> = download_f32(tr.be.as_ref(), &g).unwrap().iter().map(|v| v * 1e4).collect();
-    upload_f32(tr.be.as_ref(), &g, &vals).unwrap();
+    let g = tr.model().params.grads.groups[1];
+    let vals: Vec<f32> = download_f32(tr.backend(), &g).unwrap().iter().map(|v| v * 1e4).collect();
+    upload_f32(tr.backend(), &g, &vals).unwrap();
     let st = tr.finish_step(loss, t0).unwrap();
     assert!(st.skipped && st.stop.is_none(), "{st:?}");
-    assert_eq!(tr.model.params.master_f32(tr.be.as_ref()).unwrap(), before, "weights changed by a skipped spike");
-    assert_eq!(tr.spikes.skips_in_a_row, 1);
+    assert_eq!(tr.master_weights().unwrap(), before, "weights changed by a skipped spike");
+    assert_eq!(tr.spikes().skips_in_a_row, 1);
     // a loss spike right after: the second in a row stops the run
     let t0 = Instant::now();
     let (loss, _) = tr.accumulate_gradients().unwrap();
@@ -138,10 +143,10 @@ fn spike_guard_skips_injected_spikes_and_stops_after_k_in_a_row() {
     assert!(st.skipped, "{st:?}");
     let why = st.stop.expect("stops after 2 spikes in a row");
     assert!(why.contains("2 consecutive loss spikes") && why.contains("step 14"), "{why}");
-    assert_eq!(tr.model.params.master_f32(tr.be.as_ref()).unwrap(), before);
+    assert_eq!(tr.master_weights().unwrap(), before);
     // an ordinary step is accepted again and resets the count
     assert!(!tr.train_step().unwrap().skipped);
-    assert_eq!(tr.spikes.skips_in_a_row, 0);
+    assert_eq!(tr.spikes().skips_in_a_row, 0);
 
     // with the guard off (the default) the same injected spike is applied
     let mut off = trainer(&cfg, train_config(2, 8, 1, 40));
@@ -185,7 +190,7 @@ fn a_run_stopped_by_the_spike_guard_writes_the_last_good_state_and_fails() {
     }
     let why = stop.expect("the guard stops the run");
     assert!(why.contains("1 consecutive loss spikes"), "{why}");
-    let step = run.trainer().step;
+    let step = run.trainer().steps_done();
     assert!((11..60).contains(&step), "stopped at step {step}");
     let events = run.finish().unwrap();
     assert!(events.iter().any(|e| matches!(e, RunEvent::Checkpoint { step: s, .. } if *s == step)), "{events:?}");
@@ -193,6 +198,6 @@ fn a_run_stopped_by_the_spike_guard_writes_the_last_good_state_and_fails() {
     // the checkpoint holds the weights before the skipped update (the trainer's, untouched)
     let tr = run.into_trainer();
     let (_, groups) = llmq_train::checkpoint::model_config(&llmq_io::ckpt::checkpoint_dir(&root, step)).unwrap();
-    assert_eq!(groups, tr.model.params.master_f32(tr.be.as_ref()).unwrap());
+    assert_eq!(groups, tr.master_weights().unwrap());
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -59,7 +59,7 @@ fn fp8_gradients_are_close_to_bf16() {
         tc.precision = p;
         let mut tr = trainer(&cfg, tc);
         tr.accumulate_gradients().unwrap();
-        (tr.model.params.grads_f32(tr.be.as_ref()).unwrap(), tr.model.params.layout.clone())
+        (tr.model().params.grads_f32(tr.backend()).unwrap(), tr.model().params.layout.clone())
     };
     let (gb, layout) = grads(Precision::bf16());
     for act_grads in [DType::E4M3, DType::E5M2] {
@@ -119,7 +119,7 @@ fn fp8_runs_do_not_keep_bf16_inputs_that_only_feed_fp8_matmuls() {
         tc.precision = p;
         tc.memory.recompute = rc;
         let tr = trainer(&cfg, tc);
-        let a = &tr.model.acts;
+        let a = &tr.model().acts;
         let modes = [a.ln1.keep(), a.att.keep(), a.ln2.keep(), a.sw.keep(), a.up_gate.keep()];
         // the fp8-only values live in backward-only gradient temporaries: ln1 and ln2 in d_ln,
         // the SwiGLU output in d_sw
@@ -128,7 +128,7 @@ fn fp8_runs_do_not_keep_bf16_inputs_that_only_feed_fp8_matmuls() {
                 assert_eq!((slot.at(0), slot.at(1)), (home, home));
             }
         }
-        let bytes = |cat: MemCategory| -> usize { tr.be.memory_by_category().iter().filter(|m| m.0 == cat).map(|m| m.2).sum() };
+        let bytes = |cat: MemCategory| -> usize { tr.backend().memory_by_category().iter().filter(|m| m.0 == cat).map(|m| m.2).sum() };
         (modes, bytes(MemCategory::Activations))
     };
     let (f, p) = (Keep::Fp8Only, Keep::PerLayer);
@@ -162,8 +162,8 @@ fn backward_temporaries_live_in_the_logits_buffer() {
         tc.precision = p;
         tc.memory.recompute.own_backward_temporaries = own;
         let tr = trainer(cfg, tc);
-        let used = tr.model.acts.bwd_scratch.used();
-        (tr.be.memory_by_category().iter().filter(|m| m.0 == MemCategory::Temporaries).map(|m| m.2).sum::<usize>(), used)
+        let used = tr.model().acts.bwd_scratch.used();
+        (tr.backend().memory_by_category().iter().filter(|m| m.0 == MemCategory::Temporaries).map(|m| m.2).sum::<usize>(), used)
     };
     let (n, d) = (2 * 16, cfg.intermediate_size);
     // a vocabulary of 37: the logits buffer (N x 37 bf16) is too small for the up+gate gradient
@@ -191,12 +191,11 @@ fn fp8_health_reports_every_quantised_tensor_without_changing_the_numbers() {
     let mut plain = trainer(&cfg, tc.clone());
     let mut watched = trainer(&cfg, tc);
     watched.log_fp8_health(2).unwrap();
-    watched.log = Some(llmq_train::log::JsonLog::open(&log_path).unwrap());
+    watched.set_log(llmq_train::log::JsonLog::open(&log_path).unwrap());
     for _ in 0..4 {
         let (a, b) = (plain.train_step().unwrap(), watched.train_step().unwrap());
         assert_eq!((a.loss.to_bits(), a.grad_norm.to_bits()), (b.loss.to_bits(), b.grad_norm.to_bits()));
     }
-    drop(watched.log.take());
     let recs: Vec<serde_json::Value> =
         std::fs::read_to_string(&log_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["type"] == "fp8_health").collect();
     assert_eq!(recs.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4]);

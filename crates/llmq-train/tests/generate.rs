@@ -49,7 +49,7 @@ fn decoder_matches_the_training_forward_for_every_architecture() {
         // the training model's per-row losses (f32 run)
         let mut be = CpuBackend::new();
         let model = Model::new(&mut be, &cfg, Precision::fp32(), RunShape { b: 1, t }, &MemoryOptions::default()).unwrap();
-        model.params.set_master_f32(&be, &groups).unwrap();
+        model.params.set_weights_f32(&be, &groups).unwrap();
         model.weights_changed(&be).unwrap();
         let batch = Batch { inputs: inputs.iter().map(|&x| x as i32).collect(), targets: targets.iter().map(|&x| x as i32).collect() };
         model.set_batch(&be, &batch).unwrap();

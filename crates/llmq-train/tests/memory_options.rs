@@ -16,7 +16,7 @@ fn run(cfg: &llmq_core::ModelConfig, mut tc: llmq_train::TrainConfig, mem: Memor
         let s = tr.train_step().unwrap();
         hist.push((s.loss.to_bits(), s.grad_norm.to_bits()));
     }
-    let w = tr.model.params.master_f32(tr.be.as_ref()).unwrap();
+    let w = tr.master_weights().unwrap();
     (hist, w)
 }
 
@@ -77,7 +77,7 @@ fn cuda_graphs_are_bitwise_identical() {
             hist.push((s.loss.to_bits(), s.grad_norm.to_bits(), s.lr.to_bits()));
         }
         let eval = tr.evaluate().unwrap().unwrap().to_bits();
-        (hist, eval, tr.model.params.master_f32(tr.be.as_ref()).unwrap())
+        (hist, eval, tr.master_weights().unwrap())
     };
     for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
         for precision in [Precision::fp32(), Precision::bf16()] {
@@ -134,8 +134,8 @@ fn gradient_accumulation_matches_a_larger_batch() {
     let (lb, _) = big.accumulate_gradients().unwrap();
     let (ls, _) = small.accumulate_gradients().unwrap();
     assert!((lb - ls).abs() < 1e-5 * lb.abs(), "loss {lb} vs {ls}");
-    let gb = big.model.params.grads_f32(big.be.as_ref()).unwrap();
-    let gs = small.model.params.grads_f32(small.be.as_ref()).unwrap();
+    let gb = big.model().params.grads_f32(big.backend()).unwrap();
+    let gs = small.model().params.grads_f32(small.backend()).unwrap();
     for (a, b) in gb.iter().flatten().zip(gs.iter().flatten()) {
         assert!((a - b).abs() <= 1e-5 + 1e-3 * a.abs().max(b.abs()), "{a} vs {b}");
     }

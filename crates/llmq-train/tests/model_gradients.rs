@@ -12,17 +12,19 @@
 mod common;
 use common::*;
 use llmq_core::layout::ParamKind;
+use llmq_io::data::BatchSource;
 use llmq_train::init::Rng;
+use llmq_train::synthetic::MarkovSource;
 use llmq_train::params::{download_f32, upload_f32};
 use llmq_train::Trainer;
 
 #[test]
 fn model_gradients_match_finite_differences() {
     for (name, cfg) in all_tiny() {
-        let mut tr = trainer(&cfg, train_config(2, 5, 1, 1));
+        let tr = trainer(&cfg, train_config(2, 5, 1, 1));
         // larger weights than the 0.02 init, so every path matters and the model is nonlinear
-        let be = tr.be.as_ref();
-        let p = &tr.model.params;
+        let be = tr.backend();
+        let p = &tr.model().params;
         let mut rng = Rng::new(5);
         for (gi, g) in p.layout.groups.iter().enumerate() {
             let mut vals = vec![0f32; g.numel];
@@ -31,31 +33,31 @@ fn model_gradients_match_finite_differences() {
                     *x = if e.kind.is_norm() { 1.0 + 0.2 * rng.normal() as f32 } else { 0.3 * rng.normal() as f32 };
                 }
             }
-            upload_f32(be, &p.master.groups[gi], &vals).unwrap();
+            upload_f32(be, &p.weights.groups[gi], &vals).unwrap();
         }
         // a batch with masked targets
-        let mut batch = tr.data.next_batch(2, 5).unwrap();
+        let mut batch = MarkovSource::new(cfg.vocab_size, 99).stream(0).next_batch(2, 5).unwrap();
         batch.targets[3] = -100;
         batch.targets[7] = -100;
         let valid = batch.valid_targets() as f32;
         let loss = |tr: &Trainer| -> f64 {
-            let be = tr.be.as_ref();
-            tr.model.set_batch(be, &batch).unwrap();
-            tr.model.forward(be, None).unwrap();
-            tr.model.loss_sum(be).unwrap() / valid as f64
+            let be = tr.backend();
+            tr.model().set_batch(be, &batch).unwrap();
+            tr.model().forward(be, None).unwrap();
+            tr.model().loss_sum(be).unwrap() / valid as f64
         };
-        let be = tr.be.as_ref();
-        tr.model.params.grads.zero(be).unwrap();
-        tr.model.set_batch(be, &batch).unwrap();
-        tr.model.forward(be, Some(1.0 / valid)).unwrap();
-        tr.model.backward(be).unwrap();
-        let grads = tr.model.params.grads_f32(be).unwrap();
+        let be = tr.backend();
+        tr.model().params.grads.zero(be).unwrap();
+        tr.model().set_batch(be, &batch).unwrap();
+        tr.model().forward(be, Some(1.0 / valid)).unwrap();
+        tr.model().backward(be).unwrap();
+        let grads = tr.model().params.grads_f32(be).unwrap();
         let h = 1e-2f32;
         let mut checked = 0;
-        let groups = tr.model.params.layout.groups.clone();
+        let groups = tr.model().params.layout.groups.clone();
         for (gi, g) in groups.iter().enumerate() {
-            let w_t = tr.model.params.master.groups[gi];
-            let w0 = download_f32(tr.be.as_ref(), &w_t).unwrap();
+            let w_t = tr.model().params.weights.groups[gi];
+            let w0 = download_f32(tr.backend(), &w_t).unwrap();
             for e in &g.entries {
                 for _dir in 0..2 {
                     let mut u: Vec<f32> = (0..e.numel()).map(|_| rng.normal() as f32).collect();
@@ -68,11 +70,11 @@ fn model_gradients_match_finite_differences() {
                         wp[e.offset + i] += h * ui;
                         wm[e.offset + i] -= h * ui;
                     }
-                    upload_f32(tr.be.as_ref(), &w_t, &wp).unwrap();
+                    upload_f32(tr.backend(), &w_t, &wp).unwrap();
                     let lp = loss(&tr);
-                    upload_f32(tr.be.as_ref(), &w_t, &wm).unwrap();
+                    upload_f32(tr.backend(), &w_t, &wm).unwrap();
                     let lm = loss(&tr);
-                    upload_f32(tr.be.as_ref(), &w_t, &w0).unwrap();
+                    upload_f32(tr.backend(), &w_t, &w0).unwrap();
                     let fd = (lp - lm) / (2.0 * h as f64);
                     let tol = 3e-3 * fd.abs().max(an.abs()) + 2e-4;
                     assert!(

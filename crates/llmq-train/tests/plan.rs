@@ -68,7 +68,7 @@ fn the_device_high_water_mark_stays_under_the_limit() {
     let limit = plan.device_peak();
     let mut tr = trainer_on(Box::new(CpuBackend::with_limit(limit)), &cfg, tc.clone());
     tr.train_step().unwrap();
-    let host: usize = tr.be.memory_by_category().iter().filter(|m| m.1 == Mem::Host).map(|m| m.2).sum();
+    let host: usize = tr.backend().memory_by_category().iter().filter(|m| m.1 == Mem::Host).map(|m| m.2).sum();
     assert_eq!(host, plan.host_total());
     let src = llmq_train::synthetic::MarkovSource::new(cfg.vocab_size, 99);
     let e = llmq_train::Trainer::new(Box::new(CpuBackend::with_limit(limit - 1)), &cfg, tc, Box::new(src.stream(0)), None).err().expect("one byte under the plan allocated");
@@ -89,7 +89,7 @@ fn offloading_and_streaming_are_bitwise_neutral() {
             tc.memory = mem;
             let mut tr = trainer(&cfg, tc);
             let h: Vec<(u64, u64)> = (0..3).map(|_| tr.train_step().unwrap()).map(|s| (s.loss.to_bits(), s.grad_norm.to_bits())).collect();
-            (h, tr.model.params.master_f32(tr.be.as_ref()).unwrap())
+            (h, tr.master_weights().unwrap())
         };
         let base = run(MemoryOptions::default());
         for (m, o, v) in [(true, false, false), (false, true, false), (false, false, true), (true, true, true)] {

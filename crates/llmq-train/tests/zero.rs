@@ -80,7 +80,7 @@ fn train(cfg: &ModelConfig, tc: &TrainConfig, world: usize, steps: u64) -> Trace
             let st = tr.train_step()?;
             steps_out.push((st.loss.to_bits(), st.grad_norm.to_bits()));
         }
-        let master = tr.model.params.master_f32(tr.be.as_ref())?.iter().map(|g| g.iter().map(|x| x.to_bits()).collect()).collect();
+        let master = tr.master_weights()?.iter().map(|g| g.iter().map(|x| x.to_bits()).collect()).collect();
         Ok(Trace { steps: steps_out, master })
     }))
     .unwrap();
@@ -114,7 +114,7 @@ fn a_group_of_one_rank_is_the_single_device_trainer() {
         let mut tr = Trainer::new(Box::new(CpuBackend::new()), &cfg, tc.clone(), Box::new(src), None).unwrap();
         tr.init_from_scratch().unwrap();
         let steps = (0..3).map(|_| tr.train_step().map(|s| (s.loss.to_bits(), s.grad_norm.to_bits())).unwrap()).collect();
-        let master = tr.model.params.master_f32(tr.be.as_ref()).unwrap().iter().map(|g| g.iter().map(|x| x.to_bits()).collect()).collect();
+        let master = tr.master_weights().unwrap().iter().map(|g| g.iter().map(|x| x.to_bits()).collect()).collect();
         Trace { steps, master }
     };
     assert_eq!(train(&cfg, &tc, 1, 3), single);
@@ -245,20 +245,20 @@ fn a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank() {
         let src = Chunks { chunks: data.clone(), rank, world: 2, next: 0 };
         let mut tr = Trainer::new_rank(Box::new(CpuBackend::new()), &cfg, tc.clone(), Box::new(src), None, Some(comm))?;
         tr.init_from_scratch()?;
-        let before = tr.model.params.master_f32(tr.be.as_ref())?;
+        let before = tr.master_weights()?;
         let t0 = std::time::Instant::now();
         let (loss, _) = tr.accumulate_gradients()?;
         if rank == 1 {
             // a NaN in rank 1's shard of the reduced gradient of the last group
-            let gi = tr.model.params.layout.groups.len() - 1;
-            let g = tr.model.params.opt_shard(gi).grads;
-            let mut vals = llmq_train::params::download_f32(tr.be.as_ref(), &g)?;
+            let gi = tr.model().params.layout.groups.len() - 1;
+            let g = tr.model().params.own_grads(gi);
+            let mut vals = llmq_train::params::download_f32(tr.backend(), &g)?;
             vals[0] = f32::NAN;
-            llmq_train::params::upload_f32(tr.be.as_ref(), &g, &vals)?;
+            llmq_train::params::upload_f32(tr.backend(), &g, &vals)?;
         }
         let st = tr.finish_step(loss, t0)?;
-        let after = tr.model.params.master_f32(tr.be.as_ref())?;
-        Ok((st.skipped, st.grad_norm.is_nan(), before == after, tr.updates))
+        let after = tr.master_weights()?;
+        Ok((st.skipped, st.grad_norm.is_nan(), before == after, tr.optimizer().updates()))
     }))
     .unwrap();
     assert_eq!(out, vec![(true, true, true, 0); 2]);

@@ -13,7 +13,7 @@
 //! The embedding and head groups are always updated in place: a slot the size of the embedding
 //! would cost more device memory than offloading it saves.
 
-use crate::params::OptShard;
+use super::OptShard;
 use crate::stream::Slots;
 use llmq_core::{Backend, Event, MemCategory, Result, Stream, Tensor};
 
