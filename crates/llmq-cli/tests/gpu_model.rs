@@ -122,10 +122,13 @@ fn gpu_loss_and_gradients_match_cpu_fp32() {
     }
 }
 
-/// Bars of the GPU-vs-CPU training runs, relative to the CPU's value at the same step, for one
-/// step from the same state (see `train_alike`).
-const TRAIN_LOSS_REL_TOL: f64 = 2e-3;
-const TRAIN_NORM_REL_TOL: f64 = 1e-2;
+/// Bars of the GPU-vs-CPU training runs, (loss, gradient norm) relative to the CPU's value at
+/// the same step, for one step from the same state (see `train_alike`), by matmul dtype: about
+/// 4x the worst gaps an H100 showed over the 16 steps of these runs (2026-12-05: bf16 loss
+/// 2.5e-5, norm 6.9e-4; fp8 loss 1.3e-4, norm 6.4e-3).
+fn train_bars(precision: Precision) -> (f64, f64) {
+    if precision.matmul.is_fp8() { (5e-4, 2.5e-2) } else { (1e-4, 3e-3) }
+}
 /// Steps per run: enough for the optimizer state (Adam moments, fp8 scales) to matter, few
 /// enough that the CPU side of each run takes seconds.
 const TRAIN_STEPS: u64 = 16;
@@ -138,6 +141,7 @@ const TRAIN_STEPS: u64 = 16;
 /// a wrong step behind the drift. Prints every step's gaps and the worst ones before asserting.
 fn train_alike(what: &str, arch: Arch, tied: bool, precision: Precision, accumulation: usize) {
     let Some(be) = gpu() else { return };
+    let (loss_bar, norm_bar) = train_bars(precision);
     let cfg = small(arch, tied);
     let mut tc = config(4, 64, TRAIN_STEPS, precision);
     tc.grad_accumulation = accumulation;
@@ -157,7 +161,7 @@ fn train_alike(what: &str, arch: Arch, tied: bool, precision: Precision, accumul
             "{what} step {step}: loss gpu {:.6} cpu {:.6} (gap {dl:.2e}) | norm gpu {:.5} cpu {:.5} (gap {dn:.2e})",
             sg.loss, sc.loss, sg.grad_norm, sc.grad_norm
         );
-        if !(dl <= TRAIN_LOSS_REL_TOL && dn <= TRAIN_NORM_REL_TOL) {
+        if !(dl <= loss_bar && dn <= norm_bar) {
             failures.push(format!("step {step}: loss gap {dl:.2e}, norm gap {dn:.2e}"));
         }
         if step == 1 || dl > worst_loss.0 {
@@ -172,10 +176,10 @@ fn train_alike(what: &str, arch: Arch, tied: bool, precision: Precision, accumul
     }
     std::fs::remove_dir_all(&root).ok();
     println!(
-        "{what}: worst gaps: loss {:.2e} (step {}, bar {TRAIN_LOSS_REL_TOL:.0e}), norm {:.2e} (step {}, bar {TRAIN_NORM_REL_TOL:.0e})",
+        "{what}: worst gaps: loss {:.2e} (step {}, bar {loss_bar:.0e}), norm {:.2e} (step {}, bar {norm_bar:.0e})",
         worst_loss.0, worst_loss.1, worst_norm.0, worst_norm.1
     );
-    assert!(failures.is_empty(), "{what}: GPU and CPU differ beyond the bars (loss {TRAIN_LOSS_REL_TOL:.0e}, norm {TRAIN_NORM_REL_TOL:.0e}):\n{}", failures.join("\n"));
+    assert!(failures.is_empty(), "{what}: GPU and CPU differ beyond the bars (loss {loss_bar:.0e}, norm {norm_bar:.0e}):\n{}", failures.join("\n"));
     // the comparison means something only if the runs trained: the loss must have fallen
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (first, last) = (mean(&cpu_losses[..4]), mean(&cpu_losses[cpu_losses.len() - 4..]));

@@ -227,9 +227,10 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     // twice: half the bytes of streamed bf16 weights
     let fp8_kept = pr.matmul.is_fp8() && tc.memory.persistent_quants;
     let w = if fp8_kept { 0.0 } else { host(MemCategory::Weights) };
-    let (q, g) = (host(MemCategory::Quants), host(MemCategory::Gradients));
+    // offloaded residuals go to the host after the forward and come back for the backward
+    let (q, g, r) = (host(MemCategory::Quants), host(MemCategory::Gradients), host(MemCategory::Activations));
     let acc = tc.grad_accumulation as f64;
-    let transfer = ((2.0 * (w + q) + g) / dev.link_bw).max(g / dev.link_bw);
+    let transfer = (2.0 * (w + q + r) + g) / dev.link_bw;
     let compute = (mm + memory_bound) / acc;
     // per micro-batch: the gradients' read-modify-write, the weights' fp8 quantisation (once
     // per step with persistent quants; streamed ones are transposed on the device in each
