@@ -108,3 +108,35 @@ fn offloading_and_streaming_are_bitwise_neutral() {
         }
     }
 }
+
+/// The step-time model against capped runs measured on one H100 (the third on an H200;
+/// docs/BENCHMARKS.md, fourteenth and thirteenth rounds: qwen2.5 from scratch, T=1024, e4m3 matmuls, bf16 state, 131,072 or
+/// 65,536 tokens per step): each estimate within 10% of the measured step (the issue asks for
+/// 20%), and `--auto-memory` at 16 GiB picks the fastest measured 7B plan.
+#[test]
+fn estimates_match_the_measured_capped_runs() {
+    use llmq_train::plan::{auto_memory, estimate_step_seconds, DeviceSpeeds};
+    let rc = |block| Recompute { block, ffn: !block, att: !block, ..Recompute::default() };
+    let offload = MemoryOptions { offload_opt_m: true, offload_opt_v: true, stream_weights: true, offload_gradients: true, wgrad_overlap: false, ..MemoryOptions::default() };
+    #[rustfmt::skip]
+    let runs = [
+        ("qwen2.5-7b", 8, 16, MemoryOptions { recompute: rc(true), persistent_quants: true, offload_quants: true, offload_residual: true, ..offload }, 11.131),
+        ("qwen2.5-7b", 16, 8, MemoryOptions { recompute: rc(true), offload_residual: true, zero_copy: true, ..offload }, 9.701),
+        ("qwen2.5-7b", 8, 16, MemoryOptions { recompute: rc(true), zero_copy: true, ..offload }, 13.290),
+        ("qwen2.5-14b", 8, 8, MemoryOptions { recompute: rc(false), offload_residual: true, ..offload }, 15.666),
+    ];
+    for (name, b, accum, memory, measured) in runs {
+        let cfg = ModelConfig::builtin(name).unwrap();
+        let mut tc = reference_setting(&cfg);
+        (tc.batch_size, tc.grad_accumulation, tc.memory) = (b, accum, memory);
+        tc.validate(&cfg).unwrap();
+        let plan = MemoryPlan::new(&cfg, &tc, 192 << 20).unwrap();
+        let est = estimate_step_seconds(&cfg, &tc, &plan, DeviceSpeeds::h200(true));
+        assert!((est / measured - 1.0).abs() < 0.10, "{name} B={b} x {accum} {}: estimate {est:.2} s, measured {measured} s", tc.memory.describe());
+    }
+    let cfg = ModelConfig::builtin("qwen2.5-7b").unwrap();
+    let mut tc = reference_setting(&cfg);
+    (tc.batch_size, tc.grad_accumulation) = (8, 16);
+    let (chosen, _, _) = auto_memory(&cfg, &tc, 192 << 20, 16 * GIB, None, DeviceSpeeds::h200(true)).unwrap();
+    assert_eq!((chosen.batch_size, chosen.memory.zero_copy), (16, true), "{}", llmq_train::plan::memory_flags(&chosen));
+}
