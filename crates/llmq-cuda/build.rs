@@ -8,7 +8,11 @@
 //! compile fails the build.
 //!
 //! The CUTLASS headers (pip wheel `nvidia-cutlass`, `cutlass_library/source/include`, installed
-//! beside nvcc by `scripts/install-nvcc.sh`) are put on the include path when present.
+//! beside nvcc by `scripts/install-nvcc.sh`) are put on the include path when present, and with
+//! them the CUTLASS kernels of `kernels/sm90/` are built (`build_sm90`): their device code as an
+//! sm_90a cubin that `src/sm90.rs` embeds, their host code (kernel parameters) as a static library
+//! linked into the crate. Without the headers the crate builds without them; under
+//! `LLMQ_REQUIRE_KERNELS=1` a missing nvcc or missing headers fail the build.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -79,7 +83,8 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(llmq_has_kernels)");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
-    for v in ["LLMQ_NVCC", "CUDA_HOME", "CUDA_PATH", "LLMQ_NVCC_VERBOSE", "LLMQ_NO_KERNELS"] {
+    println!("cargo::rustc-check-cfg=cfg(llmq_has_sm90)");
+    for v in ["LLMQ_NVCC", "CUDA_HOME", "CUDA_PATH", "LLMQ_NVCC_VERBOSE", "LLMQ_NO_KERNELS", "LLMQ_REQUIRE_KERNELS"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
 
@@ -100,7 +105,11 @@ fn main() {
         println!("cargo:warning=llmq-cuda: LLMQ_NO_KERNELS set: building without CUDA kernels");
         return;
     }
+    let require = env::var("LLMQ_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
     let Some(nvcc) = find_nvcc(&manifest_dir) else {
+        if require {
+            panic!("llmq-cuda: LLMQ_REQUIRE_KERNELS=1 but nvcc was not found ($LLMQ_NVCC, $CUDA_HOME/bin, PATH, .cuda-toolchain, pip wheels): run scripts/install-nvcc.sh");
+        }
         println!(
             "cargo:warning=llmq-cuda: nvcc not found (CUDA_HOME, PATH, .cuda-toolchain, pip wheels): building without CUDA kernels; run scripts/install-nvcc.sh"
         );
@@ -130,10 +139,6 @@ fn main() {
         .args(["-gencode", "arch=compute_89,code=sm_89"])
         .args(["-gencode", "arch=compute_90a,code=sm_90a"])
         .args(["-gencode", "arch=compute_90,code=compute_90"]);
-    if let Some(inc) = find_cutlass(&nvcc, &manifest_dir) {
-        println!("cargo:rerun-if-changed={}", inc.display());
-        cmd.arg(format!("-I{}", inc.display()));
-    }
     if env::var("LLMQ_NVCC_VERBOSE").is_ok() {
         cmd.arg("--resource-usage");
     }
@@ -149,4 +154,55 @@ fn main() {
     }
     println!("cargo:rustc-cfg=llmq_has_kernels");
     println!("cargo:rustc-env=LLMQ_NVCC_PATH={}", nvcc.display());
+
+    match find_cutlass(&nvcc, &manifest_dir) {
+        Some(inc) => build_sm90(&nvcc, &inc, &kdir.join("sm90"), &out_dir),
+        None if require => panic!(
+            "llmq-cuda: LLMQ_REQUIRE_KERNELS=1 but the CUTLASS headers (cutlass_library/source/include/cutlass/cutlass.h) are neither beside {} nor in .cuda-toolchain/: run scripts/install-nvcc.sh",
+            nvcc.display()
+        ),
+        None => println!("cargo:warning=llmq-cuda: CUTLASS headers not found (run scripts/install-nvcc.sh): building without the sm90 CUTLASS kernels"),
+    }
+}
+
+/// Runs nvcc, failing the build with its output when it fails.
+fn run_nvcc(mut cmd: Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running nvcc for {what}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        panic!("nvcc failed ({what}):\n{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+    }
+    for line in stderr.lines().filter(|l| l.contains("warning") || l.contains("C75")) {
+        println!("cargo:warning=nvcc ({what}): {line}");
+    }
+}
+
+/// The CUTLASS kernels of `kernels/sm90/`, sm_90a only (wgmma, TMA): `fp8_swiglu_gemm.cu` into
+/// `llmq_sm90.cubin`, and `fp8_swiglu_host.cu` (CUTLASS's host code that fills the kernel
+/// parameters; no device code) with `cudart_stubs.cpp` into the static library `llmq_sm90_host`.
+/// The two compiles run side by side: each is one nvcc process with one thread (~40 s and ~3 GB
+/// for the kernel, ~30 s and ~1.3 GB for the host code on the CI machine).
+fn build_sm90(nvcc: &Path, cutlass: &Path, dir: &Path, out_dir: &Path) {
+    let common = |cmd: &mut Command| {
+        cmd.args(["-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-arch=sm_90a"])
+            .arg(format!("-I{}", dir.display()))
+            .arg(format!("-I{}", cutlass.display()));
+    };
+    let cubin = out_dir.join("llmq_sm90.cubin");
+    let mut dev = Command::new(nvcc);
+    common(&mut dev);
+    // -fmad=false: the epilogue's SwiGLU arithmetic is swiglu.cu's (no mul+add contraction).
+    dev.args(["-cubin", "-O3", "-fmad=false", "-lineinfo"]).arg("-o").arg(&cubin).arg(dir.join("fp8_swiglu_gemm.cu"));
+    let lib = out_dir.join("libllmq_sm90_host.a");
+    let mut host = Command::new(nvcc);
+    common(&mut host);
+    host.args(["-lib", "-O2", "-Xcompiler", "-fPIC"]).arg("-o").arg(&lib).arg(dir.join("fp8_swiglu_host.cu")).arg(dir.join("cudart_stubs.cpp"));
+    std::thread::scope(|s| {
+        s.spawn(move || run_nvcc(dev, "kernels/sm90 device code"));
+        s.spawn(move || run_nvcc(host, "kernels/sm90 host code"));
+    });
+    println!("cargo:rustc-link-search=native={}", out_dir.display());
+    println!("cargo:rustc-link-lib=static=llmq_sm90_host");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
+    println!("cargo:rustc-cfg=llmq_has_sm90");
 }
