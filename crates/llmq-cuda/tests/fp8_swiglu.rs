@@ -81,9 +81,9 @@ fn fp8_swiglu_refuses_bad_inputs_before_launching() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn unfused<B: Backend>(be: &B, x: &Tensor, w: &Tensor, dx: &Tensor, dw: &Tensor, up_gate: &Tensor, h: &Tensor, amax: &Tensor) {
-    be.matmul(&Matmul { descale_a: Some(dx), descale_b: Some(dw), ..Matmul::linear(up_gate, x, w) }).unwrap();
-    be.swiglu_fwd(h, up_gate, Some(amax)).unwrap();
+fn unfused<B: Backend>(be: &B, x: &Tensor, w: &Tensor, dx: &Tensor, dw: &Tensor, up_gate: &Tensor, h: &Tensor, amax: &Tensor) -> llmq_core::Result<()> {
+    be.matmul(&Matmul { descale_a: Some(dx), descale_b: Some(dw), ..Matmul::linear(up_gate, x, w) })?;
+    be.swiglu_fwd(h, up_gate, Some(amax))
 }
 
 /// One case: random e4m3 x [N, K] and w [2D, K] (as the unfused path stores it), descales that
@@ -99,9 +99,16 @@ fn fused_case(p: &mut Pair, n: usize, d: usize, k: usize) {
     let up_gate = p.out(DType::BF16, &[n, 2 * d]);
     let h = p.out(DType::BF16, &[n, d]);
     let amax = p.out(DType::F32, &[1]);
-    unfused(&p.cpu, &x.c, &w.c, &dx.c, &dw.c, &up_gate.c, &h.c, &amax.c);
-    unfused(&p.gpu, &x.g, &w.g, &dx.g, &dw.g, &up_gate.g, &h.g, &amax.g);
-    let h_unfused_gpu = p.gpu.download(&h.g).unwrap();
+    unfused(&p.cpu, &x.c, &w.c, &dx.c, &dw.c, &up_gate.c, &h.c, &amax.c).unwrap();
+    // (cuBLASLt's fp8 kernels may refuse output widths that are not multiples of 16 bytes: then
+    // only the comparison with the CPU runs for this shape)
+    let h_unfused_gpu = match unfused(&p.gpu, &x.g, &w.g, &dx.g, &dw.g, &up_gate.g, &h.g, &amax.g) {
+        Ok(()) => Some(p.gpu.download(&h.g).unwrap()),
+        Err(e) => {
+            println!("{name}: cuBLASLt + swiglu_fwd not run ({e}); comparing with the CPU only");
+            None
+        }
+    };
     // fused, into the GPU side of `h` / `amax` (garbage first, so that unwritten elements show)
     let (wc, _) = p.raw(&w);
     let wi = p.gpu.alloc(llmq_core::MemCategory::Other, Mem::Device, DType::E4M3, &[2 * d, k]).unwrap();
@@ -119,11 +126,12 @@ fn fused_case(p: &mut Pair, n: usize, d: usize, k: usize) {
     p.close(&format!("{name}: h vs the CPU"), &h, rtol, atol_rms * rms);
     p.rel(&format!("{name}: h vs the CPU (norm)"), &h, rel);
     // against the GPU's unfused path, on the same elementwise terms
-    let hu = decode(DType::BF16, &h_unfused_gpu);
-    let off = hu.iter().zip(&hg).filter(|(u, g)| (*u - *g).abs() > atol_rms * rms + rtol * u.abs() || u.is_nan() != g.is_nan()).count();
-    println!("{name}: {} of {} elements bit-identical to cuBLASLt + swiglu_fwd", hu.iter().zip(&hg).filter(|(u, g)| u.to_bits() == g.to_bits()).count(), hu.len());
-    if off != 0 {
-        p.fail(format!("{name}: {off} elements differ from cuBLASLt + swiglu_fwd beyond rtol {rtol}"));
+    if let Some(hu) = h_unfused_gpu.map(|b| decode(DType::BF16, &b)) {
+        let off = hu.iter().zip(&hg).filter(|(u, g)| (*u - *g).abs() > atol_rms * rms + rtol * u.abs() || u.is_nan() != g.is_nan()).count();
+        println!("{name}: {} of {} elements bit-identical to cuBLASLt + swiglu_fwd", hu.iter().zip(&hg).filter(|(u, g)| u.to_bits() == g.to_bits()).count(), hu.len());
+        if off != 0 {
+            p.fail(format!("{name}: {off} elements differ from cuBLASLt + swiglu_fwd beyond rtol {rtol}"));
+        }
     }
     // the abs-max is exactly that of the stored h, and close to the CPU's
     let (ac, ag) = p.get(&amax);
