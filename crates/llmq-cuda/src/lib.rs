@@ -48,7 +48,7 @@ pub use attention_wg::{hopper_kernels, HopperKernel};
 pub use copy_comm::CopyComm;
 pub use kernels::KERNELS_BUILT;
 pub use nccl::{nccl_available, NcclComm, NcclId};
-pub use sm90::{deinterleave_up_gate_rows, fp8_swiglu_check, interleave_up_gate_rows, FP8_SWIGLU_K_ALIGN, SM90_KERNELS_BUILT};
+pub use sm90::{deinterleave_up_gate_rows, fp8_swiglu_check, fp8_swiglu_geometry, interleave_up_gate_rows, FP8_SWIGLU_K_ALIGN, SM90_KERNELS_BUILT};
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
 /// attention backward's row statistics and dK/dV parts.

@@ -175,6 +175,64 @@ fn permute_rows(src: &[u8], d: usize, row_bytes: usize, what: &str, rows: impl F
     Ok(out)
 }
 
+/// CUTLASS's kernel parameters and launch geometry for `args`, the TMA descriptors encoded by
+/// `encode` (the caller binds the context when that is the driver's).
+#[cfg(llmq_has_sm90)]
+fn prepare(args: &SwigluLaunch, encode: EncodeFn) -> Result<(Vec<u8>, SwigluGeometry)> {
+    let (n, d, k) = (args.n, args.d, args.k);
+    let mut params = vec![0u8; PARAMS_CAP];
+    let mut geo = SwigluGeometry::default();
+    let mut driver_status = 0i32;
+    // SAFETY: args and geo are live values of the C layouts the function expects; params has
+    // PARAMS_CAP bytes (passed as the capacity); encode has the driver function's signature.
+    let rc = unsafe { llmq_fp8_swiglu_prepare(args, encode, params.as_mut_ptr(), PARAMS_CAP as u64, &mut geo, &mut driver_status) };
+    match rc {
+        0 => {}
+        1 => return Err(Error::Op(format!("fp8_swiglu_matmul: CUTLASS cannot run N = {n}, D = {d}, K = {k} (can_implement)"))),
+        2 => return Err(Error::Backend("fp8_swiglu_matmul: the kernel asks for a workspace, which this launcher does not provide".into())),
+        3 => return Err(Error::Backend(format!("fp8_swiglu_matmul: the kernel parameters exceed {PARAMS_CAP} bytes"))),
+        4 => return Err(Error::Backend(format!("fp8_swiglu_matmul: cuTensorMapEncodeTiled failed ({driver_status})"))),
+        _ => return Err(Error::Backend(format!("fp8_swiglu_matmul: unknown status {rc} from llmq_fp8_swiglu_prepare"))),
+    }
+    params.truncate(geo.params_bytes as usize);
+    Ok((params, geo))
+}
+
+/// The launch geometry of `fp8_swiglu_matmul` for a shape: (grid, block, dynamic shared memory
+/// bytes, parameter bytes). Runs CUTLASS's host code (its `can_implement` included) without a
+/// device: the TMA descriptors are left zero, which is fine since nothing launches. For tests.
+pub fn fp8_swiglu_geometry(n: usize, d: usize, k: usize, sm_count: u32) -> Result<([u32; 3], [u32; 3], u32, usize)> {
+    #[cfg(llmq_has_sm90)]
+    {
+        /// Leaves the map as it is (zero) and reports success.
+        unsafe extern "C" fn encode_nothing(
+            _: *mut sys::CUtensorMap,
+            _: sys::CUtensorMapDataType,
+            _: u32,
+            _: *mut c_void,
+            _: *const u64,
+            _: *const u64,
+            _: *const u32,
+            _: *const u32,
+            _: sys::CUtensorMapInterleave,
+            _: sys::CUtensorMapSwizzle,
+            _: sys::CUtensorMapL2promotion,
+            _: sys::CUtensorMapFloatOOBfill,
+        ) -> sys::CUresult {
+            sys::CUresult::CUDA_SUCCESS
+        }
+        // aligned stand-in addresses, never dereferenced
+        let args = SwigluLaunch { x: 1 << 20, w: 2 << 20, h: 3 << 20, amax: 0, descale_x: 4 << 20, descale_w: 4 << 20, n: n as i64, d: d as i64, k: k as i64, sm_count: sm_count as i32 };
+        let (params, geo) = prepare(&args, encode_nothing)?;
+        Ok((geo.grid, geo.block, geo.smem_bytes, params.len()))
+    }
+    #[cfg(not(llmq_has_sm90))]
+    {
+        let _ = (n, d, k, sm_count);
+        Err(Error::Backend("fp8_swiglu_geometry: llmq-cuda was built without the sm90 CUTLASS kernels".into()))
+    }
+}
+
 fn overlaps(a: &Tensor, b: &Tensor) -> bool {
     a.bytes() > 0 && b.bytes() > 0 && a.addr < b.addr + b.bytes() as u64 && b.addr < a.addr + a.bytes() as u64
 }
@@ -266,22 +324,7 @@ impl CudaBackend {
             k: k as i64,
             sm_count: self.dev.sm_count as i32,
         };
-        let mut params = vec![0u8; PARAMS_CAP];
-        let mut geo = SwigluGeometry::default();
-        let mut driver_status = 0i32;
-        // SAFETY: args and geo are live locals of the C layouts the function expects; params has
-        // PARAMS_CAP bytes (passed as the capacity); encode_tiled has the driver's signature; the
-        // context is current (bound above) for the descriptor encoding.
-        let rc = unsafe { llmq_fp8_swiglu_prepare(&args, encode_tiled, params.as_mut_ptr(), PARAMS_CAP as u64, &mut geo, &mut driver_status) };
-        match rc {
-            0 => {}
-            1 => return Err(Error::Op(format!("fp8_swiglu_matmul: CUTLASS cannot run N = {n}, D = {d}, K = {k} (can_implement)"))),
-            2 => return Err(Error::Backend("fp8_swiglu_matmul: the kernel asks for a workspace, which this launcher does not provide".into())),
-            3 => return Err(Error::Backend(format!("fp8_swiglu_matmul: the kernel parameters exceed {PARAMS_CAP} bytes"))),
-            4 => return Err(Error::Backend(format!("fp8_swiglu_matmul: cuTensorMapEncodeTiled failed ({driver_status})"))),
-            _ => return Err(Error::Backend(format!("fp8_swiglu_matmul: unknown status {rc} from llmq_fp8_swiglu_prepare"))),
-        }
-        params.truncate(geo.params_bytes as usize);
+        let (params, geo) = prepare(&args, encode_tiled)?;
         if sm90.smem_allowed.get() < geo.smem_bytes {
             // SAFETY: a live function handle of the loaded sm90 module.
             check(

@@ -10,7 +10,7 @@ mod common;
 
 use common::{decode, Pair, Rng};
 use llmq_core::{Backend, DType, Matmul, Mem, Shape, Tensor};
-use llmq_cuda::{deinterleave_up_gate_rows, fp8_swiglu_check, interleave_up_gate_rows};
+use llmq_cuda::{deinterleave_up_gate_rows, fp8_swiglu_check, fp8_swiglu_geometry, interleave_up_gate_rows, SM90_KERNELS_BUILT};
 
 /// Tolerances of h (bf16) per operand dtype, against the unfused path. The fused kernel rounds
 /// up and gate to bf16 as the plain matmul's output does, so the two differ only where the
@@ -86,6 +86,41 @@ fn unfused<B: Backend>(be: &B, x: &Tensor, w: &Tensor, dx: &Tensor, dw: &Tensor,
     be.swiglu_fwd(h, up_gate, Some(amax))
 }
 
+/// CUTLASS's host code (no device needed) accepts the shapes of the GPU test, asks for no
+/// workspace, and gives a persistent grid of at most one block per SM (one 128 x 256 tile per
+/// block at a time), 384 threads (a producer and two consumer warpgroups) and shared memory
+/// within the 227 KiB a Hopper block may have; K not a multiple of 16 is refused by
+/// can_implement too (the launcher refuses it earlier).
+#[test]
+fn fp8_swiglu_host_code_plans_the_launch() {
+    if !SM90_KERNELS_BUILT {
+        let e = fp8_swiglu_geometry(128, 128, 128, 132).expect_err("no sm90 kernels").to_string();
+        assert!(e.contains("without the sm90 CUTLASS kernels"), "{e}");
+        println!("SKIPPED: llmq-cuda was built without the sm90 CUTLASS kernels (no CUTLASS headers or LLMQ_NO_KERNELS)");
+        return;
+    }
+    for &(n, d, k) in SHAPES.iter().chain(&[(16384, 4864, 896), (16384, 8960, 1536)]) {
+        let tiles = n.div_ceil(128) * (2 * d).div_ceil(256);
+        for sms in [1u32, 7, 132] {
+            let (grid, block, smem, params) = fp8_swiglu_geometry(n, d, k, sms).unwrap_or_else(|e| panic!("N={n} D={d} K={k}: {e}"));
+            let blocks = grid.iter().map(|&g| g as usize).product::<usize>();
+            assert!(blocks >= 1 && blocks <= tiles.min(sms as usize), "N={n} D={d} K={k} SMs {sms}: grid {grid:?} for {tiles} tiles");
+            assert_eq!(block, [384, 1, 1], "N={n} D={d} K={k}");
+            assert!(smem > 0 && smem <= 227 * 1024, "shared memory {smem}");
+            assert!(params > 0 && params <= 4096, "parameters {params} bytes");
+            if n == 16384 && sms == 132 {
+                println!("N={n} D={d} K={k}: grid {grid:?}, block {block:?}, {smem} bytes of shared memory, {params} parameter bytes");
+            }
+        }
+    }
+    let e = fp8_swiglu_geometry(64, 64, 40, 132).expect_err("K = 40").to_string();
+    assert!(e.contains("cannot run") && e.contains("K = 40"), "{e}");
+}
+
+/// (N, D, K) of the GPU test: single elements, ragged tiles in every dimension, K below / between
+/// / above the 128-deep k-block, more tiles than SMs (persistent scheduling), the 0.5B width.
+const SHAPES: [(usize, usize, usize); 7] = [(1, 1, 16), (37, 100, 48), (130, 257, 144), (200, 128, 272), (256, 384, 128), (2048, 1216, 896), (333, 4864, 896)];
+
 /// One case: random e4m3 x [N, K] and w [2D, K] (as the unfused path stores it), descales that
 /// put the gate values in roughly [-6, 6]; h and its abs-max from the fused kernel against the
 /// CPU's and the GPU's unfused path.
@@ -157,9 +192,7 @@ fn fp8_swiglu_matches_the_unfused_path() {
         println!("SKIPPED: fp8_swiglu_matmul needs compute capability 9.x; {} refused it: {e}", p.gpu.device_name());
         return;
     }
-    // (N, D, K): single elements, ragged tiles in every dimension, K below / between / above the
-    // 128-deep k-block, more tiles than SMs (persistent scheduling), the 0.5B width.
-    for &(n, d, k) in &[(1, 1, 16), (37, 100, 48), (130, 257, 144), (200, 128, 272), (256, 384, 128), (2048, 1216, 896), (333, 4864, 896)] {
+    for &(n, d, k) in &SHAPES {
         fused_case(&mut p, n, d, k);
     }
     // deterministic: a second run stores the same bits
