@@ -11,8 +11,8 @@
 // thread's fragment and the epilogue needs no data exchange.
 // Epilogue (SwiGluStore, an epilogue-visitor node over the accumulator): per pair, up and gate are
 // scaled by descale_a * descale_b and rounded to bf16 (what the unfused path's bf16 up_gate output
-// holds), h = up * (gate * sig) with sig = 1 / (1 + expf(-gate)) (swiglu.cu's arithmetic; see sigmoid below), h is
-// rounded to bf16 and stored to h[n, j] directly from registers (no shared memory: the output
+// holds), h = up * (gate * sig) with sig = 1 / (1 + expf(-gate)) (swiglu.cu's arithmetic; see
+// sigmoid below), h is rounded to bf16 and stored to h[n, j] directly from registers (no shared memory: the output
 // tile is half as wide as the accumulator tile, so the collective's TMA store does not fit; C and
 // D are void). The abs-max of the stored values is reduced per warp and committed with one
 // atomicMax on the f32 bits (non-negative floats order like their bits; NaN bits sort above inf,
@@ -37,11 +37,13 @@ namespace llmq_sm90 {
 
 using namespace cute;
 
-// 1 / (1 + expf(-g)) without the division's slow-path subroutine: a call inside the kernel makes
-// ptxas serialise every wgmma of it (advisory C7510). For x = 1 + e^-g in [1, 2^126) this is
-// MUFU.RCP plus one Newton step, bit for bit the IEEE reciprocal (common.cuh's rcp_rn_fast,
-// checked exhaustively by llmq_encode_selftest); above, x is scaled by 2^-64 first (the result
-// is then subnormal and may differ from IEEE in its last bit); x = inf gives 0, NaN stays NaN.
+// 1 / (1 + expf(-g)) without the per-value branch to the division's slow path (x >= 2^126), which
+// made each value a convergence region in swiglu.cu (see sigmoid8 there); the epilogue does not
+// overlap the MMAs of its own warpgroups, so its instructions count. For x = 1 + e^-g in
+// [1, 2^126) this is MUFU.RCP plus one Newton step, bit for bit the IEEE reciprocal (common.cuh's
+// rcp_rn_fast, checked exhaustively by llmq_encode_selftest); above, x is scaled by 2^-64 first
+// (the result is then subnormal and may differ from IEEE in its last bit); x = inf gives 0, NaN
+// stays NaN.
 CUTLASS_DEVICE float rcp_approx_newton(float x) {
     float r;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
