@@ -106,7 +106,7 @@ case "$what" in
       --steps 2 --warmup 1 --eval-every 0 --matmul-dtype bf16 ${ATTN_FLAGS:-} > "$O/ncu-${TAG:-attn}.txt" 2>&1
     ;;
   kernels-bench)
-    # per-kernel timings (crates/llmq-cuda/benches/kernels.rs): kernels, matmuls, matmuls-tuning, attention, fused
+    # per-kernel timings (crates/llmq-cuda/benches/kernels.rs): kernels, matmuls, matmuls-tuning, attention
     .gpu/kernels-bench "$@" > "$O/kernels-bench.txt" 2>&1
     ;;
   capped)

@@ -1,9 +1,8 @@
 //! Timings of the kernels at Qwen2.5-0.5B/1.5B sizes (prints tables; checks nothing): the main
 //! matmuls and memory-bound ops, every matmul of a training micro-batch, and attention per kernel
-//! family, and the fused fp8 up+gate GEMM with SwiGLU against cuBLASLt + the SwiGLU kernel. Not a
-//! test: `cargo bench -p llmq-cuda --bench kernels -- [kernels] [matmuls] [matmuls-tuning]
-//! [attention] [fused]` (default: all but matmuls-tuning), on a GPU (without one it says so and
-//! exits). Times are medians of host-timed, synchronised repetitions after a warm-up, on
+//! family. Not a test: `cargo bench -p llmq-cuda --bench kernels -- [kernels] [matmuls]
+//! [matmuls-tuning] [attention]` (default: all but matmuls-tuning), on a GPU (without one it says
+//! so and exits). Times are medians of host-timed, synchronised repetitions after a warm-up, on
 //! random (never zero) data. Whole-run throughput: scripts/bench.sh.
 
 #[path = "../tests/common/mod.rs"]
@@ -17,7 +16,7 @@ fn main() {
     // cargo passes --bench; anything else names the sections to run
     let mut which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     if which.is_empty() {
-        which = ["kernels", "matmuls", "attention", "fused"].map(String::from).to_vec();
+        which = ["kernels", "matmuls", "attention"].map(String::from).to_vec();
     }
     let Some(mut g) = common::gpu_or_skip() else { return };
     for w in &which {
@@ -41,8 +40,7 @@ fn main() {
                 g = CudaBackend::new(0, &BackendOptions::default()).unwrap();
             }
             "attention" => attention_timings(&mut g),
-            "fused" => fused_swiglu_timings(&mut g),
-            other => eprintln!("unknown section {other:?}: expected kernels, matmuls, matmuls-tuning, attention or fused"),
+            other => eprintln!("unknown section {other:?}: expected kernels, matmuls, matmuls-tuning or attention"),
         }
     }
 }
@@ -238,47 +236,5 @@ fn attention_timings(g: &mut CudaBackend) {
             println!("{row}");
         }
         g.set_attention_kernels(AttentionKernels::Auto);
-    }
-}
-
-/// The fp8 up+gate GEMM with SwiGLU in its epilogue (`fp8_swiglu_matmul`, CUTLASS, sm_90a)
-/// against what the model runs today, the cuBLASLt fp8 matmul into bf16 [N, 2D] followed by
-/// `swiglu_fwd` (with the abs-max both ways), N = 16384 tokens at the 0.5B and 1.5B shapes.
-/// The weight's values are random, so its row order (interleaved or not) does not matter here.
-fn fused_swiglu_timings(g: &mut CudaBackend) {
-    let (ma, mi) = g.compute_capability();
-    if ma != 9 {
-        println!("fused: fp8_swiglu_matmul needs compute capability 9.x; this GPU is {ma}.{mi}");
-        return;
-    }
-    let mut rng = common::Rng::new(97);
-    let (e4, bf, f32) = (DType::E4M3, DType::BF16, DType::F32);
-    println!("| fp8 up_gate + SwiGLU | N x 2D x K | matmul ms | + swiglu ms | fused ms | fused TFLOP/s | unfused / fused |");
-    println!("|---|---|---|---|---|---|---|");
-    for (model, n, k, d) in [("0.5B", 16384, 896, 4864), ("1.5B", 16384, 1536, 8960)] {
-        let x = rand_tensor(g, &mut rng, e4, &[n, k], 1.0);
-        let w = rand_tensor(g, &mut rng, e4, &[2 * d, k], 1.0);
-        let dx = rand_tensor(g, &mut rng, f32, &[1], 0.5);
-        let dw = rand_tensor(g, &mut rng, f32, &[1], 0.05);
-        let up_gate = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, 2 * d]).unwrap();
-        let h = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, d]).unwrap();
-        let amax = g.alloc(MemCategory::Other, Mem::Device, f32, &[1]).unwrap();
-        let mm = Matmul { descale_a: Some(&dx), descale_b: Some(&dw), ..Matmul::linear(&up_gate, &x, &w) };
-        let t_mm = median_time(g, || ok(g.matmul(&mm)));
-        let t_unfused = median_time(g, || {
-            ok(g.matmul(&mm));
-            ok(g.swiglu_fwd(&h, &up_gate, Some(&amax)));
-        });
-        let t_fused = median_time(g, || ok(g.fp8_swiglu_matmul(&h, Some(&amax), &x, &w, &dx, &dw)));
-        let flops = 2.0 * (n * 2 * d * k) as f64;
-        println!(
-            "| {model} | {n}x{}x{k} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} |",
-            2 * d,
-            t_mm * 1e3,
-            (t_unfused - t_mm) * 1e3,
-            t_fused * 1e3,
-            flops / t_fused / 1e12,
-            t_unfused / t_fused
-        );
     }
 }

@@ -34,7 +34,6 @@ mod graph;
 mod kernels;
 mod nccl;
 mod ops;
-mod sm90;
 pub mod telemetry;
 mod tuning;
 
@@ -48,7 +47,6 @@ pub use attention_wg::{hopper_kernels, HopperKernel};
 pub use copy_comm::CopyComm;
 pub use kernels::KERNELS_BUILT;
 pub use nccl::{nccl_available, NcclComm, NcclId};
-pub use sm90::{deinterleave_up_gate_rows, fp8_swiglu_check, fp8_swiglu_geometry, interleave_up_gate_rows, FP8_SWIGLU_K_ALIGN, SM90_KERNELS_BUILT};
 
 /// Bytes of the scratch buffer used by ops for deterministic two-pass reductions and the
 /// attention backward's row statistics and dK/dV parts.
@@ -130,8 +128,6 @@ pub struct CudaBackend {
     attn3: attention::Attn3Kernels,
     attn4: attention_wg::Attn4Kernels,
     fk: fast::FastKernels,
-    /// The CUTLASS sm_90a kernels (`sm90.rs`): loaded on compute capability 9.x when built.
-    sm90: Option<sm90::Sm90Kernels>,
     /// The stream ops run on (`Backend::set_stream`).
     cur: Cell<Stream>,
 }
@@ -159,12 +155,11 @@ impl CudaBackend {
         let attn3 = attention::Attn3Kernels::load(&k, optin)?;
         let attn4 = attention_wg::Attn4Kernels::load(&k, optin)?;
         let fk = fast::FastKernels::load(&k)?;
-        let sm90 = sm90::Sm90Kernels::load(dev.cc)?;
         let attn = Cell::new(opts.attention);
         let ws = [dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?, dev.alloc(MemCategory::Temporaries, Mem::Device, blas::WORKSPACE_BYTES)?];
         let scratch = dev.alloc(MemCategory::Temporaries, Mem::Device, SCRATCH_BYTES)?;
         let blas = blas::Blas::new(ws, &dev.name, dev.sm_count, opts)?;
-        Ok(CudaBackend { graphs: RefCell::default(), blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, sm90, cur: Cell::new(Stream::Compute) })
+        Ok(CudaBackend { graphs: RefCell::default(), blas: RefCell::new(blas), k, dev, scratch, attn, dkv_split: Cell::new(0), attn3, attn4, fk, cur: Cell::new(Stream::Compute) })
     }
 
     /// The scratch buffer (SCRATCH_BYTES). There is one, for the compute stream: ops that need
@@ -216,9 +211,6 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let _ = self.dev.synchronize();
         self.k.unload();
-        if let Some(m) = &mut self.sm90 {
-            m.unload();
-        }
         // blas is dropped with the fields, before `dev` releases the context.
     }
 }
