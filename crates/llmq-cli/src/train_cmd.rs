@@ -209,9 +209,13 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     }
     if args.auto_memory {
         let budget = memory_budget(be.as_ref(), tc.world_size).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
-        let (chosen, _, est) = plan::auto_memory(&cfg, &tc, 0, budget, host_budget(), plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
-        say(&format!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&chosen), est * 1e3));
-        tc = chosen;
+        let host = host_budget();
+        let auto = plan::auto_memory(&cfg, &tc, 0, budget, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        say(&format!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&auto.config), auto.est * 1e3));
+        if let Some(note) = auto.host_note(host) {
+            say(&note);
+        }
+        tc = auto.config;
     }
     let (be, fit_line) = if args.fit_batch { fit_batch(args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
     let budget_name = match (tc.memory.memory_limit, gpu.is_some()) {
@@ -474,9 +478,13 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let reserve = backend_reserve(on_gpu);
     if args.auto_memory {
         let limit = tc.memory.memory_limit.ok_or_else(|| Error::Config("llmq plan --auto-memory needs --memory-limit".into()))?;
-        let (chosen, _, _) = plan::auto_memory(cfg, &tc, reserve, limit, host_budget(), plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
-        println!("auto-memory: {}", plan::memory_flags(&chosen));
-        tc = chosen;
+        let host = host_budget();
+        let auto = plan::auto_memory(cfg, &tc, reserve, limit, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        println!("auto-memory: {}", plan::memory_flags(&auto.config));
+        if let Some(note) = auto.host_note(host) {
+            println!("{note}");
+        }
+        tc = auto.config;
     }
     let plan = MemoryPlan::new(cfg, &tc, reserve)?;
     println!("llmq plan: {} ({:.2}B parameters) on {}", model.describe, cfg.num_params() as f64 / 1e9, if on_gpu { "a CUDA GPU" } else { "the CPU" });

@@ -273,6 +273,30 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
     f.join(" ")
 }
 
+/// What `auto_memory` chose: the configuration, its plan and estimated step time, and the
+/// fastest plan that fits the device but not the host budget, where that one is faster.
+#[derive(Debug)]
+pub struct AutoMemory {
+    pub config: TrainConfig,
+    pub plan: MemoryPlan,
+    pub est: f64,
+    pub faster_with_more_host: Option<(TrainConfig, MemoryPlan, f64)>,
+}
+
+impl AutoMemory {
+    /// A line for the user when a faster plan was left out for want of pinned host memory.
+    pub fn host_note(&self, host_limit: Option<u64>) -> Option<String> {
+        let ((t, plan, est), host) = (self.faster_with_more_host.as_ref()?, host_limit?);
+        Some(format!(
+            "auto-memory: with {} of pinned host memory ({} available here), {} would be faster (estimated {:.0} ms per step on an H200)",
+            fmt_bytes(plan.host_total()),
+            fmt_bytes(host as usize),
+            memory_flags(t),
+            est * 1e3
+        ))
+    }
+}
+
 /// `--auto-memory`: among micro-batches (keeping the tokens per step), recomputation, persistent
 /// fp8 weights (on the device or offloaded) and offloading, the configuration that fits `limit` on the device (and
 /// `host_limit` of pinned host memory) with the best estimated step time; its plan and estimate.
@@ -280,7 +304,7 @@ pub fn memory_flags(tc: &TrainConfig) -> String {
 /// `--zero-copy` and `--write-combined` given with it restrict the choice to plans where they
 /// apply (they need offloaded state, which the search chooses); the other memory options are
 /// chosen. Returns a validated configuration.
-pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, host_limit: Option<u64>, dev: DeviceSpeeds) -> Result<(TrainConfig, MemoryPlan, f64)> {
+pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, host_limit: Option<u64>, dev: DeviceSpeeds) -> Result<AutoMemory> {
     let (want_zero_copy, want_wc) = (tc.memory.zero_copy, tc.memory.write_combined);
     let mut base = tc.clone();
     (base.memory.zero_copy, base.memory.write_combined) = (false, false);
@@ -296,6 +320,8 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     let streams = [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, true, true)];
     let fp8 = tc.precision.matmul.is_fp8();
     let mut best: Option<(TrainConfig, MemoryPlan, f64)> = None;
+    // the fastest plan that fits the device, whatever its host memory
+    let mut best_any_host: Option<(TrainConfig, MemoryPlan, f64)> = None;
     let mut smallest: Option<usize> = None;
     // the least pinned host memory among plans that fit the device
     let mut least_host: Option<usize> = None;
@@ -320,12 +346,11 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
                             continue;
                         }
                         least_host = Some(least_host.map_or(plan.host_total(), |s| s.min(plan.host_total())));
-                        if host_limit.is_some_and(|h| plan.host_total() as u64 > h) {
-                            continue;
-                        }
                         let est = estimate_step_seconds(cfg, &t, &plan, dev);
-                        if best.as_ref().is_none_or(|(_, _, e)| est < *e) {
-                            best = Some((t, plan, est));
+                        let over_host = host_limit.is_some_and(|h| plan.host_total() as u64 > h);
+                        let slot = if over_host { &mut best_any_host } else { &mut best };
+                        if slot.as_ref().is_none_or(|(_, _, e)| est < *e) {
+                            *slot = Some((t, plan, est));
                         }
                     }
                 }
@@ -350,7 +375,9 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
         ))
     })?;
     best.0.validate(cfg)?;
-    Ok(best)
+    let (config, plan, est) = best;
+    let faster_with_more_host = best_any_host.filter(|(_, _, e)| *e < est);
+    Ok(AutoMemory { config, plan, est, faster_with_more_host })
 }
 
 #[cfg(test)]
@@ -416,18 +443,26 @@ pub(crate) mod tests {
         let mut t = tc(16, 1024);
         t.grad_accumulation = 4;
         let dev = DeviceSpeeds::h200(false);
-        let (roomy, plan, _) = auto_memory(&cfg, &t, 0, 1 << 40, None, dev).unwrap();
+        let AutoMemory { config: roomy, plan, .. } = auto_memory(&cfg, &t, 0, 1 << 40, None, dev).unwrap();
         assert!(plan.fits(Some(1 << 40)));
         assert_eq!(roomy.memory.recompute, Recompute::default());
         assert!(!roomy.memory.offload_opt_m && !roomy.memory.offload_master);
         assert_eq!(roomy.tokens_per_step(), t.tokens_per_step());
         let tight = 6u64 << 30;
-        let (chosen, plan, est) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
+        let AutoMemory { config: chosen, plan, est, faster_with_more_host } = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
         assert!(plan.fits(Some(tight)), "{}", plan.describe(Some(tight)));
-        // with less host memory the choice offloads less; with none where something must go
-        // there, the refusal says how much is needed
-        let (_, frugal, _) = auto_memory(&cfg, &t, 0, tight, Some(plan.host_total() as u64 - 1), dev).unwrap();
-        assert!(frugal.host_total() < plan.host_total() && frugal.fits(Some(tight)));
+        assert!(faster_with_more_host.is_none(), "no host budget: nothing is left out");
+        // with less host memory the choice offloads less and names the faster plan it left out,
+        // with the host memory that one needs; with none where something must go there, the
+        // refusal says how much is needed
+        let host = plan.host_total() as u64 - 1;
+        let frugal = auto_memory(&cfg, &t, 0, tight, Some(host), dev).unwrap();
+        assert!(frugal.plan.host_total() < plan.host_total() && frugal.plan.fits(Some(tight)));
+        let (left_out, left_plan, left_est) = frugal.faster_with_more_host.as_ref().expect("the faster plan left out for want of host memory");
+        assert!(*left_est < frugal.est && left_plan.host_total() as u64 > host && left_plan.fits(Some(tight)));
+        assert_eq!(*left_est, est, "the plan left out is the one chosen without a host budget");
+        let note = frugal.host_note(Some(host)).unwrap();
+        assert!(note.contains(&memory_flags(left_out)) && note.contains(&fmt_bytes(left_plan.host_total())), "{note}");
         let e = auto_memory(&cfg, &t, 0, tight, Some(0), dev).unwrap_err().to_string();
         assert!(e.contains("pinned host memory"), "{e}");
         assert_eq!(chosen.tokens_per_step(), t.tokens_per_step());
@@ -448,12 +483,12 @@ pub(crate) mod tests {
         t.grad_accumulation = 4;
         let dev = DeviceSpeeds::h200(false);
         let tight = 6u64 << 30;
-        let (free, _, _) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
+        let free = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap().config;
         for (zero_copy, write_combined) in [(true, false), (false, true), (true, true)] {
             t.memory.zero_copy = zero_copy;
             t.memory.write_combined = write_combined;
             assert!(t.validate(&cfg).is_err(), "nothing is offloaded yet: the flags alone are refused");
-            let (chosen, plan, _) = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
+            let AutoMemory { config: chosen, plan, .. } = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap();
             let m = &chosen.memory;
             assert_eq!((m.zero_copy, m.write_combined), (zero_copy, write_combined), "{}", memory_flags(&chosen));
             assert!(m.offload_opt_m || m.offload_opt_v || m.offload_master || m.stream_weights || m.offload_gradients);

@@ -137,6 +137,6 @@ fn estimates_match_the_measured_capped_runs() {
     let cfg = ModelConfig::builtin("qwen2.5-7b").unwrap();
     let mut tc = reference_setting(&cfg);
     (tc.batch_size, tc.grad_accumulation) = (8, 16);
-    let (chosen, _, _) = auto_memory(&cfg, &tc, 192 << 20, 16 * GIB, None, DeviceSpeeds::h200(true)).unwrap();
+    let chosen = auto_memory(&cfg, &tc, 192 << 20, 16 * GIB, None, DeviceSpeeds::h200(true)).unwrap().config;
     assert_eq!((chosen.batch_size, chosen.memory.zero_copy), (16, true), "{}", llmq_train::plan::memory_flags(&chosen));
 }
