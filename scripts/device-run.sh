@@ -112,10 +112,12 @@ case "$what" in
   capped)
     # a model under --memory-limit (consumer-card emulation): capped SIZE MODEL ACCUM [llmq flags]
     # e.g. capped 16GiB qwen2.5-7b 16 --auto-memory; the driver's device memory in use is
-    # sampled every 250 ms and its maximum reported beside the run's own accounting
+    # sampled every 250 ms and its maximum reported beside the run's own accounting;
+    # CAPPED_TIMEOUT (seconds, default none) stops the run (SIGTERM: it ends the current step)
+    # so that the peak is still reported within an outer time limit
     limit="$1"; model="$2"; accum="$3"; shift 3
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "/tmp/smi-$model-$limit.txt" & smi=$!
-    .gpu/llmq train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --matmul-dtype e4m3 \
+    timeout -k 30 "${CAPPED_TIMEOUT:-0}" .gpu/llmq train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --matmul-dtype e4m3 \
       --model-dtype bf16 --opt-m-dtype bf16 --opt-v-dtype bf16 --grad-dtype bf16 --batch-size "${CAPPED_BS:-8}" \
       --grad-accumulation "$accum" --steps "${CAPPED_STEPS:-4}" --warmup 1 --eval-every 0 --print-every 1 \
       --memory-limit "$limit" "$@" >> "$O/capped.txt" 2>&1
