@@ -334,6 +334,11 @@ pub trait Backend {
     /// it holds already: an allocation past the cap fails with `Error::OutOfMemory`. Pinned host
     /// memory is not counted.
     fn limit_device_memory(&mut self, bytes: usize);
+    /// Whether the backend only records allocations and holds no data (the planning backend):
+    /// set-up code then skips computing the contents of what it would upload.
+    fn records_only(&self) -> bool {
+        false
+    }
     /// Synchronous host -> tensor copy of raw bytes (setup, checkpoint load, tests).
     fn upload(&self, dst: &Tensor, bytes: &[u8]) -> Result<()>;
     /// Synchronous tensor -> host copy of raw bytes (waits for all queued work).

@@ -77,7 +77,10 @@ impl Backend for PlanBackend {
         None
     }
     fn limit_device_memory(&mut self, bytes: usize) {}
-    /// Setup uploads (the RoPE table) are accepted and dropped.
+    fn records_only(&self) -> bool {
+        true
+    }
+    /// Setup uploads are accepted and dropped.
     fn upload(&self, dst: &Tensor, bytes: &[u8]) -> Result<()> {
         Ok(())
     }

@@ -78,7 +78,9 @@ impl Model {
         let lm_rows = lm_head_seqs(shape.b, shape.t) * shape.t;
         let fp8 = precision.matmul.is_fp8();
         let mut acts = Activations::alloc(be, cfg, shape, precision.weights, recompute, fp8, lm_rows, norm_slots, mem.offload_residual)?;
-        upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
+        if !be.records_only() {
+            upload_f32(be, &acts.freqs, &cfg.rope_table(shape.t))?;
+        }
         let fp8 = if fp8 {
             // Act order. The weight gradient reads each input's transpose: kept from the forward
             // pass, or quantised in the backward pass from the bf16 input, recomputed or (with

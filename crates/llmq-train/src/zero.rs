@@ -102,7 +102,7 @@ impl Shard {
             .enumerate()
             .filter_map(|(si, s)| {
                 let (a, b) = (s.offset.max(lo), (s.offset + s.len).min(hi));
-                (a < b).then_some((si, Segment { offset: a - lo, len: b - a, decay: s.decay }))
+                (a < b).then(|| (si, Segment { offset: a - lo, len: b - a, decay: s.decay }))
             })
             .collect()
     }
