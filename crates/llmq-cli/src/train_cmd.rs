@@ -79,6 +79,15 @@ fn host_budget() -> Option<u64> {
     available_ram().map(|a| a.saturating_sub(8 << 30))
 }
 
+/// `--auto-memory` on this machine (device `limit`, the host budget, the H200's speeds) and,
+/// where a faster plan needed more pinned host memory than there is, a line saying so.
+fn choose_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64) -> Result<(plan::AutoMemory, Option<String>)> {
+    let host = host_budget();
+    let auto = plan::auto_memory(cfg, tc, reserve, limit, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+    let note = auto.host_note(host);
+    Ok((auto, note))
+}
+
 /// MemAvailable from /proc/meminfo (Linux), in bytes.
 fn available_ram() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -209,10 +218,9 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     }
     if args.auto_memory {
         let budget = memory_budget(be.as_ref(), tc.world_size).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
-        let host = host_budget();
-        let auto = plan::auto_memory(&cfg, &tc, 0, budget, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        let (auto, host_note) = choose_memory(&cfg, &tc, 0, budget)?;
         say(&format!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&auto.config), auto.est * 1e3));
-        if let Some(note) = auto.host_note(host) {
+        if let Some(note) = host_note {
             say(&note);
         }
         tc = auto.config;
@@ -478,10 +486,9 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let reserve = backend_reserve(on_gpu);
     if args.auto_memory {
         let limit = tc.memory.memory_limit.ok_or_else(|| Error::Config("llmq plan --auto-memory needs --memory-limit".into()))?;
-        let host = host_budget();
-        let auto = plan::auto_memory(cfg, &tc, reserve, limit, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+        let (auto, host_note) = choose_memory(cfg, &tc, reserve, limit)?;
         println!("auto-memory: {}", plan::memory_flags(&auto.config));
-        if let Some(note) = auto.host_note(host) {
+        if let Some(note) = host_note {
             println!("{note}");
         }
         tc = auto.config;

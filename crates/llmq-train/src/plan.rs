@@ -435,14 +435,18 @@ pub(crate) mod tests {
         }
     }
 
+    /// 0.5B, B=16 x 4 at T=1024, bf16, the H200's speeds.
+    fn auto_memory_setting() -> (ModelConfig, TrainConfig, DeviceSpeeds) {
+        let mut t = tc(16, 1024);
+        t.grad_accumulation = 4;
+        (ModelConfig::builtin("qwen2.5-0.5b").unwrap(), t, DeviceSpeeds::h200(false))
+    }
+
     /// The choice fits, repeats from its printed flags, and prefers the fastest estimate: with
     /// room to spare it keeps everything on the device and recomputes nothing.
     #[test]
     fn auto_memory_fits_and_prefers_the_fastest_estimate() {
-        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
-        let mut t = tc(16, 1024);
-        t.grad_accumulation = 4;
-        let dev = DeviceSpeeds::h200(false);
+        let (cfg, t, dev) = auto_memory_setting();
         let AutoMemory { config: roomy, plan, .. } = auto_memory(&cfg, &t, 0, 1 << 40, None, dev).unwrap();
         assert!(plan.fits(Some(1 << 40)));
         assert_eq!(roomy.memory.recompute, Recompute::default());
@@ -478,10 +482,7 @@ pub(crate) mod tests {
     /// refused up front; with room for everything on the device no such plan is needed.
     #[test]
     fn auto_memory_honours_zero_copy_and_write_combined() {
-        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
-        let mut t = tc(16, 1024);
-        t.grad_accumulation = 4;
-        let dev = DeviceSpeeds::h200(false);
+        let (cfg, mut t, dev) = auto_memory_setting();
         let tight = 6u64 << 30;
         let free = auto_memory(&cfg, &t, 0, tight, None, dev).unwrap().config;
         for (zero_copy, write_combined) in [(true, false), (false, true), (true, true)] {
