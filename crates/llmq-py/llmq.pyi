@@ -43,6 +43,7 @@ class _MemoryPlan(TypedDict):
     host_total: int
     limit: Optional[int]
     fits: bool
+    memory_flags: str
 
 def plan(model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> _MemoryPlan:
     """The memory plan of Trainer(model, from_scratch, **options), without a device or weights."""

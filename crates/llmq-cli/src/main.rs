@@ -80,6 +80,10 @@ fn parse() -> Result<Cli> {
 }
 
 fn main() {
+    // Output into a closed pipe (`llmq plan ... | head`) ends the process quietly, as for other
+    // command-line tools, instead of a panic in println!.
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let res = parse().and_then(|cli| match cli.cmd {
         Cmd::Train(a) => train_cmd::run(a),
         Cmd::Plan { args, verbose } => train_cmd::plan(args, verbose),

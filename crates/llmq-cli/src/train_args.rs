@@ -38,13 +38,6 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Batch")]
     pub fit_batch: bool,
 
-    // ---- memory ----
-    /// Choose the micro-batch (keeping the tokens per step), recomputation, persistent fp8
-    /// weights and offloading that fit --memory-limit (else the GPU's free memory) with the best
-    /// estimated throughput; prints the choice as flags that repeat it bit for bit.
-    #[arg(long, help_heading = "Memory")]
-    pub auto_memory: bool,
-
     // ---- evaluation and logging ----
     /// FP8 health every N steps (0: off): per block matmul and layer, the abs-max, scale and the
     /// fractions of values that saturate or flush to zero, for weights, activations and

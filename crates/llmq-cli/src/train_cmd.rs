@@ -6,6 +6,7 @@ use crate::preflight;
 use crate::signals;
 use crate::train_args::TrainArgs;
 use llmq_core::{fmt_bytes, Error, ModelConfig, Result};
+use llmq_train::memory_check;
 use llmq_train::plan::{self, MemoryPlan};
 use llmq_train::setup::{self, DataChoice};
 use llmq_train::run::{Run, RunEvent, RunOptions};
@@ -64,66 +65,6 @@ fn fit_batch(args: &TrainArgs, be: Box<dyn llmq_core::Backend>, on_gpu: bool, cf
     tc.grad_accumulation = fit.grad_accumulation;
     tc.validate(cfg)?;
     Ok((make()?, line))
-}
-
-/// Device memory the run may still allocate: what the backend has free (under `--memory-limit`,
-/// counting what it holds for itself), else (the CPU backend without a limit) the RAM available.
-fn memory_budget(be: &dyn llmq_core::Backend, ranks: usize) -> Option<u64> {
-    // ranks on the CPU share the RAM
-    be.free_memory().map(|f| f as u64).or_else(|| available_ram().map(|r| r / ranks.max(1) as u64))
-}
-
-/// Pinned host memory a plan may take: what the machine has available less 8 GiB for the rest
-/// of the process (data, tokenizer, one group's f32 values at initialisation).
-fn host_budget() -> Option<u64> {
-    available_ram().map(|a| a.saturating_sub(8 << 30))
-}
-
-/// `--auto-memory` on this machine (device `limit`, the host budget, the H200's speeds) and,
-/// where a faster plan needed more pinned host memory than there is, a line saying so.
-fn choose_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64) -> Result<(plan::AutoMemory, Option<String>)> {
-    let host = host_budget();
-    let auto = plan::auto_memory(cfg, tc, reserve, limit, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
-    let note = auto.host_note(host);
-    Ok((auto, note))
-}
-
-/// MemAvailable from /proc/meminfo (Linux), in bytes.
-fn available_ram() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Refuses a run whose plan does not fit `budget`, before anything is allocated: the plan, by
-/// how much it is over and the options that would fit.
-pub fn check_plan_fits(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, budget: Option<u64>, what: &str) -> Result<MemoryPlan> {
-    let plan = MemoryPlan::new(cfg, tc, reserve)?;
-    if let Some(host) = host_budget().filter(|&h| plan.host_total() as u64 > h) {
-        return Err(Error::OutOfMemory(format!(
-            "the run needs {} of pinned host memory for what it offloads, more than this machine has available ({} less 8 GiB of headroom):\n{}",
-            fmt_bytes(plan.host_total()),
-            fmt_bytes(host as usize + (8 << 30)),
-            plan.describe(tc.memory.memory_limit)
-        )));
-    }
-    let Some(limit) = budget else { return Ok(plan) };
-    if plan.fits(Some(limit)) {
-        return Ok(plan);
-    }
-    let over = plan.device_peak() as u64 - limit;
-    let mut msg = format!("the run needs {} of device memory, {} more than {what} ({}):\n{}", fmt_bytes(plan.device_peak()), fmt_bytes(over as usize), fmt_bytes(limit as usize), plan.describe(Some(limit)));
-    let fit = plan::options_that_fit(cfg, tc, reserve, limit, 4);
-    if fit.is_empty() {
-        msg += "  no single memory option (offloading, recomputation, a smaller micro-batch) makes it fit";
-    } else {
-        msg += "  options that would fit:";
-        for (opt, peak) in fit {
-            msg += &format!("\n    {opt}  (device peak {})", fmt_bytes(peak));
-        }
-    }
-    Err(Error::OutOfMemory(msg))
 }
 
 /// Device memory the backend holds for itself, for the plan.
@@ -203,7 +144,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     let ordinal = start.as_ref().map_or(0, |s| s.ordinal);
     let (mut be, gpu, comm) = device::select_with(&args.opts.device, ordinal, &args.opts.backend.options()?, |cuda| start.as_ref().map(|s| s.comm(cuda)).transpose())?;
     let mut tc = args.train_config(gpu.is_some())?;
-    if !args.auto_memory {
+    if !args.opts.auto_memory {
         tc.validate(&cfg)?; // auto_memory validates what it chooses
     }
     let mut ckpts = args.opts.checkpoints(args.drop_abandoned)?;
@@ -213,27 +154,17 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     if let Some(limit) = tc.memory.memory_limit {
         be.limit_device_memory(limit as usize);
     }
-    if args.auto_memory && args.fit_batch {
+    if args.opts.auto_memory && args.fit_batch {
         return Err(Error::Config("--auto-memory and --fit-batch both choose the micro-batch: pass one".into()));
     }
-    if args.auto_memory {
-        let budget = memory_budget(be.as_ref(), tc.world_size).ok_or_else(|| Error::Config("--auto-memory needs --memory-limit (the device's free memory is unknown)".into()))?;
-        let (auto, host_note) = choose_memory(&cfg, &tc, 0, budget)?;
-        say(&format!("auto-memory: {} (estimated {:.0} ms per step on an H200)", plan::memory_flags(&auto.config), auto.est * 1e3));
-        if let Some(note) = host_note {
-            say(&note);
-        }
-        tc = auto.config;
+    if args.opts.auto_memory {
+        let (chosen, lines) = memory_check::auto_memory_for(&cfg, &tc, be.as_ref())?;
+        lines.iter().for_each(|l| say(l));
+        tc = chosen;
     }
     let (be, fit_line) = if args.fit_batch { fit_batch(args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
-    let budget_name = match (tc.memory.memory_limit, gpu.is_some()) {
-        (Some(_), _) => "what --memory-limit leaves beside the backend's own buffers",
-        (None, true) => "the GPU's free memory",
-        (None, false) if tc.world_size > 1 => "the RAM available, shared by the ranks",
-        (None, false) => "the RAM available",
-    };
     // the backend holds its own buffers already: the budget is what is left beside them
-    check_plan_fits(&cfg, &tc, 0, memory_budget(be.as_ref(), tc.world_size), budget_name)?;
+    memory_check::check_run_fits(&cfg, &tc, be.as_ref(), gpu.is_some())?;
     let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
     let (be, profile): (Box<dyn llmq_core::Backend>, _) = if args.profile {
         let (p, h) = llmq_train::profile::profiled(be);
@@ -480,18 +411,14 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
     let cfg = &model.cfg;
     let on_gpu = args.opts.device != "cpu";
     let mut tc = args.train_config(on_gpu)?;
-    if !args.auto_memory {
+    if !args.opts.auto_memory {
         tc.validate(cfg)?; // auto_memory validates what it chooses
     }
     let reserve = backend_reserve(on_gpu);
-    if args.auto_memory {
-        let limit = tc.memory.memory_limit.ok_or_else(|| Error::Config("llmq plan --auto-memory needs --memory-limit".into()))?;
-        let (auto, host_note) = choose_memory(cfg, &tc, reserve, limit)?;
-        println!("auto-memory: {}", plan::memory_flags(&auto.config));
-        if let Some(note) = host_note {
-            println!("{note}");
-        }
-        tc = auto.config;
+    if args.opts.auto_memory {
+        let (chosen, lines) = memory_check::auto_memory_plan(cfg, &tc, reserve, "llmq plan")?;
+        lines.iter().for_each(|l| println!("{l}"));
+        tc = chosen;
     }
     let plan = MemoryPlan::new(cfg, &tc, reserve)?;
     println!("llmq plan: {} ({:.2}B parameters) on {}", model.describe, cfg.num_params() as f64 / 1e9, if on_gpu { "a CUDA GPU" } else { "the CPU" });

@@ -12,7 +12,9 @@ mod trainer;
 
 use llmq_core::{Error, Mem, MemCategory};
 use llmq_train::eval::{self, EvalData, EvalShape};
-use llmq_train::plan::{lifetime, MemoryPlan};
+use llmq_train::memory_check;
+use llmq_train::plan::{lifetime, memory_flags, MemoryPlan};
+use llmq_train::TrainConfig;
 use options::Options;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -78,10 +80,11 @@ pub(crate) fn backend_reserve(on_gpu: bool) -> usize {
     }
 }
 
-/// A memory plan as a dict: bytes per category under "device", "host" and
-/// "host_write_combined", the device peak (the
-/// backend's own buffers included), the host total, and whether it fits `limit`.
-pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, limit: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
+/// The memory plan `p` of a run configured as `tc`, as a dict: bytes per category under "device",
+/// "host" and "host_write_combined", the device peak (the backend's own buffers included), the
+/// host total, whether it fits `memory_limit`, and the memory options as `llmq train` flags.
+pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, tc: &TrainConfig) -> PyResult<Bound<'py, PyDict>> {
+    let limit = tc.memory.memory_limit;
     let d = PyDict::new(py);
     for (mem, key) in [(Mem::Device, "device"), (Mem::Host, "host"), (Mem::HostWriteCombined, "host_write_combined")] {
         let cats = PyDict::new(py);
@@ -102,25 +105,32 @@ pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, limit: Option<u64>
     d.set_item("host_total", p.host_total())?;
     d.set_item("limit", limit)?;
     d.set_item("fits", p.fits(limit))?;
+    d.set_item("memory_flags", memory_flags(tc))?;
     Ok(d)
 }
 
 /// The memory plan of `Trainer(model, from_scratch, **options)` without a device and without
 /// reading weights (as `llmq plan`); `device="cpu"` plans the CPU backend, anything else a GPU.
+/// With `auto_memory`, the plan `Trainer` would choose within `memory_limit`.
 #[pyfunction]
 #[pyo3(signature = (model=None, from_scratch=false, **options))]
 fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, options: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyDict>> {
     let o = parse_options(model, from_scratch, options)?;
     let on_gpu = o.device != "cpu";
-    let (p, limit) = py
+    let (p, tc) = py
         .detach(|| -> llmq_core::Result<_> {
             let m = o.resolve_model()?;
-            let tc = options::train_config(&o, on_gpu)?;
-            tc.validate(&m.cfg)?;
-            Ok((MemoryPlan::new(&m.cfg, &tc, backend_reserve(on_gpu))?, tc.memory.memory_limit))
+            let mut tc = options::train_config(&o, on_gpu)?;
+            let reserve = backend_reserve(on_gpu);
+            if o.auto_memory {
+                tc = memory_check::auto_memory_plan(&m.cfg, &tc, reserve, "llmq.plan")?.0;
+            } else {
+                tc.validate(&m.cfg)?;
+            }
+            Ok((MemoryPlan::new(&m.cfg, &tc, reserve)?, tc))
         })
         .map_err(to_py)?;
-    plan_dict(py, &p, limit)
+    plan_dict(py, &p, &tc)
 }
 
 /// Loss and perplexity of a model (a checkpoint, model directory or Hugging Face cache name) on

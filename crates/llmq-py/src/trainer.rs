@@ -7,9 +7,10 @@ use crate::feed::{batches_from_tokens, Feed, Queue};
 use crate::options::{self, Options};
 use crate::{backend_reserve, parse_options, plan_dict, to_py, LlmqError};
 use llmq_core::cpu::CpuBackend;
-use llmq_core::{fmt_bytes, Backend, BackendOptions, Error, ModelConfig, Result};
+use llmq_core::{Backend, BackendOptions, Error, ModelConfig, Result};
 use llmq_io::{ckpt, hf};
-use llmq_train::plan::{self, MemoryPlan};
+use llmq_train::memory_check;
+use llmq_train::plan::MemoryPlan;
 use llmq_train::run::{Run, RunEvent};
 use llmq_train::log::JsonLog;
 use llmq_train::{checkpoint, StepStats, Trainer};
@@ -66,12 +67,19 @@ impl PyTrainer {
     pub(crate) fn build(o: Options) -> Result<PyTrainer> {
         let m = o.resolve_model()?;
         let (mut be, on_gpu) = select_backend(&o.device, &o.backend.options()?)?;
-        let tc = options::train_config(&o, on_gpu)?;
-        tc.validate(&m.cfg)?;
+        let mut tc = options::train_config(&o, on_gpu)?;
+        if !o.auto_memory {
+            tc.validate(&m.cfg)?; // auto_memory validates what it chooses
+        }
         if let Some(limit) = tc.memory.memory_limit {
             be.limit_device_memory(limit as usize);
         }
-        check_plan_fits(&m.cfg, &tc, be.free_memory())?;
+        if o.auto_memory {
+            let (chosen, lines) = memory_check::auto_memory_for(&m.cfg, &tc, be.as_ref())?;
+            lines.iter().for_each(|l| println!("llmq: {l}"));
+            tc = chosen;
+        }
+        memory_check::check_run_fits(&m.cfg, &tc, be.as_ref(), on_gpu)?;
         let (source, eval) = options::resolve_data(&o, &m.cfg, &tc)?;
         let queue = Queue::default();
         let feed = Feed { queue: queue.clone(), source };
@@ -145,21 +153,6 @@ fn token_array(tokens: &Bound<'_, PyAny>, t: usize) -> PyResult<(usize, Vec<i32>
     let bytes: Vec<u8> = tokens.call_method0("tobytes")?.extract()?;
     let data = bytes.chunks_exact(4).map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok((shape[0], data))
-}
-
-/// Refuses a run whose memory plan does not fit the device's free memory (under `memory_limit`),
-/// before anything is allocated, naming the options that would fit.
-fn check_plan_fits(cfg: &ModelConfig, tc: &llmq_train::TrainConfig, free: Option<usize>) -> Result<()> {
-    let Some(free) = free else { return Ok(()) };
-    let p = MemoryPlan::new(cfg, tc, 0)?;
-    if p.fits(Some(free as u64)) {
-        return Ok(());
-    }
-    let mut msg = format!("the run needs {} of device memory, {} available:\n{}", fmt_bytes(p.device_peak()), fmt_bytes(free), p.describe(Some(free as u64)));
-    for (opt, peak) in plan::options_that_fit(cfg, tc, 0, free as u64, 4) {
-        msg += &format!("\n  would fit: {opt}  (device peak {})", fmt_bytes(peak));
-    }
-    Err(Error::OutOfMemory(msg))
 }
 
 fn stats_dict<'py>(py: Python<'py>, st: &StepStats) -> PyResult<Bound<'py, PyDict>> {
@@ -353,7 +346,7 @@ impl PyTrainer {
     fn memory_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let tc = self.run.trainer().config();
         let p = MemoryPlan::new(self.cfg(), tc, backend_reserve(self.on_gpu)).map_err(to_py)?;
-        plan_dict(py, &p, tc.memory.memory_limit)
+        plan_dict(py, &p, tc)
     }
 
     /// The model configuration (config.json fields) as a dict.

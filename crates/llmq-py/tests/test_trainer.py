@@ -128,8 +128,40 @@ def test_memory_plan_dict():
 
 
 def test_a_run_over_its_memory_limit_is_refused_before_allocating():
-    with pytest.raises(llmq.LlmqError, match="(?s)out of memory: the run needs .*16.00 MiB available.*would fit: --batch-size 2 --grad-accumulation 32"):
+    limit = "(?s)out of memory: the run needs .* more than what --memory-limit leaves beside the backend's own buffers \\(16.00 MiB\\)"
+    with pytest.raises(llmq.LlmqError, match=limit + ".*options that would fit:\n    --batch-size 2 --grad-accumulation 32"):
         llmq.Trainer(**dict(TINY, batch_size=64, memory_limit="16MiB"))
+
+
+def flags_as_options(flags):
+    """`llmq train` flags ("--batch-size 2 --recompute-block ...") as Python options."""
+    words, options = flags.split(), {}
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            value = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else True
+            options[w[2:].replace("-", "_")] = int(value) if value is not True else True
+    return options
+
+
+def test_auto_memory_fits_the_limit_as_the_plan_says_and_its_flags_repeat_it():
+    opts = dict(TINY, batch_size=64, steps=2, memory_limit="16MiB")
+    assert not llmq.plan(**opts)["fits"]
+    chosen = llmq.plan(**dict(opts, auto_memory=True))
+    assert chosen["fits"] and chosen["device_peak"] <= 16 << 20
+    flags = flags_as_options(chosen["memory_flags"])
+    # the tokens per step are kept, in micro-batches that fit
+    assert flags["batch_size"] * flags["grad_accumulation"] == 64 and flags["batch_size"] < 64
+    by_hand = dict(opts, **flags)
+    assert llmq.plan(**by_hand) == chosen
+    auto = llmq.Trainer(**dict(opts, auto_memory=True))
+    assert auto.memory_plan() == chosen
+    x = cyclic_tokens(64, 32, seed=5)
+    manual = llmq.Trainer(**by_hand)
+    for _ in range(2):
+        a, m = auto.train_step(x), manual.train_step(x)
+        assert (a["loss"], a["grad_norm"]) == (m["loss"], m["grad_norm"])
+    with pytest.raises(ValueError, match="llmq.plan --auto-memory needs --memory-limit"):
+        llmq.plan(**dict(TINY, auto_memory=True))
 
 
 @pytest.mark.parametrize("arrays", [False, True])

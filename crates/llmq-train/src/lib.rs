@@ -18,6 +18,7 @@ pub mod generate;
 pub mod init;
 pub mod log;
 pub mod memory;
+pub mod memory_check;
 pub mod model;
 pub mod options;
 pub mod optimizer;

@@ -5,9 +5,9 @@
 //! fills absent keys from it. Validation into a `TrainConfig` is in `config.rs`; its messages name
 //! the CLI flag (the Python option is the flag in snake case). A new option of the run is one
 //! field here, in the group of its help heading. Options only one front end has stay there: the
-//! CLI's `--config`, `--continue`, `--gpus` and collectives, `--fit-batch`, `--auto-memory`,
-//! `--profile`, ... (`llmq-cli/src/train_args.rs`, listed after these under the same headings);
-//! the package's token arrays and Python-only spellings (`llmq-py/src/options.rs`).
+//! CLI's `--config`, `--continue`, `--gpus` and collectives, `--fit-batch`, `--profile`, ...
+//! (`llmq-cli/src/train_args.rs`, listed after these under the same headings); the package's
+//! token arrays and Python-only spellings (`llmq-py/src/options.rs`).
 
 mod config;
 
@@ -175,6 +175,12 @@ pub struct TrainOptions {
     /// weight gradients.
     #[arg(long, alias = "use-cuda-graphs", help_heading = "Memory")]
     pub cuda_graphs: bool,
+    /// Choose the micro-batch (keeping the tokens per step), recomputation, persistent fp8
+    /// weights and offloading that fit --memory-limit (else the GPU's free memory) and the
+    /// host's RAM with the best estimated throughput; prints the choice as flags that repeat it
+    /// bit for bit.
+    #[arg(long, help_heading = "Memory")]
+    pub auto_memory: bool,
     /// Cap on the device memory the run may allocate, e.g. 16GiB (emulates a smaller card). A
     /// plan over it is refused before anything is allocated, naming options that would fit.
     #[arg(long, value_name = "SIZE", help_heading = "Memory")]
