@@ -24,3 +24,15 @@ pub mod xxh64;
 
 pub use data::{Batch, BatchSource};
 pub use loader::{LoaderOptions, TokenLoader};
+
+/// Runs a call into a format library that panics on some malformed files instead of returning
+/// an error, so that such a file is an error naming it. Found by tests/mutations.rs: parquet 60
+/// (a corrupted page reached an out-of-range slice in `util/bit_util.rs`) and tokenizers 0.22 (a
+/// malformed `decoder` in tokenizer.json: `expect("Helper")`). The default hook still prints the
+/// panic to stderr.
+pub(crate) fn guarded<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|payload| {
+        let text = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned());
+        format!("the reader failed on malformed data ({})", text.unwrap_or_else(|| "no message".into()))
+    })
+}

@@ -102,7 +102,9 @@ pub fn tokenizer_json_path(p: &Path) -> Result<PathBuf> {
 /// Loads a tokenizer with padding and truncation switched off (they would change the tokens).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     let j = tokenizer_json_path(path)?;
-    let mut t = Tokenizer::from_file(&j).map_err(|e| Error::file(&j, format!("cannot load tokenizer: {e}")))?;
+    let mut t = crate::guarded(|| Tokenizer::from_file(&j))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| Error::file(&j, format!("cannot load tokenizer: {e}")))?;
     t.with_padding(None);
     t.with_truncation(None).map_err(|e| Error::file(&j, format!("cannot disable truncation: {e}")))?;
     Ok(t)
