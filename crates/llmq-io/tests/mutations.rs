@@ -61,7 +61,7 @@ fn mutate(bytes: &[u8], seed: &mut u64) -> Vec<u8> {
         // bias towards the start of the file, where the headers are
         let near = at % 128.min(b.len().max(1));
         match r % 7 {
-            0 if !b.is_empty() => b[at] ^= 1 << (r >> 8) % 8,
+            0 if !b.is_empty() => b[at] ^= 1 << ((r >> 8) % 8),
             1 if !b.is_empty() => b[near] = (r >> 8) as u8,
             2 => {
                 let v = EDGES[(r >> 8) as usize % EDGES.len()].to_le_bytes();
