@@ -69,7 +69,7 @@ pub struct TrainArgs {
     // ---- device ----
     /// Data-parallel ranks, one thread per GPU in this process (GPUs 0..N); with --device cpu,
     /// N ranks on the CPU. Each rank runs --batch-size x --grad-accumulation per step.
-    #[arg(long, default_value_t = 1, help_heading = "Device")]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=llmq_train::ranks::MAX_RANKS as u64), help_heading = "Device")]
     pub gpus: usize,
     /// With several GPUs: 1 shards the optimizer state, 2 also the gradients, 3 also the block
     /// weights. The numbers are the same at every level.
@@ -81,7 +81,7 @@ pub struct TrainArgs {
     pub collective_timeout: u64,
     /// Collectives between GPUs: auto (NCCL where libnccl is present, else through host memory),
     /// nccl, or host. Ranks on the CPU always use the thread collectives.
-    #[arg(long, default_value = "auto", help_heading = "Device")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nccl", "host"], help_heading = "Device")]
     pub collectives: String,
     /// All-gathers (ZeRO-3 weights, the weights after each update) by peer copies on the copy
     /// engines, no kernels on the SMs (GPUs of one process: --gpus N).

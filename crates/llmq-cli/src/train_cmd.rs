@@ -122,8 +122,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(l) = llmq_train::rendezvous::Launch::from_env()? {
         return crate::ranks::run_launched(args, l, stop, run_rank);
     }
+    // clap keeps --gpus in 1..=MAX_RANKS
     match args.gpus {
-        0 => Err(Error::Config("--gpus must be at least 1".into())),
         1 => run_rank(&args, None, stop),
         _ => crate::ranks::run_threads(args, stop, run_rank),
     }

@@ -80,8 +80,10 @@ fn a_two_rank_checkpoint_resumes_under_one_two_and_four_ranks() {
 
 #[test]
 fn rank_options_that_cannot_work_are_refused() {
-    let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "0"]));
-    assert!(err.contains("--gpus must be at least 1"), "{err}");
+    for n in ["0", "4097", "4294967297"] {
+        let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", n]));
+        assert!(err.contains(&format!("invalid value '{n}' for '--gpus <GPUS>': {n} is not in 1..=4096")), "{err}");
+    }
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--fit-batch"]));
     assert!(err.contains("--fit-batch") && err.contains("--gpus"), "{err}");
     let err = llmq_err(&cmd(BASE, &["--steps", "2", "--gpus", "2", "--zero-level", "4"]));

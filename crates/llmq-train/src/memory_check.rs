@@ -78,7 +78,7 @@ pub fn check_plan_fits(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, budg
     let plan = MemoryPlan::new(cfg, tc, reserve)?;
     if let Some(host) = host_budget().filter(|&h| plan.host_total() as u64 > h) {
         return Err(Error::OutOfMemory(format!(
-            "the run needs {} of pinned host memory for what it offloads, more than this machine has available ({} less {} of headroom):\n{}",
+            "the run needs {} of pinned host memory (offloaded state, token staging), more than this machine has available ({} less {} of headroom):\n{}",
             fmt_bytes(plan.host_total()),
             fmt_bytes((host + HOST_HEADROOM) as usize),
             fmt_bytes(HOST_HEADROOM as usize),

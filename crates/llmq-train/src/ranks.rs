@@ -7,6 +7,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The most ranks a run may have (`--gpus`, `WORLD_SIZE`): a bound far above any real group, so
+/// that a mistyped count is refused instead of allocating per-rank state for billions of ranks.
+pub const MAX_RANKS: usize = 4096;
+
 /// Runs `f(comm)` for every rank of a new group of `world` threads; returns the results in rank
 /// order.
 pub fn run_ranks<T: Send>(world: usize, timeout: Duration, f: impl Fn(Arc<dyn Comm>) -> Result<T> + Sync) -> Vec<Result<T>> {

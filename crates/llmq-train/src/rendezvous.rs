@@ -80,8 +80,8 @@ impl Launch {
             v(i).parse::<usize>().map_err(|_| Error::Config(format!("{}={:?}: expected a non-negative integer", ENV_VARS[i], v(i))))
         };
         let (rank, world, local_rank) = (num(0)?, num(1)?, num(2)?);
-        if world == 0 {
-            return Err(Error::Config("WORLD_SIZE=0: expected at least 1".into()));
+        if world == 0 || world > crate::ranks::MAX_RANKS {
+            return Err(Error::Config(format!("WORLD_SIZE={world}: expected 1..={}", crate::ranks::MAX_RANKS)));
         }
         if rank >= world {
             return Err(Error::Config(format!("RANK={rank}: expected a rank below WORLD_SIZE={world}")));
@@ -526,7 +526,8 @@ mod tests {
         assert!(env_err(with("RANK", "one")).contains(r#"RANK="one": expected a non-negative integer"#));
         assert!(env_err(with("RANK", "-1")).contains(r#"RANK="-1""#));
         assert!(env_err(with("RANK", "4")).contains("RANK=4: expected a rank below WORLD_SIZE=4"));
-        assert!(env_err(with("WORLD_SIZE", "0")).contains("WORLD_SIZE=0: expected at least 1"));
+        assert!(env_err(with("WORLD_SIZE", "0")).contains("WORLD_SIZE=0: expected 1..=4096"));
+        assert!(env_err(with("WORLD_SIZE", "4294967297")).contains("WORLD_SIZE=4294967297: expected 1..=4096"));
         assert!(env_err(with("LOCAL_RANK", "9")).contains("LOCAL_RANK=9: expected a rank below WORLD_SIZE=4"));
         assert!(env_err(with("MASTER_PORT", "70000")).contains(r#"MASTER_PORT="70000": expected a TCP port 1..65535"#));
         assert!(env_err(with("MASTER_PORT", "0")).contains(r#"MASTER_PORT="0""#));

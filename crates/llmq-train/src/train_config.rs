@@ -31,11 +31,14 @@ impl OptimConfig {
                 return Err(Error::Config(format!("{name} must be in [0, 1), got {v}")));
             }
         }
-        if self.eps.is_nan() || self.eps <= 0.0 {
-            return Err(Error::Config(format!("--adam-eps must be positive, got {}", self.eps)));
+        if !self.eps.is_finite() || self.eps <= 0.0 {
+            return Err(Error::Config(format!("--adam-eps must be a positive number, got {}", self.eps)));
         }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 || self.grad_clip.is_nan() || self.grad_clip < 0.0 {
-            return Err(Error::Config("--weight-decay and --grad-clip must be non-negative".into()));
+        // an infinite decay or clip would give NaN weights or mean "no clipping" (that is 0)
+        for (name, v) in [("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip)] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::Config(format!("{name} must be a non-negative number, got {v}")));
+            }
         }
         Ok(())
     }

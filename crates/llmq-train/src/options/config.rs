@@ -141,6 +141,8 @@ impl TrainOptions {
         if self.train_file.is_some() && self.random_data {
             return Err(Error::Config("--random-data and --train-file exclude each other".into()));
         }
+        // checked with or without --export: a bad value is a mistake either way
+        export_dtype("--export-dtype", &self.export_dtype)?;
         let precision = self.precision(on_gpu)?;
         let fp8 = precision.matmul.is_fp8();
         Ok(TrainConfig {
