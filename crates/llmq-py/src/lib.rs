@@ -39,9 +39,10 @@ fn to_json(key: &str, v: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
     } else if v.is_instance_of::<PyBool>() {
         Ok(Value::Bool(v.extract()?))
     } else if v.is_instance_of::<PyInt>() {
-        match v.extract::<i64>() {
-            Ok(i) => Ok(i.into()),
-            Err(_) => Ok(v.extract::<u64>()?.into()),
+        match (v.extract::<i64>(), v.extract::<u64>()) {
+            (Ok(i), _) => Ok(i.into()),
+            (_, Ok(u)) => Ok(u.into()),
+            _ => Err(PyValueError::new_err(format!("option {key}: expected an integer of at most 64 bits, got {v}"))),
         }
     } else if v.is_instance_of::<PyFloat>() {
         let f: f64 = v.extract()?;

@@ -88,6 +88,8 @@ def test_bad_token_arrays_raise_with_the_expected_shape():
         (dict(device="tpu"), '--device: expected auto, cpu or cuda, got "tpu"'),
         (dict(seq_len=100000), "--seq-len 100000 exceeds the model's max_position_embeddings"),
         (dict(memory_limit="16XB"), "--memory-limit: .*unknown unit"),
+        (dict(batch_size=2**64), "option batch_size: expected an integer of at most 64 bits, got 18446744073709551616"),
+        (dict(learning_rate=-(2**70)), "option learning_rate: expected an integer of at most 64 bits"),
         (dict(ckpt_interval=5), "--ckpt-interval needs --ckpt-dir"),
         (dict(from_scratch=False), "it names a built-in shape, which has no weights"),
         (dict(attention="fast"), '--attention: expected auto, mma or simple, got "fast"'),
