@@ -25,7 +25,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
     /// auto (a GPU when present, else the CPU), cpu or cuda.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = llmq_train::options::DEVICES)]
     pub device: String,
     /// Matmul operands: fp32, bf16 or e4m3 (as the training run's --matmul-dtype, for its eval
     /// loss bit for bit). Default: a checkpoint's run's; else bf16 on a GPU, fp32 on the CPU.

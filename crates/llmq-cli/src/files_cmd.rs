@@ -115,6 +115,9 @@ pub fn run_export(a: ExportArgs) -> Result<()> {
         })?;
     let (cfg, groups) = llmq_train::checkpoint::model_config(&a.checkpoint)?;
     let tokenizer = match a.tokenizer_from {
+        Some(dir) if !dir.join("tokenizer.json").is_file() => {
+            return Err(Error::file(&dir, "--tokenizer-from: expected a model directory holding tokenizer.json, found none"));
+        }
         Some(dir) => Some((dir, "--tokenizer-from")),
         None => recorded_tokenizer(&a.checkpoint)?,
     };

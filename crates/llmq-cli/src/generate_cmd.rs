@@ -41,7 +41,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
     /// auto (a GPU when present, else the CPU), cpu or cuda.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = llmq_train::options::DEVICES)]
     pub device: String,
 }
 

@@ -18,7 +18,7 @@ pub use llmq_train::options::{export_dtype, TrainOptions as Options};
 /// Keyword options given as a JSON object, checked by name and type (errors name the option).
 pub fn from_json(map: serde_json::Map<String, serde_json::Value>) -> Result<Options> {
     let o = Options::from_json(map)?;
-    if !["auto", "cpu", "cuda", "gpu"].contains(&o.device.as_str()) {
+    if !llmq_train::options::DEVICES.contains(&o.device.as_str()) {
         return Err(Error::Config(format!("--device: expected auto, cpu or cuda, got {:?}", o.device)));
     }
     Ok(o)

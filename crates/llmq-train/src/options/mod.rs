@@ -17,6 +17,9 @@ use clap::{Args, FromArgMatches};
 use serde::Deserialize;
 use std::path::PathBuf;
 
+/// The values of `--device` ("gpu" is a synonym of "cuda").
+pub const DEVICES: [&str; 4] = ["auto", "cpu", "cuda", "gpu"];
+
 /// `T` from command-line flags (the program name left out); absent ones get the clap attributes'
 /// defaults.
 fn parse_flags<T: Args + FromArgMatches>(flags: &[&str]) -> Result<T, clap::Error> {
@@ -288,7 +291,7 @@ pub struct TrainOptions {
 
     // ---- device ----
     /// auto (a GPU when present, else the CPU), cpu or cuda.
-    #[arg(long, default_value = "auto", help_heading = "Device")]
+    #[arg(long, default_value = "auto", value_parser = DEVICES, help_heading = "Device")]
     pub device: String,
 }
 
