@@ -83,9 +83,15 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Each subcommand with the arguments of a small job that works: (command, arguments, pairs of
-/// them that a flag under test replaces).
-fn jobs(dir: &Path) -> Vec<(&'static str, Vec<String>, Vec<(String, String)>)> {
+/// A subcommand with the arguments of a small job that works.
+struct Job {
+    command: &'static str,
+    positional: Vec<String>,
+    /// Flags and values, each left out when it is the flag under test.
+    flags: Vec<(String, String)>,
+}
+
+fn jobs(dir: &Path) -> Vec<Job> {
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
     let (tok, text, ck, ex, log) = (p("tokenizer.json"), p("text.txt"), p("ck"), p("export"), p("log.jsonl"));
     write_tokenizer(Path::new(&tok));
@@ -96,14 +102,15 @@ fn jobs(dir: &Path) -> Vec<(&'static str, Vec<String>, Vec<(String, String)>)> {
     let step = glob_one(Path::new(&ck));
     let pairs = |v: &[(&str, &str)]| v.iter().map(|(f, x)| (f.to_string(), x.to_string())).collect::<Vec<_>>();
     let train = pairs(&[("--device", "cpu"), ("--model", "tiny"), ("--steps", "1"), ("--batch-size", "2"), ("--seq-len", "16"), ("--eval-every", "0"), ("--print-every", "1")]);
+    let job = |command, positional: &[&str], flags| Job { command, positional: positional.iter().map(|s| s.to_string()).collect(), flags };
     vec![
-        ("train", vec!["--from-scratch".into()], train.clone()),
-        ("plan", vec!["--from-scratch".into()], train),
-        ("eval", vec![ex.clone()], pairs(&[("--eval-file", &tokens), ("--device", "cpu"), ("--batch-size", "1"), ("--seq-len", "8")])),
-        ("generate", vec![], pairs(&[("--model", &ex), ("--tokenizer", &tok), ("--prompt", "w1 w2"), ("--max-tokens", "4"), ("--device", "cpu")])),
-        ("tokenize", vec![text.clone()], pairs(&[("--tokenizer", &tok), ("--output", "out"), ("--eos-id", "1")])),
-        ("export", vec![step], pairs(&[("--output", "out")])),
-        ("plot", vec![log], pairs(&[("--output", "plot.svg")])),
+        job("train", &["--from-scratch"], train.clone()),
+        job("plan", &["--from-scratch"], train),
+        job("eval", &[&ex], pairs(&[("--eval-file", &tokens), ("--device", "cpu"), ("--batch-size", "1"), ("--seq-len", "8")])),
+        job("generate", &[], pairs(&[("--model", &ex), ("--tokenizer", &tok), ("--prompt", "w1 w2"), ("--max-tokens", "4"), ("--device", "cpu")])),
+        job("tokenize", &[&text], pairs(&[("--tokenizer", &tok), ("--output", "out"), ("--eos-id", "1")])),
+        job("export", &[&step], pairs(&[("--output", "out")])),
+        job("plot", &[&log], pairs(&[("--output", "plot.svg")])),
     ]
 }
 
@@ -119,7 +126,7 @@ fn every_flag_of_every_command_at_every_edge_works_or_is_refused_naming_it() {
     let dir = std::env::temp_dir().join(format!("llmq-hostile-flags-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut refused = 0;
-    for (command, positional, base) in jobs(&dir) {
+    for Job { command, positional, flags: base } in jobs(&dir) {
         for flag in value_flags(command) {
             for edge in EDGES {
                 let mut args: Vec<String> = vec![command.to_string()];
