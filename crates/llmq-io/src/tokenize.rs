@@ -125,6 +125,12 @@ pub struct EosChoice {
 /// (`<|im_end|>`, `<|eot_id|>`), not of a document.
 const DOCUMENT_END: &[&str] = &["<|endoftext|>", "<|end_of_text|>"];
 
+/// The directory of a tokenizer.json path ("." for a bare file name, whose parent is "", which
+/// would print as nothing in messages).
+pub fn tokenizer_dir(json: &Path) -> &Path {
+    json.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// The EOS token per the module docs; `dir` is the directory of tokenizer.json.
 pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<EosChoice> {
     let found = |id: u32, source: String| EosChoice { id, token: tok.id_to_token(id), source };
@@ -164,8 +170,8 @@ pub fn find_eos(tok: &Tokenizer, dir: &Path) -> Result<EosChoice> {
         }
     }
     Err(Error::Config(format!(
-        "cannot tell the EOS token of the tokenizer in {}: pass the EOS id explicitly (--eos-id)",
-        dir.display()
+        "cannot tell the EOS token of {}: pass the EOS id explicitly (--eos-id)",
+        dir.join("tokenizer.json").display()
     )))
 }
 
@@ -383,7 +389,7 @@ pub fn tokenize(opts: &TokenizeOptions, progress: &mut dyn FnMut(TokenizeProgres
         return Err(Error::file(&tj, format!("tokenizer vocabulary size {vocab} is not usable")));
     }
     let vocab = vocab as u32;
-    let dir = tj.parent().unwrap_or(Path::new("."));
+    let dir = tokenizer_dir(&tj);
     let eos = match opts.eos_id {
         Some(id) => EosChoice { id, token: tok.id_to_token(id), source: "--eos-id".into() },
         None => find_eos(&tok, dir)?,

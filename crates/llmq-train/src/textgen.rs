@@ -5,8 +5,8 @@
 use crate::generate::{generate, load_source, Decoder, Stop, PROMPT_CHUNK};
 use crate::sampling::SamplingOptions;
 use llmq_core::{Backend, DType, Error, Result};
-use llmq_io::tokenize::{find_eos, load_tokenizer, tokenizer_json_path};
-use std::path::{Path, PathBuf};
+use llmq_io::tokenize::{find_eos, load_tokenizer, tokenizer_dir, tokenizer_json_path};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// `--dtype` of generation: bf16 or fp32.
@@ -54,8 +54,7 @@ pub fn generate_text(be: &mut dyn Backend, req: &TextRequest, on_text: &mut dyn 
     };
     let tok = load_tokenizer(&tok_path)?;
     let json = tokenizer_json_path(&tok_path)?;
-    let tok_dir = json.parent().unwrap_or(Path::new("."));
-    let mut eos: Vec<u32> = find_eos(&tok, tok_dir).ok().map(|c| c.id).into_iter().chain(src.cfg.eos_token_id).collect();
+    let mut eos: Vec<u32> = find_eos(&tok, tokenizer_dir(&json)).ok().map(|c| c.id).into_iter().chain(src.cfg.eos_token_id).collect();
     eos.dedup();
 
     let enc = tok.encode(req.prompt.as_str(), true).map_err(|e| Error::file(&json, format!("cannot encode the prompt: {e}")))?;
