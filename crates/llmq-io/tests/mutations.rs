@@ -172,11 +172,9 @@ fn corrupted_safetensors_files_are_read_or_refused_naming_the_file() {
 #[test]
 fn corrupted_model_configs_are_read_or_refused_naming_the_file() {
     let d = tmpdir("mut_cfg");
-    let cfg = r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
-        "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true}"#;
+    let cfg = serde_json::to_string_pretty(&llmq_core::ModelConfig::builtin("tiny").unwrap().to_hf_json("float32")).unwrap();
     let p = d.join("config.json");
-    std::fs::write(&p, cfg).unwrap();
+    std::fs::write(&p, &cfg).unwrap();
     let (ok, refused) = hostile(&p, &p, 37, allowance(cfg.len() as u64), &|| llmq_io::hf::load_config(&d).map(|_| ()));
     assert!(ok > 0 && refused > 0, "{ok} read, {refused} refused");
 }
