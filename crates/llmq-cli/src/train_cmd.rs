@@ -147,10 +147,10 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
     if !args.opts.auto_memory {
         tc.validate(&cfg)?; // auto_memory validates what it chooses
     }
-    let mut ckpts = args.opts.checkpoints(args.drop_abandoned)?;
     if lead {
         preflight::check_outputs(args)?;
     }
+    let mut ckpts = args.opts.checkpoints(args.drop_abandoned, lead)?;
     if let Some(limit) = tc.memory.memory_limit {
         be.limit_device_memory(limit as usize);
     }

@@ -114,9 +114,10 @@ fn jobs(dir: &Path) -> Vec<Job> {
     ]
 }
 
-/// The one entry of a directory.
+/// The first entry of a directory that is not hidden (the checkpoint root's lock) or set aside.
 fn glob_one(dir: &Path) -> String {
-    let mut e: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| !p.to_string_lossy().contains("abandoned")).collect();
+    let visible = |p: &std::path::PathBuf| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.') && n != "abandoned");
+    let mut e: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(visible).collect();
     e.sort();
     e[0].to_str().unwrap().to_string()
 }

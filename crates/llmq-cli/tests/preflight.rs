@@ -129,3 +129,29 @@ fn a_shape_from_scratch_trains_with_the_vocabulary_of_its_token_files() {
     assert!(stdout.contains("step      2/"), "{stdout}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A second run into the checkpoint directory of a live run is refused, naming the first; once
+/// the first is killed (no clean exit), the directory is free again.
+#[test]
+fn a_checkpoint_directory_takes_one_run_at_a_time() {
+    use std::io::{BufRead, BufReader};
+    let d = tmpdir("lock");
+    let ck = d.join("ck");
+    let ck = ck.to_str().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "1000000", "--batch-size", "2", "--seq-len", "16", "--eval-every=0", "--print-every", "1", "--ckpt-dir", ck])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the lock is taken before the first step
+    let mut lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().starts_with("step ")), "the first run did not start");
+    let second = llmq(&["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "1", "--ckpt-dir", ck]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!second.status.success() && stderr.contains(&format!("in use by another run (pid {} on ", first.id())), "{stderr}");
+    let third = llmq(&["train", "--device", "cpu", "--model", "tiny", "--from-scratch", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every=0", "--ckpt-dir", ck]);
+    assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+    let _ = std::fs::remove_dir_all(&d);
+}

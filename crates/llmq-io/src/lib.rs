@@ -6,7 +6,8 @@
 //! - `tokfile`: the reference's token file format (reader, writer, validation).
 //! - `loader`: `TokenLoader`, the token-file `BatchSource` with exact resume.
 //! - `ckpt`: crash-safe checkpoint store with manifest, commit record, checksums and lineage.
-//! - `retention`: which checkpoints stay (one lineage in the root, the newest few of it).
+//! - `retention`: which checkpoints stay (one lineage in the root, the newest few of it);
+//!   `root_lock`: one run at a time writes into a checkpoint root.
 //! - `tokenize`: text/jsonl/parquet -> token files with a HF tokenizer.json (`chat`: chat
 //!   templates and assistant-only loss masks; `parquet_input`: Parquet columns).
 
@@ -17,6 +18,7 @@ pub mod hf;
 pub mod loader;
 pub mod parquet_input;
 pub mod retention;
+pub mod root_lock;
 pub mod safetensors;
 pub mod tokenize;
 pub mod tokfile;

@@ -31,7 +31,7 @@ pub fn train_config(o: &Options, on_gpu: bool) -> Result<TrainConfig> {
 
 /// Checkpoints and export of the options; `source`: the model directory (for the tokenizer).
 pub fn run_options(o: &Options, source: Option<PathBuf>) -> Result<RunOptions> {
-    Ok(RunOptions { checkpoints: o.checkpoints(false)?, ckpt_interval: o.ckpt_interval, stop_at: o.stop_at, skip_eval: false, export: o.export(|_| source)? })
+    Ok(RunOptions { checkpoints: o.checkpoints(false, true)?, ckpt_interval: o.ckpt_interval, stop_at: o.stop_at, skip_eval: false, export: o.export(|_| source)? })
 }
 
 /// Training and (optional) evaluation data.

@@ -259,3 +259,11 @@ def test_the_gil_is_released_while_the_model_runs():
     # another thread ran Python code during the call, not only before and after it
     inside = [s for s in stamps if t0 + 0.05 < s < t1 - 0.05]
     assert t1 - t0 > 0.15 and len(inside) > 10, (t1 - t0, len(inside))
+
+
+def test_a_checkpoint_directory_takes_one_trainer_at_a_time(tmp_path):
+    first = llmq.Trainer(**dict(TINY, ckpt_dir=str(tmp_path / "ck")))
+    with pytest.raises(llmq.LlmqError, match=f"in use by another run \\(pid {os.getpid()} on "):
+        llmq.Trainer(**dict(TINY, ckpt_dir=str(tmp_path / "ck")))
+    del first
+    llmq.Trainer(**dict(TINY, ckpt_dir=str(tmp_path / "ck")))

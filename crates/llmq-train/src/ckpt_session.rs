@@ -1,12 +1,14 @@
 //! The checkpoints of one run: resuming (saying what was skipped and why), setting aside what is
 //! not on the resumed line, writing checkpoints with this run's lineage, and retention. Methods
-//! return the lines to show; the caller prints or logs them.
+//! return the lines to show; the caller prints or logs them. The run's first rank holds the
+//! root's lock (`llmq_io::root_lock`) for the whole run.
 
 use crate::checkpoint;
 use crate::trainer::Trainer;
 use llmq_core::{Error, Result};
 use llmq_io::ckpt::{self, Lineage};
 use llmq_io::retention::{self, Retention};
+use llmq_io::root_lock::RootLock;
 use std::path::PathBuf;
 
 #[derive(Clone, Debug)]
@@ -19,6 +21,8 @@ pub struct CkptSession {
     /// The resumed checkpoint's lineage and step: what stays in the root.
     head: Option<(Lineage, u64)>,
     drop_abandoned: bool,
+    /// The root's lock, held by the run's first rank (`lock`).
+    lock: Option<std::sync::Arc<RootLock>>,
 }
 
 /// A checkpoint written by [`CkptSession::save`].
@@ -39,7 +43,15 @@ impl CkptSession {
             resumed: None,
             head: None,
             drop_abandoned,
+            lock: None,
         })
+    }
+
+    /// Takes the root's lock for this run (its first rank: the one that resumes, sets aside and
+    /// writes), or refuses naming the run that holds it.
+    pub fn lock(&mut self) -> Result<()> {
+        self.lock = Some(std::sync::Arc::new(RootLock::acquire(&self.root)?));
+        Ok(())
     }
 
     pub fn run_id(&self) -> &str {

@@ -178,9 +178,15 @@ impl TrainOptions {
         })
     }
 
-    /// The checkpoint session of `--ckpt-dir` (none without it).
-    pub fn checkpoints(&self, drop_abandoned: bool) -> Result<Option<CkptSession>> {
-        self.ckpt_dir.clone().map(|root| CkptSession::new(root, self.keep_last, self.keep_major, drop_abandoned)).transpose()
+    /// The checkpoint session of `--ckpt-dir` (none without it); `lead` (the run's first rank)
+    /// takes the directory's lock.
+    pub fn checkpoints(&self, drop_abandoned: bool, lead: bool) -> Result<Option<CkptSession>> {
+        let Some(root) = self.ckpt_dir.clone() else { return Ok(None) };
+        let mut session = CkptSession::new(root, self.keep_last, self.keep_major, drop_abandoned)?;
+        if lead {
+            session.lock()?;
+        }
+        Ok(Some(session))
     }
 
     /// The export of `--export` (none without it); `tokenizer` gives the directory its tokenizer
