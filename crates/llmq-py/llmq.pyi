@@ -44,6 +44,7 @@ class _MemoryPlan(TypedDict):
     limit: Optional[int]
     fits: bool
     memory_flags: str
+    estimated_step_s: Optional[float]
 
 def plan(model: Optional[_Path] = None, from_scratch: bool = False, **options: Any) -> _MemoryPlan:
     """The memory plan of Trainer(model, from_scratch, **options), without a device or weights."""

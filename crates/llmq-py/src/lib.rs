@@ -10,10 +10,10 @@ mod generate;
 mod options;
 mod trainer;
 
-use llmq_core::{Error, Mem, MemCategory};
+use llmq_core::{Error, Mem, MemCategory, ModelConfig};
 use llmq_train::eval::{self, EvalData, EvalShape};
 use llmq_train::memory_check;
-use llmq_train::plan::{lifetime, memory_flags, MemoryPlan};
+use llmq_train::plan::{estimate_step_seconds, lifetime, memory_flags, DeviceSpeeds, MemoryPlan};
 use llmq_train::TrainConfig;
 use options::Options;
 use pyo3::create_exception;
@@ -81,10 +81,11 @@ pub(crate) fn backend_reserve(on_gpu: bool) -> usize {
     }
 }
 
-/// The memory plan `p` of a run configured as `tc`, as a dict: bytes per category under "device",
-/// "host" and "host_write_combined", the device peak (the backend's own buffers included), the
-/// host total, whether it fits `memory_limit`, and the memory options as `llmq train` flags.
-pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, tc: &TrainConfig) -> PyResult<Bound<'py, PyDict>> {
+/// The memory plan `p` of model `cfg` in a run configured as `tc`, as a dict: bytes per category
+/// under "device", "host" and "host_write_combined", the device peak (the backend's own buffers
+/// included), the host total, whether it fits `memory_limit`, the memory options as `llmq train`
+/// flags, and for a GPU plan the step time estimated on an H200 (as `llmq plan` prints it).
+pub(crate) fn plan_dict<'py>(py: Python<'py>, cfg: &ModelConfig, p: &MemoryPlan, tc: &TrainConfig, on_gpu: bool) -> PyResult<Bound<'py, PyDict>> {
     let limit = tc.memory.memory_limit;
     let d = PyDict::new(py);
     for (mem, key) in [(Mem::Device, "device"), (Mem::Host, "host"), (Mem::HostWriteCombined, "host_write_combined")] {
@@ -107,6 +108,8 @@ pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, tc: &TrainConfig) 
     d.set_item("limit", limit)?;
     d.set_item("fits", p.fits(limit))?;
     d.set_item("memory_flags", memory_flags(tc))?;
+    let est = on_gpu.then(|| estimate_step_seconds(cfg, tc, p, DeviceSpeeds::h200(tc.precision.matmul.is_fp8())));
+    d.set_item("estimated_step_s", est)?;
     Ok(d)
 }
 
@@ -118,7 +121,7 @@ pub(crate) fn plan_dict<'py>(py: Python<'py>, p: &MemoryPlan, tc: &TrainConfig) 
 fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, options: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyDict>> {
     let o = parse_options(model, from_scratch, options)?;
     let on_gpu = o.device != "cpu";
-    let (p, tc) = py
+    let (p, tc, cfg) = py
         .detach(|| -> llmq_core::Result<_> {
             let m = o.resolve_model()?;
             let mut tc = options::train_config(&o, on_gpu)?;
@@ -128,10 +131,10 @@ fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, option
             } else {
                 tc.validate(&m.cfg)?;
             }
-            Ok((MemoryPlan::new(&m.cfg, &tc, reserve)?, tc))
+            Ok((MemoryPlan::new(&m.cfg, &tc, reserve)?, tc, m.cfg))
         })
         .map_err(to_py)?;
-    plan_dict(py, &p, &tc)
+    plan_dict(py, &cfg, &p, &tc, on_gpu)
 }
 
 /// Loss and perplexity of a model (a checkpoint, model directory or Hugging Face cache name) on

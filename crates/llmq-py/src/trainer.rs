@@ -346,7 +346,7 @@ impl PyTrainer {
     fn memory_plan<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let tc = self.run.trainer().config();
         let p = MemoryPlan::new(self.cfg(), tc, backend_reserve(self.on_gpu)).map_err(to_py)?;
-        plan_dict(py, &p, tc)
+        plan_dict(py, self.cfg(), &p, tc, self.on_gpu)
     }
 
     /// The model configuration (config.json fields) as a dict.

@@ -127,6 +127,11 @@ def test_memory_plan_dict():
     assert limited["limit"] == 1 << 20 and not limited["fits"]
     # a GPU plan counts the CUDA backend's own buffers
     assert llmq.plan(**dict(TINY, device="cuda"))["backend_reserve"] > 0
+    # a GPU plan carries the step time llmq plan estimates; a CPU plan none
+    assert p["estimated_step_s"] is None
+    seven = llmq.plan(model="qwen2.5-7b", from_scratch=True, device="cuda", batch_size=4, seq_len=1024)
+    fourteen = llmq.plan(model="qwen2.5-14b", from_scratch=True, device="cuda", batch_size=4, seq_len=1024)
+    assert 0 < seven["estimated_step_s"] < fourteen["estimated_step_s"]
 
 
 def test_a_run_over_its_memory_limit_is_refused_before_allocating():
