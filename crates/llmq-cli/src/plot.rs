@@ -142,7 +142,7 @@ pub fn read_log(path: &Path) -> Result<LogRead> {
     }
     out.series.retain(|s| !s.is_empty());
     if out.series.is_empty() {
-        let why = if out.ignored.is_empty() { String::new() } else { format!(" ({})", out.ignored.join("; ")) };
+        let why = if out.ignored.is_empty() { String::new() } else { format!(" ({})", first_few(&out.ignored).join("; ")) };
         return Err(Error::file(path, format!("no step or eval records with a loss{why}")));
     }
     let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -153,11 +153,22 @@ pub fn read_log(path: &Path) -> Result<LogRead> {
     Ok(out)
 }
 
+/// The first few of the lines ignored and how many more there were (a file that is not a log at
+/// all would otherwise be reported line by line).
+fn first_few(ignored: &[String]) -> Vec<String> {
+    const SHOWN: usize = 5;
+    let mut v: Vec<String> = ignored.iter().take(SHOWN).cloned().collect();
+    if ignored.len() > SHOWN {
+        v.push(format!("{} more lines", ignored.len() - SHOWN));
+    }
+    v
+}
+
 pub fn run(args: PlotArgs) -> Result<()> {
     let mut series = vec![];
     for log in &args.logs {
         let read = read_log(log)?;
-        for why in &read.ignored {
+        for why in first_few(&read.ignored) {
             eprintln!("{}: ignored {why}", log.display());
         }
         series.extend(read.series);
@@ -217,6 +228,10 @@ mod tests {
         std::fs::write(&p, "not json\n").unwrap();
         let err = read_log(&p).unwrap_err().to_string();
         assert!(err.contains("one.jsonl") && err.contains("line 1") && err.contains("no step or eval records"), "{err}");
+        // a file that is not a log names its first few lines, not every one
+        std::fs::write(&p, "not json\n".repeat(10_000)).unwrap();
+        let err = read_log(&p).unwrap_err().to_string();
+        assert!(err.contains("line 5: not a JSON record; 9995 more lines") && !err.contains("line 6:"), "{err}");
     }
 
     /// Two runs appended to one log, the second resumed by a third: two series, the resumed one
