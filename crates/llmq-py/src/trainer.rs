@@ -66,6 +66,8 @@ pub struct PyTrainer {
 impl PyTrainer {
     pub(crate) fn build(o: Options) -> Result<PyTrainer> {
         let m = o.resolve_model()?;
+        // first: it takes the checkpoint directory's lock, before anything is allocated
+        let run_options = options::run_options(&o, m.dir.clone())?;
         let (mut be, on_gpu) = select_backend(&o.device, &o.backend.options()?)?;
         let mut tc = options::train_config(&o, on_gpu)?;
         if !o.auto_memory {
@@ -100,7 +102,7 @@ impl PyTrainer {
         }
         // no stop flag to raise: Python ends a run by not calling train_step() again (Ctrl-C
         // raises KeyboardInterrupt when the step in progress returns)
-        let run = Run::new(tr, options::run_options(&o, m.dir.clone())?, Arc::new(AtomicBool::new(false)));
+        let run = Run::new(tr, run_options, Arc::new(AtomicBool::new(false)));
         Ok(PyTrainer { run, queue, source_dir: m.dir, on_gpu, pending: None, lineage })
     }
 
