@@ -26,6 +26,10 @@
 
 use llmq_core::{Error, Result};
 use minijinja::{Environment, ErrorKind, Value};
+
+/// Template steps one rendering may take: Qwen2.5's template renders a conversation of 2,000
+/// messages within it (tests/chat.rs), and a runaway template stops within about a second.
+const TEMPLATE_FUEL: u64 = 20_000_000;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use tokenizers::{Encoding, Tokenizer};
@@ -102,6 +106,9 @@ impl ChatTemplate {
                 .expect("default delimiters are valid"),
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // a template is code from the model's directory: one that loops for ever (or for 10^10
+        // steps) fails its first conversation instead of hanging the run
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
         });

@@ -166,6 +166,27 @@ fn llama3_template_trims_and_adds_bos_once() {
     assert_eq!(trained_runs(&tok, &data.tokens, data.mask.as_ref().unwrap()), ["Hello there.<|eot_id|>"]);
 }
 
+/// A chat template is code from the model's directory: one that would loop for 10^10 steps stops
+/// at its first conversation with an error naming it, while a real template renders a long
+/// conversation within the same budget.
+#[test]
+fn a_runaway_template_stops_and_a_long_conversation_renders() {
+    let d = tmpdir("chat_fuel");
+    write_byte_tokenizer(&d, serde_json::json!({"chat_template": QWEN25, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}));
+    let turns: Vec<serde_json::Value> = (0..2000).map(|i| serde_json::json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("turn {i}")})).collect();
+    let j = d.join("c.jsonl");
+    std::fs::write(&j, format!("{}\n", serde_json::json!({"messages": turns}))).unwrap();
+    let o = chat_opts(&d, &j);
+    let rep = tokenize(&o, &mut |_| {}).unwrap();
+    assert_eq!(rep.documents, 1);
+    let cfg = d.join("tokenizer_config.json");
+    let runaway = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}";
+    std::fs::write(&cfg, serde_json::json!({"chat_template": runaway}).to_string()).unwrap();
+    let started = std::time::Instant::now();
+    assert_file_err(tokenize(&o, &mut |_| {}), &j, &["line 1", "chat template of", "tokenizer_config.json", "ran out of fuel"]);
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+}
+
 #[test]
 fn bad_conversations_name_file_line_and_field() {
     let d = tmpdir("chat_bad");
