@@ -289,8 +289,9 @@ impl Batcher<'_> {
             let texts: Vec<&str> = self.docs.iter().map(|d| d.text.as_str()).collect();
             // a rendered conversation holds its special tokens already
             let specials = self.opts.add_special_tokens && self.chat.is_none();
-            let encs =
-                self.tok.encode_batch(texts, specials).map_err(|e| Error::file(self.tj, format!("tokenizer failed: {e}")))?;
+            let encs = crate::guarded(|| self.tok.encode_batch(texts, specials))
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| Error::file(self.tj, format!("tokenizer failed: {e}")))?;
             let mut buf: Vec<i32> = Vec::new();
             for (enc, doc) in encs.iter().zip(&self.docs) {
                 buf.clear();

@@ -42,7 +42,7 @@ unsafe impl GlobalAlloc for Recording {
 static ALLOC: Recording = Recording;
 
 /// Cases per format: enough to reach every field of these small files many times over (20,000
-/// per format ran clean once the two library panics were guarded).
+/// per format ran clean once the library panics were guarded: `llmq_io::guarded`).
 const CASES: u64 = 1000;
 
 /// Values spliced over numbers and integer fields: the edges a length or offset check must hold.

@@ -169,3 +169,19 @@ fn progress_moves_in_steps_of_a_batch() {
     assert!(steps as u64 >= total / BATCH_BYTES as u64, "{steps} progress steps over {total} bytes");
     assert!(calls.windows(2).all(|w| w[1].bytes_done >= w[0].bytes_done && w[1].tokens >= w[0].tokens));
 }
+
+/// A pre-tokenizer regex that backtracks past Oniguruma's limit makes the tokenizers crate panic
+/// while encoding; tokenize reports it as an error naming tokenizer.json.
+#[test]
+fn a_tokenizer_whose_regex_backtracks_without_end_is_an_error() {
+    let d = tmpdir("tk_redos");
+    let tj = write_tokenizer(&d);
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    tok["pre_tokenizer"] = serde_json::json!({"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": false});
+    std::fs::write(&tj, tok.to_string()).unwrap();
+    let a = d.join("a.txt");
+    std::fs::write(&a, format!("{}!", "a".repeat(40))).unwrap();
+    let mut opts = TokenizeOptions::new(vec![a], d.clone(), d.join("out"));
+    opts.eos_id = Some(1);
+    assert_file_err(tokenize(&opts, &mut |_| {}), &tj, &["tokenizer failed", "the library panicked", "retry-limit"]);
+}
