@@ -435,7 +435,7 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
         print!("{}", plan.describe_buffers(16));
     }
     if on_gpu {
-        let est = plan::estimate_step_seconds(cfg, &tc, &plan, plan::DeviceSpeeds::h200(p.matmul.is_fp8()));
+        let est = plan::estimate_step_seconds(cfg, &tc, &plan, plan::DeviceSpeeds::h200_for(&tc));
         println!("estimated step on an H200: {:.1} ms -> {:.0} tokens/s", est * 1e3, tc.tokens_per_step() as f64 / est);
     }
     match tc.memory.memory_limit {

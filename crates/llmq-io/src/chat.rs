@@ -26,13 +26,13 @@
 
 use llmq_core::{Error, Result};
 use minijinja::{Environment, ErrorKind, Value};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use tokenizers::{Encoding, Tokenizer};
 
 /// Template steps one rendering may take: Qwen2.5's template renders a conversation of 2,000
 /// messages within it (tests/chat.rs), and a runaway template stops within about a second.
 const TEMPLATE_FUEL: u64 = 20_000_000;
-use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use tokenizers::{Encoding, Tokenizer};
 
 pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 

@@ -27,15 +27,18 @@ pub mod xxh64;
 pub use data::{Batch, BatchSource};
 pub use loader::{LoaderOptions, TokenLoader};
 
-/// Runs a call into a library that panics on some malformed input instead of returning an
-/// error, so that such input is an error naming the file. Found by tests/mutations.rs and by
+/// Runs a fallible call into a library that panics on some malformed input instead of returning
+/// an error: either way the result is an error message, for an error naming the file. Found by tests/mutations.rs and by
 /// hostile tokenizers: parquet 60 (a corrupted page reached an out-of-range slice in
 /// `util/bit_util.rs`), tokenizers 0.22 (a malformed `decoder` in tokenizer.json:
 /// `expect("Helper")`) and onig 6.5 (a pre-tokenizer regex over its backtracking limit). The
 /// default hook still prints the panic to stderr.
-pub fn guarded<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|payload| {
-        let text = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned());
-        format!("the library panicked: {}", text.unwrap_or_else(|| "no message".into()))
-    })
+pub fn guarded<T, E: std::fmt::Display>(call: impl FnOnce() -> std::result::Result<T, E>) -> std::result::Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(payload) => {
+            let text = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned());
+            Err(format!("the library panicked: {}", text.unwrap_or_else(|| "no message".into())))
+        }
+    }
 }

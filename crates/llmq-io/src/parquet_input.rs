@@ -28,9 +28,7 @@ pub struct ParquetColumn {
 impl ParquetColumn {
     pub fn open(path: &Path, field: &str) -> Result<ParquetColumn> {
         let f = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        let reader = guarded(|| SerializedFileReader::new(f))
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|e| Error::file(path, format!("not a readable Parquet file: {e}")))?;
+        let reader = guarded(|| SerializedFileReader::new(f)).map_err(|e| Error::file(path, format!("not a readable Parquet file: {e}")))?;
         let schema = reader.metadata().file_metadata().schema();
         let col = schema.get_fields().iter().find(|t| t.name() == field).ok_or_else(|| {
             let names: Vec<&str> = schema.get_fields().iter().map(|t| t.name()).collect();
@@ -64,13 +62,12 @@ impl ParquetColumn {
             let at = row.map(|r| format!("row {r}")).unwrap_or_else(|| format!("row group {i}"));
             Error::file(&self.path, format!("{at}: cannot read: {e}"))
         };
-        let rg = guarded(|| self.reader.get_row_group(i)).map_err(|e| err(None, &e))?.map_err(|e| err(None, &e))?;
-        let mut rows = guarded(|| rg.get_row_iter(Some(self.projection.clone()))).map_err(|e| err(None, &e))?.map_err(|e| err(None, &e))?;
+        let rg = guarded(|| self.reader.get_row_group(i)).map_err(|e| err(None, &e))?;
+        let mut rows = guarded(|| rg.get_row_iter(Some(self.projection.clone()))).map_err(|e| err(None, &e))?;
         let mut n = 0u64;
         loop {
             let row = first_row + n;
-            let Some(r) = guarded(|| rows.next()).map_err(|e| err(Some(row), &e))? else { break };
-            let r = r.map_err(|e| err(Some(row), &e))?;
+            let Some(r) = guarded(|| rows.next().transpose()).map_err(|e| err(Some(row), &e))? else { break };
             let v = match r.get_column_iter().next() {
                 Some((_, Field::Str(s))) => serde_json::Value::String(s.clone()),
                 Some((_, Field::Bytes(b))) => match std::str::from_utf8(b.data()) {

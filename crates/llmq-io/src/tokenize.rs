@@ -102,9 +102,7 @@ pub fn tokenizer_json_path(p: &Path) -> Result<PathBuf> {
 /// Loads a tokenizer with padding and truncation switched off (they would change the tokens).
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     let j = tokenizer_json_path(path)?;
-    let mut t = crate::guarded(|| Tokenizer::from_file(&j))
-        .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|e| Error::file(&j, format!("cannot load tokenizer: {e}")))?;
+    let mut t = crate::guarded(|| Tokenizer::from_file(&j)).map_err(|e| Error::file(&j, format!("cannot load tokenizer: {e}")))?;
     t.with_padding(None);
     t.with_truncation(None).map_err(|e| Error::file(&j, format!("cannot disable truncation: {e}")))?;
     Ok(t)
@@ -289,9 +287,8 @@ impl Batcher<'_> {
             let texts: Vec<&str> = self.docs.iter().map(|d| d.text.as_str()).collect();
             // a rendered conversation holds its special tokens already
             let specials = self.opts.add_special_tokens && self.chat.is_none();
-            let encs = crate::guarded(|| self.tok.encode_batch(texts, specials))
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map_err(|e| Error::file(self.tj, format!("tokenizer failed: {e}")))?;
+            let encs =
+                crate::guarded(|| self.tok.encode_batch(texts, specials)).map_err(|e| Error::file(self.tj, format!("tokenizer failed: {e}")))?;
             let mut buf: Vec<i32> = Vec::new();
             for (enc, doc) in encs.iter().zip(&self.docs) {
                 buf.clear();

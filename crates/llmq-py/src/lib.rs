@@ -108,7 +108,7 @@ pub(crate) fn plan_dict<'py>(py: Python<'py>, cfg: &ModelConfig, p: &MemoryPlan,
     d.set_item("limit", limit)?;
     d.set_item("fits", p.fits(limit))?;
     d.set_item("memory_flags", memory_flags(tc))?;
-    let est = on_gpu.then(|| estimate_step_seconds(cfg, tc, p, DeviceSpeeds::h200(tc.precision.matmul.is_fp8())));
+    let est = on_gpu.then(|| estimate_step_seconds(cfg, tc, p, DeviceSpeeds::h200_for(tc)));
     d.set_item("estimated_step_s", est)?;
     Ok(d)
 }

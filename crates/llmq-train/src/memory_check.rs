@@ -47,7 +47,7 @@ pub fn budget_name(tc: &TrainConfig, on_gpu: bool) -> &'static str {
 /// there is, a line saying so.
 pub fn choose_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64) -> Result<(AutoMemory, Option<String>)> {
     let host = host_budget();
-    let auto = plan::auto_memory(cfg, tc, reserve, limit, host, plan::DeviceSpeeds::h200(tc.precision.matmul.is_fp8()))?;
+    let auto = plan::auto_memory(cfg, tc, reserve, limit, host, plan::DeviceSpeeds::h200_for(tc))?;
     let note = auto.host_note(host);
     Ok((auto, note))
 }

@@ -184,6 +184,11 @@ impl DeviceSpeeds {
     pub fn h200(fp8: bool) -> DeviceSpeeds {
         DeviceSpeeds { matmul_flops: if fp8 { 1430e12 } else { 795e12 }, bf16_flops: 795e12, mem_bw: 4.25e12, link_bw: 55e9 }
     }
+
+    /// The H200's figures for the matmul dtype of `tc`.
+    pub fn h200_for(tc: &TrainConfig) -> DeviceSpeeds {
+        DeviceSpeeds::h200(tc.precision.matmul.is_fp8())
+    }
 }
 
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
@@ -303,7 +308,7 @@ impl AutoMemory {
 /// Where nothing fits, an error saying by how much the smallest plan is over.
 /// `--zero-copy` and `--write-combined` given with it restrict the choice to plans where they
 /// apply (they need offloaded state, which the search chooses); the other memory options are
-/// chosen. Returns a validated configuration.
+/// chosen. Returns a validated configuration (`MemoryPlan::new` validates every candidate).
 pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u64, host_limit: Option<u64>, dev: DeviceSpeeds) -> Result<AutoMemory> {
     let (want_zero_copy, want_wc) = (tc.memory.zero_copy, tc.memory.write_combined);
     let mut base = tc.clone();
@@ -374,7 +379,6 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
             fmt_bytes(s.saturating_sub(limit as usize))
         ))
     })?;
-    best.0.validate(cfg)?;
     let (config, plan, est) = best;
     let faster_with_more_host = best_any_host.filter(|(_, _, e)| *e < est);
     Ok(AutoMemory { config, plan, est, faster_with_more_host })

@@ -57,9 +57,7 @@ pub fn generate_text(be: &mut dyn Backend, req: &TextRequest, on_text: &mut dyn 
     let mut eos: Vec<u32> = find_eos(&tok, tokenizer_dir(&json)).ok().map(|c| c.id).into_iter().chain(src.cfg.eos_token_id).collect();
     eos.dedup();
 
-    let enc = llmq_io::guarded(|| tok.encode(req.prompt.as_str(), true))
-        .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|e| Error::file(&json, format!("cannot encode the prompt: {e}")))?;
+    let enc = llmq_io::guarded(|| tok.encode(req.prompt.as_str(), true)).map_err(|e| Error::file(&json, format!("cannot encode the prompt: {e}")))?;
     let mut prompt: Vec<u32> = enc.get_ids().to_vec();
     if prompt.is_empty() {
         prompt.extend(src.cfg.bos_token_id);
