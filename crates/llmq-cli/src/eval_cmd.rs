@@ -6,6 +6,7 @@ use crate::device;
 use clap::Args;
 use llmq_core::{DType, Error, Result};
 use llmq_train::eval::{self, EvalData, EvalShape};
+use llmq_train::FastAccumulation;
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -31,6 +32,11 @@ pub struct EvalArgs {
     /// loss bit for bit). Default: a checkpoint's run's; else bf16 on a GPU, fp32 on the CPU.
     #[arg(long)]
     pub matmul_dtype: Option<String>,
+    /// With e4m3 matmuls: off, forward or all (as the training run's, for its eval loss bit for
+    /// bit; only the forward part applies). Default: a checkpoint's run's when the matmul dtype
+    /// is its; else off.
+    #[arg(long)]
+    pub fp8_fast_accumulation: Option<String>,
     /// Print the result as one JSON object (loss, perplexity, tokens, batches).
     #[arg(long)]
     pub json: bool,
@@ -45,13 +51,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (mut be, gpu) = device::select(&a.device, &a.backend.options()?)?;
     let asked = a.matmul_dtype.as_deref().map(|s| DType::parse(s).ok_or_else(|| Error::Config(format!("--matmul-dtype: unknown dtype {s:?} (fp32, bf16, e4m3)")))).transpose()?;
     let matmul = eval::matmul_dtype(asked, &model, gpu.is_some());
-    let precision = eval::precision(matmul);
+    let fast = a.fp8_fast_accumulation.as_deref().map(FastAccumulation::parse).transpose()?;
+    let precision = eval::precision(matmul, eval::fast_accumulation(fast, &model, matmul));
     precision.validate()?;
     if !a.json {
         println!("llmq eval");
         println!("  model      {} | V={} | {:.2}M parameters", model.describe, model.cfg.vocab_size, model.cfg.num_params() as f64 / 1e6);
         println!("  data       {}", data.describe());
-        println!("  device     {} | matmul {matmul}", be.name());
+        let fast = match precision.fp8_fast_accumulation {
+            FastAccumulation::Off => String::new(),
+            f => format!(" | fp8 fast accumulation {}", f.name()),
+        };
+        println!("  device     {} | matmul {matmul}{fast}", be.name());
         println!("  batches    {} x B={} T={}", data.batches, a.batch_size, a.seq_len);
     }
     let bar = indicatif::ProgressBar::new(data.batches as u64);

@@ -120,20 +120,25 @@ pub struct Matmul<'a> {
     /// that picks algorithms picks this one for the side stream's share of the device on
     /// either stream, so the result does not depend on which stream runs it.
     pub side_algo: bool,
+    /// fp8 only: the tensor cores' partial sums need not be promoted to full f32 precision
+    /// (`Precision::fp8_fast_accumulation`). Hopper adds fp8 products with ~14 significant bits;
+    /// cuBLASLt's default promotes them every few k-steps, this lets it skip that. Backends that
+    /// accumulate exactly ignore it.
+    pub fast_accumulation: bool,
 }
 
 impl<'a> Matmul<'a> {
     /// y = x · wᵀ
     pub fn linear(out: &'a Tensor, x: &'a Tensor, w: &'a Tensor) -> Self {
-        Matmul { out, a: x, trans_a: false, b: w, trans_b: true, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false }
+        Matmul { out, a: x, trans_a: false, b: w, trans_b: true, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false, fast_accumulation: false }
     }
     /// dx = dy · w
     pub fn linear_dgrad(dx: &'a Tensor, dy: &'a Tensor, w: &'a Tensor) -> Self {
-        Matmul { out: dx, a: dy, trans_a: false, b: w, trans_b: false, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false }
+        Matmul { out: dx, a: dy, trans_a: false, b: w, trans_b: false, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false, fast_accumulation: false }
     }
     /// dw += dyᵀ · x
     pub fn linear_wgrad(dw: &'a Tensor, dy: &'a Tensor, x: &'a Tensor) -> Self {
-        Matmul { out: dw, a: dy, trans_a: true, b: x, trans_b: false, bias: None, accumulate: true, descale_a: None, descale_b: None, side_algo: false }
+        Matmul { out: dw, a: dy, trans_a: true, b: x, trans_b: false, bias: None, accumulate: true, descale_a: None, descale_b: None, side_algo: false, fast_accumulation: false }
     }
     pub fn with_bias(mut self, bias: Option<&'a Tensor>) -> Self {
         self.bias = bias;

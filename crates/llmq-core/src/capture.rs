@@ -166,6 +166,7 @@ struct MatmulArgs {
     descale_a: Option<Tensor>,
     descale_b: Option<Tensor>,
     side_algo: bool,
+    fast_accumulation: bool,
 }
 
 impl MatmulArgs {
@@ -181,6 +182,7 @@ impl MatmulArgs {
             descale_a: m.descale_a.copied(),
             descale_b: m.descale_b.copied(),
             side_algo: m.side_algo,
+            fast_accumulation: m.fast_accumulation,
         }
     }
     fn issue(&self, be: &dyn Backend) -> Result<()> {
@@ -195,6 +197,7 @@ impl MatmulArgs {
             descale_a: self.descale_a.as_ref(),
             descale_b: self.descale_b.as_ref(),
             side_algo: self.side_algo,
+            fast_accumulation: self.fast_accumulation,
         })
     }
 }

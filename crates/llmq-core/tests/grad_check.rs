@@ -32,7 +32,7 @@ fn matmul_all_transposes_with_bias() {
             let bias = cx.f32(&[n], &biasv);
             let out = cx.zeros(F32, &[m, n]);
             let g = cx.f32(&[m, n], &rv);
-            let fwd = Matmul { out: &out, a: &a, trans_a, b: &b, trans_b, bias: Some(&bias), accumulate: false, descale_a: None, descale_b: None, side_algo: false };
+            let fwd = Matmul { out: &out, a: &a, trans_a, b: &b, trans_b, bias: Some(&bias), accumulate: false, descale_a: None, descale_b: None, side_algo: false, fast_accumulation: false };
 
             // dA: d op(A) = G op(B)ᵀ; stored transposed when trans_a: dA = op(B) Gᵀ.
             let da = cx.zeros(F32, &adims);

@@ -36,7 +36,7 @@ fn matmul_ref(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, n: usize, k: u
 }
 
 fn mm<'a>(out: &'a Tensor, a: &'a Tensor, trans_a: bool, b: &'a Tensor, trans_b: bool) -> Matmul<'a> {
-    Matmul { out, a, trans_a, b, trans_b, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false }
+    Matmul { out, a, trans_a, b, trans_b, bias: None, accumulate: false, descale_a: None, descale_b: None, side_algo: false, fast_accumulation: false }
 }
 
 #[test]

@@ -84,6 +84,8 @@ struct Key {
     sms: u32,
     /// The SM count the algorithm is chosen for (0: all).
     algo_sms: u32,
+    /// fp8 without promotion of the partial sums (CUBLASLT_MATMUL_DESC_FAST_ACCUM).
+    fast_accum: bool,
 }
 
 struct Plan {
@@ -103,9 +105,14 @@ fn key_string(k: &Key) -> String {
     let [a0, a1, a2, a3] = k.align;
     let base = format!("{} {} {} {} {} {} {} {} {} {} {a0} {a1} {a2} {a3}", k.m, k.n, k.k, k.trans_a as u8, k.trans_b as u8, k.da, k.db, k.dout, bias, k.accumulate as u8);
     // (the SM target a matmul runs with does not matter: only the one its algorithm is chosen for)
-    match k.algo_sms {
+    let base = match k.algo_sms {
         0 => base,
         n => format!("{base} sms{n}"),
+    };
+    if k.fast_accum {
+        format!("{base} fast")
+    } else {
+        base
     }
 }
 
@@ -213,6 +220,7 @@ impl Blas {
             align: [alignment(a.addr), alignment(b.addr), alignment(out.addr), args.bias.map(|t| alignment(t.addr)).unwrap_or(256)],
             sms,
             algo_sms: if args.side_algo && self.side_algo { self.side_sms } else { 0 },
+            fast_accum: fp8 && args.fast_accumulation,
         };
         if !self.plans.contains_key(&key) {
             let plan = self.make_plan(&key)?;
@@ -297,6 +305,9 @@ impl Blas {
             }
             if key.algo_sms > 0 {
                 set_desc(desc, A::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &(key.algo_sms as i32))?;
+            }
+            if key.fast_accum {
+                set_desc(desc, A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
             }
             // layouts (column-major): A_lt = b, B_lt = a, C = D = out
             // b stored [K, N] row-major is column-major [N, K] (ld N); stored [N, K] (trans_b) it is

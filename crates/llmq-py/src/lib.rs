@@ -167,7 +167,10 @@ fn evaluate<'py>(
         let (mut be, on_gpu) = trainer::select_backend(&o.device, &o.backend.options()?)?;
         options::train_config(&o, on_gpu)?; // the options' checks
         let asked = o.matmul_dtype.as_deref().and_then(llmq_core::DType::parse);
-        let precision = eval::precision(eval::matmul_dtype(asked, &m, on_gpu));
+        let matmul = eval::matmul_dtype(asked, &m, on_gpu);
+        // (the option's default, "off", stands for "the checkpoint's run's")
+        let fast = Some(llmq_train::FastAccumulation::parse(&o.fp8_fast_accumulation)?).filter(|f| *f != llmq_train::FastAccumulation::Off);
+        let precision = eval::precision(matmul, eval::fast_accumulation(fast, &m, matmul));
         eval::evaluate(be.as_mut(), m, precision, &mut data, &mut |_| {})
     })?;
     let d = PyDict::new(py);

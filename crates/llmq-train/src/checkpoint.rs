@@ -100,6 +100,10 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
     if let Some(t) = saved.as_object_mut() {
         t.entry("backend").or_insert_with(|| serde_json::to_value(llmq_core::BackendOptions::default()).unwrap());
         t.entry("z_loss").or_insert(json!(0.0));
+        // and those written before fp8 fast accumulation existed promoted every sum
+        if let Some(p) = t.get_mut("precision").and_then(Value::as_object_mut) {
+            p.entry("fp8_fast_accumulation").or_insert(json!("off"));
+        }
     }
     for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike", "z_loss"] {
         differing(&format!("train.{key}."), saved.get(key).unwrap_or(&Value::Null), now.get(key).unwrap_or(&Value::Null), &mut diffs);

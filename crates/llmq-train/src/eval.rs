@@ -5,7 +5,7 @@
 use crate::acts::RunShape;
 use crate::memory::MemoryOptions;
 use crate::model::Model;
-use crate::precision::Precision;
+use crate::precision::{FastAccumulation, Precision};
 use llmq_core::{Backend, DType, Error, ModelConfig, Result};
 use llmq_io::data::BatchSource;
 use llmq_io::loader::{self, TokenLoader};
@@ -26,6 +26,8 @@ pub struct EvalModel {
     pub describe: String,
     /// The matmul dtype of the run a checkpoint comes from.
     pub run_matmul: Option<DType>,
+    /// Its `--fp8-fast-accumulation`.
+    pub run_fast_accumulation: Option<FastAccumulation>,
     weights: Weights,
 }
 
@@ -47,15 +49,16 @@ pub fn resolve_model(name: &str) -> Result<EvalModel> {
     if let Some(d) = ckpt_dir {
         let state = ckpt::open_checkpoint(&d)?.state;
         let run_matmul = state.pointer("/train/precision/matmul").and_then(|v| serde_json::from_value(v.clone()).ok());
+        let run_fast_accumulation = state.pointer("/train/precision/fp8_fast_accumulation").and_then(|v| serde_json::from_value(v.clone()).ok());
         let (cfg, groups) = crate::checkpoint::model_config(&d)?;
-        return Ok(EvalModel { cfg, describe: format!("checkpoint {}", d.display()), run_matmul, weights: Weights::Loaded(groups) });
+        return Ok(EvalModel { cfg, describe: format!("checkpoint {}", d.display()), run_matmul, run_fast_accumulation, weights: Weights::Loaded(groups) });
     }
     let dir = hf::resolve_model_dir(name).map_err(|e| match e {
         Error::Config(m) => Error::Config(format!("{m}; nor is it a checkpoint")),
         e => e,
     })?;
     let cfg = hf::load_config(&dir)?;
-    Ok(EvalModel { cfg, describe: format!("{} (pretrained weights)", dir.display()), run_matmul: None, weights: Weights::Dir(dir) })
+    Ok(EvalModel { cfg, describe: format!("{} (pretrained weights)", dir.display()), run_matmul: None, run_fast_accumulation: None, weights: Weights::Dir(dir) })
 }
 
 /// The batches an evaluation reads.
@@ -129,10 +132,21 @@ pub fn matmul_dtype(asked: Option<DType>, model: &EvalModel, on_gpu: bool) -> DT
     asked.or(model.run_matmul).unwrap_or(if on_gpu { DType::BF16 } else { DType::F32 })
 }
 
+/// The fp8 fast accumulation of an evaluation with matmuls in `matmul`: the one asked for, else
+/// that of the checkpoint's run when the matmuls are its, else none.
+pub fn fast_accumulation(asked: Option<FastAccumulation>, model: &EvalModel, matmul: DType) -> FastAccumulation {
+    if !matmul.is_fp8() {
+        return FastAccumulation::Off;
+    }
+    let run = if model.run_matmul == Some(matmul) { model.run_fast_accumulation } else { None };
+    asked.or(run).unwrap_or_default()
+}
+
 /// The precision of an evaluation with matmuls in `matmul`: the working weights of a training
 /// run with those matmuls (so a checkpoint gives its run's eval loss bit for bit); gradients and
-/// optimizer state, which the forward pass never reads, in the smallest dtypes.
-pub fn precision(matmul: DType) -> Precision {
+/// optimizer state, which the forward pass never reads, in the smallest dtypes. `fast`: the run's
+/// `--fp8-fast-accumulation` (only its forward part matters here).
+pub fn precision(matmul: DType, fast: FastAccumulation) -> Precision {
     Precision {
         weights: if matmul == DType::F32 { DType::F32 } else { DType::BF16 },
         matmul,
@@ -141,6 +155,7 @@ pub fn precision(matmul: DType) -> Precision {
         opt_m: DType::BF16,
         opt_v: DType::BF16,
         act_grads: DType::E4M3,
+        fp8_fast_accumulation: fast,
     }
 }
 

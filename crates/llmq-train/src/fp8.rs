@@ -40,7 +40,7 @@ use crate::params::Params;
 use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
 use crate::memory::MemoryOptions;
-use crate::precision::Precision;
+use crate::precision::{FastAccumulation, Precision};
 use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 
 /// The block matmuls that run in fp8, in layout order.
@@ -65,6 +65,8 @@ struct QuantWeight {
 
 pub struct Fp8 {
     pub grad_dtype: DType,
+    /// Which of the matmuls accumulate without promotion (`Precision::fp8_fast_accumulation`).
+    pub fast_accumulation: FastAccumulation,
     /// f32 [L, 4]: abs-max of ln1, att, ln2, sw per layer (kept for the backward pass).
     act_amax: Tensor,
     /// f32 [1]: abs-max of the activation gradient being consumed.
@@ -189,7 +191,7 @@ impl Fp8 {
             }
         }
         let act_descale = be.alloc(MemCategory::Activations, Mem::Device, f32, &[cfg.num_layers * 4 * 4])?;
-        Ok(Fp8 { grad_dtype, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, streamed, act_t, act_descale, health: None })
+        Ok(Fp8 { grad_dtype, fast_accumulation: precision.fp8_fast_accumulation, act_amax, grad_amax, weight_amax, xq, dyq, dytq, descales, scratch_w, persistent, streamed, act_t, act_descale, health: None })
     }
 
     /// The abs-max slot of activation `a` of layer l.
@@ -330,7 +332,8 @@ impl Fp8 {
                 ds
             }
         };
-        be.matmul(&Matmul { descale_a: Some(&ds_x), descale_b: Some(&w.descale), ..Matmul::linear(out, &xq, &w.q).with_bias(bias) })
+        let fast_accumulation = self.fast_accumulation.applies(true);
+        be.matmul(&Matmul { descale_a: Some(&ds_x), descale_b: Some(&w.descale), fast_accumulation, ..Matmul::linear(out, &xq, &w.q).with_bias(bias) })
     }
 
     /// dx = dy · W and dW += dyᵀ · x (x: activation `a` of layer l), with dy quantised by
@@ -358,7 +361,8 @@ impl Fp8 {
         let dytq = fp8_slot(&self.dytq[slot], n * out, &[out, n]);
         be.quantize_pair(&dyq, &dytq, &ds_dy, dy, &self.grad_amax)?;
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
-        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), ..Matmul::linear(dx, &dyq, &w.qt) })?;
+        let fast_accumulation = self.fast_accumulation.applies(false);
+        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), fast_accumulation, ..Matmul::linear(dx, &dyq, &w.qt) })?;
         // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
         let (xtq, ds_x) = match kept {
             Some(kept) => kept,
@@ -369,7 +373,7 @@ impl Fp8 {
             }
         };
         // (with the side stream's algorithm wherever it runs: the same bits with or without overlap)
-        let wgrad = Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, side_algo: true, ..Matmul::linear(dw, &dytq, &xtq) };
+        let wgrad = Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, side_algo: true, fast_accumulation, ..Matmul::linear(dw, &dytq, &xtq) };
         match side {
             Some(s) => s.run(be, slot, &wgrad),
             None => be.matmul(&wgrad),

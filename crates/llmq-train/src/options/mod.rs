@@ -138,6 +138,10 @@ pub struct TrainOptions {
     /// Activation-gradient fp8 format with --matmul-dtype e4m3: e4m3 or e5m2.
     #[arg(long, help_heading = "Precision")]
     pub gradient_dtype: Option<String>,
+    /// fp8 matmuls whose partial sums skip promotion to full f32: off, forward (the forward
+    /// matmuls only) or all. Faster on some shapes, less accurate; changes the numbers.
+    #[arg(long, default_value = "off", help_heading = "Precision")]
+    pub fp8_fast_accumulation: String,
     /// Parameter gradients: fp32 or bf16.
     #[arg(long, default_value = "fp32", help_heading = "Precision")]
     pub grad_dtype: String,
@@ -382,5 +386,22 @@ mod tests {
         assert!(e.contains("option side_sms: invalid type: string \"x\""), "{e}");
         let e = json(r#"{"batch_size": 1.5}"#).unwrap_err().to_string();
         assert!(e.contains("option batch_size: invalid type: floating point `1.5`"), "{e}");
+    }
+
+    #[test]
+    fn fp8_fast_accumulation_is_a_precision_of_fp8_runs_only() {
+        use crate::FastAccumulation;
+        let precision = |args: &[&str]| {
+            let tc = flags(args).train_config(true, DataParallel::ONE)?;
+            tc.precision.validate().map(|_| tc.precision.fp8_fast_accumulation)
+        };
+        assert_eq!(precision(&["--matmul-dtype", "e4m3"]).unwrap(), FastAccumulation::Off);
+        assert_eq!(precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "forward"]).unwrap(), FastAccumulation::Forward);
+        assert_eq!(precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "all"]).unwrap(), FastAccumulation::All);
+        let e = precision(&["--fp8-fast-accumulation", "forward"]).unwrap_err().to_string();
+        assert!(e.contains("--fp8-fast-accumulation forward needs --matmul-dtype e4m3, got bf16"), "{e}");
+        let e = precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "yes"]).unwrap_err().to_string();
+        assert!(e.contains("expected one of off, forward, all, got \"yes\""), "{e}");
+        assert_eq!(json(r#"{"fp8_fast_accumulation": "all"}"#).unwrap().fp8_fast_accumulation, "all");
     }
 }
