@@ -66,7 +66,7 @@ struct QuantWeight {
 pub struct Fp8 {
     pub grad_dtype: DType,
     /// Which of the matmuls accumulate without promotion (`Precision::fp8_fast_accumulation`).
-    pub fast_accumulation: FastAccumulation,
+    fast_accumulation: FastAccumulation,
     /// f32 [L, 4]: abs-max of ln1, att, ln2, sw per layer (kept for the backward pass).
     act_amax: Tensor,
     /// f32 [1]: abs-max of the activation gradient being consumed.
