@@ -140,7 +140,7 @@ pub struct TrainOptions {
     pub gradient_dtype: Option<String>,
     /// fp8 matmuls whose partial sums skip promotion to full f32: off, forward (the forward
     /// matmuls only) or all. Faster on some shapes, less accurate; changes the numbers.
-    #[arg(long, default_value = "off", help_heading = "Precision")]
+    #[arg(long, default_value = "off", value_parser = crate::FastAccumulation::NAMES, help_heading = "Precision")]
     pub fp8_fast_accumulation: String,
     /// Parameter gradients: fp32 or bf16.
     #[arg(long, default_value = "fp32", help_heading = "Precision")]
@@ -400,8 +400,12 @@ mod tests {
         assert_eq!(precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "all"]).unwrap(), FastAccumulation::All);
         let e = precision(&["--fp8-fast-accumulation", "forward"]).unwrap_err().to_string();
         assert!(e.contains("--fp8-fast-accumulation forward needs --matmul-dtype e4m3, got bf16"), "{e}");
-        let e = precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "yes"]).unwrap_err().to_string();
-        assert!(e.contains("expected one of off, forward, all, got \"yes\""), "{e}");
+        let e = parse_flags::<TrainOptions>(&["--fp8-fast-accumulation", "yes"]).unwrap_err().to_string();
+        assert!(e.contains("[possible values: off, forward, all]"), "{e}");
+        // the Python package's options bypass clap: the same check when the config is built
+        let o = json(r#"{"matmul_dtype": "e4m3", "fp8_fast_accumulation": "yes"}"#).unwrap();
+        let e = o.train_config(true, DataParallel::ONE).unwrap_err().to_string();
+        assert!(e.contains("--fp8-fast-accumulation: expected one of off, forward, all, got \"yes\""), "{e}");
         assert_eq!(json(r#"{"fp8_fast_accumulation": "all"}"#).unwrap().fp8_fast_accumulation, "all");
     }
 }
