@@ -1,4 +1,6 @@
-//! `llmq tokenize --chat`: the flag reads conversations from `messages` and reports the mask.
+//! `llmq tokenize` as a process: `--chat` reads conversations from `messages` and reports the
+//! mask; a tokenizer that panics inside its library is an error naming the file, with nothing
+//! of the panic on stderr but the error.
 use std::process::Command;
 
 #[test]
@@ -30,4 +32,31 @@ fn chat_flag_reads_messages_and_writes_a_mask() {
     let data = llmq_io::tokfile::read_token_file(&d.join("o/out_000.bin"), None).unwrap();
     assert_eq!(data.tokens, [5, 0, 2, 6, 5, 1, 2, 3, 6, 4]);
     assert_eq!(data.mask.unwrap(), [false, false, false, false, false, false, true, true, true, false]);
+}
+
+#[test]
+fn a_panicking_tokenizer_is_one_clean_error() {
+    let d = std::env::temp_dir().join(format!("llmq-cli-tokenize-panic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    // a pre-tokenizer regex past Oniguruma's backtracking limit: the tokenizers crate panics
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "normalizer": null, "post_processor": null, "decoder": null,
+        "added_tokens": [],
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": false},
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "b"}
+    });
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = d.join("a.txt");
+    std::fs::write(&text, format!("{}!", "a".repeat(40))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .args(["tokenize", text.to_str().unwrap(), "--tokenizer", d.to_str().unwrap(), "-o", d.join("o").to_str().unwrap(), "--eos-id", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("tokenizer.json") && stderr.contains("the library panicked at ") && stderr.contains("retry-limit"), "{stderr}");
+    // the default panic hook's report ("thread '...' panicked at ...", the backtrace note) is not printed
+    assert!(!stderr.contains("thread '") && !stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&d);
 }
