@@ -35,7 +35,7 @@ pub struct EvalArgs {
     /// With e4m3 matmuls: off, forward or all (as the training run's, for its eval loss bit for
     /// bit; only the forward part applies). Default: a checkpoint's run's when the matmul dtype
     /// is its; else off.
-    #[arg(long)]
+    #[arg(long, value_parser = FastAccumulation::NAMES)]
     pub fp8_fast_accumulation: Option<String>,
     /// Print the result as one JSON object (loss, perplexity, tokens, batches).
     #[arg(long)]

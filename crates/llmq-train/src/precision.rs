@@ -36,7 +36,7 @@ fn default_act_grads() -> DType {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FastAccumulation {
-    /// Every fp8 matmul promotes (exact to f32 rounding up to the order of the sum).
+    /// Every fp8 matmul promotes (cuBLASLt's default).
     #[default]
     Off,
     /// The forward matmuls do not; input and weight gradients do.
