@@ -72,9 +72,9 @@ case "$what" in
     ;;
   quality)
     # FP8 vs bf16 on a Qwen2.5-0.5B-shaped model from scratch on the embedded Markov corpus.
-    # QUALITY_RUNS: bf16, e4m3, e4m3-fast-forward, e4m3-fast-all (--fp8-fast-accumulation)
+    # QUALITY_RUNS: bf16, e4m3, e4m3-fast (--fp8-fast-accumulation)
     for run in ${QUALITY_RUNS:-bf16 e4m3}; do
-      p="${run%%-*}"; fast=(); [[ "$run" == *-fast-* ]] && fast=(--fp8-fast-accumulation "${run##*-fast-}")
+      p="${run%%-*}"; fast=(); [[ "$run" == *-fast ]] && fast=(--fp8-fast-accumulation)
       .gpu/llmq train --device cuda --model qwen2.5-0.5b --from-scratch --seq-len 1024 --batch-size 8 \
         --steps "${QUALITY_STEPS:-300}" --matmul-dtype "$p" "${fast[@]}" --eval-every 50 --eval-batches 4 --print-every 10 \
         --learning-rate 1e-3 --log-file "$O/quality-$run.jsonl" >> "$O/quality.txt" 2>&1

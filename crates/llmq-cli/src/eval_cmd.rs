@@ -6,7 +6,6 @@ use crate::device;
 use clap::Args;
 use llmq_core::{DType, Error, Result};
 use llmq_train::eval::{self, EvalData, EvalShape};
-use llmq_train::FastAccumulation;
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
@@ -32,11 +31,11 @@ pub struct EvalArgs {
     /// loss bit for bit). Default: a checkpoint's run's; else bf16 on a GPU, fp32 on the CPU.
     #[arg(long)]
     pub matmul_dtype: Option<String>,
-    /// With e4m3 matmuls: off, forward or all (as the training run's, for its eval loss bit for
-    /// bit; only the forward part applies). Default: a checkpoint's run's when the matmul dtype
-    /// is its; else off.
-    #[arg(long, value_parser = FastAccumulation::NAMES)]
-    pub fp8_fast_accumulation: Option<String>,
+    /// With e4m3 matmuls: skip the promotion of the partial sums (as the training run's
+    /// --fp8-fast-accumulation, for its eval loss bit for bit). A checkpoint's run's setting
+    /// applies without the flag when the matmul dtype is its.
+    #[arg(long)]
+    pub fp8_fast_accumulation: bool,
     /// Print the result as one JSON object (loss, perplexity, tokens, batches).
     #[arg(long)]
     pub json: bool,
@@ -51,17 +50,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let (mut be, gpu) = device::select(&a.device, &a.backend.options()?)?;
     let asked = a.matmul_dtype.as_deref().map(|s| DType::parse(s).ok_or_else(|| Error::Config(format!("--matmul-dtype: unknown dtype {s:?} (fp32, bf16, e4m3)")))).transpose()?;
     let matmul = eval::matmul_dtype(asked, &model, gpu.is_some());
-    let fast = a.fp8_fast_accumulation.as_deref().map(FastAccumulation::parse).transpose()?;
-    let precision = eval::precision(matmul, eval::fast_accumulation(fast, &model, matmul));
+    let precision = eval::precision(matmul, eval::fast_accumulation(a.fp8_fast_accumulation, &model, matmul));
     precision.validate()?;
     if !a.json {
         println!("llmq eval");
         println!("  model      {} | V={} | {:.2}M parameters", model.describe, model.cfg.vocab_size, model.cfg.num_params() as f64 / 1e6);
         println!("  data       {}", data.describe());
-        let fast = match precision.fp8_fast_accumulation {
-            FastAccumulation::Off => String::new(),
-            f => format!(" | fp8 fast accumulation {}", f.name()),
-        };
+        let fast = if precision.fp8_fast_accumulation { " | fp8 fast accumulation" } else { "" };
         println!("  device     {} | matmul {matmul}{fast}", be.name());
         println!("  batches    {} x B={} T={}", data.batches, a.batch_size, a.seq_len);
     }

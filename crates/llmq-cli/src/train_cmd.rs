@@ -101,7 +101,7 @@ pub fn print_config(model: &ModelChoice, data: &str, device: &str, tc: &TrainCon
         println!("  fit-batch  {line}");
     }
     let p = tc.precision;
-    let fp8 = if p.matmul.is_fp8() { format!(" | activation gradients {} | fast accumulation {}", p.act_grads, p.fp8_fast_accumulation.name()) } else { String::new() };
+    let fp8 = if p.matmul.is_fp8() { format!(" | activation gradients {} | fast accumulation {}", p.act_grads, if p.fp8_fast_accumulation { "on" } else { "off" }) } else { String::new() };
     println!("  precision  matmul {} | weights {} | master {} | gradients {} | adam m {}, v {}{fp8}", p.matmul, p.weights, p.master, p.grads, p.opt_m, p.opt_v);
     let s = tc.schedule;
     let cooldown = if s.cooldown > 0 { format!(", 1-sqrt cooldown over the last {} steps", s.cooldown) } else { String::new() };

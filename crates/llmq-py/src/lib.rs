@@ -168,9 +168,7 @@ fn evaluate<'py>(
         options::train_config(&o, on_gpu)?; // the options' checks
         let asked = o.matmul_dtype.as_deref().and_then(llmq_core::DType::parse);
         let matmul = eval::matmul_dtype(asked, &m, on_gpu);
-        // (the option's default, "off", stands for "the checkpoint's run's")
-        let fast = Some(llmq_train::FastAccumulation::parse(&o.fp8_fast_accumulation)?).filter(|f| *f != llmq_train::FastAccumulation::Off);
-        let precision = eval::precision(matmul, eval::fast_accumulation(fast, &m, matmul));
+        let precision = eval::precision(matmul, eval::fast_accumulation(o.fp8_fast_accumulation, &m, matmul));
         eval::evaluate(be.as_mut(), m, precision, &mut data, &mut |_| {})
     })?;
     let d = PyDict::new(py);

@@ -71,7 +71,7 @@ def first_options_record(log):
               recompute_att=True, offload_master=True, offload_opt_m=True, offload_residual=True, stream_weights=True,
               shard_gradients=True, attention="simple", memory_limit="1GiB"), dict(memory_limit=1 << 30)),
         # fp8 numerics
-        (dict(batch_size=4, seq_len=32, matmul_dtype="e4m3", gradient_dtype="e5m2", fp8_fast_accumulation="all"), dict()),
+        (dict(batch_size=4, seq_len=32, matmul_dtype="e4m3", gradient_dtype="e5m2", fp8_fast_accumulation=True), dict()),
     ],
 )
 def test_the_run_configuration_is_the_clis(tmp_path, options, python_only):

@@ -102,7 +102,7 @@ pub fn check_compatible(state: &Value, cfg: &ModelConfig, tr: &Trainer) -> Resul
         t.entry("z_loss").or_insert(json!(0.0));
         // and those written before fp8 fast accumulation existed promoted every sum
         if let Some(p) = t.get_mut("precision").and_then(Value::as_object_mut) {
-            p.entry("fp8_fast_accumulation").or_insert(json!("off"));
+            p.entry("fp8_fast_accumulation").or_insert(json!(false));
         }
     }
     for key in ["batch_size", "seq_len", "precision", "seed", "backend", "spike", "z_loss"] {

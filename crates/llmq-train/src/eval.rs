@@ -5,7 +5,7 @@
 use crate::acts::RunShape;
 use crate::memory::MemoryOptions;
 use crate::model::Model;
-use crate::precision::{FastAccumulation, Precision};
+use crate::precision::Precision;
 use llmq_core::{Backend, DType, Error, ModelConfig, Result};
 use llmq_io::data::BatchSource;
 use llmq_io::loader::{self, TokenLoader};
@@ -27,7 +27,7 @@ pub struct EvalModel {
     /// The matmul dtype of the run a checkpoint comes from.
     pub run_matmul: Option<DType>,
     /// Its `--fp8-fast-accumulation`.
-    pub run_fast_accumulation: Option<FastAccumulation>,
+    pub run_fast_accumulation: Option<bool>,
     weights: Weights,
 }
 
@@ -132,21 +132,17 @@ pub fn matmul_dtype(asked: Option<DType>, model: &EvalModel, on_gpu: bool) -> DT
     asked.or(model.run_matmul).unwrap_or(if on_gpu { DType::BF16 } else { DType::F32 })
 }
 
-/// The fp8 fast accumulation of an evaluation with matmuls in `matmul`: the one asked for, else
-/// that of the checkpoint's run when the matmuls are its, else none.
-pub fn fast_accumulation(asked: Option<FastAccumulation>, model: &EvalModel, matmul: DType) -> FastAccumulation {
-    if !matmul.is_fp8() {
-        return FastAccumulation::Off;
-    }
-    let run = if model.run_matmul == Some(matmul) { model.run_fast_accumulation } else { None };
-    asked.or(run).unwrap_or_default()
+/// Whether an evaluation with matmuls in `matmul` uses fp8 fast accumulation: when asked, or
+/// when the checkpoint's run did with the same matmuls.
+pub fn fast_accumulation(asked: bool, model: &EvalModel, matmul: DType) -> bool {
+    matmul.is_fp8() && (asked || (model.run_matmul == Some(matmul) && model.run_fast_accumulation == Some(true)))
 }
 
 /// The precision of an evaluation with matmuls in `matmul`: the working weights of a training
 /// run with those matmuls (so a checkpoint gives its run's eval loss bit for bit); gradients and
 /// optimizer state, which the forward pass never reads, in the smallest dtypes. `fast`: the run's
-/// `--fp8-fast-accumulation` (only its forward part matters here).
-pub fn precision(matmul: DType, fast: FastAccumulation) -> Precision {
+/// `--fp8-fast-accumulation`.
+pub fn precision(matmul: DType, fast: bool) -> Precision {
     Precision {
         weights: if matmul == DType::F32 { DType::F32 } else { DType::BF16 },
         matmul,

@@ -40,7 +40,7 @@ use crate::params::Params;
 use crate::side::SideWgrads;
 use llmq_core::layout::ParamKind;
 use crate::memory::MemoryOptions;
-use crate::precision::{FastAccumulation, Precision};
+use crate::precision::Precision;
 use llmq_core::{Backend, DType, Matmul, Mem, MemCategory, ModelConfig, Result, Stream, Tensor};
 
 /// The block matmuls that run in fp8, in layout order.
@@ -65,8 +65,8 @@ struct QuantWeight {
 
 pub struct Fp8 {
     pub grad_dtype: DType,
-    /// Which of the matmuls accumulate without promotion (`Precision::fp8_fast_accumulation`).
-    fast_accumulation: FastAccumulation,
+    /// The matmuls accumulate without promotion (`Precision::fp8_fast_accumulation`).
+    fast_accumulation: bool,
     /// f32 [L, 4]: abs-max of ln1, att, ln2, sw per layer (kept for the backward pass).
     act_amax: Tensor,
     /// f32 [1]: abs-max of the activation gradient being consumed.
@@ -332,8 +332,7 @@ impl Fp8 {
                 ds
             }
         };
-        let fast_accumulation = self.fast_accumulation.applies(true);
-        be.matmul(&Matmul { descale_a: Some(&ds_x), descale_b: Some(&w.descale), fast_accumulation, ..Matmul::linear(out, &xq, &w.q).with_bias(bias) })
+        be.matmul(&Matmul { descale_a: Some(&ds_x), descale_b: Some(&w.descale), fast_accumulation: self.fast_accumulation, ..Matmul::linear(out, &xq, &w.q).with_bias(bias) })
     }
 
     /// dx = dy · W and dW += dyᵀ · x (x: activation `a` of layer l), with dy quantised by
@@ -361,7 +360,7 @@ impl Fp8 {
         let dytq = fp8_slot(&self.dytq[slot], n * out, &[out, n]);
         be.quantize_pair(&dyq, &dytq, &ds_dy, dy, &self.grad_amax)?;
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
-        let fast_accumulation = self.fast_accumulation.applies(false);
+        let fast_accumulation = self.fast_accumulation;
         be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), fast_accumulation, ..Matmul::linear(dx, &dyq, &w.qt) })?;
         // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
         let (xtq, ds_x) = match kept {

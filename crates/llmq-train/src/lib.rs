@@ -47,6 +47,6 @@ pub mod zero;
 pub use acts::RunShape;
 pub use model::Model;
 pub use memory::{MemoryOptions, Recompute};
-pub use precision::{FastAccumulation, Precision};
+pub use precision::Precision;
 pub use schedule::{Decay, Schedule};
 pub use trainer::{OptimConfig, StepStats, TrainConfig, Trainer};

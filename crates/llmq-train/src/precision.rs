@@ -20,52 +20,16 @@ pub struct Precision {
     /// fp8 format of activation gradients in fp8 matmuls: e4m3 or e5m2.
     #[serde(default = "default_act_grads")]
     pub act_grads: DType,
-    /// Which fp8 matmuls may skip the promotion of the tensor cores' partial sums.
+    /// fp8 matmuls skip the promotion of the tensor cores' partial sums ("fast accumulation"):
+    /// Hopper adds fp8 products with ~14 significant bits, and cuBLASLt by default promotes the
+    /// partial sums into full f32 every few k-steps. Skipping that is faster on some shapes (the
+    /// long-K weight gradients above all) and less accurate.
     #[serde(default)]
-    pub fp8_fast_accumulation: FastAccumulation,
+    pub fp8_fast_accumulation: bool,
 }
 
 fn default_act_grads() -> DType {
     DType::E4M3
-}
-
-/// fp8 "fast accumulation": Hopper's tensor cores add fp8 products with ~14 significant bits, and
-/// cuBLASLt by default promotes the partial sums into full f32 every few k-steps. Skipping that
-/// is faster on some shapes and less accurate; Transformer Engine's recipe skips it in the
-/// forward matmuls only (`Forward`), where the gradients' long sums are not involved.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FastAccumulation {
-    /// Every fp8 matmul promotes (cuBLASLt's default).
-    #[default]
-    Off,
-    /// The forward matmuls do not; input and weight gradients do.
-    Forward,
-    /// No fp8 matmul does.
-    All,
-}
-
-impl FastAccumulation {
-    pub const NAMES: [&'static str; 3] = ["off", "forward", "all"];
-    pub fn parse(s: &str) -> Result<FastAccumulation> {
-        match s {
-            "off" => Ok(FastAccumulation::Off),
-            "forward" => Ok(FastAccumulation::Forward),
-            "all" => Ok(FastAccumulation::All),
-            _ => Err(Error::Config(format!("--fp8-fast-accumulation: expected one of {}, got {s:?}", Self::NAMES.join(", ")))),
-        }
-    }
-    pub fn name(self) -> &'static str {
-        Self::NAMES[self as usize]
-    }
-    /// Whether the forward (`true`) or backward (`false`) fp8 matmuls accumulate fast.
-    pub fn applies(self, forward: bool) -> bool {
-        match self {
-            FastAccumulation::Off => false,
-            FastAccumulation::Forward => forward,
-            FastAccumulation::All => true,
-        }
-    }
 }
 
 impl Precision {
@@ -79,7 +43,7 @@ impl Precision {
             opt_m: DType::F32,
             opt_v: DType::F32,
             act_grads: DType::E4M3,
-            fp8_fast_accumulation: FastAccumulation::Off,
+            fp8_fast_accumulation: false,
         }
     }
     /// bf16 weights/activations with fp32 master weights, gradients and optimizer state.
@@ -109,8 +73,8 @@ impl Precision {
             return Err(Error::Config("fp32 matmuls need fp32 working weights".into()));
         }
         one_of("--gradient-dtype", self.act_grads, &[DType::E4M3, DType::E5M2])?;
-        if self.fp8_fast_accumulation != FastAccumulation::Off && !self.matmul.is_fp8() {
-            return Err(Error::Config(format!("--fp8-fast-accumulation {} needs --matmul-dtype e4m3, got {}", self.fp8_fast_accumulation.name(), self.matmul)));
+        if self.fp8_fast_accumulation && !self.matmul.is_fp8() {
+            return Err(Error::Config(format!("--fp8-fast-accumulation needs --matmul-dtype e4m3, got {}", self.matmul)));
         }
         if self.matmul.is_fp8() && self.weights != DType::BF16 {
             return Err(Error::Config("--matmul-dtype e4m3 runs on bf16 weights and activations".into()));

@@ -7,7 +7,6 @@ use crate::memory::parse_size;
 use crate::run::Export;
 use crate::setup::{self, DataChoice, ModelChoice};
 use crate::spike::SpikeGuard;
-use crate::precision::FastAccumulation;
 use crate::{Decay, MemoryOptions, OptimConfig, Precision, Recompute, Schedule, TrainConfig};
 use llmq_core::{AttentionKernels, BackendOptions, DType, Error, Result};
 use std::path::{Path, PathBuf};
@@ -124,7 +123,7 @@ impl TrainOptions {
                 Some(s) => dtype("--gradient-dtype", s)?,
                 None => DType::E4M3,
             },
-            fp8_fast_accumulation: FastAccumulation::parse(&self.fp8_fast_accumulation)?,
+            fp8_fast_accumulation: self.fp8_fast_accumulation,
         };
         if precision.master == DType::BF16 && weights == DType::F32 {
             return Err(Error::Config("--model-dtype bf16 needs bf16 matmuls (--matmul-dtype bf16)".into()));

@@ -138,10 +138,11 @@ pub struct TrainOptions {
     /// Activation-gradient fp8 format with --matmul-dtype e4m3: e4m3 or e5m2.
     #[arg(long, help_heading = "Precision")]
     pub gradient_dtype: Option<String>,
-    /// fp8 matmuls whose partial sums skip promotion to full f32: off, forward (the forward
-    /// matmuls only) or all. Faster on some shapes, less accurate; changes the numbers.
-    #[arg(long, default_value = "off", value_parser = crate::FastAccumulation::NAMES, help_heading = "Precision")]
-    pub fp8_fast_accumulation: String,
+    /// With --matmul-dtype e4m3: the fp8 matmuls skip the promotion of their partial sums to
+    /// full f32 (cuBLASLt's fast accumulation). Faster on some shapes, less accurate; changes
+    /// the numbers.
+    #[arg(long, help_heading = "Precision")]
+    pub fp8_fast_accumulation: bool,
     /// Parameter gradients: fp32 or bf16.
     #[arg(long, default_value = "fp32", help_heading = "Precision")]
     pub grad_dtype: String,
@@ -390,22 +391,14 @@ mod tests {
 
     #[test]
     fn fp8_fast_accumulation_is_a_precision_of_fp8_runs_only() {
-        use crate::FastAccumulation;
         let precision = |args: &[&str]| {
             let tc = flags(args).train_config(true, DataParallel::ONE)?;
             tc.precision.validate().map(|_| tc.precision.fp8_fast_accumulation)
         };
-        assert_eq!(precision(&["--matmul-dtype", "e4m3"]).unwrap(), FastAccumulation::Off);
-        assert_eq!(precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "forward"]).unwrap(), FastAccumulation::Forward);
-        assert_eq!(precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation", "all"]).unwrap(), FastAccumulation::All);
-        let e = precision(&["--fp8-fast-accumulation", "forward"]).unwrap_err().to_string();
-        assert!(e.contains("--fp8-fast-accumulation forward needs --matmul-dtype e4m3, got bf16"), "{e}");
-        let e = parse_flags::<TrainOptions>(&["--fp8-fast-accumulation", "yes"]).unwrap_err().to_string();
-        assert!(e.contains("[possible values: off, forward, all]"), "{e}");
-        // the Python package's options bypass clap: the same check when the config is built
-        let o = json(r#"{"matmul_dtype": "e4m3", "fp8_fast_accumulation": "yes"}"#).unwrap();
-        let e = o.train_config(true, DataParallel::ONE).unwrap_err().to_string();
-        assert!(e.contains("--fp8-fast-accumulation: expected one of off, forward, all, got \"yes\""), "{e}");
-        assert_eq!(json(r#"{"fp8_fast_accumulation": "all"}"#).unwrap().fp8_fast_accumulation, "all");
+        assert!(!precision(&["--matmul-dtype", "e4m3"]).unwrap());
+        assert!(precision(&["--matmul-dtype", "e4m3", "--fp8-fast-accumulation"]).unwrap());
+        let e = precision(&["--fp8-fast-accumulation"]).unwrap_err().to_string();
+        assert!(e.contains("--fp8-fast-accumulation needs --matmul-dtype e4m3, got bf16"), "{e}");
+        assert!(json(r#"{"fp8_fast_accumulation": true}"#).unwrap().fp8_fast_accumulation);
     }
 }
