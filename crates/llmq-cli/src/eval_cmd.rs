@@ -49,15 +49,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut data = EvalData::open(&a.eval_file, &model.cfg, shape, &|l| crate::preflight::check_tokens(l, "eval"))?;
     let (mut be, gpu) = device::select(&a.device, &a.backend.options()?)?;
     let asked = a.matmul_dtype.as_deref().map(|s| DType::parse(s).ok_or_else(|| Error::Config(format!("--matmul-dtype: unknown dtype {s:?} (fp32, bf16, e4m3)")))).transpose()?;
-    let matmul = eval::matmul_dtype(asked, &model, gpu.is_some());
-    let precision = eval::precision(matmul, eval::fast_accumulation(a.fp8_fast_accumulation, &model, matmul));
+    let precision = eval::precision(asked, a.fp8_fast_accumulation, &model, gpu.is_some());
     precision.validate()?;
     if !a.json {
         println!("llmq eval");
         println!("  model      {} | V={} | {:.2}M parameters", model.describe, model.cfg.vocab_size, model.cfg.num_params() as f64 / 1e6);
         println!("  data       {}", data.describe());
         let fast = if precision.fp8_fast_accumulation { " | fp8 fast accumulation" } else { "" };
-        println!("  device     {} | matmul {matmul}{fast}", be.name());
+        println!("  device     {} | matmul {}{fast}", be.name(), precision.matmul);
         println!("  batches    {} x B={} T={}", data.batches, a.batch_size, a.seq_len);
     }
     let bar = indicatif::ProgressBar::new(data.batches as u64);

@@ -167,8 +167,7 @@ fn evaluate<'py>(
         let (mut be, on_gpu) = trainer::select_backend(&o.device, &o.backend.options()?)?;
         options::train_config(&o, on_gpu)?; // the options' checks
         let asked = o.matmul_dtype.as_deref().and_then(llmq_core::DType::parse);
-        let matmul = eval::matmul_dtype(asked, &m, on_gpu);
-        let precision = eval::precision(matmul, eval::fast_accumulation(o.fp8_fast_accumulation, &m, matmul));
+        let precision = eval::precision(asked, o.fp8_fast_accumulation, &m, on_gpu);
         eval::evaluate(be.as_mut(), m, precision, &mut data, &mut |_| {})
     })?;
     let d = PyDict::new(py);

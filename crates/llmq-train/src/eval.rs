@@ -125,24 +125,17 @@ impl EvalResult {
     }
 }
 
-/// The matmul dtype of an evaluation: the one asked for, else that of the run a checkpoint comes
-/// from (its eval loss bit for bit), else what training defaults to (bf16 on a GPU, fp32 on the
-/// CPU).
-pub fn matmul_dtype(asked: Option<DType>, model: &EvalModel, on_gpu: bool) -> DType {
-    asked.or(model.run_matmul).unwrap_or(if on_gpu { DType::BF16 } else { DType::F32 })
-}
-
-/// Whether an evaluation with matmuls in `matmul` uses fp8 fast accumulation: when asked, or
-/// when the checkpoint's run did with the same matmuls.
-pub fn fast_accumulation(asked: bool, model: &EvalModel, matmul: DType) -> bool {
-    matmul.is_fp8() && (asked || (model.run_matmul == Some(matmul) && model.run_fast_accumulation == Some(true)))
-}
-
-/// The precision of an evaluation with matmuls in `matmul`: the working weights of a training
-/// run with those matmuls (so a checkpoint gives its run's eval loss bit for bit); gradients and
-/// optimizer state, which the forward pass never reads, in the smallest dtypes. `fast`: the run's
-/// `--fp8-fast-accumulation`.
-pub fn precision(matmul: DType, fast: bool) -> Precision {
+/// The precision of an evaluation of `model`, so that a checkpoint gives its run's eval loss bit
+/// for bit:
+/// - matmuls in `asked_matmul`, else those of the run a checkpoint comes from, else what training
+///   defaults to (bf16 on a GPU, fp32 on the CPU);
+/// - fp8 fast accumulation when `asked_fast`, or when the checkpoint's run had it with the same
+///   matmuls;
+/// - the working weights of a training run with those matmuls; gradients and optimizer state,
+///   which the forward pass never reads, in the smallest dtypes.
+pub fn precision(asked_matmul: Option<DType>, asked_fast: bool, model: &EvalModel, on_gpu: bool) -> Precision {
+    let matmul = asked_matmul.or(model.run_matmul).unwrap_or(if on_gpu { DType::BF16 } else { DType::F32 });
+    let fast = matmul.is_fp8() && (asked_fast || (model.run_matmul == Some(matmul) && model.run_fast_accumulation == Some(true)));
     Precision {
         weights: if matmul == DType::F32 { DType::F32 } else { DType::BF16 },
         matmul,

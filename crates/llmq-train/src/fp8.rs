@@ -360,8 +360,7 @@ impl Fp8 {
         let dytq = fp8_slot(&self.dytq[slot], n * out, &[out, n]);
         be.quantize_pair(&dyq, &dytq, &ds_dy, dy, &self.grad_amax)?;
         // dgrad: dx [N, in] = dy [N, out] · (Wᵀ [in, out])ᵀ
-        let fast_accumulation = self.fast_accumulation;
-        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), fast_accumulation, ..Matmul::linear(dx, &dyq, &w.qt) })?;
+        be.matmul(&Matmul { descale_a: Some(&ds_dy), descale_b: Some(&w.descale), fast_accumulation: self.fast_accumulation, ..Matmul::linear(dx, &dyq, &w.qt) })?;
         // wgrad: dW [out, in] += dyᵀ [out, N] · (xᵀ [in, N])ᵀ
         let (xtq, ds_x) = match kept {
             Some(kept) => kept,
@@ -372,7 +371,7 @@ impl Fp8 {
             }
         };
         // (with the side stream's algorithm wherever it runs: the same bits with or without overlap)
-        let wgrad = Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, side_algo: true, fast_accumulation, ..Matmul::linear(dw, &dytq, &xtq) };
+        let wgrad = Matmul { descale_a: Some(&ds_dy), descale_b: Some(&ds_x), accumulate: true, side_algo: true, fast_accumulation: self.fast_accumulation, ..Matmul::linear(dw, &dytq, &xtq) };
         match side {
             Some(s) => s.run(be, slot, &wgrad),
             None => be.matmul(&wgrad),
