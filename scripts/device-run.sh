@@ -49,24 +49,25 @@ case "$what" in
     done
     ;;
   graphs)
-    # issue 22: --cuda-graphs on vs off at a small micro-batch, where launch overhead shows,
+    # issue 22: --cuda-graphs on vs --no-cuda-graphs at a small micro-batch, where launch overhead shows,
     # alternating in one call: graphs [WHICH...] (default 0.5b-fp8), micro-batch GRAPHS_BS
     # (default 4), GRAPHS_ROUNDS rounds (default 3). --cuda-graphs implies --no-wgrad-overlap in
     # fp8 runs, so those are also measured eager without the overlap.
     which="${*:-0.5b-fp8}"
-    specs=('eager||' 'graphs|--cuda-graphs|')
-    [[ "$which" != *bf16* ]] && specs+=('eager-no-overlap|--no-wgrad-overlap|')
+    specs=('eager|--no-cuda-graphs|' 'graphs|--cuda-graphs|')
+    [[ "$which" != *bf16* ]] && specs+=('eager-no-overlap|--no-cuda-graphs --no-wgrad-overlap|')
     BENCH_BS="${GRAPHS_BS:-4}" bash "$0" ab "$which" "${GRAPHS_ROUNDS:-3}" "${specs[@]}"
     ;;
   kernels)
     # per-kernel GPU time of one training step under Nsight Compute (one 3-step run per config)
-    # usage: kernels WHICH... (0.5b-bf16, 0.5b-fp8, 1.5b-bf16 ...)
+    # usage: kernels WHICH... (0.5b-bf16, 0.5b-fp8, 1.5b-bf16 ...); KB: micro-batch (16), KEXTRA: more
+    # llmq flags for every config (e.g. --fp8-fast-accumulation)
     for w in "$@"; do
       size="${w%-*}"; prec="${w##*-}"
       extra=(--matmul-dtype bf16); [ "$prec" = fp8 ] && extra=(--matmul-dtype e4m3 --persistent-quants)
       ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw --print-units base \
         .gpu/llmq train --device cuda --model "qwen2.5-$size" --from-scratch --random-data --seq-len 1024 \
-        --batch-size "${KB:-16}" --steps 3 --warmup 1 --eval-every 0 "${extra[@]}" > "/tmp/ncu-$w.csv" 2> "/tmp/ncu-$w.err"
+        --batch-size "${KB:-16}" --steps 3 --warmup 1 --eval-every 0 "${extra[@]}" ${KEXTRA:-} > "/tmp/ncu-$w.csv" 2> "/tmp/ncu-$w.err"
       { echo "######## $w"; python3 .gpu/ncu_summary.py "/tmp/ncu-$w.csv" || tail -20 "/tmp/ncu-$w.err"; } >> "$O/kernels.txt" 2>&1
     done
     ;;

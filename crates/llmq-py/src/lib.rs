@@ -131,6 +131,7 @@ fn plan<'py>(py: Python<'py>, model: Option<PathBuf>, from_scratch: bool, option
             } else {
                 tc.validate(&m.cfg)?;
             }
+            tc.default_graphs(&m.cfg, on_gpu);
             Ok((MemoryPlan::new(&m.cfg, &tc, reserve)?, tc, m.cfg))
         })
         .map_err(to_py)?;

@@ -81,6 +81,7 @@ impl PyTrainer {
             lines.iter().for_each(|l| println!("llmq: {l}"));
             tc = chosen;
         }
+        tc.default_graphs(&m.cfg, on_gpu);
         memory_check::check_run_fits(&m.cfg, &tc, be.as_ref(), on_gpu)?;
         let (source, eval) = options::resolve_data(&o, &m.cfg, &tc)?;
         let queue = Queue::default();

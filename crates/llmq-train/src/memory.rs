@@ -55,7 +55,18 @@ pub struct MemoryOptions {
     /// CUDA graphs on the GPU, recorded and replayed op by op on the CPU), replayed after the
     /// first steps instead of issuing every op from the host.
     pub cuda_graphs: bool,
+    /// Neither `--cuda-graphs` nor `--no-cuda-graphs` was given: `default_graphs` decides.
+    pub graphs_by_default: bool,
 }
+
+/// Work of a micro-batch, B·T·C² (the block matmuls' size up to a constant), up to which its
+/// blocks run as CUDA graphs when the run does not choose: where graphs measured faster than
+/// eager launches (one H100, 2026-12-06, docs/BENCHMARKS.md, eighteenth round). bf16: Qwen2.5-0.5B
+/// at B = 1, 2, 4 (+4.7%, +3.5%, +2.0%) and 1.5B at B = 1 (+1.7%; B = 4, +0.6%, is left out).
+/// fp8 runs give up their second-stream weight gradients for graphs and gain less: 0.5B at
+/// B = 1, 2 (+3.9%, +1.5%; B = 4, +0.4%, is left out); 1.5B at B = 1 lost 0.7%.
+const GRAPHS_WORK_BF16: f64 = 3.5e9;
+const GRAPHS_WORK_FP8: f64 = 2.0e9;
 
 impl MemoryOptions {
     pub fn validate(&self, precision: &Precision) -> Result<()> {
@@ -93,6 +104,23 @@ impl MemoryOptions {
             return Err(Error::Config("--memory-limit must be positive".into()));
         }
         Ok(())
+    }
+
+    /// With `graphs_by_default`, turns CUDA graphs on where they measured faster: a run on one
+    /// GPU whose micro-batch `work` (B·T·C²) is small, so that launches are a large share of its
+    /// step, and whose options a graph can hold (it then gives up the fp8 second-stream weight
+    /// gradients). Same numbers either way. True if it turned them on.
+    pub fn default_graphs(&mut self, on_gpu: bool, one_rank: bool, fp8: bool, work: f64) -> bool {
+        let limit = if fp8 { GRAPHS_WORK_FP8 } else { GRAPHS_WORK_BF16 };
+        if !self.graphs_by_default || self.cuda_graphs || !on_gpu || !one_rank || work > limit {
+            return false;
+        }
+        let with = MemoryOptions { cuda_graphs: true, wgrad_overlap: false, ..*self };
+        if with.validate_graphs().is_err() {
+            return false;
+        }
+        *self = with;
+        true
     }
 
     /// The options whose per-block work a captured graph cannot hold: host-side state that
@@ -147,7 +175,7 @@ impl MemoryOptions {
             parts.push("weight gradients on a second stream".into());
         }
         if self.cuda_graphs {
-            parts.push("graphs per block".into());
+            parts.push(if self.graphs_by_default { "graphs per block (the default for small micro-batches; --no-cuda-graphs)" } else { "graphs per block" }.into());
         }
         if let Some(l) = self.memory_limit {
             parts.push(format!("device limit {}", llmq_core::fmt_bytes(l as usize)));

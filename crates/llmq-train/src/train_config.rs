@@ -118,4 +118,12 @@ impl TrainConfig {
     pub fn tokens_per_step(&self) -> usize {
         self.batch_size * self.seq_len * self.grad_accumulation * self.world_size
     }
+
+    /// `MemoryOptions::default_graphs` for this run's micro-batch of model `cfg`, once its
+    /// micro-batch and memory options are settled (after `--auto-memory` or `--fit-batch`).
+    pub fn default_graphs(&mut self, cfg: &ModelConfig, on_gpu: bool) -> bool {
+        let c = cfg.hidden_size as f64;
+        let work = (self.batch_size * self.seq_len) as f64 * c * c;
+        self.memory.default_graphs(on_gpu, self.world_size == 1, self.precision.matmul.is_fp8(), work)
+    }
 }

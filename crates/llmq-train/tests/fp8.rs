@@ -30,6 +30,9 @@ fn fp8_recompute_persistent_quants_and_wgrad_overlap_are_bitwise_identical() {
             let base = history(&cfg, p, plain, 3);
             let pq = history(&cfg, p, MemoryOptions { persistent_quants: true, ..plain }, 3);
             assert_eq!(pq, base, "{arch:?} {grads}: persistent quants changed the numbers");
+            // weights quantised at each use inside the captured blocks (graphs by default for small micro-batches)
+            let requant = history(&cfg, p, MemoryOptions { cuda_graphs: true, ..plain }, 3);
+            assert_eq!(requant, base, "{arch:?} {grads}: graphs without persistent quants changed the numbers");
             for (name, recompute) in Recompute::all_variants() {
                 let mem = MemoryOptions { recompute, ..plain };
                 assert_eq!(history(&cfg, p, mem, 3), base, "{arch:?} {grads}: recompute {name} changed the numbers");

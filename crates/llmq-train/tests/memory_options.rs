@@ -126,6 +126,27 @@ fn cuda_graphs_refuse_streamed_offloaded_and_sharded_blocks() {
     assert!(e.contains("--log-amax") && e.contains("--cuda-graphs"), "{e}");
 }
 
+/// A run that does not choose gets graphs only on one GPU, up to the measured micro-batch work
+/// (lower for fp8, which gives up its second-stream weight gradients for them), and only where
+/// its options allow them; `llmq plan` shows the same through the flags (plan_cmd.rs).
+#[test]
+fn graphs_by_default_only_where_measured_faster() {
+    let auto = MemoryOptions { graphs_by_default: true, wgrad_overlap: true, ..Default::default() };
+    let on = |mut m: MemoryOptions, gpu: bool, one_rank: bool, fp8: bool, work: f64| (m.default_graphs(gpu, one_rank, fp8, work), m);
+    let (turned, m) = on(auto, true, true, true, 1.6e9);
+    assert!(turned && m.cuda_graphs && !m.wgrad_overlap);
+    m.validate(&Precision::fp8()).unwrap();
+    assert!(on(auto, true, true, false, 3.4e9).0);
+    for (gpu, one_rank, fp8, work) in [(false, true, false, 1e6), (true, false, false, 1e6), (true, true, true, 2.5e9), (true, true, false, 4.3e9)] {
+        let (turned, m) = on(auto, gpu, one_rank, fp8, work);
+        assert!(!turned && m == auto, "{gpu} {one_rank} {fp8} {work}");
+    }
+    let chosen = MemoryOptions { graphs_by_default: false, ..auto };
+    assert!(!on(chosen, true, true, false, 1e6).0);
+    let residual = MemoryOptions { offload_residual: true, ..auto };
+    assert_eq!(on(residual, true, true, false, 1e6), (false, residual));
+}
+
 #[test]
 fn gradient_accumulation_matches_a_larger_batch() {
     let cfg = tiny(Arch::Qwen3, false);

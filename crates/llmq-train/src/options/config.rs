@@ -87,6 +87,7 @@ impl TrainOptions {
             zero_copy: self.zero_copy,
             write_combined: self.write_combined,
             cuda_graphs: self.cuda_graphs,
+            graphs_by_default: !self.cuda_graphs && !self.no_cuda_graphs,
             wgrad_overlap: fp8 && !self.no_wgrad_overlap && !self.offload_gradients && !shard_gradients && !self.cuda_graphs,
             offload_master: self.offload_master,
             offload_opt_m: self.offload_opt_m,

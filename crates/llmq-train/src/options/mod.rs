@@ -180,9 +180,14 @@ pub struct TrainOptions {
     /// Run each block's forward and recompute+backward and the optimizer update as CUDA graphs,
     /// captured on their second call and replayed after (same numbers; fewer host launches).
     /// Not with streamed, offloaded or sharded block state; turns off the fp8 second-stream
-    /// weight gradients.
+    /// weight gradients. Without this flag or --no-cuda-graphs, on for small micro-batches on
+    /// one GPU, where graphs measured faster.
     #[arg(long, alias = "use-cuda-graphs", help_heading = "Memory")]
     pub cuda_graphs: bool,
+    /// Never run blocks as CUDA graphs (not even for the small micro-batches where they are on
+    /// by default).
+    #[arg(long, conflicts_with = "cuda_graphs", help_heading = "Memory")]
+    pub no_cuda_graphs: bool,
     /// Choose the micro-batch (keeping the tokens per step), recomputation, persistent fp8
     /// weights and offloading that fit --memory-limit (else the GPU's free memory) and the
     /// host's RAM with the best estimated throughput; prints the choice as flags that repeat it
