@@ -70,6 +70,10 @@ impl TrainOptions {
         if self.no_wgrad_overlap && !fp8 {
             return Err(Error::Config("--no-wgrad-overlap only applies with --matmul-dtype e4m3".into()));
         }
+        if self.cuda_graphs && self.no_cuda_graphs {
+            // clap refuses the pair on the command line; Python keyword options reach here
+            return Err(Error::Config("--cuda-graphs and --no-cuda-graphs: pass one of them".into()));
+        }
         let many = dp.world > 1;
         if dp.all_to_all_reduce && !many {
             return Err(Error::Config("--all-to-all-reduce reduces gradients between ranks: use it with --gpus N (N > 1)".into()));

@@ -406,4 +406,15 @@ mod tests {
         assert!(e.contains("--fp8-fast-accumulation needs --matmul-dtype e4m3, got bf16"), "{e}");
         assert!(json(r#"{"fp8_fast_accumulation": true}"#).unwrap().fp8_fast_accumulation);
     }
+
+    #[test]
+    fn graphs_are_asked_for_refused_or_left_to_the_default() {
+        let memory = |o: TrainOptions| o.memory(false, DataParallel::ONE).map(|m| (m.cuda_graphs, m.graphs_by_default));
+        assert_eq!(memory(flags(&[])).unwrap(), (false, true));
+        assert_eq!(memory(flags(&["--cuda-graphs"])).unwrap(), (true, false));
+        assert_eq!(memory(flags(&["--no-cuda-graphs"])).unwrap(), (false, false));
+        assert!(parse_flags::<TrainOptions>(&["--cuda-graphs", "--no-cuda-graphs"]).is_err());
+        let e = memory(json(r#"{"cuda_graphs": true, "no_cuda_graphs": true}"#).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("--cuda-graphs and --no-cuda-graphs"), "{e}");
+    }
 }
