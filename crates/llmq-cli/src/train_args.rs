@@ -105,6 +105,14 @@ impl TrainArgs {
         }
         self.opts.train_config(on_gpu, DataParallel { world: self.gpus, zero_level: self.zero_level, all_to_all_reduce: self.all_to_all_reduce })
     }
+
+    /// `TrainConfig::default_graphs`, except with `--log-amax`, which reads the fp8 abs-maxes on
+    /// the host inside the blocks and so rules graphs out.
+    pub fn default_graphs(&self, tc: &mut TrainConfig, cfg: &llmq_core::ModelConfig, on_gpu: bool) {
+        if self.log_amax == 0 {
+            tc.default_graphs(cfg, on_gpu);
+        }
+    }
 }
 
 #[cfg(test)]

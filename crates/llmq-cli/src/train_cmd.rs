@@ -163,9 +163,7 @@ fn run_rank(args: &TrainArgs, start: Option<crate::ranks::RankStart>, stop: std:
         tc = chosen;
     }
     let (be, fit_line) = if args.fit_batch { fit_batch(args, be, gpu.is_some(), &cfg, &mut tc).map(|(b, l)| (b, Some(l)))? } else { (be, None) };
-    if args.log_amax == 0 {
-        tc.default_graphs(&cfg, gpu.is_some()); // --log-amax reads on the host inside the blocks
-    }
+    args.default_graphs(&mut tc, &cfg, gpu.is_some());
     // the backend holds its own buffers already: the budget is what is left beside them
     memory_check::check_run_fits(&cfg, &tc, be.as_ref(), gpu.is_some())?;
     let be: Box<dyn llmq_core::Backend> = if args.check_streams { Box::new(llmq_core::stream_check::StreamChecked::new(be)) } else { be };
@@ -423,9 +421,7 @@ pub fn plan(args: TrainArgs, verbose: bool) -> Result<()> {
         lines.iter().for_each(|l| println!("{l}"));
         tc = chosen;
     }
-    if args.log_amax == 0 {
-        tc.default_graphs(cfg, on_gpu);
-    }
+    args.default_graphs(&mut tc, cfg, on_gpu);
     let plan = MemoryPlan::new(cfg, &tc, reserve)?;
     println!("llmq plan: {} ({:.2}B parameters) on {}", model.describe, cfg.num_params() as f64 / 1e9, if on_gpu { "a CUDA GPU" } else { "the CPU" });
     println!("  batch      B={} T={} accumulation={} -> {} tokens/step", tc.batch_size, tc.seq_len, tc.grad_accumulation, tc.tokens_per_step());
