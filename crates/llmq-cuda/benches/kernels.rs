@@ -201,13 +201,16 @@ fn training_matmuls(g: &mut CudaBackend, label: &str) {
 }
 
 /// Forward and backward (median ms, TFLOP/s with the backward counted as 2.5 x the forward) of
-/// each attention kernel family on this GPU, B16 T1024, Qwen2.5-0.5B (Hd 64) and -1.5B-like
-/// (Hd 128) head shapes; the backward also with the dK/dV work in 1, 2, 3, 4, 6 and 8 parts.
+/// each attention kernel family on this GPU, T1024, Qwen2.5-0.5B (Hd 64) and -1.5B-like (Hd 128)
+/// head shapes at B16; the backward also with the dK/dV work in 1, 2, 3, 4, 6 and 8 parts. Then
+/// the default kernels alone at the micro-batches of the benchmarks' reference setting (0.5B and
+/// 1.5B at B64, 3B at B32, 7B at B16).
 fn attention_timings(g: &mut CudaBackend) {
     let mut rng = common::Rng::new(33);
     let (bf, f32) = (DType::BF16, DType::F32);
-    for &(hq, hkv, hd) in &[(14, 2, 64), (12, 2, 128)] {
-        let s = AttnShape { b: 16, t: 1024, hq, hkv, hd };
+    let shapes = [(16, 14, 2, 64, true), (16, 12, 2, 128, true), (64, 14, 2, 64, false), (64, 12, 2, 128, false), (32, 16, 2, 128, false), (16, 28, 4, 128, false)];
+    for (b, hq, hkv, hd, families) in shapes {
+        let s = AttnShape { b, t: 1024, hq, hkv, hd };
         let (n, q) = (s.n(), s.qkv_width());
         let qkv = rand_tensor(g, &mut rng, bf, &[n, q], 1.0);
         let dout = rand_tensor(g, &mut rng, bf, &[n, s.out_width()], 1.0);
@@ -215,12 +218,16 @@ fn attention_timings(g: &mut CudaBackend) {
         let lse = g.alloc(MemCategory::Other, Mem::Device, f32, &[s.b * hq * s.t]).unwrap();
         let dqkv = g.alloc(MemCategory::Other, Mem::Device, bf, &[n, q]).unwrap();
         let flops = 4.0 * (s.b * hq * hd) as f64 * (s.t * s.t) as f64 / 2.0; // causal
-        println!("## B16 T1024 Hq{hq} Hkv{hkv} Hd{hd}: fwd / bwd ms (TFLOP/s)");
+        println!("## B{b} T1024 Hq{hq} Hkv{hkv} Hd{hd}: fwd / bwd ms (TFLOP/s)");
         println!("mma.sync (fwd, dq, dkv): {:?}", llmq_cuda::attn3_configs(hd));
         if g.has_wgmma() {
             println!("Hopper (fwd, dq, dkv): {:?}", llmq_cuda::hopper_kernels(hd));
         }
-        let kinds = if g.has_wgmma() { vec![AttentionKernels::Auto, AttentionKernels::Mma] } else { vec![AttentionKernels::Mma] };
+        let kinds = match (g.has_wgmma(), families) {
+            (true, true) => vec![AttentionKernels::Auto, AttentionKernels::Mma],
+            (true, false) => vec![AttentionKernels::Auto],
+            (false, _) => vec![AttentionKernels::Mma],
+        };
         for k in kinds {
             g.set_attention_kernels(k);
             let tf = median_time(g, || ok(g.attention_fwd(&out, &lse, &qkv, s, None)));

@@ -40,17 +40,18 @@ pub fn attn3_configs(hd: usize) -> (Attn3Cfg, Attn3Cfg, Attn3Cfg) {
     (FWD[h], DQ[h], DKV[h])
 }
 
-/// Blocks the dK/dV kernel should have at least (about 16 per SM of an H100/H200): below this the
-/// iteration space is split (a function of the shape only, so results never depend on the GPU).
-const DKV_MIN_BLOCKS: usize = 2048;
+/// Blocks the mma.sync dK/dV kernel should have at least (about 16 per SM of an H100/H200):
+/// below this the iteration space is split (a function of the shape only, so results never
+/// depend on the GPU).
+pub(crate) const DKV_MIN_BLOCKS: usize = 2048;
 
 /// Parts S of the dK/dV iteration space for kernels whose blocks own `rows` keys: the smallest S
-/// with at least DKV_MIN_BLOCKS blocks, at most 8, and whose f32 parts (S x B*T x 2*Hkv*Hd) fit
-/// in the scratch beside D. S > 1 changes only the order in which the query heads'
-/// contributions are added (still fixed).
-pub(crate) fn dkv_split_for(s: &AttnShape, rows: usize) -> usize {
+/// with at least `min_blocks` blocks, at most 8, and whose f32 parts (S x B*T x 2*Hkv*Hd) fit in
+/// the scratch beside D. S > 1 changes only the order in which the query heads' contributions
+/// are added (still fixed).
+pub(crate) fn dkv_split_for(s: &AttnShape, rows: usize, min_blocks: usize) -> usize {
     let blocks = s.t.div_ceil(rows) * s.hkv * s.b;
-    DKV_MIN_BLOCKS.div_ceil(blocks.max(1)).clamp(1, 8).min(dkv_parts_room(s))
+    min_blocks.div_ceil(blocks.max(1)).clamp(1, 8).min(dkv_parts_room(s))
 }
 
 /// How many f32 dK/dV parts (B*T x 2*Hkv*Hd each) fit in the scratch beside D (at least 1: one
@@ -122,9 +123,9 @@ fn dkv_smem(hd: usize, c: Attn3Cfg) -> usize {
 impl CudaBackend {
     /// Parts of the dK/dV iteration space for kernels whose blocks own `rows` keys: the split set
     /// by `set_attention_dkv_split` (limited by the scratch), else `dkv_split_for`.
-    pub(crate) fn dkv_split(&self, s: &AttnShape, rows: usize) -> usize {
+    pub(crate) fn dkv_split(&self, s: &AttnShape, rows: usize, min_blocks: usize) -> usize {
         match self.dkv_split.get() {
-            0 => dkv_split_for(s, rows),
+            0 => dkv_split_for(s, rows, min_blocks),
             n => n.min(dkv_parts_room(s)),
         }
     }
@@ -171,7 +172,7 @@ impl CudaBackend {
         let args = [Arg::Ptr(dqkv.addr), Arg::Ptr(dbuf), Arg::Ptr(dout.addr), Arg::Ptr(out.addr), Arg::Ptr(qkv.addr), Arg::Ptr(lse.addr), t, hq, hkv, fr, am];
         self.attn3_launch(self.attn3.dq[h], (s.t.div_ceil(bq) as u32, s.hq as u32, s.b as u32), cq.warps * 32, sq, &args)?;
         let bkv = ck.warps * 16 * ck.mt;
-        let split = self.dkv_split(&s, bkv);
+        let split = self.dkv_split(&s, bkv, DKV_MIN_BLOCKS);
         let part = dbuf + dkv_part_offset(&s) as u64;
         let (t, hq, hkv) = (Arg::I32(s.t as i32), Arg::I32(s.hq as i32), Arg::I32(s.hkv as i32));
         let [fr, am] = epi.args();

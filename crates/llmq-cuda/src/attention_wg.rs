@@ -20,6 +20,12 @@ const WS_ROWS: usize = 128;
 /// Tile widths the warp-specialised backward kernels loop over: keys (dQ), queries (dK/dV).
 const WS_DQ_BK: usize = 64;
 const WS_DKV_BQ: usize = 64;
+/// Blocks the warp-specialised dK/dV kernel (one per SM) should have at least before its work is
+/// split into parts (`dkv_split_for`). H100, backward ms per layer by parts 1 / 2 / 4 / 8
+/// (`kernels-bench attention`, 2026-12-06): Hd 64 B16 0.420 / 0.394 / 0.396 / 0.423, Hd 128 B16
+/// 0.549 / 0.531 / 0.537 / 0.539, Hd 128 B64 1.812 / 1.847 / 1.840 / 1.833, Hq 28 Hkv 4 B16
+/// 1.111 / 1.114 / 1.121 / 1.124 (2048, the mma.sync kernel's minimum, took 8, 8, 2 and 4 parts).
+const WS_DKV_MIN_BLOCKS: usize = 512;
 
 /// Which kernel runs one part of the attention, with its tile configuration. Must match the
 /// instantiations at the end of kernels/attention_wg.cu and kernels/attention_ws.cu.
@@ -161,7 +167,7 @@ impl CudaBackend {
                 self.attn3_launch(self.attn4.f[h][1], qgrid, qthreads, sq, &args)?;
             }
         }
-        let split = self.dkv_split(&s, bkv);
+        let split = self.dkv_split(&s, bkv, WS_DKV_MIN_BLOCKS);
         let part = dbuf + dkv_part_offset(&s) as u64;
         let grid = ((s.t.div_ceil(bkv) * split) as u32, s.hkv as u32, s.b as u32);
         let [t, hq, hkv] = dims();
