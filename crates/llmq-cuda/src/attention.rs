@@ -43,7 +43,7 @@ pub fn attn3_configs(hd: usize) -> (Attn3Cfg, Attn3Cfg, Attn3Cfg) {
 /// Blocks the mma.sync dK/dV kernel should have at least (about 16 per SM of an H100/H200):
 /// below this the iteration space is split (a function of the shape only, so results never
 /// depend on the GPU).
-pub(crate) const DKV_MIN_BLOCKS: usize = 2048;
+const DKV_MIN_BLOCKS: usize = 2048;
 
 /// Parts S of the dK/dV iteration space for kernels whose blocks own `rows` keys: the smallest S
 /// with at least `min_blocks` blocks, at most 8, and whose f32 parts (S x B*T x 2*Hkv*Hd) fit in
