@@ -197,6 +197,12 @@ impl DeviceSpeeds {
 /// state over the host link: staged through device slots or in place with zero-copy), and streamed
 /// weights, offloaded fp8 weights and offloaded gradients over the link (overlapped with each
 /// micro-batch's compute).
+/// Kernel launches per layer and micro-batch, and the time each adds to the estimate (eager, and
+/// what running blocks as CUDA graphs takes off it).
+const LAUNCHES_PER_LAYER: f64 = 40.0;
+const LAUNCH_SECONDS: f64 = 4e-6;
+const GRAPH_LAUNCH_SAVING: f64 = 0.9e-6;
+
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
     let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
@@ -239,10 +245,13 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let compute = (mm + memory_bound) / acc;
     // per micro-batch: the gradients' read-modify-write, the weights' fp8 quantisation (once
     // per step with persistent quants; streamed ones are transposed on the device in each
-    // backward pass, a read and a write of a byte) and ~40 launches per layer at ~4 us each
+    // backward pass, a read and a write of a byte) and ~40 launches per layer at ~4 us each,
+    // ~0.9 us less as CUDA graphs (0.5B at B = 1-2, eighteenth round of docs/BENCHMARKS.md:
+    // graphs saved ~0.85 ms per micro-batch of 24 layers)
     let streamed_quants = fp8_kept && (tc.memory.offload_quants || (tc.memory.shard_weights && tc.world_size > 1));
     let quant = if pr.matmul.is_fp8() && !fp8_kept { 3.0 } else if streamed_quants { 2.0 } else { 0.0 };
-    let per_micro = p * (2.0 * state(pr.grads) + quant) / dev.mem_bw + 40.0 * l * 4e-6;
+    let per_launch = if tc.memory.cuda_graphs { LAUNCH_SECONDS - GRAPH_LAUNCH_SAVING } else { LAUNCH_SECONDS };
+    let per_micro = p * (2.0 * state(pr.grads) + quant) / dev.mem_bw + LAUNCHES_PER_LAYER * l * per_launch;
     acc * (compute.max(transfer) + per_micro) + optimizer
 }
 
@@ -541,6 +550,23 @@ pub(crate) mod tests {
         let ratio = estimate_step_seconds(&cfg, &both, &bp, slow_link) / estimate_step_seconds(&cfg, &streamed, &sp, slow_link);
         assert!((0.45..0.55).contains(&ratio), "offloaded fp8 / streamed bf16 weights: {ratio}");
         assert!(memory_flags(&both).contains("--persistent-quants --offload-quants"), "{}", memory_flags(&both));
+    }
+
+    /// Graphs take their measured launch saving off each micro-batch of the estimate, and nothing
+    /// else.
+    #[test]
+    fn graphs_shorten_the_estimate_by_their_launch_saving() {
+        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
+        let est = |graphs: bool| {
+            let mut t = tc(2, 1024);
+            t.grad_accumulation = 4;
+            t.memory.cuda_graphs = graphs;
+            let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
+            estimate_step_seconds(&cfg, &t, &plan, DeviceSpeeds::h200(true))
+        };
+        let saved = est(false) - est(true);
+        let want = 4.0 * LAUNCHES_PER_LAYER * cfg.num_layers as f64 * GRAPH_LAUNCH_SAVING;
+        assert!((saved - want).abs() < 1e-9, "saved {saved} s, want {want} s");
     }
 
     #[test]
