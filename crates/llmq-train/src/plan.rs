@@ -191,18 +191,19 @@ impl DeviceSpeeds {
     }
 }
 
+/// Kernel launches per layer and micro-batch, and the time each adds to the estimate: ~4 us
+/// eager, ~0.9 us less as CUDA graphs (0.5B at B = 1-2, eighteenth round of docs/BENCHMARKS.md:
+/// graphs saved ~0.85 ms per micro-batch of 24 layers).
+const LAUNCHES_PER_LAYER: f64 = 40.0;
+const LAUNCH_SECONDS: f64 = 4e-6;
+const GRAPH_LAUNCH_SAVING: f64 = 0.9e-6;
+
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
 /// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
 /// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
 /// state over the host link: staged through device slots or in place with zero-copy), and streamed
 /// weights, offloaded fp8 weights and offloaded gradients over the link (overlapped with each
 /// micro-batch's compute).
-/// Kernel launches per layer and micro-batch, and the time each adds to the estimate (eager, and
-/// what running blocks as CUDA graphs takes off it).
-const LAUNCHES_PER_LAYER: f64 = 40.0;
-const LAUNCH_SECONDS: f64 = 4e-6;
-const GRAPH_LAUNCH_SAVING: f64 = 0.9e-6;
-
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
     let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
@@ -245,9 +246,7 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let compute = (mm + memory_bound) / acc;
     // per micro-batch: the gradients' read-modify-write, the weights' fp8 quantisation (once
     // per step with persistent quants; streamed ones are transposed on the device in each
-    // backward pass, a read and a write of a byte) and ~40 launches per layer at ~4 us each,
-    // ~0.9 us less as CUDA graphs (0.5B at B = 1-2, eighteenth round of docs/BENCHMARKS.md:
-    // graphs saved ~0.85 ms per micro-batch of 24 layers)
+    // backward pass, a read and a write of a byte) and the kernel launches
     let streamed_quants = fp8_kept && (tc.memory.offload_quants || (tc.memory.shard_weights && tc.world_size > 1));
     let quant = if pr.matmul.is_fp8() && !fp8_kept { 3.0 } else if streamed_quants { 2.0 } else { 0.0 };
     let per_launch = if tc.memory.cuda_graphs { LAUNCH_SECONDS - GRAPH_LAUNCH_SAVING } else { LAUNCH_SECONDS };
