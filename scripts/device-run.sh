@@ -4,6 +4,7 @@
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 #        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
 #        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [graphs WHICH...] [timeout-kill]
+#        [published-h100]
 # Issue 24 modes: scaling takes ZeRO levels in SCALING_LEVELS, a level written "3a" runs with
 # --all-to-all-reduce (reduce-scatters by copy-engine all-to-all + a local reduction kernel);
 # launch compares one process per GPU with the threaded run (LAUNCH_THREADS_EXTRA: flags of the
@@ -47,6 +48,25 @@ case "$what" in
         for f in /tmp/bench/bench-*.log; do echo "######## $tag (round $r) $f"; grep -E "^step|throughput|free" "$f"; done >> "$O/bench-logs.txt"
       done
     done
+    ;;
+  published-h100)
+    # llmq at the reference system's published setting (524,288 tokens per step, seq 1024, bf16
+    # Adam m/v) with the micro-batches that fit an 80 GB card (llmq plan); 3B/7B choose their
+    # memory options with --auto-memory. Logs per run and summary.txt in $O.
+    run_ref() { # tag model B matmul-dtype [flags...]
+      local tag=$1 model=$2 bs=$3 prec=$4; shift 4
+      local extra=(--matmul-dtype bf16); [ "$prec" = e4m3 ] && extra=(--matmul-dtype e4m3 --persistent-quants)
+      .gpu/llmq train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --batch-size "$bs" \
+        --grad-accumulation $((524288 / (bs * 1024))) --opt-m-dtype bf16 --opt-v-dtype bf16 --steps 4 --warmup 2 \
+        --eval-every 0 --print-every 1 "${extra[@]}" "$@" > "$O/$tag.log" 2>&1
+      echo "$tag B=$bs $* rc=$?: $(grep -h 'auto-memory:\|throughput' "$O/$tag.log" | tr '\n' ' ')" >> "$O/summary.txt"
+    }
+    run_ref 0.5b-e4m3 qwen2.5-0.5b 64 e4m3
+    run_ref 0.5b-bf16 qwen2.5-0.5b 64 bf16
+    run_ref 1.5b-e4m3 qwen2.5-1.5b 16 e4m3
+    run_ref 1.5b-bf16 qwen2.5-1.5b 16 bf16
+    run_ref 3b-e4m3 qwen2.5-3b 16 e4m3 --model-dtype bf16 --grad-dtype bf16 --auto-memory
+    run_ref 7b-e4m3 qwen2.5-7b 16 e4m3 --model-dtype bf16 --grad-dtype bf16 --auto-memory
     ;;
   graphs)
     # issue 22: --cuda-graphs on vs --no-cuda-graphs at a small micro-batch, where launch overhead shows,
