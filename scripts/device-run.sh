@@ -50,23 +50,16 @@ case "$what" in
     done
     ;;
   published-h100)
-    # llmq at the reference system's published setting (524,288 tokens per step, seq 1024, bf16
-    # Adam m/v) with the micro-batches that fit an 80 GB card (llmq plan); 3B/7B choose their
-    # memory options with --auto-memory. Logs per run and summary.txt in $O.
-    run_ref() { # tag model B matmul-dtype [flags...]
-      local tag=$1 model=$2 bs=$3 prec=$4; shift 4
-      local extra=(--matmul-dtype bf16); [ "$prec" = e4m3 ] && extra=(--matmul-dtype e4m3 --persistent-quants)
-      .gpu/llmq train --device cuda --model "$model" --from-scratch --random-data --seq-len 1024 --batch-size "$bs" \
-        --grad-accumulation $((524288 / (bs * 1024))) --opt-m-dtype bf16 --opt-v-dtype bf16 --steps 4 --warmup 2 \
-        --eval-every 0 --print-every 1 "${extra[@]}" "$@" > "$O/$tag.log" 2>&1
-      echo "$tag B=$bs $* rc=$?: $(grep -h 'auto-memory:\|throughput' "$O/$tag.log" | tr '\n' ' ')" >> "$O/summary.txt"
-    }
-    run_ref 0.5b-e4m3 qwen2.5-0.5b 64 e4m3
-    run_ref 0.5b-bf16 qwen2.5-0.5b 64 bf16
-    run_ref 1.5b-e4m3 qwen2.5-1.5b 16 e4m3
-    run_ref 1.5b-bf16 qwen2.5-1.5b 16 bf16
-    run_ref 3b-e4m3 qwen2.5-3b 16 e4m3 --model-dtype bf16 --grad-dtype bf16 --auto-memory
-    run_ref 7b-e4m3 qwen2.5-7b 16 e4m3 --model-dtype bf16 --grad-dtype bf16 --auto-memory
+    # llmq at the reference system's published setting (bench.sh with BENCH_TOKENS=524288) with
+    # the micro-batches that fit an 80 GB card (llmq plan); 3B/7B choose their memory options
+    # with --auto-memory. Summary in $O/published-h100.txt, logs in published-h100-logs.txt.
+    rm -rf /tmp/bench
+    for spec in 0.5b-fp8:64 0.5b-bf16:64 1.5b-fp8:16 1.5b-bf16:16 3b-fp8:16:--auto-memory 7b-fp8:16:--auto-memory; do
+      IFS=: read -r w bs extra <<< "$spec"
+      BENCH_TOKENS=524288 BENCH_BS="$bs" BENCH_EXTRA="$extra" bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench "$w" > /dev/null 2>&1
+    done
+    cp /tmp/bench/bench.txt "$O/published-h100.txt"
+    for f in /tmp/bench/bench-*.log; do echo "######## $f"; cat "$f"; done > "$O/published-h100-logs.txt"
     ;;
   graphs)
     # issue 22: --cuda-graphs on vs --no-cuda-graphs at a small micro-batch, where launch overhead shows,
