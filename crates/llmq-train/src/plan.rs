@@ -197,13 +197,24 @@ impl DeviceSpeeds {
 const LAUNCHES_PER_LAYER: f64 = 40.0;
 const LAUNCH_SECONDS: f64 = 4e-6;
 const GRAPH_LAUNCH_SAVING: f64 = 0.9e-6;
+/// Rows per micro-batch at which the estimate's matmuls run at half their peak. With the
+/// launches above, 256 gives 0.5B at B=64 +3.7% bf16 / +4.2% e4m3 over B=16 at T=1024 (measured
+/// on an H200: +2.3% / +3.3%, docs/BENCHMARKS.md, seventh round); on an H100 at its power cap,
+/// 1.5B at B=32 measured no faster than at B=16 (twenty-third round).
+const ROWS_HALF_EFFICIENCY: f64 = 256.0;
+/// The share of the host-link transfers that the copy engines do not hide behind a micro-batch's
+/// compute (they share the device memory and the step waits on the last block's copies): 1.5B
+/// bf16 at B=32 with streamed weights and offloaded gradients and residuals measured 4.6% slower
+/// than at B=16 with everything on the device (twenty-third round), where full overlap predicts
+/// no cost.
+const LINK_CONTENTION: f64 = 0.1;
 
 /// An estimate of one optimizer step in seconds: matmul FLOPs at the device's peak, the
 /// memory-bound passes (about 24 bytes per activation element per layer, fitted to the per-kernel
 /// tables in docs/BENCHMARKS.md), recomputation, the optimizer's reads and writes (offloaded
 /// state over the host link: staged through device slots or in place with zero-copy), and streamed
 /// weights, offloaded fp8 weights and offloaded gradients over the link (overlapped with each
-/// micro-batch's compute).
+/// micro-batch's compute, but for LINK_CONTENTION of the overlap).
 pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryPlan, dev: DeviceSpeeds) -> f64 {
     let tokens = tc.tokens_per_step() as f64;
     let (c, d, l) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.num_layers as f64);
@@ -213,12 +224,20 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let rc = tc.memory.recompute;
     // a recomputed forward costs a third of the forward+backward matmuls of what it redoes
     let recompute_share = if rc.block { 1.0 / 3.0 } else { (if rc.ffn { 3.0 * d / (3.0 * d + c + q) / 3.0 } else { 0.0 }) + (if rc.att || rc.qkv { q / (3.0 * d + c + q) / 3.0 } else { 0.0 }) };
-    // matmuls on few rows run below peak: efficiency m / (m + 1024) for m = B*T rows per
-    // micro-batch (0.94 at 16k rows, 0.98 at 64k: the 3-5% that B=64 gains over B=16 measured)
+    // matmuls on few rows run below peak: efficiency m / (m + ROWS_HALF_EFFICIENCY) for m = B*T
+    // rows per micro-batch
     let rows = (tc.batch_size * tc.seq_len) as f64;
-    let eff = rows / (rows + 1024.0);
+    let eff = rows / (rows + ROWS_HALF_EFFICIENCY);
     let mm = (block_flops * (1.0 + recompute_share) / dev.matmul_flops + head_flops / dev.bf16_flops) / eff;
-    let memory_bound = 24.0 * 2.0 * l * (2.0 * c + 2.0 * d) * tokens / dev.mem_bw;
+    let mut memory_bound = 24.0 * 2.0 * l * (2.0 * c + 2.0 * d) * tokens / dev.mem_bw;
+    // recomputed SwiGLU outputs and norms (without the matmuls around them) are memory-bound
+    // passes, per token and layer: the SwiGLU forward reads up and gate and writes its output
+    // (6 D bytes), the two norms read the residual and write their outputs (8 C); fp8 runs
+    // quantise them again for the weight gradients (a read of 2 bytes and a write of 1 each)
+    let fp8_run = tc.precision.matmul.is_fp8();
+    let sw_again = if rc.swiglu && !(rc.ffn || rc.block) { d * if fp8_run { 9.0 } else { 6.0 } } else { 0.0 };
+    let norms_again = if rc.norm && !rc.block { c * if fp8_run { 14.0 } else { 8.0 } } else { 0.0 };
+    memory_bound += (sw_again + norms_again) * l * tokens / dev.mem_bw;
     let p = cfg.num_params() as f64;
     let state = |dt: llmq_core::DType| dt.size() as f64;
     let pr = tc.precision;
@@ -251,7 +270,7 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     let quant = if pr.matmul.is_fp8() && !fp8_kept { 3.0 } else if streamed_quants { 2.0 } else { 0.0 };
     let per_launch = if tc.memory.cuda_graphs { LAUNCH_SECONDS - GRAPH_LAUNCH_SAVING } else { LAUNCH_SECONDS };
     let per_micro = p * (2.0 * state(pr.grads) + quant) / dev.mem_bw + LAUNCHES_PER_LAYER * l * per_launch;
-    acc * (compute.max(transfer) + per_micro) + optimizer
+    acc * (compute.max(transfer) + LINK_CONTENTION * compute.min(transfer) + per_micro) + optimizer
 }
 
 /// The command-line flags that select `tc`'s micro-batch and memory options (what `--auto-memory`
@@ -326,7 +345,8 @@ pub fn auto_memory(cfg: &ModelConfig, tc: &TrainConfig, reserve: usize, limit: u
     let tokens = tc.batch_size * tc.grad_accumulation;
     let micro: Vec<usize> = (0..=16).map(|k| 1usize << k).filter(|b| *b <= tokens && tokens.is_multiple_of(*b)).collect();
     let none = Recompute::default();
-    let recomputes = [none, Recompute { ffn: true, att: true, ..none }, Recompute { block: true, ..none }];
+    let swiglu = Recompute { swiglu: true, ..none };
+    let recomputes = [none, swiglu, Recompute { norm: true, ..swiglu }, Recompute { ffn: true, att: true, ..none }, Recompute { block: true, ..none }];
     let separate_master = tc.precision.master != tc.precision.weights;
     let offloads: &[(bool, bool, bool)] = if separate_master { &[(false, false, false), (false, true, true), (true, true, true)] } else { &[(false, false, false), (false, true, true)] };
     // (stream weights, offload gradients, offload residuals)
@@ -566,6 +586,92 @@ pub(crate) mod tests {
         let saved = est(false) - est(true);
         let want = 4.0 * LAUNCHES_PER_LAYER * cfg.num_layers as f64 * GRAPH_LAUNCH_SAVING;
         assert!((saved - want).abs() < 1e-9, "saved {saved} s, want {want} s");
+    }
+
+    /// Recomputing the SwiGLU output, and the norms, frees their activations for a memory-bound
+    /// pass each, which the estimate charges (more in fp8 runs, which quantise them again); the
+    /// search considers them, so where they let a larger micro-batch fit without offloading it
+    /// finds a plan at least as fast as that one.
+    #[test]
+    fn swiglu_and_norm_recomputation_is_charged_and_searched() {
+        let cfg = ModelConfig::builtin("qwen2.5-0.5b").unwrap();
+        for fp8 in [false, true] {
+            let at = |b: usize, recompute: Recompute| {
+                let mut t = tc(b, 1024);
+                t.grad_accumulation = 64 / b;
+                if fp8 {
+                    t.precision.matmul = llmq_core::DType::E4M3;
+                    t.memory.persistent_quants = true;
+                }
+                t.memory.recompute = recompute;
+                let plan = MemoryPlan::new(&cfg, &t, 0).unwrap();
+                let est = estimate_step_seconds(&cfg, &t, &plan, DeviceSpeeds::h200_for(&t));
+                (t, plan.device_peak(), est)
+            };
+            let none = Recompute::default();
+            let sw = Recompute { swiglu: true, ..none };
+            let sw_norm = Recompute { norm: true, ..sw };
+            let [(_, p0, e0), (_, p1, e1), (t2, p2, e2)] = [none, sw, sw_norm].map(|r| at(32, r));
+            assert!(p0 > p1 && p1 > p2, "fp8 {fp8}: peaks {p0} {p1} {p2}");
+            assert!(e0 < e1 && e1 < e2, "fp8 {fp8}: estimates {e0} {e1} {e2}");
+            // under what B = 32 needs with nothing recomputed, above what it needs with both
+            let limit = ((p0 + p2) / 2) as u64;
+            let chosen = auto_memory(&cfg, &t2, 0, limit, None, DeviceSpeeds::h200_for(&t2)).unwrap();
+            assert!(chosen.plan.fits(Some(limit)));
+            assert!(chosen.est <= e2, "fp8 {fp8}: chose {} at {} s, B=32 with swiglu+norms recomputed fits at {e2} s", memory_flags(&chosen.config), chosen.est);
+        }
+    }
+
+    /// The reference system's setting (524,288 tokens per step, Adam m/v in bf16; 7B with bf16
+    /// weights and gradients; e4m3 with persistent fp8 weights) on an 80 GB card, measured on an
+    /// H100 (docs/BENCHMARKS.md, twenty-third round), tokens/s, fastest first within each model:
+    /// - 1.5B bf16: B=16 with everything on the device 58,563; B=32 with the SwiGLU output
+    ///   recomputed 56,634; B=32 with streamed weights, offloaded gradients and residuals 55,979.
+    /// - 1.5B e4m3: B=32 with Adam m/v on the host 75,663; B=16 74,512 (the same call); B=32 with
+    ///   the SwiGLU output recomputed 72,104 (another call, where B=16 gave 74,349).
+    /// - 7B e4m3: B=8 with Adam m/v on the host 20,439; B=16 with fp8 weights, m/v, gradients and
+    ///   block weights on the host 19,332.
+    ///
+    /// The estimate ranks each model's configurations in that order, and `--auto-memory` within
+    /// 79 GiB chooses the fastest.
+    #[test]
+    fn the_measured_80gb_rankings_hold() {
+        use llmq_core::DType::{BF16, E4M3};
+        let none = MemoryOptions::default();
+        let sw = MemoryOptions { recompute: Recompute { swiglu: true, ..Default::default() }, ..none };
+        let mv = MemoryOptions { offload_opt_m: true, offload_opt_v: true, ..none };
+        let pq = |m: MemoryOptions| MemoryOptions { persistent_quants: true, ..m };
+        let streamed = MemoryOptions { stream_weights: true, offload_gradients: true, offload_residual: true, ..none };
+        let all_host = MemoryOptions { offload_quants: true, stream_weights: true, offload_gradients: true, ..pq(mv) };
+        type Ranked<'a> = &'a [(usize, MemoryOptions)];
+        let cases: [(&str, llmq_core::DType, Ranked); 3] = [
+            ("qwen2.5-1.5b", BF16, &[(16, none), (32, sw), (32, streamed)]),
+            ("qwen2.5-1.5b", E4M3, &[(32, pq(mv)), (16, pq(none)), (32, pq(sw))]),
+            ("qwen2.5-7b", E4M3, &[(8, pq(mv)), (16, all_host)]),
+        ];
+        for (name, matmul, ranked) in cases {
+            let cfg = ModelConfig::builtin(name).unwrap();
+            let mut base = tc(16, 1024);
+            base.grad_accumulation = 32;
+            let p = &mut base.precision;
+            (p.matmul, p.opt_m, p.opt_v) = (matmul, BF16, BF16);
+            if name == "qwen2.5-7b" {
+                (p.weights, p.master, p.grads) = (BF16, BF16, BF16);
+            }
+            let dev = DeviceSpeeds::h200_for(&base);
+            let config = |b: usize, memory: MemoryOptions| TrainConfig { batch_size: b, grad_accumulation: 512 / b, memory, ..base.clone() };
+            let est: Vec<f64> = ranked
+                .iter()
+                .map(|&(b, m)| {
+                    let t = config(b, m);
+                    estimate_step_seconds(&cfg, &t, &MemoryPlan::new(&cfg, &t, 0).unwrap(), dev)
+                })
+                .collect();
+            assert!(est.windows(2).all(|w| w[0] < w[1]), "{name} {matmul:?}: estimates {est:?}");
+            let chosen = auto_memory(&cfg, &base, 0, 79 << 30, None, dev).unwrap().config;
+            let (b, m) = ranked[0];
+            assert_eq!(memory_flags(&chosen), memory_flags(&config(b, m)), "{name} {matmul:?}");
+        }
     }
 
     #[test]
