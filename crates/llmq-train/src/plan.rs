@@ -234,13 +234,13 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     // passes, per token and layer: the SwiGLU forward reads up and gate and writes its output
     // (6 D bytes), the two norms read the residual and write their outputs (8 C); fp8 runs
     // quantise them again for the weight gradients (a read of 2 bytes and a write of 1 each)
-    let fp8_run = tc.precision.matmul.is_fp8();
-    let sw_again = if rc.swiglu && !(rc.ffn || rc.block) { d * if fp8_run { 9.0 } else { 6.0 } } else { 0.0 };
-    let norms_again = if rc.norm && !rc.block { c * if fp8_run { 14.0 } else { 8.0 } } else { 0.0 };
+    let pr = tc.precision;
+    let fp8 = pr.matmul.is_fp8();
+    let sw_again = if rc.swiglu && !(rc.ffn || rc.block) { d * if fp8 { 9.0 } else { 6.0 } } else { 0.0 };
+    let norms_again = if rc.norm && !rc.block { c * if fp8 { 14.0 } else { 8.0 } } else { 0.0 };
     memory_bound += (sw_again + norms_again) * l * tokens / dev.mem_bw;
     let p = cfg.num_params() as f64;
     let state = |dt: llmq_core::DType| dt.size() as f64;
-    let pr = tc.precision;
     let opt_bytes = p * (state(pr.master) * 2.0 + state(pr.opt_m) * 2.0 + state(pr.opt_v) * 2.0 + state(pr.grads) + state(pr.weights));
     let host = |cat: MemCategory| plan.allocations.iter().filter(|a| a.mem.is_host() && a.category == cat).map(|a| a.total() as f64).sum::<f64>();
     // bytes of host-resident state the optimizer reads and writes: master, m and v both ways,
@@ -256,7 +256,7 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     // persistent fp8 weights the matmuls read those, so streamed bf16 weights move only their
     // norms and biases (negligible) and offloaded fp8 weights, one byte per parameter, cross
     // twice: half the bytes of streamed bf16 weights
-    let fp8_kept = pr.matmul.is_fp8() && tc.memory.persistent_quants;
+    let fp8_kept = fp8 && tc.memory.persistent_quants;
     let w = if fp8_kept { 0.0 } else { host(MemCategory::Weights) };
     // offloaded residuals go to the host after the forward and come back for the backward
     let (q, g, r) = (host(MemCategory::Quants), host(MemCategory::Gradients), host(MemCategory::Activations));
@@ -267,7 +267,7 @@ pub fn estimate_step_seconds(cfg: &ModelConfig, tc: &TrainConfig, plan: &MemoryP
     // per step with persistent quants; streamed ones are transposed on the device in each
     // backward pass, a read and a write of a byte) and the kernel launches
     let streamed_quants = fp8_kept && (tc.memory.offload_quants || (tc.memory.shard_weights && tc.world_size > 1));
-    let quant = if pr.matmul.is_fp8() && !fp8_kept { 3.0 } else if streamed_quants { 2.0 } else { 0.0 };
+    let quant = if fp8 && !fp8_kept { 3.0 } else if streamed_quants { 2.0 } else { 0.0 };
     let per_launch = if tc.memory.cuda_graphs { LAUNCH_SECONDS - GRAPH_LAUNCH_SAVING } else { LAUNCH_SECONDS };
     let per_micro = p * (2.0 * state(pr.grads) + quant) / dev.mem_bw + LAUNCHES_PER_LAYER * l * per_launch;
     acc * (compute.max(transfer) + LINK_CONTENTION * compute.min(transfer) + per_micro) + optimizer
