@@ -4,7 +4,6 @@
 # Usage: bash .gpu/device-run.sh [tests] [bench WHICH...] [ab WHICH ROUNDS SPEC...] [quality]
 #        [kernels-bench SECTION...] [capped SIZE MODEL ACCUM FLAGS...] [scaling WHICH...]
 #        [capped-ranks GPUS SIZE MODEL ACCUM FLAGS...] [launch FLAGS...] [graphs WHICH...] [timeout-kill]
-#        [published-h100]
 # Issue 24 modes: scaling takes ZeRO levels in SCALING_LEVELS, a level written "3a" runs with
 # --all-to-all-reduce (reduce-scatters by copy-engine all-to-all + a local reduction kernel);
 # launch compares one process per GPU with the threaded run (LAUNCH_THREADS_EXTRA: flags of the
@@ -48,18 +47,6 @@ case "$what" in
         for f in /tmp/bench/bench-*.log; do echo "######## $tag (round $r) $f"; grep -E "^step|throughput|free" "$f"; done >> "$O/bench-logs.txt"
       done
     done
-    ;;
-  published-h100)
-    # llmq at the reference system's published setting (bench.sh with BENCH_TOKENS=524288), each
-    # model with the micro-batch and memory options that --auto-memory chooses for the card (the
-    # "=== " lines name the configured B=16; the "auto-memory:" lines at the end, the choices).
-    # Summary in $O/published-h100.txt, logs in published-h100-logs.txt.
-    rm -rf /tmp/bench
-    BENCH_TOKENS=524288 BENCH_BS=16 BENCH_EXTRA=--auto-memory bash .gpu/bench.sh "${LLMQ:-.gpu/llmq}" /tmp/bench \
-      0.5b-fp8 0.5b-bf16 1.5b-fp8 1.5b-bf16 3b-fp8 7b-fp8 > /dev/null 2>&1
-    grep -H "^auto-memory:" /tmp/bench/bench-*.log >> /tmp/bench/bench.txt
-    cp /tmp/bench/bench.txt "$O/published-h100.txt"
-    for f in /tmp/bench/bench-*.log; do echo "######## $f"; cat "$f"; done > "$O/published-h100-logs.txt"
     ;;
   graphs)
     # issue 22: --cuda-graphs on vs --no-cuda-graphs at a small micro-batch, where launch overhead shows,
