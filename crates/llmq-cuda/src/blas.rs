@@ -241,9 +241,10 @@ impl Blas {
                 set_desc(plan.desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &args.descale_a.unwrap().addr)?;
             }
             if !plan.candidates.is_empty() {
-                let best = self.tune(plan, args, stream, workspace)?;
+                let medians = self.tune(plan, args, stream, workspace)?;
+                let best = tuning::best_of(&medians);
                 if let Some(path) = &self.autotune {
-                    tuning::record(path, &self.device, Self::version(), &key_string(&key), best);
+                    tuning::record(path, &self.device, Self::version(), &key_string(&key), best, &medians);
                 }
                 let plan = self.plans.get_mut(&key).unwrap();
                 plan.algo = plan.candidates[best];
@@ -384,16 +385,17 @@ impl Blas {
     }
 
     /// Times every candidate algorithm of `plan` on the call's operands, writing into a scratch
-    /// output (allocated and freed here, once per shape), and returns the index of the fastest
-    /// (`tuning::best_of` over TIME_ROUNDS interleaved rounds). Every candidate computes the same
-    /// product; only speed (and the last bits) differ.
+    /// output (allocated and freed here, once per shape), and returns each one's median time over
+    /// TIME_ROUNDS interleaved rounds (`tuning::medians`; empty where there was no room to tune,
+    /// which keeps the first). Every candidate computes the same product; only speed (and the last
+    /// bits) differ.
     ///
     /// SAFETY: as for `matmul`; `plan`'s descriptor already holds this call's pointers.
-    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream, workspace: u64) -> Result<usize> {
+    unsafe fn tune(&self, plan: &Plan, args: &Matmul, stream: sys::CUstream, workspace: u64) -> Result<Vec<f32>> {
         let out_bytes = args.out.bytes().max(1);
         let mut scratch: sys::CUdeviceptr = 0;
         if sys::cuMemAlloc_v2(&mut scratch, out_bytes) != sys::CUresult::CUDA_SUCCESS {
-            return Ok(0); // no room to tune: keep the heuristic's first choice
+            return Ok(vec![]); // no room to tune: keep the heuristic's first choice
         }
         let (mut e0, mut e1) = (std::ptr::null_mut(), std::ptr::null_mut());
         sys::cuEventCreate(&mut e0, 0);
@@ -442,7 +444,7 @@ impl Blas {
         sys::cuEventDestroy_v2(e0);
         sys::cuEventDestroy_v2(e1);
         sys::cuMemFree_v2(scratch);
-        Ok(tuning::best_of(&times))
+        Ok(tuning::medians(&times))
     }
 }
 

@@ -82,14 +82,17 @@ pub(crate) fn section(device: &str, version: usize) -> String {
 }
 
 /// Appends `key = index` to the file at `path` (`BackendOptions::matmul_autotune`), with the
-/// section header when the file is new. Errors are reported on stderr: tuning output is a side
-/// product.
-pub(crate) fn record(path: &str, device: &str, version: usize, key: &str, index: usize) {
+/// section header when the file is new, after a comment line with each candidate's median time
+/// (`medians`: ms of two calls, inf where it failed) so that a table's gains can be read off it.
+/// Errors are reported on stderr: tuning output is a side product.
+pub(crate) fn record(path: &str, device: &str, version: usize, key: &str, index: usize, medians: &[f32]) {
     let fresh = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
     let res = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| {
         if fresh {
             writeln!(f, "{}", section(device, version))?;
         }
+        let ms: Vec<String> = medians.iter().map(|m| format!("{m:.4}")).collect();
+        writeln!(f, "# {key}: median ms of two calls per candidate: {}", ms.join(" "))?;
         writeln!(f, "{key} = {index}")
     });
     if let Err(e) = res {
@@ -101,19 +104,26 @@ pub(crate) fn record(path: &str, device: &str, version: usize, key: &str, index:
 /// so slow drifts of the clock (the power cap) hit all candidates alike.
 pub(crate) const TIME_ROUNDS: usize = 7;
 
-/// Index of the smallest median over rounds (`times[round][candidate]`, NaN = failed).
-pub(crate) fn best_of(times: &[Vec<f32>]) -> usize {
+/// Each candidate's median over rounds (`times[round][candidate]`, NaN = failed); infinite for
+/// a candidate that failed in any round.
+pub(crate) fn medians(times: &[Vec<f32>]) -> Vec<f32> {
     let n = times.first().map_or(0, Vec::len);
-    let median = |c: usize| {
-        let mut v: Vec<f32> = times.iter().map(|r| r[c]).filter(|x| x.is_finite()).collect();
-        v.sort_by(f32::total_cmp);
-        if v.len() < times.len() {
-            f32::INFINITY // failed in some round
-        } else {
-            v[v.len() / 2]
-        }
-    };
-    (0..n).map(|c| (median(c), c)).min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))).map_or(0, |(_, c)| c)
+    (0..n)
+        .map(|c| {
+            let mut v: Vec<f32> = times.iter().map(|r| r[c]).filter(|x| x.is_finite()).collect();
+            v.sort_by(f32::total_cmp);
+            if v.len() < times.len() {
+                f32::INFINITY
+            } else {
+                v[v.len() / 2]
+            }
+        })
+        .collect()
+}
+
+/// Index of the smallest of `medians` (the first on ties; 0 when empty).
+pub(crate) fn best_of(medians: &[f32]) -> usize {
+    medians.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(&b.0))).map_or(0, |(c, _)| c)
 }
 
 #[cfg(test)]
@@ -122,10 +132,11 @@ mod tests {
 
     #[test]
     fn sections_select_device_and_version() {
-        let t = "# c\n[GPU A | 1]\nk1 = 3\nk2 = 9\nbad line\n[GPU B | 1]\nk1 = 5\n[GPU A | 2]\nk1 = 6\n";
+        let t = format!("# c\n[GPU A | 1]\nk1 = 3\nk2 = {CANDIDATES}\nbad line\n[GPU B | 1]\nk1 = 5\n[GPU A | 2]\nk1 = 6\n");
+        let t = t.as_str();
         let a = parse(t, "GPU A", 1);
         assert_eq!(a.get("k1"), Some(&3));
-        assert_eq!(a.get("k2"), None, "index 9 is out of the candidate range");
+        assert_eq!(a.get("k2"), None, "index CANDIDATES is out of the candidate range");
         assert_eq!(a.len(), 1);
         assert_eq!(parse(t, "GPU B", 1).get("k1"), Some(&5));
         assert_eq!(parse(t, "GPU A", 2).get("k1"), Some(&6));
@@ -135,10 +146,12 @@ mod tests {
     #[test]
     fn best_is_the_smallest_median_and_failures_lose() {
         let t = vec![vec![2.0, 1.0, 0.5], vec![2.0, 1.1, f32::NAN], vec![2.0, 0.9, 0.4]];
-        assert_eq!(best_of(&t), 1);
+        assert_eq!(medians(&t), vec![2.0, 1.0, f32::INFINITY]);
+        assert_eq!(best_of(&medians(&t)), 1);
         let t = vec![vec![1.0, 3.0], vec![5.0, 3.0], vec![6.0, 3.0]];
-        assert_eq!(best_of(&t), 1, "median, not minimum");
-        assert_eq!(best_of(&[]), 0);
+        assert_eq!(best_of(&medians(&t)), 1, "median, not minimum");
+        assert_eq!(best_of(&[1.0, 1.0]), 0, "the first on ties");
+        assert_eq!(best_of(&medians(&[])), 0);
     }
 
     #[test]
