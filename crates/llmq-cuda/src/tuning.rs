@@ -172,6 +172,21 @@ mod tests {
     }
 
     #[test]
+    fn recorded_choices_parse_back_beside_their_timings() {
+        let path = std::env::temp_dir().join(format!("llmq-tuning-record-{}.txt", std::process::id()));
+        let p = path.to_str().unwrap();
+        let _ = std::fs::remove_file(&path);
+        record(p, "GPU A", 7, "k1 shape", 2, &[0.5, 0.25, 0.125, f32::INFINITY]);
+        record(p, "GPU A", 7, "k2 shape", 0, &[]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(text.contains("# k1 shape: median ms of two calls per candidate: 0.5000 0.2500 0.1250 inf\n"), "{text}");
+        assert_eq!(text.matches("[GPU A | 7]").count(), 1, "one section header: {text}");
+        let e = parse(&text, "GPU A", 7);
+        assert_eq!((e.get("k1 shape"), e.get("k2 shape"), e.len()), (Some(&2), Some(&0), 2));
+    }
+
+    #[test]
     fn the_embedded_table_parses() {
         // every non-comment line of every section must be well-formed
         for line in TABLE.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('[')) {
