@@ -83,7 +83,8 @@ pub(crate) fn section(device: &str, version: usize) -> String {
 
 /// Appends `key = index` to the file at `path` (`BackendOptions::matmul_autotune`), with the
 /// section header when the file is new, after a comment line with each candidate's median time
-/// (`medians`: ms of two calls, inf where it failed) so that a table's gains can be read off it.
+/// (`medians`: ms of two calls, inf where it failed; none where nothing was timed) so that a
+/// table's gains can be read off it.
 /// Errors are reported on stderr: tuning output is a side product.
 pub(crate) fn record(path: &str, device: &str, version: usize, key: &str, index: usize, medians: &[f32]) {
     let fresh = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
@@ -91,8 +92,10 @@ pub(crate) fn record(path: &str, device: &str, version: usize, key: &str, index:
         if fresh {
             writeln!(f, "{}", section(device, version))?;
         }
-        let ms: Vec<String> = medians.iter().map(|m| format!("{m:.4}")).collect();
-        writeln!(f, "# {key}: median ms of two calls per candidate: {}", ms.join(" "))?;
+        if !medians.is_empty() {
+            let ms: Vec<String> = medians.iter().map(|m| format!("{m:.4}")).collect();
+            writeln!(f, "# {key}: median ms of two calls per candidate: {}", ms.join(" "))?;
+        }
         writeln!(f, "{key} = {index}")
     });
     if let Err(e) = res {
@@ -182,6 +185,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(text.contains("# k1 shape: median ms of two calls per candidate: 0.5000 0.2500 0.1250 inf\n"), "{text}");
         assert_eq!(text.matches("[GPU A | 7]").count(), 1, "one section header: {text}");
+        assert!(!text.contains("# k2 shape"), "no timing line where nothing was timed: {text}");
         let e = parse(&text, "GPU A", 7);
         assert_eq!((e.get("k1 shape"), e.get("k2 shape"), e.len()), (Some(&2), Some(&0), 2));
     }
